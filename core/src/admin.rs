@@ -1,0 +1,166 @@
+//! The admin HTTP server every agent runs: `/livez`, `/readyz` and `/metrics`.
+//!
+//! ```text
+//!  tasks ──Readiness::set(check, ok)──► Readiness ──► GET /readyz (200 / 503 with the failing checks)
+//!                                           └──────► subscribe(): gRPC health follows readiness
+//!  metrics ──registered in──► Registry ──► GET /metrics (OpenMetrics text)
+//!  GET /livez: 200 while the process serves HTTP; never depends on an API server.
+//! ```
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Named readiness checks; the process is ready when every check passed and it is not shutting down.
+#[derive(Clone)]
+pub struct Readiness {
+    checks: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    ready: watch::Sender<bool>,
+}
+
+/// Name of the check that fails once shutdown has begun.
+const SHUTDOWN_CHECK: &str = "not-shutting-down";
+
+impl Readiness {
+    /// Creates readiness with the given checks, all failing.
+    pub fn new(checks: &[&'static str]) -> Self {
+        let mut map: BTreeMap<_, _> = checks.iter().map(|c| (*c, false)).collect();
+        map.insert(SHUTDOWN_CHECK, true);
+        let (ready, _) = watch::channel(false);
+        Self {
+            checks: Arc::new(Mutex::new(map)),
+            ready,
+        }
+    }
+
+    /// Sets one check. Unknown names are added (so a typo shows up in `/readyz`).
+    pub fn set(&self, check: &'static str, ok: bool) {
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        checks.insert(check, ok);
+        let all = checks.values().all(|ok| *ok);
+        self.ready.send_if_modified(|r| std::mem::replace(r, all) != all);
+    }
+
+    /// Marks the process as shutting down: never ready again.
+    pub fn shutting_down(&self) {
+        self.set(SHUTDOWN_CHECK, false);
+    }
+
+    /// Whether every check passes.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Follows readiness; wakes only when it changes.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// The state of every check, in kube-apiserver's `/readyz?verbose` style.
+    pub fn report(&self) -> String {
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        for (name, ok) in checks.iter() {
+            out.push_str(&format!(
+                "[{}]{name} {}\n",
+                if *ok { '+' } else { '-' },
+                if *ok { "ok" } else { "failed" }
+            ));
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    readiness: Readiness,
+    registry: Arc<Registry>,
+}
+
+/// The admin routes, for embedding or testing.
+pub fn admin_router(readiness: Readiness, registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AdminState { readiness, registry })
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut body = state.readiness.report();
+    if state.readiness.is_ready() {
+        body.push_str("readyz check passed\n");
+        (StatusCode::OK, body)
+    } else {
+        body.push_str("readyz check failed\n");
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics failed: {e}\n"),
+        ),
+    }
+}
+
+/// Serves the admin routes on `listener` until `shutdown` completes.
+pub async fn serve_admin(
+    listener: TcpListener,
+    readiness: Readiness,
+    registry: Arc<Registry>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, admin_router(readiness, registry))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_check_passes() {
+        let r = Readiness::new(&["a", "b"]);
+        let mut rx = r.subscribe();
+        assert!(!r.is_ready());
+        r.set("a", true);
+        assert!(!r.is_ready());
+        assert!(!rx.has_changed().unwrap(), "unchanged readiness wakes nobody");
+        r.set("b", true);
+        assert!(r.is_ready());
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        r.set("b", true);
+        assert!(!rx.has_changed().unwrap());
+        r.shutting_down();
+        assert!(!r.is_ready());
+        assert!(
+            r.report().contains("[-]not-shutting-down failed"),
+            "{}",
+            r.report()
+        );
+    }
+}

@@ -1,0 +1,1076 @@
+//! Configuration: the `sync.fromHost.runtimeClasses` block of a vcluster.yaml, and the host agent's
+//! tenants file.
+//!
+//! ```text
+//!  file ──yaml──► Value ──walk (collects every problem, each with its path)──► TenantsFile / RuntimeClassSync
+//! ```
+//!
+//! Parsing does not stop at the first problem: every problem of a file is reported at once, each
+//! naming the file and the path inside it (`tenants[0].sync.fromHost.runtimeClasses.selector.matchExpressions[1].operator`),
+//! or the line and column for YAML syntax errors. What comes out is valid by construction: selectors
+//! are [`LabelSelector`]s, names are checked, patch modes are exclusive.
+//!
+//! Unknown keys inside the blocks rcsync implements are errors. Other sections of a full
+//! vcluster.yaml are accepted and ignored, but only under the names vCluster knows, so a typo such as
+//! `fromhost` is reported rather than silently ignored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use yaml_serde::Value;
+
+use crate::labels::validate_dns1123_label;
+use crate::selector::{LabelSelector, MatchExpression};
+
+/// Config path of the selector, as vCluster names it in its messages.
+pub const SELECTOR_CONFIG_PATH: &str = "sync.fromHost.runtimeClasses.selector";
+
+/// One problem found in a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: a config path such as `tenants[0].name`, or `line 3, column 5` for syntax errors.
+    pub at: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem of one config file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, as given.
+    pub file: PathBuf,
+    /// All problems found, in document order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.display();
+        match self.problems.as_slice() {
+            [one] => write!(f, "{file}: {}: {}", one.at, one.message),
+            many => {
+                write!(f, "{file}: {} problems:", many.len())?;
+                for p in many {
+                    write!(f, "\n  - {}: {}", p.at, p.message)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The name of a tenant (its virtual cluster): a DNS-1123 label, used in host Pod names.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TenantName(String);
+
+impl TenantName {
+    /// Validates a tenant name.
+    pub fn new(name: &str) -> Result<Self, String> {
+        validate_dns1123_label(name).map_err(|e| format!("invalid tenant name {name:?}: {e}"))?;
+        Ok(Self(name.to_string()))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The `sync.fromHost.runtimeClasses` block.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeClassSync {
+    /// `enabled` (default false).
+    pub enabled: bool,
+    /// `selector`; `None` when absent or empty (then every class syncs and Pods are not gated).
+    pub selector: Option<LabelSelector>,
+    /// `patches`, in order.
+    pub patches: Vec<PatchSpec>,
+}
+
+/// One entry of `patches`: a path and exactly one mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchSpec {
+    /// `path`: the field the patch targets.
+    pub path: String,
+    /// What the patch does.
+    pub mode: PatchMode,
+}
+
+/// What a patch does with the value at its path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PatchMode {
+    /// `expression` (host → virtual), with an optional `reverseExpression` (virtual → host).
+    Expression {
+        /// JavaScript run on the host → virtual copy.
+        expression: String,
+        /// JavaScript run on what flows back from virtual to host.
+        reverse_expression: Option<String>,
+    },
+    /// `labels: {}`: the value is a label selector or label map whose keys are translated.
+    Labels,
+    /// `reference`: the value names another object, whose name is translated.
+    Reference(ReferenceSpec),
+}
+
+/// The `reference` block of a patch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReferenceSpec {
+    /// `apiVersion` of the referenced object.
+    pub api_version: String,
+    /// `apiVersionPath`: relative path to read the apiVersion from, falling back to `api_version`.
+    pub api_version_path: Option<String>,
+    /// `kind` of the referenced object.
+    pub kind: String,
+    /// `kindPath`: relative path to read the kind from, falling back to `kind`.
+    pub kind_path: Option<String>,
+    /// `namePath`: relative path of the name inside the value.
+    pub name_path: Option<String>,
+    /// `namespacePath`: relative path of the namespace; defaults to the object's metadata.namespace.
+    pub namespace_path: Option<String>,
+}
+
+/// One tenant of the host agent: a virtual cluster and where its Pods live on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    /// `name`: the virtual cluster's name, used in host Pod names.
+    pub name: TenantName,
+    /// `hostNamespace`: the host namespace its Pods are written to.
+    pub host_namespace: String,
+    /// `tokenFile`, resolved against the tenants file's directory. When set, callers must present
+    /// the token; when absent the tenant is reachable only with `--allow-unauthenticated` or mTLS.
+    pub token_file: Option<PathBuf>,
+    /// `sync.fromHost.runtimeClasses`.
+    pub runtime_classes: RuntimeClassSync,
+}
+
+/// The host agent's tenants file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantsFile {
+    /// The tenants, in file order; names and host namespaces are unique.
+    pub tenants: Vec<Tenant>,
+}
+
+/// The keys of vCluster's `sync` block.
+const VCLUSTER_SYNC_KEYS: &[&str] = &["toHost", "fromHost"];
+/// The keys of vCluster's `sync.fromHost` block.
+const VCLUSTER_FROM_HOST_KEYS: &[&str] = &[
+    "configMaps",
+    "csiDrivers",
+    "csiNodes",
+    "csiStorageCapacities",
+    "customResources",
+    "events",
+    "ingressClasses",
+    "nodes",
+    "priorityClasses",
+    "runtimeClasses",
+    "secrets",
+    "storageClasses",
+    "volumeSnapshotClasses",
+];
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![Problem {
+            at: "file".into(),
+            message: format!("cannot read: {e}"),
+        }],
+    })
+}
+
+fn parse_yaml(file: &Path, text: &str) -> Result<Value, ConfigError> {
+    yaml_serde::from_str::<Value>(text).map_err(|e| {
+        let at = match e.location() {
+            Some(loc) => format!("line {}, column {}", loc.line(), loc.column()),
+            None => "document".into(),
+        };
+        let message = e.to_string();
+        // The library appends " at line L column C"; the location is already in `at`.
+        let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+        ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![Problem { at, message }],
+        }
+    })
+}
+
+impl TenantsFile {
+    /// Reads and parses a tenants file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(path, &read_file(path)?)
+    }
+
+    /// Parses a tenants file's text; `file` names it in errors and resolves relative `tokenFile`s.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let doc = parse_yaml(file, text)?;
+        let mut w = Walker::default();
+        let tenants = w.tenants_file(&doc, file.parent().unwrap_or(Path::new("")));
+        w.finish(file, tenants)
+    }
+
+    /// Looks a tenant up by name.
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.name.as_str() == name)
+    }
+}
+
+impl RuntimeClassSync {
+    /// Reads the `sync.fromHost.runtimeClasses` block of a vcluster.yaml; every other section is
+    /// ignored. A file without the block gives the defaults (disabled).
+    pub fn load_vcluster_yaml(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_vcluster_yaml(path, &read_file(path)?)
+    }
+
+    /// Parses a vcluster.yaml's text; `file` names it in errors.
+    pub fn parse_vcluster_yaml(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let doc = parse_yaml(file, text)?;
+        let mut w = Walker::default();
+        let block = match &doc {
+            Value::Null => RuntimeClassSync::default(),
+            doc => match w.mapping(doc, "", None) {
+                Some(top) => match top.get("sync") {
+                    Some(sync) => w.sync_block(sync, "sync"),
+                    None => RuntimeClassSync::default(),
+                },
+                None => RuntimeClassSync::default(),
+            },
+        };
+        w.finish(file, block)
+    }
+
+    /// Whether Pods are gated on their runtime class (sync enabled and a non-empty selector).
+    pub fn gates_pods(&self) -> bool {
+        self.enabled && self.selector.is_some()
+    }
+
+    /// Whether a host RuntimeClass with these labels is synced to the tenant.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.enabled && self.selector.as_ref().is_none_or(|s| s.matches(labels))
+    }
+}
+
+/// A YAML mapping whose keys were checked to be strings.
+struct Fields<'a>(Vec<(&'a str, &'a Value)>);
+
+impl<'a> Fields<'a> {
+    /// The value of a key; an explicit `null` counts as absent.
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.0
+            .iter()
+            .find(|(k, v)| *k == key && !v.is_null())
+            .map(|(_, v)| *v)
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+/// Walks a YAML document, collecting every problem with its path.
+#[derive(Default)]
+struct Walker {
+    problems: Vec<Problem>,
+}
+
+impl Walker {
+    fn problem(&mut self, at: &str, message: impl Into<String>) {
+        let at = if at.is_empty() {
+            "(top level)".to_string()
+        } else {
+            at.to_string()
+        };
+        self.problems.push(Problem {
+            at,
+            message: message.into(),
+        });
+    }
+
+    fn finish<T>(self, file: &Path, value: T) -> Result<T, ConfigError> {
+        if self.problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError {
+                file: file.to_path_buf(),
+                problems: self.problems,
+            })
+        }
+    }
+
+    /// A mapping with string keys. `known`: the allowed keys (`None`: any).
+    fn mapping<'a>(&mut self, v: &'a Value, path: &str, known: Option<&[&str]>) -> Option<Fields<'a>> {
+        let Value::Mapping(map) = v else {
+            self.problem(path, format!("expected a mapping, got {}", kind_of(v)));
+            return None;
+        };
+        let mut fields = Vec::with_capacity(map.len());
+        for (k, v) in map {
+            let Some(key) = k.as_str() else {
+                self.problem(path, format!("keys must be strings, got {}", kind_of(k)));
+                continue;
+            };
+            if let Some(known) = known
+                && !known.contains(&key)
+            {
+                let expected = known
+                    .iter()
+                    .map(|k| format!("{k:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.problem(
+                    &join(path, key),
+                    format!("unknown field {key:?}, expected one of {expected}"),
+                );
+                continue;
+            }
+            fields.push((key, v));
+        }
+        Some(Fields(fields))
+    }
+
+    fn string(&mut self, v: &Value, path: &str) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.problem(path, format!("expected a string, got {}", kind_of(other)));
+                None
+            }
+        }
+    }
+
+    fn non_empty_string(&mut self, v: &Value, path: &str) -> Option<String> {
+        let s = self.string(v, path)?;
+        if s.trim().is_empty() {
+            self.problem(path, "must not be empty");
+            return None;
+        }
+        Some(s)
+    }
+
+    fn bool(&mut self, v: &Value, path: &str) -> Option<bool> {
+        match v {
+            Value::Bool(b) => Some(*b),
+            other => {
+                self.problem(
+                    path,
+                    format!("expected a boolean (true or false), got {}", kind_of(other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn list<'a>(&mut self, v: &'a Value, path: &str) -> Option<&'a [Value]> {
+        match v {
+            Value::Sequence(items) => Some(items),
+            other => {
+                self.problem(path, format!("expected a list, got {}", kind_of(other)));
+                None
+            }
+        }
+    }
+
+    fn string_map(&mut self, v: &Value, path: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let Some(fields) = self.mapping(v, path, None) {
+            for (k, v) in fields.0 {
+                let item = join(path, k);
+                match v {
+                    Value::String(s) => {
+                        out.insert(k.to_string(), s.clone());
+                    }
+                    Value::Null => {
+                        out.insert(k.to_string(), String::new());
+                    }
+                    other => self.problem(
+                        &item,
+                        format!("expected a string, got {} (quote it: \"...\")", kind_of(other)),
+                    ),
+                }
+            }
+        }
+        out
+    }
+
+    fn tenants_file(&mut self, doc: &Value, base_dir: &Path) -> TenantsFile {
+        if doc.is_null() {
+            self.problem("", "the file is empty: expected a `tenants:` list");
+            return TenantsFile::default();
+        }
+        let Some(top) = self.mapping(doc, "", Some(&["tenants"])) else {
+            return TenantsFile::default();
+        };
+        let Some(list) = top.get("tenants") else {
+            self.problem("tenants", "required field is missing");
+            return TenantsFile::default();
+        };
+        let Some(items) = self.list(list, "tenants") else {
+            return TenantsFile::default();
+        };
+        let mut tenants = Vec::new();
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut namespaces: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("tenants[{i}]");
+            let Some(tenant) = self.tenant(item, &path, base_dir) else {
+                continue;
+            };
+            if let Some(first) = names.insert(tenant.name.0.clone(), i) {
+                self.problem(
+                    &format!("{path}.name"),
+                    format!("duplicate tenant {:?} (also tenants[{first}])", tenant.name.0),
+                );
+                continue;
+            }
+            if let Some(first) = namespaces.insert(tenant.host_namespace.clone(), i) {
+                self.problem(
+                    &format!("{path}.hostNamespace"),
+                    format!(
+                        "host namespace {:?} is already used by tenants[{first}]: tenants must not share a namespace",
+                        tenant.host_namespace
+                    ),
+                );
+                continue;
+            }
+            tenants.push(tenant);
+        }
+        TenantsFile { tenants }
+    }
+
+    fn tenant(&mut self, v: &Value, path: &str, base_dir: &Path) -> Option<Tenant> {
+        let fields = self.mapping(v, path, Some(&["name", "hostNamespace", "tokenFile", "sync"]))?;
+        let before = self.problems.len();
+        let name = match fields.get("name") {
+            Some(v) => self
+                .string(v, &join(path, "name"))
+                .and_then(|n| match TenantName::new(&n) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        self.problem(&join(path, "name"), e);
+                        None
+                    }
+                }),
+            None => {
+                self.problem(&join(path, "name"), "required field is missing");
+                None
+            }
+        };
+        let host_namespace =
+            match fields.get("hostNamespace") {
+                Some(v) => self.string(v, &join(path, "hostNamespace")).and_then(|ns| {
+                    match validate_dns1123_label(&ns) {
+                        Ok(()) => Some(ns),
+                        Err(e) => {
+                            self.problem(
+                                &join(path, "hostNamespace"),
+                                format!("invalid namespace {ns:?}: {e}"),
+                            );
+                            None
+                        }
+                    }
+                }),
+                None => {
+                    self.problem(&join(path, "hostNamespace"), "required field is missing");
+                    None
+                }
+            };
+        let token_file = fields
+            .get("tokenFile")
+            .and_then(|v| self.non_empty_string(v, &join(path, "tokenFile")))
+            .map(|f| base_dir.join(f));
+        let runtime_classes = match fields.get("sync") {
+            Some(sync) => self.sync_block(sync, &join(path, "sync")),
+            None => RuntimeClassSync::default(),
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(Tenant {
+            name: name?,
+            host_namespace: host_namespace?,
+            token_file,
+            runtime_classes,
+        })
+    }
+
+    /// A vCluster `sync` block; returns its `fromHost.runtimeClasses`.
+    fn sync_block(&mut self, v: &Value, path: &str) -> RuntimeClassSync {
+        let Some(sync) = self.mapping(v, path, Some(VCLUSTER_SYNC_KEYS)) else {
+            return RuntimeClassSync::default();
+        };
+        let Some(from_host) = sync.get("fromHost") else {
+            return RuntimeClassSync::default();
+        };
+        let from_host_path = join(path, "fromHost");
+        let Some(from_host) = self.mapping(from_host, &from_host_path, Some(VCLUSTER_FROM_HOST_KEYS)) else {
+            return RuntimeClassSync::default();
+        };
+        match from_host.get("runtimeClasses") {
+            Some(rc) => self.runtime_classes(rc, &join(&from_host_path, "runtimeClasses")),
+            None => RuntimeClassSync::default(),
+        }
+    }
+
+    fn runtime_classes(&mut self, v: &Value, path: &str) -> RuntimeClassSync {
+        let Some(fields) = self.mapping(v, path, Some(&["enabled", "selector", "patches"])) else {
+            return RuntimeClassSync::default();
+        };
+        let enabled = fields
+            .get("enabled")
+            .and_then(|v| self.bool(v, &join(path, "enabled")))
+            .unwrap_or(false);
+        let selector = fields
+            .get("selector")
+            .and_then(|v| self.selector(v, &join(path, "selector")))
+            .filter(|s| !s.is_empty());
+        let mut patches = Vec::new();
+        if let Some(list) = fields.get("patches") {
+            let list_path = join(path, "patches");
+            if let Some(items) = self.list(list, &list_path) {
+                let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+                for (i, item) in items.iter().enumerate() {
+                    let item_path = format!("{list_path}[{i}]");
+                    if let Some(patch) = self.patch(item, &item_path) {
+                        if let Some(first) = seen.insert(patch.path.clone(), i) {
+                            self.problem(
+                                &join(&item_path, "path"),
+                                format!(
+                                    "{:?} is already patched by {list_path}[{first}]: one patch per path",
+                                    patch.path
+                                ),
+                            );
+                            continue;
+                        }
+                        patches.push(patch);
+                    }
+                }
+            }
+        }
+        RuntimeClassSync {
+            enabled,
+            selector,
+            patches,
+        }
+    }
+
+    fn selector(&mut self, v: &Value, path: &str) -> Option<LabelSelector> {
+        let fields = self.mapping(v, path, Some(&["matchLabels", "matchExpressions"]))?;
+        let match_labels = fields
+            .get("matchLabels")
+            .map(|v| self.string_map(v, &join(path, "matchLabels")))
+            .unwrap_or_default();
+        let mut expressions = Vec::new();
+        if let Some(list) = fields.get("matchExpressions") {
+            let list_path = join(path, "matchExpressions");
+            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
+                let item_path = format!("{list_path}[{i}]");
+                if let Some(expr) = self.match_expression(item, &item_path) {
+                    expressions.push((i, expr));
+                }
+            }
+        }
+        let before = self.problems.len();
+        // Validate each expression on its own so paths keep the original index.
+        let mut ok_exprs = Vec::new();
+        for (i, expr) in &expressions {
+            match expr.to_requirement() {
+                Ok(_) => ok_exprs.push(expr.clone()),
+                Err((field, e)) => self.problem(&format!("{path}.matchExpressions[{i}].{field}"), e),
+            }
+        }
+        match LabelSelector::from_parts(&match_labels, &ok_exprs) {
+            Ok(selector) if self.problems.len() == before => Some(selector),
+            Ok(_) => None,
+            Err(errors) => {
+                for (at, e) in errors {
+                    self.problem(&join(path, &at), e);
+                }
+                None
+            }
+        }
+    }
+
+    fn match_expression(&mut self, v: &Value, path: &str) -> Option<MatchExpression> {
+        let fields = self.mapping(v, path, Some(&["key", "operator", "values"]))?;
+        let before = self.problems.len();
+        let key = match fields.get("key") {
+            Some(v) => self.string(v, &join(path, "key")),
+            None => {
+                self.problem(&join(path, "key"), "required field is missing");
+                None
+            }
+        };
+        let operator = match fields.get("operator") {
+            Some(v) => self.string(v, &join(path, "operator")),
+            None => {
+                self.problem(
+                    &join(path, "operator"),
+                    "required field is missing: one of \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\"",
+                );
+                None
+            }
+        };
+        let mut values = Vec::new();
+        if let Some(list) = fields.get("values") {
+            let list_path = join(path, "values");
+            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
+                if let Some(s) = self.string(item, &format!("{list_path}[{i}]")) {
+                    values.push(s);
+                }
+            }
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(MatchExpression {
+            key: key?,
+            operator: operator?,
+            values,
+        })
+    }
+
+    fn patch(&mut self, v: &Value, path: &str) -> Option<PatchSpec> {
+        let fields = self.mapping(
+            v,
+            path,
+            Some(&["path", "expression", "reverseExpression", "reference", "labels"]),
+        )?;
+        let before = self.problems.len();
+        let target = match fields.get("path") {
+            Some(v) => self.non_empty_string(v, &join(path, "path")),
+            None => {
+                self.problem(&join(path, "path"), "required field is missing");
+                None
+            }
+        };
+        let expression = fields
+            .get("expression")
+            .and_then(|v| self.non_empty_string(v, &join(path, "expression")));
+        let reverse_expression = fields
+            .get("reverseExpression")
+            .and_then(|v| self.non_empty_string(v, &join(path, "reverseExpression")));
+        let labels = fields.get("labels").map(|v| {
+            self.mapping(v, &join(path, "labels"), Some(&[]));
+        });
+        let reference = fields
+            .get("reference")
+            .and_then(|v| self.reference(v, &join(path, "reference")));
+        let modes: Vec<&str> = [
+            (expression.is_some() || reverse_expression.is_some()).then_some("expression"),
+            labels.is_some().then_some("labels"),
+            fields.get("reference").is_some().then_some("reference"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if self.problems.len() > before {
+            return None;
+        }
+        let mode = match modes.as_slice() {
+            ["expression"] => PatchMode::Expression {
+                expression: match expression {
+                    Some(e) => e,
+                    None => {
+                        self.problem(
+                            &join(path, "expression"),
+                            "required when reverseExpression is set (the host → virtual direction)",
+                        );
+                        return None;
+                    }
+                },
+                reverse_expression,
+            },
+            ["labels"] => PatchMode::Labels,
+            ["reference"] => PatchMode::Reference(reference?),
+            [] => {
+                self.problem(
+                    path,
+                    "a patch needs exactly one of expression, labels or reference; none is set",
+                );
+                return None;
+            }
+            many => {
+                self.problem(
+                    path,
+                    format!(
+                        "a patch needs exactly one of expression, labels or reference; {} are set",
+                        many.join(" and ")
+                    ),
+                );
+                return None;
+            }
+        };
+        Some(PatchSpec { path: target?, mode })
+    }
+
+    fn reference(&mut self, v: &Value, path: &str) -> Option<ReferenceSpec> {
+        let fields = self.mapping(
+            v,
+            path,
+            Some(&[
+                "apiVersion",
+                "apiVersionPath",
+                "kind",
+                "kindPath",
+                "namePath",
+                "namespacePath",
+            ]),
+        )?;
+        let before = self.problems.len();
+        let opt = |w: &mut Self, key: &str| {
+            fields
+                .get(key)
+                .and_then(|v| w.non_empty_string(v, &join(path, key)))
+        };
+        let api_version = opt(self, "apiVersion");
+        let api_version_path = opt(self, "apiVersionPath");
+        let kind = opt(self, "kind");
+        let kind_path = opt(self, "kindPath");
+        let name_path = opt(self, "namePath");
+        let namespace_path = opt(self, "namespacePath");
+        if api_version.is_none() && api_version_path.is_none() {
+            self.problem(
+                &join(path, "apiVersion"),
+                "required field is missing (or set apiVersionPath)",
+            );
+        }
+        if kind.is_none() && kind_path.is_none() {
+            self.problem(&join(path, "kind"), "required field is missing (or set kindPath)");
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(ReferenceSpec {
+            api_version: api_version.unwrap_or_default(),
+            api_version_path,
+            kind: kind.unwrap_or_default(),
+            kind_path,
+            name_path,
+            namespace_path,
+        })
+    }
+}
+
+/// Names of tenants that appear in `a` or `b` with a different definition, or in only one of them.
+pub fn changed_tenants(a: &TenantsFile, b: &TenantsFile) -> BTreeSet<TenantName> {
+    let index = |f: &TenantsFile| {
+        f.tenants
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (a, b) = (index(a), index(b));
+    a.keys()
+        .chain(b.keys())
+        .filter(|name| a.get(*name) != b.get(*name))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenants(text: &str) -> Result<TenantsFile, ConfigError> {
+        TenantsFile::parse(Path::new("conf/tenants.yaml"), text)
+    }
+
+    fn problems(text: &str) -> Vec<(String, String)> {
+        tenants(text)
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|p| (p.at, p.message))
+            .collect()
+    }
+
+    const VALID: &str = r#"
+tenants:
+  - name: team-a
+    hostNamespace: vcluster-team-a
+    tokenFile: tokens/team-a.token
+    sync:
+      fromHost:
+        runtimeClasses:
+          enabled: true
+          selector:
+            matchLabels:
+              environment: development
+            matchExpressions:
+              - key: kubernetes.io/runtime.class
+                operator: In
+                values: [gvisor, youki]
+  - name: team-b
+    hostNamespace: vcluster-team-b
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let file = tenants(VALID).unwrap();
+        assert_eq!(file.tenants.len(), 2);
+        let a = &file.tenants[0];
+        assert_eq!(a.name.as_str(), "team-a");
+        assert_eq!(a.host_namespace, "vcluster-team-a");
+        assert_eq!(
+            a.token_file.as_deref(),
+            Some(Path::new("conf/tokens/team-a.token"))
+        );
+        assert!(a.runtime_classes.enabled);
+        assert_eq!(
+            a.runtime_classes.selector.as_ref().unwrap().to_string(),
+            "environment=development,kubernetes.io/runtime.class in (gvisor,youki)"
+        );
+        let b = &file.tenants[1];
+        assert!(!b.runtime_classes.enabled, "enabled defaults to false");
+        assert_eq!(b.runtime_classes.selector, None);
+        assert_eq!(b.token_file, None);
+    }
+
+    #[test]
+    fn bad_configs_name_the_path() {
+        let rc = "tenants[0].sync.fromHost.runtimeClasses";
+        let wrap = |block: &str| {
+            format!(
+                "tenants:\n  - name: a\n    hostNamespace: ns-a\n    sync:\n      fromHost:\n        runtimeClasses:\n{}",
+                block
+                    .lines()
+                    .map(|l| format!("          {l}\n"))
+                    .collect::<String>()
+            )
+        };
+        let cases: &[(&str, String, &str)] = &[
+            (
+                "selector:\n  matchExpressions:\n    - {key: a, operator: in, values: [x]}",
+                format!("{rc}.selector.matchExpressions[0].operator"),
+                "unknown operator \"in\"",
+            ),
+            (
+                "selector:\n  matchExpressions:\n    - {key: a, operator: In}",
+                format!("{rc}.selector.matchExpressions[0].values"),
+                "must be specified",
+            ),
+            (
+                "selector:\n  matchExpressions:\n    - {key: a, operator: Exists, values: [x]}",
+                format!("{rc}.selector.matchExpressions[0].values"),
+                "may not be specified",
+            ),
+            (
+                "selector:\n  matchLabels:\n    -bad: x",
+                format!("{rc}.selector.matchLabels.-bad"),
+                "invalid label key",
+            ),
+            (
+                "enabled: true\nfrobnicate: 1",
+                format!("{rc}.frobnicate"),
+                "unknown field \"frobnicate\"",
+            ),
+            ("enabled: \"yes\"", format!("{rc}.enabled"), "expected a boolean"),
+            (
+                "selector: [a]",
+                format!("{rc}.selector"),
+                "expected a mapping, got a list",
+            ),
+            (
+                "selector:\n  matchLabels:\n    version: 1",
+                format!("{rc}.selector.matchLabels.version"),
+                "expected a string, got a number",
+            ),
+            (
+                "patches:\n  - path: handler",
+                format!("{rc}.patches[0]"),
+                "exactly one of expression, labels or reference; none",
+            ),
+            (
+                "patches:\n  - {path: handler, expression: x, labels: {}}",
+                format!("{rc}.patches[0]"),
+                "expression and labels are set",
+            ),
+            (
+                "patches:\n  - {path: handler, expression: x}\n  - {path: handler, expression: y}",
+                format!("{rc}.patches[1].path"),
+                "already patched",
+            ),
+        ];
+        for (block, path, needle) in cases {
+            let text = wrap(block);
+            let got = problems(&text);
+            assert!(
+                got.iter().any(|(at, msg)| at == path && msg.contains(needle)),
+                "for\n{text}\nwanted {path}: ..{needle}.., got {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+tenants:
+  - name: Bad_Name
+    hostNamespace: ns
+    colour: blue
+    sync:
+      fromhost: {}
+  - name: b
+    hostNamespace: ns-b
+    sync:
+      fromHost:
+        runtimeClasses:
+          selector:
+            matchExpressions:
+              - {key: a, operator: Foo}
+              - {key: b, operator: In}
+"#;
+        let err = tenants(text).unwrap_err();
+        let at: Vec<_> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "tenants[0].colour",
+                "tenants[0].name",
+                "tenants[0].sync.fromhost",
+                "tenants[1].sync.fromHost.runtimeClasses.selector.matchExpressions[0].operator",
+                "tenants[1].sync.fromHost.runtimeClasses.selector.matchExpressions[1].values",
+            ]
+        );
+        let shown = err.to_string();
+        assert!(shown.starts_with("conf/tenants.yaml: 5 problems:"), "{shown}");
+    }
+
+    #[test]
+    fn duplicates_are_rejected_naming_the_tenant() {
+        let text = "tenants:\n  - {name: a, hostNamespace: ns-a}\n  - {name: a, hostNamespace: ns-b}\n  - {name: c, hostNamespace: ns-a}\n";
+        let got = problems(text);
+        assert_eq!(got[0].0, "tenants[1].name");
+        assert!(got[0].1.contains("duplicate tenant \"a\""), "{got:?}");
+        assert_eq!(got[1].0, "tenants[2].hostNamespace");
+    }
+
+    #[test]
+    fn syntax_errors_give_line_and_column() {
+        let err = tenants("tenants:\n  - name: a\n   bad: [\n").unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert!(err.problems[0].at.starts_with("line "), "{err}");
+        assert!(err.problems[0].at.contains("column"), "{err}");
+    }
+
+    #[test]
+    fn empty_and_missing_files() {
+        let got = problems("");
+        assert!(got[0].1.contains("empty"), "{got:?}");
+        let got = problems("# only a comment\n");
+        assert!(got[0].1.contains("empty"), "{got:?}");
+        let err = TenantsFile::load(Path::new("/nonexistent/tenants.yaml")).unwrap_err();
+        assert_eq!(err.problems[0].at, "file");
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/tenants.yaml: file: cannot read"),
+            "{err}"
+        );
+        let got = problems("tenants: {}");
+        assert_eq!(
+            got[0],
+            ("tenants".into(), "expected a list, got a mapping".into())
+        );
+    }
+
+    #[test]
+    fn vcluster_yaml_ignores_other_sections() {
+        let text = r#"
+controlPlane: {distro: {k8s: {enabled: true}}}
+sync:
+  toHost:
+    pods: {enabled: true}
+  fromHost:
+    nodes: {enabled: true}
+    runtimeClasses:
+      enabled: true
+      selector:
+        matchLabels: {environment: development}
+"#;
+        let rc = RuntimeClassSync::parse_vcluster_yaml(Path::new("vcluster.yaml"), text).unwrap();
+        assert!(rc.enabled);
+        assert!(rc.gates_pods());
+        let rc = RuntimeClassSync::parse_vcluster_yaml(Path::new("vcluster.yaml"), "").unwrap();
+        assert_eq!(rc, RuntimeClassSync::default());
+        let err = RuntimeClassSync::parse_vcluster_yaml(
+            Path::new("v.yaml"),
+            "sync: {fromHost: {runtimeclasses: {}}}",
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].at, "sync.fromHost.runtimeclasses");
+    }
+
+    #[test]
+    fn empty_selector_selects_everything_and_does_not_gate() {
+        let rc = RuntimeClassSync::parse_vcluster_yaml(
+            Path::new("v.yaml"),
+            "sync: {fromHost: {runtimeClasses: {enabled: true, selector: {}}}}",
+        )
+        .unwrap();
+        assert!(rc.selects(&BTreeMap::new()));
+        assert!(!rc.gates_pods());
+    }
+
+    #[test]
+    fn patches_parse_each_mode() {
+        let text = r#"
+sync:
+  fromHost:
+    runtimeClasses:
+      enabled: true
+      patches:
+        - path: metadata.name
+          expression: 'value === "gvisor" ? "sandboxed" : value'
+          reverseExpression: 'value === "sandboxed" ? "gvisor" : value'
+        - path: metadata.labels
+          labels: {}
+        - path: spec.secretRef
+          reference: {apiVersion: v1, kind: Secret, namePath: name}
+"#;
+        let rc = RuntimeClassSync::parse_vcluster_yaml(Path::new("v.yaml"), text).unwrap();
+        assert_eq!(rc.patches.len(), 3);
+        assert!(matches!(
+            rc.patches[0].mode,
+            PatchMode::Expression {
+                reverse_expression: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(rc.patches[1].mode, PatchMode::Labels);
+        assert!(matches!(&rc.patches[2].mode, PatchMode::Reference(r) if r.kind == "Secret"));
+    }
+
+    #[test]
+    fn changed_tenants_are_detected() {
+        let a = tenants(VALID).unwrap();
+        let mut b = a.clone();
+        assert!(changed_tenants(&a, &b).is_empty());
+        b.tenants[1].runtime_classes.enabled = true;
+        b.tenants.remove(0);
+        let changed: Vec<_> = changed_tenants(&a, &b).into_iter().map(|n| n.0).collect();
+        assert_eq!(changed, ["team-a", "team-b"]);
+    }
+}

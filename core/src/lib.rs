@@ -1,0 +1,24 @@
+//! rcsync core: the rules of RuntimeClass sync, free of gRPC servers and Kubernetes watches.
+//!
+//! ```text
+//!   tenants.yaml / vcluster.yaml ──config──► Tenant { name, hostNamespace, RuntimeClassSync }
+//!                                                         │ selector (selector::LabelSelector)
+//!   host RuntimeClass labels ─────────────────────────────┴──► selected? ──► content version (version)
+//!   virtual Pod (name, ns) ──naming──► host Pod name + vcluster.loft.sh labels/annotations
+//!   agents ──admin──► /livez /readyz /metrics      telemetry: logging, signals
+//! ```
+//!
+//! Everything here is pure and unit-tested; the agents wire it to kube-rs and tonic.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod labels;
+pub mod naming;
+pub mod selector;
+pub mod telemetry;
+pub mod version;
+
+pub use config::{ConfigError, RuntimeClassSync, Tenant, TenantName, TenantsFile};
+pub use selector::LabelSelector;

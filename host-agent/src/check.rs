@@ -1,0 +1,64 @@
+//! `host-agent check-config FILE`: validates a tenants file (or a vcluster.yaml) the way the agent
+//! would load it, and prints what it understood.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use rcsync_core::config::{ConfigError, Problem};
+use rcsync_core::{RuntimeClassSync, TenantsFile};
+
+/// Checks a config file. A file with a top-level `tenants` key is a tenants file; anything else is
+/// read as a vcluster.yaml. Returns a summary on success, every problem on failure.
+pub fn check_config(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        problems: vec![Problem {
+            at: "file".into(),
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    // An empty file is never what anyone meant: report it as a tenants file would.
+    let is_empty = text
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+    let looks_like_tenants = is_empty || text.lines().any(|l| l.starts_with("tenants:"));
+    let mut out = String::new();
+    if looks_like_tenants {
+        let file = TenantsFile::parse(path, &text)?;
+        let tokens = crate::tenants::TenantTokens::load(path, &file)?;
+        let _ = writeln!(out, "{}: ok, {} tenant(s)", path.display(), file.tenants.len());
+        for t in &file.tenants {
+            let auth = if tokens.has_token(&t.name) {
+                "token"
+            } else {
+                "no token (mTLS or --allow-unauthenticated)"
+            };
+            let _ = writeln!(
+                out,
+                "  - {} → namespace {}, {}, {}",
+                t.name,
+                t.host_namespace,
+                describe(&t.runtime_classes),
+                auth
+            );
+        }
+    } else {
+        let rc = RuntimeClassSync::parse_vcluster_yaml(path, &text)?;
+        let _ = writeln!(out, "{}: ok (vcluster.yaml), {}", path.display(), describe(&rc));
+    }
+    Ok(out)
+}
+
+fn describe(rc: &RuntimeClassSync) -> String {
+    if !rc.enabled {
+        return "runtime class sync disabled".into();
+    }
+    let selector = match &rc.selector {
+        Some(s) => format!("selector {s:?}", s = s.to_string()),
+        None => "no selector (all classes, Pods not gated)".into(),
+    };
+    match rc.patches.len() {
+        0 => format!("enabled, {selector}"),
+        n => format!("enabled, {selector}, {n} patch(es)"),
+    }
+}
