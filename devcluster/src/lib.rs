@@ -1,1 +1,32 @@
+//! devcluster: an in-memory Kubernetes API server for development and tests.
+//!
+//! It is **not** a Kubernetes distribution: there is no scheduler, no kubelet, no controllers and no
+//! persistence. It exists because rcsync's agents must be tested through the real Kubernetes client
+//! stack (kube-rs watchers, kubectl) on machines where no kube-apiserver can run. What it does, it
+//! does as kube-apiserver does: resourceVersions, watches (bookmarks, 410 Gone), label and field
+//! selectors, optimistic concurrency, patches, Status errors, Tables, discovery, and the admission
+//! the spec relies on (RuntimeClass for Pods, immutable `handler`).
+//!
+//! ```text
+//!  kubectl / kube-rs ──HTTPS (h1/h2, bearer token)──► server ──► api (routing, verbs, Tables)
+//!                                                                  │ admission (defaults, validation,
+//!                                                                  │   RuntimeClass admission)
+//!                                                                  ▼
+//!                                                      store (one versioned map + change history)
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod admission;
+pub mod api;
+pub mod events;
+pub mod openapi;
+pub mod patch;
+pub mod pki;
+pub mod resources;
+pub mod server;
+pub mod status;
+pub mod store;
+pub mod table;
+
+pub use server::{DevCluster, ServerOptions};

@@ -1,0 +1,593 @@
+//! What kube-apiserver does to an object between decoding and storage: metadata management,
+//! defaulting, validation, immutability, and the admission the spec relies on (RuntimeClass for
+//! Pods).
+
+use std::collections::BTreeMap;
+
+use chrono::{SecondsFormat, Utc};
+use rand::Rng;
+use rcsync_core::labels::{
+    validate_dns1123_label, validate_dns1123_subdomain, validate_label_key, validate_label_value,
+};
+use serde_json::{Map, Value, json};
+
+use crate::resources::{METADATA_FIELDS, ResourceDef, runtime_classes};
+use crate::status::{ApiError, Cause};
+use crate::store::Reader;
+
+/// The time as Kubernetes writes it (`2026-01-02T03:04:05Z`).
+pub fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// The name in an object's metadata, or "".
+pub fn name_of(obj: &Value) -> &str {
+    obj.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+/// How unknown fields are treated (`?fieldValidation=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldValidation {
+    /// Reject unknown fields.
+    Strict,
+    /// Accept them (and drop them), with a warning.
+    Warn,
+    /// Accept and drop them silently.
+    Ignore,
+}
+
+impl FieldValidation {
+    /// Parses the query parameter; absent means Warn, as upstream.
+    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        match raw {
+            None | Some("") | Some("Warn") => Ok(Self::Warn),
+            Some("Strict") => Ok(Self::Strict),
+            Some("Ignore") => Ok(Self::Ignore),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "fieldValidation: Unsupported value: {other:?}: supported values: \"Ignore\", \"Strict\", \"Warn\""
+            ))),
+        }
+    }
+}
+
+/// Checks the top level and `metadata` for unknown fields; drops them unless Strict (then errors).
+/// Returns warnings for Warn.
+pub fn check_unknown_fields(
+    def: &ResourceDef,
+    obj: &mut Value,
+    mode: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let mut unknown = Vec::new();
+    if let Some(map) = obj.as_object_mut() {
+        map.retain(|k, _| {
+            let known = matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
+                || def.top_fields.contains(&k.as_str());
+            if !known {
+                unknown.push(k.clone());
+            }
+            known
+        });
+        if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+            meta.retain(|k, _| {
+                let known = METADATA_FIELDS.contains(&k.as_str());
+                if !known {
+                    unknown.push(format!("metadata.{k}"));
+                }
+                known
+            });
+        }
+    }
+    if unknown.is_empty() || mode == FieldValidation::Ignore {
+        return Ok(Vec::new());
+    }
+    if mode == FieldValidation::Strict {
+        let list = unknown
+            .iter()
+            .map(|f| format!("unknown field {f:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ApiError::bad_request(format!("strict decoding error: {list}")));
+    }
+    Ok(unknown.iter().map(|f| format!("unknown field {f:?}")).collect())
+}
+
+fn validate_metadata(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
+    let name = name_of(obj);
+    let name_check = if def.plural == "namespaces" {
+        validate_dns1123_label(name)
+    } else {
+        validate_dns1123_subdomain(name)
+    };
+    if let Err(e) = name_check {
+        causes.push(Cause::invalid("metadata.name", &json!(name), e));
+    }
+    for (field, is_label) in [("labels", true), ("annotations", false)] {
+        let Some(map) = obj.pointer(&format!("/metadata/{field}")) else {
+            continue;
+        };
+        if map.is_null() {
+            continue;
+        }
+        let Some(map) = map.as_object() else {
+            causes.push(Cause::invalid(
+                format!("metadata.{field}"),
+                map,
+                "must be a map of strings",
+            ));
+            continue;
+        };
+        for (k, v) in map {
+            if let Err(e) = validate_label_key(k) {
+                causes.push(Cause::invalid(format!("metadata.{field}"), &json!(k), e));
+            }
+            match v.as_str() {
+                Some(v) if is_label => {
+                    if let Err(e) = validate_label_value(v) {
+                        causes.push(Cause::invalid(format!("metadata.labels.{k}"), &json!(v), e));
+                    }
+                }
+                Some(_) => {}
+                None => causes.push(Cause::invalid(
+                    format!("metadata.{field}.{k}"),
+                    v,
+                    "must be a string",
+                )),
+            }
+        }
+    }
+}
+
+fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
+    match def.kind {
+        "RuntimeClass" => match obj.get("handler").and_then(Value::as_str) {
+            None | Some("") => causes.push(Cause::required("handler", "")),
+            Some(h) => {
+                if let Err(e) = validate_dns1123_label(h) {
+                    causes.push(Cause::invalid("handler", &json!(h), e));
+                }
+            }
+        },
+        "Pod" => {
+            let containers = obj.pointer("/spec/containers").and_then(Value::as_array);
+            match containers {
+                None => causes.push(Cause::required("spec.containers", "")),
+                Some(list) if list.is_empty() => causes.push(Cause::required("spec.containers", "")),
+                Some(list) => {
+                    for (i, c) in list.iter().enumerate() {
+                        if c.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+                            causes.push(Cause::required(format!("spec.containers[{i}].name"), ""));
+                        }
+                        if c.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+                            causes.push(Cause::required(format!("spec.containers[{i}].image"), ""));
+                        }
+                    }
+                }
+            }
+            if let Some(rc) = obj.pointer("/spec/runtimeClassName").and_then(Value::as_str)
+                && let Err(e) = validate_dns1123_subdomain(rc)
+            {
+                causes.push(Cause::invalid("spec.runtimeClassName", &json!(rc), e));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
+    let mut causes = Vec::new();
+    validate_metadata(def, obj, &mut causes);
+    validate_kind(def, obj, &mut causes);
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(def, name_of(obj), causes))
+    }
+}
+
+fn default_pod(obj: &mut Value) {
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (k, v) in [
+        ("restartPolicy", json!("Always")),
+        ("dnsPolicy", json!("ClusterFirst")),
+        ("schedulerName", json!("default-scheduler")),
+        ("terminationGracePeriodSeconds", json!(30)),
+        ("securityContext", json!({})),
+        ("enableServiceLinks", json!(true)),
+    ] {
+        spec.entry(k).or_insert(v);
+    }
+    if let Some(Value::Array(containers)) = spec.get_mut("containers") {
+        for c in containers.iter_mut().filter_map(Value::as_object_mut) {
+            let image = c.get("image").and_then(Value::as_str).unwrap_or("").to_string();
+            let tag = image
+                .rsplit('/')
+                .next()
+                .and_then(|last| last.split_once(':'))
+                .map(|(_, t)| t.to_string());
+            let pull = if tag.is_none() || tag.as_deref() == Some("latest") {
+                "Always"
+            } else {
+                "IfNotPresent"
+            };
+            c.entry("imagePullPolicy").or_insert(json!(pull));
+            c.entry("terminationMessagePath")
+                .or_insert(json!("/dev/termination-log"));
+            c.entry("terminationMessagePolicy").or_insert(json!("File"));
+            c.entry("resources").or_insert(json!({}));
+        }
+    }
+}
+
+fn default_object(def: &ResourceDef, obj: &mut Value) {
+    match def.kind {
+        "Pod" => default_pod(obj),
+        "Secret" => {
+            if let Some(map) = obj.as_object_mut() {
+                map.entry("type").or_insert(json!("Opaque"));
+                // stringData is write-only: merged into data, base64-encoded.
+                if let Some(Value::Object(string_data)) = map.remove("stringData") {
+                    use base64::Engine;
+                    let data = map.entry("data").or_insert(json!({}));
+                    for (k, v) in string_data {
+                        let raw = v.as_str().unwrap_or_default();
+                        data[k] = json!(base64::engine::general_purpose::STANDARD.encode(raw));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Admission of Pods naming a RuntimeClass, as upstream's RuntimeClass admission plugin: the class
+/// must exist; its overhead is set on the Pod; its scheduling node selector and tolerations are
+/// merged in.
+fn admit_runtime_class(def: &ResourceDef, obj: &mut Value, reader: &Reader<'_>) -> Result<(), ApiError> {
+    let Some(class_name) = obj
+        .pointer("/spec/runtimeClassName")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    else {
+        return Ok(());
+    };
+    let class_name = class_name.to_string();
+    let pod_name = name_of(obj).to_string();
+    let Some(class) = reader.get(runtime_classes().storage, "", &class_name) else {
+        return Err(ApiError::forbidden(
+            def,
+            &pod_name,
+            &format!("pod rejected: RuntimeClass {class_name:?} not found"),
+        ));
+    };
+    let spec = obj
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        .expect("pods have a spec (validated)");
+    if let Some(overhead) = class.pointer("/overhead/podFixed").filter(|v| !v.is_null()) {
+        match spec.get("overhead") {
+            Some(existing) if existing != overhead => {
+                return Err(ApiError::forbidden(
+                    def,
+                    &pod_name,
+                    "pod rejected: Pod's Overhead doesn't match RuntimeClass's defined Overhead",
+                ));
+            }
+            _ => {
+                spec.insert("overhead".into(), overhead.clone());
+            }
+        }
+    }
+    if let Some(Value::Object(selector)) = class.pointer("/scheduling/nodeSelector") {
+        let pod_selector = spec.entry("nodeSelector").or_insert(json!({}));
+        for (k, v) in selector {
+            match pod_selector.get(k) {
+                Some(existing) if existing != v => {
+                    return Err(ApiError::forbidden(
+                        def,
+                        &pod_name,
+                        &format!(
+                            "pod rejected: conflict: runtimeClass.scheduling.nodeSelector[{k}] = {v}; pod.spec.nodeSelector[{k}] = {existing}"
+                        ),
+                    ));
+                }
+                _ => pod_selector[k] = v.clone(),
+            }
+        }
+    }
+    if let Some(Value::Array(tolerations)) = class.pointer("/scheduling/tolerations") {
+        let pod_tolerations = spec.entry("tolerations").or_insert(json!([]));
+        if let Value::Array(list) = pod_tolerations {
+            for t in tolerations {
+                if !list.contains(t) {
+                    list.push(t.clone());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Five random characters, as upstream appends to `generateName`.
+pub fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// Checks the body's apiVersion/kind against the URL, fills them in when absent.
+pub fn check_type(def: &ResourceDef, obj: &mut Value) -> Result<(), ApiError> {
+    let Some(map) = obj.as_object_mut() else {
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
+    };
+    let expected_version = def.api_version();
+    match map.get("apiVersion").and_then(Value::as_str) {
+        Some(v) if v != expected_version => {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({v}) does not match the expected API version ({expected_version})"
+            )));
+        }
+        _ => {}
+    }
+    match map.get("kind").and_then(Value::as_str) {
+        Some(k) if k != def.kind => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                def.kind
+            )));
+        }
+        _ => {}
+    }
+    map.insert("apiVersion".into(), json!(expected_version));
+    map.insert("kind".into(), json!(def.kind));
+    if !map.get("metadata").is_some_and(Value::is_object) {
+        map.insert("metadata".into(), Value::Object(Map::new()));
+    }
+    Ok(())
+}
+
+/// Prepares a new object for storage: name, namespace, uid, timestamps,
+/// defaults, validation and admission. `namespace` is the URL's.
+pub fn prepare_create(
+    def: &ResourceDef,
+    namespace: &str,
+    mut obj: Value,
+    reader: &Reader<'_>,
+) -> Result<Value, ApiError> {
+    let meta = obj["metadata"]
+        .as_object_mut()
+        .expect("check_type made metadata an object");
+    if def.namespaced {
+        match meta.get("namespace").and_then(Value::as_str) {
+            Some(ns) if !ns.is_empty() && ns != namespace => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            _ => {
+                meta.insert("namespace".into(), json!(namespace));
+            }
+        }
+    } else {
+        meta.remove("namespace");
+    }
+    if meta.get("name").and_then(Value::as_str).is_none_or(str::is_empty) {
+        return Err(ApiError::invalid(
+            def,
+            "",
+            vec![Cause::required(
+                "metadata.name",
+                "name or generateName is required",
+            )],
+        ));
+    }
+    meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+    meta.insert("creationTimestamp".into(), json!(now()));
+    meta.insert("generation".into(), json!(1));
+    meta.remove("deletionTimestamp");
+    meta.remove("resourceVersion");
+    meta.remove("selfLink");
+    match def.kind {
+        "Pod" => {
+            obj["status"] = json!({"phase": "Pending"});
+        }
+        "Namespace" => {
+            obj["status"] = json!({"phase": "Active"});
+            let name = name_of(&obj).to_string();
+            obj["metadata"]["labels"]["kubernetes.io/metadata.name"] = json!(name);
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+        }
+        _ => {}
+    }
+    default_object(def, &mut obj);
+    validate(def, &obj)?;
+    if def.kind == "Pod" {
+        admit_runtime_class(def, &mut obj, reader)?;
+    }
+    Ok(obj)
+}
+
+/// Which part of an object a write may change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The main resource: everything but status (for kinds with a status subresource).
+    Main,
+    /// The status subresource: only status.
+    Status,
+}
+
+fn spec_changed(old: &Value, new: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("metadata");
+            m.remove("status");
+        }
+        v
+    };
+    strip(old) != strip(new)
+}
+
+/// Pod spec fields an update may change, as upstream's validation allows.
+fn check_pod_update(def: &ResourceDef, old: &Value, new: &Value) -> Result<(), ApiError> {
+    let mut allowed = old["spec"].clone();
+    let new_spec = &new["spec"];
+    for list in ["containers", "initContainers"] {
+        if let (Some(Value::Array(a)), Some(Value::Array(b))) = (allowed.get_mut(list), new_spec.get(list))
+            && a.len() == b.len()
+        {
+            for (x, y) in a.iter_mut().zip(b) {
+                if let Some(image) = y.get("image") {
+                    x["image"] = image.clone();
+                }
+            }
+        }
+    }
+    for field in [
+        "activeDeadlineSeconds",
+        "tolerations",
+        "terminationGracePeriodSeconds",
+        "schedulingGates",
+    ] {
+        match new_spec.get(field) {
+            Some(v) => allowed[field] = v.clone(),
+            None => {
+                if let Some(m) = allowed.as_object_mut() {
+                    m.remove(field);
+                }
+            }
+        }
+    }
+    if &allowed != new_spec {
+        return Err(ApiError::invalid(
+            def,
+            name_of(new),
+            vec![Cause {
+                reason: "FieldValueForbidden",
+                field: "spec".into(),
+                message: "Forbidden: pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)".into(),
+            }],
+        ));
+    }
+    Ok(())
+}
+
+/// Prepares a replacement of `old`. Enforces the resourceVersion precondition (when the new object
+/// carries one), keeps identity and server-owned metadata, applies the part rule, checks
+/// immutable fields, bumps generation on spec changes, validates.
+pub fn prepare_update(def: &ResourceDef, old: &Value, mut new: Value, part: Part) -> Result<Value, ApiError> {
+    let name = name_of(old).to_string();
+    if name_of(&new) != name && !name_of(&new).is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({}) does not match the name on the URL ({name})",
+            name_of(&new)
+        )));
+    }
+    if let Some(rv) = new
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        && Some(rv) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+    {
+        return Err(ApiError::stale(def, &name));
+    }
+    if let Some(uid) = new
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        && Some(uid) != old.pointer("/metadata/uid").and_then(Value::as_str)
+    {
+        return Err(ApiError::conflict(
+            def,
+            &name,
+            &format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                old.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("")
+            ),
+        ));
+    }
+    if part == Part::Status {
+        let mut out = old.clone();
+        out["status"] = new.get("status").cloned().unwrap_or(Value::Null);
+        if out["status"].is_null()
+            && let Some(m) = out.as_object_mut()
+        {
+            m.remove("status");
+        }
+        return Ok(out);
+    }
+    {
+        let meta = new["metadata"]
+            .as_object_mut()
+            .expect("check_type made metadata an object");
+        for key in [
+            "name",
+            "namespace",
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "deletionTimestamp",
+        ] {
+            match old["metadata"].get(key) {
+                Some(v) => {
+                    meta.insert(key.into(), v.clone());
+                }
+                None => {
+                    meta.remove(key);
+                }
+            }
+        }
+    }
+    if def.has_status {
+        match old.get("status") {
+            Some(s) => new["status"] = s.clone(),
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+    }
+    default_object(def, &mut new);
+    match def.kind {
+        "RuntimeClass" if new.get("handler") != old.get("handler") => {
+            return Err(ApiError::invalid(
+                def,
+                &name,
+                vec![Cause::invalid(
+                    "handler",
+                    new.get("handler").unwrap_or(&Value::Null),
+                    "field is immutable",
+                )],
+            ));
+        }
+        "Pod" => check_pod_update(def, old, &new)?,
+        _ => {}
+    }
+    if spec_changed(old, &new) {
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
+        new["metadata"]["generation"] = json!(generation + 1);
+    }
+    validate(def, &new)?;
+    Ok(new)
+}
+
+/// Labels of an object as a map (non-string values are ignored).
+pub fn labels_of(obj: &Value) -> BTreeMap<String, String> {
+    obj.pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,1007 @@
+//! The Kubernetes REST API over the store: routing, discovery, get/list/watch, create, update,
+//! patch, delete, Table output and the two views of Events. Transport-free: [`crate::server`]
+//! turns HTTP into [`ApiRequest`]s and [`Reply`]s back into HTTP.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use rcsync_core::LabelSelector;
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::admission::{
+    FieldValidation, Part, check_type, check_unknown_fields, labels_of, name_of, prepare_create,
+    prepare_update, random_suffix,
+};
+use crate::events::{to_core_v1, to_events_v1};
+use crate::patch::{json_patch, merge_patch, strategic_merge_patch};
+use crate::resources::{self, RESOURCES, ResourceDef};
+use crate::status::ApiError;
+use crate::store::{Change, ChangeKind, Outcome, Store, WatchStart};
+use crate::table::{IncludeObject, table};
+
+/// The Kubernetes version devcluster reports (kubectl picks its release from it).
+pub const KUBERNETES_VERSION: &str = "v1.33.0";
+
+/// A request, decoded from HTTP.
+#[derive(Debug)]
+pub struct ApiRequest {
+    /// HTTP method.
+    pub method: Method,
+    /// URL path.
+    pub path: String,
+    /// Decoded query parameters.
+    pub query: HashMap<String, String>,
+    /// `Content-Type`, if any.
+    pub content_type: Option<String>,
+    /// `Accept`, or empty.
+    pub accept: String,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// An answer.
+pub enum Reply {
+    /// A JSON document (object, list, Table or Status) with warnings for the `Warning` header.
+    Json {
+        /// HTTP status.
+        code: u16,
+        /// The document.
+        body: Value,
+        /// Warnings (e.g. unknown fields dropped).
+        warnings: Vec<String>,
+    },
+    /// A watch: newline-delimited JSON events.
+    Stream(mpsc::Receiver<Bytes>),
+    /// Plain text (health endpoints).
+    Text(u16, String),
+}
+
+impl Reply {
+    fn ok(body: Value) -> Self {
+        Reply::Json {
+            code: 200,
+            body,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl From<ApiError> for Reply {
+    fn from(e: ApiError) -> Self {
+        Reply::Json {
+            code: e.code,
+            body: e.to_status(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// The API over one store.
+pub struct Api {
+    store: Arc<Store>,
+    /// How often watches that allow bookmarks get one.
+    pub bookmark_interval: Duration,
+}
+
+enum Route {
+    Version,
+    Health,
+    CoreVersions,
+    Groups,
+    Group(String),
+    ResourceList(String, String),
+    OpenApiIndex,
+    OpenApiGroupVersion(String),
+    Resource {
+        def: &'static ResourceDef,
+        namespace: Option<String>,
+        name: Option<String>,
+        sub: Option<String>,
+    },
+}
+
+fn route(path: &str) -> Result<Route, ApiError> {
+    let segs: Vec<&str> = path
+        .trim_end_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["version"] => return Ok(Route::Version),
+        ["livez"] | ["livez", ..] => return Ok(Route::Health),
+        ["readyz"] | ["readyz", ..] => return Ok(Route::Health),
+        ["healthz"] | ["healthz", ..] => return Ok(Route::Health),
+        ["api"] => return Ok(Route::CoreVersions),
+        ["openapi", "v3"] => return Ok(Route::OpenApiIndex),
+        ["openapi", "v3", rest @ ..] => return Ok(Route::OpenApiGroupVersion(rest.join("/"))),
+        ["apis"] => return Ok(Route::Groups),
+        ["apis", g] => return Ok(Route::Group(g.to_string())),
+        ["api", v] => return Ok(Route::ResourceList(String::new(), v.to_string())),
+        ["apis", g, v] => return Ok(Route::ResourceList(g.to_string(), v.to_string())),
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(ApiError::not_found_path(path)),
+    };
+    let find =
+        |plural: &str| resources::find(group, version, plural).ok_or_else(|| ApiError::not_found_path(path));
+    let is_resource = |plural: &str| resources::find(group, version, plural).is_some_and(|d| d.namespaced);
+    let owned = |s: &&str| Some(s.to_string());
+    Ok(match rest {
+        ["namespaces", ns, plural, tail @ ..] if is_resource(plural) => {
+            let def = find(plural)?;
+            match tail {
+                [] => Route::Resource {
+                    def,
+                    namespace: owned(ns),
+                    name: None,
+                    sub: None,
+                },
+                [name] => Route::Resource {
+                    def,
+                    namespace: owned(ns),
+                    name: owned(name),
+                    sub: None,
+                },
+                [name, sub] => Route::Resource {
+                    def,
+                    namespace: owned(ns),
+                    name: owned(name),
+                    sub: owned(sub),
+                },
+                _ => return Err(ApiError::not_found_path(path)),
+            }
+        }
+        [plural] => Route::Resource {
+            def: find(plural)?,
+            namespace: None,
+            name: None,
+            sub: None,
+        },
+        [plural, name] => {
+            let def = find(plural)?;
+            if def.namespaced {
+                return Err(ApiError::not_found_path(path));
+            }
+            Route::Resource {
+                def,
+                namespace: None,
+                name: owned(name),
+                sub: None,
+            }
+        }
+        [plural, name, sub] => {
+            let def = find(plural)?;
+            if def.namespaced {
+                return Err(ApiError::not_found_path(path));
+            }
+            Route::Resource {
+                def,
+                namespace: None,
+                name: owned(name),
+                sub: owned(sub),
+            }
+        }
+        _ => return Err(ApiError::not_found_path(path)),
+    })
+}
+
+/// A parsed `fieldSelector`: `field=value`, `field==value`, `field!=value`, comma-separated.
+struct FieldSelector(Vec<(String, String, bool)>);
+
+impl FieldSelector {
+    fn parse(def: &ResourceDef, raw: &str) -> Result<Self, ApiError> {
+        let mut terms = Vec::new();
+        for term in raw.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (field, value, equal) = if let Some((f, v)) = term.split_once("!=") {
+                (f, v, false)
+            } else if let Some((f, v)) = term.split_once("==") {
+                (f, v, true)
+            } else if let Some((f, v)) = term.split_once('=') {
+                (f, v, true)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector {raw:?}: {term:?} has no operator"
+                )));
+            };
+            let field = field.trim();
+            let path = match field {
+                "metadata.name" | "metadata.namespace" => field.to_string(),
+                _ => match def.fields.iter().find(|(f, _)| *f == field) {
+                    Some((_, path)) => path.to_string(),
+                    None => {
+                        return Err(ApiError::bad_request(format!(
+                            "field label not supported: {field}"
+                        )));
+                    }
+                },
+            };
+            terms.push((path, value.trim().to_string(), equal));
+        }
+        Ok(Self(terms))
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        self.0.iter().all(|(path, value, equal)| {
+            let pointer = format!("/{}", path.replace('.', "/"));
+            let actual = match obj.pointer(&pointer) {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Bool(b)) => b.to_string(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => String::new(),
+            };
+            (actual == *value) == *equal
+        })
+    }
+}
+
+struct Filter {
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    fn new(
+        def: &ResourceDef,
+        namespace: Option<String>,
+        q: &HashMap<String, String>,
+    ) -> Result<Self, ApiError> {
+        let labels = match q.get("labelSelector") {
+            Some(raw) => LabelSelector::parse(raw).map_err(ApiError::bad_request)?,
+            None => LabelSelector::everything(),
+        };
+        let fields = match q.get("fieldSelector") {
+            Some(raw) => FieldSelector::parse(def, raw)?,
+            None => FieldSelector(Vec::new()),
+        };
+        Ok(Self {
+            namespace,
+            labels,
+            fields,
+        })
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        if let Some(ns) = &self.namespace
+            && obj.pointer("/metadata/namespace").and_then(Value::as_str) != Some(ns)
+        {
+            return false;
+        }
+        self.labels.matches(&labels_of(obj)) && self.fields.matches(obj)
+    }
+}
+
+fn wants_table(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
+        || (accept.contains("as=Table") && !accept.split(',').any(|a| a.trim() == "application/json"))
+        || accept.starts_with("application/json;as=Table")
+}
+
+fn check_accept(accept: &str) -> Result<(), ApiError> {
+    if accept.is_empty() {
+        return Ok(());
+    }
+    let ok = accept.split(',').any(|a| {
+        let media = a.split(';').next().unwrap_or("").trim();
+        matches!(
+            media,
+            "application/json" | "*/*" | "application/*" | "application/yaml" | ""
+        )
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::not_acceptable(accept))
+    }
+}
+
+fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, ApiError> {
+    let media = content_type
+        .unwrap_or("application/json")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    match media.as_str() {
+        "application/json"
+        | "application/merge-patch+json"
+        | "application/json-patch+json"
+        | "application/strategic-merge-patch+json"
+        | "" => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
+        "application/yaml" | "application/apply-patch+yaml" => {
+            let text = std::str::from_utf8(body)
+                .map_err(|_| ApiError::bad_request("the request body is not UTF-8"))?;
+            yaml_serde::from_str(text)
+                .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")))
+        }
+        other => Err(ApiError::unsupported_media_type(other)),
+    }
+}
+
+/// Converts a stored object to the form a definition serves (Events through events.k8s.io/v1).
+fn present(def: &ResourceDef, obj: &Value) -> Value {
+    if def.is_storage_form() {
+        obj.clone()
+    } else {
+        to_events_v1(obj)
+    }
+}
+
+/// Converts a written object to the stored form.
+fn to_storage(def: &ResourceDef, obj: Value) -> Value {
+    if def.is_storage_form() {
+        obj
+    } else {
+        to_core_v1(&obj)
+    }
+}
+
+/// The definition objects of a storage are stored as.
+fn storage_def(def: &'static ResourceDef) -> &'static ResourceDef {
+    if def.is_storage_form() {
+        def
+    } else {
+        RESOURCES
+            .iter()
+            .find(|r| r.storage == def.storage && r.is_storage_form())
+            .unwrap_or(def)
+    }
+}
+
+fn query_flag(q: &HashMap<String, String>, key: &str) -> bool {
+    q.get(key).is_some_and(|v| v == "true" || v == "1")
+}
+
+impl Api {
+    /// An API over `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            store,
+            bookmark_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// The store behind the API.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Creates `default`, `kube-system`, `kube-public` and `kube-node-lease`, as a fresh cluster has.
+    pub fn bootstrap(&self) {
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            // Creating a namespace that does not exist yet cannot fail.
+            let _ = self.create(resources::namespaces(), "", obj, false);
+        }
+    }
+
+    /// Serves one request.
+    pub fn handle(&self, req: ApiRequest) -> Reply {
+        match self.dispatch(req) {
+            Ok(reply) => reply,
+            Err(e) => e.into(),
+        }
+    }
+
+    fn dispatch(&self, req: ApiRequest) -> Result<Reply, ApiError> {
+        let route = route(&req.path)?;
+        let get_only = |reply: Reply| {
+            if req.method == Method::GET {
+                Ok(reply)
+            } else {
+                Err(ApiError::method_not_allowed(req.method.as_str(), &req.path))
+            }
+        };
+        match route {
+            Route::Version => get_only(Reply::ok(json!({
+                "major": "1", "minor": "33", "gitVersion": KUBERNETES_VERSION,
+                "gitCommit": "devcluster", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "rust", "compiler": "rustc", "platform": "linux/amd64"
+            }))),
+            Route::Health => get_only(Reply::Text(200, "ok".into())),
+            Route::CoreVersions => get_only(Reply::ok(json!({
+                "kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]
+            }))),
+            Route::Groups => get_only(Reply::ok(discovery_groups())),
+            Route::Group(g) => {
+                let group = discovery_groups()["groups"]
+                    .as_array()
+                    .and_then(|gs| gs.iter().find(|x| x["name"] == g.as_str()).cloned())
+                    .ok_or_else(|| ApiError::not_found_path(&req.path))?;
+                let mut group = group;
+                group["kind"] = json!("APIGroup");
+                group["apiVersion"] = json!("v1");
+                get_only(Reply::ok(group))
+            }
+            Route::ResourceList(g, v) => get_only(Reply::ok(
+                discovery_resources(&g, &v).ok_or_else(|| ApiError::not_found_path(&req.path))?,
+            )),
+            Route::OpenApiIndex => get_only(Reply::ok(crate::openapi::index())),
+            Route::OpenApiGroupVersion(gv) => get_only(Reply::ok(
+                crate::openapi::group_version(&gv).ok_or_else(|| ApiError::not_found_path(&req.path))?,
+            )),
+            Route::Resource {
+                def,
+                namespace,
+                name,
+                sub,
+            } => self.resource(&req, def, namespace, name, sub),
+        }
+    }
+
+    fn resource(
+        &self,
+        req: &ApiRequest,
+        def: &'static ResourceDef,
+        namespace: Option<String>,
+        name: Option<String>,
+        sub: Option<String>,
+    ) -> Result<Reply, ApiError> {
+        check_accept(&req.accept)?;
+        let q = &req.query;
+        let part = match sub.as_deref() {
+            None => Part::Main,
+            Some("status") if def.has_status => Part::Status,
+            Some(_) => return Err(ApiError::not_found_path(&req.path)),
+        };
+        let ns = namespace.clone().unwrap_or_default();
+        if def.namespaced
+            && let Some(ns) = &namespace
+            && req.method != Method::GET
+            && self.store.get("namespaces", "", ns).is_none()
+        {
+            return Err(ApiError::not_found(resources::namespaces(), ns));
+        }
+        let dry_run = q.get("dryRun").is_some_and(|v| v == "All");
+        let validation = FieldValidation::parse(q.get("fieldValidation").map(String::as_str))?;
+        match (&req.method, name) {
+            (&Method::GET, None) if query_flag(q, "watch") => self.watch(def, namespace, q, &req.accept),
+            (&Method::GET, None) => self.list(def, namespace, q, &req.accept),
+            (&Method::GET, Some(name)) => {
+                let obj = self
+                    .store
+                    .get(def.storage, &ns, &name)
+                    .ok_or_else(|| ApiError::not_found(def, &name))?;
+                let obj = present(def, &obj);
+                if wants_table(&req.accept) {
+                    let rv = obj
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    return Ok(Reply::ok(table(
+                        def,
+                        &[obj],
+                        &rv,
+                        IncludeObject::parse(q.get("includeObject").map(String::as_str)),
+                    )));
+                }
+                Ok(Reply::ok(obj))
+            }
+            (&Method::POST, None) => {
+                let body = parse_body(req.content_type.as_deref(), &req.body)?;
+                let (obj, warnings) = self.create_reply(def, &ns, body, validation, dry_run)?;
+                Ok(Reply::Json {
+                    code: 201,
+                    body: obj,
+                    warnings,
+                })
+            }
+            (&Method::PUT, Some(name)) => {
+                let mut body = parse_body(req.content_type.as_deref(), &req.body)?;
+                check_type(def, &mut body)?;
+                let warnings = check_unknown_fields(def, &mut body, validation)?;
+                let body = to_storage(def, body);
+                let (obj, _) =
+                    self.store
+                        .transact(def.storage, (ns.clone(), name.clone()), |reader, current| {
+                            let Some(current) = current else {
+                                // PUT creates when the object does not exist (main resource only), as upstream.
+                                if part == Part::Status {
+                                    return Err(ApiError::not_found(def, &name));
+                                }
+                                let mut body = body.clone();
+                                body["metadata"]["name"] = json!(name);
+                                let obj = prepare_create(storage_def(def), &ns, body, reader)?;
+                                return Ok(if dry_run {
+                                    Outcome::Unchanged
+                                } else {
+                                    Outcome::Put(obj)
+                                });
+                            };
+                            let obj = prepare_update(storage_def(def), current, body.clone(), part)?;
+                            Ok(if dry_run || &obj == current {
+                                Outcome::Unchanged
+                            } else {
+                                Outcome::Put(obj)
+                            })
+                        })?;
+                let obj = obj.ok_or_else(|| ApiError::not_found(def, &name))?;
+                Ok(Reply::Json {
+                    code: 200,
+                    body: present(def, &obj),
+                    warnings,
+                })
+            }
+            (&Method::PATCH, Some(name)) => self.patch(req, def, &ns, &name, part, validation, dry_run),
+            (&Method::DELETE, Some(name)) => self.delete(req, def, &ns, &name, dry_run),
+            (&Method::DELETE, None) => self.delete_collection(def, namespace, q, dry_run),
+            (method, _) => Err(ApiError::method_not_allowed(method.as_str(), &req.path)),
+        }
+    }
+
+    fn create_reply(
+        &self,
+        def: &'static ResourceDef,
+        ns: &str,
+        mut body: Value,
+        validation: FieldValidation,
+        dry_run: bool,
+    ) -> Result<(Value, Vec<String>), ApiError> {
+        check_type(def, &mut body)?;
+        let warnings = check_unknown_fields(def, &mut body, validation)?;
+        let obj = self.create(def, ns, body, dry_run)?;
+        Ok((present(def, &obj), warnings))
+    }
+
+    /// Creates an object (already type-checked), generating its name from `generateName` when it
+    /// has none (retrying on the rare collision).
+    fn create(
+        &self,
+        def: &'static ResourceDef,
+        ns: &str,
+        body: Value,
+        dry_run: bool,
+    ) -> Result<Value, ApiError> {
+        let body = to_storage(def, body);
+        let sdef = storage_def(def);
+        let prefix = body
+            .pointer("/metadata/generateName")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let generated = name_of(&body).is_empty() && !prefix.is_empty();
+        for _ in 0..8 {
+            let mut body = body.clone();
+            if generated {
+                body["metadata"]["name"] = json!(format!("{prefix}{}", random_suffix()));
+            }
+            let name = name_of(&body).to_string();
+            let key = (
+                if def.namespaced {
+                    ns.to_string()
+                } else {
+                    String::new()
+                },
+                name.clone(),
+            );
+            let mut dry = None;
+            let result = self.store.transact(sdef.storage, key, |reader, current| {
+                if current.is_some() {
+                    return Err(ApiError::already_exists(def, &name));
+                }
+                let obj = prepare_create(sdef, ns, body, reader)?;
+                if dry_run {
+                    dry = Some(obj);
+                    return Ok(Outcome::Unchanged);
+                }
+                Ok(Outcome::Put(obj))
+            });
+            match result {
+                Ok((Some(obj), Some(_))) => return Ok((*obj).clone()),
+                Ok(_) => return dry.ok_or_else(|| ApiError::internal("dry run produced no object")),
+                Err(e) if generated && e.reason == "AlreadyExists" => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::internal(format!(
+            "could not generate a unique name from generateName {prefix:?}"
+        )))
+    }
+
+    fn list(
+        &self,
+        def: &'static ResourceDef,
+        namespace: Option<String>,
+        q: &HashMap<String, String>,
+        accept: &str,
+    ) -> Result<Reply, ApiError> {
+        let filter = Filter::new(def, namespace.clone(), q)?;
+        let (items, rv) = self.store.list(def.storage, namespace.as_deref());
+        let items: Vec<Value> = items
+            .iter()
+            .filter(|o| filter.matches(o))
+            .map(|o| present(def, o))
+            .collect();
+        if wants_table(accept) {
+            return Ok(Reply::ok(table(
+                def,
+                &items,
+                &rv.to_string(),
+                IncludeObject::parse(q.get("includeObject").map(String::as_str)),
+            )));
+        }
+        Ok(Reply::ok(json!({
+            "kind": format!("{}List", def.kind),
+            "apiVersion": def.api_version(),
+            "metadata": {"resourceVersion": rv.to_string()},
+            "items": items,
+        })))
+    }
+
+    fn watch(
+        &self,
+        def: &'static ResourceDef,
+        namespace: Option<String>,
+        q: &HashMap<String, String>,
+        accept: &str,
+    ) -> Result<Reply, ApiError> {
+        let filter = Filter::new(def, namespace, q)?;
+        let start = match q.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => WatchStart::Snapshot,
+            Some(raw) => WatchStart::After(
+                raw.parse()
+                    .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {raw:?}")))?,
+            ),
+        };
+        let timeout = q
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse::<u64>().ok())
+            .map_or(Duration::from_secs(1800), Duration::from_secs);
+        let bookmarks = query_flag(q, "allowWatchBookmarks");
+        let as_table =
+            wants_table(accept).then(|| IncludeObject::parse(q.get("includeObject").map(String::as_str)));
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let feed = match self.store.watch(def.storage, start) {
+            Ok(feed) => feed,
+            Err(gone) => {
+                // A too-old resourceVersion is answered like upstream: one ERROR event, then the end.
+                let event = json!({"type": "ERROR", "object": gone.to_status()});
+                let _ = tx.try_send(line(&event));
+                return Ok(Reply::Stream(rx));
+            }
+        };
+        let interval = self.bookmark_interval;
+        tokio::spawn(async move {
+            let mut stream = WatchStream {
+                def,
+                filter,
+                as_table,
+                sent_columns: false,
+                last_rv: feed.rv,
+                tx,
+            };
+            for change in &feed.backlog {
+                if !stream.send(change).await {
+                    return;
+                }
+            }
+            let mut live = feed.live;
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut ticker = tokio::time::interval(interval);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = stream.tx.closed() => return,
+                    _ = ticker.tick(), if bookmarks => {
+                        let bookmark = json!({"type": "BOOKMARK", "object": {
+                            "kind": def.kind, "apiVersion": def.api_version(),
+                            "metadata": {"resourceVersion": stream.last_rv.to_string()}
+                        }});
+                        if stream.tx.send(line(&bookmark)).await.is_err() {
+                            return;
+                        }
+                    }
+                    change = live.recv() => match change {
+                        Ok(change) => {
+                            if change.storage == def.storage && !stream.send(&change).await {
+                                return;
+                            }
+                        }
+                        // Too slow to keep up: end the watch; the client resumes from its last
+                        // resourceVersion (or relists after 410).
+                        Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        Ok(Reply::Stream(rx))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn patch(
+        &self,
+        req: &ApiRequest,
+        def: &'static ResourceDef,
+        ns: &str,
+        name: &str,
+        part: Part,
+        validation: FieldValidation,
+        dry_run: bool,
+    ) -> Result<Reply, ApiError> {
+        let content_type = req.content_type.clone().unwrap_or_default();
+        let media = content_type.split(';').next().unwrap_or("").trim().to_string();
+        let patch = parse_body(Some(&media), &req.body)?;
+        let is_apply = media == "application/apply-patch+yaml";
+        if is_apply && req.query.get("fieldManager").is_none_or(String::is_empty) {
+            return Err(ApiError::bad_request(
+                "PATCH: fieldManager is required for apply requests",
+            ));
+        }
+        let mut warnings = Vec::new();
+        let mut created = false;
+        let (obj, _) = self.store.transact(
+            def.storage,
+            (ns.to_string(), name.to_string()),
+            |reader, current| {
+                let Some(current) = current else {
+                    if !is_apply || part == Part::Status {
+                        return Err(ApiError::not_found(def, name));
+                    }
+                    // Server-side apply creates what does not exist.
+                    let mut body = patch.clone();
+                    check_type(def, &mut body)?;
+                    warnings = check_unknown_fields(def, &mut body, validation)?;
+                    body["metadata"]["name"] = json!(name);
+                    let obj = prepare_create(storage_def(def), ns, to_storage(def, body), reader)?;
+                    created = true;
+                    return Ok(if dry_run {
+                        Outcome::Unchanged
+                    } else {
+                        Outcome::Put(obj)
+                    });
+                };
+                let mut doc = present(def, current);
+                match media.as_str() {
+                    "application/merge-patch+json" => merge_patch(&mut doc, &patch),
+                    "application/json-patch+json" => json_patch(&mut doc, &patch).map_err(|e| {
+                        ApiError::invalid(
+                            def,
+                            name,
+                            vec![crate::status::Cause::invalid("patch", &Value::Null, e)],
+                        )
+                    })?,
+                    "application/strategic-merge-patch+json" | "application/apply-patch+yaml" => {
+                        if is_apply {
+                            let mut body = patch.clone();
+                            check_type(def, &mut body)?;
+                            warnings = check_unknown_fields(def, &mut body, validation)?;
+                            strategic_merge_patch(&mut doc, &body).map_err(ApiError::bad_request)?;
+                        } else {
+                            strategic_merge_patch(&mut doc, &patch).map_err(ApiError::bad_request)?;
+                        }
+                    }
+                    other => return Err(ApiError::unsupported_media_type(other)),
+                }
+                check_type(def, &mut doc)?;
+                if !is_apply {
+                    warnings = check_unknown_fields(def, &mut doc, validation)?;
+                }
+                // A patch that sets a resourceVersion is a precondition, as upstream.
+                let mut doc = to_storage(def, doc);
+                if patch.pointer("/metadata/resourceVersion").is_none()
+                    && let Some(rv) = current.pointer("/metadata/resourceVersion")
+                {
+                    doc["metadata"]["resourceVersion"] = rv.clone();
+                }
+                let obj = prepare_update(storage_def(def), current, doc, part)?;
+                Ok(if dry_run || &obj == current {
+                    Outcome::Unchanged
+                } else {
+                    Outcome::Put(obj)
+                })
+            },
+        )?;
+        let obj = obj.ok_or_else(|| ApiError::not_found(def, name))?;
+        Ok(Reply::Json {
+            code: if created { 201 } else { 200 },
+            body: present(def, &obj),
+            warnings,
+        })
+    }
+
+    fn delete(
+        &self,
+        req: &ApiRequest,
+        def: &'static ResourceDef,
+        ns: &str,
+        name: &str,
+        dry_run: bool,
+    ) -> Result<Reply, ApiError> {
+        let options: Value = if req.body.is_empty() {
+            Value::Null
+        } else {
+            parse_body(req.content_type.as_deref(), &req.body)?
+        };
+        let precondition = |field: &str| {
+            options
+                .pointer(&format!("/preconditions/{field}"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let (uid, rv) = (precondition("uid"), precondition("resourceVersion"));
+        let (obj, _) = self.store.transact(def.storage, (ns.to_string(), name.to_string()), |_, current| {
+            let Some(current) = current else { return Err(ApiError::not_found(def, name)) };
+            if let Some(uid) = &uid
+                && current.pointer("/metadata/uid").and_then(Value::as_str) != Some(uid)
+            {
+                return Err(ApiError::conflict(
+                    def,
+                    name,
+                    &format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        current.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("")
+                    ),
+                ));
+            }
+            if let Some(rv) = &rv
+                && current.pointer("/metadata/resourceVersion").and_then(Value::as_str) != Some(rv)
+            {
+                return Err(ApiError::conflict(
+                    def,
+                    name,
+                    &format!(
+                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                        current.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("")
+                    ),
+                ));
+            }
+            Ok(if dry_run { Outcome::Unchanged } else { Outcome::Delete })
+        })?;
+        if def.plural == "namespaces" && !dry_run {
+            self.store.delete_namespace_contents(name);
+        }
+        let obj = obj.ok_or_else(|| ApiError::not_found(def, name))?;
+        Ok(Reply::ok(present(def, &obj)))
+    }
+
+    fn delete_collection(
+        &self,
+        def: &'static ResourceDef,
+        namespace: Option<String>,
+        q: &HashMap<String, String>,
+        dry_run: bool,
+    ) -> Result<Reply, ApiError> {
+        let filter = Filter::new(def, namespace.clone(), q)?;
+        let (items, _) = self.store.list(def.storage, namespace.as_deref());
+        let mut deleted = Vec::new();
+        for obj in items.iter().filter(|o| filter.matches(o)) {
+            let ns = obj
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let name = name_of(obj).to_string();
+            if dry_run {
+                deleted.push(present(def, obj));
+                continue;
+            }
+            if let Ok((Some(gone), Some(ChangeKind::Deleted))) =
+                self.store.transact(def.storage, (ns, name), |_, cur| {
+                    Ok(if cur.is_some() {
+                        Outcome::Delete
+                    } else {
+                        Outcome::Unchanged
+                    })
+                })
+            {
+                deleted.push(present(def, &gone));
+            }
+        }
+        let rv = self.store.current_rv();
+        Ok(Reply::ok(json!({
+            "kind": format!("{}List", def.kind),
+            "apiVersion": def.api_version(),
+            "metadata": {"resourceVersion": rv.to_string()},
+            "items": deleted,
+        })))
+    }
+}
+
+fn line(event: &Value) -> Bytes {
+    let mut bytes = serde_json::to_vec(event).expect("JSON values serialize");
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+struct WatchStream {
+    def: &'static ResourceDef,
+    filter: Filter,
+    as_table: Option<IncludeObject>,
+    sent_columns: bool,
+    last_rv: u64,
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl WatchStream {
+    /// Sends a change if it concerns the watch; false when the client is gone.
+    async fn send(&mut self, change: &Change) -> bool {
+        self.last_rv = self.last_rv.max(change.rv);
+        let now = self.filter.matches(&change.new);
+        let before = change.old.as_ref().is_some_and(|o| self.filter.matches(o));
+        let kind = match change.kind {
+            ChangeKind::Added if now => "ADDED",
+            ChangeKind::Modified if now && before => "MODIFIED",
+            ChangeKind::Modified if now => "ADDED",
+            ChangeKind::Modified if before => "DELETED",
+            ChangeKind::Deleted if before || now => "DELETED",
+            _ => return true,
+        };
+        let obj = present(self.def, &change.new);
+        let object = match self.as_table {
+            Some(include) => {
+                let rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let mut t = table(self.def, &[obj], &rv, include);
+                if self.sent_columns {
+                    t["columnDefinitions"] = json!([]);
+                }
+                self.sent_columns = true;
+                t
+            }
+            None => obj,
+        };
+        self.tx
+            .send(line(&json!({"type": kind, "object": object})))
+            .await
+            .is_ok()
+    }
+}
+
+fn discovery_groups() -> Value {
+    let groups: Vec<Value> = resources::group_versions()
+        .into_iter()
+        .filter(|(g, _)| !g.is_empty())
+        .map(|(g, v)| {
+            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+fn discovery_resources(group: &str, version: &str) -> Option<Value> {
+    let defs: Vec<&ResourceDef> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if defs.is_empty() {
+        return None;
+    }
+    let mut list = Vec::new();
+    for d in defs {
+        list.push(json!({
+            "name": d.plural, "singularName": d.singular, "namespaced": d.namespaced, "kind": d.kind,
+            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "shortNames": d.short_names, "categories": d.categories,
+            "storageVersionHash": "",
+        }));
+        if d.has_status {
+            list.push(json!({
+                "name": format!("{}/status", d.plural), "singularName": "", "namespaced": d.namespaced,
+                "kind": d.kind, "verbs": ["get", "patch", "update"],
+            }));
+        }
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
+}

@@ -1,0 +1,96 @@
+//! `devcluster`: see the library docs.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use devcluster::{DevCluster, ServerOptions};
+use rcsync_core::telemetry::{LogFormat, init_logging, termination_signal};
+
+/// An in-memory Kubernetes API server for development and tests (not for production: no
+/// persistence, no scheduler, no kubelet).
+#[derive(Parser, Debug)]
+#[command(name = "devcluster", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        env = "DEVCLUSTER_LOG_FORMAT",
+        value_enum,
+        default_value = "plain",
+        global = true
+    )]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "DEVCLUSTER_LOG_LEVEL", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start one API server, print its address and write a kubeconfig for it.
+    Serve {
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long, env = "DEVCLUSTER_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Where to write the kubeconfig.
+        #[arg(long, env = "DEVCLUSTER_KUBECONFIG", default_value = "devcluster.kubeconfig")]
+        kubeconfig: PathBuf,
+        /// Name of the cluster, user and context in the kubeconfig.
+        #[arg(long, env = "DEVCLUSTER_NAME", default_value = "devcluster")]
+        name: String,
+        /// Serve plain HTTP without authentication (kubectl sends no token over plain HTTP).
+        #[arg(long, env = "DEVCLUSTER_INSECURE_HTTP")]
+        insecure_http: bool,
+        /// Bearer token to require over TLS (random when absent).
+        #[arg(long, env = "DEVCLUSTER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Changes kept for watches to resume from; older resourceVersions get 410 Gone.
+        #[arg(long, env = "DEVCLUSTER_HISTORY", default_value_t = 10_000)]
+        history: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level)?;
+    match cli.command {
+        Command::Serve {
+            listen,
+            kubeconfig,
+            name,
+            insecure_http,
+            token,
+            history,
+        } => {
+            let options = ServerOptions {
+                listen,
+                insecure_http,
+                token,
+                history,
+                ..ServerOptions::default()
+            };
+            let cluster = DevCluster::start(options).await?;
+            cluster
+                .write_kubeconfig(&kubeconfig, &name)
+                .context("writing the kubeconfig")?;
+            println!(
+                "devcluster listening on {} (kubeconfig: {})",
+                cluster.url(),
+                kubeconfig.display()
+            );
+            if insecure_http {
+                tracing::warn!("serving plain HTTP without authentication");
+            }
+            let signal = termination_signal().await;
+            tracing::info!(signal, "shutting down");
+            cluster.shutdown().await;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The table of served kinds. Adding a kind is an entry here: storage, discovery, Table columns and
+//! field selectors are all driven by it.
+
+/// How one served resource behaves.
+#[derive(Debug)]
+pub struct ResourceDef {
+    /// API group; empty for the core group.
+    pub group: &'static str,
+    /// API version within the group.
+    pub version: &'static str,
+    /// Plural resource name used in URLs.
+    pub plural: &'static str,
+    /// Singular name (discovery).
+    pub singular: &'static str,
+    /// Kind of the objects.
+    pub kind: &'static str,
+    /// Whether objects live in namespaces.
+    pub namespaced: bool,
+    /// Short names for kubectl (discovery).
+    pub short_names: &'static [&'static str],
+    /// Whether a `status` subresource exists (then main writes keep status and status writes
+    /// change only status).
+    pub has_status: bool,
+    /// Storage identity: two definitions with the same storage share objects (core/v1 and
+    /// events.k8s.io/v1 Events). Objects are stored in the form of the definition whose
+    /// `storage` equals its own `plural` in its group.
+    pub storage: &'static str,
+    /// Fields accepted in `fieldSelector`, besides metadata.name and metadata.namespace. Each maps the
+    /// selector's field name to a dotted path inside the stored object.
+    pub fields: &'static [(&'static str, &'static str)],
+    /// Categories for discovery (`kubectl get all`).
+    pub categories: &'static [&'static str],
+    /// Top-level fields of the kind besides apiVersion, kind and metadata (strict field validation).
+    pub top_fields: &'static [&'static str],
+}
+
+impl ResourceDef {
+    /// `group/version`, or `version` for the core group.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The resource name as Kubernetes prints it in messages: `pods`, `runtimeclasses.node.k8s.io`.
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
+    /// The kind as Kubernetes prints it in Invalid messages: `Pod`, `RuntimeClass.node.k8s.io`.
+    pub fn qualified_kind(&self) -> String {
+        if self.group.is_empty() {
+            self.kind.to_string()
+        } else {
+            format!("{}.{}", self.kind, self.group)
+        }
+    }
+
+    /// Whether this definition is the storage form (its objects are stored as-is).
+    pub fn is_storage_form(&self) -> bool {
+        self.storage != STORAGE_EVENTS || self.group.is_empty()
+    }
+}
+
+/// Storage identity of Events (shared by core/v1 and events.k8s.io/v1).
+pub const STORAGE_EVENTS: &str = "events";
+
+const CORE_EVENT_FIELDS: &[&str] = &[
+    "involvedObject",
+    "reason",
+    "message",
+    "source",
+    "firstTimestamp",
+    "lastTimestamp",
+    "count",
+    "type",
+    "eventTime",
+    "series",
+    "action",
+    "related",
+    "reportingComponent",
+    "reportingInstance",
+];
+
+const EVENTS_V1_FIELDS: &[&str] = &[
+    "eventTime",
+    "series",
+    "reportingController",
+    "reportingInstance",
+    "action",
+    "reason",
+    "regarding",
+    "related",
+    "note",
+    "type",
+    "deprecatedSource",
+    "deprecatedFirstTimestamp",
+    "deprecatedLastTimestamp",
+    "deprecatedCount",
+];
+
+/// Fields of `metadata` (strict field validation).
+pub const METADATA_FIELDS: &[&str] = &[
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+const META_FIELDS: &[(&str, &str)] = &[];
+
+const EVENT_FIELDS: &[(&str, &str)] = &[
+    ("involvedObject.kind", "involvedObject.kind"),
+    ("involvedObject.namespace", "involvedObject.namespace"),
+    ("involvedObject.name", "involvedObject.name"),
+    ("involvedObject.uid", "involvedObject.uid"),
+    ("involvedObject.apiVersion", "involvedObject.apiVersion"),
+    ("involvedObject.resourceVersion", "involvedObject.resourceVersion"),
+    ("involvedObject.fieldPath", "involvedObject.fieldPath"),
+    ("reason", "reason"),
+    ("reportingComponent", "reportingComponent"),
+    ("source", "source.component"),
+    ("type", "type"),
+    // events.k8s.io/v1 names of the same fields.
+    ("regarding.kind", "involvedObject.kind"),
+    ("regarding.namespace", "involvedObject.namespace"),
+    ("regarding.name", "involvedObject.name"),
+    ("regarding.uid", "involvedObject.uid"),
+    ("reportingController", "reportingComponent"),
+];
+
+/// Every served resource.
+pub static RESOURCES: &[ResourceDef] = &[
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        singular: "namespace",
+        kind: "Namespace",
+        namespaced: false,
+        short_names: &["ns"],
+        has_status: true,
+        storage: "namespaces",
+        fields: &[("status.phase", "status.phase")],
+        categories: &[],
+        top_fields: &["spec", "status"],
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        singular: "pod",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+        has_status: true,
+        storage: "pods",
+        fields: &[
+            ("spec.nodeName", "spec.nodeName"),
+            ("spec.restartPolicy", "spec.restartPolicy"),
+            ("spec.schedulerName", "spec.schedulerName"),
+            ("spec.serviceAccountName", "spec.serviceAccountName"),
+            ("spec.hostNetwork", "spec.hostNetwork"),
+            ("status.phase", "status.phase"),
+            ("status.podIP", "status.podIP"),
+            ("status.nominatedNodeName", "status.nominatedNodeName"),
+        ],
+        categories: &["all"],
+        top_fields: &["spec", "status"],
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &["ev"],
+        has_status: false,
+        storage: STORAGE_EVENTS,
+        fields: EVENT_FIELDS,
+        categories: &[],
+        top_fields: CORE_EVENT_FIELDS,
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        singular: "configmap",
+        kind: "ConfigMap",
+        namespaced: true,
+        short_names: &["cm"],
+        has_status: false,
+        storage: "configmaps",
+        fields: META_FIELDS,
+        categories: &[],
+        top_fields: &["data", "binaryData", "immutable"],
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        singular: "secret",
+        kind: "Secret",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        storage: "secrets",
+        fields: &[("type", "type")],
+        categories: &[],
+        top_fields: &["data", "stringData", "type", "immutable"],
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "serviceaccounts",
+        singular: "serviceaccount",
+        kind: "ServiceAccount",
+        namespaced: true,
+        short_names: &["sa"],
+        has_status: false,
+        storage: "serviceaccounts",
+        fields: META_FIELDS,
+        categories: &[],
+        top_fields: &["secrets", "imagePullSecrets", "automountServiceAccountToken"],
+    },
+    ResourceDef {
+        group: "node.k8s.io",
+        version: "v1",
+        plural: "runtimeclasses",
+        singular: "runtimeclass",
+        kind: "RuntimeClass",
+        namespaced: false,
+        short_names: &[],
+        has_status: false,
+        storage: "runtimeclasses",
+        fields: META_FIELDS,
+        categories: &[],
+        top_fields: &["handler", "overhead", "scheduling"],
+    },
+    ResourceDef {
+        group: "events.k8s.io",
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &["ev"],
+        has_status: false,
+        storage: STORAGE_EVENTS,
+        fields: EVENT_FIELDS,
+        categories: &[],
+        top_fields: EVENTS_V1_FIELDS,
+    },
+    ResourceDef {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        singular: "lease",
+        kind: "Lease",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        storage: "leases",
+        fields: META_FIELDS,
+        categories: &[],
+        top_fields: &["spec"],
+    },
+];
+
+/// The served resource at `group/version/plural`.
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The resource a kind is served as in a group/version.
+pub fn find_kind(group: &str, version: &str, kind: &str) -> Option<&'static ResourceDef> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.kind == kind)
+}
+
+/// The served group/versions, core first.
+pub fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for r in RESOURCES {
+        if !out.contains(&(r.group, r.version)) {
+            out.push((r.group, r.version));
+        }
+    }
+    out
+}
+
+/// The resource definitions of the namespaces kind.
+pub fn namespaces() -> &'static ResourceDef {
+    find("", "v1", "namespaces").expect("namespaces are served")
+}
+
+/// The resource definition of RuntimeClasses.
+pub fn runtime_classes() -> &'static ResourceDef {
+    find("node.k8s.io", "v1", "runtimeclasses").expect("runtimeclasses are served")
+}

@@ -1,0 +1,368 @@
+//! The HTTP side: TLS (HTTP/1.1 and HTTP/2 via ALPN) or plain HTTP, bearer-token authentication,
+//! body limits, and the kubeconfig clients use.
+//!
+//! ```text
+//!  TCP ──(TLS)──► hyper auto (h1/h2) ──► auth ──► ApiRequest ──► Api::handle ──► Reply ──► HTTP
+//! ```
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::body::Body;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::{Api, ApiRequest, Reply};
+use crate::pki::Pki;
+use crate::status::ApiError;
+use crate::store::Store;
+
+/// Largest request body accepted (kube-apiserver's limit is 3 MiB).
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+/// How to run one API server.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Where to listen (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// Serve plain HTTP without authentication instead of TLS with a bearer token.
+    pub insecure_http: bool,
+    /// The bearer token to require over TLS; a random one when `None`.
+    pub token: Option<String>,
+    /// How many changes the store keeps for watches to resume from.
+    pub history: usize,
+    /// How often watches that allow bookmarks get one.
+    pub bookmark_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            insecure_http: false,
+            token: None,
+            history: 10_000,
+            bookmark_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+struct App {
+    api: Api,
+    token: Option<String>,
+}
+
+/// A running API server. Dropping it does not stop it: call [`DevCluster::shutdown`].
+pub struct DevCluster {
+    addr: SocketAddr,
+    tls: bool,
+    token: Option<String>,
+    ca_pem: Option<String>,
+    app: Arc<App>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl DevCluster {
+    /// Starts an API server with `default`, `kube-system`, `kube-public` and `kube-node-lease`.
+    pub async fn start(options: ServerOptions) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("listening on {}", options.listen))?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Store::new(options.history));
+        let mut api = Api::new(store);
+        api.bookmark_interval = options.bookmark_interval;
+        api.bootstrap();
+        let (tls, token, ca_pem) = if options.insecure_http {
+            (None, None, None)
+        } else {
+            let pki = Pki::new("devcluster-ca")?;
+            let host = addr.ip().to_string();
+            let serving = pki.server(&[&host, "localhost"])?;
+            let token = options.token.clone().unwrap_or_else(random_token);
+            (
+                Some(tls_acceptor(&serving.cert_pem, &serving.key_pem)?),
+                Some(token),
+                Some(pki.ca_pem()),
+            )
+        };
+        let app = Arc::new(App {
+            api,
+            token: token.clone(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(listener, tls, app.clone(), stopped));
+        Ok(Self {
+            addr,
+            tls: ca_pem.is_some(),
+            token,
+            ca_pem,
+            app,
+            stop,
+            task,
+        })
+    }
+
+    /// The address served.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL (`https://127.0.0.1:PORT`).
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// The bearer token clients must send (TLS only).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The CA certificate (PEM) that signed the serving certificate (TLS only).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// The store, for tests that need to reach below the API (e.g. compaction).
+    pub fn store(&self) -> &Arc<Store> {
+        self.app.api.store()
+    }
+
+    /// A kubeconfig for this server, with one cluster, user and context named `name`.
+    pub fn kubeconfig(&self, name: &str) -> String {
+        let mut cluster = format!("    server: {}\n", self.url());
+        if let Some(ca) = &self.ca_pem {
+            let ca = base64::engine::general_purpose::STANDARD.encode(ca);
+            cluster.push_str(&format!("    certificate-authority-data: {ca}\n"));
+        }
+        let user_block = match &self.token {
+            Some(token) => format!("  user:\n    token: {token}\n"),
+            None => "  user: {}\n".to_string(),
+        };
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: {name}\n  cluster:\n{cluster}users:\n- name: {name}\n{user_block}contexts:\n- name: {name}\n  context:\n    cluster: {name}\n    user: {name}\n    namespace: default\ncurrent-context: {name}\npreferences: {{}}\n"
+        )
+    }
+
+    /// Writes [`DevCluster::kubeconfig`] to `path` (mode 0600: it holds a credential).
+    pub fn write_kubeconfig(&self, path: &Path, name: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("writing kubeconfig {}", path.display()))?;
+        file.write_all(self.kubeconfig(name).as_bytes())?;
+        Ok(())
+    }
+
+    /// Stops accepting, ends open connections (watches included) and waits for the server task.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn random_token() -> String {
+    use rand::Rng as _;
+    let bytes: [u8; 24] = rand::rng().random();
+    hex_string(&bytes)
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn tls_acceptor(cert_pem: &str, key_pem: &str) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certs = rustls_pemfile_certs(cert_pem)?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("parsing the serving key: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+fn rustls_pemfile_certs(pem: &str) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("parsing the serving certificate: {e}"))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: Arc<App>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stopped.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let app = app.clone();
+        let tls = tls.clone();
+        let service = hyper::service::service_fn(move |req| serve(app.clone(), req));
+        let builder = auto::Builder::new(TokioExecutor::new());
+        match tls {
+            Some(acceptor) => {
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let stream =
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                });
+            }
+            None => {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                });
+            }
+        }
+    }
+    // Watches never finish on their own: give requests a moment, then drop the rest.
+    let _ = tokio::time::timeout(Duration::from_millis(500), graceful.shutdown()).await;
+}
+
+fn is_public(path: &str) -> bool {
+    matches!(path, "/version" | "/livez" | "/readyz" | "/healthz")
+}
+
+async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = handle(app, req).await;
+    tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
+    Ok(response)
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(token) = &app.token
+        && !is_public(req.uri().path())
+    {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if presented != Some(token.as_str()) {
+            return reply(ApiError::unauthorized().into());
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return reply(ApiError::too_large(MAX_BODY_BYTES).into());
+        }
+        Err(e) => return reply(ApiError::bad_request(format!("reading the request body: {e}")).into()),
+    };
+    let query: HashMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let header_str = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let request = ApiRequest {
+        method: parts.method.clone(),
+        path: parts.uri.path().to_string(),
+        query,
+        content_type: header_str(header::CONTENT_TYPE),
+        accept: header_str(header::ACCEPT).unwrap_or_default(),
+        body,
+    };
+    reply(app.api.handle(request))
+}
+
+fn reply(reply: Reply) -> Response<Body> {
+    match reply {
+        Reply::Json { code, body, warnings } => {
+            let mut response = Response::new(Body::from(
+                serde_json::to_vec(&body).expect("JSON values serialize"),
+            ));
+            *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            for w in warnings {
+                if let Ok(v) = HeaderValue::from_str(&format!("299 - {w:?}")) {
+                    response.headers_mut().append(header::WARNING, v);
+                }
+            }
+            response
+        }
+        Reply::Stream(rx) => {
+            let stream = ReceiverStream::new(rx).map(Ok::<Bytes, Infallible>);
+            let mut response = Response::new(Body::from_stream(stream));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("no-cache, private"),
+            );
+            response
+        }
+        Reply::Text(code, text) => {
+            let mut response = Response::new(Body::from(text));
+            *response.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            response
+        }
+    }
+}

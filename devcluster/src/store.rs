@@ -1,0 +1,373 @@
+//! The object store: every served kind in one versioned map, with a bounded change history for
+//! watches.
+//!
+//! ```text
+//!  transact(storage, key, f) ──lock──► f(reader, current) ──► Put / Delete / Unchanged
+//!        │ assigns the next resourceVersion, appends a Change to the history, broadcasts it
+//!  watch_from(rv) ──lock──► backlog (history after rv, or every object as ADDED) + live receiver
+//! ```
+//!
+//! One mutex guards everything, so a transaction sees a consistent cluster (admission can read
+//! other kinds) and resourceVersions are totally ordered, as etcd's revisions are.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+use crate::status::ApiError;
+
+/// `(namespace, name)`; the namespace is empty for cluster-scoped objects.
+pub type ObjectKey = (String, String);
+
+/// What a change did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Created.
+    Added,
+    /// Replaced.
+    Modified,
+    /// Removed.
+    Deleted,
+}
+
+/// One recorded change.
+#[derive(Debug)]
+pub struct Change {
+    /// The resourceVersion the change produced.
+    pub rv: u64,
+    /// Storage identity of the object's kind.
+    pub storage: &'static str,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The object before (Modified, Deleted).
+    pub old: Option<Arc<Value>>,
+    /// The object after; for Deleted, the last state with the deletion's resourceVersion.
+    pub new: Arc<Value>,
+}
+
+/// What a transaction decided.
+pub enum Outcome {
+    /// Store this object (creating or replacing it).
+    Put(Value),
+    /// Remove the object.
+    Delete,
+    /// Change nothing.
+    Unchanged,
+}
+
+/// Read access to the whole store inside a transaction.
+pub struct Reader<'a> {
+    inner: &'a Inner,
+}
+
+impl Reader<'_> {
+    /// The current object, if any.
+    pub fn get(&self, storage: &str, namespace: &str, name: &str) -> Option<&Value> {
+        self.inner
+            .objects
+            .get(storage)
+            .and_then(|m| m.get(&(namespace.to_string(), name.to_string())))
+            .map(|v| v.as_ref())
+    }
+}
+
+struct Inner {
+    rv: u64,
+    objects: HashMap<&'static str, BTreeMap<ObjectKey, Arc<Value>>>,
+    history: VecDeque<Arc<Change>>,
+    /// Watches must start at or after this resourceVersion; older ones get 410 Gone.
+    compacted: u64,
+}
+
+/// The store. Cheap to share behind an `Arc`.
+pub struct Store {
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Arc<Change>>,
+    history_limit: usize,
+}
+
+/// Where a watch starts.
+pub enum WatchStart {
+    /// Every existing object as ADDED, then changes (no resourceVersion, or "0").
+    Snapshot,
+    /// Changes after this resourceVersion.
+    After(u64),
+}
+
+/// A watch's backlog and its live feed.
+pub struct WatchFeed {
+    /// Changes to send first, in order.
+    pub backlog: Vec<Arc<Change>>,
+    /// Changes after the backlog (may overlap with it: skip rv <= last sent).
+    pub live: broadcast::Receiver<Arc<Change>>,
+    /// The resourceVersion the backlog brings the client to.
+    pub rv: u64,
+}
+
+impl Store {
+    /// An empty store that keeps the last `history_limit` changes for watches.
+    pub fn new(history_limit: usize) -> Self {
+        let (tx, _) = broadcast::channel(4096);
+        Self {
+            inner: Mutex::new(Inner {
+                rv: 1,
+                objects: HashMap::new(),
+                history: VecDeque::new(),
+                compacted: 0,
+            }),
+            tx,
+            history_limit: history_limit.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current resourceVersion.
+    pub fn current_rv(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// One object.
+    pub fn get(&self, storage: &str, namespace: &str, name: &str) -> Option<Arc<Value>> {
+        let inner = self.lock();
+        inner
+            .objects
+            .get(storage)?
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Every object of a kind (in one namespace, or all), sorted by namespace and name, with the
+    /// resourceVersion of the snapshot.
+    pub fn list(&self, storage: &str, namespace: Option<&str>) -> (Vec<Arc<Value>>, u64) {
+        let inner = self.lock();
+        let items = match inner.objects.get(storage) {
+            Some(map) => match namespace {
+                Some(ns) => map
+                    .range((ns.to_string(), String::new())..)
+                    .take_while(|((n, _), _)| n == ns)
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+                None => map.values().cloned().collect(),
+            },
+            None => Vec::new(),
+        };
+        (items, inner.rv)
+    }
+
+    /// Runs `f` on the current object under the store lock and applies its outcome atomically.
+    /// Returns the stored object (for Delete: the deleted one) and what changed.
+    pub fn transact<F>(
+        &self,
+        storage: &'static str,
+        key: ObjectKey,
+        f: F,
+    ) -> Result<(Option<Arc<Value>>, Option<ChangeKind>), ApiError>
+    where
+        F: FnOnce(&Reader<'_>, Option<&Value>) -> Result<Outcome, ApiError>,
+    {
+        let mut inner = self.lock();
+        let current = inner.objects.get(storage).and_then(|m| m.get(&key)).cloned();
+        let outcome = f(&Reader { inner: &inner }, current.as_deref())?;
+        match outcome {
+            Outcome::Unchanged => Ok((current, None)),
+            Outcome::Put(mut obj) => {
+                inner.rv += 1;
+                let rv = inner.rv;
+                obj["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+                let obj = Arc::new(obj);
+                inner.objects.entry(storage).or_default().insert(key, obj.clone());
+                let kind = if current.is_some() {
+                    ChangeKind::Modified
+                } else {
+                    ChangeKind::Added
+                };
+                self.record(
+                    &mut inner,
+                    Change {
+                        rv,
+                        storage,
+                        kind,
+                        old: current,
+                        new: obj.clone(),
+                    },
+                );
+                Ok((Some(obj), Some(kind)))
+            }
+            Outcome::Delete => {
+                let Some(old) = current else {
+                    return Ok((None, None));
+                };
+                inner.rv += 1;
+                let rv = inner.rv;
+                if let Some(map) = inner.objects.get_mut(storage) {
+                    map.remove(&key);
+                }
+                let mut gone = (*old).clone();
+                gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+                let gone = Arc::new(gone);
+                self.record(
+                    &mut inner,
+                    Change {
+                        rv,
+                        storage,
+                        kind: ChangeKind::Deleted,
+                        old: Some(old),
+                        new: gone.clone(),
+                    },
+                );
+                Ok((Some(gone), Some(ChangeKind::Deleted)))
+            }
+        }
+    }
+
+    /// Deletes every namespaced object in `namespace` (the namespace itself excepted).
+    pub fn delete_namespace_contents(&self, namespace: &str) {
+        let mut inner = self.lock();
+        let storages: Vec<&'static str> = inner.objects.keys().copied().collect();
+        for storage in storages {
+            let keys: Vec<ObjectKey> = inner.objects[storage]
+                .range((namespace.to_string(), String::new())..)
+                .take_while(|((n, _), _)| n == namespace)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in keys {
+                let Some(old) = inner.objects.get_mut(storage).and_then(|m| m.remove(&key)) else {
+                    continue;
+                };
+                inner.rv += 1;
+                let rv = inner.rv;
+                let mut gone = (*old).clone();
+                gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+                self.record(
+                    &mut inner,
+                    Change {
+                        rv,
+                        storage,
+                        kind: ChangeKind::Deleted,
+                        old: Some(old),
+                        new: Arc::new(gone),
+                    },
+                );
+            }
+        }
+    }
+
+    fn record(&self, inner: &mut Inner, change: Change) {
+        let change = Arc::new(change);
+        inner.history.push_back(change.clone());
+        while inner.history.len() > self.history_limit {
+            if let Some(dropped) = inner.history.pop_front() {
+                inner.compacted = dropped.rv;
+            }
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.tx.send(change);
+    }
+
+    /// Drops the whole change history, as etcd compaction does: watches from any earlier
+    /// resourceVersion get 410 Gone.
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        inner.history.clear();
+        inner.compacted = inner.rv;
+    }
+
+    /// Starts a watch on one kind.
+    pub fn watch(&self, storage: &str, start: WatchStart) -> Result<WatchFeed, ApiError> {
+        let inner = self.lock();
+        let live = self.tx.subscribe();
+        let backlog = match start {
+            WatchStart::Snapshot => inner
+                .objects
+                .get(storage)
+                .map(|m| {
+                    m.values()
+                        .map(|obj| {
+                            Arc::new(Change {
+                                rv: 0,
+                                storage: "",
+                                kind: ChangeKind::Added,
+                                old: None,
+                                new: obj.clone(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            WatchStart::After(rv) => {
+                if rv < inner.compacted {
+                    return Err(ApiError::gone(rv, inner.compacted));
+                }
+                inner
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > rv && c.storage == storage)
+                    .cloned()
+                    .collect()
+            }
+        };
+        Ok(WatchFeed {
+            backlog,
+            live,
+            rv: inner.rv,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn put(store: &Store, name: &str, value: i64) -> u64 {
+        let (obj, _) = store
+            .transact("things", (String::new(), name.into()), |_, _| {
+                Ok(Outcome::Put(json!({"metadata": {"name": name}, "v": value})))
+            })
+            .unwrap();
+        obj.unwrap()["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn resource_versions_are_ordered_and_history_is_bounded() {
+        let store = Store::new(3);
+        let first = put(&store, "a", 1);
+        let mut last = first;
+        for i in 0..5 {
+            let rv = put(&store, "a", i);
+            assert!(rv > last);
+            last = rv;
+        }
+        assert!(matches!(store.watch("things", WatchStart::After(first)), Err(e) if e.code == 410));
+        let feed = store.watch("things", WatchStart::After(last - 2)).unwrap();
+        assert_eq!(feed.backlog.len(), 2);
+        store.compact();
+        assert!(store.watch("things", WatchStart::After(last)).is_err());
+        assert!(
+            store
+                .watch("things", WatchStart::After(store.current_rv()))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn failed_transactions_change_nothing() {
+        let store = Store::new(10);
+        put(&store, "a", 1);
+        let rv = store.current_rv();
+        let err = store.transact("things", (String::new(), "a".into()), |_, _| {
+            Err(ApiError::bad_request("no"))
+        });
+        assert!(err.is_err());
+        assert_eq!(store.current_rv(), rv);
+    }
+}
