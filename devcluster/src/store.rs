@@ -351,7 +351,7 @@ mod tests {
         let feed = store.watch("things", WatchStart::After(last - 2)).unwrap();
         assert_eq!(feed.backlog.len(), 2);
         store.compact();
-        assert!(store.watch("things", WatchStart::After(last)).is_err());
+        assert!(store.watch("things", WatchStart::After(last - 1)).is_err());
         assert!(
             store
                 .watch("things", WatchStart::After(store.current_rv()))
