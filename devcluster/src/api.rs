@@ -687,6 +687,7 @@ impl Api {
                 }
             }
             let mut live = feed.live;
+            let mut ended = feed.ended;
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
             let mut ticker = tokio::time::interval(interval);
@@ -694,6 +695,7 @@ impl Api {
             loop {
                 tokio::select! {
                     _ = &mut deadline => return,
+                    _ = ended.changed() => return,
                     _ = stream.tx.closed() => return,
                     _ = ticker.tick(), if bookmarks => {
                         let bookmark = json!({"type": "BOOKMARK", "object": {

@@ -85,6 +85,8 @@ struct Inner {
 pub struct Store {
     inner: Mutex<Inner>,
     tx: broadcast::Sender<Arc<Change>>,
+    /// Bumped to end every open watch (as an API server restart does).
+    epoch: tokio::sync::watch::Sender<u64>,
     history_limit: usize,
 }
 
@@ -104,6 +106,8 @@ pub struct WatchFeed {
     pub live: broadcast::Receiver<Arc<Change>>,
     /// The resourceVersion the backlog brings the client to.
     pub rv: u64,
+    /// Changes when the watch must end (see [`Store::end_watches`]).
+    pub ended: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Store {
@@ -118,6 +122,7 @@ impl Store {
                 compacted: 0,
             }),
             tx,
+            epoch: tokio::sync::watch::channel(0).0,
             history_limit: history_limit.max(1),
         }
     }
@@ -270,11 +275,20 @@ impl Store {
     }
 
     /// Drops the whole change history, as etcd compaction does: watches from any earlier
-    /// resourceVersion get 410 Gone.
+    /// resourceVersion get 410 Gone. Open watches are ended, so their clients resume (and learn).
     pub fn compact(&self) {
-        let mut inner = self.lock();
-        inner.history.clear();
-        inner.compacted = inner.rv;
+        {
+            let mut inner = self.lock();
+            inner.history.clear();
+            inner.compacted = inner.rv;
+        }
+        self.end_watches();
+    }
+
+    /// Ends every open watch, as an API server restart does; clients resume from their last
+    /// resourceVersion.
+    pub fn end_watches(&self) {
+        self.epoch.send_modify(|e| *e += 1);
     }
 
     /// Starts a watch on one kind.
@@ -311,10 +325,13 @@ impl Store {
                     .collect()
             }
         };
+        let mut ended = self.epoch.subscribe();
+        ended.mark_unchanged();
         Ok(WatchFeed {
             backlog,
             live,
             rv: inner.rv,
+            ended,
         })
     }
 }

@@ -1,0 +1,275 @@
+//! devcluster driven by kube-rs, the client stack the agents use: watcher semantics, selectors,
+//! 410 recovery and optimistic concurrency.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use devcluster::{DevCluster, ServerOptions};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::time::timeout;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+async fn client_for(cluster: &DevCluster) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&cluster.kubeconfig("test")).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+fn runtime_class(name: &str, handler: &str, labels: &[(&str, &str)]) -> RuntimeClass {
+    serde_json::from_value(json!({
+        "apiVersion": "node.k8s.io/v1",
+        "kind": "RuntimeClass",
+        "metadata": {"name": name, "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
+        "handler": handler,
+    }))
+    .unwrap()
+}
+
+/// The next watcher event, within the deadline.
+async fn next_event(
+    stream: &mut (impl futures::Stream<Item = Result<Event<RuntimeClass>, watcher::Error>> + Unpin),
+) -> Event<RuntimeClass> {
+    timeout(DEADLINE, stream.try_next())
+        .await
+        .expect("watch event before the deadline")
+        .unwrap()
+        .unwrap()
+}
+
+fn name(rc: &RuntimeClass) -> String {
+    rc.metadata.name.clone().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn watcher_sees_init_changes_selector_exits_and_recovers_from_410() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    classes
+        .create(
+            &PostParams::default(),
+            &runtime_class("gvisor", "runsc", &[("env", "dev")]),
+        )
+        .await
+        .unwrap();
+
+    let config = watcher::Config::default().labels("env=dev");
+    let mut stream = watcher::watcher(classes.clone(), config).boxed();
+    assert!(matches!(next_event(&mut stream).await, Event::Init));
+    assert!(matches!(next_event(&mut stream).await, Event::InitApply(rc) if name(&rc) == "gvisor"));
+    assert!(matches!(next_event(&mut stream).await, Event::InitDone));
+
+    // Created: seen.
+    classes
+        .create(
+            &PostParams::default(),
+            &runtime_class("youki", "youki", &[("env", "dev")]),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(next_event(&mut stream).await, Event::Apply(rc) if name(&rc) == "youki"));
+
+    // Relabelled out of the selector: arrives as a deletion.
+    let relabel = json!({"metadata": {"labels": {"env": "prod"}}});
+    classes
+        .patch("youki", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    assert!(matches!(next_event(&mut stream).await, Event::Delete(rc) if name(&rc) == "youki"));
+
+    // Deleted: seen.
+    classes.delete("gvisor", &DeleteParams::default()).await.unwrap();
+    assert!(matches!(next_event(&mut stream).await, Event::Delete(rc) if name(&rc) == "gvisor"));
+
+    // Compaction past the watcher's last resourceVersion (a change it did not see, outside its
+    // selector) ends the watch; the resume gets 410 Gone and the watcher relists.
+    classes
+        .create(
+            &PostParams::default(),
+            &runtime_class("kata", "kata", &[("env", "dev")]),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(next_event(&mut stream).await, Event::Apply(rc) if name(&rc) == "kata"));
+    classes
+        .create(
+            &PostParams::default(),
+            &runtime_class("hidden", "runc", &[("env", "prod")]),
+        )
+        .await
+        .unwrap();
+    cluster.store().compact();
+    let gone = timeout(DEADLINE, stream.try_next())
+        .await
+        .expect("an answer before the deadline");
+    assert!(
+        matches!(&gone, Err(watcher::Error::WatchError(status)) if status.code == 410),
+        "the watcher reports 410 Gone: {gone:?}"
+    );
+    assert!(matches!(next_event(&mut stream).await, Event::Init));
+    assert!(matches!(next_event(&mut stream).await, Event::InitApply(rc) if name(&rc) == "kata"));
+    assert!(matches!(next_event(&mut stream).await, Event::InitDone));
+    classes
+        .create(
+            &PostParams::default(),
+            &runtime_class("crun", "crun", &[("env", "dev")]),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(next_event(&mut stream).await, Event::Apply(rc) if name(&rc) == "crun"));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_get_conflicts_and_lose_no_update() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "counter"}, "data": {"n": "0"}})).unwrap();
+    maps.create(&PostParams::default(), &cm).await.unwrap();
+
+    const WRITERS: usize = 4;
+    const INCREMENTS: usize = 10;
+    let mut tasks = Vec::new();
+    for _ in 0..WRITERS {
+        let maps = maps.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0;
+            for _ in 0..INCREMENTS {
+                loop {
+                    let mut cm = maps.get("counter").await.unwrap();
+                    let n: usize = cm.data.as_ref().unwrap()["n"].parse().unwrap();
+                    cm.data.as_mut().unwrap().insert("n".into(), (n + 1).to_string());
+                    match maps.replace("counter", &PostParams::default(), &cm).await {
+                        Ok(_) => break,
+                        Err(kube::Error::Api(e)) if e.code == 409 => conflicts += 1,
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    let mut conflicts = 0;
+    for t in tasks {
+        conflicts += t.await.unwrap();
+    }
+    let final_value = maps.get("counter").await.unwrap().data.unwrap()["n"].clone();
+    assert_eq!(
+        final_value,
+        (WRITERS * INCREMENTS).to_string(),
+        "every increment survived ({conflicts} conflicts)"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn pods_are_admitted_against_runtime_classes() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    let pod = |rc: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"runtimeClassName": rc, "containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap()
+    };
+    let err = pods
+        .create(&PostParams::default(), &pod("gvisor"))
+        .await
+        .unwrap_err();
+    match err {
+        kube::Error::Api(e) => {
+            assert_eq!(e.code, 403);
+            assert_eq!(
+                e.message,
+                "pods \"p\" is forbidden: pod rejected: RuntimeClass \"gvisor\" not found"
+            );
+        }
+        other => panic!("{other}"),
+    }
+    let mut rc = runtime_class("gvisor", "runsc", &[]);
+    rc.overhead = serde_json::from_value(json!({"podFixed": {"cpu": "100m"}})).unwrap();
+    rc.scheduling = serde_json::from_value(json!({"nodeSelector": {"sandbox": "gvisor"}, "tolerations": [{"key": "sandbox", "operator": "Exists"}]})).unwrap();
+    classes.create(&PostParams::default(), &rc).await.unwrap();
+    let created = pods.create(&PostParams::default(), &pod("gvisor")).await.unwrap();
+    let spec = created.spec.unwrap();
+    assert_eq!(spec.overhead.unwrap()["cpu"].0, "100m");
+    assert_eq!(spec.node_selector.unwrap()["sandbox"], "gvisor");
+    assert_eq!(spec.tolerations.unwrap()[0].key.as_deref(), Some("sandbox"));
+
+    // handler is immutable.
+    let change = json!({"handler": "kata"});
+    let err = classes
+        .patch("gvisor", &PatchParams::default(), &Patch::Merge(&change))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(e) if e.code == 422 && e.message.contains("field is immutable")));
+
+    // Status subresource: only status changes; main writes keep status.
+    let status = json!({"status": {"phase": "Running", "podIP": "10.1.2.3"}});
+    pods.patch_status("p", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let sneaky = json!({"metadata": {"labels": {"a": "b"}}, "status": {"phase": "Failed"}});
+    let patched = pods
+        .patch("p", &PatchParams::default(), &Patch::Merge(&sneaky))
+        .await
+        .unwrap();
+    assert_eq!(patched.status.unwrap().phase.as_deref(), Some("Running"));
+
+    // Field selectors.
+    let running = pods
+        .list(&ListParams::default().fields("status.phase=Running"))
+        .await
+        .unwrap();
+    assert_eq!(running.items.len(), 1);
+    let pending = pods
+        .list(&ListParams::default().fields("status.phase=Pending"))
+        .await
+        .unwrap();
+    assert!(pending.items.is_empty());
+
+    // Delete with a UID precondition.
+    let wrong = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: Some("nope".into()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    assert!(matches!(pods.delete("p", &wrong).await, Err(kube::Error::Api(e)) if e.code == 409));
+    pods.delete("p", &DeleteParams::default()).await.unwrap();
+    assert!(
+        pods.get_opt("p").await.unwrap().is_none(),
+        "a Pod without nodeName is removed at once"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_token_is_unauthorized() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let kubeconfig = cluster
+        .kubeconfig("test")
+        .replace(cluster.token().unwrap(), "wrong");
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(Client::try_from(config).unwrap(), "default");
+    assert!(matches!(pods.list(&ListParams::default()).await, Err(kube::Error::Api(e)) if e.code == 401));
+    cluster.shutdown().await;
+}

@@ -1,0 +1,329 @@
+//! devcluster driven by the installed kubectl, as a person would use it. Every command must
+//! succeed without error lines.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use devcluster::{DevCluster, ServerOptions};
+use k8s_openapi::api::events::v1::Event as EventV1;
+use kube::api::PostParams;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+    cache: PathBuf,
+}
+
+impl Kubectl {
+    fn new(cluster: &DevCluster, dir: &Path) -> Self {
+        if which("kubectl").is_none() {
+            panic!("kubectl is not installed: these tests need the kubectl of the machine image on PATH");
+        }
+        let kubeconfig = dir.join("kubeconfig");
+        cluster.write_kubeconfig(&kubeconfig, "devcluster").unwrap();
+        Self {
+            kubeconfig,
+            cache: dir.join("cache"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("kubectl");
+        cmd.args(args)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs kubectl; fails the test on a non-zero exit or any stderr output.
+    async fn run(&self, args: &[&str]) -> String {
+        self.run_with_input(args, None).await
+    }
+
+    async fn run_with_input(&self, args: &[&str], input: Option<&str>) -> String {
+        let mut child = self.command(args).spawn().expect("kubectl starts");
+        if let Some(input) = input {
+            use tokio::io::AsyncWriteExt;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input.as_bytes()).await.unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("kubectl finishes")
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.trim().is_empty(),
+            "kubectl {args:?} printed errors:\n{stderr}"
+        );
+        stdout
+    }
+
+    /// Runs kubectl expecting failure; returns stderr.
+    async fn fail(&self, args: &[&str], input: Option<&str>) -> String {
+        let mut child = self.command(args).spawn().expect("kubectl starts");
+        if let Some(input) = input {
+            use tokio::io::AsyncWriteExt;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .await
+                .unwrap();
+        } else {
+            drop(child.stdin.take());
+        }
+        let out = child.wait_with_output().await.unwrap();
+        assert!(!out.status.success(), "kubectl {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+const GVISOR_V1: &str = r#"
+apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata:
+  name: gvisor
+  labels:
+    env: dev
+    k: a
+handler: runsc
+"#;
+
+#[tokio::test]
+async fn kubectl_workflow_has_no_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let kubectl = Kubectl::new(&cluster, dir.path());
+
+    // apply: create, then change.
+    let out = kubectl
+        .run_with_input(&["apply", "-f", "-"], Some(GVISOR_V1))
+        .await;
+    assert_eq!(out.trim(), "runtimeclass.node.k8s.io/gvisor created");
+    let out = kubectl
+        .run_with_input(&["apply", "-f", "-"], Some(&GVISOR_V1.replace("k: a", "k: b")))
+        .await;
+    assert_eq!(out.trim(), "runtimeclass.node.k8s.io/gvisor configured");
+    let youki = GVISOR_V1
+        .replace("gvisor", "youki")
+        .replace("runsc", "youki")
+        .replace("k: a", "k: c");
+    kubectl.run_with_input(&["apply", "-f", "-"], Some(&youki)).await;
+
+    // get with a set-based selector; Table columns as on a real cluster.
+    let out = kubectl
+        .run(&["get", "runtimeclass", "-l", "env=dev,k in (a,b)"])
+        .await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].split_whitespace().eq(["NAME", "HANDLER", "AGE"]),
+        "{out}"
+    );
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[1].starts_with("gvisor") && lines[1].contains("runsc"),
+        "{out}"
+    );
+
+    // get -o yaml.
+    let out = kubectl
+        .run(&["get", "runtimeclass", "gvisor", "-o", "yaml"])
+        .await;
+    assert!(
+        out.contains("handler: runsc") && out.contains("k: b") && out.contains("resourceVersion:"),
+        "{out}"
+    );
+
+    // label and merge patch.
+    let out = kubectl.run(&["label", "runtimeclass", "gvisor", "team=a"]).await;
+    assert_eq!(out.trim(), "runtimeclass.node.k8s.io/gvisor labeled");
+    let out = kubectl
+        .run(&[
+            "patch",
+            "runtimeclass",
+            "gvisor",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":{"k":"z"}}}"#,
+        ])
+        .await;
+    assert_eq!(out.trim(), "runtimeclass.node.k8s.io/gvisor patched");
+    let out = kubectl
+        .run(&[
+            "get",
+            "runtimeclass",
+            "gvisor",
+            "-o",
+            "jsonpath={.metadata.labels}",
+        ])
+        .await;
+    assert!(
+        out.contains(r#""k":"z""#) && out.contains(r#""team":"a""#),
+        "{out}"
+    );
+
+    // A Pod, its status subresource, and events written through events.k8s.io/v1.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: my-pod\nspec:\n  runtimeClassName: youki\n  containers:\n  - name: c\n    image: busybox\n";
+    kubectl.run_with_input(&["apply", "-f", "-"], Some(pod)).await;
+    let out = kubectl
+        .run(&[
+            "patch",
+            "pod",
+            "my-pod",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Running"}}"#,
+        ])
+        .await;
+    assert_eq!(out.trim(), "pod/my-pod patched");
+    let out = kubectl.run(&["get", "pod", "my-pod"]).await;
+    assert!(out.lines().nth(1).unwrap().contains("Running"), "{out}");
+
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&cluster.kubeconfig("t")).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let uid = kubectl
+        .run(&["get", "pod", "my-pod", "-o", "jsonpath={.metadata.uid}"])
+        .await;
+    let event: EventV1 = serde_json::from_value(json!({
+        "metadata": {"name": "my-pod.1", "namespace": "default"},
+        "eventTime": "2026-01-01T00:00:00.000000Z",
+        "reason": "SyncWarning", "type": "Warning", "action": "Sync",
+        "note": "did not sync pod \"my-pod\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'",
+        "reportingController": "pod-syncer", "reportingInstance": "pod-syncer",
+        "regarding": {"apiVersion": "v1", "kind": "Pod", "name": "my-pod", "namespace": "default", "uid": uid},
+    }))
+    .unwrap();
+    kube::Api::<EventV1>::namespaced(client, "default")
+        .create(&PostParams::default(), &event)
+        .await
+        .unwrap();
+    let out = kubectl.run(&["describe", "pod", "my-pod"]).await;
+    let event_line = out
+        .lines()
+        .find(|l| l.contains("SyncWarning"))
+        .unwrap_or_else(|| panic!("no event in:\n{out}"));
+    assert!(
+        event_line.contains("Warning") && event_line.contains("pod-syncer"),
+        "{event_line}"
+    );
+    assert!(
+        event_line.contains("did not sync pod \"my-pod\" to host because it does not match the selector"),
+        "{event_line}"
+    );
+    assert!(out.contains("Runtime Class Name:  youki"), "{out}");
+
+    // get --watch prints the change.
+    let mut watch = kubectl
+        .command(&["get", "runtimeclass", "--watch"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let header = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        header.split_whitespace().eq(["NAME", "HANDLER", "AGE"]),
+        "{header}"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.push(
+            tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    kubectl
+        .run(&["label", "runtimeclass", "youki", "watched=yes"])
+        .await;
+    let changed = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(changed.starts_with("youki"), "{changed}");
+    watch.kill().await.unwrap();
+    let mut stderr = String::new();
+    use tokio::io::AsyncReadExt;
+    watch
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .await
+        .unwrap();
+    assert!(
+        stderr.trim().is_empty(),
+        "kubectl get --watch printed errors:\n{stderr}"
+    );
+
+    // delete (kubectl waits until the object is gone).
+    let out = kubectl.run(&["delete", "runtimeclass", "gvisor"]).await;
+    assert_eq!(out.trim(), "runtimeclass.node.k8s.io \"gvisor\" deleted");
+    let out = kubectl.run(&["get", "runtimeclass", "-o", "name"]).await;
+    assert_eq!(out.trim(), "runtimeclass.node.k8s.io/youki");
+
+    // What a real API server refuses, devcluster refuses the same way.
+    let err = kubectl
+        .fail(
+            &["apply", "-f", "-"],
+            Some(&pod.replace("my-pod", "other").replace("youki", "missing")),
+        )
+        .await;
+    assert!(
+        err.contains("pods \"other\" is forbidden: pod rejected: RuntimeClass \"missing\" not found"),
+        "{err}"
+    );
+    let err = kubectl
+        .fail(
+            &[
+                "patch",
+                "runtimeclass",
+                "youki",
+                "--type=merge",
+                "-p",
+                r#"{"handler":"other"}"#,
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        err.contains("handler: Invalid value: \"other\": field is immutable"),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}
