@@ -41,7 +41,9 @@ async fn bad_requests_get_status_errors_and_the_server_keeps_serving() {
     let client = client(&cluster).await;
     let pods = "/api/v1/namespaces/default/pods";
     let json = "application/json";
-    let cases: Vec<(&str, String, &str, Vec<u8>, u16, &str)> = vec![
+    // (method, uri, content type, body, expected code, expected reason)
+    type Case<'a> = (&'a str, String, &'a str, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("POST", pods.into(), json, b"{not json".to_vec(), 400, "BadRequest"),
         ("POST", pods.into(), json, br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"x"}}"#.to_vec(), 400, "BadRequest"),
         ("GET", "/api/v1/widgets".into(), json, vec![], 404, "NotFound"),
