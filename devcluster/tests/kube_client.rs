@@ -273,3 +273,28 @@ async fn wrong_token_is_unauthorized() {
     assert!(matches!(pods.list(&ListParams::default()).await, Err(kube::Error::Api(e)) if e.code == 401));
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn server_side_apply_creates_then_merges() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let classes: Api<RuntimeClass> = Api::all(client);
+    let params = PatchParams::apply("rcsync-test").force();
+    let first = json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "gvisor", "labels": {"a": "1"}}, "handler": "runsc"});
+    let created = classes
+        .patch("gvisor", &params, &Patch::Apply(&first))
+        .await
+        .unwrap();
+    assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
+    let second = json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "gvisor", "labels": {"b": "2"}}, "handler": "runsc"});
+    let merged = classes
+        .patch("gvisor", &params, &Patch::Apply(&second))
+        .await
+        .unwrap();
+    assert_eq!(merged.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        merged.metadata.labels.unwrap().get("b").map(String::as_str),
+        Some("2")
+    );
+    cluster.shutdown().await;
+}
