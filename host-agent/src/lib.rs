@@ -1,11 +1,22 @@
 //! The host agent: the policy decision point of rcsync, next to the host cluster.
 //!
 //! ```text
-//!  host API server ──watch RuntimeClasses──► index (per-tenant views) ──► grpc: Sync / CheckPod
-//!  tenants.yaml ──config──► tenants (selector, patches, tokens) ─┘          PodSync ──► host Pods
+//!  host API server ──watch RuntimeClasses──► index::ClassIndex ──per-tenant TenantView──► Views
+//!  tenants.yaml (SIGHUP reload) ──► TenantsState (selectors, tokens) ─┘                    │
+//!                                                                                          ▼ ViewSource
+//!  virtual agents ──gRPC (TLS, bearer/mTLS)──► grpc::auth ──► grpc::sync: Sync stream, CheckPod
+//!  operators ──HTTP──► /livez /readyz /metrics (rcsync_core::admin)
 //! ```
+//!
+//! CheckPod is answered from the tenant's in-memory view; nothing on a request path calls the API
+//! server.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod grpc;
+pub mod index;
+pub mod metrics;
+pub mod run;
 pub mod tenants;
+pub mod view;

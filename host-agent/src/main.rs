@@ -1,17 +1,25 @@
 //! `host-agent`: see the crate docs of the `host_agent` library.
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use host_agent::grpc::TlsFiles;
+use host_agent::run::Settings;
+use rcsync_core::telemetry::{LogFormat, init_logging};
 
-/// rcsync host agent: syncs host RuntimeClasses to virtual clusters, per tenant, over gRPC.
+/// rcsync host agent: offers host RuntimeClasses to virtual clusters, per tenant, over gRPC, and
+/// decides which of their Pods may sync.
 #[derive(Parser, Debug)]
-#[command(name = "host-agent", version, about, long_about = None)]
+#[command(name = "host-agent", version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -24,10 +32,62 @@ enum Command {
     },
 }
 
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Kubeconfig of the host cluster (in-cluster config, or $KUBECONFIG, when absent).
+    #[arg(long, env = "HOST_AGENT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The tenants file (re-read on SIGHUP).
+    #[arg(long, env = "HOST_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the gRPC server.
+    #[arg(long, env = "HOST_AGENT_GRPC_LISTEN", default_value = "0.0.0.0:9443")]
+    grpc_listen: SocketAddr,
+    /// Address of the admin HTTP server (/livez, /readyz, /metrics).
+    #[arg(long, env = "HOST_AGENT_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    admin_listen: SocketAddr,
+    /// Serving certificate (PEM); with --tls-key, gRPC is served over TLS.
+    #[arg(long, env = "HOST_AGENT_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Serving key (PEM).
+    #[arg(long, env = "HOST_AGENT_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to: requires mutual TLS. A client
+    /// certificate's subject common name identifies its tenant.
+    #[arg(long, env = "HOST_AGENT_CLIENT_CA")]
+    client_ca: Option<PathBuf>,
+    /// Let tenants configured without a token connect without credentials (they name themselves
+    /// with the x-rcsync-tenant header). For development only.
+    #[arg(long, env = "HOST_AGENT_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
+    /// How long to let streams and requests end after SIGTERM.
+    #[arg(long, env = "HOST_AGENT_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// Log format.
+    #[arg(long, env = "HOST_AGENT_LOG_FORMAT", value_enum, default_value = "plain")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `host_agent=debug,kube=warn`).
+    #[arg(long, env = "HOST_AGENT_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {raw:?}: expected e.g. 5s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {raw:?}: the unit must be ms, s or m")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { file } => match host_agent::check::check_config(&file) {
+    if let Some(Command::CheckConfig { file }) = cli.command {
+        return match host_agent::check::check_config(&file) {
             Ok(summary) => {
                 print!("{summary}");
                 ExitCode::SUCCESS
@@ -36,6 +96,47 @@ fn main() -> ExitCode {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
+        };
+    }
+    let args = cli.run;
+    let Some(config) = args.config else {
+        eprintln!(
+            "error: --config (or HOST_AGENT_CONFIG) is required: the tenants file\n\nFor more information, try '--help'."
+        );
+        return ExitCode::from(2);
+    };
+    if let Err(e) = init_logging(args.log_format, &args.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    // One crypto provider for the whole process (kube and tonic both use rustls with ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = Settings {
+        kubeconfig: args.kubeconfig,
+        config,
+        grpc_listen: args.grpc_listen,
+        admin_listen: args.admin_listen,
+        tls: TlsFiles {
+            cert: args.tls_cert,
+            key: args.tls_key,
+            client_ca: args.client_ca,
         },
+        allow_unauthenticated: args.allow_unauthenticated,
+        shutdown_grace: args.shutdown_grace,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(host_agent::run::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "host agent failed");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

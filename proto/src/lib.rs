@@ -18,6 +18,10 @@ pub mod v1 {
     tonic::include_proto!("rcsync.v1");
 }
 
+/// Conversions between the typed messages and k8s-openapi types.
+#[cfg(feature = "k8s")]
+pub mod convert;
+
 /// The encoded `FileDescriptorSet` of all rcsync protos (with imports), for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rcsync_descriptor.bin"));
 

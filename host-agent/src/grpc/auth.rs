@@ -1,0 +1,127 @@
+//! Tenant identity from the transport: a bearer token, or a client certificate's common name.
+//!
+//! | credentials                  | result                                                       |
+//! |------------------------------|--------------------------------------------------------------|
+//! | `authorization: Bearer T`    | the tenant whose token is T; unknown token → UNAUTHENTICATED |
+//! | client certificate (mTLS)    | the tenant named by the subject CN; unknown → PERMISSION_DENIED |
+//! | nothing                      | only with `--allow-unauthenticated`: the tenant named by `x-rcsync-tenant`, if it has no token |
+//!
+//! When `x-rcsync-tenant` is sent, it must name the identified tenant (PERMISSION_DENIED otherwise).
+
+use std::sync::Arc;
+
+use rcsync_core::TenantName;
+use tokio::sync::watch;
+use tonic::{Request, Status};
+
+use crate::index::TenantsState;
+
+/// Metadata key naming the tenant a caller means.
+pub const TENANT_HEADER: &str = "x-rcsync-tenant";
+
+/// Identifies the tenant of each request.
+#[derive(Clone)]
+pub struct Authenticator {
+    tenants: watch::Receiver<Arc<TenantsState>>,
+    allow_unauthenticated: bool,
+}
+
+impl Authenticator {
+    /// An authenticator over the current tenants.
+    pub fn new(tenants: watch::Receiver<Arc<TenantsState>>, allow_unauthenticated: bool) -> Self {
+        Self {
+            tenants,
+            allow_unauthenticated,
+        }
+    }
+
+    /// The tenant a request acts for, or the gRPC error to answer.
+    pub fn identify<T>(&self, request: &Request<T>) -> Result<TenantName, Status> {
+        let state = self.tenants.borrow().clone();
+        let meta = request.metadata();
+        let claimed = match meta.get(TENANT_HEADER) {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| Status::invalid_argument(format!("{TENANT_HEADER} is not ASCII")))?
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let bearer = match meta.get("authorization") {
+            Some(v) => {
+                let v = v
+                    .to_str()
+                    .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+                let token = v.strip_prefix("Bearer ").ok_or_else(|| {
+                    Status::unauthenticated("the authorization header must be `Bearer <token>`")
+                })?;
+                Some(token.trim().to_string())
+            }
+            None => None,
+        };
+        let tenant = if let Some(token) = bearer {
+            state
+                .tokens
+                .tenant_of(&token)
+                .cloned()
+                .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?
+        } else if let Some(cn) = peer_common_name(request) {
+            let name = TenantName::new(&cn).map_err(|_| {
+                Status::permission_denied(format!("client certificate names no tenant ({cn:?})"))
+            })?;
+            if state.file.tenant(name.as_str()).is_none() {
+                return Err(Status::permission_denied(format!("unknown tenant {cn:?}")));
+            }
+            name
+        } else {
+            if !self.allow_unauthenticated {
+                return Err(Status::unauthenticated(
+                    "missing credentials: send `authorization: Bearer <token>` or a client certificate",
+                ));
+            }
+            let claimed = claimed.as_deref().ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "missing credentials: name the tenant with {TENANT_HEADER}"
+                ))
+            })?;
+            let name = TenantName::new(claimed)
+                .map_err(|_| Status::permission_denied(format!("unknown tenant {claimed:?}")))?;
+            if state.file.tenant(name.as_str()).is_none() {
+                return Err(Status::permission_denied(format!("unknown tenant {claimed:?}")));
+            }
+            if state.tokens.has_token(&name) {
+                return Err(Status::unauthenticated(format!(
+                    "tenant {claimed:?} requires its bearer token"
+                )));
+            }
+            name
+        };
+        if let Some(claimed) = claimed
+            && claimed != tenant.as_str()
+        {
+            return Err(Status::permission_denied(format!(
+                "{TENANT_HEADER} {claimed:?} does not match the caller's identity"
+            )));
+        }
+        if state.file.tenant(tenant.as_str()).is_none() {
+            return Err(Status::permission_denied(format!(
+                "unknown tenant {:?}",
+                tenant.as_str()
+            )));
+        }
+        Ok(tenant)
+    }
+}
+
+/// The subject common name of the client's certificate, when the connection is mutual TLS.
+fn peer_common_name<T>(request: &Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    let leaf = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    cert.subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()
+        .map(str::to_string)
+}

@@ -1,0 +1,167 @@
+//! The host agent's Prometheus metrics (served on the admin port's `/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label set: one tenant.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    /// Tenant name.
+    pub tenant: String,
+}
+
+/// Label set: a tenant and a CheckPod reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// The decision's reason, e.g. `MATCHES`.
+    pub reason: String,
+}
+
+/// Label set: a gRPC method and its status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// `/rcsync.v1.RuntimeClassSync/CheckPod` etc.
+    pub method: String,
+    /// gRPC status code name, e.g. `OK`.
+    pub code: String,
+}
+
+/// Label set: a gRPC method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    /// The full method path.
+    pub method: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+    ])
+}
+
+/// Every metric of the host agent. Cheap to clone (handles share their values).
+#[derive(Clone)]
+pub struct Metrics {
+    /// RuntimeClasses on the host.
+    pub host_classes: Gauge,
+    /// RuntimeClasses offered per tenant.
+    pub tenant_classes: Family<TenantLabel, Gauge>,
+    /// RuntimeClasses filtered out per tenant (currently).
+    pub tenant_filtered: Family<TenantLabel, Gauge>,
+    /// Times a class was found not to match a tenant's selector (once per change).
+    pub filtered_total: Family<TenantLabel, Counter>,
+    /// Open Sync streams per tenant.
+    pub streams_open: Family<TenantLabel, Gauge>,
+    /// Sync responses sent per tenant.
+    pub responses_total: Family<TenantLabel, Counter>,
+    /// ACKs received per tenant.
+    pub acks_total: Family<TenantLabel, Counter>,
+    /// NACKs received per tenant.
+    pub nacks_total: Family<TenantLabel, Counter>,
+    /// CheckPod decisions by tenant and reason.
+    pub decisions_total: Family<DecisionLabels, Counter>,
+    /// Pods written to the host per tenant.
+    pub pods_applied_total: Family<TenantLabel, Counter>,
+    /// gRPC requests by method and code.
+    pub grpc_requests_total: Family<GrpcLabels, Counter>,
+    /// gRPC unary request latency by method.
+    pub grpc_latency_seconds: Family<MethodLabel, Histogram>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `rcsync` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            host_classes: Gauge::default(),
+            tenant_classes: Family::default(),
+            tenant_filtered: Family::default(),
+            filtered_total: Family::default(),
+            streams_open: Family::default(),
+            responses_total: Family::default(),
+            acks_total: Family::default(),
+            nacks_total: Family::default(),
+            decisions_total: Family::default(),
+            pods_applied_total: Family::default(),
+            grpc_requests_total: Family::default(),
+            grpc_latency_seconds: Family::new_with_constructor(latency_histogram),
+        };
+        let r = registry.sub_registry_with_prefix("rcsync");
+        r.register(
+            "host_runtime_classes",
+            "RuntimeClasses in the host cluster",
+            m.host_classes.clone(),
+        );
+        r.register(
+            "tenant_runtime_classes",
+            "RuntimeClasses offered to a tenant",
+            m.tenant_classes.clone(),
+        );
+        r.register(
+            "tenant_filtered_runtime_classes",
+            "Host RuntimeClasses that do not match a tenant's selector",
+            m.tenant_filtered.clone(),
+        );
+        r.register(
+            "runtime_class_filtered",
+            "Times a host RuntimeClass was found not to match a tenant's selector (once per change)",
+            m.filtered_total.clone(),
+        );
+        r.register("sync_streams_open", "Open Sync streams", m.streams_open.clone());
+        r.register("sync_responses", "Sync responses sent", m.responses_total.clone());
+        r.register("sync_acks", "Sync responses acknowledged", m.acks_total.clone());
+        r.register(
+            "sync_nacks",
+            "Sync responses rejected by the virtual side",
+            m.nacks_total.clone(),
+        );
+        r.register(
+            "check_pod_decisions",
+            "CheckPod decisions by reason",
+            m.decisions_total.clone(),
+        );
+        r.register(
+            "pods_applied",
+            "Pods written to the host",
+            m.pods_applied_total.clone(),
+        );
+        r.register(
+            "grpc_requests",
+            "gRPC requests by method and status code",
+            m.grpc_requests_total.clone(),
+        );
+        r.register(
+            "grpc_request_duration_seconds",
+            "gRPC unary request latency",
+            m.grpc_latency_seconds.clone(),
+        );
+        m
+    }
+
+    /// Records one finished gRPC call.
+    pub fn observe(&self, method: &str, code: tonic::Code, started: std::time::Instant) {
+        self.grpc_requests_total
+            .get_or_create(&GrpcLabels {
+                method: method.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.grpc_latency_seconds
+            .get_or_create(&MethodLabel {
+                method: method.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The label set of a tenant.
+    pub fn tenant(name: &str) -> TenantLabel {
+        TenantLabel {
+            tenant: name.to_string(),
+        }
+    }
+}

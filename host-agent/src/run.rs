@@ -1,0 +1,225 @@
+//! Wiring of `host-agent` (run mode): config, kube client, index, gRPC, admin, reload, shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use rcsync_core::TenantsFile;
+use rcsync_core::admin::{Readiness, serve_admin};
+use rcsync_core::config::{ConfigError, Problem};
+use rcsync_core::telemetry::termination_signal;
+use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSyncServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::grpc::TlsFiles;
+use crate::grpc::auth::Authenticator;
+use crate::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
+use crate::index::{ClassIndex, TenantsState, Views};
+use crate::metrics::Metrics;
+use crate::tenants::TenantTokens;
+
+/// The readiness check that passes once the host's RuntimeClasses were listed.
+pub const LISTED: &str = "host-runtimeclasses-listed";
+
+/// Everything `host-agent` needs to run.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Kubeconfig of the host cluster; in-cluster (or $KUBECONFIG) when absent.
+    pub kubeconfig: Option<PathBuf>,
+    /// The tenants file.
+    pub config: PathBuf,
+    /// gRPC address.
+    pub grpc_listen: SocketAddr,
+    /// Admin HTTP address.
+    pub admin_listen: SocketAddr,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// Serve tenants without a token, named by `x-rcsync-tenant`.
+    pub allow_unauthenticated: bool,
+    /// How long to wait for streams and requests to end after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Loads the tenants file and its token files. Patches are refused until they are implemented,
+/// rather than silently ignored.
+pub fn load_tenants(path: &Path) -> Result<TenantsState, ConfigError> {
+    let file = TenantsFile::load(path)?;
+    let problems: Vec<Problem> = file
+        .tenants
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !t.runtime_classes.patches.is_empty())
+        .map(|(i, _)| Problem {
+            at: format!("tenants[{i}].sync.fromHost.runtimeClasses.patches"),
+            message: "patches are not supported by this version of the host agent yet".into(),
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        });
+    }
+    let tokens = TenantTokens::load(path, &file)?;
+    Ok(TenantsState { file, tokens })
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no --kubeconfig and no in-cluster config")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Runs the host agent until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let tenants = load_tenants(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(tenants = tenants.file.tenants.len(), config = %settings.config.display(), "loaded tenants");
+    let tls = settings.tls.server_config()?;
+    let client = kube_client(settings.kubeconfig.as_deref()).await?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let registry = Arc::new(registry);
+    let readiness = Readiness::new(&[LISTED]);
+    let (tenants_tx, tenants_rx) = watch::channel(Arc::new(tenants));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let views = Views::default();
+    let index = ClassIndex::new(tenants_rx.borrow().clone(), views.clone(), metrics.clone());
+    let index_task = {
+        let readiness = readiness.clone();
+        tokio::spawn(crate::index::run(
+            client.clone(),
+            index,
+            tenants_rx.clone(),
+            move || readiness.set(LISTED, true),
+            shutdown_rx.clone(),
+        ))
+    };
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(crate::grpc::follow_readiness(
+        reporter,
+        readiness.clone(),
+        &[
+            rcsync_proto::RUNTIME_CLASS_SYNC_SERVICE,
+            rcsync_proto::POD_SYNC_SERVICE,
+        ],
+    ));
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rcsync_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rcsync_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
+    let sync = RuntimeClassSyncService::new(
+        Arc::new(views.clone()),
+        auth.clone(),
+        metrics.clone(),
+        RetryPolicy::default(),
+        shutdown_rx.clone(),
+        Default::default(),
+    );
+
+    let grpc_listener = TcpListener::bind(settings.grpc_listen)
+        .await
+        .with_context(|| format!("binding the gRPC address {}", settings.grpc_listen))?;
+    let admin_listener = TcpListener::bind(settings.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin address {}", settings.admin_listen))?;
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("configuring TLS")?;
+        tracing::info!(mtls = settings.tls.client_ca.is_some(), "serving gRPC over TLS");
+    } else {
+        tracing::warn!(
+            "serving gRPC in plaintext: tokens and data cross the network unencrypted; set --tls-cert and --tls-key"
+        );
+    }
+    if settings.allow_unauthenticated {
+        tracing::warn!(
+            "--allow-unauthenticated: tenants without a token are reachable by anyone who can connect"
+        );
+    }
+    tracing::info!(grpc = %grpc_listener.local_addr()?, admin = %admin_listener.local_addr()?, "listening");
+    let grpc_shutdown = {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let grpc_task = tokio::spawn(
+        server
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(RuntimeClassSyncServer::new(sync))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_shutdown),
+    );
+    let admin_shutdown = {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let admin_task = tokio::spawn(serve_admin(
+        admin_listener,
+        readiness.clone(),
+        registry,
+        admin_shutdown,
+    ));
+    tokio::spawn(reload_on_sighup(settings.config.clone(), tenants_tx));
+
+    let signal = termination_signal().await;
+    tracing::info!(signal, "shutting down: not ready, ending streams");
+    readiness.shutting_down();
+    let _ = shutdown_tx.send(true);
+    let drained = tokio::time::timeout(settings.shutdown_grace, async {
+        let _ = grpc_task.await;
+        let _ = admin_task.await;
+        let _ = index_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period over; exiting with work in flight");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Re-reads the tenants file on SIGHUP. A bad file is reported with every problem and the
+/// running config is kept.
+async fn reload_on_sighup(path: PathBuf, tenants: watch::Sender<Arc<TenantsState>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: config reload is unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match load_tenants(&path) {
+            Ok(state) => {
+                tracing::info!(tenants = state.file.tenants.len(), "reloaded tenants");
+                tenants.send_replace(Arc::new(state));
+            }
+            Err(e) => tracing::error!(error = %e, "reloading tenants failed; keeping the running config"),
+        }
+    }
+}
