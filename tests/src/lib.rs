@@ -1,1 +1,192 @@
+//! Test harness for rcsync's process-level tests: API servers (devcluster, or real clusters from
+//! `RCSYNC_HOST_KUBECONFIG` / `RCSYNC_VIRTUAL_KUBECONFIG`), agent processes whose logs are dumped
+//! when a test fails, and waiting on conditions with deadlines (never fixed sleeps).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use devcluster::{DevCluster, ServerOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits until `check` returns `Some`, polling briefly, or panics naming `what` after the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A free TCP port on loopback (bound and released; the OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Path of a workspace binary built next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first (cargo test --workspace builds every binary)",
+        path.display()
+    );
+    path
+}
+
+/// A running agent (or any) process. Its stderr and stdout go to a log file that is printed when
+/// the test panics; it is killed on drop.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program` with `args`, logging to `dir/<name>.log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        Self {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    /// Everything the process has logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (up to the deadline) for the exit status.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait_exit().await
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, `KILL`).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let name = self.name.clone();
+        eventually(&format!("{name} to exit"), || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} log -----\n{}\n----- end of {} log -----",
+                self.name,
+                self.logs(),
+                self.name
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Kubernetes API server for a test: a fresh devcluster, or a real cluster from an environment
+/// variable naming its kubeconfig.
+pub struct Cluster {
+    /// The devcluster, when one was started.
+    pub dev: Option<DevCluster>,
+    /// Path of a kubeconfig for it.
+    pub kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    /// A devcluster (TLS + token), or the real cluster of `$env_var` when set.
+    pub async fn start(name: &str, env_var: &str, dir: &Path) -> Self {
+        if let Ok(path) = std::env::var(env_var) {
+            return Self {
+                dev: None,
+                kubeconfig: PathBuf::from(path),
+            };
+        }
+        let dev = DevCluster::start(ServerOptions::default())
+            .await
+            .expect("devcluster starts");
+        let kubeconfig = dir.join(format!("{name}.kubeconfig"));
+        dev.write_kubeconfig(&kubeconfig, name).unwrap();
+        Self {
+            dev: Some(dev),
+            kubeconfig,
+        }
+    }
+
+    /// A kube-rs client for it.
+    pub async fn client(&self) -> kube::Client {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(config).unwrap()
+    }
+}
+
+/// `GET http://addr/path` with plain HTTP/1.0; returns the status code and body.
+pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}

@@ -1,0 +1,936 @@
+//! The host-agent binary against a devcluster host, driven over real sockets with a tonic client.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
+use rcsync_proto::v1::{CheckPodReason, CheckPodRequest, ErrorDetail, SyncRequest, SyncResponse};
+use rcsync_tests::{Cluster, Process, eventually, free_port, http_get};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Streaming};
+
+const RC: &str = "kubernetes.io/runtime.class";
+
+/// The host classes of the spec's use cases.
+fn spec_classes() -> Vec<RuntimeClass> {
+    let class = |name: &str, handler: &str, env: &str, rc: &str| -> RuntimeClass {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"environment": env, RC: rc}},
+            "handler": handler,
+        }))
+        .unwrap()
+    };
+    vec![
+        class("gvisor", "runsc", "development", "gvisor"),
+        class("youki", "youki", "development", "youki"),
+        class("kata", "kata", "development", "kata"),
+        class("runc-debug", "runc", "production", "gvisor"),
+    ]
+}
+
+const TENANTS: &str = r#"
+tenants:
+  - name: no-selector
+    hostNamespace: vc-no-selector
+    tokenFile: no-selector.token
+    sync: {fromHost: {runtimeClasses: {enabled: true}}}
+  - name: match-labels
+    hostNamespace: vc-match-labels
+    tokenFile: match-labels.token
+    sync:
+      fromHost:
+        runtimeClasses:
+          enabled: true
+          selector: {matchLabels: {environment: development}}
+  - name: match-expressions
+    hostNamespace: vc-match-expressions
+    tokenFile: match-expressions.token
+    sync:
+      fromHost:
+        runtimeClasses:
+          enabled: true
+          selector:
+            matchExpressions:
+              - {key: kubernetes.io/runtime.class, operator: In, values: [gvisor, youki]}
+  - name: combined
+    hostNamespace: vc-combined
+    tokenFile: combined.token
+    sync:
+      fromHost:
+        runtimeClasses:
+          enabled: true
+          selector:
+            matchLabels: {environment: development}
+            matchExpressions:
+              - {key: kubernetes.io/runtime.class, operator: In, values: [gvisor, youki]}
+  - name: disabled
+    hostNamespace: vc-disabled
+    tokenFile: disabled.token
+  - name: open
+    hostNamespace: vc-open
+    sync: {fromHost: {runtimeClasses: {enabled: true}}}
+"#;
+
+fn token(tenant: &str) -> String {
+    format!("token-of-{tenant}")
+}
+
+struct Host {
+    _dir: tempfile::TempDir,
+    cluster: Cluster,
+    agent: Process,
+    grpc: String,
+    admin: String,
+}
+
+impl Host {
+    async fn start(tenants: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
+        let classes: Api<RuntimeClass> = Api::all(cluster.client().await);
+        for rc in spec_classes() {
+            classes.create(&PostParams::default(), &rc).await.unwrap();
+        }
+        Self::start_agent(dir, cluster, tenants, extra).await
+    }
+
+    async fn start_agent(dir: tempfile::TempDir, cluster: Cluster, tenants: &str, extra: &[&str]) -> Self {
+        let config = write_tenants(dir.path(), tenants);
+        let (grpc, admin) = (
+            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let mut args: Vec<String> = vec![
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--grpc-listen".into(),
+            grpc.clone(),
+            "--admin-listen".into(),
+            admin.clone(),
+            "--log-level".into(),
+            "info,host_agent=debug".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let agent = Process::spawn(
+            "host-agent",
+            Path::new(env!("CARGO_BIN_EXE_host-agent")),
+            &args,
+            dir.path(),
+        );
+        Self {
+            _dir: dir,
+            cluster,
+            agent,
+            grpc,
+            admin,
+        }
+    }
+
+    async fn ready(&self) {
+        eventually("host-agent /readyz to answer 200", || async {
+            http_get(&self.admin, "/readyz")
+                .await
+                .filter(|(code, _)| *code == 200)
+        })
+        .await;
+    }
+
+    async fn client(&self) -> RuntimeClassSyncClient<Channel> {
+        let url = format!("http://{}", self.grpc);
+        eventually("the gRPC port to accept connections", || {
+            let url = url.clone();
+            async move { Channel::from_shared(url).unwrap().connect().await.ok() }
+        })
+        .await;
+        RuntimeClassSyncClient::new(Channel::from_shared(url).unwrap().connect_lazy())
+    }
+
+    async fn classes(&self) -> Api<RuntimeClass> {
+        Api::all(self.cluster.client().await)
+    }
+}
+
+fn write_tenants(dir: &Path, tenants: &str) -> std::path::PathBuf {
+    for line in tenants.lines() {
+        if let Some(name) = line.trim().strip_prefix("- name: ") {
+            std::fs::write(dir.join(format!("{name}.token")), format!("  {}\n", token(name))).unwrap();
+        }
+    }
+    let path = dir.join("tenants.yaml");
+    std::fs::write(&path, tenants).unwrap();
+    path
+}
+
+fn with_token<T>(message: T, tenant: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token(tenant)).parse().unwrap(),
+    );
+    request
+}
+
+/// One Sync stream as the virtual side holds it.
+struct Stream {
+    tx: mpsc::Sender<SyncRequest>,
+    rx: Streaming<SyncResponse>,
+}
+
+impl Stream {
+    async fn open(
+        client: &mut RuntimeClassSyncClient<Channel>,
+        tenant: &str,
+        initial: HashMap<String, String>,
+    ) -> Self {
+        let (tx, requests) = mpsc::channel(8);
+        tx.send(SyncRequest {
+            initial_resource_versions: initial,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let rx = client
+            .sync(with_token(ReceiverStream::new(requests), tenant))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn next(&mut self) -> SyncResponse {
+        tokio::time::timeout(rcsync_tests::DEADLINE, self.rx.message())
+            .await
+            .expect("a response before the deadline")
+            .expect("the stream is healthy")
+            .expect("the stream is open")
+    }
+
+    async fn ack(&self, response: &SyncResponse) {
+        self.tx
+            .send(SyncRequest {
+                response_nonce: response.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, response: &SyncResponse, failed: &str) {
+        let detail = ErrorDetail {
+            message: "the API server refused it".into(),
+            resource_errors: HashMap::from([(failed.to_string(), "denied".to_string())]),
+        };
+        self.tx
+            .send(SyncRequest {
+                response_nonce: response.nonce.clone(),
+                error_detail: Some(detail),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn names(response: &SyncResponse) -> BTreeSet<String> {
+    response.resources.iter().map(|r| r.name.clone()).collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn every_selector_example_of_the_spec_reaches_its_tenant() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let cases: &[(&str, &[&str], bool)] = &[
+        ("no-selector", &["gvisor", "youki", "kata", "runc-debug"], true),
+        ("match-labels", &["gvisor", "youki", "kata"], true),
+        ("match-expressions", &["gvisor", "youki", "runc-debug"], true),
+        ("combined", &["gvisor", "youki"], true),
+        ("disabled", &[], false),
+    ];
+    for (tenant, want, enabled) in cases {
+        let mut stream = Stream::open(&mut client, tenant, HashMap::new()).await;
+        let first = stream.next().await;
+        assert!(
+            first.initial_state_complete,
+            "{tenant}: the first response completes the initial state"
+        );
+        assert_eq!(first.sync_enabled, *enabled, "{tenant}");
+        assert_eq!(names(&first), set(want), "{tenant}");
+        assert!(first.removed_resources.is_empty());
+        let gvisor = first.resources.iter().find(|r| r.name == "gvisor");
+        if let Some(gvisor) = gvisor {
+            let class = gvisor.runtime_class.as_ref().unwrap();
+            assert_eq!(class.handler, "runsc");
+            assert_eq!(class.labels["environment"], "development");
+            assert_eq!(gvisor.version.len(), 16);
+        }
+    }
+}
+
+#[tokio::test]
+async fn host_changes_stream_upserts_and_removals() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
+    let first = stream.next().await;
+    assert_eq!(names(&first), set(&["gvisor", "youki"]));
+    stream.ack(&first).await;
+    let classes = host.classes().await;
+
+    // A label added that makes kata match.
+    let relabel = json!({"metadata": {"labels": {RC: "gvisor"}}});
+    classes
+        .patch("kata", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    let update = stream.next().await;
+    assert!(!update.initial_state_complete);
+    assert_eq!(names(&update), set(&["kata"]));
+    assert!(update.removed_resources.is_empty());
+    stream.ack(&update).await;
+
+    // A label removed: youki stops matching.
+    let unlabel = json!({"metadata": {"labels": {"environment": null}}});
+    classes
+        .patch("youki", &PatchParams::default(), &Patch::Merge(&unlabel))
+        .await
+        .unwrap();
+    let update = stream.next().await;
+    assert!(update.resources.is_empty());
+    assert_eq!(update.removed_resources, ["youki"]);
+    stream.ack(&update).await;
+
+    // A class deleted on the host.
+    classes.delete("gvisor", &DeleteParams::default()).await.unwrap();
+    let update = stream.next().await;
+    assert_eq!(update.removed_resources, ["gvisor"]);
+    stream.ack(&update).await;
+
+    // A content change of a synced class is an upsert with a new version.
+    let change = json!({"metadata": {"annotations": {"note": "changed"}}});
+    classes
+        .patch("kata", &PatchParams::default(), &Patch::Merge(&change))
+        .await
+        .unwrap();
+    let update = stream.next().await;
+    assert_eq!(names(&update), set(&["kata"]));
+    assert_eq!(
+        update.resources[0].runtime_class.as_ref().unwrap().annotations["note"],
+        "changed"
+    );
+}
+
+#[tokio::test]
+async fn reconnect_sends_only_the_differences() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "match-labels", HashMap::new()).await;
+    let first = stream.next().await;
+    let versions: HashMap<String, String> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    drop(stream);
+
+    // Everything up to date: an empty, complete first response.
+    let mut stream = Stream::open(&mut client, "match-labels", versions.clone()).await;
+    let again = stream.next().await;
+    assert!(again.initial_state_complete);
+    assert!(
+        again.resources.is_empty() && again.removed_resources.is_empty(),
+        "{again:?}"
+    );
+
+    // Stale (gvisor), missing (kata) and extra (gone) declarations.
+    let mut declared = versions.clone();
+    declared.insert("gvisor".into(), "0000000000000000".into());
+    declared.remove("kata");
+    declared.insert("gone".into(), "1111111111111111".into());
+    let mut stream = Stream::open(&mut client, "match-labels", declared).await;
+    let diff = stream.next().await;
+    assert_eq!(names(&diff), set(&["gvisor", "kata"]));
+    assert_eq!(diff.removed_resources, ["gone"]);
+    assert_eq!(
+        diff.resources
+            .iter()
+            .find(|r| r.name == "gvisor")
+            .unwrap()
+            .version,
+        versions["gvisor"]
+    );
+}
+
+#[tokio::test]
+async fn a_nacked_resource_is_resent_and_a_slow_client_converges() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
+    let first = stream.next().await;
+    assert_eq!(names(&first), set(&["gvisor", "youki"]));
+    stream.nack(&first, "youki").await;
+    let retry = stream.next().await;
+    assert_eq!(
+        names(&retry),
+        set(&["youki"]),
+        "only the failed resource is resent"
+    );
+    stream.ack(&retry).await;
+
+    // While a response is outstanding, changes coalesce into the next one.
+    let classes = host.classes().await;
+    classes
+        .patch(
+            "kata",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {RC: "youki"}}})),
+        )
+        .await
+        .unwrap();
+    let outstanding = stream.next().await;
+    assert_eq!(names(&outstanding), set(&["kata"]));
+    for i in 0..3 {
+        let change = json!({"metadata": {"annotations": {"rev": i.to_string()}}});
+        classes
+            .patch("kata", &PatchParams::default(), &Patch::Merge(&change))
+            .await
+            .unwrap();
+    }
+    classes.delete("gvisor", &DeleteParams::default()).await.unwrap();
+    stream.ack(&outstanding).await;
+    // The client converges to the latest state, however the changes were grouped.
+    let mut held: HashMap<String, rcsync_proto::v1::Resource> = first
+        .resources
+        .iter()
+        .chain(&retry.resources)
+        .chain(&outstanding.resources)
+        .map(|r| (r.name.clone(), r.clone()))
+        .collect();
+    loop {
+        let update = stream.next().await;
+        for r in &update.resources {
+            held.insert(r.name.clone(), r.clone());
+        }
+        for name in &update.removed_resources {
+            held.remove(name);
+        }
+        stream.ack(&update).await;
+        let kata_rev = held
+            .get("kata")
+            .and_then(|r| r.runtime_class.as_ref())
+            .and_then(|c| c.annotations.get("rev").cloned());
+        if kata_rev.as_deref() == Some("2") && !held.contains_key("gvisor") {
+            break;
+        }
+    }
+    assert_eq!(
+        held.keys().cloned().collect::<BTreeSet<_>>(),
+        set(&["kata", "youki"])
+    );
+}
+
+#[tokio::test]
+async fn identities_are_enforced_and_tenants_are_isolated() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let check = |tenant_token: Option<&str>, header: Option<&str>| {
+        let mut request = Request::new(CheckPodRequest {
+            pod_namespace: "default".into(),
+            pod_name: "p".into(),
+            runtime_class_name: "kata".into(),
+        });
+        if let Some(t) = tenant_token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        if let Some(h) = header {
+            request
+                .metadata_mut()
+                .insert("x-rcsync-tenant", h.parse().unwrap());
+        }
+        request
+    };
+    let code = |r: Result<tonic::Response<_>, tonic::Status>| r.err().map(|s| s.code());
+    assert_eq!(
+        code(client.check_pod(check(Some("wrong"), None)).await),
+        Some(Code::Unauthenticated)
+    );
+    assert_eq!(
+        code(client.check_pod(check(None, None)).await),
+        Some(Code::Unauthenticated)
+    );
+    assert_eq!(
+        code(client.check_pod(check(None, Some("open"))).await),
+        Some(Code::Unauthenticated),
+        "no --allow-unauthenticated"
+    );
+    assert_eq!(
+        code(
+            client
+                .check_pod(check(Some(&token("combined")), Some("match-labels")))
+                .await
+        ),
+        Some(Code::PermissionDenied),
+        "the header must match the token's tenant"
+    );
+    // The same class gets different answers for different tenants.
+    let allowed = |tenant: &str| {
+        let mut client = client.clone();
+        let tenant = tenant.to_string();
+        async move {
+            client
+                .check_pod(check(Some(&token(&tenant)), Some(&tenant)))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let combined = allowed("combined").await;
+    assert!(!combined.allowed);
+    assert_eq!(combined.reason, CheckPodReason::DoesNotMatch as i32);
+    assert_eq!(
+        combined.message,
+        "did not sync pod \"p\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'"
+    );
+    let labels = allowed("match-labels").await;
+    assert!(labels.allowed);
+    assert_eq!(labels.reason, CheckPodReason::Matches as i32);
+}
+
+#[tokio::test]
+async fn unauthenticated_tenants_only_with_the_flag() {
+    let host = Host::start(TENANTS, &["--allow-unauthenticated"]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut request = Request::new(CheckPodRequest {
+        pod_name: "p".into(),
+        runtime_class_name: "x".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-rcsync-tenant", "open".parse().unwrap());
+    let answer = client.check_pod(request).await.unwrap().into_inner();
+    assert_eq!(answer.reason, CheckPodReason::NoSelector as i32);
+    // A tenant with a token still needs it; an unknown tenant is denied.
+    let mut request = Request::new(CheckPodRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-rcsync-tenant", "combined".parse().unwrap());
+    assert_eq!(
+        client.check_pod(request).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut request = Request::new(CheckPodRequest::default());
+    request
+        .metadata_mut()
+        .insert("x-rcsync-tenant", "nobody".parse().unwrap());
+    assert_eq!(
+        client.check_pod(request).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+}
+
+#[tokio::test]
+async fn check_pod_answers_every_reason() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let classes = host.classes().await;
+    // (Terminating classes are covered by the view's unit tests: devcluster has no finalizers yet.)
+    let client = host.client().await;
+    let ask = |tenant: &str, rc: &str| {
+        let mut client = client.clone();
+        let request = with_token(
+            CheckPodRequest {
+                pod_namespace: "ns".into(),
+                pod_name: "my-pod".into(),
+                runtime_class_name: rc.into(),
+            },
+            tenant,
+        );
+        async move { client.check_pod(request).await.unwrap().into_inner() }
+    };
+    let reason = |r: &rcsync_proto::v1::CheckPodResponse| CheckPodReason::try_from(r.reason).unwrap();
+    assert_eq!(
+        reason(&ask("disabled", "kata").await),
+        CheckPodReason::SyncDisabled
+    );
+    assert_eq!(
+        reason(&ask("no-selector", "anything").await),
+        CheckPodReason::NoSelector
+    );
+    assert_eq!(
+        reason(&ask("combined", "").await),
+        CheckPodReason::EmptyRuntimeClassName
+    );
+    assert_eq!(reason(&ask("combined", "gvisor").await), CheckPodReason::Matches);
+    assert_eq!(
+        reason(&ask("combined", "kata").await),
+        CheckPodReason::DoesNotMatch
+    );
+    let missing = ask("combined", "missing").await;
+    assert_eq!(reason(&missing), CheckPodReason::NotFound);
+    assert!(
+        missing.message.contains("does not exist on the host"),
+        "{}",
+        missing.message
+    );
+    // A decision follows host changes.
+    classes.delete("gvisor", &DeleteParams::default()).await.unwrap();
+    eventually("CheckPod to see the deletion", || async {
+        (reason(&ask("combined", "gvisor").await) == CheckPodReason::NotFound).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn readiness_health_and_metrics_follow_the_host_list() {
+    // Start the agent against an API server that is not there yet.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let kubeconfig = dir.path().join("host.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters:\n- name: h\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: h\n  user: {{}}\ncontexts:\n- name: h\n  context: {{cluster: h, user: h}}\ncurrent-context: h\n"),
+    )
+    .unwrap();
+    let cluster = Cluster {
+        dev: None,
+        kubeconfig,
+    };
+    let host = Host::start_agent(dir, cluster, TENANTS, &[]).await;
+    let (code, _) = eventually("the admin port", || http_get(&host.admin, "/livez")).await;
+    assert_eq!(code, 200, "/livez never depends on the API server");
+    let (code, body) = http_get(&host.admin, "/readyz").await.unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("[-]host-runtimeclasses-listed failed"), "{body}");
+    let mut client = host.client().await;
+    let status = client
+        .check_pod(with_token(CheckPodRequest::default(), "combined"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{}", host.grpc))
+            .unwrap()
+            .connect_lazy(),
+    );
+    let serving = |service: &str| {
+        let mut health = health.clone();
+        let service = service.to_string();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest { service })
+                .await
+                .map(|r| r.into_inner().status)
+                .ok()
+        }
+    };
+    assert_eq!(
+        serving("").await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)
+    );
+
+    // The API server arrives: the agent lists and becomes ready.
+    let dev = devcluster::DevCluster::start(devcluster::ServerOptions {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        insecure_http: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let classes: Api<RuntimeClass> =
+        Api::all(kube::Client::try_from(kube::Config::new(dev.url().parse().unwrap())).unwrap());
+    classes
+        .create(&PostParams::default(), &spec_classes()[0])
+        .await
+        .unwrap();
+    host.ready().await;
+    for service in ["", "rcsync.v1.RuntimeClassSync"] {
+        eventually("gRPC health SERVING", || async {
+            (serving(service).await
+                == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32))
+            .then_some(())
+        })
+        .await;
+    }
+    let answer = client
+        .check_pod(with_token(
+            CheckPodRequest {
+                runtime_class_name: "gvisor".into(),
+                ..Default::default()
+            },
+            "combined",
+        ))
+        .await
+        .unwrap();
+    assert!(answer.into_inner().allowed);
+
+    let (code, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for needle in [
+        "rcsync_host_runtime_classes 1",
+        "rcsync_tenant_runtime_classes{tenant=\"combined\"} 1",
+        "rcsync_check_pod_decisions_total{tenant=\"combined\",reason=\"MATCHES\"} 1",
+        "rcsync_grpc_requests_total{method=\"/rcsync.v1.RuntimeClassSync/CheckPod\",code=\"Unavailable\"} 1",
+        "rcsync_grpc_request_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from:\n{metrics}");
+    }
+    drop(health);
+    dev.shutdown().await;
+}
+
+#[tokio::test]
+async fn filtered_classes_are_warned_about_once_per_change() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let warning = "did not sync runtime class \"runc-debug\" because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'";
+    let count = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains(warning) && l.contains("tenant=combined"))
+            .count()
+    };
+    eventually("the filtered-class warning", || async {
+        (count(&host.agent.logs()) == 1).then_some(())
+    })
+    .await;
+    // An unrelated change does not repeat it; a change of the filtered class does.
+    let classes = host.classes().await;
+    classes
+        .patch(
+            "gvisor",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"a": "b"}}})),
+        )
+        .await
+        .unwrap();
+    classes
+        .patch(
+            "runc-debug",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"x": "y"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("a second warning after the class changed", || async {
+        (count(&host.agent.logs()) == 2).then_some(())
+    })
+    .await;
+    let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+    // kata and runc-debug when first seen, runc-debug again after its change.
+    assert!(
+        metrics.contains("rcsync_runtime_class_filtered_total{tenant=\"combined\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_tenants_and_streams_the_difference() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
+    let first = stream.next().await;
+    stream.ack(&first).await;
+    let config = host._dir.path().join("tenants.yaml");
+    std::fs::write(
+        &config,
+        TENANTS.replace(
+            "values: [gvisor, youki]}\n  - name: disabled",
+            "values: [kata]}\n  - name: disabled",
+        ),
+    )
+    .unwrap();
+    host.agent.signal("HUP");
+    let update = stream.next().await;
+    assert_eq!(names(&update), set(&["kata"]));
+    let removed: BTreeSet<String> = update.removed_resources.iter().cloned().collect();
+    assert_eq!(removed, set(&["gvisor", "youki"]));
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_exits_zero() {
+    let mut host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
+    stream.next().await;
+    let status = host.agent.terminate().await;
+    assert!(status.success(), "exit status {status}");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.rx.message())
+        .await
+        .expect("the stream ends");
+    assert!(!matches!(end, Ok(Some(_))), "no more responses after shutdown");
+    assert!(host.agent.logs().contains("shutting down"));
+}
+
+#[tokio::test]
+async fn mutual_tls_identifies_the_tenant_by_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devcluster::pki::Pki::new("rcsync-test-ca").unwrap();
+    let server = pki.server(&["localhost", "127.0.0.1"]).unwrap();
+    let client_cert = pki.client("combined").unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, ca) = (
+        write("tls.crt", &server.cert_pem),
+        write("tls.key", &server.key_pem),
+        write("ca.crt", &pki.ca_pem()),
+    );
+    let cluster = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
+    let classes: Api<RuntimeClass> = Api::all(cluster.client().await);
+    for rc in spec_classes() {
+        classes.create(&PostParams::default(), &rc).await.unwrap();
+    }
+    let host = Host::start_agent(
+        dir,
+        cluster,
+        TENANTS,
+        &["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca],
+    )
+    .await;
+    host.ready().await;
+    let tls = |identity: bool| {
+        let mut config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pki.ca_pem()))
+            .domain_name("localhost");
+        if identity {
+            config = config.identity(tonic::transport::Identity::from_pem(
+                &client_cert.cert_pem,
+                &client_cert.key_pem,
+            ));
+        }
+        config
+    };
+    let url = format!("https://{}", host.grpc);
+    let channel = Channel::from_shared(url.clone())
+        .unwrap()
+        .tls_config(tls(true))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = RuntimeClassSyncClient::new(channel);
+    let answer = client
+        .check_pod(CheckPodRequest {
+            runtime_class_name: "kata".into(),
+            pod_name: "p".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.reason,
+        CheckPodReason::DoesNotMatch as i32,
+        "the certificate's CN names tenant combined"
+    );
+    let (tx, requests) = mpsc::channel(1);
+    tx.send(SyncRequest::default()).await.unwrap();
+    let mut rx = client
+        .sync(ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = rx.message().await.unwrap().unwrap();
+    assert_eq!(names(&first), set(&["gvisor", "youki"]));
+
+    // Without a client certificate the handshake fails.
+    let refused = async {
+        let channel = Channel::from_shared(url)
+            .unwrap()
+            .tls_config(tls(false))
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        RuntimeClassSyncClient::new(channel)
+            .check_pod(CheckPodRequest::default())
+            .await
+            .ok()
+    };
+    assert!(
+        refused.await.is_none(),
+        "mutual TLS requires a client certificate"
+    );
+}
+
+#[tokio::test]
+async fn reflection_is_served_in_v1_and_v1alpha() {
+    use tokio_stream::StreamExt as _;
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let channel = Channel::from_shared(format!("http://{}", host.grpc))
+        .unwrap()
+        .connect_lazy();
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut v1 =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let mut responses = v1
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
+        list,
+    )) = response.message_response
+    else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let services: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "rcsync.v1.RuntimeClassSync",
+        "rcsync.v1.PodSync",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.contains(service), "{service} missing from {services:?}");
+    }
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "rcsync.v1.RuntimeClassSync".into(),
+            ),
+        ),
+    };
+    let mut v1alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut responses = v1alpha
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    assert!(
+        matches!(response.message_response, Some(tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))),
+        "{response:?}"
+    );
+}
