@@ -5,6 +5,8 @@
 //!  tenants.yaml (SIGHUP reload) ──► TenantsState (selectors, tokens) ─┘                    │
 //!                                                                                          ▼ ViewSource
 //!  virtual agents ──gRPC (TLS, bearer/mTLS)──► grpc::auth ──► grpc::sync: Sync stream, CheckPod
+//!                                                           └─► grpc::pods: ApplyPod (re-checked,
+//!                                                               translate) / DeletePod / WatchPodStatus
 //!  operators ──HTTP──► /livez /readyz /metrics (rcsync_core::admin)
 //! ```
 //!
@@ -19,4 +21,5 @@ pub mod index;
 pub mod metrics;
 pub mod run;
 pub mod tenants;
+pub mod translate;
 pub mod view;

@@ -11,6 +11,7 @@ use rcsync_core::TenantsFile;
 use rcsync_core::admin::{Readiness, serve_admin};
 use rcsync_core::config::{ConfigError, Problem};
 use rcsync_core::telemetry::termination_signal;
+use rcsync_proto::v1::pod_sync_server::PodSyncServer;
 use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSyncServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,6 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::grpc::TlsFiles;
 use crate::grpc::auth::Authenticator;
+use crate::grpc::pods::PodSyncService;
 use crate::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
 use crate::index::{ClassIndex, TenantsState, Views};
 use crate::metrics::Metrics;
@@ -138,6 +140,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         shutdown_rx.clone(),
         Default::default(),
     );
+    let pods = PodSyncService::new(
+        Arc::new(views.clone()),
+        tenants_rx.clone(),
+        auth.clone(),
+        client.clone(),
+        metrics.clone(),
+        shutdown_rx.clone(),
+    );
 
     let grpc_listener = TcpListener::bind(settings.grpc_listen)
         .await
@@ -172,6 +182,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(RuntimeClassSyncServer::new(sync))
+            .add_service(PodSyncServer::new(pods))
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_shutdown),
     );
     let admin_shutdown = {

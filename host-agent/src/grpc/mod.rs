@@ -1,7 +1,8 @@
-//! The gRPC servers of the host agent: RuntimeClassSync, gRPC health and reflection (v1 and
+//! The gRPC servers of the host agent: RuntimeClassSync, PodSync, gRPC health and reflection (v1 and
 //! v1alpha), over TLS or mutual TLS when configured.
 
 pub mod auth;
+pub mod pods;
 pub mod sync;
 
 use std::path::PathBuf;
