@@ -23,7 +23,8 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::tenants::TenantTokens;
-use crate::view::{ClassState, TenantView, synced_form};
+use crate::view::{ClassState, TenantView};
+use rcsync_proto::convert::synced_form;
 
 /// The tenants as loaded: their config and their tokens.
 #[derive(Clone, Debug, Default)]

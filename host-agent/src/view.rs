@@ -11,10 +11,7 @@ use rcsync_core::config::SELECTOR_CONFIG_PATH;
 use rcsync_core::version::content_version;
 use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, Resource};
 
-use rcsync_proto::convert::to_proto;
-
-/// Annotations never copied to the virtual cluster: they describe the host object's history.
-const HOST_ONLY_ANNOTATIONS: &[&str] = &["kubectl.kubernetes.io/last-applied-configuration"];
+use rcsync_proto::convert::{synced_form, to_proto};
 
 /// Why a host RuntimeClass is, or is not, in a tenant's view.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,25 +35,6 @@ pub struct TenantView {
     pub classes: BTreeMap<String, Arc<Resource>>,
     /// Every host class by host name, with its state for this tenant.
     pub host: BTreeMap<String, ClassState>,
-}
-
-/// The synced (virtual) form of a host class: labels, annotations, handler, overhead, scheduling.
-/// Server-managed metadata (uid, resourceVersion, timestamps) is dropped, so the content version
-/// depends only on what the virtual cluster will hold.
-pub fn synced_form(host: &RuntimeClass) -> RuntimeClass {
-    let mut annotations = host.annotations().clone();
-    annotations.retain(|k, _| !HOST_ONLY_ANNOTATIONS.contains(&k.as_str()));
-    RuntimeClass {
-        metadata: kube::api::ObjectMeta {
-            name: host.metadata.name.clone(),
-            labels: Some(host.labels().clone()).filter(|l| !l.is_empty()),
-            annotations: Some(annotations).filter(|a| !a.is_empty()),
-            ..Default::default()
-        },
-        handler: host.handler.clone(),
-        overhead: host.overhead.clone(),
-        scheduling: host.scheduling.clone(),
-    }
 }
 
 /// How a host class stands for a tenant, and the Resource to offer when it is offered.

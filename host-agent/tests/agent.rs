@@ -83,11 +83,12 @@ fn token(tenant: &str) -> String {
 }
 
 struct Host {
-    _dir: tempfile::TempDir,
     cluster: Cluster,
     agent: Process,
     grpc: String,
     admin: String,
+    /// Last, so it outlives the agent whose log is printed on drop when a test fails.
+    dir: tempfile::TempDir,
 }
 
 impl Host {
@@ -127,7 +128,7 @@ impl Host {
             dir.path(),
         );
         Self {
-            _dir: dir,
+            dir,
             cluster,
             agent,
             grpc,
@@ -751,7 +752,7 @@ async fn sighup_reloads_tenants_and_streams_the_difference() {
     let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
     let first = stream.next().await;
     stream.ack(&first).await;
-    let config = host._dir.path().join("tenants.yaml");
+    let config = host.dir.path().join("tenants.yaml");
     std::fs::write(
         &config,
         TENANTS.replace(

@@ -52,6 +52,29 @@ pub fn to_proto(rc: &K8sRuntimeClass) -> RuntimeClass {
     }
 }
 
+/// Annotations never carried to the virtual cluster: they describe the host object's history.
+pub const HOST_ONLY_ANNOTATIONS: &[&str] = &["kubectl.kubernetes.io/last-applied-configuration"];
+
+/// The synced form of a RuntimeClass: name, labels, annotations (without host-only ones),
+/// handler, overhead, scheduling. Server-managed metadata (uid, resourceVersion, timestamps) is
+/// dropped, so a content hash of it depends only on what the virtual cluster holds, and both
+/// agents compute the same version from the same content.
+pub fn synced_form(rc: &K8sRuntimeClass) -> K8sRuntimeClass {
+    let mut annotations = rc.metadata.annotations.clone().unwrap_or_default();
+    annotations.retain(|k, _| !HOST_ONLY_ANNOTATIONS.contains(&k.as_str()));
+    K8sRuntimeClass {
+        metadata: ObjectMeta {
+            name: rc.metadata.name.clone(),
+            labels: rc.metadata.labels.clone().filter(|l| !l.is_empty()),
+            annotations: Some(annotations).filter(|a| !a.is_empty()),
+            ..Default::default()
+        },
+        handler: rc.handler.clone(),
+        overhead: rc.overhead.clone(),
+        scheduling: rc.scheduling.clone(),
+    }
+}
+
 fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod system;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -42,13 +44,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Path of a workspace binary built next to the running test executable.
+/// Path of a workspace binary next to the running test executable. The first call builds the
+/// agent binaries with the cargo that runs the tests, so `cargo test -p rcsync-tests` never runs
+/// stale binaries (cargo does not rebuild other packages' binaries for it).
 pub fn binary(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("the test executable has a path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("tests run from target/<profile>/deps");
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO")
+            .ok()
+            .or(option_env!("CARGO").map(String::from));
+        let Some(cargo) = cargo else { return };
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "host-agent",
+            "-p",
+            "virtual-agent",
+            "-p",
+            "devcluster",
+        ]);
+        if dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for the agent binaries");
+        assert!(status.success(), "building the agent binaries failed");
+    });
     let path = dir.join(name);
     assert!(
         path.is_file(),

@@ -1,1 +1,88 @@
-fn main() {}
+//! `virtual-agent`: see the crate docs of the `virtual_agent` library.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use rcsync_core::telemetry::{LogFormat, init_logging};
+use virtual_agent::connect::HostAgentTarget;
+use virtual_agent::run::Settings;
+
+/// rcsync virtual agent: applies the host's RuntimeClasses to a virtual cluster, deletes the ones
+/// tenants create, and syncs Pods to the host only when the host agent allows it.
+#[derive(Parser, Debug)]
+#[command(name = "virtual-agent", version, about, long_about = None)]
+struct Cli {
+    /// Kubeconfig of the virtual cluster (in-cluster config, or $KUBECONFIG, when absent).
+    #[arg(long, env = "VIRTUAL_AGENT_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// URL of the host agent's gRPC server (https:// for TLS).
+    #[arg(long, env = "VIRTUAL_AGENT_HOST_AGENT")]
+    host_agent: String,
+    /// This virtual cluster's tenant name, as in the host agent's tenants file.
+    #[arg(long, env = "VIRTUAL_AGENT_TENANT")]
+    tenant: String,
+    /// File with the tenant's bearer token (re-read at every reconnect).
+    #[arg(long, env = "VIRTUAL_AGENT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA (PEM) that signed the host agent's certificate; the OS trust store otherwise.
+    #[arg(long, env = "VIRTUAL_AGENT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; its subject CN must be the tenant name.
+    #[arg(long, env = "VIRTUAL_AGENT_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "VIRTUAL_AGENT_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
+    /// Address of the admin HTTP server (/livez, /readyz, /metrics).
+    #[arg(long, env = "VIRTUAL_AGENT_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
+    admin_listen: SocketAddr,
+    /// How long to let work in flight finish after SIGTERM, in seconds.
+    #[arg(long, env = "VIRTUAL_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 5)]
+    shutdown_grace_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "VIRTUAL_AGENT_LOG_FORMAT", value_enum, default_value = "plain")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "VIRTUAL_AGENT_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = Settings {
+        kubeconfig: cli.kubeconfig,
+        target: HostAgentTarget {
+            url: cli.host_agent,
+            tenant: cli.tenant,
+            token_file: cli.token_file,
+            ca_cert: cli.ca_cert,
+            client_cert: cli.client_cert,
+            client_key: cli.client_key,
+        },
+        admin_listen: cli.admin_listen,
+        shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(virtual_agent::run::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The whole system for end-to-end tests: a host and a virtual API server, the real `host-agent`
+//! and `virtual-agent` binaries between them, and helpers that read like the spec.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Pod};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt as _};
+use serde_json::json;
+
+use crate::{Cluster, Process, binary, eventually, free_port, http_get};
+
+/// One tenant of the system.
+#[derive(Clone, Debug)]
+pub struct TenantSpec {
+    /// Tenant (virtual cluster) name.
+    pub name: String,
+    /// Its `sync.fromHost.runtimeClasses` block as YAML flow (e.g. `{enabled: true}`).
+    pub runtime_classes: String,
+}
+
+impl TenantSpec {
+    /// A tenant with a `runtimeClasses` block.
+    pub fn new(name: &str, runtime_classes: &str) -> Self {
+        Self {
+            name: name.into(),
+            runtime_classes: runtime_classes.into(),
+        }
+    }
+
+    /// The host namespace of the tenant's Pods.
+    pub fn host_namespace(&self) -> String {
+        format!("vcluster-{}", self.name)
+    }
+}
+
+/// A virtual cluster with its agent.
+pub struct VirtualSide {
+    /// The tenant.
+    pub tenant: TenantSpec,
+    /// Its API server.
+    pub cluster: Cluster,
+    /// Its agent.
+    pub agent: Process,
+    /// The agent's admin address.
+    pub admin: String,
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+/// Host, host agent, and one virtual side per tenant.
+pub struct System {
+    /// The host API server.
+    pub host: Cluster,
+    /// The host agent.
+    pub host_agent: Process,
+    /// The host agent's gRPC address.
+    pub grpc: String,
+    /// The host agent's admin address.
+    pub host_admin: String,
+    /// The virtual sides, in tenant order.
+    pub virtuals: Vec<VirtualSide>,
+    host_args: Vec<String>,
+    /// Scratch directory (config, tokens, logs); declared last so it outlives the processes,
+    /// whose logs are printed on drop when a test fails.
+    pub dir: tempfile::TempDir,
+}
+
+/// A host RuntimeClass with labels.
+pub fn runtime_class(name: &str, handler: &str, labels: &[(&str, &str)]) -> RuntimeClass {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
+        "handler": handler,
+    }))
+    .unwrap()
+}
+
+/// A Pod with one container and an optional runtimeClassName.
+pub fn pod(name: &str, runtime_class: Option<&str>) -> Pod {
+    let mut spec = json!({"containers": [{"name": "app", "image": "registry.example/app:1.0"}]});
+    if let Some(rc) = runtime_class {
+        spec["runtimeClassName"] = json!(rc);
+    }
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": name}}, "spec": spec}))
+        .unwrap()
+}
+
+impl System {
+    /// Starts everything: host classes are created before the agents start.
+    pub async fn start(tenants: &[TenantSpec], host_classes: &[RuntimeClass]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
+        let host_client = host.client().await;
+        let classes: Api<RuntimeClass> = Api::all(host_client.clone());
+        for rc in host_classes {
+            classes.create(&PostParams::default(), rc).await.unwrap();
+        }
+        let namespaces: Api<Namespace> = Api::all(host_client);
+        let mut config = String::from("tenants:\n");
+        for t in tenants {
+            let ns: Namespace =
+                serde_json::from_value(json!({"metadata": {"name": t.host_namespace()}})).unwrap();
+            namespaces.create(&PostParams::default(), &ns).await.unwrap();
+            std::fs::write(
+                dir.path().join(format!("{}.token", t.name)),
+                format!("secret-of-{}\n", t.name),
+            )
+            .unwrap();
+            config.push_str(&format!(
+                "  - name: {}\n    hostNamespace: {}\n    tokenFile: {}.token\n    sync: {{fromHost: {{runtimeClasses: {}}}}}\n",
+                t.name,
+                t.host_namespace(),
+                t.name,
+                t.runtime_classes
+            ));
+        }
+        std::fs::write(dir.path().join("tenants.yaml"), config).unwrap();
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let host_admin = format!("127.0.0.1:{}", free_port());
+        let host_args: Vec<String> = [
+            "--kubeconfig",
+            &host.kubeconfig.display().to_string(),
+            "--config",
+            &dir.path().join("tenants.yaml").display().to_string(),
+            "--grpc-listen",
+            &grpc,
+            "--admin-listen",
+            &host_admin,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let host_agent = Process::spawn("host-agent", &binary("host-agent"), &host_args, dir.path());
+        let mut virtuals = Vec::new();
+        for t in tenants {
+            let cluster = Cluster::start(
+                &format!("virtual-{}", t.name),
+                "RCSYNC_VIRTUAL_KUBECONFIG",
+                dir.path(),
+            )
+            .await;
+            let admin = format!("127.0.0.1:{}", free_port());
+            let args: Vec<String> = [
+                "--kubeconfig",
+                &cluster.kubeconfig.display().to_string(),
+                "--host-agent",
+                &format!("http://{grpc}"),
+                "--tenant",
+                &t.name,
+                "--token-file",
+                &dir.path().join(format!("{}.token", t.name)).display().to_string(),
+                "--admin-listen",
+                &admin,
+                "--log-level",
+                "info,virtual_agent=debug",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let agent = Process::spawn(
+                &format!("virtual-agent-{}", t.name),
+                &binary("virtual-agent"),
+                &args,
+                dir.path(),
+            );
+            virtuals.push(VirtualSide {
+                tenant: t.clone(),
+                cluster,
+                agent,
+                admin,
+                args,
+                dir: dir.path().to_path_buf(),
+            });
+        }
+        let system = Self {
+            dir,
+            host,
+            host_agent,
+            grpc,
+            host_admin,
+            virtuals,
+            host_args,
+        };
+        system.wait_ready().await;
+        system
+    }
+
+    /// Waits until every agent answers `/readyz` with 200.
+    pub async fn wait_ready(&self) {
+        wait_ready_at(&self.host_admin, "host-agent").await;
+        for v in &self.virtuals {
+            wait_ready_at(&v.admin, "virtual-agent").await;
+        }
+    }
+
+    /// The first (often only) virtual side.
+    pub fn virtual_side(&self) -> &VirtualSide {
+        &self.virtuals[0]
+    }
+
+    /// Host RuntimeClasses.
+    pub async fn host_classes(&self) -> Api<RuntimeClass> {
+        Api::all(self.host.client().await)
+    }
+
+    /// Host Pods of a tenant.
+    pub async fn host_pods(&self, tenant: &TenantSpec) -> Api<Pod> {
+        Api::namespaced(self.host.client().await, &tenant.host_namespace())
+    }
+
+    /// Kills the host agent (SIGKILL) and starts it again.
+    pub async fn restart_host_agent(&mut self) {
+        self.host_agent.signal("KILL");
+        self.host_agent.wait_exit().await;
+        self.host_agent = Process::spawn(
+            "host-agent-restarted",
+            &binary("host-agent"),
+            &self.host_args,
+            self.dir.path(),
+        );
+        wait_ready_at(&self.host_admin, "host-agent").await;
+    }
+}
+
+async fn wait_ready_at(admin: &str, what: &str) {
+    eventually(&format!("{what} at {admin} to be ready"), || async {
+        http_get(admin, "/readyz").await.filter(|(code, _)| *code == 200)
+    })
+    .await;
+}
+
+impl VirtualSide {
+    /// Virtual RuntimeClasses.
+    pub async fn classes(&self) -> Api<RuntimeClass> {
+        Api::all(self.cluster.client().await)
+    }
+
+    /// Virtual Pods in `default`.
+    pub async fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.cluster.client().await, "default")
+    }
+
+    /// Names of the RuntimeClasses in the virtual cluster.
+    pub async fn class_names(&self) -> BTreeSet<String> {
+        self.classes()
+            .await
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|rc| rc.name_any())
+            .collect()
+    }
+
+    /// Waits until the virtual cluster holds exactly these RuntimeClasses.
+    pub async fn wait_classes(&self, want: &[&str]) {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let api = self.classes().await;
+        eventually(&format!("virtual RuntimeClasses to be {want:?}"), || {
+            let api = api.clone();
+            let want = want.clone();
+            async move {
+                let have: BTreeSet<String> = api
+                    .list(&ListParams::default())
+                    .await
+                    .ok()?
+                    .items
+                    .iter()
+                    .map(|rc| rc.name_any())
+                    .collect();
+                (have == want).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Creates a Pod in `default`.
+    pub async fn create_pod(&self, pod: &Pod) -> Pod {
+        self.pods()
+            .await
+            .create(&PostParams::default(), pod)
+            .await
+            .unwrap()
+    }
+
+    /// Core/v1 events about a Pod in `default` (written through events.k8s.io, read as kubectl does).
+    pub async fn events_of(&self, pod: &str) -> Vec<CoreEvent> {
+        let events: Api<CoreEvent> = Api::namespaced(self.cluster.client().await, "default");
+        let selector = format!("involvedObject.name={pod},involvedObject.kind=Pod");
+        events
+            .list(&ListParams::default().fields(&selector))
+            .await
+            .unwrap()
+            .items
+    }
+
+    /// Waits for a Warning event on a Pod whose message is exactly `message`.
+    pub async fn wait_event(&self, pod: &str, message: &str) -> CoreEvent {
+        eventually(&format!("an event on pod {pod:?} saying {message:?}"), || async {
+            self.events_of(pod)
+                .await
+                .into_iter()
+                .find(|e| e.message.as_deref() == Some(message))
+        })
+        .await
+    }
+
+    /// Kills this virtual agent (SIGKILL).
+    pub async fn stop_agent(&mut self) {
+        self.agent.signal("KILL");
+        self.agent.wait_exit().await;
+    }
+
+    /// Starts this virtual agent again (after [`VirtualSide::stop_agent`]) and waits until ready.
+    pub async fn start_agent(&mut self) {
+        let name = format!("virtual-agent-{}-restarted", self.tenant.name);
+        self.agent = Process::spawn(&name, &binary("virtual-agent"), &self.args, &self.dir);
+        wait_ready_at(&self.admin, "virtual-agent").await;
+    }
+
+    /// Kills this virtual agent (SIGKILL) and starts it again.
+    pub async fn restart_agent(&mut self) {
+        self.stop_agent().await;
+        self.start_agent().await;
+    }
+
+    /// Creates a Pod naming a RuntimeClass the host does not offer. The virtual API server admits
+    /// Pods only with an existing class, so, as a tenant would, it creates that class by hand first
+    /// while the agent is stopped; the agent deletes the class when it comes back, the Pod stays.
+    pub async fn create_pod_with_homemade_class(&mut self, pod: &Pod, class: &str) -> Pod {
+        self.stop_agent().await;
+        let homemade = runtime_class(class, "runc", &[]);
+        self.classes()
+            .await
+            .create(&PostParams::default(), &homemade)
+            .await
+            .unwrap();
+        let created = self.create_pod(pod).await;
+        self.start_agent().await;
+        created
+    }
+
+    /// The agent's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        http_get(&self.admin, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,21 @@
+//! The virtual agent: runs next to a virtual cluster and applies what the host agent decides.
+//!
+//! ```text
+//!                     ┌──────────── Sync stream ◄──────────── host agent
+//!  classes::run_sync ─┤ apply upserts/removals, ACK/NACK ──► virtual RuntimeClasses
+//!                     └─► SyncState (watch) ──► classes::run_enforcer: delete tenant-made classes
+//!                                         └──► pods::PodSyncer: CheckPod ─► ApplyPod / SyncWarning event
+//!  WatchPodStatus ──► pods::PodSyncer ──► virtual Pod status; host Pod gone ──► virtual Pod deleted
+//!  operators ──HTTP──► /livez /readyz /metrics
+//! ```
+//!
+//! The virtual agent holds no host credentials: everything on the host goes through the host
+//! agent, which re-checks it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod classes;
+pub mod connect;
+pub mod metrics;
+pub mod pods;
+pub mod run;

@@ -1,0 +1,119 @@
+//! The virtual agent's Prometheus metrics (served on the admin port's `/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// Label set: the result of an apply.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `created`, `updated`, `recreated`, `deleted`, `unchanged` or `failed`.
+    pub result: String,
+}
+
+/// Every metric of the virtual agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    /// 1 while a Sync stream to the host agent is open.
+    pub host_connected: Gauge,
+    /// RuntimeClasses the virtual cluster holds from the host.
+    pub synced_classes: Gauge,
+    /// RuntimeClass applies by result.
+    pub applies_total: Family<ResultLabel, Counter>,
+    /// RuntimeClasses created directly in the virtual cluster and deleted.
+    pub local_classes_deleted_total: Counter,
+    /// Pods written to the host.
+    pub pods_synced_total: Counter,
+    /// Pods denied (SyncWarning recorded).
+    pub pods_denied_total: Counter,
+    /// Pods left as orphans because their class stopped being synced.
+    pub pods_orphaned: Gauge,
+    /// Pod operations that failed and are retried.
+    pub pod_errors_total: Counter,
+    /// Host Pod statuses copied to virtual Pods.
+    pub statuses_copied_total: Counter,
+    /// Unix time of the last Sync response applied.
+    pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics under the `rcsync` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            host_connected: Gauge::default(),
+            synced_classes: Gauge::default(),
+            applies_total: Family::default(),
+            local_classes_deleted_total: Counter::default(),
+            pods_synced_total: Counter::default(),
+            pods_denied_total: Counter::default(),
+            pods_orphaned: Gauge::default(),
+            pod_errors_total: Counter::default(),
+            statuses_copied_total: Counter::default(),
+            last_sync_timestamp_seconds: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("rcsync");
+        r.register(
+            "host_connected",
+            "1 while the Sync stream to the host agent is open",
+            m.host_connected.clone(),
+        );
+        r.register(
+            "synced_runtime_classes",
+            "RuntimeClasses held from the host",
+            m.synced_classes.clone(),
+        );
+        r.register(
+            "runtime_class_applies",
+            "RuntimeClass applies by result",
+            m.applies_total.clone(),
+        );
+        r.register(
+            "local_runtime_classes_deleted",
+            "RuntimeClasses created in the virtual cluster and deleted",
+            m.local_classes_deleted_total.clone(),
+        );
+        r.register(
+            "pods_synced",
+            "Pods written to the host",
+            m.pods_synced_total.clone(),
+        );
+        r.register(
+            "pods_denied",
+            "Pods denied by the host agent (SyncWarning)",
+            m.pods_denied_total.clone(),
+        );
+        r.register(
+            "pods_orphaned",
+            "Pods whose runtime class stopped being synced",
+            m.pods_orphaned.clone(),
+        );
+        r.register(
+            "pod_sync_errors",
+            "Pod operations that failed and are retried",
+            m.pod_errors_total.clone(),
+        );
+        r.register(
+            "pod_statuses_copied",
+            "Host Pod statuses copied to virtual Pods",
+            m.statuses_copied_total.clone(),
+        );
+        r.register(
+            "last_sync_timestamp_seconds",
+            "Unix time of the last Sync response applied",
+            m.last_sync_timestamp_seconds.clone(),
+        );
+        m
+    }
+
+    /// Counts one apply.
+    pub fn applied(&self, result: &str) {
+        self.applies_total
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,738 @@
+//! The Pod syncer: gates every virtual Pod on the host agent's decision, places admitted Pods on
+//! the host, records `SyncWarning` events on denied ones, copies host status back, and keeps
+//! orphans alone.
+//!
+//! ```text
+//!  watch virtual Pods ──► queue ──► CheckPod ──allowed──► ApplyPod ──► Synced
+//!                                        └────denied───► host Pod of this uid exists? ─yes─► Orphaned (left alone)
+//!                                                                                      └no──► Blocked + SyncWarning event
+//!  SyncState.synced changes ──► re-queue Blocked and Orphaned Pods
+//!  WatchPodStatus ──► host status ──► virtual Pod status; host Pod gone ──► event + delete virtual Pod
+//!  virtual Pod deleted ──► DeletePod (UID-checked by the host agent)
+//! ```
+//!
+//! Nothing is decided before both the virtual Pods and the host Pods were listed, and nothing syncs
+//! while the host agent is unreachable (fail closed); failed work is retried with backoff.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource as _, ResourceExt as _};
+use rcsync_core::admin::Readiness;
+use rcsync_core::version::content_version;
+use rcsync_proto::v1::{
+    ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, PodStatusEvent,
+    PodStatusEventType, WatchPodStatusRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::classes::SyncState;
+use crate::connect::{Backoff, HostAgentTarget, PodClient};
+use crate::metrics::Metrics;
+
+/// Readiness check: the virtual cluster's Pods were listed.
+pub const PODS_LISTED: &str = "virtual-pods-listed";
+/// The component that reports Pod sync events, as vCluster's syncer names it.
+pub const REPORTER: &str = "pod-syncer";
+
+/// `(namespace, name)` of a virtual Pod.
+pub type Key = (String, String);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum State {
+    /// Written to the host from content with this fingerprint.
+    Synced(String),
+    /// Denied with this message (event recorded).
+    Blocked(String),
+    /// Was synced; its class stopped being synced: left alone in both clusters.
+    Orphaned,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    uid: String,
+    state: State,
+}
+
+/// What the status feed reports.
+enum StatusFeed {
+    /// A new stream opened: a full initial state follows.
+    Reset,
+    /// One event.
+    Event(PodStatusEvent),
+}
+
+fn key_of(pod: &Pod) -> Key {
+    (pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// Fingerprint of what a Pod sync carries (labels, annotations, spec), so status writes and
+/// unrelated updates do not cause host writes.
+fn fingerprint(pod: &Pod) -> String {
+    content_version(&(&pod.metadata.labels, &pod.metadata.annotations, &pod.spec))
+}
+
+fn reason_of(decision: &CheckPodResponse) -> CheckPodReason {
+    CheckPodReason::try_from(decision.reason).unwrap_or(CheckPodReason::Unspecified)
+}
+
+/// A gRPC failure worth retrying later, or not.
+fn retryable(status: &tonic::Status) -> bool {
+    !matches!(
+        status.code(),
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    )
+}
+
+/// The Pod syncer's state and loop.
+pub struct PodSyncer {
+    client: Client,
+    target: HostAgentTarget,
+    recorder: Recorder,
+    metrics: Metrics,
+    readiness: Readiness,
+    sync_state: watch::Receiver<SyncState>,
+    pods: HashMap<Key, Arc<Pod>>,
+    records: HashMap<Key, Record>,
+    /// Host Pods by virtual key → virtual uid they were made for.
+    host: HashMap<Key, String>,
+    /// Host Pods seen since the status stream (re)opened, until its initial state completes.
+    host_staging: Option<HashMap<Key, String>>,
+    pods_listed: bool,
+    host_listed: bool,
+    queue: VecDeque<Key>,
+    queued: HashSet<Key>,
+    retries: BTreeMap<Key, (Instant, Backoff)>,
+    /// The last host refusal reported by an event, per Pod (reported once per message).
+    refusals: HashMap<Key, String>,
+    pod_client: Option<PodClient>,
+    class_client: Option<crate::connect::ClassClient>,
+}
+
+impl PodSyncer {
+    /// A syncer for the virtual cluster behind `client`.
+    pub fn new(
+        client: Client,
+        target: HostAgentTarget,
+        metrics: Metrics,
+        readiness: Readiness,
+        sync_state: watch::Receiver<SyncState>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: REPORTER.into(),
+            instance: Some(format!("{REPORTER}-{}", target.tenant)),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            target,
+            metrics,
+            readiness,
+            sync_state,
+            pods: HashMap::new(),
+            records: HashMap::new(),
+            host: HashMap::new(),
+            host_staging: None,
+            pods_listed: false,
+            host_listed: false,
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            retries: BTreeMap::new(),
+            refusals: HashMap::new(),
+            pod_client: None,
+            class_client: None,
+        }
+    }
+
+    fn enqueue(&mut self, key: Key) {
+        if self.queued.insert(key.clone()) {
+            self.queue.push_back(key);
+        }
+    }
+
+    fn retry_later(&mut self, key: Key) {
+        let entry = self.retries.entry(key).or_insert_with(|| {
+            (
+                Instant::now(),
+                Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+            )
+        });
+        entry.0 = Instant::now() + entry.1.next_delay();
+        self.metrics.pod_errors_total.inc();
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.retries.values().map(|(at, _)| *at).min()
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let mut pod_events = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
+        let (status_tx, mut status_rx) = mpsc::channel(256);
+        tokio::spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
+        let mut synced_classes = self.sync_state.borrow().synced.clone();
+        loop {
+            let ready = self.pods_listed && self.host_listed && !self.queue.is_empty();
+            let retry_at = self.next_retry();
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                event = pod_events.next() => match event {
+                    None => return,
+                    Some(Err(e)) => tracing::warn!(error = %e, "watching virtual Pods failed; retrying with backoff"),
+                    Some(Ok(Event::Init)) => relist = Some(HashMap::new()),
+                    Some(Ok(Event::InitApply(pod))) => {
+                        if let Some(r) = &mut relist {
+                            r.insert(key_of(&pod), Arc::new(pod));
+                        }
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        let fresh = relist.take().unwrap_or_default();
+                        let gone: Vec<Key> = self.pods.keys().filter(|k| !fresh.contains_key(*k)).cloned().collect();
+                        self.pods = fresh;
+                        let all: Vec<Key> = self.pods.keys().cloned().chain(gone).collect();
+                        for key in all {
+                            self.enqueue(key);
+                        }
+                        if !self.pods_listed {
+                            self.pods_listed = true;
+                            self.readiness.set(PODS_LISTED, true);
+                            self.collect_garbage();
+                        }
+                    }
+                    Some(Ok(Event::Apply(pod))) => {
+                        let key = key_of(&pod);
+                        self.pods.insert(key.clone(), Arc::new(pod));
+                        self.enqueue(key);
+                    }
+                    Some(Ok(Event::Delete(pod))) => {
+                        let key = key_of(&pod);
+                        self.pods.remove(&key);
+                        self.enqueue(key);
+                    }
+                },
+                feed = status_rx.recv() => match feed {
+                    None => return,
+                    Some(StatusFeed::Reset) => self.host_staging = Some(HashMap::new()),
+                    Some(StatusFeed::Event(event)) => self.on_status(event).await,
+                },
+                changed = self.sync_state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = self.sync_state.borrow_and_update().synced.clone();
+                    if now != synced_classes {
+                        synced_classes = now;
+                        let waiting: Vec<Key> = self
+                            .records
+                            .iter()
+                            .filter(|(_, r)| !matches!(r.state, State::Synced(_)))
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        tracing::debug!(pods = waiting.len(), "synced RuntimeClasses changed: re-evaluating blocked and orphaned Pods");
+                        for key in waiting {
+                            self.enqueue(key);
+                        }
+                    }
+                }
+                _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)).await }, if retry_at.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<Key> = self.retries.iter().filter(|(_, (at, _))| *at <= now).map(|(k, _)| k.clone()).collect();
+                    for key in due {
+                        // Keep the backoff state until the key succeeds.
+                        if let Some(entry) = self.retries.get_mut(&key) {
+                            entry.0 = now + Duration::from_secs(3600);
+                        }
+                        self.enqueue(key);
+                    }
+                }
+                _ = std::future::ready(()), if ready => {
+                    if let Some(key) = self.queue.pop_front() {
+                        self.queued.remove(&key);
+                        let ok = self.process(&key).await;
+                        if ok {
+                            self.retries.remove(&key);
+                        } else {
+                            self.retry_later(key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn clients(&mut self) -> Option<(crate::connect::ClassClient, PodClient)> {
+        if self.pod_client.is_none() {
+            match self.target.connect().await {
+                Ok((classes, pods)) => {
+                    self.class_client = Some(classes);
+                    self.pod_client = Some(pods);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "host agent unreachable: Pods are not synced meanwhile"
+                    );
+                    return None;
+                }
+            }
+        }
+        Some((self.class_client.clone()?, self.pod_client.clone()?))
+    }
+
+    fn drop_clients_on(&mut self, status: &tonic::Status) {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+        ) {
+            self.pod_client = None;
+            self.class_client = None;
+        }
+    }
+
+    /// Processes one Pod; false when it must be retried.
+    async fn process(&mut self, key: &Key) -> bool {
+        match self.pods.get(key).cloned() {
+            None => self.on_virtual_gone(key).await,
+            Some(pod) => self.on_virtual(key, &pod).await,
+        }
+    }
+
+    async fn delete_on_host(&mut self, key: &Key, uid: &str, grace: Option<i64>) -> bool {
+        let Some((_, mut pods)) = self.clients().await else {
+            return false;
+        };
+        let request = DeletePodRequest {
+            pod_namespace: key.0.clone(),
+            pod_name: key.1.clone(),
+            pod_uid: uid.to_string(),
+            grace_period_seconds: grace,
+        };
+        match pods.delete_pod(request).await {
+            Ok(answer) => {
+                tracing::info!(namespace = %key.0, pod = %key.1, deleted = answer.into_inner().deleted, "deleted host Pod of a deleted virtual Pod");
+                true
+            }
+            Err(status) => {
+                tracing::warn!(namespace = %key.0, pod = %key.1, %status, "DeletePod failed");
+                self.drop_clients_on(&status);
+                !retryable(&status)
+            }
+        }
+    }
+
+    async fn on_virtual_gone(&mut self, key: &Key) -> bool {
+        self.refusals.remove(key);
+        let record = self.records.remove(key);
+        self.update_orphan_gauge();
+        let uid = self.host.get(key).cloned().or_else(|| {
+            record
+                .filter(|r| matches!(r.state, State::Synced(_) | State::Orphaned))
+                .map(|r| r.uid)
+        });
+        match uid {
+            Some(uid) => {
+                if self.delete_on_host(key, &uid, None).await {
+                    true
+                } else {
+                    // Keep what we need to retry.
+                    self.records.insert(
+                        key.clone(),
+                        Record {
+                            uid,
+                            state: State::Orphaned,
+                        },
+                    );
+                    false
+                }
+            }
+            None => true,
+        }
+    }
+
+    async fn on_virtual(&mut self, key: &Key, pod: &Pod) -> bool {
+        let uid = pod.uid().unwrap_or_default();
+        if self.records.get(key).is_some_and(|r| r.uid != uid) {
+            // A new Pod under an old name: forget the old one (its host Pod is replaced by the host agent).
+            self.records.remove(key);
+        }
+        let host_has_it = self.host.get(key) == Some(&uid);
+        if pod.metadata.deletion_timestamp.is_some() {
+            if host_has_it {
+                return self
+                    .delete_on_host(key, &uid, pod.metadata.deletion_grace_period_seconds)
+                    .await;
+            }
+            return self.finalize_virtual(key, pod).await;
+        }
+        let fingerprint = fingerprint(pod);
+        if let Some(record) = self.records.get(key)
+            && record.state == State::Synced(fingerprint.clone())
+            && host_has_it
+        {
+            return true;
+        }
+        let Some((mut classes, mut pods)) = self.clients().await else {
+            return false;
+        };
+        let runtime_class = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.runtime_class_name.clone())
+            .unwrap_or_default();
+        let request = CheckPodRequest {
+            pod_namespace: key.0.clone(),
+            pod_name: key.1.clone(),
+            runtime_class_name: runtime_class,
+        };
+        let decision = match classes.check_pod(request).await {
+            Ok(answer) => answer.into_inner(),
+            Err(status) => {
+                tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
+                self.drop_clients_on(&status);
+                return false;
+            }
+        };
+        let decision = if decision.allowed {
+            let mut sent = pod.clone();
+            sent.status = None;
+            sent.metadata.managed_fields = None;
+            let pod_json = serde_json::to_vec(&sent).expect("a Pod serializes");
+            match pods.apply_pod(ApplyPodRequest { pod_json }).await {
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    if answer.applied {
+                        let was_orphan = self.records.get(key).is_some_and(|r| r.state == State::Orphaned);
+                        self.records.insert(
+                            key.clone(),
+                            Record {
+                                uid: uid.clone(),
+                                state: State::Synced(fingerprint),
+                            },
+                        );
+                        self.refusals.remove(key);
+                        self.metrics.pods_synced_total.inc();
+                        self.update_orphan_gauge();
+                        tracing::info!(
+                            namespace = %key.0, pod = %key.1, host = %answer.host_name, created = answer.created,
+                            resumed = was_orphan, "synced Pod to the host"
+                        );
+                        return true;
+                    }
+                    answer.decision.unwrap_or(decision)
+                }
+                Err(status) => {
+                    tracing::warn!(namespace = %key.0, pod = %key.1, %status, "ApplyPod failed");
+                    self.drop_clients_on(&status);
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && self.refusals.get(key).map(String::as_str) != Some(status.message())
+                    {
+                        // The host refused the Pod (e.g. its namespace or class is missing there):
+                        // tell the user where they look, once per reason; keep retrying.
+                        let note = format!("did not sync pod {:?} to host: {}", key.1, status.message());
+                        if self
+                            .publish(pod, EventType::Warning, "SyncError", "Sync/host-refused", note)
+                            .await
+                        {
+                            self.refusals.insert(key.clone(), status.message().to_string());
+                        }
+                    }
+                    return false;
+                }
+            }
+        } else {
+            decision
+        };
+        self.on_denied(key, pod, &uid, host_has_it, decision).await
+    }
+
+    async fn on_denied(
+        &mut self,
+        key: &Key,
+        pod: &Pod,
+        uid: &str,
+        host_has_it: bool,
+        decision: CheckPodResponse,
+    ) -> bool {
+        let was_synced = self
+            .records
+            .get(key)
+            .is_some_and(|r| matches!(r.state, State::Synced(_) | State::Orphaned));
+        if host_has_it || was_synced {
+            if self.records.get(key).map(|r| &r.state) != Some(&State::Orphaned) {
+                tracing::info!(
+                    namespace = %key.0, pod = %key.1, reason = %decision.message,
+                    "Pod orphaned: its runtime class is no longer synced; it stays in both clusters and receives no updates"
+                );
+            }
+            self.records.insert(
+                key.clone(),
+                Record {
+                    uid: uid.to_string(),
+                    state: State::Orphaned,
+                },
+            );
+            self.update_orphan_gauge();
+            return true;
+        }
+        let already = self
+            .records
+            .get(key)
+            .is_some_and(|r| r.state == State::Blocked(decision.message.clone()));
+        self.records.insert(
+            key.clone(),
+            Record {
+                uid: uid.to_string(),
+                state: State::Blocked(decision.message.clone()),
+            },
+        );
+        if already {
+            return true;
+        }
+        self.metrics.pods_denied_total.inc();
+        tracing::info!(namespace = %key.0, pod = %key.1, reason = ?reason_of(&decision), "{}", decision.message);
+        let reason_name = reason_of(&decision)
+            .as_str_name()
+            .trim_start_matches("CHECK_POD_REASON_")
+            .to_lowercase();
+        let action = format!("Sync/{reason_name}");
+        self.publish(pod, EventType::Warning, "SyncWarning", &action, decision.message)
+            .await
+    }
+
+    async fn publish(
+        &mut self,
+        pod: &Pod,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) -> bool {
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, &pod.object_ref(&())).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pod = %pod.name_any(), error = %e, "recording an event failed; retrying");
+                // Forget the Blocked state so the retry records the event again.
+                self.records.remove(&key_of(pod));
+                false
+            }
+        }
+    }
+
+    /// Completes the deletion of a virtual Pod whose host Pod is gone.
+    async fn finalize_virtual(&mut self, key: &Key, pod: &Pod) -> bool {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(&key.1, &params).await {
+            Ok(_) => true,
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => true,
+            Err(e) => {
+                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not finish deleting the virtual Pod");
+                false
+            }
+        }
+    }
+
+    fn update_orphan_gauge(&self) {
+        let n = self
+            .records
+            .values()
+            .filter(|r| r.state == State::Orphaned)
+            .count();
+        self.metrics.pods_orphaned.set(n as i64);
+    }
+
+    /// Host Pods whose virtual Pod no longer exists (deleted while the agent was away).
+    fn collect_garbage(&mut self) {
+        if !(self.pods_listed && self.host_listed) {
+            return;
+        }
+        let live: HashMap<&Key, String> = self
+            .pods
+            .iter()
+            .map(|(k, p)| (k, p.uid().unwrap_or_default()))
+            .collect();
+        let stale: Vec<Key> = self
+            .host
+            .iter()
+            .filter(|(k, uid)| live.get(k) != Some(*uid))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            tracing::info!(namespace = %key.0, pod = %key.1, "host Pod without its virtual Pod: deleting it");
+            self.enqueue(key);
+        }
+    }
+
+    async fn on_status(&mut self, event: PodStatusEvent) {
+        let key = (event.pod_namespace.clone(), event.pod_name.clone());
+        match PodStatusEventType::try_from(event.r#type).unwrap_or(PodStatusEventType::Unspecified) {
+            PodStatusEventType::Updated => {
+                self.host.insert(key.clone(), event.pod_uid.clone());
+                if let Some(staging) = &mut self.host_staging {
+                    staging.insert(key.clone(), event.pod_uid.clone());
+                }
+                self.copy_status(&key, &event).await;
+            }
+            PodStatusEventType::Deleted => {
+                self.host.remove(&key);
+                self.on_host_gone(&key, &event.pod_uid).await;
+            }
+            PodStatusEventType::InitialStateComplete => {
+                if let Some(staging) = self.host_staging.take() {
+                    let vanished: Vec<(Key, String)> = self
+                        .host
+                        .iter()
+                        .filter(|(k, _)| !staging.contains_key(*k))
+                        .map(|(k, u)| (k.clone(), u.clone()))
+                        .collect();
+                    self.host = staging;
+                    for (key, uid) in vanished {
+                        self.on_host_gone(&key, &uid).await;
+                    }
+                }
+                if !self.host_listed {
+                    self.host_listed = true;
+                    tracing::info!(host_pods = self.host.len(), "listed host Pods");
+                }
+                self.collect_garbage();
+            }
+            PodStatusEventType::Unspecified => {}
+        }
+    }
+
+    async fn copy_status(&mut self, key: &Key, event: &PodStatusEvent) {
+        let Some(pod) = self.pods.get(key).cloned() else {
+            return;
+        };
+        if pod.uid().as_deref() != Some(event.pod_uid.as_str()) || pod.metadata.deletion_timestamp.is_some() {
+            return;
+        }
+        if self.records.get(key).is_some_and(|r| r.state == State::Orphaned) {
+            return;
+        }
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&event.status_json) else {
+            tracing::warn!(namespace = %key.0, pod = %key.1, "the host agent sent a status that is not JSON");
+            return;
+        };
+        if status.is_null() || serde_json::to_value(&pod.status).ok().as_ref() == Some(&status) {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
+        let patch = serde_json::json!({"status": status});
+        match api
+            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                self.metrics.statuses_copied_total.inc();
+            }
+            Err(e) => {
+                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "copying the host status failed")
+            }
+        }
+    }
+
+    async fn on_host_gone(&mut self, key: &Key, uid: &str) {
+        let Some(pod) = self.pods.get(key).cloned() else {
+            return;
+        };
+        if pod.uid().as_deref() != Some(uid) {
+            return;
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            self.finalize_virtual(key, &pod).await;
+            return;
+        }
+        if !self
+            .records
+            .get(key)
+            .is_some_and(|r| matches!(r.state, State::Synced(_)))
+        {
+            return;
+        }
+        let note = format!(
+            "the host pod of {:?} was deleted; deleting the virtual pod",
+            key.1
+        );
+        tracing::warn!(namespace = %key.0, pod = %key.1, "{note}");
+        self.publish(&pod, EventType::Warning, "SyncWarning", "Delete", note)
+            .await;
+        self.records.remove(key);
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: pod.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        if let Err(e) = api.delete(&key.1, &params).await {
+            tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not delete the virtual Pod of a deleted host Pod");
+        }
+    }
+}
+
+/// Keeps a WatchPodStatus stream open, reconnecting with backoff, and forwards its events.
+async fn status_feed(
+    target: HostAgentTarget,
+    tx: mpsc::Sender<StatusFeed>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        let session = async {
+            let (_, mut pods) = target.connect().await?;
+            let mut stream = pods
+                .watch_pod_status(WatchPodStatusRequest {})
+                .await?
+                .into_inner();
+            tx.send(StatusFeed::Reset).await?;
+            while let Some(event) = stream.message().await? {
+                backoff.reset();
+                tx.send(StatusFeed::Event(event)).await?;
+            }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            result = session => {
+                if let Err(e) = result {
+                    tracing::warn!(error = format!("{e:#}"), "WatchPodStatus stream failed");
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
