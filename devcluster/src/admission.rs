@@ -15,6 +15,38 @@ use crate::resources::{METADATA_FIELDS, ResourceDef, runtime_classes};
 use crate::status::{ApiError, Cause};
 use crate::store::Reader;
 
+/// Admission plugins that can be turned off, as kube-apiserver's `--disable-admission-plugins`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionPlugins {
+    /// `RuntimeClass`: Pods must name an existing RuntimeClass; its overhead and scheduling are
+    /// merged in. On by default, as upstream.
+    pub runtime_class: bool,
+}
+
+impl Default for AdmissionPlugins {
+    fn default() -> Self {
+        Self { runtime_class: true }
+    }
+}
+
+impl AdmissionPlugins {
+    /// Parses kube-apiserver's `--disable-admission-plugins` list (only RuntimeClass is known).
+    pub fn disabling(list: &[String]) -> Result<Self, String> {
+        let mut plugins = Self::default();
+        for name in list {
+            match name.as_str() {
+                "RuntimeClass" => plugins.runtime_class = false,
+                other => {
+                    return Err(format!(
+                        "unknown admission plugin {other:?}: devcluster knows \"RuntimeClass\""
+                    ));
+                }
+            }
+        }
+        Ok(plugins)
+    }
+}
+
 /// The time as Kubernetes writes it (`2026-01-02T03:04:05Z`).
 pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -358,6 +390,7 @@ pub fn prepare_create(
     namespace: &str,
     mut obj: Value,
     reader: &Reader<'_>,
+    plugins: &AdmissionPlugins,
 ) -> Result<Value, ApiError> {
     let meta = obj["metadata"]
         .as_object_mut()
@@ -406,7 +439,7 @@ pub fn prepare_create(
     }
     default_object(def, &mut obj);
     validate(def, &obj)?;
-    if def.kind == "Pod" {
+    if def.kind == "Pod" && plugins.runtime_class {
         admit_runtime_class(def, &mut obj, reader)?;
     }
     Ok(obj)

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::admission::{
-    FieldValidation, Part, check_type, check_unknown_fields, labels_of, name_of, prepare_create,
-    prepare_update, random_suffix,
+    AdmissionPlugins, FieldValidation, Part, check_type, check_unknown_fields, labels_of, name_of,
+    prepare_create, prepare_update, random_suffix,
 };
 use crate::events::{to_core_v1, to_events_v1};
 use crate::patch::{json_patch, merge_patch, strategic_merge_patch};
@@ -85,6 +85,8 @@ pub struct Api {
     store: Arc<Store>,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Admission plugins in effect.
+    pub admission: AdmissionPlugins,
 }
 
 enum Route {
@@ -367,6 +369,7 @@ impl Api {
         Self {
             store,
             bookmark_interval: Duration::from_secs(10),
+            admission: AdmissionPlugins::default(),
         }
     }
 
@@ -512,7 +515,8 @@ impl Api {
                                 }
                                 let mut body = body.clone();
                                 body["metadata"]["name"] = json!(name);
-                                let obj = prepare_create(storage_def(def), &ns, body, reader)?;
+                                let obj =
+                                    prepare_create(storage_def(def), &ns, body, reader, &self.admission)?;
                                 return Ok(if dry_run {
                                     Outcome::Unchanged
                                 } else {
@@ -590,7 +594,7 @@ impl Api {
                 if current.is_some() {
                     return Err(ApiError::already_exists(def, &name));
                 }
-                let obj = prepare_create(sdef, ns, body, reader)?;
+                let obj = prepare_create(sdef, ns, body, reader, &self.admission)?;
                 if dry_run {
                     dry = Some(obj);
                     return Ok(Outcome::Unchanged);
@@ -757,7 +761,13 @@ impl Api {
                     check_type(def, &mut body)?;
                     warnings = check_unknown_fields(def, &mut body, validation)?;
                     body["metadata"]["name"] = json!(name);
-                    let obj = prepare_create(storage_def(def), ns, to_storage(def, body), reader)?;
+                    let obj = prepare_create(
+                        storage_def(def),
+                        ns,
+                        to_storage(def, body),
+                        reader,
+                        &self.admission,
+                    )?;
                     created = true;
                     return Ok(if dry_run {
                         Outcome::Unchanged

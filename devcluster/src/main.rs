@@ -52,14 +52,32 @@ enum Command {
         /// Changes kept for watches to resume from; older resourceVersions get 410 Gone.
         #[arg(long, env = "DEVCLUSTER_HISTORY", default_value_t = 10_000)]
         history: usize,
+        /// Admission plugins to turn off, as kube-apiserver's flag (known: RuntimeClass).
+        #[arg(long, env = "DEVCLUSTER_DISABLE_ADMISSION_PLUGINS", value_delimiter = ',')]
+        disable_admission_plugins: Vec<String>,
+    },
+    /// Run the whole rcsync system on loopback: a host and a virtual API server, host-agent and
+    /// virtual-agent (found next to this executable, else on PATH), and a guide to try it with
+    /// kubectl. Stops everything on Ctrl-C or SIGTERM.
+    Up {
+        /// State directory: kubeconfigs, tenants file, example manifests, agent logs.
+        #[arg(long, env = "DEVCLUSTER_DIR", default_value = ".devcluster")]
+        dir: PathBuf,
     },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_level)?;
+    // `up` prints a guide and a live status on stdout; keep devcluster's own logs quiet there.
+    let level = if matches!(cli.command, Command::Up { .. }) && cli.log_level == "info" {
+        "warn"
+    } else {
+        &cli.log_level
+    };
+    init_logging(cli.log_format, level)?;
     match cli.command {
+        Command::Up { dir } => devcluster::up::up(devcluster::up::UpOptions { dir }).await,
         Command::Serve {
             listen,
             kubeconfig,
@@ -67,12 +85,16 @@ async fn main() -> anyhow::Result<()> {
             insecure_http,
             token,
             history,
+            disable_admission_plugins,
         } => {
+            let admission = devcluster::admission::AdmissionPlugins::disabling(&disable_admission_plugins)
+                .map_err(|e| anyhow::anyhow!("--disable-admission-plugins: {e}"))?;
             let options = ServerOptions {
                 listen,
                 insecure_http,
                 token,
                 history,
+                admission,
                 ..ServerOptions::default()
             };
             let cluster = DevCluster::start(options).await?;

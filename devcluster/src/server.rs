@@ -48,6 +48,8 @@ pub struct ServerOptions {
     pub history: usize,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Admission plugins in effect.
+    pub admission: crate::admission::AdmissionPlugins,
 }
 
 impl Default for ServerOptions {
@@ -58,6 +60,7 @@ impl Default for ServerOptions {
             token: None,
             history: 10_000,
             bookmark_interval: Duration::from_secs(10),
+            admission: Default::default(),
         }
     }
 }
@@ -88,6 +91,7 @@ impl DevCluster {
         let store = Arc::new(Store::new(options.history));
         let mut api = Api::new(store);
         api.bookmark_interval = options.bookmark_interval;
+        api.admission = options.admission;
         api.bootstrap();
         let (tls, token, ca_pem) = if options.insecure_http {
             (None, None, None)
@@ -142,6 +146,11 @@ impl DevCluster {
     /// The store, for tests that need to reach below the API (e.g. compaction).
     pub fn store(&self) -> &Arc<Store> {
         self.app.api.store()
+    }
+
+    /// The API, to serve requests in-process (bootstrapping objects without a client).
+    pub fn api(&self) -> &Api {
+        &self.app.api
     }
 
     /// A kubeconfig for this server, with one cluster, user and context named `name`.
