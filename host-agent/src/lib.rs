@@ -19,6 +19,7 @@ pub mod check;
 pub mod grpc;
 pub mod index;
 pub mod metrics;
+pub mod rbac;
 pub mod run;
 pub mod tenants;
 pub mod translate;

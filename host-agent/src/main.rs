@@ -46,6 +46,10 @@ struct RunArgs {
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
     #[arg(long, env = "HOST_AGENT_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     admin_listen: SocketAddr,
+    /// Plaintext address serving only gRPC health, for kubelet's native gRPC probe (which cannot
+    /// speak TLS). Off unless set.
+    #[arg(long, env = "HOST_AGENT_GRPC_HEALTH_LISTEN")]
+    grpc_health_listen: Option<SocketAddr>,
     /// Serving certificate (PEM); with --tls-key, gRPC is served over TLS.
     #[arg(long, env = "HOST_AGENT_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
         config,
         grpc_listen: args.grpc_listen,
         admin_listen: args.admin_listen,
+        grpc_health_listen: args.grpc_health_listen,
         tls: TlsFiles {
             cert: args.tls_cert,
             key: args.tls_key,

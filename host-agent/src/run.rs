@@ -39,6 +39,9 @@ pub struct Settings {
     pub grpc_listen: SocketAddr,
     /// Admin HTTP address.
     pub admin_listen: SocketAddr,
+    /// Plaintext address serving only `grpc.health.v1` (for kubelet's native gRPC probe, which
+    /// cannot speak TLS); off when `None`.
+    pub grpc_health_listen: Option<SocketAddr>,
     /// TLS files.
     pub tls: TlsFiles,
     /// Serve tenants without a token, named by `x-rcsync-tenant`.
@@ -176,6 +179,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    let health_task = match settings.grpc_health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the gRPC health address {addr}"))?;
+            tracing::info!(grpc_health = %listener.local_addr()?, "serving plaintext gRPC health for probes");
+            let mut rx = shutdown_rx.clone();
+            Some(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health.clone())
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    }),
+            ))
+        }
+        None => None,
+    };
     let grpc_task = tokio::spawn(
         server
             .add_service(health)
@@ -207,6 +227,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let _ = grpc_task.await;
         let _ = admin_task.await;
         let _ = index_task.await;
+        if let Some(task) = health_task {
+            let _ = task.await;
+        }
     })
     .await;
     if drained.is_err() {

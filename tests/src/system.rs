@@ -68,13 +68,18 @@ pub struct System {
     pub dir: tempfile::TempDir,
 }
 
+/// Label on every object the suite creates, so a run against real clusters can clean up after
+/// an earlier one.
+pub const E2E_LABEL: &str = "rcsync.io/e2e";
+
 /// A host RuntimeClass with labels.
 pub fn runtime_class(name: &str, handler: &str, labels: &[(&str, &str)]) -> RuntimeClass {
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()},
-        "handler": handler,
-    }))
-    .unwrap()
+    let mut all: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    all.insert(E2E_LABEL.into(), "true".into());
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": all}, "handler": handler})).unwrap()
 }
 
 /// A Pod with one container and an optional runtimeClassName.
@@ -94,6 +99,9 @@ impl System {
         let host = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
         let host_client = host.client().await;
         let classes: Api<RuntimeClass> = Api::all(host_client.clone());
+        if host.dev.is_none() {
+            clean_real_cluster(&host, tenants).await;
+        }
         for rc in host_classes {
             classes.create(&PostParams::default(), rc).await.unwrap();
         }
@@ -102,7 +110,11 @@ impl System {
         for t in tenants {
             let ns: Namespace =
                 serde_json::from_value(json!({"metadata": {"name": t.host_namespace()}})).unwrap();
-            namespaces.create(&PostParams::default(), &ns).await.unwrap();
+            match namespaces.create(&PostParams::default(), &ns).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 && host.dev.is_none() => {}
+                Err(e) => panic!("creating namespace {}: {e}", t.host_namespace()),
+            }
             std::fs::write(
                 dir.path().join(format!("{}.token", t.name)),
                 format!("secret-of-{}\n", t.name),
@@ -221,6 +233,47 @@ impl System {
             self.dir.path(),
         );
         wait_ready_at(&self.host_admin, "host-agent").await;
+    }
+}
+
+/// Removes what an earlier run against a real cluster left: the suite's RuntimeClasses and Pods.
+async fn clean_real_cluster(cluster: &Cluster, tenants: &[TenantSpec]) {
+    use kube::api::DeleteParams;
+    let client = cluster.client().await;
+    let selector = ListParams::default().labels(&format!("{E2E_LABEL}=true"));
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    let _ = classes
+        .delete_collection(&DeleteParams::default(), &selector)
+        .await;
+    let managed = ListParams::default().labels("rcsync.io/managed=true");
+    let _ = classes
+        .delete_collection(&DeleteParams::default(), &managed)
+        .await;
+    let mut namespaces = vec!["default".to_string()];
+    namespaces.extend(tenants.iter().map(TenantSpec::host_namespace));
+    for ns in namespaces {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let _ = pods
+            .delete_collection(
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+                &ListParams::default(),
+            )
+            .await;
+        eventually(&format!("pods in {ns} to be gone"), || {
+            let pods = pods.clone();
+            async move {
+                pods.list(&ListParams::default())
+                    .await
+                    .ok()?
+                    .items
+                    .is_empty()
+                    .then_some(())
+            }
+        })
+        .await;
     }
 }
 

@@ -18,4 +18,5 @@ pub mod classes;
 pub mod connect;
 pub mod metrics;
 pub mod pods;
+pub mod rbac;
 pub mod run;

@@ -1,0 +1,16 @@
+//! The Kubernetes API access the host agent needs, kept next to the code that uses it; the
+//! deploy manifests' RBAC is checked against this list by a test.
+
+/// `(API group, resource, verbs, scope)` the host agent uses.
+/// Scope `cluster`: a ClusterRole; `tenant-namespace`: a Role in each tenant's hostNamespace.
+pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
+    // index::run: one watcher (list + watch) on every RuntimeClass.
+    ("node.k8s.io", "runtimeclasses", &["list", "watch"], "cluster"),
+    // grpc::pods: get/create/patch/delete in ApplyPod and DeletePod; list + watch in WatchPodStatus.
+    (
+        "",
+        "pods",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "tenant-namespace",
+    ),
+];

@@ -1,0 +1,18 @@
+//! The Kubernetes API access the virtual agent needs in its virtual cluster, kept next to the code
+//! that uses it; the deploy manifests' RBAC is checked against this list by a test.
+
+/// `(API group, resource, verbs)` the virtual agent uses (cluster-wide: a ClusterRole).
+pub const REQUIRED: &[(&str, &str, &[&str])] = &[
+    // classes::Applier (get, create, update, delete, list of managed copies) and the enforcer (watch).
+    (
+        "node.k8s.io",
+        "runtimeclasses",
+        &["create", "delete", "get", "list", "update", "watch"],
+    ),
+    // pods::PodSyncer: watch every Pod; delete a virtual Pod whose host Pod is gone.
+    ("", "pods", &["delete", "list", "watch"]),
+    // pods::PodSyncer: copy host status.
+    ("", "pods/status", &["patch"]),
+    // kube-runtime's Recorder: SyncWarning / SyncError events (create, then patch for series).
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
