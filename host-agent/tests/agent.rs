@@ -617,7 +617,8 @@ async fn readiness_health_and_metrics_follow_the_host_list() {
         dev: None,
         kubeconfig,
     };
-    let host = Host::start_agent(dir, cluster, TENANTS, &[]).await;
+    let health_addr = format!("127.0.0.1:{}", free_port());
+    let host = Host::start_agent(dir, cluster, TENANTS, &["--grpc-health-listen", &health_addr]).await;
     let (code, _) = eventually("the admin port", || http_get(&host.admin, "/livez")).await;
     assert_eq!(code, 200, "/livez never depends on the API server");
     let (code, body) = http_get(&host.admin, "/readyz").await.unwrap();
@@ -665,6 +666,27 @@ async fn readiness_health_and_metrics_follow_the_host_list() {
         .await
         .unwrap();
     host.ready().await;
+    // The plaintext health port (for kubelet's gRPC probe) says the same.
+    let probe = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{health_addr}"))
+            .unwrap()
+            .connect_lazy(),
+    );
+    eventually("the probe port to say SERVING", || {
+        let mut probe = probe.clone();
+        async move {
+            let answer = probe
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()?;
+            (answer.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                .then_some(())
+        }
+    })
+    .await;
     for service in ["", "rcsync.v1.RuntimeClassSync"] {
         eventually("gRPC health SERVING", || async {
             (serving(service).await
