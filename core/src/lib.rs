@@ -16,6 +16,8 @@ pub mod admin;
 pub mod config;
 pub mod labels;
 pub mod naming;
+pub mod patches;
+pub mod script;
 pub mod selector;
 pub mod telemetry;
 pub mod version;
