@@ -239,7 +239,6 @@ struct CompiledPatch {
 
 /// A tenant's patches, compiled once, with the engine that runs them.
 pub struct TenantPatches {
-    /// Declared before `engine`: compiled scripts must be dropped before their runtime.
     patches: Vec<CompiledPatch>,
     engine: Option<ScriptEngine>,
     vcluster: Value,
@@ -321,7 +320,12 @@ impl TenantPatches {
     /// The virtual copy of a host object (given as JSON): every patch applied in order.
     pub fn to_virtual(&self, host: &Value) -> Result<Value, PatchError> {
         let mut doc = host.clone();
+        let host_json = host.to_string();
+        let vcluster_json = self.vcluster.to_string();
         for patch in &self.patches {
+            // The expressions' context, built once per patch: `virtualObject` is the copy as the
+            // earlier patches left it.
+            let mut context_json = None;
             let err = |message: String| PatchError {
                 path: patch.path.to_string(),
                 message,
@@ -330,18 +334,19 @@ impl TenantPatches {
                 let current = get(&doc, &at).cloned();
                 let next = match &patch.mode {
                     CompiledMode::Expression { forward } => {
-                        let context = json!({
-                            "path": patch.path.to_string(),
-                            "vcluster": self.vcluster,
-                            "hostObject": host,
-                            "virtualObject": doc,
+                        let context: &str = context_json.get_or_insert_with(|| {
+                            format!(
+                                r#"{{"path":{},"vcluster":{vcluster_json},"hostObject":{host_json},"virtualObject":{}}}"#,
+                                Value::String(patch.path.to_string()),
+                                doc
+                            )
                         });
                         let engine = self
                             .engine
                             .as_ref()
                             .expect("an engine exists when expressions do");
                         engine
-                            .eval(forward, current.as_ref(), &context)
+                            .eval(forward, current.as_ref(), context)
                             .map_err(|e: ScriptError| err(e.to_string()))?
                     }
                     CompiledMode::Labels => match current {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rquickjs::{Context, Function, Persistent, Runtime};
+use rquickjs::{Context, Function, Object, Runtime};
 use serde_json::Value;
 
 /// Limits of one engine.
@@ -85,10 +85,15 @@ const PRELUDE: &str = r#"
 })();
 "#;
 
-/// A compiled expression, bound to the engine that compiled it. Drop it before its engine.
+/// A compiled expression, bound to the engine that compiled it. The function lives in the
+/// engine (a hidden global table), so a Script is plain data: Send and Sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Script {
-    function: Persistent<Function<'static>>,
+    slot: u32,
 }
+
+/// Name of the hidden global table of compiled functions.
+const SCRIPTS: &str = "__rcsyncScripts";
 
 /// One sandboxed JavaScript runtime.
 pub struct ScriptEngine {
@@ -98,6 +103,7 @@ pub struct ScriptEngine {
     deadline: Arc<AtomicU64>,
     epoch: Instant,
     limits: ScriptLimits,
+    next_slot: AtomicU64,
 }
 
 fn engine_error(e: rquickjs::Error) -> ScriptError {
@@ -123,12 +129,16 @@ impl ScriptEngine {
         context
             .with(|ctx| ctx.eval::<(), _>(PRELUDE))
             .map_err(engine_error)?;
+        context
+            .with(|ctx| ctx.globals().set(SCRIPTS, Object::new(ctx.clone())?))
+            .map_err(engine_error)?;
         Ok(Self {
             runtime,
             context,
             deadline,
             epoch,
             limits,
+            next_slot: AtomicU64::new(0),
         })
     }
 
@@ -136,28 +146,33 @@ impl ScriptEngine {
     pub fn compile(&self, expression: &str) -> Result<Script, ScriptError> {
         let source = format!("(function (value, valueExists, context) {{\n  return ({expression}\n  );\n}})");
         self.context.with(|ctx| match ctx.eval::<Function, _>(source) {
-            Ok(function) => Ok(Script {
-                function: Persistent::save(&ctx, function),
-            }),
+            Ok(function) => {
+                let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) as u32;
+                let table: Object = ctx.globals().get(SCRIPTS).map_err(engine_error)?;
+                table.set(slot, function).map_err(engine_error)?;
+                Ok(Script { slot })
+            }
             Err(rquickjs::Error::Exception) => Err(ScriptError::Syntax(exception_text(&ctx))),
             Err(e) => Err(ScriptError::Syntax(e.to_string())),
         })
     }
 
-    /// Runs a script. `value` is `None` when the field does not exist. Returns `None` when the
-    /// script returns `null` or `undefined` (the field is removed).
+    /// Runs a script. `value` is `None` when the field does not exist; `context_json` is the
+    /// `context` object as JSON text (callers build it once per object, not per evaluation).
+    /// Returns `None` when the script returns `null` or `undefined` (the field is removed).
     pub fn eval(
         &self,
         script: &Script,
         value: Option<&Value>,
-        context: &Value,
+        context_json: &str,
     ) -> Result<Option<Value>, ScriptError> {
         let value_json = serde_json::to_string(value.unwrap_or(&Value::Null)).expect("JSON values serialize");
-        let context_json = serde_json::to_string(context).expect("JSON values serialize");
+        let context_json = context_json.to_string();
         let limit = self.epoch.elapsed() + self.limits.timeout;
         self.deadline.store(limit.as_nanos() as u64, Ordering::Relaxed);
         let result = self.context.with(|ctx| {
-            let function = script.function.clone().restore(&ctx).map_err(engine_error)?;
+            let table: Object = ctx.globals().get(SCRIPTS).map_err(engine_error)?;
+            let function: Function = table.get(script.slot).map_err(engine_error)?;
             let arg = ctx.json_parse(value_json).map_err(engine_error)?;
             let context = ctx.json_parse(context_json).map_err(engine_error)?;
             let out: rquickjs::Value = match function.call((arg, value.is_some(), context)) {
@@ -191,8 +206,10 @@ impl ScriptEngine {
             }
         });
         self.deadline.store(0, Ordering::Relaxed);
-        // Reclaim what the evaluation allocated, so one bad object cannot starve the next.
-        self.runtime.run_gc();
+        if result.is_err() {
+            // A failed evaluation may have left cycles or a full heap: reclaim before the next one.
+            self.runtime.run_gc();
+        }
         result
     }
 }
@@ -226,24 +243,24 @@ mod tests {
         let e = engine();
         let s = e.compile(r#"value === "gvisor" ? "sandboxed" : value"#).unwrap();
         assert_eq!(
-            e.eval(&s, Some(&json!("gvisor")), &json!({})).unwrap(),
+            e.eval(&s, Some(&json!("gvisor")), "{}").unwrap(),
             Some(json!("sandboxed"))
         );
         assert_eq!(
-            e.eval(&s, Some(&json!("kata")), &json!({})).unwrap(),
+            e.eval(&s, Some(&json!("kata")), "{}").unwrap(),
             Some(json!("kata"))
         );
         let s = e
             .compile("valueExists ? value : context.vcluster.name + '-' + context.path")
             .unwrap();
-        let ctx = json!({"vcluster": {"name": "team-a"}, "path": "metadata.labels.x"});
+        let ctx = json!({"vcluster": {"name": "team-a"}, "path": "metadata.labels.x"}).to_string();
         assert_eq!(
             e.eval(&s, None, &ctx).unwrap(),
             Some(json!("team-a-metadata.labels.x"))
         );
         let s = e.compile("({a: [1, value]})").unwrap();
         assert_eq!(
-            e.eval(&s, Some(&json!(2)), &json!({})).unwrap(),
+            e.eval(&s, Some(&json!(2)), "{}").unwrap(),
             Some(json!({"a": [1, 2]}))
         );
     }
@@ -253,7 +270,7 @@ mod tests {
         let e = engine();
         for expr in ["null", "undefined", "void 0"] {
             assert_eq!(
-                e.eval(&e.compile(expr).unwrap(), Some(&json!("x")), &json!({}))
+                e.eval(&e.compile(expr).unwrap(), Some(&json!("x")), "{}")
                     .unwrap(),
                 None,
                 "{expr}"
@@ -268,7 +285,7 @@ mod tests {
             .compile("[btoa(value), atob(btoa(value)), atob('aGVsbG8=')]")
             .unwrap();
         assert_eq!(
-            e.eval(&s, Some(&json!("gvisor")), &json!({})).unwrap(),
+            e.eval(&s, Some(&json!("gvisor")), "{}").unwrap(),
             Some(json!(["Z3Zpc29y", "gvisor", "hello"]))
         );
     }
@@ -278,13 +295,11 @@ mod tests {
         let e = engine();
         assert!(matches!(e.compile("value +"), Err(ScriptError::Syntax(_))));
         let throw = e.compile("(() => { throw new Error('nope') })()").unwrap();
-        assert!(
-            matches!(e.eval(&throw, None, &json!({})), Err(ScriptError::Thrown(m)) if m.contains("nope"))
-        );
+        assert!(matches!(e.eval(&throw, None, "{}"), Err(ScriptError::Thrown(m)) if m.contains("nope")));
         let endless = e.compile("(() => { while (true) {} })()").unwrap();
         let started = Instant::now();
         assert!(matches!(
-            e.eval(&endless, None, &json!({})),
+            e.eval(&endless, None, "{}"),
             Err(ScriptError::Timeout(_))
         ));
         assert!(
@@ -293,19 +308,16 @@ mod tests {
         );
         let function = e.compile("(() => 1)").unwrap();
         assert!(matches!(
-            e.eval(&function, None, &json!({})),
+            e.eval(&function, None, "{}"),
             Err(ScriptError::BadResult(_))
         ));
         let hog = e
             .compile("(() => { var a = []; while (true) { a.push('x'.repeat(1 << 16)); } })()")
             .unwrap();
-        assert!(
-            e.eval(&hog, None, &json!({})).is_err(),
-            "memory exhaustion is an error"
-        );
+        assert!(e.eval(&hog, None, "{}").is_err(), "memory exhaustion is an error");
         // The engine still works afterwards.
         let ok = e.compile("value + 1").unwrap();
-        assert_eq!(e.eval(&ok, Some(&json!(1)), &json!({})).unwrap(), Some(json!(2)));
+        assert_eq!(e.eval(&ok, Some(&json!(1)), "{}").unwrap(), Some(json!(2)));
     }
 
     #[test]
@@ -315,7 +327,7 @@ mod tests {
             .compile("[typeof require, typeof fetch, typeof std, typeof os, typeof setTimeout]")
             .unwrap();
         assert_eq!(
-            e.eval(&probe, None, &json!({})).unwrap(),
+            e.eval(&probe, None, "{}").unwrap(),
             Some(json!([
                 "undefined",
                 "undefined",

@@ -24,8 +24,9 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
     let looks_like_tenants = is_empty || text.lines().any(|l| l.starts_with("tenants:"));
     let mut out = String::new();
     if looks_like_tenants {
-        let file = TenantsFile::parse(path, &text)?;
-        let tokens = crate::tenants::TenantTokens::load(path, &file)?;
+        TenantsFile::parse(path, &text)?;
+        let state = crate::run::load_tenants(path)?;
+        let (file, tokens) = (state.file, state.tokens);
         let _ = writeln!(out, "{}: ok, {} tenant(s)", path.display(), file.tenants.len());
         for t in &file.tenants {
             let auth = if tokens.has_token(&t.name) {

@@ -17,6 +17,7 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::config::SELECTOR_CONFIG_PATH;
+use rcsync_core::patches::TenantPatches;
 use rcsync_core::version::content_version;
 use rcsync_core::{TenantName, TenantsFile};
 use tokio::sync::watch;
@@ -26,13 +27,22 @@ use crate::tenants::TenantTokens;
 use crate::view::{ClassState, TenantView};
 use rcsync_proto::convert::synced_form;
 
-/// The tenants as loaded: their config and their tokens.
+/// The tenants as loaded: their config, their tokens and their compiled patches.
 #[derive(Clone, Debug, Default)]
 pub struct TenantsState {
     /// The parsed tenants file.
     pub file: TenantsFile,
     /// Bearer tokens by value.
     pub tokens: TenantTokens,
+    /// Compiled patches of the tenants that have any.
+    pub patches: HashMap<TenantName, Arc<TenantPatches>>,
+}
+
+impl TenantsState {
+    /// The compiled patches of a tenant, if it has any.
+    pub fn patches_of(&self, tenant: &TenantName) -> Option<&TenantPatches> {
+        self.patches.get(tenant).map(Arc::as_ref)
+    }
 }
 
 /// Where the gRPC layer gets tenant views from: the seam between the Kubernetes cache and gRPC.
@@ -135,8 +145,12 @@ impl ClassIndex {
 
     fn apply(&mut self, rc: RuntimeClass) {
         let name = rc.name_any();
-        for tenant in self.tenants.file.tenants.clone() {
-            self.publish(&tenant.name, |view| view.upsert(&tenant.runtime_classes, &rc));
+        let tenants = self.tenants.clone();
+        for tenant in &tenants.file.tenants {
+            let patches = tenants.patches_of(&tenant.name);
+            self.publish(&tenant.name, |view| {
+                view.upsert(&tenant.runtime_classes, patches, &rc)
+            });
         }
         self.hosts.insert(name, rc);
         self.report_filtered();
@@ -147,7 +161,8 @@ impl ClassIndex {
         for tenant in self.tenants.file.tenants.clone() {
             self.publish(&tenant.name, |view| view.remove(name));
         }
-        self.filtered_reported.retain(|(_, class), _| class != name);
+        self.filtered_reported
+            .retain(|(_, class), _| class != name && *class != format!("patch:{name}"));
     }
 
     /// Replaces the tenants (after a reload): changed tenants are re-evaluated over every class,
@@ -158,7 +173,12 @@ impl ClassIndex {
             let mut senders = self.views.write();
             senders.retain(|name, _| self.tenants.file.tenant(name.as_str()).is_some());
             for tenant in &self.tenants.file.tenants {
-                let fresh = Arc::new(TenantView::compute(&tenant.runtime_classes, self.hosts.values()));
+                let patches = self.tenants.patches_of(&tenant.name);
+                let fresh = Arc::new(TenantView::compute(
+                    &tenant.runtime_classes,
+                    patches,
+                    self.hosts.values(),
+                ));
                 match senders.get(&tenant.name) {
                     Some(sender) => {
                         if old.file.tenant(tenant.name.as_str()) != Some(tenant) {
@@ -177,8 +197,14 @@ impl ClassIndex {
     }
 
     fn republish_all(&mut self) {
-        for tenant in self.tenants.file.tenants.clone() {
-            let fresh = Arc::new(TenantView::compute(&tenant.runtime_classes, self.hosts.values()));
+        let tenants = self.tenants.clone();
+        for tenant in &tenants.file.tenants {
+            let patches = tenants.patches_of(&tenant.name);
+            let fresh = Arc::new(TenantView::compute(
+                &tenant.runtime_classes,
+                patches,
+                self.hosts.values(),
+            ));
             if let Some(sender) = self.views.read().get(&tenant.name) {
                 sender.send_if_modified(|v| replace_if_changed(v, fresh));
             }
@@ -207,6 +233,15 @@ impl ClassIndex {
             let label = Metrics::tenant(tenant.name.as_str());
             let mut filtered = 0;
             for (class, state) in &view.host {
+                if let ClassState::PatchFailed(why) = state {
+                    let key = (tenant.name.clone(), format!("patch:{class}"));
+                    if self.filtered_reported.get(&key) != Some(why) {
+                        tracing::warn!(tenant = %tenant.name, runtime_class = %class, error = %why, "a patch failed: the runtime class is not synced");
+                        self.metrics.patch_errors_total.get_or_create(&label).inc();
+                        self.filtered_reported.insert(key, why.clone());
+                    }
+                    continue;
+                }
                 if *state != ClassState::DoesNotMatch || !view.sync_enabled {
                     continue;
                 }
@@ -303,6 +338,7 @@ mod tests {
         Arc::new(TenantsState {
             file: TenantsFile::parse(Path::new("t.yaml"), yaml).unwrap(),
             tokens: Default::default(),
+            patches: Default::default(),
         })
     }
 

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub decisions_total: Family<DecisionLabels, Counter>,
     /// Pods written to the host per tenant.
     pub pods_applied_total: Family<TenantLabel, Counter>,
+    /// Patch evaluations that failed (once per class change) per tenant.
+    pub patch_errors_total: Family<TenantLabel, Counter>,
     /// gRPC requests by method and code.
     pub grpc_requests_total: Family<GrpcLabels, Counter>,
     /// gRPC unary request latency by method.
@@ -88,6 +90,7 @@ impl Metrics {
             nacks_total: Family::default(),
             decisions_total: Family::default(),
             pods_applied_total: Family::default(),
+            patch_errors_total: Family::default(),
             grpc_requests_total: Family::default(),
             grpc_latency_seconds: Family::new_with_constructor(latency_histogram),
         };

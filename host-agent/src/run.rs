@@ -1,5 +1,6 @@
 //! Wiring of `host-agent` (run mode): config, kube client, index, gRPC, admin, reload, shutdown.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use prometheus_client::registry::Registry;
 use rcsync_core::TenantsFile;
 use rcsync_core::admin::{Readiness, serve_admin};
 use rcsync_core::config::{ConfigError, Problem};
+use rcsync_core::patches::TenantPatches;
+use rcsync_core::script::ScriptLimits;
 use rcsync_core::telemetry::termination_signal;
 use rcsync_proto::v1::pod_sync_server::PodSyncServer;
 use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSyncServer;
@@ -50,20 +53,32 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 }
 
-/// Loads the tenants file and its token files. Patches are refused until they are implemented,
-/// rather than silently ignored.
+/// Loads the tenants file, its token files, and compiles every tenant's patches (a syntax error is
+/// a config error naming the patch).
 pub fn load_tenants(path: &Path) -> Result<TenantsState, ConfigError> {
     let file = TenantsFile::load(path)?;
-    let problems: Vec<Problem> = file
-        .tenants
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| !t.runtime_classes.patches.is_empty())
-        .map(|(i, _)| Problem {
-            at: format!("tenants[{i}].sync.fromHost.runtimeClasses.patches"),
-            message: "patches are not supported by this version of the host agent yet".into(),
-        })
-        .collect();
+    let mut problems: Vec<Problem> = Vec::new();
+    let mut patches = HashMap::new();
+    for (i, tenant) in file.tenants.iter().enumerate() {
+        let specs = &tenant.runtime_classes.patches;
+        if specs.is_empty() {
+            continue;
+        }
+        match TenantPatches::compile(
+            tenant.name.as_str(),
+            &tenant.host_namespace,
+            specs,
+            ScriptLimits::default(),
+        ) {
+            Ok(compiled) => {
+                patches.insert(tenant.name.clone(), Arc::new(compiled));
+            }
+            Err(errors) => problems.extend(errors.into_iter().map(|(j, field, message)| Problem {
+                at: format!("tenants[{i}].sync.fromHost.runtimeClasses.patches[{j}].{field}"),
+                message,
+            })),
+        }
+    }
     if !problems.is_empty() {
         return Err(ConfigError {
             file: path.to_path_buf(),
@@ -71,7 +86,11 @@ pub fn load_tenants(path: &Path) -> Result<TenantsState, ConfigError> {
         });
     }
     let tokens = TenantTokens::load(path, &file)?;
-    Ok(TenantsState { file, tokens })
+    Ok(TenantsState {
+        file,
+        tokens,
+        patches,
+    })
 }
 
 async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {

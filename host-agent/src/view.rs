@@ -11,6 +11,7 @@ use rcsync_core::config::SELECTOR_CONFIG_PATH;
 use rcsync_core::version::content_version;
 use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, Resource};
 
+use rcsync_core::patches::TenantPatches;
 use rcsync_proto::convert::{synced_form, to_proto};
 
 /// Why a host RuntimeClass is, or is not, in a tenant's view.
@@ -22,6 +23,8 @@ pub enum ClassState {
     DoesNotMatch,
     /// Being deleted on the host: never offered.
     Terminating,
+    /// A patch of the tenant failed on this class: not offered (the message says which and why).
+    PatchFailed(String),
 }
 
 /// What one tenant is offered. Views compare by content, so an unchanged view wakes nobody.
@@ -35,26 +38,63 @@ pub struct TenantView {
     pub classes: BTreeMap<String, Arc<Resource>>,
     /// Every host class by host name, with its state for this tenant.
     pub host: BTreeMap<String, ClassState>,
+    /// Virtual name → host name of every host class whose patches applied (renamed or not), so a
+    /// Pod naming a class that is not offered still gets the right reason.
+    pub names: BTreeMap<String, String>,
 }
 
-/// How a host class stands for a tenant, and the Resource to offer when it is offered.
-pub fn evaluate(config: &RuntimeClassSync, host: &RuntimeClass) -> (ClassState, Option<Arc<Resource>>) {
+/// How a host class stands for a tenant, the Resource to offer when it is offered, and the
+/// virtual name it has (after patches) when the patches could be applied.
+pub fn evaluate(
+    config: &RuntimeClassSync,
+    patches: Option<&TenantPatches>,
+    host: &RuntimeClass,
+) -> (ClassState, Option<Arc<Resource>>, Option<String>) {
+    let synced = match patches.filter(|p| !p.is_empty()) {
+        None => Ok(synced_form(host)),
+        Some(patches) => patch(patches, host),
+    };
+    let (synced, virtual_name) = match synced {
+        Ok(synced) => {
+            let name = synced.name_any();
+            (synced, name)
+        }
+        Err(message) => return (ClassState::PatchFailed(message), None, None),
+    };
     if host.metadata.deletion_timestamp.is_some() {
-        return (ClassState::Terminating, None);
+        return (ClassState::Terminating, None, Some(virtual_name));
     }
     if !config.selects(host.labels()) {
-        return (ClassState::DoesNotMatch, None);
+        return (ClassState::DoesNotMatch, None, Some(virtual_name));
     }
-    let synced = synced_form(host);
     let version = content_version(&synced);
-    let name = synced.name_any();
     let resource = Resource {
-        name: name.clone(),
+        name: virtual_name.clone(),
         version,
         runtime_class: Some(to_proto(&synced)),
         host_name: host.name_any(),
     };
-    (ClassState::Offered(name), Some(Arc::new(resource)))
+    (
+        ClassState::Offered(virtual_name.clone()),
+        Some(Arc::new(resource)),
+        Some(virtual_name),
+    )
+}
+
+/// The patched virtual form of a host class, checked to still be a valid RuntimeClass.
+fn patch(patches: &TenantPatches, host: &RuntimeClass) -> Result<RuntimeClass, String> {
+    let json = serde_json::to_value(synced_form(host)).expect("a RuntimeClass serializes");
+    let patched = patches.to_virtual(&json).map_err(|e| e.to_string())?;
+    let typed: RuntimeClass = serde_json::from_value(patched)
+        .map_err(|e| format!("the patched object is not a valid RuntimeClass: {e}"))?;
+    let name = typed.metadata.name.clone().unwrap_or_default();
+    rcsync_core::labels::validate_dns1123_subdomain(&name)
+        .map_err(|e| format!("the patched name {name:?} is not a valid RuntimeClass name: {e}"))?;
+    if typed.handler.is_empty() {
+        return Err("the patched object has no handler".into());
+    }
+    // Normalise as the host form is, so versions only depend on content.
+    Ok(synced_form(&typed))
 }
 
 impl TenantView {
@@ -68,21 +108,33 @@ impl TenantView {
     }
 
     /// The whole view of a tenant over every host class.
-    pub fn compute<'a>(config: &RuntimeClassSync, hosts: impl IntoIterator<Item = &'a RuntimeClass>) -> Self {
+    pub fn compute<'a>(
+        config: &RuntimeClassSync,
+        patches: Option<&TenantPatches>,
+        hosts: impl IntoIterator<Item = &'a RuntimeClass>,
+    ) -> Self {
         let mut view = Self::empty(config);
         for host in hosts {
-            view.upsert(config, host);
+            view.upsert(config, patches, host);
         }
         view
     }
 
     /// Re-evaluates one host class (added or changed).
-    pub fn upsert(&mut self, config: &RuntimeClassSync, host: &RuntimeClass) {
+    pub fn upsert(
+        &mut self,
+        config: &RuntimeClassSync,
+        patches: Option<&TenantPatches>,
+        host: &RuntimeClass,
+    ) {
         let host_name = host.name_any();
         self.remove(&host_name);
-        let (state, resource) = evaluate(config, host);
+        let (state, resource, virtual_name) = evaluate(config, patches, host);
         if let Some(resource) = resource {
             self.classes.insert(resource.name.clone(), resource);
+        }
+        if let Some(virtual_name) = virtual_name {
+            self.names.insert(virtual_name, host_name.clone());
         }
         self.host.insert(host_name, state);
     }
@@ -92,6 +144,7 @@ impl TenantView {
         if let Some(ClassState::Offered(virtual_name)) = self.host.remove(host_name) {
             self.classes.remove(&virtual_name);
         }
+        self.names.retain(|_, host| host != host_name);
     }
 
     /// Whether a Pod with this runtimeClassName may sync, and why. Never touches the API server.
@@ -136,7 +189,22 @@ impl TenantView {
                 &resource.host_name,
             );
         }
-        match self.host.get(runtime_class_name) {
+        // The host class behind the virtual name; a class whose patches failed has no virtual
+        // name, so it is found under its host name.
+        let state = match self.names.get(runtime_class_name) {
+            Some(host_name) => self.host.get(host_name),
+            None => self
+                .host
+                .get(runtime_class_name)
+                .filter(|s| matches!(s, ClassState::PatchFailed(_))),
+        };
+        match state {
+            Some(ClassState::PatchFailed(why)) => deny(
+                CheckPodReason::PatchFailed,
+                format!(
+                    "did not sync pod {pod_name:?} to host because a patch of its runtime class {runtime_class_name:?} failed: {why}"
+                ),
+            ),
             Some(ClassState::Terminating) => deny(
                 CheckPodReason::Terminating,
                 format!(
@@ -184,7 +252,7 @@ mod tests {
         let cfg = config(SELECTOR);
         let gvisor = class("gvisor", "runsc", &[("environment", "development")]);
         let kata = class("kata", "kata", &[("environment", "production")]);
-        let view = TenantView::compute(&cfg, [&gvisor, &kata]);
+        let view = TenantView::compute(&cfg, None, [&gvisor, &kata]);
         assert_eq!(view.classes.keys().collect::<Vec<_>>(), ["gvisor"]);
         assert_eq!(view.host["kata"], ClassState::DoesNotMatch);
 
@@ -193,13 +261,13 @@ mod tests {
         moved.metadata.resource_version = Some("99".into());
         moved.metadata.uid = Some("other".into());
         assert_eq!(
-            TenantView::compute(&cfg, [&moved]),
-            TenantView::compute(&cfg, [&gvisor])
+            TenantView::compute(&cfg, None, [&moved]),
+            TenantView::compute(&cfg, None, [&gvisor])
         );
         let mut changed = gvisor.clone();
         changed.handler = "runsc-debug".into();
         let v1 = &view.classes["gvisor"].version;
-        let v2 = &TenantView::compute(&cfg, [&changed]).classes["gvisor"].version;
+        let v2 = &TenantView::compute(&cfg, None, [&changed]).classes["gvisor"].version;
         assert_ne!(v1, v2);
     }
 
@@ -212,6 +280,7 @@ mod tests {
         ));
         let view = TenantView::compute(
             &cfg,
+            None,
             [
                 &class("gvisor", "runsc", &[("environment", "development")]),
                 &class("youki", "youki", &[]),
@@ -237,11 +306,12 @@ mod tests {
 
         let no_selector = TenantView::compute(
             &config("sync: {fromHost: {runtimeClasses: {enabled: true}}}"),
+            None,
             [&class("x", "x", &[])],
         );
         assert!(no_selector.check_pod("p", "anything").allowed);
         assert_eq!(no_selector.classes.len(), 1, "no selector: every class is synced");
-        let disabled = TenantView::compute(&config(""), [&class("x", "x", &[])]);
+        let disabled = TenantView::compute(&config(""), None, [&class("x", "x", &[])]);
         assert!(disabled.check_pod("p", "anything").allowed);
         assert!(disabled.classes.is_empty(), "disabled: nothing is synced");
     }
@@ -250,12 +320,78 @@ mod tests {
     fn upsert_and_remove_keep_the_view_consistent() {
         let cfg = config(SELECTOR);
         let mut view = TenantView::empty(&cfg);
-        view.upsert(&cfg, &class("gvisor", "runsc", &[("environment", "development")]));
+        view.upsert(
+            &cfg,
+            None,
+            &class("gvisor", "runsc", &[("environment", "development")]),
+        );
         assert!(view.classes.contains_key("gvisor"));
-        view.upsert(&cfg, &class("gvisor", "runsc", &[("environment", "production")]));
+        view.upsert(
+            &cfg,
+            None,
+            &class("gvisor", "runsc", &[("environment", "production")]),
+        );
         assert!(view.classes.is_empty(), "relabelled out of the selector");
         view.remove("gvisor");
         assert!(view.host.is_empty());
+    }
+
+    #[test]
+    fn patches_rename_classes_and_check_pod_follows_the_names() {
+        let cfg = config(
+            r#"sync: {fromHost: {runtimeClasses: {enabled: true, selector: {matchLabels: {environment: development}}, patches: [
+                {path: metadata.name, expression: 'value === "gvisor" ? "sandboxed" : value === "kata" ? "vm" : value'},
+                {path: metadata.labels.environment, expression: '"tenant-" + value'},
+                {path: handler, expression: 'value === "broken" ? 42 : value'}]}}}"#,
+        );
+        let patches = rcsync_core::patches::TenantPatches::compile(
+            "team-a",
+            "ns",
+            &cfg.patches,
+            rcsync_core::script::ScriptLimits::default(),
+        )
+        .unwrap();
+        let view = TenantView::compute(
+            &cfg,
+            Some(&patches),
+            [
+                &class("gvisor", "runsc", &[("environment", "development")]),
+                &class("kata", "kata", &[("environment", "production")]),
+                &class("bad", "broken", &[("environment", "development")]),
+            ],
+        );
+        let sandboxed = &view.classes["sandboxed"];
+        assert_eq!(sandboxed.host_name, "gvisor");
+        assert_eq!(
+            sandboxed.runtime_class.as_ref().unwrap().labels["environment"],
+            "tenant-development"
+        );
+        assert_eq!(view.classes.len(), 1);
+        let allowed = view.check_pod("p", "sandboxed");
+        assert!(allowed.allowed);
+        assert_eq!(
+            allowed.host_runtime_class_name, "gvisor",
+            "a renamed class is translated back for the host"
+        );
+        let reason = |rc: &str| CheckPodReason::try_from(view.check_pod("p", rc).reason).unwrap();
+        assert_eq!(
+            reason("vm"),
+            CheckPodReason::DoesNotMatch,
+            "a renamed class that does not match"
+        );
+        assert_eq!(
+            reason("gvisor"),
+            CheckPodReason::NotFound,
+            "the host name is not a virtual name"
+        );
+        assert_eq!(reason("bad"), CheckPodReason::PatchFailed);
+        assert!(
+            view.check_pod("p", "bad")
+                .message
+                .contains("not a valid RuntimeClass"),
+            "{}",
+            view.check_pod("p", "bad").message
+        );
     }
 
     #[test]
