@@ -30,17 +30,21 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
 
-/// Waits for SIGTERM or SIGINT and returns the signal's name.
-pub async fn termination_signal() -> &'static str {
+/// Installs SIGTERM and SIGINT handlers now, and returns a future that resolves with the name of
+/// the first of them to arrive. Call it before announcing readiness, so a signal sent right after
+/// the announcement is never lost. Must be called within a Tokio runtime.
+pub fn termination_signal() -> impl std::future::Future<Output = &'static str> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        // Without signal handlers the process can still be killed; never return spuriously.
-        std::future::pending::<()>().await;
-        unreachable!()
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            // Without signal handlers the process can still be killed; never return spuriously.
+            return std::future::pending::<&'static str>().await;
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }

@@ -16,6 +16,7 @@ use crate::admission::{
     AdmissionPlugins, FieldValidation, Part, check_type, check_unknown_fields, labels_of, name_of,
     prepare_create, prepare_update, random_suffix,
 };
+use crate::deletion::{self, DeleteOptions, Propagation};
 use crate::events::{to_core_v1, to_events_v1};
 use crate::patch::{json_patch, merge_patch, strategic_merge_patch};
 use crate::resources::{self, RESOURCES, ResourceDef};
@@ -505,7 +506,7 @@ impl Api {
                 check_type(def, &mut body)?;
                 let warnings = check_unknown_fields(def, &mut body, validation)?;
                 let body = to_storage(def, body);
-                let (obj, _) =
+                let (obj, change) =
                     self.store
                         .transact(def.storage, (ns.clone(), name.clone()), |reader, current| {
                             let Some(current) = current else {
@@ -527,10 +528,11 @@ impl Api {
                             Ok(if dry_run || &obj == current {
                                 Outcome::Unchanged
                             } else {
-                                Outcome::Put(obj)
+                                deletion::finalized(obj)
                             })
                         })?;
                 let obj = obj.ok_or_else(|| ApiError::not_found(def, &name))?;
+                self.after_update(change, &obj);
                 Ok(Reply::Json {
                     code: 200,
                     body: present(def, &obj),
@@ -748,7 +750,7 @@ impl Api {
         }
         let mut warnings = Vec::new();
         let mut created = false;
-        let (obj, _) = self.store.transact(
+        let (obj, change) = self.store.transact(
             def.storage,
             (ns.to_string(), name.to_string()),
             |reader, current| {
@@ -812,11 +814,12 @@ impl Api {
                 Ok(if dry_run || &obj == current {
                     Outcome::Unchanged
                 } else {
-                    Outcome::Put(obj)
+                    deletion::finalized(obj)
                 })
             },
         )?;
         let obj = obj.ok_or_else(|| ApiError::not_found(def, name))?;
+        self.after_update(change, &obj);
         Ok(Reply::Json {
             code: if created { 201 } else { 200 },
             body: present(def, &obj),
@@ -832,50 +835,13 @@ impl Api {
         name: &str,
         dry_run: bool,
     ) -> Result<Reply, ApiError> {
-        let options: Value = if req.body.is_empty() {
+        let body: Value = if req.body.is_empty() {
             Value::Null
         } else {
             parse_body(req.content_type.as_deref(), &req.body)?
         };
-        let precondition = |field: &str| {
-            options
-                .pointer(&format!("/preconditions/{field}"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        let (uid, rv) = (precondition("uid"), precondition("resourceVersion"));
-        let (obj, _) = self.store.transact(def.storage, (ns.to_string(), name.to_string()), |_, current| {
-            let Some(current) = current else { return Err(ApiError::not_found(def, name)) };
-            if let Some(uid) = &uid
-                && current.pointer("/metadata/uid").and_then(Value::as_str) != Some(uid)
-            {
-                return Err(ApiError::conflict(
-                    def,
-                    name,
-                    &format!(
-                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                        current.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("")
-                    ),
-                ));
-            }
-            if let Some(rv) = &rv
-                && current.pointer("/metadata/resourceVersion").and_then(Value::as_str) != Some(rv)
-            {
-                return Err(ApiError::conflict(
-                    def,
-                    name,
-                    &format!(
-                        "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                        current.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("")
-                    ),
-                ));
-            }
-            Ok(if dry_run { Outcome::Unchanged } else { Outcome::Delete })
-        })?;
-        if def.plural == "namespaces" && !dry_run {
-            self.store.delete_namespace_contents(name);
-        }
-        let obj = obj.ok_or_else(|| ApiError::not_found(def, name))?;
+        let options = DeleteOptions::parse(&body, &req.query, dry_run)?;
+        let obj = self.delete_object(storage_def(def), ns, name, &options, 0)?;
         Ok(Reply::ok(present(def, &obj)))
     }
 
@@ -887,28 +853,13 @@ impl Api {
         dry_run: bool,
     ) -> Result<Reply, ApiError> {
         let filter = Filter::new(def, namespace.clone(), q)?;
+        let options = DeleteOptions::parse(&Value::Null, q, dry_run)?;
         let (items, _) = self.store.list(def.storage, namespace.as_deref());
         let mut deleted = Vec::new();
         for obj in items.iter().filter(|o| filter.matches(o)) {
-            let ns = obj
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let name = name_of(obj).to_string();
-            if dry_run {
-                deleted.push(present(def, obj));
-                continue;
-            }
-            if let Ok((Some(gone), Some(ChangeKind::Deleted))) =
-                self.store.transact(def.storage, (ns, name), |_, cur| {
-                    Ok(if cur.is_some() {
-                        Outcome::Delete
-                    } else {
-                        Outcome::Unchanged
-                    })
-                })
-            {
+            let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            // Objects that vanished meanwhile are simply not listed.
+            if let Ok(gone) = self.delete_object(storage_def(def), &ns, name_of(obj), &options, 0) {
                 deleted.push(present(def, &gone));
             }
         }
@@ -919,6 +870,163 @@ impl Api {
             "metadata": {"resourceVersion": rv.to_string()},
             "items": deleted,
         })))
+    }
+
+    /// Deletes an object as kube-apiserver does: preconditions; objects with finalizers, owners
+    /// deleted in the foreground and scheduled Pods with a grace period become Terminating
+    /// (`deletionTimestamp`) instead of disappearing; dependents are deleted (Background,
+    /// Foreground) or released (Orphan). Returns the object's last state.
+    fn delete_object(
+        &self,
+        def: &'static ResourceDef,
+        ns: &str,
+        name: &str,
+        options: &DeleteOptions,
+        depth: usize,
+    ) -> Result<Arc<Value>, ApiError> {
+        let current = self.store.get(def.storage, ns, name).ok_or_else(|| ApiError::not_found(def, name))?;
+        let uid = current.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("").to_string();
+        let has_dependents = !self.dependents(&uid).is_empty();
+        let mut pod_grace = None;
+        let (obj, change) = self.store.transact(def.storage, (ns.to_string(), name.to_string()), |_, current| {
+            let Some(current) = current else { return Err(ApiError::not_found(def, name)) };
+            options.check_preconditions(def, name, current)?;
+            if options.dry_run {
+                return Ok(Outcome::Unchanged);
+            }
+            let mut next = current.clone();
+            let mut finalizers: Vec<Value> =
+                current.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
+            if options.propagation == Propagation::Foreground && has_dependents {
+                let f = json!(deletion::FOREGROUND_FINALIZER);
+                if !finalizers.contains(&f) {
+                    finalizers.push(f);
+                }
+            }
+            let grace = deletion::pod_grace(def, current, options.grace_period_seconds);
+            if let Some(grace) = grace {
+                pod_grace = Some(grace);
+            }
+            if finalizers.is_empty() && grace.is_none() {
+                return Ok(Outcome::Delete);
+            }
+            if current.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
+                // Already terminating: only a shorter grace period or the new finalizer changes it.
+                if next["metadata"]["finalizers"] == json!(finalizers) {
+                    return Ok(Outcome::Unchanged);
+                }
+            } else {
+                let at = chrono::Utc::now() + chrono::Duration::seconds(grace.unwrap_or(0));
+                next["metadata"]["deletionTimestamp"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                next["metadata"]["deletionGracePeriodSeconds"] = json!(grace.unwrap_or(0));
+            }
+            if !finalizers.is_empty() {
+                next["metadata"]["finalizers"] = json!(finalizers);
+            }
+            Ok(Outcome::Put(next))
+        })?;
+        let obj = obj.ok_or_else(|| ApiError::not_found(def, name))?;
+        if options.dry_run {
+            return Ok(obj);
+        }
+        if let (Some(grace), Some(ChangeKind::Modified)) = (pod_grace, change) {
+            self.schedule_pod_removal(def, ns, name, &uid, grace);
+        }
+        if def.plural == "namespaces" && change == Some(ChangeKind::Deleted) {
+            self.store.delete_namespace_contents(name);
+        }
+        if depth < 16 {
+            self.propagate(&uid, options.propagation, depth);
+        }
+        self.finish_foreground_owners();
+        Ok(obj)
+    }
+
+    /// An update that removed a terminating object's last finalizer deleted it: collect its
+    /// dependents and release waiting owners.
+    fn after_update(&self, change: Option<ChangeKind>, obj: &Value) {
+        if change == Some(ChangeKind::Deleted) {
+            let uid = obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+            self.propagate(uid, Propagation::Background, 0);
+            self.finish_foreground_owners();
+        }
+    }
+
+    /// Objects whose ownerReferences name `owner_uid`.
+    fn dependents(&self, owner_uid: &str) -> Vec<(&'static ResourceDef, Arc<Value>)> {
+        if owner_uid.is_empty() {
+            return Vec::new();
+        }
+        self.store
+            .all_objects()
+            .into_iter()
+            .filter(|(_, obj)| deletion::owned_by(obj, owner_uid))
+            .filter_map(|(storage, obj)| {
+                let def = RESOURCES.iter().find(|r| r.storage == storage && r.is_storage_form())?;
+                Some((def, obj))
+            })
+            .collect()
+    }
+
+    /// Deletes (Background, Foreground) or releases (Orphan) the dependents of a deleted owner.
+    fn propagate(&self, owner_uid: &str, propagation: Propagation, depth: usize) {
+        for (def, dependent) in self.dependents(owner_uid) {
+            let ns = dependent.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            let name = name_of(&dependent).to_string();
+            match propagation {
+                Propagation::Orphan => {
+                    let _ = self.store.transact(def.storage, (ns, name), |_, current| {
+                        let Some(current) = current else { return Ok(Outcome::Unchanged) };
+                        let mut next = current.clone();
+                        if let Some(Value::Array(refs)) = next.pointer_mut("/metadata/ownerReferences") {
+                            refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid));
+                        }
+                        Ok(Outcome::Put(next))
+                    });
+                }
+                Propagation::Background | Propagation::Foreground => {
+                    let options = DeleteOptions { propagation, ..DeleteOptions::default() };
+                    let _ = self.delete_object(def, &ns, &name, &options, depth + 1);
+                }
+            }
+        }
+    }
+
+    /// Owners waiting in the foreground lose their finalizer once their dependents are gone.
+    fn finish_foreground_owners(&self) {
+        let waiting: Vec<(&'static str, Arc<Value>)> = self
+            .store
+            .all_objects()
+            .into_iter()
+            .filter(|(_, obj)| deletion::has_finalizer(obj, deletion::FOREGROUND_FINALIZER))
+            .collect();
+        for (storage, owner) in waiting {
+            let uid = owner.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+            if !self.dependents(uid).is_empty() {
+                continue;
+            }
+            let ns = owner.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            let _ = self.store.transact(storage, (ns, name_of(&owner).to_string()), |_, current| {
+                let Some(current) = current else { return Ok(Outcome::Unchanged) };
+                Ok(deletion::without_finalizer(current, deletion::FOREGROUND_FINALIZER))
+            });
+        }
+    }
+
+    /// Removes a terminating scheduled Pod once its grace period is over (there is no kubelet).
+    fn schedule_pod_removal(&self, def: &'static ResourceDef, ns: &str, name: &str, uid: &str, grace: i64) {
+        let store = self.store.clone();
+        let (ns, name, uid) = (ns.to_string(), name.to_string(), uid.to_string());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            tokio::time::sleep(Duration::from_secs(grace.max(0) as u64)).await;
+            let _ = store.transact(def.storage, (ns, name), |_, current| {
+                let Some(current) = current else { return Ok(Outcome::Unchanged) };
+                let same = current.pointer("/metadata/uid").and_then(Value::as_str) == Some(uid.as_str());
+                let finalizers = current.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+                Ok(if same && !finalizers { Outcome::Delete } else { Outcome::Unchanged })
+            });
+        });
     }
 }
 

@@ -19,6 +19,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod deletion;
 pub mod events;
 pub mod openapi;
 pub mod patch;

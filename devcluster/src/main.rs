@@ -97,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
                 admission,
                 ..ServerOptions::default()
             };
+            let signal = termination_signal();
             let cluster = DevCluster::start(options).await?;
             cluster
                 .write_kubeconfig(&kubeconfig, &name)
@@ -109,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
             if insecure_http {
                 tracing::warn!("serving plain HTTP without authentication");
             }
-            let signal = termination_signal().await;
+            let signal = signal.await;
             tracing::info!(signal, "shutting down");
             cluster.shutdown().await;
             Ok(())

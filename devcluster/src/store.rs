@@ -203,31 +203,29 @@ impl Store {
                 );
                 Ok((Some(obj), Some(kind)))
             }
-            Outcome::Delete => {
-                let Some(old) = current else {
-                    return Ok((None, None));
-                };
-                inner.rv += 1;
-                let rv = inner.rv;
-                if let Some(map) = inner.objects.get_mut(storage) {
-                    map.remove(&key);
-                }
-                let mut gone = (*old).clone();
-                gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-                let gone = Arc::new(gone);
-                self.record(
-                    &mut inner,
-                    Change {
-                        rv,
-                        storage,
-                        kind: ChangeKind::Deleted,
-                        old: Some(old),
-                        new: gone.clone(),
-                    },
-                );
-                Ok((Some(gone), Some(ChangeKind::Deleted)))
-            }
+            Outcome::Delete => match self.remove_locked(&mut inner, storage, &key) {
+                Some(gone) => Ok((Some(gone), Some(ChangeKind::Deleted))),
+                None => Ok((None, None)),
+            },
         }
+    }
+
+    /// Removes an object under the lock, recording the deletion; returns its last state.
+    fn remove_locked(&self, inner: &mut Inner, storage: &'static str, key: &ObjectKey) -> Option<Arc<Value>> {
+        let old = inner.objects.get_mut(storage)?.remove(key)?;
+        inner.rv += 1;
+        let rv = inner.rv;
+        let mut gone = (*old).clone();
+        gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        let gone = Arc::new(gone);
+        self.record(inner, Change { rv, storage, kind: ChangeKind::Deleted, old: Some(old), new: gone.clone() });
+        Some(gone)
+    }
+
+    /// Every object of every kind, with its storage: for garbage collection across kinds.
+    pub fn all_objects(&self) -> Vec<(&'static str, Arc<Value>)> {
+        let inner = self.lock();
+        inner.objects.iter().flat_map(|(storage, map)| map.values().map(|v| (*storage, v.clone()))).collect()
     }
 
     /// Deletes every namespaced object in `namespace` (the namespace itself excepted).
@@ -241,23 +239,7 @@ impl Store {
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in keys {
-                let Some(old) = inner.objects.get_mut(storage).and_then(|m| m.remove(&key)) else {
-                    continue;
-                };
-                inner.rv += 1;
-                let rv = inner.rv;
-                let mut gone = (*old).clone();
-                gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-                self.record(
-                    &mut inner,
-                    Change {
-                        rv,
-                        storage,
-                        kind: ChangeKind::Deleted,
-                        old: Some(old),
-                        new: Arc::new(gone),
-                    },
-                );
+                self.remove_locked(&mut inner, storage, &key);
             }
         }
     }

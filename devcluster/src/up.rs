@@ -144,6 +144,8 @@ fn spawn(name: &'static str, program: &Path, args: &[String], log: &Path) -> any
 
 /// Runs the system until SIGINT or SIGTERM.
 pub async fn up(options: UpOptions) -> anyhow::Result<()> {
+    // Handlers first, so a Ctrl-C at any moment after the guide appears is honoured.
+    let signal = rcsync_core::telemetry::termination_signal();
     let dir = &options.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -228,7 +230,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     });
 
     print_guide(&dir, &host, &virtual_cluster);
-    let result = supervise(&mut agents).await;
+    let result = supervise(&mut agents, signal).await;
     println!("\nstopping: sending SIGTERM to the agents");
     for agent in &mut agents {
         stop_child(agent).await;
@@ -361,17 +363,17 @@ async fn status_line(agent: &Agent) -> String {
 }
 
 /// Shows the live status until a signal arrives or an agent exits.
-async fn supervise(agents: &mut [Agent]) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+async fn supervise(
+    agents: &mut [Agent],
+    signal: impl std::future::Future<Output = &'static str>,
+) -> anyhow::Result<()> {
+    tokio::pin!(signal);
     let tty = std::io::stdout().is_terminal();
     let mut last: Vec<String> = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            _ = &mut signal => return Ok(()),
             _ = ticker.tick() => {}
         }
         for agent in agents.iter_mut() {

@@ -111,6 +111,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> 
 
 /// Runs the host agent until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let signal = termination_signal();
     let tenants = load_tenants(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(tenants = tenants.file.tenants.len(), config = %settings.config.display(), "loaded tenants");
     let tls = settings.tls.server_config()?;
@@ -238,7 +239,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     ));
     tokio::spawn(reload_on_sighup(settings.config.clone(), tenants_tx));
 
-    let signal = termination_signal().await;
+    let signal = signal.await;
     tracing::info!(signal, "shutting down: not ready, ending streams");
     readiness.shutting_down();
     let _ = shutdown_tx.send(true);

@@ -50,6 +50,7 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 
 /// Runs the virtual agent until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let signal = termination_signal();
     settings.target.validate()?;
     if settings.target.url.starts_with("http://") {
         tracing::warn!(url = %settings.target.url, "connecting to the host agent in plaintext: the token crosses the network unencrypted");
@@ -107,7 +108,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         admin_shutdown,
     ));
 
-    let signal = termination_signal().await;
+    let signal = signal.await;
     tracing::info!(signal, "shutting down");
     readiness.shutting_down();
     let _ = shutdown_tx.send(true);
