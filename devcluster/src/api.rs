@@ -360,6 +360,50 @@ fn storage_def(def: &'static ResourceDef) -> &'static ResourceDef {
     }
 }
 
+fn object_key(obj: &Value) -> (String, String) {
+    let text = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
+    (text("/metadata/namespace"), text("/metadata/name"))
+}
+
+/// `limit` and `continue` of a list. The continue token is the last key returned (base64 JSON);
+/// the next page starts after it in the current state (devcluster keeps no snapshots).
+struct Page {
+    limit: Option<usize>,
+    after: Option<(String, String)>,
+}
+
+impl Page {
+    fn parse(q: &HashMap<String, String>) -> Result<Self, ApiError> {
+        use base64::Engine as _;
+        let limit = match q.get("limit").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(raw) => Some(
+                raw.parse()
+                    .map_err(|_| ApiError::bad_request(format!("invalid limit {raw:?}")))?,
+            ),
+        };
+        let after = match q.get("continue").filter(|c| !c.is_empty()) {
+            None => None,
+            Some(token) => {
+                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(token)
+                    .map_err(|_| ApiError::bad_request("continue key is not valid"))?;
+                Some(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|_| ApiError::bad_request("continue key is not valid"))?,
+                )
+            }
+        };
+        Ok(Self { limit, after })
+    }
+
+    fn token(key: &(String, String)) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(key).expect("a key serializes"))
+    }
+}
+
 fn query_flag(q: &HashMap<String, String>, key: &str) -> bool {
     q.get(key).is_some_and(|v| v == "true" || v == "1")
 }
@@ -624,23 +668,36 @@ impl Api {
     ) -> Result<Reply, ApiError> {
         let filter = Filter::new(def, namespace.clone(), q)?;
         let (items, rv) = self.store.list(def.storage, namespace.as_deref());
-        let items: Vec<Value> = items
+        let page = Page::parse(q)?;
+        let matching: Vec<&Arc<Value>> = items
             .iter()
             .filter(|o| filter.matches(o))
-            .map(|o| present(def, o))
+            .filter(|o| page.after.as_ref().is_none_or(|after| object_key(o) > *after))
             .collect();
+        let (shown, rest) = match page.limit {
+            Some(limit) if matching.len() > limit => matching.split_at(limit),
+            _ => (matching.as_slice(), &[][..]),
+        };
+        let items: Vec<Value> = shown.iter().map(|o| present(def, o)).collect();
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if let Some(last) = shown.last().filter(|_| !rest.is_empty()) {
+            metadata["continue"] = json!(Page::token(&object_key(last)));
+            metadata["remainingItemCount"] = json!(rest.len());
+        }
         if wants_table(accept) {
-            return Ok(Reply::ok(table(
+            let mut t = table(
                 def,
                 &items,
                 &rv.to_string(),
                 IncludeObject::parse(q.get("includeObject").map(String::as_str)),
-            )));
+            );
+            t["metadata"] = metadata;
+            return Ok(Reply::ok(t));
         }
         Ok(Reply::ok(json!({
             "kind": format!("{}List", def.kind),
             "apiVersion": def.api_version(),
-            "metadata": {"resourceVersion": rv.to_string()},
+            "metadata": metadata,
             "items": items,
         })))
     }
@@ -665,6 +722,26 @@ impl Api {
             .and_then(|t| t.parse::<u64>().ok())
             .map_or(Duration::from_secs(1800), Duration::from_secs);
         let bookmarks = query_flag(q, "allowWatchBookmarks");
+        // The watch-list protocol: every object as ADDED, then a bookmark marking the end of the
+        // initial events.
+        let initial_events = query_flag(q, "sendInitialEvents");
+        if initial_events {
+            if q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") {
+                return Err(ApiError::invalid_request(
+                    "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                ));
+            }
+            if !bookmarks {
+                return Err(ApiError::invalid_request(
+                    "allowWatchBookmarks: Forbidden: sendInitialEvents requires setting allowWatchBookmarks to true",
+                ));
+            }
+        }
+        let start = if initial_events {
+            WatchStart::Snapshot
+        } else {
+            start
+        };
         let as_table =
             wants_table(accept).then(|| IncludeObject::parse(q.get("includeObject").map(String::as_str)));
         let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -689,6 +766,15 @@ impl Api {
             };
             for change in &feed.backlog {
                 if !stream.send(change).await {
+                    return;
+                }
+            }
+            if initial_events {
+                let end = json!({"type": "BOOKMARK", "object": {
+                    "kind": def.kind, "apiVersion": def.api_version(),
+                    "metadata": {"resourceVersion": feed.rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}
+                }});
+                if stream.tx.send(line(&end)).await.is_err() {
                     return;
                 }
             }
@@ -857,7 +943,11 @@ impl Api {
         let (items, _) = self.store.list(def.storage, namespace.as_deref());
         let mut deleted = Vec::new();
         for obj in items.iter().filter(|o| filter.matches(o)) {
-            let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            let ns = obj
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             // Objects that vanished meanwhile are simply not listed.
             if let Ok(gone) = self.delete_object(storage_def(def), &ns, name_of(obj), &options, 0) {
                 deleted.push(present(def, &gone));
@@ -884,47 +974,65 @@ impl Api {
         options: &DeleteOptions,
         depth: usize,
     ) -> Result<Arc<Value>, ApiError> {
-        let current = self.store.get(def.storage, ns, name).ok_or_else(|| ApiError::not_found(def, name))?;
-        let uid = current.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("").to_string();
+        let current = self
+            .store
+            .get(def.storage, ns, name)
+            .ok_or_else(|| ApiError::not_found(def, name))?;
+        let uid = current
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let has_dependents = !self.dependents(&uid).is_empty();
         let mut pod_grace = None;
-        let (obj, change) = self.store.transact(def.storage, (ns.to_string(), name.to_string()), |_, current| {
-            let Some(current) = current else { return Err(ApiError::not_found(def, name)) };
-            options.check_preconditions(def, name, current)?;
-            if options.dry_run {
-                return Ok(Outcome::Unchanged);
-            }
-            let mut next = current.clone();
-            let mut finalizers: Vec<Value> =
-                current.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
-            if options.propagation == Propagation::Foreground && has_dependents {
-                let f = json!(deletion::FOREGROUND_FINALIZER);
-                if !finalizers.contains(&f) {
-                    finalizers.push(f);
-                }
-            }
-            let grace = deletion::pod_grace(def, current, options.grace_period_seconds);
-            if let Some(grace) = grace {
-                pod_grace = Some(grace);
-            }
-            if finalizers.is_empty() && grace.is_none() {
-                return Ok(Outcome::Delete);
-            }
-            if current.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null()) {
-                // Already terminating: only a shorter grace period or the new finalizer changes it.
-                if next["metadata"]["finalizers"] == json!(finalizers) {
-                    return Ok(Outcome::Unchanged);
-                }
-            } else {
-                let at = chrono::Utc::now() + chrono::Duration::seconds(grace.unwrap_or(0));
-                next["metadata"]["deletionTimestamp"] = json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-                next["metadata"]["deletionGracePeriodSeconds"] = json!(grace.unwrap_or(0));
-            }
-            if !finalizers.is_empty() {
-                next["metadata"]["finalizers"] = json!(finalizers);
-            }
-            Ok(Outcome::Put(next))
-        })?;
+        let (obj, change) =
+            self.store
+                .transact(def.storage, (ns.to_string(), name.to_string()), |_, current| {
+                    let Some(current) = current else {
+                        return Err(ApiError::not_found(def, name));
+                    };
+                    options.check_preconditions(def, name, current)?;
+                    if options.dry_run {
+                        return Ok(Outcome::Unchanged);
+                    }
+                    let mut next = current.clone();
+                    let mut finalizers: Vec<Value> = current
+                        .pointer("/metadata/finalizers")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    if options.propagation == Propagation::Foreground && has_dependents {
+                        let f = json!(deletion::FOREGROUND_FINALIZER);
+                        if !finalizers.contains(&f) {
+                            finalizers.push(f);
+                        }
+                    }
+                    let grace = deletion::pod_grace(def, current, options.grace_period_seconds);
+                    if let Some(grace) = grace {
+                        pod_grace = Some(grace);
+                    }
+                    if finalizers.is_empty() && grace.is_none() {
+                        return Ok(Outcome::Delete);
+                    }
+                    if current
+                        .pointer("/metadata/deletionTimestamp")
+                        .is_some_and(|v| !v.is_null())
+                    {
+                        // Already terminating: only a shorter grace period or the new finalizer changes it.
+                        if next["metadata"]["finalizers"] == json!(finalizers) {
+                            return Ok(Outcome::Unchanged);
+                        }
+                    } else {
+                        let at = chrono::Utc::now() + chrono::Duration::seconds(grace.unwrap_or(0));
+                        next["metadata"]["deletionTimestamp"] =
+                            json!(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                        next["metadata"]["deletionGracePeriodSeconds"] = json!(grace.unwrap_or(0));
+                    }
+                    if !finalizers.is_empty() {
+                        next["metadata"]["finalizers"] = json!(finalizers);
+                    }
+                    Ok(Outcome::Put(next))
+                })?;
         let obj = obj.ok_or_else(|| ApiError::not_found(def, name))?;
         if options.dry_run {
             return Ok(obj);
@@ -962,7 +1070,9 @@ impl Api {
             .into_iter()
             .filter(|(_, obj)| deletion::owned_by(obj, owner_uid))
             .filter_map(|(storage, obj)| {
-                let def = RESOURCES.iter().find(|r| r.storage == storage && r.is_storage_form())?;
+                let def = RESOURCES
+                    .iter()
+                    .find(|r| r.storage == storage && r.is_storage_form())?;
                 Some((def, obj))
             })
             .collect()
@@ -971,12 +1081,18 @@ impl Api {
     /// Deletes (Background, Foreground) or releases (Orphan) the dependents of a deleted owner.
     fn propagate(&self, owner_uid: &str, propagation: Propagation, depth: usize) {
         for (def, dependent) in self.dependents(owner_uid) {
-            let ns = dependent.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            let ns = dependent
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             let name = name_of(&dependent).to_string();
             match propagation {
                 Propagation::Orphan => {
                     let _ = self.store.transact(def.storage, (ns, name), |_, current| {
-                        let Some(current) = current else { return Ok(Outcome::Unchanged) };
+                        let Some(current) = current else {
+                            return Ok(Outcome::Unchanged);
+                        };
                         let mut next = current.clone();
                         if let Some(Value::Array(refs)) = next.pointer_mut("/metadata/ownerReferences") {
                             refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid));
@@ -985,7 +1101,10 @@ impl Api {
                     });
                 }
                 Propagation::Background | Propagation::Foreground => {
-                    let options = DeleteOptions { propagation, ..DeleteOptions::default() };
+                    let options = DeleteOptions {
+                        propagation,
+                        ..DeleteOptions::default()
+                    };
                     let _ = self.delete_object(def, &ns, &name, &options, depth + 1);
                 }
             }
@@ -1001,15 +1120,29 @@ impl Api {
             .filter(|(_, obj)| deletion::has_finalizer(obj, deletion::FOREGROUND_FINALIZER))
             .collect();
         for (storage, owner) in waiting {
-            let uid = owner.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+            let uid = owner
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if !self.dependents(uid).is_empty() {
                 continue;
             }
-            let ns = owner.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
-            let _ = self.store.transact(storage, (ns, name_of(&owner).to_string()), |_, current| {
-                let Some(current) = current else { return Ok(Outcome::Unchanged) };
-                Ok(deletion::without_finalizer(current, deletion::FOREGROUND_FINALIZER))
-            });
+            let ns = owner
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let _ = self
+                .store
+                .transact(storage, (ns, name_of(&owner).to_string()), |_, current| {
+                    let Some(current) = current else {
+                        return Ok(Outcome::Unchanged);
+                    };
+                    Ok(deletion::without_finalizer(
+                        current,
+                        deletion::FOREGROUND_FINALIZER,
+                    ))
+                });
         }
     }
 
@@ -1017,14 +1150,25 @@ impl Api {
     fn schedule_pod_removal(&self, def: &'static ResourceDef, ns: &str, name: &str, uid: &str, grace: i64) {
         let store = self.store.clone();
         let (ns, name, uid) = (ns.to_string(), name.to_string(), uid.to_string());
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         runtime.spawn(async move {
             tokio::time::sleep(Duration::from_secs(grace.max(0) as u64)).await;
             let _ = store.transact(def.storage, (ns, name), |_, current| {
-                let Some(current) = current else { return Ok(Outcome::Unchanged) };
+                let Some(current) = current else {
+                    return Ok(Outcome::Unchanged);
+                };
                 let same = current.pointer("/metadata/uid").and_then(Value::as_str) == Some(uid.as_str());
-                let finalizers = current.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
-                Ok(if same && !finalizers { Outcome::Delete } else { Outcome::Unchanged })
+                let finalizers = current
+                    .pointer("/metadata/finalizers")
+                    .and_then(Value::as_array)
+                    .is_some_and(|f| !f.is_empty());
+                Ok(if same && !finalizers {
+                    Outcome::Delete
+                } else {
+                    Outcome::Unchanged
+                })
             });
         });
     }

@@ -46,7 +46,10 @@ impl DeleteOptions {
         let grace = match body.get("gracePeriodSeconds").and_then(Value::as_i64) {
             Some(g) => Some(g),
             None => match query.get("gracePeriodSeconds") {
-                Some(raw) => Some(raw.parse().map_err(|_| ApiError::bad_request(format!("invalid gracePeriodSeconds {raw:?}")))?),
+                Some(raw) => Some(
+                    raw.parse()
+                        .map_err(|_| ApiError::bad_request(format!("invalid gracePeriodSeconds {raw:?}")))?,
+                ),
                 None => None,
             },
         };
@@ -73,15 +76,28 @@ impl DeleteOptions {
             resource_version: text("/preconditions/resourceVersion"),
             grace_period_seconds: grace,
             propagation,
-            dry_run: dry_run || body.get("dryRun").and_then(Value::as_array).is_some_and(|d| !d.is_empty()),
+            dry_run: dry_run
+                || body
+                    .get("dryRun")
+                    .and_then(Value::as_array)
+                    .is_some_and(|d| !d.is_empty()),
         })
     }
 
     /// 409 Conflict when a precondition does not hold.
-    pub fn check_preconditions(&self, def: &ResourceDef, name: &str, current: &Value) -> Result<(), ApiError> {
+    pub fn check_preconditions(
+        &self,
+        def: &ResourceDef,
+        name: &str,
+        current: &Value,
+    ) -> Result<(), ApiError> {
         for (wanted, pointer, label) in [
             (&self.uid, "/metadata/uid", "UID"),
-            (&self.resource_version, "/metadata/resourceVersion", "ResourceVersion"),
+            (
+                &self.resource_version,
+                "/metadata/resourceVersion",
+                "ResourceVersion",
+            ),
         ] {
             let Some(wanted) = wanted else { continue };
             let actual = current.pointer(pointer).and_then(Value::as_str).unwrap_or("");
@@ -89,7 +105,9 @@ impl DeleteOptions {
                 return Err(ApiError::conflict(
                     def,
                     name,
-                    &format!("Precondition failed: {label} in precondition: {wanted}, {label} in object meta: {actual}"),
+                    &format!(
+                        "Precondition failed: {label} in precondition: {wanted}, {label} in object meta: {actual}"
+                    ),
                 ));
             }
         }
@@ -101,10 +119,18 @@ impl DeleteOptions {
 /// long, as it would while a kubelet stops it. `None`: deleted at once (unscheduled Pods, grace 0,
 /// other kinds), as upstream.
 pub fn pod_grace(def: &ResourceDef, pod: &Value, requested: Option<i64>) -> Option<i64> {
-    if def.kind != "Pod" || pod.pointer("/spec/nodeName").and_then(Value::as_str).is_none_or(str::is_empty) {
+    if def.kind != "Pod"
+        || pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
         return None;
     }
-    let default = pod.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30);
+    let default = pod
+        .pointer("/spec/terminationGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .unwrap_or(30);
     let grace = requested.unwrap_or(default);
     (grace > 0).then_some(grace)
 }
@@ -113,7 +139,10 @@ pub fn pod_grace(def: &ResourceDef, pod: &Value, requested: Option<i64>) -> Opti
 pub fn owned_by(obj: &Value, owner_uid: &str) -> bool {
     obj.pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
-        .is_some_and(|refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(owner_uid)))
+        .is_some_and(|refs| {
+            refs.iter()
+                .any(|r| r.get("uid").and_then(Value::as_str) == Some(owner_uid))
+        })
 }
 
 /// Whether an object carries a finalizer.
@@ -134,7 +163,16 @@ pub fn without_finalizer(obj: &Value, finalizer: &str) -> Outcome {
 
 /// An updated object that is terminating and has no finalizer left is removed.
 pub fn finalized(next: Value) -> Outcome {
-    let terminating = next.pointer("/metadata/deletionTimestamp").is_some_and(|v| !v.is_null());
-    let remaining = next.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
-    if terminating && !remaining { Outcome::Delete } else { Outcome::Put(next) }
+    let terminating = next
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null());
+    let remaining = next
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    if terminating && !remaining {
+        Outcome::Delete
+    } else {
+        Outcome::Put(next)
+    }
 }

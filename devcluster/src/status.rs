@@ -190,6 +190,11 @@ impl ApiError {
         Self::new(400, "BadRequest", message)
     }
 
+    /// 422 for a request (not an object) that is invalid, e.g. a watch with conflicting options.
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Self::new(422, "Invalid", message)
+    }
+
     /// 405.
     pub fn method_not_allowed(method: &str, path: &str) -> Self {
         Self::new(

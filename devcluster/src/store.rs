@@ -218,14 +218,27 @@ impl Store {
         let mut gone = (*old).clone();
         gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         let gone = Arc::new(gone);
-        self.record(inner, Change { rv, storage, kind: ChangeKind::Deleted, old: Some(old), new: gone.clone() });
+        self.record(
+            inner,
+            Change {
+                rv,
+                storage,
+                kind: ChangeKind::Deleted,
+                old: Some(old),
+                new: gone.clone(),
+            },
+        );
         Some(gone)
     }
 
     /// Every object of every kind, with its storage: for garbage collection across kinds.
     pub fn all_objects(&self) -> Vec<(&'static str, Arc<Value>)> {
         let inner = self.lock();
-        inner.objects.iter().flat_map(|(storage, map)| map.values().map(|v| (*storage, v.clone()))).collect()
+        inner
+            .objects
+            .iter()
+            .flat_map(|(storage, map)| map.values().map(|v| (*storage, v.clone())))
+            .collect()
     }
 
     /// Deletes every namespaced object in `namespace` (the namespace itself excepted).

@@ -298,3 +298,179 @@ async fn server_side_apply_creates_then_merges() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn watch_list_streams_the_initial_events_then_a_bookmark() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let classes: Api<RuntimeClass> = Api::all(client);
+    for name in ["a", "b", "c"] {
+        classes
+            .create(&PostParams::default(), &runtime_class(name, "h", &[]))
+            .await
+            .unwrap();
+    }
+    let mut stream = watcher::watcher(classes.clone(), watcher::Config::default().streaming_lists()).boxed();
+    assert!(matches!(next_event(&mut stream).await, Event::Init));
+    let mut seen = Vec::new();
+    loop {
+        match next_event(&mut stream).await {
+            Event::InitApply(rc) => seen.push(name(&rc)),
+            Event::InitDone => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["a", "b", "c"]);
+    classes
+        .create(&PostParams::default(), &runtime_class("d", "h", &[]))
+        .await
+        .unwrap();
+    assert!(matches!(next_event(&mut stream).await, Event::Apply(rc) if name(&rc) == "d"));
+    cluster.shutdown().await;
+}
+
+fn config_map(name: &str, extra: serde_json::Value) -> ConfigMap {
+    let mut value = json!({"metadata": {"name": name}, "data": {"k": "v"}});
+    if let Some(meta) = extra.get("metadata") {
+        for (k, v) in meta.as_object().unwrap() {
+            value["metadata"][k] = v.clone();
+        }
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+#[tokio::test]
+async fn a_finalizer_holds_a_deletion_until_it_is_removed() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    let held = config_map("held", json!({"metadata": {"finalizers": ["example.com/hold"]}}));
+    let created = maps.create(&PostParams::default(), &held).await.unwrap();
+    maps.delete("held", &DeleteParams::default()).await.unwrap();
+    let terminating = maps.get("held").await.unwrap();
+    assert!(
+        terminating.metadata.deletion_timestamp.is_some(),
+        "the object is Terminating"
+    );
+    // Removing the finalizer completes the deletion.
+    let uid = created.metadata.uid.clone().unwrap();
+    let release = json!({"metadata": {"finalizers": null}});
+    maps.patch("held", &PatchParams::default(), &Patch::Merge(&release))
+        .await
+        .unwrap();
+    let deleted = kube::runtime::wait::await_condition(
+        maps.clone(),
+        "held",
+        kube::runtime::conditions::is_deleted(&uid),
+    );
+    timeout(DEADLINE, deleted)
+        .await
+        .expect("deleted before the deadline")
+        .unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn propagation_policies_follow_owner_references() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    let owned_by = |owner: &ConfigMap| {
+        json!({"metadata": {"ownerReferences": [{
+            "apiVersion": "v1", "kind": "ConfigMap", "name": owner.metadata.name, "uid": owner.metadata.uid
+        }]}})
+    };
+    for (policy, params) in [
+        ("background", DeleteParams::background()),
+        ("foreground", DeleteParams::foreground()),
+        ("orphan", DeleteParams::orphan()),
+    ] {
+        let owner = maps
+            .create(
+                &PostParams::default(),
+                &config_map(&format!("{policy}-owner"), json!({})),
+            )
+            .await
+            .unwrap();
+        let dependent = config_map(&format!("{policy}-dependent"), owned_by(&owner));
+        maps.create(&PostParams::default(), &dependent).await.unwrap();
+        maps.delete(&format!("{policy}-owner"), &params).await.unwrap();
+        let owner_uid = owner.metadata.uid.clone().unwrap();
+        let owner_name = format!("{policy}-owner");
+        let gone = kube::runtime::wait::await_condition(
+            maps.clone(),
+            &owner_name,
+            kube::runtime::conditions::is_deleted(&owner_uid),
+        );
+        timeout(DEADLINE, gone).await.expect("the owner goes").unwrap();
+        let left = maps.get_opt(&format!("{policy}-dependent")).await.unwrap();
+        if policy == "orphan" {
+            let left = left.expect("an orphaned dependent stays");
+            assert!(
+                left.metadata.owner_references.unwrap_or_default().is_empty(),
+                "and loses its owner reference"
+            );
+        } else {
+            assert!(left.is_none(), "{policy}: the dependent is deleted");
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn lists_paginate_with_limit_and_continue() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    for i in 0..5 {
+        maps.create(&PostParams::default(), &config_map(&format!("cm-{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    let mut params = ListParams::default().limit(2);
+    let mut pages = 0;
+    loop {
+        let page = maps.list(&params).await.unwrap();
+        pages += 1;
+        assert!(page.items.len() <= 2);
+        names.extend(page.items.iter().map(|c| c.metadata.name.clone().unwrap()));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names, ["cm-0", "cm-1", "cm-2", "cm-3", "cm-4"]);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn scheduled_pods_terminate_for_their_grace_period() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "scheduled"},
+        "spec": {"nodeName": "node-1", "terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap();
+    let created = pods.create(&PostParams::default(), &pod).await.unwrap();
+    pods.delete("scheduled", &DeleteParams::default()).await.unwrap();
+    let terminating = pods.get("scheduled").await.unwrap();
+    assert!(
+        terminating.metadata.deletion_timestamp.is_some(),
+        "a scheduled Pod waits for its grace period"
+    );
+    let uid = created.metadata.uid.unwrap();
+    let gone = kube::runtime::wait::await_condition(
+        pods.clone(),
+        "scheduled",
+        kube::runtime::conditions::is_deleted(&uid),
+    );
+    timeout(DEADLINE, gone)
+        .await
+        .expect("removed after the grace period")
+        .unwrap();
+    cluster.shutdown().await;
+}

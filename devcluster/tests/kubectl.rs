@@ -327,3 +327,75 @@ async fn kubectl_workflow_has_no_errors() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn kubectl_pagination_cascading_delete_and_reapply() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let kubectl = Kubectl::new(&cluster, dir.path());
+
+    // apply twice, the second time without a field: the field goes away.
+    let with_label = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  labels:\n    tier: gold\ndata:\n  a: \"1\"\n  b: \"2\"\n";
+    kubectl
+        .run_with_input(&["apply", "-f", "-"], Some(with_label))
+        .await;
+    let without = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n  a: \"1\"\n";
+    let out = kubectl.run_with_input(&["apply", "-f", "-"], Some(without)).await;
+    assert_eq!(out.trim(), "configmap/settings configured");
+    let out = kubectl
+        .run(&[
+            "get",
+            "configmap",
+            "settings",
+            "-o",
+            "jsonpath={.data} {.metadata.labels}",
+        ])
+        .await;
+    assert_eq!(out.trim(), r#"{"a":"1"}"#, "the removed key and label are gone");
+
+    // get --chunk-size=2 pages through every object.
+    for i in 0..5 {
+        kubectl
+            .run_with_input(
+                &["apply", "-f", "-"],
+                Some(&format!(
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: chunk-{i}\ndata: {{}}\n"
+                )),
+            )
+            .await;
+    }
+    let out = kubectl
+        .run(&["get", "configmaps", "--chunk-size=2", "-o", "name"])
+        .await;
+    let names: Vec<&str> = out.lines().filter(|l| l.contains("chunk-")).collect();
+    assert_eq!(names.len(), 5, "{out}");
+
+    // delete --cascade=foreground of an owner with dependents.
+    let uid = kubectl
+        .run(&["get", "configmap", "chunk-0", "-o", "jsonpath={.metadata.uid}"])
+        .await;
+    for i in 1..3 {
+        let dependent = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: chunk-{i}\n  ownerReferences:\n  - apiVersion: v1\n    kind: ConfigMap\n    name: chunk-0\n    uid: {uid}\ndata: {{}}\n"
+        );
+        kubectl
+            .run_with_input(&["apply", "-f", "-"], Some(&dependent))
+            .await;
+    }
+    let out = kubectl
+        .run(&["delete", "configmap", "chunk-0", "--cascade=foreground"])
+        .await;
+    assert_eq!(out.trim(), "configmap \"chunk-0\" deleted");
+    let out = kubectl.run(&["get", "configmaps", "-o", "name"]).await;
+    for gone in ["chunk-0", "chunk-1", "chunk-2"] {
+        assert!(
+            !out.contains(&format!("/{gone}\n")) && !out.ends_with(&format!("/{gone}")),
+            "{gone} still there:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("configmap/chunk-3") && out.contains("configmap/chunk-4"),
+        "{out}"
+    );
+    cluster.shutdown().await;
+}
