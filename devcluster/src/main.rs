@@ -52,6 +52,10 @@ enum Command {
         /// Changes kept for watches to resume from; older resourceVersions get 410 Gone.
         #[arg(long, env = "DEVCLUSTER_HISTORY", default_value_t = 10_000)]
         history: usize,
+        /// State file: objects and resourceVersions survive a restart (watches from before it get
+        /// 410 Gone, as after an API server restart).
+        #[arg(long, env = "DEVCLUSTER_STATE")]
+        state: Option<PathBuf>,
         /// Admission plugins to turn off, as kube-apiserver's flag (known: RuntimeClass).
         #[arg(long, env = "DEVCLUSTER_DISABLE_ADMISSION_PLUGINS", value_delimiter = ',')]
         disable_admission_plugins: Vec<String>,
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
             insecure_http,
             token,
             history,
+            state,
             disable_admission_plugins,
         } => {
             let admission = devcluster::admission::AdmissionPlugins::disabling(&disable_admission_plugins)
@@ -93,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
                 listen,
                 insecure_http,
                 token,
+                state,
                 history,
                 admission,
                 ..ServerOptions::default()

@@ -50,6 +50,9 @@ pub struct ServerOptions {
     pub bookmark_interval: Duration,
     /// Admission plugins in effect.
     pub admission: crate::admission::AdmissionPlugins,
+    /// State file: objects and resourceVersions are loaded from it at start and saved to it
+    /// (shortly after each change, and at shutdown).
+    pub state: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -61,6 +64,7 @@ impl Default for ServerOptions {
             history: 10_000,
             bookmark_interval: Duration::from_secs(10),
             admission: Default::default(),
+            state: None,
         }
     }
 }
@@ -92,6 +96,20 @@ impl DevCluster {
         let mut api = Api::new(store);
         api.bookmark_interval = options.bookmark_interval;
         api.admission = options.admission;
+        if let Some(path) = &options.state
+            && path.exists()
+        {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the state file {}", path.display()))?;
+            let snapshot: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("the state file {} is not JSON", path.display()))?;
+            let storages: Vec<&'static str> = crate::resources::RESOURCES.iter().map(|r| r.storage).collect();
+            let n = api
+                .store()
+                .restore(&snapshot, &storages)
+                .map_err(|e| anyhow::anyhow!("the state file {}: {e}", path.display()))?;
+            tracing::info!(objects = n, state = %path.display(), "restored state");
+        }
         api.bootstrap();
         let (tls, token, ca_pem) = if options.insecure_http {
             (None, None, None)
@@ -111,7 +129,17 @@ impl DevCluster {
             token: token.clone(),
         });
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(listener, tls, app.clone(), stopped));
+        let saver = options
+            .state
+            .clone()
+            .map(|path| tokio::spawn(save_state(app.api.store().clone(), path, stop.subscribe())));
+        let serving = tokio::spawn(accept_loop(listener, tls, app.clone(), stopped));
+        let task = tokio::spawn(async move {
+            let _ = serving.await;
+            if let Some(saver) = saver {
+                let _ = saver.await;
+            }
+        });
         Ok(Self {
             addr,
             tls: ca_pem.is_some(),
@@ -189,6 +217,32 @@ impl DevCluster {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
+}
+
+/// Saves the store to `path` shortly after changes (coalescing bursts) and once more at shutdown.
+async fn save_state(store: Arc<Store>, path: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
+    let mut changes = store.changes();
+    let save = |store: &Store| {
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec(&store.snapshot()).expect("JSON values serialize");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::error!(state = %path.display(), error = %e, "saving the state failed");
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            change = changes.recv() => {
+                if matches!(change, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while changes.try_recv().is_ok() {}
+                save(&store);
+            }
+        }
+    }
+    save(&store);
 }
 
 fn random_token() -> String {

@@ -280,6 +280,72 @@ impl Store {
         self.end_watches();
     }
 
+    /// Every object and the current resourceVersion, for a state file.
+    pub fn snapshot(&self) -> Value {
+        let inner = self.lock();
+        let objects: Vec<Value> = inner
+            .objects
+            .iter()
+            .flat_map(|(storage, map)| {
+                map.values()
+                    .map(move |o| serde_json::json!({"storage": storage, "object": **o}))
+            })
+            .collect();
+        serde_json::json!({"resourceVersion": inner.rv, "objects": objects})
+    }
+
+    /// Loads a snapshot into an empty store. The change history starts empty, so watches from
+    /// before the snapshot get 410 Gone, as after an API server restart.
+    pub fn restore(&self, snapshot: &Value, storages: &[&'static str]) -> Result<usize, String> {
+        let mut inner = self.lock();
+        let rv = snapshot
+            .get("resourceVersion")
+            .and_then(Value::as_u64)
+            .ok_or("the state has no resourceVersion")?;
+        let objects = snapshot
+            .get("objects")
+            .and_then(Value::as_array)
+            .ok_or("the state has no objects list")?;
+        let mut count = 0;
+        for entry in objects {
+            let storage = entry
+                .get("storage")
+                .and_then(Value::as_str)
+                .ok_or("an entry has no storage")?;
+            let storage = *storages
+                .iter()
+                .find(|s| **s == storage)
+                .ok_or_else(|| format!("unknown kind {storage:?} in the state"))?;
+            let object = entry.get("object").ok_or("an entry has no object")?;
+            let text = |p: &str| {
+                object
+                    .pointer(p)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let key = (text("/metadata/namespace"), text("/metadata/name"));
+            if key.1.is_empty() {
+                return Err("an object has no name".into());
+            }
+            inner
+                .objects
+                .entry(storage)
+                .or_default()
+                .insert(key, Arc::new(object.clone()));
+            count += 1;
+        }
+        inner.rv = inner.rv.max(rv);
+        inner.history.clear();
+        inner.compacted = inner.rv;
+        Ok(count)
+    }
+
+    /// A receiver that changes whenever the store does (for persistence).
+    pub fn changes(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.tx.subscribe()
+    }
+
     /// Ends every open watch, as an API server restart does; clients resume from their last
     /// resourceVersion.
     pub fn end_watches(&self) {

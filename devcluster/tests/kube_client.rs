@@ -474,3 +474,60 @@ async fn scheduled_pods_terminate_for_their_grace_period() {
         .unwrap();
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_state_file_keeps_objects_and_resource_versions_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let options = || ServerOptions {
+        state: Some(state.clone()),
+        ..ServerOptions::default()
+    };
+    let cluster = DevCluster::start(options()).await.unwrap();
+    let classes: Api<RuntimeClass> = Api::all(client_for(&cluster).await);
+    let created = classes
+        .create(
+            &PostParams::default(),
+            &runtime_class("gvisor", "runsc", &[("a", "b")]),
+        )
+        .await
+        .unwrap();
+    let before = created.metadata.resource_version.clone().unwrap();
+    cluster.shutdown().await;
+
+    let cluster = DevCluster::start(options()).await.unwrap();
+    let classes: Api<RuntimeClass> = Api::all(client_for(&cluster).await);
+    let restored = classes.get("gvisor").await.unwrap();
+    assert_eq!(
+        restored.metadata.resource_version.as_deref(),
+        Some(before.as_str())
+    );
+    assert_eq!(restored.metadata.uid, created.metadata.uid);
+    // A watch from before the restart gets 410 Gone; new writes continue the sequence.
+    let old: u64 = before.parse().unwrap();
+    let params = kube::api::WatchParams::default();
+    let mut events = classes
+        .watch(&params, &(old - 1).to_string())
+        .await
+        .unwrap()
+        .boxed();
+    let first = timeout(DEADLINE, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&first, kube::api::WatchEvent::Error(e) if e.code == 410),
+        "{first:?}"
+    );
+    let updated = classes
+        .patch(
+            "gvisor",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"labels": {"c": "d"}}})),
+        )
+        .await
+        .unwrap();
+    assert!(updated.metadata.resource_version.unwrap().parse::<u64>().unwrap() > old);
+    cluster.shutdown().await;
+}
