@@ -326,6 +326,7 @@ fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, ApiError
             yaml_serde::from_str(text)
                 .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")))
         }
+        crate::protobuf::PROTOBUF => crate::protobuf::decode(body),
         other => Err(ApiError::unsupported_media_type(other)),
     }
 }

@@ -24,6 +24,7 @@ pub mod events;
 pub mod openapi;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod resources;
 pub mod server;
 pub mod status;

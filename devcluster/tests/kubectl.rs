@@ -334,6 +334,47 @@ async fn kubectl_pagination_cascading_delete_and_reapply() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let kubectl = Kubectl::new(&cluster, dir.path());
 
+    // Imperative creates send protobuf bodies.
+    let out = kubectl.run(&["create", "namespace", "team-x"]).await;
+    assert_eq!(out.trim(), "namespace/team-x created");
+    let out = kubectl
+        .run(&[
+            "create",
+            "configmap",
+            "literal",
+            "--from-literal=a=b",
+            "-n",
+            "team-x",
+        ])
+        .await;
+    assert_eq!(out.trim(), "configmap/literal created");
+    let out = kubectl
+        .run(&[
+            "get",
+            "configmap",
+            "literal",
+            "-n",
+            "team-x",
+            "-o",
+            "jsonpath={.data.a}",
+        ])
+        .await;
+    assert_eq!(out.trim(), "b");
+    let out = kubectl
+        .run(&[
+            "create",
+            "secret",
+            "generic",
+            "creds",
+            "--from-literal=password=hunter2",
+        ])
+        .await;
+    assert_eq!(out.trim(), "secret/creds created");
+    let out = kubectl
+        .run(&["get", "secret", "creds", "-o", "jsonpath={.data.password}"])
+        .await;
+    assert_eq!(out.trim(), "aHVudGVyMg==");
+
     // apply twice, the second time without a field: the field goes away.
     let with_label = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  labels:\n    tier: gold\ndata:\n  a: \"1\"\n  b: \"2\"\n";
     kubectl
