@@ -11,7 +11,7 @@ use rcsync_core::labels::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::resources::{METADATA_FIELDS, ResourceDef, runtime_classes};
+use crate::resources::{ResourceDef, runtime_classes};
 use crate::status::{ApiError, Cause};
 use crate::store::Reader;
 
@@ -91,38 +91,22 @@ pub fn check_unknown_fields(
     obj: &mut Value,
     mode: FieldValidation,
 ) -> Result<Vec<String>, ApiError> {
-    let mut unknown = Vec::new();
-    if let Some(map) = obj.as_object_mut() {
-        map.retain(|k, _| {
-            let known = matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
-                || def.top_fields.contains(&k.as_str());
-            if !known {
-                unknown.push(k.clone());
-            }
-            known
-        });
-        if let Some(Value::Object(meta)) = map.get_mut("metadata") {
-            meta.retain(|k, _| {
-                let known = METADATA_FIELDS.contains(&k.as_str());
-                if !known {
-                    unknown.push(format!("metadata.{k}"));
-                }
-                known
-            });
-        }
-    }
-    if unknown.is_empty() || mode == FieldValidation::Ignore {
+    if mode == FieldValidation::Ignore {
+        crate::openapi::unknown_fields(def, obj, true);
         return Ok(Vec::new());
     }
-    if mode == FieldValidation::Strict {
-        let list = unknown
-            .iter()
-            .map(|f| format!("unknown field {f:?}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(ApiError::bad_request(format!("strict decoding error: {list}")));
+    let unknown = crate::openapi::unknown_fields(def, obj, mode != FieldValidation::Strict);
+    if unknown.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(unknown.iter().map(|f| format!("unknown field {f:?}")).collect())
+    let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+    if mode == FieldValidation::Strict {
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: {}",
+            list.join(", ")
+        )));
+    }
+    Ok(list)
 }
 
 fn validate_metadata(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {

@@ -1,9 +1,12 @@
-//! A minimal OpenAPI v3 document per group/version: the paths and operations of the served kinds,
-//! with the query parameters they accept. kubectl reads it to learn that the server validates
-//! fields itself (`fieldValidation`), so `kubectl apply` sends `fieldValidation=Strict` rather than
-//! validating client-side. Schemas are not published (kubectl then computes strategic merge
-//! patches for built-in kinds from its compiled-in types).
+//! OpenAPI v3 per group/version: the paths and operations of the served kinds with the query
+//! parameters they accept (kubectl learns from them that the server validates fields itself), and
+//! the schemas of the served kinds, generated from k8s-openapi's types, with
+//! `x-kubernetes-group-version-kind` (what `kubectl explain` reads). The same schemas drive strict
+//! field validation.
 
+use std::sync::OnceLock;
+
+use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use crate::api::KUBERNETES_VERSION;
@@ -15,6 +18,111 @@ fn gv_path(group: &str, version: &str) -> String {
     } else {
         format!("apis/{group}/{version}")
     }
+}
+
+/// Every served kind's schema and the schemas they reference, by name.
+struct Schemas {
+    components: Map<String, Value>,
+    /// Schema name of each served definition, in `RESOURCES` order.
+    names: Vec<String>,
+}
+
+fn schemas() -> &'static Schemas {
+    static SCHEMAS: OnceLock<Schemas> = OnceLock::new();
+    SCHEMAS.get_or_init(|| {
+        let mut generator = SchemaSettings::openapi3().into_generator();
+        let names: Vec<String> = RESOURCES.iter().map(|def| (def.schema)(&mut generator)).collect();
+        let mut components = generator.take_definitions(true);
+        for (def, name) in RESOURCES.iter().zip(&names) {
+            if let Some(Value::Object(schema)) = components.get_mut(name) {
+                schema.insert(
+                    "x-kubernetes-group-version-kind".into(),
+                    json!([{"group": def.group, "version": def.version, "kind": def.kind}]),
+                );
+            }
+        }
+        Schemas { components, names }
+    })
+}
+
+fn schema_name(def: &ResourceDef) -> &'static str {
+    let index = RESOURCES
+        .iter()
+        .position(|d| std::ptr::eq(d, def))
+        .expect("served definitions come from RESOURCES");
+    &schemas().names[index]
+}
+
+fn resolve<'a>(schema: &'a Value) -> &'a Value {
+    let components = &schemas().components;
+    let mut schema = schema;
+    for _ in 0..16 {
+        if let Some(target) = schema.get("$ref").and_then(Value::as_str) {
+            match target
+                .strip_prefix("#/components/schemas/")
+                .and_then(|n| components.get(n))
+            {
+                Some(next) => schema = next,
+                None => return schema,
+            }
+        } else if let Some(Value::Array(all)) = schema.get("allOf")
+            && all.len() == 1
+        {
+            schema = &all[0];
+        } else {
+            break;
+        }
+    }
+    schema
+}
+
+fn walk_unknown(schema: &Value, value: &mut Value, path: &str, remove: bool, out: &mut Vec<String>) {
+    let schema = resolve(schema);
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+        return;
+    }
+    match value {
+        Value::Object(map) => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            let mut unknown = Vec::new();
+            for (key, child) in map.iter_mut() {
+                let child_path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match (properties.and_then(|p| p.get(key)), additional) {
+                    (Some(s), _) | (None, Some(s)) => walk_unknown(s, child, &child_path, remove, out),
+                    (None, None) if properties.is_some() => unknown.push((key.clone(), child_path)),
+                    (None, None) => {}
+                }
+            }
+            for (key, child_path) in unknown {
+                out.push(child_path);
+                if remove {
+                    map.remove(&key);
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(item_schema) = schema.get("items") {
+                for (i, item) in items.iter_mut().enumerate() {
+                    walk_unknown(item_schema, item, &format!("{path}[{i}]"), remove, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The fields of `obj` its kind's schema does not declare (`spec.containers[0].colour`);
+/// removed from `obj` when `remove`.
+pub fn unknown_fields(def: &ResourceDef, obj: &mut Value, remove: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let root = json!({"$ref": format!("#/components/schemas/{}", schema_name(def))});
+    walk_unknown(&root, obj, "", remove, &mut out);
+    out
 }
 
 /// `GET /openapi/v3`: the index of per-group/version documents.
@@ -107,6 +215,6 @@ pub fn group_version(path: &str) -> Option<Value> {
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes (devcluster)", "version": KUBERNETES_VERSION},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas().components},
     }))
 }

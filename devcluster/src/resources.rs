@@ -30,8 +30,9 @@ pub struct ResourceDef {
     pub fields: &'static [(&'static str, &'static str)],
     /// Categories for discovery (`kubectl get all`).
     pub categories: &'static [&'static str],
-    /// Top-level fields of the kind besides apiVersion, kind and metadata (strict field validation).
-    pub top_fields: &'static [&'static str],
+    /// Registers the kind's OpenAPI schema (from k8s-openapi) and returns its name: the source of
+    /// `/openapi/v3`, `kubectl explain`, and strict field validation.
+    pub schema: fn(&mut schemars::SchemaGenerator) -> String,
 }
 
 impl ResourceDef {
@@ -68,61 +69,14 @@ impl ResourceDef {
     }
 }
 
+/// Registers `T`'s schema and returns its name.
+fn schema_of<T: schemars::JsonSchema>(generator: &mut schemars::SchemaGenerator) -> String {
+    generator.subschema_for::<T>();
+    T::schema_name().into_owned()
+}
+
 /// Storage identity of Events (shared by core/v1 and events.k8s.io/v1).
 pub const STORAGE_EVENTS: &str = "events";
-
-const CORE_EVENT_FIELDS: &[&str] = &[
-    "involvedObject",
-    "reason",
-    "message",
-    "source",
-    "firstTimestamp",
-    "lastTimestamp",
-    "count",
-    "type",
-    "eventTime",
-    "series",
-    "action",
-    "related",
-    "reportingComponent",
-    "reportingInstance",
-];
-
-const EVENTS_V1_FIELDS: &[&str] = &[
-    "eventTime",
-    "series",
-    "reportingController",
-    "reportingInstance",
-    "action",
-    "reason",
-    "regarding",
-    "related",
-    "note",
-    "type",
-    "deprecatedSource",
-    "deprecatedFirstTimestamp",
-    "deprecatedLastTimestamp",
-    "deprecatedCount",
-];
-
-/// Fields of `metadata` (strict field validation).
-pub const METADATA_FIELDS: &[&str] = &[
-    "name",
-    "generateName",
-    "namespace",
-    "selfLink",
-    "uid",
-    "resourceVersion",
-    "generation",
-    "creationTimestamp",
-    "deletionTimestamp",
-    "deletionGracePeriodSeconds",
-    "labels",
-    "annotations",
-    "ownerReferences",
-    "finalizers",
-    "managedFields",
-];
 
 const META_FIELDS: &[(&str, &str)] = &[];
 
@@ -160,7 +114,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "namespaces",
         fields: &[("status.phase", "status.phase")],
         categories: &[],
-        top_fields: &["spec", "status"],
+        schema: schema_of::<k8s_openapi::api::core::v1::Namespace>,
     },
     ResourceDef {
         group: "",
@@ -183,7 +137,7 @@ pub static RESOURCES: &[ResourceDef] = &[
             ("status.nominatedNodeName", "status.nominatedNodeName"),
         ],
         categories: &["all"],
-        top_fields: &["spec", "status"],
+        schema: schema_of::<k8s_openapi::api::core::v1::Pod>,
     },
     ResourceDef {
         group: "",
@@ -197,7 +151,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: STORAGE_EVENTS,
         fields: EVENT_FIELDS,
         categories: &[],
-        top_fields: CORE_EVENT_FIELDS,
+        schema: schema_of::<k8s_openapi::api::core::v1::Event>,
     },
     ResourceDef {
         group: "",
@@ -211,7 +165,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "configmaps",
         fields: META_FIELDS,
         categories: &[],
-        top_fields: &["data", "binaryData", "immutable"],
+        schema: schema_of::<k8s_openapi::api::core::v1::ConfigMap>,
     },
     ResourceDef {
         group: "",
@@ -225,7 +179,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "secrets",
         fields: &[("type", "type")],
         categories: &[],
-        top_fields: &["data", "stringData", "type", "immutable"],
+        schema: schema_of::<k8s_openapi::api::core::v1::Secret>,
     },
     ResourceDef {
         group: "",
@@ -239,7 +193,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "serviceaccounts",
         fields: META_FIELDS,
         categories: &[],
-        top_fields: &["secrets", "imagePullSecrets", "automountServiceAccountToken"],
+        schema: schema_of::<k8s_openapi::api::core::v1::ServiceAccount>,
     },
     ResourceDef {
         group: "node.k8s.io",
@@ -253,7 +207,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "runtimeclasses",
         fields: META_FIELDS,
         categories: &[],
-        top_fields: &["handler", "overhead", "scheduling"],
+        schema: schema_of::<k8s_openapi::api::node::v1::RuntimeClass>,
     },
     ResourceDef {
         group: "events.k8s.io",
@@ -267,7 +221,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: STORAGE_EVENTS,
         fields: EVENT_FIELDS,
         categories: &[],
-        top_fields: EVENTS_V1_FIELDS,
+        schema: schema_of::<k8s_openapi::api::events::v1::Event>,
     },
     ResourceDef {
         group: "coordination.k8s.io",
@@ -281,7 +235,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "leases",
         fields: META_FIELDS,
         categories: &[],
-        top_fields: &["spec"],
+        schema: schema_of::<k8s_openapi::api::coordination::v1::Lease>,
     },
 ];
 

@@ -334,6 +334,22 @@ async fn kubectl_pagination_cascading_delete_and_reapply() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let kubectl = Kubectl::new(&cluster, dir.path());
 
+    // explain reads the OpenAPI v3 schemas.
+    let out = kubectl.run(&["explain", "runtimeclass.handler"]).await;
+    assert!(
+        out.contains("KIND:       RuntimeClass") && out.contains("FIELD: handler <string>"),
+        "{out}"
+    );
+    assert!(out.contains("handler specifies the underlying runtime"), "{out}");
+
+    // Strict field validation names nested unknown fields.
+    let typo = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: typo\nspec:\n  containers:\n  - name: c\n    image: busybox\n    colour: red\n";
+    let err = kubectl.fail(&["apply", "-f", "-"], Some(typo)).await;
+    assert!(
+        err.contains("unknown field \"spec.containers[0].colour\""),
+        "{err}"
+    );
+
     // Imperative creates send protobuf bodies.
     let out = kubectl.run(&["create", "namespace", "team-x"]).await;
     assert_eq!(out.trim(), "namespace/team-x created");
