@@ -53,7 +53,7 @@ fn schema_name(def: &ResourceDef) -> &'static str {
     &schemas().names[index]
 }
 
-fn resolve<'a>(schema: &'a Value) -> &'a Value {
+fn resolve(schema: &Value) -> &Value {
     let components = &schemas().components;
     let mut schema = schema;
     for _ in 0..16 {
