@@ -18,6 +18,7 @@ use crate::admission::{
 };
 use crate::deletion::{self, DeleteOptions, Propagation};
 use crate::events::{to_core_v1, to_events_v1};
+use crate::managed;
 use crate::patch::{json_patch, merge_patch, strategic_merge_patch};
 use crate::resources::{self, RESOURCES, ResourceDef};
 use crate::status::ApiError;
@@ -40,6 +41,8 @@ pub struct ApiRequest {
     pub content_type: Option<String>,
     /// `Accept`, or empty.
     pub accept: String,
+    /// `User-Agent`, or empty (the default field manager is its part before the first `/`).
+    pub user_agent: String,
     /// The body.
     pub body: Bytes,
 }
@@ -405,6 +408,33 @@ impl Page {
     }
 }
 
+/// The field manager of a write: `?fieldManager=`, else the User-Agent up to its first `/`, as
+/// upstream.
+fn field_manager(req: &ApiRequest) -> String {
+    match req.query.get("fieldManager").filter(|m| !m.is_empty()) {
+        Some(m) => m.clone(),
+        None => req
+            .user_agent
+            .split('/')
+            .next()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("unknown")
+            .to_string(),
+    }
+}
+
+/// Equal but for managedFields (whose timestamps change on every write).
+fn same_content(a: &Value, b: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("managedFields");
+        }
+        v
+    };
+    strip(a) == strip(b)
+}
+
 fn query_flag(q: &HashMap<String, String>, key: &str) -> bool {
     q.get(key).is_some_and(|v| v == "true" || v == "1")
 }
@@ -429,7 +459,7 @@ impl Api {
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
             // Creating a namespace that does not exist yet cannot fail.
-            let _ = self.create(resources::namespaces(), "", obj, false);
+            let _ = self.create(resources::namespaces(), "", obj, false, "devcluster");
         }
     }
 
@@ -539,7 +569,8 @@ impl Api {
             }
             (&Method::POST, None) => {
                 let body = parse_body(req.content_type.as_deref(), &req.body)?;
-                let (obj, warnings) = self.create_reply(def, &ns, body, validation, dry_run)?;
+                let (obj, warnings) =
+                    self.create_reply(def, &ns, body, validation, dry_run, &field_manager(req))?;
                 Ok(Reply::Json {
                     code: 201,
                     body: obj,
@@ -551,6 +582,7 @@ impl Api {
                 check_type(def, &mut body)?;
                 let warnings = check_unknown_fields(def, &mut body, validation)?;
                 let body = to_storage(def, body);
+                let manager = field_manager(req);
                 let (obj, change) =
                     self.store
                         .transact(def.storage, (ns.clone(), name.clone()), |reader, current| {
@@ -561,20 +593,22 @@ impl Api {
                                 }
                                 let mut body = body.clone();
                                 body["metadata"]["name"] = json!(name);
-                                let obj =
+                                let mut obj =
                                     prepare_create(storage_def(def), &ns, body, reader, &self.admission)?;
+                                managed::record_update(None, &mut obj, &manager, "");
                                 return Ok(if dry_run {
                                     Outcome::Unchanged
                                 } else {
                                     Outcome::Put(obj)
                                 });
                             };
-                            let obj = prepare_update(storage_def(def), current, body.clone(), part)?;
-                            Ok(if dry_run || &obj == current {
-                                Outcome::Unchanged
-                            } else {
-                                deletion::finalized(obj)
-                            })
+                            let mut obj = prepare_update(storage_def(def), current, body.clone(), part)?;
+                            if dry_run || same_content(&obj, current) {
+                                return Ok(Outcome::Unchanged);
+                            }
+                            let subresource = if part == Part::Status { "status" } else { "" };
+                            managed::record_update(Some(current), &mut obj, &manager, subresource);
+                            Ok(deletion::finalized(obj))
                         })?;
                 let obj = obj.ok_or_else(|| ApiError::not_found(def, &name))?;
                 self.after_update(change, &obj);
@@ -598,10 +632,11 @@ impl Api {
         mut body: Value,
         validation: FieldValidation,
         dry_run: bool,
+        manager: &str,
     ) -> Result<(Value, Vec<String>), ApiError> {
         check_type(def, &mut body)?;
         let warnings = check_unknown_fields(def, &mut body, validation)?;
-        let obj = self.create(def, ns, body, dry_run)?;
+        let obj = self.create(def, ns, body, dry_run, manager)?;
         Ok((present(def, &obj), warnings))
     }
 
@@ -613,6 +648,7 @@ impl Api {
         ns: &str,
         body: Value,
         dry_run: bool,
+        manager: &str,
     ) -> Result<Value, ApiError> {
         let body = to_storage(def, body);
         let sdef = storage_def(def);
@@ -641,7 +677,8 @@ impl Api {
                 if current.is_some() {
                     return Err(ApiError::already_exists(def, &name));
                 }
-                let obj = prepare_create(sdef, ns, body, reader, &self.admission)?;
+                let mut obj = prepare_create(sdef, ns, body, reader, &self.admission)?;
+                managed::record_update(None, &mut obj, manager, "");
                 if dry_run {
                     dry = Some(obj);
                     return Ok(Outcome::Unchanged);
@@ -835,25 +872,35 @@ impl Api {
                 "PATCH: fieldManager is required for apply requests",
             ));
         }
+        let manager = field_manager(req);
+        let force = query_flag(&req.query, "force");
+        let subresource = if part == Part::Status { "status" } else { "" };
         let mut warnings = Vec::new();
         let mut created = false;
         let (obj, change) = self.store.transact(
             def.storage,
             (ns.to_string(), name.to_string()),
             |reader, current| {
-                let Some(current) = current else {
-                    if !is_apply || part == Part::Status {
-                        return Err(ApiError::not_found(def, name));
-                    }
-                    // Server-side apply creates what does not exist.
+                let applied = if is_apply {
                     let mut body = patch.clone();
                     check_type(def, &mut body)?;
                     warnings = check_unknown_fields(def, &mut body, validation)?;
                     body["metadata"]["name"] = json!(name);
+                    Some(body)
+                } else {
+                    None
+                };
+                let Some(current) = current else {
+                    let Some(applied) = applied.filter(|_| part == Part::Main) else {
+                        return Err(ApiError::not_found(def, name));
+                    };
+                    // Server-side apply creates what does not exist.
+                    let owned = managed::apply(None, &applied, &manager, force)
+                        .map_err(|c| ApiError::apply_conflict(def, name, &c))?;
                     let obj = prepare_create(
                         storage_def(def),
                         ns,
-                        to_storage(def, body),
+                        to_storage(def, owned),
                         reader,
                         &self.admission,
                     )?;
@@ -865,26 +912,23 @@ impl Api {
                     });
                 };
                 let mut doc = present(def, current);
-                match media.as_str() {
-                    "application/merge-patch+json" => merge_patch(&mut doc, &patch),
-                    "application/json-patch+json" => json_patch(&mut doc, &patch).map_err(|e| {
+                match (media.as_str(), applied) {
+                    (_, Some(applied)) => {
+                        doc = managed::apply(Some(&doc), &applied, &manager, force)
+                            .map_err(|c| ApiError::apply_conflict(def, name, &c))?;
+                    }
+                    ("application/merge-patch+json", None) => merge_patch(&mut doc, &patch),
+                    ("application/json-patch+json", None) => json_patch(&mut doc, &patch).map_err(|e| {
                         ApiError::invalid(
                             def,
                             name,
                             vec![crate::status::Cause::invalid("patch", &Value::Null, e)],
                         )
                     })?,
-                    "application/strategic-merge-patch+json" | "application/apply-patch+yaml" => {
-                        if is_apply {
-                            let mut body = patch.clone();
-                            check_type(def, &mut body)?;
-                            warnings = check_unknown_fields(def, &mut body, validation)?;
-                            strategic_merge_patch(&mut doc, &body).map_err(ApiError::bad_request)?;
-                        } else {
-                            strategic_merge_patch(&mut doc, &patch).map_err(ApiError::bad_request)?;
-                        }
+                    ("application/strategic-merge-patch+json", None) => {
+                        strategic_merge_patch(&mut doc, &patch).map_err(ApiError::bad_request)?
                     }
-                    other => return Err(ApiError::unsupported_media_type(other)),
+                    (other, None) => return Err(ApiError::unsupported_media_type(other)),
                 }
                 check_type(def, &mut doc)?;
                 if !is_apply {
@@ -897,12 +941,14 @@ impl Api {
                 {
                     doc["metadata"]["resourceVersion"] = rv.clone();
                 }
-                let obj = prepare_update(storage_def(def), current, doc, part)?;
-                Ok(if dry_run || &obj == current {
-                    Outcome::Unchanged
-                } else {
-                    deletion::finalized(obj)
-                })
+                let mut obj = prepare_update(storage_def(def), current, doc, part)?;
+                if dry_run || same_content(&obj, current) {
+                    return Ok(Outcome::Unchanged);
+                }
+                if !is_apply {
+                    managed::record_update(Some(current), &mut obj, &manager, subresource);
+                }
+                Ok(deletion::finalized(obj))
             },
         )?;
         let obj = obj.ok_or_else(|| ApiError::not_found(def, name))?;

@@ -21,6 +21,7 @@ pub mod admission;
 pub mod api;
 pub mod deletion;
 pub mod events;
+pub mod managed;
 pub mod openapi;
 pub mod patch;
 pub mod pki;

@@ -168,7 +168,7 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
 }
 
 /// The merge key of a list field in the served kinds (`None`: the list is replaced).
-fn merge_key(field: &str) -> Option<&'static str> {
+pub fn merge_key(field: &str) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"

@@ -384,6 +384,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         query,
         content_type: header_str(header::CONTENT_TYPE),
         accept: header_str(header::ACCEPT).unwrap_or_default(),
+        user_agent: header_str(header::USER_AGENT).unwrap_or_default(),
         body,
     };
     reply(app.api.handle(request))

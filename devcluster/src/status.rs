@@ -134,6 +134,19 @@ impl ApiError {
         )
     }
 
+    /// 409 Conflict of a server-side apply with other field managers.
+    pub fn apply_conflict(def: &ResourceDef, name: &str, conflicts: &[crate::managed::Conflict]) -> Self {
+        let (message, causes) = crate::managed::conflict_message(conflicts);
+        let causes: Vec<Value> = causes
+            .into_iter()
+            .map(|(field, message)| json!({"reason": "FieldManagerConflict", "message": message, "field": field}))
+            .collect();
+        Self {
+            details: Some(json!({"name": name, "group": def.group, "kind": def.plural, "causes": causes})),
+            ..Self::new(409, "Conflict", message)
+        }
+    }
+
     /// 422 Invalid with field causes.
     pub fn invalid(def: &ResourceDef, name: &str, causes: Vec<Cause>) -> Self {
         let summary = causes

@@ -122,6 +122,7 @@ fn create(cluster: &DevCluster, path: &str, body: serde_json::Value) -> anyhow::
         query: Default::default(),
         content_type: Some("application/json".into()),
         accept: String::new(),
+        user_agent: "devcluster-up".into(),
         body: serde_json::to_vec(&body)?.into(),
     });
     match reply {

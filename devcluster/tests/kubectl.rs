@@ -410,6 +410,46 @@ async fn kubectl_pagination_cascading_delete_and_reapply() {
         .await;
     assert_eq!(out.trim(), r#"{"a":"1"}"#, "the removed key and label are gone");
 
+    // Server-side apply: a field another manager owns is a conflict, unless forced.
+    let changed = with_label.replace("a: \"1\"", "a: \"changed\"");
+    kubectl
+        .run_with_input(&["apply", "-f", "-"], Some(with_label))
+        .await;
+    let err = kubectl
+        .fail(&["apply", "--server-side", "-f", "-"], Some(&changed))
+        .await;
+    assert!(
+        err.contains("Apply failed with 1 conflict")
+            && err.contains("kubectl-client-side-apply")
+            && err.contains(".data.a"),
+        "{err}"
+    );
+    let out = kubectl
+        .run_with_input(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&changed),
+        )
+        .await;
+    assert_eq!(out.trim(), "configmap/settings serverside-applied");
+    let out = kubectl
+        .run(&["get", "configmap", "settings", "-o", "jsonpath={.data.a}"])
+        .await;
+    assert_eq!(out.trim(), "changed");
+    let out = kubectl
+        .run(&[
+            "get",
+            "configmap",
+            "settings",
+            "-o",
+            "yaml",
+            "--show-managed-fields",
+        ])
+        .await;
+    assert!(
+        out.contains("manager: kubectl\n") && out.contains("operation: Apply") && out.contains("f:a: {}"),
+        "{out}"
+    );
+
     // get --chunk-size=2 pages through every object.
     for i in 0..5 {
         kubectl
