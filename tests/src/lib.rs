@@ -129,6 +129,11 @@ impl Process {
         self.wait_exit().await
     }
 
+    /// Whether the process has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     /// Sends a signal by name (`TERM`, `HUP`, `KILL`).
     pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill")

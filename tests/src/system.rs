@@ -50,6 +50,15 @@ pub struct VirtualSide {
     dir: PathBuf,
 }
 
+/// How the agents talk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Plain HTTP/2 (tokens only).
+    Plaintext,
+    /// TLS with client certificates (CN = tenant), plus tokens.
+    MutualTls,
+}
+
 /// Host, host agent, and one virtual side per tenant.
 pub struct System {
     /// The host API server.
@@ -95,6 +104,15 @@ pub fn pod(name: &str, runtime_class: Option<&str>) -> Pod {
 impl System {
     /// Starts everything: host classes are created before the agents start.
     pub async fn start(tenants: &[TenantSpec], host_classes: &[RuntimeClass]) -> Self {
+        Self::start_with(tenants, host_classes, Transport::Plaintext).await
+    }
+
+    /// Starts everything, with the agents talking over `transport`.
+    pub async fn start_with(
+        tenants: &[TenantSpec],
+        host_classes: &[RuntimeClass],
+        transport: Transport,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let host = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
         let host_client = host.client().await;
@@ -131,7 +149,7 @@ impl System {
         std::fs::write(dir.path().join("tenants.yaml"), config).unwrap();
         let grpc = format!("127.0.0.1:{}", free_port());
         let host_admin = format!("127.0.0.1:{}", free_port());
-        let host_args: Vec<String> = [
+        let mut host_args: Vec<String> = [
             "--kubeconfig",
             &host.kubeconfig.display().to_string(),
             "--config",
@@ -144,6 +162,25 @@ impl System {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let pki =
+            (transport == Transport::MutualTls).then(|| devcluster::pki::Pki::new("rcsync-e2e-ca").unwrap());
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        if let Some(pki) = &pki {
+            let serving = pki.server(&["127.0.0.1", "localhost"]).unwrap();
+            host_args.extend([
+                "--tls-cert".to_string(),
+                write("host-agent.crt", &serving.cert_pem),
+                "--tls-key".to_string(),
+                write("host-agent.key", &serving.key_pem),
+                "--client-ca".to_string(),
+                write("ca.crt", &pki.ca_pem()),
+            ]);
+        }
+        let scheme = if pki.is_some() { "https" } else { "http" };
         let host_agent = Process::spawn("host-agent", &binary("host-agent"), &host_args, dir.path());
         let mut virtuals = Vec::new();
         for t in tenants {
@@ -154,11 +191,11 @@ impl System {
             )
             .await;
             let admin = format!("127.0.0.1:{}", free_port());
-            let args: Vec<String> = [
+            let mut args: Vec<String> = [
                 "--kubeconfig",
                 &cluster.kubeconfig.display().to_string(),
                 "--host-agent",
-                &format!("http://{grpc}"),
+                &format!("{scheme}://{grpc}"),
                 "--tenant",
                 &t.name,
                 "--token-file",
@@ -171,6 +208,17 @@ impl System {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            if let Some(pki) = &pki {
+                let client = pki.client(&t.name).unwrap();
+                args.extend([
+                    "--ca-cert".to_string(),
+                    dir.path().join("ca.crt").display().to_string(),
+                    "--client-cert".to_string(),
+                    write(&format!("{}.crt", t.name), &client.cert_pem),
+                    "--client-key".to_string(),
+                    write(&format!("{}.key", t.name), &client.key_pem),
+                ]);
+            }
             let agent = Process::spawn(
                 &format!("virtual-agent-{}", t.name),
                 &binary("virtual-agent"),
@@ -222,10 +270,12 @@ impl System {
         Api::namespaced(self.host.client().await, &tenant.host_namespace())
     }
 
-    /// Kills the host agent (SIGKILL) and starts it again.
+    /// Kills the host agent (SIGKILL) unless it is down already, and starts it again.
     pub async fn restart_host_agent(&mut self) {
-        self.host_agent.signal("KILL");
-        self.host_agent.wait_exit().await;
+        if !self.host_agent.has_exited() {
+            self.host_agent.signal("KILL");
+            self.host_agent.wait_exit().await;
+        }
         self.host_agent = Process::spawn(
             "host-agent-restarted",
             &binary("host-agent"),

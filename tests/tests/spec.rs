@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use rcsync_tests::eventually;
-use rcsync_tests::system::{System, TenantSpec, pod, runtime_class};
+use rcsync_tests::system::{System, TenantSpec, Transport, pod, runtime_class};
 use serde_json::json;
 
 const RC: &str = "kubernetes.io/runtime.class";
@@ -561,4 +561,47 @@ async fn restarting_both_agents_mid_way_converges_to_the_same_state() {
         managed.values().all(|v| v.len() == 16),
         "every class is a managed copy: {managed:?}"
     );
+}
+
+#[tokio::test]
+async fn the_agents_work_over_mutual_tls() {
+    let system = System::start_with(
+        &[TenantSpec::new("team-a", COMBINED)],
+        &use_case_classes(),
+        Transport::MutualTls,
+    )
+    .await;
+    let v = system.virtual_side();
+    v.wait_classes(&["gvisor", "youki"]).await;
+    v.create_pod(&pod("secure", Some("gvisor"))).await;
+    wait_host_pod(&system, "secure").await;
+    assert!(system.host_agent.logs().contains("serving gRPC over TLS"));
+}
+
+#[tokio::test]
+async fn the_virtual_agent_stays_ready_and_keeps_its_classes_while_the_host_agent_is_away() {
+    let mut system = system(COMBINED).await;
+    system.virtuals[0].wait_classes(&["gvisor", "youki"]).await;
+    system.host_agent.signal("KILL");
+    system.host_agent.wait_exit().await;
+    let v = system.virtual_side();
+    eventually("host_connected 0", || async {
+        v.metrics()
+            .await
+            .lines()
+            .any(|l| l == "rcsync_host_connected 0")
+            .then_some(())
+    })
+    .await;
+    let (code, _) = rcsync_tests::http_get(&v.admin, "/readyz").await.unwrap();
+    assert_eq!(code, 200, "ready through a host agent outage");
+    assert_eq!(
+        v.class_names().await.len(),
+        2,
+        "nothing is deleted for lack of a connection"
+    );
+    // A Pod created meanwhile is not synced (fail closed), and syncs once the host agent is back.
+    v.create_pod(&pod("patient", Some("gvisor"))).await;
+    system.restart_host_agent().await;
+    wait_host_pod(&system, "patient").await;
 }
