@@ -237,7 +237,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         registry,
         admin_shutdown,
     ));
-    tokio::spawn(reload_on_sighup(settings.config.clone(), tenants_tx));
+    tokio::spawn(reload_on_change(settings.config.clone(), tenants_tx));
 
     let signal = signal.await;
     tracing::info!(signal, "shutting down: not ready, ending streams");
@@ -259,21 +259,83 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the tenants file on SIGHUP. A bad file is reported with every problem and the
-/// running config is kept.
-async fn reload_on_sighup(path: PathBuf, tenants: watch::Sender<Arc<TenantsState>>) {
+/// Re-reads the tenants file on SIGHUP, and when it or a token file changes on disk (watched with
+/// inotify, directories included, so Kubernetes' atomic ConfigMap/Secret updates are seen). A bad
+/// file is reported with every problem and the running config is kept.
+async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState>>) {
+    use notify::Watcher as _;
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: config reload is unavailable");
-        return;
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => Some(hup),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
     };
-    while hup.recv().await.is_some() {
+    let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            let _ = tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the tenants file; reload with SIGHUP");
+            None
+        }
+    };
+    let watch_dirs = |watcher: &mut Option<notify::RecommendedWatcher>, state: &TenantsState| {
+        let Some(watcher) = watcher else { return };
+        let mut dirs: Vec<PathBuf> = vec![path.parent().map(PathBuf::from).unwrap_or_default()];
+        dirs.extend(
+            state
+                .file
+                .tenants
+                .iter()
+                .filter_map(|t| t.token_file.as_ref()?.parent().map(PathBuf::from)),
+        );
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
+            if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a config directory");
+            }
+        }
+    };
+    watch_dirs(&mut watcher, &tenants.borrow());
+    loop {
+        let why = tokio::select! {
+            Some(()) = changed.recv() => {
+                // Let a burst of writes (editors, atomic swaps) settle, then reload once.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while changed.try_recv().is_ok() {}
+                "file change"
+            }
+            Some(_) = async { match &mut hup { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            else => return,
+        };
         match load_tenants(&path) {
             Ok(state) => {
-                tracing::info!(tenants = state.file.tenants.len(), "reloaded tenants");
+                let same = state.file == tenants.borrow().file;
+                if !same || why == "SIGHUP" {
+                    tracing::info!(
+                        tenants = state.file.tenants.len(),
+                        trigger = why,
+                        "reloaded tenants"
+                    );
+                }
+                watch_dirs(&mut watcher, &state);
                 tenants.send_replace(Arc::new(state));
             }
-            Err(e) => tracing::error!(error = %e, "reloading tenants failed; keeping the running config"),
+            Err(e) => {
+                tracing::error!(error = %e, trigger = why, "reloading tenants failed; keeping the running config")
+            }
         }
     }
 }

@@ -957,3 +957,44 @@ async fn reflection_is_served_in_v1_and_v1alpha() {
         "{response:?}"
     );
 }
+
+#[tokio::test]
+async fn a_changed_tenants_file_is_reloaded_without_a_signal() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
+    let first = stream.next().await;
+    stream.ack(&first).await;
+    // Replace the file atomically, as a ConfigMap volume update does.
+    let config = host.dir.path().join("tenants.yaml");
+    let staged = host.dir.path().join("tenants.yaml.new");
+    let narrowed = TENANTS.replace(
+        "values: [gvisor, youki]}\n  - name: disabled",
+        "values: [gvisor]}\n  - name: disabled",
+    );
+    std::fs::write(&staged, narrowed).unwrap();
+    std::fs::rename(&staged, &config).unwrap();
+    let update = stream.next().await;
+    assert_eq!(update.removed_resources, ["youki"]);
+    // A broken file is reported and the running config is kept.
+    std::fs::write(&config, "tenants: [").unwrap();
+    eventually("the reload error in the log", || async {
+        host.agent
+            .logs()
+            .contains("reloading tenants failed; keeping the running config")
+            .then_some(())
+    })
+    .await;
+    let answer = client
+        .check_pod(with_token(
+            CheckPodRequest {
+                runtime_class_name: "gvisor".into(),
+                ..Default::default()
+            },
+            "combined",
+        ))
+        .await
+        .unwrap();
+    assert!(answer.into_inner().allowed);
+}
