@@ -14,6 +14,8 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(feature = "kube")]
+pub mod kube_client;
 pub mod labels;
 pub mod naming;
 pub mod patches;

@@ -93,29 +93,13 @@ pub fn load_tenants(path: &Path) -> Result<TenantsState, ConfigError> {
     })
 }
 
-async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no --kubeconfig and no in-cluster config")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
-}
-
 /// Runs the host agent until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
     let tenants = load_tenants(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(tenants = tenants.file.tenants.len(), config = %settings.config.display(), "loaded tenants");
     let tls = settings.tls.server_config()?;
-    let client = kube_client(settings.kubeconfig.as_deref()).await?;
+    let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);

@@ -32,22 +32,6 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no --kubeconfig and no in-cluster config")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
-}
-
 /// Runs the virtual agent until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
@@ -55,7 +39,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if settings.target.url.starts_with("http://") {
         tracing::warn!(url = %settings.target.url, "connecting to the host agent in plaintext: the token crosses the network unencrypted");
     }
-    let client = kube_client(settings.kubeconfig.as_deref()).await?;
+    let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let registry = Arc::new(registry);
