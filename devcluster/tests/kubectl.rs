@@ -48,49 +48,34 @@ impl Kubectl {
     }
 
     async fn run_with_input(&self, args: &[&str], input: Option<&str>) -> String {
-        let mut child = self.command(args).spawn().expect("kubectl starts");
-        if let Some(input) = input {
-            use tokio::io::AsyncWriteExt;
-            let mut stdin = child.stdin.take().unwrap();
-            stdin.write_all(input.as_bytes()).await.unwrap();
-        } else {
-            drop(child.stdin.take());
-        }
-        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .expect("kubectl finishes")
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed:\n{stdout}\n{stderr}"
-        );
-        assert!(
-            stderr.trim().is_empty(),
-            "kubectl {args:?} printed errors:\n{stderr}"
-        );
+        let (ok, stdout, stderr) = self.exec(args, input).await;
+        assert!(ok, "kubectl {args:?} failed:\n{stdout}\n{stderr}");
+        assert!(stderr.trim().is_empty(), "kubectl {args:?} printed errors:\n{stderr}");
         stdout
     }
 
     /// Runs kubectl expecting failure; returns stderr.
     async fn fail(&self, args: &[&str], input: Option<&str>) -> String {
+        let (ok, _, stderr) = self.exec(args, input).await;
+        assert!(!ok, "kubectl {args:?} should fail");
+        stderr
+    }
+
+    /// Runs kubectl with optional stdin: (success, stdout, stderr).
+    async fn exec(&self, args: &[&str], input: Option<&str>) -> (bool, String, String) {
+        use tokio::io::AsyncWriteExt;
         let mut child = self.command(args).spawn().expect("kubectl starts");
+        let mut stdin = child.stdin.take().unwrap();
         if let Some(input) = input {
-            use tokio::io::AsyncWriteExt;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .await
-                .unwrap();
-        } else {
-            drop(child.stdin.take());
+            stdin.write_all(input.as_bytes()).await.unwrap();
         }
-        let out = child.wait_with_output().await.unwrap();
-        assert!(!out.status.success(), "kubectl {args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).to_string()
+        drop(stdin);
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("kubectl finishes")
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
     }
 }
 
