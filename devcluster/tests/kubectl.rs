@@ -50,7 +50,10 @@ impl Kubectl {
     async fn run_with_input(&self, args: &[&str], input: Option<&str>) -> String {
         let (ok, stdout, stderr) = self.exec(args, input).await;
         assert!(ok, "kubectl {args:?} failed:\n{stdout}\n{stderr}");
-        assert!(stderr.trim().is_empty(), "kubectl {args:?} printed errors:\n{stderr}");
+        assert!(
+            stderr.trim().is_empty(),
+            "kubectl {args:?} printed errors:\n{stderr}"
+        );
         stdout
     }
 

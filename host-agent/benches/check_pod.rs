@@ -1,0 +1,103 @@
+//! CheckPod cost: the in-memory decision, and a full gRPC round trip over loopback, each as a
+//! ratio against a floor measured in the same run (a map lookup; a gRPC health check on the same
+//! server). CheckPod never calls the API server, so the round trip should sit near the floor.
+//!
+//! Run: `cargo bench -p host-agent --bench check_pod`
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use host_agent::grpc::auth::Authenticator;
+use host_agent::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
+use host_agent::index::{ClassIndex, TenantsState, ViewSource, Views};
+use host_agent::metrics::Metrics;
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::runtime::watcher::Event;
+use rcsync_core::{TenantName, TenantsFile};
+use rcsync_proto::v1::CheckPodRequest;
+use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
+use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSyncServer;
+
+const CLASSES: usize = 200;
+
+fn time<F: FnMut()>(n: u32, mut f: F) -> Duration {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let started = Instant::now();
+    for _ in 0..n {
+        f();
+    }
+    started.elapsed() / n
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let yaml = "tenants:\n  - {name: team-a, hostNamespace: ns-a, sync: {fromHost: {runtimeClasses: {enabled: true, selector: {matchLabels: {environment: development}}}}}}\n";
+        let file = TenantsFile::parse(Path::new("bench.yaml"), yaml).unwrap();
+        let state = Arc::new(TenantsState { file, tokens: Default::default(), patches: Default::default() });
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let views = Views::default();
+        let mut index = ClassIndex::new(state.clone(), views.clone(), metrics.clone());
+        index.handle(Event::Init);
+        for i in 0..CLASSES {
+            let env = if i % 2 == 0 { "development" } else { "production" };
+            let rc: RuntimeClass = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("class-{i}"), "labels": {"environment": env}}, "handler": "h"
+            }))
+            .unwrap();
+            index.handle(Event::InitApply(rc));
+        }
+        index.handle(Event::InitDone);
+        let tenant = TenantName::new("team-a").unwrap();
+
+        // In memory.
+        let map: BTreeMap<String, usize> = (0..CLASSES).map(|i| (format!("class-{i}"), i)).collect();
+        let floor = time(200_000, || {
+            black_box(map.get(black_box("class-100")));
+        });
+        let view = views.subscribe(&tenant).unwrap();
+        let decide = time(200_000, || {
+            black_box(view.borrow().check_pod(black_box("my-pod"), black_box("class-101")));
+        });
+        println!("in memory: map lookup {floor:?}, CheckPod decision {decide:?} (ratio {:.1})", decide.as_secs_f64() / floor.as_secs_f64());
+
+        // Over gRPC on loopback.
+        let (_tx, tenants_rx) = tokio::sync::watch::channel(state);
+        let auth = Authenticator::new(tenants_rx, true);
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let service = RuntimeClassSyncService::new(Arc::new(views), auth, metrics, RetryPolicy::default(), shutdown, Default::default());
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(RuntimeClassSyncServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut client = RuntimeClassSyncClient::new(channel.clone());
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        const CALLS: u32 = 3_000;
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+        }
+        let floor = started.elapsed() / CALLS;
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            let mut request = tonic::Request::new(CheckPodRequest { pod_name: "my-pod".into(), runtime_class_name: "class-101".into(), ..Default::default() });
+            request.metadata_mut().insert("x-rcsync-tenant", "team-a".parse().unwrap());
+            black_box(client.check_pod(request).await.unwrap());
+        }
+        let call = started.elapsed() / CALLS;
+        println!("gRPC round trip: health check {floor:?}, CheckPod {call:?} (ratio {:.2})", call.as_secs_f64() / floor.as_secs_f64());
+    });
+}
