@@ -125,14 +125,21 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the admin routes on `listener` until `shutdown` completes.
+/// Serves the admin routes (plus an agent's own `extra` routes) on `listener` until `shutdown`
+/// completes.
 pub async fn serve_admin(
     listener: TcpListener,
     readiness: Readiness,
     registry: Arc<Registry>,
+    extra: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, admin_router(readiness, registry))
+    let router = admin_router(readiness, registry);
+    let router = match extra {
+        Some(extra) => router.merge(extra),
+        None => router,
+    };
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }

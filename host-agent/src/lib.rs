@@ -7,7 +7,7 @@
 //!  virtual agents ──gRPC (TLS, bearer/mTLS)──► grpc::auth ──► grpc::sync: Sync stream, CheckPod
 //!                                                           └─► grpc::pods: ApplyPod (re-checked,
 //!                                                               translate) / DeletePod / WatchPodStatus
-//!  operators ──HTTP──► /livez /readyz /metrics (rcsync_core::admin)
+//!  operators ──HTTP──► /livez /readyz /metrics (rcsync_core::admin), /tenants (status)
 //! ```
 //!
 //! CheckPod is answered from the tenant's in-memory view; nothing on a request path calls the API
@@ -21,6 +21,7 @@ pub mod index;
 pub mod metrics;
 pub mod rbac;
 pub mod run;
+pub mod status;
 pub mod tenants;
 pub mod translate;
 pub mod view;

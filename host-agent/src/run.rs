@@ -139,13 +139,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
+    let last_errors = crate::grpc::sync::LastErrors::default();
     let sync = RuntimeClassSyncService::new(
         Arc::new(views.clone()),
         auth.clone(),
         metrics.clone(),
         RetryPolicy::default(),
         shutdown_rx.clone(),
-        Default::default(),
+        last_errors.clone(),
     );
     let pods = PodSyncService::new(
         Arc::new(views.clone()),
@@ -215,10 +216,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    let status = crate::status::router(views.clone(), tenants_rx.clone(), last_errors);
     let admin_task = tokio::spawn(serve_admin(
         admin_listener,
         readiness.clone(),
         registry,
+        Some(status),
         admin_shutdown,
     ));
     tokio::spawn(reload_on_change(settings.config.clone(), tenants_tx));

@@ -387,6 +387,20 @@ async fn a_nacked_resource_is_resent_and_a_slow_client_converges() {
     assert_eq!(names(&first), set(&["gvisor", "youki"]));
     stream.nack(&first, "youki").await;
     let retry = stream.next().await;
+    // Operators see the tenant's last error and what it is (not) offered.
+    let (code, status) = http_get(&host.admin, "/tenants").await.unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let combined = status["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "combined")
+        .unwrap()
+        .clone();
+    assert_eq!(combined["lastError"], "the API server refused it");
+    assert_eq!(combined["offered"]["gvisor"], "gvisor");
+    assert_eq!(combined["notOffered"]["kata"], "does not match the selector");
     assert_eq!(
         names(&retry),
         set(&["youki"]),

@@ -89,6 +89,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         admin_listener,
         readiness.clone(),
         registry,
+        None,
         admin_shutdown,
     ));
 

@@ -1,0 +1,77 @@
+//! `GET /tenants` on the admin port: what each tenant is offered and why the rest is not, and the
+//! last error its virtual side reported (NACK). For operators; no secrets (tokens) are shown.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::grpc::sync::LastErrors;
+use crate::index::{TenantsState, ViewSource, Views};
+use crate::view::ClassState;
+
+#[derive(Clone)]
+struct StatusState {
+    views: Views,
+    tenants: watch::Receiver<Arc<TenantsState>>,
+    last_errors: LastErrors,
+}
+
+/// The `/tenants` route.
+pub fn router(views: Views, tenants: watch::Receiver<Arc<TenantsState>>, last_errors: LastErrors) -> Router {
+    Router::new()
+        .route("/tenants", get(tenants_status))
+        .with_state(StatusState {
+            views,
+            tenants,
+            last_errors,
+        })
+}
+
+async fn tenants_status(State(state): State<StatusState>) -> axum::Json<Value> {
+    let tenants = state.tenants.borrow().clone();
+    let errors = state
+        .last_errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let list: Vec<Value> = tenants
+        .file
+        .tenants
+        .iter()
+        .map(|t| {
+            let view = state.views.current(&t.name);
+            let mut offered = serde_json::Map::new();
+            let mut not_offered = serde_json::Map::new();
+            for (host, class_state) in view.iter().flat_map(|v| v.host.iter()) {
+                match class_state {
+                    ClassState::Offered(name) => {
+                        offered.insert(host.clone(), json!(name));
+                    }
+                    ClassState::DoesNotMatch => {
+                        not_offered.insert(host.clone(), json!("does not match the selector"));
+                    }
+                    ClassState::Terminating => {
+                        not_offered.insert(host.clone(), json!("terminating on the host"));
+                    }
+                    ClassState::PatchFailed(why) => {
+                        not_offered.insert(host.clone(), json!(format!("patch failed: {why}")));
+                    }
+                }
+            }
+            json!({
+                "name": t.name.as_str(),
+                "hostNamespace": t.host_namespace,
+                "syncEnabled": t.runtime_classes.enabled,
+                "selector": t.runtime_classes.selector.as_ref().map(ToString::to_string),
+                "offered": offered,
+                "notOffered": not_offered,
+                "lastError": errors.get(&t.name),
+            })
+        })
+        .collect();
+    axum::Json(json!({"synced": state.views.is_synced(), "tenants": list}))
+}
