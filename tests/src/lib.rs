@@ -44,9 +44,10 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Path of a workspace binary next to the running test executable. The first call builds the
-/// agent binaries with the cargo that runs the tests, so `cargo test -p rcsync-tests` never runs
-/// stale binaries (cargo does not rebuild other packages' binaries for it).
+/// Path of a workspace binary next to the running test executable. The first call brings the
+/// workspace's binaries up to date with the cargo that runs the tests (`cargo test --workspace
+/// --no-run`: the same feature set as the suite, so a no-op under `cargo test --workspace`), so
+/// `cargo test -p rcsync-tests` never runs stale binaries.
 pub fn binary(name: &str) -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("the test executable has a path");
@@ -60,16 +61,22 @@ pub fn binary(name: &str) -> PathBuf {
             .or(option_env!("CARGO").map(String::from));
         let Some(cargo) = cargo else { return };
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "host-agent",
-            "-p",
-            "virtual-agent",
-            "-p",
-            "devcluster",
-        ]);
+        cmd.args(["test", "--workspace", "--no-run", "--quiet"]);
+        // The variables cargo sets for this test process would change build fingerprints (ring's
+        // build script tracks some), making this build and the next `cargo test` rebuild.
+        for (key, _) in std::env::vars() {
+            let per_crate = [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+                "CARGO_TARGET_TMPDIR",
+            ];
+            if per_crate.iter().any(|p| key.starts_with(p)) || key == "OUT_DIR" {
+                cmd.env_remove(key);
+            }
+        }
         if dir.file_name().is_some_and(|p| p == "release") {
             cmd.arg("--release");
         }

@@ -605,3 +605,28 @@ async fn the_virtual_agent_stays_ready_and_keeps_its_classes_while_the_host_agen
     system.restart_host_agent().await;
     wait_host_pod(&system, "patient").await;
 }
+
+#[tokio::test]
+async fn updates_to_a_synced_pod_reach_its_host_pod() {
+    let system = system(COMBINED).await;
+    let v = system.virtual_side();
+    v.wait_classes(&["gvisor", "youki"]).await;
+    v.create_pod(&pod("web", Some("gvisor"))).await;
+    wait_host_pod(&system, "web").await;
+    let change = json!({
+        "metadata": {"labels": {"version": "2"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:2.0"}]}
+    });
+    v.pods()
+        .await
+        .patch("web", &PatchParams::default(), &Patch::Strategic(change))
+        .await
+        .unwrap();
+    eventually("the new image and labels on the host Pod", || async {
+        let host = host_pod(&system, "web").await?;
+        let image = host.spec.as_ref()?.containers[0].image.clone()?;
+        let labels = host.annotations().get("vcluster.loft.sh/labels").cloned()?;
+        (image == "registry.example/app:2.0" && labels.contains("\"version\":\"2\"")).then_some(())
+    })
+    .await;
+}
