@@ -161,6 +161,14 @@ impl Metrics {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Records one finished gRPC call from its result.
+    pub fn record<T>(&self, method: &str, started: std::time::Instant, result: &Result<T, tonic::Status>) {
+        let code = result
+            .as_ref()
+            .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+        self.observe(method, code, started);
+    }
+
     /// The label set of a tenant.
     pub fn tenant(name: &str) -> TenantLabel {
         TenantLabel {

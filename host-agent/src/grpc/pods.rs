@@ -272,11 +272,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
     ) -> Result<Response<ApplyPodResponse>, Status> {
         let started = Instant::now();
         let result = self.apply(request).await;
-        self.metrics.observe(
-            APPLY,
-            result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
-            started,
-        );
+        self.metrics.record(APPLY, started, &result);
         result.map(Response::new)
     }
 
@@ -286,11 +282,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
     ) -> Result<Response<DeletePodResponse>, Status> {
         let started = Instant::now();
         let result = self.delete(request).await;
-        self.metrics.observe(
-            DELETE,
-            result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
-            started,
-        );
+        self.metrics.record(DELETE, started, &result);
         result.map(Response::new)
     }
 
@@ -301,14 +293,9 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         request: Request<WatchPodStatusRequest>,
     ) -> Result<Response<Self::WatchPodStatusStream>, Status> {
         let started = Instant::now();
-        let (name, tenant) = match self.caller(&request) {
-            Ok(ok) => ok,
-            Err(status) => {
-                self.metrics.observe(WATCH, status.code(), started);
-                return Err(status);
-            }
-        };
-        self.metrics.observe(WATCH, tonic::Code::Ok, started);
+        let caller = self.caller(&request);
+        self.metrics.record(WATCH, started, &caller);
+        let (name, tenant) = caller?;
         let config = watcher::Config::default().labels(&managed_selector(&tenant));
         let events = watcher::watcher(self.pods(&tenant), config)
             .default_backoff()

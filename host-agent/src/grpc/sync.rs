@@ -76,14 +76,22 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
         }
     }
 
-    fn ready(&self) -> Result<(), Status> {
-        if self.views.is_synced() {
-            Ok(())
-        } else {
-            Err(Status::unavailable(
+    /// The caller's tenant and its view; UNAVAILABLE until the host's classes were listed.
+    fn view_of<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(TenantName, watch::Receiver<Arc<TenantView>>), Status> {
+        let tenant = self.auth.identify(request)?;
+        if !self.views.is_synced() {
+            return Err(Status::unavailable(
                 "the host agent has not listed the host's RuntimeClasses yet",
-            ))
+            ));
         }
+        let view = self
+            .views
+            .subscribe(&tenant)
+            .ok_or_else(|| Status::permission_denied("unknown tenant"))?;
+        Ok((tenant, view))
     }
 }
 
@@ -104,23 +112,9 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
         request: Request<Streaming<SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let started = Instant::now();
-        let opened = (|| {
-            let tenant = self.auth.identify(&request)?;
-            self.ready()?;
-            let view = self
-                .views
-                .subscribe(&tenant)
-                .ok_or_else(|| Status::permission_denied("unknown tenant"))?;
-            Ok::<_, Status>((tenant, view))
-        })();
-        let (tenant, view) = match opened {
-            Ok(ok) => ok,
-            Err(status) => {
-                self.metrics.observe(SYNC, status.code(), started);
-                return Err(status);
-            }
-        };
-        self.metrics.observe(SYNC, tonic::Code::Ok, started);
+        let opened = self.view_of(&request);
+        self.metrics.record(SYNC, started, &opened);
+        let (tenant, view) = opened?;
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             tenant: tenant.clone(),
@@ -147,12 +141,7 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
     ) -> Result<Response<CheckPodResponse>, Status> {
         let started = Instant::now();
         let result = (|| {
-            let tenant = self.auth.identify(&request)?;
-            self.ready()?;
-            let view = self
-                .views
-                .subscribe(&tenant)
-                .ok_or_else(|| Status::permission_denied("unknown tenant"))?;
+            let (tenant, view) = self.view_of(&request)?;
             let req = request.get_ref();
             let decision = view.borrow().check_pod(&req.pod_name, &req.runtime_class_name);
             let reason = CheckPodReason::try_from(decision.reason).unwrap_or(CheckPodReason::Unspecified);
@@ -165,11 +154,7 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
                 .inc();
             Ok(decision)
         })();
-        self.metrics.observe(
-            CHECK_POD,
-            result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
-            started,
-        );
+        self.metrics.record(CHECK_POD, started, &result);
         result.map(Response::new)
     }
 }
