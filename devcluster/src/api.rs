@@ -8,18 +8,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
-use rcsync_core::LabelSelector;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::admission::{
-    AdmissionPlugins, FieldValidation, Part, check_type, check_unknown_fields, labels_of, name_of,
-    prepare_create, prepare_update, random_suffix,
+    AdmissionPlugins, FieldValidation, Part, check_type, check_unknown_fields, name_of, prepare_create,
+    prepare_update, random_suffix,
 };
 use crate::deletion::{self, DeleteOptions, Propagation};
+use crate::discovery::{discovery_groups, discovery_resources};
 use crate::events::{to_core_v1, to_events_v1};
 use crate::managed;
 use crate::patch::{json_patch, merge_patch, strategic_merge_patch};
+use crate::query::{Filter, Page, object_key};
 use crate::resources::{self, RESOURCES, ResourceDef};
 use crate::status::ApiError;
 use crate::store::{Change, ChangeKind, Outcome, Store, WatchStart};
@@ -195,92 +196,6 @@ fn route(path: &str) -> Result<Route, ApiError> {
     })
 }
 
-/// A parsed `fieldSelector`: `field=value`, `field==value`, `field!=value`, comma-separated.
-struct FieldSelector(Vec<(String, String, bool)>);
-
-impl FieldSelector {
-    fn parse(def: &ResourceDef, raw: &str) -> Result<Self, ApiError> {
-        let mut terms = Vec::new();
-        for term in raw.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            let (field, value, equal) = if let Some((f, v)) = term.split_once("!=") {
-                (f, v, false)
-            } else if let Some((f, v)) = term.split_once("==") {
-                (f, v, true)
-            } else if let Some((f, v)) = term.split_once('=') {
-                (f, v, true)
-            } else {
-                return Err(ApiError::bad_request(format!(
-                    "invalid field selector {raw:?}: {term:?} has no operator"
-                )));
-            };
-            let field = field.trim();
-            let path = match field {
-                "metadata.name" | "metadata.namespace" => field.to_string(),
-                _ => match def.fields.iter().find(|(f, _)| *f == field) {
-                    Some((_, path)) => path.to_string(),
-                    None => {
-                        return Err(ApiError::bad_request(format!(
-                            "field label not supported: {field}"
-                        )));
-                    }
-                },
-            };
-            terms.push((path, value.trim().to_string(), equal));
-        }
-        Ok(Self(terms))
-    }
-
-    fn matches(&self, obj: &Value) -> bool {
-        self.0.iter().all(|(path, value, equal)| {
-            let pointer = format!("/{}", path.replace('.', "/"));
-            let actual = match obj.pointer(&pointer) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Bool(b)) => b.to_string(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => String::new(),
-            };
-            (actual == *value) == *equal
-        })
-    }
-}
-
-struct Filter {
-    namespace: Option<String>,
-    labels: LabelSelector,
-    fields: FieldSelector,
-}
-
-impl Filter {
-    fn new(
-        def: &ResourceDef,
-        namespace: Option<String>,
-        q: &HashMap<String, String>,
-    ) -> Result<Self, ApiError> {
-        let labels = match q.get("labelSelector") {
-            Some(raw) => LabelSelector::parse(raw).map_err(ApiError::bad_request)?,
-            None => LabelSelector::everything(),
-        };
-        let fields = match q.get("fieldSelector") {
-            Some(raw) => FieldSelector::parse(def, raw)?,
-            None => FieldSelector(Vec::new()),
-        };
-        Ok(Self {
-            namespace,
-            labels,
-            fields,
-        })
-    }
-
-    fn matches(&self, obj: &Value) -> bool {
-        if let Some(ns) = &self.namespace
-            && obj.pointer("/metadata/namespace").and_then(Value::as_str) != Some(ns)
-        {
-            return false;
-        }
-        self.labels.matches(&labels_of(obj)) && self.fields.matches(obj)
-    }
-}
-
 fn wants_table(accept: &str) -> bool {
     accept
         .split(',')
@@ -361,50 +276,6 @@ fn storage_def(def: &'static ResourceDef) -> &'static ResourceDef {
             .iter()
             .find(|r| r.storage == def.storage && r.is_storage_form())
             .unwrap_or(def)
-    }
-}
-
-fn object_key(obj: &Value) -> (String, String) {
-    let text = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
-    (text("/metadata/namespace"), text("/metadata/name"))
-}
-
-/// `limit` and `continue` of a list. The continue token is the last key returned (base64 JSON);
-/// the next page starts after it in the current state (devcluster keeps no snapshots).
-struct Page {
-    limit: Option<usize>,
-    after: Option<(String, String)>,
-}
-
-impl Page {
-    fn parse(q: &HashMap<String, String>) -> Result<Self, ApiError> {
-        use base64::Engine as _;
-        let limit = match q.get("limit").map(String::as_str) {
-            None | Some("") | Some("0") => None,
-            Some(raw) => Some(
-                raw.parse()
-                    .map_err(|_| ApiError::bad_request(format!("invalid limit {raw:?}")))?,
-            ),
-        };
-        let after = match q.get("continue").filter(|c| !c.is_empty()) {
-            None => None,
-            Some(token) => {
-                let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(token)
-                    .map_err(|_| ApiError::bad_request("continue key is not valid"))?;
-                Some(
-                    serde_json::from_slice(&bytes)
-                        .map_err(|_| ApiError::bad_request("continue key is not valid"))?,
-                )
-            }
-        };
-        Ok(Self { limit, after })
-    }
-
-    fn token(key: &(String, String)) -> String {
-        use base64::Engine as _;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(key).expect("a key serializes"))
     }
 }
 
@@ -1272,47 +1143,4 @@ impl WatchStream {
             .await
             .is_ok()
     }
-}
-
-fn discovery_groups() -> Value {
-    let groups: Vec<Value> = resources::group_versions()
-        .into_iter()
-        .filter(|(g, _)| !g.is_empty())
-        .map(|(g, v)| {
-            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
-            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
-        })
-        .collect();
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
-}
-
-fn discovery_resources(group: &str, version: &str) -> Option<Value> {
-    let defs: Vec<&ResourceDef> = RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-        .collect();
-    if defs.is_empty() {
-        return None;
-    }
-    let mut list = Vec::new();
-    for d in defs {
-        list.push(json!({
-            "name": d.plural, "singularName": d.singular, "namespaced": d.namespaced, "kind": d.kind,
-            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
-            "shortNames": d.short_names, "categories": d.categories,
-            "storageVersionHash": "",
-        }));
-        if d.has_status {
-            list.push(json!({
-                "name": format!("{}/status", d.plural), "singularName": "", "namespaced": d.namespaced,
-                "kind": d.kind, "verbs": ["get", "patch", "update"],
-            }));
-        }
-    }
-    let gv = if group.is_empty() {
-        version.to_string()
-    } else {
-        format!("{group}/{version}")
-    };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
 }

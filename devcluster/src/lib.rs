@@ -20,12 +20,14 @@
 pub mod admission;
 pub mod api;
 pub mod deletion;
+mod discovery;
 pub mod events;
 pub mod managed;
 pub mod openapi;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;
+mod query;
 pub mod resources;
 pub mod server;
 pub mod status;

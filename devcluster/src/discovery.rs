@@ -1,0 +1,48 @@
+//! Discovery documents: `/apis` and `/api/v1`, `/apis/<group>/<version>` resource lists.
+
+use serde_json::{Value, json};
+
+use crate::resources::{self, RESOURCES, ResourceDef};
+
+pub(crate) fn discovery_groups() -> Value {
+    let groups: Vec<Value> = resources::group_versions()
+        .into_iter()
+        .filter(|(g, _)| !g.is_empty())
+        .map(|(g, v)| {
+            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
+            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub(crate) fn discovery_resources(group: &str, version: &str) -> Option<Value> {
+    let defs: Vec<&ResourceDef> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
+    if defs.is_empty() {
+        return None;
+    }
+    let mut list = Vec::new();
+    for d in defs {
+        list.push(json!({
+            "name": d.plural, "singularName": d.singular, "namespaced": d.namespaced, "kind": d.kind,
+            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "shortNames": d.short_names, "categories": d.categories,
+            "storageVersionHash": "",
+        }));
+        if d.has_status {
+            list.push(json!({
+                "name": format!("{}/status", d.plural), "singularName": "", "namespaced": d.namespaced,
+                "kind": d.kind, "verbs": ["get", "patch", "update"],
+            }));
+        }
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
+}
