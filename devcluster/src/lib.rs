@@ -3,14 +3,20 @@
 //! It is **not** a Kubernetes distribution: there is no scheduler, no kubelet, no controllers and no
 //! persistence. It exists because rcsync's agents must be tested through the real Kubernetes client
 //! stack (kube-rs watchers, kubectl) on machines where no kube-apiserver can run. What it does, it
-//! does as kube-apiserver does: resourceVersions, watches (bookmarks, 410 Gone), label and field
-//! selectors, optimistic concurrency, patches, Status errors, Tables, discovery, and the admission
-//! the spec relies on (RuntimeClass for Pods, immutable `handler`).
+//! does as kube-apiserver does: resourceVersions, watches (bookmarks, watch-list, 410 Gone), label
+//! and field selectors, pagination, optimistic concurrency, JSON/merge/strategic patches,
+//! server-side apply with managedFields and conflicts, schema-driven field validation, deletion
+//! with finalizers and owner references, Status errors, Tables, discovery and OpenAPI v3
+//! (`kubectl explain`), protobuf request bodies for kubectl's imperative creates, an optional
+//! state file, and the admission the spec relies on (RuntimeClass for Pods, immutable `handler`).
 //!
 //! ```text
 //!  kubectl / kube-rs ──HTTPS (h1/h2, bearer token)──► server ──► api (routing, verbs, Tables)
+//!                                                                  │ query (selectors, pages), patch,
+//!                                                                  │ managed (field ownership, apply),
 //!                                                                  │ admission (defaults, validation,
-//!                                                                  │   RuntimeClass admission)
+//!                                                                  │   RuntimeClass admission),
+//!                                                                  │ deletion (finalizers, owners)
 //!                                                                  ▼
 //!                                                      store (one versioned map + change history)
 //! ```
