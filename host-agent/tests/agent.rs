@@ -1012,3 +1012,55 @@ async fn a_changed_tenants_file_is_reloaded_without_a_signal() {
         .unwrap();
     assert!(answer.into_inner().allowed);
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let host = Host::start(TENANTS, &["--log-format", "json"]).await;
+    host.ready().await;
+    let logs = host.agent.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            entry["level"].is_string() && entry["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("listed host RuntimeClasses")),
+        "{logs}"
+    );
+}
+
+#[test]
+fn help_documents_every_flag_with_its_env_var() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for (flag, env) in [
+        ("--kubeconfig", "HOST_AGENT_KUBECONFIG"),
+        ("--config", "HOST_AGENT_CONFIG"),
+        ("--grpc-listen", "HOST_AGENT_GRPC_LISTEN"),
+        ("--admin-listen", "HOST_AGENT_ADMIN_LISTEN"),
+        ("--tls-cert", "HOST_AGENT_TLS_CERT"),
+        ("--client-ca", "HOST_AGENT_CLIENT_CA"),
+        ("--allow-unauthenticated", "HOST_AGENT_ALLOW_UNAUTHENTICATED"),
+        ("--log-format", "HOST_AGENT_LOG_FORMAT"),
+    ] {
+        assert!(
+            help.contains(flag) && help.contains(env),
+            "{flag} / {env} missing from --help:\n{help}"
+        );
+    }
+    // Without --config the agent says what is missing and exits 2.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}
