@@ -14,7 +14,7 @@
 //! vcluster.yaml are accepted and ignored, but only under the names vCluster knows, so a typo such as
 //! `fromhost` is reported rather than silently ignored.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -774,22 +774,6 @@ impl Walker {
     }
 }
 
-/// Names of tenants that appear in `a` or `b` with a different definition, or in only one of them.
-pub fn changed_tenants(a: &TenantsFile, b: &TenantsFile) -> BTreeSet<TenantName> {
-    let index = |f: &TenantsFile| {
-        f.tenants
-            .iter()
-            .map(|t| (t.name.clone(), t.clone()))
-            .collect::<BTreeMap<_, _>>()
-    };
-    let (a, b) = (index(a), index(b));
-    a.keys()
-        .chain(b.keys())
-        .filter(|name| a.get(*name) != b.get(*name))
-        .cloned()
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1061,16 +1045,5 @@ sync:
         ));
         assert_eq!(rc.patches[1].mode, PatchMode::Labels);
         assert!(matches!(&rc.patches[2].mode, PatchMode::Reference(r) if r.kind == "Secret"));
-    }
-
-    #[test]
-    fn changed_tenants_are_detected() {
-        let a = tenants(VALID).unwrap();
-        let mut b = a.clone();
-        assert!(changed_tenants(&a, &b).is_empty());
-        b.tenants[1].runtime_classes.enabled = true;
-        b.tenants.remove(0);
-        let changed: Vec<_> = changed_tenants(&a, &b).into_iter().map(|n| n.0).collect();
-        assert_eq!(changed, ["team-a", "team-b"]);
     }
 }

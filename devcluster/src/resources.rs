@@ -246,13 +246,6 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// The resource a kind is served as in a group/version.
-pub fn find_kind(group: &str, version: &str, kind: &str) -> Option<&'static ResourceDef> {
-    RESOURCES
-        .iter()
-        .find(|r| r.group == group && r.version == version && r.kind == kind)
-}
-
 /// The served group/versions, core first.
 pub fn group_versions() -> Vec<(&'static str, &'static str)> {
     let mut out: Vec<(&str, &str)> = Vec::new();
