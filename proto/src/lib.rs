@@ -30,13 +30,3 @@ pub const RUNTIME_CLASS_SYNC_SERVICE: &str = "rcsync.v1.RuntimeClassSync";
 
 /// Fully-qualified gRPC service name of `PodSync`.
 pub const POD_SYNC_SERVICE: &str = "rcsync.v1.PodSync";
-
-impl v1::CheckPodReason {
-    /// Whether a decision with this reason lets the Pod sync.
-    pub fn allows(self) -> bool {
-        matches!(
-            self,
-            Self::SyncDisabled | Self::NoSelector | Self::EmptyRuntimeClassName | Self::Matches
-        )
-    }
-}
