@@ -9,7 +9,7 @@ use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
 use rcsync_proto::v1::{CheckPodReason, CheckPodRequest, ErrorDetail, SyncRequest, SyncResponse};
-use rcsync_tests::{Cluster, Process, eventually, free_port, http_get};
+use rcsync_tests::{Cluster, Process, eventually, free_port, http_get, spawn_listening};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -104,29 +104,25 @@ impl Host {
 
     async fn start_agent(dir: tempfile::TempDir, cluster: Cluster, tenants: &str, extra: &[&str]) -> Self {
         let config = write_tenants(dir.path(), tenants);
-        let (grpc, admin) = (
-            format!("127.0.0.1:{}", free_port()),
-            format!("127.0.0.1:{}", free_port()),
-        );
-        let mut args: Vec<String> = vec![
-            "--kubeconfig".into(),
-            cluster.kubeconfig.display().to_string(),
-            "--config".into(),
-            config.display().to_string(),
-            "--grpc-listen".into(),
-            grpc.clone(),
-            "--admin-listen".into(),
-            admin.clone(),
-            "--log-level".into(),
-            "info,host_agent=debug".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let agent = Process::spawn(
-            "host-agent",
-            Path::new(env!("CARGO_BIN_EXE_host-agent")),
-            &args,
-            dir.path(),
-        );
+        let program = Path::new(env!("CARGO_BIN_EXE_host-agent"));
+        let (agent, addrs, _) = spawn_listening("host-agent", program, dir.path(), 2, "listening", |addrs| {
+            let mut args: Vec<String> = vec![
+                "--kubeconfig".into(),
+                cluster.kubeconfig.display().to_string(),
+                "--config".into(),
+                config.display().to_string(),
+                "--grpc-listen".into(),
+                addrs[0].clone(),
+                "--admin-listen".into(),
+                addrs[1].clone(),
+                "--log-level".into(),
+                "info,host_agent=debug".into(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args
+        })
+        .await;
+        let (grpc, admin) = (addrs[0].clone(), addrs[1].clone());
         Self {
             dir,
             cluster,

@@ -177,6 +177,48 @@ impl Drop for Process {
     }
 }
 
+/// Starts a process that listens on loopback ports picked for it, retrying with fresh ports when
+/// one was taken in the meantime (ports are picked by binding and releasing them, which races with
+/// everything else on the machine). `args` builds the arguments from the `127.0.0.1:PORT`
+/// addresses; `listening` is a log text the process prints once it has bound them all.
+pub async fn spawn_listening(
+    name: &str,
+    program: &Path,
+    dir: &Path,
+    ports: usize,
+    listening: &str,
+    args: impl Fn(&[String]) -> Vec<String>,
+) -> (Process, Vec<String>, Vec<String>) {
+    for _ in 0..5 {
+        let addrs: Vec<String> = (0..ports).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let argv = args(&addrs);
+        let mut process = Process::spawn(name, program, &argv, dir);
+        let outcome = eventually(&format!("{name} to listen or exit"), || {
+            let logs = process.logs();
+            let exited = process.has_exited();
+            async move {
+                if logs.contains(listening) {
+                    Some(true)
+                } else if exited {
+                    Some(false)
+                } else {
+                    None
+                }
+            }
+        })
+        .await;
+        if outcome {
+            return (process, addrs, argv);
+        }
+        let logs = process.logs();
+        assert!(
+            logs.contains("Address already in use"),
+            "{name} exited before listening:\n{logs}"
+        );
+    }
+    panic!("{name}: no free ports after 5 attempts");
+}
+
 /// A Kubernetes API server for a test: a fresh devcluster, or a real cluster from an environment
 /// variable naming its kubeconfig.
 pub struct Cluster {

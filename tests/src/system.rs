@@ -10,7 +10,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt as _};
 use serde_json::json;
 
-use crate::{Cluster, Process, binary, eventually, free_port, http_get};
+use crate::{Cluster, Process, binary, eventually, http_get, spawn_listening};
 
 /// One tenant of the system.
 #[derive(Clone, Debug)]
@@ -147,21 +147,6 @@ impl System {
             ));
         }
         std::fs::write(dir.path().join("tenants.yaml"), config).unwrap();
-        let grpc = format!("127.0.0.1:{}", free_port());
-        let host_admin = format!("127.0.0.1:{}", free_port());
-        let mut host_args: Vec<String> = [
-            "--kubeconfig",
-            &host.kubeconfig.display().to_string(),
-            "--config",
-            &dir.path().join("tenants.yaml").display().to_string(),
-            "--grpc-listen",
-            &grpc,
-            "--admin-listen",
-            &host_admin,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
         let pki =
             (transport == Transport::MutualTls).then(|| devcluster::pki::Pki::new("rcsync-e2e-ca").unwrap());
         let write = |name: &str, text: &str| {
@@ -169,19 +154,45 @@ impl System {
             std::fs::write(&path, text).unwrap();
             path.display().to_string()
         };
+        let mut tls_args: Vec<String> = Vec::new();
         if let Some(pki) = &pki {
             let serving = pki.server(&["127.0.0.1", "localhost"]).unwrap();
-            host_args.extend([
+            tls_args = vec![
                 "--tls-cert".to_string(),
                 write("host-agent.crt", &serving.cert_pem),
                 "--tls-key".to_string(),
                 write("host-agent.key", &serving.key_pem),
                 "--client-ca".to_string(),
                 write("ca.crt", &pki.ca_pem()),
-            ]);
+            ];
         }
+        let (host_agent, addrs, host_args) = spawn_listening(
+            "host-agent",
+            &binary("host-agent"),
+            dir.path(),
+            2,
+            "listening",
+            |addrs| {
+                let mut args: Vec<String> = [
+                    "--kubeconfig",
+                    &host.kubeconfig.display().to_string(),
+                    "--config",
+                    &dir.path().join("tenants.yaml").display().to_string(),
+                    "--grpc-listen",
+                    &addrs[0],
+                    "--admin-listen",
+                    &addrs[1],
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                args.extend(tls_args.iter().cloned());
+                args
+            },
+        )
+        .await;
+        let (grpc, host_admin) = (addrs[0].clone(), addrs[1].clone());
         let scheme = if pki.is_some() { "https" } else { "http" };
-        let host_agent = Process::spawn("host-agent", &binary("host-agent"), &host_args, dir.path());
         let mut virtuals = Vec::new();
         for t in tenants {
             let cluster = Cluster::start(
@@ -190,41 +201,49 @@ impl System {
                 dir.path(),
             )
             .await;
-            let admin = format!("127.0.0.1:{}", free_port());
-            let mut args: Vec<String> = [
-                "--kubeconfig",
-                &cluster.kubeconfig.display().to_string(),
-                "--host-agent",
-                &format!("{scheme}://{grpc}"),
-                "--tenant",
-                &t.name,
-                "--token-file",
-                &dir.path().join(format!("{}.token", t.name)).display().to_string(),
-                "--admin-listen",
-                &admin,
-                "--log-level",
-                "info,virtual_agent=debug",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let mut tls_args: Vec<String> = Vec::new();
             if let Some(pki) = &pki {
                 let client = pki.client(&t.name).unwrap();
-                args.extend([
+                tls_args = vec![
                     "--ca-cert".to_string(),
                     dir.path().join("ca.crt").display().to_string(),
                     "--client-cert".to_string(),
                     write(&format!("{}.crt", t.name), &client.cert_pem),
                     "--client-key".to_string(),
                     write(&format!("{}.key", t.name), &client.key_pem),
-                ]);
+                ];
             }
-            let agent = Process::spawn(
-                &format!("virtual-agent-{}", t.name),
+            let name = format!("virtual-agent-{}", t.name);
+            let (agent, addrs, args) = spawn_listening(
+                &name,
                 &binary("virtual-agent"),
-                &args,
                 dir.path(),
-            );
+                1,
+                "starting",
+                |addrs| {
+                    let mut args: Vec<String> = [
+                        "--kubeconfig",
+                        &cluster.kubeconfig.display().to_string(),
+                        "--host-agent",
+                        &format!("{scheme}://{grpc}"),
+                        "--tenant",
+                        &t.name,
+                        "--token-file",
+                        &dir.path().join(format!("{}.token", t.name)).display().to_string(),
+                        "--admin-listen",
+                        &addrs[0],
+                        "--log-level",
+                        "info,virtual_agent=debug",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                    args.extend(tls_args.iter().cloned());
+                    args
+                },
+            )
+            .await;
+            let admin = addrs[0].clone();
             virtuals.push(VirtualSide {
                 tenant: t.clone(),
                 cluster,
