@@ -89,7 +89,60 @@ pub struct UpOptions {
 struct Agent {
     name: &'static str,
     child: Child,
+    /// The addresses it listens on; the admin address is the last.
+    addrs: Vec<String>,
     admin: String,
+}
+
+/// Starts an agent on loopback ports picked for it, retrying with fresh ports when one was taken
+/// in the meantime (picking by bind-and-release races with everything else on the machine).
+/// `listening`: a text the agent logs once it has bound its ports.
+async fn start_agent(
+    name: &'static str,
+    program: &Path,
+    dir: &Path,
+    ports: usize,
+    listening: &str,
+    args: impl Fn(&[String]) -> Vec<String>,
+) -> anyhow::Result<Agent> {
+    let log = dir.join(format!("{name}.log"));
+    for _ in 0..5 {
+        let addrs = (0..ports)
+            .map(|_| free_addr())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut child = spawn(name, program, &args(&addrs), &log)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(listening) {
+                let admin = addrs.last().cloned().unwrap_or_default();
+                return Ok(Agent {
+                    name,
+                    child,
+                    addrs,
+                    admin,
+                });
+            }
+            if let Some(status) = child.try_wait()? {
+                if text.contains("Address already in use") {
+                    break;
+                }
+                anyhow::bail!(
+                    "{name} exited ({status}) before listening; its log is {}",
+                    log.display()
+                );
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.kill();
+                anyhow::bail!(
+                    "{name} did not start listening within 30s; its log is {}",
+                    log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    anyhow::bail!("{name}: no free loopback ports after 5 attempts")
 }
 
 /// Finds an agent binary next to the current executable, else on PATH.
@@ -183,52 +236,44 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     std::fs::write(dir.join("allowed-pod.yaml"), ALLOWED_POD)?;
     std::fs::write(dir.join("denied-pod.yaml"), DENIED_POD)?;
 
-    let grpc = free_addr()?;
-    let host_admin = free_addr()?;
-    let virtual_admin = free_addr()?;
     let s = |p: PathBuf| p.display().to_string();
-    let host_args = vec![
-        "--kubeconfig".into(),
-        s(dir.join("host.kubeconfig")),
-        "--config".into(),
-        s(dir.join("tenants.yaml")),
-        "--grpc-listen".into(),
-        grpc.clone(),
-        "--admin-listen".into(),
-        host_admin.clone(),
-    ];
-    let virtual_args = vec![
-        "--kubeconfig".into(),
-        s(dir.join("virtual.kubeconfig")),
-        "--host-agent".into(),
-        format!("http://{grpc}"),
-        "--tenant".into(),
-        TENANT.into(),
-        "--token-file".into(),
-        s(dir.join("team-a.token")),
-        "--admin-listen".into(),
-        virtual_admin.clone(),
-    ];
-    let mut agents = vec![Agent {
-        name: "host-agent",
-        child: spawn(
-            "host-agent",
-            &host_agent_bin,
-            &host_args,
-            &dir.join("host-agent.log"),
-        )?,
-        admin: host_admin,
-    }];
-    agents.push(Agent {
-        name: "virtual-agent",
-        child: spawn(
-            "virtual-agent",
-            &virtual_agent_bin,
-            &virtual_args,
-            &dir.join("virtual-agent.log"),
-        )?,
-        admin: virtual_admin,
-    });
+    let host_agent = start_agent("host-agent", &host_agent_bin, &dir, 2, "listening", |addrs| {
+        vec![
+            "--kubeconfig".into(),
+            s(dir.join("host.kubeconfig")),
+            "--config".into(),
+            s(dir.join("tenants.yaml")),
+            "--grpc-listen".into(),
+            addrs[0].clone(),
+            "--admin-listen".into(),
+            addrs[1].clone(),
+        ]
+    })
+    .await?;
+    let grpc = host_agent.addrs[0].clone();
+    let virtual_agent = start_agent(
+        "virtual-agent",
+        &virtual_agent_bin,
+        &dir,
+        1,
+        "starting",
+        |addrs| {
+            vec![
+                "--kubeconfig".into(),
+                s(dir.join("virtual.kubeconfig")),
+                "--host-agent".into(),
+                format!("http://{grpc}"),
+                "--tenant".into(),
+                TENANT.into(),
+                "--token-file".into(),
+                s(dir.join("team-a.token")),
+                "--admin-listen".into(),
+                addrs[0].clone(),
+            ]
+        },
+    )
+    .await?;
+    let mut agents = vec![host_agent, virtual_agent];
 
     print_guide(&dir, &host, &virtual_cluster);
     let result = supervise(&mut agents, signal).await;
