@@ -40,6 +40,9 @@ struct Cli {
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
     #[arg(long, env = "VIRTUAL_AGENT_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
     admin_listen: SocketAddr,
+    /// Pods synced in parallel (each Pod's own operations stay in order).
+    #[arg(long, env = "VIRTUAL_AGENT_POD_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pod_workers: u16,
     /// How long to let work in flight finish after SIGTERM, in seconds.
     #[arg(long, env = "VIRTUAL_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 5)]
     shutdown_grace_seconds: u64,
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         },
         admin_listen: cli.admin_listen,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
+        pod_workers: usize::from(cli.pod_workers),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -63,6 +63,7 @@ struct Record {
 }
 
 /// What the status feed reports.
+#[derive(Clone)]
 enum StatusFeed {
     /// A new stream opened: a full initial state follows.
     Reset,
@@ -92,14 +93,37 @@ fn retryable(status: &tonic::Status) -> bool {
     )
 }
 
-/// The Pod syncer's state and loop.
+/// What a shard learns from the dispatcher.
+enum ShardInput {
+    /// The shard's Pods after a (re)list of every virtual Pod.
+    Relisted(HashMap<Key, Arc<Pod>>),
+    /// A Pod of the shard was created or changed.
+    Upsert(Arc<Pod>),
+    /// A Pod of the shard was deleted.
+    Removed(Key),
+    /// Host Pod status (events of the shard's Pods, and every Reset / initial-state marker).
+    Status(StatusFeed),
+    /// The set of synced RuntimeClasses changed.
+    ClassesChanged,
+}
+
+/// The Pod syncer: one watch of every virtual Pod and one status stream, dispatched by key to
+/// shards that each sync their Pods one at a time, so one Pod's operations stay in order while
+/// different Pods progress in parallel.
 pub struct PodSyncer {
+    client: Client,
+    target: HostAgentTarget,
+    readiness: Readiness,
+    sync_state: watch::Receiver<SyncState>,
+    shards: Vec<Shard>,
+}
+
+/// One shard's state and loop.
+struct Shard {
     client: Client,
     target: HostAgentTarget,
     recorder: Recorder,
     metrics: Metrics,
-    readiness: Readiness,
-    sync_state: watch::Receiver<SyncState>,
     pods: HashMap<Key, Arc<Pod>>,
     records: HashMap<Key, Record>,
     /// Host Pods by virtual key → virtual uid they were made for.
@@ -115,28 +139,127 @@ pub struct PodSyncer {
     refusals: HashMap<Key, String>,
     pod_client: Option<PodClient>,
     class_client: Option<crate::connect::ClassClient>,
+    /// Orphans this shard counted into the shared gauge.
+    orphans: i64,
 }
 
 impl PodSyncer {
-    /// A syncer for the virtual cluster behind `client`.
+    /// A syncer for the virtual cluster behind `client`, with `workers` shards (at least one).
     pub fn new(
         client: Client,
         target: HostAgentTarget,
         metrics: Metrics,
         readiness: Readiness,
         sync_state: watch::Receiver<SyncState>,
+        workers: usize,
     ) -> Self {
         let reporter = Reporter {
             controller: REPORTER.into(),
             instance: Some(format!("{REPORTER}-{}", target.tenant)),
         };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let shards = (0..workers.max(1))
+            .map(|_| Shard::new(client.clone(), target.clone(), metrics.clone(), recorder.clone()))
+            .collect();
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            target,
+            readiness,
+            sync_state,
+            shards,
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let mut pod_events = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
+        let (status_tx, mut status_rx) = mpsc::channel(256);
+        tokio::spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
+        let mut synced_classes = self.sync_state.borrow().synced.clone();
+        let mut inboxes = Vec::new();
+        for shard in std::mem::take(&mut self.shards) {
+            let (tx, rx) = mpsc::channel(1024);
+            inboxes.push(tx);
+            tokio::spawn(shard.run(rx, shutdown.clone()));
+        }
+        let shard_of = |key: &Key| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            (h.finish() % inboxes.len() as u64) as usize
+        };
+        let mut pods_listed = false;
+        loop {
+            let mut sends: Vec<(usize, ShardInput)> = Vec::new();
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                event = pod_events.next() => match event {
+                    None => return,
+                    Some(Err(e)) => tracing::warn!(error = %e, "watching virtual Pods failed; retrying with backoff"),
+                    Some(Ok(Event::Init)) => relist = Some(HashMap::new()),
+                    Some(Ok(Event::InitApply(pod))) => {
+                        if let Some(r) = &mut relist {
+                            r.insert(key_of(&pod), Arc::new(pod));
+                        }
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        let mut parts: Vec<HashMap<Key, Arc<Pod>>> = vec![HashMap::new(); inboxes.len()];
+                        for (key, pod) in relist.take().unwrap_or_default() {
+                            parts[shard_of(&key)].insert(key, pod);
+                        }
+                        sends.extend(parts.into_iter().enumerate().map(|(i, part)| (i, ShardInput::Relisted(part))));
+                        if !pods_listed {
+                            pods_listed = true;
+                            self.readiness.set(PODS_LISTED, true);
+                        }
+                    }
+                    Some(Ok(Event::Apply(pod))) => sends.push((shard_of(&key_of(&pod)), ShardInput::Upsert(Arc::new(pod)))),
+                    Some(Ok(Event::Delete(pod))) => {
+                        let key = key_of(&pod);
+                        sends.push((shard_of(&key), ShardInput::Removed(key)));
+                    }
+                },
+                feed = status_rx.recv() => match feed {
+                    None => return,
+                    Some(StatusFeed::Event(event))
+                        if PodStatusEventType::try_from(event.r#type) != Ok(PodStatusEventType::InitialStateComplete) =>
+                    {
+                        let key = (event.pod_namespace.clone(), event.pod_name.clone());
+                        sends.push((shard_of(&key), ShardInput::Status(StatusFeed::Event(event))));
+                    }
+                    Some(feed) => sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::Status(feed.clone())))),
+                },
+                changed = self.sync_state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = self.sync_state.borrow_and_update().synced.clone();
+                    if now != synced_classes {
+                        synced_classes = now;
+                        sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::ClassesChanged)));
+                    }
+                }
+            }
+            for (i, input) in sends {
+                if inboxes[i].send(input).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Shard {
+    fn new(client: Client, target: HostAgentTarget, metrics: Metrics, recorder: Recorder) -> Self {
+        Self {
+            recorder,
             client,
             target,
             metrics,
-            readiness,
-            sync_state,
             pods: HashMap::new(),
             records: HashMap::new(),
             host: HashMap::new(),
@@ -149,6 +272,7 @@ impl PodSyncer {
             refusals: HashMap::new(),
             pod_client: None,
             class_client: None,
+            orphans: 0,
         }
     }
 
@@ -173,32 +297,16 @@ impl PodSyncer {
         self.retries.values().map(|(at, _)| *at).min()
     }
 
-    /// Runs until `shutdown`.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let api: Api<Pod> = Api::all(self.client.clone());
-        let mut pod_events = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
-        let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
-        let (status_tx, mut status_rx) = mpsc::channel(256);
-        tokio::spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
-        let mut synced_classes = self.sync_state.borrow().synced.clone();
+    /// Syncs the shard's Pods as the dispatcher reports them, until `shutdown`.
+    async fn run(mut self, mut inbox: mpsc::Receiver<ShardInput>, mut shutdown: watch::Receiver<bool>) {
         loop {
             let ready = self.pods_listed && self.host_listed && !self.queue.is_empty();
             let retry_at = self.next_retry();
             tokio::select! {
                 _ = shutdown.changed() => return,
-                event = pod_events.next() => match event {
+                input = inbox.recv() => match input {
                     None => return,
-                    Some(Err(e)) => tracing::warn!(error = %e, "watching virtual Pods failed; retrying with backoff"),
-                    Some(Ok(Event::Init)) => relist = Some(HashMap::new()),
-                    Some(Ok(Event::InitApply(pod))) => {
-                        if let Some(r) = &mut relist {
-                            r.insert(key_of(&pod), Arc::new(pod));
-                        }
-                    }
-                    Some(Ok(Event::InitDone)) => {
-                        let fresh = relist.take().unwrap_or_default();
+                    Some(ShardInput::Relisted(fresh)) => {
                         let gone: Vec<Key> = self.pods.keys().filter(|k| !fresh.contains_key(*k)).cloned().collect();
                         self.pods = fresh;
                         let all: Vec<Key> = self.pods.keys().cloned().chain(gone).collect();
@@ -207,33 +315,21 @@ impl PodSyncer {
                         }
                         if !self.pods_listed {
                             self.pods_listed = true;
-                            self.readiness.set(PODS_LISTED, true);
                             self.collect_garbage();
                         }
                     }
-                    Some(Ok(Event::Apply(pod))) => {
+                    Some(ShardInput::Upsert(pod)) => {
                         let key = key_of(&pod);
-                        self.pods.insert(key.clone(), Arc::new(pod));
+                        self.pods.insert(key.clone(), pod);
                         self.enqueue(key);
                     }
-                    Some(Ok(Event::Delete(pod))) => {
-                        let key = key_of(&pod);
+                    Some(ShardInput::Removed(key)) => {
                         self.pods.remove(&key);
                         self.enqueue(key);
                     }
-                },
-                feed = status_rx.recv() => match feed {
-                    None => return,
-                    Some(StatusFeed::Reset) => self.host_staging = Some(HashMap::new()),
-                    Some(StatusFeed::Event(event)) => self.on_status(event).await,
-                },
-                changed = self.sync_state.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let now = self.sync_state.borrow_and_update().synced.clone();
-                    if now != synced_classes {
-                        synced_classes = now;
+                    Some(ShardInput::Status(StatusFeed::Reset)) => self.host_staging = Some(HashMap::new()),
+                    Some(ShardInput::Status(StatusFeed::Event(event))) => self.on_status(event).await,
+                    Some(ShardInput::ClassesChanged) => {
                         let waiting: Vec<Key> = self
                             .records
                             .iter()
@@ -245,7 +341,7 @@ impl PodSyncer {
                             self.enqueue(key);
                         }
                     }
-                }
+                },
                 _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)).await }, if retry_at.is_some() => {
                     let now = Instant::now();
                     let due: Vec<Key> = self.retries.iter().filter(|(_, (at, _))| *at <= now).map(|(k, _)| k.clone()).collect();
@@ -558,13 +654,15 @@ impl PodSyncer {
         }
     }
 
-    fn update_orphan_gauge(&self) {
+    /// Adds this shard's change in orphans to the shared gauge.
+    fn update_orphan_gauge(&mut self) {
         let n = self
             .records
             .values()
             .filter(|r| r.state == State::Orphaned)
-            .count();
-        self.metrics.pods_orphaned.set(n as i64);
+            .count() as i64;
+        self.metrics.pods_orphaned.inc_by(n - self.orphans);
+        self.orphans = n;
     }
 
     /// Host Pods whose virtual Pod no longer exists (deleted while the agent was away).

@@ -30,6 +30,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// How long to wait for work in flight after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Pods synced in parallel (each Pod's operations stay in order).
+    pub pod_workers: usize,
 }
 
 /// Runs the virtual agent until SIGTERM or SIGINT.
@@ -77,6 +79,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics,
         readiness.clone(),
         state_rx,
+        settings.pod_workers,
     );
     tasks.push(tokio::spawn(syncer.run(shutdown_rx.clone())));
     let admin_shutdown = {
