@@ -334,13 +334,17 @@ impl TenantPatches {
                 let current = get(&doc, &at).cloned();
                 let next = match &patch.mode {
                     CompiledMode::Expression { forward } => {
-                        let context: &str = context_json.get_or_insert_with(|| {
+                        let context: &str = if !forward.uses_context() {
+                            ""
+                        } else {
+                            context_json.get_or_insert_with(|| {
                             format!(
                                 r#"{{"path":{},"vcluster":{vcluster_json},"hostObject":{host_json},"virtualObject":{}}}"#,
                                 Value::String(patch.path.to_string()),
                                 doc
                             )
-                        });
+                            })
+                        };
                         let engine = self
                             .engine
                             .as_ref()

@@ -90,6 +90,15 @@ const PRELUDE: &str = r#"
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Script {
     slot: u32,
+    /// Whether the expression mentions `context`: if not, no context is built or parsed for it.
+    uses_context: bool,
+}
+
+impl Script {
+    /// Whether the expression reads `context` (and so needs one).
+    pub fn uses_context(&self) -> bool {
+        self.uses_context
+    }
 }
 
 /// Name of the hidden global table of compiled functions.
@@ -150,7 +159,10 @@ impl ScriptEngine {
                 let slot = self.next_slot.fetch_add(1, Ordering::Relaxed) as u32;
                 let table: Object = ctx.globals().get(SCRIPTS).map_err(engine_error)?;
                 table.set(slot, function).map_err(engine_error)?;
-                Ok(Script { slot })
+                Ok(Script {
+                    slot,
+                    uses_context: expression.contains("context"),
+                })
             }
             Err(rquickjs::Error::Exception) => Err(ScriptError::Syntax(exception_text(&ctx))),
             Err(e) => Err(ScriptError::Syntax(e.to_string())),
@@ -174,7 +186,11 @@ impl ScriptEngine {
             let table: Object = ctx.globals().get(SCRIPTS).map_err(engine_error)?;
             let function: Function = table.get(script.slot).map_err(engine_error)?;
             let arg = ctx.json_parse(value_json).map_err(engine_error)?;
-            let context = ctx.json_parse(context_json).map_err(engine_error)?;
+            let context = if script.uses_context {
+                ctx.json_parse(context_json).map_err(engine_error)?
+            } else {
+                rquickjs::Value::new_undefined(ctx.clone())
+            };
             let out: rquickjs::Value = match function.call((arg, value.is_some(), context)) {
                 Ok(out) => out,
                 Err(rquickjs::Error::Exception) => {
