@@ -66,6 +66,10 @@ fn bad_flags_are_reported_clearly() {
             "--client-cert and --client-key must be given together",
         ),
         (&["--host-agent", "http://127.0.0.1:1"], "reading kubeconfig"),
+        (
+            &["--host-agent", "http://127.0.0.1:1", "--pod-workers", "0"],
+            "--pod-workers",
+        ),
     ];
     for (extra, want) in cases {
         let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
