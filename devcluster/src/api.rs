@@ -137,72 +137,37 @@ fn route(path: &str) -> Result<Route, ApiError> {
         |plural: &str| resources::find(group, version, plural).ok_or_else(|| ApiError::not_found_path(path));
     let is_resource = |plural: &str| resources::find(group, version, plural).is_some_and(|d| d.namespaced);
     let owned = |s: &&str| Some(s.to_string());
-    Ok(match rest {
-        ["namespaces", ns, plural, tail @ ..] if is_resource(plural) => {
+    let (def, namespace, tail) = match rest {
+        ["namespaces", ns, plural, tail @ ..] if is_resource(plural) => (find(plural)?, owned(ns), tail),
+        [plural, tail @ ..] => {
             let def = find(plural)?;
-            match tail {
-                [] => Route::Resource {
-                    def,
-                    namespace: owned(ns),
-                    name: None,
-                    sub: None,
-                },
-                [name] => Route::Resource {
-                    def,
-                    namespace: owned(ns),
-                    name: owned(name),
-                    sub: None,
-                },
-                [name, sub] => Route::Resource {
-                    def,
-                    namespace: owned(ns),
-                    name: owned(name),
-                    sub: owned(sub),
-                },
-                _ => return Err(ApiError::not_found_path(path)),
-            }
-        }
-        [plural] => Route::Resource {
-            def: find(plural)?,
-            namespace: None,
-            name: None,
-            sub: None,
-        },
-        [plural, name] => {
-            let def = find(plural)?;
-            if def.namespaced {
+            if def.namespaced && !tail.is_empty() {
                 return Err(ApiError::not_found_path(path));
             }
-            Route::Resource {
-                def,
-                namespace: None,
-                name: owned(name),
-                sub: None,
-            }
+            (def, None, tail)
         }
-        [plural, name, sub] => {
-            let def = find(plural)?;
-            if def.namespaced {
-                return Err(ApiError::not_found_path(path));
-            }
-            Route::Resource {
-                def,
-                namespace: None,
-                name: owned(name),
-                sub: owned(sub),
-            }
-        }
+        [] => return Err(ApiError::not_found_path(path)),
+    };
+    let (name, sub) = match tail {
+        [] => (None, None),
+        [name] => (owned(name), None),
+        [name, sub] => (owned(name), owned(sub)),
         _ => return Err(ApiError::not_found_path(path)),
+    };
+    Ok(Route::Resource {
+        def,
+        namespace,
+        name,
+        sub,
     })
 }
 
+/// Whether the client asks for a Table first (kubectl lists the Table types before plain JSON).
 fn wants_table(accept: &str) -> bool {
     accept
         .split(',')
         .next()
         .is_some_and(|first| first.contains("as=Table"))
-        || (accept.contains("as=Table") && !accept.split(',').any(|a| a.trim() == "application/json"))
-        || accept.starts_with("application/json;as=Table")
 }
 
 fn check_accept(accept: &str) -> Result<(), ApiError> {
