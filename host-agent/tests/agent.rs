@@ -167,6 +167,24 @@ fn write_tenants(dir: &Path, tenants: &str) -> std::path::PathBuf {
     path
 }
 
+/// Whether `tenant` may run a Pod with `runtime_class` (a CheckPod with its token).
+async fn allowed_for(
+    client: &mut RuntimeClassSyncClient<Channel>,
+    tenant: &str,
+    runtime_class: &str,
+) -> bool {
+    let request = CheckPodRequest {
+        runtime_class_name: runtime_class.into(),
+        ..Default::default()
+    };
+    client
+        .check_pod(with_token(request, tenant))
+        .await
+        .unwrap()
+        .into_inner()
+        .allowed
+}
+
 fn with_token<T>(message: T, tenant: &str) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(
@@ -705,17 +723,7 @@ async fn readiness_health_and_metrics_follow_the_host_list() {
         })
         .await;
     }
-    let answer = client
-        .check_pod(with_token(
-            CheckPodRequest {
-                runtime_class_name: "gvisor".into(),
-                ..Default::default()
-            },
-            "combined",
-        ))
-        .await
-        .unwrap();
-    assert!(answer.into_inner().allowed);
+    assert!(allowed_for(&mut client, "combined", "gvisor").await);
 
     let (code, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
     assert_eq!(code, 200);
@@ -996,17 +1004,7 @@ async fn a_changed_tenants_file_is_reloaded_without_a_signal() {
             .then_some(())
     })
     .await;
-    let answer = client
-        .check_pod(with_token(
-            CheckPodRequest {
-                runtime_class_name: "gvisor".into(),
-                ..Default::default()
-            },
-            "combined",
-        ))
-        .await
-        .unwrap();
-    assert!(answer.into_inner().allowed);
+    assert!(allowed_for(&mut client, "combined", "gvisor").await);
 }
 
 #[tokio::test]

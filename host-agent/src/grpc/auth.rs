@@ -14,7 +14,7 @@ use rcsync_core::TenantName;
 use tokio::sync::watch;
 use tonic::{Request, Status};
 
-use crate::index::TenantsState;
+use crate::index::{TenantsState, ViewSource};
 
 /// Metadata key naming the tenant a caller means.
 pub const TENANT_HEADER: &str = "x-rcsync-tenant";
@@ -33,6 +33,22 @@ impl Authenticator {
             tenants,
             allow_unauthenticated,
         }
+    }
+
+    /// The tenant a request acts for, once the host's RuntimeClasses were listed: before that every
+    /// call is UNAVAILABLE, since no decision could be complete.
+    pub fn identify_ready<T>(
+        &self,
+        request: &Request<T>,
+        views: &impl ViewSource,
+    ) -> Result<TenantName, Status> {
+        let tenant = self.identify(request)?;
+        if !views.is_synced() {
+            return Err(Status::unavailable(
+                "the host agent has not listed the host's RuntimeClasses yet",
+            ));
+        }
+        Ok(tenant)
     }
 
     /// The tenant a request acts for, or the gRPC error to answer.

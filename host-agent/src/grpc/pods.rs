@@ -66,20 +66,12 @@ impl<V: ViewSource> PodSyncService<V> {
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<(TenantName, Tenant), Status> {
-        let name = self.auth.identify(request)?;
-        if !self.views.is_synced() {
-            return Err(Status::unavailable(
-                "the host agent has not listed the host's RuntimeClasses yet",
-            ));
-        }
-        let tenant = self
-            .tenants
-            .borrow()
-            .file
-            .tenant(name.as_str())
-            .cloned()
-            .ok_or_else(|| Status::permission_denied("unknown tenant"))?;
-        Ok((name, tenant))
+        let name = self.auth.identify_ready(request, self.views.as_ref())?;
+        let tenant = self.tenants.borrow().file.tenant(name.as_str()).cloned();
+        Ok((
+            name,
+            tenant.ok_or_else(|| Status::permission_denied("unknown tenant"))?,
+        ))
     }
 
     fn pods(&self, tenant: &Tenant) -> Api<Pod> {

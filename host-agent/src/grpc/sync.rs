@@ -81,12 +81,7 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
         &self,
         request: &Request<T>,
     ) -> Result<(TenantName, watch::Receiver<Arc<TenantView>>), Status> {
-        let tenant = self.auth.identify(request)?;
-        if !self.views.is_synced() {
-            return Err(Status::unavailable(
-                "the host agent has not listed the host's RuntimeClasses yet",
-            ));
-        }
+        let tenant = self.auth.identify_ready(request, self.views.as_ref())?;
         let view = self
             .views
             .subscribe(&tenant)
