@@ -136,6 +136,128 @@ pub struct ReferenceSpec {
     pub namespace_path: Option<String>,
 }
 
+/// A Pod Security Standards level (`policies.podSecurityStandard`, vcluster.yaml's key).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PodSecurityLevel {
+    /// No restrictions.
+    Privileged,
+    /// Prevents known privilege escalations (the default).
+    #[default]
+    Baseline,
+    /// Current Pod hardening best practices.
+    Restricted,
+}
+
+impl PodSecurityLevel {
+    /// The level's name as Kubernetes spells it (`privileged`, `baseline`, `restricted`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Privileged => "privileged",
+            Self::Baseline => "baseline",
+            Self::Restricted => "restricted",
+        }
+    }
+
+    /// Parses a level name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "privileged" => Some(Self::Privileged),
+            "baseline" => Some(Self::Baseline),
+            "restricted" => Some(Self::Restricted),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PodSecurityLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The effect of a taint a toleration matches (absent: every effect).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TaintEffect {
+    /// `NoSchedule`.
+    NoSchedule,
+    /// `PreferNoSchedule`.
+    PreferNoSchedule,
+    /// `NoExecute`.
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// The effect as Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSchedule => "NoSchedule",
+            Self::PreferNoSchedule => "PreferNoSchedule",
+            Self::NoExecute => "NoExecute",
+        }
+    }
+}
+
+/// One toleration added to every host Pod of a tenant (`sync.toHost.pods.enforceTolerations`),
+/// written as vCluster does: `key=value:Effect`, `key:Effect` (operator Exists), `key=value` or
+/// `key` (every effect).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EnforcedToleration {
+    /// The taint key.
+    pub key: String,
+    /// `Some(value)`: operator Equal; `None`: operator Exists.
+    pub value: Option<String>,
+    /// The effect; `None` matches every effect.
+    pub effect: Option<TaintEffect>,
+}
+
+impl EnforcedToleration {
+    /// Parses vCluster's string form.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (rest, effect) = match text.rsplit_once(':') {
+            Some((rest, effect)) => {
+                let effect = match effect {
+                    "NoSchedule" => TaintEffect::NoSchedule,
+                    "PreferNoSchedule" => TaintEffect::PreferNoSchedule,
+                    "NoExecute" => TaintEffect::NoExecute,
+                    other => {
+                        return Err(format!(
+                            "invalid effect {other:?}: expected NoSchedule, PreferNoSchedule or NoExecute"
+                        ));
+                    }
+                };
+                (rest, Some(effect))
+            }
+            None => (text, None),
+        };
+        let (key, value) = match rest.split_once('=') {
+            Some((key, value)) => (key, Some(value.to_string())),
+            None => (rest, None),
+        };
+        crate::labels::validate_label_key(key).map_err(|e| format!("invalid key {key:?}: {e}"))?;
+        if let Some(value) = &value {
+            crate::labels::validate_label_value(value)
+                .map_err(|e| format!("invalid value {value:?}: {e}"))?;
+        }
+        Ok(Self {
+            key: key.to_string(),
+            value,
+            effect,
+        })
+    }
+}
+
+/// What a tenant's Pods may carry to the host besides their runtime class.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodPolicy {
+    /// `policies.podSecurityStandard` (default `baseline`), enforced by the host agent.
+    pub pod_security: PodSecurityLevel,
+    /// `sync.toHost.pods.enforceTolerations`: added to every host Pod.
+    pub enforce_tolerations: Vec<EnforcedToleration>,
+    /// `sync.toHost.pods.hybridScheduling.hostSchedulers` (when `enabled`): scheduler names a Pod
+    /// may keep on the host. Any other `schedulerName` is dropped.
+    pub host_schedulers: Vec<String>,
+}
+
 /// One tenant of the host agent: a virtual cluster and where its Pods live on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tenant {
@@ -148,6 +270,8 @@ pub struct Tenant {
     pub token_file: Option<PathBuf>,
     /// `sync.fromHost.runtimeClasses`.
     pub runtime_classes: RuntimeClassSync,
+    /// `policies` and `sync.toHost.pods`: what the host agent lets the tenant's Pods carry.
+    pub pods: PodPolicy,
 }
 
 /// The host agent's tenants file.
@@ -261,6 +385,15 @@ impl RuntimeClassSync {
 struct Fields<'a>(Vec<(&'a str, &'a Value)>);
 
 impl<'a> Fields<'a> {
+    /// The string-keyed entries of a mapping, without reporting anything (for a second look at a
+    /// block another step already checked).
+    fn quiet(v: &'a Value) -> Self {
+        match v {
+            Value::Mapping(map) => Fields(map.iter().filter_map(|(k, v)| Some((k.as_str()?, v))).collect()),
+            _ => Fields(Vec::new()),
+        }
+    }
+
     /// The value of a key; an explicit `null` counts as absent.
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.0
@@ -461,7 +594,11 @@ impl Walker {
     }
 
     fn tenant(&mut self, v: &Value, path: &str, base_dir: &Path) -> Option<Tenant> {
-        let fields = self.mapping(v, path, Some(&["name", "hostNamespace", "tokenFile", "sync"]))?;
+        let fields = self.mapping(
+            v,
+            path,
+            Some(&["name", "hostNamespace", "tokenFile", "sync", "policies"]),
+        )?;
         let before = self.problems.len();
         let name = match fields.get("name") {
             Some(v) => self
@@ -505,6 +642,13 @@ impl Walker {
             Some(sync) => self.sync_block(sync, &join(path, "sync")),
             None => RuntimeClassSync::default(),
         };
+        let mut pods = match fields.get("sync") {
+            Some(sync) => self.to_host_pods(sync, &join(path, "sync")),
+            None => PodPolicy::default(),
+        };
+        if let Some(policies) = fields.get("policies") {
+            pods.pod_security = self.policies(policies, &join(path, "policies"));
+        }
         if self.problems.len() > before {
             return None;
         }
@@ -513,7 +657,93 @@ impl Walker {
             host_namespace: host_namespace?,
             token_file,
             runtime_classes,
+            pods,
         })
+    }
+
+    /// The `policies` block of a tenant: `podSecurityStandard`.
+    fn policies(&mut self, v: &Value, path: &str) -> PodSecurityLevel {
+        let Some(fields) = self.mapping(v, path, Some(&["podSecurityStandard"])) else {
+            return PodSecurityLevel::default();
+        };
+        let Some(level) = fields.get("podSecurityStandard") else {
+            return PodSecurityLevel::default();
+        };
+        let at = join(path, "podSecurityStandard");
+        let Some(name) = self.string(level, &at) else {
+            return PodSecurityLevel::default();
+        };
+        PodSecurityLevel::parse(&name).unwrap_or_else(|| {
+            self.problem(
+                &at,
+                format!(
+                    "unknown level {name:?}, expected one of \"privileged\", \"baseline\", \"restricted\""
+                ),
+            );
+            PodSecurityLevel::default()
+        })
+    }
+
+    /// `sync.toHost.pods` of a tenant (the sync block's shape was checked by `sync_block`).
+    fn to_host_pods(&mut self, v: &Value, path: &str) -> PodPolicy {
+        let mut policy = PodPolicy::default();
+        let Value::Mapping(_) = v else {
+            return policy;
+        };
+        let Some(to_host) = Fields::quiet(v).get("toHost") else {
+            return policy;
+        };
+        let to_host_path = join(path, "toHost");
+        let Some(to_host) = self.mapping(to_host, &to_host_path, Some(&["pods"])) else {
+            return policy;
+        };
+        let Some(pods) = to_host.get("pods") else {
+            return policy;
+        };
+        let pods_path = join(&to_host_path, "pods");
+        let Some(pods) = self.mapping(
+            pods,
+            &pods_path,
+            Some(&["enforceTolerations", "hybridScheduling"]),
+        ) else {
+            return policy;
+        };
+        if let Some(list) = pods.get("enforceTolerations") {
+            let list_path = join(&pods_path, "enforceTolerations");
+            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
+                let item_path = format!("{list_path}[{i}]");
+                let Some(text) = self.string(item, &item_path) else {
+                    continue;
+                };
+                match EnforcedToleration::parse(&text) {
+                    Ok(t) => policy.enforce_tolerations.push(t),
+                    Err(e) => self.problem(&item_path, e),
+                }
+            }
+        }
+        if let Some(hybrid) = pods.get("hybridScheduling") {
+            let hybrid_path = join(&pods_path, "hybridScheduling");
+            if let Some(fields) = self.mapping(hybrid, &hybrid_path, Some(&["enabled", "hostSchedulers"])) {
+                let enabled = fields
+                    .get("enabled")
+                    .and_then(|v| self.bool(v, &join(&hybrid_path, "enabled")))
+                    .unwrap_or(false);
+                let mut schedulers = Vec::new();
+                if let Some(list) = fields.get("hostSchedulers") {
+                    let list_path = join(&hybrid_path, "hostSchedulers");
+                    for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
+                        let item_path = format!("{list_path}[{i}]");
+                        if let Some(name) = self.non_empty_string(item, &item_path) {
+                            schedulers.push(name);
+                        }
+                    }
+                }
+                if enabled {
+                    policy.host_schedulers = schedulers;
+                }
+            }
+        }
+        policy
     }
 
     /// A vCluster `sync` block; returns its `fromHost.runtimeClasses`.
@@ -810,6 +1040,85 @@ tenants:
   - name: team-b
     hostNamespace: vcluster-team-b
 "#;
+
+    #[test]
+    fn pod_policy_defaults_to_baseline_and_parses_vcluster_keys() {
+        let file = tenants(VALID).unwrap();
+        assert_eq!(file.tenants[0].pods, PodPolicy::default());
+        assert_eq!(file.tenants[0].pods.pod_security, PodSecurityLevel::Baseline);
+        let file = tenants(
+            r#"
+tenants:
+  - name: team-a
+    hostNamespace: vc-a
+    policies: {podSecurityStandard: restricted}
+    sync:
+      toHost:
+        pods:
+          enforceTolerations: ["dedicated=tenants:NoSchedule", "spot:NoExecute", "gpu"]
+          hybridScheduling: {enabled: true, hostSchedulers: [batch]}
+"#,
+        )
+        .unwrap();
+        let pods = &file.tenants[0].pods;
+        assert_eq!(pods.pod_security, PodSecurityLevel::Restricted);
+        assert_eq!(
+            pods.enforce_tolerations,
+            [
+                EnforcedToleration {
+                    key: "dedicated".into(),
+                    value: Some("tenants".into()),
+                    effect: Some(TaintEffect::NoSchedule)
+                },
+                EnforcedToleration {
+                    key: "spot".into(),
+                    value: None,
+                    effect: Some(TaintEffect::NoExecute)
+                },
+                EnforcedToleration {
+                    key: "gpu".into(),
+                    value: None,
+                    effect: None
+                },
+            ]
+        );
+        assert_eq!(pods.host_schedulers, ["batch"]);
+    }
+
+    #[test]
+    fn bad_pod_policies_name_the_path() {
+        let got = problems(
+            r#"
+tenants:
+  - name: team-a
+    hostNamespace: vc-a
+    policies: {podSecurityStandard: strict, podSecurity: x}
+    sync:
+      toHost:
+        services: {enabled: true}
+        pods:
+          enforceTolerations: ["bad key!:NoSchedule", "k=v:Sometimes", 3]
+          hybridScheduling: {enabled: yes, hostSchedulers: [""]}
+"#,
+        );
+        let at: Vec<&str> = got.iter().map(|(at, _)| at.as_str()).collect();
+        assert_eq!(
+            at,
+            [
+                "tenants[0].sync.toHost.services",
+                "tenants[0].sync.toHost.pods.enforceTolerations[0]",
+                "tenants[0].sync.toHost.pods.enforceTolerations[1]",
+                "tenants[0].sync.toHost.pods.enforceTolerations[2]",
+                "tenants[0].sync.toHost.pods.hybridScheduling.enabled",
+                "tenants[0].sync.toHost.pods.hybridScheduling.hostSchedulers[0]",
+                "tenants[0].policies.podSecurity",
+                "tenants[0].policies.podSecurityStandard",
+            ],
+            "{got:#?}"
+        );
+        assert!(got[2].1.contains("invalid effect \"Sometimes\""), "{got:#?}");
+        assert!(got[7].1.contains("unknown level \"strict\""), "{got:#?}");
+    }
 
     #[test]
     fn parses_the_documented_example() {

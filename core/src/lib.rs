@@ -19,10 +19,15 @@ pub mod kube_client;
 pub mod labels;
 pub mod naming;
 pub mod patches;
+#[cfg(feature = "kube")]
+pub mod pod_refs;
 pub mod script;
 pub mod selector;
 pub mod telemetry;
 pub mod version;
 
-pub use config::{ConfigError, RuntimeClassSync, Tenant, TenantName, TenantsFile};
+pub use config::{
+    ConfigError, EnforcedToleration, PodPolicy, PodSecurityLevel, RuntimeClassSync, TaintEffect, Tenant,
+    TenantName, TenantsFile,
+};
 pub use selector::LabelSelector;

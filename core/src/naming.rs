@@ -49,6 +49,12 @@ pub fn host_pod_name(name: &str, namespace: &str, vcluster: &str) -> String {
     safe_concat_name(&[name, "x", namespace, "x", vcluster])
 }
 
+/// The host name of any namespaced virtual object (ConfigMaps and Secrets a Pod references): the
+/// same translation as for Pods, so a copy is found by name alone.
+pub fn host_object_name(name: &str, namespace: &str, vcluster: &str) -> String {
+    host_pod_name(name, namespace, vcluster)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -962,14 +962,46 @@ impl Api {
     }
 
     /// Deletes (Background, Foreground) or releases (Orphan) the dependents of a deleted owner.
+    /// As upstream's garbage collector, a dependent that still has another owner that exists is
+    /// not deleted: it only loses its reference to the deleted one.
     fn propagate(&self, owner_uid: &str, propagation: Propagation, depth: usize) {
-        for (def, dependent) in self.dependents(owner_uid) {
+        let dependents = self.dependents(owner_uid);
+        if dependents.is_empty() {
+            return;
+        }
+        let live: std::collections::HashSet<String> = self
+            .store
+            .all_objects()
+            .iter()
+            .filter_map(|(_, obj)| {
+                obj.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .filter(|uid| uid != owner_uid)
+            .collect();
+        for (def, dependent) in dependents {
             let ns = dependent
                 .pointer("/metadata/namespace")
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
             let name = name_of(&dependent).to_string();
+            let other_owner_lives = dependent
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .is_some_and(|refs| {
+                    refs.iter().any(|r| {
+                        r.get("uid")
+                            .and_then(Value::as_str)
+                            .is_some_and(|uid| uid != owner_uid && live.contains(uid))
+                    })
+                });
+            let propagation = if other_owner_lives {
+                Propagation::Orphan
+            } else {
+                propagation
+            };
             match propagation {
                 Propagation::Orphan => {
                     let _ = self.store.transact(def.storage, (ns, name), |_, current| {

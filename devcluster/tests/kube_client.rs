@@ -418,6 +418,75 @@ async fn propagation_policies_follow_owner_references() {
 }
 
 #[tokio::test]
+async fn a_dependent_stays_until_its_last_owner_is_gone() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    let mut owners = Vec::new();
+    for name in ["first-owner", "second-owner"] {
+        owners.push(
+            maps.create(&PostParams::default(), &config_map(name, json!({})))
+                .await
+                .unwrap(),
+        );
+    }
+    let refs: Vec<_> = owners
+        .iter()
+        .map(|o| json!({"apiVersion": "v1", "kind": "ConfigMap", "name": o.metadata.name, "uid": o.metadata.uid}))
+        .collect();
+    maps.create(
+        &PostParams::default(),
+        &config_map("shared", json!({"metadata": {"ownerReferences": refs}})),
+    )
+    .await
+    .unwrap();
+    let delete_and_wait = |owner: ConfigMap| {
+        let maps = maps.clone();
+        async move {
+            let name = owner.metadata.name.clone().unwrap();
+            maps.delete(&name, &DeleteParams::background()).await.unwrap();
+            let uid = owner.metadata.uid.clone().unwrap();
+            let gone = kube::runtime::wait::await_condition(
+                maps.clone(),
+                &name,
+                kube::runtime::conditions::is_deleted(&uid),
+            );
+            timeout(DEADLINE, gone).await.expect("the owner goes").unwrap();
+        }
+    };
+    delete_and_wait(owners[0].clone()).await;
+    let shared = maps
+        .get_opt("shared")
+        .await
+        .unwrap()
+        .expect("an object with another live owner is kept");
+    let left: Vec<_> = shared
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(
+        left,
+        ["second-owner"],
+        "it loses the reference to the deleted owner"
+    );
+    delete_and_wait(owners[1].clone()).await;
+    let uid = shared.metadata.uid.clone().unwrap();
+    let gone = kube::runtime::wait::await_condition(
+        maps.clone(),
+        "shared",
+        kube::runtime::conditions::is_deleted(&uid),
+    );
+    timeout(DEADLINE, gone)
+        .await
+        .expect("deleted with its last owner")
+        .unwrap();
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn lists_paginate_with_limit_and_continue() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let client = client_for(&cluster).await;

@@ -36,10 +36,11 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
             };
             let _ = writeln!(
                 out,
-                "  - {} → namespace {}, {}, {}",
+                "  - {} → namespace {}, {}, pod security {}, {}",
                 t.name,
                 t.host_namespace,
                 describe(&t.runtime_classes),
+                t.pods.pod_security,
                 auth
             );
         }

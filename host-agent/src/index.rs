@@ -173,12 +173,7 @@ impl ClassIndex {
             let mut senders = self.views.write();
             senders.retain(|name, _| self.tenants.file.tenant(name.as_str()).is_some());
             for tenant in &self.tenants.file.tenants {
-                let patches = self.tenants.patches_of(&tenant.name);
-                let fresh = Arc::new(TenantView::compute(
-                    &tenant.runtime_classes,
-                    patches,
-                    self.hosts.values(),
-                ));
+                let fresh = Arc::new(tenant_view(&self.tenants, tenant, self.hosts.values()));
                 match senders.get(&tenant.name) {
                     Some(sender) => {
                         if old.file.tenant(tenant.name.as_str()) != Some(tenant) {
@@ -199,12 +194,7 @@ impl ClassIndex {
     fn republish_all(&mut self) {
         let tenants = self.tenants.clone();
         for tenant in &tenants.file.tenants {
-            let patches = tenants.patches_of(&tenant.name);
-            let fresh = Arc::new(TenantView::compute(
-                &tenant.runtime_classes,
-                patches,
-                self.hosts.values(),
-            ));
+            let fresh = Arc::new(tenant_view(&tenants, tenant, self.hosts.values()));
             if let Some(sender) = self.views.read().get(&tenant.name) {
                 sender.send_if_modified(|v| replace_if_changed(v, fresh));
             }
@@ -270,6 +260,17 @@ impl ClassIndex {
                 .set(view.classes.len() as i64);
         }
     }
+}
+
+/// A tenant's whole view over every host class, with its Pod policy's version.
+fn tenant_view<'a>(
+    tenants: &TenantsState,
+    tenant: &rcsync_core::Tenant,
+    hosts: impl IntoIterator<Item = &'a RuntimeClass>,
+) -> TenantView {
+    let mut view = TenantView::compute(&tenant.runtime_classes, tenants.patches_of(&tenant.name), hosts);
+    view.pod_policy_version = crate::view::pod_policy_version(&tenant.pods);
+    view
 }
 
 fn replace_if_changed(current: &mut Arc<TenantView>, next: Arc<TenantView>) -> bool {

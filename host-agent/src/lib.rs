@@ -19,6 +19,7 @@ pub mod check;
 pub mod grpc;
 pub mod index;
 pub mod metrics;
+pub mod pod_security;
 pub mod rbac;
 pub mod run;
 pub mod status;

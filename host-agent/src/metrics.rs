@@ -68,6 +68,11 @@ pub struct Metrics {
     pub decisions_total: Family<DecisionLabels, Counter>,
     /// Pods written to the host per tenant.
     pub pods_applied_total: Family<TenantLabel, Counter>,
+    /// Pods the host agent refused (Pod Security, unsupported fields, names in use), by tenant
+    /// and refusal reason (e.g. `POD_SECURITY`).
+    pub pods_refused_total: Family<DecisionLabels, Counter>,
+    /// ConfigMap and Secret copies written (created or updated) per tenant.
+    pub copies_written_total: Family<TenantLabel, Counter>,
     /// Patch evaluations that failed (once per class change) per tenant.
     pub patch_errors_total: Family<TenantLabel, Counter>,
     /// gRPC requests by method and code.
@@ -90,6 +95,8 @@ impl Metrics {
             nacks_total: Family::default(),
             decisions_total: Family::default(),
             pods_applied_total: Family::default(),
+            pods_refused_total: Family::default(),
+            copies_written_total: Family::default(),
             patch_errors_total: Family::default(),
             grpc_requests_total: Family::default(),
             grpc_latency_seconds: Family::new_with_constructor(latency_histogram),
@@ -132,6 +139,21 @@ impl Metrics {
             "pods_applied",
             "Pods written to the host",
             m.pods_applied_total.clone(),
+        );
+        r.register(
+            "patch_errors",
+            "Patch evaluations that failed (once per class change)",
+            m.patch_errors_total.clone(),
+        );
+        r.register(
+            "pods_refused",
+            "Pods the host agent refused to place, by refusal reason",
+            m.pods_refused_total.clone(),
+        );
+        r.register(
+            "object_copies_written",
+            "ConfigMap and Secret copies written to tenant namespaces",
+            m.copies_written_total.clone(),
         );
         r.register(
             "grpc_requests",

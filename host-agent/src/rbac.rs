@@ -13,4 +13,19 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
         &["create", "delete", "get", "list", "patch", "watch"],
         "tenant-namespace",
     ),
+    // grpc::pods: copies of the ConfigMaps and Secrets a Pod references (get, create, replace;
+    // delete only to replace a Secret whose type changed). The host's garbage collector removes
+    // them with their last owning Pod.
+    (
+        "",
+        "configmaps",
+        &["create", "delete", "get", "update"],
+        "tenant-namespace",
+    ),
+    (
+        "",
+        "secrets",
+        &["create", "delete", "get", "update"],
+        "tenant-namespace",
+    ),
 ];

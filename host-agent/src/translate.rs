@@ -1,5 +1,5 @@
-//! Virtual Pod → host Pod, with vCluster's naming and metadata and safe defaults for what a host
-//! must not take from a tenant.
+//! Virtual Pod → host Pod, with vCluster's naming and metadata, and the host's rules for what a
+//! tenant's Pod may carry. The host agent is the policy point for the whole Pod it writes.
 //!
 //! | virtual                               | host                                                     |
 //! |---------------------------------------|----------------------------------------------------------|
@@ -8,18 +8,26 @@
 //! | —                                     | labels `vcluster.loft.sh/managed-by`, `vcluster.loft.sh/namespace` |
 //! | —                                     | annotations `vcluster.loft.sh/object-{name,namespace,uid}` |
 //! | spec.runtimeClassName                 | the host class's name (after reverse patches)            |
+//! | ConfigMap / Secret references         | the translated copies (`<name>-x-<namespace>-x-<tenant>`), never a host object of the original name |
+//! | fieldRef metadata.name/namespace/uid  | `metadata.annotations['vcluster.loft.sh/object-…']`      |
 //! | spec.nodeName                         | dropped: the host scheduler places Pods                  |
 //! | spec.serviceAccountName / token mounts| dropped; `automountServiceAccountToken: false` (virtual credentials mean nothing on the host, and host ones must not leak in) |
+//! | priorityClassName, priority, preemptionPolicy, overhead | dropped (host admission sets them)     |
+//! | tolerations                           | control-plane / master ones dropped; `enforceTolerations` added |
+//! | schedulerName                         | kept only when in `hybridScheduling.hostSchedulers`       |
+//! | ephemeralContainers                   | not created (they are added through their own subresource) |
 //! | status                                | not copied (the host owns it)                            |
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::Pod;
-use rcsync_core::Tenant;
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Pod, PodSpec, Secret, Toleration};
+use kube::api::ObjectMeta;
 use rcsync_core::naming::{
     ANNOTATION_OBJECT_NAME, ANNOTATION_OBJECT_NAMESPACE, ANNOTATION_OBJECT_UID, LABEL_MANAGED_BY,
-    LABEL_NAMESPACE, host_pod_name,
+    LABEL_NAMESPACE, host_object_name, host_pod_name,
 };
+use rcsync_core::pod_refs;
+use rcsync_core::{EnforcedToleration, PodPolicy, Tenant};
 
 /// Annotation on host Pods holding the virtual Pod's labels (JSON), since they are not copied.
 pub const ANNOTATION_VIRTUAL_LABELS: &str = "vcluster.loft.sh/labels";
@@ -70,6 +78,12 @@ pub fn managed_selector(tenant: &Tenant) -> String {
     format!("{LABEL_MANAGED_BY}={}", tenant.name)
 }
 
+/// Taint keys of control-plane nodes: tolerations for them never reach the host.
+const CONTROL_PLANE_TAINTS: &[&str] = &[
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
+
 /// The host Pod for a virtual Pod of `tenant`, running `host_runtime_class` (empty: none).
 pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) -> Result<Pod, TranslateError> {
     let id = virtual_ref(virtual_pod)?;
@@ -82,7 +96,58 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     }
     spec.automount_service_account_token = Some(false);
     spec.runtime_class_name = Some(host_runtime_class.to_string()).filter(|s| !s.is_empty());
-    // Drop projected service-account token volumes (kube-api-access-*) and their mounts.
+    drop_token_volumes(&mut spec);
+    // References resolve to the tenant's own translated copies, never to host objects.
+    let tenant_name = tenant.name.as_str();
+    pod_refs::rewrite(&mut spec, |_, name| {
+        host_object_name(name, &id.namespace, tenant_name)
+    });
+    rewrite_downward_api(&mut spec);
+    apply_scheduling_policy(&mut spec, &tenant.pods);
+    // Set by the host's own admission (priority from the class, overhead from the RuntimeClass);
+    // values computed in the virtual cluster would be rejected or wrong there.
+    spec.priority_class_name = None;
+    spec.priority = None;
+    spec.preemption_policy = None;
+    spec.overhead = None;
+    spec.ephemeral_containers = None;
+    let labels = BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), tenant.name.to_string()),
+        (LABEL_NAMESPACE.to_string(), id.namespace.clone()),
+    ]);
+    let mut annotations = identity_annotations(&id.name, &id.namespace, Some(&id.uid));
+    if let Some(virtual_labels) = virtual_pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
+        annotations.insert(
+            ANNOTATION_VIRTUAL_LABELS.to_string(),
+            serde_json::to_string(virtual_labels).expect("a string map serializes"),
+        );
+    }
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(host_pod_name(&id.name, &id.namespace, tenant_name)),
+            namespace: Some(tenant.host_namespace.clone()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+fn identity_annotations(name: &str, namespace: &str, uid: Option<&str>) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        (ANNOTATION_OBJECT_NAME.to_string(), name.to_string()),
+        (ANNOTATION_OBJECT_NAMESPACE.to_string(), namespace.to_string()),
+    ]);
+    if let Some(uid) = uid {
+        annotations.insert(ANNOTATION_OBJECT_UID.to_string(), uid.to_string());
+    }
+    annotations
+}
+
+/// Drops projected service-account token volumes (kube-api-access-*) and their mounts.
+fn drop_token_volumes(spec: &mut PodSpec) {
     let dropped: BTreeSet<String> = spec
         .volumes
         .iter()
@@ -109,32 +174,232 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
             mounts.retain(|m| !dropped.contains(&m.name));
         }
     }
-    let labels = BTreeMap::from([
-        (LABEL_MANAGED_BY.to_string(), tenant.name.to_string()),
-        (LABEL_NAMESPACE.to_string(), id.namespace.clone()),
-    ]);
-    let mut annotations = BTreeMap::from([
-        (ANNOTATION_OBJECT_NAME.to_string(), id.name.clone()),
-        (ANNOTATION_OBJECT_NAMESPACE.to_string(), id.namespace.clone()),
-        (ANNOTATION_OBJECT_UID.to_string(), id.uid.clone()),
-    ]);
-    if let Some(virtual_labels) = virtual_pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
-        annotations.insert(
-            ANNOTATION_VIRTUAL_LABELS.to_string(),
-            serde_json::to_string(virtual_labels).expect("a string map serializes"),
-        );
+}
+
+/// The host field a downward-API `fieldPath` of the virtual Pod reads from, when it differs.
+fn host_field_path(path: &str) -> Option<String> {
+    let annotation = match path {
+        "metadata.name" => ANNOTATION_OBJECT_NAME,
+        "metadata.namespace" => ANNOTATION_OBJECT_NAMESPACE,
+        "metadata.uid" => ANNOTATION_OBJECT_UID,
+        _ => return None,
+    };
+    Some(format!("metadata.annotations['{annotation}']"))
+}
+
+/// Points `fieldRef`s of the Pod's identity (env and downwardAPI volumes, projected ones too) at
+/// the annotations that hold the virtual identity, as vCluster does.
+fn rewrite_downward_api(spec: &mut PodSpec) {
+    let fix = |field: &mut Option<k8s_openapi::api::core::v1::ObjectFieldSelector>| {
+        if let Some(field) = field
+            && let Some(path) = host_field_path(&field.field_path)
+        {
+            field.field_path = path;
+        }
+    };
+    let fix_env = |env: Option<&mut Vec<EnvVar>>| {
+        for var in env.into_iter().flatten() {
+            if let Some(from) = &mut var.value_from {
+                fix(&mut from.field_ref);
+            }
+        }
+    };
+    for c in spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+    {
+        fix_env(c.env.as_mut());
     }
-    Ok(Pod {
-        metadata: kube::api::ObjectMeta {
-            name: Some(host_pod_name(&id.name, &id.namespace, tenant.name.as_str())),
-            namespace: Some(tenant.host_namespace.clone()),
-            labels: Some(labels),
-            annotations: Some(annotations),
-            ..Default::default()
-        },
-        spec: Some(spec),
-        status: None,
+    for c in spec.ephemeral_containers.iter_mut().flatten() {
+        fix_env(c.env.as_mut());
+    }
+    for volume in spec.volumes.iter_mut().flatten() {
+        let mut files: Vec<&mut k8s_openapi::api::core::v1::DownwardAPIVolumeFile> = Vec::new();
+        if let Some(d) = &mut volume.downward_api {
+            files.extend(d.items.iter_mut().flatten());
+        }
+        if let Some(p) = &mut volume.projected {
+            for source in p.sources.iter_mut().flatten() {
+                if let Some(d) = &mut source.downward_api {
+                    files.extend(d.items.iter_mut().flatten());
+                }
+            }
+        }
+        for file in files {
+            fix(&mut file.field_ref);
+        }
+    }
+}
+
+/// Tolerations, scheduler name: what the tenant may ask of the host's scheduler.
+fn apply_scheduling_policy(spec: &mut PodSpec, policy: &PodPolicy) {
+    let mut tolerations: Vec<Toleration> = spec
+        .tolerations
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| {
+            // An empty key with Exists tolerates every taint, control-plane ones included.
+            let key = t.key.as_deref().unwrap_or_default();
+            let wildcard = key.is_empty() && t.operator.as_deref() == Some("Exists");
+            !wildcard && !CONTROL_PLANE_TAINTS.contains(&key)
+        })
+        .collect();
+    for enforced in &policy.enforce_tolerations {
+        let toleration = enforced_toleration(enforced);
+        if !tolerations.contains(&toleration) {
+            tolerations.push(toleration);
+        }
+    }
+    spec.tolerations = Some(tolerations).filter(|t| !t.is_empty());
+    if spec
+        .scheduler_name
+        .as_ref()
+        .is_some_and(|name| !policy.host_schedulers.contains(name))
+    {
+        spec.scheduler_name = None;
+    }
+}
+
+fn enforced_toleration(t: &EnforcedToleration) -> Toleration {
+    Toleration {
+        key: Some(t.key.clone()),
+        operator: Some(if t.value.is_some() { "Equal" } else { "Exists" }.to_string()),
+        value: t.value.clone(),
+        effect: t.effect.map(|e| e.as_str().to_string()),
+        toleration_seconds: None,
+    }
+}
+
+/// What in a host Pod the host cannot honour; each entry names the field and why. Checked on the
+/// host form (service-account token volumes already dropped), before Pod Security.
+pub fn unsupported(spec: &PodSpec) -> Vec<String> {
+    let mut problems = Vec::new();
+    for v in spec.volumes.iter().flatten() {
+        let name = &v.name;
+        let why = if v.persistent_volume_claim.is_some() {
+            Some("persistentVolumeClaim volumes are not synced to the host".to_string())
+        } else if let Some(e) = &v.ephemeral {
+            let template = e.volume_claim_template.as_ref().map(|t| &t.spec);
+            (template.is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some()))
+                .then(|| "an ephemeral volume's dataSource would name a host object".to_string())
+        } else if v
+            .csi
+            .as_ref()
+            .is_some_and(|c| c.node_publish_secret_ref.is_some())
+            || v.cephfs.as_ref().is_some_and(|c| c.secret_ref.is_some())
+            || v.rbd.as_ref().is_some_and(|c| c.secret_ref.is_some())
+            || v.iscsi.as_ref().is_some_and(|c| c.secret_ref.is_some())
+            || v.flex_volume.as_ref().is_some_and(|c| c.secret_ref.is_some())
+            || v.scale_io.is_some()
+            || v.storageos.as_ref().is_some_and(|c| c.secret_ref.is_some())
+            || v.azure_file.is_some()
+            || v.cinder.as_ref().is_some_and(|c| c.secret_ref.is_some())
+        {
+            Some(format!(
+                "{} volumes name a Secret that would resolve on the host",
+                crate::pod_security::volume_type(v)
+            ))
+        } else if v.git_repo.is_some() {
+            Some("gitRepo volumes are deprecated and disabled upstream".to_string())
+        } else if let Some(p) = &v.projected {
+            p.sources.iter().flatten().find_map(|s| {
+                if s.cluster_trust_bundle.is_some() {
+                    Some("projected clusterTrustBundle sources read host objects".to_string())
+                } else if s.pod_certificate.is_some() {
+                    Some("projected podCertificate sources are issued by the host".to_string())
+                } else {
+                    None
+                }
+            })
+        } else if crate::pod_security::volume_type(v) == "unknown" {
+            Some("its volume type is not known to rcsync".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            problems.push(format!("volume {name:?}: {why}"));
+        }
+    }
+    if spec.resource_claims.as_ref().is_some_and(|c| !c.is_empty()) {
+        problems.push("resourceClaims: resource claims are not synced to the host".to_string());
+    }
+    if spec.scheduling_group.is_some() {
+        problems.push("schedulingGroup: scheduling groups are not synced to the host".to_string());
+    }
+    problems
+}
+
+/// The host copy of a virtual ConfigMap a Pod of `tenant` references.
+pub fn host_config_map(virtual_cm: &ConfigMap, tenant: &Tenant) -> Result<ConfigMap, TranslateError> {
+    let (name, namespace) = object_identity(&virtual_cm.metadata)?;
+    Ok(ConfigMap {
+        metadata: copy_metadata(&name, &namespace, tenant),
+        data: virtual_cm.data.clone(),
+        binary_data: virtual_cm.binary_data.clone(),
+        immutable: None,
     })
+}
+
+/// The host copy of a virtual Secret a Pod of `tenant` references. A service-account token Secret
+/// becomes `Opaque`: on the host its type would make the token controller fill in a host token.
+pub fn host_secret(virtual_secret: &Secret, tenant: &Tenant) -> Result<Secret, TranslateError> {
+    let (name, namespace) = object_identity(&virtual_secret.metadata)?;
+    let type_ = match virtual_secret.type_.as_deref() {
+        Some("kubernetes.io/service-account-token") | None => Some("Opaque".to_string()),
+        other => other.map(str::to_string),
+    };
+    Ok(Secret {
+        metadata: copy_metadata(&name, &namespace, tenant),
+        data: virtual_secret.data.clone(),
+        // stringData is write-only in the API; fold it in as the API server would.
+        string_data: virtual_secret.string_data.clone(),
+        type_,
+        immutable: None,
+    })
+}
+
+fn object_identity(meta: &ObjectMeta) -> Result<(String, String), TranslateError> {
+    let name = meta
+        .name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .ok_or(TranslateError::Missing("metadata.name"))?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .filter(|s| !s.is_empty())
+        .ok_or(TranslateError::Missing("metadata.namespace"))?;
+    Ok((name, namespace))
+}
+
+/// Metadata of a host copy: translated name, the tenant's labels, the virtual identity; nothing
+/// of the virtual object's own labels and annotations.
+fn copy_metadata(name: &str, namespace: &str, tenant: &Tenant) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(host_object_name(name, namespace, tenant.name.as_str())),
+        namespace: Some(tenant.host_namespace.clone()),
+        labels: Some(BTreeMap::from([
+            (LABEL_MANAGED_BY.to_string(), tenant.name.to_string()),
+            (LABEL_NAMESPACE.to_string(), namespace.to_string()),
+        ])),
+        annotations: Some(identity_annotations(name, namespace, None)),
+        ..Default::default()
+    }
+}
+
+/// Who holds a host object's name: the virtual `namespace/name` recorded on it, when it is a copy
+/// of `tenant`'s; `None` for objects rcsync did not write for that tenant.
+pub fn recorded_holder(meta: &ObjectMeta, tenant: &Tenant) -> Option<(String, String)> {
+    let managed = meta.labels.as_ref()?.get(LABEL_MANAGED_BY)? == tenant.name.as_str();
+    let a = meta.annotations.as_ref()?;
+    managed.then(|| {
+        Some((
+            a.get(ANNOTATION_OBJECT_NAMESPACE)?.clone(),
+            a.get(ANNOTATION_OBJECT_NAME)?.clone(),
+        ))
+    })?
 }
 
 /// The virtual identity recorded on a host Pod, if it is one of ours.
@@ -215,6 +480,205 @@ mod tests {
                 .name,
             "my-pod"
         );
+    }
+
+    fn tenant_with(extra: &str) -> Tenant {
+        rcsync_core::TenantsFile::parse(
+            Path::new("t.yaml"),
+            &format!("tenants:\n  - name: team-a\n    hostNamespace: vc-team-a\n{extra}"),
+        )
+        .unwrap()
+        .tenants
+        .remove(0)
+    }
+
+    fn pod_with(spec: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u-9"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn references_resolve_to_translated_copies_only() {
+        let pod = pod_with(serde_json::json!({
+            "containers": [{"name": "c", "envFrom": [{"secretRef": {"name": "creds"}}],
+                "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "x"}}}]}],
+            "volumes": [{"name": "v", "configMap": {"name": "cfg"}}],
+            "imagePullSecrets": [{"name": "pull"}]
+        }));
+        let host = host_pod(&pod, &tenant(), "").unwrap();
+        let refs = pod_refs::references(host.spec.as_ref().unwrap());
+        let names: Vec<&str> = refs.keys().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "cfg-x-shop-x-team-a",
+                "creds-x-shop-x-team-a",
+                "pull-x-shop-x-team-a"
+            ]
+        );
+    }
+
+    #[test]
+    fn downward_api_identity_reads_the_virtual_identity_annotations() {
+        let pod = pod_with(serde_json::json!({
+            "containers": [{"name": "c", "env": [
+                {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}],
+            "volumes": [
+                {"name": "d", "downwardAPI": {"items": [{"path": "uid", "fieldRef": {"fieldPath": "metadata.uid"}}]}},
+                {"name": "p", "projected": {"sources": [{"downwardAPI": {"items": [{"path": "n", "fieldRef": {"fieldPath": "metadata.name"}}]}}]}}
+            ]
+        }));
+        let host = serde_json::to_value(host_pod(&pod, &tenant(), "").unwrap()).unwrap();
+        let env = &host["spec"]["containers"][0]["env"];
+        assert_eq!(
+            env[0]["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.annotations['vcluster.loft.sh/object-name']"
+        );
+        assert_eq!(
+            env[1]["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.annotations['vcluster.loft.sh/object-namespace']"
+        );
+        assert_eq!(env[2]["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+        assert_eq!(
+            host["spec"]["volumes"][0]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+            "metadata.annotations['vcluster.loft.sh/object-uid']"
+        );
+        assert_eq!(
+            host["spec"]["volumes"][1]["projected"]["sources"][0]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+            "metadata.annotations['vcluster.loft.sh/object-name']"
+        );
+        assert_eq!(host["metadata"]["annotations"][ANNOTATION_OBJECT_NAME], "web");
+    }
+
+    #[test]
+    fn scheduling_fields_follow_the_tenant_policy() {
+        let tenant = tenant_with(
+            "    sync:\n      toHost:\n        pods:\n          enforceTolerations: [\"tenants=shared:NoSchedule\"]\n          hybridScheduling: {enabled: true, hostSchedulers: [batch]}\n",
+        );
+        let pod = |scheduler: &str| {
+            pod_with(serde_json::json!({
+                "containers": [{"name": "c"}],
+                "priorityClassName": "system-node-critical", "priority": 2000001000,
+                "preemptionPolicy": "PreemptLowerPriority", "overhead": {"cpu": "100m"},
+                "schedulerName": scheduler,
+                "tolerations": [
+                    {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"},
+                    {"key": "node-role.kubernetes.io/master", "operator": "Exists"},
+                    {"operator": "Exists"},
+                    {"key": "gpu", "operator": "Exists"}
+                ]
+            }))
+        };
+        let spec = host_pod(&pod("custom"), &tenant, "").unwrap().spec.unwrap();
+        assert_eq!(spec.priority_class_name, None);
+        assert_eq!(spec.priority, None);
+        assert_eq!(spec.preemption_policy, None);
+        assert_eq!(spec.overhead, None);
+        assert_eq!(
+            spec.scheduler_name, None,
+            "a scheduler the tenant may not use is dropped"
+        );
+        let tolerations: Vec<(Option<String>, Option<String>)> = spec
+            .tolerations
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.key, t.value))
+            .collect();
+        assert_eq!(
+            tolerations,
+            [
+                (Some("gpu".into()), None),
+                (Some("tenants".into()), Some("shared".into()))
+            ]
+        );
+        let spec = host_pod(&pod("batch"), &tenant, "").unwrap().spec.unwrap();
+        assert_eq!(
+            spec.scheduler_name.as_deref(),
+            Some("batch"),
+            "a host scheduler is kept"
+        );
+    }
+
+    #[test]
+    fn what_the_host_cannot_honour_is_named() {
+        let pod = pod_with(serde_json::json!({
+            "containers": [{"name": "c"}],
+            "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+                {"name": "ceph", "cephfs": {"monitors": ["m"], "secretRef": {"name": "host-secret"}}},
+                {"name": "csi", "csi": {"driver": "d", "nodePublishSecretRef": {"name": "s"}}},
+                {"name": "clone", "ephemeral": {"volumeClaimTemplate": {"spec": {"dataSource": {"kind": "PersistentVolumeClaim", "name": "x"}}}}},
+                {"name": "bundle", "projected": {"sources": [{"clusterTrustBundle": {"name": "b", "path": "p"}}]}},
+                {"name": "fine", "emptyDir": {}},
+                {"name": "mystery"}
+            ],
+            "resourceClaims": [{"name": "gpu", "resourceClaimName": "host-claim"}]
+        }));
+        let host = host_pod(&pod, &tenant(), "").unwrap();
+        let problems = unsupported(host.spec.as_ref().unwrap());
+        let named: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            named,
+            [
+                "volume \"data\"",
+                "volume \"ceph\"",
+                "volume \"csi\"",
+                "volume \"clone\"",
+                "volume \"bundle\"",
+                "volume \"mystery\"",
+                "resourceClaims"
+            ],
+            "{problems:#?}"
+        );
+        assert!(problems[0].contains("persistentVolumeClaim volumes are not synced"));
+        assert!(problems[1].contains("cephfs volumes name a Secret"));
+    }
+
+    #[test]
+    fn copies_carry_the_data_and_the_identity_not_the_virtual_metadata() {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "token", "namespace": "shop", "labels": {"app": "x"},
+                "annotations": {"kubernetes.io/service-account.name": "default"}},
+            "type": "kubernetes.io/service-account-token",
+            "data": {"token": "dmlydHVhbA=="}
+        }))
+        .unwrap();
+        let copy = host_secret(&secret, &tenant()).unwrap();
+        assert_eq!(copy.metadata.name.as_deref(), Some("token-x-shop-x-team-a"));
+        assert_eq!(copy.metadata.namespace.as_deref(), Some("vc-team-a"));
+        assert_eq!(
+            copy.type_.as_deref(),
+            Some("Opaque"),
+            "the host's token controller must never fill a copy with a host token"
+        );
+        let annotations = copy.metadata.annotations.clone().unwrap();
+        assert!(!annotations.contains_key("kubernetes.io/service-account.name"));
+        assert_eq!(copy.data, secret.data);
+        assert_eq!(
+            recorded_holder(&copy.metadata, &tenant()),
+            Some(("shop".into(), "token".into()))
+        );
+        let other = tenant_with("").name.clone();
+        assert_eq!(other.as_str(), "team-a");
+        let mut foreign = copy.metadata.clone();
+        foreign.labels = None;
+        assert_eq!(
+            recorded_holder(&foreign, &tenant()),
+            None,
+            "not written by rcsync for this tenant"
+        );
+        let cm: ConfigMap = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "cfg", "namespace": "shop"}, "data": {"a": "1"}, "immutable": true}),
+        )
+        .unwrap();
+        let copy = host_config_map(&cm, &tenant()).unwrap();
+        assert_eq!(copy.data, cm.data);
+        assert_eq!(copy.immutable, None, "copies stay updatable");
     }
 
     #[test]

@@ -41,6 +41,19 @@ pub struct TenantView {
     /// Virtual name → host name of every host class whose patches applied (renamed or not), so a
     /// Pod naming a class that is not offered still gets the right reason.
     pub names: BTreeMap<String, String>,
+    /// Content version of the tenant's Pod policy: a change tells the virtual side to retry the
+    /// Pods the host refused.
+    pub pod_policy_version: String,
+}
+
+/// The content version of a tenant's Pod policy.
+pub fn pod_policy_version(policy: &rcsync_core::PodPolicy) -> String {
+    let tolerations: Vec<(&str, Option<&str>, Option<&str>)> = policy
+        .enforce_tolerations
+        .iter()
+        .map(|t| (t.key.as_str(), t.value.as_deref(), t.effect.map(|e| e.as_str())))
+        .collect();
+    content_version(&(policy.pod_security.as_str(), tolerations, &policy.host_schedulers))
 }
 
 /// How a host class stands for a tenant, the Resource to offer when it is offered, and the

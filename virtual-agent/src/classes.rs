@@ -51,6 +51,9 @@ pub struct SyncState {
     pub initial_applied: bool,
     /// Names of the classes held from the host.
     pub synced: BTreeSet<String>,
+    /// The host agent's version of this tenant's Pod policy (Pods it refused are retried when it
+    /// changes).
+    pub pod_policy: String,
 }
 
 /// Whether a RuntimeClass is a copy rcsync manages.
@@ -338,6 +341,7 @@ async fn session(
                 enabled: Some(response.sync_enabled),
                 initial_applied: s.initial_applied || initial,
                 synced: held.keys().cloned().collect(),
+                pod_policy: response.pod_policy_version.clone(),
             };
             std::mem::replace(s, next.clone()) != next
         });

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub pods_synced_total: Counter,
     /// Pods denied (SyncWarning recorded).
     pub pods_denied_total: Counter,
+    /// Pods the host agent refused (Pod Security, unsupported fields, a host name in use).
+    pub pods_refused_total: Counter,
     /// Pods left as orphans because their class stopped being synced.
     pub pods_orphaned: Gauge,
     /// Pod operations that failed and are retried.
@@ -49,6 +51,7 @@ impl Metrics {
             local_classes_deleted_total: Counter::default(),
             pods_synced_total: Counter::default(),
             pods_denied_total: Counter::default(),
+            pods_refused_total: Counter::default(),
             pods_orphaned: Gauge::default(),
             pod_errors_total: Counter::default(),
             statuses_copied_total: Counter::default(),
@@ -84,6 +87,11 @@ impl Metrics {
             "pods_denied",
             "Pods denied by the host agent (SyncWarning)",
             m.pods_denied_total.clone(),
+        );
+        r.register(
+            "pods_refused",
+            "Pods the host agent refused to place (SyncError)",
+            m.pods_refused_total.clone(),
         );
         r.register(
             "pods_orphaned",

@@ -3,10 +3,13 @@
 //! orphans alone.
 //!
 //! ```text
-//!  watch virtual Pods ──► queue ──► CheckPod ──allowed──► ApplyPod ──► Synced
+//!  watch virtual Pods ──► queue ──► CheckPod ──allowed──► referenced ConfigMaps/Secrets all there? ─no─► Waiting + event
+//!                                        │                         └yes─► ApplyPod(pod, objects) ──► Synced
+//!                                        │                                        └refused─► Blocked + SyncError event
 //!                                        └────denied───► host Pod of this uid exists? ─yes─► Orphaned (left alone)
 //!                                                                                      └no──► Blocked + SyncWarning event
-//!  SyncState.synced changes ──► re-queue Blocked and Orphaned Pods
+//!  SyncState.synced or .pod_policy changes ──► re-queue Blocked, Waiting and Orphaned Pods
+//!  watch ConfigMaps, Secrets ──► change ──► re-queue the Pods referencing it (copies stay current)
 //!  WatchPodStatus ──► host status ──► virtual Pod status; host Pod gone ──► event + delete virtual Pod
 //!  virtual Pod deleted ──► DeletePod (UID-checked by the host agent)
 //! ```
@@ -19,17 +22,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use rcsync_core::admin::Readiness;
+use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_core::version::content_version;
 use rcsync_proto::v1::{
-    ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, PodStatusEvent,
-    PodStatusEventType, WatchPodStatusRequest,
+    ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, PodRefusal,
+    PodRefusalReason, PodStatusEvent, PodStatusEventType, WatchPodStatusRequest,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -54,6 +59,75 @@ enum State {
     Blocked(String),
     /// Was synced; its class stopped being synced: left alone in both clusters.
     Orphaned,
+    /// Allowed, but an object it needs is missing in the virtual cluster (event recorded).
+    Waiting(String),
+}
+
+/// A referenced object: kind, namespace, name.
+type ObjectKey = (RefKind, String, String);
+
+/// The virtual cluster's ConfigMaps and Secrets, kept by watches and shared by every shard.
+#[derive(Clone)]
+struct ObjectStores {
+    config_maps: Store<ConfigMap>,
+    secrets: Store<Secret>,
+}
+
+/// What a Pod sends along: the JSON of each referenced object that exists, what is missing, and
+/// a fingerprint of the objects' versions.
+#[derive(Default)]
+struct Referenced {
+    config_maps: Vec<Vec<u8>>,
+    secrets: Vec<Vec<u8>>,
+    missing: Vec<String>,
+    versions: Vec<String>,
+}
+
+impl ObjectStores {
+    /// Collects the objects a Pod in `namespace` references.
+    fn collect(&self, namespace: &str, references: &pod_refs::References) -> Referenced {
+        let mut out = Referenced::default();
+        for ((kind, name), required) in references {
+            let found = match kind {
+                RefKind::ConfigMap => {
+                    self.config_maps
+                        .get(&ObjectRef::new(name).within(namespace))
+                        .map(|cm| {
+                            let mut cm = (*cm).clone();
+                            cm.metadata.managed_fields = None;
+                            (cm.metadata.resource_version.clone(), serde_json::to_vec(&cm))
+                        })
+                }
+                RefKind::Secret => self
+                    .secrets
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .map(|secret| {
+                        let mut secret = (*secret).clone();
+                        secret.metadata.managed_fields = None;
+                        (
+                            secret.metadata.resource_version.clone(),
+                            serde_json::to_vec(&secret),
+                        )
+                    }),
+            };
+            match found {
+                Some((version, Ok(json))) => {
+                    out.versions
+                        .push(format!("{kind}/{name}@{}", version.unwrap_or_default()));
+                    match kind {
+                        RefKind::ConfigMap => out.config_maps.push(json),
+                        RefKind::Secret => out.secrets.push(json),
+                    }
+                }
+                Some((_, Err(e))) => out
+                    .missing
+                    .push(format!("{kind} {name:?} could not be serialized: {e}")),
+                None if *required => out.missing.push(format!("{kind} {name:?}")),
+                None => {}
+            }
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +168,7 @@ fn retryable(status: &tonic::Status) -> bool {
 }
 
 /// What a shard learns from the dispatcher.
+#[derive(Clone)]
 enum ShardInput {
     /// The shard's Pods after a (re)list of every virtual Pod.
     Relisted(HashMap<Key, Arc<Pod>>),
@@ -103,8 +178,14 @@ enum ShardInput {
     Removed(Key),
     /// Host Pod status (events of the shard's Pods, and every Reset / initial-state marker).
     Status(StatusFeed),
-    /// The set of synced RuntimeClasses changed.
+    /// The set of synced RuntimeClasses, or the tenant's Pod policy, changed.
     ClassesChanged,
+    /// A ConfigMap or Secret was created, changed or deleted.
+    ObjectChanged(ObjectKey),
+    /// ConfigMaps or Secrets were (re)listed: Pods that reference any are re-evaluated.
+    ObjectsListed(RefKind),
+    /// A host Pod is gone: Pods refused because a host name was in use may now fit.
+    NamesFreed,
 }
 
 /// The Pod syncer: one watch of every virtual Pod and one status stream, dispatched by key to
@@ -116,6 +197,8 @@ pub struct PodSyncer {
     readiness: Readiness,
     sync_state: watch::Receiver<SyncState>,
     shards: Vec<Shard>,
+    config_map_writer: reflector::store::Writer<ConfigMap>,
+    secret_writer: reflector::store::Writer<Secret>,
 }
 
 /// One shard's state and loop.
@@ -132,6 +215,15 @@ struct Shard {
     host_staging: Option<HashMap<Key, String>>,
     pods_listed: bool,
     host_listed: bool,
+    /// Whether ConfigMaps and Secrets were listed: `[config maps, secrets]`.
+    objects_listed: [bool; 2],
+    objects: ObjectStores,
+    /// Referenced object → the shard's Pods that reference it.
+    referrers: HashMap<ObjectKey, HashSet<Key>>,
+    /// Pod → the objects it references (to keep `referrers` current).
+    references_of: HashMap<Key, Vec<ObjectKey>>,
+    /// Pods refused because a host name was in use: retried when a host Pod goes.
+    name_waiters: HashSet<Key>,
     queue: VecDeque<Key>,
     queued: HashSet<Key>,
     retries: BTreeMap<Key, (Instant, Backoff)>,
@@ -158,8 +250,19 @@ impl PodSyncer {
             instance: Some(format!("{REPORTER}-{}", target.tenant)),
         };
         let recorder = Recorder::new(client.clone(), reporter);
+        let (config_maps, config_map_writer) = reflector::store();
+        let (secrets, secret_writer) = reflector::store();
+        let objects = ObjectStores { config_maps, secrets };
         let shards = (0..workers.max(1))
-            .map(|_| Shard::new(client.clone(), target.clone(), metrics.clone(), recorder.clone()))
+            .map(|_| {
+                Shard::new(
+                    client.clone(),
+                    target.clone(),
+                    metrics.clone(),
+                    recorder.clone(),
+                    objects.clone(),
+                )
+            })
             .collect();
         Self {
             client,
@@ -167,6 +270,8 @@ impl PodSyncer {
             readiness,
             sync_state,
             shards,
+            config_map_writer,
+            secret_writer,
         }
     }
 
@@ -177,9 +282,29 @@ impl PodSyncer {
             .default_backoff()
             .boxed();
         let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
+        let mut config_map_events = reflector::reflector(
+            self.config_map_writer,
+            watcher::watcher(
+                Api::<ConfigMap>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .boxed();
+        let mut secret_events = reflector::reflector(
+            self.secret_writer,
+            watcher::watcher(
+                Api::<Secret>::all(self.client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .boxed();
+
         let (status_tx, mut status_rx) = mpsc::channel(256);
         tokio::spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
-        let mut synced_classes = self.sync_state.borrow().synced.clone();
+        let policy_of = |s: &SyncState| (s.synced.clone(), s.pod_policy.clone());
+        let mut synced_classes = policy_of(&self.sync_state.borrow());
         let mut inboxes = Vec::new();
         for shard in std::mem::take(&mut self.shards) {
             let (tx, rx) = mpsc::channel(1024);
@@ -223,11 +348,26 @@ impl PodSyncer {
                         sends.push((shard_of(&key), ShardInput::Removed(key)));
                     }
                 },
+                event = config_map_events.next() => {
+                    let Some(event) = event else { return };
+                    if let Some(change) = object_change(RefKind::ConfigMap, event) {
+                        sends.extend((0..inboxes.len()).map(|i| (i, change.clone())));
+                    }
+                }
+                event = secret_events.next() => {
+                    let Some(event) = event else { return };
+                    if let Some(change) = object_change(RefKind::Secret, event) {
+                        sends.extend((0..inboxes.len()).map(|i| (i, change.clone())));
+                    }
+                }
                 feed = status_rx.recv() => match feed {
                     None => return,
                     Some(StatusFeed::Event(event))
                         if PodStatusEventType::try_from(event.r#type) != Ok(PodStatusEventType::InitialStateComplete) =>
                     {
+                        if PodStatusEventType::try_from(event.r#type) == Ok(PodStatusEventType::Deleted) {
+                            sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::NamesFreed)));
+                        }
                         let key = (event.pod_namespace.clone(), event.pod_name.clone());
                         sends.push((shard_of(&key), ShardInput::Status(StatusFeed::Event(event))));
                     }
@@ -237,7 +377,7 @@ impl PodSyncer {
                     if changed.is_err() {
                         return;
                     }
-                    let now = self.sync_state.borrow_and_update().synced.clone();
+                    let now = policy_of(&self.sync_state.borrow_and_update());
                     if now != synced_classes {
                         synced_classes = now;
                         sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::ClassesChanged)));
@@ -253,8 +393,41 @@ impl PodSyncer {
     }
 }
 
+/// What a ConfigMap or Secret watch event means to the shards.
+fn object_change<K: kube::Resource>(
+    kind: RefKind,
+    event: Result<Event<K>, watcher::Error>,
+) -> Option<ShardInput> {
+    match event {
+        Err(e) => {
+            tracing::warn!(error = %e, %kind, "watching virtual objects failed; retrying with backoff");
+            None
+        }
+        Ok(Event::Apply(object) | Event::Delete(object)) => Some(ShardInput::ObjectChanged((
+            kind,
+            object.meta().namespace.clone().unwrap_or_default(),
+            object.meta().name.clone().unwrap_or_default(),
+        ))),
+        Ok(Event::InitDone) => Some(ShardInput::ObjectsListed(kind)),
+        Ok(Event::Init | Event::InitApply(_)) => None,
+    }
+}
+
+fn kind_index(kind: RefKind) -> usize {
+    match kind {
+        RefKind::ConfigMap => 0,
+        RefKind::Secret => 1,
+    }
+}
+
 impl Shard {
-    fn new(client: Client, target: HostAgentTarget, metrics: Metrics, recorder: Recorder) -> Self {
+    fn new(
+        client: Client,
+        target: HostAgentTarget,
+        metrics: Metrics,
+        recorder: Recorder,
+        objects: ObjectStores,
+    ) -> Self {
         Self {
             recorder,
             client,
@@ -266,6 +439,11 @@ impl Shard {
             host_staging: None,
             pods_listed: false,
             host_listed: false,
+            objects_listed: [false; 2],
+            objects,
+            referrers: HashMap::new(),
+            references_of: HashMap::new(),
+            name_waiters: HashSet::new(),
             queue: VecDeque::new(),
             queued: HashSet::new(),
             retries: BTreeMap::new(),
@@ -300,7 +478,10 @@ impl Shard {
     /// Syncs the shard's Pods as the dispatcher reports them, until `shutdown`.
     async fn run(mut self, mut inbox: mpsc::Receiver<ShardInput>, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let ready = self.pods_listed && self.host_listed && !self.queue.is_empty();
+            let ready = self.pods_listed
+                && self.host_listed
+                && self.objects_listed == [true; 2]
+                && !self.queue.is_empty();
             let retry_at = self.next_retry();
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -309,6 +490,13 @@ impl Shard {
                     Some(ShardInput::Relisted(fresh)) => {
                         let gone: Vec<Key> = self.pods.keys().filter(|k| !fresh.contains_key(*k)).cloned().collect();
                         self.pods = fresh;
+                        for key in &gone {
+                            self.index_references(key);
+                        }
+                        let keys: Vec<Key> = self.pods.keys().cloned().collect();
+                        for key in &keys {
+                            self.index_references(key);
+                        }
                         let all: Vec<Key> = self.pods.keys().cloned().chain(gone).collect();
                         for key in all {
                             self.enqueue(key);
@@ -321,11 +509,32 @@ impl Shard {
                     Some(ShardInput::Upsert(pod)) => {
                         let key = key_of(&pod);
                         self.pods.insert(key.clone(), pod);
+                        self.index_references(&key);
                         self.enqueue(key);
                     }
                     Some(ShardInput::Removed(key)) => {
                         self.pods.remove(&key);
+                        self.index_references(&key);
                         self.enqueue(key);
+                    }
+                    Some(ShardInput::ObjectChanged(object)) => {
+                        let referrers: Vec<Key> = self.referrers.get(&object).into_iter().flatten().cloned().collect();
+                        for key in referrers {
+                            self.enqueue(key);
+                        }
+                    }
+                    Some(ShardInput::ObjectsListed(kind)) => {
+                        self.objects_listed[kind_index(kind)] = true;
+                        let referring: Vec<Key> = self.references_of.keys().cloned().collect();
+                        for key in referring {
+                            self.enqueue(key);
+                        }
+                    }
+                    Some(ShardInput::NamesFreed) => {
+                        let waiting: Vec<Key> = self.name_waiters.iter().cloned().collect();
+                        for key in waiting {
+                            self.enqueue(key);
+                        }
                     }
                     Some(ShardInput::Status(StatusFeed::Reset)) => self.host_staging = Some(HashMap::new()),
                     Some(ShardInput::Status(StatusFeed::Event(event))) => self.on_status(event).await,
@@ -366,6 +575,35 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Brings the reverse index of referenced objects up to date for one Pod (present or gone).
+    fn index_references(&mut self, key: &Key) {
+        for object in self.references_of.remove(key).unwrap_or_default() {
+            if let Some(set) = self.referrers.get_mut(&object) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.referrers.remove(&object);
+                }
+            }
+        }
+        let Some(spec) = self.pods.get(key).and_then(|p| p.spec.as_ref()) else {
+            return;
+        };
+        let objects: Vec<ObjectKey> = pod_refs::references(spec)
+            .into_keys()
+            .map(|(kind, name)| (kind, key.0.clone(), name))
+            .collect();
+        if objects.is_empty() {
+            return;
+        }
+        for object in &objects {
+            self.referrers
+                .entry(object.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.references_of.insert(key.clone(), objects);
     }
 
     async fn clients(&mut self) -> Option<(crate::connect::ClassClient, PodClient)> {
@@ -430,6 +668,7 @@ impl Shard {
 
     async fn on_virtual_gone(&mut self, key: &Key) -> bool {
         self.refusals.remove(key);
+        self.name_waiters.remove(key);
         let record = self.records.remove(key);
         self.update_orphan_gauge();
         let uid = self.host.get(key).cloned().or_else(|| {
@@ -472,7 +711,13 @@ impl Shard {
             }
             return self.finalize_virtual(key, pod).await;
         }
-        let fingerprint = fingerprint(pod);
+        let references = pod.spec.as_ref().map(pod_refs::references).unwrap_or_default();
+        let referenced = self.objects.collect(&key.0, &references);
+        let fingerprint = if referenced.versions.is_empty() {
+            fingerprint(pod)
+        } else {
+            content_version(&(fingerprint(pod), &referenced.versions))
+        };
         if let Some(record) = self.records.get(key)
             && record.state == State::Synced(fingerprint.clone())
             && host_has_it
@@ -500,14 +745,24 @@ impl Shard {
                 return false;
             }
         };
+        if decision.allowed && !referenced.missing.is_empty() {
+            return self.on_waiting(key, pod, &uid, &referenced.missing).await;
+        }
         let decision = if decision.allowed {
             let mut sent = pod.clone();
             sent.status = None;
             sent.metadata.managed_fields = None;
-            let pod_json = serde_json::to_vec(&sent).expect("a Pod serializes");
-            match pods.apply_pod(ApplyPodRequest { pod_json }).await {
+            let request = ApplyPodRequest {
+                pod_json: serde_json::to_vec(&sent).expect("a Pod serializes"),
+                config_maps_json: referenced.config_maps,
+                secrets_json: referenced.secrets,
+            };
+            match pods.apply_pod(request).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();
+                    if let Some(refusal) = answer.refusal {
+                        return self.on_refused(key, pod, &uid, refusal).await;
+                    }
                     if answer.applied {
                         let was_orphan = self.records.get(key).is_some_and(|r| r.state == State::Orphaned);
                         self.records.insert(
@@ -518,6 +773,7 @@ impl Shard {
                             },
                         );
                         self.refusals.remove(key);
+                        self.name_waiters.remove(key);
                         self.metrics.pods_synced_total.inc();
                         self.update_orphan_gauge();
                         tracing::info!(
@@ -551,6 +807,68 @@ impl Shard {
             decision
         };
         self.on_denied(key, pod, &uid, host_has_it, decision).await
+    }
+
+    /// An allowed Pod whose referenced objects are not all there: it waits (with one event per
+    /// change of what is missing) and is re-queued when one of them appears.
+    async fn on_waiting(&mut self, key: &Key, pod: &Pod, uid: &str, missing: &[String]) -> bool {
+        let message = format!(
+            "did not sync pod {:?} to host yet: it references {} which {} not exist in namespace {:?}; it syncs once {} created",
+            key.1,
+            missing.join(", "),
+            if missing.len() == 1 { "does" } else { "do" },
+            key.0,
+            if missing.len() == 1 { "it is" } else { "they are" },
+        );
+        let state = State::Waiting(message.clone());
+        if self.records.get(key).is_some_and(|r| r.state == state) {
+            return true;
+        }
+        self.records.insert(
+            key.clone(),
+            Record {
+                uid: uid.to_string(),
+                state,
+            },
+        );
+        tracing::info!(namespace = %key.0, pod = %key.1, "{message}");
+        self.publish(pod, EventType::Warning, "SyncWarning", "Sync/waiting", message)
+            .await
+    }
+
+    /// The host agent refused the Pod (Pod Security, unsupported fields, a name in use): a
+    /// `SyncError` event once per message; retried when the tenant's policy changes, or, for a
+    /// name in use, when a host Pod goes.
+    async fn on_refused(&mut self, key: &Key, pod: &Pod, uid: &str, refusal: PodRefusal) -> bool {
+        let reason = PodRefusalReason::try_from(refusal.reason).unwrap_or(PodRefusalReason::Unspecified);
+        if reason == PodRefusalReason::NameInUse {
+            self.name_waiters.insert(key.clone());
+        } else {
+            self.name_waiters.remove(key);
+        }
+        let message = format!("did not sync pod {:?} to host: {}", key.1, refusal.message);
+        let state = State::Blocked(message.clone());
+        if self.records.get(key).is_some_and(|r| r.state == state) {
+            return true;
+        }
+        self.records.insert(
+            key.clone(),
+            Record {
+                uid: uid.to_string(),
+                state,
+            },
+        );
+        self.metrics.pods_refused_total.inc();
+        tracing::info!(namespace = %key.0, pod = %key.1, reason = reason.as_str_name(), "{message}");
+        let action = format!(
+            "Sync/{}",
+            reason
+                .as_str_name()
+                .trim_start_matches("POD_REFUSAL_REASON_")
+                .to_lowercase()
+        );
+        self.publish(pod, EventType::Warning, "SyncError", &action, message)
+            .await
     }
 
     async fn on_denied(

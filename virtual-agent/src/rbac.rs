@@ -11,6 +11,9 @@ pub const REQUIRED: &[(&str, &str, &[&str])] = &[
     ),
     // pods::PodSyncer: watch every Pod; delete a virtual Pod whose host Pod is gone.
     ("", "pods", &["delete", "list", "watch"]),
+    // pods::PodSyncer: watch the ConfigMaps and Secrets Pods reference, to copy them to the host.
+    ("", "configmaps", &["list", "watch"]),
+    ("", "secrets", &["list", "watch"]),
     // pods::PodSyncer: copy host status.
     ("", "pods/status", &["patch"]),
     // kube-runtime's Recorder: SyncWarning / SyncError events (create, then patch for series).

@@ -2,7 +2,10 @@
 //! (re-checking the decision first) and streams their status back.
 //!
 //! ```text
-//!  ApplyPod(pod) ──auth──► view.check_pod (again: the host is the policy point) ──► translate ──► create / patch
+//!  ApplyPod(pod, configmaps, secrets) ──auth──► view.check_pod (again: the host is the policy point)
+//!     ──► translate (references, downward API, scheduling) ──► unsupported fields? Pod Security? ──► refusal
+//!     ──► copies: each referenced by the Pod? host names free? ──► create Pod (gated while copies are written)
+//!     ──► copies owned by the host Pod (garbage-collected with their last Pod) ──► ungate
 //!  DeletePod(ns, name, uid) ──► host Pod of that uid only ──► delete (grace, UID precondition)
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events
 //! ```
@@ -13,16 +16,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSchedulingGate, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt as _};
+use rcsync_core::naming::LABEL_MANAGED_BY;
+use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_core::{Tenant, TenantName};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
-    ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodStatusEvent,
-    PodStatusEventType, WatchPodStatusRequest,
+    ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodRefusal, PodRefusalReason,
+    PodStatusEvent, PodStatusEventType, WatchPodStatusRequest,
 };
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -31,8 +37,11 @@ use tonic::{Request, Response, Status};
 
 use crate::grpc::auth::Authenticator;
 use crate::index::{TenantsState, ViewSource};
-use crate::metrics::Metrics;
-use crate::translate::{host_pod, managed_selector, recorded_ref, virtual_ref};
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::translate::{
+    VirtualPodRef, host_config_map, host_pod, host_secret, managed_selector, recorded_holder, recorded_ref,
+    unsupported, virtual_ref,
+};
 use rcsync_core::naming::host_pod_name;
 
 /// The PodSync service.
@@ -80,7 +89,8 @@ impl<V: ViewSource> PodSyncService<V> {
 
     async fn apply(&self, request: Request<ApplyPodRequest>) -> Result<ApplyPodResponse, Status> {
         let (name, tenant) = self.caller(&request)?;
-        let pod: Pod = serde_json::from_slice(&request.get_ref().pod_json)
+        let request = request.into_inner();
+        let pod: Pod = serde_json::from_slice(&request.pod_json)
             .map_err(|e| Status::invalid_argument(format!("pod_json is not a v1 Pod: {e}")))?;
         let id = virtual_ref(&pod).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let runtime_class = pod
@@ -100,52 +110,66 @@ impl<V: ViewSource> PodSyncService<V> {
             host_namespace: tenant.host_namespace.clone(),
             host_name: host_name.clone(),
             created: false,
+            refusal: None,
         };
         if !decision.allowed {
             return Ok(response);
         }
         let desired = host_pod(&pod, &tenant, &decision.host_runtime_class_name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let copies = accepted_copies(&pod, &id, &tenant, &request)?;
+        let refusal = match policy_refusal(&desired, &tenant) {
+            Some(refusal) => Some(refusal),
+            None => self.names_in_use(&tenant, &id, &copies).await?,
+        };
+        if let Some(refusal) = refusal {
+            let reason = PodRefusalReason::try_from(refusal.reason).unwrap_or(PodRefusalReason::Unspecified);
+            tracing::info!(
+                tenant = %name, namespace = %id.namespace, pod = %id.name, reason = reason.as_str_name(),
+                "refused pod: {}", refusal.message
+            );
+            self.metrics
+                .pods_refused_total
+                .get_or_create(&DecisionLabels {
+                    tenant: name.to_string(),
+                    reason: reason
+                        .as_str_name()
+                        .trim_start_matches("POD_REFUSAL_REASON_")
+                        .to_string(),
+                })
+                .inc();
+            response.refusal = Some(refusal);
+            return Ok(response);
+        }
         let api = self.pods(&tenant);
-        let existing = api
-            .get_opt(&host_name)
-            .await
-            .map_err(|e| kube_status(&e, &tenant))?;
-        match existing {
-            None => match api.create(&PostParams::default(), &desired).await {
-                Ok(_) => response.created = true,
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    return Err(Status::aborted(format!(
-                        "host pod {host_name} was created concurrently: retry"
-                    )));
-                }
-                Err(e) => return Err(kube_status(&e, &tenant)),
-            },
-            Some(current) => {
-                let owner = recorded_ref(&current);
-                if owner.as_ref().map(|o| o.uid.as_str()) != Some(id.uid.as_str()) {
-                    // A host Pod of an earlier virtual Pod of the same name: remove it first.
-                    let uid = current.metadata.uid.clone();
-                    let params = DeleteParams {
-                        preconditions: Some(Preconditions {
-                            uid,
-                            resource_version: None,
-                        }),
-                        ..Default::default()
-                    };
-                    api.delete(&host_name, &params)
-                        .await
-                        .map_err(|e| kube_status(&e, &tenant))?;
-                    return Err(Status::aborted(format!(
-                        "host pod {host_name} belonged to an earlier virtual pod of the same name; it is being deleted: retry"
-                    )));
-                }
-                if let Some(patch) = update_patch(&current, &desired) {
-                    api.patch(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
-                        .await
-                        .map_err(|e| kube_status(&e, &tenant))?;
-                }
+        let (placed, created) = match self
+            .place(&api, &tenant, &id, &desired, !copies.is_empty())
+            .await?
+        {
+            Placement::Placed { pod, created } => (pod, created),
+            Placement::NameInUse(refusal) => {
+                response.refusal = Some(refusal);
+                return Ok(response);
             }
+        };
+        response.created = created;
+        if !copies.is_empty() {
+            let owner = owner_reference(&placed)?;
+            for copy in &copies {
+                self.write_copy(&tenant, copy, &owner).await?;
+            }
+            self.metrics
+                .copies_written_total
+                .get_or_create(&Metrics::tenant(name.as_str()))
+                .inc_by(copies.len() as u64);
+        }
+        if has_copies_gate(&placed) {
+            // Every object the Pod references is in place: let the scheduler have it.
+            let gates = desired.spec.as_ref().and_then(|s| s.scheduling_gates.clone());
+            let patch = json!({"spec": {"schedulingGates": gates}});
+            api.patch(&host_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| kube_status(&e, &tenant))?;
         }
         response.applied = true;
         self.metrics
@@ -153,6 +177,148 @@ impl<V: ViewSource> PodSyncService<V> {
             .get_or_create(&Metrics::tenant(name.as_str()))
             .inc();
         Ok(response)
+    }
+
+    /// Creates the host Pod (gated until its copies exist when it has any), or brings an existing
+    /// one of the same virtual Pod up to date. A host Pod of another virtual Pod is never touched.
+    async fn place(
+        &self,
+        api: &Api<Pod>,
+        tenant: &Tenant,
+        id: &VirtualPodRef,
+        desired: &Pod,
+        gated: bool,
+    ) -> Result<Placement, Status> {
+        let host_name = desired.name_any();
+        let mut create = desired.clone();
+        if gated && let Some(spec) = &mut create.spec {
+            spec.scheduling_gates
+                .get_or_insert_with(Vec::new)
+                .push(PodSchedulingGate {
+                    name: COPIES_GATE.to_string(),
+                });
+        }
+        // Create first: one round trip in the common case.
+        match api.create(&PostParams::default(), &create).await {
+            Ok(pod) => return Ok(Placement::Placed { pod, created: true }),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(kube_status(&e, tenant)),
+        }
+        let current = api
+            .get_opt(&host_name)
+            .await
+            .map_err(|e| kube_status(&e, tenant))?
+            .ok_or_else(|| {
+                Status::aborted(format!("host pod {host_name} was deleted concurrently: retry"))
+            })?;
+        let holder = recorded_ref(&current).filter(|_| {
+            current.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(tenant.name.as_str())
+        });
+        let Some(holder) = holder else {
+            return Ok(Placement::NameInUse(name_in_use(
+                &host_name,
+                "a pod rcsync does not manage".to_string(),
+            )));
+        };
+        if (holder.namespace.as_str(), holder.name.as_str()) != (id.namespace.as_str(), id.name.as_str()) {
+            return Ok(Placement::NameInUse(name_in_use(
+                &host_name,
+                format!("pod {}/{}", holder.namespace, holder.name),
+            )));
+        }
+        if holder.uid != id.uid {
+            // A host Pod of an earlier virtual Pod of the same name: remove it first.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: current.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            api.delete(&host_name, &params)
+                .await
+                .map_err(|e| kube_status(&e, tenant))?;
+            return Err(Status::aborted(format!(
+                "host pod {host_name} belonged to an earlier virtual pod of the same name; it is being deleted: retry"
+            )));
+        }
+        if let Some(patch) = update_patch(&current, desired) {
+            let pod = api
+                .patch(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
+                .await
+                .map_err(|e| kube_status(&e, tenant))?;
+            return Ok(Placement::Placed { pod, created: false });
+        }
+        Ok(Placement::Placed {
+            pod: current,
+            created: false,
+        })
+    }
+
+    /// A refusal when the host name of a copy is held by another virtual object or by a host
+    /// object rcsync did not write for this tenant.
+    async fn names_in_use(
+        &self,
+        tenant: &Tenant,
+        id: &VirtualPodRef,
+        copies: &[HostCopy],
+    ) -> Result<Option<PodRefusal>, Status> {
+        for copy in copies {
+            let meta = match copy {
+                HostCopy::ConfigMap { host, .. } => self
+                    .config_maps(tenant)
+                    .get_metadata_opt(&host.name_any())
+                    .await
+                    .map_err(|e| kube_status(&e, tenant))?
+                    .map(|m| m.metadata),
+                HostCopy::Secret { host, .. } => self
+                    .secrets(tenant)
+                    .get_metadata_opt(&host.name_any())
+                    .await
+                    .map_err(|e| kube_status(&e, tenant))?
+                    .map(|m| m.metadata),
+            };
+            let Some(meta) = meta else { continue };
+            let kind = copy.kind();
+            let holder = match recorded_holder(&meta, tenant) {
+                Some((ns, name)) if ns == id.namespace && name == copy.virtual_name() => continue,
+                Some((ns, name)) => format!("{kind} {ns}/{name}"),
+                None => format!("a {kind} rcsync does not manage"),
+            };
+            return Ok(Some(name_in_use(&meta.name.unwrap_or_default(), holder)));
+        }
+        Ok(None)
+    }
+
+    /// Creates or updates one copy so it holds the virtual data and lists `owner` among its owners.
+    async fn write_copy(
+        &self,
+        tenant: &Tenant,
+        copy: &HostCopy,
+        owner: &OwnerReference,
+    ) -> Result<(), Status> {
+        match copy {
+            HostCopy::ConfigMap { host, .. } => {
+                write_owned(&self.config_maps(tenant), host.clone(), owner, tenant, |a, b| {
+                    a.data == b.data && a.binary_data == b.binary_data
+                })
+                .await
+            }
+            HostCopy::Secret { host, .. } => {
+                write_owned(&self.secrets(tenant), host.clone(), owner, tenant, |a, b| {
+                    a.data == b.data && a.type_ == b.type_
+                })
+                .await
+            }
+        }
+    }
+
+    fn config_maps(&self, tenant: &Tenant) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &tenant.host_namespace)
+    }
+
+    fn secrets(&self, tenant: &Tenant) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &tenant.host_namespace)
     }
 
     async fn delete(&self, request: Request<DeletePodRequest>) -> Result<DeletePodResponse, Status> {
@@ -183,6 +349,198 @@ impl<V: ViewSource> PodSyncService<V> {
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(DeletePodResponse { deleted: false }),
             Err(e) => Err(kube_status(&e, &tenant)),
         }
+    }
+}
+
+/// The scheduling gate a new host Pod carries until the objects it references are copied.
+pub const COPIES_GATE: &str = "rcsync.io/copies";
+
+/// What `place` did.
+enum Placement {
+    /// The host Pod as it now stands, and whether this call created it.
+    Placed { pod: Pod, created: bool },
+    /// Its host name is held by something else: refused.
+    NameInUse(PodRefusal),
+}
+
+/// A referenced object to copy: its virtual name and its host form.
+enum HostCopy {
+    ConfigMap { virtual_name: String, host: ConfigMap },
+    Secret { virtual_name: String, host: Secret },
+}
+
+impl HostCopy {
+    fn kind(&self) -> RefKind {
+        match self {
+            Self::ConfigMap { .. } => RefKind::ConfigMap,
+            Self::Secret { .. } => RefKind::Secret,
+        }
+    }
+
+    fn virtual_name(&self) -> &str {
+        match self {
+            Self::ConfigMap { virtual_name, .. } | Self::Secret { virtual_name, .. } => virtual_name,
+        }
+    }
+}
+
+fn name_in_use(host_name: &str, holder: String) -> PodRefusal {
+    PodRefusal {
+        reason: PodRefusalReason::NameInUse as i32,
+        message: format!("host name {host_name:?} is already used by {holder}"),
+    }
+}
+
+/// What the tenant's policy refuses in the host form of a Pod: what the host cannot honour
+/// first, then Pod Security.
+fn policy_refusal(desired: &Pod, tenant: &Tenant) -> Option<PodRefusal> {
+    let spec = desired.spec.as_ref()?;
+    let problems = unsupported(spec);
+    if !problems.is_empty() {
+        return Some(PodRefusal {
+            reason: PodRefusalReason::Unsupported as i32,
+            message: format!("the host cannot honour {}", problems.join("; ")),
+        });
+    }
+    crate::pod_security::evaluate(
+        tenant.pods.pod_security,
+        desired.metadata.annotations.as_ref(),
+        spec,
+    )
+    .err()
+    .map(|violations| PodRefusal {
+        reason: PodRefusalReason::PodSecurity as i32,
+        message: violations.to_string(),
+    })
+}
+
+/// The objects sent with a Pod, each checked to be one the Pod references, from its namespace.
+fn accepted_copies(
+    pod: &Pod,
+    id: &VirtualPodRef,
+    tenant: &Tenant,
+    request: &ApplyPodRequest,
+) -> Result<Vec<HostCopy>, Status> {
+    let references = pod.spec.as_ref().map(pod_refs::references).unwrap_or_default();
+    let mut copies = Vec::new();
+    let check = |kind: RefKind, meta: &kube::api::ObjectMeta| -> Result<String, Status> {
+        let name = meta.name.clone().unwrap_or_default();
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        if namespace != id.namespace {
+            return Err(Status::invalid_argument(format!(
+                "{kind} {namespace}/{name} is not in the pod's namespace {:?}",
+                id.namespace
+            )));
+        }
+        if !references.contains_key(&(kind, name.clone())) {
+            return Err(Status::invalid_argument(format!(
+                "{kind} {namespace}/{name} is not referenced by pod {}/{}",
+                id.namespace, id.name
+            )));
+        }
+        Ok(name)
+    };
+    let invalid = |kind: RefKind, e: &dyn std::fmt::Display| {
+        Status::invalid_argument(format!("a sent {kind} is not valid: {e}"))
+    };
+    for json in &request.config_maps_json {
+        let cm: ConfigMap = serde_json::from_slice(json).map_err(|e| invalid(RefKind::ConfigMap, &e))?;
+        let virtual_name = check(RefKind::ConfigMap, &cm.metadata)?;
+        let host = host_config_map(&cm, tenant).map_err(|e| invalid(RefKind::ConfigMap, &e))?;
+        copies.push(HostCopy::ConfigMap { virtual_name, host });
+    }
+    for json in &request.secrets_json {
+        let secret: Secret = serde_json::from_slice(json).map_err(|e| invalid(RefKind::Secret, &e))?;
+        let virtual_name = check(RefKind::Secret, &secret.metadata)?;
+        let host = host_secret(&secret, tenant).map_err(|e| invalid(RefKind::Secret, &e))?;
+        copies.push(HostCopy::Secret { virtual_name, host });
+    }
+    Ok(copies)
+}
+
+fn owner_reference(pod: &Pod) -> Result<OwnerReference, Status> {
+    Ok(OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: pod.name_any(),
+        uid: pod
+            .metadata
+            .uid
+            .clone()
+            .ok_or_else(|| Status::internal("the host API server returned a pod without a uid"))?,
+        controller: None,
+        block_owner_deletion: None,
+    })
+}
+
+fn has_copies_gate(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.name == COPIES_GATE))
+}
+
+/// Creates `desired` owned by `owner`, or updates the existing copy: its data and its owners
+/// (the host Pods using it; the host's garbage collector removes it with the last of them).
+/// Optimistic concurrency: a conflict is returned as ABORTED and the caller retries.
+async fn write_owned<K>(
+    api: &Api<K>,
+    mut desired: K,
+    owner: &OwnerReference,
+    tenant: &Tenant,
+    same_content: impl Fn(&K, &K) -> bool,
+) -> Result<(), Status>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = desired.name_any();
+    let Some(current) = api.get_opt(&name).await.map_err(|e| kube_status(&e, tenant))? else {
+        desired.meta_mut().owner_references = Some(vec![owner.clone()]);
+        return match api.create(&PostParams::default(), &desired).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(Status::aborted(format!(
+                "copy {name} was created concurrently: retry"
+            ))),
+            Err(e) => Err(kube_status(&e, tenant)),
+        };
+    };
+    let mut owners = current.meta().owner_references.clone().unwrap_or_default();
+    let owned = owners.iter().any(|o| o.uid == owner.uid);
+    if owned && same_content(&current, &desired) {
+        return Ok(());
+    }
+    if !owned {
+        owners.push(owner.clone());
+    }
+    let meta = desired.meta_mut();
+    meta.owner_references = Some(owners);
+    meta.resource_version = current.meta().resource_version.clone();
+    match api.replace(&name, &PostParams::default(), &desired).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(Status::aborted(format!(
+            "copy {name} changed concurrently: retry"
+        ))),
+        // A Secret's type cannot change: replace the copy (its owners come back on the retry).
+        Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("type") => {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: current.meta().uid.clone(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            api.delete(&name, &params)
+                .await
+                .map_err(|e| kube_status(&e, tenant))?;
+            Err(Status::aborted(format!(
+                "copy {name} changed its type and is being replaced: retry"
+            )))
+        }
+        Err(e) => Err(kube_status(&e, tenant)),
     }
 }
 

@@ -118,6 +118,7 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
             tx,
             acked: HashMap::new(),
             pending: None,
+            sent_policy: None,
             nonce: 0,
             retry: self.retry,
             backoff: self.retry.initial,
@@ -170,6 +171,8 @@ struct Session {
     /// What the client holds, as far as it has acknowledged: name → version.
     acked: HashMap<String, String>,
     pending: Option<Pending>,
+    /// The Pod policy version last sent.
+    sent_policy: Option<String>,
     nonce: u64,
     retry: RetryPolicy,
     backoff: Duration,
@@ -269,9 +272,11 @@ impl Session {
             .cloned()
             .collect();
         removed.sort();
-        if !first && resources.is_empty() && removed.is_empty() {
+        let policy_changed = self.sent_policy.as_ref() != Some(&view.pod_policy_version);
+        if !first && resources.is_empty() && removed.is_empty() && !policy_changed {
             return true;
         }
+        self.sent_policy = Some(view.pod_policy_version.clone());
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let versions: BTreeMap<&str, &str> = view
@@ -286,6 +291,7 @@ impl Session {
             initial_state_complete: first,
             sync_enabled: view.sync_enabled,
             system_version_info: rcsync_core::version::content_version(&versions),
+            pod_policy_version: view.pod_policy_version.clone(),
         };
         tracing::debug!(
             nonce,
