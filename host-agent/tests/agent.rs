@@ -4,11 +4,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use rcsync_proto::v1::pod_sync_client::PodSyncClient;
 use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
-use rcsync_proto::v1::{CheckPodReason, CheckPodRequest, ErrorDetail, SyncRequest, SyncResponse};
+use rcsync_proto::v1::{
+    ApplyPodRequest, CheckPodReason, CheckPodRequest, DeletePodRequest, ErrorDetail, PodRefusalReason,
+    SyncRequest, SyncResponse,
+};
 use rcsync_tests::{Cluster, Process, eventually, free_port, http_get, spawn_listening};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -1057,4 +1062,217 @@ fn help_documents_every_flag_with_its_env_var() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}
+
+const POD_TENANTS: &str = r#"
+tenants:
+  - name: team-a
+    hostNamespace: vc-team-a
+    tokenFile: team-a.token
+    sync: {fromHost: {runtimeClasses: {enabled: true}}}
+"#;
+
+/// A host agent for `POD_TENANTS`, with the tenant's host namespace, and a PodSync client.
+async fn pod_host() -> (Host, PodSyncClient<Channel>) {
+    let host = Host::start(POD_TENANTS, &[]).await;
+    let namespaces: Api<Namespace> = Api::all(host.cluster.client().await);
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "vc-team-a"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    host.ready().await;
+    host.client().await;
+    let pods = PodSyncClient::new(
+        Channel::from_shared(format!("http://{}", host.grpc))
+            .unwrap()
+            .connect_lazy(),
+    );
+    (host, pods)
+}
+
+fn virtual_pod(namespace: &str, name: &str, uid: &str, spec: serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn apply(pod_json: Vec<u8>, config_maps: &[serde_json::Value]) -> Request<ApplyPodRequest> {
+    with_token(
+        ApplyPodRequest {
+            pod_json,
+            config_maps_json: config_maps
+                .iter()
+                .map(|c| serde_json::to_vec(c).unwrap())
+                .collect(),
+            secrets_json: Vec::new(),
+        },
+        "team-a",
+    )
+}
+
+#[tokio::test]
+async fn apply_pod_re_checks_pod_security_and_names_the_violation() {
+    let (host, mut pods) = pod_host().await;
+    let privileged =
+        json!({"containers": [{"name": "app", "image": "app", "securityContext": {"privileged": true}}]});
+    let answer = pods
+        .apply_pod(apply(virtual_pod("default", "root", "u-1", privileged), &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answer.applied);
+    let refusal = answer.refusal.expect("a refusal");
+    assert_eq!(refusal.reason, PodRefusalReason::PodSecurity as i32);
+    assert_eq!(
+        refusal.message,
+        r#"violates PodSecurity "baseline:latest": privileged (container "app" must not set securityContext.privileged=true)"#
+    );
+    let host_pods: Api<Pod> = Api::namespaced(host.cluster.client().await, "vc-team-a");
+    assert!(
+        host_pods
+            .get_opt("root-x-default-x-team-a")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let plain = json!({"containers": [{"name": "app", "image": "app"}]});
+    let answer = pods
+        .apply_pod(apply(virtual_pod("default", "root", "u-1", plain), &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.applied && answer.created && answer.refusal.is_none());
+    assert!(
+        host_pods
+            .get_opt("root-x-default-x-team-a")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let metrics = http_get(&host.admin, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains(r#"rcsync_pods_refused_total{tenant="team-a",reason="POD_SECURITY"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn apply_pod_copies_only_referenced_objects_owned_by_the_host_pod() {
+    let (host, mut pods) = pod_host().await;
+    let spec = json!({"containers": [{"name": "app", "image": "app",
+        "env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "a"}}}]}]});
+    let cfg = json!({"metadata": {"name": "cfg", "namespace": "shop", "labels": {"team": "x"}}, "data": {"a": "1"}});
+    let status = pods
+        .apply_pod(apply(
+            virtual_pod("shop", "web", "u-1", spec.clone()),
+            &[json!({"metadata": {"name": "other", "namespace": "shop"}, "data": {}})],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("configmap shop/other is not referenced by pod shop/web"),
+        "{status}"
+    );
+    let status = pods
+        .apply_pod(apply(
+            virtual_pod("shop", "web", "u-1", spec.clone()),
+            &[json!({"metadata": {"name": "cfg", "namespace": "kube-system"}, "data": {}})],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("not in the pod's namespace"),
+        "{status}"
+    );
+
+    let answer = pods
+        .apply_pod(apply(virtual_pod("shop", "web", "u-1", spec), &[cfg]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.applied, "{answer:?}");
+    let client = host.cluster.client().await;
+    let host_pod = Api::<Pod>::namespaced(client.clone(), "vc-team-a")
+        .get("web-x-shop-x-team-a")
+        .await
+        .unwrap();
+    let spec = host_pod.spec.clone().unwrap();
+    assert_eq!(
+        spec.containers[0].env.as_ref().unwrap()[0]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .config_map_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "cfg-x-shop-x-team-a"
+    );
+    assert!(
+        spec.scheduling_gates.unwrap_or_default().is_empty(),
+        "the gate is lifted once the copies exist"
+    );
+    let copy = Api::<ConfigMap>::namespaced(client, "vc-team-a")
+        .get("cfg-x-shop-x-team-a")
+        .await
+        .unwrap();
+    assert_eq!(copy.data.unwrap()["a"], "1");
+    assert!(!copy.metadata.labels.unwrap().contains_key("team"));
+    let owners = copy.metadata.owner_references.unwrap();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(Some(&owners[0].uid), host_pod.metadata.uid.as_ref());
+}
+
+#[tokio::test]
+async fn a_host_name_held_by_another_pod_is_never_taken_over() {
+    let (host, mut pods) = pod_host().await;
+    let spec = json!({"containers": [{"name": "app", "image": "app"}]});
+    // `c/a-x-b` and `b-x-c/a` both translate to `a-x-b-x-c-x-team-a`.
+    let first = pods
+        .apply_pod(apply(virtual_pod("c", "a-x-b", "u-1", spec.clone()), &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.applied && first.host_name == "a-x-b-x-c-x-team-a");
+    let host_pods: Api<Pod> = Api::namespaced(host.cluster.client().await, "vc-team-a");
+    let before = host_pods.get("a-x-b-x-c-x-team-a").await.unwrap().metadata.uid;
+    let second = pods
+        .apply_pod(apply(virtual_pod("b-x-c", "a", "u-2", spec), &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!second.applied);
+    let refusal = second.refusal.expect("refused");
+    assert_eq!(refusal.reason, PodRefusalReason::NameInUse as i32);
+    assert_eq!(
+        refusal.message,
+        r#"host name "a-x-b-x-c-x-team-a" is already used by pod c/a-x-b"#
+    );
+    let after = host_pods.get("a-x-b-x-c-x-team-a").await.unwrap().metadata.uid;
+    assert_eq!(before, after, "the first Pod's host Pod is untouched");
+    // Deleting as the second Pod does not touch the first one's host Pod either.
+    let deleted = pods
+        .delete_pod(with_token(
+            DeletePodRequest {
+                pod_namespace: "b-x-c".into(),
+                pod_name: "a".into(),
+                pod_uid: "u-2".into(),
+                grace_period_seconds: None,
+            },
+            "team-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!deleted.deleted);
+    assert!(host_pods.get_opt("a-x-b-x-c-x-team-a").await.unwrap().is_some());
 }

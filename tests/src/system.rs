@@ -19,6 +19,8 @@ pub struct TenantSpec {
     pub name: String,
     /// Its `sync.fromHost.runtimeClasses` block as YAML flow (e.g. `{enabled: true}`).
     pub runtime_classes: String,
+    /// Its `policies.podSecurityStandard`, when set.
+    pub pod_security: Option<String>,
 }
 
 impl TenantSpec {
@@ -27,7 +29,14 @@ impl TenantSpec {
         Self {
             name: name.into(),
             runtime_classes: runtime_classes.into(),
+            pod_security: None,
         }
+    }
+
+    /// The same tenant with `policies.podSecurityStandard: level`.
+    pub fn pod_security(mut self, level: &str) -> Self {
+        self.pod_security = Some(level.into());
+        self
     }
 
     /// The host namespace of the tenant's Pods.
@@ -101,7 +110,33 @@ pub fn pod(name: &str, runtime_class: Option<&str>) -> Pod {
         .unwrap()
 }
 
+/// The host agent's tenants file for `tenants`.
+fn tenants_yaml(tenants: &[TenantSpec]) -> String {
+    let mut config = String::from("tenants:\n");
+    for t in tenants {
+        config.push_str(&format!(
+            "  - name: {}\n    hostNamespace: {}\n    tokenFile: {}.token\n    sync: {{fromHost: {{runtimeClasses: {}}}}}\n",
+            t.name,
+            t.host_namespace(),
+            t.name,
+            t.runtime_classes
+        ));
+        if let Some(level) = &t.pod_security {
+            config.push_str(&format!("    policies: {{podSecurityStandard: {level}}}\n"));
+        }
+    }
+    config
+}
+
 impl System {
+    /// Rewrites the host agent's tenants file (it reloads on change).
+    pub fn rewrite_tenants(&self, tenants: &[TenantSpec]) {
+        let path = self.dir.path().join("tenants.yaml");
+        let next = path.with_extension("yaml.next");
+        std::fs::write(&next, tenants_yaml(tenants)).unwrap();
+        std::fs::rename(next, path).unwrap();
+    }
+
     /// Starts everything: host classes are created before the agents start.
     pub async fn start(tenants: &[TenantSpec], host_classes: &[RuntimeClass]) -> Self {
         Self::start_with(tenants, host_classes, Transport::Plaintext).await
@@ -124,7 +159,6 @@ impl System {
             classes.create(&PostParams::default(), rc).await.unwrap();
         }
         let namespaces: Api<Namespace> = Api::all(host_client);
-        let mut config = String::from("tenants:\n");
         for t in tenants {
             let ns: Namespace =
                 serde_json::from_value(json!({"metadata": {"name": t.host_namespace()}})).unwrap();
@@ -138,15 +172,8 @@ impl System {
                 format!("secret-of-{}\n", t.name),
             )
             .unwrap();
-            config.push_str(&format!(
-                "  - name: {}\n    hostNamespace: {}\n    tokenFile: {}.token\n    sync: {{fromHost: {{runtimeClasses: {}}}}}\n",
-                t.name,
-                t.host_namespace(),
-                t.name,
-                t.runtime_classes
-            ));
         }
-        std::fs::write(dir.path().join("tenants.yaml"), config).unwrap();
+        std::fs::write(dir.path().join("tenants.yaml"), tenants_yaml(tenants)).unwrap();
         let pki =
             (transport == Transport::MutualTls).then(|| devcluster::pki::Pki::new("rcsync-e2e-ca").unwrap());
         let write = |name: &str, text: &str| {

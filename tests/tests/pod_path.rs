@@ -1,0 +1,472 @@
+//! The Pod path, end to end: the host agent decides the whole Pod it writes. References resolve
+//! to translated copies of the tenant's own objects, Pod Security is enforced on the host, and a
+//! host name held by another Pod is never taken over. One test per rule, against the real agents.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, Pod, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt as _};
+use rcsync_core::pod_refs;
+use rcsync_tests::eventually;
+use rcsync_tests::system::{System, TenantSpec, VirtualSide};
+use serde_json::{Value, json};
+
+const TENANT: &str = "team-a";
+
+async fn system(tenant: TenantSpec) -> System {
+    System::start(&[tenant], &[]).await
+}
+
+fn tenant() -> TenantSpec {
+    TenantSpec::new(TENANT, "{enabled: true}")
+}
+
+fn pod(name: &str, spec: Value) -> Pod {
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+fn app(extra: Value) -> Value {
+    let mut container = json!({"name": "app", "image": "registry.example/app:1.0"});
+    if let (Value::Object(c), Value::Object(e)) = (&mut container, extra) {
+        c.extend(e);
+    }
+    container
+}
+
+fn host_name(name: &str, namespace: &str) -> String {
+    format!("{name}-x-{namespace}-x-{TENANT}")
+}
+
+async fn host_config_maps(system: &System) -> Api<ConfigMap> {
+    Api::namespaced(
+        system.host.client().await,
+        &system.virtual_side().tenant.host_namespace(),
+    )
+}
+
+async fn host_secrets(system: &System) -> Api<Secret> {
+    Api::namespaced(
+        system.host.client().await,
+        &system.virtual_side().tenant.host_namespace(),
+    )
+}
+
+async fn wait_host_pod(system: &System, name: &str, namespace: &str) -> Pod {
+    let pods = system.host_pods(&system.virtual_side().tenant).await;
+    let host = host_name(name, namespace);
+    eventually(&format!("host pod {host}"), || async {
+        pods.get_opt(&host).await.ok().flatten()
+    })
+    .await
+}
+
+async fn no_host_pod(system: &System, name: &str) {
+    let pods = system.host_pods(&system.virtual_side().tenant).await;
+    assert!(
+        pods.get_opt(&host_name(name, "default")).await.unwrap().is_none(),
+        "pod {name} must not reach the host"
+    );
+}
+
+fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn secret_data(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect()
+}
+
+async fn create_config_map(v: &VirtualSide, name: &str, pairs: &[(&str, &str)]) {
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(data(pairs)),
+        ..Default::default()
+    };
+    Api::<ConfigMap>::namespaced(v.cluster.client().await, "default")
+        .create(&PostParams::default(), &cm)
+        .await
+        .unwrap();
+}
+
+fn secret(name: &str, pairs: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(secret_data(pairs)),
+        ..Default::default()
+    }
+}
+
+async fn events_in(v: &VirtualSide, namespace: &str, pod: &str) -> Vec<CoreEvent> {
+    let events: Api<CoreEvent> = Api::namespaced(v.cluster.client().await, namespace);
+    let selector = format!("involvedObject.name={pod},involvedObject.kind=Pod");
+    events
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .unwrap()
+        .items
+}
+
+/// Creates the Pod and waits for the `SyncError` event with exactly `message`; no host Pod.
+async fn refused(system: &System, name: &str, spec: Value, message: &str) {
+    let v = system.virtual_side();
+    v.create_pod(&pod(name, spec)).await;
+    let want = format!("did not sync pod \"{name}\" to host: {message}");
+    let event = v.wait_event(name, &want).await;
+    assert_eq!(event.reason.as_deref(), Some("SyncError"));
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    no_host_pod(system, name).await;
+}
+
+#[tokio::test]
+async fn a_pod_runs_against_translated_copies_of_the_config_maps_and_secrets_it_references() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    create_config_map(v, "app-config", &[("greeting", "hello")]).await;
+    create_config_map(v, "unused", &[("x", "y")]).await;
+    let virtual_secrets: Api<Secret> = Api::namespaced(v.cluster.client().await, "default");
+    virtual_secrets
+        .create(
+            &PostParams::default(),
+            &secret("app-secret", &[("password", "virtual")]),
+        )
+        .await
+        .unwrap();
+    // The host namespace holds a Secret of the same name: it must never be read or changed.
+    let host_own = host_secrets(&system)
+        .await
+        .create(
+            &PostParams::default(),
+            &secret("app-secret", &[("password", "host-only")]),
+        )
+        .await
+        .unwrap();
+    let every_form = json!({
+        "containers": [app(json!({
+            "env": [
+                {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "app-config", "key": "greeting"}}},
+                {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "app-secret", "key": "password"}}}
+            ],
+            "envFrom": [{"configMapRef": {"name": "app-config"}}, {"secretRef": {"name": "app-secret"}}],
+            "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}, {"name": "sec", "mountPath": "/sec"}, {"name": "all", "mountPath": "/all"}]
+        }))],
+        "volumes": [
+            {"name": "cfg", "configMap": {"name": "app-config"}},
+            {"name": "sec", "secret": {"secretName": "app-secret"}},
+            {"name": "all", "projected": {"sources": [{"configMap": {"name": "app-config"}}, {"secret": {"name": "app-secret"}}]}}
+        ],
+        "imagePullSecrets": [{"name": "app-secret"}]
+    });
+    v.create_pod(&pod("web", every_form)).await;
+    let host_pod = wait_host_pod(&system, "web", "default").await;
+    let references = pod_refs::references(host_pod.spec.as_ref().unwrap());
+    let names: Vec<&str> = references.keys().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            host_name("app-config", "default"),
+            host_name("app-secret", "default")
+        ],
+        "every reference form points at a translated copy"
+    );
+    let config_maps = host_config_maps(&system).await;
+    let secrets = host_secrets(&system).await;
+    let copy = config_maps
+        .get(&host_name("app-config", "default"))
+        .await
+        .unwrap();
+    assert_eq!(copy.data, Some(data(&[("greeting", "hello")])));
+    let copy = secrets.get(&host_name("app-secret", "default")).await.unwrap();
+    assert_eq!(copy.data, Some(secret_data(&[("password", "virtual")])));
+    assert!(
+        config_maps
+            .get_opt(&host_name("unused", "default"))
+            .await
+            .unwrap()
+            .is_none(),
+        "objects no Pod references are not copied"
+    );
+
+    // An update reaches the copy.
+    Api::<ConfigMap>::namespaced(v.cluster.client().await, "default")
+        .patch(
+            "app-config",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"greeting": "bonjour"}})),
+        )
+        .await
+        .unwrap();
+    eventually("the copy to hold the update", || async {
+        let copy = config_maps.get(&host_name("app-config", "default")).await.ok()?;
+        (copy.data == Some(data(&[("greeting", "bonjour")]))).then_some(())
+    })
+    .await;
+
+    // A copy lives as long as the last Pod that uses it.
+    let only_config =
+        json!({"containers": [app(json!({"envFrom": [{"configMapRef": {"name": "app-config"}}]}))]});
+    v.create_pod(&pod("web-2", only_config)).await;
+    wait_host_pod(&system, "web-2", "default").await;
+    v.pods()
+        .await
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the secret's copy to go with its last pod", || async {
+        secrets
+            .get_opt(&host_name("app-secret", "default"))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        config_maps
+            .get_opt(&host_name("app-config", "default"))
+            .await
+            .unwrap()
+            .is_some(),
+        "the config map's copy stays while web-2 uses it"
+    );
+    v.pods()
+        .await
+        .delete("web-2", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the config map's copy to go with the last pod", || async {
+        config_maps
+            .get_opt(&host_name("app-config", "default"))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let untouched = secrets.get("app-secret").await.unwrap();
+    assert_eq!(untouched.data, Some(secret_data(&[("password", "host-only")])));
+    assert_eq!(untouched.resource_version(), host_own.resource_version());
+}
+
+#[tokio::test]
+async fn a_pod_naming_a_secret_that_exists_only_on_the_host_never_references_it() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    host_secrets(&system)
+        .await
+        .create(&PostParams::default(), &secret("host-only", &[("key", "host")]))
+        .await
+        .unwrap();
+    let needs = json!({"containers": [app(json!({"envFrom": [{"secretRef": {"name": "host-only"}}]}))]});
+    v.create_pod(&pod("needs-it", needs)).await;
+    let waiting = v
+        .wait_event(
+            "needs-it",
+            "did not sync pod \"needs-it\" to host yet: it references secret \"host-only\" which does not exist in namespace \"default\"; it syncs once it is created",
+        )
+        .await;
+    assert_eq!(waiting.type_.as_deref(), Some("Warning"));
+    no_host_pod(&system, "needs-it").await;
+
+    // Optional: the Pod syncs, and its reference still names only a translated copy.
+    let optional = json!({"containers": [app(json!({"envFrom": [{"secretRef": {"name": "host-only", "optional": true}}]}))]});
+    v.create_pod(&pod("optional", optional)).await;
+    let host_pod = wait_host_pod(&system, "optional", "default").await;
+    let references = pod_refs::references(host_pod.spec.as_ref().unwrap());
+    let names: Vec<&str> = references.keys().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(names, [host_name("host-only", "default")]);
+
+    // The waiting Pod syncs once the tenant creates the Secret, against its own copy.
+    Api::<Secret>::namespaced(v.cluster.client().await, "default")
+        .create(&PostParams::default(), &secret("host-only", &[("key", "tenant")]))
+        .await
+        .unwrap();
+    wait_host_pod(&system, "needs-it", "default").await;
+    let copy = host_secrets(&system)
+        .await
+        .get(&host_name("host-only", "default"))
+        .await
+        .unwrap();
+    assert_eq!(copy.data, Some(secret_data(&[("key", "tenant")])));
+}
+
+#[tokio::test]
+async fn a_privileged_pod_is_refused_by_baseline() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "root",
+        json!({"containers": [app(json!({"securityContext": {"privileged": true}}))]}),
+        r#"violates PodSecurity "baseline:latest": privileged (container "app" must not set securityContext.privileged=true)"#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_host_path_volume_is_refused_by_baseline() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "reads-node",
+        json!({"containers": [app(json!({}))], "volumes": [{"name": "h", "hostPath": {"path": "/etc"}}]}),
+        r#"violates PodSecurity "baseline:latest": hostPath volumes (volume "h")"#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn host_network_is_refused_by_baseline() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "on-host-net",
+        json!({"hostNetwork": true, "containers": [app(json!({}))]}),
+        r#"violates PodSecurity "baseline:latest": host namespaces (hostNetwork=true)"#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn host_pid_is_refused_by_baseline() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "sees-host-pids",
+        json!({"hostPID": true, "containers": [app(json!({}))]}),
+        r#"violates PodSecurity "baseline:latest": host namespaces (hostPID=true)"#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn added_capabilities_are_refused_by_baseline() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "net-admin",
+        json!({"containers": [app(json!({"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}))]}),
+        r#"violates PodSecurity "baseline:latest": non-default capabilities (container "app" must not include "NET_ADMIN" in securityContext.capabilities.add)"#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn run_as_non_root_is_required_by_restricted() {
+    let system = system(tenant().pod_security("restricted")).await;
+    let hardened_but_root = json!({
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [app(json!({"securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}))]
+    });
+    refused(
+        &system,
+        "maybe-root",
+        hardened_but_root,
+        r#"violates PodSecurity "restricted:latest": runAsNonRoot != true (pod or container "app" must set securityContext.runAsNonRoot=true)"#,
+    )
+    .await;
+    let hardened = json!({
+        "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [app(json!({"securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}))]
+    });
+    system.virtual_side().create_pod(&pod("non-root", hardened)).await;
+    wait_host_pod(&system, "non-root", "default").await;
+}
+
+#[tokio::test]
+async fn a_persistent_volume_claim_is_refused_with_a_reason() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "stateful",
+        json!({"containers": [app(json!({}))], "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}),
+        r#"the host cannot honour volume "data": persistentVolumeClaim volumes are not synced to the host"#,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_pod_syncs_once_the_tenant_policy_allows_it() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "root",
+        json!({"containers": [app(json!({"securityContext": {"privileged": true}}))]}),
+        r#"violates PodSecurity "baseline:latest": privileged (container "app" must not set securityContext.privileged=true)"#,
+    )
+    .await;
+    system.rewrite_tenants(&[tenant().pod_security("privileged")]);
+    wait_host_pod(&system, "root", "default").await;
+}
+
+#[tokio::test]
+async fn a_host_name_held_by_another_pod_is_never_taken_over() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    let namespaces: Api<Namespace> = Api::all(v.cluster.client().await);
+    for ns in ["c", "b-x-c"] {
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let spec = json!({"containers": [app(json!({}))]});
+    let first: Api<Pod> = Api::namespaced(v.cluster.client().await, "c");
+    first
+        .create(&PostParams::default(), &pod("a-x-b", spec.clone()))
+        .await
+        .unwrap();
+    let held = wait_host_pod(&system, "a-x-b", "c").await;
+    // `b-x-c/a` translates to the same host name `a-x-b-x-c-x-team-a`.
+    let second: Api<Pod> = Api::namespaced(v.cluster.client().await, "b-x-c");
+    second
+        .create(&PostParams::default(), &pod("a", spec))
+        .await
+        .unwrap();
+    let want =
+        "did not sync pod \"a\" to host: host name \"a-x-b-x-c-x-team-a\" is already used by pod c/a-x-b";
+    eventually("the SyncError event on b-x-c/a", || async {
+        events_in(v, "b-x-c", "a")
+            .await
+            .into_iter()
+            .find(|e| e.message.as_deref() == Some(want) && e.reason.as_deref() == Some("SyncError"))
+    })
+    .await;
+    let pods = system.host_pods(&v.tenant).await;
+    let still = pods.get(&held.name_any()).await.unwrap();
+    assert_eq!(
+        still.metadata.uid, held.metadata.uid,
+        "the first Pod's host Pod was not replaced"
+    );
+    assert!(
+        first.get_opt("a-x-b").await.unwrap().is_some(),
+        "the first virtual Pod keeps running"
+    );
+    // Once the name is free, the second Pod gets it.
+    first.delete("a-x-b", &DeleteParams::default()).await.unwrap();
+    eventually("b-x-c/a to take the freed host name", || async {
+        let pod = pods.get_opt("a-x-b-x-c-x-team-a").await.ok()??;
+        let annotations = pod.annotations();
+        (annotations
+            .get("vcluster.loft.sh/object-namespace")
+            .map(String::as_str)
+            == Some("b-x-c"))
+        .then_some(())
+    })
+    .await;
+}
