@@ -643,7 +643,7 @@ impl Walker {
             None => RuntimeClassSync::default(),
         };
         let mut pods = match fields.get("sync") {
-            Some(sync) => self.to_host_pods(sync, &join(path, "sync")),
+            Some(sync) => self.host_pod_policy(sync, &join(path, "sync")),
             None => PodPolicy::default(),
         };
         if let Some(policies) = fields.get("policies") {
@@ -685,7 +685,7 @@ impl Walker {
     }
 
     /// `sync.toHost.pods` of a tenant (the sync block's shape was checked by `sync_block`).
-    fn to_host_pods(&mut self, v: &Value, path: &str) -> PodPolicy {
+    fn host_pod_policy(&mut self, v: &Value, path: &str) -> PodPolicy {
         let mut policy = PodPolicy::default();
         let Value::Mapping(_) = v else {
             return policy;

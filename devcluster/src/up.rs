@@ -29,6 +29,8 @@ tenants:
   - name: team-a
     hostNamespace: vcluster-team-a
     tokenFile: team-a.token
+    policies:
+      podSecurityStandard: baseline
     sync:
       fromHost:
         runtimeClasses:
@@ -62,6 +64,44 @@ spec:
   containers:
     - name: app
       image: nginx:1.27
+"#;
+
+const SECRET_POD: &str = r#"# A Pod using a ConfigMap and a Secret of the virtual cluster (devcluster up created both): it
+# runs on the host against translated copies (`<name>-x-default-x-team-a`), never against a host
+# object of the original name. The copies go when the last Pod using them goes.
+apiVersion: v1
+kind: Pod
+metadata:
+  name: with-secret
+spec:
+  runtimeClassName: gvisor
+  containers:
+    - name: app
+      image: nginx:1.27
+      envFrom:
+        - configMapRef:
+            name: app-settings
+      env:
+        - name: DB_PASSWORD
+          valueFrom:
+            secretKeyRef:
+              name: app-credentials
+              key: password
+"#;
+
+const REFUSED_POD: &str = r#"# A privileged Pod: the tenant's Pod Security level is baseline, so the host agent refuses it
+# and `kubectl describe pod privileged` shows a SyncError event naming the violation.
+apiVersion: v1
+kind: Pod
+metadata:
+  name: privileged
+spec:
+  runtimeClassName: gvisor
+  containers:
+    - name: app
+      image: nginx:1.27
+      securityContext:
+        privileged: true
 "#;
 
 const DENIED_POD: &str = r#"# A Pod whose RuntimeClass "kata" exists on the host but does not match the tenant's selector:
@@ -235,6 +275,19 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     write_secret(&dir.join("team-a.token"), &random_token())?;
     std::fs::write(dir.join("allowed-pod.yaml"), ALLOWED_POD)?;
     std::fs::write(dir.join("denied-pod.yaml"), DENIED_POD)?;
+    std::fs::write(dir.join("secret-pod.yaml"), SECRET_POD)?;
+    std::fs::write(dir.join("refused-pod.yaml"), REFUSED_POD)?;
+    // What the example Pods reference exists in the virtual cluster.
+    create(
+        &virtual_cluster,
+        "/api/v1/namespaces/default/configmaps",
+        json!({"metadata": {"name": "app-settings"}, "data": {"LOG_LEVEL": "info"}}),
+    )?;
+    create(
+        &virtual_cluster,
+        "/api/v1/namespaces/default/secrets",
+        json!({"metadata": {"name": "app-credentials"}, "stringData": {"password": "s3cr3t"}}),
+    )?;
 
     let s = |p: PathBuf| p.display().to_string();
     let host_agent = start_agent("host-agent", &host_agent_bin, &dir, 2, "listening", |addrs| {
@@ -312,7 +365,8 @@ fn print_guide(dir: &Path, host: &DevCluster, virtual_cluster: &DevCluster) {
 
   host API server     {host_url}   kubeconfig {d}/host.kubeconfig
   virtual API server  {virtual_url}   kubeconfig {d}/virtual.kubeconfig
-  tenants file        {d}/tenants.yaml (selector: environment=development, runtime.class in (gvisor, youki))
+  tenants file        {d}/tenants.yaml (selector: environment=development, runtime.class in (gvisor, youki);
+                      pod security: baseline)
   logs                {d}/host-agent.log, {d}/virtual-agent.log
 
 Try it (in another terminal):
@@ -334,7 +388,16 @@ Try it (in another terminal):
   kubectl $V create -f - <<<'{{"apiVersion":"node.k8s.io/v1","kind":"RuntimeClass","metadata":{{"name":"mine"}},"handler":"runc"}}'
   kubectl $V get runtimeclass
 
-  # 5. Relabel a host class out of the selector and watch it vanish from the virtual cluster.
+  # 5. A Pod using a Secret and a ConfigMap runs on the host against translated copies of them.
+  kubectl $V apply -f {d}/secret-pod.yaml
+  kubectl $H get pods,configmaps,secrets -n vcluster-team-a
+
+  # 6. The host agent enforces the tenant's Pod Security level (baseline): a privileged Pod is
+  #    refused, with a SyncError event that names the violation.
+  kubectl $V apply -f {d}/refused-pod.yaml
+  kubectl $V describe pod privileged
+
+  # 7. Relabel a host class out of the selector and watch it vanish from the virtual cluster.
   kubectl $V get runtimeclass --watch &
   kubectl $H label runtimeclass youki environment=production --overwrite
 

@@ -984,10 +984,18 @@ mod tests {
         }
     }
 
+    /// (rule, the change to the reference Pod, its annotations, the expected reason and detail)
+    type Case = (
+        &'static str,
+        Value,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
+
     #[test]
     fn baseline_rules() {
         // (rule, the change, expected message at baseline and restricted alike)
-        let cases: Vec<(&str, Value, &[(&str, &str)], &str)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "appArmorProfile",
                 container(

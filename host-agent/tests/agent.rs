@@ -1276,3 +1276,70 @@ async fn a_host_name_held_by_another_pod_is_never_taken_over() {
     assert!(!deleted.deleted);
     assert!(host_pods.get_opt("a-x-b-x-c-x-team-a").await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn a_copy_name_held_by_another_object_is_never_taken_over() {
+    let (host, mut pods) = pod_host().await;
+    let client = host.cluster.client().await;
+    let host_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "vc-team-a");
+    // An object of the host's own under a translated name: never read, never changed.
+    host_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "cfg-x-shop-x-team-a"}, "data": {"owner": "host"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let uses = |name: &str| {
+        json!({"containers": [{"name": "app", "image": "app",
+            "envFrom": [{"configMapRef": {"name": name}}]}]})
+    };
+    let answer = pods
+        .apply_pod(apply(
+            virtual_pod("shop", "web", "u-1", uses("cfg")),
+            &[json!({"metadata": {"name": "cfg", "namespace": "shop"}, "data": {"owner": "tenant"}})],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let refusal = answer.refusal.expect("refused");
+    assert_eq!(refusal.reason, PodRefusalReason::NameInUse as i32);
+    assert_eq!(
+        refusal.message,
+        r#"host name "cfg-x-shop-x-team-a" is already used by a configmap rcsync does not manage"#
+    );
+    let kept = host_maps.get("cfg-x-shop-x-team-a").await.unwrap();
+    assert_eq!(kept.data.unwrap()["owner"], "host");
+    let host_pods: Api<Pod> = Api::namespaced(client, "vc-team-a");
+    assert!(host_pods.get_opt("web-x-shop-x-team-a").await.unwrap().is_none());
+
+    // Two virtual ConfigMaps whose names translate alike: the first keeps its copy.
+    let first = pods
+        .apply_pod(apply(
+            virtual_pod("c", "one", "u-2", uses("a-x-b")),
+            &[json!({"metadata": {"name": "a-x-b", "namespace": "c"}, "data": {"v": "1"}})],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.applied, "{first:?}");
+    let second = pods
+        .apply_pod(apply(
+            virtual_pod("b-x-c", "two", "u-3", uses("a")),
+            &[json!({"metadata": {"name": "a", "namespace": "b-x-c"}, "data": {"v": "2"}})],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        second.refusal.expect("refused").message,
+        r#"host name "a-x-b-x-c-x-team-a" is already used by configmap c/a-x-b"#
+    );
+    assert_eq!(
+        host_maps.get("a-x-b-x-c-x-team-a").await.unwrap().data.unwrap()["v"],
+        "1"
+    );
+}

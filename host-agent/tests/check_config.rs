@@ -74,6 +74,22 @@ fn bad_configs_give_clear_errors_with_the_path() {
             format!("{rc}.patches: expected a list"),
         ),
         (
+            "unknown-pod-security-level.yaml",
+            Some(
+                "tenants:\n  - name: team-a\n    hostNamespace: vc-a\n    policies: {podSecurityStandard: strict}\n"
+                    .into(),
+            ),
+            "tenants[0].policies.podSecurityStandard: unknown level \"strict\", expected one of \"privileged\", \"baseline\", \"restricted\"".to_string(),
+        ),
+        (
+            "bad-enforced-toleration.yaml",
+            Some(
+                "tenants:\n  - name: team-a\n    hostNamespace: vc-a\n    sync: {toHost: {pods: {enforceTolerations: [\"k=v:Always\"]}}}\n"
+                    .into(),
+            ),
+            "tenants[0].sync.toHost.pods.enforceTolerations[0]: invalid effect \"Always\"".to_string(),
+        ),
+        (
             "missing.yaml",
             None,
             "missing.yaml: file: cannot read".to_string(),

@@ -123,7 +123,46 @@ async fn devcluster_up_runs_the_system_and_its_guide_works_as_printed() {
     })
     .await;
 
-    // 5. Relabelling a host class out of the selector removes it.
+    // 5. The Pod with a Secret and a ConfigMap runs on the host against translated copies.
+    run(step("kubectl $V apply")
+        .iter()
+        .find(|c| c.contains("secret-pod"))
+        .unwrap());
+    let listing = step("kubectl $H get pods,configmaps,secrets")[0].clone();
+    eventually("the host Pod and its copies", || async {
+        let out = sh(&env, &listing).1;
+        (out.contains("pod/with-secret-x-default-x-team-a")
+            && out.contains("configmap/app-settings-x-default-x-team-a")
+            && out.contains("secret/app-credentials-x-default-x-team-a"))
+        .then_some(())
+    })
+    .await;
+
+    // 6. The privileged Pod is refused with the Pod Security violation.
+    run(step("kubectl $V apply")
+        .iter()
+        .find(|c| c.contains("refused-pod"))
+        .unwrap());
+    let describe = step("kubectl $V describe pod privileged")[0].clone();
+    eventually("the SyncError event in kubectl describe", || async {
+        let out = sh(&env, &describe).1;
+        out.lines()
+            .any(|l| {
+                l.contains("Warning")
+                    && l.contains("SyncError")
+                    && l.contains(r#"violates PodSecurity "baseline:latest": privileged (container "app" must not set securityContext.privileged=true)"#)
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        !sh(&env, "kubectl $H get pods -n vcluster-team-a -o name")
+            .1
+            .contains("privileged"),
+        "the refused Pod is not on the host"
+    );
+
+    // 7. Relabelling a host class out of the selector removes it.
     run(&step("kubectl $H label")[0]);
     eventually("youki to vanish from the virtual cluster", || async {
         (sh(&env, "kubectl $V get runtimeclass -o name").1.trim() == "runtimeclass.node.k8s.io/gvisor")

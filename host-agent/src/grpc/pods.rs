@@ -200,7 +200,12 @@ impl<V: ViewSource> PodSyncService<V> {
         }
         // Create first: one round trip in the common case.
         match api.create(&PostParams::default(), &create).await {
-            Ok(pod) => return Ok(Placement::Placed { pod, created: true }),
+            Ok(pod) => {
+                return Ok(Placement::Placed {
+                    pod: Box::new(pod),
+                    created: true,
+                });
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(kube_status(&e, tenant)),
         }
@@ -247,10 +252,13 @@ impl<V: ViewSource> PodSyncService<V> {
                 .patch(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
                 .await
                 .map_err(|e| kube_status(&e, tenant))?;
-            return Ok(Placement::Placed { pod, created: false });
+            return Ok(Placement::Placed {
+                pod: Box::new(pod),
+                created: false,
+            });
         }
         Ok(Placement::Placed {
-            pod: current,
+            pod: Box::new(current),
             created: false,
         })
     }
@@ -358,7 +366,7 @@ pub const COPIES_GATE: &str = "rcsync.io/copies";
 /// What `place` did.
 enum Placement {
     /// The host Pod as it now stands, and whether this call created it.
-    Placed { pod: Pod, created: bool },
+    Placed { pod: Box<Pod>, created: bool },
     /// Its host name is held by something else: refused.
     NameInUse(PodRefusal),
 }
