@@ -139,6 +139,10 @@ pub async fn serve_admin(
         Some(extra) => router.merge(extra),
         None => router,
     };
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

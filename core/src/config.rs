@@ -272,6 +272,32 @@ pub struct Tenant {
     pub runtime_classes: RuntimeClassSync,
     /// `policies` and `sync.toHost.pods`: what the host agent lets the tenant's Pods carry.
     pub pods: PodPolicy,
+    /// `limits`: what one tenant may take of the host agent.
+    pub limits: TenantLimits,
+}
+
+/// Per-tenant limits (`limits` in the tenants file), so one tenant cannot starve the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TenantLimits {
+    /// `syncStreams`: concurrent RuntimeClassSync.Sync streams.
+    pub sync_streams: u32,
+    /// `podStatusStreams`: concurrent PodSync.WatchPodStatus streams.
+    pub pod_status_streams: u32,
+    /// `podSyncQps`: sustained ApplyPod/DeletePod calls per second (a token bucket's rate).
+    pub pod_sync_qps: u32,
+    /// `podSyncBurst`: the token bucket's size.
+    pub pod_sync_burst: u32,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self {
+            sync_streams: 8,
+            pod_status_streams: 8,
+            pod_sync_qps: 500,
+            pod_sync_burst: 1000,
+        }
+    }
 }
 
 /// The host agent's tenants file.
@@ -408,6 +434,16 @@ fn join(path: &str, key: &str) -> String {
         key.to_string()
     } else {
         format!("{path}.{key}")
+    }
+}
+
+/// A short description of a scalar for messages (`0`, `-3`, `"fast"`), or its kind.
+fn describe_value(v: &Value) -> String {
+    match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Bool(b) => b.to_string(),
+        other => kind_of(other).to_string(),
     }
 }
 
@@ -597,7 +633,7 @@ impl Walker {
         let fields = self.mapping(
             v,
             path,
-            Some(&["name", "hostNamespace", "tokenFile", "sync", "policies"]),
+            Some(&["name", "hostNamespace", "tokenFile", "sync", "policies", "limits"]),
         )?;
         let before = self.problems.len();
         let name = match fields.get("name") {
@@ -649,6 +685,10 @@ impl Walker {
         if let Some(policies) = fields.get("policies") {
             pods.pod_security = self.policies(policies, &join(path, "policies"));
         }
+        let limits = match fields.get("limits") {
+            Some(limits) => self.limits(limits, &join(path, "limits")),
+            None => TenantLimits::default(),
+        };
         if self.problems.len() > before {
             return None;
         }
@@ -658,7 +698,45 @@ impl Walker {
             token_file,
             runtime_classes,
             pods,
+            limits,
         })
+    }
+
+    /// The `limits` block of a tenant: positive whole numbers, defaults for absent keys.
+    fn limits(&mut self, v: &Value, path: &str) -> TenantLimits {
+        let mut limits = TenantLimits::default();
+        let Some(fields) = self.mapping(
+            v,
+            path,
+            Some(&["syncStreams", "podStatusStreams", "podSyncQps", "podSyncBurst"]),
+        ) else {
+            return limits;
+        };
+        for (key, slot) in [
+            ("syncStreams", &mut limits.sync_streams),
+            ("podStatusStreams", &mut limits.pod_status_streams),
+            ("podSyncQps", &mut limits.pod_sync_qps),
+            ("podSyncBurst", &mut limits.pod_sync_burst),
+        ] {
+            let Some(value) = fields.get(key) else { continue };
+            let at = join(path, key);
+            match value
+                .as_u64()
+                .filter(|n| *n > 0)
+                .and_then(|n| u32::try_from(n).ok())
+            {
+                Some(n) => *slot = n,
+                None => self.problem(
+                    &at,
+                    format!(
+                        "expected a whole number from 1 to {}, got {}",
+                        u32::MAX,
+                        describe_value(value)
+                    ),
+                ),
+            }
+        }
+        limits
     }
 
     /// The `policies` block of a tenant: `podSecurityStandard`.
@@ -1083,6 +1161,44 @@ tenants:
             ]
         );
         assert_eq!(pods.host_schedulers, ["batch"]);
+    }
+
+    #[test]
+    fn limits_default_and_are_checked() {
+        let file = tenants(VALID).unwrap();
+        assert_eq!(file.tenants[0].limits, TenantLimits::default());
+        assert_eq!(TenantLimits::default().pod_sync_burst, 1000);
+        let file = tenants(
+            "tenants:\n  - name: a\n    hostNamespace: ns-a\n    limits: {syncStreams: 2, podSyncQps: 10}\n",
+        )
+        .unwrap();
+        let limits = file.tenants[0].limits;
+        assert_eq!((limits.sync_streams, limits.pod_sync_qps), (2, 10));
+        assert_eq!(limits.pod_status_streams, 8, "absent keys keep their default");
+        let got = problems(
+            "tenants:\n  - name: a\n    hostNamespace: ns-a\n    limits: {syncStreams: 0, podSyncQps: fast, podSyncBurst: -1, streams: 3}\n",
+        );
+        assert_eq!(
+            got,
+            [
+                (
+                    "tenants[0].limits.streams".to_string(),
+                    "unknown field \"streams\", expected one of \"syncStreams\", \"podStatusStreams\", \"podSyncQps\", \"podSyncBurst\"".to_string()
+                ),
+                (
+                    "tenants[0].limits.syncStreams".to_string(),
+                    "expected a whole number from 1 to 4294967295, got 0".to_string()
+                ),
+                (
+                    "tenants[0].limits.podSyncQps".to_string(),
+                    "expected a whole number from 1 to 4294967295, got \"fast\"".to_string()
+                ),
+                (
+                    "tenants[0].limits.podSyncBurst".to_string(),
+                    "expected a whole number from 1 to 4294967295, got -1".to_string()
+                ),
+            ]
+        );
     }
 
     #[test]

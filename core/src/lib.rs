@@ -28,6 +28,6 @@ pub mod version;
 
 pub use config::{
     ConfigError, EnforcedToleration, PodPolicy, PodSecurityLevel, RuntimeClassSync, TaintEffect, Tenant,
-    TenantName, TenantsFile,
+    TenantLimits, TenantName, TenantsFile,
 };
 pub use selector::LabelSelector;

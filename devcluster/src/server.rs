@@ -287,7 +287,11 @@ async fn accept_loop(
         let (stream, peer) = tokio::select! {
             _ = stopped.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    // Watch events are small writes: send each at once, not after Nagle's delay.
+                    let _ = a.0.set_nodelay(true);
+                    a
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     continue;

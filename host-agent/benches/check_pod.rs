@@ -61,17 +61,17 @@ fn main() {
         let floor = time(200_000, || {
             black_box(map.get(black_box("class-100")));
         });
-        let view = views.subscribe(&tenant).unwrap();
         let decide = time(200_000, || {
-            black_box(view.borrow().check_pod(black_box("my-pod"), black_box("class-101")));
+            black_box(views.check_pod(&tenant, black_box("my-pod"), black_box("class-101")));
         });
         println!("in memory: map lookup {floor:?}, CheckPod decision {decide:?} (ratio {:.1})", decide.as_secs_f64() / floor.as_secs_f64());
 
         // Over gRPC on loopback.
         let (_tx, tenants_rx) = tokio::sync::watch::channel(state);
-        let auth = Authenticator::new(tenants_rx, true);
+        let auth = Authenticator::new(tenants_rx.clone(), true);
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let service = RuntimeClassSyncService::new(Arc::new(views), auth, metrics, RetryPolicy::default(), shutdown, Default::default());
+        let limiter = host_agent::grpc::limits::TenantLimiter::new(tenants_rx, metrics.clone());
+        let service = RuntimeClassSyncService::new(Arc::new(views), auth, metrics, RetryPolicy::default(), shutdown, Default::default(), limiter);
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,15 +1,16 @@
 //! The index: one watch on every host RuntimeClass feeds per-tenant views.
 //!
 //! ```text
-//!  kube watcher(RuntimeClass) ──Init/InitApply/InitDone/Apply/Delete──► ClassIndex
-//!  tenants.yaml (reload) ──────────────────────────────────────────────► ClassIndex::set_tenants
-//!                                  │ per tenant: TenantView (send_if_modified: unchanged wakes nobody)
+//!  kube watcher(RuntimeClass) ──events, in batches──► ClassIndex
+//!        one HostClass per change (normalised + hashed once) ──► ClassTable (id → class) + ChangeLog
+//!        per tenant: membership decision; a new TenantView snapshot only where it changed
+//!  tenants.yaml (reload) ──► ClassIndex::set_tenants: only changed tenants are rebuilt
 //!                                  ▼
-//!                         Views ──ViewSource──► gRPC (Sync streams, CheckPod)
+//!                         Views ──ViewSource──► gRPC (Sync streams follow the ChangeLog, CheckPod)
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::node::v1::RuntimeClass;
@@ -18,14 +19,13 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::config::SELECTOR_CONFIG_PATH;
 use rcsync_core::patches::TenantPatches;
-use rcsync_core::version::content_version;
-use rcsync_core::{TenantName, TenantsFile};
+use rcsync_core::{Tenant, TenantName, TenantsFile};
+use rcsync_proto::v1::CheckPodResponse;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::tenants::TenantTokens;
-use crate::view::{ClassState, TenantView};
-use rcsync_proto::convert::synced_form;
+use crate::view::{ClassState, ClassTable, HostClass, TenantView};
 
 /// The tenants as loaded: their config, their tokens and their compiled patches.
 #[derive(Clone, Debug, Default)]
@@ -53,27 +53,104 @@ pub trait ViewSource: Send + Sync + 'static {
 
     /// Whether the host's RuntimeClasses have been listed once (views are complete).
     fn is_synced(&self) -> bool;
+
+    /// May a Pod of `tenant` with this runtimeClassName sync? `None` for an unknown tenant.
+    /// Answered from memory.
+    fn check_pod(
+        &self,
+        tenant: &TenantName,
+        pod_name: &str,
+        runtime_class_name: &str,
+    ) -> Option<CheckPodResponse>;
+
+    /// The host classes that changed between two table generations, as ids (`None` when the
+    /// log no longer reaches back that far: diff the whole view instead).
+    fn changed_between(&self, from: u64, to: u64) -> Option<Vec<u32>>;
 }
 
-/// The per-tenant views the index publishes.
+/// How many changes the log keeps for streams that are behind.
+const LOG_CAPACITY: usize = 1 << 16;
+
+/// The ids of the host classes changed at each table generation, newest last.
+#[derive(Debug, Default)]
+pub struct ChangeLog {
+    entries: VecDeque<(u64, u32)>,
+}
+
+impl ChangeLog {
+    fn push(&mut self, generation: u64, id: u32) {
+        if self.entries.len() == LOG_CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((generation, id));
+    }
+
+    /// Ids changed in generations `(from, to]`; `None` when entries after `from` were dropped.
+    pub fn between(&self, from: u64, to: u64) -> Option<Vec<u32>> {
+        if from >= to {
+            return Some(Vec::new());
+        }
+        let oldest = self.entries.front().map(|(g, _)| *g)?;
+        if oldest > from + 1 {
+            return None;
+        }
+        let start = self.entries.partition_point(|(g, _)| *g <= from);
+        Some(
+            self.entries
+                .range(start..)
+                .take_while(|(g, _)| *g <= to)
+                .map(|(_, id)| *id)
+                .collect(),
+        )
+    }
+}
+
+type Senders = HashMap<TenantName, watch::Sender<Arc<TenantView>>>;
+
+/// The per-tenant views the index publishes, the current host classes by name (for CheckPod's
+/// reasons), and the change log. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Views {
-    senders: Arc<RwLock<HashMap<TenantName, watch::Sender<Arc<TenantView>>>>>,
+    senders: Arc<RwLock<Senders>>,
+    current: Arc<RwLock<HashMap<Arc<str>, Arc<HostClass>>>>,
+    log: Arc<Mutex<ChangeLog>>,
     synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Views {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<TenantName, watch::Sender<Arc<TenantView>>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Senders> {
         self.senders.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<TenantName, watch::Sender<Arc<TenantView>>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Senders> {
         self.senders.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The current view of a tenant.
     pub fn current(&self, tenant: &TenantName) -> Option<Arc<TenantView>> {
         self.read().get(tenant).map(|s| s.borrow().clone())
+    }
+
+    /// The current host class of that name.
+    pub fn host_class(&self, name: &str) -> Option<Arc<HostClass>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every current host class, by name.
+    pub fn host_classes(&self) -> Vec<Arc<HostClass>> {
+        let mut all: Vec<_> = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 }
 
@@ -85,17 +162,39 @@ impl ViewSource for Views {
     fn is_synced(&self) -> bool {
         self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
+
+    fn check_pod(
+        &self,
+        tenant: &TenantName,
+        pod_name: &str,
+        runtime_class_name: &str,
+    ) -> Option<CheckPodResponse> {
+        let view = self.read().get(tenant)?.borrow().clone();
+        Some(view.check_pod(pod_name, runtime_class_name, |name| self.host_class(name)))
+    }
+
+    fn changed_between(&self, from: u64, to: u64) -> Option<Vec<u32>> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .between(from, to)
+    }
 }
 
-/// The cache of host RuntimeClasses and the views derived from it.
+/// The cache of host RuntimeClasses and the views derived from it. Work per host change: one
+/// normalisation and hash of the class, one membership decision per tenant, and a new snapshot
+/// only for the tenants whose view changed.
 pub struct ClassIndex {
-    hosts: BTreeMap<String, RuntimeClass>,
+    table: ClassTable,
+    ids: HashMap<Arc<str>, u32>,
+    free_ids: Vec<u32>,
+    next_id: u32,
     /// Classes of a relist in progress (between Init and InitDone).
-    relist: Option<BTreeMap<String, RuntimeClass>>,
+    relist: Option<Vec<RuntimeClass>>,
     tenants: Arc<TenantsState>,
+    /// The last view published to each tenant.
+    published: HashMap<TenantName, Arc<TenantView>>,
     views: Views,
-    /// (tenant, class) → content version last reported as filtered, so each change warns once.
-    filtered_reported: HashMap<(TenantName, String), String>,
     metrics: Metrics,
 }
 
@@ -103,11 +202,14 @@ impl ClassIndex {
     /// An index with no host classes yet.
     pub fn new(tenants: Arc<TenantsState>, views: Views, metrics: Metrics) -> Self {
         let mut index = Self {
-            hosts: BTreeMap::new(),
+            table: ClassTable::default(),
+            ids: HashMap::new(),
+            free_ids: Vec::new(),
+            next_id: 0,
             relist: None,
             tenants: Arc::new(TenantsState::default()),
+            published: HashMap::new(),
             views,
-            filtered_reported: HashMap::new(),
             metrics,
         };
         index.set_tenants(tenants);
@@ -122,128 +224,112 @@ impl ClassIndex {
     /// Applies one watcher event.
     pub fn handle(&mut self, event: Event<RuntimeClass>) {
         match event {
-            Event::Init => self.relist = Some(BTreeMap::new()),
+            Event::Init => self.relist = Some(Vec::new()),
             Event::InitApply(rc) => {
                 if let Some(relist) = &mut self.relist {
-                    relist.insert(rc.name_any(), rc);
+                    relist.push(rc);
                 }
             }
             Event::InitDone => {
                 if let Some(relist) = self.relist.take() {
-                    self.hosts = relist;
+                    self.replace_all(relist);
                 }
-                self.republish_all();
                 self.views
                     .synced
                     .store(true, std::sync::atomic::Ordering::Release);
             }
-            Event::Apply(rc) => self.apply(rc),
-            Event::Delete(rc) => self.delete(&rc.name_any()),
-        }
-        self.metrics.host_classes.set(self.hosts.len() as i64);
-    }
-
-    fn apply(&mut self, rc: RuntimeClass) {
-        let name = rc.name_any();
-        let tenants = self.tenants.clone();
-        for tenant in &tenants.file.tenants {
-            let patches = tenants.patches_of(&tenant.name);
-            self.publish(&tenant.name, |view| {
-                view.upsert(&tenant.runtime_classes, patches, &rc)
-            });
-        }
-        self.hosts.insert(name, rc);
-        self.report_filtered();
-    }
-
-    fn delete(&mut self, name: &str) {
-        self.hosts.remove(name);
-        for tenant in self.tenants.file.tenants.clone() {
-            self.publish(&tenant.name, |view| view.remove(name));
-        }
-        self.filtered_reported
-            .retain(|(_, class), _| class != name && *class != format!("patch:{name}"));
-    }
-
-    /// Replaces the tenants (after a reload): changed tenants are re-evaluated over every class,
-    /// removed tenants lose their view (their streams end), new ones get one.
-    pub fn set_tenants(&mut self, tenants: Arc<TenantsState>) {
-        let old = std::mem::replace(&mut self.tenants, tenants);
-        {
-            let mut senders = self.views.write();
-            senders.retain(|name, _| self.tenants.file.tenant(name.as_str()).is_some());
-            for tenant in &self.tenants.file.tenants {
-                let fresh = Arc::new(tenant_view(&self.tenants, tenant, self.hosts.values()));
-                match senders.get(&tenant.name) {
-                    Some(sender) => {
-                        if old.file.tenant(tenant.name.as_str()) != Some(tenant) {
-                            sender.send_if_modified(|v| replace_if_changed(v, fresh));
-                        }
-                    }
-                    None => {
-                        senders.insert(tenant.name.clone(), watch::channel(fresh).0);
-                    }
+            Event::Apply(rc) => {
+                let id = self.upsert(&rc);
+                self.publish_change(id);
+            }
+            Event::Delete(rc) => {
+                if let Some(id) = self.remove(&rc.name_any()) {
+                    self.publish_change(id);
                 }
             }
         }
-        self.filtered_reported
-            .retain(|(tenant, _), _| old.file.tenant(tenant.as_str()).is_some());
-        self.report_filtered();
+        self.metrics.host_classes.set(self.ids.len() as i64);
     }
 
-    fn republish_all(&mut self) {
+    /// Stores a new version of a class; returns its id. The only content hash per change.
+    fn upsert(&mut self, rc: &RuntimeClass) -> u32 {
+        let name: Arc<str> = rc.name_any().into();
+        let id = match self.ids.get(&name) {
+            Some(id) => *id,
+            None => {
+                let id = self.free_ids.pop().unwrap_or_else(|| {
+                    self.next_id += 1;
+                    self.next_id - 1
+                });
+                self.ids.insert(name.clone(), id);
+                id
+            }
+        };
+        let host = Arc::new(HostClass::new(id, rc));
+        self.metrics.class_versions_total.inc();
+        self.table.generation += 1;
+        self.table.slots.set(id, Some(host.clone()));
+        self.log_change(id);
+        self.views
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, host);
+        id
+    }
+
+    fn remove(&mut self, name: &str) -> Option<u32> {
+        let id = self.ids.remove(name)?;
+        self.free_ids.push(id);
+        self.table.generation += 1;
+        self.table.slots.set(id, None);
+        self.log_change(id);
+        self.views
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        Some(id)
+    }
+
+    fn log_change(&self, id: u32) {
+        self.views
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.table.generation, id);
+    }
+
+    /// Re-evaluates one class for every tenant; publishes only the views that changed.
+    fn publish_change(&mut self, id: u32) {
+        let host = self.table.slots.get(id).cloned();
         let tenants = self.tenants.clone();
         for tenant in &tenants.file.tenants {
-            let fresh = Arc::new(tenant_view(&tenants, tenant, self.hosts.values()));
-            if let Some(sender) = self.views.read().get(&tenant.name) {
-                sender.send_if_modified(|v| replace_if_changed(v, fresh));
-            }
-        }
-        self.report_filtered();
-    }
-
-    fn publish(&self, tenant: &TenantName, change: impl FnOnce(&mut TenantView)) {
-        if let Some(sender) = self.views.read().get(tenant) {
-            sender.send_if_modified(|current| {
-                let mut next = (**current).clone();
-                change(&mut next);
-                replace_if_changed(current, Arc::new(next))
-            });
-        }
-    }
-
-    /// Warns once per change about classes a tenant's selector filters out, and updates gauges.
-    fn report_filtered(&mut self) {
-        let senders = self.views.read();
-        for tenant in &self.tenants.file.tenants {
-            let Some(sender) = senders.get(&tenant.name) else {
+            let Some(current) = self.published.get(&tenant.name) else {
                 continue;
             };
-            let view = sender.borrow().clone();
-            let label = Metrics::tenant(tenant.name.as_str());
-            let mut filtered = 0;
-            for (class, state) in &view.host {
-                if let ClassState::PatchFailed(why) = state {
-                    let key = (tenant.name.clone(), format!("patch:{class}"));
-                    if self.filtered_reported.get(&key) != Some(why) {
-                        tracing::warn!(tenant = %tenant.name, runtime_class = %class, error = %why, "a patch failed: the runtime class is not synced");
-                        self.metrics.patch_errors_total.get_or_create(&label).inc();
-                        self.filtered_reported.insert(key, why.clone());
-                    }
-                    continue;
-                }
-                if *state != ClassState::DoesNotMatch || !view.sync_enabled {
-                    continue;
-                }
-                filtered += 1;
-                let Some(host) = self.hosts.get(class) else {
-                    continue;
-                };
-                let version = content_version(&synced_form(host));
-                let key = (tenant.name.clone(), class.clone());
-                if self.filtered_reported.get(&key) == Some(&version) {
-                    continue;
-                }
+            let mut next = (**current).clone();
+            let patches = tenants.patches_of(&tenant.name);
+            let changed = next.apply(&tenant.runtime_classes, patches, id, host.as_ref());
+            if let Some(host) = &host {
+                self.warn_if_filtered(tenant, &next, host);
+            }
+            if changed {
+                next.set_table(&self.table);
+                self.publish(tenant, next);
+            }
+        }
+    }
+
+    /// Logs once per change of a class that a tenant does not get, and why.
+    fn warn_if_filtered(&self, tenant: &Tenant, view: &TenantView, host: &HostClass) {
+        if !view.sync_enabled {
+            return;
+        }
+        let label = Metrics::tenant(tenant.name.as_str());
+        match view.state_of(host) {
+            ClassState::DoesNotMatch => {
+                let class = &host.name;
                 tracing::warn!(
                     tenant = %tenant.name,
                     runtime_class = %class,
@@ -251,34 +337,141 @@ impl ClassIndex {
                     "did not sync runtime class {class:?} because it does not match the selector under '{SELECTOR_CONFIG_PATH}'"
                 );
                 self.metrics.filtered_total.get_or_create(&label).inc();
-                self.filtered_reported.insert(key, version);
             }
-            self.metrics.tenant_filtered.get_or_create(&label).set(filtered);
-            self.metrics
-                .tenant_classes
-                .get_or_create(&label)
-                .set(view.classes.len() as i64);
+            ClassState::PatchFailed(why) => {
+                tracing::warn!(tenant = %tenant.name, runtime_class = %host.name, error = %why, "a patch failed: the runtime class is not synced");
+                self.metrics.patch_errors_total.get_or_create(&label).inc();
+            }
+            ClassState::Offered(_) | ClassState::Terminating => {}
+        }
+    }
+
+    fn publish(&mut self, tenant: &Tenant, view: TenantView) {
+        let label = Metrics::tenant(tenant.name.as_str());
+        self.metrics
+            .tenant_classes
+            .get_or_create(&label)
+            .set(view.offered_count() as i64);
+        let filtered = if view.sync_enabled {
+            self.ids.len().saturating_sub(view.offered_count())
+        } else {
+            0
+        };
+        self.metrics
+            .tenant_filtered
+            .get_or_create(&label)
+            .set(filtered as i64);
+        self.metrics.view_updates_total.inc();
+        let view = Arc::new(view);
+        self.published.insert(tenant.name.clone(), view.clone());
+        if let Some(sender) = self.views.read().get(&tenant.name) {
+            sender.send_replace(view);
+        }
+    }
+
+    /// Replaces every class after a (re)list: unchanged objects keep their normalised form;
+    /// every tenant's view is rebuilt (its streams diff in full once).
+    fn replace_all(&mut self, listed: Vec<RuntimeClass>) {
+        let mut seen: HashMap<Arc<str>, ()> = HashMap::new();
+        let mut changed: Vec<u32> = Vec::new();
+        for rc in &listed {
+            let name: Arc<str> = rc.name_any().into();
+            seen.insert(name.clone(), ());
+            let unchanged = self
+                .ids
+                .get(&name)
+                .and_then(|id| self.table.slots.get(*id))
+                .is_some_and(|h| {
+                    h.resource_version.is_some() && h.resource_version == rc.metadata.resource_version
+                });
+            if !unchanged {
+                changed.push(self.upsert(rc));
+            }
+        }
+        let gone: Vec<Arc<str>> = self
+            .ids
+            .keys()
+            .filter(|n| !seen.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.remove(&name);
+        }
+        let tenants = self.tenants.clone();
+        for tenant in &tenants.file.tenants {
+            let epoch = self.published.get(&tenant.name).map_or(0, |v| v.epoch) + 1;
+            let mut view = self.rebuild(tenant);
+            view.epoch = epoch;
+            for id in &changed {
+                if let Some(host) = self.table.slots.get(*id) {
+                    self.warn_if_filtered(tenant, &view, host);
+                }
+            }
+            self.publish(tenant, view);
+        }
+    }
+
+    /// A tenant's whole view over every class, with its Pod policy's version.
+    fn rebuild(&self, tenant: &Tenant) -> TenantView {
+        self.metrics.view_rebuilds_total.inc();
+        let mut view = TenantView::compute(
+            &tenant.runtime_classes,
+            self.tenants.patches_of(&tenant.name),
+            &self.table,
+        );
+        view.pod_policy_version = crate::view::pod_policy_version(&tenant.pods);
+        view
+    }
+
+    /// Replaces the tenants (after a reload): only tenants whose config changed are rebuilt,
+    /// removed tenants lose their view (their streams end), new ones get one. The views lock is
+    /// held only to swap senders, never while views are computed.
+    pub fn set_tenants(&mut self, tenants: Arc<TenantsState>) {
+        let old = std::mem::replace(&mut self.tenants, tenants);
+        let tenants = self.tenants.clone();
+        let mut fresh: Vec<(&Tenant, TenantView)> = Vec::new();
+        for tenant in &tenants.file.tenants {
+            let unchanged = old.file.tenant(tenant.name.as_str()) == Some(tenant)
+                && self.published.contains_key(&tenant.name);
+            if unchanged {
+                continue;
+            }
+            let mut view = self.rebuild(tenant);
+            view.epoch = self.published.get(&tenant.name).map_or(0, |v| v.epoch) + 1;
+            fresh.push((tenant, view));
+        }
+        self.published
+            .retain(|name, _| tenants.file.tenant(name.as_str()).is_some());
+        {
+            let mut senders = self.views.write();
+            senders.retain(|name, _| tenants.file.tenant(name.as_str()).is_some());
+            for (tenant, _) in &fresh {
+                senders
+                    .entry(tenant.name.clone())
+                    .or_insert_with(|| watch::channel(Arc::new(TenantView::default())).0);
+            }
+        }
+        for (tenant, view) in fresh {
+            self.publish(tenant, view);
         }
     }
 }
 
-/// A tenant's whole view over every host class, with its Pod policy's version.
-fn tenant_view<'a>(
-    tenants: &TenantsState,
-    tenant: &rcsync_core::Tenant,
-    hosts: impl IntoIterator<Item = &'a RuntimeClass>,
-) -> TenantView {
-    let mut view = TenantView::compute(&tenant.runtime_classes, tenants.patches_of(&tenant.name), hosts);
-    view.pod_policy_version = crate::view::pod_policy_version(&tenant.pods);
-    view
-}
-
-fn replace_if_changed(current: &mut Arc<TenantView>, next: Arc<TenantView>) -> bool {
-    if **current == *next {
-        return false;
+/// Takes every event the stream has ready (at most `max`) after the first, so a burst is applied
+/// in one go.
+async fn next_batch<S>(events: &mut S, max: usize) -> Option<Vec<S::Item>>
+where
+    S: futures::Stream + Unpin,
+{
+    let first = events.next().await?;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match futures::FutureExt::now_or_never(events.next()) {
+            Some(Some(event)) => batch.push(event),
+            _ => break,
+        }
     }
-    *current = next;
-    true
+    Some(batch)
 }
 
 /// Feeds the index from a watch on every host RuntimeClass until `shutdown` fires. Watch errors
@@ -305,19 +498,23 @@ pub async fn run(
                 let state = tenants.borrow_and_update().clone();
                 index.set_tenants(state);
             }
-            event = events.next() => match event {
-                Some(Ok(event)) => {
-                    let done = matches!(event, Event::InitDone);
-                    index.handle(event);
-                    if done && !announced {
-                        announced = true;
-                        tracing::info!(classes = index.hosts.len(), "listed host RuntimeClasses");
-                        listed();
+            batch = next_batch(&mut events, 256) => {
+                let Some(batch) = batch else { return };
+                for event in batch {
+                    match event {
+                        Ok(event) => {
+                            let done = matches!(event, Event::InitDone);
+                            index.handle(event);
+                            if done && !announced {
+                                announced = true;
+                                tracing::info!(classes = index.ids.len(), "listed host RuntimeClasses");
+                                listed();
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "watching host RuntimeClasses failed; retrying with backoff"),
                     }
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, "watching host RuntimeClasses failed; retrying with backoff"),
-                None => return,
-            },
+            }
         }
     }
 }
@@ -325,6 +522,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::path::Path;
 
     fn class(name: &str, labels: &[(&str, &str)]) -> RuntimeClass {
@@ -343,12 +541,20 @@ mod tests {
         })
     }
 
+    fn index(yaml: &str) -> (ClassIndex, Metrics) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        (
+            ClassIndex::new(tenants(yaml), Views::default(), metrics.clone()),
+            metrics,
+        )
+    }
+
     const TWO: &str = "tenants:\n  - {name: a, hostNamespace: ns-a, sync: {fromHost: {runtimeClasses: {enabled: true, selector: {matchLabels: {team: a}}}}}}\n  - {name: b, hostNamespace: ns-b, sync: {fromHost: {runtimeClasses: {enabled: true}}}}\n";
 
     #[test]
     fn unchanged_views_wake_nobody_and_tenants_see_only_their_classes() {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let mut index = ClassIndex::new(tenants(TWO), Views::default(), Metrics::register(&mut registry));
+        let (mut index, _) = index(TWO);
         let a = TenantName::new("a").unwrap();
         let b = TenantName::new("b").unwrap();
         let mut rx_a = index.views().subscribe(&a).unwrap();
@@ -358,53 +564,118 @@ mod tests {
         index.handle(Event::InitDone);
         assert!(index.views().is_synced());
         assert!(rx_a.has_changed().unwrap());
-        assert_eq!(
-            rx_a.borrow_and_update().classes.keys().collect::<Vec<_>>(),
-            ["gvisor"]
-        );
-        assert_eq!(index.views().current(&b).unwrap().classes.len(), 2);
+        assert_eq!(rx_a.borrow_and_update().offered_names(), ["gvisor"]);
+        assert_eq!(index.views().current(&b).unwrap().offered_count(), 2);
 
         // A change that does not concern tenant a does not wake it.
         index.handle(Event::Apply(class("kata", &[("team", "b"), ("x", "y")])));
         assert!(!rx_a.has_changed().unwrap());
         index.handle(Event::Apply(class("kata", &[("team", "a")])));
         assert!(rx_a.has_changed().unwrap());
-        assert_eq!(rx_a.borrow_and_update().classes.len(), 2);
+        assert_eq!(rx_a.borrow_and_update().offered_count(), 2);
         index.handle(Event::Delete(class("gvisor", &[])));
-        assert_eq!(
-            rx_a.borrow_and_update().classes.keys().collect::<Vec<_>>(),
-            ["kata"]
-        );
+        assert_eq!(rx_a.borrow_and_update().offered_names(), ["kata"]);
+        // CheckPod reasons follow the current host classes even for views not republished.
+        index.handle(Event::Apply(class("new", &[("team", "b")])));
+        let reason = index.views().check_pod(&a, "p", "new").unwrap().reason;
+        assert_eq!(reason, rcsync_proto::v1::CheckPodReason::DoesNotMatch as i32);
     }
 
     #[test]
-    fn reloads_reevaluate_changed_tenants_and_drop_removed_ones() {
-        let mut registry = prometheus_client::registry::Registry::default();
-        let mut index = ClassIndex::new(tenants(TWO), Views::default(), Metrics::register(&mut registry));
+    fn a_change_costs_one_hash_and_touches_only_the_views_it_concerns() {
+        let mut yaml = String::from("tenants:\n");
+        for t in 0..100 {
+            let selector = if t % 2 == 0 {
+                "{matchLabels: {team: even}}"
+            } else {
+                "{matchLabels: {team: odd}}"
+            };
+            yaml.push_str(&format!(
+                "  - {{name: t{t}, hostNamespace: ns-{t}, sync: {{fromHost: {{runtimeClasses: {{enabled: true, selector: {selector}}}}}}}}}\n"
+            ));
+        }
+        let (mut index, metrics) = index(&yaml);
+        index.handle(Event::Init);
+        for i in 0..1000 {
+            let team = if i % 2 == 0 { "even" } else { "odd" };
+            index.handle(Event::InitApply(class(&format!("c{i}"), &[("team", team)])));
+        }
+        index.handle(Event::InitDone);
+        let hashes = metrics.class_versions_total.get();
+        let updates = metrics.view_updates_total.get();
+        let rebuilds = metrics.view_rebuilds_total.get();
+        let before = index.views().current(&TenantName::new("t0").unwrap()).unwrap();
+        let untouched = index.views().current(&TenantName::new("t1").unwrap()).unwrap();
+        // One class of the even tenants changes.
+        index.handle(Event::Apply(class("c10", &[("team", "even"), ("tier", "gold")])));
+        assert_eq!(
+            metrics.class_versions_total.get() - hashes,
+            1,
+            "one object hashed"
+        );
+        assert_eq!(
+            metrics.view_updates_total.get() - updates,
+            50,
+            "only the 50 views it belongs to"
+        );
+        assert_eq!(metrics.view_rebuilds_total.get(), rebuilds, "nothing rebuilt");
+        let after = index.views().current(&TenantName::new("t0").unwrap()).unwrap();
+        let changed = index
+            .views()
+            .changed_between(before.generation(), after.generation())
+            .unwrap();
+        assert_eq!(changed.len(), 1, "streams diff one class");
+        assert!(Arc::ptr_eq(
+            &untouched,
+            &index.views().current(&TenantName::new("t1").unwrap()).unwrap()
+        ));
+    }
+
+    #[test]
+    fn reloads_rebuild_only_changed_tenants_and_drop_removed_ones() {
+        let (mut index, metrics) = index(TWO);
         index.handle(Event::Init);
         index.handle(Event::InitApply(class("gvisor", &[("team", "a")])));
         index.handle(Event::InitApply(class("kata", &[("team", "b")])));
         index.handle(Event::InitDone);
         let a = TenantName::new("a").unwrap();
         let b = TenantName::new("b").unwrap();
+        let rebuilds = metrics.view_rebuilds_total.get();
+        index.set_tenants(tenants(TWO));
+        assert_eq!(
+            metrics.view_rebuilds_total.get(),
+            rebuilds,
+            "an unchanged config rebuilds nothing"
+        );
         let mut rx_b = index.views().subscribe(&b).unwrap();
         let changed = "tenants:\n  - {name: a, hostNamespace: ns-a, sync: {fromHost: {runtimeClasses: {enabled: true, selector: {matchLabels: {team: b}}}}}}\n";
         index.set_tenants(tenants(changed));
         assert_eq!(
-            index
-                .views()
-                .current(&a)
-                .unwrap()
-                .classes
-                .keys()
-                .collect::<Vec<_>>(),
-            ["kata"]
+            metrics.view_rebuilds_total.get(),
+            rebuilds + 1,
+            "only the changed tenant"
         );
+        assert_eq!(index.views().current(&a).unwrap().offered_names(), ["kata"]);
         assert!(index.views().subscribe(&b).is_none());
         assert!(
             rx_b.changed().now_or_never_err(),
             "a removed tenant's stream learns it is gone"
         );
+    }
+
+    #[test]
+    fn the_change_log_says_when_it_no_longer_reaches_back() {
+        let mut log = ChangeLog::default();
+        for g in 1..=(LOG_CAPACITY as u64 + 10) {
+            log.push(g, g as u32);
+        }
+        assert_eq!(log.between(5, 9), None, "dropped");
+        let last = LOG_CAPACITY as u64 + 10;
+        assert_eq!(
+            log.between(last - 2, last),
+            Some(vec![last as u32 - 1, last as u32])
+        );
+        assert_eq!(log.between(last, last), Some(vec![]));
     }
 
     trait NowOrNeverErr {

@@ -23,6 +23,15 @@ pub struct DecisionLabels {
     pub reason: String,
 }
 
+/// Label set: a tenant and one of its limits.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// The limit's key under `limits`, e.g. `syncStreams`.
+    pub limit: String,
+}
+
 /// Label set: a gRPC method and its status code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
@@ -50,6 +59,12 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     /// RuntimeClasses on the host.
     pub host_classes: Gauge,
+    /// Host class versions normalised and hashed (once per change of a host object).
+    pub class_versions_total: Counter,
+    /// Tenant view snapshots published because a change concerned them.
+    pub view_updates_total: Counter,
+    /// Tenant views computed over every class (start, relist, a tenant's config changed).
+    pub view_rebuilds_total: Counter,
     /// RuntimeClasses offered per tenant.
     pub tenant_classes: Family<TenantLabel, Gauge>,
     /// RuntimeClasses filtered out per tenant (currently).
@@ -58,6 +73,10 @@ pub struct Metrics {
     pub filtered_total: Family<TenantLabel, Counter>,
     /// Open Sync streams per tenant.
     pub streams_open: Family<TenantLabel, Gauge>,
+    /// Open WatchPodStatus streams per tenant.
+    pub status_streams_open: Family<TenantLabel, Gauge>,
+    /// Calls and streams refused by a tenant's limits, by tenant and limit.
+    pub limit_rejections_total: Family<LimitLabels, Counter>,
     /// Sync responses sent per tenant.
     pub responses_total: Family<TenantLabel, Counter>,
     /// ACKs received per tenant.
@@ -86,10 +105,15 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             host_classes: Gauge::default(),
+            class_versions_total: Counter::default(),
+            view_updates_total: Counter::default(),
+            view_rebuilds_total: Counter::default(),
             tenant_classes: Family::default(),
             tenant_filtered: Family::default(),
             filtered_total: Family::default(),
             streams_open: Family::default(),
+            status_streams_open: Family::default(),
+            limit_rejections_total: Family::default(),
             responses_total: Family::default(),
             acks_total: Family::default(),
             nacks_total: Family::default(),
@@ -108,6 +132,21 @@ impl Metrics {
             m.host_classes.clone(),
         );
         r.register(
+            "class_versions",
+            "Host RuntimeClass versions normalised and hashed (once per change)",
+            m.class_versions_total.clone(),
+        );
+        r.register(
+            "view_updates",
+            "Tenant view snapshots published because a change concerned them",
+            m.view_updates_total.clone(),
+        );
+        r.register(
+            "view_rebuilds",
+            "Tenant views computed over every host class (start, relist, config change)",
+            m.view_rebuilds_total.clone(),
+        );
+        r.register(
             "tenant_runtime_classes",
             "RuntimeClasses offered to a tenant",
             m.tenant_classes.clone(),
@@ -123,6 +162,16 @@ impl Metrics {
             m.filtered_total.clone(),
         );
         r.register("sync_streams_open", "Open Sync streams", m.streams_open.clone());
+        r.register(
+            "pod_status_streams_open",
+            "Open WatchPodStatus streams",
+            m.status_streams_open.clone(),
+        );
+        r.register(
+            "limit_rejections",
+            "Streams and Pod sync calls refused by a tenant's limits",
+            m.limit_rejections_total.clone(),
+        );
         r.register("sync_responses", "Sync responses sent", m.responses_total.clone());
         r.register("sync_acks", "Sync responses acknowledged", m.acks_total.clone());
         r.register(

@@ -140,6 +140,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .build_v1alpha()?;
     let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
     let last_errors = crate::grpc::sync::LastErrors::default();
+    let limiter = crate::grpc::limits::TenantLimiter::new(tenants_rx.clone(), metrics.clone());
     let sync = RuntimeClassSyncService::new(
         Arc::new(views.clone()),
         auth.clone(),
@@ -147,6 +148,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         RetryPolicy::default(),
         shutdown_rx.clone(),
         last_errors.clone(),
+        limiter.clone(),
     );
     let pods = PodSyncService::new(
         Arc::new(views.clone()),
@@ -155,6 +157,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         client.clone(),
         metrics.clone(),
         shutdown_rx.clone(),
+        limiter,
     );
 
     let grpc_listener = TcpListener::bind(settings.grpc_listen)
@@ -194,7 +197,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(health.clone())
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    .serve_with_incoming_shutdown(no_delay(listener), async move {
                         let _ = rx.wait_for(|stop| *stop).await;
                     }),
             ))
@@ -208,7 +211,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .add_service(reflection_v1alpha)
             .add_service(RuntimeClassSyncServer::new(sync))
             .add_service(PodSyncServer::new(pods))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), grpc_shutdown),
+            .serve_with_incoming_shutdown(no_delay(grpc_listener), grpc_shutdown),
     );
     let admin_shutdown = {
         let mut rx = shutdown_rx.clone();
@@ -246,9 +249,36 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Accepted connections with TCP_NODELAY set (tonic's own `tcp_nodelay` applies only to the
+/// listeners it binds itself): small gRPC frames such as CheckPod answers go out at once.
+fn no_delay(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            let _ = stream.set_nodelay(true);
+        })
+    })
+}
+
+/// The names of the files the agent reads: the tenants file and every token file.
+fn file_names(path: &std::path::Path, state: &TenantsState) -> std::collections::HashSet<std::ffi::OsString> {
+    std::iter::once(path)
+        .chain(state.file.tenants.iter().filter_map(|t| t.token_file.as_deref()))
+        .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+        .collect()
+}
+
+/// Whether a change at `path` may change what the agent reads: one of its files by name, or an
+/// entry of Kubernetes' atomic writer (`..data`, `..2026_11_26_...`) swapping them in.
+fn is_read(names: &std::collections::HashSet<std::ffi::OsString>, path: &std::path::Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
+}
+
 /// Re-reads the tenants file on SIGHUP, and when it or a token file changes on disk (watched with
-/// inotify, directories included, so Kubernetes' atomic ConfigMap/Secret updates are seen). A bad
-/// file is reported with every problem and the running config is kept.
+/// inotify, directories included, so Kubernetes' atomic ConfigMap/Secret updates are seen). Other
+/// files in those directories are ignored, and a re-read that finds nothing changed changes
+/// nothing. A bad file is reported with every problem and the running config is kept.
 async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState>>) {
     use notify::Watcher as _;
     use tokio::signal::unix::{SignalKind, signal};
@@ -260,8 +290,17 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
         }
     };
     let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+    // Only the files the agent reads count: the tenants file, the token files, and Kubernetes'
+    // atomic-writer entries (`..data` and its timestamped targets) that swap them in.
+    let read_names = Arc::new(std::sync::Mutex::new(file_names(&path, &tenants.borrow())));
+    let names = read_names.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+        let Ok(event) = event else { return };
+        if matches!(event.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        let names = names.lock().unwrap_or_else(|e| e.into_inner());
+        if event.paths.iter().any(|p| is_read(&names, p)) {
             let _ = tx.try_send(());
         }
     });
@@ -309,20 +348,53 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
         };
         match load_tenants(&path) {
             Ok(state) => {
-                let same = state.file == tenants.borrow().file;
-                if !same || why == "SIGHUP" {
-                    tracing::info!(
-                        tenants = state.file.tenants.len(),
-                        trigger = why,
-                        "reloaded tenants"
-                    );
+                let same = {
+                    let current = tenants.borrow();
+                    state.file == current.file && state.tokens == current.tokens
+                };
+                if same {
+                    tracing::info!(trigger = why, "tenants file re-read: nothing changed");
+                    continue;
                 }
+                tracing::info!(
+                    tenants = state.file.tenants.len(),
+                    trigger = why,
+                    "reloaded tenants"
+                );
                 watch_dirs(&mut watcher, &state);
+                *read_names.lock().unwrap_or_else(|e| e.into_inner()) = file_names(&path, &state);
                 tenants.send_replace(Arc::new(state));
             }
             Err(e) => {
                 tracing::error!(error = %e, trigger = why, "reloading tenants failed; keeping the running config")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_files_the_agent_reads_trigger_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tenants.yaml");
+        std::fs::write(dir.path().join("a.token"), "t").unwrap();
+        std::fs::write(
+            &config,
+            "tenants:\n  - {name: a, hostNamespace: ns-a, tokenFile: a.token}\n",
+        )
+        .unwrap();
+        let names = file_names(&config, &load_tenants(&config).unwrap());
+        assert!(is_read(&names, &config));
+        assert!(is_read(&names, &dir.path().join("a.token")));
+        assert!(
+            is_read(&names, &dir.path().join("..data")),
+            "a ConfigMap volume's swap"
+        );
+        assert!(is_read(&names, &dir.path().join("..2026_11_26_05_00_00.123")));
+        assert!(!is_read(&names, &dir.path().join("host-agent.log")));
+        assert!(!is_read(&names, &dir.path().join("notes.txt")));
     }
 }

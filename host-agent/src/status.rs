@@ -33,6 +33,7 @@ pub fn router(views: Views, tenants: watch::Receiver<Arc<TenantsState>>, last_er
 
 async fn tenants_status(State(state): State<StatusState>) -> axum::Json<Value> {
     let tenants = state.tenants.borrow().clone();
+    let hosts = state.views.host_classes();
     let errors = state
         .last_errors
         .lock()
@@ -46,19 +47,22 @@ async fn tenants_status(State(state): State<StatusState>) -> axum::Json<Value> {
             let view = state.views.current(&t.name);
             let mut offered = serde_json::Map::new();
             let mut not_offered = serde_json::Map::new();
-            for (host, class_state) in view.iter().flat_map(|v| v.host.iter()) {
-                match class_state {
+            let states = view
+                .iter()
+                .flat_map(|v| hosts.iter().map(|h| (h.name.to_string(), v.state_of(h))));
+            for (host, class_state) in states {
+                match &class_state {
                     ClassState::Offered(name) => {
-                        offered.insert(host.clone(), json!(name));
+                        offered.insert(host, json!(name));
                     }
                     ClassState::DoesNotMatch => {
-                        not_offered.insert(host.clone(), json!("does not match the selector"));
+                        not_offered.insert(host, json!("does not match the selector"));
                     }
                     ClassState::Terminating => {
-                        not_offered.insert(host.clone(), json!("terminating on the host"));
+                        not_offered.insert(host, json!("terminating on the host"));
                     }
                     ClassState::PatchFailed(why) => {
-                        not_offered.insert(host.clone(), json!(format!("patch failed: {why}")));
+                        not_offered.insert(host, json!(format!("patch failed: {why}")));
                     }
                 }
             }

@@ -7,7 +7,7 @@ use rcsync_core::config::{ConfigError, Problem};
 use rcsync_core::{TenantName, TenantsFile};
 
 /// The bearer tokens of the tenants that have one, read from their `tokenFile`s.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TenantTokens {
     by_token: HashMap<String, TenantName>,
     with_token: HashSet<TenantName>,

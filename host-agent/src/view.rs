@@ -1,18 +1,29 @@
 //! A tenant's view of the host's RuntimeClasses: what it is offered, and why the others are not.
 //! Pure data and pure functions; the index keeps views current, the gRPC layer reads them.
+//!
+//! ```text
+//!  host RuntimeClass ──once per change──► HostClass { synced form, Resource + version }   (shared)
+//!                                             │ stored by id in a ClassTable (copy-on-write chunks)
+//!  TenantView = table snapshot + membership bits (tenants without patches share every Resource)
+//!             | table snapshot + per-class Variants (tenants with patches)
+//! ```
+//!
+//! A view is an immutable snapshot: cloning one costs a few reference counts, so the index
+//! publishes a new one only to the tenants a change concerns, and a Sync stream can keep the
+//! snapshot its client acknowledged to diff the next one against.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::ResourceExt as _;
 use rcsync_core::RuntimeClassSync;
 use rcsync_core::config::SELECTOR_CONFIG_PATH;
-use rcsync_core::version::content_version;
-use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, Resource};
-
 use rcsync_core::patches::TenantPatches;
+use rcsync_core::version::content_version;
 use rcsync_proto::convert::{synced_form, to_proto};
+use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, Resource};
 
 /// Why a host RuntimeClass is, or is not, in a tenant's view.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,23 +38,175 @@ pub enum ClassState {
     PatchFailed(String),
 }
 
-/// What one tenant is offered. Views compare by content, so an unchanged view wakes nobody.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Slots per chunk of a [`Slots`] array.
+const CHUNK: usize = 64;
+
+/// A copy-on-write array in chunks: a clone shares everything; setting a slot copies only the
+/// chunk index and the one chunk still shared with older snapshots.
+#[derive(Clone, Debug)]
+pub struct Slots<T> {
+    chunks: Arc<Vec<Arc<Vec<Option<T>>>>>,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Self {
+            chunks: Arc::new(Vec::new()),
+        }
+    }
+}
+
+impl<T: Clone> Slots<T> {
+    /// The value in slot `i`.
+    pub fn get(&self, i: u32) -> Option<&T> {
+        let i = i as usize;
+        self.chunks.get(i / CHUNK)?.get(i % CHUNK)?.as_ref()
+    }
+
+    /// Sets (or clears) slot `i`.
+    pub fn set(&mut self, i: u32, value: Option<T>) {
+        let i = i as usize;
+        let chunks = Arc::make_mut(&mut self.chunks);
+        while chunks.len() <= i / CHUNK {
+            chunks.push(Arc::new(vec![None; CHUNK]));
+        }
+        Arc::make_mut(&mut chunks[i / CHUNK])[i % CHUNK] = value;
+    }
+
+    /// Every filled slot, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
+        self.chunks.iter().enumerate().flat_map(|(c, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .filter_map(move |(i, v)| Some(((c * CHUNK + i) as u32, v.as_ref()?)))
+        })
+    }
+}
+
+/// A copy-on-write bit set over class ids.
+#[derive(Clone, Debug, Default)]
+pub struct Bits(Arc<Vec<u64>>);
+
+impl Bits {
+    /// Whether `i` is set.
+    pub fn get(&self, i: u32) -> bool {
+        let i = i as usize;
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// Sets or clears `i`.
+    pub fn set(&mut self, i: u32, on: bool) {
+        let i = i as usize;
+        let words = Arc::make_mut(&mut self.0);
+        if words.len() <= i / 64 {
+            if !on {
+                return;
+            }
+            words.resize(i / 64 + 1, 0);
+        }
+        if on {
+            words[i / 64] |= 1 << (i % 64);
+        } else {
+            words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    /// The set ids, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, word)| {
+            (0..64)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| (w * 64 + b) as u32)
+        })
+    }
+}
+
+/// A host RuntimeClass as every tenant shares it: normalised, converted and hashed once per
+/// change of the host object.
+#[derive(Debug)]
+pub struct HostClass {
+    /// Slot in the [`ClassTable`] (reused after the class is deleted).
+    pub id: u32,
+    /// The host name.
+    pub name: Arc<str>,
+    /// The host object's resourceVersion, to recognise an unchanged object on a relist.
+    pub resource_version: Option<String>,
+    /// The synced form: what tenants start from, and the labels selectors match.
+    pub synced: RuntimeClass,
+    /// What tenants without patches are offered; its version was computed once.
+    pub resource: Arc<Resource>,
+    /// Being deleted on the host.
+    pub terminating: bool,
+}
+
+impl HostClass {
+    /// Normalises and hashes a host object (the only per-change content hash of the index).
+    pub fn new(id: u32, host: &RuntimeClass) -> Self {
+        let synced = synced_form(host);
+        let name = host.name_any();
+        let resource = Resource {
+            name: name.clone(),
+            version: content_version(&synced),
+            runtime_class: Some(to_proto(&synced)),
+            host_name: name.clone(),
+        };
+        Self {
+            id,
+            name: name.into(),
+            resource_version: host.metadata.resource_version.clone(),
+            synced,
+            resource: Arc::new(resource),
+            terminating: host.metadata.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+/// Every host class by id, with the generation of the last change.
+#[derive(Clone, Debug, Default)]
+pub struct ClassTable {
+    /// Classes by id.
+    pub slots: Slots<Arc<HostClass>>,
+    /// Bumped on every change; a view records the generation it was made at.
+    pub generation: u64,
+}
+
+/// How a class stands for a tenant with patches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    /// Offered or why not.
+    pub state: ClassState,
+    /// The patched Resource, when offered.
+    pub resource: Option<Arc<Resource>>,
+    /// The virtual name, when the patches applied.
+    pub virtual_name: Option<Arc<str>>,
+}
+
+/// The per-class results of a tenant with patches.
+#[derive(Clone, Debug, Default)]
+pub struct Patched {
+    variants: Slots<Arc<Variant>>,
+    by_virtual: Arc<HashMap<Arc<str>, u32>>,
+}
+
+/// What one tenant is offered: an immutable snapshot.
+#[derive(Clone, Debug, Default)]
 pub struct TenantView {
     /// `sync.fromHost.runtimeClasses.enabled`.
     pub sync_enabled: bool,
     /// Whether Pods are gated on their runtime class (enabled and a selector is set).
     pub gates_pods: bool,
-    /// Offered classes by virtual name.
-    pub classes: BTreeMap<String, Arc<Resource>>,
-    /// Every host class by host name, with its state for this tenant.
-    pub host: BTreeMap<String, ClassState>,
-    /// Virtual name → host name of every host class whose patches applied (renamed or not), so a
-    /// Pod naming a class that is not offered still gets the right reason.
-    pub names: BTreeMap<String, String>,
     /// Content version of the tenant's Pod policy: a change tells the virtual side to retry the
     /// Pods the host refused.
     pub pod_policy_version: String,
+    /// Bumped when the tenant's config changed or the host was relisted: a stream then diffs its
+    /// client's state against the whole view instead of following the change log.
+    pub epoch: u64,
+    table: ClassTable,
+    offered: Bits,
+    patched: Option<Patched>,
+    count: usize,
+    digest: u64,
 }
 
 /// The content version of a tenant's Pod policy.
@@ -56,47 +219,53 @@ pub fn pod_policy_version(policy: &rcsync_core::PodPolicy) -> String {
     content_version(&(policy.pod_security.as_str(), tolerations, &policy.host_schedulers))
 }
 
-/// How a host class stands for a tenant, the Resource to offer when it is offered, and the
-/// virtual name it has (after patches) when the patches could be applied.
-pub fn evaluate(
-    config: &RuntimeClassSync,
-    patches: Option<&TenantPatches>,
-    host: &RuntimeClass,
-) -> (ClassState, Option<Arc<Resource>>, Option<String>) {
-    let synced = match patches.filter(|p| !p.is_empty()) {
-        None => Ok(synced_form(host)),
-        Some(patches) => patch(patches, host),
-    };
-    let (synced, virtual_name) = match synced {
-        Ok(synced) => {
-            let name = synced.name_any();
-            (synced, name)
+/// A stable 64-bit hash of an offered (name, version), for the order-independent view digest.
+fn entry_hash(resource: &Resource) -> u64 {
+    // DefaultHasher::new() uses fixed keys: equal input, equal hash, in every process.
+    let mut h = std::hash::DefaultHasher::new();
+    resource.name.hash(&mut h);
+    resource.version.hash(&mut h);
+    h.finish()
+}
+
+/// How a host class stands for a tenant with patches.
+pub fn evaluate(config: &RuntimeClassSync, patches: &TenantPatches, host: &HostClass) -> Variant {
+    let synced = match patch(patches, &host.synced) {
+        Ok(synced) => synced,
+        Err(message) => {
+            return Variant {
+                state: ClassState::PatchFailed(message),
+                resource: None,
+                virtual_name: None,
+            };
         }
-        Err(message) => return (ClassState::PatchFailed(message), None, None),
     };
-    if host.metadata.deletion_timestamp.is_some() {
-        return (ClassState::Terminating, None, Some(virtual_name));
-    }
-    if !config.selects(host.labels()) {
-        return (ClassState::DoesNotMatch, None, Some(virtual_name));
-    }
-    let version = content_version(&synced);
-    let resource = Resource {
-        name: virtual_name.clone(),
-        version,
-        runtime_class: Some(to_proto(&synced)),
-        host_name: host.name_any(),
+    let virtual_name: Arc<str> = synced.name_any().into();
+    let state = if host.terminating {
+        ClassState::Terminating
+    } else if !config.selects(host.synced.labels()) {
+        ClassState::DoesNotMatch
+    } else {
+        ClassState::Offered(virtual_name.to_string())
     };
-    (
-        ClassState::Offered(virtual_name.clone()),
-        Some(Arc::new(resource)),
-        Some(virtual_name),
-    )
+    let resource = matches!(state, ClassState::Offered(_)).then(|| {
+        Arc::new(Resource {
+            name: virtual_name.to_string(),
+            version: content_version(&synced),
+            runtime_class: Some(to_proto(&synced)),
+            host_name: host.name.to_string(),
+        })
+    });
+    Variant {
+        state,
+        resource,
+        virtual_name: Some(virtual_name),
+    }
 }
 
 /// The patched virtual form of a host class, checked to still be a valid RuntimeClass.
-fn patch(patches: &TenantPatches, host: &RuntimeClass) -> Result<RuntimeClass, String> {
-    let json = serde_json::to_value(synced_form(host)).expect("a RuntimeClass serializes");
+fn patch(patches: &TenantPatches, synced: &RuntimeClass) -> Result<RuntimeClass, String> {
+    let json = serde_json::to_value(synced).expect("a RuntimeClass serializes");
     let patched = patches.to_virtual(&json).map_err(|e| e.to_string())?;
     let typed: RuntimeClass = serde_json::from_value(patched)
         .map_err(|e| format!("the patched object is not a valid RuntimeClass: {e}"))?;
@@ -112,56 +281,177 @@ fn patch(patches: &TenantPatches, host: &RuntimeClass) -> Result<RuntimeClass, S
 
 impl TenantView {
     /// An empty view for a tenant's config (before any host class is known).
-    pub fn empty(config: &RuntimeClassSync) -> Self {
+    pub fn empty(config: &RuntimeClassSync, has_patches: bool) -> Self {
         Self {
             sync_enabled: config.enabled,
             gates_pods: config.gates_pods(),
+            patched: has_patches.then(Patched::default),
             ..Self::default()
         }
     }
 
-    /// The whole view of a tenant over every host class.
-    pub fn compute<'a>(
-        config: &RuntimeClassSync,
-        patches: Option<&TenantPatches>,
-        hosts: impl IntoIterator<Item = &'a RuntimeClass>,
-    ) -> Self {
-        let mut view = Self::empty(config);
-        for host in hosts {
-            view.upsert(config, patches, host);
+    /// The whole view of a tenant over `table`.
+    pub fn compute(config: &RuntimeClassSync, patches: Option<&TenantPatches>, table: &ClassTable) -> Self {
+        let patches = patches.filter(|p| !p.is_empty());
+        let mut view = Self::empty(config, patches.is_some());
+        view.table = table.clone();
+        for (_, host) in table.slots.iter() {
+            view.apply(config, patches, host.id, Some(host));
         }
         view
     }
 
-    /// Re-evaluates one host class (added or changed).
-    pub fn upsert(
+    /// Brings one class (by id) up to date: `host` is its current state, `None` when deleted.
+    /// Returns whether the view changed; the caller then records the table the change came from.
+    pub fn apply(
         &mut self,
         config: &RuntimeClassSync,
         patches: Option<&TenantPatches>,
-        host: &RuntimeClass,
-    ) {
-        let host_name = host.name_any();
-        self.remove(&host_name);
-        let (state, resource, virtual_name) = evaluate(config, patches, host);
-        if let Some(resource) = resource {
-            self.classes.insert(resource.name.clone(), resource);
+        id: u32,
+        host: Option<&Arc<HostClass>>,
+    ) -> bool {
+        match (&mut self.patched, patches.filter(|p| !p.is_empty())) {
+            (Some(patched), Some(patches)) => {
+                let old = patched.variants.get(id).cloned();
+                let new = host.map(|h| Arc::new(evaluate(config, patches, h)));
+                if old.as_deref() == new.as_deref() {
+                    return false;
+                }
+                let by_virtual = Arc::make_mut(&mut patched.by_virtual);
+                if let Some(old) = &old {
+                    if let Some(name) = &old.virtual_name
+                        && by_virtual.get(name) == Some(&id)
+                    {
+                        by_virtual.remove(name);
+                    }
+                    if let Some(r) = &old.resource {
+                        self.digest ^= entry_hash(r);
+                        self.count -= 1;
+                    }
+                }
+                if let Some(new) = &new {
+                    if let Some(name) = &new.virtual_name {
+                        by_virtual.insert(name.clone(), id);
+                    }
+                    if let Some(r) = &new.resource {
+                        self.digest ^= entry_hash(r);
+                        self.count += 1;
+                    }
+                }
+                patched.variants.set(id, new);
+                true
+            }
+            _ => {
+                let was = self
+                    .offered
+                    .get(id)
+                    .then(|| self.table.slots.get(id))
+                    .flatten()
+                    .cloned();
+                let now = host.filter(|h| !h.terminating && config.selects(h.synced.labels()));
+                match (&was, now) {
+                    (None, None) => return false,
+                    (Some(a), Some(b)) if a.resource.version == b.resource.version && a.name == b.name => {
+                        return false;
+                    }
+                    _ => {}
+                }
+                if let Some(old) = was {
+                    self.digest ^= entry_hash(&old.resource);
+                    self.count -= 1;
+                }
+                if let Some(new) = now {
+                    self.digest ^= entry_hash(&new.resource);
+                    self.count += 1;
+                }
+                self.offered.set(id, now.is_some());
+                true
+            }
         }
-        if let Some(virtual_name) = virtual_name {
-            self.names.insert(virtual_name, host_name.clone());
-        }
-        self.host.insert(host_name, state);
     }
 
-    /// Forgets a host class (deleted).
-    pub fn remove(&mut self, host_name: &str) {
-        if let Some(ClassState::Offered(virtual_name)) = self.host.remove(host_name) {
-            self.classes.remove(&virtual_name);
-        }
-        self.names.retain(|_, host| host != host_name);
+    /// Records that this view was made from `table` (after [`TenantView::apply`] changed it).
+    pub fn set_table(&mut self, table: &ClassTable) {
+        self.table = table.clone();
     }
 
-    /// Whether a Pod with this runtimeClassName may sync, and why. Never touches the API server.
-    pub fn check_pod(&self, pod_name: &str, runtime_class_name: &str) -> CheckPodResponse {
+    /// The generation of the table this view was made from.
+    pub fn generation(&self) -> u64 {
+        self.table.generation
+    }
+
+    /// The Resource offered for host class `id`, if any.
+    pub fn offered(&self, id: u32) -> Option<&Arc<Resource>> {
+        match &self.patched {
+            Some(patched) => patched.variants.get(id)?.resource.as_ref(),
+            None => self
+                .offered
+                .get(id)
+                .then(|| self.table.slots.get(id).map(|h| &h.resource))
+                .flatten(),
+        }
+    }
+
+    /// Every offered Resource with its host class id.
+    pub fn iter_offered(&self) -> Box<dyn Iterator<Item = (u32, &Arc<Resource>)> + '_> {
+        match &self.patched {
+            Some(patched) => Box::new(
+                patched
+                    .variants
+                    .iter()
+                    .filter_map(|(id, v)| Some((id, v.resource.as_ref()?))),
+            ),
+            None => Box::new(
+                self.offered
+                    .iter()
+                    .filter_map(|id| Some((id, &self.table.slots.get(id)?.resource))),
+            ),
+        }
+    }
+
+    /// The names of the offered classes, sorted.
+    pub fn offered_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.iter_offered().map(|(_, r)| r.name.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// How many classes are offered.
+    pub fn offered_count(&self) -> usize {
+        self.count
+    }
+
+    /// An order-independent digest of the offered (name, version) pairs, kept current per change.
+    pub fn digest(&self) -> String {
+        format!("{:016x}", self.digest)
+    }
+
+    /// How `host` (the current host class) stands for this tenant.
+    pub fn state_of(&self, host: &HostClass) -> ClassState {
+        if let Some(patched) = &self.patched {
+            return match patched.variants.get(host.id) {
+                Some(v) => v.state.clone(),
+                None => ClassState::DoesNotMatch,
+            };
+        }
+        let offered = self.offered(host.id).is_some_and(|r| r.host_name == *host.name);
+        if offered {
+            ClassState::Offered(host.name.to_string())
+        } else if host.terminating {
+            ClassState::Terminating
+        } else {
+            ClassState::DoesNotMatch
+        }
+    }
+
+    /// Whether a Pod with this runtimeClassName may sync, and why; `current` finds a host class
+    /// by its name now (for the reason a class is not offered). Never touches the API server.
+    pub fn check_pod(
+        &self,
+        pod_name: &str,
+        runtime_class_name: &str,
+        current: impl Fn(&str) -> Option<Arc<HostClass>>,
+    ) -> CheckPodResponse {
         let allow = |reason: CheckPodReason, message: String, host_name: &str| CheckPodResponse {
             allowed: true,
             reason: reason as i32,
@@ -195,30 +485,42 @@ impl TenantView {
                 "",
             );
         }
-        if let Some(resource) = self.classes.get(runtime_class_name) {
-            return allow(
+        let state = match &self.patched {
+            Some(patched) => {
+                // By virtual name; a class whose patches failed has none and is found by its host name.
+                let by_virtual = patched
+                    .by_virtual
+                    .get(runtime_class_name)
+                    .and_then(|id| patched.variants.get(*id));
+                let failed = || {
+                    let host = current(runtime_class_name)?;
+                    patched
+                        .variants
+                        .get(host.id)
+                        .filter(|v| matches!(v.state, ClassState::PatchFailed(_)))
+                };
+                by_virtual
+                    .or_else(failed)
+                    .map(|v| (v.state.clone(), v.resource.clone()))
+            }
+            None => current(runtime_class_name).map(|host| {
+                let state = self.state_of(&host);
+                (state, Some(host.resource.clone()))
+            }),
+        };
+        match state {
+            Some((ClassState::Offered(_), Some(resource))) => allow(
                 CheckPodReason::Matches,
                 format!("pod {pod_name:?} may sync: runtime class {runtime_class_name:?} is synced"),
                 &resource.host_name,
-            );
-        }
-        // The host class behind the virtual name; a class whose patches failed has no virtual
-        // name, so it is found under its host name.
-        let state = match self.names.get(runtime_class_name) {
-            Some(host_name) => self.host.get(host_name),
-            None => self
-                .host
-                .get(runtime_class_name)
-                .filter(|s| matches!(s, ClassState::PatchFailed(_))),
-        };
-        match state {
-            Some(ClassState::PatchFailed(why)) => deny(
+            ),
+            Some((ClassState::PatchFailed(why), _)) => deny(
                 CheckPodReason::PatchFailed,
                 format!(
                     "did not sync pod {pod_name:?} to host because a patch of its runtime class {runtime_class_name:?} failed: {why}"
                 ),
             ),
-            Some(ClassState::Terminating) => deny(
+            Some((ClassState::Terminating, _)) => deny(
                 CheckPodReason::Terminating,
                 format!(
                     "did not sync pod {pod_name:?} to host because its runtime class {runtime_class_name:?} is being deleted on the host"
@@ -243,6 +545,7 @@ impl TenantView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::path::Path;
 
     fn class(name: &str, handler: &str, labels: &[(&str, &str)]) -> RuntimeClass {
@@ -258,6 +561,33 @@ mod tests {
         RuntimeClassSync::parse_vcluster_yaml(Path::new("v.yaml"), yaml).unwrap()
     }
 
+    /// A table of these classes (ids in order) and a lookup of the current class by name.
+    fn table(
+        classes: &[RuntimeClass],
+    ) -> (
+        ClassTable,
+        impl Fn(&str) -> Option<Arc<HostClass>> + Clone + use<>,
+    ) {
+        let mut table = ClassTable::default();
+        for (i, rc) in classes.iter().enumerate() {
+            table
+                .slots
+                .set(i as u32, Some(Arc::new(HostClass::new(i as u32, rc))));
+            table.generation += 1;
+        }
+        let lookup = {
+            let table = table.clone();
+            move |name: &str| {
+                table
+                    .slots
+                    .iter()
+                    .find(|(_, h)| &*h.name == name)
+                    .map(|(_, h)| h.clone())
+            }
+        };
+        (table, lookup)
+    }
+
     const SELECTOR: &str = "sync: {fromHost: {runtimeClasses: {enabled: true, selector: {matchLabels: {environment: development}}}}}";
 
     #[test]
@@ -265,23 +595,25 @@ mod tests {
         let cfg = config(SELECTOR);
         let gvisor = class("gvisor", "runsc", &[("environment", "development")]);
         let kata = class("kata", "kata", &[("environment", "production")]);
-        let view = TenantView::compute(&cfg, None, [&gvisor, &kata]);
-        assert_eq!(view.classes.keys().collect::<Vec<_>>(), ["gvisor"]);
-        assert_eq!(view.host["kata"], ClassState::DoesNotMatch);
+        let (t, current) = table(&[gvisor.clone(), kata]);
+        let view = TenantView::compute(&cfg, None, &t);
+        assert_eq!(view.offered_names(), ["gvisor"]);
+        assert_eq!(view.state_of(&current("kata").unwrap()), ClassState::DoesNotMatch);
 
         // Server-managed metadata does not change the version; content does.
         let mut moved = gvisor.clone();
         moved.metadata.resource_version = Some("99".into());
         moved.metadata.uid = Some("other".into());
         assert_eq!(
-            TenantView::compute(&cfg, None, [&moved]),
-            TenantView::compute(&cfg, None, [&gvisor])
+            HostClass::new(0, &moved).resource.version,
+            HostClass::new(0, &gvisor).resource.version
         );
         let mut changed = gvisor.clone();
         changed.handler = "runsc-debug".into();
-        let v1 = &view.classes["gvisor"].version;
-        let v2 = &TenantView::compute(&cfg, None, [&changed]).classes["gvisor"].version;
-        assert_ne!(v1, v2);
+        assert_ne!(
+            HostClass::new(0, &changed).resource.version,
+            HostClass::new(0, &gvisor).resource.version
+        );
     }
 
     #[test]
@@ -291,62 +623,76 @@ mod tests {
         terminating.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             Default::default(),
         ));
-        let view = TenantView::compute(
-            &cfg,
-            None,
-            [
-                &class("gvisor", "runsc", &[("environment", "development")]),
-                &class("youki", "youki", &[]),
-                &terminating,
-            ],
-        );
-        let reason = |rc: &str| CheckPodReason::try_from(view.check_pod("my-pod", rc).reason).unwrap();
+        let (t, current) = table(&[
+            class("gvisor", "runsc", &[("environment", "development")]),
+            class("youki", "youki", &[]),
+            terminating,
+        ]);
+        let view = TenantView::compute(&cfg, None, &t);
+        let ask = |rc: &str| view.check_pod("my-pod", rc, current.clone());
+        let reason = |rc: &str| CheckPodReason::try_from(ask(rc).reason).unwrap();
         assert_eq!(reason(""), CheckPodReason::EmptyRuntimeClassName);
         assert_eq!(reason("gvisor"), CheckPodReason::Matches);
         assert_eq!(reason("youki"), CheckPodReason::DoesNotMatch);
         assert_eq!(reason("nope"), CheckPodReason::NotFound);
         assert_eq!(reason("old"), CheckPodReason::Terminating);
         assert_eq!(
-            view.check_pod("my-pod", "youki").message,
+            ask("youki").message,
             "did not sync pod \"my-pod\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'"
         );
-        assert!(!view.check_pod("my-pod", "youki").allowed);
-        assert!(view.check_pod("my-pod", "gvisor").allowed);
-        assert_eq!(
-            view.check_pod("my-pod", "gvisor").host_runtime_class_name,
-            "gvisor"
-        );
+        assert!(!ask("youki").allowed);
+        assert!(ask("gvisor").allowed);
+        assert_eq!(ask("gvisor").host_runtime_class_name, "gvisor");
 
+        let (t, current) = table(&[class("x", "x", &[])]);
         let no_selector = TenantView::compute(
             &config("sync: {fromHost: {runtimeClasses: {enabled: true}}}"),
             None,
-            [&class("x", "x", &[])],
+            &t,
         );
-        assert!(no_selector.check_pod("p", "anything").allowed);
-        assert_eq!(no_selector.classes.len(), 1, "no selector: every class is synced");
-        let disabled = TenantView::compute(&config(""), None, [&class("x", "x", &[])]);
-        assert!(disabled.check_pod("p", "anything").allowed);
-        assert!(disabled.classes.is_empty(), "disabled: nothing is synced");
+        assert!(no_selector.check_pod("p", "anything", current.clone()).allowed);
+        assert_eq!(
+            no_selector.offered_count(),
+            1,
+            "no selector: every class is synced"
+        );
+        let disabled = TenantView::compute(&config(""), None, &t);
+        assert!(disabled.check_pod("p", "anything", current).allowed);
+        assert_eq!(disabled.offered_count(), 0, "disabled: nothing is synced");
     }
 
     #[test]
-    fn upsert_and_remove_keep_the_view_consistent() {
+    fn apply_keeps_the_view_consistent_and_reports_only_real_changes() {
         let cfg = config(SELECTOR);
-        let mut view = TenantView::empty(&cfg);
-        view.upsert(
-            &cfg,
-            None,
+        let mut view = TenantView::empty(&cfg, false);
+        let dev = Arc::new(HostClass::new(
+            3,
             &class("gvisor", "runsc", &[("environment", "development")]),
-        );
-        assert!(view.classes.contains_key("gvisor"));
-        view.upsert(
-            &cfg,
-            None,
+        ));
+        assert!(view.apply(&cfg, None, 3, Some(&dev)));
+        let mut t = ClassTable::default();
+        t.slots.set(3, Some(dev.clone()));
+        view.set_table(&t);
+        assert_eq!(view.offered_names(), ["gvisor"]);
+        let digest = view.digest();
+        // The same content again (a new resourceVersion) changes nothing.
+        let mut again = class("gvisor", "runsc", &[("environment", "development")]);
+        again.metadata.resource_version = Some("8".into());
+        assert!(!view.apply(&cfg, None, 3, Some(&Arc::new(HostClass::new(3, &again)))));
+        let prod = Arc::new(HostClass::new(
+            3,
             &class("gvisor", "runsc", &[("environment", "production")]),
+        ));
+        assert!(
+            view.apply(&cfg, None, 3, Some(&prod)),
+            "relabelled out of the selector"
         );
-        assert!(view.classes.is_empty(), "relabelled out of the selector");
-        view.remove("gvisor");
-        assert!(view.host.is_empty());
+        assert_eq!(view.offered_count(), 0);
+        assert_ne!(view.digest(), digest);
+        assert!(
+            !view.apply(&cfg, None, 3, None),
+            "deleting a class it did not offer changes nothing"
+        );
     }
 
     #[test]
@@ -364,29 +710,27 @@ mod tests {
             rcsync_core::script::ScriptLimits::default(),
         )
         .unwrap();
-        let view = TenantView::compute(
-            &cfg,
-            Some(&patches),
-            [
-                &class("gvisor", "runsc", &[("environment", "development")]),
-                &class("kata", "kata", &[("environment", "production")]),
-                &class("bad", "broken", &[("environment", "development")]),
-            ],
-        );
-        let sandboxed = &view.classes["sandboxed"];
+        let (t, current) = table(&[
+            class("gvisor", "runsc", &[("environment", "development")]),
+            class("kata", "kata", &[("environment", "production")]),
+            class("bad", "broken", &[("environment", "development")]),
+        ]);
+        let view = TenantView::compute(&cfg, Some(&patches), &t);
+        assert_eq!(view.offered_names(), ["sandboxed"]);
+        let sandboxed = view.offered(0).unwrap();
         assert_eq!(sandboxed.host_name, "gvisor");
         assert_eq!(
             sandboxed.runtime_class.as_ref().unwrap().labels["environment"],
             "tenant-development"
         );
-        assert_eq!(view.classes.len(), 1);
-        let allowed = view.check_pod("p", "sandboxed");
+        let ask = |rc: &str| view.check_pod("p", rc, current.clone());
+        let allowed = ask("sandboxed");
         assert!(allowed.allowed);
         assert_eq!(
             allowed.host_runtime_class_name, "gvisor",
             "a renamed class is translated back for the host"
         );
-        let reason = |rc: &str| CheckPodReason::try_from(view.check_pod("p", rc).reason).unwrap();
+        let reason = |rc: &str| CheckPodReason::try_from(ask(rc).reason).unwrap();
         assert_eq!(
             reason("vm"),
             CheckPodReason::DoesNotMatch,
@@ -399,11 +743,9 @@ mod tests {
         );
         assert_eq!(reason("bad"), CheckPodReason::PatchFailed);
         assert!(
-            view.check_pod("p", "bad")
-                .message
-                .contains("not a valid RuntimeClass"),
+            ask("bad").message.contains("not a valid RuntimeClass"),
             "{}",
-            view.check_pod("p", "bad").message
+            ask("bad").message
         );
     }
 
@@ -417,8 +759,28 @@ mod tests {
             ),
             ("team".to_string(), "a".to_string()),
         ]));
-        let synced = synced_form(&host);
-        assert_eq!(synced.annotations().keys().collect::<Vec<_>>(), ["team"]);
-        assert!(synced.metadata.uid.is_none() && synced.metadata.resource_version.is_none());
+        let synced = &HostClass::new(0, &host).synced;
+        let annotations = synced.metadata.annotations.as_ref().unwrap();
+        assert!(!annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
+        assert_eq!(annotations["team"], "a");
+    }
+
+    #[test]
+    fn slots_and_bits_are_copy_on_write() {
+        let mut a: Slots<u32> = Slots::default();
+        a.set(3, Some(3));
+        a.set(200, Some(200));
+        let snapshot = a.clone();
+        a.set(3, None);
+        assert_eq!(snapshot.get(3), Some(&3));
+        assert_eq!(a.get(3), None);
+        assert_eq!(a.iter().map(|(i, _)| i).collect::<Vec<_>>(), [200]);
+        let mut bits = Bits::default();
+        bits.set(70, true);
+        let before = bits.clone();
+        bits.set(70, false);
+        bits.set(1, true);
+        assert!(before.get(70) && !bits.get(70));
+        assert_eq!(bits.iter().collect::<Vec<_>>(), [1]);
     }
 }

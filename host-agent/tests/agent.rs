@@ -1343,3 +1343,103 @@ async fn a_copy_name_held_by_another_object_is_never_taken_over() {
         "1"
     );
 }
+
+#[tokio::test]
+async fn an_unchanged_reload_rebuilds_no_view() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let rebuilds = || async {
+        let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+        metrics
+            .lines()
+            .find(|l| l.starts_with("rcsync_view_rebuilds_total "))
+            .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+            .expect("rcsync_view_rebuilds_total is exported")
+    };
+    let before = rebuilds().await;
+    host.agent.signal("HUP");
+    eventually("the re-read to be logged", || async {
+        host.agent
+            .logs()
+            .contains("tenants file re-read: nothing changed")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(rebuilds().await, before, "no view was rebuilt");
+    // A one-tenant change rebuilds that tenant's view only.
+    let config = host.dir.path().join("tenants.yaml");
+    std::fs::write(
+        &config,
+        TENANTS.replace(
+            "values: [gvisor, youki]}\n  - name: disabled",
+            "values: [kata]}\n  - name: disabled",
+        ),
+    )
+    .unwrap();
+    eventually("one rebuild for the changed tenant", || async {
+        (rebuilds().await == before + 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tenant_limits_refuse_extra_streams_and_pod_sync_bursts_but_never_check_pod() {
+    let tenants = POD_TENANTS.replace(
+        "    tokenFile: team-a.token\n",
+        "    tokenFile: team-a.token\n    limits: {syncStreams: 1, podStatusStreams: 1, podSyncQps: 1, podSyncBurst: 2}\n",
+    );
+    let host = Host::start(&tenants, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let _first = Stream::open(&mut client, "team-a", HashMap::new()).await;
+    let (_tx, rx) = mpsc::channel::<SyncRequest>(1);
+    let refused = client
+        .sync(with_token(ReceiverStream::new(rx), "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(
+        refused.message(),
+        "tenant team-a already has 1 Sync streams open (limits.syncStreams: 1)"
+    );
+    // CheckPod is answered from memory and never limited.
+    for _ in 0..50 {
+        assert!(allowed_for(&mut client, "team-a", "gvisor").await);
+    }
+    let mut pods = PodSyncClient::new(
+        Channel::from_shared(format!("http://{}", host.grpc))
+            .unwrap()
+            .connect_lazy(),
+    );
+    let delete = |name: &str| {
+        with_token(
+            DeletePodRequest {
+                pod_namespace: "default".into(),
+                pod_name: name.into(),
+                pod_uid: "u".into(),
+                grace_period_seconds: None,
+            },
+            "team-a",
+        )
+    };
+    pods.delete_pod(delete("a")).await.unwrap();
+    pods.delete_pod(delete("b")).await.unwrap();
+    let limited = pods.delete_pod(delete("c")).await.unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted);
+    assert!(
+        limited.message().contains("limits.podSyncQps: 1"),
+        "{}",
+        limited.message()
+    );
+    let retry = host_agent::grpc::limits::retry_delay(&limited).expect("RetryInfo");
+    assert!(retry <= Duration::from_secs(1), "{retry:?}");
+    let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+    for limit in ["syncStreams", "podSyncQps"] {
+        assert!(
+            metrics.contains(&format!(
+                "rcsync_limit_rejections_total{{tenant=\"team-a\",limit=\"{limit}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+}

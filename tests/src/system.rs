@@ -21,6 +21,8 @@ pub struct TenantSpec {
     pub runtime_classes: String,
     /// Its `policies.podSecurityStandard`, when set.
     pub pod_security: Option<String>,
+    /// Its `limits` block as YAML flow, when set.
+    pub limits: Option<String>,
 }
 
 impl TenantSpec {
@@ -30,7 +32,14 @@ impl TenantSpec {
             name: name.into(),
             runtime_classes: runtime_classes.into(),
             pod_security: None,
+            limits: None,
         }
+    }
+
+    /// The same tenant with a `limits` block (YAML flow, e.g. `{podSyncQps: 5}`).
+    pub fn limits(mut self, limits: &str) -> Self {
+        self.limits = Some(limits.into());
+        self
     }
 
     /// The same tenant with `policies.podSecurityStandard: level`.
@@ -123,6 +132,9 @@ fn tenants_yaml(tenants: &[TenantSpec]) -> String {
         ));
         if let Some(level) = &t.pod_security {
             config.push_str(&format!("    policies: {{podSecurityStandard: {level}}}\n"));
+        }
+        if let Some(limits) = &t.limits {
+            config.push_str(&format!("    limits: {limits}\n"));
         }
     }
     config

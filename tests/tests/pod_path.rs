@@ -470,3 +470,23 @@ async fn a_host_name_held_by_another_pod_is_never_taken_over() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn pods_over_the_tenant_rate_limit_wait_and_all_reach_the_host() {
+    let system = system(tenant().limits("{podSyncQps: 5, podSyncBurst: 2}")).await;
+    let v = system.virtual_side();
+    for i in 0..12 {
+        v.create_pod(&pod(&format!("p{i}"), json!({"containers": [app(json!({}))]})))
+            .await;
+    }
+    for i in 0..12 {
+        wait_host_pod(&system, &format!("p{i}"), "default").await;
+    }
+    let metrics = v.metrics().await;
+    let limited = metrics
+        .lines()
+        .find(|l| l.starts_with("rcsync_pod_sync_rate_limited_total "))
+        .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(limited > 0, "the limit was hit and waited out:\n{metrics}");
+}

@@ -98,6 +98,7 @@ impl HostAgentTarget {
         let mut endpoint = Endpoint::from_shared(self.url.clone())
             .with_context(|| format!("invalid --host-agent URL {:?}", self.url))?
             .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));

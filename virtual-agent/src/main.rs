@@ -41,7 +41,7 @@ struct Cli {
     #[arg(long, env = "VIRTUAL_AGENT_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
     admin_listen: SocketAddr,
     /// Pods synced in parallel (each Pod's own operations stay in order).
-    #[arg(long, env = "VIRTUAL_AGENT_POD_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, env = "VIRTUAL_AGENT_POD_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pod_workers: u16,
     /// How long to let work in flight finish after SIGTERM, in seconds.
     #[arg(long, env = "VIRTUAL_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 5)]

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub pods_denied_total: Counter,
     /// Pods the host agent refused (Pod Security, unsupported fields, a host name in use).
     pub pods_refused_total: Counter,
+    /// PodSync calls the host agent turned away over the tenant's rate limit (retried).
+    pub pods_rate_limited_total: Counter,
     /// Pods left as orphans because their class stopped being synced.
     pub pods_orphaned: Gauge,
     /// Pod operations that failed and are retried.
@@ -52,6 +54,7 @@ impl Metrics {
             pods_synced_total: Counter::default(),
             pods_denied_total: Counter::default(),
             pods_refused_total: Counter::default(),
+            pods_rate_limited_total: Counter::default(),
             pods_orphaned: Gauge::default(),
             pod_errors_total: Counter::default(),
             statuses_copied_total: Counter::default(),
@@ -92,6 +95,11 @@ impl Metrics {
             "pods_refused",
             "Pods the host agent refused to place (SyncError)",
             m.pods_refused_total.clone(),
+        );
+        r.register(
+            "pod_sync_rate_limited",
+            "PodSync calls turned away over the tenant's rate limit (retried after the delay asked for)",
+            m.pods_rate_limited_total.clone(),
         );
         r.register(
             "pods_orphaned",

@@ -3,11 +3,13 @@
 //! orphans alone.
 //!
 //! ```text
-//!  watch virtual Pods ──► queue ──► CheckPod ──allowed──► referenced ConfigMaps/Secrets all there? ─no─► Waiting + event
-//!                                        │                         └yes─► ApplyPod(pod, objects) ──► Synced
-//!                                        │                                        └refused─► Blocked + SyncError event
-//!                                        └────denied───► host Pod of this uid exists? ─yes─► Orphaned (left alone)
-//!                                                                                      └no──► Blocked + SyncWarning event
+//!  watch virtual Pods ──► queue ──► referenced ConfigMaps/Secrets all there?
+//!     yes ──► ApplyPod(pod, objects): the host re-checks the class ──applied──► Synced
+//!                                                                 ├─refused─► Blocked + SyncError event
+//!                                                                 └─denied──┐
+//!     no ──► CheckPod ──allowed──► Waiting + event (re-queued when an object appears)
+//!                     └─denied─────────────────────────────────────────────┴► host Pod of this uid exists?
+//!                                                   yes ─► Orphaned (left alone)   no ─► Blocked + SyncWarning event
 //!  SyncState.synced or .pod_policy changes ──► re-queue Blocked, Waiting and Orphaned Pods
 //!  watch ConfigMaps, Secrets ──► change ──► re-queue the Pods referencing it (copies stay current)
 //!  WatchPodStatus ──► host status ──► virtual Pod status; host Pod gone ──► event + delete virtual Pod
@@ -224,6 +226,8 @@ struct Shard {
     references_of: HashMap<Key, Vec<ObjectKey>>,
     /// Pods refused because a host name was in use: retried when a host Pod goes.
     name_waiters: HashSet<Key>,
+    /// Over the tenant's Pod sync rate: nothing is sent before this instant.
+    paused_until: Option<Instant>,
     queue: VecDeque<Key>,
     queued: HashSet<Key>,
     retries: BTreeMap<Key, (Instant, Backoff)>,
@@ -444,6 +448,7 @@ impl Shard {
             referrers: HashMap::new(),
             references_of: HashMap::new(),
             name_waiters: HashSet::new(),
+            paused_until: None,
             queue: VecDeque::new(),
             queued: HashSet::new(),
             retries: BTreeMap::new(),
@@ -467,8 +472,30 @@ impl Shard {
                 Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
             )
         });
-        entry.0 = Instant::now() + entry.1.next_delay();
+        let at = Instant::now() + entry.1.next_delay();
+        // Over the tenant's rate limit: nothing is lost, the Pod waits at least as long as asked.
+        entry.0 = match self.paused_until {
+            Some(until) => at.max(until),
+            None => at,
+        };
         self.metrics.pod_errors_total.inc();
+    }
+
+    /// Notes a RESOURCE_EXHAUSTED answer: the shard sends nothing until the delay the host agent
+    /// asked for (its RetryInfo; one second without one) has passed.
+    fn note_rate_limited(&mut self, status: &tonic::Status) -> bool {
+        if status.code() != tonic::Code::ResourceExhausted {
+            return false;
+        }
+        use tonic_types::StatusExt as _;
+        let delay = status
+            .get_details_retry_info()
+            .and_then(|info| info.retry_delay)
+            .unwrap_or(Duration::from_secs(1));
+        tracing::debug!(?delay, %status, "over the tenant's Pod sync rate: pausing");
+        self.metrics.pods_rate_limited_total.inc();
+        self.paused_until = Some(Instant::now() + delay);
+        true
     }
 
     fn next_retry(&self) -> Option<Instant> {
@@ -478,9 +505,14 @@ impl Shard {
     /// Syncs the shard's Pods as the dispatcher reports them, until `shutdown`.
     async fn run(mut self, mut inbox: mpsc::Receiver<ShardInput>, mut shutdown: watch::Receiver<bool>) {
         loop {
+            if self.paused_until.is_some_and(|until| until <= Instant::now()) {
+                self.paused_until = None;
+            }
+            let paused = self.paused_until;
             let ready = self.pods_listed
                 && self.host_listed
                 && self.objects_listed == [true; 2]
+                && paused.is_none()
                 && !self.queue.is_empty();
             let retry_at = self.next_retry();
             tokio::select! {
@@ -562,6 +594,7 @@ impl Shard {
                         self.enqueue(key);
                     }
                 }
+                _ = async { tokio::time::sleep_until(paused.unwrap_or_else(Instant::now)).await }, if paused.is_some() => {}
                 _ = std::future::ready(()), if ready => {
                     if let Some(key) = self.queue.pop_front() {
                         self.queued.remove(&key);
@@ -659,7 +692,9 @@ impl Shard {
                 true
             }
             Err(status) => {
-                tracing::warn!(namespace = %key.0, pod = %key.1, %status, "DeletePod failed");
+                if !self.note_rate_limited(&status) {
+                    tracing::warn!(namespace = %key.0, pod = %key.1, %status, "DeletePod failed");
+                }
                 self.drop_clients_on(&status);
                 !retryable(&status)
             }
@@ -727,28 +762,37 @@ impl Shard {
         let Some((mut classes, mut pods)) = self.clients().await else {
             return false;
         };
-        let runtime_class = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.runtime_class_name.clone())
-            .unwrap_or_default();
-        let request = CheckPodRequest {
-            pod_namespace: key.0.clone(),
-            pod_name: key.1.clone(),
-            runtime_class_name: runtime_class,
-        };
-        let decision = match classes.check_pod(request).await {
-            Ok(answer) => answer.into_inner(),
-            Err(status) => {
-                tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
-                self.drop_clients_on(&status);
-                return false;
+        // ApplyPod decides on the host (it re-checks the class and returns the decision), so a
+        // Pod with everything it references goes there in one call. Only a Pod that would wait
+        // asks CheckPod first, so a denied class is reported rather than the missing objects.
+        let checked = if referenced.missing.is_empty() {
+            None
+        } else {
+            let runtime_class = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.runtime_class_name.clone())
+                .unwrap_or_default();
+            let request = CheckPodRequest {
+                pod_namespace: key.0.clone(),
+                pod_name: key.1.clone(),
+                runtime_class_name: runtime_class,
+            };
+            match classes.check_pod(request).await {
+                Ok(answer) => Some(answer.into_inner()),
+                Err(status) => {
+                    tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
+                    self.drop_clients_on(&status);
+                    return false;
+                }
             }
         };
-        if decision.allowed && !referenced.missing.is_empty() {
+        if checked.as_ref().is_some_and(|d| d.allowed) {
             return self.on_waiting(key, pod, &uid, &referenced.missing).await;
         }
-        let decision = if decision.allowed {
+        let decision = if let Some(denied) = checked {
+            denied
+        } else {
             let mut sent = pod.clone();
             sent.status = None;
             sent.metadata.managed_fields = None;
@@ -782,9 +826,18 @@ impl Shard {
                         );
                         return true;
                     }
-                    answer.decision.unwrap_or(decision)
+                    match answer.decision {
+                        Some(decision) if !decision.allowed => decision,
+                        other => {
+                            tracing::warn!(namespace = %key.0, pod = %key.1, decision = ?other, "ApplyPod neither applied nor refused the Pod; retrying");
+                            return false;
+                        }
+                    }
                 }
                 Err(status) => {
+                    if self.note_rate_limited(&status) {
+                        return false;
+                    }
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "ApplyPod failed");
                     self.drop_clients_on(&status);
                     if status.code() == tonic::Code::FailedPrecondition
@@ -803,8 +856,6 @@ impl Shard {
                     return false;
                 }
             }
-        } else {
-            decision
         };
         self.on_denied(key, pod, &uid, host_has_it, decision).await
     }

@@ -36,6 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::grpc::auth::Authenticator;
+use crate::grpc::limits::{StreamKind, TenantLimiter};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::translate::{
@@ -52,6 +53,7 @@ pub struct PodSyncService<V> {
     client: Client,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
+    limiter: TenantLimiter,
 }
 
 impl<V: ViewSource> PodSyncService<V> {
@@ -63,6 +65,7 @@ impl<V: ViewSource> PodSyncService<V> {
         client: Client,
         metrics: Metrics,
         shutdown: watch::Receiver<bool>,
+        limiter: TenantLimiter,
     ) -> Self {
         Self {
             views,
@@ -71,6 +74,7 @@ impl<V: ViewSource> PodSyncService<V> {
             client,
             metrics,
             shutdown,
+            limiter,
         }
     }
 
@@ -89,6 +93,7 @@ impl<V: ViewSource> PodSyncService<V> {
 
     async fn apply(&self, request: Request<ApplyPodRequest>) -> Result<ApplyPodResponse, Status> {
         let (name, tenant) = self.caller(&request)?;
+        self.limiter.take(&name)?;
         let request = request.into_inner();
         let pod: Pod = serde_json::from_slice(&request.pod_json)
             .map_err(|e| Status::invalid_argument(format!("pod_json is not a v1 Pod: {e}")))?;
@@ -98,11 +103,10 @@ impl<V: ViewSource> PodSyncService<V> {
             .as_ref()
             .and_then(|s| s.runtime_class_name.clone())
             .unwrap_or_default();
-        let view = self
+        let decision = self
             .views
-            .subscribe(&name)
+            .check_pod(&name, &id.name, &runtime_class)
             .ok_or_else(|| Status::permission_denied("unknown tenant"))?;
-        let decision = view.borrow().check_pod(&id.name, &runtime_class);
         let host_name = host_pod_name(&id.name, &id.namespace, name.as_str());
         let mut response = ApplyPodResponse {
             applied: false,
@@ -331,6 +335,7 @@ impl<V: ViewSource> PodSyncService<V> {
 
     async fn delete(&self, request: Request<DeletePodRequest>) -> Result<DeletePodResponse, Status> {
         let (name, tenant) = self.caller(&request)?;
+        self.limiter.take(&name)?;
         let req = request.into_inner();
         let host_name = host_pod_name(&req.pod_name, &req.pod_namespace, name.as_str());
         let api = self.pods(&tenant);
@@ -651,17 +656,31 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         request: Request<WatchPodStatusRequest>,
     ) -> Result<Response<Self::WatchPodStatusStream>, Status> {
         let started = Instant::now();
-        let caller = self.caller(&request);
+        let caller = self.caller(&request).and_then(|(name, tenant)| {
+            let slot = self.limiter.open(&name, StreamKind::PodStatus)?;
+            Ok((name, tenant, slot))
+        });
         self.metrics.record(WATCH, started, &caller);
-        let (name, tenant) = caller?;
+        let (name, tenant, slot) = caller?;
         let config = watcher::Config::default().labels(&managed_selector(&tenant));
         let events = watcher::watcher(self.pods(&tenant), config)
             .default_backoff()
             .boxed();
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("pod_status", tenant = %name);
+        let gauge = self
+            .metrics
+            .status_streams_open
+            .get_or_create(&Metrics::tenant(name.as_str()))
+            .clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(tracing::Instrument::instrument(
-            stream_status(events, tx, self.shutdown.clone()),
+            async move {
+                gauge.inc();
+                stream_status(events, tx, shutdown).await;
+                gauge.dec();
+                drop(slot);
+            },
             span,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -1,13 +1,15 @@
 //! `rcsync.v1.RuntimeClassSync`: the delta stream of a tenant's RuntimeClasses, and CheckPod.
 //!
 //! ```text
-//!  client ──SyncRequest (initial_resource_versions)──► session: acked = declared versions
-//!         ◄──SyncResponse (diff(view, acked), initial_state_complete)──
-//!         ──ACK nonce──► acked += sent           ──NACK──► acked += sent − failed, retry after backoff
-//!  view changes while a response is outstanding are coalesced into the next one.
+//!  client ──SyncRequest (initial_resource_versions)──► session: holds = empty view + declared exceptions
+//!         ◄──SyncResponse (diff(view, holds), initial_state_complete)──
+//!         ──ACK nonce──► holds = the view sent    ──NACK──► holds = view sent, failed ones as before;
+//!                                                           retried after backoff
+//!  diffs after the first follow the index's change log: work per response ∝ classes changed.
+//!  View changes while a response is outstanding are coalesced into the next one.
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,12 +17,15 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use rcsync_core::TenantName;
 use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSync;
-use rcsync_proto::v1::{CheckPodReason, CheckPodRequest, CheckPodResponse, SyncRequest, SyncResponse};
+use rcsync_proto::v1::{
+    CheckPodReason, CheckPodRequest, CheckPodResponse, Resource, SyncRequest, SyncResponse,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::grpc::auth::Authenticator;
+use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
 use crate::index::ViewSource;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::view::TenantView;
@@ -54,6 +59,7 @@ pub struct RuntimeClassSyncService<V> {
     retry: RetryPolicy,
     shutdown: watch::Receiver<bool>,
     last_errors: LastErrors,
+    limiter: TenantLimiter,
 }
 
 impl<V: ViewSource> RuntimeClassSyncService<V> {
@@ -65,6 +71,7 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
         retry: RetryPolicy,
         shutdown: watch::Receiver<bool>,
         last_errors: LastErrors,
+        limiter: TenantLimiter,
     ) -> Self {
         Self {
             views,
@@ -73,6 +80,7 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
             retry,
             shutdown,
             last_errors,
+            limiter,
         }
     }
 
@@ -107,16 +115,21 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
         request: Request<Streaming<SyncRequest>>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let started = Instant::now();
-        let opened = self.view_of(&request);
+        let opened = self.view_of(&request).and_then(|(tenant, view)| {
+            let slot = self.limiter.open(&tenant, StreamKind::Sync)?;
+            Ok((tenant, view, slot))
+        });
         self.metrics.record(SYNC, started, &opened);
-        let (tenant, view) = opened?;
+        let (tenant, view, slot) = opened?;
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             tenant: tenant.clone(),
             inbound: request.into_inner(),
             view,
+            views: self.views.clone(),
             tx,
-            acked: HashMap::new(),
+            base: Arc::new(TenantView::default()),
+            exceptions: HashMap::new(),
             pending: None,
             sent_policy: None,
             nonce: 0,
@@ -125,6 +138,7 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             last_errors: self.last_errors.clone(),
+            _slot: slot,
         };
         let span = tracing::info_span!("sync", tenant = %tenant);
         tokio::spawn(tracing::Instrument::instrument(session.run(), span));
@@ -137,9 +151,12 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
     ) -> Result<Response<CheckPodResponse>, Status> {
         let started = Instant::now();
         let result = (|| {
-            let (tenant, view) = self.view_of(&request)?;
+            let tenant = self.auth.identify_ready(&request, self.views.as_ref())?;
             let req = request.get_ref();
-            let decision = view.borrow().check_pod(&req.pod_name, &req.runtime_class_name);
+            let decision = self
+                .views
+                .check_pod(&tenant, &req.pod_name, &req.runtime_class_name)
+                .ok_or_else(|| Status::permission_denied("unknown tenant"))?;
             let reason = CheckPodReason::try_from(decision.reason).unwrap_or(CheckPodReason::Unspecified);
             self.metrics
                 .decisions_total
@@ -158,18 +175,24 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
 /// A response that waits for its ACK.
 struct Pending {
     nonce: String,
-    upserts: Vec<(String, String)>,
-    removed: Vec<String>,
+    /// The view it was computed from: what the client holds once it ACKs.
+    view: Arc<TenantView>,
+    /// Each name sent, with what the client held before (restored for resources it NACKs).
+    sent: Vec<(String, Option<String>)>,
 }
 
-/// One Sync stream.
-struct Session {
+/// One Sync stream. What the client holds is a view snapshot it acknowledged (`base`) plus the
+/// few names where it differs (`exceptions`: its declared state before the first ACK, NACKed
+/// resources after), so a stream costs a few pointers however many classes it holds, and a change
+/// costs work for the classes that changed, found in the index's change log.
+struct Session<V> {
     tenant: TenantName,
     inbound: Streaming<SyncRequest>,
     view: watch::Receiver<Arc<TenantView>>,
+    views: Arc<V>,
     tx: mpsc::Sender<Result<SyncResponse, Status>>,
-    /// What the client holds, as far as it has acknowledged: name → version.
-    acked: HashMap<String, String>,
+    base: Arc<TenantView>,
+    exceptions: HashMap<String, Option<String>>,
     pending: Option<Pending>,
     /// The Pod policy version last sent.
     sent_policy: Option<String>,
@@ -179,9 +202,35 @@ struct Session {
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
     last_errors: LastErrors,
+    /// This stream's place under the tenant's `limits.syncStreams`.
+    _slot: StreamSlot,
 }
 
-impl Session {
+/// What one response carries.
+#[derive(Default)]
+struct Diff {
+    upserts: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+    sent: Vec<(String, Option<String>)>,
+}
+
+impl Diff {
+    fn upsert(&mut self, resource: &Arc<Resource>, held: Option<String>) {
+        self.sent.push((resource.name.clone(), held));
+        self.upserts.push(resource.clone());
+    }
+
+    fn remove(&mut self, name: String, held: Option<String>) {
+        self.sent.push((name.clone(), held));
+        self.removed.push(name);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl<V: ViewSource> Session<V> {
     async fn run(mut self) {
         let label = Metrics::tenant(self.tenant.as_str());
         self.metrics.streams_open.get_or_create(&label).inc();
@@ -195,14 +244,20 @@ impl Session {
             _ = self.shutdown.changed() => return,
         };
         match first {
-            Ok(Some(first)) => self.acked = first.initial_resource_versions,
+            Ok(Some(first)) => {
+                self.exceptions = first
+                    .initial_resource_versions
+                    .into_iter()
+                    .map(|(name, version)| (name, Some(version)))
+                    .collect();
+            }
             Ok(None) => return,
             Err(status) => {
                 tracing::debug!(%status, "stream failed before its first request");
                 return;
             }
         }
-        tracing::info!(declared = self.acked.len(), "sync stream opened");
+        tracing::info!(declared = self.exceptions.len(), "sync stream opened");
         let mut first_sent = false;
         let mut dirty = true;
         let mut retry_at: Option<tokio::time::Instant> = None;
@@ -255,58 +310,125 @@ impl Session {
         }
     }
 
+    /// What the client holds and `view` does not: the whole view on the first response, after
+    /// a config change or relist (new epoch) or when the change log no longer reaches back;
+    /// otherwise only the classes changed since the acknowledged view, and the exceptions.
+    fn diff(&self, view: &TenantView, first: bool) -> Diff {
+        let changed = if first || view.epoch != self.base.epoch {
+            None
+        } else {
+            self.views
+                .changed_between(self.base.generation(), view.generation())
+        };
+        let mut diff = Diff::default();
+        match changed {
+            None => {
+                let mut held: HashMap<&str, Option<&str>> = self
+                    .base
+                    .iter_offered()
+                    .map(|(_, r)| (r.name.as_str(), Some(r.version.as_str())))
+                    .collect();
+                for (name, version) in &self.exceptions {
+                    held.insert(name, version.as_deref());
+                }
+                let mut wanted: HashSet<&str> = HashSet::new();
+                for (_, resource) in view.iter_offered() {
+                    wanted.insert(&resource.name);
+                    let had = held.get(resource.name.as_str()).copied().flatten();
+                    if had != Some(resource.version.as_str()) {
+                        diff.upsert(resource, had.map(str::to_string));
+                    }
+                }
+                let mut gone: Vec<(&str, &str)> = held
+                    .iter()
+                    .filter(|(name, _)| !wanted.contains(*name))
+                    .filter_map(|(name, v)| Some((*name, (*v)?)))
+                    .collect();
+                gone.sort();
+                for (name, version) in gone {
+                    diff.remove(name.to_string(), Some(version.to_string()));
+                }
+            }
+            Some(ids) => {
+                let mut now: HashMap<&str, &Arc<Resource>> = HashMap::new();
+                let mut before: HashMap<&str, &str> = HashMap::new();
+                for id in ids {
+                    if let Some(r) = view.offered(id) {
+                        now.insert(&r.name, r);
+                    }
+                    if let Some(r) = self.base.offered(id) {
+                        before.insert(&r.name, &r.version);
+                    }
+                }
+                // Exceptions may name classes that did not change: look them up in the view.
+                let everything: Option<HashMap<&str, &Arc<Resource>>> = self
+                    .exceptions
+                    .keys()
+                    .any(|n| !now.contains_key(n.as_str()))
+                    .then(|| view.iter_offered().map(|(_, r)| (r.name.as_str(), r)).collect());
+                let mut names: Vec<&str> = now
+                    .keys()
+                    .chain(before.keys())
+                    .copied()
+                    .chain(self.exceptions.keys().map(String::as_str))
+                    .collect();
+                names.sort_unstable();
+                names.dedup();
+                for name in names {
+                    let had: Option<&str> = match self.exceptions.get(name) {
+                        Some(v) => v.as_deref(),
+                        None => before.get(name).copied(),
+                    };
+                    let want = now
+                        .get(name)
+                        .copied()
+                        .or_else(|| everything.as_ref()?.get(name).copied());
+                    match want {
+                        Some(r) if had != Some(r.version.as_str()) => diff.upsert(r, had.map(str::to_string)),
+                        None if had.is_some() => diff.remove(name.to_string(), had.map(str::to_string)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        diff
+    }
+
     /// Sends the difference between the view and what the client holds (always when `first`).
     /// False when the client is gone.
     async fn send_diff(&mut self, first: bool) -> bool {
         let view = self.view.borrow_and_update().clone();
-        let mut resources = Vec::new();
-        for (name, resource) in &view.classes {
-            if self.acked.get(name) != Some(&resource.version) {
-                resources.push((**resource).clone());
-            }
-        }
-        let mut removed: Vec<String> = self
-            .acked
-            .keys()
-            .filter(|name| !view.classes.contains_key(*name))
-            .cloned()
-            .collect();
-        removed.sort();
-        let policy_changed = self.sent_policy.as_ref() != Some(&view.pod_policy_version);
-        if !first && resources.is_empty() && removed.is_empty() && !policy_changed {
+        let diff = self.diff(&view, first);
+        let policy_changed = self.sent_policy.as_deref() != Some(view.pod_policy_version.as_str());
+        if !first && diff.is_empty() && !policy_changed {
+            // The client already holds this view.
+            self.base = view;
+            self.exceptions.clear();
             return true;
         }
         self.sent_policy = Some(view.pod_policy_version.clone());
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let versions: BTreeMap<&str, &str> = view
-            .classes
-            .values()
-            .map(|r| (r.name.as_str(), r.version.as_str()))
-            .collect();
         let response = SyncResponse {
             nonce: nonce.clone(),
-            resources: resources.clone(),
-            removed_resources: removed.clone(),
+            resources: diff.upserts.iter().map(|r| (**r).clone()).collect(),
+            removed_resources: diff.removed.clone(),
             initial_state_complete: first,
             sync_enabled: view.sync_enabled,
-            system_version_info: rcsync_core::version::content_version(&versions),
+            system_version_info: view.digest(),
             pod_policy_version: view.pod_policy_version.clone(),
         };
         tracing::debug!(
             nonce,
-            upserts = resources.len(),
-            removed = removed.len(),
+            upserts = diff.upserts.len(),
+            removed = diff.removed.len(),
             first,
             "sending"
         );
         self.pending = Some(Pending {
             nonce,
-            upserts: resources
-                .iter()
-                .map(|r| (r.name.clone(), r.version.clone()))
-                .collect(),
-            removed,
+            view,
+            sent: diff.sent,
         });
         self.metrics
             .responses_total
@@ -330,16 +452,14 @@ impl Session {
             .as_ref()
             .map(|e| e.resource_errors.clone())
             .unwrap_or_default();
-        for (name, version) in pending.upserts {
-            if !failed.contains_key(&name) {
-                self.acked.insert(name, version);
-            }
-        }
-        for name in pending.removed {
-            if !failed.contains_key(&name) {
-                self.acked.remove(&name);
-            }
-        }
+        // Every exception was either sent or already equal to the view: the client now holds
+        // the view, except what it failed to apply, which it holds as before.
+        self.base = pending.view;
+        self.exceptions = pending
+            .sent
+            .into_iter()
+            .filter(|(name, _)| failed.contains_key(name))
+            .collect();
         match request.error_detail {
             None => {
                 self.metrics.acks_total.get_or_create(&label).inc();

@@ -1,0 +1,634 @@
+//! The host agent at fleet scale, black-box: the real `host-agent` binary against a devcluster,
+//! tenants' Sync streams opened by an in-process tonic client (not by agents), every figure next
+//! to a floor measured in the same run.
+//!
+//! ```text
+//!  devcluster (in process) ◄──watch── host-agent (release binary) ◄──N Sync streams, CheckPod── this bench
+//! ```
+//!
+//! Figures: host-agent RSS (VmRSS about 1 s after the streams received their initial state), start
+//! to ready, one change reaching every stream (p50/p99 over rounds), intake of a burst of classes
+//! created while running, the pause a one-tenant reload causes (CheckPod and /livez), view
+//! rebuilds on an unchanged reload, CheckPod against a gRPC health check (closed loop, 4
+//! connections × 16 streams), and Pods reaching the host against creating them there directly.
+//!
+//! Run: `cargo bench -p rcsync-tests --bench scale` (both shapes of the issue), or with
+//! `-- --shape 10000x100 --intake 9000` / `-- --shape 50x1000` / `-- --only pods`, and
+//! `--host-agent PATH` to measure another build of the agent.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
+use rcsync_proto::v1::{CheckPodRequest, SyncRequest, SyncResponse};
+use rcsync_tests::system::{System, TenantSpec};
+use rcsync_tests::{Cluster, binary, http_get, spawn_listening};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tonic::Request;
+use tonic::transport::Channel;
+
+/// What each stream reports: (stream, when, class names in the response).
+type Seen = (usize, Instant, Vec<String>);
+
+struct Shape {
+    classes: usize,
+    tenants: usize,
+    streams: usize,
+    /// Classes created while running (0: skip the intake figure).
+    intake: usize,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let only = arg("--only");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let shapes: Vec<Shape> = match arg("--shape") {
+            Some(shape) => {
+                let (classes, tenants) = shape.split_once('x').expect("--shape CLASSESxTENANTS");
+                let tenants: usize = tenants.parse().unwrap();
+                vec![Shape {
+                    classes: classes.parse().unwrap(),
+                    tenants,
+                    streams: arg("--streams").map_or(tenants, |s| s.parse().unwrap()),
+                    intake: arg("--intake").map_or(0, |s| s.parse().unwrap()),
+                }]
+            }
+            None => vec![
+                Shape {
+                    classes: 1_000,
+                    tenants: 100,
+                    streams: 100,
+                    intake: 0,
+                },
+                Shape {
+                    classes: 10_000,
+                    tenants: 100,
+                    streams: 100,
+                    intake: 9_000,
+                },
+                Shape {
+                    classes: 50,
+                    tenants: 1_000,
+                    streams: 1_000,
+                    intake: 0,
+                },
+            ],
+        };
+        if only.as_deref() != Some("pods") {
+            let agent = arg("--host-agent").map_or_else(|| binary("host-agent"), std::path::PathBuf::from);
+            for shape in &shapes {
+                fleet(shape, &agent).await;
+            }
+        }
+        if only.is_none() || only.as_deref() == Some("pods") {
+            pods(300).await;
+        }
+    });
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn class(name: &str, round: usize) -> RuntimeClass {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"environment": "bench", "round": round.to_string()}},
+        "handler": "runsc"
+    }))
+    .unwrap()
+}
+
+/// Creates classes `from..to` with 32 requests in flight; returns when the last was accepted.
+async fn create_classes(api: &Api<RuntimeClass>, prefix: &str, from: usize, to: usize) -> Instant {
+    futures::stream::iter(from..to)
+        .map(|i| {
+            let api = api.clone();
+            let name = format!("{prefix}-{i}");
+            async move {
+                api.create(&PostParams::default(), &class(&name, 0))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    Instant::now()
+}
+
+fn tenants_yaml(tenants: usize, dir: &Path, selector_on_first: bool) -> String {
+    let mut yaml = String::from("tenants:\n");
+    for t in 0..tenants {
+        let name = format!("t{t}");
+        std::fs::write(dir.join(format!("{name}.token")), format!("token-{t}\n")).unwrap();
+        let rc = if selector_on_first && t == 0 {
+            "{enabled: true, selector: {matchLabels: {environment: other}}}"
+        } else {
+            "{enabled: true}"
+        };
+        yaml.push_str(&format!(
+            "  - name: {name}\n    hostNamespace: ns-{name}\n    tokenFile: {name}.token\n    sync: {{fromHost: {{runtimeClasses: {rc}}}}}\n"
+        ));
+    }
+    yaml
+}
+
+fn with_token<T>(message: T, tenant: usize) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer token-{tenant}").parse().unwrap());
+    request
+}
+
+/// Opens one Sync stream that ACKs every response and reports what each carried.
+async fn open_stream(channel: Channel, id: usize, tenant: usize, seen: mpsc::UnboundedSender<Seen>) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(SyncRequest::default()).await.unwrap();
+    let mut client = RuntimeClassSyncClient::new(channel);
+    let mut responses = client
+        .sync(with_token(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tenant,
+        ))
+        .await
+        .expect("opening a Sync stream")
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(response)) = responses.message().await {
+            let at = Instant::now();
+            let names = names_of(&response);
+            let _ = tx
+                .send(SyncRequest {
+                    response_nonce: response.nonce.clone(),
+                    ..Default::default()
+                })
+                .await;
+            if seen.send((id, at, names)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn names_of(response: &SyncResponse) -> Vec<String> {
+    response
+        .resources
+        .iter()
+        .map(|r| r.name.clone())
+        .chain(response.removed_resources.iter().cloned())
+        .collect()
+}
+
+async fn fleet(shape: &Shape, agent_binary: &Path) {
+    println!(
+        "\n== {} host RuntimeClasses × {} tenants, {} Sync streams ==",
+        shape.classes, shape.tenants, shape.streams
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start("host", "RCSYNC_BENCH_UNUSED", dir.path()).await;
+    let client = cluster.client().await;
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    let started = Instant::now();
+    create_classes(&classes, "class", 0, shape.classes).await;
+    println!(
+        "setup: {} classes created in {:.1} s",
+        shape.classes,
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::write(
+        dir.path().join("tenants.yaml"),
+        tenants_yaml(shape.tenants, dir.path(), false),
+    )
+    .unwrap();
+
+    // Start to ready.
+    let spawned = Instant::now();
+    let (agent, addrs, _) = spawn_listening("host-agent", agent_binary, dir.path(), 2, "listening", |a| {
+        vec![
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+            "--config".into(),
+            dir.path().join("tenants.yaml").display().to_string(),
+            "--grpc-listen".into(),
+            a[0].clone(),
+            "--admin-listen".into(),
+            a[1].clone(),
+            "--log-level".into(),
+            "warn,host_agent::run=info".into(),
+        ]
+    })
+    .await;
+    let (grpc, admin) = (addrs[0].clone(), addrs[1].clone());
+    loop {
+        if http_get(&admin, "/readyz").await.is_some_and(|(c, _)| c == 200) {
+            break;
+        }
+        assert!(
+            spawned.elapsed() < Duration::from_secs(300),
+            "not ready after 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready = spawned.elapsed();
+    println!("start to ready: {:.2} s", ready.as_secs_f64());
+
+    // Streams: one per tenant (round robin when there are more), over 8 connections.
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(
+            Channel::from_shared(format!("http://{grpc}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<Seen>();
+    let opened = Instant::now();
+    for id in 0..shape.streams {
+        open_stream(
+            channels[id % channels.len()].clone(),
+            id,
+            id % shape.tenants,
+            seen_tx.clone(),
+        )
+        .await;
+    }
+    let mut initial = 0;
+    while initial < shape.streams {
+        let (_, _, names) = seen.recv().await.unwrap();
+        assert_eq!(names.len(), shape.classes, "an initial state holds every class");
+        initial += 1;
+    }
+    println!(
+        "initial state on all {} streams: {:.2} s",
+        shape.streams,
+        opened.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = rss_mib(agent.pid());
+    println!("host-agent RSS: {rss:.1} MiB");
+
+    // One change, every stream: relabel one class per round.
+    let rounds = 40;
+    let mut to_all = Vec::new();
+    let mut to_first = Vec::new();
+    let mut check_during = Vec::new();
+    let check_channel = channels[0].clone();
+    for round in 1..=rounds {
+        let name = format!("class-{}", round % shape.classes);
+        let patch = json!({"metadata": {"labels": {"round": round.to_string()}}});
+        classes
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        let written = Instant::now();
+        // A CheckPod while the change fans out.
+        let mut checker = RuntimeClassSyncClient::new(check_channel.clone());
+        let asked = Instant::now();
+        checker
+            .check_pod(with_token(
+                CheckPodRequest {
+                    pod_name: "p".into(),
+                    runtime_class_name: name.clone(),
+                    ..Default::default()
+                },
+                1 % shape.tenants,
+            ))
+            .await
+            .unwrap();
+        check_during.push(asked.elapsed());
+        let mut got: HashSet<usize> = HashSet::new();
+        let mut first = None;
+        while got.len() < shape.streams {
+            let (id, at, names) = tokio::time::timeout(Duration::from_secs(60), seen.recv())
+                .await
+                .expect("every stream gets the change within 60 s")
+                .unwrap();
+            if names.contains(&name) && got.insert(id) {
+                first.get_or_insert(at);
+                if got.len() == shape.streams {
+                    to_all.push(at.saturating_duration_since(written));
+                }
+            }
+        }
+        to_first.push(first.unwrap().saturating_duration_since(written));
+    }
+    to_all.sort();
+    to_first.sort();
+    check_during.sort();
+    println!(
+        "one change on every stream: p50 {}, p99 {} (first stream p50 {}); {rounds} rounds",
+        ms(percentile(&to_all, 0.5)),
+        ms(percentile(&to_all, 0.99)),
+        ms(percentile(&to_first, 0.5)),
+    );
+    let mut check_idle = Vec::new();
+    for _ in 0..200 {
+        let mut checker = RuntimeClassSyncClient::new(check_channel.clone());
+        let asked = Instant::now();
+        checker
+            .check_pod(with_token(
+                CheckPodRequest {
+                    pod_name: "p".into(),
+                    runtime_class_name: "class-1".into(),
+                    ..Default::default()
+                },
+                1 % shape.tenants,
+            ))
+            .await
+            .unwrap();
+        check_idle.push(asked.elapsed());
+    }
+    check_idle.sort();
+    println!(
+        "CheckPod p99 while a change fans out: {} (idle: {})",
+        ms(percentile(&check_during, 0.99)),
+        ms(percentile(&check_idle, 0.99)),
+    );
+
+    // Intake: a burst of classes created while running.
+    if shape.intake > 0 {
+        let burst_started = Instant::now();
+        let collector = tokio::spawn({
+            let streams = shape.streams;
+            let want = shape.intake;
+            async move {
+                let mut counts: HashMap<usize, usize> = HashMap::new();
+                let mut complete = 0;
+                loop {
+                    let (id, at, names) = seen.recv().await.unwrap();
+                    let n = counts.entry(id).or_default();
+                    let before = *n;
+                    *n += names.iter().filter(|n| n.starts_with("burst-")).count();
+                    if before < want && *n >= want {
+                        complete += 1;
+                        if complete == streams {
+                            return (at, seen);
+                        }
+                    }
+                }
+            }
+        });
+        let accepted = create_classes(&classes, "burst", 0, shape.intake).await;
+        let api_took = accepted - burst_started;
+        let (done, rest) = tokio::time::timeout(Duration::from_secs(600), collector)
+            .await
+            .expect("the burst reaches every stream within 600 s")
+            .unwrap();
+        seen = rest;
+        println!(
+            "intake: {} classes accepted by the API server in {:.2} s; on every stream {:.2} s after the last was accepted ({:.0} classes/s end to end)",
+            shape.intake,
+            api_took.as_secs_f64(),
+            done.saturating_duration_since(accepted).as_secs_f64(),
+            shape.intake as f64 / done.saturating_duration_since(burst_started).as_secs_f64()
+        );
+    }
+
+    // Reloads: unchanged (nothing may be rebuilt), then one tenant changed (pause).
+    let rebuilds = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("rcsync_view_rebuilds_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+    };
+    let before = rebuilds(&http_get(&admin, "/metrics").await.unwrap().1);
+    agent.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rebuilds(&http_get(&admin, "/metrics").await.unwrap().1);
+    match (before, after) {
+        (Some(b), Some(a)) => println!("unchanged reload (SIGHUP): {} view rebuilds", a - b),
+        _ => println!("unchanged reload (SIGHUP): the agent exports no rcsync_view_rebuilds_total"),
+    }
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let pause = |what: &'static str| {
+        let mut stop = stop.clone();
+        let grpc = check_channel.clone();
+        let admin = admin.clone();
+        let tenants = shape.tenants;
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !*stop.borrow_and_update() {
+                let asked = Instant::now();
+                if what == "CheckPod" {
+                    let mut checker = RuntimeClassSyncClient::new(grpc.clone());
+                    let _ = checker
+                        .check_pod(with_token(
+                            CheckPodRequest {
+                                pod_name: "p".into(),
+                                runtime_class_name: "class-1".into(),
+                                ..Default::default()
+                            },
+                            1 % tenants,
+                        ))
+                        .await;
+                } else {
+                    let _ = http_get(&admin, "/livez").await;
+                }
+                worst = worst.max(asked.elapsed());
+            }
+            worst
+        })
+    };
+    let check_pause = pause("CheckPod");
+    let livez_pause = pause("livez");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = dir.path().join("tenants.yaml.next");
+    std::fs::write(&next, tenants_yaml(shape.tenants, dir.path(), true)).unwrap();
+    std::fs::rename(&next, dir.path().join("tenants.yaml")).unwrap();
+    // Tenant t0's stream sees its classes removed once the reload is applied.
+    let reloaded = Instant::now();
+    loop {
+        let (id, _, names) = tokio::time::timeout(Duration::from_secs(120), seen.recv())
+            .await
+            .expect("the reload reaches tenant t0 within 120 s")
+            .unwrap();
+        if id == 0 && !names.is_empty() {
+            break;
+        }
+    }
+    let applied = reloaded.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop_tx.send(true);
+    println!(
+        "one-tenant reload: applied in {} ; longest CheckPod meanwhile {}, longest /livez {}",
+        ms(applied),
+        ms(check_pause.await.unwrap()),
+        ms(livez_pause.await.unwrap())
+    );
+
+    closed_loop(&grpc, shape.tenants).await;
+    drop(agent);
+}
+
+/// CheckPod against gRPC health on the same server: a closed loop of 4 connections × 16 streams.
+async fn closed_loop(grpc: &str, tenants: usize) {
+    async fn run(grpc: &str, tenants: usize, check_pod: bool) -> (Vec<Duration>, f64) {
+        let window = Duration::from_secs(2);
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let channel = Channel::from_shared(format!("http://{grpc}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            for _ in 0..16 {
+                let channel = channel.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let started = Instant::now();
+                    let mut classes = RuntimeClassSyncClient::new(channel.clone());
+                    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                    while started.elapsed() < window {
+                        let asked = Instant::now();
+                        if check_pod {
+                            classes
+                                .check_pod(with_token(
+                                    CheckPodRequest {
+                                        pod_name: "p".into(),
+                                        runtime_class_name: "class-1".into(),
+                                        ..Default::default()
+                                    },
+                                    1 % tenants,
+                                ))
+                                .await
+                                .unwrap();
+                        } else {
+                            health
+                                .check(tonic_health::pb::HealthCheckRequest {
+                                    service: String::new(),
+                                })
+                                .await
+                                .unwrap();
+                        }
+                        latencies.push(asked.elapsed());
+                    }
+                    latencies
+                }));
+            }
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        all.sort();
+        let rate = all.len() as f64 / window.as_secs_f64();
+        (all, rate)
+    }
+    let (health, health_rate) = run(grpc, tenants, false).await;
+    let (check, check_rate) = run(grpc, tenants, true).await;
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len().max(1) as u32;
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    println!(
+        "CheckPod vs health (4 connections × 16 streams): mean {} vs {} ({:.2}×), p50 {} vs {} ({:.2}×), p99 {} vs {} ({:.2}×); {:.0} vs {:.0} req/s",
+        ms(mean(&check)),
+        ms(mean(&health)),
+        ratio(mean(&check), mean(&health)),
+        ms(percentile(&check, 0.5)),
+        ms(percentile(&health, 0.5)),
+        ratio(percentile(&check, 0.5), percentile(&health, 0.5)),
+        ms(percentile(&check, 0.99)),
+        ms(percentile(&health, 0.99)),
+        ratio(percentile(&check, 0.99), percentile(&health, 0.99)),
+        check_rate,
+        health_rate,
+    );
+}
+
+/// `n` Pods created in the virtual cluster reach the host, against creating them on the host.
+async fn pods(n: usize) {
+    println!("\n== {n} Pods: virtual cluster → host ==");
+    let system = System::start(&[TenantSpec::new("team-a", "{enabled: true}")], &[]).await;
+    let tenant = &system.virtual_side().tenant;
+    let pod = |name: String| -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1.0"}]}}))
+        .unwrap()
+    };
+    let create_all = |api: Api<Pod>, prefix: &'static str| async move {
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let api = api.clone();
+                let pod = pod(format!("{prefix}-{i}"));
+                async move { api.create(&PostParams::default(), &pod).await.unwrap() }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+    };
+    // Floor: the same Pods created directly in a host namespace.
+    let host_client = system.host.client().await;
+    Api::<Namespace>::all(host_client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "floor"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    create_all(Api::namespaced(host_client.clone(), "floor"), "direct").await;
+    let floor = started.elapsed();
+    // Through rcsync: created in the virtual cluster, counted when the host holds them all.
+    let host_pods: Api<Pod> = Api::namespaced(host_client, &tenant.host_namespace());
+    let started = Instant::now();
+    let count = tokio::spawn({
+        let host_pods = host_pods.clone();
+        async move {
+            let mut watch = kube::runtime::watcher(host_pods, Default::default()).boxed();
+            let mut seen: BTreeMap<String, ()> = BTreeMap::new();
+            while let Some(Ok(event)) = watch.next().await {
+                if let kube::runtime::watcher::Event::Apply(p) | kube::runtime::watcher::Event::InitApply(p) =
+                    event
+                {
+                    seen.insert(p.metadata.name.unwrap_or_default(), ());
+                    if seen.len() >= n {
+                        return Instant::now();
+                    }
+                }
+            }
+            Instant::now()
+        }
+    });
+    create_all(system.virtual_side().pods().await, "synced").await;
+    let done = count.await.unwrap();
+    let through = done - started;
+    println!(
+        "{n} Pods on the host: {:.2} s through rcsync vs {:.2} s created directly ({:.2}×)",
+        through.as_secs_f64(),
+        floor.as_secs_f64(),
+        through.as_secs_f64() / floor.as_secs_f64()
+    );
+}
