@@ -189,8 +189,9 @@ pub struct ClassIndex {
     ids: HashMap<Arc<str>, u32>,
     free_ids: Vec<u32>,
     next_id: u32,
-    /// Classes of a relist in progress (between Init and InitDone).
-    relist: Option<Vec<RuntimeClass>>,
+    /// Classes of a relist in progress (between Init and InitDone): name, and the new form
+    /// unless the stored one is of the same resourceVersion.
+    relist: Option<Vec<(Arc<str>, Option<HostClass>)>>,
     tenants: Arc<TenantsState>,
     /// The last view published to each tenant.
     published: HashMap<TenantName, Arc<TenantView>>,
@@ -223,11 +224,43 @@ impl ClassIndex {
 
     /// Applies one watcher event.
     pub fn handle(&mut self, event: Event<RuntimeClass>) {
+        self.handle_batch(vec![event]);
+    }
+
+    /// Applies watcher events in order; the changes of consecutive Apply/Delete events reach each
+    /// tenant as one new view.
+    pub fn handle_batch(&mut self, events: Vec<Event<RuntimeClass>>) {
+        let mut changed: Vec<u32> = Vec::new();
+        for event in events {
+            match event {
+                Event::Apply(rc) => changed.push(self.upsert(&rc)),
+                Event::Delete(rc) => changed.extend(self.remove(&rc.name_any())),
+                other => {
+                    self.publish_changes(&std::mem::take(&mut changed));
+                    self.handle_list(other);
+                }
+            }
+        }
+        self.publish_changes(&changed);
+        self.metrics.host_classes.set(self.ids.len() as i64);
+    }
+
+    fn handle_list(&mut self, event: Event<RuntimeClass>) {
         match event {
             Event::Init => self.relist = Some(Vec::new()),
             Event::InitApply(rc) => {
+                let name: Arc<str> = rc.name_any().into();
+                let unchanged = self
+                    .ids
+                    .get(&name)
+                    .and_then(|id| self.table.slots.get(*id))
+                    .is_some_and(|h| {
+                        h.resource_version.is_some() && h.resource_version == rc.metadata.resource_version
+                    });
+                // Normalised at once: the full object (managedFields and all) is not kept.
+                let fresh = (!unchanged).then(|| HostClass::new(u32::MAX, &rc));
                 if let Some(relist) = &mut self.relist {
-                    relist.push(rc);
+                    relist.push((name, fresh));
                 }
             }
             Event::InitDone => {
@@ -238,22 +271,18 @@ impl ClassIndex {
                     .synced
                     .store(true, std::sync::atomic::Ordering::Release);
             }
-            Event::Apply(rc) => {
-                let id = self.upsert(&rc);
-                self.publish_change(id);
-            }
-            Event::Delete(rc) => {
-                if let Some(id) = self.remove(&rc.name_any()) {
-                    self.publish_change(id);
-                }
-            }
+            Event::Apply(_) | Event::Delete(_) => unreachable!("handled by handle_batch"),
         }
-        self.metrics.host_classes.set(self.ids.len() as i64);
     }
 
     /// Stores a new version of a class; returns its id. The only content hash per change.
     fn upsert(&mut self, rc: &RuntimeClass) -> u32 {
-        let name: Arc<str> = rc.name_any().into();
+        self.store(HostClass::new(u32::MAX, rc))
+    }
+
+    /// Stores a normalised class under its id (a new one for a new name); returns the id.
+    fn store(&mut self, mut host: HostClass) -> u32 {
+        let name = host.name.clone();
         let id = match self.ids.get(&name) {
             Some(id) => *id,
             None => {
@@ -265,7 +294,8 @@ impl ClassIndex {
                 id
             }
         };
-        let host = Arc::new(HostClass::new(id, rc));
+        host.id = id;
+        let host = Arc::new(host);
         self.metrics.class_versions_total.inc();
         self.table.generation += 1;
         self.table.slots.set(id, Some(host.clone()));
@@ -300,9 +330,16 @@ impl ClassIndex {
             .push(self.table.generation, id);
     }
 
-    /// Re-evaluates one class for every tenant; publishes only the views that changed.
-    fn publish_change(&mut self, id: u32) {
-        let host = self.table.slots.get(id).cloned();
+    /// Re-evaluates changed classes for every tenant; publishes one new view to each tenant
+    /// whose view changed, none to the others.
+    fn publish_changes(&mut self, ids: &[u32]) {
+        if ids.is_empty() {
+            return;
+        }
+        let hosts: Vec<(u32, Option<Arc<HostClass>>)> = ids
+            .iter()
+            .map(|id| (*id, self.table.slots.get(*id).cloned()))
+            .collect();
         let tenants = self.tenants.clone();
         for tenant in &tenants.file.tenants {
             let Some(current) = self.published.get(&tenant.name) else {
@@ -310,12 +347,19 @@ impl ClassIndex {
             };
             let mut next = (**current).clone();
             let patches = tenants.patches_of(&tenant.name);
-            let changed = next.apply(&tenant.runtime_classes, patches, id, host.as_ref());
-            if let Some(host) = &host {
-                self.warn_if_filtered(tenant, &next, host);
+            let mut changed = false;
+            for (id, host) in &hosts {
+                changed |= next.apply(&tenant.runtime_classes, patches, *id, host.as_ref());
             }
             if changed {
                 next.set_table(&self.table);
+            }
+            // Judged on the view with its table current, so a new offered class is not
+            // mistaken for a filtered one.
+            for host in hosts.iter().filter_map(|(_, h)| h.as_ref()) {
+                self.warn_if_filtered(tenant, &next, host);
+            }
+            if changed {
                 self.publish(tenant, next);
             }
         }
@@ -371,21 +415,13 @@ impl ClassIndex {
 
     /// Replaces every class after a (re)list: unchanged objects keep their normalised form;
     /// every tenant's view is rebuilt (its streams diff in full once).
-    fn replace_all(&mut self, listed: Vec<RuntimeClass>) {
+    fn replace_all(&mut self, listed: Vec<(Arc<str>, Option<HostClass>)>) {
         let mut seen: HashMap<Arc<str>, ()> = HashMap::new();
         let mut changed: Vec<u32> = Vec::new();
-        for rc in &listed {
-            let name: Arc<str> = rc.name_any().into();
-            seen.insert(name.clone(), ());
-            let unchanged = self
-                .ids
-                .get(&name)
-                .and_then(|id| self.table.slots.get(*id))
-                .is_some_and(|h| {
-                    h.resource_version.is_some() && h.resource_version == rc.metadata.resource_version
-                });
-            if !unchanged {
-                changed.push(self.upsert(rc));
+        for (name, fresh) in listed {
+            seen.insert(name, ());
+            if let Some(host) = fresh {
+                changed.push(self.store(host));
             }
         }
         let gone: Vec<Arc<str>> = self
@@ -500,19 +536,19 @@ pub async fn run(
             }
             batch = next_batch(&mut events, 256) => {
                 let Some(batch) = batch else { return };
+                let mut events = Vec::with_capacity(batch.len());
                 for event in batch {
                     match event {
-                        Ok(event) => {
-                            let done = matches!(event, Event::InitDone);
-                            index.handle(event);
-                            if done && !announced {
-                                announced = true;
-                                tracing::info!(classes = index.ids.len(), "listed host RuntimeClasses");
-                                listed();
-                            }
-                        }
+                        Ok(event) => events.push(event),
                         Err(e) => tracing::warn!(error = %e, "watching host RuntimeClasses failed; retrying with backoff"),
                     }
+                }
+                let done = events.iter().any(|e| matches!(e, Event::InitDone));
+                index.handle_batch(events);
+                if done && !announced {
+                    announced = true;
+                    tracing::info!(classes = index.ids.len(), "listed host RuntimeClasses");
+                    listed();
                 }
             }
         }
@@ -629,6 +665,25 @@ mod tests {
             &untouched,
             &index.views().current(&TenantName::new("t1").unwrap()).unwrap()
         ));
+        // Filtered once per change for each tenant it does not match, and only those.
+        let label = Metrics::tenant("t1");
+        assert_eq!(
+            metrics.filtered_total.get_or_create(&label).get(),
+            501,
+            "500 at the list, 1 now"
+        );
+        let label = Metrics::tenant("t0");
+        assert_eq!(
+            metrics.filtered_total.get_or_create(&label).get(),
+            500,
+            "a class t0 gets is never reported"
+        );
+        index.handle(Event::Apply(class("brand-new", &[("team", "even")])));
+        assert_eq!(
+            metrics.filtered_total.get_or_create(&label).get(),
+            500,
+            "nor a new one it gets"
+        );
     }
 
     #[test]

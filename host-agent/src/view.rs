@@ -2,7 +2,7 @@
 //! Pure data and pure functions; the index keeps views current, the gRPC layer reads them.
 //!
 //! ```text
-//!  host RuntimeClass ──once per change──► HostClass { synced form, Resource + version }   (shared)
+//!  host RuntimeClass ──once per change──► HostClass { labels, Resource + version }   (shared)
 //!                                             │ stored by id in a ClassTable (copy-on-write chunks)
 //!  TenantView = table snapshot + membership bits (tenants without patches share every Resource)
 //!             | table snapshot + per-class Variants (tenants with patches)
@@ -132,8 +132,8 @@ pub struct HostClass {
     pub name: Arc<str>,
     /// The host object's resourceVersion, to recognise an unchanged object on a relist.
     pub resource_version: Option<String>,
-    /// The synced form: what tenants start from, and the labels selectors match.
-    pub synced: RuntimeClass,
+    /// The labels selectors match.
+    pub labels: std::collections::BTreeMap<String, String>,
     /// What tenants without patches are offered; its version was computed once.
     pub resource: Arc<Resource>,
     /// Being deleted on the host.
@@ -155,7 +155,7 @@ impl HostClass {
             id,
             name: name.into(),
             resource_version: host.metadata.resource_version.clone(),
-            synced,
+            labels: synced.metadata.labels.clone().unwrap_or_default(),
             resource: Arc::new(resource),
             terminating: host.metadata.deletion_timestamp.is_some(),
         }
@@ -230,7 +230,14 @@ fn entry_hash(resource: &Resource) -> u64 {
 
 /// How a host class stands for a tenant with patches.
 pub fn evaluate(config: &RuntimeClassSync, patches: &TenantPatches, host: &HostClass) -> Variant {
-    let synced = match patch(patches, &host.synced) {
+    // The synced form, from the shared Resource (it carries exactly the synced fields).
+    let host_form = host
+        .resource
+        .runtime_class
+        .as_ref()
+        .map(rcsync_proto::convert::from_proto)
+        .unwrap_or_default();
+    let synced = match patch(patches, &host_form) {
         Ok(synced) => synced,
         Err(message) => {
             return Variant {
@@ -243,7 +250,7 @@ pub fn evaluate(config: &RuntimeClassSync, patches: &TenantPatches, host: &HostC
     let virtual_name: Arc<str> = synced.name_any().into();
     let state = if host.terminating {
         ClassState::Terminating
-    } else if !config.selects(host.synced.labels()) {
+    } else if !config.selects(&host.labels) {
         ClassState::DoesNotMatch
     } else {
         ClassState::Offered(virtual_name.to_string())
@@ -348,7 +355,7 @@ impl TenantView {
                     .then(|| self.table.slots.get(id))
                     .flatten()
                     .cloned();
-                let now = host.filter(|h| !h.terminating && config.selects(h.synced.labels()));
+                let now = host.filter(|h| !h.terminating && config.selects(&h.labels));
                 match (&was, now) {
                     (None, None) => return false,
                     (Some(a), Some(b)) if a.resource.version == b.resource.version && a.name == b.name => {
@@ -759,8 +766,8 @@ mod tests {
             ),
             ("team".to_string(), "a".to_string()),
         ]));
-        let synced = &HostClass::new(0, &host).synced;
-        let annotations = synced.metadata.annotations.as_ref().unwrap();
+        let resource = HostClass::new(0, &host).resource.clone();
+        let annotations = &resource.runtime_class.as_ref().unwrap().annotations;
         assert!(!annotations.contains_key("kubectl.kubernetes.io/last-applied-configuration"));
         assert_eq!(annotations["team"], "a");
     }

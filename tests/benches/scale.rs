@@ -95,7 +95,8 @@ fn main() {
             }
         }
         if only.is_none() || only.as_deref() == Some("pods") {
-            pods(300).await;
+            pods(300, 1).await;
+            pods(300, 16).await;
         }
     });
 }
@@ -262,7 +263,11 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ready = spawned.elapsed();
-    println!("start to ready: {:.2} s", ready.as_secs_f64());
+    println!(
+        "start to ready: {:.2} s (RSS then {:.1} MiB)",
+        ready.as_secs_f64(),
+        rss_mib(agent.pid())
+    );
 
     // Streams: one per tenant (round robin when there are more), over 8 connections.
     let mut channels = Vec::new();
@@ -306,7 +311,13 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
     let mut to_all = Vec::new();
     let mut to_first = Vec::new();
     let mut check_during = Vec::new();
-    let check_channel = channels[0].clone();
+    // CheckPod from its own connection, as a virtual agent's shares its connection with one
+    // stream, not with the bench's hundreds.
+    let check_channel = Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     for round in 1..=rounds {
         let name = format!("class-{}", round % shape.classes);
         let patch = json!({"metadata": {"labels": {"round": round.to_string()}}});
@@ -491,6 +502,24 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
     );
 
     closed_loop(&grpc, shape.tenants).await;
+    let logs = agent.logs();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for line in logs.lines() {
+        let message: String = line
+            .split_whitespace()
+            .skip(2)
+            .take(8)
+            .collect::<Vec<_>>()
+            .join(" ");
+        *kinds.entry(message).or_default() += 1;
+    }
+    let mut kinds: Vec<(usize, String)> = kinds.into_iter().map(|(k, n)| (n, k)).collect();
+    kinds.sort_by(|a, b| b.cmp(a));
+    println!(
+        "host-agent log lines: {} (most frequent: {:?})",
+        logs.lines().count(),
+        kinds.first()
+    );
     drop(agent);
 }
 
@@ -568,9 +597,10 @@ async fn closed_loop(grpc: &str, tenants: usize) {
     );
 }
 
-/// `n` Pods created in the virtual cluster reach the host, against creating them on the host.
-async fn pods(n: usize) {
-    println!("\n== {n} Pods: virtual cluster → host ==");
+/// `n` Pods created in the virtual cluster (`in_flight` creates at a time) reach the host,
+/// against creating them on the host the same way.
+async fn pods(n: usize, in_flight: usize) {
+    println!("\n== {n} Pods: virtual cluster → host, {in_flight} creates in flight ==");
     let system = System::start(&[TenantSpec::new("team-a", "{enabled: true}")], &[]).await;
     let tenant = &system.virtual_side().tenant;
     let pod = |name: String| -> Pod {
@@ -585,29 +615,14 @@ async fn pods(n: usize) {
                 let pod = pod(format!("{prefix}-{i}"));
                 async move { api.create(&PostParams::default(), &pod).await.unwrap() }
             })
-            .buffer_unordered(16)
+            .buffer_unordered(in_flight)
             .collect::<Vec<_>>()
             .await;
     };
-    // Floor: the same Pods created directly in a host namespace.
-    let host_client = system.host.client().await;
-    Api::<Namespace>::all(host_client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "floor"}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let started = Instant::now();
-    create_all(Api::namespaced(host_client.clone(), "floor"), "direct").await;
-    let floor = started.elapsed();
-    // Through rcsync: created in the virtual cluster, counted when the host holds them all.
-    let host_pods: Api<Pod> = Api::namespaced(host_client, &tenant.host_namespace());
-    let started = Instant::now();
-    let count = tokio::spawn({
-        let host_pods = host_pods.clone();
-        async move {
-            let mut watch = kube::runtime::watcher(host_pods, Default::default()).boxed();
+    // Counted as the host's watch sees them, for the floor and for rcsync alike.
+    let seen_all = |api: Api<Pod>| {
+        tokio::spawn(async move {
+            let mut watch = kube::runtime::watcher(api, Default::default()).boxed();
             let mut seen: BTreeMap<String, ()> = BTreeMap::new();
             while let Some(Ok(event)) = watch.next().await {
                 if let kube::runtime::watcher::Event::Apply(p) | kube::runtime::watcher::Event::InitApply(p) =
@@ -620,11 +635,30 @@ async fn pods(n: usize) {
                 }
             }
             Instant::now()
-        }
-    });
+        })
+    };
+    // Floor: the same Pods created directly in a host namespace.
+    let host_client = system.host.client().await;
+    Api::<Namespace>::all(host_client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "floor"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let floor_pods: Api<Pod> = Api::namespaced(host_client.clone(), "floor");
+    let watching = seen_all(floor_pods.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    create_all(floor_pods, "direct").await;
+    let floor = watching.await.unwrap() - started;
+    // Through rcsync: created in the virtual cluster, counted when the host holds them all.
+    let host_pods: Api<Pod> = Api::namespaced(host_client, &tenant.host_namespace());
+    let watching = seen_all(host_pods);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
     create_all(system.virtual_side().pods().await, "synced").await;
-    let done = count.await.unwrap();
-    let through = done - started;
+    let through = watching.await.unwrap() - started;
     println!(
         "{n} Pods on the host: {:.2} s through rcsync vs {:.2} s created directly ({:.2}×)",
         through.as_secs_f64(),

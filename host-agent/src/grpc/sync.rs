@@ -20,7 +20,7 @@ use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSync;
 use rcsync_proto::v1::{
     CheckPodReason, CheckPodRequest, CheckPodResponse, Resource, SyncRequest, SyncResponse,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -60,7 +60,15 @@ pub struct RuntimeClassSyncService<V> {
     shutdown: watch::Receiver<bool>,
     last_errors: LastErrors,
     limiter: TenantLimiter,
+    whole_states: Arc<Semaphore>,
 }
+
+/// Whole-view responses of more classes than this wait for one of [`WHOLE_STATES_IN_FLIGHT`]
+/// places, held until their ACK: a thousand clients reconnecting at once then cost the memory
+/// of a few large responses at a time, not of all of them.
+const LARGE_RESPONSE: usize = 256;
+/// Large whole-view responses built and in flight at once.
+const WHOLE_STATES_IN_FLIGHT: usize = 4;
 
 impl<V: ViewSource> RuntimeClassSyncService<V> {
     /// Builds the service. Streams end when `shutdown` becomes true.
@@ -81,6 +89,7 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
             shutdown,
             last_errors,
             limiter,
+            whole_states: Arc::new(Semaphore::new(WHOLE_STATES_IN_FLIGHT)),
         }
     }
 
@@ -139,6 +148,8 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
             shutdown: self.shutdown.clone(),
             last_errors: self.last_errors.clone(),
             _slot: slot,
+            whole_states: self.whole_states.clone(),
+            whole_state_permit: None,
         };
         let span = tracing::info_span!("sync", tenant = %tenant);
         tokio::spawn(tracing::Instrument::instrument(session.run(), span));
@@ -204,6 +215,9 @@ struct Session<V> {
     last_errors: LastErrors,
     /// This stream's place under the tenant's `limits.syncStreams`.
     _slot: StreamSlot,
+    whole_states: Arc<Semaphore>,
+    /// Held from sending a large whole-view response until its ACK.
+    whole_state_permit: Option<OwnedSemaphorePermit>,
 }
 
 /// What one response carries.
@@ -264,6 +278,17 @@ impl<V: ViewSource> Session<V> {
         loop {
             if self.pending.is_none() && dirty && retry_at.is_none() {
                 dirty = false;
+                let whole = {
+                    let view = self.view.borrow();
+                    (!first_sent || view.epoch != self.base.epoch) && view.offered_count() > LARGE_RESPONSE
+                };
+                if whole {
+                    let permit = tokio::select! {
+                        permit = self.whole_states.clone().acquire_owned() => permit.ok(),
+                        _ = self.shutdown.changed() => return,
+                    };
+                    self.whole_state_permit = permit;
+                }
                 if !self.send_diff(!first_sent).await {
                     return;
                 }
@@ -440,6 +465,7 @@ impl<V: ViewSource> Session<V> {
     /// Handles an ACK or NACK; returns the retry delay after a NACK.
     fn handle_reply(&mut self, request: SyncRequest) -> Option<Duration> {
         let Some(pending) = self.pending.take_if(|p| p.nonce == request.response_nonce) else {
+            // (A stale nonce keeps any whole-view place: its response is still unanswered.)
             tracing::debug!(
                 nonce = request.response_nonce,
                 "ignoring a reply to a stale nonce"
@@ -452,6 +478,7 @@ impl<V: ViewSource> Session<V> {
             .as_ref()
             .map(|e| e.resource_errors.clone())
             .unwrap_or_default();
+        self.whole_state_permit = None;
         // Every exception was either sent or already equal to the view: the client now holds
         // the view, except what it failed to apply, which it holds as before.
         self.base = pending.view;
