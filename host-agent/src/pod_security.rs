@@ -385,49 +385,31 @@ fn host_ports(pod: &PodView<'_>) -> Option<Violation> {
     )
 }
 
+/// The hosts a container's probes and lifecycle handlers name (HTTP GET and TCP socket).
 fn forbidden_hosts(c: &ContainerView<'_>) -> Vec<String> {
-    let mut hosts = Vec::new();
-    for probe in c.probes.iter().flatten() {
-        if let Some(h) = probe
-            .http_get
-            .as_ref()
-            .and_then(|g| g.host.clone())
-            .filter(|h| !h.is_empty())
-        {
-            hosts.push(h);
-        }
-        if let Some(h) = probe
-            .tcp_socket
-            .as_ref()
-            .and_then(|t| t.host.clone())
-            .filter(|h| !h.is_empty())
-        {
-            hosts.push(h);
-        }
-    }
-    let handlers: [Option<&LifecycleHandler>; 2] = [
+    let probes = c
+        .probes
+        .iter()
+        .flatten()
+        .map(|p| (p.http_get.as_ref(), p.tcp_socket.as_ref()));
+    let handlers = [
         c.lifecycle.and_then(|l| l.post_start.as_ref()),
         c.lifecycle.and_then(|l| l.pre_stop.as_ref()),
-    ];
-    for handler in handlers.into_iter().flatten() {
-        if let Some(h) = handler
-            .http_get
-            .as_ref()
-            .and_then(|g| g.host.clone())
-            .filter(|h| !h.is_empty())
-        {
-            hosts.push(h);
-        }
-        if let Some(h) = handler
-            .tcp_socket
-            .as_ref()
-            .and_then(|t| t.host.clone())
-            .filter(|h| !h.is_empty())
-        {
-            hosts.push(h);
-        }
-    }
-    hosts
+    ]
+    .into_iter()
+    .flatten()
+    .map(|h: &LifecycleHandler| (h.http_get.as_ref(), h.tcp_socket.as_ref()));
+    probes
+        .chain(handlers)
+        .flat_map(|(http, tcp)| {
+            [
+                http.and_then(|g| g.host.clone()),
+                tcp.and_then(|t| t.host.clone()),
+            ]
+        })
+        .flatten()
+        .filter(|h| !h.is_empty())
+        .collect()
 }
 
 fn host_probes_and_host_lifecycle(pod: &PodView<'_>) -> Option<Violation> {

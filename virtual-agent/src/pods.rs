@@ -286,24 +286,8 @@ impl PodSyncer {
             .default_backoff()
             .boxed();
         let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
-        let mut config_map_events = reflector::reflector(
-            self.config_map_writer,
-            watcher::watcher(
-                Api::<ConfigMap>::all(self.client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .boxed();
-        let mut secret_events = reflector::reflector(
-            self.secret_writer,
-            watcher::watcher(
-                Api::<Secret>::all(self.client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .boxed();
+        let mut config_map_events = object_events(&self.client, self.config_map_writer);
+        let mut secret_events = object_events(&self.client, self.secret_writer);
 
         let (status_tx, mut status_rx) = mpsc::channel(256);
         tokio::spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
@@ -395,6 +379,28 @@ impl PodSyncer {
             }
         }
     }
+}
+
+/// Every object of a kind in the virtual cluster, kept in `writer`'s store, as watch events.
+fn object_events<K>(
+    client: &Client,
+    writer: reflector::store::Writer<K>,
+) -> futures::stream::BoxStream<'static, Result<Event<K>, watcher::Error>>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    reflector::reflector(
+        writer,
+        watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .boxed()
 }
 
 /// What a ConfigMap or Secret watch event means to the shards.
