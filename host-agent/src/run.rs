@@ -141,6 +141,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
     let last_errors = crate::grpc::sync::LastErrors::default();
     let limiter = crate::grpc::limits::TenantLimiter::new(tenants_rx.clone(), metrics.clone());
+    let streams_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("rcsync-streams")
+        .enable_all()
+        .build()
+        .context("starting the runtime of the Sync streams")?;
     let sync = RuntimeClassSyncService::new(
         Arc::new(views.clone()),
         auth.clone(),
@@ -149,7 +155,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         shutdown_rx.clone(),
         last_errors.clone(),
         limiter.clone(),
-    );
+    )
+    .with_stream_runtime(streams_runtime.handle().clone());
     let pods = PodSyncService::new(
         Arc::new(views.clone()),
         tenants_rx.clone(),
@@ -245,6 +252,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period over; exiting with work in flight");
     }
+    streams_runtime.shutdown_background();
     tracing::info!("stopped");
     Ok(())
 }

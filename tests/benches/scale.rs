@@ -14,7 +14,7 @@
 //!
 //! Run: `cargo bench -p rcsync-tests --bench scale` (both shapes of the issue), or with
 //! `-- --shape 10000x100 --intake 9000` / `-- --shape 50x1000` / `-- --only pods`, and
-//! `--host-agent PATH` to measure another build of the agent.
+//! `--host-agent PATH` to measure another build of the agent, `--pods N` for another Pod count.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -95,8 +95,9 @@ fn main() {
             }
         }
         if only.is_none() || only.as_deref() == Some("pods") {
-            pods(300, 1).await;
-            pods(300, 16).await;
+            let n = arg("--pods").map_or(300, |n| n.parse().expect("--pods N"));
+            pods(n, 1).await;
+            pods(n, 16).await;
         }
     });
 }

@@ -61,6 +61,7 @@ pub struct RuntimeClassSyncService<V> {
     last_errors: LastErrors,
     limiter: TenantLimiter,
     whole_states: Arc<Semaphore>,
+    streams: Option<tokio::runtime::Handle>,
 }
 
 /// Whole-view responses of more classes than this wait for one of [`WHOLE_STATES_IN_FLIGHT`]
@@ -90,7 +91,16 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
             last_errors,
             limiter,
             whole_states: Arc::new(Semaphore::new(WHOLE_STATES_IN_FLIGHT)),
+            streams: None,
         }
+    }
+
+    /// Runs the streams' work (diffs, responses) on `runtime`, apart from the runtime that
+    /// serves connections and unary calls, so a fan-out to every stream does not queue ahead of
+    /// CheckPod.
+    pub fn with_stream_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.streams = Some(runtime);
+        self
     }
 
     /// The caller's tenant and its view; UNAVAILABLE until the host's classes were listed.
@@ -152,7 +162,11 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
             whole_state_permit: None,
         };
         let span = tracing::info_span!("sync", tenant = %tenant);
-        tokio::spawn(tracing::Instrument::instrument(session.run(), span));
+        let task = tracing::Instrument::instrument(session.run(), span);
+        match &self.streams {
+            Some(runtime) => drop(runtime.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
