@@ -354,7 +354,20 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
             Some(_) = async { match &mut hup { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
             else => return,
         };
-        match load_tenants(&path) {
+        // Reading every token file and compiling patches is blocking work: off the workers that
+        // answer CheckPod.
+        let loaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || load_tenants(&path)).await
+        };
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading tenants panicked; keeping the running config");
+                continue;
+            }
+        };
+        match loaded {
             Ok(state) => {
                 let same = {
                     let current = tenants.borrow();
