@@ -490,3 +490,49 @@ async fn pods_over_the_tenant_rate_limit_wait_and_all_reach_the_host() {
         .unwrap_or(0);
     assert!(limited > 0, "the limit was hit and waited out:\n{metrics}");
 }
+
+#[tokio::test]
+async fn a_running_pod_keeps_its_copy_when_the_virtual_object_is_deleted() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    create_config_map(v, "settings", &[("mode", "a")]).await;
+    let uses = json!({"containers": [app(json!({"envFrom": [{"configMapRef": {"name": "settings"}}]}))]});
+    v.create_pod(&pod("runs", uses)).await;
+    wait_host_pod(&system, "runs", "default").await;
+    Api::<ConfigMap>::namespaced(v.cluster.client().await, "default")
+        .delete("settings", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The Pod still receives updates: a new label reaches its host Pod.
+    v.pods()
+        .await
+        .patch(
+            "runs",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"after": "delete"}}})),
+        )
+        .await
+        .unwrap();
+    let host_pods = system.host_pods(&v.tenant).await;
+    eventually("the update on the host Pod", || async {
+        let pod = host_pods.get(&host_name("runs", "default")).await.ok()?;
+        pod.annotations()
+            .get("vcluster.loft.sh/labels")?
+            .contains("\"after\":\"delete\"")
+            .then_some(())
+    })
+    .await;
+    let copy = host_config_maps(&system)
+        .await
+        .get_opt(&host_name("settings", "default"))
+        .await
+        .unwrap();
+    assert!(copy.is_some(), "the copy stays while the Pod using it runs");
+    assert!(
+        !v.events_of("runs")
+            .await
+            .iter()
+            .any(|e| e.message.as_deref().is_some_and(|m| m.contains("yet"))),
+        "a running Pod is never told it waits"
+    );
+}

@@ -770,8 +770,10 @@ impl Shard {
         };
         // ApplyPod decides on the host (it re-checks the class and returns the decision), so a
         // Pod with everything it references goes there in one call. Only a Pod that would wait
-        // asks CheckPod first, so a denied class is reported rather than the missing objects.
-        let checked = if referenced.missing.is_empty() {
+        // asks CheckPod first, so a denied class is reported rather than the missing objects. A
+        // Pod already running on the host never waits: an object deleted under it keeps its last
+        // copy there (it goes with the last Pod using it), and the Pod keeps receiving updates.
+        let checked = if referenced.missing.is_empty() || host_has_it {
             None
         } else {
             let runtime_class = pod
