@@ -419,33 +419,32 @@ impl Api {
                 let warnings = check_unknown_fields(def, &mut body, validation)?;
                 let body = to_storage(def, body);
                 let manager = field_manager(req);
-                let (obj, change) =
-                    self.store
-                        .transact(def.storage, (ns.clone(), name.clone()), |reader, current| {
-                            let Some(current) = current else {
-                                // PUT creates when the object does not exist (main resource only), as upstream.
-                                if part == Part::Status {
-                                    return Err(ApiError::not_found(def, &name));
-                                }
-                                let mut body = body.clone();
-                                body["metadata"]["name"] = json!(name);
-                                let mut obj =
-                                    prepare_create(storage_def(def), &ns, body, reader, &self.admission)?;
-                                managed::record_update(None, &mut obj, &manager, "");
-                                return Ok(if dry_run {
-                                    Outcome::Unchanged
-                                } else {
-                                    Outcome::Put(obj)
-                                });
-                            };
-                            let mut obj = prepare_update(storage_def(def), current, body.clone(), part)?;
-                            if dry_run || same_content(&obj, current) {
-                                return Ok(Outcome::Unchanged);
+                let (obj, change) = self.store.transact_with(
+                    def.storage,
+                    (ns.clone(), name.clone()),
+                    dry_run,
+                    |reader, current| {
+                        let Some(current) = current else {
+                            // PUT creates when the object does not exist (main resource only), as upstream.
+                            if part == Part::Status {
+                                return Err(ApiError::not_found(def, &name));
                             }
-                            let subresource = if part == Part::Status { "status" } else { "" };
-                            managed::record_update(Some(current), &mut obj, &manager, subresource);
-                            Ok(deletion::finalized(obj))
-                        })?;
+                            let mut body = body.clone();
+                            body["metadata"]["name"] = json!(name);
+                            let mut obj =
+                                prepare_create(storage_def(def), &ns, body, reader, &self.admission)?;
+                            managed::record_update(None, &mut obj, &manager, "");
+                            return Ok(Outcome::Put(obj));
+                        };
+                        let mut obj = prepare_update(storage_def(def), current, body.clone(), part)?;
+                        if same_content(&obj, current) {
+                            return Ok(Outcome::Unchanged);
+                        }
+                        let subresource = if part == Part::Status { "status" } else { "" };
+                        managed::record_update(Some(current), &mut obj, &manager, subresource);
+                        Ok(deletion::finalized(obj))
+                    },
+                )?;
                 let obj = obj.ok_or_else(|| ApiError::not_found(def, &name))?;
                 self.after_update(change, &obj);
                 Ok(Reply::Json {
@@ -713,9 +712,10 @@ impl Api {
         let subresource = if part == Part::Status { "status" } else { "" };
         let mut warnings = Vec::new();
         let mut created = false;
-        let (obj, change) = self.store.transact(
+        let (obj, change) = self.store.transact_with(
             def.storage,
             (ns.to_string(), name.to_string()),
+            dry_run,
             |reader, current| {
                 let applied = if is_apply {
                     let mut body = patch.clone();
@@ -741,11 +741,7 @@ impl Api {
                         &self.admission,
                     )?;
                     created = true;
-                    return Ok(if dry_run {
-                        Outcome::Unchanged
-                    } else {
-                        Outcome::Put(obj)
-                    });
+                    return Ok(Outcome::Put(obj));
                 };
                 let mut doc = present(def, current);
                 match (media.as_str(), applied) {
@@ -778,7 +774,7 @@ impl Api {
                     doc["metadata"]["resourceVersion"] = rv.clone();
                 }
                 let mut obj = prepare_update(storage_def(def), current, doc, part)?;
-                if dry_run || same_content(&obj, current) {
+                if same_content(&obj, current) {
                     return Ok(Outcome::Unchanged);
                 }
                 if !is_apply {

@@ -175,9 +175,44 @@ impl Store {
     where
         F: FnOnce(&Reader<'_>, Option<&Value>) -> Result<Outcome, ApiError>,
     {
+        self.transact_with(storage, key, false, f)
+    }
+
+    /// [`Store::transact`], or with `dry_run` a transaction that runs the whole write path and
+    /// returns what would be stored (with the current resourceVersion), storing nothing and
+    /// emitting no watch event, as kube-apiserver's `dryRun=All`.
+    pub fn transact_with<F>(
+        &self,
+        storage: &'static str,
+        key: ObjectKey,
+        dry_run: bool,
+        f: F,
+    ) -> Result<(Option<Arc<Value>>, Option<ChangeKind>), ApiError>
+    where
+        F: FnOnce(&Reader<'_>, Option<&Value>) -> Result<Outcome, ApiError>,
+    {
         let mut inner = self.lock();
         let current = inner.objects.get(storage).and_then(|m| m.get(&key)).cloned();
         let outcome = f(&Reader { inner: &inner }, current.as_deref())?;
+        if dry_run {
+            return Ok(match outcome {
+                Outcome::Put(mut obj) => {
+                    match current
+                        .as_ref()
+                        .and_then(|c| c.pointer("/metadata/resourceVersion"))
+                    {
+                        Some(rv) => obj["metadata"]["resourceVersion"] = rv.clone(),
+                        None => {
+                            if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+                                meta.remove("resourceVersion");
+                            }
+                        }
+                    }
+                    (Some(Arc::new(obj)), None)
+                }
+                Outcome::Delete | Outcome::Unchanged => (current, None),
+            });
+        }
         match outcome {
             Outcome::Unchanged => Ok((current, None)),
             Outcome::Put(mut obj) => {

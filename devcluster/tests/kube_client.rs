@@ -487,6 +487,100 @@ async fn a_dependent_stays_until_its_last_owner_is_gone() {
 }
 
 #[tokio::test]
+async fn dry_runs_return_what_would_be_stored_and_change_nothing() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    let created = maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "dry"}, "data": {"v": "1"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let rv = created.metadata.resource_version.clone().unwrap();
+    let dry = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    // The write paths: merge and strategic patches, server-side apply, update (JSON patches share
+    // the patch path).
+    let merged = maps
+        .patch("dry", &dry, &Patch::Merge(json!({"data": {"v": "2"}})))
+        .await
+        .unwrap();
+    assert_eq!(merged.data.unwrap()["v"], "2", "the would-be object");
+    assert_eq!(merged.metadata.resource_version.as_deref(), Some(rv.as_str()));
+    let strategic = maps
+        .patch("dry", &dry, &Patch::Strategic(json!({"data": {"w": "x"}})))
+        .await
+        .unwrap();
+    assert_eq!(strategic.data.unwrap()["w"], "x");
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"v": "4"}});
+    let apply = PatchParams {
+        dry_run: true,
+        ..PatchParams::apply("tester")
+    };
+    let conflict = maps
+        .patch("dry", &apply, &Patch::Apply(body.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&conflict, kube::Error::Api(e) if e.code == 409),
+        "a dry run checks conflicts too: {conflict}"
+    );
+    let applied = maps
+        .patch("dry", &apply.clone().force(), &Patch::Apply(body))
+        .await
+        .unwrap();
+    assert!(
+        applied
+            .metadata
+            .managed_fields
+            .unwrap_or_default()
+            .iter()
+            .any(|m| m.manager.as_deref() == Some("tester")),
+        "field management ran"
+    );
+    let mut replacement = maps.get("dry").await.unwrap();
+    replacement.data = Some([("v".to_string(), "5".to_string())].into());
+    let replaced = maps
+        .replace(
+            "dry",
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &replacement,
+        )
+        .await
+        .unwrap();
+    assert_eq!(replaced.data.unwrap()["v"], "5");
+    // Nothing was stored, and no watch event was sent for any of them.
+    let stored = maps.get("dry").await.unwrap();
+    assert_eq!(stored.data.unwrap()["v"], "1");
+    assert_eq!(stored.metadata.resource_version.as_deref(), Some(rv.as_str()));
+    let mut events = maps
+        .watch(&kube::api::WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    maps.patch(
+        "dry",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"v": "real"}})),
+    )
+    .await
+    .unwrap();
+    let first = timeout(DEADLINE, events.next()).await.unwrap().unwrap().unwrap();
+    match first {
+        kube::api::WatchEvent::Modified(cm) => assert_eq!(cm.data.unwrap()["v"], "real"),
+        other => panic!("the first event after the dry runs must be the real change: {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn lists_paginate_with_limit_and_continue() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let client = client_for(&cluster).await;

@@ -484,3 +484,52 @@ async fn kubectl_pagination_cascading_delete_and_reapply() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn kubectl_diff_and_server_dry_runs_show_what_would_be_stored() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubectl = Kubectl::new(&cluster, dir.path());
+    let class = |v: &str| {
+        format!(
+            "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: diffed\n  labels:\n    v: \"{v}\"\nhandler: runc\n"
+        )
+    };
+    kubectl
+        .run_with_input(&["apply", "-f", "-"], Some(&class("1")))
+        .await;
+    // A changed label: the diff shows it and exits 1.
+    let (same, stdout, stderr) = kubectl.exec(&["diff", "-f", "-"], Some(&class("2"))).await;
+    assert!(!same, "kubectl diff exits 1 when something differs");
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    assert!(
+        stdout.contains("-    v: \"1\"") && stdout.contains("+    v: \"2\""),
+        "{stdout}"
+    );
+    // Nothing after apply.
+    let (same, stdout, _) = kubectl.exec(&["diff", "-f", "-"], Some(&class("1"))).await;
+    assert!(same && stdout.trim().is_empty(), "{stdout}");
+    // A server-side dry run prints the would-be object and stores nothing.
+    let would = kubectl
+        .run_with_input(
+            &["apply", "--dry-run=server", "-o", "yaml", "-f", "-"],
+            Some(&class("3")),
+        )
+        .await;
+    assert!(would.contains("v: \"3\""), "{would}");
+    let stored = kubectl
+        .run(&[
+            "get",
+            "runtimeclass",
+            "diffed",
+            "-o",
+            "jsonpath={.metadata.labels.v}",
+        ])
+        .await;
+    assert_eq!(stored, "1");
+    let deleted = kubectl
+        .run(&["delete", "runtimeclass", "diffed", "--dry-run=server"])
+        .await;
+    assert!(deleted.contains("server dry run"), "{deleted}");
+    kubectl.run(&["get", "runtimeclass", "diffed"]).await;
+}
