@@ -86,6 +86,26 @@ struct AdminState {
     registry: Arc<Registry>,
 }
 
+/// Registers `rcsync_ready` (1 while `/readyz` would answer 200, else 0) and keeps it current, so
+/// alerts can tell "not ready" from "not scraped".
+pub fn register_ready_gauge(registry: &mut prometheus_client::registry::Registry, readiness: &Readiness) {
+    let gauge: prometheus_client::metrics::gauge::Gauge = Default::default();
+    registry.sub_registry_with_prefix("rcsync").register(
+        "ready",
+        "1 while the agent is ready (its /readyz answers 200), 0 otherwise",
+        gauge.clone(),
+    );
+    let mut ready = readiness.subscribe();
+    tokio::spawn(async move {
+        loop {
+            gauge.set(i64::from(*ready.borrow_and_update()));
+            if ready.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// The admin routes, for embedding or testing.
 pub fn admin_router(readiness: Readiness, registry: Arc<Registry>) -> Router {
     Router::new()

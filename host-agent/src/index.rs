@@ -405,6 +405,9 @@ impl ClassIndex {
             .tenant_filtered
             .get_or_create(&label)
             .set(filtered as i64);
+        // Every series of the tenant exported from the start (as 0), so "never connected" shows
+        // as well as "disconnected" and rate() works from the first scrape.
+        self.metrics.init_tenant(tenant.name.as_str());
         self.metrics.view_updates_total.inc();
         let view = Arc::new(view);
         self.published.insert(tenant.name.clone(), view.clone());

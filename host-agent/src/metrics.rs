@@ -32,6 +32,13 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+/// Label set: the result of a config reload (`applied`, `unchanged`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// What came of it.
+    pub result: String,
+}
+
 /// Label set: a gRPC method and its status code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GrpcLabels {
@@ -65,6 +72,8 @@ pub struct Metrics {
     pub view_updates_total: Counter,
     /// Tenant views computed over every class (start, relist, a tenant's config changed).
     pub view_rebuilds_total: Counter,
+    /// Re-reads of the tenants file by result.
+    pub config_reloads_total: Family<ResultLabel, Counter>,
     /// RuntimeClasses offered per tenant.
     pub tenant_classes: Family<TenantLabel, Gauge>,
     /// RuntimeClasses filtered out per tenant (currently).
@@ -108,6 +117,7 @@ impl Metrics {
             class_versions_total: Counter::default(),
             view_updates_total: Counter::default(),
             view_rebuilds_total: Counter::default(),
+            config_reloads_total: Family::default(),
             tenant_classes: Family::default(),
             tenant_filtered: Family::default(),
             filtered_total: Family::default(),
@@ -145,6 +155,11 @@ impl Metrics {
             "view_rebuilds",
             "Tenant views computed over every host class (start, relist, config change)",
             m.view_rebuilds_total.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Re-reads of the tenants file, by result (applied, unchanged, failed)",
+            m.config_reloads_total.clone(),
         );
         r.register(
             "tenant_runtime_classes",
@@ -238,6 +253,36 @@ impl Metrics {
             .as_ref()
             .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
         self.observe(method, code, started);
+    }
+
+    /// Creates every per-tenant series at 0 (an idempotent touch of each family).
+    pub fn init_tenant(&self, tenant: &str) {
+        let label = Self::tenant(tenant);
+        let _ = self.streams_open.get_or_create(&label);
+        let _ = self.status_streams_open.get_or_create(&label);
+        for counter in [
+            &self.filtered_total,
+            &self.responses_total,
+            &self.acks_total,
+            &self.nacks_total,
+            &self.pods_applied_total,
+            &self.copies_written_total,
+            &self.patch_errors_total,
+        ] {
+            let _ = counter.get_or_create(&label);
+        }
+        for reason in ["POD_SECURITY", "UNSUPPORTED", "NAME_IN_USE"] {
+            let _ = self.pods_refused_total.get_or_create(&DecisionLabels {
+                tenant: tenant.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+        for limit in ["syncStreams", "podStatusStreams", "podSyncQps"] {
+            let _ = self.limit_rejections_total.get_or_create(&LimitLabels {
+                tenant: tenant.to_string(),
+                limit: limit.to_string(),
+            });
+        }
     }
 
     /// The label set of a tenant.

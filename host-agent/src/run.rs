@@ -103,8 +103,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let registry = Arc::new(registry);
     let readiness = Readiness::new(&[LISTED]);
+    rcsync_core::admin::register_ready_gauge(&mut registry, &readiness);
+    let registry = Arc::new(registry);
     let (tenants_tx, tenants_rx) = watch::channel(Arc::new(tenants));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -234,7 +235,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(status),
         admin_shutdown,
     ));
-    tokio::spawn(reload_on_change(settings.config.clone(), tenants_tx));
+    tokio::spawn(reload_on_change(
+        settings.config.clone(),
+        tenants_tx,
+        metrics.clone(),
+    ));
 
     let signal = signal.await;
     tracing::info!(signal, "shutting down: not ready, ending streams");
@@ -287,7 +292,15 @@ fn is_read(names: &std::collections::HashSet<std::ffi::OsString>, path: &std::pa
 /// inotify, directories included, so Kubernetes' atomic ConfigMap/Secret updates are seen). Other
 /// files in those directories are ignored, and a re-read that finds nothing changed changes
 /// nothing. A bad file is reported with every problem and the running config is kept.
-async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState>>) {
+async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState>>, metrics: Metrics) {
+    let count = |result: &str| {
+        metrics
+            .config_reloads_total
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    };
     use notify::Watcher as _;
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
@@ -375,8 +388,10 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
                 };
                 if same {
                     tracing::info!(trigger = why, "tenants file re-read: nothing changed");
+                    count("unchanged");
                     continue;
                 }
+                count("applied");
                 tracing::info!(
                     tenants = state.file.tenants.len(),
                     trigger = why,
@@ -387,6 +402,7 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
                 tenants.send_replace(Arc::new(state));
             }
             Err(e) => {
+                count("failed");
                 tracing::error!(error = %e, trigger = why, "reloading tenants failed; keeping the running config")
             }
         }

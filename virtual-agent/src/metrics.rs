@@ -92,7 +92,7 @@ impl Metrics {
             m.pods_denied_total.clone(),
         );
         r.register(
-            "pods_refused",
+            "pods_refused_by_host",
             "Pods the host agent refused to place (SyncError)",
             m.pods_refused_total.clone(),
         );

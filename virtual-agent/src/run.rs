@@ -44,8 +44,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let registry = Arc::new(registry);
     let readiness = Readiness::new(&[CLASSES_LISTED, PODS_LISTED, INITIAL_STATE_APPLIED]);
+    rcsync_core::admin::register_ready_gauge(&mut registry, &readiness);
+    let registry = Arc::new(registry);
     let (state_tx, state_rx) = watch::channel(SyncState::default());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let admin_listener = TcpListener::bind(settings.admin_listen)
