@@ -23,6 +23,7 @@ pub mod pod_security;
 pub mod rbac;
 pub mod run;
 pub mod status;
+pub mod status_cmd;
 pub mod tenants;
 pub mod translate;
 pub mod view;

@@ -30,6 +30,23 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Show what a running host agent offers each tenant (from its admin port); exits 1 when it
+    /// is not ready, 2 when it is unreachable.
+    Status {
+        /// The agent's admin URL.
+        #[arg(
+            long,
+            env = "HOST_AGENT_STATUS_ADMIN",
+            default_value = "http://127.0.0.1:9090"
+        )]
+        admin: String,
+        /// Show one tenant: each host class, offered or not and why.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: host_agent::status_cmd::Output,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +107,17 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Status {
+        admin,
+        tenant,
+        output,
+    }) = &cli.command
+    {
+        let report = host_agent::status_cmd::status(admin, tenant.as_deref(), *output);
+        print!("{}", report.stdout);
+        eprint!("{}", report.stderr);
+        return ExitCode::from(report.code);
+    }
     if let Some(Command::CheckConfig { file }) = cli.command {
         return match host_agent::check::check_config(&file) {
             Ok(summary) => {

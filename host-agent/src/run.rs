@@ -227,7 +227,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let status = crate::status::router(views.clone(), tenants_rx.clone(), last_errors);
+    let status = crate::status::router(views.clone(), tenants_rx.clone(), last_errors, metrics.clone());
     let admin_task = tokio::spawn(serve_admin(
         admin_listener,
         readiness.clone(),

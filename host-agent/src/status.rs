@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::grpc::sync::LastErrors;
 use crate::index::{TenantsState, ViewSource, Views};
+use crate::metrics::Metrics;
 use crate::view::ClassState;
 
 #[derive(Clone)]
@@ -18,16 +19,23 @@ struct StatusState {
     views: Views,
     tenants: watch::Receiver<Arc<TenantsState>>,
     last_errors: LastErrors,
+    metrics: Metrics,
 }
 
 /// The `/tenants` route.
-pub fn router(views: Views, tenants: watch::Receiver<Arc<TenantsState>>, last_errors: LastErrors) -> Router {
+pub fn router(
+    views: Views,
+    tenants: watch::Receiver<Arc<TenantsState>>,
+    last_errors: LastErrors,
+    metrics: Metrics,
+) -> Router {
     Router::new()
         .route("/tenants", get(tenants_status))
         .with_state(StatusState {
             views,
             tenants,
             last_errors,
+            metrics,
         })
 }
 
@@ -73,7 +81,13 @@ async fn tenants_status(State(state): State<StatusState>) -> axum::Json<Value> {
                 "selector": t.runtime_classes.selector.as_ref().map(ToString::to_string),
                 "offered": offered,
                 "notOffered": not_offered,
-                "lastError": errors.get(&t.name),
+                "streams": state.metrics.streams_open.get_or_create(&Metrics::tenant(t.name.as_str())).get(),
+                "lastAckSecondsAgo": errors
+                    .get(&t.name)
+                    .and_then(|a| a.last_ack)
+                    .and_then(|at| at.elapsed().ok())
+                    .map(|age| age.as_secs()),
+                "lastError": errors.get(&t.name).and_then(|a| a.last_nack.clone()),
             })
         })
         .collect();

@@ -1443,3 +1443,135 @@ async fn tenant_limits_refuse_extra_streams_and_pod_sync_bursts_but_never_check_
         );
     }
 }
+
+fn status_command(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .arg("status")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_status_command_prints_tenants_and_classes_and_exits_by_readiness() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
+    let first = stream.next().await;
+    stream.ack(&first).await;
+    let admin = format!("http://{}", host.admin);
+    let (code, stdout, stderr) = eventually("the ACK to show in status", || {
+        let admin = admin.clone();
+        async move {
+            let result = status_command(&["--admin", &admin]);
+            result
+                .1
+                .lines()
+                .any(|l| l.starts_with("combined ") && l.contains(" 1 ") && !l.contains("<never>"))
+                .then_some(result)
+        }
+    })
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let header = stdout.lines().next().unwrap();
+    for column in [
+        "TENANT",
+        "SYNC",
+        "SELECTOR",
+        "OFFERED",
+        "FILTERED",
+        "STREAMS",
+        "LAST-ACK",
+        "LAST-NACK",
+    ] {
+        assert!(header.contains(column), "{header}");
+    }
+    let combined = stdout.lines().find(|l| l.starts_with("combined ")).unwrap();
+    let cells: Vec<&str> = combined.split_whitespace().collect();
+    assert_eq!(cells[1], "enabled");
+    assert!(
+        combined.contains("environment=development,kubernetes.io/runtime.class in (gvisor,youki)"),
+        "{combined}"
+    );
+    let disabled = stdout.lines().find(|l| l.starts_with("disabled ")).unwrap();
+    assert!(
+        disabled.contains("disabled") && disabled.contains("<never>"),
+        "{disabled}"
+    );
+
+    let (code, stdout, _) = status_command(&["--admin", &admin, "--tenant", "combined"]);
+    assert_eq!(code, 0);
+    let gvisor = stdout.lines().find(|l| l.starts_with("gvisor ")).unwrap();
+    assert!(
+        gvisor.contains("offered") && gvisor.contains("as gvisor"),
+        "{stdout}"
+    );
+    let kata = stdout.lines().find(|l| l.starts_with("kata ")).unwrap();
+    assert!(
+        kata.contains("not offered") && kata.contains("does not match the selector"),
+        "{stdout}"
+    );
+
+    let (code, stdout, _) = status_command(&["--admin", &admin, "-o", "json"]);
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["synced"], true);
+    let (code, stdout, _) = status_command(&["--admin", &admin, "--tenant", "combined", "-o", "yaml"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("name: combined"), "{stdout}");
+    let (code, _, stderr) = status_command(&["--admin", &admin, "--tenant", "nobody"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no tenant \"nobody\""), "{stderr}");
+
+    // Unreachable: exit 2.
+    let (code, _, stderr) = status_command(&["--admin", &format!("http://127.0.0.1:{}", free_port())]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+
+    // Not ready (its API server is gone): exit 1, with the failing check.
+    drop(stream);
+    let config = write_tenants(host.dir.path(), TENANTS);
+    let mut dead = std::fs::read_to_string(&host.cluster.kubeconfig).unwrap();
+    let port = host
+        .cluster
+        .dev
+        .as_ref()
+        .unwrap()
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    dead = dead.replace(&format!(":{port}"), &format!(":{}", free_port()));
+    let kubeconfig = host.dir.path().join("dead.kubeconfig");
+    std::fs::write(&kubeconfig, dead).unwrap();
+    let (_agent, addrs, _) = spawn_listening(
+        "host-agent-not-ready",
+        Path::new(env!("CARGO_BIN_EXE_host-agent")),
+        host.dir.path(),
+        2,
+        "listening",
+        |addrs| {
+            vec![
+                "--kubeconfig".into(),
+                kubeconfig.display().to_string(),
+                "--config".into(),
+                config.display().to_string(),
+                "--grpc-listen".into(),
+                addrs[0].clone(),
+                "--admin-listen".into(),
+                addrs[1].clone(),
+            ]
+        },
+    )
+    .await;
+    let (code, _, stderr) = status_command(&["--admin", &format!("http://{}", addrs[1])]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not ready"), "{stderr}");
+}

@@ -49,7 +49,16 @@ impl Default for RetryPolicy {
 }
 
 /// The last NACK of each tenant, for operators.
-pub type LastErrors = Arc<Mutex<HashMap<TenantName, String>>>;
+pub type LastErrors = Arc<Mutex<HashMap<TenantName, Activity>>>;
+
+/// What operators want to know of a tenant's streams: its last NACK and its last ACK.
+#[derive(Clone, Debug, Default)]
+pub struct Activity {
+    /// The message of the last NACK.
+    pub last_nack: Option<String>,
+    /// When a response was last acknowledged.
+    pub last_ack: Option<std::time::SystemTime>,
+}
 
 /// The RuntimeClassSync service over a view source.
 pub struct RuntimeClassSyncService<V> {
@@ -505,6 +514,12 @@ impl<V: ViewSource> Session<V> {
             None => {
                 self.metrics.acks_total.get_or_create(&label).inc();
                 self.backoff = self.retry.initial;
+                self.last_errors
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(self.tenant.clone())
+                    .or_default()
+                    .last_ack = Some(std::time::SystemTime::now());
                 None
             }
             Some(detail) => {
@@ -521,7 +536,9 @@ impl<V: ViewSource> Session<V> {
                 self.last_errors
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(self.tenant.clone(), detail.message);
+                    .entry(self.tenant.clone())
+                    .or_default()
+                    .last_nack = Some(detail.message);
                 Some(delay)
             }
         }
