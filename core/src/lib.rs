@@ -23,6 +23,7 @@ pub mod patches;
 pub mod pod_refs;
 pub mod script;
 pub mod selector;
+pub mod status_client;
 pub mod telemetry;
 pub mod version;
 

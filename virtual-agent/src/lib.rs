@@ -20,3 +20,4 @@ pub mod metrics;
 pub mod pods;
 pub mod rbac;
 pub mod run;
+pub mod status;

@@ -14,17 +14,19 @@ use virtual_agent::run::Settings;
 /// rcsync virtual agent: applies the host's RuntimeClasses to a virtual cluster, deletes the ones
 /// tenants create, and syncs Pods to the host only when the host agent allows it.
 #[derive(Parser, Debug)]
-#[command(name = "virtual-agent", version, about, long_about = None)]
+#[command(name = "virtual-agent", version, about, long_about = None, subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Kubeconfig of the virtual cluster (in-cluster config, or $KUBECONFIG, when absent).
     #[arg(long, env = "VIRTUAL_AGENT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// URL of the host agent's gRPC server (https:// for TLS).
-    #[arg(long, env = "VIRTUAL_AGENT_HOST_AGENT")]
-    host_agent: String,
+    #[arg(long, env = "VIRTUAL_AGENT_HOST_AGENT", required = true)]
+    host_agent: Option<String>,
     /// This virtual cluster's tenant name, as in the host agent's tenants file.
-    #[arg(long, env = "VIRTUAL_AGENT_TENANT")]
-    tenant: String,
+    #[arg(long, env = "VIRTUAL_AGENT_TENANT", required = true)]
+    tenant: Option<String>,
     /// File with the tenant's bearer token (re-read at every reconnect).
     #[arg(long, env = "VIRTUAL_AGENT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -54,8 +56,33 @@ struct Cli {
     log_level: String,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Show a running virtual agent's state (from its admin port): the host agent it talks to,
+    /// the classes it applied, its Pods and why any is not synced; exits 1 when it is not ready,
+    /// 2 when it is unreachable.
+    Status {
+        /// The agent's admin URL.
+        #[arg(
+            long,
+            env = "VIRTUAL_AGENT_STATUS_ADMIN",
+            default_value = "http://127.0.0.1:9091"
+        )]
+        admin: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: rcsync_core::status_client::Output,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Status { admin, output }) = &cli.command {
+        let report = virtual_agent::status::status(admin, *output);
+        print!("{}", report.stdout);
+        eprint!("{}", report.stderr);
+        return ExitCode::from(report.code);
+    }
     if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -64,8 +91,9 @@ fn main() -> ExitCode {
     let settings = Settings {
         kubeconfig: cli.kubeconfig,
         target: HostAgentTarget {
-            url: cli.host_agent,
-            tenant: cli.tenant,
+            // Required by clap whenever no subcommand is given.
+            url: cli.host_agent.unwrap_or_default(),
+            tenant: cli.tenant.unwrap_or_default(),
             token_file: cli.token_file,
             ca_cert: cli.ca_cert,
             client_cert: cli.client_cert,

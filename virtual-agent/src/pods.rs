@@ -53,6 +53,9 @@ pub const REPORTER: &str = "pod-syncer";
 /// `(namespace, name)` of a virtual Pod.
 pub type Key = (String, String);
 
+/// Where each virtual Pod stands, for `/status`: `(state, why)` by Pod, kept by the shards.
+pub type PodBoard = Arc<std::sync::Mutex<BTreeMap<Key, (&'static str, String)>>>;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
     /// Written to the host from content with this fingerprint.
@@ -201,6 +204,7 @@ pub struct PodSyncer {
     shards: Vec<Shard>,
     config_map_writer: reflector::store::Writer<ConfigMap>,
     secret_writer: reflector::store::Writer<Secret>,
+    board: PodBoard,
 }
 
 /// One shard's state and loop.
@@ -228,6 +232,7 @@ struct Shard {
     name_waiters: HashSet<Key>,
     /// Over the tenant's Pod sync rate: nothing is sent before this instant.
     paused_until: Option<Instant>,
+    board: PodBoard,
     queue: VecDeque<Key>,
     queued: HashSet<Key>,
     retries: BTreeMap<Key, (Instant, Backoff)>,
@@ -257,6 +262,7 @@ impl PodSyncer {
         let (config_maps, config_map_writer) = reflector::store();
         let (secrets, secret_writer) = reflector::store();
         let objects = ObjectStores { config_maps, secrets };
+        let board = PodBoard::default();
         let shards = (0..workers.max(1))
             .map(|_| {
                 Shard::new(
@@ -265,6 +271,7 @@ impl PodSyncer {
                     metrics.clone(),
                     recorder.clone(),
                     objects.clone(),
+                    board.clone(),
                 )
             })
             .collect();
@@ -276,7 +283,13 @@ impl PodSyncer {
             shards,
             config_map_writer,
             secret_writer,
+            board,
         }
+    }
+
+    /// Where each Pod stands (synced, blocked, waiting, orphaned, and why), kept current.
+    pub fn board(&self) -> PodBoard {
+        self.board.clone()
     }
 
     /// Runs until `shutdown`.
@@ -437,8 +450,10 @@ impl Shard {
         metrics: Metrics,
         recorder: Recorder,
         objects: ObjectStores,
+        board: PodBoard,
     ) -> Self {
         Self {
+            board,
             recorder,
             client,
             target,
@@ -575,7 +590,11 @@ impl Shard {
                         }
                     }
                     Some(ShardInput::Status(StatusFeed::Reset)) => self.host_staging = Some(HashMap::new()),
-                    Some(ShardInput::Status(StatusFeed::Event(event))) => self.on_status(event).await,
+                    Some(ShardInput::Status(StatusFeed::Event(event))) => {
+                        let key = (event.pod_namespace.clone(), event.pod_name.clone());
+                        self.on_status(event).await;
+                        self.report(&key);
+                    }
                     Some(ShardInput::ClassesChanged) => {
                         let waiting: Vec<Key> = self
                             .records
@@ -605,6 +624,7 @@ impl Shard {
                     if let Some(key) = self.queue.pop_front() {
                         self.queued.remove(&key);
                         let ok = self.process(&key).await;
+                        self.report(&key);
                         if ok {
                             self.retries.remove(&key);
                         } else {
@@ -614,6 +634,21 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Publishes where a Pod stands to the board behind `/status`.
+    fn report(&self, key: &Key) {
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        match self.records.get(key).map(|r| &r.state) {
+            Some(State::Synced(_)) => board.insert(key.clone(), ("synced", String::new())),
+            Some(State::Blocked(why)) => board.insert(key.clone(), ("blocked", why.clone())),
+            Some(State::Waiting(why)) => board.insert(key.clone(), ("waiting", why.clone())),
+            Some(State::Orphaned) => board.insert(
+                key.clone(),
+                ("orphaned", "its runtime class is no longer synced".to_string()),
+            ),
+            None => board.remove(key),
+        };
     }
 
     /// Brings the reverse index of referenced objects up to date for one Pod (present or gone).

@@ -74,6 +74,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         resync,
         shutdown_rx.clone(),
     )));
+    let state_rx_for_status = state_rx.clone();
     let syncer = PodSyncer::new(
         client,
         settings.target.clone(),
@@ -81,6 +82,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         readiness.clone(),
         state_rx,
         settings.pod_workers,
+    );
+    let status = crate::status::router(
+        &settings.target.url,
+        &settings.target.tenant,
+        state_rx_for_status,
+        syncer.board(),
     );
     tasks.push(tokio::spawn(syncer.run(shutdown_rx.clone())));
     let admin_shutdown = {
@@ -93,7 +100,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         admin_listener,
         readiness.clone(),
         registry,
-        None,
+        Some(status),
         admin_shutdown,
     ));
 

@@ -1,0 +1,147 @@
+//! Where the virtual agent stands, for operators: `GET /status` on the admin port (JSON), and
+//! the `virtual-agent status` command that prints it as tables.
+//!
+//! ```text
+//!  SyncState (classes) ─┐
+//!  PodBoard (shards) ───┴─► GET /status ──► virtual-agent status [--admin URL] [-o table|json|yaml]
+//! ```
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use rcsync_core::status_client::{Output, Report, get as http_get, render, table, text};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::classes::SyncState;
+use crate::pods::PodBoard;
+
+#[derive(Clone)]
+struct StatusState {
+    host_agent: Arc<str>,
+    tenant: Arc<str>,
+    sync: watch::Receiver<SyncState>,
+    pods: PodBoard,
+}
+
+/// The `/status` route.
+pub fn router(host_agent: &str, tenant: &str, sync: watch::Receiver<SyncState>, pods: PodBoard) -> Router {
+    Router::new()
+        .route("/status", get(status_json))
+        .with_state(StatusState {
+            host_agent: host_agent.into(),
+            tenant: tenant.into(),
+            sync,
+            pods,
+        })
+}
+
+async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
+    let sync = state.sync.borrow().clone();
+    let board = state.pods.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let count = |want: &str| board.values().filter(|(s, _)| *s == want).count();
+    let not_synced: Vec<Value> = board
+        .iter()
+        .filter(|(_, (s, _))| *s != "synced")
+        .map(|((ns, name), (s, why))| json!({"namespace": ns, "name": name, "state": s, "reason": why}))
+        .collect();
+    axum::Json(json!({
+        "hostAgent": &*state.host_agent,
+        "tenant": &*state.tenant,
+        "connected": sync.connected,
+        "syncEnabled": sync.enabled,
+        "classes": sync.synced,
+        "pods": {
+            "synced": count("synced"),
+            "blocked": count("blocked"),
+            "waiting": count("waiting"),
+            "orphaned": count("orphaned"),
+            "notSynced": not_synced,
+        },
+    }))
+}
+
+/// Reads the agent at `admin` and reports its state; exit 1 when not ready, 2 unreachable.
+pub fn status(admin: &str, output: Output) -> Report {
+    let unreachable = |e: String| Report {
+        stdout: String::new(),
+        stderr: format!("error: the virtual agent's admin port is unreachable: {e}\n"),
+        code: 2,
+    };
+    let ready = match http_get(admin, "/readyz") {
+        Ok((code, body)) => (code == 200, body),
+        Err(e) => return unreachable(e),
+    };
+    let doc: Value = match http_get(admin, "/status") {
+        Ok((200, body)) => match serde_json::from_str(&body) {
+            Ok(doc) => doc,
+            Err(e) => return unreachable(format!("{admin}/status is not JSON: {e}")),
+        },
+        Ok((code, _)) => return unreachable(format!("{admin}/status answered {code}")),
+        Err(e) => return unreachable(e),
+    };
+    let stdout = match output {
+        Output::Table => {
+            let sync = match doc["syncEnabled"].as_bool() {
+                Some(true) => "enabled",
+                Some(false) => "disabled",
+                None => "<unknown>",
+            };
+            let pods = &doc["pods"];
+            let mut out = table(&[
+                [
+                    "HOST-AGENT",
+                    "TENANT",
+                    "CONNECTED",
+                    "SYNC",
+                    "CLASSES",
+                    "SYNCED",
+                    "BLOCKED",
+                    "WAITING",
+                    "ORPHANED",
+                ]
+                .map(String::from)
+                .to_vec(),
+                vec![
+                    text(&doc["hostAgent"]),
+                    text(&doc["tenant"]),
+                    text(&doc["connected"]),
+                    sync.to_string(),
+                    doc["classes"].as_array().map_or(0, Vec::len).to_string(),
+                    text(&pods["synced"]),
+                    text(&pods["blocked"]),
+                    text(&pods["waiting"]),
+                    text(&pods["orphaned"]),
+                ],
+            ]);
+            let not_synced = pods["notSynced"].as_array().cloned().unwrap_or_default();
+            if !not_synced.is_empty() {
+                let mut rows = vec![["NAMESPACE", "POD", "STATE", "REASON"].map(String::from).to_vec()];
+                for p in &not_synced {
+                    rows.push(vec![
+                        text(&p["namespace"]),
+                        text(&p["name"]),
+                        text(&p["state"]),
+                        text(&p["reason"]),
+                    ]);
+                }
+                out.push('\n');
+                out.push_str(&table(&rows));
+            }
+            out
+        }
+        other => render(&doc, other),
+    };
+    let mut report = Report {
+        stdout,
+        stderr: String::new(),
+        code: 0,
+    };
+    if !ready.0 {
+        report.stderr = format!("the virtual agent is not ready:\n{}", ready.1);
+        report.code = 1;
+    }
+    report
+}
