@@ -99,6 +99,47 @@ pub fn age(v: &Value) -> String {
     }
 }
 
+/// Reads `/readyz` and the JSON document at `path` from an agent's admin port: whether it is
+/// ready (and its readiness report), and the document; or the report of an unreachable agent
+/// (exit 2). `agent` names it in messages ("host agent").
+pub fn fetch(admin: &str, path: &str, agent: &str) -> Result<(bool, String, Value), Report> {
+    let unreachable = |e: String| Report {
+        stdout: String::new(),
+        stderr: format!("error: the {agent}'s admin port is unreachable: {e}\n"),
+        code: 2,
+    };
+    let (ready, report) = match get(admin, "/readyz") {
+        Ok((code, body)) => (code == 200, body),
+        Err(e) => return Err(unreachable(e)),
+    };
+    let doc = match get(admin, path) {
+        Ok((200, body)) => {
+            serde_json::from_str(&body).map_err(|e| unreachable(format!("{admin}{path} is not JSON: {e}")))?
+        }
+        Ok((code, _)) => return Err(unreachable(format!("{admin}{path} answered {code}"))),
+        Err(e) => return Err(unreachable(e)),
+    };
+    Ok((ready, report, doc))
+}
+
+/// The report of a status command that printed `stdout`: exit 1 with the readiness report when
+/// the agent is not ready, 0 otherwise.
+pub fn finish(stdout: String, ready: bool, readiness: &str, agent: &str) -> Report {
+    if ready {
+        Report {
+            stdout,
+            stderr: String::new(),
+            code: 0,
+        }
+    } else {
+        Report {
+            stdout,
+            stderr: format!("the {agent} is not ready:\n{readiness}"),
+            code: 1,
+        }
+    }
+}
+
 /// `value` as pretty JSON or YAML (tables are built by each command).
 pub fn render(value: &Value, output: Output) -> String {
     match output {

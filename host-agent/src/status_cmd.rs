@@ -8,82 +8,64 @@
 //! ```
 
 pub use rcsync_core::status_client::Output;
-use rcsync_core::status_client::{Report, age, get, render, table, text};
+use rcsync_core::status_client::{Report, age, fetch, finish, render, table, text};
 use serde_json::Value;
 
 /// Reads the agent at `admin` and reports its tenants (or one tenant's classes).
 pub fn status(admin: &str, tenant: Option<&str>, output: Output) -> Report {
-    let unreachable = |e: String| Report {
-        stdout: String::new(),
-        stderr: format!("error: the host agent's admin port is unreachable: {e}\n"),
-        code: 2,
-    };
-    let ready = match get(admin, "/readyz") {
-        Ok((code, body)) => (code == 200, body),
-        Err(e) => return unreachable(e),
-    };
-    let doc: Value = match get(admin, "/tenants") {
-        Ok((200, body)) => match serde_json::from_str(&body) {
-            Ok(doc) => doc,
-            Err(e) => return unreachable(format!("{admin}/tenants is not JSON: {e}")),
-        },
-        Ok((code, _)) => return unreachable(format!("{admin}/tenants answered {code}")),
-        Err(e) => return unreachable(e),
+    let (ready, readiness, doc) = match fetch(admin, "/tenants", "host agent") {
+        Ok(fetched) => fetched,
+        Err(report) => return report,
     };
     let tenants = doc["tenants"].as_array().cloned().unwrap_or_default();
-    let mut report = Report {
-        stdout: String::new(),
-        stderr: String::new(),
-        code: 0,
-    };
-    match tenant {
-        None => {
-            report.stdout = match output {
-                Output::Table => {
-                    let mut rows = vec![
-                        [
-                            "TENANT",
-                            "SYNC",
-                            "SELECTOR",
-                            "OFFERED",
-                            "FILTERED",
-                            "STREAMS",
-                            "LAST-ACK",
-                            "LAST-NACK",
-                        ]
-                        .map(String::from)
-                        .to_vec(),
-                    ];
-                    for t in &tenants {
-                        let count = |key: &str| t[key].as_object().map_or(0, |m| m.len()).to_string();
-                        rows.push(vec![
-                            text(&t["name"]),
-                            if t["syncEnabled"] == Value::Bool(true) {
-                                "enabled"
-                            } else {
-                                "disabled"
-                            }
-                            .into(),
-                            text(&t["selector"]),
-                            count("offered"),
-                            count("notOffered"),
-                            text(&t["streams"]),
-                            age(&t["lastAckSecondsAgo"]),
-                            text(&t["lastError"]),
-                        ]);
-                    }
-                    table(&rows)
+    let stdout = match tenant {
+        None => match output {
+            Output::Table => {
+                let mut rows = vec![
+                    [
+                        "TENANT",
+                        "SYNC",
+                        "SELECTOR",
+                        "OFFERED",
+                        "FILTERED",
+                        "STREAMS",
+                        "LAST-ACK",
+                        "LAST-NACK",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ];
+                for t in &tenants {
+                    let count = |key: &str| t[key].as_object().map_or(0, |m| m.len()).to_string();
+                    rows.push(vec![
+                        text(&t["name"]),
+                        if t["syncEnabled"] == Value::Bool(true) {
+                            "enabled"
+                        } else {
+                            "disabled"
+                        }
+                        .into(),
+                        text(&t["selector"]),
+                        count("offered"),
+                        count("notOffered"),
+                        text(&t["streams"]),
+                        age(&t["lastAckSecondsAgo"]),
+                        text(&t["lastError"]),
+                    ]);
                 }
-                other => render(&doc, other),
-            };
-        }
+                table(&rows)
+            }
+            other => render(&doc, other),
+        },
         Some(name) => {
             let Some(t) = tenants.iter().find(|t| t["name"] == name) else {
-                report.stderr = format!("error: the host agent has no tenant {name:?}\n");
-                report.code = 1;
-                return report;
+                return Report {
+                    stdout: String::new(),
+                    stderr: format!("error: the host agent has no tenant {name:?}\n"),
+                    code: 1,
+                };
             };
-            report.stdout = match output {
+            match output {
                 Output::Table => {
                     let mut classes: Vec<(String, String, String)> = Vec::new();
                     for (host, virtual_name) in t["offered"].as_object().into_iter().flatten() {
@@ -102,12 +84,8 @@ pub fn status(admin: &str, tenant: Option<&str>, output: Output) -> Report {
                     table(&rows)
                 }
                 other => render(t, other),
-            };
+            }
         }
-    }
-    if !ready.0 {
-        report.stderr = format!("the host agent is not ready:\n{}", ready.1);
-        report.code = 1;
-    }
-    report
+    };
+    finish(stdout, ready, &readiness, "host agent")
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use rcsync_core::status_client::{Output, Report, get as http_get, render, table, text};
+use rcsync_core::status_client::{Output, Report, fetch, finish, render, table, text};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -65,22 +65,9 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
 
 /// Reads the agent at `admin` and reports its state; exit 1 when not ready, 2 unreachable.
 pub fn status(admin: &str, output: Output) -> Report {
-    let unreachable = |e: String| Report {
-        stdout: String::new(),
-        stderr: format!("error: the virtual agent's admin port is unreachable: {e}\n"),
-        code: 2,
-    };
-    let ready = match http_get(admin, "/readyz") {
-        Ok((code, body)) => (code == 200, body),
-        Err(e) => return unreachable(e),
-    };
-    let doc: Value = match http_get(admin, "/status") {
-        Ok((200, body)) => match serde_json::from_str(&body) {
-            Ok(doc) => doc,
-            Err(e) => return unreachable(format!("{admin}/status is not JSON: {e}")),
-        },
-        Ok((code, _)) => return unreachable(format!("{admin}/status answered {code}")),
-        Err(e) => return unreachable(e),
+    let (ready, readiness, doc) = match fetch(admin, "/status", "virtual agent") {
+        Ok(fetched) => fetched,
+        Err(report) => return report,
     };
     let stdout = match output {
         Output::Table => {
@@ -134,14 +121,5 @@ pub fn status(admin: &str, output: Output) -> Report {
         }
         other => render(&doc, other),
     };
-    let mut report = Report {
-        stdout,
-        stderr: String::new(),
-        code: 0,
-    };
-    if !ready.0 {
-        report.stderr = format!("the virtual agent is not ready:\n{}", ready.1);
-        report.code = 1;
-    }
-    report
+    finish(stdout, ready, &readiness, "virtual agent")
 }
