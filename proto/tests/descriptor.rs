@@ -19,6 +19,18 @@ fn descriptor_set_describes_both_services() {
         services.contains(&rcsync_proto::POD_SYNC_SERVICE.to_string()),
         "{services:?}"
     );
-    // Documentation travels with the descriptors (source info), so reflection clients show it.
-    assert!(set.file.iter().all(|f| f.source_code_info.is_some()));
+    // Documentation travels with our descriptors (source info), so reflection clients show it;
+    // imported well-known types (google/protobuf/timestamp.proto) come along to resolve imports.
+    assert!(
+        set.file
+            .iter()
+            .filter(|f| f.package() == "rcsync.v1")
+            .all(|f| f.source_code_info.is_some())
+    );
+    assert!(
+        set.file
+            .iter()
+            .any(|f| f.name() == "google/protobuf/timestamp.proto"),
+        "imports are in the set for reflection clients"
+    );
 }

@@ -334,6 +334,16 @@ async fn session(
             .unwrap_or_default();
         metrics.last_sync_timestamp_seconds.set(now.as_secs_f64());
         metrics.synced_classes.set(held.len() as i64);
+        if let Some(sent) = response
+            .sent_at
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+        {
+            // Host send → applied here; a negative value (clock skew) counts as zero.
+            let took = std::time::SystemTime::now()
+                .duration_since(sent)
+                .unwrap_or_default();
+            metrics.propagation_seconds.observe(took.as_secs_f64());
+        }
         let initial = response.initial_state_complete;
         state.send_if_modified(|s| {
             let next = SyncState {

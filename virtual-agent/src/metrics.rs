@@ -29,6 +29,8 @@ pub struct Metrics {
     pub pods_synced_total: Counter,
     /// Pods denied (SyncWarning recorded).
     pub pods_denied_total: Counter,
+    /// Host send → applied here, per Sync response (seconds; from the response's send timestamp).
+    pub propagation_seconds: prometheus_client::metrics::histogram::Histogram,
     /// Pods the host agent refused (Pod Security, unsupported fields, a host name in use).
     pub pods_refused_total: Counter,
     /// PodSync calls the host agent turned away over the tenant's rate limit (retried).
@@ -54,6 +56,9 @@ impl Metrics {
             pods_synced_total: Counter::default(),
             pods_denied_total: Counter::default(),
             pods_refused_total: Counter::default(),
+            propagation_seconds: prometheus_client::metrics::histogram::Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
             pods_rate_limited_total: Counter::default(),
             pods_orphaned: Gauge::default(),
             pod_errors_total: Counter::default(),
@@ -90,6 +95,11 @@ impl Metrics {
             "pods_denied",
             "Pods denied by the host agent (SyncWarning)",
             m.pods_denied_total.clone(),
+        );
+        r.register(
+            "sync_propagation_seconds",
+            "From the host agent sending a Sync response to this agent having applied it",
+            m.propagation_seconds.clone(),
         );
         r.register(
             "pods_refused_by_host",

@@ -465,6 +465,7 @@ impl<V: ViewSource> Session<V> {
             sync_enabled: view.sync_enabled,
             system_version_info: view.digest(),
             pod_policy_version: view.pod_policy_version.clone(),
+            sent_at: Some(std::time::SystemTime::now().into()),
         };
         tracing::debug!(
             nonce,
