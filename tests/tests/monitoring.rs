@@ -246,7 +246,12 @@ async fn every_alert_and_panel_reads_metrics_the_agents_export() {
         }
     }
     // The dashboard: every panel query, and the tenant variable's label_values().
-    let dashboard: Value = serde_json::from_str(&deploy("grafana-dashboard.json")).unwrap();
+    let config_map: Value = yaml_serde::from_str(&deploy("grafana-dashboard.yaml")).unwrap();
+    assert_eq!(
+        (config_map["apiVersion"].as_str(), config_map["kind"].as_str()),
+        (Some("v1"), Some("ConfigMap"))
+    );
+    let dashboard: Value = serde_json::from_str(config_map["data"]["rcsync.json"].as_str().unwrap()).unwrap();
     let mut panels = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
