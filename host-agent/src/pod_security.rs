@@ -127,33 +127,30 @@ struct PodView<'a> {
 
 impl<'a> PodView<'a> {
     fn new(annotations: Option<&'a std::collections::BTreeMap<String, String>>, spec: &'a PodSpec) -> Self {
-        let mut containers = Vec::new();
-        for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
-            containers.push(ContainerView {
-                name: &c.name,
-                security: c.security_context.as_ref(),
-                ports: c.ports.as_deref().unwrap_or_default(),
-                probes: [
-                    c.liveness_probe.as_ref(),
-                    c.readiness_probe.as_ref(),
-                    c.startup_probe.as_ref(),
-                ],
-                lifecycle: c.lifecycle.as_ref(),
-            });
+        // Container and EphemeralContainer are different types with the same fields.
+        macro_rules! view {
+            ($c:expr) => {
+                ContainerView {
+                    name: &$c.name,
+                    security: $c.security_context.as_ref(),
+                    ports: $c.ports.as_deref().unwrap_or_default(),
+                    probes: [
+                        $c.liveness_probe.as_ref(),
+                        $c.readiness_probe.as_ref(),
+                        $c.startup_probe.as_ref(),
+                    ],
+                    lifecycle: $c.lifecycle.as_ref(),
+                }
+            };
         }
-        for c in spec.ephemeral_containers.iter().flatten() {
-            containers.push(ContainerView {
-                name: &c.name,
-                security: c.security_context.as_ref(),
-                ports: c.ports.as_deref().unwrap_or_default(),
-                probes: [
-                    c.liveness_probe.as_ref(),
-                    c.readiness_probe.as_ref(),
-                    c.startup_probe.as_ref(),
-                ],
-                lifecycle: c.lifecycle.as_ref(),
-            });
-        }
+        let containers = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .map(|c| view!(c))
+            .chain(spec.ephemeral_containers.iter().flatten().map(|c| view!(c)))
+            .collect();
         Self {
             annotations,
             spec,

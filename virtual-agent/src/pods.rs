@@ -903,6 +903,19 @@ impl Shard {
         self.on_denied(key, pod, &uid, host_has_it, decision).await
     }
 
+    /// Records `state` for a Pod; false when it was in that state already (nothing to report).
+    fn enter(&mut self, key: &Key, uid: &str, state: State) -> bool {
+        if self.records.get(key).is_some_and(|r| r.state == state) {
+            return false;
+        }
+        let record = Record {
+            uid: uid.to_string(),
+            state,
+        };
+        self.records.insert(key.clone(), record);
+        true
+    }
+
     /// An allowed Pod whose referenced objects are not all there: it waits (with one event per
     /// change of what is missing) and is re-queued when one of them appears.
     async fn on_waiting(&mut self, key: &Key, pod: &Pod, uid: &str, missing: &[String]) -> bool {
@@ -914,17 +927,9 @@ impl Shard {
             key.0,
             if missing.len() == 1 { "it is" } else { "they are" },
         );
-        let state = State::Waiting(message.clone());
-        if self.records.get(key).is_some_and(|r| r.state == state) {
+        if !self.enter(key, uid, State::Waiting(message.clone())) {
             return true;
         }
-        self.records.insert(
-            key.clone(),
-            Record {
-                uid: uid.to_string(),
-                state,
-            },
-        );
         tracing::info!(namespace = %key.0, pod = %key.1, "{message}");
         self.publish(pod, EventType::Warning, "SyncWarning", "Sync/waiting", message)
             .await
@@ -941,17 +946,9 @@ impl Shard {
             self.name_waiters.remove(key);
         }
         let message = format!("did not sync pod {:?} to host: {}", key.1, refusal.message);
-        let state = State::Blocked(message.clone());
-        if self.records.get(key).is_some_and(|r| r.state == state) {
+        if !self.enter(key, uid, State::Blocked(message.clone())) {
             return true;
         }
-        self.records.insert(
-            key.clone(),
-            Record {
-                uid: uid.to_string(),
-                state,
-            },
-        );
         self.metrics.pods_refused_total.inc();
         tracing::info!(namespace = %key.0, pod = %key.1, reason = reason.as_str_name(), "{message}");
         let action = format!(
