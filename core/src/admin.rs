@@ -23,7 +23,7 @@ use tokio::sync::watch;
 /// Named readiness checks; the process is ready when every check passed and it is not shutting down.
 #[derive(Clone)]
 pub struct Readiness {
-    checks: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    checks: Arc<Mutex<BTreeMap<&'static str, (bool, String)>>>,
     ready: watch::Sender<bool>,
 }
 
@@ -33,8 +33,8 @@ const SHUTDOWN_CHECK: &str = "not-shutting-down";
 impl Readiness {
     /// Creates readiness with the given checks, all failing.
     pub fn new(checks: &[&'static str]) -> Self {
-        let mut map: BTreeMap<_, _> = checks.iter().map(|c| (*c, false)).collect();
-        map.insert(SHUTDOWN_CHECK, true);
+        let mut map: BTreeMap<_, _> = checks.iter().map(|c| (*c, (false, String::new()))).collect();
+        map.insert(SHUTDOWN_CHECK, (true, String::new()));
         let (ready, _) = watch::channel(false);
         Self {
             checks: Arc::new(Mutex::new(map)),
@@ -44,9 +44,27 @@ impl Readiness {
 
     /// Sets one check. Unknown names are added (so a typo shows up in `/readyz`).
     pub fn set(&self, check: &'static str, ok: bool) {
+        self.set_with_detail(check, ok, String::new());
+    }
+
+    /// Sets one check with a detail shown after its state in `/readyz` (e.g. who leads).
+    pub fn set_with_detail(&self, check: &'static str, ok: bool, detail: String) {
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        checks.insert(check, ok);
-        let all = checks.values().all(|ok| *ok);
+        checks.insert(check, (ok, detail));
+        self.publish(&checks);
+    }
+
+    /// Removes checks that no longer apply (e.g. a standby replica's work checks).
+    pub fn remove(&self, names: &[&'static str]) {
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        for name in names {
+            checks.remove(name);
+        }
+        self.publish(&checks);
+    }
+
+    fn publish(&self, checks: &BTreeMap<&'static str, (bool, String)>) {
+        let all = checks.values().all(|(ok, _)| *ok);
         self.ready.send_if_modified(|r| std::mem::replace(r, all) != all);
     }
 
@@ -69,11 +87,12 @@ impl Readiness {
     pub fn report(&self) -> String {
         let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
-        for (name, ok) in checks.iter() {
+        for (name, (ok, detail)) in checks.iter() {
             out.push_str(&format!(
-                "[{}]{name} {}\n",
+                "[{}]{name} {}{}{detail}\n",
                 if *ok { '+' } else { '-' },
-                if *ok { "ok" } else { "failed" }
+                if *ok { "ok" } else { "failed" },
+                if detail.is_empty() { "" } else { ": " },
             ));
         }
         out

@@ -1,12 +1,37 @@
 //! Building a Kubernetes client the way both agents do (feature `kube`).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
+
+/// Says whether this process may write now (leader fencing). Reads are never held back.
+pub type WriteFence = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The error a fenced client returns for a write while the fence is closed.
+#[derive(Debug, thiserror::Error)]
+#[error("not written: this replica does not hold the leader lease (fenced {method} {path})")]
+pub struct Fenced {
+    method: http::Method,
+    path: String,
+}
 
 /// A client from `kubeconfig`, or, when absent, from the environment: in-cluster config (or
 /// `$KUBECONFIG` / `~/.kube/config` when run outside a cluster).
 pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+    client_for(load_config(kubeconfig).await?)
+}
+
+/// Like [`kube_client`], but every write (anything but GET, HEAD and OPTIONS) is refused with
+/// [`Fenced`] before it leaves the process while `fence` says no.
+pub async fn fenced_kube_client(
+    kubeconfig: Option<&Path>,
+    fence: WriteFence,
+) -> anyhow::Result<kube::Client> {
+    build(load_config(kubeconfig).await?, Some(fence))
+}
+
+async fn load_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -19,13 +44,17 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Clie
             .await
             .context("no --kubeconfig and no in-cluster config")?,
     };
-    client_for(config)
+    Ok(config)
 }
 
 /// A client for `config` whose connections set TCP_NODELAY: watch events and small requests go
 /// out at once instead of waiting on Nagle's algorithm. Otherwise as kube-rs builds it: the
 /// config's TLS (rustls), timeouts, retries, authentication and extra headers.
 pub fn client_for(config: kube::Config) -> anyhow::Result<kube::Client> {
+    build(config, None)
+}
+
+fn build(config: kube::Config, fence: Option<WriteFence>) -> anyhow::Result<kube::Client> {
     use kube::client::ConfigExt as _;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
@@ -43,7 +72,22 @@ pub fn client_for(config: kube::Config) -> anyhow::Result<kube::Client> {
     let retry = config
         .default_retry
         .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
+    let fence = fence.map(|allows| {
+        tower::filter::FilterLayer::new(move |request: http::Request<kube::client::Body>| {
+            let reads = [http::Method::GET, http::Method::HEAD, http::Method::OPTIONS];
+            if reads.contains(request.method()) || allows() {
+                Ok(request)
+            } else {
+                Err(Fenced {
+                    method: request.method().clone(),
+                    path: request.uri().path().to_string(),
+                })
+            }
+        })
+    });
     let service = tower::ServiceBuilder::new()
+        .option_layer(fence)
+        .map_err(tower::BoxError::from)
         .layer(config.base_uri_layer())
         .option_layer(retry)
         .option_layer(

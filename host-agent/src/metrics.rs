@@ -74,6 +74,8 @@ pub struct Metrics {
     pub view_rebuilds_total: Counter,
     /// Re-reads of the tenants file by result.
     pub config_reloads_total: Family<ResultLabel, Counter>,
+    /// Reloads of the serving certificate and client CA after their files changed, by result.
+    pub tls_reloads_total: Family<ResultLabel, Counter>,
     /// RuntimeClasses offered per tenant.
     pub tenant_classes: Family<TenantLabel, Gauge>,
     /// RuntimeClasses filtered out per tenant (currently).
@@ -118,6 +120,7 @@ impl Metrics {
             view_updates_total: Counter::default(),
             view_rebuilds_total: Counter::default(),
             config_reloads_total: Family::default(),
+            tls_reloads_total: Family::default(),
             tenant_classes: Family::default(),
             tenant_filtered: Family::default(),
             filtered_total: Family::default(),
@@ -160,6 +163,11 @@ impl Metrics {
             "config_reloads",
             "Re-reads of the tenants file, by result (applied, unchanged, failed)",
             m.config_reloads_total.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Reloads of the serving certificate and client CA after their files changed, by result (applied, failed)",
+            m.tls_reloads_total.clone(),
         );
         r.register(
             "tenant_runtime_classes",

@@ -98,7 +98,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
     let tenants = load_tenants(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(tenants = tenants.file.tenants.len(), config = %settings.config.display(), "loaded tenants");
-    let tls = settings.tls.server_config()?;
+    let tls = crate::grpc::tls::ServingTls::load(&settings.tls)?;
     let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
 
     let mut registry = Registry::default();
@@ -175,9 +175,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin address {}", settings.admin_listen))?;
     let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("configuring TLS")?;
-        tracing::info!(mtls = settings.tls.client_ca.is_some(), "serving gRPC over TLS");
+    if tls.is_some() {
+        tracing::info!(
+            mtls = settings.tls.client_ca.is_some(),
+            "serving gRPC over TLS (certificates reloaded when their files change)"
+        );
     } else {
         tracing::warn!(
             "serving gRPC in plaintext: tokens and data cross the network unencrypted; set --tls-cert and --tls-key"
@@ -212,15 +214,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let grpc_task = tokio::spawn(
-        server
-            .add_service(health)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(RuntimeClassSyncServer::new(sync))
-            .add_service(PodSyncServer::new(pods))
-            .serve_with_incoming_shutdown(no_delay(grpc_listener), grpc_shutdown),
-    );
+    let router = server
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(RuntimeClassSyncServer::new(sync))
+        .add_service(PodSyncServer::new(pods));
+    let grpc_task = match tls {
+        Some(tls) => {
+            tokio::spawn(tls.clone().reload_on_change(metrics.clone()));
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                tls.incoming(grpc_listener, shutdown_rx.clone()),
+                grpc_shutdown,
+            ))
+        }
+        None => tokio::spawn(router.serve_with_incoming_shutdown(no_delay(grpc_listener), grpc_shutdown)),
+    };
     let admin_shutdown = {
         let mut rx = shutdown_rx.clone();
         async move {
@@ -283,7 +292,7 @@ fn file_names(path: &std::path::Path, state: &TenantsState) -> std::collections:
 
 /// Whether a change at `path` may change what the agent reads: one of its files by name, or an
 /// entry of Kubernetes' atomic writer (`..data`, `..2026_11_26_...`) swapping them in.
-fn is_read(names: &std::collections::HashSet<std::ffi::OsString>, path: &std::path::Path) -> bool {
+pub(crate) fn is_read(names: &std::collections::HashSet<std::ffi::OsString>, path: &std::path::Path) -> bool {
     path.file_name()
         .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
 }

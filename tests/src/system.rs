@@ -95,6 +95,21 @@ pub struct System {
     pub dir: tempfile::TempDir,
 }
 
+/// Namespace of the virtual agents' leader Lease in each virtual cluster: the one `deploy/`'s RBAC
+/// grants.
+pub const LEASE_NAMESPACE: &str = "rcsync-system";
+
+/// Creates a namespace unless it exists.
+pub async fn create_namespace(cluster: &Cluster, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(cluster.client().await);
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating namespace {name}: {e}"),
+    }
+}
+
 /// Label on every object the suite creates, so a run against real clusters can clean up after
 /// an earlier one.
 pub const E2E_LABEL: &str = "rcsync.io/e2e";
@@ -240,6 +255,7 @@ impl System {
                 dir.path(),
             )
             .await;
+            create_namespace(&cluster, LEASE_NAMESPACE).await;
             let mut tls_args: Vec<String> = Vec::new();
             if let Some(pki) = &pki {
                 let client = pki.client(&t.name).unwrap();
@@ -271,6 +287,10 @@ impl System {
                         &dir.path().join(format!("{}.token", t.name)).display().to_string(),
                         "--admin-listen",
                         &addrs[0],
+                        "--lease-namespace",
+                        LEASE_NAMESPACE,
+                        "--identity",
+                        &format!("virtual-agent-{}", t.name),
                         "--log-level",
                         "info,virtual_agent=debug",
                     ]
@@ -344,6 +364,55 @@ impl System {
     }
 }
 
+/// A further host agent replica: same cluster, same tenants file, its own ports.
+pub struct HostAgentReplica {
+    /// Its process.
+    pub process: Process,
+    /// Its gRPC address.
+    pub grpc: String,
+    /// Its admin address.
+    pub admin: String,
+}
+
+impl System {
+    /// Starts another host agent with the first one's flags on its own ports, and waits until it
+    /// is ready.
+    pub async fn spawn_host_agent_replica(&self, name: &str) -> HostAgentReplica {
+        let base = self.host_args.clone();
+        let (process, addrs, _) = spawn_listening(
+            name,
+            &binary("host-agent"),
+            self.dir.path(),
+            2,
+            "listening",
+            |addrs| {
+                let mut args = base.clone();
+                set_flag(&mut args, "--grpc-listen", &addrs[0]);
+                set_flag(&mut args, "--admin-listen", &addrs[1]);
+                args
+            },
+        )
+        .await;
+        wait_ready_at(&addrs[1], name).await;
+        HostAgentReplica {
+            process,
+            grpc: addrs[0].clone(),
+            admin: addrs[1].clone(),
+        }
+    }
+}
+
+/// Sets `flag` to `value` in an argument list (`--flag value` form), adding it when absent.
+pub fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
+    match args.iter().position(|a| a == flag) {
+        Some(i) if i + 1 < args.len() => args[i + 1] = value.to_string(),
+        _ => {
+            args.push(flag.to_string());
+            args.push(value.to_string());
+        }
+    }
+}
+
 /// Removes what an earlier run against a real cluster left: the suite's RuntimeClasses and Pods.
 async fn clean_real_cluster(cluster: &Cluster, tenants: &[TenantSpec]) {
     use kube::api::DeleteParams;
@@ -385,7 +454,8 @@ async fn clean_real_cluster(cluster: &Cluster, tenants: &[TenantSpec]) {
     }
 }
 
-async fn wait_ready_at(admin: &str, what: &str) {
+/// Waits until the agent at `admin` answers `/readyz` with 200.
+pub async fn wait_ready_at(admin: &str, what: &str) {
     eventually(&format!("{what} at {admin} to be ready"), || async {
         http_get(admin, "/readyz").await.filter(|(code, _)| *code == 200)
     })
@@ -467,6 +537,35 @@ impl VirtualSide {
                 .find(|e| e.message.as_deref() == Some(message))
         })
         .await
+    }
+
+    /// Sets a flag of this side's agent for its next start (and for replicas spawned later).
+    pub fn set_agent_flag(&mut self, flag: &str, value: &str) {
+        set_flag(&mut self.args, flag, value);
+    }
+
+    /// Starts another replica of this side's agent with its flags, `flags` set on top (give each
+    /// replica its own `--identity`), on its own admin port; waits until it listens. Returns the
+    /// process and its admin address.
+    pub async fn spawn_replica(&self, name: &str, flags: &[(&str, &str)]) -> (Process, String) {
+        let base = self.args.clone();
+        let (process, addrs, _) = spawn_listening(
+            name,
+            &binary("virtual-agent"),
+            &self.dir,
+            1,
+            "starting",
+            |addrs| {
+                let mut args = base.clone();
+                set_flag(&mut args, "--admin-listen", &addrs[0]);
+                for (flag, value) in flags {
+                    set_flag(&mut args, flag, value);
+                }
+                args
+            },
+        )
+        .await;
+        (process, addrs[0].clone())
     }
 
     /// Kills this virtual agent (SIGKILL).

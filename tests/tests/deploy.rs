@@ -7,6 +7,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -67,6 +68,7 @@ fn check_kinds(text: &str) -> Vec<Value> {
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => drop(typed::<ClusterRoleBinding>(doc)),
             ("rbac.authorization.k8s.io/v1", "Role") => drop(typed::<Role>(doc)),
             ("rbac.authorization.k8s.io/v1", "RoleBinding") => drop(typed::<RoleBinding>(doc)),
+            ("policy/v1", "PodDisruptionBudget") => drop(typed::<PodDisruptionBudget>(doc)),
             other => panic!("unexpected object {other:?}"),
         }
     }
@@ -133,6 +135,7 @@ fn host_agent_manifests_are_valid_and_least_privilege() {
     assert_eq!(rules_of(&docs, "ClusterRole"), required(&cluster));
     assert_eq!(rules_of(&docs, "Role"), required(&namespaced));
     check_flags(&docs, "host-agent");
+    check_high_availability(&docs, "host-agent");
     // The tenants file in the ConfigMap is a valid tenants file.
     let config = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
     rcsync_core::TenantsFile::parse(
@@ -155,7 +158,67 @@ fn virtual_agent_manifests_are_valid_and_least_privilege() {
         rules_of(&docs, "ClusterRole"),
         required(virtual_agent::rbac::REQUIRED)
     );
+    // The leader Lease: a Role in the agent's namespace, limited to the one Lease by name.
+    let mut lease_rules = BTreeSet::new();
+    for doc in docs.iter().filter(|d| d["kind"] == "Role") {
+        assert_eq!(doc["metadata"]["namespace"], "rcsync-system");
+        let rules: Vec<PolicyRule> = serde_json::from_value(doc["rules"].clone()).unwrap();
+        for rule in rules {
+            let mut verbs = rule.verbs.clone();
+            verbs.sort();
+            for group in rule.api_groups.clone().unwrap_or_default() {
+                for resource in rule.resources.clone().unwrap_or_default() {
+                    lease_rules.insert((
+                        group.clone(),
+                        resource,
+                        verbs.clone(),
+                        rule.resource_names.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+    let want: BTreeSet<_> = virtual_agent::rbac::LEASE
+        .iter()
+        .map(|(g, r, v, n)| {
+            let mut verbs: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+            verbs.sort();
+            (
+                g.to_string(),
+                r.to_string(),
+                verbs,
+                n.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    assert_eq!(lease_rules, want);
     check_flags(&docs, "virtual-agent");
+    check_high_availability(&docs, "virtual-agent");
+}
+
+/// Two replicas, on different nodes, rolled one at a time, with a disruption budget.
+fn check_high_availability(docs: &[Value], app: &str) {
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 2, "{app}: replicas");
+    assert_eq!(
+        deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
+        "{app}: rolling update"
+    );
+    let anti = &deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"];
+    assert_eq!(
+        anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname",
+        "{app}: anti-affinity"
+    );
+    let pdb = docs
+        .iter()
+        .find(|d| d["kind"] == "PodDisruptionBudget")
+        .expect("a PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        app
+    );
 }
 
 #[test]

@@ -56,6 +56,7 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
     for column in [
         "HOST-AGENT",
         "TENANT",
+        "LEADER",
         "CONNECTED",
         "SYNC",
         "CLASSES",
@@ -69,7 +70,17 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         &row[1..],
-        ["team-a", "true", "enabled", "1", "1", "1", "0", "0"],
+        [
+            "team-a",
+            "virtual-agent-team-a",
+            "true",
+            "enabled",
+            "1",
+            "1",
+            "1",
+            "0",
+            "0"
+        ],
         "{stdout}"
     );
     let blocked = stdout
@@ -84,6 +95,8 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
     assert_eq!(code, 0);
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(doc["classes"], serde_json::json!(["gvisor"]));
+    assert_eq!(doc["leading"], true);
+    assert_eq!(doc["leader"], "virtual-agent-team-a");
     assert_eq!(doc["pods"]["notSynced"][0]["name"], "blocked");
 
     let (code, _, stderr) = status(&["--admin", &format!("http://127.0.0.1:{}", free_port())]);

@@ -1,7 +1,17 @@
-//! The connection to the host agent: endpoint, TLS/mTLS, and the credentials every call carries
+//! The connection to the host agent: endpoints, TLS/mTLS, and the credentials every call carries
 //! (`authorization: Bearer <token>` and `x-rcsync-tenant`).
+//!
+//! ```text
+//!  --host-agent a:9443,b:9443 ──► each URL's host resolved (a DNS name with several addresses
+//!                                 is several endpoints) ──► tried in turn from a rotating start
+//!  every connect (stream or Pod shard) starts one further along: calls spread over the replicas,
+//!  and a replica that refuses or is gone is skipped (failover)
+//! ```
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,11 +22,13 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::leader::Fence;
+
 /// How to reach and authenticate to the host agent.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct HostAgentTarget {
-    /// `http://host:port` or `https://host:port`.
-    pub url: String,
+    /// One or more `http://host:port` or `https://host:port` (replicas of the host agent).
+    pub urls: Vec<String>,
     /// The tenant this virtual cluster is.
     pub tenant: String,
     /// File holding the bearer token (re-read at every connect, so rotation needs no restart).
@@ -27,6 +39,10 @@ pub struct HostAgentTarget {
     pub client_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
     pub client_key: Option<PathBuf>,
+    /// Where the next connect starts in the endpoint list (shared by clones).
+    rotation: Arc<AtomicUsize>,
+    /// When set, calls go out only while it allows (leader fencing).
+    fence: Option<Fence>,
 }
 
 /// Adds the tenant's credentials to every call.
@@ -34,10 +50,16 @@ pub struct HostAgentTarget {
 pub struct Credentials {
     authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
     tenant: MetadataValue<tonic::metadata::Ascii>,
+    fence: Option<Fence>,
 }
 
 impl Interceptor for Credentials {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if self.fence.as_ref().is_some_and(|f| !f.allows()) {
+            return Err(tonic::Status::failed_precondition(
+                "not sent: this replica does not hold the leader lease",
+            ));
+        }
         if let Some(auth) = &self.authorization {
             request.metadata_mut().insert("authorization", auth.clone());
         }
@@ -54,18 +76,47 @@ pub type ClassClient = RuntimeClassSyncClient<InterceptedService<Channel, Creden
 pub type PodClient = PodSyncClient<InterceptedService<Channel, Credentials>>;
 
 impl HostAgentTarget {
+    /// A target with these URLs and tenant, no token and no TLS files.
+    pub fn new(urls: Vec<String>, tenant: String) -> Self {
+        Self {
+            urls,
+            tenant,
+            ..Default::default()
+        }
+    }
+
+    /// The same target, whose calls go out only while `fence` allows.
+    pub fn fenced(&self, fence: Fence) -> Self {
+        Self {
+            fence: Some(fence),
+            ..self.clone()
+        }
+    }
+
     /// Checks the target's files and flags without connecting.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.url.starts_with("http://") || self.url.starts_with("https://"),
-            "--host-agent must be an http:// or https:// URL, got {:?}",
-            self.url
-        );
+        anyhow::ensure!(!self.urls.is_empty(), "--host-agent names no URL");
+        let tls = self.urls[0].starts_with("https://");
+        for url in &self.urls {
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "--host-agent must be an http:// or https:// URL, got {url:?}"
+            );
+            anyhow::ensure!(
+                url.starts_with("https://") == tls,
+                "--host-agent mixes http:// and https:// URLs ({:?} and {url:?}); use one scheme",
+                self.urls[0]
+            );
+            let uri: http::Uri = url
+                .parse()
+                .with_context(|| format!("invalid --host-agent URL {url:?}"))?;
+            anyhow::ensure!(uri.host().is_some(), "--host-agent URL {url:?} names no host");
+        }
         anyhow::ensure!(
             self.client_cert.is_some() == self.client_key.is_some(),
             "--client-cert and --client-key must be given together"
         );
-        if self.url.starts_with("http://") && (self.ca_cert.is_some() || self.client_cert.is_some()) {
+        if !tls && (self.ca_cert.is_some() || self.client_cert.is_some()) {
             anyhow::bail!("TLS files were given but --host-agent is http://; use https://");
         }
         self.credentials()?;
@@ -91,19 +142,52 @@ impl HostAgentTarget {
         Ok(Credentials {
             authorization,
             tenant,
+            fence: self.fence.clone(),
         })
     }
 
-    fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        let mut endpoint = Endpoint::from_shared(self.url.clone())
-            .with_context(|| format!("invalid --host-agent URL {:?}", self.url))?
+    /// The URLs as one line for logs and `/status`.
+    pub fn display(&self) -> String {
+        self.urls.join(",")
+    }
+
+    /// Whether the host agent is reached over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.urls.first().is_some_and(|u| u.starts_with("https://"))
+    }
+
+    /// Every address to try: each URL's host resolved now (so DNS changes are followed at the
+    /// next connect), with the name kept for TLS verification.
+    async fn addresses(&self) -> Vec<(String, SocketAddr, String)> {
+        let mut out = Vec::new();
+        for url in &self.urls {
+            let Ok(uri) = url.parse::<http::Uri>() else {
+                continue;
+            };
+            let Some(host) = uri.host() else { continue };
+            let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().unwrap_or(if self.is_tls() { 443 } else { 80 });
+            match tokio::net::lookup_host((host.as_str(), port)).await {
+                Ok(addrs) => out.extend(addrs.map(|a| (url.clone(), a, host.clone()))),
+                Err(e) => tracing::warn!(url = %url, error = %e, "resolving the host agent's name failed"),
+            }
+        }
+        out.dedup_by(|a, b| a.1 == b.1);
+        out
+    }
+
+    fn endpoint(&self, addr: SocketAddr, host: &str) -> anyhow::Result<Endpoint> {
+        let scheme = if self.is_tls() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .with_context(|| format!("invalid host agent address {addr}"))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        if self.url.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if self.is_tls() {
+            // The certificate is checked against the name in the URL, not the address dialled.
+            let mut tls = ClientTlsConfig::new().with_enabled_roots().domain_name(host);
             if let Some(ca) = &self.ca_cert {
                 let pem = std::fs::read(ca).with_context(|| format!("reading the CA {}", ca.display()))?;
                 tls = tls.ca_certificate(Certificate::from_pem(pem));
@@ -120,19 +204,46 @@ impl HostAgentTarget {
         Ok(endpoint)
     }
 
-    /// Connects (once) and returns both clients over one channel.
+    /// Connects to one host agent replica and returns both clients over one channel. Each call
+    /// starts one further along the resolved addresses, so streams and Pod shards spread over
+    /// the replicas; an address that does not answer is skipped. TLS files and the token are
+    /// read at every connect, so rotated files are used by the next connection.
     pub async fn connect(&self) -> anyhow::Result<(ClassClient, PodClient)> {
         let credentials = self.credentials()?;
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", self.url))?;
-        Ok((
-            RuntimeClassSyncClient::with_interceptor(channel.clone(), credentials.clone()),
-            PodSyncClient::with_interceptor(channel, credentials),
-        ))
+        let addresses = self.addresses().await;
+        anyhow::ensure!(
+            !addresses.is_empty(),
+            "no address found for the host agent ({})",
+            self.display()
+        );
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..addresses.len() {
+            let (url, addr, host) = &addresses[(start + i) % addresses.len()];
+            match self.endpoint(*addr, host)?.connect().await {
+                Ok(channel) => {
+                    tracing::debug!(url = %url, address = %addr, "connected to the host agent");
+                    return Ok((
+                        RuntimeClassSyncClient::with_interceptor(channel.clone(), credentials.clone()),
+                        PodSyncClient::with_interceptor(channel, credentials),
+                    ));
+                }
+                Err(e) => errors.push(format!("{url} ({addr}): {}", error_chain(&e))),
+            }
+        }
+        anyhow::bail!("connecting to the host agent failed: {}", errors.join("; "))
     }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Jittered exponential backoff for reconnects and retries.

@@ -16,6 +16,7 @@
 
 pub mod classes;
 pub mod connect;
+pub mod leader;
 pub mod metrics;
 pub mod pods;
 pub mod rbac;

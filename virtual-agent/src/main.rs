@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use rcsync_core::telemetry::{LogFormat, init_logging};
 use virtual_agent::connect::HostAgentTarget;
+use virtual_agent::leader::LeaseSettings;
 use virtual_agent::run::Settings;
 
 /// rcsync virtual agent: applies the host's RuntimeClasses to a virtual cluster, deletes the ones
@@ -21,9 +22,16 @@ struct Cli {
     /// Kubeconfig of the virtual cluster (in-cluster config, or $KUBECONFIG, when absent).
     #[arg(long, env = "VIRTUAL_AGENT_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// URL of the host agent's gRPC server (https:// for TLS).
-    #[arg(long, env = "VIRTUAL_AGENT_HOST_AGENT", required = true)]
-    host_agent: Option<String>,
+    /// URL of the host agent's gRPC server (https:// for TLS). Several replicas: comma-separated
+    /// or the flag repeated; a name resolving to several addresses counts as several. Calls are
+    /// spread over them and fail over between them.
+    #[arg(
+        long,
+        env = "VIRTUAL_AGENT_HOST_AGENT",
+        required = true,
+        value_delimiter = ','
+    )]
+    host_agent: Vec<String>,
     /// This virtual cluster's tenant name, as in the host agent's tenants file.
     #[arg(long, env = "VIRTUAL_AGENT_TENANT", required = true)]
     tenant: Option<String>,
@@ -45,6 +53,17 @@ struct Cli {
     /// Pods synced in parallel (each Pod's own operations stay in order).
     #[arg(long, env = "VIRTUAL_AGENT_POD_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pod_workers: u16,
+    /// Namespace of the leader Lease `rcsync-virtual-agent` (default: the agent's own namespace
+    /// in a cluster, kube-system with --kubeconfig).
+    #[arg(long, env = "VIRTUAL_AGENT_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Lease duration in seconds: a standby takes over this long after the leader's last renewal;
+    /// the leader stops writing after two thirds of it without a renewal, and renews every sixth.
+    #[arg(long, env = "VIRTUAL_AGENT_LEASE_DURATION_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lease_duration_seconds: u64,
+    /// This replica's identity in the leader Lease (default: host name and process id).
+    #[arg(long, env = "VIRTUAL_AGENT_IDENTITY")]
+    identity: Option<String>,
     /// How long to let work in flight finish after SIGTERM, in seconds.
     #[arg(long, env = "VIRTUAL_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 5)]
     shutdown_grace_seconds: u64,
@@ -75,6 +94,17 @@ enum Command {
     },
 }
 
+/// The agent's own namespace when it runs in a cluster (its service account's), else kube-system.
+fn default_lease_namespace(has_kubeconfig: bool) -> String {
+    const OWN_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+    (!has_kubeconfig)
+        .then(|| std::fs::read_to_string(OWN_NAMESPACE).ok())
+        .flatten()
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or_else(|| "kube-system".to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Status { admin, output }) = &cli.command {
@@ -88,17 +118,23 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let lease = LeaseSettings {
+        namespace: cli
+            .lease_namespace
+            .unwrap_or_else(|| default_lease_namespace(cli.kubeconfig.is_some())),
+        identity: cli.identity.unwrap_or_else(LeaseSettings::default_identity),
+        duration: Duration::from_secs(cli.lease_duration_seconds),
+    };
+    // Required by clap whenever no subcommand is given.
+    let mut target = HostAgentTarget::new(cli.host_agent, cli.tenant.unwrap_or_default());
+    target.token_file = cli.token_file;
+    target.ca_cert = cli.ca_cert;
+    target.client_cert = cli.client_cert;
+    target.client_key = cli.client_key;
     let settings = Settings {
+        lease,
         kubeconfig: cli.kubeconfig,
-        target: HostAgentTarget {
-            // Required by clap whenever no subcommand is given.
-            url: cli.host_agent.unwrap_or_default(),
-            tenant: cli.tenant.unwrap_or_default(),
-            token_file: cli.token_file,
-            ca_cert: cli.ca_cert,
-            client_cert: cli.client_cert,
-            client_key: cli.client_key,
-        },
+        target,
         admin_listen: cli.admin_listen,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         pod_workers: usize::from(cli.pod_workers),

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub statuses_copied_total: Counter,
     /// Unix time of the last Sync response applied.
     pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
+    /// 1 while this replica holds the leader Lease (and writes), 0 on standby.
+    pub leader: Gauge,
+    /// Times this replica started leading.
+    pub leader_terms_total: Counter,
 }
 
 impl Metrics {
@@ -64,6 +68,8 @@ impl Metrics {
             pod_errors_total: Counter::default(),
             statuses_copied_total: Counter::default(),
             last_sync_timestamp_seconds: Gauge::default(),
+            leader: Gauge::default(),
+            leader_terms_total: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("rcsync");
         r.register(
@@ -130,6 +136,16 @@ impl Metrics {
             "last_sync_timestamp_seconds",
             "Unix time of the last Sync response applied",
             m.last_sync_timestamp_seconds.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the leader Lease and writes, 0 on standby",
+            m.leader.clone(),
+        );
+        r.register(
+            "leader_terms",
+            "Times this replica started leading",
+            m.leader_terms_total.clone(),
         );
         m
     }

@@ -245,7 +245,8 @@ struct Shard {
 }
 
 impl PodSyncer {
-    /// A syncer for the virtual cluster behind `client`, with `workers` shards (at least one).
+    /// A syncer for the virtual cluster behind `client`, with `workers` shards (at least one),
+    /// publishing where each Pod stands to `board`.
     pub fn new(
         client: Client,
         target: HostAgentTarget,
@@ -253,6 +254,7 @@ impl PodSyncer {
         readiness: Readiness,
         sync_state: watch::Receiver<SyncState>,
         workers: usize,
+        board: PodBoard,
     ) -> Self {
         let reporter = Reporter {
             controller: REPORTER.into(),
@@ -262,7 +264,6 @@ impl PodSyncer {
         let (config_maps, config_map_writer) = reflector::store();
         let (secrets, secret_writer) = reflector::store();
         let objects = ObjectStores { config_maps, secrets };
-        let board = PodBoard::default();
         let shards = (0..workers.max(1))
             .map(|_| {
                 Shard::new(
@@ -292,8 +293,21 @@ impl PodSyncer {
         self.board.clone()
     }
 
-    /// Runs until `shutdown`.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown`. Dropping the future (aborting its task) stops every task it
+    /// started at once: the shards and the status feed live in its `JoinSet`.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let mut children = tokio::task::JoinSet::new();
+        self.dispatch(&mut children, shutdown).await;
+        // After shutdown the shards finish what they hold; wait for them.
+        while children.join_next().await.is_some() {}
+    }
+
+    /// Watches Pods and referenced objects and feeds the shards (started into `children`).
+    async fn dispatch(
+        mut self,
+        children: &mut tokio::task::JoinSet<()>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let api: Api<Pod> = Api::all(self.client.clone());
         let mut pod_events = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
@@ -303,14 +317,14 @@ impl PodSyncer {
         let mut secret_events = object_events(&self.client, self.secret_writer);
 
         let (status_tx, mut status_rx) = mpsc::channel(256);
-        tokio::spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
+        children.spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
         let policy_of = |s: &SyncState| (s.synced.clone(), s.pod_policy.clone());
         let mut synced_classes = policy_of(&self.sync_state.borrow());
         let mut inboxes = Vec::new();
         for shard in std::mem::take(&mut self.shards) {
             let (tx, rx) = mpsc::channel(1024);
             inboxes.push(tx);
-            tokio::spawn(shard.run(rx, shutdown.clone()));
+            children.spawn(shard.run(rx, shutdown.clone()));
         }
         let shard_of = |key: &Key| {
             use std::hash::{Hash, Hasher};

@@ -19,3 +19,16 @@ pub const REQUIRED: &[(&str, &str, &[&str])] = &[
     // kube-runtime's Recorder: SyncWarning / SyncError events (create, then patch for series).
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
+
+/// `(API group, resource, verbs, resource names)` in the agent's own namespace (a Role): the
+/// leader Lease. Creating cannot be limited to a name (it does not exist yet); everything else is
+/// limited to the one Lease. List and watch name it with a `metadata.name` field selector.
+pub const LEASE: &[(&str, &str, &[&str], &[&str])] = &[
+    ("coordination.k8s.io", "leases", &["create"], &[]),
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "list", "update", "watch"],
+        &[crate::leader::LEASE_NAME],
+    ),
+];

@@ -1,4 +1,5 @@
-//! Wiring of `virtual-agent`: kube client, class sync, enforcer, Pod syncer, admin, shutdown.
+//! Wiring of `virtual-agent`: kube client, leader election, and per leadership term the class
+//! sync, enforcer and Pod syncer; admin, shutdown.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,10 +15,14 @@ use rcsync_core::telemetry::termination_signal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use k8s_openapi::api::coordination::v1::Lease;
+use tokio::task::JoinSet;
+
 use crate::classes::{Applier, CLASSES_LISTED, INITIAL_STATE_APPLIED, SyncState, run_enforcer, run_sync};
 use crate::connect::HostAgentTarget;
+use crate::leader::{Elector, Fence, LEASE_NAME, LeaseSettings, Role};
 use crate::metrics::Metrics;
-use crate::pods::{PODS_LISTED, PodSyncer};
+use crate::pods::{PODS_LISTED, PodBoard, PodSyncer};
 
 /// Everything `virtual-agent` needs to run.
 #[derive(Clone, Debug)]
@@ -32,66 +37,83 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Pods synced in parallel (each Pod's operations stay in order).
     pub pod_workers: usize,
+    /// Leader election: only the replica holding the Lease writes.
+    pub lease: LeaseSettings,
+}
+
+/// Readiness check of the leader election: passes once the Lease was read; its detail says who
+/// leads.
+pub const LEADER_ELECTION: &str = "leader-election";
+
+/// The checks that apply only while this replica leads (a standby does no work to check).
+const LEADER_CHECKS: &[&str] = &[CLASSES_LISTED, PODS_LISTED, INITIAL_STATE_APPLIED];
+
+/// What every leadership term shares with the admin server.
+struct Shared {
+    client: kube::Client,
+    settings: Settings,
+    metrics: Metrics,
+    readiness: Readiness,
+    state: watch::Sender<SyncState>,
+    board: PodBoard,
 }
 
 /// Runs the virtual agent until SIGTERM or SIGINT.
+///
+/// ```text
+///  Elector ──Role──► Following: no work; /readyz ok "standby, leader is X"; rcsync_leader 0
+///                └─► Leading:   one term = class sync + enforcer + Pod syncer (a JoinSet)
+///  lease lost ──► the term's tasks are aborted at once (fencing), back to standby
+///  SIGTERM ──► the term drains (grace) ──► the Lease is released ──► exit
+/// ```
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
     settings.target.validate()?;
-    if settings.target.url.starts_with("http://") {
-        tracing::warn!(url = %settings.target.url, "connecting to the host agent in plaintext: the token crosses the network unencrypted");
+    if !settings.target.is_tls() {
+        tracing::warn!(url = %settings.target.display(), "connecting to the host agent in plaintext: the token crosses the network unencrypted");
     }
-    let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
+    // Two clients: the elector's, which must write the Lease while standing by, and the work's,
+    // which writes only while the fence (the leader's renew deadline) allows.
+    let fence = Fence::default();
+    let lease_client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
+    let client =
+        rcsync_core::kube_client::fenced_kube_client(settings.kubeconfig.as_deref(), fence.write_fence())
+            .await?;
+    let mut settings = settings;
+    settings.target = settings.target.fenced(fence.clone());
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
-    let readiness = Readiness::new(&[CLASSES_LISTED, PODS_LISTED, INITIAL_STATE_APPLIED]);
+    let readiness = Readiness::new(&[LEADER_ELECTION]);
     rcsync_core::admin::register_ready_gauge(&mut registry, &readiness);
     let registry = Arc::new(registry);
     let (state_tx, state_rx) = watch::channel(SyncState::default());
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (role_tx, mut role_rx) = watch::channel(Role::Unknown);
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let (release_tx, release_rx) = watch::channel(false);
     let admin_listener = TcpListener::bind(settings.admin_listen)
         .await
         .with_context(|| format!("binding the admin address {}", settings.admin_listen))?;
-    tracing::info!(admin = %admin_listener.local_addr()?, host_agent = %settings.target.url, tenant = %settings.target.tenant, "starting");
-
-    let classes: Api<RuntimeClass> = Api::all(client.clone());
-    let resync = Arc::new(tokio::sync::Notify::new());
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(run_sync(
-        settings.target.clone(),
-        Applier::new(classes.clone(), metrics.clone()),
-        state_tx,
-        readiness.clone(),
-        metrics.clone(),
-        resync.clone(),
-        shutdown_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(run_enforcer(
-        classes,
-        state_rx.clone(),
-        readiness.clone(),
-        metrics.clone(),
-        resync,
-        shutdown_rx.clone(),
-    )));
-    let state_rx_for_status = state_rx.clone();
-    let syncer = PodSyncer::new(
-        client,
-        settings.target.clone(),
-        metrics,
-        readiness.clone(),
-        state_rx,
-        settings.pod_workers,
+    tracing::info!(
+        admin = %admin_listener.local_addr()?,
+        host_agent = %settings.target.display(),
+        tenant = %settings.target.tenant,
+        identity = %settings.lease.identity,
+        lease_namespace = %settings.lease.namespace,
+        "starting"
     );
+    let leases: Api<Lease> = Api::namespaced(lease_client, &settings.lease.namespace);
+    let elector = tokio::spawn(Elector::new(leases, settings.lease.clone(), role_tx, fence).run(release_rx));
+    let board = PodBoard::default();
     let status = crate::status::router(
-        &settings.target.url,
+        &settings.target.display(),
         &settings.target.tenant,
-        state_rx_for_status,
-        syncer.board(),
+        &settings.lease.identity,
+        state_rx,
+        board.clone(),
+        role_rx.clone(),
     );
-    tasks.push(tokio::spawn(syncer.run(shutdown_rx.clone())));
     let admin_shutdown = {
-        let mut rx = shutdown_rx.clone();
+        let mut rx = admin_stop_rx;
         async move {
             let _ = rx.wait_for(|stop| *stop).await;
         }
@@ -103,21 +125,136 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(status),
         admin_shutdown,
     ));
+    let shared = Shared {
+        client,
+        settings,
+        metrics,
+        readiness: readiness.clone(),
+        state: state_tx,
+        board,
+    };
 
-    let signal = signal.await;
+    tokio::pin!(signal);
+    let mut term: Option<Term> = None;
+    let signal = loop {
+        let role = role_rx.borrow_and_update().clone();
+        match (&role, term.is_some()) {
+            (Role::Leading, false) => term = Some(shared.start_term()),
+            (Role::Leading, true) => {}
+            (_, true) => {
+                if let Some(t) = term.take() {
+                    shared.abort_term(t).await;
+                }
+            }
+            (_, false) => {}
+        }
+        shared.show_role(&role);
+        tokio::select! {
+            signal = &mut signal => break signal,
+            changed = role_rx.changed() => if changed.is_err() {
+                anyhow::bail!("the leader election stopped");
+            },
+        }
+    };
     tracing::info!(signal, "shutting down");
     readiness.shutting_down();
-    let _ = shutdown_tx.send(true);
-    let drained = tokio::time::timeout(settings.shutdown_grace, async {
-        for task in tasks {
-            let _ = task.await;
+    if let Some(term) = term.take() {
+        let _ = term.stop.send(true);
+        let mut tasks = term.tasks;
+        let drained = tokio::time::timeout(shared.settings.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?shared.settings.shutdown_grace, "shutdown grace period over; stopping work in flight");
+            tasks.shutdown().await;
         }
-        let _ = admin.await;
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period over; exiting with work in flight");
     }
+    // Only now that nothing writes: hand the Lease over.
+    let _ = release_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), elector).await;
+    let _ = admin_stop_tx.send(true);
+    let _ = admin.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One leadership term: the tasks that write, and their graceful stop.
+struct Term {
+    tasks: JoinSet<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Starts the work of a leader.
+    fn start_term(&self) -> Term {
+        tracing::info!(identity = %self.settings.lease.identity, "leading: starting class sync, enforcer and Pod sync");
+        self.metrics.leader.set(1);
+        self.metrics.leader_terms_total.inc();
+        for check in LEADER_CHECKS {
+            self.readiness.set(check, false);
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let classes: Api<RuntimeClass> = Api::all(self.client.clone());
+        let resync = Arc::new(tokio::sync::Notify::new());
+        tasks.spawn(run_sync(
+            self.settings.target.clone(),
+            Applier::new(classes.clone(), self.metrics.clone()),
+            self.state.clone(),
+            self.readiness.clone(),
+            self.metrics.clone(),
+            resync.clone(),
+            stop_rx.clone(),
+        ));
+        tasks.spawn(run_enforcer(
+            classes,
+            self.state.subscribe(),
+            self.readiness.clone(),
+            self.metrics.clone(),
+            resync,
+            stop_rx.clone(),
+        ));
+        let syncer = PodSyncer::new(
+            self.client.clone(),
+            self.settings.target.clone(),
+            self.metrics.clone(),
+            self.readiness.clone(),
+            self.state.subscribe(),
+            self.settings.pod_workers,
+            self.board.clone(),
+        );
+        tasks.spawn(syncer.run(stop_rx));
+        Term { tasks, stop }
+    }
+
+    /// Ends a term whose lease is lost: every task is aborted at once (no write after this
+    /// returns), and what the term published is cleared.
+    async fn abort_term(&self, mut term: Term) {
+        term.tasks.shutdown().await;
+        tracing::warn!(identity = %self.settings.lease.identity, "not leading: all writes stopped");
+        self.metrics.leader.set(0);
+        self.metrics.host_connected.set(0);
+        self.readiness.remove(LEADER_CHECKS);
+        self.state.send_replace(SyncState::default());
+        self.board.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Shows the role in `/readyz` (a standby is ready: rollouts proceed) and the gauge.
+    fn show_role(&self, role: &Role) {
+        let me = &self.settings.lease.identity;
+        let (ok, detail) = match role {
+            Role::Unknown => (
+                false,
+                format!("reading Lease {}/{LEASE_NAME}", self.settings.lease.namespace),
+            ),
+            Role::Leading => (true, format!("leading as {me}")),
+            Role::Following(Some(leader)) => (true, format!("standby, leader is {leader}")),
+            Role::Following(None) => (true, "standby, no leader yet".to_string()),
+        };
+        self.readiness.set_with_detail(LEADER_ELECTION, ok, detail);
+        if *role != Role::Leading {
+            self.metrics.leader.set(0);
+        }
+    }
 }

@@ -16,30 +16,43 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::classes::SyncState;
+use crate::leader::Role;
 use crate::pods::PodBoard;
 
 #[derive(Clone)]
 struct StatusState {
     host_agent: Arc<str>,
     tenant: Arc<str>,
+    identity: Arc<str>,
     sync: watch::Receiver<SyncState>,
     pods: PodBoard,
+    role: watch::Receiver<Role>,
 }
 
-/// The `/status` route.
-pub fn router(host_agent: &str, tenant: &str, sync: watch::Receiver<SyncState>, pods: PodBoard) -> Router {
+/// The `/status` route. `identity` is this replica's holder identity in the leader Lease.
+pub fn router(
+    host_agent: &str,
+    tenant: &str,
+    identity: &str,
+    sync: watch::Receiver<SyncState>,
+    pods: PodBoard,
+    role: watch::Receiver<Role>,
+) -> Router {
     Router::new()
         .route("/status", get(status_json))
         .with_state(StatusState {
             host_agent: host_agent.into(),
             tenant: tenant.into(),
+            identity: identity.into(),
             sync,
             pods,
+            role,
         })
 }
 
 async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
     let sync = state.sync.borrow().clone();
+    let role = state.role.borrow().clone();
     let board = state.pods.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let count = |want: &str| board.values().filter(|(s, _)| *s == want).count();
     let not_synced: Vec<Value> = board
@@ -50,6 +63,9 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
     axum::Json(json!({
         "hostAgent": &*state.host_agent,
         "tenant": &*state.tenant,
+        "identity": &*state.identity,
+        "leading": role == Role::Leading,
+        "leader": role.leader(&state.identity),
         "connected": sync.connected,
         "syncEnabled": sync.enabled,
         "classes": sync.synced,
@@ -81,6 +97,7 @@ pub fn status(admin: &str, output: Output) -> Report {
                 [
                     "HOST-AGENT",
                     "TENANT",
+                    "LEADER",
                     "CONNECTED",
                     "SYNC",
                     "CLASSES",
@@ -94,6 +111,7 @@ pub fn status(admin: &str, output: Output) -> Report {
                 vec![
                     text(&doc["hostAgent"]),
                     text(&doc["tenant"]),
+                    doc["leader"].as_str().unwrap_or("<none>").to_string(),
                     text(&doc["connected"]),
                     sync.to_string(),
                     doc["classes"].as_array().map_or(0, Vec::len).to_string(),

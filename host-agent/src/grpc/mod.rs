@@ -5,12 +5,11 @@ pub mod auth;
 pub mod limits;
 pub mod pods;
 pub mod sync;
+pub mod tls;
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use rcsync_core::admin::Readiness;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -23,34 +22,6 @@ pub struct TlsFiles {
     pub key: Option<PathBuf>,
     /// CA that client certificates must chain to; enables mutual TLS.
     pub client_ca: Option<PathBuf>,
-}
-
-fn read(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
-}
-
-impl TlsFiles {
-    /// The server TLS config, `None` for plaintext. Half-configured TLS is an error.
-    pub fn server_config(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
-        match (&self.cert, &self.key) {
-            (None, None) => {
-                anyhow::ensure!(
-                    self.client_ca.is_none(),
-                    "--client-ca needs --tls-cert and --tls-key"
-                );
-                Ok(None)
-            }
-            (Some(cert), Some(key)) => {
-                let identity = Identity::from_pem(read(cert, "TLS certificate")?, read(key, "TLS key")?);
-                let mut config = ServerTlsConfig::new().identity(identity);
-                if let Some(ca) = &self.client_ca {
-                    config = config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
-                }
-                Ok(Some(config))
-            }
-            _ => anyhow::bail!("--tls-cert and --tls-key must be given together"),
-        }
-    }
 }
 
 /// Keeps gRPC health (`""` and every rcsync service) in step with readiness: NOT_SERVING until

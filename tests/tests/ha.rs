@@ -1,0 +1,454 @@
+//! High availability, with the real binaries: several replicas of each agent. The virtual agent
+//! elects one writer on a Lease and a standby takes over when it dies; host agents are
+//! active-active, so a virtual agent fails over between them and they answer alike.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::runtime::watcher::{self, Event};
+use rcsync_proto::v1::CheckPodRequest;
+use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
+use rcsync_tests::system::{
+    HostAgentReplica, LEASE_NAMESPACE, System, TenantSpec, pod, runtime_class, wait_ready_at,
+};
+use rcsync_tests::{Process, eventually, http_get};
+use serde_json::Value;
+
+const TENANT: &str = "team-a";
+
+/// Every UID each host Pod name ever had, and how many host Pods were deleted, from a watch that
+/// runs for the whole test.
+#[derive(Default)]
+struct HostPodHistory {
+    uids: BTreeMap<String, BTreeSet<String>>,
+    deleted: usize,
+}
+
+fn record_host_pods(api: Api<Pod>) -> Arc<Mutex<HostPodHistory>> {
+    let history = Arc::new(Mutex::new(HostPodHistory::default()));
+    let out = history.clone();
+    tokio::spawn(async move {
+        let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let mut h = out.lock().unwrap();
+            match event {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let uid = p.metadata.uid.clone().unwrap_or_default();
+                    h.uids.entry(name).or_default().insert(uid);
+                }
+                Ok(Event::Delete(_)) => h.deleted += 1,
+                _ => {}
+            }
+        }
+    });
+    history
+}
+
+/// Every version of the leader Lease: (holder, acquireTime, renewTime).
+type LeaseHistory = Arc<Mutex<Vec<(String, Option<Timestamp>, Option<Timestamp>)>>>;
+
+fn record_lease(api: Api<Lease>) -> LeaseHistory {
+    let history: LeaseHistory = Arc::default();
+    let out = history.clone();
+    tokio::spawn(async move {
+        let config = watcher::Config::default().fields("metadata.name=rcsync-virtual-agent");
+        let mut events = watcher::watcher(api, config).boxed();
+        while let Some(event) = events.next().await {
+            if let Ok(Event::Apply(l) | Event::InitApply(l)) = event {
+                let spec = l.spec.unwrap_or_default();
+                out.lock().unwrap().push((
+                    spec.holder_identity.unwrap_or_default(),
+                    spec.acquire_time.map(|t| t.0),
+                    spec.renew_time.map(|t| t.0),
+                ));
+            }
+        }
+    });
+    history
+}
+
+async fn status_of(admin: &str) -> Option<Value> {
+    let (code, body) = http_get(admin, "/status").await?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
+
+/// Timestamps of the log lines of `logs` containing `text` (plain format: RFC 3339 first).
+fn times_of(logs: &str, text: &str) -> Vec<Timestamp> {
+    logs.lines()
+        .filter(|l| l.contains(text))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+async fn create_pods(system: &System, names: impl Iterator<Item = String>) {
+    let v = system.virtual_side();
+    for name in names {
+        v.create_pod(&pod(&name, Some("gvisor"))).await;
+    }
+}
+
+async fn wait_all_on_host(system: &System, count: usize) {
+    let host = system.host_pods(&system.virtual_side().tenant).await;
+    eventually(&format!("{count} Pods on the host"), || {
+        let host = host.clone();
+        async move {
+            let n = host.list(&Default::default()).await.ok()?.items.len();
+            (n == count).then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_standby_takes_over_within_the_lease_duration_when_the_leader_is_killed() {
+    let mut system = System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let lease_seconds = 3;
+    let v = &mut system.virtuals[0];
+    v.set_agent_flag("--lease-duration-seconds", &lease_seconds.to_string());
+    // The first replica keeps the harness's identity, so it takes the Lease over at once.
+    v.restart_agent().await;
+    let (standby, standby_admin) = v
+        .spawn_replica("virtual-agent-standby", &[("--identity", "standby")])
+        .await;
+    wait_ready_at(&standby_admin, "the standby").await;
+    let standby_status = status_of(&standby_admin).await.unwrap();
+    assert_eq!(standby_status["leading"], false, "{standby_status}");
+    assert_eq!(
+        standby_status["leader"], "virtual-agent-team-a",
+        "{standby_status}"
+    );
+    let readyz = http_get(&standby_admin, "/readyz").await.unwrap().1;
+    assert!(
+        readyz.contains("standby, leader is virtual-agent-team-a"),
+        "{readyz}"
+    );
+    assert!(standby_metrics(&standby_admin).await.contains("rcsync_leader 0"));
+
+    let host_pods = record_host_pods(system.host_pods(&system.virtual_side().tenant).await);
+    let leases = record_lease(Api::namespaced(
+        system.virtual_side().cluster.client().await,
+        LEASE_NAMESPACE,
+    ));
+    create_pods(&system, (0..8).map(|i| format!("before-{i}"))).await;
+    wait_all_on_host(&system, 8).await;
+
+    // Kill the leader while Pods are being created.
+    let killed_at = Timestamp::now();
+    let kill_instant = tokio::time::Instant::now();
+    system.virtuals[0].agent.signal("KILL");
+    create_pods(&system, (0..8).map(|i| format!("during-{i}"))).await;
+    let takeover_deadline = Duration::from_secs(lease_seconds + 2);
+    loop {
+        if status_of(&standby_admin)
+            .await
+            .is_some_and(|s| s["leading"] == true)
+            && http_get(&standby_admin, "/readyz")
+                .await
+                .is_some_and(|r| r.0 == 200)
+        {
+            break;
+        }
+        assert!(
+            kill_instant.elapsed() < takeover_deadline,
+            "the standby did not take over within {takeover_deadline:?} of the leader's death"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    create_pods(&system, (0..8).map(|i| format!("after-{i}"))).await;
+    wait_all_on_host(&system, 24).await;
+    system.virtuals[0].agent.wait_exit().await;
+
+    // No Pod synced twice, none lost: each host Pod was created once and never replaced.
+    {
+        let h = host_pods.lock().unwrap();
+        assert_eq!(h.uids.len(), 24, "{:?}", h.uids.keys());
+        assert!(
+            h.uids.values().all(|u| u.len() == 1),
+            "a host Pod was recreated: {:?}",
+            h.uids
+        );
+        assert_eq!(h.deleted, 0);
+    }
+    // The Lease's history: the killed leader, then the standby, which took it only after the kill.
+    let history = leases.lock().unwrap().clone();
+    let holders: Vec<&str> = history.iter().map(|(h, _, _)| h.as_str()).collect();
+    let first_standby = holders
+        .iter()
+        .position(|h| *h == "standby")
+        .expect("the standby took the Lease");
+    assert!(
+        holders[..first_standby]
+            .iter()
+            .all(|h| *h == "virtual-agent-team-a"),
+        "{holders:?}"
+    );
+    assert!(
+        holders[first_standby..].iter().all(|h| *h == "standby"),
+        "{holders:?}"
+    );
+    let acquired = history[first_standby].1.expect("acquireTime");
+    let last_renew = history[..first_standby]
+        .iter()
+        .filter_map(|(_, _, r)| *r)
+        .max()
+        .unwrap();
+    assert!(acquired > killed_at && acquired > last_renew, "{history:?}");
+    // And from the agents' logs: every write of the killed leader came before the standby led,
+    // every write of the standby after it started leading.
+    let old_logs = system.virtuals[0].agent.logs();
+    let new_logs = standby.logs();
+    let started = times_of(&new_logs, "started leading");
+    assert_eq!(started.len(), 1, "{new_logs}");
+    let old_writes = times_of(&old_logs, "synced Pod to the host");
+    let new_writes = times_of(&new_logs, "synced Pod to the host");
+    assert!(!old_writes.is_empty() && !new_writes.is_empty());
+    assert!(old_writes.iter().all(|t| *t < killed_at && *t < started[0]));
+    assert!(new_writes.iter().all(|t| *t > started[0]));
+    assert!(standby_metrics(&standby_admin).await.contains("rcsync_leader 1"));
+}
+
+async fn standby_metrics(admin: &str) -> String {
+    http_get(admin, "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stops_writing_before_a_standby_takes_over() {
+    let mut system = System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let v = &mut system.virtuals[0];
+    v.set_agent_flag("--lease-duration-seconds", "3");
+    v.restart_agent().await;
+    let (standby, standby_admin) = v
+        .spawn_replica("virtual-agent-standby", &[("--identity", "standby")])
+        .await;
+    wait_ready_at(&standby_admin, "the standby").await;
+    // Freeze the leader: it can neither renew nor learn that it lost. When it resumes, its
+    // renew deadline has passed, so nothing it had in flight may be written.
+    v.agent.signal("STOP");
+    let paused_at = Timestamp::now();
+    eventually("the standby to lead", || async {
+        status_of(&standby_admin).await.filter(|s| s["leading"] == true)
+    })
+    .await;
+    system
+        .virtual_side()
+        .create_pod(&pod("while-frozen", Some("gvisor")))
+        .await;
+    wait_all_on_host(&system, 1).await;
+    system.virtuals[0].agent.signal("CONT");
+    let old_admin = system.virtuals[0].admin.clone();
+    eventually("the resumed replica to stand by", || async {
+        status_of(&old_admin)
+            .await
+            .filter(|s| s["leading"] == false && s["leader"] == "standby")
+    })
+    .await;
+    let old_logs = system.virtuals[0].agent.logs();
+    assert!(old_logs.contains("stopped leading"), "{old_logs}");
+    let late_writes: Vec<_> = times_of(&old_logs, "synced Pod to the host")
+        .into_iter()
+        .filter(|t| *t > paused_at)
+        .collect();
+    assert!(
+        late_writes.is_empty(),
+        "the old leader wrote after its lease: {late_writes:?}"
+    );
+    assert!(!standby.logs().is_empty());
+}
+
+/// Host agents are active-active: the same tenants give the same answers on every replica.
+#[tokio::test]
+async fn two_host_agents_answer_every_check_pod_identically() {
+    let system = System::start(
+        &[
+            TenantSpec::new(TENANT, "{enabled: true, selector: {matchLabels: {env: dev}}}"),
+            TenantSpec::new("team-b", "{enabled: false}"),
+        ],
+        &[
+            runtime_class("gvisor", "runsc", &[("env", "dev")]),
+            runtime_class("kata", "kata", &[("env", "prod")]),
+        ],
+    )
+    .await;
+    let replica = system.spawn_host_agent_replica("host-agent-2").await;
+    let cases = [
+        (TENANT, "gvisor"),
+        (TENANT, "kata"),
+        (TENANT, "missing"),
+        (TENANT, ""),
+        ("team-b", "gvisor"),
+        ("team-b", ""),
+    ];
+    for grpc in [&system.grpc, &replica.grpc] {
+        assert!(!grpc.is_empty());
+    }
+    for (tenant, class) in cases {
+        let mut answers = Vec::new();
+        for grpc in [&system.grpc, &replica.grpc] {
+            let token = std::fs::read_to_string(system.dir.path().join(format!("{tenant}.token"))).unwrap();
+            let mut client = RuntimeClassSyncClient::connect(format!("http://{grpc}"))
+                .await
+                .unwrap();
+            let mut request = tonic::Request::new(CheckPodRequest {
+                pod_namespace: "default".into(),
+                pod_name: "p".into(),
+                runtime_class_name: class.into(),
+            });
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", token.trim()).parse().unwrap(),
+            );
+            request
+                .metadata_mut()
+                .insert("x-rcsync-tenant", tenant.parse().unwrap());
+            answers.push(
+                client
+                    .check_pod(request)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.code()),
+            );
+        }
+        assert_eq!(answers[0], answers[1], "{tenant} / {class:?}");
+    }
+}
+
+/// Starts a virtual agent talking to both host agents, kills the one it streams from, and checks
+/// that it keeps its readiness and its classes and Pods keep syncing.
+#[tokio::test]
+async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
+    let mut system = System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let HostAgentReplica {
+        process: second,
+        grpc: second_grpc,
+        admin: second_admin,
+    } = system.spawn_host_agent_replica("host-agent-2").await;
+    let both = format!("http://{},http://{second_grpc}", system.grpc);
+    system.virtuals[0].set_agent_flag("--host-agent", &both);
+    system.virtuals[0].restart_agent().await;
+    system.virtual_side().wait_classes(&["gvisor"]).await;
+    let host_pods = record_host_pods(system.host_pods(&system.virtual_side().tenant).await);
+
+    // Readiness of the virtual agent, sampled for the whole test.
+    let admin = system.virtual_side().admin.clone();
+    let not_ready = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let not_ready = not_ready.clone();
+        tokio::spawn(async move {
+            loop {
+                match http_get(&admin, "/readyz").await {
+                    Some((200, _)) => {}
+                    other => not_ready
+                        .lock()
+                        .unwrap()
+                        .push(format!("{:?} {other:?}", SystemTime::now())),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let applied_before = applied_classes(&system.virtual_side().metrics().await);
+    create_pods(&system, (0..6).map(|i| format!("before-{i}"))).await;
+    wait_all_on_host(&system, 6).await;
+
+    // Kill whichever replica holds the Sync stream (the first connect goes to the first URL).
+    let stream_holder_is_first = open_streams(&system.host_admin).await > 0;
+    if stream_holder_is_first {
+        system.host_agent.signal("KILL");
+    } else {
+        second.signal("KILL");
+    }
+    create_pods(&system, (0..6).map(|i| format!("after-{i}"))).await;
+    wait_all_on_host(&system, 12).await;
+    let survivor = if stream_holder_is_first {
+        &second_admin
+    } else {
+        &system.host_admin
+    };
+    eventually("the Sync stream on the surviving replica", || async {
+        (open_streams(survivor).await > 0).then_some(())
+    })
+    .await;
+    // A class added now reaches the virtual cluster through the survivor.
+    system
+        .host_classes()
+        .await
+        .create(&Default::default(), &runtime_class("youki", "youki", &[]))
+        .await
+        .unwrap();
+    system.virtual_side().wait_classes(&["gvisor", "youki"]).await;
+    sampler.abort();
+    assert!(
+        not_ready.lock().unwrap().is_empty(),
+        "the virtual agent lost readiness: {:?}",
+        not_ready.lock().unwrap()
+    );
+    // The move resumed with the delta: the class the virtual cluster already held was not
+    // written again, only the new one.
+    let applied_after = applied_classes(&system.virtual_side().metrics().await);
+    let metrics = system.virtual_side().metrics().await;
+    assert_eq!(
+        applied_after - applied_before,
+        1,
+        "classes written again after the failover ({applied_before} before): {metrics}\n{}",
+        system.virtual_side().agent.logs()
+    );
+    let h = host_pods.lock().unwrap();
+    assert_eq!(h.uids.len(), 12);
+    assert!(
+        h.uids.values().all(|u| u.len() == 1),
+        "a host Pod flapped: {:?}",
+        h.uids
+    );
+    assert_eq!(h.deleted, 0);
+    let _keep: &Process = &second;
+}
+
+/// RuntimeClass writes (created, updated or recreated) the virtual agent made.
+fn applied_classes(metrics: &str) -> i64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("rcsync_runtime_class_applies_total{"))
+        .filter(|l| {
+            ["created", "updated", "recreated"]
+                .iter()
+                .any(|r| l.contains(&format!("result=\"{r}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as i64)
+        .sum()
+}
+
+async fn open_streams(admin: &str) -> i64 {
+    let metrics = http_get(admin, "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("rcsync_sync_streams_open"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as i64)
+        .sum()
+}
