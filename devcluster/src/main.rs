@@ -67,6 +67,10 @@ enum Command {
         /// State directory: kubeconfigs, tenants file, example manifests, agent logs.
         #[arg(long, env = "DEVCLUSTER_DIR", default_value = ".devcluster")]
         dir: PathBuf,
+        /// Run two replicas of each agent: host agents active-active, virtual agents with one
+        /// leader on a Lease (the status lines show which).
+        #[arg(long, env = "DEVCLUSTER_HA")]
+        ha: bool,
     },
 }
 
@@ -81,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     };
     init_logging(cli.log_format, level)?;
     match cli.command {
-        Command::Up { dir } => devcluster::up::up(devcluster::up::UpOptions { dir }).await,
+        Command::Up { dir, ha } => devcluster::up::up(devcluster::up::UpOptions { dir, ha }).await,
         Command::Serve {
             listen,
             kubeconfig,

@@ -124,7 +124,12 @@ spec:
 pub struct UpOptions {
     /// State directory.
     pub dir: PathBuf,
+    /// Two replicas of each agent.
+    pub ha: bool,
 }
+
+/// Namespace of the virtual agents' leader Lease in the virtual cluster (as in deploy/).
+pub const LEASE_NAMESPACE: &str = "rcsync-system";
 
 struct Agent {
     name: &'static str,
@@ -289,46 +294,64 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         json!({"metadata": {"name": "app-credentials"}, "stringData": {"password": "s3cr3t"}}),
     )?;
 
+    create(
+        &virtual_cluster,
+        "/api/v1/namespaces",
+        json!({"metadata": {"name": LEASE_NAMESPACE}}),
+    )?;
+
     let s = |p: PathBuf| p.display().to_string();
-    let host_agent = start_agent("host-agent", &host_agent_bin, &dir, 2, "listening", |addrs| {
-        vec![
-            "--kubeconfig".into(),
-            s(dir.join("host.kubeconfig")),
-            "--config".into(),
-            s(dir.join("tenants.yaml")),
-            "--grpc-listen".into(),
-            addrs[0].clone(),
-            "--admin-listen".into(),
-            addrs[1].clone(),
+    let replicas: &[(&'static str, &'static str)] = if options.ha {
+        &[
+            ("host-agent", "virtual-agent"),
+            ("host-agent-2", "virtual-agent-2"),
         ]
-    })
-    .await?;
-    let grpc = host_agent.addrs[0].clone();
-    let virtual_agent = start_agent(
-        "virtual-agent",
-        &virtual_agent_bin,
-        &dir,
-        1,
-        "starting",
-        |addrs| {
+    } else {
+        &[("host-agent", "virtual-agent")]
+    };
+    let mut agents = Vec::new();
+    let mut grpc_urls = Vec::new();
+    for (host_name, _) in replicas {
+        let host_agent = start_agent(host_name, &host_agent_bin, &dir, 2, "listening", |addrs| {
+            vec![
+                "--kubeconfig".into(),
+                s(dir.join("host.kubeconfig")),
+                "--config".into(),
+                s(dir.join("tenants.yaml")),
+                "--grpc-listen".into(),
+                addrs[0].clone(),
+                "--admin-listen".into(),
+                addrs[1].clone(),
+            ]
+        })
+        .await?;
+        grpc_urls.push(format!("http://{}", host_agent.addrs[0]));
+        agents.push(host_agent);
+    }
+    for (_, virtual_name) in replicas {
+        let virtual_agent = start_agent(virtual_name, &virtual_agent_bin, &dir, 1, "starting", |addrs| {
             vec![
                 "--kubeconfig".into(),
                 s(dir.join("virtual.kubeconfig")),
                 "--host-agent".into(),
-                format!("http://{grpc}"),
+                grpc_urls.join(","),
                 "--tenant".into(),
                 TENANT.into(),
                 "--token-file".into(),
                 s(dir.join("team-a.token")),
                 "--admin-listen".into(),
                 addrs[0].clone(),
+                "--lease-namespace".into(),
+                LEASE_NAMESPACE.into(),
+                "--identity".into(),
+                (*virtual_name).into(),
             ]
-        },
-    )
-    .await?;
-    let mut agents = vec![host_agent, virtual_agent];
+        })
+        .await?;
+        agents.push(virtual_agent);
+    }
 
-    print_guide(&dir, &host, &virtual_cluster);
+    print_guide(&dir, &host, &virtual_cluster, options.ha);
     let result = supervise(&mut agents, signal).await;
     println!("\nstopping: sending SIGTERM to the agents");
     for agent in &mut agents {
@@ -358,8 +381,15 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_guide(dir: &Path, host: &DevCluster, virtual_cluster: &DevCluster) {
+fn print_guide(dir: &Path, host: &DevCluster, virtual_cluster: &DevCluster, ha: bool) {
     let d = dir.display();
+    let logs = if ha {
+        format!(
+            "{d}/host-agent.log, {d}/host-agent-2.log, {d}/virtual-agent.log, {d}/virtual-agent-2.log\n  replicas            two of each: host agents active-active, virtual agents on Lease {LEASE_NAMESPACE}/rcsync-virtual-agent"
+        )
+    } else {
+        format!("{d}/host-agent.log, {d}/virtual-agent.log")
+    };
     println!(
         r#"rcsync is running on loopback.
 
@@ -367,7 +397,7 @@ fn print_guide(dir: &Path, host: &DevCluster, virtual_cluster: &DevCluster) {
   virtual API server  {virtual_url}   kubeconfig {d}/virtual.kubeconfig
   tenants file        {d}/tenants.yaml (selector: environment=development, runtime.class in (gvisor, youki);
                       pod security: baseline)
-  logs                {d}/host-agent.log, {d}/virtual-agent.log
+  logs                {logs}
 
 Try it (in another terminal):
   export H="--kubeconfig {d}/host.kubeconfig" V="--kubeconfig {d}/virtual.kubeconfig"
@@ -440,7 +470,7 @@ async fn status_line(agent: &Agent) -> String {
         return format!("{:<14} starting…", agent.name);
     };
     match agent.name {
-        "host-agent" => format!(
+        name if name.starts_with("host-agent") => format!(
             "{:<14} host classes {}  offered to {TENANT} {}  filtered {}  streams {}  CheckPod {}",
             agent.name,
             sample(&m, "rcsync_host_runtime_classes"),
@@ -455,8 +485,12 @@ async fn status_line(agent: &Agent) -> String {
             sample(&m, "rcsync_sync_streams_open"),
             sample(&m, "rcsync_check_pod_decisions_total"),
         ),
+        _ if sample(&m, "rcsync_leader") == 0 => format!(
+            "{:<14} standby (another replica holds the Lease and writes)",
+            agent.name
+        ),
         _ => format!(
-            "{:<14} {}  classes synced {}  pods synced {}  denied {}  tenant classes deleted {}",
+            "{:<14} leader  {}  classes synced {}  pods synced {}  denied {}  tenant classes deleted {}",
             agent.name,
             if sample(&m, "rcsync_host_connected") > 0 {
                 "connected"

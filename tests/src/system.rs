@@ -2,7 +2,7 @@
 //! and `virtual-agent` binaries between them, and helpers that read like the spec.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
@@ -372,14 +372,42 @@ pub struct HostAgentReplica {
     pub grpc: String,
     /// Its admin address.
     pub admin: String,
+    args: Vec<String>,
+}
+
+impl HostAgentReplica {
+    /// Stops it with SIGTERM (waiting for the exit) and starts it again on the same ports.
+    pub async fn roll(&mut self, dir: &Path) {
+        self.process.terminate().await;
+        self.process = Process::spawn(
+            "host-agent-replica-rolled",
+            &binary("host-agent"),
+            &self.args,
+            dir,
+        );
+        wait_ready_at(&self.admin, "host-agent replica").await;
+    }
 }
 
 impl System {
+    /// Stops the first host agent with SIGTERM (waiting for the exit) and starts it again on the
+    /// same ports, as a rolling update does.
+    pub async fn roll_host_agent(&mut self) {
+        self.host_agent.terminate().await;
+        self.host_agent = Process::spawn(
+            "host-agent-rolled",
+            &binary("host-agent"),
+            &self.host_args,
+            self.dir.path(),
+        );
+        wait_ready_at(&self.host_admin, "host-agent").await;
+    }
+
     /// Starts another host agent with the first one's flags on its own ports, and waits until it
     /// is ready.
     pub async fn spawn_host_agent_replica(&self, name: &str) -> HostAgentReplica {
         let base = self.host_args.clone();
-        let (process, addrs, _) = spawn_listening(
+        let (process, addrs, args) = spawn_listening(
             name,
             &binary("host-agent"),
             self.dir.path(),
@@ -398,6 +426,7 @@ impl System {
             process,
             grpc: addrs[0].clone(),
             admin: addrs[1].clone(),
+            args,
         }
     }
 }
@@ -548,8 +577,18 @@ impl VirtualSide {
     /// replica its own `--identity`), on its own admin port; waits until it listens. Returns the
     /// process and its admin address.
     pub async fn spawn_replica(&self, name: &str, flags: &[(&str, &str)]) -> (Process, String) {
+        let (process, admin, _) = self.spawn_replica_with_args(name, flags).await;
+        (process, admin)
+    }
+
+    /// Like [`VirtualSide::spawn_replica`], also returning its arguments (to start it again).
+    pub async fn spawn_replica_with_args(
+        &self,
+        name: &str,
+        flags: &[(&str, &str)],
+    ) -> (Process, String, Vec<String>) {
         let base = self.args.clone();
-        let (process, addrs, _) = spawn_listening(
+        let (process, addrs, args) = spawn_listening(
             name,
             &binary("virtual-agent"),
             &self.dir,
@@ -565,7 +604,16 @@ impl VirtualSide {
             },
         )
         .await;
-        (process, addrs[0].clone())
+        (process, addrs[0].clone(), args)
+    }
+
+    /// Stops this side's agent with SIGTERM (waiting for the exit) and starts it again, as a
+    /// rolling update does; waits until it listens (a standby is ready too).
+    pub async fn roll_agent(&mut self) {
+        self.agent.terminate().await;
+        let name = format!("virtual-agent-{}-rolled", self.tenant.name);
+        self.agent = Process::spawn(&name, &binary("virtual-agent"), &self.args, &self.dir);
+        wait_ready_at(&self.admin, "virtual-agent").await;
     }
 
     /// Kills this virtual agent (SIGKILL).

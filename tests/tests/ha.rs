@@ -343,6 +343,7 @@ async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
         process: second,
         grpc: second_grpc,
         admin: second_admin,
+        ..
     } = system.spawn_host_agent_replica("host-agent-2").await;
     let both = format!("http://{},http://{second_grpc}", system.grpc);
     system.virtuals[0].set_agent_flag("--host-agent", &both);
@@ -451,4 +452,257 @@ async fn open_streams(admin: &str) -> i64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as i64)
         .sum()
+}
+
+/// Writes `text` to `path` as Kubernetes' Secret volumes do: a new file renamed over the old one.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// CheckPod over a fresh mutual-TLS connection with the given CA and client certificate.
+async fn check_pod_over_tls(grpc: &str, ca: &str, cert: &str, key: &str, token: &str) -> Result<(), String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let mut client = RuntimeClassSyncClient::new(channel);
+    let mut request = tonic::Request::new(CheckPodRequest {
+        pod_namespace: "default".into(),
+        pod_name: "p".into(),
+        runtime_class_name: "gvisor".into(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token.trim()).parse().unwrap(),
+    );
+    client
+        .check_pod(request)
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("{s:?}"))
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_used_by_the_next_connection_and_open_streams_continue() {
+    let mut system = System::start_with(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+        rcsync_tests::system::Transport::MutualTls,
+    )
+    .await;
+    system.virtual_side().wait_classes(&["gvisor"]).await;
+    let dir = system.dir.path().to_path_buf();
+    let token = std::fs::read_to_string(dir.join(format!("{TENANT}.token"))).unwrap();
+    let old_ca = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+    let old_cert = std::fs::read_to_string(dir.join(format!("{TENANT}.crt"))).unwrap();
+    let old_key = std::fs::read_to_string(dir.join(format!("{TENANT}.key"))).unwrap();
+    check_pod_over_tls(&system.grpc, &old_ca, &old_cert, &old_key, &token)
+        .await
+        .unwrap();
+
+    // Rotate everything to a new CA: the serving pair, the client CA, the tenant's client pair.
+    let pki = devcluster::pki::Pki::new("rcsync-e2e-rotated-ca").unwrap();
+    let serving = pki.server(&["127.0.0.1", "localhost"]).unwrap();
+    let client = pki.client(TENANT).unwrap();
+    replace_file(&dir.join("host-agent.key"), &serving.key_pem);
+    replace_file(&dir.join("host-agent.crt"), &serving.cert_pem);
+    replace_file(&dir.join("ca.crt"), &pki.ca_pem());
+    replace_file(&dir.join(format!("{TENANT}.crt")), &client.cert_pem);
+    replace_file(&dir.join(format!("{TENANT}.key")), &client.key_pem);
+
+    // The next connection gets the new certificate (and needs a client certificate of the new
+    // CA), without a restart.
+    let grpc = system.grpc.clone();
+    let new_ca = pki.ca_pem();
+    eventually(
+        "a new connection to be served with the rotated certificate",
+        || {
+            let (grpc, ca, cert, key, token) = (
+                grpc.clone(),
+                new_ca.clone(),
+                client.cert_pem.clone(),
+                client.key_pem.clone(),
+                token.clone(),
+            );
+            async move { check_pod_over_tls(&grpc, &ca, &cert, &key, &token).await.ok() }
+        },
+    )
+    .await;
+    assert!(
+        check_pod_over_tls(&system.grpc, &old_ca, &old_cert, &old_key, &token)
+            .await
+            .is_err(),
+        "the old CA and client certificate are still accepted"
+    );
+    assert!(!system.host_agent.has_exited());
+    let metrics = http_get(&system.host_admin, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains("rcsync_tls_reloads_total{result=\"applied\"}"),
+        "{metrics}"
+    );
+
+    // The Sync stream opened before the rotation still delivers.
+    system
+        .host_classes()
+        .await
+        .create(&Default::default(), &runtime_class("youki", "youki", &[]))
+        .await
+        .unwrap();
+    system.virtual_side().wait_classes(&["gvisor", "youki"]).await;
+    let logs = system.virtual_side().agent.logs();
+    assert_eq!(
+        logs.matches("Sync stream open").count(),
+        1,
+        "the stream was reopened:\n{logs}"
+    );
+
+    // The virtual agent's next connection uses its rotated files too: after a host agent restart
+    // it reconnects with the new CA and client certificate.
+    system.restart_host_agent().await;
+    system
+        .host_classes()
+        .await
+        .create(&Default::default(), &runtime_class("kata", "kata", &[]))
+        .await
+        .unwrap();
+    system
+        .virtual_side()
+        .wait_classes(&["gvisor", "kata", "youki"])
+        .await;
+}
+
+/// Events of type Warning on any virtual Pod (SyncWarning, SyncError).
+async fn pod_warnings(system: &System) -> Vec<String> {
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::all(system.virtual_side().cluster.client().await);
+    events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .map(|e| format!("{:?} {:?}: {:?}", e.involved_object.name, e.reason, e.message))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_replica_under_churn_ends_converged_without_errors() {
+    let mut system = System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let mut second = system.spawn_host_agent_replica("host-agent-2").await;
+    let both = format!("http://{},http://{}", system.grpc, second.grpc);
+    system.virtuals[0].set_agent_flag("--host-agent", &both);
+    system.virtuals[0].restart_agent().await;
+    let (mut standby, standby_admin, standby_args) = system.virtuals[0]
+        .spawn_replica_with_args("virtual-agent-b", &[("--identity", "replica-b")])
+        .await;
+    wait_ready_at(&standby_admin, "the standby").await;
+    let host_pods = record_host_pods(system.host_pods(&system.virtual_side().tenant).await);
+
+    // Churn: Pods created the whole time; each step below waits until more were created.
+    let pods_api = system.virtual_side().pods().await;
+    let created = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let churn = {
+        let created = created.clone();
+        tokio::spawn(async move {
+            for attempt in 0.. {
+                let name = format!("churn-{attempt}");
+                if pods_api
+                    .create(&Default::default(), &pod(&name, Some("gvisor")))
+                    .await
+                    .is_ok()
+                {
+                    created.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let more_churn = || {
+        let created = created.clone();
+        let from = created.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            eventually("more Pods to be created", || {
+                let n = created.load(std::sync::atomic::Ordering::SeqCst);
+                async move { (n >= from + 3).then_some(()) }
+            })
+            .await
+        }
+    };
+    more_churn().await;
+
+    // Roll the host agents one at a time: a virtual agent's streams move to the other one.
+    system.roll_host_agent().await;
+    more_churn().await;
+    second.roll(system.dir.path()).await;
+    more_churn().await;
+    // Roll the virtual agents: the leader hands the Lease over on SIGTERM, so the standby leads
+    // at once, long before the 15 s lease would have expired.
+    let handover = tokio::time::Instant::now();
+    system.virtuals[0].agent.signal("TERM");
+    eventually("the standby to lead after the leader's SIGTERM", || async {
+        status_of(&standby_admin).await.filter(|s| s["leading"] == true)
+    })
+    .await;
+    assert!(
+        handover.elapsed() < Duration::from_secs(10),
+        "the Lease was not handed over on SIGTERM"
+    );
+    system.virtuals[0].agent.wait_exit().await;
+    more_churn().await;
+    system.virtuals[0].start_agent().await;
+    standby.terminate().await;
+    let admin = system.virtual_side().admin.clone();
+    eventually("the first replica to lead again", || async {
+        status_of(&admin).await.filter(|s| s["leading"] == true)
+    })
+    .await;
+    standby = Process::spawn(
+        "virtual-agent-b-rolled",
+        &rcsync_tests::binary("virtual-agent"),
+        &standby_args,
+        system.dir.path(),
+    );
+    wait_ready_at(&standby_admin, "the rolled standby").await;
+    more_churn().await;
+    churn.abort();
+
+    // Converged: every virtual Pod has exactly one host Pod, made once; no Pod got an error.
+    let virtual_pods: BTreeSet<String> = system
+        .virtual_side()
+        .pods()
+        .await
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert!(virtual_pods.len() >= 15, "too little churn: {virtual_pods:?}");
+    wait_all_on_host(&system, virtual_pods.len()).await;
+    let h = host_pods.lock().unwrap();
+    assert!(
+        h.uids.values().all(|u| u.len() == 1),
+        "a host Pod was recreated: {:?}",
+        h.uids
+    );
+    assert_eq!(h.deleted, 0);
+    drop(h);
+    assert_eq!(pod_warnings(&system).await, Vec::<String>::new());
+    assert!(!standby.has_exited());
 }

@@ -186,3 +186,61 @@ async fn devcluster_up_runs_the_system_and_its_guide_works_as_printed() {
         "agents still running after devcluster up stopped"
     );
 }
+
+#[tokio::test]
+async fn devcluster_up_ha_runs_two_replicas_of_each_agent_and_shows_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = vec![
+        "up".to_string(),
+        "--ha".to_string(),
+        "--dir".to_string(),
+        state.display().to_string(),
+    ];
+    let mut up = Process::spawn("devcluster-up-ha", &binary("devcluster"), &args, dir.path());
+    let log = dir.path().join("devcluster-up-ha.log");
+    // One virtual agent leads and syncs, the other stands by; both host agents serve.
+    eventually("status lines with a leader and a standby", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let status_of = |name: &str| {
+            text.lines()
+                .rev()
+                .find(|l| l.split_whitespace().next() == Some(name))
+                .map(str::to_string)
+        };
+        let (a, b) = (status_of("virtual-agent")?, status_of("virtual-agent-2")?);
+        let leaders = [&a, &b]
+            .iter()
+            .filter(|l| l.contains(" leader ") && l.contains("classes synced 2"))
+            .count();
+        let standbys = [&a, &b].iter().filter(|l| l.contains("standby")).count();
+        let hosts = status_of("host-agent")?.contains("host classes 4")
+            && status_of("host-agent-2")?.contains("host classes 4");
+        (leaders == 1 && standbys == 1 && hosts).then_some(())
+    })
+    .await;
+    let kubeconfig = state.join("virtual.kubeconfig");
+    let lease = Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig.display().to_string()])
+        .args(["get", "lease", "-n", "rcsync-system", "rcsync-virtual-agent"])
+        .args(["-o", "jsonpath={.spec.holderIdentity}"])
+        .output()
+        .unwrap();
+    let holder = String::from_utf8_lossy(&lease.stdout).to_string();
+    assert!(
+        holder == "virtual-agent" || holder == "virtual-agent-2",
+        "{holder:?}"
+    );
+    up.signal("INT");
+    let status = up.wait_exit().await;
+    assert!(status.success(), "devcluster up --ha exited with {status}");
+    let pids = Command::new("pgrep")
+        .args(["-f", &state.display().to_string()])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&pids.stdout).trim().is_empty(),
+        "agents still running"
+    );
+}
