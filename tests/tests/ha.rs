@@ -695,14 +695,15 @@ async fn a_rolling_restart_of_every_replica_under_churn_ends_converged_without_e
         .collect();
     assert!(virtual_pods.len() >= 15, "too little churn: {virtual_pods:?}");
     wait_all_on_host(&system, virtual_pods.len()).await;
-    let h = host_pods.lock().unwrap();
-    assert!(
-        h.uids.values().all(|u| u.len() == 1),
-        "a host Pod was recreated: {:?}",
-        h.uids
-    );
-    assert_eq!(h.deleted, 0);
-    drop(h);
+    {
+        let h = host_pods.lock().unwrap();
+        assert!(
+            h.uids.values().all(|u| u.len() == 1),
+            "a host Pod was recreated: {:?}",
+            h.uids
+        );
+        assert_eq!(h.deleted, 0);
+    }
     assert_eq!(pod_warnings(&system).await, Vec::<String>::new());
     assert!(!standby.has_exited());
 }
