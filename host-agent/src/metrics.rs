@@ -169,6 +169,12 @@ impl Metrics {
             "Reloads of the serving certificate and client CA after their files changed, by result (applied, failed)",
             m.tls_reloads_total.clone(),
         );
+        // Both results exported from the start, so `increase()` sees the first failure.
+        for result in ["applied", "failed"] {
+            let _ = m.tls_reloads_total.get_or_create(&ResultLabel {
+                result: result.to_string(),
+            });
+        }
         r.register(
             "tenant_runtime_classes",
             "RuntimeClasses offered to a tenant",

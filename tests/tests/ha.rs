@@ -707,3 +707,71 @@ async fn a_rolling_restart_of_every_replica_under_churn_ends_converged_without_e
     assert_eq!(pod_warnings(&system).await, Vec::<String>::new());
     assert!(!standby.has_exited());
 }
+
+/// ApplyPod from two host agents at once for the same virtual Pod: every call succeeds, one host
+/// Pod exists, created once, and an update through either replica lands on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_agents_writing_the_same_pod_give_one_host_pod() {
+    use rcsync_proto::v1::ApplyPodRequest;
+    use rcsync_proto::v1::pod_sync_client::PodSyncClient;
+    let system = System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let replica = system.spawn_host_agent_replica("host-agent-2").await;
+    let token = std::fs::read_to_string(system.dir.path().join(format!("{TENANT}.token"))).unwrap();
+    let host_pods = system.host_pods(&system.virtual_side().tenant).await;
+    let apply_everywhere = |label: &'static str| {
+        let grpcs = [system.grpc.clone(), replica.grpc.clone()];
+        let token = token.clone();
+        async move {
+            let pod = serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "shared", "namespace": "default", "uid": "0b5e3c1e-1111-4d2e-9a6b-5d1c2f3a4b5c", "labels": {"rev": label}},
+                "spec": {"runtimeClassName": "gvisor", "containers": [{"name": "app", "image": "registry.example/app:1.0"}]},
+            });
+            let calls = (0..8).map(|i| {
+                let grpc = grpcs[i % 2].clone();
+                let token = token.clone();
+                let pod_json = serde_json::to_vec(&pod).unwrap();
+                tokio::spawn(async move {
+                    let mut client = PodSyncClient::connect(format!("http://{grpc}")).await.unwrap();
+                    let mut request = tonic::Request::new(ApplyPodRequest {
+                        pod_json,
+                        ..Default::default()
+                    });
+                    request.metadata_mut().insert(
+                        "authorization",
+                        format!("Bearer {}", token.trim()).parse().unwrap(),
+                    );
+                    client.apply_pod(request).await.map(|r| r.into_inner())
+                })
+            });
+            let mut created = 0;
+            for call in futures::future::join_all(calls).await {
+                let answer = call.unwrap().unwrap_or_else(|s| panic!("ApplyPod failed: {s:?}"));
+                assert!(answer.applied && answer.refusal.is_none(), "{answer:?}");
+                created += usize::from(answer.created);
+            }
+            created
+        }
+    };
+    assert_eq!(
+        apply_everywhere("1").await,
+        1,
+        "the host Pod was created more than once"
+    );
+    let first = host_pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(first.len(), 1);
+    assert_eq!(apply_everywhere("2").await, 0);
+    let second = host_pods.list(&Default::default()).await.unwrap().items;
+    assert_eq!(second.len(), 1);
+    assert_eq!(
+        first[0].metadata.uid, second[0].metadata.uid,
+        "the host Pod was replaced"
+    );
+    // Virtual labels travel as JSON in an annotation (they could match host selectors).
+    let labels = &second[0].metadata.annotations.as_ref().unwrap()["vcluster.loft.sh/labels"];
+    assert_eq!(labels, r#"{"rev":"2"}"#);
+}
