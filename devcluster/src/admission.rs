@@ -413,6 +413,10 @@ pub fn prepare_create(
         "Pod" => {
             obj["status"] = json!({"phase": "Pending"});
         }
+        "CustomResourceDefinition" => {
+            crate::crd::validate(def, &obj)?;
+            obj["status"] = crate::crd::established_status(&obj);
+        }
         "Namespace" => {
             obj["status"] = json!({"phase": "Active"});
             let name = name_of(&obj).to_string();
@@ -498,6 +502,9 @@ fn check_pod_update(def: &ResourceDef, old: &Value, new: &Value) -> Result<(), A
 /// carries one), keeps identity and server-owned metadata, applies the part rule, checks
 /// immutable fields, bumps generation on spec changes, validates.
 pub fn prepare_update(def: &ResourceDef, old: &Value, mut new: Value, part: Part) -> Result<Value, ApiError> {
+    if def.kind == "CustomResourceDefinition" && part == Part::Main {
+        crate::crd::validate(def, &new)?;
+    }
     let name = name_of(old).to_string();
     if name_of(&new) != name && !name_of(&new).is_empty() {
         return Err(ApiError::bad_request(format!(

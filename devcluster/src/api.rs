@@ -21,7 +21,7 @@ use crate::events::{to_core_v1, to_events_v1};
 use crate::managed;
 use crate::patch::{json_patch, merge_patch, strategic_merge_patch};
 use crate::query::{Filter, Page, object_key};
-use crate::resources::{self, RESOURCES, ResourceDef};
+use crate::resources::{self, RESOURCES, Registry, ResourceDef};
 use crate::status::ApiError;
 use crate::store::{Change, ChangeKind, Outcome, Store, WatchStart};
 use crate::table::{IncludeObject, table};
@@ -88,6 +88,7 @@ impl From<ApiError> for Reply {
 /// The API over one store.
 pub struct Api {
     store: Arc<Store>,
+    registry: Registry,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
     /// Admission plugins in effect.
@@ -111,7 +112,7 @@ enum Route {
     },
 }
 
-fn route(path: &str) -> Result<Route, ApiError> {
+fn route(registry: &Registry, path: &str) -> Result<Route, ApiError> {
     let segs: Vec<&str> = path
         .trim_end_matches('/')
         .split('/')
@@ -133,9 +134,16 @@ fn route(path: &str) -> Result<Route, ApiError> {
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return Err(ApiError::not_found_path(path)),
     };
-    let find =
-        |plural: &str| resources::find(group, version, plural).ok_or_else(|| ApiError::not_found_path(path));
-    let is_resource = |plural: &str| resources::find(group, version, plural).is_some_and(|d| d.namespaced);
+    let find = |plural: &str| {
+        registry
+            .find(group, version, plural)
+            .ok_or_else(|| ApiError::not_found_path(path))
+    };
+    let is_resource = |plural: &str| {
+        registry
+            .find(group, version, plural)
+            .is_some_and(|d| d.namespaced)
+    };
     let owned = |s: &&str| Some(s.to_string());
     let (def, namespace, tail) = match rest {
         ["namespaces", ns, plural, tail @ ..] if is_resource(plural) => (find(plural)?, owned(ns), tail),
@@ -280,6 +288,7 @@ impl Api {
     pub fn new(store: Arc<Store>) -> Self {
         Self {
             store,
+            registry: Registry::default(),
             bookmark_interval: Duration::from_secs(10),
             admission: AdmissionPlugins::default(),
         }
@@ -288,6 +297,25 @@ impl Api {
     /// The store behind the API.
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// The kinds this server serves.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Serves the custom resources the stored CustomResourceDefinitions define, and no others;
+    /// the objects of a kind no longer defined are deleted with it, as upstream does.
+    pub fn serve_custom_resources(&self) {
+        let (crds, _) = self.store.list("customresourcedefinitions", None);
+        let kinds: Vec<_> = crds
+            .iter()
+            .filter(|crd| crd.pointer("/metadata/deletionTimestamp").is_none())
+            .flat_map(|crd| crate::crd::kinds_of(crd))
+            .collect();
+        for storage in self.registry.set_custom(&kinds) {
+            self.store.delete_all(storage);
+        }
     }
 
     /// Creates `default`, `kube-system`, `kube-public` and `kube-node-lease`, as a fresh cluster has.
@@ -308,7 +336,7 @@ impl Api {
     }
 
     fn dispatch(&self, req: ApiRequest) -> Result<Reply, ApiError> {
-        let route = route(&req.path)?;
+        let route = route(&self.registry, &req.path)?;
         let get_only = |reply: Reply| {
             if req.method == Method::GET {
                 Ok(reply)
@@ -327,9 +355,9 @@ impl Api {
                 "kind": "APIVersions", "versions": ["v1"],
                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]
             }))),
-            Route::Groups => get_only(Reply::ok(discovery_groups())),
+            Route::Groups => get_only(Reply::ok(discovery_groups(&self.registry))),
             Route::Group(g) => {
-                let group = discovery_groups()["groups"]
+                let group = discovery_groups(&self.registry)["groups"]
                     .as_array()
                     .and_then(|gs| gs.iter().find(|x| x["name"] == g.as_str()).cloned())
                     .ok_or_else(|| ApiError::not_found_path(&req.path))?;
@@ -339,18 +367,27 @@ impl Api {
                 get_only(Reply::ok(group))
             }
             Route::ResourceList(g, v) => get_only(Reply::ok(
-                discovery_resources(&g, &v).ok_or_else(|| ApiError::not_found_path(&req.path))?,
+                discovery_resources(&self.registry, &g, &v)
+                    .ok_or_else(|| ApiError::not_found_path(&req.path))?,
             )),
-            Route::OpenApiIndex => get_only(Reply::ok(crate::openapi::index())),
+            Route::OpenApiIndex => get_only(Reply::ok(crate::openapi::index(&self.registry))),
             Route::OpenApiGroupVersion(gv) => get_only(Reply::ok(
-                crate::openapi::group_version(&gv).ok_or_else(|| ApiError::not_found_path(&req.path))?,
+                crate::openapi::group_version(&self.registry, &gv)
+                    .ok_or_else(|| ApiError::not_found_path(&req.path))?,
             )),
             Route::Resource {
                 def,
                 namespace,
                 name,
                 sub,
-            } => self.resource(&req, def, namespace, name, sub),
+            } => {
+                let write = req.method != Method::GET;
+                let reply = self.resource(&req, def, namespace, name, sub);
+                if write && def.kind == "CustomResourceDefinition" {
+                    self.serve_custom_resources();
+                }
+                reply
+            }
         }
     }
 
@@ -949,9 +986,7 @@ impl Api {
             .into_iter()
             .filter(|(_, obj)| deletion::owned_by(obj, owner_uid))
             .filter_map(|(storage, obj)| {
-                let def = RESOURCES
-                    .iter()
-                    .find(|r| r.storage == storage && r.is_storage_form())?;
+                let def = self.registry.storage_form(storage)?;
                 Some((def, obj))
             })
             .collect()

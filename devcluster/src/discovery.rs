@@ -2,10 +2,11 @@
 
 use serde_json::{Value, json};
 
-use crate::resources::{self, RESOURCES, ResourceDef};
+use crate::resources::{Registry, ResourceDef};
 
-pub(crate) fn discovery_groups() -> Value {
-    let groups: Vec<Value> = resources::group_versions()
+pub(crate) fn discovery_groups(registry: &Registry) -> Value {
+    let groups: Vec<Value> = registry
+        .group_versions()
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
         .map(|(g, v)| {
@@ -16,9 +17,10 @@ pub(crate) fn discovery_groups() -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-pub(crate) fn discovery_resources(group: &str, version: &str) -> Option<Value> {
-    let defs: Vec<&ResourceDef> = RESOURCES
-        .iter()
+pub(crate) fn discovery_resources(registry: &Registry, group: &str, version: &str) -> Option<Value> {
+    let defs: Vec<&ResourceDef> = registry
+        .all()
+        .into_iter()
         .filter(|r| r.group == group && r.version == version)
         .collect();
     if defs.is_empty() {

@@ -8,7 +8,8 @@
 //! server-side apply with managedFields and conflicts, schema-driven field validation, deletion
 //! with finalizers and owner references, Status errors, Tables, discovery and OpenAPI v3
 //! (`kubectl explain`), protobuf request bodies for kubectl's imperative creates, an optional
-//! state file, and the admission the spec relies on (RuntimeClass for Pods, immutable `handler`).
+//! state file, the admission the spec relies on (RuntimeClass for Pods, immutable `handler`), and
+//! CustomResourceDefinitions whose kinds are then served like the built-in ones (`crd`).
 //!
 //! ```text
 //!  kubectl / kube-rs ──HTTPS (h1/h2, bearer token)──► server ──► api (routing, verbs, Tables)
@@ -25,6 +26,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod crd;
 pub mod deletion;
 mod discovery;
 pub mod events;

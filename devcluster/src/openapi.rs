@@ -10,7 +10,7 @@ use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use crate::api::KUBERNETES_VERSION;
-use crate::resources::{RESOURCES, ResourceDef, group_versions};
+use crate::resources::{RESOURCES, Registry, ResourceDef, Schema};
 
 fn gv_path(group: &str, version: &str) -> String {
     if group.is_empty() {
@@ -23,15 +23,51 @@ fn gv_path(group: &str, version: &str) -> String {
 /// Every served kind's schema and the schemas they reference, by name.
 struct Schemas {
     components: Map<String, Value>,
-    /// Schema name of each served definition, in `RESOURCES` order.
+    /// Schema name of each built-in definition, in `RESOURCES` order.
     names: Vec<String>,
+}
+
+/// The name of a custom kind's schema, as upstream names them (`com.coreos.monitoring.v1.PrometheusRule`).
+fn custom_schema_name(def: &ResourceDef) -> String {
+    let mut parts: Vec<&str> = def.group.split('.').collect();
+    parts.reverse();
+    format!("{}.{}.{}", parts.join("."), def.version, def.kind)
+}
+
+/// A custom kind's schema as served: apiVersion, kind and metadata are always declared (upstream
+/// adds them), metadata as the built-in ObjectMeta.
+fn custom_schema(def: &ResourceDef, schema: &Value) -> Value {
+    let mut schema = schema.clone();
+    if !schema.is_object() {
+        schema = json!({"type": "object"});
+    }
+    let object_meta = schemas()
+        .components
+        .keys()
+        .find(|k| k.ends_with("apimachinery.pkg.apis.meta.v1.ObjectMeta"))
+        .cloned()
+        .unwrap_or_default();
+    if schema.get("properties").is_some() {
+        schema["properties"]["apiVersion"] = json!({"type": "string"});
+        schema["properties"]["kind"] = json!({"type": "string"});
+        schema["properties"]["metadata"] = json!({"$ref": format!("#/components/schemas/{object_meta}")});
+    }
+    schema["x-kubernetes-group-version-kind"] =
+        json!([{"group": def.group, "version": def.version, "kind": def.kind}]);
+    schema
 }
 
 fn schemas() -> &'static Schemas {
     static SCHEMAS: OnceLock<Schemas> = OnceLock::new();
     SCHEMAS.get_or_init(|| {
         let mut generator = SchemaSettings::openapi3().into_generator();
-        let names: Vec<String> = RESOURCES.iter().map(|def| (def.schema)(&mut generator)).collect();
+        let names: Vec<String> = RESOURCES
+            .iter()
+            .map(|def| match def.schema {
+                Schema::Typed(register) => register(&mut generator),
+                Schema::Custom(_) => unreachable!("built-in kinds have typed schemas"),
+            })
+            .collect();
         let mut components = generator.take_definitions(true);
         for (def, name) in RESOURCES.iter().zip(&names) {
             if let Some(Value::Object(schema)) = components.get_mut(name) {
@@ -45,12 +81,11 @@ fn schemas() -> &'static Schemas {
     })
 }
 
-fn schema_name(def: &ResourceDef) -> &'static str {
-    let index = RESOURCES
-        .iter()
-        .position(|d| std::ptr::eq(d, def))
-        .expect("served definitions come from RESOURCES");
-    &schemas().names[index]
+fn schema_name(def: &ResourceDef) -> String {
+    match RESOURCES.iter().position(|d| std::ptr::eq(d, def)) {
+        Some(index) => schemas().names[index].clone(),
+        None => custom_schema_name(def),
+    }
 }
 
 fn resolve(schema: &Value) -> &Value {
@@ -120,15 +155,18 @@ fn walk_unknown(schema: &Value, value: &mut Value, path: &str, remove: bool, out
 /// removed from `obj` when `remove`.
 pub fn unknown_fields(def: &ResourceDef, obj: &mut Value, remove: bool) -> Vec<String> {
     let mut out = Vec::new();
-    let root = json!({"$ref": format!("#/components/schemas/{}", schema_name(def))});
+    let root = match &def.schema {
+        Schema::Typed(_) => json!({"$ref": format!("#/components/schemas/{}", schema_name(def))}),
+        Schema::Custom(schema) => custom_schema(def, schema),
+    };
     walk_unknown(&root, obj, "", remove, &mut out);
     out
 }
 
 /// `GET /openapi/v3`: the index of per-group/version documents.
-pub fn index() -> Value {
+pub fn index(registry: &Registry) -> Value {
     let mut paths = Map::new();
-    for (g, v) in group_versions() {
+    for (g, v) in registry.group_versions() {
         let path = gv_path(g, v);
         paths.insert(
             path.clone(),
@@ -153,8 +191,9 @@ fn operation(def: &ResourceDef, action: &str, params: &[&str]) -> Value {
 }
 
 /// `GET /openapi/v3/<api/v1 | apis/group/version>`: the paths of one group/version.
-pub fn group_version(path: &str) -> Option<Value> {
-    let (group, version) = group_versions()
+pub fn group_version(registry: &Registry, path: &str) -> Option<Value> {
+    let (group, version) = registry
+        .group_versions()
         .into_iter()
         .find(|(g, v)| gv_path(g, v) == path)?;
     let write = ["dryRun", "fieldManager", "fieldValidation", "pretty"];
@@ -170,10 +209,15 @@ pub fn group_version(path: &str) -> Option<Value> {
         "allowWatchBookmarks",
     ];
     let mut paths = Map::new();
-    for def in RESOURCES
-        .iter()
+    let mut components = schemas().components.clone();
+    for def in registry
+        .all()
+        .into_iter()
         .filter(|d| d.group == group && d.version == version)
     {
+        if let Schema::Custom(schema) = &def.schema {
+            components.insert(custom_schema_name(def), custom_schema(def, schema));
+        }
         let base = if def.namespaced {
             format!(
                 "/{}/namespaces/{{namespace}}/{}",
@@ -215,6 +259,6 @@ pub fn group_version(path: &str) -> Option<Value> {
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes (devcluster)", "version": KUBERNETES_VERSION},
         "paths": paths,
-        "components": {"schemas": schemas().components},
+        "components": {"schemas": components},
     }))
 }

@@ -30,9 +30,18 @@ pub struct ResourceDef {
     pub fields: &'static [(&'static str, &'static str)],
     /// Categories for discovery (`kubectl get all`).
     pub categories: &'static [&'static str],
-    /// Registers the kind's OpenAPI schema (from k8s-openapi) and returns its name: the source of
-    /// `/openapi/v3`, `kubectl explain`, and strict field validation.
-    pub schema: fn(&mut schemars::SchemaGenerator) -> String,
+    /// The kind's OpenAPI schema: the source of `/openapi/v3`, `kubectl explain`, and strict field
+    /// validation.
+    pub schema: Schema,
+}
+
+/// Where a kind's OpenAPI schema comes from.
+#[derive(Debug)]
+pub enum Schema {
+    /// k8s-openapi's type: registers its schema and returns its name.
+    Typed(fn(&mut schemars::SchemaGenerator) -> String),
+    /// A CustomResourceDefinition version's `openAPIV3Schema`.
+    Custom(serde_json::Value),
 }
 
 impl ResourceDef {
@@ -114,7 +123,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "namespaces",
         fields: &[("status.phase", "status.phase")],
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::core::v1::Namespace>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::core::v1::Namespace>),
     },
     ResourceDef {
         group: "",
@@ -137,7 +146,7 @@ pub static RESOURCES: &[ResourceDef] = &[
             ("status.nominatedNodeName", "status.nominatedNodeName"),
         ],
         categories: &["all"],
-        schema: schema_of::<k8s_openapi::api::core::v1::Pod>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::core::v1::Pod>),
     },
     ResourceDef {
         group: "",
@@ -151,7 +160,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: STORAGE_EVENTS,
         fields: EVENT_FIELDS,
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::core::v1::Event>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::core::v1::Event>),
     },
     ResourceDef {
         group: "",
@@ -165,7 +174,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "configmaps",
         fields: META_FIELDS,
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::core::v1::ConfigMap>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::core::v1::ConfigMap>),
     },
     ResourceDef {
         group: "",
@@ -179,7 +188,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "secrets",
         fields: &[("type", "type")],
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::core::v1::Secret>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::core::v1::Secret>),
     },
     ResourceDef {
         group: "",
@@ -193,7 +202,21 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "serviceaccounts",
         fields: META_FIELDS,
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::core::v1::ServiceAccount>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::core::v1::ServiceAccount>),
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+        has_status: true,
+        storage: "services",
+        fields: META_FIELDS,
+        categories: &["all"],
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::core::v1::Service>),
     },
     ResourceDef {
         group: "node.k8s.io",
@@ -207,7 +230,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "runtimeclasses",
         fields: META_FIELDS,
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::node::v1::RuntimeClass>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::node::v1::RuntimeClass>),
     },
     ResourceDef {
         group: "events.k8s.io",
@@ -221,7 +244,7 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: STORAGE_EVENTS,
         fields: EVENT_FIELDS,
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::events::v1::Event>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::events::v1::Event>),
     },
     ResourceDef {
         group: "coordination.k8s.io",
@@ -235,26 +258,154 @@ pub static RESOURCES: &[ResourceDef] = &[
         storage: "leases",
         fields: META_FIELDS,
         categories: &[],
-        schema: schema_of::<k8s_openapi::api::coordination::v1::Lease>,
+        schema: Schema::Typed(schema_of::<k8s_openapi::api::coordination::v1::Lease>),
+    },
+    ResourceDef {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        kind: "CustomResourceDefinition",
+        namespaced: false,
+        short_names: &["crd", "crds"],
+        has_status: true,
+        storage: "customresourcedefinitions",
+        fields: META_FIELDS,
+        categories: &["api-extensions"],
+        schema: Schema::Typed(
+            schema_of::<
+                k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+            >,
+        ),
     },
 ];
 
-/// The served resource at `group/version/plural`.
+/// The built-in resource at `group/version/plural`.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
-/// The served group/versions, core first.
-pub fn group_versions() -> Vec<(&'static str, &'static str)> {
-    let mut out: Vec<(&str, &str)> = Vec::new();
-    for r in RESOURCES {
-        if !out.contains(&(r.group, r.version)) {
-            out.push((r.group, r.version));
-        }
+/// A custom resource kind as one version of a CustomResourceDefinition declares it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CustomKind {
+    /// API group.
+    pub group: String,
+    /// Version.
+    pub version: String,
+    /// Plural resource name.
+    pub plural: String,
+    /// Singular name.
+    pub singular: String,
+    /// Kind.
+    pub kind: String,
+    /// Namespaced (scope `Namespaced`) or cluster-wide.
+    pub namespaced: bool,
+    /// Short names.
+    pub short_names: Vec<String>,
+    /// Categories.
+    pub categories: Vec<String>,
+    /// Whether the version has the status subresource.
+    pub has_status: bool,
+    /// The version's `openAPIV3Schema`.
+    pub schema: serde_json::Value,
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+/// The kinds one API server serves: the built-in table plus the custom resources its
+/// CustomResourceDefinitions define. Definitions are `&'static` like the built-ins; each distinct
+/// custom definition is allocated once (interned), so re-creating a CRD reuses it.
+#[derive(Default)]
+pub struct Registry {
+    custom: std::sync::RwLock<Vec<&'static ResourceDef>>,
+    interned: std::sync::Mutex<Vec<(CustomKind, &'static ResourceDef)>>,
+}
+
+impl Registry {
+    /// Every served definition, built-ins first.
+    pub fn all(&self) -> Vec<&'static ResourceDef> {
+        let custom = self.custom.read().unwrap_or_else(|e| e.into_inner());
+        RESOURCES.iter().chain(custom.iter().copied()).collect()
     }
-    out
+
+    /// The served resource at `group/version/plural`.
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
+        self.all()
+            .into_iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+    }
+
+    /// The served group/versions, core first.
+    pub fn group_versions(&self) -> Vec<(&'static str, &'static str)> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for r in self.all() {
+            if !out.contains(&(r.group, r.version)) {
+                out.push((r.group, r.version));
+            }
+        }
+        out
+    }
+
+    /// The definition objects of `storage` are stored as.
+    pub fn storage_form(&self, storage: &str) -> Option<&'static ResourceDef> {
+        self.all()
+            .into_iter()
+            .find(|r| r.storage == storage && r.is_storage_form())
+    }
+
+    /// Serves exactly these custom kinds from now on; returns the storages of kinds no longer
+    /// served (their objects are to be deleted, as upstream deletes a CRD's objects with it).
+    pub fn set_custom(&self, kinds: &[CustomKind]) -> Vec<&'static str> {
+        let mut interned = self.interned.lock().unwrap_or_else(|e| e.into_inner());
+        let defs: Vec<&'static ResourceDef> = kinds
+            .iter()
+            .map(|k| {
+                if let Some((_, def)) = interned.iter().find(|(known, _)| known == k) {
+                    return *def;
+                }
+                let def: &'static ResourceDef = Box::leak(Box::new(ResourceDef {
+                    group: leak(&k.group),
+                    version: leak(&k.version),
+                    plural: leak(&k.plural),
+                    singular: leak(&k.singular),
+                    kind: leak(&k.kind),
+                    namespaced: k.namespaced,
+                    short_names: Box::leak(
+                        k.short_names
+                            .iter()
+                            .map(|s| leak(s))
+                            .collect::<Vec<_>>()
+                            .into_boxed_slice(),
+                    ),
+                    has_status: k.has_status,
+                    storage: leak(&format!("{}.{}", k.plural, k.group)),
+                    fields: META_FIELDS,
+                    categories: Box::leak(
+                        k.categories
+                            .iter()
+                            .map(|s| leak(s))
+                            .collect::<Vec<_>>()
+                            .into_boxed_slice(),
+                    ),
+                    schema: Schema::Custom(k.schema.clone()),
+                }));
+                interned.push((k.clone(), def));
+                def
+            })
+            .collect();
+        let mut custom = self.custom.write().unwrap_or_else(|e| e.into_inner());
+        let gone = custom
+            .iter()
+            .filter(|old| !defs.iter().any(|new| new.storage == old.storage))
+            .map(|old| old.storage)
+            .collect();
+        *custom = defs;
+        gone
+    }
 }
 
 /// The resource definitions of the namespaces kind.

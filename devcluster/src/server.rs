@@ -103,7 +103,20 @@ impl DevCluster {
                 .with_context(|| format!("reading the state file {}", path.display()))?;
             let snapshot: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("the state file {} is not JSON", path.display()))?;
-            let storages: Vec<&'static str> = crate::resources::RESOURCES.iter().map(|r| r.storage).collect();
+            // Custom kinds first: their objects are stored under the kinds' own storages.
+            let crds: Vec<&serde_json::Value> = snapshot
+                .get("objects")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|e| {
+                    e.get("storage").and_then(serde_json::Value::as_str) == Some("customresourcedefinitions")
+                })
+                .filter_map(|e| e.get("object"))
+                .collect();
+            let kinds: Vec<_> = crds.iter().flat_map(|crd| crate::crd::kinds_of(crd)).collect();
+            api.registry().set_custom(&kinds);
+            let storages: Vec<&'static str> = api.registry().all().iter().map(|r| r.storage).collect();
             let n = api
                 .store()
                 .restore(&snapshot, &storages)

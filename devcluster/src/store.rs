@@ -276,6 +276,19 @@ impl Store {
             .collect()
     }
 
+    /// Deletes every object of `storage` (a custom kind whose definition is gone).
+    pub fn delete_all(&self, storage: &'static str) {
+        let mut inner = self.lock();
+        let keys: Vec<ObjectKey> = inner
+            .objects
+            .get(storage)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for key in keys {
+            self.remove_locked(&mut inner, storage, &key);
+        }
+    }
+
     /// Deletes every namespaced object in `namespace` (the namespace itself excepted).
     pub fn delete_namespace_contents(&self, namespace: &str) {
         let mut inner = self.lock();

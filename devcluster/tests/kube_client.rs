@@ -694,3 +694,104 @@ async fn a_state_file_keeps_objects_and_resource_versions_across_restarts() {
     assert!(updated.metadata.resource_version.unwrap().parse::<u64>().unwrap() > old);
     cluster.shutdown().await;
 }
+
+fn widget_crd(
+    scope: &str,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    serde_json::from_value(json!({
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": scope,
+            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": ["wd"]},
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "properties": {"size": {"type": "integer"}}}
+                }}},
+                "subresources": {"status": {}},
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_custom_resource_definition_serves_its_kind_until_it_is_deleted() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+    let dir = tempfile::tempdir().unwrap();
+    let options = || ServerOptions {
+        state: Some(dir.path().join("state.json")),
+        ..ServerOptions::default()
+    };
+    let cluster = DevCluster::start(options()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+
+    // A CRD named other than plural.group is refused with upstream's reason.
+    let mut misnamed = widget_crd("Namespaced");
+    misnamed.metadata.name = Some("widgets".into());
+    let err = crds.create(&PostParams::default(), &misnamed).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("must be spec.names.plural+\".\"+spec.group"),
+        "{err}"
+    );
+
+    let created = crds
+        .create(&PostParams::default(), &widget_crd("Namespaced"))
+        .await
+        .unwrap();
+    let conditions = created.status.unwrap().conditions.unwrap();
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+    );
+
+    let resource =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("example.com", "v1", "Widget"), "widgets");
+    let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
+    let widget: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "example.com/v1", "kind": "Widget",
+        "metadata": {"name": "w1"}, "spec": {"size": 3},
+    }))
+    .unwrap();
+    widgets.create(&PostParams::default(), &widget).await.unwrap();
+    // The CRD's schema decides which fields are kept: unknown ones are pruned (strict validation,
+    // kubectl's default, refuses them; the monitoring test shows that through kubectl).
+    let mut typo = widget.clone();
+    typo.metadata.name = Some("w2".into());
+    typo.data["spec"] = json!({"sise": 3});
+    widgets.create(&PostParams::default(), &typo).await.unwrap();
+    assert_eq!(widgets.get("w2").await.unwrap().data["spec"], json!({}));
+
+    // The kind survives a restart (state file), then goes with its CRD, objects included.
+    cluster.shutdown().await;
+    let cluster = DevCluster::start(options()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
+    assert_eq!(widgets.get("w1").await.unwrap().data["spec"]["size"], 3);
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete("widgets.example.com", &DeleteParams::default())
+        .await
+        .unwrap();
+    let gone = widgets.list(&ListParams::default()).await.unwrap_err();
+    assert!(
+        matches!(gone, kube::Error::Api(ref e) if e.code == 404),
+        "{gone:?}"
+    );
+    crds.create(&PostParams::default(), &widget_crd("Namespaced"))
+        .await
+        .unwrap();
+    assert!(
+        widgets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    cluster.shutdown().await;
+}

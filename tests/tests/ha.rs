@@ -653,7 +653,10 @@ async fn a_rolling_restart_of_every_replica_under_churn_ends_converged_without_e
     // Each host agent's SIGTERM moved the leader's Sync stream at most once.
     let leader_logs = system.virtual_side().agent.logs();
     let opened = leader_logs.matches("Sync stream open").count();
-    assert!((1..=3).contains(&opened), "{opened} Sync streams for two host agent restarts:\n{leader_logs}");
+    assert!(
+        (1..=3).contains(&opened),
+        "{opened} Sync streams for two host agent restarts:\n{leader_logs}"
+    );
     // Roll the virtual agents: the leader hands the Lease over on SIGTERM, so the standby leads
     // at once, long before the 15 s lease would have expired.
     let handover = tokio::time::Instant::now();

@@ -301,3 +301,88 @@ fn the_checks_catch_a_metric_or_label_that_does_not_exist() {
     assert!(wrong[0].contains("groups by \"method\""), "{wrong:?}");
     assert!(check("syntax", "sum by (", &metrics)[0].contains("does not parse"));
 }
+
+/// Runs kubectl against `kubeconfig` with its own discovery cache; returns (success, output).
+fn kubectl(kubeconfig: &Path, cache: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `kubectl apply --dry-run` accepts every file of deploy/monitoring/ once prometheus-operator's
+/// kinds are served (the CRDs are applied first, as on a cluster that runs the operator), and the
+/// server refuses a misspelt field, so the check has teeth.
+// kubectl runs synchronously here while the in-process API server answers on the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_dry_run_accepts_the_monitoring_manifests() {
+    let cluster = devcluster::server::DevCluster::start(devcluster::server::ServerOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    cluster.write_kubeconfig(&kubeconfig, "monitoring").unwrap();
+    let cache = dir.path().join("cache");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crds = root.join("tests/fixtures/prometheus-operator-crds.yaml");
+    let monitoring = root.join("deploy/monitoring");
+    let run = |args: &[&str]| kubectl(&kubeconfig, &cache, args);
+
+    let (ok, out) = run(&["apply", "-f", crds.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "crd/prometheusrules.monitoring.coreos.com",
+        "crd/servicemonitors.monitoring.coreos.com",
+    ]);
+    assert!(ok, "{out}");
+
+    let (ok, out) = run(&["apply", "--dry-run=client", "-f", monitoring.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    for object in [
+        "prometheusrule.monitoring.coreos.com/rcsync created (dry run)",
+        "servicemonitor.monitoring.coreos.com/rcsync-host-agent created (dry run)",
+        "servicemonitor.monitoring.coreos.com/rcsync-virtual-agent created (dry run)",
+        "service/host-agent-metrics created (dry run)",
+        "configmap/",
+    ] {
+        assert!(out.contains(object), "{object} missing in:\n{out}");
+    }
+    let (ok, out) = run(&["create", "namespace", "rcsync-system"]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&["apply", "--dry-run=server", "-f", monitoring.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("prometheusrule.monitoring.coreos.com/rcsync created (server dry run)"),
+        "{out}"
+    );
+    let (ok, out) = run(&["get", "prometheusrules", "-A", "-o", "name"]);
+    assert!(ok && out.trim().is_empty(), "a dry run stored something: {out}");
+
+    // A misspelt field is refused by the server's schema check.
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: typo, namespace: rcsync-system}\nspec:\n  groups:\n    - name: g\n      rulez: []\n",
+    )
+    .unwrap();
+    let (ok, out) = run(&["apply", "--dry-run=server", "-f", typo.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("unknown field \"spec.groups[0].rulez\""),
+        "{out}"
+    );
+}
