@@ -713,10 +713,16 @@ impl Shard {
         Some((self.class_client.clone()?, self.pod_client.clone()?))
     }
 
+    /// Drops the connection after errors a new one may cure: the host agent gone or restarted,
+    /// and a refused token (the token file is re-read at every connect, so a rotated token is
+    /// picked up).
     fn drop_clients_on(&mut self, status: &tonic::Status) {
         if matches!(
             status.code(),
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Unauthenticated
         ) {
             self.pod_client = None;
             self.class_client = None;

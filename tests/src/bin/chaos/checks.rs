@@ -1,0 +1,473 @@
+//! The invariants. Continuously, from the harness's own watches: no host Pod carries a class its
+//! tenant was not allowed when it was placed, no tenant sees another's classes or Pods, no agent
+//! panics, memory stays bounded. At quiescence, from the API servers' ground truth: every virtual
+//! cluster holds exactly its host-filtered set, every live allowed Pod has exactly one current host
+//! Pod, no host Pod outlives its virtual Pod, blocked Pods carry their SyncWarning.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
+use k8s_openapi::api::node::v1::RuntimeClass;
+use kube::Api;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use rcsync_core::naming::{ANNOTATION_OBJECT_UID, LABEL_MANAGED_BY, LABEL_RCSYNC_MANAGED, host_pod_name};
+use tokio::time::Instant;
+
+use crate::timeline::{TenantConfig, Timeline};
+use crate::world::{TENANTS, World, host_namespace};
+
+/// Invariant names, as failures print them.
+pub const CLASS_ALLOWED_AT_PLACEMENT: &str = "class-allowed-at-placement";
+/// A tenant saw another tenant's data, or a class it was never offered.
+pub const TENANT_ISOLATION: &str = "tenant-isolation";
+/// An agent panicked.
+pub const NO_PANIC: &str = "no-panic";
+/// An agent's memory passed the ceiling.
+pub const BOUNDED_MEMORY: &str = "bounded-memory";
+/// A virtual cluster does not hold exactly its host-filtered classes.
+pub const VIRTUAL_CLASSES_MATCH: &str = "virtual-classes-match-host";
+/// A tenant-made RuntimeClass survived.
+pub const NO_TENANT_CLASSES: &str = "no-tenant-made-classes";
+/// A live allowed Pod lacks its host Pod, or it is not current.
+pub const ALLOWED_PODS_ON_HOST: &str = "allowed-pods-on-host";
+/// A host Pod outlived its virtual Pod.
+pub const NO_STRAY_HOST_PODS: &str = "no-stray-host-pods";
+/// A blocked Pod has no SyncWarning.
+pub const BLOCKED_PODS_WARNED: &str = "blocked-pods-warned";
+
+/// Every invariant.
+pub const ALL: [&str; 9] = [
+    CLASS_ALLOWED_AT_PLACEMENT,
+    TENANT_ISOLATION,
+    NO_PANIC,
+    BOUNDED_MEMORY,
+    VIRTUAL_CLASSES_MATCH,
+    NO_TENANT_CLASSES,
+    ALLOWED_PODS_ON_HOST,
+    NO_STRAY_HOST_PODS,
+    BLOCKED_PODS_WARNED,
+];
+
+/// How far back a placement may rely on an allowance: the longest a correct agent may act on a
+/// view older than the API server's (API server restart + relist, stalled connections).
+pub const SLACK: Duration = Duration::from_secs(20);
+
+/// Resident memory an agent may reach (debug builds included).
+pub const MEMORY_CEILING_KIB: u64 = 512 * 1024;
+
+/// Violations found so far: (invariant, detail).
+#[derive(Clone, Default)]
+pub struct Violations(Arc<Mutex<Vec<(String, String)>>>);
+
+impl Violations {
+    /// Records one.
+    pub fn add(&self, invariant: &str, detail: String) {
+        tracing::error!(invariant, %detail, "invariant violated");
+        self.0.lock().unwrap().push((invariant.to_string(), detail));
+    }
+
+    /// All so far.
+    pub fn all(&self) -> Vec<(String, String)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+fn tenant_of_namespace(ns: &str) -> Option<&'static str> {
+    TENANTS.into_iter().find(|t| host_namespace(t) == ns)
+}
+
+/// Feeds the timeline from a watch of the host's RuntimeClasses.
+pub fn follow_host_classes(client: kube::Client, timeline: Timeline) {
+    tokio::spawn(async move {
+        let api: Api<RuntimeClass> = Api::all(client);
+        let mut events = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut current: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut relist: Option<BTreeMap<String, BTreeMap<String, String>>> = None;
+        while let Some(event) = events.next().await {
+            let name_labels = |rc: &RuntimeClass| {
+                (
+                    rc.metadata.name.clone().unwrap_or_default(),
+                    rc.metadata.labels.clone().unwrap_or_default(),
+                )
+            };
+            match event {
+                Ok(Event::Init) => relist = Some(BTreeMap::new()),
+                Ok(Event::InitApply(rc)) => {
+                    let (n, l) = name_labels(&rc);
+                    if let Some(r) = &mut relist {
+                        r.insert(n, l);
+                    }
+                }
+                Ok(Event::InitDone) => current = relist.take().unwrap_or_default(),
+                Ok(Event::Apply(rc)) => {
+                    let (n, l) = name_labels(&rc);
+                    if rc.metadata.deletion_timestamp.is_some() {
+                        current.remove(&n);
+                    } else {
+                        current.insert(n, l);
+                    }
+                }
+                Ok(Event::Delete(rc)) => {
+                    current.remove(&name_labels(&rc).0);
+                }
+                Err(_) => continue,
+            }
+            timeline.set_classes(current.clone());
+        }
+    });
+}
+
+/// Checks every host Pod when it first appears: its class was allowed for its tenant, and it is
+/// that tenant's.
+pub fn watch_host_pods(client: kube::Client, timeline: Timeline, violations: Violations) {
+    tokio::spawn(async move {
+        let api: Api<Pod> = Api::all(client);
+        let mut events = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        while let Some(event) = events.next().await {
+            let pod = match event {
+                Ok(Event::Apply(p) | Event::InitApply(p)) => p,
+                _ => continue,
+            };
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            if !seen.insert(uid) {
+                continue;
+            }
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let Some(tenant) = tenant_of_namespace(&ns) else {
+                continue;
+            };
+            let managed_by = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_MANAGED_BY))
+                .cloned();
+            if managed_by.as_deref() != Some(tenant) || !name.ends_with(&format!("-x-{tenant}")) {
+                violations.add(
+                    TENANT_ISOLATION,
+                    format!(
+                        "host Pod {ns}/{name} in tenant {tenant}'s namespace is managed by {managed_by:?}"
+                    ),
+                );
+            }
+            let class = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.runtime_class_name.clone())
+                .unwrap_or_default();
+            if !timeline.allowed_within(tenant, &class, Instant::now(), SLACK) {
+                violations.add(
+                    CLASS_ALLOWED_AT_PLACEMENT,
+                    format!("host Pod {ns}/{name} runs class {class:?}, which tenant {tenant} was not allowed within {SLACK:?} before it appeared"),
+                );
+            }
+        }
+    });
+}
+
+/// Checks every managed class that appears in a virtual cluster: its tenant was offered it.
+pub fn watch_virtual_classes(
+    tenant: &'static str,
+    client: kube::Client,
+    timeline: Timeline,
+    violations: Violations,
+) {
+    tokio::spawn(async move {
+        let api: Api<RuntimeClass> = Api::all(client);
+        let mut events = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        while let Some(event) = events.next().await {
+            let rc = match event {
+                Ok(Event::Apply(rc) | Event::InitApply(rc)) => rc,
+                _ => continue,
+            };
+            let managed = rc
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_RCSYNC_MANAGED))
+                .is_some();
+            let key = format!(
+                "{}/{}",
+                rc.metadata.uid.clone().unwrap_or_default(),
+                rc.metadata.resource_version.clone().unwrap_or_default()
+            );
+            if !managed || !seen.insert(key) {
+                continue;
+            }
+            let name = rc.metadata.name.clone().unwrap_or_default();
+            // While a tenant's sync is disabled every class counts as allowed: this check is
+            // lenient then (the quiescence check wants none at all).
+            if !timeline.allowed_within(tenant, &name, Instant::now(), SLACK) {
+                violations.add(
+                    TENANT_ISOLATION,
+                    format!("virtual cluster {tenant} holds class {name:?}, which its selector did not offer within {SLACK:?}"),
+                );
+            }
+        }
+    });
+}
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Scans every log for panics and samples every agent's memory; returns the highest RSS seen per
+/// process name.
+pub fn scan_processes(
+    world: &World,
+    violations: &Violations,
+    reported: &mut BTreeSet<String>,
+    peak: &mut BTreeMap<String, u64>,
+) {
+    for p in world.processes() {
+        for log in &p.logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("panicked at")) {
+                let key = format!("{}:{line}", log.display());
+                if reported.insert(key) {
+                    violations.add(NO_PANIC, format!("{}: {line}", log.display()));
+                }
+            }
+        }
+        if p.name.contains("agent")
+            && let Some(kib) = p.pid().and_then(rss_kib)
+        {
+            let max = peak.entry(p.name.clone()).or_default();
+            *max = (*max).max(kib);
+            if kib > MEMORY_CEILING_KIB && reported.insert(format!("rss:{}", p.name)) {
+                violations.add(BOUNDED_MEMORY, format!("{} uses {kib} KiB", p.name));
+            }
+        }
+    }
+}
+
+/// What the quiescence checks found unmet (invariant, detail); empty when converged.
+pub async fn quiescence(world: &World) -> Vec<(String, String)> {
+    let mut unmet = Vec::new();
+    let Ok(host) = world.host_client().await else {
+        return vec![(VIRTUAL_CLASSES_MATCH.into(), "host API server unreachable".into())];
+    };
+    let host_classes: BTreeMap<String, RuntimeClass> = match Api::<RuntimeClass>::all(host.clone())
+        .list(&Default::default())
+        .await
+    {
+        Ok(list) => list
+            .items
+            .into_iter()
+            .map(|rc| (rc.metadata.name.clone().unwrap_or_default(), rc))
+            .collect(),
+        Err(e) => return vec![(VIRTUAL_CLASSES_MATCH.into(), format!("listing host classes: {e}"))],
+    };
+    for (i, tenant) in TENANTS.iter().enumerate() {
+        let config: &TenantConfig = &world.tenants[i];
+        let Ok(virt) = world.virtual_client(i).await else {
+            unmet.push((
+                VIRTUAL_CLASSES_MATCH.into(),
+                format!("virtual API server {tenant} unreachable"),
+            ));
+            continue;
+        };
+        // Classes: exactly the host-filtered set (none while sync is disabled), same handler and labels.
+        let virtual_classes = match Api::<RuntimeClass>::all(virt.clone())
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => list.items,
+            Err(e) => {
+                unmet.push((
+                    VIRTUAL_CLASSES_MATCH.into(),
+                    format!("listing {tenant}'s classes: {e}"),
+                ));
+                continue;
+            }
+        };
+        let expected: BTreeMap<&String, &RuntimeClass> = host_classes
+            .iter()
+            .filter(|(_, rc)| {
+                config.enabled && config.selects(&rc.metadata.labels.clone().unwrap_or_default())
+            })
+            .collect();
+        let mut held = BTreeSet::new();
+        for rc in &virtual_classes {
+            let name = rc.metadata.name.clone().unwrap_or_default();
+            let labels = rc.metadata.labels.clone().unwrap_or_default();
+            if !labels.contains_key(LABEL_RCSYNC_MANAGED) {
+                unmet.push((
+                    NO_TENANT_CLASSES.into(),
+                    format!("{tenant} still holds its own class {name:?}"),
+                ));
+                continue;
+            }
+            held.insert(name.clone());
+            match expected.get(&name) {
+                None => unmet.push((
+                    VIRTUAL_CLASSES_MATCH.into(),
+                    format!("{tenant} holds {name:?}, which its selector does not offer"),
+                )),
+                Some(host_rc) => {
+                    let host_labels = host_rc.metadata.labels.clone().unwrap_or_default();
+                    if host_rc.handler != rc.handler
+                        || !host_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    {
+                        unmet.push((
+                            VIRTUAL_CLASSES_MATCH.into(),
+                            format!("{tenant}'s {name:?} differs from the host's"),
+                        ));
+                    }
+                }
+            }
+        }
+        for name in expected.keys() {
+            if !held.contains(*name) {
+                unmet.push((VIRTUAL_CLASSES_MATCH.into(), format!("{tenant} lacks {name:?}")));
+            }
+        }
+
+        // Pods.
+        let virtual_pods = match Api::<Pod>::all(virt.clone()).list(&Default::default()).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                unmet.push((
+                    ALLOWED_PODS_ON_HOST.into(),
+                    format!("listing {tenant}'s Pods: {e}"),
+                ));
+                continue;
+            }
+        };
+        let host_pods: BTreeMap<String, Pod> =
+            match Api::<Pod>::namespaced(host.clone(), &host_namespace(tenant))
+                .list(&Default::default())
+                .await
+            {
+                Ok(list) => list
+                    .items
+                    .into_iter()
+                    .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
+                    .collect(),
+                Err(e) => {
+                    unmet.push((
+                        ALLOWED_PODS_ON_HOST.into(),
+                        format!("listing {tenant}'s host Pods: {e}"),
+                    ));
+                    continue;
+                }
+            };
+        let events = Api::<CoreEvent>::all(virt.clone())
+            .list(&Default::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        let mut live_uids = BTreeSet::new();
+        for pod in virtual_pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+        {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let ns = pod.metadata.namespace.clone().unwrap_or_default();
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            live_uids.insert(uid.clone());
+            let class = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.runtime_class_name.clone())
+                .unwrap_or_default();
+            let allowed = class.is_empty() || !config.enabled || expected.contains_key(&class);
+            let runnable = class.is_empty() || host_classes.contains_key(&class);
+            let host_pod = host_pods.get(&host_pod_name(&name, &ns, tenant));
+            let host_uid = host_pod
+                .and_then(|p| p.metadata.annotations.as_ref())
+                .and_then(|a| a.get(ANNOTATION_OBJECT_UID))
+                .cloned();
+            match (allowed && runnable, host_pod) {
+                (true, None) => unmet.push((
+                    ALLOWED_PODS_ON_HOST.into(),
+                    format!("{tenant}: {ns}/{name} (class {class:?}) has no host Pod"),
+                )),
+                (true, Some(_)) if host_uid.as_deref() != Some(uid.as_str()) => unmet.push((
+                    ALLOWED_PODS_ON_HOST.into(),
+                    format!("{tenant}: the host Pod of {ns}/{name} belongs to another Pod ({host_uid:?})"),
+                )),
+                (true, Some(hp)) => {
+                    let want = pod.metadata.labels.clone().unwrap_or_default();
+                    let got: BTreeMap<String, String> = hp
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get("vcluster.loft.sh/labels"))
+                        .and_then(|j| serde_json::from_str(j).ok())
+                        .unwrap_or_default();
+                    if want != got {
+                        unmet.push((
+                            ALLOWED_PODS_ON_HOST.into(),
+                            format!("{tenant}: the host Pod of {ns}/{name} has labels {got:?}, not {want:?}"),
+                        ));
+                    }
+                }
+                // Not allowed (or its class is gone from the host): an orphan keeps its host Pod
+                // (the spec's orphans); a Pod never synced must say why.
+                (false, Some(_)) => {}
+                (false, None) if !allowed => {
+                    let warned = events.iter().any(|e| {
+                        e.involved_object.uid.as_deref() == Some(uid.as_str())
+                            && e.reason.as_deref() == Some("SyncWarning")
+                    });
+                    if !warned {
+                        unmet.push((
+                            BLOCKED_PODS_WARNED.into(),
+                            format!("{tenant}: blocked {ns}/{name} (class {class:?}) has no SyncWarning"),
+                        ));
+                    }
+                }
+                (false, None) => {}
+            }
+        }
+        for (name, hp) in &host_pods {
+            let uid = hp
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_OBJECT_UID))
+                .cloned()
+                .unwrap_or_default();
+            if hp.metadata.deletion_timestamp.is_none() && !live_uids.contains(&uid) {
+                unmet.push((
+                    NO_STRAY_HOST_PODS.into(),
+                    format!("{tenant}: host Pod {name} has no virtual Pod"),
+                ));
+            }
+        }
+    }
+    unmet
+}
+
+/// Whether some running agent uses more than `ceiling_kib` (the self-test lowers the ceiling to
+/// show the memory check can fail).
+pub fn memory_check_fails_below(world: &World, ceiling_kib: u64) -> bool {
+    world
+        .processes()
+        .iter()
+        .filter(|p| p.name.contains("agent"))
+        .filter_map(|p| p.pid().and_then(rss_kib))
+        .any(|kib| kib > ceiling_kib)
+}

@@ -1,0 +1,329 @@
+//! The system under chaos, as real processes: a host and two virtual API servers (`devcluster
+//! serve --state`, so a restart keeps objects and watches see 410 Gone), the host agent, one
+//! virtual agent per tenant behind a faulty proxy. Every process can be killed, stopped and
+//! started again on the same ports; each incarnation logs to its own file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use kube::api::PostParams;
+use rcsync_tests::{Process, free_port, http_get};
+
+use crate::proxy::FaultyProxy;
+use crate::timeline::TenantConfig;
+
+/// The tenants of every chaos run.
+pub const TENANTS: [&str; 2] = ["a", "b"];
+
+/// The host namespace of a tenant.
+pub fn host_namespace(tenant: &str) -> String {
+    format!("vcluster-{tenant}")
+}
+
+/// A process that can be restarted with the same arguments.
+pub struct Restartable {
+    /// Name (log files are `<name>-<incarnation>.log`).
+    pub name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    /// The running incarnation, if any.
+    pub process: Option<Process>,
+    incarnation: u32,
+    /// Every log file this process wrote.
+    pub logs: Vec<PathBuf>,
+    /// What it logs once it serves (devcluster), or `None` to wait on `/readyz` at `admin`.
+    ready_line: Option<&'static str>,
+    /// Admin address for `/readyz` (agents).
+    pub admin: Option<String>,
+}
+
+impl Restartable {
+    fn new(
+        name: &str,
+        program: PathBuf,
+        args: Vec<String>,
+        ready_line: Option<&'static str>,
+        admin: Option<String>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            program,
+            args,
+            process: None,
+            incarnation: 0,
+            logs: Vec::new(),
+            ready_line,
+            admin,
+        }
+    }
+
+    /// Starts a new incarnation and waits until it serves (at most 60 s).
+    pub async fn start(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.incarnation += 1;
+        let log_name = format!("{}-{}", self.name, self.incarnation);
+        let process = Process::spawn(&log_name, &self.program, &self.args, dir);
+        self.logs.push(dir.join(format!("{log_name}.log")));
+        self.process = Some(process);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let serving = match (self.ready_line, &self.admin) {
+                (Some(line), _) => self.process.as_ref().is_some_and(|p| p.logs().contains(line)),
+                (None, Some(admin)) => http_get(admin, "/readyz")
+                    .await
+                    .is_some_and(|(code, _)| code == 200),
+                (None, None) => true,
+            };
+            if serving {
+                return Ok(());
+            }
+            if let Some(p) = self.process.as_mut()
+                && p.has_exited()
+            {
+                anyhow::bail!("{} exited while starting:\n{}", self.name, p.logs());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not become ready within 60 s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends `signal` and waits for the exit.
+    pub async fn stop(&mut self, signal: &str) {
+        if let Some(mut p) = self.process.take() {
+            if !p.has_exited() {
+                p.signal(signal);
+            }
+            p.wait_exit().await;
+        }
+    }
+
+    /// The process id of the running incarnation.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Process::pid)
+    }
+}
+
+/// Everything the run starts.
+pub struct World {
+    /// Scratch directory: kubeconfigs, state files, tokens, logs.
+    pub dir: PathBuf,
+    /// The host API server.
+    pub host_server: Restartable,
+    /// The virtual API servers, in [`TENANTS`] order.
+    pub virtual_servers: Vec<Restartable>,
+    /// The host agent.
+    pub host_agent: Restartable,
+    /// The virtual agents, in [`TENANTS`] order.
+    pub virtual_agents: Vec<Restartable>,
+    /// The proxies in front of the host agent, in [`TENANTS`] order.
+    pub proxies: Vec<FaultyProxy>,
+    /// The tenants config now in effect.
+    pub tenants: Vec<TenantConfig>,
+    host_kubeconfig: PathBuf,
+    virtual_kubeconfigs: Vec<PathBuf>,
+}
+
+fn loopback() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+fn server(name: &str, dir: &Path, bin: &Path, kubeconfig: &Path, extra: &[&str]) -> Restartable {
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--listen".into(),
+        loopback(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--name".into(),
+        name.into(),
+        "--insecure-http".into(),
+        "--state".into(),
+        dir.join(format!("{name}.state.json")).display().to_string(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Restartable::new(
+        name,
+        bin.join("devcluster"),
+        args,
+        Some("devcluster listening on"),
+        None,
+    )
+}
+
+/// The tenants file for `tenants`.
+pub fn tenants_yaml(tenants: &[TenantConfig]) -> String {
+    let mut out = String::from("tenants:\n");
+    for t in tenants {
+        let selector = t
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        out.push_str(&format!(
+            "  - name: {name}\n    hostNamespace: {ns}\n    tokenFile: tokens/{name}.token\n    sync: {{fromHost: {{runtimeClasses: {{enabled: {enabled}, selector: {{matchLabels: {{{selector}}}}}}}}}}}\n    limits: {{podSyncQps: 1000, podSyncBurst: 2000}}\n",
+            name = t.name,
+            ns = host_namespace(&t.name),
+            enabled = t.enabled,
+        ));
+    }
+    out
+}
+
+/// Writes a file by renaming a complete new one over it (as Kubernetes' volume updates do).
+pub fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("next");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming over {}", path.display()))
+}
+
+impl World {
+    /// Starts the API servers, the host agent, the proxies and the virtual agents.
+    pub async fn start(dir: &Path, bin: &Path, tenants: Vec<TenantConfig>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir.join("tokens"))?;
+        std::fs::create_dir_all(dir.join("vtokens"))?;
+        let host_kubeconfig = dir.join("host.kubeconfig");
+        let mut host_server = server("host", dir, bin, &host_kubeconfig, &[]);
+        host_server.start(dir).await?;
+        let host = client(&host_kubeconfig).await?;
+        let mut virtual_servers = Vec::new();
+        let mut virtual_kubeconfigs = Vec::new();
+        for t in TENANTS {
+            create_namespace(&host, &host_namespace(t)).await?;
+            let token = format!("token-{t}-0");
+            std::fs::write(dir.join("tokens").join(format!("{t}.token")), &token)?;
+            std::fs::write(dir.join("vtokens").join(format!("{t}.token")), &token)?;
+            let kubeconfig = dir.join(format!("virtual-{t}.kubeconfig"));
+            // Pods naming classes the virtual cluster lacks must be creatable (the SyncWarning path).
+            let mut s = server(
+                &format!("virtual-{t}"),
+                dir,
+                bin,
+                &kubeconfig,
+                &["--disable-admission-plugins", "RuntimeClass"],
+            );
+            s.start(dir).await?;
+            create_namespace(&client(&kubeconfig).await?, "rcsync-system").await?;
+            virtual_servers.push(s);
+            virtual_kubeconfigs.push(kubeconfig);
+        }
+        std::fs::write(dir.join("tenants.yaml"), tenants_yaml(&tenants))?;
+        let grpc: SocketAddr = loopback().parse()?;
+        let host_admin = loopback();
+        let mut host_agent = Restartable::new(
+            "host-agent",
+            bin.join("host-agent"),
+            vec![
+                "--kubeconfig".into(),
+                host_kubeconfig.display().to_string(),
+                "--config".into(),
+                dir.join("tenants.yaml").display().to_string(),
+                "--grpc-listen".into(),
+                grpc.to_string(),
+                "--admin-listen".into(),
+                host_admin.clone(),
+            ],
+            None,
+            Some(host_admin),
+        );
+        host_agent.start(dir).await?;
+        let mut proxies = Vec::new();
+        let mut virtual_agents = Vec::new();
+        for (i, t) in TENANTS.iter().enumerate() {
+            let proxy = FaultyProxy::start(grpc).await?;
+            let admin = loopback();
+            let mut agent = Restartable::new(
+                &format!("virtual-agent-{t}"),
+                bin.join("virtual-agent"),
+                vec![
+                    "--kubeconfig".into(),
+                    virtual_kubeconfigs[i].display().to_string(),
+                    "--host-agent".into(),
+                    format!("http://{}", proxy.addr),
+                    "--tenant".into(),
+                    t.to_string(),
+                    "--token-file".into(),
+                    dir.join("vtokens")
+                        .join(format!("{t}.token"))
+                        .display()
+                        .to_string(),
+                    "--admin-listen".into(),
+                    admin.clone(),
+                    "--lease-namespace".into(),
+                    "rcsync-system".into(),
+                    "--identity".into(),
+                    format!("virtual-agent-{t}"),
+                    "--pod-workers".into(),
+                    "4".into(),
+                ],
+                None,
+                Some(admin),
+            );
+            agent.start(dir).await?;
+            proxies.push(proxy);
+            virtual_agents.push(agent);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            host_server,
+            virtual_servers,
+            host_agent,
+            virtual_agents,
+            proxies,
+            tenants,
+            host_kubeconfig,
+            virtual_kubeconfigs,
+        })
+    }
+
+    /// A client of the host API server.
+    pub async fn host_client(&self) -> anyhow::Result<kube::Client> {
+        client(&self.host_kubeconfig).await
+    }
+
+    /// A client of a tenant's virtual API server.
+    pub async fn virtual_client(&self, tenant: usize) -> anyhow::Result<kube::Client> {
+        client(&self.virtual_kubeconfigs[tenant]).await
+    }
+
+    /// Writes a new tenants config (the host agent reloads it on change).
+    pub fn write_tenants(&mut self, tenants: Vec<TenantConfig>) -> anyhow::Result<()> {
+        replace_file(&self.dir.join("tenants.yaml"), &tenants_yaml(&tenants))?;
+        self.tenants = tenants;
+        Ok(())
+    }
+
+    /// Every process, for log scans and memory samples.
+    pub fn processes(&self) -> Vec<&Restartable> {
+        let mut all = vec![&self.host_server, &self.host_agent];
+        all.extend(self.virtual_servers.iter());
+        all.extend(self.virtual_agents.iter());
+        all
+    }
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn create_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating namespace {name}")),
+    }
+}

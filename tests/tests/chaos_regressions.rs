@@ -1,0 +1,57 @@
+//! Regressions the chaos harness (`cargo run -p rcsync-tests --bin chaos`) found, each as a
+//! plain end-to-end test with the real binaries.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use rcsync_tests::eventually;
+use rcsync_tests::system::{System, TenantSpec, pod, runtime_class};
+
+const TENANT: &str = "team-a";
+
+/// A rotated token: the Pod syncer's cached connection carried the old token and every ApplyPod
+/// failed with UNAUTHENTICATED until the agent restarted. It must reconnect with the new token.
+#[tokio::test]
+async fn pods_sync_again_after_the_tenant_token_is_rotated() {
+    let mut system = System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    // One Pod worker: the Pod after the rotation goes through the connection the first one opened.
+    system.virtuals[0].set_agent_flag("--pod-workers", "1");
+    system.virtuals[0].restart_agent().await;
+    let v = system.virtual_side();
+    v.create_pod(&pod("before", Some("gvisor"))).await;
+    let host: Api<Pod> = system.host_pods(&v.tenant).await;
+    let on_host = |n: usize| {
+        let host = host.clone();
+        async move {
+            let pods = host.list(&Default::default()).await.ok()?.items;
+            (pods.len() == n).then_some(())
+        }
+    };
+    eventually("the first Pod on the host", || on_host(1)).await;
+
+    // One file is both the host's tokenFile and the agent's --token-file here: rotate it.
+    let token_file = system.dir.path().join(format!("{TENANT}.token"));
+    let next = token_file.with_extension("next");
+    std::fs::write(&next, "a-rotated-token-of-team-a\n").unwrap();
+    std::fs::rename(&next, &token_file).unwrap();
+    // Let the host agent take the new token before the next Pod (it reloads on change).
+    let host_admin = system.host_admin.clone();
+    eventually("the host agent to reload the tenants", || {
+        let host_admin = host_admin.clone();
+        async move {
+            let metrics = rcsync_tests::http_get(&host_admin, "/metrics").await?.1;
+            metrics
+                .lines()
+                .any(|l| {
+                    l.starts_with("rcsync_config_reloads_total{result=\"applied\"}") && !l.ends_with(" 0")
+                })
+                .then_some(())
+        }
+    })
+    .await;
+    v.create_pod(&pod("after", Some("gvisor"))).await;
+    eventually("the Pod created after the rotation on the host", || on_host(2)).await;
+}
