@@ -560,6 +560,8 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
     quiet_windows += 1;
     failed |= !quiet_window(&world, &pause_tx, cli, &mut convergence, quiet_windows).await;
     scanner.abort();
+    // Observations made just now are checked after the timeline had time to catch up.
+    tokio::time::sleep(checks::LAG + Duration::from_millis(500)).await;
     {
         let w = world.lock().await;
         checks::scan_processes(&w, &violations, &mut BTreeSet::new(), &mut BTreeMap::new());

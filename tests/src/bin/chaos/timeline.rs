@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -63,8 +62,8 @@ impl Timeline {
     }
 
     /// Whether `class` (empty: no runtimeClassName) was allowed for `tenant` at some moment in
-    /// `[at - slack, at]`.
-    pub fn allowed_within(&self, tenant: &str, class: &str, at: Instant, slack: Duration) -> bool {
+    /// `[from, to]`.
+    pub fn allowed_between(&self, tenant: &str, class: &str, from: Instant, to: Instant) -> bool {
         if class.is_empty() {
             return true;
         }
@@ -72,10 +71,9 @@ impl Timeline {
         let Some(history) = inner.history.get(tenant) else {
             return false;
         };
-        let from = at.checked_sub(slack).unwrap_or(at);
         history.iter().enumerate().any(|(i, (since, allowed))| {
             let until = history.get(i + 1).map(|(t, _)| *t);
-            let overlaps = *since <= at && until.is_none_or(|u| u >= from);
+            let overlaps = *since <= to && until.is_none_or(|u| u >= from);
             overlaps
                 && match allowed {
                     Allowed::Everything => true,
