@@ -55,3 +55,66 @@ async fn pods_sync_again_after_the_tenant_token_is_rotated() {
     v.create_pod(&pod("after", Some("gvisor"))).await;
     eventually("the Pod created after the rotation on the host", || on_host(2)).await;
 }
+
+/// A virtual Pod deleted while its agent was away, and a new Pod of the same name that may not
+/// sync: the old host Pod outlived its virtual Pod, because only an ApplyPod of the new one would
+/// have replaced it. The host Pod of an earlier Pod of that name must go whatever the new one's fate.
+#[tokio::test]
+async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sync() {
+    use kube::api::{DeleteParams, PostParams};
+    let mut system = System::start(
+        &[TenantSpec::new(
+            TENANT,
+            "{enabled: true, selector: {matchLabels: {env: dev}}}",
+        )],
+        &[runtime_class("gvisor", "runsc", &[("env", "dev")])],
+    )
+    .await;
+    let v = system.virtual_side();
+    v.create_pod(&pod("web", Some("gvisor"))).await;
+    let host: Api<Pod> = system.host_pods(&v.tenant).await;
+    let count = |n: usize| {
+        let host = host.clone();
+        async move {
+            let pods = host.list(&Default::default()).await.ok()?.items;
+            (pods
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count()
+                == n)
+                .then_some(())
+        }
+    };
+    eventually("the host Pod", || count(1)).await;
+
+    let v = &mut system.virtuals[0];
+    v.stop_agent().await;
+    let pods = v.pods().await;
+    pods.delete(
+        "web",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A class the tenant made (the virtual API server admits Pods only with existing classes);
+    // the agent deletes it when it is back, and the host has no such class.
+    v.classes()
+        .await
+        .create(&PostParams::default(), &runtime_class("kata", "kata", &[]))
+        .await
+        .unwrap();
+    v.create_pod(&pod("web", Some("kata"))).await;
+    v.start_agent().await;
+
+    eventually("the old host Pod to be deleted", || count(0)).await;
+    system
+        .virtual_side()
+        .wait_event(
+            "web",
+            "did not sync pod \"web\" to host because its runtime class \"kata\" does not exist on the host",
+        )
+        .await;
+}

@@ -795,8 +795,16 @@ impl Shard {
     async fn on_virtual(&mut self, key: &Key, pod: &Pod) -> bool {
         let uid = pod.uid().unwrap_or_default();
         if self.records.get(key).is_some_and(|r| r.uid != uid) {
-            // A new Pod under an old name: forget the old one (its host Pod is replaced by the host agent).
+            // A new Pod under an old name: forget the old one.
             self.records.remove(key);
+        }
+        // The host Pod of an earlier virtual Pod of this name (deleted while this agent was away
+        // or could not reach the host) goes whatever this Pod's fate: it may never sync, and then
+        // no ApplyPod would replace it.
+        if let Some(old) = self.host.get(key).filter(|h| **h != uid).cloned()
+            && !self.delete_on_host(key, &old, None).await
+        {
+            return false;
         }
         let host_has_it = self.host.get(key) == Some(&uid);
         if pod.metadata.deletion_timestamp.is_some() {

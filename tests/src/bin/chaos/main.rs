@@ -149,17 +149,18 @@ fn class_object(name: &str, handler: &str, env: &str, tier: &str) -> RuntimeClas
 
 /// One host-side churn step: a class created, relabelled in or out of selectors, given another
 /// handler (deleted and recreated: handlers are immutable), or deleted.
-async fn host_churn_step(rng: &mut StdRng, client: &kube::Client) {
+async fn host_churn_step(rng: &mut StdRng, client: &kube::Client, timeline: &Timeline) {
     let api: Api<RuntimeClass> = Api::all(client.clone());
     let name = CLASSES[rng.random_range(0..CLASSES.len())];
     let env = if rng.random_bool(0.5) { "dev" } else { "prod" };
     let tier = if rng.random_bool(0.5) { "a" } else { "b" };
     let handler = HANDLERS[rng.random_range(0..HANDLERS.len())];
+    let labels_of = |rc: &RuntimeClass| rc.metadata.labels.clone().unwrap_or_default();
     let result = match rng.random_range(0..4) {
         0 => api
             .create(&PostParams::default(), &class_object(name, handler, env, tier))
             .await
-            .map(|_| ()),
+            .map(|rc| Some(labels_of(&rc))),
         1 => api
             .patch(
                 name,
@@ -167,16 +168,19 @@ async fn host_churn_step(rng: &mut StdRng, client: &kube::Client) {
                 &Patch::Merge(json!({"metadata": {"labels": {"env": env}}})),
             )
             .await
-            .map(|_| ()),
+            .map(|rc| Some(labels_of(&rc))),
         2 => {
-            let _ = api.delete(name, &DeleteParams::default()).await;
+            if api.delete(name, &DeleteParams::default()).await.is_ok() {
+                timeline.class_written(name, None);
+            }
             api.create(&PostParams::default(), &class_object(name, handler, env, tier))
                 .await
-                .map(|_| ())
+                .map(|rc| Some(labels_of(&rc)))
         }
-        _ => api.delete(name, &DeleteParams::default()).await.map(|_| ()),
+        _ => api.delete(name, &DeleteParams::default()).await.map(|_| None),
     };
-    if result.is_ok() {
+    if let Ok(labels) = result {
+        timeline.class_written(name, labels);
         OPERATIONS.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -242,6 +246,7 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
 fn spawn_churn(
     world: &World,
     seed: u64,
+    timeline: &Timeline,
     paused: watch::Receiver<bool>,
     stop: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -249,6 +254,7 @@ fn spawn_churn(
     let host_kubeconfig = world.dir.join("host.kubeconfig");
     let churner = |mut rng: StdRng, kubeconfig: PathBuf, host: bool| {
         let (mut paused, stop) = (paused.clone(), stop.clone());
+        let timeline = timeline.clone();
         tokio::spawn(async move {
             let mut counter = 0;
             let mut client = None;
@@ -262,7 +268,7 @@ fn spawn_churn(
                 }
                 if let Some(c) = &client {
                     if host {
-                        host_churn_step(&mut rng, c).await;
+                        host_churn_step(&mut rng, c, &timeline).await;
                     } else {
                         virtual_churn_step(&mut rng, c, &mut counter).await;
                     }
@@ -504,7 +510,7 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
     let plan = schedule(&mut rng, cli.duration);
     let (pause_tx, pause_rx) = watch::channel(false);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let churn = spawn_churn(&world, cli.seed, pause_rx, stop_rx);
+    let churn = spawn_churn(&world, cli.seed, &timeline, pause_rx, stop_rx);
     let world = Arc::new(Mutex::new(world));
     let scanner = {
         let world = world.clone();

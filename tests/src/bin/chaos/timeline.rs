@@ -54,6 +54,17 @@ impl Timeline {
         record(&mut inner);
     }
 
+    /// Records one class as the harness just wrote it (`None`: deleted). With the watch as the
+    /// other source, a lagging watch cannot hide an allowance the agents saw.
+    pub fn class_written(&self, name: &str, labels: Option<BTreeMap<String, String>>) {
+        let mut inner = self.0.lock().unwrap();
+        match labels {
+            Some(labels) => inner.classes.insert(name.to_string(), labels),
+            None => inner.classes.remove(name),
+        };
+        record(&mut inner);
+    }
+
     /// Records the host's classes (name → labels) as now seen.
     pub fn set_classes(&self, classes: BTreeMap<String, BTreeMap<String, String>>) {
         let mut inner = self.0.lock().unwrap();
