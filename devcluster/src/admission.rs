@@ -109,10 +109,24 @@ pub fn check_unknown_fields(
     Ok(list)
 }
 
+/// Upstream's `ValidatePathSegmentName`: anything but `.`, `..`, and names with `/` or `%`.
+fn validate_path_segment(name: &str) -> Result<(), String> {
+    if name == "." || name == ".." {
+        return Err(format!("may not be '{name}'"));
+    }
+    if let Some(c) = ['/', '%'].into_iter().find(|c| name.contains(*c)) {
+        return Err(format!("may not contain '{c}'"));
+    }
+    Ok(())
+}
+
 fn validate_metadata(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
     let name = name_of(obj);
     let name_check = if def.plural == "namespaces" {
         validate_dns1123_label(name)
+    } else if def.group == "rbac.authorization.k8s.io" {
+        // RBAC names are path segments upstream (`system:basic-user`).
+        validate_path_segment(name)
     } else {
         validate_dns1123_subdomain(name)
     };

@@ -15,6 +15,7 @@ use crate::admission::{
     AdmissionPlugins, FieldValidation, Part, check_type, check_unknown_fields, name_of, prepare_create,
     prepare_update, random_suffix,
 };
+use crate::auth::{Attributes, TokenIssuer, UserInfo};
 use crate::deletion::{self, DeleteOptions, Propagation};
 use crate::discovery::{discovery_groups, discovery_resources};
 use crate::events::{to_core_v1, to_events_v1};
@@ -46,6 +47,8 @@ pub struct ApiRequest {
     pub user_agent: String,
     /// The body.
     pub body: Bytes,
+    /// Who asks (authenticated, impersonation applied); `None` for devcluster itself (admin).
+    pub user: Option<UserInfo>,
 }
 
 /// An answer.
@@ -89,6 +92,8 @@ impl From<ApiError> for Reply {
 pub struct Api {
     store: Arc<Store>,
     registry: Registry,
+    /// Signs and verifies service account tokens (TokenRequest).
+    pub issuer: TokenIssuer,
     /// How often watches that allow bookmarks get one.
     pub bookmark_interval: Duration,
     /// Admission plugins in effect.
@@ -289,6 +294,7 @@ impl Api {
         Self {
             store,
             registry: Registry::default(),
+            issuer: TokenIssuer::default(),
             bookmark_interval: Duration::from_secs(10),
             admission: AdmissionPlugins::default(),
         }
@@ -325,6 +331,63 @@ impl Api {
             // Creating a namespace that does not exist yet cannot fail.
             let _ = self.create(resources::namespaces(), "", obj, false, "devcluster");
         }
+        for (plural, obj) in crate::auth::bootstrap_policy() {
+            if let Some(def) = resources::find("rbac.authorization.k8s.io", "v1", plural) {
+                // Already there after a restart from a state file.
+                if let Err(e) = self.create(def, "", obj, false, "devcluster")
+                    && e.code != 409
+                {
+                    tracing::error!(error = %e.message, "creating the bootstrap RBAC policy failed");
+                }
+            }
+        }
+    }
+
+    /// What a request asks to do, for RBAC.
+    fn attributes(req: &ApiRequest, route: &Route) -> Attributes {
+        let method = req.method.as_str().to_ascii_lowercase();
+        match route {
+            Route::Resource {
+                def,
+                namespace,
+                name,
+                sub,
+            } => {
+                let verb = match (&req.method, name) {
+                    (&Method::GET, Some(_)) | (&Method::HEAD, Some(_)) => "get",
+                    (&Method::GET, None) if query_flag(&req.query, "watch") => "watch",
+                    (&Method::GET, None) => "list",
+                    (&Method::POST, _) => "create",
+                    (&Method::PUT, _) => "update",
+                    (&Method::PATCH, _) => "patch",
+                    (&Method::DELETE, Some(_)) => "delete",
+                    (&Method::DELETE, None) => "deletecollection",
+                    _ => method.as_str(),
+                };
+                // A list or watch of one object by name is authorized against that name.
+                let by_field = || {
+                    req.query.get("fieldSelector").and_then(|f| {
+                        f.split(',')
+                            .find_map(|term| term.strip_prefix("metadata.name="))
+                            .map(str::to_string)
+                    })
+                };
+                Attributes {
+                    verb: verb.to_string(),
+                    group: def.group.to_string(),
+                    resource: def.plural.to_string(),
+                    subresource: sub.clone().unwrap_or_default(),
+                    namespace: namespace.clone().unwrap_or_default(),
+                    name: name.clone().or_else(by_field).unwrap_or_default(),
+                    path: String::new(),
+                }
+            }
+            _ => Attributes {
+                verb: method,
+                path: req.path.clone(),
+                ..Default::default()
+            },
+        }
     }
 
     /// Serves one request.
@@ -337,6 +400,19 @@ impl Api {
 
     fn dispatch(&self, req: ApiRequest) -> Result<Reply, ApiError> {
         let route = route(&self.registry, &req.path)?;
+        if let Some(user) = &req.user {
+            let attrs = Self::attributes(&req, &route);
+            if !crate::auth::authorize(&self.store, user, &attrs) {
+                return Err(match &route {
+                    Route::Resource { def, .. } => ApiError::forbidden_by_rbac(
+                        def,
+                        &attrs.name,
+                        &crate::auth::forbidden_message(user, &attrs),
+                    ),
+                    _ => ApiError::forbidden_path(&crate::auth::forbidden_message(user, &attrs)),
+                });
+            }
+        }
         let get_only = |reply: Reply| {
             if req.method == Method::GET {
                 Ok(reply)
@@ -400,6 +476,12 @@ impl Api {
         sub: Option<String>,
     ) -> Result<Reply, ApiError> {
         check_accept(&req.accept)?;
+        if def.create_only {
+            return self.review(req, def);
+        }
+        if def.plural == "serviceaccounts" && sub.as_deref() == Some("token") {
+            return self.token_request(req, namespace.unwrap_or_default(), name.unwrap_or_default());
+        }
         let q = &req.query;
         let part = match sub.as_deref() {
             None => Part::Main,
@@ -495,6 +577,174 @@ impl Api {
             (&Method::DELETE, None) => self.delete_collection(def, namespace, q, dry_run),
             (method, _) => Err(ApiError::method_not_allowed(method.as_str(), &req.path)),
         }
+    }
+
+    /// Reviews: computed from the request and returned, never stored.
+    fn review(&self, req: &ApiRequest, def: &'static ResourceDef) -> Result<Reply, ApiError> {
+        if req.method != Method::POST {
+            return Err(ApiError::method_not_allowed(req.method.as_str(), &req.path));
+        }
+        let mut body = parse_body(req.content_type.as_deref(), &req.body)?;
+        check_type(def, &mut body)?;
+        let admin = UserInfo::admin();
+        let me = req.user.as_ref().unwrap_or(&admin);
+        let attributes = |spec: &Value| -> Attributes {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            if let Some(r) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
+                Attributes {
+                    verb: text(&r["verb"]),
+                    group: text(&r["group"]),
+                    resource: text(&r["resource"]),
+                    subresource: text(&r["subresource"]),
+                    namespace: text(&r["namespace"]),
+                    name: text(&r["name"]),
+                    path: String::new(),
+                }
+            } else {
+                let n = &spec["nonResourceAttributes"];
+                Attributes {
+                    verb: text(&n["verb"]),
+                    path: text(&n["path"]),
+                    ..Default::default()
+                }
+            }
+        };
+        let access = |user: &UserInfo, spec: &Value| {
+            let attrs = attributes(spec);
+            let allowed = crate::auth::authorize(&self.store, user, &attrs);
+            let mut status = json!({"allowed": allowed});
+            if allowed {
+                status["reason"] = json!("allowed by RBAC");
+            }
+            status
+        };
+        let status = match def.kind {
+            "SelfSubjectAccessReview" => access(me, &body["spec"]),
+            "SubjectAccessReview" => {
+                let spec = &body["spec"];
+                let username = spec["user"].as_str().unwrap_or_default().to_string();
+                let mut groups: Vec<String> = spec["groups"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|g| g.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
+                if let Some((ns, _)) = crate::auth::parse_service_account(&username)
+                    && groups.is_empty()
+                {
+                    groups = crate::auth::service_account_groups(ns);
+                }
+                let subject = UserInfo {
+                    username,
+                    uid: spec["uid"].as_str().unwrap_or_default().to_string(),
+                    groups,
+                };
+                access(&subject, spec)
+            }
+            "SelfSubjectRulesReview" => {
+                let ns = body["spec"]["namespace"].as_str().unwrap_or_default().to_string();
+                crate::auth::rules_review(&self.store, me, &ns)
+            }
+            "SelfSubjectReview" => json!({"userInfo": me.to_json()}),
+            other => return Err(ApiError::internal(format!("no review for {other}"))),
+        };
+        body["status"] = status;
+        body["metadata"]["creationTimestamp"] = json!(crate::admission::now());
+        Ok(Reply::Json {
+            code: 201,
+            body,
+            warnings: Vec::new(),
+        })
+    }
+
+    /// `POST .../serviceaccounts/NAME/token` (TokenRequest): a signed, expiring token bound to the
+    /// ServiceAccount (it stops working when the ServiceAccount is deleted).
+    fn token_request(&self, req: &ApiRequest, namespace: String, name: String) -> Result<Reply, ApiError> {
+        if req.method != Method::POST {
+            return Err(ApiError::method_not_allowed(req.method.as_str(), &req.path));
+        }
+        let def = resources::find("", "v1", "serviceaccounts").expect("serviceaccounts are served");
+        let sa = self
+            .store
+            .get("serviceaccounts", &namespace, &name)
+            .ok_or_else(|| ApiError::not_found(def, &name))?;
+        let uid = sa
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let body = parse_body(req.content_type.as_deref(), &req.body)?;
+        let spec = &body["spec"];
+        // Upstream's default is an hour; devcluster also accepts lifetimes below upstream's
+        // 10-minute minimum, so tests can watch a token expire.
+        let seconds = spec["expirationSeconds"].as_i64().unwrap_or(3600);
+        if !(1..=48 * 3600).contains(&seconds) {
+            return Err(ApiError::invalid_request(format!(
+                "spec.expirationSeconds: Invalid value: {seconds}: must be between 1 second and 48 hours"
+            )));
+        }
+        let audiences: Vec<String> = spec["audiences"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .filter(|a: &Vec<String>| !a.is_empty())
+            .unwrap_or_else(|| vec![crate::auth::AUDIENCE.to_string()]);
+        let (token, expires) = self.issuer.issue(&namespace, &name, &uid, &audiences, seconds);
+        let expiration = chrono::DateTime::from_timestamp(expires, 0)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default();
+        Ok(Reply::Json {
+            code: 201,
+            body: json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "metadata": {"name": name, "namespace": namespace, "creationTimestamp": crate::admission::now()},
+                "spec": {"audiences": audiences, "expirationSeconds": seconds, "boundObjectRef": null},
+                "status": {"token": token, "expirationTimestamp": expiration},
+            }),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// Authenticates a bearer token that is not the admin token: a service account token this
+    /// server issued, whose ServiceAccount still exists with the uid it was issued for.
+    pub fn authenticate_service_account(&self, token: &str) -> Option<UserInfo> {
+        let claims = self.issuer.verify(token)?;
+        let sa = self
+            .store
+            .get("serviceaccounts", &claims.namespace, &claims.name)?;
+        (sa.pointer("/metadata/uid").and_then(Value::as_str) == Some(claims.uid.as_str()))
+            .then(|| UserInfo::service_account(&claims.namespace, &claims.name, &claims.uid))
+    }
+
+    /// Whether `user` may act as `target` (and its groups), as upstream's impersonation filter
+    /// checks: `impersonate` on users (or on the ServiceAccount) and on each group.
+    pub fn may_impersonate(&self, user: &UserInfo, target: &UserInfo) -> bool {
+        let allowed = |attrs: Attributes| crate::auth::authorize(&self.store, user, &attrs);
+        let user_ok = match crate::auth::parse_service_account(&target.username) {
+            Some((ns, name)) => allowed(Attributes {
+                verb: "impersonate".into(),
+                resource: "serviceaccounts".into(),
+                namespace: ns.into(),
+                name: name.into(),
+                ..Default::default()
+            }),
+            None => allowed(Attributes {
+                verb: "impersonate".into(),
+                resource: "users".into(),
+                name: target.username.clone(),
+                ..Default::default()
+            }),
+        };
+        user_ok
+            && target
+                .groups
+                .iter()
+                .filter(|g| *g != crate::auth::AUTHENTICATED)
+                .all(|g| {
+                    allowed(Attributes {
+                        verb: "impersonate".into(),
+                        resource: "groups".into(),
+                        name: g.clone(),
+                        ..Default::default()
+                    })
+                })
     }
 
     fn create_reply(

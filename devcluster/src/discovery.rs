@@ -28,12 +28,32 @@ pub(crate) fn discovery_resources(registry: &Registry, group: &str, version: &st
     }
     let mut list = Vec::new();
     for d in defs {
+        let verbs: &[&str] = if d.create_only {
+            &["create"]
+        } else {
+            &[
+                "create",
+                "delete",
+                "deletecollection",
+                "get",
+                "list",
+                "patch",
+                "update",
+                "watch",
+            ]
+        };
         list.push(json!({
             "name": d.plural, "singularName": d.singular, "namespaced": d.namespaced, "kind": d.kind,
-            "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "verbs": verbs,
             "shortNames": d.short_names, "categories": d.categories,
             "storageVersionHash": "",
         }));
+        if d.plural == "serviceaccounts" && d.group.is_empty() {
+            list.push(json!({
+                "name": "serviceaccounts/token", "singularName": "", "namespaced": true,
+                "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"],
+            }));
+        }
         if d.has_status {
             list.push(json!({
                 "name": format!("{}/status", d.plural), "singularName": "", "namespaced": d.namespaced,

@@ -26,6 +26,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod auth;
 pub mod crd;
 pub mod deletion;
 mod discovery;

@@ -2,7 +2,9 @@
 //! commands send them (`kubectl create namespace`, `create configmap`, `create secret generic`,
 //! `create serviceaccount`). The envelope is the `k8s\0` magic and a `runtime.Unknown` whose `raw`
 //! holds the object; it is decoded with k8s-pb's generated types and turned into the JSON form the
-//! rest of devcluster works on. Other kinds are answered 415, never mis-decoded.
+//! rest of devcluster works on. Besides those, RBAC objects (`kubectl create role|clusterrole|
+//! rolebinding|clusterrolebinding`), TokenRequest (`kubectl create token`) and the reviews
+//! (`kubectl auth can-i|whoami`). Other kinds are answered 415, never mis-decoded.
 
 use base64::Engine as _;
 use k8s_pb::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
@@ -51,6 +53,77 @@ fn b64(map: &std::collections::BTreeMap<String, Vec<u8>>) -> Value {
         })
         .collect::<Map<_, _>>()
         .into()
+}
+
+fn rules(rules: Vec<k8s_pb::api::rbac::v1::PolicyRule>) -> Value {
+    rules
+        .into_iter()
+        .map(|r| {
+            let mut out = Map::new();
+            for (key, list) in [
+                ("verbs", r.verbs),
+                ("apiGroups", r.api_groups),
+                ("resources", r.resources),
+                ("resourceNames", r.resource_names),
+                ("nonResourceURLs", r.non_resource_ur_ls),
+            ] {
+                if !list.is_empty() || key == "verbs" {
+                    out.insert(key.into(), json!(list));
+                }
+            }
+            Value::Object(out)
+        })
+        .collect()
+}
+
+fn binding(
+    subjects: Vec<k8s_pb::api::rbac::v1::Subject>,
+    role_ref: Option<k8s_pb::api::rbac::v1::RoleRef>,
+) -> (Value, Value) {
+    let subjects = subjects
+        .into_iter()
+        .map(|s| {
+            let mut out = json!({"kind": s.kind, "name": s.name});
+            if let Some(g) = s.api_group.filter(|g| !g.is_empty()) {
+                out["apiGroup"] = json!(g);
+            }
+            if let Some(ns) = s.namespace.filter(|n| !n.is_empty()) {
+                out["namespace"] = json!(ns);
+            }
+            out
+        })
+        .collect();
+    let role_ref = role_ref.unwrap_or_default();
+    (
+        subjects,
+        json!({"apiGroup": role_ref.api_group, "kind": role_ref.kind, "name": role_ref.name}),
+    )
+}
+
+fn resource_attributes(a: k8s_pb::api::authorization::v1::ResourceAttributes) -> Value {
+    json!({
+        "namespace": a.namespace.unwrap_or_default(), "verb": a.verb.unwrap_or_default(),
+        "group": a.group.unwrap_or_default(), "version": a.version.unwrap_or_default(),
+        "resource": a.resource.unwrap_or_default(), "subresource": a.subresource.unwrap_or_default(),
+        "name": a.name.unwrap_or_default(),
+    })
+}
+
+fn access_spec(
+    resource: Option<k8s_pb::api::authorization::v1::ResourceAttributes>,
+    non_resource: Option<k8s_pb::api::authorization::v1::NonResourceAttributes>,
+) -> Value {
+    let mut spec = Map::new();
+    if let Some(r) = resource {
+        spec.insert("resourceAttributes".into(), resource_attributes(r));
+    }
+    if let Some(n) = non_resource {
+        spec.insert(
+            "nonResourceAttributes".into(),
+            json!({"path": n.path.unwrap_or_default(), "verb": n.verb.unwrap_or_default()}),
+        );
+    }
+    Value::Object(spec)
 }
 
 fn bad(kind: &str, e: prost::DecodeError) -> ApiError {
@@ -104,9 +177,66 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
             }
             obj
         }
+        ("rbac.authorization.k8s.io/v1", "Role") => {
+            let r = k8s_pb::api::rbac::v1::Role::decode(raw.as_slice()).map_err(|e| bad("Role", e))?;
+            json!({"metadata": metadata(r.metadata), "rules": rules(r.rules)})
+        }
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+            let r = k8s_pb::api::rbac::v1::ClusterRole::decode(raw.as_slice())
+                .map_err(|e| bad("ClusterRole", e))?;
+            json!({"metadata": metadata(r.metadata), "rules": rules(r.rules)})
+        }
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+            let b = k8s_pb::api::rbac::v1::RoleBinding::decode(raw.as_slice())
+                .map_err(|e| bad("RoleBinding", e))?;
+            let (subjects, role_ref) = binding(b.subjects, b.role_ref);
+            json!({"metadata": metadata(b.metadata), "subjects": subjects, "roleRef": role_ref})
+        }
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            let b = k8s_pb::api::rbac::v1::ClusterRoleBinding::decode(raw.as_slice())
+                .map_err(|e| bad("ClusterRoleBinding", e))?;
+            let (subjects, role_ref) = binding(b.subjects, b.role_ref);
+            json!({"metadata": metadata(b.metadata), "subjects": subjects, "roleRef": role_ref})
+        }
+        ("authentication.k8s.io/v1", "TokenRequest") => {
+            let t = k8s_pb::api::authentication::v1::TokenRequest::decode(raw.as_slice())
+                .map_err(|e| bad("TokenRequest", e))?;
+            let spec = t.spec.unwrap_or_default();
+            let mut out = json!({"metadata": metadata(t.metadata), "spec": {"audiences": spec.audiences}});
+            if let Some(seconds) = spec.expiration_seconds {
+                out["spec"]["expirationSeconds"] = json!(seconds);
+            }
+            out
+        }
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => {
+            let r = k8s_pb::api::authentication::v1::SelfSubjectReview::decode(raw.as_slice())
+                .map_err(|e| bad("SelfSubjectReview", e))?;
+            json!({"metadata": metadata(r.metadata)})
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => {
+            let r = k8s_pb::api::authorization::v1::SelfSubjectAccessReview::decode(raw.as_slice())
+                .map_err(|e| bad("SelfSubjectAccessReview", e))?;
+            let spec = r.spec.unwrap_or_default();
+            json!({"metadata": metadata(r.metadata), "spec": access_spec(spec.resource_attributes, spec.non_resource_attributes)})
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectRulesReview") => {
+            let r = k8s_pb::api::authorization::v1::SelfSubjectRulesReview::decode(raw.as_slice())
+                .map_err(|e| bad("SelfSubjectRulesReview", e))?;
+            let ns = r.spec.unwrap_or_default().namespace.unwrap_or_default();
+            json!({"metadata": metadata(r.metadata), "spec": {"namespace": ns}})
+        }
+        ("authorization.k8s.io/v1", "SubjectAccessReview") => {
+            let r = k8s_pb::api::authorization::v1::SubjectAccessReview::decode(raw.as_slice())
+                .map_err(|e| bad("SubjectAccessReview", e))?;
+            let spec = r.spec.unwrap_or_default();
+            let mut out = access_spec(spec.resource_attributes, spec.non_resource_attributes);
+            out["user"] = json!(spec.user.unwrap_or_default());
+            out["groups"] = json!(spec.groups);
+            json!({"metadata": metadata(r.metadata), "spec": out})
+        }
         _ => {
             return Err(ApiError::unsupported_media_type(&format!(
-                "{PROTOBUF} for {api_version}/{kind} (devcluster decodes protobuf only for Namespace, ConfigMap, Secret and ServiceAccount)"
+                "{PROTOBUF} for {api_version}/{kind} (devcluster decodes protobuf only for Namespace, ConfigMap, Secret, ServiceAccount, RBAC objects, TokenRequest and the access reviews)"
             )));
         }
     };

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::{Api, ApiRequest, Reply};
+use crate::auth::UserInfo;
 use crate::pki::Pki;
 use crate::status::ApiError;
 use crate::store::Store;
@@ -361,20 +362,63 @@ async fn serve(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, 
     Ok(response)
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    if let Some(token) = &app.token
-        && !is_public(req.uri().path())
+/// Who sends `req`: the admin token, a service account token this server issued, or (plain HTTP
+/// without a token) the admin; then impersonation, when allowed. `Err` is the 401/403 to answer.
+fn authenticate(app: &App, headers: &http::HeaderMap) -> Result<UserInfo, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let user = match (presented, &app.token) {
+        (Some(t), Some(admin)) if t == admin => UserInfo::admin(),
+        (Some(t), _) => app
+            .api
+            .authenticate_service_account(t)
+            .ok_or_else(ApiError::unauthorized)?,
+        // Plain HTTP serves without authentication: everyone is the admin.
+        (None, None) => UserInfo::admin(),
+        (None, Some(_)) => return Err(ApiError::unauthorized()),
+    };
+    let Some(target) = headers.get("impersonate-user").and_then(|v| v.to_str().ok()) else {
+        return Ok(user);
+    };
+    let mut groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(String::from))
+        .collect();
+    if groups.is_empty()
+        && let Some((ns, _)) = crate::auth::parse_service_account(target)
     {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        if presented != Some(token.as_str()) {
-            return reply(ApiError::unauthorized().into());
-        }
+        groups = crate::auth::service_account_groups(ns);
     }
+    if !groups.iter().any(|g| g == crate::auth::AUTHENTICATED) {
+        groups.push(crate::auth::AUTHENTICATED.into());
+    }
+    let impersonated = UserInfo {
+        username: target.to_string(),
+        uid: String::new(),
+        groups,
+    };
+    if !app.api.may_impersonate(&user, &impersonated) {
+        return Err(ApiError::forbidden_path(&format!(
+            "users {target:?} is forbidden: User {:?} cannot impersonate resource \"users\" in API group \"\" at the cluster scope",
+            user.username
+        )));
+    }
+    Ok(impersonated)
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let user = if is_public(req.uri().path()) {
+        None
+    } else {
+        match authenticate(&app, req.headers()) {
+            Ok(user) => Some(user),
+            Err(e) => return reply(e.into()),
+        }
+    };
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -403,6 +447,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         accept: header_str(header::ACCEPT).unwrap_or_default(),
         user_agent: header_str(header::USER_AGENT).unwrap_or_default(),
         body,
+        user,
     };
     reply(app.api.handle(request))
 }

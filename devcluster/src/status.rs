@@ -193,6 +193,24 @@ impl ApiError {
         }
     }
 
+    /// 403 from RBAC, with upstream's message (`pods "x" is forbidden: User "u" cannot get ...`).
+    pub fn forbidden_by_rbac(def: &ResourceDef, name: &str, why: &str) -> Self {
+        let subject = if name.is_empty() {
+            def.qualified()
+        } else {
+            format!("{} {name:?}", def.qualified())
+        };
+        Self {
+            details: Some(details(def, name)),
+            ..Self::new(403, "Forbidden", format!("{subject} is forbidden: {why}"))
+        }
+    }
+
+    /// 403 for a non-resource path.
+    pub fn forbidden_path(why: &str) -> Self {
+        Self::new(403, "Forbidden", why.to_string())
+    }
+
     /// 401.
     pub fn unauthorized() -> Self {
         Self::new(401, "Unauthorized", "Unauthorized")

@@ -222,6 +222,7 @@ fn create(cluster: &DevCluster, path: &str, body: serde_json::Value) -> anyhow::
         accept: String::new(),
         user_agent: "devcluster-up".into(),
         body: serde_json::to_vec(&body)?.into(),
+        user: None,
     });
     match reply {
         Reply::Json { code, .. } if code < 300 => Ok(()),

@@ -533,3 +533,150 @@ async fn kubectl_diff_and_server_dry_runs_show_what_would_be_stored() {
     assert!(deleted.contains("server dry run"), "{deleted}");
     kubectl.run(&["get", "runtimeclass", "diffed"]).await;
 }
+
+/// RBAC as kubectl sees it: typed creates of service accounts, roles and bindings; `auth can-i` as
+/// the admin, impersonating an account and as the account itself; `auth whoami`; `create token`
+/// giving a token that works, is refused with upstream's 403 where RBAC says no, stops working
+/// when the account is deleted, and expires.
+#[tokio::test]
+async fn kubectl_auth_rbac_and_service_account_tokens() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    k.run(&["create", "namespace", "team"]).await;
+    k.run(&["create", "serviceaccount", "reader", "-n", "team"]).await;
+    k.run(&[
+        "create",
+        "role",
+        "pod-reader",
+        "--verb=get,list,watch",
+        "--resource=pods",
+        "-n",
+        "team",
+    ])
+    .await;
+    k.run(&[
+        "create",
+        "rolebinding",
+        "reader",
+        "--role=pod-reader",
+        "--serviceaccount=team:reader",
+        "-n",
+        "team",
+    ])
+    .await;
+    k.run(&[
+        "create",
+        "clusterrole",
+        "class-reader",
+        "--verb=get",
+        "--resource=runtimeclasses.node.k8s.io",
+    ])
+    .await;
+    k.run(&[
+        "create",
+        "clusterrolebinding",
+        "reader",
+        "--clusterrole=class-reader",
+        "--serviceaccount=team:reader",
+    ])
+    .await;
+
+    // The admin may do anything.
+    assert_eq!(k.run(&["auth", "can-i", "*", "*"]).await.trim(), "yes");
+    let whoami = k
+        .run(&["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"])
+        .await;
+    assert_eq!(whoami, "devcluster-admin");
+    // Impersonating the account: exactly what its bindings give.
+    let sa = "--as=system:serviceaccount:team:reader";
+    assert_eq!(
+        k.run(&["auth", "can-i", "list", "pods", "-n", "team", sa])
+            .await
+            .trim(),
+        "yes"
+    );
+    // (kubectl warns that the class is not namespaced: it asks in the default namespace.)
+    let (ok, out, _) = k
+        .exec(&["auth", "can-i", "get", "runtimeclasses.node.k8s.io", sa], None)
+        .await;
+    assert!(ok && out.trim() == "yes", "{out}");
+    let (ok, out, _) = k
+        .exec(&["auth", "can-i", "delete", "pods", "-n", "team", sa], None)
+        .await;
+    assert!(!ok && out.trim() == "no", "{out}");
+    let (ok, out, _) = k
+        .exec(&["auth", "can-i", "list", "pods", "-n", "default", sa], None)
+        .await;
+    assert!(!ok && out.trim() == "no", "{out}");
+    let rules = k.run(&["auth", "can-i", "--list", "-n", "team", sa]).await;
+    assert!(
+        rules
+            .lines()
+            .any(|l| l.starts_with("pods ") && l.contains("[get list watch]")),
+        "{rules}"
+    );
+    let whoami = k
+        .run(&["auth", "whoami", sa, "-o", "jsonpath={.status.userInfo.groups}"])
+        .await;
+    assert!(whoami.contains("system:serviceaccounts:team"), "{whoami}");
+
+    // A token of the account works as the account.
+    let token = k
+        .run(&["create", "token", "reader", "-n", "team", "--duration=10m"])
+        .await;
+    let token = token.trim();
+    let as_token = |args: &[&str]| {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        all.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run_as = |args: Vec<String>| {
+        let k = &k;
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            k.exec(&refs, None).await
+        }
+    };
+    let (ok, _, err) = run_as(as_token(&["get", "pods", "-n", "team"])).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = run_as(as_token(&["get", "secrets", "-n", "team"])).await;
+    assert!(!ok, "secrets must be refused");
+    assert!(
+        err.contains(r#"secrets is forbidden: User "system:serviceaccount:team:reader" cannot list resource "secrets" in API group "" in the namespace "team""#),
+        "{err}"
+    );
+    let (ok, out, err) = run_as(as_token(&[
+        "auth",
+        "whoami",
+        "-o",
+        "jsonpath={.status.userInfo.username}",
+    ]))
+    .await;
+    assert!(ok && out == "system:serviceaccount:team:reader", "{out}{err}");
+
+    // A short-lived token expires.
+    let short = k
+        .run(&["create", "token", "reader", "-n", "team", "--duration=2s"])
+        .await;
+    let short = short.trim().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, _, err) = k
+            .exec(&["--token", &short, "get", "pods", "-n", "team"], None)
+            .await;
+        if !ok {
+            assert!(err.contains("Unauthorized"), "{err}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the 2 s token still works"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Tokens are bound to the account: deleting it revokes them.
+    k.run(&["delete", "serviceaccount", "reader", "-n", "team"]).await;
+    let (ok, _, err) = run_as(as_token(&["get", "pods", "-n", "team"])).await;
+    assert!(!ok && err.contains("Unauthorized"), "{err}");
+}

@@ -240,7 +240,8 @@ impl Shared {
         self.board.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    /// Shows the role in `/readyz` (a standby is ready: rollouts proceed) and the gauge.
+    /// Shows the role in `/readyz` and the gauge. A standby behind a leader is ready (rollouts
+    /// proceed); a replica about to lead is not, until its term has done its initial work.
     fn show_role(&self, role: &Role) {
         let me = &self.settings.lease.identity;
         let (ok, detail) = match role {
@@ -249,8 +250,10 @@ impl Shared {
                 format!("reading Lease {}/{LEASE_NAME}", self.settings.lease.namespace),
             ),
             Role::Leading => (true, format!("leading as {me}")),
+            // About to take the Lease (again): not ready until its term has done its work.
+            Role::Following(Some(leader)) if leader == me => (false, "taking the Lease back".to_string()),
             Role::Following(Some(leader)) => (true, format!("standby, leader is {leader}")),
-            Role::Following(None) => (true, "standby, no leader yet".to_string()),
+            Role::Following(None) => (false, "no leader: taking the Lease".to_string()),
         };
         self.readiness.set_with_detail(LEADER_ELECTION, ok, detail);
         if *role != Role::Leading {
