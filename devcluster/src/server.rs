@@ -197,12 +197,44 @@ impl DevCluster {
 
     /// A kubeconfig for this server, with one cluster, user and context named `name`.
     pub fn kubeconfig(&self, name: &str) -> String {
+        self.kubeconfig_with_token(name, self.token.as_deref())
+    }
+
+    /// Writes a kubeconfig whose user is the service account `namespace/account`, with a token
+    /// this server issues for it (valid `seconds`), mode 0600.
+    pub fn write_service_account_kubeconfig(
+        &self,
+        path: &Path,
+        name: &str,
+        namespace: &str,
+        account: &str,
+        seconds: i64,
+    ) -> anyhow::Result<()> {
+        let sa = self
+            .store()
+            .get("serviceaccounts", namespace, account)
+            .with_context(|| format!("no ServiceAccount {namespace}/{account}"))?;
+        let uid = sa
+            .pointer("/metadata/uid")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default();
+        let (token, _) = self.app.api.issuer.issue(
+            namespace,
+            account,
+            uid,
+            &[crate::auth::AUDIENCE.to_string()],
+            seconds,
+        );
+        write_private(path, &self.kubeconfig_with_token(name, Some(&token)))
+    }
+
+    fn kubeconfig_with_token(&self, name: &str, token: Option<&str>) -> String {
         let mut cluster = format!("    server: {}\n", self.url());
         if let Some(ca) = &self.ca_pem {
             let ca = base64::engine::general_purpose::STANDARD.encode(ca);
             cluster.push_str(&format!("    certificate-authority-data: {ca}\n"));
         }
-        let user_block = match &self.token {
+        let user_block = match token {
             Some(token) => format!("  user:\n    token: {token}\n"),
             None => "  user: {}\n".to_string(),
         };
@@ -213,17 +245,7 @@ impl DevCluster {
 
     /// Writes [`DevCluster::kubeconfig`] to `path` (mode 0600: it holds a credential).
     pub fn write_kubeconfig(&self, path: &Path, name: &str) -> anyhow::Result<()> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("writing kubeconfig {}", path.display()))?;
-        file.write_all(self.kubeconfig(name).as_bytes())?;
-        Ok(())
+        write_private(path, &self.kubeconfig(name))
     }
 
     /// Stops accepting, ends open connections (watches included) and waits for the server task.
@@ -257,6 +279,21 @@ async fn save_state(store: Arc<Store>, path: std::path::PathBuf, mut stop: watch
         }
     }
     save(&store);
+}
+
+/// Writes a kubeconfig readable only by its owner (it holds a credential).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing kubeconfig {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
 }
 
 fn random_token() -> String {

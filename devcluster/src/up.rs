@@ -231,6 +231,47 @@ fn create(cluster: &DevCluster, path: &str, body: serde_json::Value) -> anyhow::
     }
 }
 
+/// `deploy/host-agent.yaml`, read at build time.
+const HOST_AGENT_MANIFEST: &str = include_str!("../../deploy/host-agent.yaml");
+/// `deploy/virtual-agent.yaml`, read at build time.
+const VIRTUAL_AGENT_MANIFEST: &str = include_str!("../../deploy/virtual-agent.yaml");
+
+/// Creates a manifest's namespaces, service accounts and RBAC objects; with `tenant_namespace`,
+/// only the objects of that namespace among the namespaced ones outside `rcsync-system` (the
+/// manifest's per-tenant block).
+fn apply_identity(
+    cluster: &DevCluster,
+    manifest: &str,
+    tenant_namespace: Option<&str>,
+) -> anyhow::Result<()> {
+    let docs: Vec<serde_json::Value> = yaml_serde::Deserializer::from_str(manifest)
+        .map(|doc| serde::Deserialize::deserialize(doc).context("a deploy manifest is not YAML"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for doc in docs.into_iter().filter(|d| !d.is_null()) {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let ns = doc["metadata"]["namespace"].as_str();
+        let path = match (kind, ns) {
+            ("Namespace", _) => {
+                let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+                if Some(name) == tenant_namespace || cluster.store().get("namespaces", "", name).is_some() {
+                    continue;
+                }
+                "/api/v1/namespaces".to_string()
+            }
+            ("ServiceAccount", Some(ns)) => format!("/api/v1/namespaces/{ns}/serviceaccounts"),
+            ("ClusterRole", _) => "/apis/rbac.authorization.k8s.io/v1/clusterroles".into(),
+            ("ClusterRoleBinding", _) => "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings".into(),
+            ("Role", Some(ns)) => format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
+            ("RoleBinding", Some(ns)) => {
+                format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings")
+            }
+            _ => continue,
+        };
+        create(cluster, &path, doc)?;
+    }
+    Ok(())
+}
+
 fn spawn(name: &'static str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     Command::new(program)
@@ -300,6 +341,24 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         "/api/v1/namespaces",
         json!({"metadata": {"name": LEASE_NAMESPACE}}),
     )?;
+    // The agents run as deploy/'s service accounts with exactly deploy/'s RBAC (the files are
+    // read at build time), as in a cluster.
+    apply_identity(&host, HOST_AGENT_MANIFEST, Some("vcluster-team-a"))?;
+    apply_identity(&virtual_cluster, VIRTUAL_AGENT_MANIFEST, None)?;
+    host.write_service_account_kubeconfig(
+        &dir.join("host-agent.kubeconfig"),
+        "rcsync-host",
+        "rcsync-system",
+        "host-agent",
+        24 * 3600,
+    )?;
+    virtual_cluster.write_service_account_kubeconfig(
+        &dir.join("virtual-agent.kubeconfig"),
+        "rcsync-virtual",
+        "rcsync-system",
+        "virtual-agent",
+        24 * 3600,
+    )?;
 
     let s = |p: PathBuf| p.display().to_string();
     let replicas: &[(&'static str, &'static str)] = if options.ha {
@@ -316,7 +375,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         let host_agent = start_agent(host_name, &host_agent_bin, &dir, 2, "listening", |addrs| {
             vec![
                 "--kubeconfig".into(),
-                s(dir.join("host.kubeconfig")),
+                s(dir.join("host-agent.kubeconfig")),
                 "--config".into(),
                 s(dir.join("tenants.yaml")),
                 "--grpc-listen".into(),
@@ -333,7 +392,7 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
         let virtual_agent = start_agent(virtual_name, &virtual_agent_bin, &dir, 1, "starting", |addrs| {
             vec![
                 "--kubeconfig".into(),
-                s(dir.join("virtual.kubeconfig")),
+                s(dir.join("virtual-agent.kubeconfig")),
                 "--host-agent".into(),
                 grpc_urls.join(","),
                 "--tenant".into(),

@@ -93,6 +93,24 @@ pub fn load_tenants(path: &Path) -> Result<TenantsState, ConfigError> {
     })
 }
 
+/// The runtime the Sync streams run on. Dropped without blocking (a runtime dropped inside async
+/// code panics), also when `run` returns early with an error such as a port in use.
+struct StreamsRuntime(Option<tokio::runtime::Runtime>);
+
+impl StreamsRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle().clone()
+    }
+}
+
+impl Drop for StreamsRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// Runs the host agent until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
@@ -142,12 +160,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
     let last_errors = crate::grpc::sync::LastErrors::default();
     let limiter = crate::grpc::limits::TenantLimiter::new(tenants_rx.clone(), metrics.clone());
-    let streams_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("rcsync-streams")
-        .enable_all()
-        .build()
-        .context("starting the runtime of the Sync streams")?;
+    let streams_runtime = StreamsRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rcsync-streams")
+            .enable_all()
+            .build()
+            .context("starting the runtime of the Sync streams")?,
+    ));
     let sync = RuntimeClassSyncService::new(
         Arc::new(views.clone()),
         auth.clone(),
@@ -157,7 +177,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         last_errors.clone(),
         limiter.clone(),
     )
-    .with_stream_runtime(streams_runtime.handle().clone());
+    .with_stream_runtime(streams_runtime.handle());
     let pods = PodSyncService::new(
         Arc::new(views.clone()),
         tenants_rx.clone(),
@@ -266,7 +286,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period over; exiting with work in flight");
     }
-    streams_runtime.shutdown_background();
+    drop(streams_runtime);
     tracing::info!("stopped");
     Ok(())
 }

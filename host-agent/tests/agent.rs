@@ -1575,3 +1575,32 @@ async fn the_status_command_prints_tenants_and_classes_and_exits_by_readiness() 
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("not ready"), "{stderr}");
 }
+
+/// A port already in use is a clear error and exit code 1, never a panic (the Sync streams'
+/// runtime used to be dropped inside async code on this path, and the process aborted).
+#[tokio::test]
+async fn a_grpc_port_in_use_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
+    let config = write_tenants(dir.path(), "tenants: []\n");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .args(["--kubeconfig", &cluster.kubeconfig.display().to_string()])
+        .args(["--config", &config.display().to_string()])
+        .args(["--grpc-listen", &port, "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!("binding the gRPC address {port}")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stdout.contains("panicked"),
+        "{stdout}{stderr}"
+    );
+}

@@ -201,6 +201,24 @@ impl System {
             .unwrap();
         }
         std::fs::write(dir.path().join("tenants.yaml"), tenants_yaml(tenants)).unwrap();
+        // The host agent runs as deploy/'s service account, with exactly deploy/'s RBAC.
+        let host_manifest = crate::rbac::deploy_manifest("host-agent.yaml");
+        let host_namespaces: Vec<String> = tenants.iter().map(TenantSpec::host_namespace).collect();
+        let admin = host.client().await;
+        crate::rbac::apply(
+            &admin,
+            &crate::rbac::host_agent_objects(&host_manifest, &host_namespaces),
+        )
+        .await;
+        let (sa_ns, sa_name) = crate::rbac::service_account_of(&host_manifest);
+        let host_agent_kubeconfig = crate::rbac::service_account_kubeconfig(
+            &admin,
+            &host.kubeconfig,
+            &sa_ns,
+            &sa_name,
+            dir.path().join("host-agent.kubeconfig"),
+        )
+        .await;
         let pki =
             (transport == Transport::MutualTls).then(|| devcluster::pki::Pki::new("rcsync-e2e-ca").unwrap());
         let write = |name: &str, text: &str| {
@@ -229,7 +247,7 @@ impl System {
             |addrs| {
                 let mut args: Vec<String> = [
                     "--kubeconfig",
-                    &host.kubeconfig.display().to_string(),
+                    &host_agent_kubeconfig.display().to_string(),
                     "--config",
                     &dir.path().join("tenants.yaml").display().to_string(),
                     "--grpc-listen",
@@ -256,6 +274,23 @@ impl System {
             )
             .await;
             create_namespace(&cluster, LEASE_NAMESPACE).await;
+            // The virtual agent runs as deploy/'s service account, with exactly deploy/'s RBAC.
+            let virtual_manifest = crate::rbac::deploy_manifest("virtual-agent.yaml");
+            let virtual_admin = cluster.client().await;
+            crate::rbac::apply(
+                &virtual_admin,
+                &crate::rbac::virtual_agent_objects(&virtual_manifest),
+            )
+            .await;
+            let (sa_ns, sa_name) = crate::rbac::service_account_of(&virtual_manifest);
+            let agent_kubeconfig = crate::rbac::service_account_kubeconfig(
+                &virtual_admin,
+                &cluster.kubeconfig,
+                &sa_ns,
+                &sa_name,
+                dir.path().join(format!("virtual-agent-{}.kubeconfig", t.name)),
+            )
+            .await;
             let mut tls_args: Vec<String> = Vec::new();
             if let Some(pki) = &pki {
                 let client = pki.client(&t.name).unwrap();
@@ -278,7 +313,7 @@ impl System {
                 |addrs| {
                     let mut args: Vec<String> = [
                         "--kubeconfig",
-                        &cluster.kubeconfig.display().to_string(),
+                        &agent_kubeconfig.display().to_string(),
                         "--host-agent",
                         &format!("{scheme}://{grpc}"),
                         "--tenant",
