@@ -528,7 +528,7 @@ pub async fn run(
 ) {
     let api: Api<RuntimeClass> = Api::all(client);
     let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(rcsync_core::kube_client::WatchBackoff::default())
         .boxed();
     let mut announced = false;
     loop {

@@ -118,3 +118,76 @@ async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sy
         )
         .await;
 }
+
+/// The retry delays logged for a Pod (milliseconds), in order.
+fn retry_delays(logs: &str, pod: &str) -> Vec<u64> {
+    logs.lines()
+        .filter(|l| l.contains("retrying the Pod later") && l.contains(&format!("pod={pod} ")))
+        .filter_map(|l| {
+            l.split("retry_in_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A Pod the host kept refusing backed off to 30 s, and a new Pod under the same name inherited
+/// that backoff: after churn, the system took half a minute to converge. A Pod's retries now
+/// wait at most 5 s, and a new Pod starts its backoff afresh.
+#[tokio::test]
+async fn a_refused_pod_is_retried_within_seconds_and_a_new_pod_starts_afresh() {
+    use kube::api::{DeleteParams, PostParams};
+    // Sync disabled: the tenant may keep its own classes, and every class is allowed, so the
+    // host API server itself refuses a Pod whose class the host lacks.
+    let system = System::start(&[TenantSpec::new(TENANT, "{enabled: false}")], &[]).await;
+    let v = system.virtual_side();
+    v.classes()
+        .await
+        .create(&PostParams::default(), &runtime_class("kata", "kata", &[]))
+        .await
+        .unwrap();
+    v.create_pod(&pod("web", Some("kata"))).await;
+    let delays = eventually("seven refusals of the Pod", || {
+        let logs = v.agent.logs();
+        async move {
+            let d = retry_delays(&logs, "web");
+            (d.len() >= 7).then_some(d)
+        }
+    })
+    .await;
+    // 200 ms doubling, capped at 5 s (±25% jitter): never the 12.8 s the seventh used to wait.
+    assert!(delays.iter().all(|ms| *ms <= 6_250), "{delays:?}");
+    // A new Pod of the same name starts from the first step.
+    let before = delays.len();
+    v.pods()
+        .await
+        .delete(
+            "web",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    eventually("the old Pod to be gone", || async {
+        v.pods().await.get_opt("web").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    v.create_pod(&pod("web", Some("kata"))).await;
+    let after = eventually("a refusal of the new Pod", || {
+        let logs = v.agent.logs();
+        async move {
+            let d = retry_delays(&logs, "web");
+            (d.len() > before).then_some(d)
+        }
+    })
+    .await;
+    assert!(
+        after[before] <= 250,
+        "the new Pod inherited the old backoff: {after:?}"
+    );
+}

@@ -248,7 +248,7 @@ pub async fn run_sync(
     resync: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(250), crate::connect::RECONNECT_MAX);
     loop {
         let session = session(&target, &applier, &state, &readiness, &metrics, &mut backoff);
         tokio::select! {
@@ -373,7 +373,7 @@ pub async fn run_enforcer(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut events = watcher::watcher(api.clone(), watcher::Config::default())
-        .default_backoff()
+        .backoff(rcsync_core::kube_client::WatchBackoff::default())
         .boxed();
     let mut classes: BTreeMap<String, RuntimeClass> = BTreeMap::new();
     let mut relist: Option<BTreeMap<String, RuntimeClass>> = None;

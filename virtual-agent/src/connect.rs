@@ -246,6 +246,11 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// The longest wait between reconnects to the host agent: short enough that the system is back
+/// within seconds of the host agent (the chaos harness checks convergence within 10 s), long
+/// enough not to hammer it (jittered).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
 /// Jittered exponential backoff for reconnects and retries.
 #[derive(Clone, Debug)]
 pub struct Backoff {

@@ -209,7 +209,7 @@ impl Elector {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={LEASE_NAME}"));
         let mut events = watcher::watcher(self.api.clone(), config)
-            .default_backoff()
+            .backoff(rcsync_core::kube_client::WatchBackoff::default())
             .boxed();
         let mut relist: Option<Option<Lease>> = None;
         let mut listed = false;

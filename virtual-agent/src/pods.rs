@@ -165,6 +165,10 @@ fn reason_of(decision: &CheckPodResponse) -> CheckPodReason {
 }
 
 /// A gRPC failure worth retrying later, or not.
+/// The longest a failed Pod operation waits before its next attempt (each Pod backs off on its
+/// own; a new Pod under the same name starts afresh).
+const POD_RETRY_MAX: Duration = Duration::from_secs(5);
+
 fn retryable(status: &tonic::Status) -> bool {
     !matches!(
         status.code(),
@@ -310,7 +314,7 @@ impl PodSyncer {
     ) {
         let api: Api<Pod> = Api::all(self.client.clone());
         let mut pod_events = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(rcsync_core::kube_client::WatchBackoff::default())
             .boxed();
         let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
         let mut config_map_events = object_events(&self.client, self.config_map_writer);
@@ -426,7 +430,7 @@ where
         writer,
         watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
     )
-    .default_backoff()
+    .backoff(rcsync_core::kube_client::WatchBackoff::default())
     .boxed()
 }
 
@@ -501,13 +505,15 @@ impl Shard {
     }
 
     fn retry_later(&mut self, key: Key) {
-        let entry = self.retries.entry(key).or_insert_with(|| {
+        let entry = self.retries.entry(key.clone()).or_insert_with(|| {
             (
                 Instant::now(),
-                Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
+                Backoff::new(Duration::from_millis(200), POD_RETRY_MAX),
             )
         });
-        let at = Instant::now() + entry.1.next_delay();
+        let delay = entry.1.next_delay();
+        tracing::debug!(namespace = %key.0, pod = %key.1, retry_in_ms = delay.as_millis() as u64, "retrying the Pod later");
+        let at = Instant::now() + delay;
         // Over the tenant's rate limit: nothing is lost, the Pod waits at least as long as asked.
         entry.0 = match self.paused_until {
             Some(until) => at.max(until),
@@ -575,6 +581,10 @@ impl Shard {
                     }
                     Some(ShardInput::Upsert(pod)) => {
                         let key = key_of(&pod);
+                        if self.pods.get(&key).is_some_and(|old| old.metadata.uid != pod.metadata.uid) {
+                            // A new Pod under an old name does not inherit the old one's backoff.
+                            self.retries.remove(&key);
+                        }
                         self.pods.insert(key.clone(), pod);
                         self.index_references(&key);
                         self.enqueue(key);
@@ -1239,7 +1249,7 @@ async fn status_feed(
     tx: mpsc::Sender<StatusFeed>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(250), crate::connect::RECONNECT_MAX);
     loop {
         let session = async {
             let (_, mut pods) = target.connect().await?;

@@ -664,7 +664,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         let (name, tenant, slot) = caller?;
         let config = watcher::Config::default().labels(&managed_selector(&tenant));
         let events = watcher::watcher(self.pods(&tenant), config)
-            .default_backoff()
+            .backoff(rcsync_core::kube_client::WatchBackoff::default())
             .boxed();
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("pod_status", tenant = %name);

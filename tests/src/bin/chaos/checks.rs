@@ -110,7 +110,7 @@ pub fn follow_host_classes(client: kube::Client, timeline: Timeline) {
     tokio::spawn(async move {
         let api: Api<RuntimeClass> = Api::all(client);
         let mut events = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(rcsync_core::kube_client::WatchBackoff::default())
             .boxed();
         let mut current: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut relist: Option<BTreeMap<String, BTreeMap<String, String>>> = None;
@@ -154,7 +154,7 @@ pub fn watch_host_pods(client: kube::Client, timeline: Timeline, violations: Vio
     tokio::spawn(async move {
         let api: Api<Pod> = Api::all(client);
         let mut events = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(rcsync_core::kube_client::WatchBackoff::default())
             .boxed();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         while let Some(event) = events.next().await {
@@ -215,7 +215,7 @@ pub fn watch_virtual_classes(
     tokio::spawn(async move {
         let api: Api<RuntimeClass> = Api::all(client);
         let mut events = watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(rcsync_core::kube_client::WatchBackoff::default())
             .boxed();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         while let Some(event) = events.next().await {
