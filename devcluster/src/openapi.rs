@@ -69,6 +69,24 @@ fn schemas() -> &'static Schemas {
             })
             .collect();
         let mut components = generator.take_definitions(true);
+        // Strategic merge patch metadata, as upstream publishes it: kubectl reads the merge keys of
+        // list fields from these to compute its patches.
+        for schema in components.values_mut() {
+            let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+                continue;
+            };
+            for (field, property) in properties.iter_mut() {
+                let Some(property) = property.as_object_mut() else {
+                    continue;
+                };
+                if let Some(key) = crate::patch::merge_key(field) {
+                    property.insert("x-kubernetes-patch-strategy".into(), json!("merge"));
+                    property.insert("x-kubernetes-patch-merge-key".into(), json!(key));
+                } else if crate::patch::is_merged_primitive_list(field) {
+                    property.insert("x-kubernetes-patch-strategy".into(), json!("merge"));
+                }
+            }
+        }
         for (def, name) in RESOURCES.iter().zip(&names) {
             if let Some(Value::Object(schema)) = components.get_mut(name) {
                 schema.insert(
@@ -181,13 +199,31 @@ fn param(name: &str) -> Value {
 }
 
 fn operation(def: &ResourceDef, action: &str, params: &[&str]) -> Value {
-    json!({
+    let mut op = json!({
         "operationId": format!("{action}{}", def.kind),
         "x-kubernetes-action": action,
         "x-kubernetes-group-version-kind": {"group": def.group, "version": def.version, "kind": def.kind},
         "parameters": params.iter().map(|p| param(p)).collect::<Vec<_>>(),
         "responses": {"200": {"description": "OK"}},
-    })
+    });
+    if action == "patch" {
+        // The patch types accepted: strategic merge for built-in kinds only, as upstream (kubectl
+        // computes strategic merge patches only where the PATCH operation lists it).
+        let mut content = serde_json::Map::new();
+        let mut types = vec![
+            "application/json-patch+json",
+            "application/merge-patch+json",
+            "application/apply-patch+yaml",
+        ];
+        if matches!(def.schema, Schema::Typed(_)) {
+            types.push("application/strategic-merge-patch+json");
+        }
+        for t in types {
+            content.insert(t.into(), json!({"schema": {"type": "object"}}));
+        }
+        op["requestBody"] = json!({"content": content, "required": true});
+    }
+    op
 }
 
 /// `GET /openapi/v3/<api/v1 | apis/group/version>`: the paths of one group/version.

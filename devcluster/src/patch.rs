@@ -193,7 +193,7 @@ pub fn merge_key(field: &str) -> Option<&'static str> {
 }
 
 /// Lists of scalars merged as sets (patchStrategy merge on a primitive list).
-fn is_merged_primitive_list(field: &str) -> bool {
+pub fn is_merged_primitive_list(field: &str) -> bool {
     field == "finalizers"
 }
 

@@ -680,3 +680,32 @@ async fn kubectl_auth_rbac_and_service_account_tokens() {
     let (ok, _, err) = run_as(as_token(&["get", "pods", "-n", "team"])).await;
     assert!(!ok && err.contains("Unauthorized"), "{err}");
 }
+
+/// kubectl finds strategic merge patch support and the merge keys of list fields in OpenAPI v3
+/// (it used to log "OpenAPI V3 path does not support strategic merge patch" and fall back to its
+/// compiled-in types), and custom resources get JSON merge patches, as upstream.
+#[tokio::test]
+async fn kubectl_apply_reads_strategic_merge_metadata_from_openapi_v3() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    let pod = |image: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  containers: [{{name: app, image: {image}}}]\n"
+        )
+    };
+    k.run_with_input(&["apply", "-f", "-"], Some(&pod("nginx:1")))
+        .await;
+    let (ok, _, log) = k.exec(&["apply", "-f", "-", "-v=8"], Some(&pod("nginx:2"))).await;
+    assert!(ok, "{log}");
+    assert!(!log.contains("does not support strategic merge patch"), "{log}");
+    assert!(log.contains("application/strategic-merge-patch+json"), "{log}");
+    assert!(
+        log.contains("$setElementOrder/containers"),
+        "the merge key of containers was not used:\n{log}"
+    );
+    let image = k
+        .run(&["get", "pod", "p", "-o", "jsonpath={.spec.containers[0].image}"])
+        .await;
+    assert_eq!(image, "nginx:2");
+}
