@@ -32,6 +32,7 @@ pub mod deletion;
 mod discovery;
 pub mod events;
 pub mod managed;
+pub mod nodes;
 pub mod openapi;
 pub mod patch;
 pub mod pki;

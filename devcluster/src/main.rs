@@ -59,6 +59,13 @@ enum Command {
         /// Admission plugins to turn off, as kube-apiserver's flag (known: RuntimeClass).
         #[arg(long, env = "DEVCLUSTER_DISABLE_ADMISSION_PLUGINS", value_delimiter = ',')]
         disable_admission_plugins: Vec<String>,
+        /// Simulated nodes: Pods are scheduled on them and run (0: Pods stay Pending).
+        #[arg(long, env = "DEVCLUSTER_NODES", default_value_t = 0)]
+        nodes: usize,
+        /// RuntimeClass handlers the nodes run (comma-separated); every handler when absent. A Pod
+        /// whose class names another stays ContainerCreating, with the kubelet's event.
+        #[arg(long, env = "DEVCLUSTER_HANDLERS", value_delimiter = ',')]
+        handlers: Option<Vec<String>>,
     },
     /// Run the whole rcsync system on loopback: a host and a virtual API server, host-agent and
     /// virtual-agent (found next to this executable, else on PATH), and a guide to try it with
@@ -95,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
             history,
             state,
             disable_admission_plugins,
+            nodes,
+            handlers,
         } => {
             let admission = devcluster::admission::AdmissionPlugins::disabling(&disable_admission_plugins)
                 .map_err(|e| anyhow::anyhow!("--disable-admission-plugins: {e}"))?;
@@ -105,6 +114,10 @@ async fn main() -> anyhow::Result<()> {
                 state,
                 history,
                 admission,
+                nodes: devcluster::nodes::NodeOptions {
+                    count: nodes,
+                    handlers,
+                },
                 ..ServerOptions::default()
             };
             let signal = termination_signal();

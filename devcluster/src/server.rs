@@ -54,6 +54,8 @@ pub struct ServerOptions {
     /// State file: objects and resourceVersions are loaded from it at start and saved to it
     /// (shortly after each change, and at shutdown).
     pub state: Option<std::path::PathBuf>,
+    /// Simulated nodes, scheduler and kubelet (none by default: Pods stay Pending).
+    pub nodes: crate::nodes::NodeOptions,
 }
 
 impl Default for ServerOptions {
@@ -66,6 +68,7 @@ impl Default for ServerOptions {
             bookmark_interval: Duration::from_secs(10),
             admission: Default::default(),
             state: None,
+            nodes: Default::default(),
         }
     }
 }
@@ -147,6 +150,13 @@ impl DevCluster {
             .state
             .clone()
             .map(|path| tokio::spawn(save_state(app.api.store().clone(), path, stop.subscribe())));
+        if options.nodes.count > 0 {
+            tokio::spawn(crate::nodes::run(
+                app.api.store().clone(),
+                options.nodes.clone(),
+                stop.subscribe(),
+            ));
+        }
         let serving = tokio::spawn(accept_loop(listener, tls, app.clone(), stopped));
         let task = tokio::spawn(async move {
             let _ = serving.await;

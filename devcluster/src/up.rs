@@ -293,7 +293,15 @@ pub async fn up(options: UpOptions) -> anyhow::Result<()> {
     let host_agent_bin = find_binary("host-agent")?;
     let virtual_agent_bin = find_binary("virtual-agent")?;
 
-    let host = DevCluster::start(ServerOptions::default()).await?;
+    // The host has one simulated node: synced Pods run there, and their status flows back.
+    let host = DevCluster::start(ServerOptions {
+        nodes: crate::nodes::NodeOptions {
+            count: 1,
+            handlers: None,
+        },
+        ..ServerOptions::default()
+    })
+    .await?;
     // The virtual API server runs without RuntimeClass admission (kube-apiserver's
     // --disable-admission-plugins=RuntimeClass), so a Pod naming a class that is not synced can be
     // created and the SyncWarning path can be tried; with admission on, such a Pod is refused up
@@ -466,9 +474,11 @@ Try it (in another terminal):
   kubectl $H get runtimeclass --show-labels
   kubectl $V get runtimeclass
 
-  # 2. A Pod with an allowed class is synced to the host namespace vcluster-team-a.
+  # 2. A Pod with an allowed class is synced to the host namespace vcluster-team-a, runs on the
+  #    host's (simulated) node, and the virtual Pod shows it Running.
   kubectl $V apply -f {d}/allowed-pod.yaml
-  kubectl $H get pods -n vcluster-team-a
+  kubectl $H get pods -n vcluster-team-a -o wide
+  kubectl $V get pod sandboxed
 
   # 3. A Pod with a class the selector does not allow is not synced and gets a SyncWarning event.
   kubectl $V apply -f {d}/denied-pod.yaml

@@ -795,3 +795,147 @@ async fn a_custom_resource_definition_serves_its_kind_until_it_is_deleted() {
     );
     cluster.shutdown().await;
 }
+
+/// With `--nodes`, Pods are scheduled and run: bound to a node, Running with an IP; a Pod that fits
+/// no node is Unschedulable with the scheduler's event; a class whose handler no node runs leaves
+/// the Pod ContainerCreating with the kubelet's event; a deleted Pod terminates within its grace
+/// period and is removed.
+#[tokio::test]
+async fn simulated_nodes_schedule_run_refuse_and_terminate_pods() {
+    use k8s_openapi::api::core::v1::{Event as CoreEvent, Node};
+    let cluster = DevCluster::start(ServerOptions {
+        nodes: devcluster::nodes::NodeOptions {
+            count: 1,
+            handlers: Some(vec!["runc".into(), "runsc".into()]),
+        },
+        ..ServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = client_for(&cluster).await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes.get("devcluster-node-0").await.unwrap();
+    let ready = node.status.unwrap().conditions.unwrap();
+    assert!(ready.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    for (name, handler) in [("gvisor", "runsc"), ("kata", "kata")] {
+        classes
+            .create(&PostParams::default(), &runtime_class(name, handler, &[]))
+            .await
+            .unwrap();
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str, spec: serde_json::Value| -> Pod {
+        let mut spec = spec;
+        spec["containers"] = json!([{"name": "app", "image": "registry.example/app:1"}]);
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    pods.create(
+        &PostParams::default(),
+        &pod("runs", json!({"runtimeClassName": "gvisor"})),
+    )
+    .await
+    .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod("nowhere", json!({"nodeSelector": {"disk": "ssd"}})),
+    )
+    .await
+    .unwrap();
+    pods.create(
+        &PostParams::default(),
+        &pod("unhandled", json!({"runtimeClassName": "kata"})),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let event_of = |pod: &'static str, reason: &'static str| {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.involved_object.name.as_deref() == Some(pod) && e.reason.as_deref() == Some(reason)
+                })
+        }
+    };
+    loop {
+        let running = pods.get("runs").await.unwrap();
+        let status = running.status.clone().unwrap_or_default();
+        let unschedulable = event_of("nowhere", "FailedScheduling").await;
+        let sandbox = event_of("unhandled", "FailedCreatePodSandBox").await;
+        if let (Some("Running"), Some(unschedulable), Some(sandbox)) =
+            (status.phase.as_deref(), unschedulable, sandbox)
+        {
+            assert_eq!(
+                running.spec.unwrap().node_name.as_deref(),
+                Some("devcluster-node-0")
+            );
+            assert!(status.pod_ip.is_some() && status.start_time.is_some());
+            assert_eq!(
+                unschedulable.message.unwrap(),
+                "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling."
+            );
+            assert!(
+                sandbox
+                    .message
+                    .unwrap()
+                    .contains("no runtime for \"kata\" is configured")
+            );
+            let unhandled = pods.get("unhandled").await.unwrap().status.unwrap();
+            assert_eq!(unhandled.phase.as_deref(), Some("Pending"));
+            let waiting = &unhandled.container_statuses.unwrap()[0];
+            assert_eq!(
+                waiting
+                    .state
+                    .as_ref()
+                    .unwrap()
+                    .waiting
+                    .as_ref()
+                    .unwrap()
+                    .reason
+                    .as_deref(),
+                Some("ContainerCreating")
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pods did not reach their states: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Deletion: Terminating for the grace period, then gone.
+    pods.delete(
+        "runs",
+        &DeleteParams {
+            grace_period_seconds: Some(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        pods.get("runs")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    loop {
+        if pods.get_opt("runs").await.unwrap().is_none() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Pod was not removed after its grace period"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -234,15 +234,18 @@ pub struct Cluster {
 impl Cluster {
     /// A devcluster (TLS + token), or the real cluster of `$env_var` when set.
     pub async fn start(name: &str, env_var: &str, dir: &Path) -> Self {
+        Self::start_with(name, env_var, dir, ServerOptions::default()).await
+    }
+
+    /// Like [`Cluster::start`], a devcluster with `options` (e.g. simulated nodes).
+    pub async fn start_with(name: &str, env_var: &str, dir: &Path, options: ServerOptions) -> Self {
         if let Ok(path) = std::env::var(env_var) {
             return Self {
                 dev: None,
                 kubeconfig: PathBuf::from(path),
             };
         }
-        let dev = DevCluster::start(ServerOptions::default())
-            .await
-            .expect("devcluster starts");
+        let dev = DevCluster::start(options).await.expect("devcluster starts");
         let kubeconfig = dir.join(format!("{name}.kubeconfig"));
         dev.write_kubeconfig(&kubeconfig, name).unwrap();
         Self {

@@ -175,8 +175,26 @@ impl System {
         host_classes: &[RuntimeClass],
         transport: Transport,
     ) -> Self {
+        Self::start_with_nodes(tenants, host_classes, transport, 0).await
+    }
+
+    /// Starts everything with `host_nodes` simulated nodes in the host cluster (devcluster's
+    /// `--nodes`): host Pods are scheduled and run, and their status flows back.
+    pub async fn start_with_nodes(
+        tenants: &[TenantSpec],
+        host_classes: &[RuntimeClass],
+        transport: Transport,
+        host_nodes: usize,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let host = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
+        let options = devcluster::ServerOptions {
+            nodes: devcluster::nodes::NodeOptions {
+                count: host_nodes,
+                handlers: None,
+            },
+            ..Default::default()
+        };
+        let host = Cluster::start_with("host", "RCSYNC_HOST_KUBECONFIG", dir.path(), options).await;
         let host_client = host.client().await;
         let classes: Api<RuntimeClass> = Api::all(host_client.clone());
         if host.dev.is_none() {

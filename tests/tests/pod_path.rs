@@ -536,3 +536,56 @@ async fn a_running_pod_keeps_its_copy_when_the_virtual_object_is_deleted() {
         "a running Pod is never told it waits"
     );
 }
+
+/// With a node on the host (devcluster `--nodes 1`), a synced Pod runs there and the virtual Pod
+/// shows it Running through the status copied back; deleting it takes its grace period on the
+/// host, then it is gone from both clusters.
+#[tokio::test]
+async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_period() {
+    use rcsync_tests::system::{Transport, runtime_class};
+    let system = System::start_with_nodes(
+        &[tenant()],
+        &[runtime_class("gvisor", "runsc", &[])],
+        Transport::Plaintext,
+        1,
+    )
+    .await;
+    let v = system.virtual_side();
+    v.wait_classes(&["gvisor"]).await;
+    // The host Pod keeps the Pod's grace period (the virtual cluster, without nodes, deletes the
+    // virtual Pod at once).
+    let spec = json!({"runtimeClassName": "gvisor", "terminationGracePeriodSeconds": 2, "containers": [app(json!({}))]});
+    v.create_pod(&pod("web", spec)).await;
+    let host = system.host_pods(&v.tenant).await;
+    let pods = v.pods().await;
+    eventually("the Pod Running on the host and in the virtual cluster", || {
+        let (host, pods) = (host.clone(), pods.clone());
+        async move {
+            let host_pod = host.get_opt("web-x-default-x-team-a").await.ok()??;
+            let virtual_pod = pods.get("web").await.ok()?;
+            let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
+            (phase(&host_pod).as_deref() == Some("Running")
+                && phase(&virtual_pod).as_deref() == Some("Running"))
+            .then_some(())
+        }
+    })
+    .await;
+    pods.delete("web", &DeleteParams::default()).await.unwrap();
+    eventually("the host Pod to terminate", || {
+        let host = host.clone();
+        async move {
+            let host_pod = host.get_opt("web-x-default-x-team-a").await.ok()??;
+            host_pod.metadata.deletion_timestamp.is_some().then_some(())
+        }
+    })
+    .await;
+    eventually("the Pod gone from both clusters", || {
+        let (host, pods) = (host.clone(), pods.clone());
+        async move {
+            let gone_host = host.get_opt("web-x-default-x-team-a").await.ok()?.is_none();
+            let gone_virtual = pods.get_opt("web").await.ok()?.is_none();
+            (gone_host && gone_virtual).then_some(())
+        }
+    })
+    .await;
+}

@@ -41,15 +41,18 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
         .await;
     let v = system.virtual_side();
     let admin = format!("http://{}", v.admin);
-    let (code, stdout, stderr) = eventually("both Pods in the status", || {
+    eventually("both Pods in the status: one synced, one blocked", || {
         let admin = admin.clone();
         async move {
-            let result = status(&["--admin", &admin]);
-            (result.1.contains("blocked") && result.1.contains("does not match the selector"))
-                .then_some(result)
+            let (_, json, _) = status(&["--admin", &admin, "-o", "json"]);
+            let doc: serde_json::Value = serde_json::from_str(&json).ok()?;
+            (doc["pods"]["synced"] == 1 && doc["pods"]["blocked"] == 1 && doc["connected"] == true)
+                .then_some(())
         }
     })
     .await;
+    let (code, stdout, stderr) = status(&["--admin", &admin]);
+    assert!(stdout.contains("does not match the selector"), "{stdout}");
     assert_eq!(code, 0, "{stderr}");
     let mut lines = stdout.lines();
     let header = lines.next().unwrap();

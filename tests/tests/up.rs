@@ -86,12 +86,27 @@ async fn devcluster_up_runs_the_system_and_its_guide_works_as_printed() {
         .iter()
         .find(|c| c.contains("allowed-pod"))
         .unwrap());
-    eventually("the host Pod", || async {
-        sh(&env, "kubectl $H get pods -n vcluster-team-a")
-            .1
-            .contains("sandboxed-x-default-x-team-a")
+    eventually("the host Pod, Running on the host's node", || async {
+        let out = sh(&env, &step("kubectl $H get pods -n vcluster-team-a")[0]).1;
+        out.lines()
+            .any(|l| {
+                l.starts_with("sandboxed-x-default-x-team-a")
+                    && l.contains("Running")
+                    && l.contains("devcluster-node-0")
+            })
             .then_some(())
     })
+    .await;
+    eventually(
+        "the virtual Pod Running through the status copied back",
+        || async {
+            sh(&env, &step("kubectl $V get pod sandboxed")[0])
+                .1
+                .lines()
+                .any(|l| l.starts_with("sandboxed") && l.contains("Running"))
+                .then_some(())
+        },
+    )
     .await;
 
     // 3. The denied Pod gets the SyncWarning event, exactly as the spec prints it.

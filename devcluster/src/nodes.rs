@@ -1,0 +1,414 @@
+//! Simulated nodes (`serve --nodes N`), as kwok does: Nodes with capacity, labels, a Ready
+//! condition and heartbeats through Leases in `kube-node-lease`; a scheduler that binds Pods; a
+//! kubelet stand-in that runs them. Without `--nodes` none of this runs and Pods stay Pending.
+//!
+//! ```text
+//!  store changes (Pods, Nodes, RuntimeClasses) ─┬─► scheduler: nodeSelector, taints/tolerations,
+//!  1 s ticker (and 10 s heartbeats) ────────────┘   the RuntimeClass's scheduling ─► spec.nodeName,
+//!                                                   PodScheduled, or Unschedulable + FailedScheduling
+//!                  bound Pods ─► kubelet: handler served? ─► Running (IP, start time, ready)
+//!                                                   or ContainerCreating + FailedCreatePodSandBox
+//!  deleted Pods: terminated within their grace period and removed (api::schedule_pod_removal)
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::admission::now;
+use crate::store::{Outcome, Store};
+
+/// What the simulated nodes are.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// How many nodes (0: none, Pods are never scheduled).
+    pub count: usize,
+    /// RuntimeClass handlers the nodes run; `None`: every handler.
+    pub handlers: Option<Vec<String>>,
+}
+
+fn node_name(i: usize) -> String {
+    format!("devcluster-node-{i}")
+}
+
+fn node_object(i: usize) -> Value {
+    let name = node_name(i);
+    let now = now();
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {
+            "name": name, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now,
+            "labels": {
+                "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                "node.kubernetes.io/instance-type": "devcluster",
+            },
+        },
+        "spec": {},
+        "status": {
+            "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},
+            "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"},
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "kubelet is posting ready status",
+                "lastHeartbeatTime": now, "lastTransitionTime": now,
+            }],
+            "addresses": [
+                {"type": "InternalIP", "address": format!("10.0.0.{}", i + 10)},
+                {"type": "Hostname", "address": name},
+            ],
+            "nodeInfo": {
+                "kubeletVersion": crate::api::KUBERNETES_VERSION, "containerRuntimeVersion": "devcluster://1",
+                "operatingSystem": "linux", "architecture": "amd64", "osImage": "devcluster",
+                "kernelVersion": "", "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": "",
+            },
+        },
+    })
+}
+
+fn put(
+    store: &Store,
+    storage: &'static str,
+    namespace: &str,
+    name: &str,
+    edit: impl FnOnce(Option<&Value>) -> Option<Value>,
+) {
+    let _ = store.transact(
+        storage,
+        (namespace.to_string(), name.to_string()),
+        |_, current| {
+            Ok(match edit(current) {
+                Some(obj) => Outcome::Put(obj),
+                None => Outcome::Unchanged,
+            })
+        },
+    );
+}
+
+/// Renews each node's Lease (and its Ready heartbeat less often), as a kubelet does.
+fn heartbeat(store: &Store, options: &NodeOptions, with_status: bool) {
+    let micro = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    for i in 0..options.count {
+        let name = node_name(i);
+        put(store, "leases", "kube-node-lease", &name, |current| {
+            let mut lease = current.cloned().unwrap_or_else(|| {
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                       "metadata": {"name": name, "namespace": "kube-node-lease",
+                                    "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now()},
+                       "spec": {"holderIdentity": name, "leaseDurationSeconds": 40}})
+            });
+            lease["spec"]["renewTime"] = json!(micro);
+            Some(lease)
+        });
+        if with_status {
+            put(store, "nodes", "", &name, |current| {
+                let mut node = current.cloned().unwrap_or_else(|| node_object(i));
+                node["status"]["conditions"][0]["lastHeartbeatTime"] = json!(now());
+                Some(node)
+            });
+        }
+    }
+}
+
+/// Records an Event about a Pod, as the scheduler or kubelet would.
+fn event(
+    store: &Store,
+    pod: &Value,
+    kind: &str,
+    reason: &str,
+    message: &str,
+    component: &str,
+    host: Option<&str>,
+) {
+    let ns = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let name = format!("{pod_name}.{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let now = now();
+    let mut source = json!({"component": component});
+    if let Some(host) = host {
+        source["host"] = json!(host);
+    }
+    let obj = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": ns, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": pod_name,
+                           "uid": pod["metadata"]["uid"], "resourceVersion": pod["metadata"]["resourceVersion"]},
+        "reason": reason, "message": message, "type": kind, "source": source,
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        "reportingComponent": component, "reportingInstance": host.unwrap_or(component),
+    });
+    put(store, crate::resources::STORAGE_EVENTS, &ns, &name, |_| Some(obj));
+}
+
+fn strings(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `tolerations` tolerate `taint` (key, value, effect; `Exists` and empty keys as upstream).
+fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
+    tolerations.iter().any(|t| {
+        let effect_ok = t["effect"]
+            .as_str()
+            .is_none_or(|e| e.is_empty() || Some(e) == taint["effect"].as_str());
+        let key = t["key"].as_str().unwrap_or_default();
+        let key_ok = key.is_empty() || Some(key) == taint["key"].as_str();
+        let value_ok = match t["operator"].as_str() {
+            Some("Exists") => true,
+            _ => t["value"].as_str().unwrap_or_default() == taint["value"].as_str().unwrap_or_default(),
+        };
+        effect_ok && key_ok && (value_ok || key.is_empty())
+    })
+}
+
+/// The scheduler's and kubelet's pass over every Pod.
+fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
+    let (nodes, _) = store.list("nodes", None);
+    let ours: Vec<&Arc<Value>> = nodes
+        .iter()
+        .filter(|n| {
+            n["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("devcluster-node-"))
+        })
+        .collect();
+    let (pods, _) = store.list("pods", None);
+    for pod in pods {
+        if pod.pointer("/metadata/deletionTimestamp").is_some() {
+            continue;
+        }
+        let ns = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+        let class = pod
+            .pointer("/spec/runtimeClassName")
+            .and_then(Value::as_str)
+            .and_then(|c| store.get("runtimeclasses", "", c));
+        match pod.pointer("/spec/nodeName").and_then(Value::as_str) {
+            None | Some("") => {
+                if pod
+                    .pointer("/spec/schedulingGates")
+                    .and_then(Value::as_array)
+                    .is_some_and(|g| !g.is_empty())
+                {
+                    continue;
+                }
+                let mut selector = strings(&pod["spec"]["nodeSelector"]);
+                let mut tolerations = pod["spec"]["tolerations"].as_array().cloned().unwrap_or_default();
+                if let Some(rc) = &class {
+                    selector.extend(strings(&rc["scheduling"]["nodeSelector"]));
+                    tolerations.extend(
+                        rc["scheduling"]["tolerations"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default(),
+                    );
+                }
+                let fits = |node: &Value| {
+                    let labels = strings(&node["metadata"]["labels"]);
+                    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                        && node["spec"]["taints"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .all(|taint| {
+                                !matches!(taint["effect"].as_str(), Some("NoSchedule" | "NoExecute"))
+                                    || tolerates(&tolerations, taint)
+                            })
+                };
+                match ours.iter().find(|n| fits(n)) {
+                    Some(node) => {
+                        let node_name = node["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                        let mut bound = None;
+                        put(store, "pods", &ns, &name, |current| {
+                            let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                            p["spec"]["nodeName"] = json!(node_name);
+                            p["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}]);
+                            bound = Some(p.clone());
+                            Some(p)
+                        });
+                        if let Some(p) = bound {
+                            let message = format!("Successfully assigned {ns}/{name} to {node_name}");
+                            event(
+                                store,
+                                &p,
+                                "Normal",
+                                "Scheduled",
+                                &message,
+                                "default-scheduler",
+                                None,
+                            );
+                        }
+                    }
+                    None => {
+                        let n = ours.len();
+                        let message = format!(
+                            "0/{n} nodes are available: {n} node(s) didn't match Pod's node affinity/selector. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling."
+                        );
+                        let already = pod["status"]["conditions"].as_array().is_some_and(|c| {
+                            c.iter()
+                                .any(|c| c["type"] == "PodScheduled" && c["message"] == message.as_str())
+                        });
+                        if already || n == 0 {
+                            continue;
+                        }
+                        let mut marked = None;
+                        put(store, "pods", &ns, &name, |current| {
+                            let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                            p["status"]["conditions"] = json!([{
+                                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                "message": message, "lastTransitionTime": now(),
+                            }]);
+                            marked = Some(p.clone());
+                            Some(p)
+                        });
+                        if let Some(p) = marked {
+                            event(
+                                store,
+                                &p,
+                                "Warning",
+                                "FailedScheduling",
+                                &message,
+                                "default-scheduler",
+                                None,
+                            );
+                        }
+                    }
+                }
+            }
+            Some(node) if node.starts_with("devcluster-node-") && pod["status"]["phase"] == "Pending" => {
+                let node = node.to_string();
+                let handler = class
+                    .as_ref()
+                    .and_then(|rc| rc["handler"].as_str().map(String::from));
+                let served = match (&handler, &options.handlers) {
+                    (Some(h), Some(list)) => list.contains(h),
+                    _ => true,
+                };
+                let containers: Vec<Value> =
+                    pod["spec"]["containers"].as_array().cloned().unwrap_or_default();
+                if !served {
+                    let handler = handler.unwrap_or_default();
+                    let waiting = pod["status"]["containerStatuses"]
+                        .as_array()
+                        .is_some_and(|s| !s.is_empty());
+                    if waiting {
+                        continue;
+                    }
+                    let message = format!(
+                        "Failed to create pod sandbox: rpc error: code = Unknown desc = failed to get sandbox runtime: no runtime for \"{handler}\" is configured"
+                    );
+                    let mut updated = None;
+                    put(store, "pods", &ns, &name, |current| {
+                        let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                        p["status"]["containerStatuses"] = containers
+                            .iter()
+                            .map(|c| json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": false, "restartCount": 0,
+                                            "started": false, "state": {"waiting": {"reason": "ContainerCreating"}}}))
+                            .collect();
+                        updated = Some(p.clone());
+                        Some(p)
+                    });
+                    if let Some(p) = updated {
+                        event(
+                            store,
+                            &p,
+                            "Warning",
+                            "FailedCreatePodSandBox",
+                            &message,
+                            "kubelet",
+                            Some(&node),
+                        );
+                    }
+                    continue;
+                }
+                *next_ip += 1;
+                let ip = format!("10.244.{}.{}", (*next_ip / 250) % 250, *next_ip % 250 + 2);
+                let host_ip = ours
+                    .iter()
+                    .find(|n| n["metadata"]["name"] == node.as_str())
+                    .and_then(|n| n["status"]["addresses"][0]["address"].as_str())
+                    .unwrap_or("10.0.0.10")
+                    .to_string();
+                let mut started = None;
+                put(store, "pods", &ns, &name, |current| {
+                    let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                    let now = now();
+                    let condition =
+                        |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now});
+                    p["status"] = json!({
+                        "phase": "Running",
+                        "conditions": [condition("PodReadyToStartContainers"), condition("Initialized"), condition("Ready"),
+                                       condition("ContainersReady"), condition("PodScheduled")],
+                        "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+                        "podIP": ip, "podIPs": [{"ip": ip}],
+                        "startTime": now, "qosClass": "BestEffort",
+                        "containerStatuses": containers.iter().map(|c| json!({
+                            "name": c["name"], "image": c["image"], "imageID": format!("{}@sha256:devcluster", c["image"].as_str().unwrap_or_default()),
+                            "containerID": format!("devcluster://{}", uuid::Uuid::new_v4().simple()),
+                            "ready": true, "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}},
+                        })).collect::<Vec<_>>(),
+                    });
+                    started = Some(p.clone());
+                    Some(p)
+                });
+                if let Some(p) = started {
+                    for c in &containers {
+                        let message = format!("Started container {}", c["name"].as_str().unwrap_or_default());
+                        event(store, &p, "Normal", "Started", &message, "kubelet", Some(&node));
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Registers the nodes and runs the scheduler and kubelet until `stop`.
+pub async fn run(store: Arc<Store>, options: NodeOptions, mut stop: watch::Receiver<bool>) {
+    for i in 0..options.count {
+        let node = node_object(i);
+        put(&store, "nodes", "", &node_name(i), |current| {
+            current.is_none().then_some(node)
+        });
+    }
+    heartbeat(&store, &options, false);
+    let mut changes = store.changes();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
+    let mut next_ip = 0;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            change = changes.recv() => {
+                let relevant = match &change {
+                    Ok(c) => matches!(c.storage, "pods" | "nodes" | "runtimeclasses"),
+                    Err(_) => true,
+                };
+                if !relevant {
+                    continue;
+                }
+            }
+            _ = ticker.tick() => {
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    heartbeat(&store, &options, ticks.is_multiple_of(40));
+                }
+            }
+        }
+        reconcile(&store, &options, &mut next_ip);
+    }
+}
