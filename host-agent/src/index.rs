@@ -518,7 +518,8 @@ where
 }
 
 /// Feeds the index from a watch on every host RuntimeClass until `shutdown` fires. Watch errors
-/// are retried with kube-runtime's default backoff; the last good state keeps being served.
+/// are retried with [`rcsync_core::kube_client::WatchBackoff`] (250 ms up to 5 s); the last good
+/// state keeps being served meanwhile.
 pub async fn run(
     client: Client,
     mut index: ClassIndex,

@@ -710,9 +710,10 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
     std::fs::write(&log, text)?;
     // bounded-memory: a ceiling below any agent's use.
     let mut found = BTreeSet::new();
+    let mut reported = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        checks::scan_processes(world, violations, &mut BTreeSet::new(), &mut BTreeMap::new());
+        checks::scan_processes(world, violations, &mut reported, &mut BTreeMap::new());
         for (invariant, _) in violations.all() {
             found.insert(invariant);
         }
