@@ -669,6 +669,15 @@ impl VirtualSide {
         wait_ready_at(&self.admin, "virtual-agent").await;
     }
 
+    /// Deletes a Pod in `default` with grace period 0.
+    pub async fn delete_pod_now(&self, name: &str) {
+        let now = kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        self.pods().await.delete(name, &now).await.unwrap();
+    }
+
     /// Kills this virtual agent (SIGKILL).
     pub async fn stop_agent(&mut self) {
         self.agent.signal("KILL");

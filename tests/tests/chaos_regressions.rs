@@ -61,7 +61,7 @@ async fn pods_sync_again_after_the_tenant_token_is_rotated() {
 /// have replaced it. The host Pod of an earlier Pod of that name must go whatever the new one's fate.
 #[tokio::test]
 async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sync() {
-    use kube::api::{DeleteParams, PostParams};
+    use kube::api::PostParams;
     let mut system = System::start(
         &[TenantSpec::new(
             TENANT,
@@ -89,16 +89,7 @@ async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sy
 
     let v = &mut system.virtuals[0];
     v.stop_agent().await;
-    let pods = v.pods().await;
-    pods.delete(
-        "web",
-        &DeleteParams {
-            grace_period_seconds: Some(0),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    v.delete_pod_now("web").await;
     // A class the tenant made (the virtual API server admits Pods only with existing classes);
     // the agent deletes it when it is back, and the host has no such class.
     v.classes()
@@ -139,7 +130,7 @@ fn retry_delays(logs: &str, pod: &str) -> Vec<u64> {
 /// wait at most 5 s, and a new Pod starts its backoff afresh.
 #[tokio::test]
 async fn a_refused_pod_is_retried_within_seconds_and_a_new_pod_starts_afresh() {
-    use kube::api::{DeleteParams, PostParams};
+    use kube::api::PostParams;
     // Sync disabled: the tenant may keep its own classes, and every class is allowed, so the
     // host API server itself refuses a Pod whose class the host lacks.
     let system = System::start(&[TenantSpec::new(TENANT, "{enabled: false}")], &[]).await;
@@ -162,17 +153,7 @@ async fn a_refused_pod_is_retried_within_seconds_and_a_new_pod_starts_afresh() {
     assert!(delays.iter().all(|ms| *ms <= 6_250), "{delays:?}");
     // A new Pod of the same name starts from the first step.
     let before = delays.len();
-    v.pods()
-        .await
-        .delete(
-            "web",
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    v.delete_pod_now("web").await;
     eventually("the old Pod to be gone", || async {
         v.pods().await.get_opt("web").await.ok()?.is_none().then_some(())
     })

@@ -22,6 +22,33 @@ use serde_json::Value;
 
 const TENANT: &str = "team-a";
 
+/// One tenant that may use every class, and the host class gvisor.
+async fn gvisor_system() -> System {
+    System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await
+}
+
+/// The agent's `/metrics` text (empty when unreachable).
+async fn metrics_of(admin: &str) -> String {
+    http_get(admin, "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+/// The sum of the samples on lines `keep` selects.
+fn sum_samples(metrics: &str, keep: impl Fn(&str) -> bool) -> i64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && keep(l))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as i64)
+        .sum()
+}
+
 /// Every UID each host Pod name ever had, and how many host Pods were deleted, from a watch that
 /// runs for the whole test.
 #[derive(Default)]
@@ -108,11 +135,7 @@ async fn wait_all_on_host(system: &System, count: usize) {
 
 #[tokio::test]
 async fn the_standby_takes_over_within_the_lease_duration_when_the_leader_is_killed() {
-    let mut system = System::start(
-        &[TenantSpec::new(TENANT, "{enabled: true}")],
-        &[runtime_class("gvisor", "runsc", &[])],
-    )
-    .await;
+    let mut system = gvisor_system().await;
     let lease_seconds = 3;
     let v = &mut system.virtuals[0];
     v.set_agent_flag("--lease-duration-seconds", &lease_seconds.to_string());
@@ -133,7 +156,7 @@ async fn the_standby_takes_over_within_the_lease_duration_when_the_leader_is_kil
         readyz.contains("standby, leader is virtual-agent-team-a"),
         "{readyz}"
     );
-    assert!(standby_metrics(&standby_admin).await.contains("rcsync_leader 0"));
+    assert!(metrics_of(&standby_admin).await.contains("rcsync_leader 0"));
 
     let host_pods = record_host_pods(system.host_pods(&system.virtual_side().tenant).await);
     let leases = record_lease(Api::namespaced(
@@ -215,23 +238,12 @@ async fn the_standby_takes_over_within_the_lease_duration_when_the_leader_is_kil
     assert!(!old_writes.is_empty() && !new_writes.is_empty());
     assert!(old_writes.iter().all(|t| *t < killed_at && *t < started[0]));
     assert!(new_writes.iter().all(|t| *t > started[0]));
-    assert!(standby_metrics(&standby_admin).await.contains("rcsync_leader 1"));
-}
-
-async fn standby_metrics(admin: &str) -> String {
-    http_get(admin, "/metrics")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default()
+    assert!(metrics_of(&standby_admin).await.contains("rcsync_leader 1"));
 }
 
 #[tokio::test]
 async fn a_leader_that_cannot_renew_stops_writing_before_a_standby_takes_over() {
-    let mut system = System::start(
-        &[TenantSpec::new(TENANT, "{enabled: true}")],
-        &[runtime_class("gvisor", "runsc", &[])],
-    )
-    .await;
+    let mut system = gvisor_system().await;
     let v = &mut system.virtuals[0];
     v.set_agent_flag("--lease-duration-seconds", "3");
     v.restart_agent().await;
@@ -334,11 +346,7 @@ async fn two_host_agents_answer_every_check_pod_identically() {
 /// that it keeps its readiness and its classes and Pods keep syncing.
 #[tokio::test]
 async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
-    let mut system = System::start(
-        &[TenantSpec::new(TENANT, "{enabled: true}")],
-        &[runtime_class("gvisor", "runsc", &[])],
-    )
-    .await;
+    let mut system = gvisor_system().await;
     let HostAgentReplica {
         process: second,
         grpc: second_grpc,
@@ -423,35 +431,22 @@ async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
         h.uids
     );
     assert_eq!(h.deleted, 0);
-    let _keep: &Process = &second;
 }
 
 /// RuntimeClass writes (created, updated or recreated) the virtual agent made.
 fn applied_classes(metrics: &str) -> i64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("rcsync_runtime_class_applies_total{"))
-        .filter(|l| {
-            ["created", "updated", "recreated"]
+    sum_samples(metrics, |l| {
+        l.starts_with("rcsync_runtime_class_applies_total{")
+            && ["created", "updated", "recreated"]
                 .iter()
                 .any(|r| l.contains(&format!("result=\"{r}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as i64)
-        .sum()
+    })
 }
 
 async fn open_streams(admin: &str) -> i64 {
-    let metrics = http_get(admin, "/metrics")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("rcsync_sync_streams_open"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as i64)
-        .sum()
+    sum_samples(&metrics_of(admin).await, |l| {
+        l.starts_with("rcsync_sync_streams_open")
+    })
 }
 
 /// Writes `text` to `path` as Kubernetes' Secret volumes do: a new file renamed over the old one.
@@ -598,11 +593,7 @@ async fn pod_warnings(system: &System) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_replica_under_churn_ends_converged_without_errors() {
-    let mut system = System::start(
-        &[TenantSpec::new(TENANT, "{enabled: true}")],
-        &[runtime_class("gvisor", "runsc", &[])],
-    )
-    .await;
+    let mut system = gvisor_system().await;
     let mut second = system.spawn_host_agent_replica("host-agent-2").await;
     let both = format!("http://{},http://{}", system.grpc, second.grpc);
     system.virtuals[0].set_agent_flag("--host-agent", &both);
@@ -721,11 +712,7 @@ async fn a_rolling_restart_of_every_replica_under_churn_ends_converged_without_e
 async fn two_host_agents_writing_the_same_pod_give_one_host_pod() {
     use rcsync_proto::v1::ApplyPodRequest;
     use rcsync_proto::v1::pod_sync_client::PodSyncClient;
-    let system = System::start(
-        &[TenantSpec::new(TENANT, "{enabled: true}")],
-        &[runtime_class("gvisor", "runsc", &[])],
-    )
-    .await;
+    let system = gvisor_system().await;
     let replica = system.spawn_host_agent_replica("host-agent-2").await;
     let token = std::fs::read_to_string(system.dir.path().join(format!("{TENANT}.token"))).unwrap();
     let host_pods = system.host_pods(&system.virtual_side().tenant).await;
