@@ -141,3 +141,33 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
         self.next = Self::FIRST;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A closed fence refuses writes before they leave the process, naming the request; reads pass
+    /// (here they fail to connect, as nothing listens).
+    #[tokio::test]
+    async fn a_closed_fence_refuses_writes_and_lets_reads_through() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = build(config, Some(Arc::new(|| false))).unwrap();
+        let write = http::Request::post("/api/v1/namespaces/default/pods")
+            .body(Vec::new())
+            .unwrap();
+        let err = client.request::<serde_json::Value>(write).await.unwrap_err();
+        let kube::Error::Service(inner) = &err else {
+            panic!("not refused by the fence: {err:?}")
+        };
+        assert_eq!(
+            inner.to_string(),
+            "not written: this replica does not hold the leader lease (fenced POST /api/v1/namespaces/default/pods)"
+        );
+        let read = http::Request::get("/api/v1/namespaces/default/pods")
+            .body(Vec::new())
+            .unwrap();
+        let err = client.request::<serde_json::Value>(read).await.unwrap_err();
+        assert!(!format!("{err:?}").contains("fenced"), "{err:?}");
+    }
+}

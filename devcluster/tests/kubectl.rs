@@ -655,6 +655,18 @@ async fn kubectl_auth_rbac_and_service_account_tokens() {
     .await;
     assert!(ok && out == "system:serviceaccount:team:reader", "{out}{err}");
 
+    // A lifetime beyond 48 hours is refused, naming the field.
+    let err = k
+        .fail(
+            &["create", "token", "reader", "-n", "team", "--duration=72h"],
+            None,
+        )
+        .await;
+    assert!(
+        err.contains("spec.expirationSeconds: Invalid value: 259200: must be between 1 second and 48 hours"),
+        "{err}"
+    );
+
     // A short-lived token expires.
     let short = k
         .run(&["create", "token", "reader", "-n", "team", "--duration=2s"])
