@@ -415,8 +415,14 @@ async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
     );
     // The move resumed with the delta: the class the virtual cluster already held was not
     // written again, only the new one.
-    let applied_after = applied_classes(&system.virtual_side().metrics().await);
-    let metrics = system.virtual_side().metrics().await;
+    // The class is seen in the virtual cluster before the agent counts its write: wait for the
+    // count, then check that it is the only write.
+    let metrics = eventually("the virtual agent to count the new class's write", || async {
+        let metrics = system.virtual_side().metrics().await;
+        (applied_classes(&metrics) > applied_before).then_some(metrics)
+    })
+    .await;
+    let applied_after = applied_classes(&metrics);
     assert_eq!(
         applied_after - applied_before,
         1,
