@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use host_agent::grpc::auth::Authenticator;
+use host_agent::grpc::framing::SyncFraming;
 use host_agent::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
 use host_agent::index::{ClassIndex, TenantsState, ViewSource, Views};
 use host_agent::metrics::Metrics;
@@ -19,7 +20,6 @@ use kube::runtime::watcher::Event;
 use rcsync_core::{TenantName, TenantsFile};
 use rcsync_proto::v1::CheckPodRequest;
 use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
-use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSyncServer;
 
 const CLASSES: usize = 200;
 
@@ -79,7 +79,7 @@ fn main() {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health)
-                .add_service(RuntimeClassSyncServer::new(service))
+                .add_service(SyncFraming::new(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();

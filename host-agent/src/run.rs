@@ -15,13 +15,13 @@ use rcsync_core::patches::TenantPatches;
 use rcsync_core::script::ScriptLimits;
 use rcsync_core::telemetry::termination_signal;
 use rcsync_proto::v1::pod_sync_server::PodSyncServer;
-use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSyncServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::grpc::TlsFiles;
 use crate::grpc::auth::Authenticator;
+use crate::grpc::framing::SyncFraming;
 use crate::grpc::pods::PodSyncService;
 use crate::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
 use crate::index::{ClassIndex, TenantsState, Views};
@@ -238,7 +238,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RuntimeClassSyncServer::new(sync))
+        .add_service(SyncFraming::new(sync))
         .add_service(PodSyncServer::new(pods));
     let grpc_task = match tls {
         Some(tls) => {

@@ -14,7 +14,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use prost::Message;
 use rcsync_core::TenantName;
 use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSync;
 use rcsync_proto::v1::{
@@ -134,14 +135,13 @@ pub fn reason_name(reason: CheckPodReason) -> &'static str {
     reason.as_str_name().trim_start_matches("CHECK_POD_REASON_")
 }
 
-#[tonic::async_trait]
-impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
-    type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncResponse, Status>> + Send>>;
-
-    async fn sync(
+impl<V: ViewSource> RuntimeClassSyncService<V> {
+    /// Opens a Sync stream: its responses share their resources with the tenant's view (see
+    /// [`SharedSyncResponse`]); [`crate::grpc::framing`] encodes them without copies.
+    pub async fn open_sync(
         &self,
         request: Request<Streaming<SyncRequest>>,
-    ) -> Result<Response<Self::SyncStream>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<SharedSyncResponse, Status>>>, Status> {
         let started = Instant::now();
         let opened = self.view_of(&request).and_then(|(tenant, view)| {
             let slot = self.limiter.open(&tenant, StreamKind::Sync)?;
@@ -176,7 +176,66 @@ impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
             Some(runtime) => drop(runtime.spawn(task)),
             None => drop(tokio::spawn(task)),
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A SyncResponse whose resources are the view's own (`Arc`s, not copies): a response to each of
+/// a thousand streams costs pointers until it is encoded straight into its frame.
+#[derive(Debug)]
+pub struct SharedSyncResponse {
+    /// Every field but `resources`.
+    pub head: SyncResponse,
+    /// `resources`, shared with the view.
+    pub resources: Vec<Arc<Resource>>,
+}
+
+/// Field number of `SyncResponse.resources`.
+const RESOURCES_FIELD: u32 = 2;
+
+impl SharedSyncResponse {
+    /// Length of the protobuf encoding.
+    pub fn encoded_len(&self) -> usize {
+        self.head.encoded_len()
+            + self
+                .resources
+                .iter()
+                .map(|r| prost::encoding::message::encoded_len(RESOURCES_FIELD, r.as_ref()))
+                .sum::<usize>()
+    }
+
+    /// The protobuf encoding of the SyncResponse it stands for (fields may come in any order
+    /// on the wire, and repeated ones accumulate: the head, then each resource).
+    pub fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        self.head.encode_raw(buf);
+        for resource in &self.resources {
+            prost::encoding::message::encode(RESOURCES_FIELD, resource.as_ref(), buf);
+        }
+    }
+
+    /// The SyncResponse itself, its resources copied.
+    pub fn into_message(self) -> SyncResponse {
+        SyncResponse {
+            resources: self.resources.iter().map(|r| (**r).clone()).collect(),
+            ..self.head
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<V: ViewSource> RuntimeClassSync for RuntimeClassSyncService<V> {
+    type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncResponse, Status>> + Send>>;
+
+    /// The stream through tonic's own encoding (each response's resources copied); the host
+    /// agent serves Sync through [`crate::grpc::framing::SyncFraming`] instead.
+    async fn sync(
+        &self,
+        request: Request<Streaming<SyncRequest>>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let responses = self.open_sync(request).await?.into_inner();
+        Ok(Response::new(Box::pin(
+            responses.map(|r| r.map(SharedSyncResponse::into_message)),
+        )))
     }
 
     async fn check_pod(
@@ -224,7 +283,7 @@ struct Session<V> {
     inbound: Streaming<SyncRequest>,
     view: watch::Receiver<Arc<TenantView>>,
     views: Arc<V>,
-    tx: mpsc::Sender<Result<SyncResponse, Status>>,
+    tx: mpsc::Sender<Result<SharedSyncResponse, Status>>,
     base: Arc<TenantView>,
     exceptions: HashMap<String, Option<String>>,
     pending: Option<Pending>,
@@ -457,20 +516,23 @@ impl<V: ViewSource> Session<V> {
         self.sent_policy = Some(view.pod_policy_version.clone());
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let response = SyncResponse {
-            nonce: nonce.clone(),
-            resources: diff.upserts.iter().map(|r| (**r).clone()).collect(),
-            removed_resources: diff.removed.clone(),
-            initial_state_complete: first,
-            sync_enabled: view.sync_enabled,
-            system_version_info: view.digest(),
-            pod_policy_version: view.pod_policy_version.clone(),
-            sent_at: Some(std::time::SystemTime::now().into()),
+        let response = SharedSyncResponse {
+            head: SyncResponse {
+                nonce: nonce.clone(),
+                resources: Vec::new(),
+                removed_resources: diff.removed,
+                initial_state_complete: first,
+                sync_enabled: view.sync_enabled,
+                system_version_info: view.digest(),
+                pod_policy_version: view.pod_policy_version.clone(),
+                sent_at: Some(std::time::SystemTime::now().into()),
+            },
+            resources: diff.upserts,
         };
         tracing::debug!(
             nonce,
-            upserts = diff.upserts.len(),
-            removed = diff.removed.len(),
+            upserts = response.resources.len(),
+            removed = response.head.removed_resources.len(),
             first,
             "sending"
         );
