@@ -1604,3 +1604,40 @@ async fn a_grpc_port_in_use_is_a_clear_error_not_a_panic() {
         "{stdout}{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_tenant_removed_from_the_config_has_its_open_sync_stream_ended_with_permission_denied() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut stream = Stream::open(&mut client, "no-selector", HashMap::new()).await;
+    let first = stream.next().await;
+    assert!(first.initial_state_complete);
+    stream.ack(&first).await;
+    let config = host.dir.path().join("tenants.yaml");
+    let staged = host.dir.path().join("tenants.yaml.new");
+    let without = TENANTS.replace(
+        "  - name: no-selector\n    hostNamespace: vc-no-selector\n    tokenFile: no-selector.token\n    sync: {fromHost: {runtimeClasses: {enabled: true}}}\n",
+        "",
+    );
+    assert_ne!(without, TENANTS);
+    std::fs::write(&staged, without).unwrap();
+    std::fs::rename(&staged, &config).unwrap();
+    // The stream ends with the status in its trailers, not with a transport error.
+    let ended = tokio::time::timeout(rcsync_tests::DEADLINE, stream.rx.message())
+        .await
+        .expect("the stream ends before the deadline")
+        .expect_err("the stream ends with a status");
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message().contains("removed"), "{ended:?}");
+    // A new stream for the removed tenant is refused too.
+    let (_tx, requests) = mpsc::channel::<SyncRequest>(1);
+    let refused = client
+        .sync(with_token(ReceiverStream::new(requests), "no-selector"))
+        .await
+        .expect_err("a removed tenant cannot open a stream");
+    assert!(
+        matches!(refused.code(), Code::PermissionDenied | Code::Unauthenticated),
+        "{refused:?}"
+    );
+}
