@@ -16,6 +16,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -125,6 +129,88 @@ pub fn register_ready_gauge(registry: &mut prometheus_client::registry::Registry
     });
 }
 
+/// The health of an agent's Kubernetes watches, for alerts: `rcsync_watch_errors_total{watch}`
+/// counts failed attempts (each retried with backoff while the last good state is served), and
+/// `rcsync_watch_failing{watch}` is 1 from a failed attempt until the watch delivers again. Readiness
+/// deliberately does not follow a watch: serving the last good state beats taking every tenant
+/// out of service while an API server or a permission is broken, but an operator must know.
+#[derive(Clone)]
+pub struct WatchHealth {
+    errors: Family<WatchLabels, Counter>,
+    failing: Family<WatchLabels, Gauge>,
+}
+
+/// The label of [`WatchHealth`]'s metrics: which watch (`runtimeclasses`, `pods`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WatchLabels {
+    /// The watched resource, as its plural name.
+    pub watch: String,
+}
+
+impl WatchHealth {
+    /// Registers the metrics with a series for each of `watches` from the start (at 0), so an
+    /// alert on them has data before the first failure.
+    pub fn register(registry: &mut Registry, watches: &[&str]) -> Self {
+        let health = Self {
+            errors: Family::default(),
+            failing: Family::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("rcsync");
+        registry.register(
+            "watch_errors",
+            "Failed attempts of a Kubernetes watch (each retried with backoff; the last good state is served meanwhile)",
+            health.errors.clone(),
+        );
+        registry.register(
+            "watch_failing",
+            "1 from a failed attempt of a Kubernetes watch until it delivers again, else 0",
+            health.failing.clone(),
+        );
+        for watch in watches {
+            let labels = WatchLabels {
+                watch: (*watch).to_string(),
+            };
+            let _ = health.errors.get_or_create(&labels);
+            let _ = health.failing.get_or_create(&labels);
+        }
+        health
+    }
+
+    /// Records one item of the watch `watch`: an error counts and marks it failing, anything else
+    /// marks it healthy.
+    pub fn observe<T, E>(&self, watch: &str, item: &Result<T, E>) {
+        self.record(
+            &WatchLabels {
+                watch: watch.to_string(),
+            },
+            item.is_ok(),
+        );
+    }
+
+    fn record(&self, labels: &WatchLabels, ok: bool) {
+        if ok {
+            self.failing.get_or_create(labels).set(0);
+        } else {
+            self.errors.get_or_create(labels).inc();
+            self.failing.get_or_create(labels).set(1);
+        }
+    }
+
+    /// `events` with every item recorded under `watch`.
+    pub fn follow<S, T, E>(
+        &self,
+        watch: String,
+        events: S,
+    ) -> impl futures::Stream<Item = Result<T, E>> + Send + use<S, T, E>
+    where
+        S: futures::Stream<Item = Result<T, E>> + Send,
+    {
+        let health = self.clone();
+        let labels = WatchLabels { watch };
+        futures::StreamExt::inspect(events, move |item| health.record(&labels, item.is_ok()))
+    }
+}
+
 /// The admin routes, for embedding or testing.
 pub fn admin_router(readiness: Readiness, registry: Arc<Registry>) -> Router {
     Router::new()
@@ -190,6 +276,38 @@ pub async fn serve_admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_health_counts_failures_and_clears_on_the_next_event() {
+        let mut registry = Registry::default();
+        let health = WatchHealth::register(&mut registry, &["pods"]);
+        let encode = |registry: &Registry| {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+            out
+        };
+        let text = encode(&registry);
+        assert!(
+            text.contains("rcsync_watch_errors_total{watch=\"pods\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("rcsync_watch_failing{watch=\"pods\"} 0"), "{text}");
+        health.observe::<(), &str>("pods", &Err("403 Forbidden"));
+        health.observe::<(), &str>("pods", &Err("403 Forbidden"));
+        let text = encode(&registry);
+        assert!(
+            text.contains("rcsync_watch_errors_total{watch=\"pods\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("rcsync_watch_failing{watch=\"pods\"} 1"), "{text}");
+        health.observe::<(), &str>("pods", &Ok(()));
+        let text = encode(&registry);
+        assert!(text.contains("rcsync_watch_failing{watch=\"pods\"} 0"), "{text}");
+        assert!(
+            text.contains("rcsync_watch_errors_total{watch=\"pods\"} 2"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn ready_only_when_every_check_passes() {

@@ -528,8 +528,14 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<RuntimeClass> = Api::all(client);
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .backoff(rcsync_core::kube_client::WatchBackoff::default())
+    let mut events = index
+        .metrics
+        .watches
+        .follow(
+            "runtimeclasses".into(),
+            watcher::watcher(api, watcher::Config::default())
+                .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+        )
         .boxed();
     let mut announced = false;
     loop {

@@ -109,12 +109,16 @@ pub struct Metrics {
     pub grpc_requests_total: Family<GrpcLabels, Counter>,
     /// gRPC unary request latency by method.
     pub grpc_latency_seconds: Family<MethodLabel, Histogram>,
+    /// Failures of the host watches (`runtimeclasses`, `pods`).
+    pub watches: rcsync_core::admin::WatchHealth,
 }
 
 impl Metrics {
     /// Creates the metrics and registers them under the `rcsync` prefix.
     pub fn register(registry: &mut Registry) -> Self {
+        let watches = rcsync_core::admin::WatchHealth::register(registry, &["runtimeclasses", "pods"]);
         let m = Self {
+            watches,
             host_classes: Gauge::default(),
             class_versions_total: Counter::default(),
             view_updates_total: Counter::default(),

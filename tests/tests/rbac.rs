@@ -75,6 +75,16 @@ async fn a_host_agent_without_list_on_runtime_classes_fails_with_the_403() {
         Some(200),
         "a host agent that cannot list classes is not ready"
     );
+    // And the RcsyncWatchFailing alert has its data.
+    let metrics = http_get(&replica.1, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains(r#"rcsync_watch_failing{watch="runtimeclasses"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"rcsync_watch_errors_total{watch="runtimeclasses"} 0"#),
+        "{metrics}"
+    );
 }
 
 /// Starts another host agent with the system's flags on fresh ports (no readiness wait).

@@ -372,8 +372,13 @@ pub async fn run_enforcer(
     resync: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
-        .backoff(rcsync_core::kube_client::WatchBackoff::default())
+    let mut events = metrics
+        .watches
+        .follow(
+            "runtimeclasses".into(),
+            watcher::watcher(api.clone(), watcher::Config::default())
+                .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+        )
         .boxed();
     let mut classes: BTreeMap<String, RuntimeClass> = BTreeMap::new();
     let mut relist: Option<BTreeMap<String, RuntimeClass>> = None;

@@ -47,12 +47,20 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Times this replica started leading.
     pub leader_terms_total: Counter,
+    /// Failures of the virtual cluster's watches (`pods`, `runtimeclasses`, `configmaps`,
+    /// `secrets`).
+    pub watches: rcsync_core::admin::WatchHealth,
 }
 
 impl Metrics {
     /// Creates and registers the metrics under the `rcsync` prefix.
     pub fn register(registry: &mut Registry) -> Self {
+        let watches = rcsync_core::admin::WatchHealth::register(
+            registry,
+            &["pods", "runtimeclasses", "configmaps", "secrets"],
+        );
         let m = Self {
+            watches,
             host_connected: Gauge::default(),
             synced_classes: Gauge::default(),
             applies_total: Family::default(),

@@ -209,6 +209,7 @@ pub struct PodSyncer {
     config_map_writer: reflector::store::Writer<ConfigMap>,
     secret_writer: reflector::store::Writer<Secret>,
     board: PodBoard,
+    watches: rcsync_core::admin::WatchHealth,
 }
 
 /// One shard's state and loop.
@@ -289,6 +290,7 @@ impl PodSyncer {
             config_map_writer,
             secret_writer,
             board,
+            watches: metrics.watches.clone(),
         }
     }
 
@@ -313,12 +315,18 @@ impl PodSyncer {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let api: Api<Pod> = Api::all(self.client.clone());
-        let mut pod_events = watcher::watcher(api, watcher::Config::default())
-            .backoff(rcsync_core::kube_client::WatchBackoff::default())
+        let mut pod_events = self
+            .watches
+            .follow(
+                "pods".into(),
+                watcher::watcher(api, watcher::Config::default())
+                    .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+            )
             .boxed();
         let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
-        let mut config_map_events = object_events(&self.client, self.config_map_writer);
-        let mut secret_events = object_events(&self.client, self.secret_writer);
+        let watches = &self.watches;
+        let mut config_map_events = object_events(&self.client, self.config_map_writer, watches);
+        let mut secret_events = object_events(&self.client, self.secret_writer, watches);
 
         let (status_tx, mut status_rx) = mpsc::channel(256);
         children.spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
@@ -416,6 +424,7 @@ impl PodSyncer {
 fn object_events<K>(
     client: &Client,
     writer: reflector::store::Writer<K>,
+    watches: &rcsync_core::admin::WatchHealth,
 ) -> futures::stream::BoxStream<'static, Result<Event<K>, watcher::Error>>
 where
     K: kube::Resource<DynamicType = ()>
@@ -426,12 +435,16 @@ where
         + Sync
         + 'static,
 {
-    reflector::reflector(
-        writer,
-        watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
-    )
-    .backoff(rcsync_core::kube_client::WatchBackoff::default())
-    .boxed()
+    watches
+        .follow(
+            K::plural(&()).into_owned(),
+            reflector::reflector(
+                writer,
+                watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+            )
+            .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+        )
+        .boxed()
 }
 
 /// What a ConfigMap or Secret watch event means to the shards.

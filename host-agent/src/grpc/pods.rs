@@ -663,8 +663,14 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         self.metrics.record(WATCH, started, &caller);
         let (name, tenant, slot) = caller?;
         let config = watcher::Config::default().labels(&managed_selector(&tenant));
-        let events = watcher::watcher(self.pods(&tenant), config)
-            .backoff(rcsync_core::kube_client::WatchBackoff::default())
+        let events = self
+            .metrics
+            .watches
+            .follow(
+                "pods".into(),
+                watcher::watcher(self.pods(&tenant), config)
+                    .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+            )
             .boxed();
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("pod_status", tenant = %name);
