@@ -217,7 +217,8 @@ impl CheckPodProbe {
         let (calls, mut asked) =
             mpsc::unbounded_channel::<(String, usize, tokio::sync::oneshot::Sender<Duration>)>();
         let url = format!("http://{grpc}");
-        std::thread::spawn(move || {
+        let thread = std::thread::Builder::new().name("checkpod-probe".into());
+        thread.spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -241,7 +242,8 @@ impl CheckPodProbe {
                     let _ = took.send(started.elapsed());
                 }
             });
-        });
+        })
+        .expect("starting the CheckPod probe thread");
         Self { calls }
     }
 
