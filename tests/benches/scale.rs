@@ -218,32 +218,33 @@ impl CheckPodProbe {
             mpsc::unbounded_channel::<(String, usize, tokio::sync::oneshot::Sender<Duration>)>();
         let url = format!("http://{grpc}");
         let thread = std::thread::Builder::new().name("checkpod-probe".into());
-        thread.spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-                while let Some((class, tenant, took)) = asked.recv().await {
-                    let mut client = RuntimeClassSyncClient::new(channel.clone());
-                    let started = Instant::now();
-                    client
-                        .check_pod(with_token(
-                            CheckPodRequest {
-                                pod_name: "p".into(),
-                                runtime_class_name: class,
-                                ..Default::default()
-                            },
-                            tenant,
-                        ))
-                        .await
-                        .expect("CheckPod");
-                    let _ = took.send(started.elapsed());
-                }
-            });
-        })
-        .expect("starting the CheckPod probe thread");
+        thread
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+                    while let Some((class, tenant, took)) = asked.recv().await {
+                        let mut client = RuntimeClassSyncClient::new(channel.clone());
+                        let started = Instant::now();
+                        client
+                            .check_pod(with_token(
+                                CheckPodRequest {
+                                    pod_name: "p".into(),
+                                    runtime_class_name: class,
+                                    ..Default::default()
+                                },
+                                tenant,
+                            ))
+                            .await
+                            .expect("CheckPod");
+                        let _ = took.send(started.elapsed());
+                    }
+                });
+            })
+            .expect("starting the CheckPod probe thread");
         Self { calls }
     }
 

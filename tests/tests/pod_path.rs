@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, Pod, 
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt as _};
 use rcsync_core::pod_refs;
-use rcsync_tests::eventually;
-use rcsync_tests::system::{System, TenantSpec, VirtualSide};
+use rcsync_tests::system::{System, TenantSpec, VirtualSide, runtime_class};
+use rcsync_tests::{eventually, http_get};
 use serde_json::{Value, json};
 
 const TENANT: &str = "team-a";
@@ -588,4 +588,74 @@ async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_perio
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_secrets_of_a_pod_whose_class_is_denied_never_leave_the_virtual_cluster() {
+    let mut system = System::start(
+        &[TenantSpec::new(
+            TENANT,
+            "{enabled: true, selector: {matchLabels: {env: dev}}}",
+        )],
+        &[
+            runtime_class("gvisor", "runsc", &[("env", "dev")]),
+            runtime_class("kata", "kata", &[]),
+        ],
+    )
+    .await;
+    Api::<Secret>::namespaced(system.virtual_side().cluster.client().await, "default")
+        .create(&PostParams::default(), &secret("db", &[("password", "s3cret")]))
+        .await
+        .unwrap();
+    let uses_db = |class: &str| {
+        json!({"runtimeClassName": class,
+               "containers": [app(json!({"envFrom": [{"secretRef": {"name": "db"}}]}))]})
+    };
+    system.virtuals[0]
+        .create_pod_with_homemade_class(&pod("denied", uses_db("kata")), "kata")
+        .await;
+    let v = system.virtual_side();
+    let warning = eventually("the SyncWarning of the denied Pod", || async {
+        events_in(v, "default", "denied")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SyncWarning"))
+    })
+    .await;
+    assert_eq!(
+        warning.message.as_deref(),
+        Some(
+            "did not sync pod \"denied\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'"
+        )
+    );
+    // The host agent was asked (CheckPod) and got no ApplyPod, the call that carries Secrets.
+    let metrics = http_get(&system.host_admin, "/metrics").await.unwrap().1;
+    assert!(
+        metrics.contains(
+            r#"rcsync_grpc_requests_total{method="/rcsync.v1.RuntimeClassSync/CheckPod",code="Ok"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(r#"method="/rcsync.v1.PodSync/ApplyPod""#),
+        "{metrics}"
+    );
+    assert!(
+        host_secrets(&system)
+            .await
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    // An allowed Pod with the same Secret syncs, with its copy.
+    v.create_pod(&pod("allowed", uses_db("gvisor"))).await;
+    wait_host_pod(&system, "allowed", "default").await;
+    let copy = host_secrets(&system)
+        .await
+        .get(&host_name("db", "default"))
+        .await
+        .unwrap();
+    assert_eq!(copy.data, Some(secret_data(&[("password", "s3cret")])));
 }

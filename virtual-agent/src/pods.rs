@@ -216,6 +216,9 @@ pub struct PodSyncer {
 struct Shard {
     client: Client,
     target: HostAgentTarget,
+    /// The classes held from the host: a Pod with Secrets whose class is not among them asks
+    /// CheckPod before its Secrets leave the virtual cluster.
+    sync_state: watch::Receiver<SyncState>,
     recorder: Recorder,
     metrics: Metrics,
     pods: HashMap<Key, Arc<Pod>>,
@@ -274,6 +277,7 @@ impl PodSyncer {
                 Shard::new(
                     client.clone(),
                     target.clone(),
+                    sync_state.clone(),
                     metrics.clone(),
                     recorder.clone(),
                     objects.clone(),
@@ -478,12 +482,14 @@ impl Shard {
     fn new(
         client: Client,
         target: HostAgentTarget,
+        sync_state: watch::Receiver<SyncState>,
         metrics: Metrics,
         recorder: Recorder,
         objects: ObjectStores,
         board: PodBoard,
     ) -> Self {
         Self {
+            sync_state,
             board,
             recorder,
             client,
@@ -859,14 +865,18 @@ impl Shard {
         // asks CheckPod first, so a denied class is reported rather than the missing objects. A
         // Pod already running on the host never waits: an object deleted under it keeps its last
         // copy there (it goes with the last Pod using it), and the Pod keeps receiving updates.
-        let checked = if referenced.missing.is_empty() || host_has_it {
+        // A Pod with Secrets whose class is not one the host syncs asks first too, so Secrets of a
+        // Pod the host would deny never leave the virtual cluster.
+        let runtime_class = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.runtime_class_name.clone())
+            .unwrap_or_default();
+        let would_wait = !referenced.missing.is_empty();
+        let secrets_at_stake = !referenced.secrets.is_empty() && self.may_be_denied(&runtime_class);
+        let checked = if host_has_it || !(would_wait || secrets_at_stake) {
             None
         } else {
-            let runtime_class = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.runtime_class_name.clone())
-                .unwrap_or_default();
             let request = CheckPodRequest {
                 pod_namespace: key.0.clone(),
                 pod_name: key.1.clone(),
@@ -881,10 +891,10 @@ impl Shard {
                 }
             }
         };
-        if checked.as_ref().is_some_and(|d| d.allowed) {
+        if would_wait && checked.as_ref().is_some_and(|d| d.allowed) {
             return self.on_waiting(key, pod, &uid, &referenced.missing).await;
         }
-        let decision = if let Some(denied) = checked {
+        let decision = if let Some(denied) = checked.filter(|d| !d.allowed) {
             denied
         } else {
             let mut sent = pod.clone();
@@ -952,6 +962,16 @@ impl Shard {
             }
         };
         self.on_denied(key, pod, &uid, host_has_it, decision).await
+    }
+
+    /// Whether the host may deny `runtime_class` for this tenant: the class is named and the
+    /// virtual cluster does not hold it from the host, or what it holds is not known yet (before
+    /// the first complete Sync state). False when the tenant's sync is off (Pods are not gated).
+    /// Only a reason to ask first; the host decides.
+    fn may_be_denied(&self, runtime_class: &str) -> bool {
+        let state = self.sync_state.borrow();
+        let held = state.initial_applied && state.synced.contains(runtime_class);
+        !runtime_class.is_empty() && state.enabled != Some(false) && !held
     }
 
     /// Records `state` for a Pod; false when it was in that state already (nothing to report).
