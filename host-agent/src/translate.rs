@@ -10,6 +10,8 @@
 //! | spec.runtimeClassName                 | the host class's name (after reverse patches)            |
 //! | ConfigMap / Secret references         | the translated copies (`<name>-x-<namespace>-x-<tenant>`), never a host object of the original name |
 //! | fieldRef metadata.name/namespace/uid  | `metadata.annotations['vcluster.loft.sh/object-…']`      |
+//! | fieldRef metadata.labels['k'] / metadata.annotations['k'] | `metadata.annotations['rcsync.io/label-<hash of k>']` (`annotation-…`), holding the virtual value |
+//! | downwardAPI of all metadata.labels / annotations | refused: the host Pod does not carry them       |
 //! | spec.nodeName                         | dropped: the host scheduler places Pods                  |
 //! | spec.serviceAccountName / token mounts| dropped; `automountServiceAccountToken: false` (virtual credentials mean nothing on the host, and host ones must not leak in) |
 //! | priorityClassName, priority, preemptionPolicy, overhead | dropped (host admission sets them)     |
@@ -20,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Pod, PodSpec, Secret, Toleration};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec, Secret, Toleration};
 use kube::api::ObjectMeta;
 use rcsync_core::naming::{
     ANNOTATION_OBJECT_NAME, ANNOTATION_OBJECT_NAMESPACE, ANNOTATION_OBJECT_UID, LABEL_MANAGED_BY,
@@ -102,7 +104,8 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     pod_refs::rewrite(&mut spec, |_, name| {
         host_object_name(name, &id.namespace, tenant_name)
     });
-    rewrite_downward_api(&mut spec);
+    let mut annotations = identity_annotations(&id.name, &id.namespace, Some(&id.uid));
+    rewrite_downward_api(&mut spec, &virtual_pod.metadata, &mut annotations);
     apply_scheduling_policy(&mut spec, &tenant.pods);
     // Set by the host's own admission (priority from the class, overhead from the RuntimeClass);
     // values computed in the virtual cluster would be rejected or wrong there.
@@ -115,7 +118,6 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
         (LABEL_MANAGED_BY.to_string(), tenant.name.to_string()),
         (LABEL_NAMESPACE.to_string(), id.namespace.clone()),
     ]);
-    let mut annotations = identity_annotations(&id.name, &id.namespace, Some(&id.uid));
     if let Some(virtual_labels) = virtual_pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
         annotations.insert(
             ANNOTATION_VIRTUAL_LABELS.to_string(),
@@ -176,32 +178,63 @@ fn drop_token_volumes(spec: &mut PodSpec) {
     }
 }
 
-/// The host field a downward-API `fieldPath` of the virtual Pod reads from, when it differs.
-fn host_field_path(path: &str) -> Option<String> {
-    let annotation = match path {
-        "metadata.name" => ANNOTATION_OBJECT_NAME,
-        "metadata.namespace" => ANNOTATION_OBJECT_NAMESPACE,
-        "metadata.uid" => ANNOTATION_OBJECT_UID,
-        _ => return None,
+/// Prefix of host Pod annotations holding the value of one virtual label a fieldRef reads.
+pub const ANNOTATION_LABEL_PREFIX: &str = "rcsync.io/label-";
+/// Prefix of host Pod annotations holding the value of one virtual annotation a fieldRef reads.
+pub const ANNOTATION_ANNOTATION_PREFIX: &str = "rcsync.io/annotation-";
+
+/// The host field a downward-API `fieldPath` of the virtual Pod reads from, when it differs, and
+/// the annotation (key, virtual value) the host Pod must carry for it. The virtual Pod's identity
+/// is in vCluster's annotations; one label or annotation (`metadata.labels['k']`) is copied into
+/// an annotation of its own, named by a hash of `k` (label keys may hold characters annotation
+/// names may not). Whole maps stay as they are and are refused by [`unsupported`].
+fn host_field_path(path: &str, virtual_meta: &ObjectMeta) -> Option<(String, Option<(String, String)>)> {
+    let identity = match path {
+        "metadata.name" => Some(ANNOTATION_OBJECT_NAME),
+        "metadata.namespace" => Some(ANNOTATION_OBJECT_NAMESPACE),
+        "metadata.uid" => Some(ANNOTATION_OBJECT_UID),
+        _ => None,
     };
-    Some(format!("metadata.annotations['{annotation}']"))
+    if let Some(annotation) = identity {
+        return Some((format!("metadata.annotations['{annotation}']"), None));
+    }
+    let (map, key, prefix) = if let Some(key) = subscript(path, "metadata.labels") {
+        (virtual_meta.labels.as_ref(), key, ANNOTATION_LABEL_PREFIX)
+    } else if let Some(key) = subscript(path, "metadata.annotations") {
+        (
+            virtual_meta.annotations.as_ref(),
+            key,
+            ANNOTATION_ANNOTATION_PREFIX,
+        )
+    } else {
+        return None;
+    };
+    let annotation = format!("{prefix}{}", rcsync_core::version::content_version(key));
+    // A key the virtual Pod lacks reads as "" there, and so does a missing annotation here.
+    let value = map
+        .and_then(|m| m.get(key))
+        .map(|v| (annotation.clone(), v.clone()));
+    Some((format!("metadata.annotations['{annotation}']"), value))
 }
 
-/// Points `fieldRef`s of the Pod's identity (env and downwardAPI volumes, projected ones too) at
-/// the annotations that hold the virtual identity, as vCluster does.
-fn rewrite_downward_api(spec: &mut PodSpec) {
-    let fix = |field: &mut Option<k8s_openapi::api::core::v1::ObjectFieldSelector>| {
+/// `k` of `field['k']`, the downward API's subscript form.
+fn subscript<'a>(path: &'a str, field: &str) -> Option<&'a str> {
+    path.strip_prefix(field)?.strip_prefix("['")?.strip_suffix("']")
+}
+
+/// Points the Pod's downward-API `fieldRef`s (env and downwardAPI volumes, projected ones too) at
+/// what the host Pod holds for them (see [`host_field_path`]), adding the annotations they read.
+fn rewrite_downward_api(
+    spec: &mut PodSpec,
+    virtual_meta: &ObjectMeta,
+    annotations: &mut BTreeMap<String, String>,
+) {
+    let mut fix = |field: &mut Option<k8s_openapi::api::core::v1::ObjectFieldSelector>| {
         if let Some(field) = field
-            && let Some(path) = host_field_path(&field.field_path)
+            && let Some((path, annotation)) = host_field_path(&field.field_path, virtual_meta)
         {
             field.field_path = path;
-        }
-    };
-    let fix_env = |env: Option<&mut Vec<EnvVar>>| {
-        for var in env.into_iter().flatten() {
-            if let Some(from) = &mut var.value_from {
-                fix(&mut from.field_ref);
-            }
+            annotations.extend(annotation);
         }
     };
     for c in spec
@@ -209,27 +242,42 @@ fn rewrite_downward_api(spec: &mut PodSpec) {
         .iter_mut()
         .chain(spec.init_containers.iter_mut().flatten())
     {
-        fix_env(c.env.as_mut());
-    }
-    for c in spec.ephemeral_containers.iter_mut().flatten() {
-        fix_env(c.env.as_mut());
-    }
-    for volume in spec.volumes.iter_mut().flatten() {
-        let mut files: Vec<&mut k8s_openapi::api::core::v1::DownwardAPIVolumeFile> = Vec::new();
-        if let Some(d) = &mut volume.downward_api {
-            files.extend(d.items.iter_mut().flatten());
-        }
-        if let Some(p) = &mut volume.projected {
-            for source in p.sources.iter_mut().flatten() {
-                if let Some(d) = &mut source.downward_api {
-                    files.extend(d.items.iter_mut().flatten());
-                }
+        for var in c.env.iter_mut().flatten() {
+            if let Some(from) = &mut var.value_from {
+                fix(&mut from.field_ref);
             }
         }
-        for file in files {
+    }
+    for c in spec.ephemeral_containers.iter_mut().flatten() {
+        for var in c.env.iter_mut().flatten() {
+            if let Some(from) = &mut var.value_from {
+                fix(&mut from.field_ref);
+            }
+        }
+    }
+    for volume in spec.volumes.iter_mut().flatten() {
+        for file in downward_api_files(volume) {
             fix(&mut file.field_ref);
         }
     }
+}
+
+/// The downward-API items of a volume, projected ones too.
+fn downward_api_files(
+    volume: &mut k8s_openapi::api::core::v1::Volume,
+) -> Vec<&mut k8s_openapi::api::core::v1::DownwardAPIVolumeFile> {
+    let mut files = Vec::new();
+    if let Some(d) = &mut volume.downward_api {
+        files.extend(d.items.iter_mut().flatten());
+    }
+    if let Some(p) = &mut volume.projected {
+        for source in p.sources.iter_mut().flatten() {
+            if let Some(d) = &mut source.downward_api {
+                files.extend(d.items.iter_mut().flatten());
+            }
+        }
+    }
+    files
 }
 
 /// Tolerations, scheduler name: what the tenant may ask of the host's scheduler.
@@ -320,6 +368,27 @@ pub fn unsupported(spec: &PodSpec) -> Vec<String> {
         };
         if let Some(why) = why {
             problems.push(format!("volume {name:?}: {why}"));
+        }
+    }
+    for v in spec.volumes.iter().flatten() {
+        let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
+        let files = v
+            .downward_api
+            .iter()
+            .flat_map(|d| d.items.iter().flatten())
+            .chain(
+                projected
+                    .filter_map(|s| s.downward_api.as_ref())
+                    .flat_map(|d| d.items.iter().flatten()),
+            );
+        for file in files {
+            let path = file.field_ref.as_ref().map(|f| f.field_path.as_str());
+            if let Some(whole @ ("metadata.labels" | "metadata.annotations")) = path {
+                problems.push(format!(
+                    "volume {:?}: downwardAPI item {:?} reads all of {whole}, which the host Pod does not carry (single keys, {whole}['key'], are mapped)",
+                    v.name, file.path
+                ));
+            }
         }
     }
     if spec.resource_claims.as_ref().is_some_and(|c| !c.is_empty()) {
@@ -553,6 +622,71 @@ mod tests {
             "metadata.annotations['vcluster.loft.sh/object-name']"
         );
         assert_eq!(host["metadata"]["annotations"][ANNOTATION_OBJECT_NAME], "web");
+    }
+
+    #[test]
+    fn a_label_or_annotation_a_field_ref_reads_is_carried_in_an_annotation_of_its_own() {
+        let mut pod = pod_with(serde_json::json!({
+            "containers": [{"name": "c", "env": [
+                {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app.kubernetes.io/name']"}}},
+                {"name": "OWNER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['owner']"}}},
+                {"name": "NONE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['absent']"}}}]}],
+            "volumes": [{"name": "d", "downwardAPI": {"items": [
+                {"path": "app", "fieldRef": {"fieldPath": "metadata.labels['app.kubernetes.io/name']"}}]}}]
+        }));
+        pod.metadata.labels = Some(BTreeMap::from([("app.kubernetes.io/name".into(), "shop".into())]));
+        pod.metadata.annotations = Some(BTreeMap::from([("owner".into(), "team-a@example.com".into())]));
+        let host = host_pod(&pod, &tenant(), "").unwrap();
+        let spec = serde_json::to_value(host.spec.as_ref().unwrap()).unwrap();
+        let annotations = host.metadata.annotations.unwrap();
+        let read = |path: &serde_json::Value| -> Option<String> {
+            let path = path.as_str().unwrap();
+            let key = path.strip_prefix("metadata.annotations['")?.strip_suffix("']")?;
+            Some(annotations.get(key).cloned().unwrap_or_default())
+        };
+        let env = &spec["containers"][0]["env"];
+        assert_eq!(
+            read(&env[0]["valueFrom"]["fieldRef"]["fieldPath"]).as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            read(&env[1]["valueFrom"]["fieldRef"]["fieldPath"]).as_deref(),
+            Some("team-a@example.com")
+        );
+        // A key the virtual Pod lacks reads as empty on both sides.
+        assert_eq!(
+            read(&env[2]["valueFrom"]["fieldRef"]["fieldPath"]).as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            spec["volumes"][0]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+            env[0]["valueFrom"]["fieldRef"]["fieldPath"]
+        );
+        // Only what a fieldRef reads is copied.
+        assert!(
+            annotations.keys().filter(|k| k.starts_with("rcsync.io/")).count() == 2,
+            "{annotations:?}"
+        );
+        assert!(unsupported(host.spec.as_ref().unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_downward_api_volume_of_all_labels_or_annotations_is_refused_with_the_item_named() {
+        let pod = pod_with(serde_json::json!({
+            "containers": [{"name": "c"}],
+            "volumes": [
+                {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+                {"name": "p", "projected": {"sources": [{"downwardAPI": {"items": [
+                    {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}]}}]
+        }));
+        let host = host_pod(&pod, &tenant(), "").unwrap();
+        assert_eq!(
+            unsupported(host.spec.as_ref().unwrap()),
+            [
+                "volume \"info\": downwardAPI item \"labels\" reads all of metadata.labels, which the host Pod does not carry (single keys, metadata.labels['key'], are mapped)",
+                "volume \"p\": downwardAPI item \"annotations\" reads all of metadata.annotations, which the host Pod does not carry (single keys, metadata.annotations['key'], are mapped)",
+            ]
+        );
     }
 
     #[test]

@@ -659,3 +659,65 @@ async fn the_secrets_of_a_pod_whose_class_is_denied_never_leave_the_virtual_clus
         .unwrap();
     assert_eq!(copy.data, Some(secret_data(&[("password", "s3cret")])));
 }
+
+#[tokio::test]
+async fn a_label_a_field_ref_reads_keeps_its_virtual_value_on_the_host_and_follows_changes() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    let mut p = pod(
+        "labelled",
+        json!({"containers": [app(json!({"env": [
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}}]}))]}),
+    );
+    p.metadata.labels = Some(BTreeMap::from([("app".to_string(), "shop".to_string())]));
+    v.create_pod(&p).await;
+    let host = wait_host_pod(&system, "labelled", "default").await;
+    let path = host.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap()[0]
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap()
+        .field_path
+        .clone();
+    let key = path
+        .strip_prefix("metadata.annotations['")
+        .and_then(|p| p.strip_suffix("']"))
+        .unwrap_or_else(|| panic!("the fieldRef reads an annotation: {path}"))
+        .to_string();
+    assert_eq!(host.annotations().get(&key).map(String::as_str), Some("shop"));
+    assert!(
+        !host.labels().contains_key("app"),
+        "virtual labels are not copied"
+    );
+    // The label changes in the virtual cluster: the host Pod's annotation follows.
+    Api::<Pod>::namespaced(v.cluster.client().await, "default")
+        .patch(
+            "labelled",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": "shop-v2"}}})),
+        )
+        .await
+        .unwrap();
+    let pods = system.host_pods(&v.tenant).await;
+    eventually("the host annotation to follow the label", || async {
+        let host = pods.get(&host_name("labelled", "default")).await.ok()?;
+        (host.annotations().get(&key).map(String::as_str) == Some("shop-v2")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_downward_api_volume_of_all_labels_is_refused_with_a_reason() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "all-labels",
+        json!({"containers": [app(json!({}))],
+               "volumes": [{"name": "info", "downwardAPI": {"items": [
+                   {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}]}),
+        "the host cannot honour volume \"info\": downwardAPI item \"labels\" reads all of metadata.labels, which the host Pod does not carry (single keys, metadata.labels['key'], are mapped)",
+    )
+    .await;
+}
