@@ -401,6 +401,23 @@ impl System {
         Api::namespaced(self.host.client().await, &tenant.host_namespace())
     }
 
+    /// Waits until the first tenant has exactly `count` host Pods not being deleted.
+    pub async fn wait_host_pod_count(&self, count: usize) {
+        let host = self.host_pods(&self.virtual_side().tenant).await;
+        eventually(&format!("{count} Pods on the host"), || {
+            let host = host.clone();
+            async move {
+                let pods = host.list(&Default::default()).await.ok()?.items;
+                let live = pods
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .count();
+                (live == count).then_some(())
+            }
+        })
+        .await;
+    }
+
     /// Kills the host agent (SIGKILL) unless it is down already, and starts it again.
     pub async fn restart_host_agent(&mut self) {
         if !self.host_agent.has_exited() {

@@ -1,8 +1,6 @@
 //! Regressions the chaos harness (`cargo run -p rcsync-tests --bin chaos`) found, each as a
 //! plain end-to-end test with the real binaries.
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
 use rcsync_tests::eventually;
 use rcsync_tests::system::{System, TenantSpec, pod, runtime_class};
 
@@ -22,15 +20,7 @@ async fn pods_sync_again_after_the_tenant_token_is_rotated() {
     system.virtuals[0].restart_agent().await;
     let v = system.virtual_side();
     v.create_pod(&pod("before", Some("gvisor"))).await;
-    let host: Api<Pod> = system.host_pods(&v.tenant).await;
-    let on_host = |n: usize| {
-        let host = host.clone();
-        async move {
-            let pods = host.list(&Default::default()).await.ok()?.items;
-            (pods.len() == n).then_some(())
-        }
-    };
-    eventually("the first Pod on the host", || on_host(1)).await;
+    system.wait_host_pod_count(1).await;
 
     // One file is both the host's tokenFile and the agent's --token-file here: rotate it.
     let token_file = system.dir.path().join(format!("{TENANT}.token"));
@@ -53,7 +43,7 @@ async fn pods_sync_again_after_the_tenant_token_is_rotated() {
     })
     .await;
     v.create_pod(&pod("after", Some("gvisor"))).await;
-    eventually("the Pod created after the rotation on the host", || on_host(2)).await;
+    system.wait_host_pod_count(2).await;
 }
 
 /// A virtual Pod deleted while its agent was away, and a new Pod of the same name that may not
@@ -72,20 +62,7 @@ async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sy
     .await;
     let v = system.virtual_side();
     v.create_pod(&pod("web", Some("gvisor"))).await;
-    let host: Api<Pod> = system.host_pods(&v.tenant).await;
-    let count = |n: usize| {
-        let host = host.clone();
-        async move {
-            let pods = host.list(&Default::default()).await.ok()?.items;
-            (pods
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .count()
-                == n)
-                .then_some(())
-        }
-    };
-    eventually("the host Pod", || count(1)).await;
+    system.wait_host_pod_count(1).await;
 
     let v = &mut system.virtuals[0];
     v.stop_agent().await;
@@ -100,7 +77,7 @@ async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sy
     v.create_pod(&pod("web", Some("kata"))).await;
     v.start_agent().await;
 
-    eventually("the old host Pod to be deleted", || count(0)).await;
+    system.wait_host_pod_count(0).await;
     system
         .virtual_side()
         .wait_event(

@@ -121,18 +121,6 @@ async fn create_pods(system: &System, names: impl Iterator<Item = String>) {
     }
 }
 
-async fn wait_all_on_host(system: &System, count: usize) {
-    let host = system.host_pods(&system.virtual_side().tenant).await;
-    eventually(&format!("{count} Pods on the host"), || {
-        let host = host.clone();
-        async move {
-            let n = host.list(&Default::default()).await.ok()?.items.len();
-            (n == count).then_some(())
-        }
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn the_standby_takes_over_within_the_lease_duration_when_the_leader_is_killed() {
     let mut system = gvisor_system().await;
@@ -164,7 +152,7 @@ async fn the_standby_takes_over_within_the_lease_duration_when_the_leader_is_kil
         LEASE_NAMESPACE,
     ));
     create_pods(&system, (0..8).map(|i| format!("before-{i}"))).await;
-    wait_all_on_host(&system, 8).await;
+    system.wait_host_pod_count(8).await;
 
     // Kill the leader while Pods are being created.
     let killed_at = Timestamp::now();
@@ -189,7 +177,7 @@ async fn the_standby_takes_over_within_the_lease_duration_when_the_leader_is_kil
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     create_pods(&system, (0..8).map(|i| format!("after-{i}"))).await;
-    wait_all_on_host(&system, 24).await;
+    system.wait_host_pod_count(24).await;
     system.virtuals[0].agent.wait_exit().await;
 
     // No Pod synced twice, none lost: each host Pod was created once and never replaced.
@@ -263,7 +251,7 @@ async fn a_leader_that_cannot_renew_stops_writing_before_a_standby_takes_over() 
         .virtual_side()
         .create_pod(&pod("while-frozen", Some("gvisor")))
         .await;
-    wait_all_on_host(&system, 1).await;
+    system.wait_host_pod_count(1).await;
     system.virtuals[0].agent.signal("CONT");
     let old_admin = system.virtuals[0].admin.clone();
     eventually("the resumed replica to stand by", || async {
@@ -379,7 +367,7 @@ async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
     };
     let applied_before = applied_classes(&system.virtual_side().metrics().await);
     create_pods(&system, (0..6).map(|i| format!("before-{i}"))).await;
-    wait_all_on_host(&system, 6).await;
+    system.wait_host_pod_count(6).await;
 
     // Kill whichever replica holds the Sync stream (the first connect goes to the first URL).
     let stream_holder_is_first = open_streams(&system.host_admin).await > 0;
@@ -389,7 +377,7 @@ async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
         second.signal("KILL");
     }
     create_pods(&system, (0..6).map(|i| format!("after-{i}"))).await;
-    wait_all_on_host(&system, 12).await;
+    system.wait_host_pod_count(12).await;
     let survivor = if stream_holder_is_first {
         &second_admin
     } else {
@@ -698,7 +686,7 @@ async fn a_rolling_restart_of_every_replica_under_churn_ends_converged_without_e
         .filter_map(|p| p.metadata.name)
         .collect();
     assert!(virtual_pods.len() >= 15, "too little churn: {virtual_pods:?}");
-    wait_all_on_host(&system, virtual_pods.len()).await;
+    system.wait_host_pod_count(virtual_pods.len()).await;
     {
         let h = host_pods.lock().unwrap();
         assert!(
