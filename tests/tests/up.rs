@@ -191,15 +191,7 @@ async fn devcluster_up_runs_the_system_and_its_guide_works_as_printed() {
     assert!(status.success(), "devcluster up exited with {status}");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("stopped"), "{text}");
-    let pids = Command::new("pgrep")
-        .args(["-f", &state.display().to_string()])
-        .stdout(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&pids.stdout).trim().is_empty(),
-        "agents still running after devcluster up stopped"
-    );
+    assert_nothing_left_running(&state);
 }
 
 #[tokio::test]
@@ -249,6 +241,11 @@ async fn devcluster_up_ha_runs_two_replicas_of_each_agent_and_shows_the_leader()
     up.signal("INT");
     let status = up.wait_exit().await;
     assert!(status.success(), "devcluster up --ha exited with {status}");
+    assert_nothing_left_running(&state);
+}
+
+/// No process started by `devcluster up` (they all name its state directory) outlives it.
+fn assert_nothing_left_running(state: &std::path::Path) {
     let pids = Command::new("pgrep")
         .args(["-f", &state.display().to_string()])
         .stdout(Stdio::piped())
@@ -256,6 +253,7 @@ async fn devcluster_up_ha_runs_two_replicas_of_each_agent_and_shows_the_leader()
         .unwrap();
     assert!(
         String::from_utf8_lossy(&pids.stdout).trim().is_empty(),
-        "agents still running"
+        "agents still running after devcluster up stopped: {}",
+        String::from_utf8_lossy(&pids.stdout)
     );
 }
