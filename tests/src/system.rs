@@ -396,6 +396,15 @@ impl System {
         Api::all(self.host.client().await)
     }
 
+    /// Creates a host RuntimeClass.
+    pub async fn create_host_class(&self, class: &RuntimeClass) -> RuntimeClass {
+        self.host_classes()
+            .await
+            .create(&PostParams::default(), class)
+            .await
+            .unwrap()
+    }
+
     /// Host Pods of a tenant.
     pub async fn host_pods(&self, tenant: &TenantSpec) -> Api<Pod> {
         Api::namespaced(self.host.client().await, &tenant.host_namespace())
@@ -567,6 +576,15 @@ impl VirtualSide {
         Api::all(self.cluster.client().await)
     }
 
+    /// Creates a RuntimeClass in the virtual cluster (as the tenant would).
+    pub async fn create_class(&self, class: &RuntimeClass) -> RuntimeClass {
+        self.classes()
+            .await
+            .create(&PostParams::default(), class)
+            .await
+            .unwrap()
+    }
+
     /// Virtual Pods in `default`.
     pub async fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.cluster.client().await, "default")
@@ -719,12 +737,7 @@ impl VirtualSide {
     /// while the agent is stopped; the agent deletes the class when it comes back, the Pod stays.
     pub async fn create_pod_with_homemade_class(&mut self, pod: &Pod, class: &str) -> Pod {
         self.stop_agent().await;
-        let homemade = runtime_class(class, "runc", &[]);
-        self.classes()
-            .await
-            .create(&PostParams::default(), &homemade)
-            .await
-            .unwrap();
+        self.create_class(&runtime_class(class, "runc", &[])).await;
         let created = self.create_pod(pod).await;
         self.start_agent().await;
         created

@@ -51,7 +51,6 @@ async fn pods_sync_again_after_the_tenant_token_is_rotated() {
 /// have replaced it. The host Pod of an earlier Pod of that name must go whatever the new one's fate.
 #[tokio::test]
 async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sync() {
-    use kube::api::PostParams;
     let mut system = System::start(
         &[TenantSpec::new(
             TENANT,
@@ -69,11 +68,7 @@ async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sy
     v.delete_pod_now("web").await;
     // A class the tenant made (the virtual API server admits Pods only with existing classes);
     // the agent deletes it when it is back, and the host has no such class.
-    v.classes()
-        .await
-        .create(&PostParams::default(), &runtime_class("kata", "kata", &[]))
-        .await
-        .unwrap();
+    v.create_class(&runtime_class("kata", "kata", &[])).await;
     v.create_pod(&pod("web", Some("kata"))).await;
     v.start_agent().await;
 
@@ -107,16 +102,11 @@ fn retry_delays(logs: &str, pod: &str) -> Vec<u64> {
 /// wait at most 5 s, and a new Pod starts its backoff afresh.
 #[tokio::test]
 async fn a_refused_pod_is_retried_within_seconds_and_a_new_pod_starts_afresh() {
-    use kube::api::PostParams;
     // Sync disabled: the tenant may keep its own classes, and every class is allowed, so the
     // host API server itself refuses a Pod whose class the host lacks.
     let system = System::start(&[TenantSpec::new(TENANT, "{enabled: false}")], &[]).await;
     let v = system.virtual_side();
-    v.classes()
-        .await
-        .create(&PostParams::default(), &runtime_class("kata", "kata", &[]))
-        .await
-        .unwrap();
+    v.create_class(&runtime_class("kata", "kata", &[])).await;
     v.create_pod(&pod("web", Some("kata"))).await;
     let delays = eventually("seven refusals of the Pod", || {
         let logs = v.agent.logs();

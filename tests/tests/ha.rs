@@ -389,11 +389,8 @@ async fn killing_one_of_two_host_agents_keeps_pods_syncing_through_the_other() {
     .await;
     // A class added now reaches the virtual cluster through the survivor.
     system
-        .host_classes()
-        .await
-        .create(&Default::default(), &runtime_class("youki", "youki", &[]))
-        .await
-        .unwrap();
+        .create_host_class(&runtime_class("youki", "youki", &[]))
+        .await;
     system.virtual_side().wait_classes(&["gvisor", "youki"]).await;
     sampler.abort();
     assert!(
@@ -542,11 +539,8 @@ async fn a_rotated_certificate_is_used_by_the_next_connection_and_open_streams_c
 
     // The Sync stream opened before the rotation still delivers.
     system
-        .host_classes()
-        .await
-        .create(&Default::default(), &runtime_class("youki", "youki", &[]))
-        .await
-        .unwrap();
+        .create_host_class(&runtime_class("youki", "youki", &[]))
+        .await;
     system.virtual_side().wait_classes(&["gvisor", "youki"]).await;
     let logs = system.virtual_side().agent.logs();
     assert_eq!(
@@ -559,11 +553,8 @@ async fn a_rotated_certificate_is_used_by_the_next_connection_and_open_streams_c
     // it reconnects with the new CA and client certificate.
     system.restart_host_agent().await;
     system
-        .host_classes()
-        .await
-        .create(&Default::default(), &runtime_class("kata", "kata", &[]))
-        .await
-        .unwrap();
+        .create_host_class(&runtime_class("kata", "kata", &[]))
+        .await;
     system
         .virtual_side()
         .wait_classes(&["gvisor", "kata", "youki"])

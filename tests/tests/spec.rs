@@ -81,11 +81,7 @@ async fn disabled_syncs_nothing_gates_no_pod_and_leaves_tenant_classes_alone() {
     let system = system("{selector: {matchLabels: {environment: production}}}").await;
     let v = system.virtual_side();
     // A tenant's own class stays, and a Pod naming it is not gated (kata exists on the host).
-    v.classes()
-        .await
-        .create(&PostParams::default(), &runtime_class("kata", "kata", &[]))
-        .await
-        .unwrap();
+    v.create_class(&runtime_class("kata", "kata", &[])).await;
     v.create_pod(&pod("free", Some("kata"))).await;
     wait_host_pod(&system, "free").await;
     assert_eq!(
@@ -98,11 +94,7 @@ async fn disabled_syncs_nothing_gates_no_pod_and_leaves_tenant_classes_alone() {
 async fn a_pod_the_host_refuses_gets_a_sync_error_event() {
     let system = system("{}").await;
     let v = system.virtual_side();
-    v.classes()
-        .await
-        .create(&PostParams::default(), &runtime_class("local", "runc", &[]))
-        .await
-        .unwrap();
+    v.create_class(&runtime_class("local", "runc", &[])).await;
     v.create_pod(&pod("refused", Some("local"))).await;
     let event = eventually("a SyncError event", || async {
         v.events_of("refused")
@@ -262,11 +254,7 @@ async fn a_class_created_in_the_virtual_cluster_is_deleted() {
     let system = system(COMBINED).await;
     let v = system.virtual_side();
     v.wait_classes(&["gvisor", "youki"]).await;
-    v.classes()
-        .await
-        .create(&PostParams::default(), &runtime_class("homemade", "runc", &[]))
-        .await
-        .unwrap();
+    v.create_class(&runtime_class("homemade", "runc", &[])).await;
     v.wait_classes(&["gvisor", "youki"]).await;
     // A name the host offers wins over a tenant's class of the same name.
     v.classes()
