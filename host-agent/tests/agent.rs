@@ -1641,3 +1641,24 @@ async fn a_tenant_removed_from_the_config_has_its_open_sync_stream_ended_with_pe
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn a_compressed_sync_stream_is_refused_naming_the_encoding() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let (_tx, requests) = mpsc::channel::<SyncRequest>(1);
+    let mut request = with_token(ReceiverStream::new(requests), "no-selector");
+    request
+        .metadata_mut()
+        .insert("grpc-encoding", "gzip".parse().unwrap());
+    let refused = client
+        .sync(request)
+        .await
+        .expect_err("the server accepts only uncompressed messages");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "grpc-encoding gzip is not supported by this server (it accepts identity)"
+    );
+}
