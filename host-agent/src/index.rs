@@ -23,7 +23,7 @@ use rcsync_core::{Tenant, TenantName, TenantsFile};
 use rcsync_proto::v1::CheckPodResponse;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TenantSeries};
 use crate::tenants::TenantTokens;
 use crate::view::{ClassState, ClassTable, HostClass, TenantView};
 
@@ -195,6 +195,8 @@ pub struct ClassIndex {
     tenants: Arc<TenantsState>,
     /// The last view published to each tenant.
     published: HashMap<TenantName, Arc<TenantView>>,
+    /// Each tenant's metric series, looked up once when the tenant appears.
+    series: HashMap<TenantName, TenantSeries>,
     views: Views,
     metrics: Metrics,
 }
@@ -210,6 +212,7 @@ impl ClassIndex {
             relist: None,
             tenants: Arc::new(TenantsState::default()),
             published: HashMap::new(),
+            series: HashMap::new(),
             views,
             metrics,
         };
@@ -374,7 +377,7 @@ impl ClassIndex {
         if !view.sync_enabled {
             return;
         }
-        let label = Metrics::tenant(tenant.name.as_str());
+        let series = self.series.get(&tenant.name);
         match view.state_of(host) {
             ClassState::DoesNotMatch => {
                 let class = &host.name;
@@ -384,34 +387,30 @@ impl ClassIndex {
                     selector = %tenant.runtime_classes.selector.as_ref().map(ToString::to_string).unwrap_or_default(),
                     "did not sync runtime class {class:?} because it does not match the selector under '{SELECTOR_CONFIG_PATH}'"
                 );
-                self.metrics.filtered_total.get_or_create(&label).inc();
+                if let Some(series) = series {
+                    series.filtered_total.inc();
+                }
             }
             ClassState::PatchFailed(why) => {
                 tracing::warn!(tenant = %tenant.name, runtime_class = %host.name, error = %why, "a patch failed: the runtime class is not synced");
-                self.metrics.patch_errors_total.get_or_create(&label).inc();
+                if let Some(series) = series {
+                    series.patch_errors_total.inc();
+                }
             }
             ClassState::Offered(_) | ClassState::Terminating => {}
         }
     }
 
     fn publish(&mut self, tenant: &Tenant, view: TenantView) {
-        let label = Metrics::tenant(tenant.name.as_str());
-        self.metrics
-            .tenant_classes
-            .get_or_create(&label)
-            .set(view.offered_count() as i64);
-        let filtered = if view.sync_enabled {
-            self.ids.len().saturating_sub(view.offered_count())
-        } else {
-            0
-        };
-        self.metrics
-            .tenant_filtered
-            .get_or_create(&label)
-            .set(filtered as i64);
-        // Every series of the tenant exported from the start (as 0), so "never connected" shows
-        // as well as "disconnected" and rate() works from the first scrape.
-        self.metrics.init_tenant(tenant.name.as_str());
+        if let Some(series) = self.series.get(&tenant.name) {
+            series.classes.set(view.offered_count() as i64);
+            let filtered = if view.sync_enabled {
+                self.ids.len().saturating_sub(view.offered_count())
+            } else {
+                0
+            };
+            series.filtered.set(filtered as i64);
+        }
         self.metrics.view_updates_total.inc();
         let view = Arc::new(view);
         self.published.insert(tenant.name.clone(), view.clone());
@@ -485,6 +484,15 @@ impl ClassIndex {
         }
         self.published
             .retain(|name, _| tenants.file.tenant(name.as_str()).is_some());
+        // Every series of a tenant exported from the start (as 0), so "never connected" shows as
+        // well as "disconnected" and rate() works from the first scrape.
+        self.series
+            .retain(|name, _| tenants.file.tenant(name.as_str()).is_some());
+        for tenant in &tenants.file.tenants {
+            self.series
+                .entry(tenant.name.clone())
+                .or_insert_with(|| self.metrics.tenant_series(tenant.name.as_str()));
+        }
         {
             let mut senders = self.views.write();
             senders.retain(|name, _| tenants.file.tenant(name.as_str()).is_some());

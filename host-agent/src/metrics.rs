@@ -14,6 +14,19 @@ pub struct TenantLabel {
     pub tenant: String,
 }
 
+/// The series of one tenant that change handling updates (handles sharing the registry's values).
+#[derive(Clone, Debug)]
+pub struct TenantSeries {
+    /// `rcsync_tenant_runtime_classes`.
+    pub classes: Gauge,
+    /// `rcsync_tenant_filtered_runtime_classes`.
+    pub filtered: Gauge,
+    /// `rcsync_runtime_class_filtered_total`.
+    pub filtered_total: Counter,
+    /// `rcsync_patch_errors_total`.
+    pub patch_errors_total: Counter,
+}
+
 /// Label set: a tenant and a CheckPod reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
@@ -300,6 +313,19 @@ impl Metrics {
                 tenant: tenant.to_string(),
                 limit: limit.to_string(),
             });
+        }
+    }
+
+    /// Exports every series of `tenant` and returns the ones the class index updates on each
+    /// change, looked up once instead of by label per change.
+    pub fn tenant_series(&self, tenant: &str) -> TenantSeries {
+        self.init_tenant(tenant);
+        let label = Self::tenant(tenant);
+        TenantSeries {
+            classes: self.tenant_classes.get_or_create(&label).clone(),
+            filtered: self.tenant_filtered.get_or_create(&label).clone(),
+            filtered_total: self.filtered_total.get_or_create(&label).clone(),
+            patch_errors_total: self.patch_errors_total.get_or_create(&label).clone(),
         }
     }
 
