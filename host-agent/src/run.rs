@@ -93,17 +93,35 @@ pub fn load_tenants(path: &Path) -> Result<TenantsState, ConfigError> {
     })
 }
 
-/// The runtime the Sync streams run on. Dropped without blocking (a runtime dropped inside async
-/// code panics), also when `run` returns early with an error such as a port in use.
-struct StreamsRuntime(Option<tokio::runtime::Runtime>);
+/// A runtime with one worker thread of its own, for work kept apart from the main runtime's
+/// (which serves unary calls, the admin port and the watches' I/O):
+/// - `rcsync-index`: change handling, one decision per tenant per host change;
+/// - `rcsync-streams`: the fan-out, the Sync streams' work and the gRPC connections that carry
+///   Sync streams (see `grpc::serve`).
+///
+/// So a change reaching every tenant never queues ahead of a CheckPod, and the index keeps up
+/// with a burst of changes while the streams send them. Dropped without blocking (a runtime
+/// dropped inside async code panics), also when `run` returns early with an error such as a port
+/// in use.
+struct SideRuntime(Option<tokio::runtime::Runtime>);
 
-impl StreamsRuntime {
+impl SideRuntime {
+    fn start(name: &str) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .with_context(|| format!("starting the {name} runtime"))?;
+        Ok(Self(Some(runtime)))
+    }
+
     fn handle(&self) -> tokio::runtime::Handle {
         self.0.as_ref().expect("present until dropped").handle().clone()
     }
 }
 
-impl Drop for StreamsRuntime {
+impl Drop for SideRuntime {
     fn drop(&mut self) {
         if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
@@ -127,11 +145,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (tenants_tx, tenants_rx) = watch::channel(Arc::new(tenants));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
+    let streams_runtime = SideRuntime::start("rcsync-streams")?;
+    let index_runtime = SideRuntime::start("rcsync-index")?;
     let views = Views::default();
     let index = ClassIndex::new(tenants_rx.borrow().clone(), views.clone(), metrics.clone());
     let index_task = {
         let readiness = readiness.clone();
-        tokio::spawn(crate::index::run(
+        index_runtime.handle().spawn(crate::index::run(
             client.clone(),
             index,
             tenants_rx.clone(),
@@ -160,14 +180,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
     let last_errors = crate::grpc::sync::LastErrors::default();
     let limiter = crate::grpc::limits::TenantLimiter::new(tenants_rx.clone(), metrics.clone());
-    let streams_runtime = StreamsRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("rcsync-streams")
-            .enable_all()
-            .build()
-            .context("starting the runtime of the Sync streams")?,
-    ));
     let sync = RuntimeClassSyncService::new(
         Arc::new(views.clone()),
         auth.clone(),
@@ -194,7 +206,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(settings.admin_listen)
         .await
         .with_context(|| format!("binding the admin address {}", settings.admin_listen))?;
-    let mut server = tonic::transport::Server::builder();
     if tls.is_some() {
         tracing::info!(
             mtls = settings.tls.client_ca.is_some(),
@@ -211,12 +222,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         );
     }
     tracing::info!(grpc = %grpc_listener.local_addr()?, admin = %admin_listener.local_addr()?, "listening");
-    let grpc_shutdown = {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
     let health_task = match settings.grpc_health_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
@@ -234,21 +239,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let router = server
-        .add_service(health)
+    let routes = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(SyncFraming::new(sync))
-        .add_service(PodSyncServer::new(pods));
+        .add_service(PodSyncServer::new(pods))
+        .prepare();
+    let streams = streams_runtime.handle();
     let grpc_task = match tls {
         Some(tls) => {
             tokio::spawn(tls.clone().reload_on_change(metrics.clone()));
-            tokio::spawn(router.serve_with_incoming_shutdown(
+            tokio::spawn(crate::grpc::serve::serve(
+                routes,
                 tls.incoming(grpc_listener, shutdown_rx.clone()),
-                grpc_shutdown,
+                streams,
+                shutdown_rx.clone(),
             ))
         }
-        None => tokio::spawn(router.serve_with_incoming_shutdown(no_delay(grpc_listener), grpc_shutdown)),
+        None => tokio::spawn(crate::grpc::serve::serve(
+            routes,
+            futures::StreamExt::map(no_delay(grpc_listener), |accepted| {
+                accepted.map(crate::grpc::serve::MovableTcp::new)
+            }),
+            streams,
+            shutdown_rx.clone(),
+        )),
     };
     let admin_shutdown = {
         let mut rx = shutdown_rx.clone();
@@ -287,6 +302,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!(grace = ?settings.shutdown_grace, "shutdown grace period over; exiting with work in flight");
     }
     drop(streams_runtime);
+    drop(index_runtime);
     tracing::info!("stopped");
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod framing;
 pub mod limits;
 pub mod pods;
+pub mod serve;
 pub mod sync;
 pub mod tls;
 

@@ -21,11 +21,12 @@ use futures::Stream;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use crate::grpc::TlsFiles;
+use crate::grpc::serve::MovableTcp;
 use crate::metrics::{Metrics, ResultLabel};
 
 /// How long a client may take to finish the TLS handshake.
@@ -73,13 +74,13 @@ impl ServingTls {
         Ok(())
     }
 
-    /// Accepted connections, TLS done, for `serve_with_incoming`. Each handshake runs in its own
+    /// Accepted connections, TLS done, for [`serve`](super::serve::serve). Each handshake runs in its own
     /// task, so a slow client holds up nobody.
     pub fn incoming(
         &self,
         listener: TcpListener,
         mut shutdown: watch::Receiver<bool>,
-    ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + use<> {
+    ) -> impl Stream<Item = std::io::Result<TlsStream<MovableTcp>>> + use<> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let tls = self.clone();
         tokio::spawn(async move {
@@ -100,7 +101,9 @@ impl ServingTls {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(MovableTcp::new(stream)))
+                        .await
+                    {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(stream)).await;
                         }

@@ -1,0 +1,466 @@
+//! Serving the gRPC port on two runtimes: one for connections that carry unary calls (CheckPod,
+//! PodSync, health), one for the connections that carry Sync streams.
+//!
+//! ```text
+//!   accept ──► connection task on the main runtime ──► CheckPod, PodSync, health ...
+//!                        │
+//!                        │ first Sync request on it
+//!                        ▼
+//!              connection task moved to the streams runtime ──► Sync fan-out, socket writes
+//! ```
+//!
+//! hyper drives each HTTP/2 connection from one task, and that task writes every response on
+//! it. When a class change fans out to 1,000 streams, 1,000 connection tasks are runnable at
+//! once; on the runtime that also serves CheckPod, a CheckPod arriving mid-burst waits behind all
+//! of them. So a connection starts on the main runtime and, the moment a Sync request arrives on
+//! it, its task (the same pinned hyper connection) is handed to the streams runtime, with every
+//! request task spawned from then on, and its socket re-registered with the streams runtime's
+//! I/O driver ([`MovableTcp`]), so the main runtime does not even dispatch its readiness. Unary
+//! calls then never queue behind a fan-out, unless a client multiplexes them onto the connection
+//! of its Sync stream (the virtual agent does not).
+//!
+//! The rest is what `tonic::transport::Server` does per connection: HTTP/2 only, the peer's
+//! connect info (address, TLS certificates) in every request's extensions, the client's
+//! `grpc-timeout` honoured, and on shutdown a GOAWAY to every connection and a wait until they
+//! have closed.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, watch};
+use tonic::Status;
+use tonic::service::Routes;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+const SYNC_PATH: &str = "/rcsync.v1.RuntimeClassSync/Sync";
+
+/// Serves `routes` on the connections of `incoming` until `shutdown` turns true, then sends each
+/// connection a GOAWAY and returns once all of them have closed.
+pub async fn serve<I, IO, E>(
+    routes: Routes,
+    incoming: I,
+    streams: Handle,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: Stream<Item = Result<IO, E>>,
+    IO: AsyncRead + AsyncWrite + Connected + Movable + Unpin + Send + 'static,
+    E: std::fmt::Display,
+{
+    let main = Handle::current();
+    // Every connection task holds a receiver; the sender's `closed` is the drain.
+    let (drain_tx, drain_rx) = watch::channel(());
+    let mut incoming = Box::pin(incoming);
+    loop {
+        let io = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            io = incoming.next() => match io {
+                Some(Ok(io)) => io,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "accepting a gRPC connection failed");
+                    continue;
+                }
+                None => break,
+            },
+        };
+        let home = Arc::new(Home {
+            main: main.clone(),
+            streams: streams.clone(),
+            streaming: AtomicBool::new(false),
+            moved: Notify::new(),
+        });
+        let rehome = io.rehome_signal();
+        let service = ConnectionService {
+            routes: routes.clone(),
+            connect_info: io.connect_info(),
+            home: home.clone(),
+        };
+        let connection = http2::Builder::new(HomeExecutor(home.clone()))
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(None)
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+        let driver = Driver {
+            connection: Box::pin(connection),
+            home,
+            rehome,
+            shutdown: shutdown.clone(),
+            closing: false,
+            _drain: drain_rx.clone(),
+        };
+        tokio::spawn(driver.on_main());
+    }
+    // Stop accepting (the listener closes with `incoming`), then drain.
+    drop(incoming);
+    drop(drain_rx);
+    drain_tx.closed().await;
+}
+
+/// Where a connection's tasks run, and whether it has moved to the streams runtime.
+struct Home {
+    main: Handle,
+    streams: Handle,
+    streaming: AtomicBool,
+    moved: Notify,
+}
+
+impl Home {
+    /// Called for every request before hyper spawns its task: a Sync request moves the connection.
+    fn saw(&self, path: &str) {
+        if path == SYNC_PATH && !self.streaming.swap(true, Ordering::AcqRel) {
+            self.moved.notify_one();
+        }
+    }
+}
+
+/// Spawns hyper's per-request tasks on the connection's current runtime.
+#[derive(Clone)]
+struct HomeExecutor(Arc<Home>);
+
+impl<F> hyper::rt::Executor<F> for HomeExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        if self.0.streaming.load(Ordering::Acquire) {
+            self.0.streams.spawn(future);
+        } else {
+            self.0.main.spawn(future);
+        }
+    }
+}
+
+type Connection<IO, C> =
+    http2::Connection<TokioIo<IO>, TowerToHyperService<ConnectionService<C>>, HomeExecutor>;
+
+/// One connection's task: drives hyper's connection, sends a GOAWAY on shutdown, and moves to
+/// the streams runtime when its first Sync request arrives.
+struct Driver<IO, C>
+where
+    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = C> + Unpin + Send + 'static,
+    C: Clone + Send + Sync + 'static,
+{
+    connection: Pin<Box<Connection<IO, C>>>,
+    home: Arc<Home>,
+    rehome: Arc<AtomicBool>,
+    shutdown: watch::Receiver<bool>,
+    closing: bool,
+    _drain: watch::Receiver<()>,
+}
+
+impl<IO, C> Driver<IO, C>
+where
+    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = C> + Unpin + Send + 'static,
+    C: Clone + Send + Sync + 'static,
+{
+    /// Runs the connection on the main runtime until it closes or carries a Sync stream.
+    async fn on_main(mut self) {
+        loop {
+            tokio::select! {
+                closed = self.connection.as_mut() => return log_closed(closed),
+                () = stopping(&mut self.shutdown), if !self.closing => self.close(),
+                _ = self.home.moved.notified() => {
+                    tracing::debug!("a gRPC connection carries a Sync stream: serving it on the streams runtime");
+                    let streams = self.home.streams.clone();
+                    streams.spawn(self.on_streams());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs the connection on the streams runtime until it closes.
+    async fn on_streams(mut self) {
+        // From here on the socket is only polled on this runtime: move its registration here.
+        self.rehome.store(true, Ordering::Release);
+        loop {
+            tokio::select! {
+                closed = self.connection.as_mut() => return log_closed(closed),
+                () = stopping(&mut self.shutdown), if !self.closing => self.close(),
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        self.closing = true;
+        self.connection.as_mut().graceful_shutdown();
+    }
+}
+
+/// Resolves once shutdown begins (or its sender is gone).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+fn log_closed(closed: Result<(), hyper::Error>) {
+    if let Err(e) = closed {
+        tracing::debug!(error = %e, "gRPC connection ended with an error");
+    }
+}
+
+/// A connection whose socket can be re-registered with another runtime's I/O driver.
+pub trait Movable {
+    /// Set once the connection is polled only on its new runtime: its next I/O re-registers
+    /// the socket there.
+    fn rehome_signal(&self) -> Arc<AtomicBool>;
+}
+
+/// An accepted TCP connection that, when told to, re-registers its socket with the I/O driver
+/// of the runtime polling it (tokio registers a socket with the runtime it was created on, and
+/// that runtime's driver keeps dispatching its readiness however far the task moved).
+#[derive(Debug)]
+pub struct MovableTcp {
+    stream: Option<TcpStream>,
+    rehome: Arc<AtomicBool>,
+    rehomed: bool,
+}
+
+impl MovableTcp {
+    /// Wraps an accepted connection.
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream: Some(stream),
+            rehome: Arc::new(AtomicBool::new(false)),
+            rehomed: false,
+        }
+    }
+
+    /// The socket, re-registered first if it was told to move.
+    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        if !self.rehomed && self.rehome.load(Ordering::Acquire) {
+            self.rehomed = true;
+            let moved = self.stream.take().ok_or_else(gone)?.into_std()?;
+            self.stream = Some(TcpStream::from_std(moved)?);
+        }
+        Ok(Pin::new(self.stream.as_mut().ok_or_else(gone)?))
+    }
+}
+
+/// A re-registration failed half-way; the connection is unusable.
+fn gone() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "the connection's socket was lost moving it to the streams runtime",
+    )
+}
+
+impl Movable for MovableTcp {
+    fn rehome_signal(&self) -> Arc<AtomicBool> {
+        self.rehome.clone()
+    }
+}
+
+impl Movable for tokio_rustls::server::TlsStream<MovableTcp> {
+    fn rehome_signal(&self) -> Arc<AtomicBool> {
+        self.get_ref().0.rehome_signal()
+    }
+}
+
+impl Connected for MovableTcp {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match &self.stream {
+            Some(stream) => stream.connect_info(),
+            None => TcpConnectInfo {
+                local_addr: None,
+                remote_addr: None,
+            },
+        }
+    }
+}
+
+impl AsyncRead for MovableTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.stream()?.poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MovableTcp {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.stream()?.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream()?.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream()?.poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream()?.poll_shutdown(cx)
+    }
+}
+
+/// The service of one connection: the routes, with the peer's connect info in each request (for
+/// `Request::remote_addr` and `Request::peer_certs`) and the client's deadline applied.
+#[derive(Clone)]
+struct ConnectionService<C> {
+    routes: Routes,
+    connect_info: C,
+    home: Arc<Home>,
+}
+
+impl<C: Clone + Send + Sync + 'static> tower::Service<http::Request<Incoming>> for ConnectionService<C> {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
+        self.home.saw(request.uri().path());
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .map(|v| grpc_timeout(v.as_bytes()));
+        let mut request = request.map(tonic::body::Body::new);
+        request.extensions_mut().insert(self.connect_info.clone());
+        let response = tower::Service::call(&mut self.routes, request);
+        Box::pin(async move {
+            match deadline {
+                None => response.await,
+                Some(Err(status)) => Ok(status.into_http()),
+                Some(Ok(deadline)) => match tokio::time::timeout(deadline, response).await {
+                    Ok(response) => response,
+                    Err(_) => Ok(Status::cancelled("Timeout expired").into_http()),
+                },
+            }
+        })
+    }
+}
+
+/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(value: &[u8]) -> Result<Duration, Status> {
+    let invalid = || {
+        Status::invalid_argument(format!(
+            "invalid grpc-timeout header {:?}",
+            String::from_utf8_lossy(value)
+        ))
+    };
+    let (digits, unit) = value
+        .split_at_checked(value.len().wrapping_sub(1))
+        .ok_or_else(invalid)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(invalid());
+    }
+    let amount: u64 = std::str::from_utf8(digits)
+        .map_err(|_| invalid())?
+        .parse()
+        .map_err(|_| invalid())?;
+    Ok(match unit {
+        b"H" => Duration::from_secs(amount * 3600),
+        b"M" => Duration::from_secs(amount * 60),
+        b"S" => Duration::from_secs(amount),
+        b"m" => Duration::from_millis(amount),
+        b"u" => Duration::from_micros(amount),
+        b"n" => Duration::from_nanos(amount),
+        _ => return Err(invalid()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A connection accepted on one runtime, used there, then (told to move or not) used on
+    /// another runtime after the first one is gone; returns what the second round trip gave.
+    fn round_trip_after_the_accepting_runtime_is_gone(moved: bool) -> io::Result<Vec<u8>> {
+        let accepting = runtime();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let mut connection = accepting.block_on(async {
+            let mut connection = MovableTcp::new(TcpStream::from_std(accepted).unwrap());
+            client.write_all(b"before").unwrap();
+            let mut got = [0; 6];
+            connection.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"before");
+            connection
+        });
+        if moved {
+            connection.rehome_signal().store(true, Ordering::Release);
+        }
+        drop(accepting);
+        runtime().block_on(async {
+            client.write_all(b"after").unwrap();
+            let mut got = [0; 5];
+            connection.read_exact(&mut got).await?;
+            connection.write_all(&got).await?;
+            Ok::<_, io::Error>(())
+        })?;
+        let mut echoed = vec![0; 5];
+        client.read_exact(&mut echoed).unwrap();
+        Ok(echoed)
+    }
+
+    #[test]
+    fn a_moved_connection_keeps_working_once_the_runtime_it_was_accepted_on_is_gone() {
+        assert_eq!(
+            round_trip_after_the_accepting_runtime_is_gone(true).unwrap(),
+            b"after"
+        );
+        // What moving prevents: the socket stays with the first runtime's I/O driver.
+        assert!(round_trip_after_the_accepting_runtime_is_gone(false).is_err());
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_with_every_unit_and_bad_ones_name_the_header() {
+        assert_eq!(grpc_timeout(b"2H").unwrap(), Duration::from_secs(7200));
+        assert_eq!(grpc_timeout(b"3M").unwrap(), Duration::from_secs(180));
+        assert_eq!(grpc_timeout(b"5S").unwrap(), Duration::from_secs(5));
+        assert_eq!(grpc_timeout(b"250m").unwrap(), Duration::from_millis(250));
+        assert_eq!(grpc_timeout(b"7u").unwrap(), Duration::from_micros(7));
+        assert_eq!(
+            grpc_timeout(b"99999999n").unwrap(),
+            Duration::from_nanos(99_999_999)
+        );
+        for bad in [&b""[..], b"S", b"5", b"5s", b"123456789S", b"-1S", b"1.5S"] {
+            let status = grpc_timeout(bad).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains("grpc-timeout"), "{}", status.message());
+        }
+    }
+}
