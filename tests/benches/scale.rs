@@ -7,7 +7,9 @@
 //! ```
 //!
 //! Figures: host-agent RSS (VmRSS about 1 s after the streams received their initial state), start
-//! to ready, one change reaching every stream (p50/p99 over rounds), intake of a burst of classes
+//! to ready, one change reaching every stream (p50/p99 over rounds), CheckPod while changes fan out
+//! against idle (a paced probe; then again with the agent's serving threads and the probe's first
+//! for a CPU, where `chrt` is allowed), intake of a burst of classes
 //! created while running, the pause a one-tenant reload causes (CheckPod and /livez), view
 //! rebuilds on an unchanged reload, CheckPod against a gRPC health check (closed loop, 4
 //! connections × 16 streams), and Pods reaching the host against creating them there directly.
@@ -18,6 +20,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -204,12 +209,201 @@ async fn open_stream(channel: Channel, id: usize, tenant: usize, seen: mpsc::Unb
     });
 }
 
+/// What a series of fan-out rounds measured (each list sorted).
+struct Rounds {
+    /// From the API server accepting a change to the last stream receiving it, per round.
+    to_all: Vec<Duration>,
+    /// … to the first stream receiving it.
+    to_first: Vec<Duration>,
+    /// CheckPods made while changes fanned out.
+    check_during: Vec<Duration>,
+}
+
+/// 40 rounds of one class relabelled (`round` counted from `first_round`) and its wait for every
+/// stream, with a paced CheckPod probe running until the last stream has it.
+async fn fan_out_rounds(
+    classes: &Api<RuntimeClass>,
+    shape: &Shape,
+    probe: &CheckPodProbe,
+    seen: &mut mpsc::UnboundedReceiver<Seen>,
+    first_round: usize,
+) -> Rounds {
+    let mut rounds = Rounds {
+        to_all: Vec::new(),
+        to_first: Vec::new(),
+        check_during: Vec::new(),
+    };
+    let tenant = 1 % shape.tenants;
+    for round in first_round..first_round + 40 {
+        let name = format!("class-{}", round % shape.classes);
+        let patch = json!({"metadata": {"labels": {"round": round.to_string()}}});
+        classes
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        let written = Instant::now();
+        let fanning_out = Arc::new(AtomicBool::new(true));
+        let checks = tokio::spawn({
+            let (probe, name, fanning_out) = (probe.clone(), name.clone(), fanning_out.clone());
+            async move {
+                let mut took = Vec::new();
+                let mut every = probe_interval();
+                loop {
+                    every.tick().await;
+                    if !fanning_out.load(Ordering::Acquire) {
+                        return took;
+                    }
+                    took.push(probe.check(&name, tenant).await);
+                }
+            }
+        });
+        let mut got: HashSet<usize> = HashSet::new();
+        let mut first = None;
+        while got.len() < shape.streams {
+            let (id, at, names) = tokio::time::timeout(Duration::from_secs(60), seen.recv())
+                .await
+                .expect("every stream gets the change within 60 s")
+                .unwrap();
+            if names.contains(&name) && got.insert(id) {
+                first.get_or_insert(at);
+                if got.len() == shape.streams {
+                    rounds.to_all.push(at.saturating_duration_since(written));
+                }
+            }
+        }
+        rounds
+            .to_first
+            .push(first.unwrap().saturating_duration_since(written));
+        fanning_out.store(false, Ordering::Release);
+        rounds.check_during.extend(checks.await.unwrap());
+    }
+    rounds.to_all.sort();
+    rounds.to_first.sort();
+    rounds.check_during.sort();
+    rounds
+}
+
+/// `n` (at least 1,000) CheckPods by `tenant` at the probe's pace with nothing else going on,
+/// sorted.
+async fn idle_checks(probe: &CheckPodProbe, n: usize, tenant: usize) -> Vec<Duration> {
+    let mut took = Vec::new();
+    let mut every = probe_interval();
+    for _ in 0..n.max(1_000) {
+        every.tick().await;
+        took.push(probe.check("class-1", tenant).await);
+    }
+    took.sort();
+    took
+}
+
+fn p50_p99(sorted: &[Duration]) -> String {
+    format!(
+        "p50 {}, p99 {}",
+        ms(percentile(sorted, 0.5)),
+        ms(percentile(sorted, 0.99))
+    )
+}
+
+/// The IDs of the threads of process `pid` whose name passes `keep`.
+fn thread_ids(pid: u32, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|name| keep(name.trim())))
+        .map(|t| t.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// `chrt POLICY... TID` for every thread; false when any of them is refused.
+fn set_scheduling(threads: &[String], policy: &[&str]) -> bool {
+    threads.iter().all(|tid| {
+        Command::new("chrt")
+            .args(policy)
+            .arg(tid)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// The pace of the CheckPod probe, during a fan-out and idle alike: one call per millisecond
+/// (a call late by more is sent at once, not in a burst to catch up).
+fn probe_interval() -> tokio::time::Interval {
+    let mut every = tokio::time::interval(Duration::from_millis(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every
+}
+
+/// The calling thread's ID.
+fn this_thread_id() -> String {
+    let thread = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    thread
+        .file_name()
+        .expect("a thread ID")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The runtime of the simulated fleet: the bench's hundreds of Sync clients, decoding and ACKing
+/// every response. In a fleet they run on the virtual clusters' machines; here they share the two
+/// cores with the host agent and the API server, so their threads run at the lowest CPU priority
+/// (nice 19): the host agent's own work, not its load generator's, decides how long a request
+/// waits. Without it, CheckPod during a 1,000-stream fan-out measured the bench's decoding.
+struct SimulatedFleet {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl SimulatedFleet {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("simulated-fleet")
+            .on_thread_start(|| {
+                // setpriority(2) on a thread ID applies to that thread alone.
+                let tid = this_thread_id();
+                let niced = Command::new("renice")
+                    .args(["-n", "19", "-p", &tid])
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .expect("running renice");
+                assert!(niced.success(), "renice -n 19 -p {tid}");
+            })
+            .enable_all()
+            .build()
+            .unwrap();
+        Self {
+            runtime: Some(runtime),
+        }
+    }
+
+    fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.as_ref().expect("running").spawn(task)
+    }
+}
+
+impl Drop for SimulatedFleet {
+    fn drop(&mut self) {
+        // Dropped inside the bench's async code: shutting down must not block.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// CheckPod calls from a thread and runtime of their own. This process also plays a fleet of
 /// virtual agents (hundreds of streams decoding and ACKing); a probe on the same runtime would
 /// measure its own queue behind them, not the host agent, whose callers in a fleet run elsewhere.
 #[derive(Clone)]
 struct CheckPodProbe {
     calls: mpsc::UnboundedSender<(String, usize, tokio::sync::oneshot::Sender<Duration>)>,
+    /// The probe thread's ID (for its CPU scheduling).
+    thread_id: String,
 }
 
 impl CheckPodProbe {
@@ -218,8 +412,10 @@ impl CheckPodProbe {
             mpsc::unbounded_channel::<(String, usize, tokio::sync::oneshot::Sender<Duration>)>();
         let url = format!("http://{grpc}");
         let thread = std::thread::Builder::new().name("checkpod-probe".into());
+        let (id_tx, id_rx) = std::sync::mpsc::channel();
         thread
             .spawn(move || {
+                let _ = id_tx.send(this_thread_id());
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -245,7 +441,8 @@ impl CheckPodProbe {
                 });
             })
             .expect("starting the CheckPod probe thread");
-        Self { calls }
+        let thread_id = id_rx.recv().expect("the probe thread starts");
+        Self { calls, thread_id }
     }
 
     /// One CheckPod for `class` as `tenant`; how long it took.
@@ -322,28 +519,38 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
         rss_mib(agent.pid())
     );
 
-    // Streams: one per tenant (round robin when there are more), over 8 connections.
-    let mut channels = Vec::new();
-    for _ in 0..8 {
-        channels.push(
-            Channel::from_shared(format!("http://{grpc}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap(),
-        );
-    }
+    // Streams: one per tenant (round robin when there are more), over 8 connections, on the
+    // simulated fleet's runtime (see SimulatedFleet).
+    let fleet = SimulatedFleet::start();
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<Seen>();
     let opened = Instant::now();
-    for id in 0..shape.streams {
-        open_stream(
-            channels[id % channels.len()].clone(),
-            id,
-            id % shape.tenants,
-            seen_tx.clone(),
-        )
-        .await;
-    }
+    fleet
+        .spawn({
+            let (grpc, streams, tenants) = (grpc.clone(), shape.streams, shape.tenants);
+            async move {
+                let mut channels = Vec::new();
+                for _ in 0..8 {
+                    channels.push(
+                        Channel::from_shared(format!("http://{grpc}"))
+                            .unwrap()
+                            .connect()
+                            .await
+                            .unwrap(),
+                    );
+                }
+                for id in 0..streams {
+                    open_stream(
+                        channels[id % channels.len()].clone(),
+                        id,
+                        id % tenants,
+                        seen_tx.clone(),
+                    )
+                    .await;
+                }
+            }
+        })
+        .await
+        .unwrap();
     let mut initial = 0;
     while initial < shape.streams {
         let (_, _, names) = seen.recv().await.unwrap();
@@ -359,59 +566,45 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
     let rss = rss_mib(agent.pid());
     println!("host-agent RSS: {rss:.1} MiB");
 
-    // One change, every stream: relabel one class per round.
-    let rounds = 40;
-    let mut to_all = Vec::new();
-    let mut to_first = Vec::new();
-    let mut check_during = Vec::new();
-    // CheckPod from its own connection, as a virtual agent's shares its connection with one
-    // stream, not with the bench's hundreds, and its own thread (see CheckPodProbe).
+    // One change, every stream: relabel one class per round, with CheckPods from their own
+    // connection (as a virtual agent's shares its connection with one stream, not with the
+    // bench's hundreds) and their own thread (see CheckPodProbe).
     let probe = CheckPodProbe::start(&grpc);
-    for round in 1..=rounds {
-        let name = format!("class-{}", round % shape.classes);
-        let patch = json!({"metadata": {"labels": {"round": round.to_string()}}});
-        classes
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
-        let written = Instant::now();
-        // A CheckPod while the change fans out.
-        check_during.push(probe.check(&name, 1 % shape.tenants).await);
-        let mut got: HashSet<usize> = HashSet::new();
-        let mut first = None;
-        while got.len() < shape.streams {
-            let (id, at, names) = tokio::time::timeout(Duration::from_secs(60), seen.recv())
-                .await
-                .expect("every stream gets the change within 60 s")
-                .unwrap();
-            if names.contains(&name) && got.insert(id) {
-                first.get_or_insert(at);
-                if got.len() == shape.streams {
-                    to_all.push(at.saturating_duration_since(written));
-                }
-            }
-        }
-        to_first.push(first.unwrap().saturating_duration_since(written));
-    }
-    to_all.sort();
-    to_first.sort();
-    check_during.sort();
+    let plain = fan_out_rounds(&classes, shape, &probe, &mut seen, 1).await;
     println!(
-        "one change on every stream: p50 {}, p99 {} (first stream p50 {}); {rounds} rounds",
-        ms(percentile(&to_all, 0.5)),
-        ms(percentile(&to_all, 0.99)),
-        ms(percentile(&to_first, 0.5)),
+        "one change on every stream: p50 {}, p99 {} (first stream p50 {}); {} rounds",
+        ms(percentile(&plain.to_all, 0.5)),
+        ms(percentile(&plain.to_all, 0.99)),
+        ms(percentile(&plain.to_first, 0.5)),
+        plain.to_all.len(),
     );
-    let mut check_idle = Vec::new();
-    for _ in 0..200 {
-        check_idle.push(probe.check("class-1", 1 % shape.tenants).await);
-    }
-    check_idle.sort();
+    let idle = idle_checks(&probe, plain.check_during.len(), 1 % shape.tenants).await;
     println!(
-        "CheckPod p99 while a change fans out: {} (idle: {})",
-        ms(percentile(&check_during, 0.99)),
-        ms(percentile(&check_idle, 0.99)),
+        "CheckPod while a change fans out: {} ({} calls; idle: {}, {} calls)",
+        p50_p99(&plain.check_during),
+        plain.check_during.len(),
+        p50_p99(&idle),
+        idle.len(),
     );
+    // The same with the agent's serving threads and the probe's first in line for a CPU, as when
+    // the fleet and the API server run on machines of their own: what is left is the agent's.
+    let serving: Vec<String> = thread_ids(agent.pid(), |name| !name.starts_with("rcsync-"))
+        .into_iter()
+        .chain([probe.thread_id.clone()])
+        .collect();
+    if set_scheduling(&serving, &["-f", "-p", "10"]) {
+        let first = fan_out_rounds(&classes, shape, &probe, &mut seen, 1_000).await;
+        let idle = idle_checks(&probe, first.check_during.len(), 1 % shape.tenants).await;
+        set_scheduling(&serving, &["-o", "-p", "0"]);
+        println!(
+            "… with the agent's serving threads and the probe's first for a CPU (SCHED_FIFO): {} ({} calls; idle: {})",
+            p50_p99(&first.check_during),
+            first.check_during.len(),
+            p50_p99(&idle),
+        );
+    } else {
+        println!("… with the agent's serving threads first for a CPU: skipped (chrt needs CAP_SYS_NICE)");
+    }
 
     // Intake: a burst of classes created while running.
     if shape.intake > 0 {
