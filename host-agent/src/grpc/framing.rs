@@ -33,11 +33,9 @@ use tonic::Status;
 use tonic::codec::Codec;
 use tonic::server::NamedService;
 
-use crate::grpc::sync::{RuntimeClassSyncService, SharedSyncResponse};
+use crate::grpc::sync::{RuntimeClassSyncService, SYNC as SYNC_PATH, SharedSyncResponse};
 use crate::index::ViewSource;
 
-/// The Sync method's path.
-const SYNC_PATH: &str = "/rcsync.v1.RuntimeClassSync/Sync";
 /// Compressed-flag byte and length of a gRPC message frame.
 const FRAME_HEADER: usize = 5;
 

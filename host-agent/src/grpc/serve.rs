@@ -46,7 +46,7 @@ use tonic::Status;
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-const SYNC_PATH: &str = "/rcsync.v1.RuntimeClassSync/Sync";
+use crate::grpc::sync::SYNC as SYNC_PATH;
 
 /// Serves `routes` on the connections of `incoming` until `shutdown` turns true, then sends each
 /// connection a GOAWAY and returns once all of them have closed.

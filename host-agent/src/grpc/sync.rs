@@ -127,7 +127,8 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
     }
 }
 
-const SYNC: &str = "/rcsync.v1.RuntimeClassSync/Sync";
+/// The path of the Sync method.
+pub(crate) const SYNC: &str = "/rcsync.v1.RuntimeClassSync/Sync";
 const CHECK_POD: &str = "/rcsync.v1.RuntimeClassSync/CheckPod";
 
 /// The short name of a reason, e.g. `MATCHES`.
