@@ -48,6 +48,8 @@ struct Shape {
     streams: usize,
     /// Classes created while running (0: skip the intake figure).
     intake: usize,
+    /// gRPC connections the streams are spread over (a fleet has one per virtual agent).
+    connections: usize,
 }
 
 fn main() {
@@ -70,6 +72,7 @@ fn main() {
                     tenants,
                     streams: arg("--streams").map_or(tenants, |s| s.parse().unwrap()),
                     intake: arg("--intake").map_or(0, |s| s.parse().unwrap()),
+                    connections: arg("--connections").map_or(8, |s| s.parse().unwrap()),
                 }]
             }
             None => vec![
@@ -78,18 +81,21 @@ fn main() {
                     tenants: 100,
                     streams: 100,
                     intake: 0,
+                    connections: 8,
                 },
                 Shape {
                     classes: 10_000,
                     tenants: 100,
                     streams: 100,
                     intake: 9_000,
+                    connections: 8,
                 },
                 Shape {
                     classes: 50,
                     tenants: 1_000,
                     streams: 1_000,
                     intake: 0,
+                    connections: 8,
                 },
             ],
         };
@@ -464,8 +470,8 @@ fn names_of(response: &SyncResponse) -> Vec<String> {
 
 async fn fleet(shape: &Shape, agent_binary: &Path) {
     println!(
-        "\n== {} host RuntimeClasses × {} tenants, {} Sync streams ==",
-        shape.classes, shape.tenants, shape.streams
+        "\n== {} host RuntimeClasses × {} tenants, {} Sync streams over {} connections ==",
+        shape.classes, shape.tenants, shape.streams, shape.connections
     );
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::start("host", "RCSYNC_BENCH_UNUSED", dir.path()).await;
@@ -519,17 +525,18 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
         rss_mib(agent.pid())
     );
 
-    // Streams: one per tenant (round robin when there are more), over 8 connections, on the
+    // Streams: one per tenant (round robin when there are more), over the shape's connections, on the
     // simulated fleet's runtime (see SimulatedFleet).
     let fleet = SimulatedFleet::start();
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<Seen>();
     let opened = Instant::now();
     fleet
         .spawn({
-            let (grpc, streams, tenants) = (grpc.clone(), shape.streams, shape.tenants);
+            let (grpc, streams, tenants, connections) =
+                (grpc.clone(), shape.streams, shape.tenants, shape.connections);
             async move {
                 let mut channels = Vec::new();
-                for _ in 0..8 {
+                for _ in 0..connections.max(1) {
                     channels.push(
                         Channel::from_shared(format!("http://{grpc}"))
                             .unwrap()

@@ -30,7 +30,7 @@ use http_body::Frame;
 use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSyncServer;
 use rcsync_proto::v1::{SyncRequest, SyncResponse};
 use tonic::Status;
-use tonic::codec::Codec;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::server::NamedService;
 
 use crate::grpc::sync::{RuntimeClassSyncService, SYNC as SYNC_PATH, SharedSyncResponse};
@@ -117,7 +117,7 @@ where
     }
     let (parts, body) = request.into_parts();
     let mut codec = tonic_prost::ProstCodec::<SyncResponse, SyncRequest>::default();
-    let inbound = tonic::Streaming::new_request(codec.decoder(), body, None, None);
+    let inbound = tonic::Streaming::new_request(SmallBuffer(codec.decoder()), body, None, None);
     let request = tonic::Request::from_http(http::Request::from_parts(parts, inbound));
     match service.open_sync(request).await {
         Err(status) => status.into_http(),
@@ -132,6 +132,27 @@ where
             *response.extensions_mut() = extensions;
             response
         }
+    }
+}
+
+/// A decoder with a small first buffer. Sync requests are ACKs and NACKs (a nonce, at most an
+/// error message): tonic's default 8 KiB per stream is 8 MiB of mostly empty buffers at 1,000
+/// streams. The buffer grows when a larger message arrives.
+struct SmallBuffer<D>(D);
+
+/// The first size of a Sync stream's request buffer.
+const REQUEST_BUFFER: usize = 256;
+
+impl<D: Decoder> Decoder for SmallBuffer<D> {
+    type Item = D::Item;
+    type Error = D::Error;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        self.0.decode(src)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(REQUEST_BUFFER, 32 * 1024)
     }
 }
 

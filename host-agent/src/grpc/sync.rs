@@ -142,7 +142,7 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
     pub async fn open_sync(
         &self,
         request: Request<Streaming<SyncRequest>>,
-    ) -> Result<Response<ReceiverStream<Result<SharedSyncResponse, Status>>>, Status> {
+    ) -> Result<Response<SyncResponses>, Status> {
         let started = Instant::now();
         let opened = self.view_of(&request).and_then(|(tenant, view)| {
             let slot = self.limiter.open(&tenant, StreamKind::Sync)?;
@@ -177,8 +177,20 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
             Some(runtime) => drop(runtime.spawn(task)),
             None => drop(tokio::spawn(task)),
         }
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(ReceiverStream::new(rx).map(unbox)))
     }
+}
+
+/// A Sync stream's responses as the session sends them. Each travels boxed: a channel allocates
+/// its slots 32 at a time, and at a thousand streams slots the size of a response were about
+/// 11 KiB per stream, for a channel that holds at most 4.
+pub type SyncResponses = futures::stream::Map<ReceiverStream<SessionMessage>, fn(SessionMessage) -> Result<SharedSyncResponse, Status>>;
+
+/// What a session sends to its stream.
+pub type SessionMessage = Box<Result<SharedSyncResponse, Status>>;
+
+fn unbox(message: SessionMessage) -> Result<SharedSyncResponse, Status> {
+    *message
 }
 
 /// A SyncResponse whose resources are the view's own (`Arc`s, not copies): a response to each of
@@ -284,7 +296,7 @@ struct Session<V> {
     inbound: Streaming<SyncRequest>,
     view: watch::Receiver<Arc<TenantView>>,
     views: Arc<V>,
-    tx: mpsc::Sender<Result<SharedSyncResponse, Status>>,
+    tx: mpsc::Sender<SessionMessage>,
     base: Arc<TenantView>,
     exceptions: HashMap<String, Option<String>>,
     pending: Option<Pending>,
@@ -401,7 +413,7 @@ impl<V: ViewSource> Session<V> {
                 },
                 changed = self.view.changed() => {
                     if changed.is_err() {
-                        let _ = self.tx.send(Err(Status::permission_denied("the tenant was removed from the host agent's config"))).await;
+                        let _ = self.tx.send(Box::new(Err(Status::permission_denied("the tenant was removed from the host agent's config")))).await;
                         return;
                     }
                     dirty = true;
@@ -546,7 +558,7 @@ impl<V: ViewSource> Session<V> {
             .responses_total
             .get_or_create(&Metrics::tenant(self.tenant.as_str()))
             .inc();
-        self.tx.send(Ok(response)).await.is_ok()
+        self.tx.send(Box::new(Ok(response))).await.is_ok()
     }
 
     /// Handles an ACK or NACK; returns the retry delay after a NACK.
