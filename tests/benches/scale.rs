@@ -14,8 +14,9 @@
 //! rebuilds on an unchanged reload, CheckPod against a gRPC health check (closed loop, 4
 //! connections × 16 streams), and Pods reaching the host against creating them there directly.
 //!
-//! Run: `cargo bench -p rcsync-tests --bench scale` (both shapes of the issue), or with
-//! `-- --shape 10000x100 --intake 9000` / `-- --shape 50x1000` / `-- --only pods`, and
+//! Run: `cargo bench -p rcsync-tests --bench scale` (every shape), or with
+//! `-- --shape 10000x100 --intake 9000` / `-- --shape 50x1000 [--connections 1000]` /
+//! `-- --only pods`, and
 //! `--host-agent PATH` to measure another build of the agent, `--pods N` for another Pod count.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -96,6 +97,14 @@ fn main() {
                     streams: 1_000,
                     intake: 0,
                     connections: 8,
+                },
+                // The fleet as it connects: one connection per virtual agent.
+                Shape {
+                    classes: 50,
+                    tenants: 1_000,
+                    streams: 1_000,
+                    intake: 0,
+                    connections: 1_000,
                 },
             ],
         };

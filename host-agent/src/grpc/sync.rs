@@ -184,7 +184,10 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
 /// A Sync stream's responses as the session sends them. Each travels boxed: a channel allocates
 /// its slots 32 at a time, and at a thousand streams slots the size of a response were about
 /// 11 KiB per stream, for a channel that holds at most 4.
-pub type SyncResponses = futures::stream::Map<ReceiverStream<SessionMessage>, fn(SessionMessage) -> Result<SharedSyncResponse, Status>>;
+pub type SyncResponses = futures::stream::Map<
+    ReceiverStream<SessionMessage>,
+    fn(SessionMessage) -> Result<SharedSyncResponse, Status>,
+>;
 
 /// What a session sends to its stream.
 pub type SessionMessage = Box<Result<SharedSyncResponse, Status>>;
