@@ -192,6 +192,8 @@ pub type SyncResponses = futures::stream::Map<
 /// What a session sends to its stream.
 pub type SessionMessage = Box<Result<SharedSyncResponse, Status>>;
 
+// The box is what the channel carries (see `SyncResponses`); this is where it ends.
+#[allow(clippy::boxed_local)]
 fn unbox(message: SessionMessage) -> Result<SharedSyncResponse, Status> {
     *message
 }
