@@ -1662,3 +1662,28 @@ async fn a_compressed_sync_stream_is_refused_naming_the_encoding() {
         "grpc-encoding gzip is not supported by this server (it accepts identity)"
     );
 }
+
+#[tokio::test]
+async fn a_call_with_a_malformed_deadline_is_refused_naming_the_header() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let mut request = with_token(
+        CheckPodRequest {
+            pod_name: "p".into(),
+            runtime_class_name: "gvisor".into(),
+            ..Default::default()
+        },
+        "no-selector",
+    );
+    // The unit must be one of H, M, S, m, u, n: "5s" is not a gRPC deadline.
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "5s".parse().unwrap());
+    let refused = client
+        .check_pod(request)
+        .await
+        .expect_err("a deadline that does not parse is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(refused.message(), "invalid grpc-timeout header \"5s\"");
+}
