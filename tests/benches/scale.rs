@@ -53,6 +53,19 @@ struct Shape {
     connections: usize,
 }
 
+impl Shape {
+    /// `classes` × `tenants` with a stream per tenant.
+    fn new(classes: usize, tenants: usize, intake: usize, connections: usize) -> Self {
+        Self {
+            classes,
+            tenants,
+            streams: tenants,
+            intake,
+            connections,
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let arg = |name: &str| {
@@ -77,35 +90,11 @@ fn main() {
                 }]
             }
             None => vec![
-                Shape {
-                    classes: 1_000,
-                    tenants: 100,
-                    streams: 100,
-                    intake: 0,
-                    connections: 8,
-                },
-                Shape {
-                    classes: 10_000,
-                    tenants: 100,
-                    streams: 100,
-                    intake: 9_000,
-                    connections: 8,
-                },
-                Shape {
-                    classes: 50,
-                    tenants: 1_000,
-                    streams: 1_000,
-                    intake: 0,
-                    connections: 8,
-                },
+                Shape::new(1_000, 100, 0, 8),
+                Shape::new(10_000, 100, 9_000, 8),
+                Shape::new(50, 1_000, 0, 8),
                 // The fleet as it connects: one connection per virtual agent.
-                Shape {
-                    classes: 50,
-                    tenants: 1_000,
-                    streams: 1_000,
-                    intake: 0,
-                    connections: 1_000,
-                },
+                Shape::new(50, 1_000, 0, 1_000),
             ],
         };
         if only.as_deref() != Some("pods") {
