@@ -17,7 +17,8 @@
 //! Run: `cargo bench -p rcsync-tests --bench scale` (every shape), or with
 //! `-- --shape 10000x100 --intake 9000` / `-- --shape 50x1000 [--connections 1000]` /
 //! `-- --only pods`, and
-//! `--host-agent PATH` to measure another build of the agent, `--pods N` for another Pod count.
+//! `--host-agent PATH` to measure another build of the agent, `--pods N` for another Pod count,
+//! `--trials N` for another number of Pod rounds (5).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -105,8 +106,9 @@ fn main() {
         }
         if only.is_none() || only.as_deref() == Some("pods") {
             let n = arg("--pods").map_or(300, |n| n.parse().expect("--pods N"));
-            pods(n, 1).await;
-            pods(n, 16).await;
+            let trials = arg("--trials").map_or(5, |n| n.parse().expect("--trials N"));
+            pods(n, 1, trials).await;
+            pods(n, 16, trials).await;
         }
     });
 }
@@ -118,6 +120,21 @@ fn rss_mib(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// CPU time a process has used so far, summed over its threads (`None`: this process).
+fn cpu_time(pid: Option<u32>) -> Duration {
+    let dir = pid.map_or_else(|| "/proc/self/task".to_string(), |p| format!("/proc/{p}/task"));
+    let Ok(threads) = std::fs::read_dir(&dir) else {
+        return Duration::ZERO;
+    };
+    // The first field of a thread's schedstat: nanoseconds it ran.
+    let ns: u64 = threads
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    Duration::from_nanos(ns)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -810,76 +827,122 @@ async fn closed_loop(grpc: &str, tenants: usize) {
 }
 
 /// `n` Pods created in the virtual cluster (`in_flight` creates at a time) reach the host,
-/// against creating them on the host the same way.
-async fn pods(n: usize, in_flight: usize) {
-    println!("\n== {n} Pods: virtual cluster → host, {in_flight} creates in flight ==");
+/// against creating them on the host the same way: `trials` rounds of floor then rcsync on the
+/// same clusters, so both see the same machine; the median ratio is the figure.
+async fn pods(n: usize, in_flight: usize, trials: usize) {
+    println!("\n== {n} Pods: virtual cluster → host, {in_flight} creates in flight, {trials} trials ==");
     // The pipeline is measured, not the tenant's rate limit (its defaults pace bursts past 1,000).
     let tenant =
         TenantSpec::new("team-a", "{enabled: true}").limits("{podSyncQps: 1000000, podSyncBurst: 1000000}");
     let system = System::start(&[tenant], &[]).await;
     let tenant = &system.virtual_side().tenant;
-    let pod = |name: String| -> Pod {
-        serde_json::from_value(json!({"metadata": {"name": name},
-            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1.0"}]}}))
-        .unwrap()
-    };
-    let create_all = |api: Api<Pod>, prefix: &'static str| async move {
-        futures::stream::iter(0..n)
-            .map(|i| {
-                let api = api.clone();
-                let pod = pod(format!("{prefix}-{i}"));
-                async move { api.create(&PostParams::default(), &pod).await.unwrap() }
-            })
-            .buffer_unordered(in_flight)
-            .collect::<Vec<_>>()
-            .await;
-    };
-    // Counted as the host's watch sees them, for the floor and for rcsync alike.
-    let seen_all = |api: Api<Pod>| {
-        tokio::spawn(async move {
-            let mut watch = kube::runtime::watcher(api, Default::default()).boxed();
-            let mut seen: BTreeMap<String, ()> = BTreeMap::new();
-            while let Some(Ok(event)) = watch.next().await {
-                if let kube::runtime::watcher::Event::Apply(p) | kube::runtime::watcher::Event::InitApply(p) =
-                    event
-                {
-                    seen.insert(p.metadata.name.unwrap_or_default(), ());
-                    if seen.len() >= n {
-                        return Instant::now();
+    let host_client = system.host.client().await;
+    let host_pods: Api<Pod> = Api::namespaced(host_client.clone(), &tenant.host_namespace());
+    let virtual_pods = system.virtual_side().pods().await;
+    let agents = [system.host_agent.pid(), system.virtual_side().agent.pid()];
+    let mut ratios = Vec::new();
+    for trial in 0..trials {
+        // Floor: the same Pods created directly in a host namespace of their own.
+        let floor_namespace = format!("floor-{trial}");
+        Api::<Namespace>::all(host_client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": floor_namespace}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let floor_pods: Api<Pod> = Api::namespaced(host_client.clone(), &floor_namespace);
+        let prefix = format!("direct-{trial}-");
+        let watching = seen_all(floor_pods.clone(), prefix.clone(), n).await;
+        let cpu_before = cpu_time(None);
+        let started = Instant::now();
+        create_pods(&floor_pods, &prefix, n, in_flight).await;
+        let floor = watching.await.unwrap() - started;
+        let floor_cpu = cpu_time(None) - cpu_before;
+        // Through rcsync: created in the virtual cluster, counted when the host holds them all.
+        let prefix = format!("synced-{trial}-");
+        let watching = seen_all(host_pods.clone(), prefix.clone(), n).await;
+        let cpu_before = [
+            cpu_time(None),
+            cpu_time(Some(agents[0])),
+            cpu_time(Some(agents[1])),
+        ];
+        let started = Instant::now();
+        create_pods(&virtual_pods, &prefix, n, in_flight).await;
+        let created = started.elapsed();
+        let through = watching.await.unwrap() - started;
+        let cpu = [
+            cpu_time(None) - cpu_before[0],
+            cpu_time(Some(agents[0])) - cpu_before[1],
+            cpu_time(Some(agents[1])) - cpu_before[2],
+        ];
+        let ratio = through.as_secs_f64() / floor.as_secs_f64();
+        ratios.push(ratio);
+        let per_pod = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e6 / n as f64);
+        println!(
+            "trial {trial}: {:.3} s through rcsync vs {:.3} s created directly ({ratio:.2}×; the virtual creates alone {:.3} s); \
+             CPU µs per Pod: direct {} (API server + bench), through rcsync {} (API servers + bench) + host agent {} + virtual agent {}",
+            through.as_secs_f64(),
+            floor.as_secs_f64(),
+            created.as_secs_f64(),
+            per_pod(floor_cpu),
+            per_pod(cpu[0]),
+            per_pod(cpu[1]),
+            per_pod(cpu[2]),
+        );
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "{n} Pods on the host, {in_flight} in flight: median {:.2}× the direct-create floor (range {:.2}–{:.2}× over {trials} trials)",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1],
+    );
+}
+
+/// Creates `n` Pods named `prefix0…`, `in_flight` at a time.
+async fn create_pods(api: &Api<Pod>, prefix: &str, n: usize, in_flight: usize) {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("{prefix}{i}")},
+                "spec": {"containers": [{"name": "app", "image": "registry.example/app:1.0"}]}}))
+            .unwrap();
+            async move { api.create(&PostParams::default(), &pod).await.unwrap() }
+        })
+        .buffer_unordered(in_flight)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// Starts watching `api` and returns, once the watch has listed, a task that ends when `n` Pods
+/// named `prefix…` have been seen (the instant it saw the last one).
+async fn seen_all(api: Api<Pod>, prefix: String, n: usize) -> tokio::task::JoinHandle<Instant> {
+    let (listed_tx, listed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut watch = kube::runtime::watcher(api, Default::default()).boxed();
+        let mut listed_tx = Some(listed_tx);
+        let mut seen: HashSet<String> = HashSet::new();
+        while let Some(Ok(event)) = watch.next().await {
+            match event {
+                kube::runtime::watcher::Event::InitDone => {
+                    if let Some(tx) = listed_tx.take() {
+                        let _ = tx.send(());
                     }
                 }
+                kube::runtime::watcher::Event::Apply(p) | kube::runtime::watcher::Event::InitApply(p) => {
+                    let name = p.metadata.name.unwrap_or_default();
+                    if name.starts_with(&prefix) {
+                        seen.insert(name);
+                        if seen.len() >= n {
+                            return Instant::now();
+                        }
+                    }
+                }
+                _ => {}
             }
-            Instant::now()
-        })
-    };
-    // Floor: the same Pods created directly in a host namespace.
-    let host_client = system.host.client().await;
-    Api::<Namespace>::all(host_client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "floor"}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let floor_pods: Api<Pod> = Api::namespaced(host_client.clone(), "floor");
-    let watching = seen_all(floor_pods.clone());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
-    create_all(floor_pods, "direct").await;
-    let floor = watching.await.unwrap() - started;
-    // Through rcsync: created in the virtual cluster, counted when the host holds them all.
-    let host_pods: Api<Pod> = Api::namespaced(host_client, &tenant.host_namespace());
-    let watching = seen_all(host_pods);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
-    create_all(system.virtual_side().pods().await, "synced").await;
-    let created = started.elapsed();
-    let through = watching.await.unwrap() - started;
-    println!(
-        "{n} Pods on the host: {:.2} s through rcsync vs {:.2} s created directly ({:.2}×); the virtual creates alone took {:.2} s",
-        through.as_secs_f64(),
-        floor.as_secs_f64(),
-        through.as_secs_f64() / floor.as_secs_f64(),
-        created.as_secs_f64(),
-    );
+        }
+        panic!("the watch of host Pods ended before {n} Pods named {prefix}… arrived");
+    });
+    listed.await.expect("the watch of host Pods lists");
+    task
 }
