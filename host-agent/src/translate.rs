@@ -472,8 +472,8 @@ pub fn recorded_holder(meta: &ObjectMeta, tenant: &Tenant) -> Option<(String, St
 }
 
 /// The virtual identity recorded on a host Pod, if it is one of ours.
-pub fn recorded_ref(host: &Pod) -> Option<VirtualPodRef> {
-    let a = host.metadata.annotations.as_ref()?;
+pub fn recorded_ref(host: &ObjectMeta) -> Option<VirtualPodRef> {
+    let a = host.annotations.as_ref()?;
     Some(VirtualPodRef {
         namespace: a.get(ANNOTATION_OBJECT_NAMESPACE)?.clone(),
         name: a.get(ANNOTATION_OBJECT_NAME)?.clone(),
@@ -544,7 +544,7 @@ mod tests {
         assert_eq!(spec.containers[0].volume_mounts.as_ref().unwrap().len(), 1);
         assert!(host.status.is_none());
         assert_eq!(
-            recorded_ref(&host_pod(&pod(), &tenant(), "").unwrap())
+            recorded_ref(&host_pod(&pod(), &tenant(), "").unwrap().metadata)
                 .unwrap()
                 .name,
             "my-pod"

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod framing;
 pub mod limits;
+pub mod pod_status;
 pub mod pods;
 pub mod serve;
 pub mod sync;

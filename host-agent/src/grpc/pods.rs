@@ -7,10 +7,9 @@
 //!     ──► copies: each referenced by the Pod? host names free? ──► create Pod (gated while copies are written)
 //!     ──► copies owned by the host Pod (garbage-collected with their last Pod) ──► ungate
 //!  DeletePod(ns, name, uid) ──► host Pod of that uid only ──► delete (grace, UID precondition)
-//!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events
+//!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
 //! ```
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,7 +19,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSchedulingGate, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
@@ -28,7 +27,7 @@ use rcsync_core::{Tenant, TenantName};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
     ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodRefusal, PodRefusalReason,
-    PodStatusEvent, PodStatusEventType, WatchPodStatusRequest,
+    PodStatusEvent, WatchPodStatusRequest,
 };
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -37,6 +36,7 @@ use tonic::{Request, Response, Status};
 
 use crate::grpc::auth::Authenticator;
 use crate::grpc::limits::{StreamKind, TenantLimiter};
+use crate::grpc::pod_status::{HostPodStatus, stream_status};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::translate::{
@@ -220,7 +220,7 @@ impl<V: ViewSource> PodSyncService<V> {
             .ok_or_else(|| {
                 Status::aborted(format!("host pod {host_name} was deleted concurrently: retry"))
             })?;
-        let holder = recorded_ref(&current).filter(|_| {
+        let holder = recorded_ref(&current.metadata).filter(|_| {
             current.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(tenant.name.as_str())
         });
         let Some(holder) = holder else {
@@ -346,7 +346,7 @@ impl<V: ViewSource> PodSyncService<V> {
         else {
             return Ok(DeletePodResponse { deleted: false });
         };
-        if recorded_ref(&current).map(|r| r.uid) != Some(req.pod_uid.clone()) {
+        if recorded_ref(&current.metadata).map(|r| r.uid) != Some(req.pod_uid.clone()) {
             return Ok(DeletePodResponse { deleted: false });
         }
         let params = DeleteParams {
@@ -668,8 +668,11 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             .watches
             .follow(
                 "pods".into(),
-                watcher::watcher(self.pods(&tenant), config)
-                    .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+                watcher::watcher(
+                    Api::<HostPodStatus>::namespaced(self.client.clone(), &tenant.host_namespace),
+                    config,
+                )
+                .backoff(rcsync_core::kube_client::WatchBackoff::default()),
             )
             .boxed();
         let (tx, rx) = mpsc::channel(64);
@@ -690,79 +693,5 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             span,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-}
-
-fn status_event(kind: PodStatusEventType, pod: &Pod) -> Option<PodStatusEvent> {
-    let id = recorded_ref(pod)?;
-    let status_json = match kind {
-        PodStatusEventType::Updated => serde_json::to_vec(&pod.status).unwrap_or_default(),
-        _ => Vec::new(),
-    };
-    Some(PodStatusEvent {
-        r#type: kind as i32,
-        pod_namespace: id.namespace,
-        pod_name: id.name,
-        pod_uid: id.uid,
-        status_json,
-    })
-}
-
-async fn stream_status(
-    mut events: Pin<Box<dyn Stream<Item = Result<Event<Pod>, watcher::Error>> + Send>>,
-    tx: mpsc::Sender<Result<PodStatusEvent, Status>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    // Host Pods the client knows about (host name → last pod), to report deletions that happened
-    // while the watch was relisting.
-    let mut known: HashMap<String, Pod> = HashMap::new();
-    let mut relisted: Option<HashMap<String, Pod>> = None;
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tx.closed() => return,
-            event = events.next() => event,
-        };
-        let mut out = Vec::new();
-        match event {
-            None => return,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "watching host pods failed; retrying with backoff");
-                continue;
-            }
-            Some(Ok(Event::Init)) => relisted = Some(HashMap::new()),
-            Some(Ok(Event::InitApply(pod))) => {
-                out.extend(status_event(PodStatusEventType::Updated, &pod));
-                if let Some(r) = &mut relisted {
-                    r.insert(pod.name_any(), pod);
-                }
-            }
-            Some(Ok(Event::InitDone)) => {
-                let fresh = relisted.take().unwrap_or_default();
-                for (name, pod) in &known {
-                    if !fresh.contains_key(name) {
-                        out.extend(status_event(PodStatusEventType::Deleted, pod));
-                    }
-                }
-                known = fresh;
-                out.push(PodStatusEvent {
-                    r#type: PodStatusEventType::InitialStateComplete as i32,
-                    ..Default::default()
-                });
-            }
-            Some(Ok(Event::Apply(pod))) => {
-                out.extend(status_event(PodStatusEventType::Updated, &pod));
-                known.insert(pod.name_any(), pod);
-            }
-            Some(Ok(Event::Delete(pod))) => {
-                out.extend(status_event(PodStatusEventType::Deleted, &pod));
-                known.remove(&pod.name_any());
-            }
-        }
-        for event in out {
-            if tx.send(Ok(event)).await.is_err() {
-                return;
-            }
-        }
     }
 }
