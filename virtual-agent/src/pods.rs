@@ -141,6 +141,47 @@ struct Record {
     state: State,
 }
 
+/// Where each of a shard's Pods stands, keeping the shard's share of the orphan gauge in step with
+/// every change (constant work per change, not a count over all Pods).
+struct Records {
+    by_key: HashMap<Key, Record>,
+    orphans: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Records {
+    fn new(orphans: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            orphans,
+        }
+    }
+
+    fn get(&self, key: &Key) -> Option<&Record> {
+        self.by_key.get(key)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Record)> {
+        self.by_key.iter()
+    }
+
+    fn insert(&mut self, key: Key, record: Record) {
+        let now_orphan = record.state == State::Orphaned;
+        let was_orphan = self
+            .by_key
+            .insert(key, record)
+            .is_some_and(|old| old.state == State::Orphaned);
+        self.orphans.inc_by(i64::from(now_orphan) - i64::from(was_orphan));
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Record> {
+        let old = self.by_key.remove(key);
+        if old.as_ref().is_some_and(|r| r.state == State::Orphaned) {
+            self.orphans.dec();
+        }
+        old
+    }
+}
+
 /// What the status feed reports.
 #[derive(Clone)]
 enum StatusFeed {
@@ -222,7 +263,7 @@ struct Shard {
     recorder: Recorder,
     metrics: Metrics,
     pods: HashMap<Key, Arc<Pod>>,
-    records: HashMap<Key, Record>,
+    records: Records,
     /// Host Pods by virtual key → virtual uid they were made for.
     host: HashMap<Key, String>,
     /// Host Pods seen since the status stream (re)opened, until its initial state completes.
@@ -248,8 +289,6 @@ struct Shard {
     refusals: HashMap<Key, String>,
     pod_client: Option<PodClient>,
     class_client: Option<crate::connect::ClassClient>,
-    /// Orphans this shard counted into the shared gauge.
-    orphans: i64,
 }
 
 impl PodSyncer {
@@ -494,9 +533,9 @@ impl Shard {
             recorder,
             client,
             target,
+            records: Records::new(metrics.pods_orphaned.clone()),
             metrics,
             pods: HashMap::new(),
-            records: HashMap::new(),
             host: HashMap::new(),
             host_staging: None,
             pods_listed: false,
@@ -513,7 +552,6 @@ impl Shard {
             refusals: HashMap::new(),
             pod_client: None,
             class_client: None,
-            orphans: 0,
         }
     }
 
@@ -795,7 +833,6 @@ impl Shard {
         self.refusals.remove(key);
         self.name_waiters.remove(key);
         let record = self.records.remove(key);
-        self.update_orphan_gauge();
         let uid = self.host.get(key).cloned().or_else(|| {
             record
                 .filter(|r| matches!(r.state, State::Synced(_) | State::Orphaned))
@@ -923,7 +960,6 @@ impl Shard {
                         self.refusals.remove(key);
                         self.name_waiters.remove(key);
                         self.metrics.pods_synced_total.inc();
-                        self.update_orphan_gauge();
                         tracing::info!(
                             namespace = %key.0, pod = %key.1, host = %answer.host_name, created = answer.created,
                             resumed = was_orphan, "synced Pod to the host"
@@ -1059,7 +1095,6 @@ impl Shard {
                     state: State::Orphaned,
                 },
             );
-            self.update_orphan_gauge();
             return true;
         }
         let already = self
@@ -1132,17 +1167,6 @@ impl Shard {
                 false
             }
         }
-    }
-
-    /// Adds this shard's change in orphans to the shared gauge.
-    fn update_orphan_gauge(&mut self) {
-        let n = self
-            .records
-            .values()
-            .filter(|r| r.state == State::Orphaned)
-            .count() as i64;
-        self.metrics.pods_orphaned.inc_by(n - self.orphans);
-        self.orphans = n;
     }
 
     /// Host Pods whose virtual Pod no longer exists (deleted while the agent was away).
