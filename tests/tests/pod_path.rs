@@ -591,6 +591,72 @@ async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_perio
 }
 
 #[tokio::test]
+async fn a_host_status_the_virtual_cluster_refused_to_store_arrives_once_it_is_allowed() {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    use rcsync_tests::system::{Transport, runtime_class};
+    let system = System::start_with_nodes(
+        &[tenant()],
+        &[runtime_class("gvisor", "runsc", &[])],
+        Transport::Plaintext,
+        1,
+    )
+    .await;
+    let v = system.virtual_side();
+    v.wait_classes(&["gvisor"]).await;
+    // The virtual agent may not write Pod status for a while (deploy/'s role, minus pods/status).
+    let roles: Api<ClusterRole> = Api::all(v.cluster.client().await);
+    let role = roles.get("rcsync-virtual-agent").await.unwrap();
+    let mut without_status = role.clone();
+    without_status
+        .rules
+        .as_mut()
+        .unwrap()
+        .retain(|r| !r.resources.iter().flatten().any(|x| x == "pods/status"));
+    roles
+        .replace("rcsync-virtual-agent", &PostParams::default(), &without_status)
+        .await
+        .unwrap();
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))]}),
+    ))
+    .await;
+    let host = system.host_pods(&v.tenant).await;
+    let pods = v.pods().await;
+    let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
+    eventually(
+        "the Pod Running on the host, and the virtual agent's status write refused",
+        || {
+            let host = host.clone();
+            let logs = v.agent.logs();
+            async move {
+                let host_pod = host.get_opt("web-x-default-x-team-a").await.ok()??;
+                let refused = logs.contains("copying the host status failed");
+                (phase(&host_pod).as_deref() == Some("Running") && refused).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_ne!(
+        phase(&pods.get("web").await.unwrap()).as_deref(),
+        Some("Running"),
+        "the virtual Pod's status was written although the agent may not write it"
+    );
+    // Allowed again: the host status does not change any more, and still reaches the virtual Pod.
+    let mut restored = roles.get("rcsync-virtual-agent").await.unwrap();
+    restored.rules = role.rules.clone();
+    roles
+        .replace("rcsync-virtual-agent", &PostParams::default(), &restored)
+        .await
+        .unwrap();
+    eventually("the virtual Pod Running", || {
+        let pods = pods.clone();
+        async move { (phase(&pods.get("web").await.ok()?).as_deref() == Some("Running")).then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn the_secrets_of_a_pod_whose_class_is_denied_never_leave_the_virtual_cluster() {
     let mut system = System::start(
         &[TenantSpec::new(

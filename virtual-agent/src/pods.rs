@@ -12,7 +12,8 @@
 //!                                                   yes ─► Orphaned (left alone)   no ─► Blocked + SyncWarning event
 //!  SyncState.synced or .pod_policy changes ──► re-queue Blocked, Waiting and Orphaned Pods
 //!  watch ConfigMaps, Secrets ──► change ──► re-queue the Pods referencing it (copies stay current)
-//!  WatchPodStatus ──► host status ──► virtual Pod status; host Pod gone ──► event + delete virtual Pod
+//!  WatchPodStatus ──► host status ──► virtual Pod status (a failed write is retried with the Pod's backoff)
+//!                   host Pod gone ──► event + delete virtual Pod
 //!  virtual Pod deleted ──► DeletePod (UID-checked by the host agent)
 //! ```
 //!
@@ -287,6 +288,9 @@ struct Shard {
     retries: BTreeMap<Key, (Instant, Backoff)>,
     /// The last host refusal reported by an event, per Pod (reported once per message).
     refusals: HashMap<Key, String>,
+    /// Host statuses whose copy into the virtual cluster failed, by Pod: written again when the
+    /// Pod's retry comes up (a newer status replaces the pending one).
+    unsent_status: HashMap<Key, PodStatusEvent>,
     pod_client: Option<PodClient>,
     class_client: Option<crate::connect::ClassClient>,
 }
@@ -550,6 +554,7 @@ impl Shard {
             queued: HashSet::new(),
             retries: BTreeMap::new(),
             refusals: HashMap::new(),
+            unsent_status: HashMap::new(),
             pod_client: None,
             class_client: None,
         }
@@ -798,10 +803,21 @@ impl Shard {
 
     /// Processes one Pod; false when it must be retried.
     async fn process(&mut self, key: &Key) -> bool {
-        match self.pods.get(key).cloned() {
+        let synced = match self.pods.get(key).cloned() {
             None => self.on_virtual_gone(key).await,
             Some(pod) => self.on_virtual(key, &pod).await,
-        }
+        };
+        let status_copied = match self.unsent_status.remove(key) {
+            None => true,
+            Some(event) => {
+                let copied = self.copy_status(key, &event).await;
+                if !copied {
+                    self.unsent_status.insert(key.clone(), event);
+                }
+                copied
+            }
+        };
+        synced && status_copied
     }
 
     async fn delete_on_host(&mut self, key: &Key, uid: &str, grace: Option<i64>) -> bool {
@@ -1199,9 +1215,17 @@ impl Shard {
                 if let Some(staging) = &mut self.host_staging {
                     staging.insert(key.clone(), event.pod_uid.clone());
                 }
-                self.copy_status(&key, &event).await;
+                if self.copy_status(&key, &event).await {
+                    self.unsent_status.remove(&key);
+                } else {
+                    // Nothing is lost: the Pod is retried with backoff, and the retry writes the
+                    // latest status the host sent.
+                    self.unsent_status.insert(key.clone(), event);
+                    self.retry_later(key);
+                }
             }
             PodStatusEventType::Deleted => {
+                self.unsent_status.remove(&key);
                 self.host.remove(&key);
                 self.on_host_gone(&key, &event.pod_uid).await;
             }
@@ -1228,22 +1252,24 @@ impl Shard {
         }
     }
 
-    async fn copy_status(&mut self, key: &Key, event: &PodStatusEvent) {
+    /// Writes a host status into the virtual Pod it was made for; false when that write failed
+    /// (true when there was nothing to write).
+    async fn copy_status(&mut self, key: &Key, event: &PodStatusEvent) -> bool {
         let Some(pod) = self.pods.get(key).cloned() else {
-            return;
+            return true;
         };
         if pod.uid().as_deref() != Some(event.pod_uid.as_str()) || pod.metadata.deletion_timestamp.is_some() {
-            return;
+            return true;
         }
         if self.records.get(key).is_some_and(|r| r.state == State::Orphaned) {
-            return;
+            return true;
         }
         let Ok(status) = serde_json::from_slice::<serde_json::Value>(&event.status_json) else {
             tracing::warn!(namespace = %key.0, pod = %key.1, "the host agent sent a status that is not JSON");
-            return;
+            return true;
         };
         if status.is_null() || serde_json::to_value(&pod.status).ok().as_ref() == Some(&status) {
-            return;
+            return true;
         }
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
         let patch = serde_json::json!({"status": status});
@@ -1253,9 +1279,11 @@ impl Shard {
         {
             Ok(_) => {
                 self.metrics.statuses_copied_total.inc();
+                true
             }
             Err(e) => {
-                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "copying the host status failed")
+                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "copying the host status failed; retrying");
+                false
             }
         }
     }
