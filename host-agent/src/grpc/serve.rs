@@ -37,7 +37,6 @@ use futures::{Stream, StreamExt as _};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
@@ -91,7 +90,7 @@ pub async fn serve<I, IO, E>(
         let connection = http2::Builder::new(HomeExecutor(home.clone()))
             .timer(TokioTimer::new())
             .max_concurrent_streams(None)
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+            .serve_connection(TokioIo::new(io), service);
         let driver = Driver {
             connection: Box::pin(connection),
             home,
@@ -117,7 +116,8 @@ struct Home {
 }
 
 impl Home {
-    /// Called for every request before hyper spawns its task: a Sync request moves the connection.
+    /// Called for every request before hyper spawns its task (see [`ConnectionService`]'s
+    /// `call`): a Sync request moves the connection.
     fn saw(&self, path: &str) {
         if path == SYNC_PATH && !self.streaming.swap(true, Ordering::AcqRel) {
             self.moved.notify_one();
@@ -143,8 +143,7 @@ where
     }
 }
 
-type Connection<IO, C> =
-    http2::Connection<TokioIo<IO>, TowerToHyperService<ConnectionService<C>>, HomeExecutor>;
+type Connection<IO, C> = http2::Connection<TokioIo<IO>, ConnectionService<C>, HomeExecutor>;
 
 /// One connection's task: drives hyper's connection, sends a GOAWAY on shutdown, and moves to
 /// the streams runtime when its first Sync request arrives.
@@ -328,16 +327,19 @@ struct ConnectionService<C> {
     home: Arc<Home>,
 }
 
-impl<C: Clone + Send + Sync + 'static> tower::Service<http::Request<Incoming>> for ConnectionService<C> {
+/// hyper calls this when a request arrives, before it spawns the request's task (through
+/// [`HomeExecutor`]), so a Sync request moves its connection in time for its own task to start on
+/// the streams runtime. (hyper-util's `TowerToHyperService` would call the routes only from inside
+/// that task, after it was spawned: each connection's first Sync stream was then served, and its
+/// responses encoded, on the main runtime for the stream's whole life.)
+impl<C: Clone + Send + Sync + 'static> hyper::service::Service<http::Request<Incoming>>
+    for ConnectionService<C>
+{
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Incoming>) -> Self::Future {
+    fn call(&self, request: http::Request<Incoming>) -> Self::Future {
         self.home.saw(request.uri().path());
         let deadline = request
             .headers()
@@ -345,7 +347,9 @@ impl<C: Clone + Send + Sync + 'static> tower::Service<http::Request<Incoming>> f
             .map(|v| grpc_timeout(v.as_bytes()));
         let mut request = request.map(tonic::body::Body::new);
         request.extensions_mut().insert(self.connect_info.clone());
-        let response = tower::Service::call(&mut self.routes, request);
+        // The routes are always ready (tonic's `Routes::poll_ready` is), so one clone per request
+        // is all `&self` costs, as with hyper-util's adapter.
+        let response = tower::Service::call(&mut self.routes.clone(), request);
         Box::pin(async move {
             match deadline {
                 None => response.await,
@@ -444,6 +448,59 @@ mod tests {
         );
         // What moving prevents: the socket stays with the first runtime's I/O driver.
         assert!(round_trip_after_the_accepting_runtime_is_gone(false).is_err());
+    }
+
+    #[test]
+    fn a_sync_request_and_every_request_after_it_on_its_connection_run_on_the_streams_runtime() {
+        let named = |name: &'static str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(name)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (main, streams, client) = (named("test-main"), named("test-streams"), named("test-client"));
+        // Each route answers with the name of the thread its request's task ran on.
+        let thread_name = || async { std::thread::current().name().unwrap_or_default().to_string() };
+        const CHECK_POD: &str = "/rcsync.v1.RuntimeClassSync/CheckPod";
+        let routes = Routes::from(
+            axum::Router::new()
+                .route(SYNC_PATH, axum::routing::post(thread_name))
+                .route(CHECK_POD, axum::routing::post(thread_name)),
+        );
+        let listener = main
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let address = listener.local_addr().unwrap();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .map(|accepted| accepted.map(MovableTcp::new));
+        let (_stop, shutdown) = watch::channel(false);
+        main.spawn(serve(routes, incoming, streams.handle().clone(), shutdown));
+        let ran_on = client.block_on(async {
+            // One connection for all three requests.
+            let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut ran_on = Vec::new();
+            for path in [CHECK_POD, SYNC_PATH, CHECK_POD] {
+                let request = http::Request::post(format!("http://{address}{path}"))
+                    .body(tonic::body::Body::empty())
+                    .unwrap();
+                let response = tower::ServiceExt::oneshot(channel.clone(), request)
+                    .await
+                    .unwrap();
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                ran_on.push(String::from_utf8(body.to_vec()).unwrap());
+            }
+            ran_on
+        });
+        assert_eq!(ran_on, ["test-main", "test-streams", "test-streams"]);
     }
 
     #[test]
