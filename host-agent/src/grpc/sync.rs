@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::grpc::auth::Authenticator;
 use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
 use crate::index::ViewSource;
-use crate::metrics::{DecisionLabels, Metrics};
+use crate::metrics::{DecisionLabels, Metrics, StreamSeries};
 use crate::view::TenantView;
 
 /// How NACKed resources are retried.
@@ -164,7 +164,7 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
             nonce: 0,
             retry: self.retry,
             backoff: self.retry.initial,
-            metrics: self.metrics.clone(),
+            series: self.metrics.stream_series(tenant.as_str()),
             shutdown: self.shutdown.clone(),
             last_errors: self.last_errors.clone(),
             _slot: slot,
@@ -310,7 +310,7 @@ struct Session<V> {
     nonce: u64,
     retry: RetryPolicy,
     backoff: Duration,
-    metrics: Metrics,
+    series: StreamSeries,
     shutdown: watch::Receiver<bool>,
     last_errors: LastErrors,
     /// This stream's place under the tenant's `limits.syncStreams`.
@@ -346,10 +346,9 @@ impl Diff {
 
 impl<V: ViewSource> Session<V> {
     async fn run(mut self) {
-        let label = Metrics::tenant(self.tenant.as_str());
-        self.metrics.streams_open.get_or_create(&label).inc();
+        self.series.open.inc();
         self.serve().await;
-        self.metrics.streams_open.get_or_create(&label).dec();
+        self.series.open.dec();
     }
 
     async fn serve(&mut self) {
@@ -559,10 +558,7 @@ impl<V: ViewSource> Session<V> {
             view,
             sent: diff.sent,
         });
-        self.metrics
-            .responses_total
-            .get_or_create(&Metrics::tenant(self.tenant.as_str()))
-            .inc();
+        self.series.responses_total.inc();
         self.tx.send(Box::new(Ok(response))).await.is_ok()
     }
 
@@ -576,7 +572,6 @@ impl<V: ViewSource> Session<V> {
             );
             return None;
         };
-        let label = Metrics::tenant(self.tenant.as_str());
         let failed = request
             .error_detail
             .as_ref()
@@ -593,7 +588,7 @@ impl<V: ViewSource> Session<V> {
             .collect();
         match request.error_detail {
             None => {
-                self.metrics.acks_total.get_or_create(&label).inc();
+                self.series.acks_total.inc();
                 self.backoff = self.retry.initial;
                 self.last_errors
                     .lock()
@@ -604,7 +599,7 @@ impl<V: ViewSource> Session<V> {
                 None
             }
             Some(detail) => {
-                self.metrics.nacks_total.get_or_create(&label).inc();
+                self.series.nacks_total.inc();
                 let delay = self.backoff;
                 self.backoff = (self.backoff * 2).min(self.retry.max);
                 tracing::warn!(
