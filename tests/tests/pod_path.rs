@@ -537,11 +537,9 @@ async fn a_running_pod_keeps_its_copy_when_the_virtual_object_is_deleted() {
     );
 }
 
-/// With a node on the host (devcluster `--nodes 1`), a synced Pod runs there and the virtual Pod
-/// shows it Running through the status copied back; deleting it takes its grace period on the
-/// host, then it is gone from both clusters.
-#[tokio::test]
-async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_period() {
+/// The tenant's system with one simulated node on the host (devcluster `--nodes 1`), so host
+/// Pods are scheduled and run, and the class `gvisor` synced to the virtual cluster.
+async fn system_with_a_host_node() -> System {
     use rcsync_tests::system::{Transport, runtime_class};
     let system = System::start_with_nodes(
         &[tenant()],
@@ -550,8 +548,17 @@ async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_perio
         1,
     )
     .await;
+    system.virtual_side().wait_classes(&["gvisor"]).await;
+    system
+}
+
+/// With a node on the host (devcluster `--nodes 1`), a synced Pod runs there and the virtual Pod
+/// shows it Running through the status copied back; deleting it takes its grace period on the
+/// host, then it is gone from both clusters.
+#[tokio::test]
+async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_period() {
+    let system = system_with_a_host_node().await;
     let v = system.virtual_side();
-    v.wait_classes(&["gvisor"]).await;
     // The host Pod keeps the Pod's grace period (the virtual cluster, without nodes, deletes the
     // virtual Pod at once).
     let spec = json!({"runtimeClassName": "gvisor", "terminationGracePeriodSeconds": 2, "containers": [app(json!({}))]});
@@ -590,19 +597,14 @@ async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_perio
     .await;
 }
 
+/// A host status the virtual cluster refuses to store (the agent's role lacks `pods/status` for a
+/// while) is not lost: it is written once the role allows it, although the host Pod no longer
+/// changes.
 #[tokio::test]
 async fn a_host_status_the_virtual_cluster_refused_to_store_arrives_once_it_is_allowed() {
     use k8s_openapi::api::rbac::v1::ClusterRole;
-    use rcsync_tests::system::{Transport, runtime_class};
-    let system = System::start_with_nodes(
-        &[tenant()],
-        &[runtime_class("gvisor", "runsc", &[])],
-        Transport::Plaintext,
-        1,
-    )
-    .await;
+    let system = system_with_a_host_node().await;
     let v = system.virtual_side();
-    v.wait_classes(&["gvisor"]).await;
     // The virtual agent may not write Pod status for a while (deploy/'s role, minus pods/status).
     let roles: Api<ClusterRole> = Api::all(v.cluster.client().await);
     let role = roles.get("rcsync-virtual-agent").await.unwrap();
