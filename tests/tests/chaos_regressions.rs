@@ -6,6 +6,30 @@ use rcsync_tests::system::{System, TenantSpec, pod, runtime_class};
 
 const TENANT: &str = "team-a";
 
+/// Rotates the tenant's token (one file is both the host's `tokenFile` and the agent's
+/// `--token-file` here) and waits until the host agent has reloaded it.
+async fn rotate_token_and_wait_for_the_host(system: &System) {
+    let token_file = system.dir.path().join(format!("{TENANT}.token"));
+    let next = token_file.with_extension("next");
+    std::fs::write(&next, "a-rotated-token-of-team-a\n").unwrap();
+    std::fs::rename(&next, &token_file).unwrap();
+    // The host agent reloads on change.
+    let host_admin = system.host_admin.clone();
+    eventually("the host agent to reload the tenants", || {
+        let host_admin = host_admin.clone();
+        async move {
+            let metrics = rcsync_tests::http_get(&host_admin, "/metrics").await?.1;
+            metrics
+                .lines()
+                .any(|l| {
+                    l.starts_with("rcsync_config_reloads_total{result=\"applied\"}") && !l.ends_with(" 0")
+                })
+                .then_some(())
+        }
+    })
+    .await;
+}
+
 /// A rotated token: the Pod syncer's cached connection carried the old token and every ApplyPod
 /// failed with UNAUTHENTICATED until the agent restarted. It must reconnect with the new token.
 #[tokio::test]
@@ -22,28 +46,28 @@ async fn pods_sync_again_after_the_tenant_token_is_rotated() {
     v.create_pod(&pod("before", Some("gvisor"))).await;
     system.wait_host_pod_count(1).await;
 
-    // One file is both the host's tokenFile and the agent's --token-file here: rotate it.
-    let token_file = system.dir.path().join(format!("{TENANT}.token"));
-    let next = token_file.with_extension("next");
-    std::fs::write(&next, "a-rotated-token-of-team-a\n").unwrap();
-    std::fs::rename(&next, &token_file).unwrap();
-    // Let the host agent take the new token before the next Pod (it reloads on change).
-    let host_admin = system.host_admin.clone();
-    eventually("the host agent to reload the tenants", || {
-        let host_admin = host_admin.clone();
-        async move {
-            let metrics = rcsync_tests::http_get(&host_admin, "/metrics").await?.1;
-            metrics
-                .lines()
-                .any(|l| {
-                    l.starts_with("rcsync_config_reloads_total{result=\"applied\"}") && !l.ends_with(" 0")
-                })
-                .then_some(())
-        }
-    })
-    .await;
+    rotate_token_and_wait_for_the_host(&system).await;
     v.create_pod(&pod("after", Some("gvisor"))).await;
     system.wait_host_pod_count(2).await;
+}
+
+/// A virtual Pod deleted just after its tenant's token was rotated: the agent's cached connection
+/// still carried the old token, DeletePod failed with UNAUTHENTICATED, and that failure was taken
+/// as final, so the host Pod stayed (found by chaos seed 261126). The delete must be retried over
+/// a new connection with the new token.
+#[tokio::test]
+async fn a_pod_deleted_right_after_a_token_rotation_is_deleted_on_the_host() {
+    let system = System::start(
+        &[TenantSpec::new(TENANT, "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let v = system.virtual_side();
+    v.create_pod(&pod("web", Some("gvisor"))).await;
+    system.wait_host_pod_count(1).await;
+    rotate_token_and_wait_for_the_host(&system).await;
+    v.delete_pod_now("web").await;
+    system.wait_host_pod_count(0).await;
 }
 
 /// A virtual Pod deleted while its agent was away, and a new Pod of the same name that may not

@@ -206,15 +206,17 @@ fn reason_of(decision: &CheckPodResponse) -> CheckPodReason {
     CheckPodReason::try_from(decision.reason).unwrap_or(CheckPodReason::Unspecified)
 }
 
-/// A gRPC failure worth retrying later, or not.
 /// The longest a failed Pod operation waits before its next attempt (each Pod backs off on its
 /// own; a new Pod under the same name starts afresh).
 const POD_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Whether a failed call is worth retrying: not when the host agent refused the request itself
+/// (it would refuse it again). UNAUTHENTICATED is retried: the connection is dropped on it, and
+/// the next one reads the token file again, so a rotated token heals it.
 fn retryable(status: &tonic::Status) -> bool {
     !matches!(
         status.code(),
-        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied
     )
 }
 
@@ -840,6 +842,7 @@ impl Shard {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "DeletePod failed");
                 }
                 self.drop_clients_on(&status);
+                // A refusal that would only repeat is reported (above) and not retried.
                 !retryable(&status)
             }
         }
