@@ -53,11 +53,23 @@ async fn host_secrets(system: &System) -> Api<Secret> {
     )
 }
 
+/// The host Pod of a virtual Pod once it is placed: it exists, and the scheduling gate rcsync
+/// holds while it writes the Pod's copies is lifted (so every copy is on the host).
 async fn wait_host_pod(system: &System, name: &str, namespace: &str) -> Pod {
     let pods = system.host_pods(&system.virtual_side().tenant).await;
     let host = host_name(name, namespace);
-    eventually(&format!("host pod {host}"), || async {
-        pods.get_opt(&host).await.ok().flatten()
+    eventually(&format!("host pod {host}, its copies written"), || async {
+        let pod = pods.get_opt(&host).await.ok().flatten()?;
+        let gated = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.as_ref())
+            .is_some_and(|gates| {
+                gates
+                    .iter()
+                    .any(|g| g.name == host_agent::grpc::pods::COPIES_GATE)
+            });
+        (!gated).then_some(pod)
     })
     .await
 }
