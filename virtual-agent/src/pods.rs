@@ -32,6 +32,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
+use prometheus_client::metrics::gauge::Gauge;
 use rcsync_core::admin::Readiness;
 use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_core::version::content_version;
@@ -146,11 +147,11 @@ struct Record {
 /// every change (constant work per change, not a count over all Pods).
 struct Records {
     by_key: HashMap<Key, Record>,
-    orphans: prometheus_client::metrics::gauge::Gauge,
+    orphans: Gauge,
 }
 
 impl Records {
-    fn new(orphans: prometheus_client::metrics::gauge::Gauge) -> Self {
+    fn new(orphans: Gauge) -> Self {
         Self {
             by_key: HashMap::new(),
             orphans,
