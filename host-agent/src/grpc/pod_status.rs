@@ -27,7 +27,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use crate::translate::recorded_ref;
+use crate::translate::{VirtualPodRef, recorded_ref};
 
 /// A host Pod as the status feed reads it: metadata and status. Decoding skips the spec, the
 /// largest part of a Pod, which the feed never reads.
@@ -85,13 +85,7 @@ fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, Reported)> {
     let mut hasher = DefaultHasher::new();
     id.uid.hash(&mut hasher);
     status_json.hash(&mut hasher);
-    let deleted = PodStatusEvent {
-        r#type: PodStatusEventType::Deleted as i32,
-        pod_namespace: id.namespace,
-        pod_name: id.name,
-        pod_uid: id.uid,
-        status_json: Vec::new(),
-    };
+    let deleted = deleted(id);
     let event = PodStatusEvent {
         r#type: PodStatusEventType::Updated as i32,
         status_json,
@@ -102,6 +96,17 @@ fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, Reported)> {
         digest: hasher.finish(),
     };
     Some((event, reported))
+}
+
+/// The event that reports the host Pod made for virtual Pod `id` gone.
+fn deleted(id: VirtualPodRef) -> PodStatusEvent {
+    PodStatusEvent {
+        r#type: PodStatusEventType::Deleted as i32,
+        pod_namespace: id.namespace,
+        pod_name: id.name,
+        pod_uid: id.uid,
+        status_json: Vec::new(),
+    }
 }
 
 /// The events for one watch event, updating what was reported: `known` holds the Pods the client
@@ -155,15 +160,7 @@ fn events_for(
         Event::Delete(pod) => {
             let name = pod.metadata.name.clone().unwrap_or_default();
             known.remove(&name);
-            if let Some(id) = recorded_ref(&pod.metadata) {
-                out.push(PodStatusEvent {
-                    r#type: PodStatusEventType::Deleted as i32,
-                    pod_namespace: id.namespace,
-                    pod_name: id.name,
-                    pod_uid: id.uid,
-                    status_json: Vec::new(),
-                });
-            }
+            out.extend(recorded_ref(&pod.metadata).map(deleted));
         }
     }
     out
