@@ -909,8 +909,7 @@ impl Api {
             Ok(feed) => feed,
             Err(gone) => {
                 // A too-old resourceVersion is answered like upstream: one ERROR event, then the end.
-                let event = json!({"type": "ERROR", "object": gone.to_status()});
-                let _ = tx.try_send(line(&event));
+                let _ = tx.try_send(event_line("ERROR", &gone.to_status()));
                 return Ok(Reply::Stream(rx));
             }
         };
@@ -930,11 +929,11 @@ impl Api {
                 }
             }
             if initial_events {
-                let end = json!({"type": "BOOKMARK", "object": {
+                let end = json!({
                     "kind": def.kind, "apiVersion": def.api_version(),
                     "metadata": {"resourceVersion": feed.rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}
-                }});
-                if stream.tx.send(line(&end)).await.is_err() {
+                });
+                if stream.tx.send(event_line("BOOKMARK", &end)).await.is_err() {
                     return;
                 }
             }
@@ -950,11 +949,11 @@ impl Api {
                     _ = ended.changed() => return,
                     _ = stream.tx.closed() => return,
                     _ = ticker.tick(), if bookmarks => {
-                        let bookmark = json!({"type": "BOOKMARK", "object": {
+                        let bookmark = json!({
                             "kind": def.kind, "apiVersion": def.api_version(),
                             "metadata": {"resourceVersion": stream.last_rv.to_string()}
-                        }});
-                        if stream.tx.send(line(&bookmark)).await.is_err() {
+                        });
+                        if stream.tx.send(event_line("BOOKMARK", &bookmark)).await.is_err() {
                             return;
                         }
                     }
@@ -1370,9 +1369,16 @@ impl Api {
     }
 }
 
-fn line(event: &Value) -> Bytes {
-    let mut bytes = serde_json::to_vec(event).expect("JSON values serialize");
-    bytes.push(b'\n');
+/// One watch event as a line of JSON, `type` before `object` as the API server writes it: clients
+/// that decode the event in one pass (kube-rs, client-go) need the type first, or they buffer the
+/// whole object to decode it a second time.
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut bytes = Vec::with_capacity(512);
+    bytes.extend_from_slice(b"{\"type\":");
+    serde_json::to_writer(&mut bytes, kind).expect("strings serialize");
+    bytes.extend_from_slice(b",\"object\":");
+    serde_json::to_writer(&mut bytes, object).expect("JSON values serialize");
+    bytes.extend_from_slice(b"}\n");
     Bytes::from(bytes)
 }
 
@@ -1416,9 +1422,6 @@ impl WatchStream {
             }
             None => obj,
         };
-        self.tx
-            .send(line(&json!({"type": kind, "object": object})))
-            .await
-            .is_ok()
+        self.tx.send(event_line(kind, &object)).await.is_ok()
     }
 }

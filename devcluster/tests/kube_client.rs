@@ -329,6 +329,32 @@ async fn watch_list_streams_the_initial_events_then_a_bookmark() {
     cluster.shutdown().await;
 }
 
+#[tokio::test]
+async fn watch_events_carry_their_type_before_their_object() {
+    use futures::AsyncBufReadExt;
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    classes
+        .create(&PostParams::default(), &runtime_class("a", "h", &[]))
+        .await
+        .unwrap();
+    let request = http::Request::get("/apis/node.k8s.io/v1/runtimeclasses?watch=true&resourceVersion=0")
+        .body(Vec::new())
+        .unwrap();
+    let mut events = Box::pin(client.request_stream(request).await.unwrap());
+    let mut line = String::new();
+    timeout(DEADLINE, events.read_line(&mut line))
+        .await
+        .expect("a watch event within the deadline")
+        .unwrap();
+    // As the API server writes it: clients decoding in one pass need the type first.
+    assert!(line.starts_with(r#"{"type":"ADDED","object":{"#), "{line}");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["object"]["metadata"]["name"], "a", "{line}");
+    cluster.shutdown().await;
+}
+
 fn config_map(name: &str, extra: serde_json::Value) -> ConfigMap {
     let mut value = json!({"metadata": {"name": name}, "data": {"k": "v"}});
     if let Some(meta) = extra.get("metadata") {

@@ -104,9 +104,12 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `program` with `args`, logging to `dir/<name>.log`.
+    /// Starts `program` with `args`, logging to `dir/logs/<name>.log`: a folder of its own, so
+    /// log lines do not wake the host agent's watch of the folder its tenants file is in.
     pub fn spawn(name: &str, program: &Path, args: &[String], dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = logs.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(program)
             .args(args)
@@ -121,6 +124,11 @@ impl Process {
             child,
             log,
         }
+    }
+
+    /// The file the process logs to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// Everything the process has logged so far.

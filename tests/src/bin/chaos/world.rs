@@ -66,7 +66,7 @@ impl Restartable {
         self.incarnation += 1;
         let log_name = format!("{}-{}", self.name, self.incarnation);
         let process = Process::spawn(&log_name, &self.program, &self.args, dir);
-        self.logs.push(dir.join(format!("{log_name}.log")));
+        self.logs.push(process.log_path().to_path_buf());
         self.process = Some(process);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
