@@ -150,7 +150,10 @@ async fn start_agent(
     listening: &str,
     args: impl Fn(&[String]) -> Vec<String>,
 ) -> anyhow::Result<Agent> {
-    let log = dir.join(format!("{name}.log"));
+    // A folder of their own: the host agent watches the folder its tenants file is in.
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let log = logs.join(format!("{name}.log"));
     for _ in 0..5 {
         let addrs = (0..ports)
             .map(|_| free_addr())
@@ -453,10 +456,10 @@ fn print_guide(dir: &Path, host: &DevCluster, virtual_cluster: &DevCluster, ha: 
     let d = dir.display();
     let logs = if ha {
         format!(
-            "{d}/host-agent.log, {d}/host-agent-2.log, {d}/virtual-agent.log, {d}/virtual-agent-2.log\n  replicas            two of each: host agents active-active, virtual agents on Lease {LEASE_NAMESPACE}/rcsync-virtual-agent"
+            "{d}/logs/: host-agent.log, host-agent-2.log, virtual-agent.log, virtual-agent-2.log\n  replicas            two of each: host agents active-active, virtual agents on Lease {LEASE_NAMESPACE}/rcsync-virtual-agent"
         )
     } else {
-        format!("{d}/host-agent.log, {d}/virtual-agent.log")
+        format!("{d}/logs/host-agent.log, {d}/logs/virtual-agent.log")
     };
     println!(
         r#"rcsync is running on loopback.

@@ -40,7 +40,7 @@ async fn devcluster_up_runs_the_system_and_its_guide_works_as_printed() {
     let state = dir.path().join("state");
     let args = vec!["up".to_string(), "--dir".to_string(), state.display().to_string()];
     let mut up = Process::spawn("devcluster-up", &binary("devcluster"), &args, dir.path());
-    let log = dir.path().join("devcluster-up.log");
+    let log = up.log_path().to_path_buf();
     let guide = eventually("the guide to be printed", || async {
         let text = std::fs::read_to_string(&log).ok()?;
         text.contains("Press Ctrl-C to stop everything.").then_some(text)
@@ -205,7 +205,7 @@ async fn devcluster_up_ha_runs_two_replicas_of_each_agent_and_shows_the_leader()
         state.display().to_string(),
     ];
     let mut up = Process::spawn("devcluster-up-ha", &binary("devcluster"), &args, dir.path());
-    let log = dir.path().join("devcluster-up-ha.log");
+    let log = up.log_path().to_path_buf();
     // One virtual agent leads and syncs, the other stands by; both host agents serve.
     eventually("status lines with a leader and a standby", || async {
         let text = std::fs::read_to_string(&log).ok()?;

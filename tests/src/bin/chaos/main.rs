@@ -485,7 +485,7 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         "chaos: seed {} duration {:?}, logs in {}",
         cli.seed,
         cli.duration,
-        dir.display()
+        dir.join("logs").display()
     );
     let timeline = Timeline::default();
     timeline.set_tenants(initial_tenants());
@@ -592,7 +592,7 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
         println!(
             "chaos: FAILED with seed {seed}; replay: cargo run --release -p rcsync-tests --bin chaos -- --seed {seed} --duration {}s (logs kept in {})",
             cli.duration.as_secs(),
-            dir.display(),
+            dir.join("logs").display(),
             seed = cli.seed
         );
         let _ = run_dir.keep();
