@@ -35,7 +35,6 @@ use kube::{Api, Client, Resource as _, ResourceExt as _};
 use prometheus_client::metrics::gauge::Gauge;
 use rcsync_core::admin::Readiness;
 use rcsync_core::pod_refs::{self, RefKind};
-use rcsync_core::version::content_version;
 use rcsync_proto::v1::{
     ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, PodRefusal,
     PodRefusalReason, PodStatusEvent, PodStatusEventType, WatchPodStatusRequest,
@@ -61,7 +60,7 @@ pub type PodBoard = Arc<std::sync::Mutex<BTreeMap<Key, (&'static str, String)>>>
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
     /// Written to the host from content with this fingerprint.
-    Synced(String),
+    Synced(u64),
     /// Denied with this message (event recorded).
     Blocked(String),
     /// Was synced; its class stopped being synced: left alone in both clusters.
@@ -199,8 +198,51 @@ fn key_of(pod: &Pod) -> Key {
 
 /// Fingerprint of what a Pod sync carries (labels, annotations, spec), so status writes and
 /// unrelated updates do not cause host writes.
-fn fingerprint(pod: &Pod) -> String {
-    content_version(&(&pod.metadata.labels, &pod.metadata.annotations, &pod.spec))
+fn fingerprint(pod: &Pod) -> u64 {
+    digest_of(&(&pod.metadata.labels, &pod.metadata.annotations, &pod.spec))
+}
+
+/// A hash of `value`'s JSON, taken as it is written: nothing is copied or allocated. Kept in this
+/// process only; k8s-openapi types serialize deterministically (struct fields in order, maps
+/// sorted), so equal values hash equal.
+fn digest_of<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
+    use std::hash::Hasher as _;
+    struct Hashing(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.write(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(Default::default());
+    serde_json::to_writer(&mut hashing, value).expect("plain data serializes");
+    hashing.0.finish()
+}
+
+/// A Pod as ApplyPod carries it: no status, no managed fields; the spec is written from the
+/// watched object as it is, not copied first.
+fn apply_body(pod: &Pod) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Sent<'a> {
+        api_version: &'static str,
+        kind: &'static str,
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        spec: Option<&'a k8s_openapi::api::core::v1::PodSpec>,
+    }
+    let mut metadata = pod.metadata.clone();
+    metadata.managed_fields = None;
+    serde_json::to_vec(&Sent {
+        api_version: "v1",
+        kind: "Pod",
+        metadata,
+        spec: pod.spec.as_ref(),
+    })
+    .expect("a Pod serializes")
 }
 
 fn reason_of(decision: &CheckPodResponse) -> CheckPodReason {
@@ -906,10 +948,10 @@ impl Shard {
         let fingerprint = if referenced.versions.is_empty() {
             fingerprint(pod)
         } else {
-            content_version(&(fingerprint(pod), &referenced.versions))
+            digest_of(&(fingerprint(pod), &referenced.versions))
         };
         if let Some(record) = self.records.get(key)
-            && record.state == State::Synced(fingerprint.clone())
+            && record.state == State::Synced(fingerprint)
             && host_has_it
         {
             return true;
@@ -954,11 +996,8 @@ impl Shard {
         let decision = if let Some(denied) = checked.filter(|d| !d.allowed) {
             denied
         } else {
-            let mut sent = pod.clone();
-            sent.status = None;
-            sent.metadata.managed_fields = None;
             let request = ApplyPodRequest {
-                pod_json: serde_json::to_vec(&sent).expect("a Pod serializes"),
+                pod_json: apply_body(pod),
                 config_maps_json: referenced.config_maps,
                 secrets_json: referenced.secrets,
             };
@@ -1368,5 +1407,53 @@ async fn status_feed(
             _ = shutdown.changed() => return,
             _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_pod_carries_the_pod_without_its_status_and_managed_fields() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "default", "uid": "u-1", "labels": {"app": "web"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1.0"}]},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap();
+        let sent: Pod = serde_json::from_slice(&apply_body(&pod)).unwrap();
+        let mut expected = pod.clone();
+        expected.status = None;
+        expected.metadata.managed_fields = None;
+        assert_eq!(sent, expected);
+    }
+
+    #[test]
+    fn a_pod_fingerprint_follows_labels_annotations_and_spec_not_status() {
+        let pod = |labels: serde_json::Value, phase: &str, image: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "labels": labels, "resourceVersion": phase},
+                "spec": {"containers": [{"name": "app", "image": image}]},
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        let base = fingerprint(&pod(serde_json::json!({"a": "1", "b": "2"}), "Pending", "i:1"));
+        // Map order in the source does not matter; status and resourceVersion do not count.
+        assert_eq!(
+            base,
+            fingerprint(&pod(serde_json::json!({"b": "2", "a": "1"}), "Running", "i:1"))
+        );
+        assert_ne!(
+            base,
+            fingerprint(&pod(serde_json::json!({"a": "1", "b": "3"}), "Pending", "i:1"))
+        );
+        assert_ne!(
+            base,
+            fingerprint(&pod(serde_json::json!({"a": "1", "b": "2"}), "Pending", "i:2"))
+        );
     }
 }

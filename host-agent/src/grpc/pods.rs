@@ -29,6 +29,7 @@ use rcsync_proto::v1::{
     ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodRefusal, PodRefusalReason,
     PodStatusEvent, WatchPodStatusRequest,
 };
+use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -203,13 +204,8 @@ impl<V: ViewSource> PodSyncService<V> {
                 });
         }
         // Create first: one round trip in the common case.
-        match api.create(&PostParams::default(), &create).await {
-            Ok(pod) => {
-                return Ok(Placement::Placed {
-                    pod: Box::new(pod),
-                    created: true,
-                });
-            }
+        match create_pod(&self.client, api, &create).await {
+            Ok(pod) => return Ok(Placement::Placed { pod, created: true }),
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(kube_status(&e, tenant)),
         }
@@ -257,12 +253,12 @@ impl<V: ViewSource> PodSyncService<V> {
                 .await
                 .map_err(|e| kube_status(&e, tenant))?;
             return Ok(Placement::Placed {
-                pod: Box::new(pod),
+                pod: PlacedPod::of(&pod),
                 created: false,
             });
         }
         Ok(Placement::Placed {
-            pod: Box::new(current),
+            pod: PlacedPod::of(&current),
             created: false,
         })
     }
@@ -371,7 +367,7 @@ pub const COPIES_GATE: &str = "rcsync.io/copies";
 /// What `place` did.
 enum Placement {
     /// The host Pod as it now stands, and whether this call created it.
-    Placed { pod: Box<Pod>, created: bool },
+    Placed { pod: PlacedPod, created: bool },
     /// Its host name is held by something else: refused.
     NameInUse(PodRefusal),
 }
@@ -471,11 +467,61 @@ fn accepted_copies(
     Ok(copies)
 }
 
-fn owner_reference(pod: &Pod) -> Result<OwnerReference, Status> {
+/// What ApplyPod uses of the host Pod it wrote: the API server's answer to a create is decoded only
+/// this far (a Pod's spec is most of its bytes, and all of it is what was just sent).
+#[derive(Debug, Default, Deserialize)]
+struct PlacedPod {
+    #[serde(default)]
+    metadata: PlacedMeta,
+    #[serde(default)]
+    spec: Option<PlacedSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PlacedMeta {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    uid: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PlacedSpec {
+    #[serde(default)]
+    scheduling_gates: Option<Vec<PodSchedulingGate>>,
+}
+
+impl PlacedPod {
+    /// The same view of a Pod already decoded whole.
+    fn of(pod: &Pod) -> Self {
+        Self {
+            metadata: PlacedMeta {
+                name: pod.name_any(),
+                uid: pod.metadata.uid.clone(),
+            },
+            spec: pod.spec.as_ref().map(|s| PlacedSpec {
+                scheduling_gates: s.scheduling_gates.clone(),
+            }),
+        }
+    }
+}
+
+/// `POST` of a Pod into `api`'s namespace, its answer decoded as a [`PlacedPod`].
+async fn create_pod(client: &Client, api: &Api<Pod>, pod: &Pod) -> kube::Result<PlacedPod> {
+    let body = serde_json::to_vec(pod).map_err(kube::Error::SerdeError)?;
+    let mut request = kube::core::Request::new(api.resource_url())
+        .create(&PostParams::default(), body)
+        .map_err(kube::Error::BuildRequest)?;
+    request.extensions_mut().insert("create");
+    client.request::<PlacedPod>(request).await
+}
+
+fn owner_reference(pod: &PlacedPod) -> Result<OwnerReference, Status> {
     Ok(OwnerReference {
         api_version: "v1".into(),
         kind: "Pod".into(),
-        name: pod.name_any(),
+        name: pod.metadata.name.clone(),
         uid: pod
             .metadata
             .uid
@@ -486,7 +532,7 @@ fn owner_reference(pod: &Pod) -> Result<OwnerReference, Status> {
     })
 }
 
-fn has_copies_gate(pod: &Pod) -> bool {
+fn has_copies_gate(pod: &PlacedPod) -> bool {
     pod.spec
         .as_ref()
         .and_then(|s| s.scheduling_gates.as_ref())
@@ -693,5 +739,37 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             span,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_created_pod_is_read_as_its_name_uid_and_scheduling_gates_only() {
+        let answer = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-x-default-x-team-a", "namespace": "team-a", "uid": "u-1",
+                         "labels": {"rcsync.io/managed-by": "team-a"}},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1.0"}],
+                     "schedulingGates": [{"name": COPIES_GATE}]},
+            "status": {"phase": "Pending"},
+        });
+        let placed: PlacedPod = serde_json::from_value(answer.clone()).unwrap();
+        assert_eq!(placed.metadata.name, "web-x-default-x-team-a");
+        assert!(has_copies_gate(&placed));
+        assert_eq!(owner_reference(&placed).unwrap().uid, "u-1");
+        // The same as reading the whole Pod.
+        let whole: Pod = serde_json::from_value(answer).unwrap();
+        let of = PlacedPod::of(&whole);
+        assert_eq!(of.metadata.name, placed.metadata.name);
+        assert_eq!(of.metadata.uid, placed.metadata.uid);
+        assert!(has_copies_gate(&of));
+        // Without gates, or without a uid (an API server bug), it says so.
+        let plain: PlacedPod =
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {}})).unwrap();
+        assert!(!has_copies_gate(&plain));
+        assert!(owner_reference(&plain).is_err());
     }
 }
