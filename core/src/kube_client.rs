@@ -105,10 +105,11 @@ fn build(config: kube::Config, fence: Option<WriteFence>) -> anyhow::Result<kube
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
-/// The backoff of every watch of the agents: jittered exponential from 250 ms to 5 s, reset by
-/// the first event after an error. kube's default grows to 30 s and resets only after two quiet
-/// minutes, so after a second API server restart within that time a watch could stay down for
-/// half a minute; with this one the agents are back within seconds of the API server.
+/// The backoff of every watch of the agents: jittered exponential from 250 ms to 5 s, reset once
+/// the API server answers again (see [`RetriedWatch`]). kube's default grows to 30 s and resets
+/// only after two quiet minutes, so after a second API server restart within that time a watch
+/// could stay down for half a minute; with this one the agents are back within seconds of the API
+/// server, and an API server that stays away is asked every 5 s, not hammered.
 #[derive(Clone, Debug)]
 pub struct WatchBackoff {
     next: std::time::Duration,
@@ -117,6 +118,19 @@ pub struct WatchBackoff {
 impl WatchBackoff {
     const FIRST: std::time::Duration = std::time::Duration::from_millis(250);
     const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// The pause before the next attempt (and doubles the one after it, up to the maximum).
+    pub fn next_pause(&mut self) -> std::time::Duration {
+        use rand::Rng as _;
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        base.mul_f64(rand::rng().random_range(0.75..1.25))
+    }
+
+    /// Back to the first pause.
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 impl Default for WatchBackoff {
@@ -125,20 +139,67 @@ impl Default for WatchBackoff {
     }
 }
 
-impl Iterator for WatchBackoff {
-    type Item = std::time::Duration;
+/// A kube watcher stream retried with [`WatchBackoff`]: after an error the next poll waits out the
+/// pause first. Unlike kube's `StreamBackoff`, the backoff is reset only by an event that came
+/// from the API server: the watcher announces each relist with `Event::Init` before it asks, and
+/// resetting on that kept every retry at the first pause (four attempts a second, per watch, for as
+/// long as an API server was down).
+pub struct RetriedWatch<S> {
+    watch: std::pin::Pin<Box<S>>,
+    backoff: WatchBackoff,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
 
-    fn next(&mut self) -> Option<Self::Item> {
-        use rand::Rng as _;
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        Some(base.mul_f64(rand::rng().random_range(0.75..1.25)))
+impl<S> RetriedWatch<S> {
+    /// Retries `watch` (a `kube::runtime::watcher` stream, or one built on it) with backoff.
+    pub fn new(watch: S) -> Self {
+        Self {
+            watch: Box::pin(watch),
+            backoff: WatchBackoff::default(),
+            pause: None,
+        }
     }
 }
 
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
+/// `.retry_with_backoff()` on a watch stream: [`RetriedWatch::new`].
+pub trait RetryWithBackoff: Sized {
+    /// This watch, retried with [`WatchBackoff`].
+    fn retry_with_backoff(self) -> RetriedWatch<Self> {
+        RetriedWatch::new(self)
+    }
+}
+
+impl<S: futures::Stream> RetryWithBackoff for S {}
+
+impl<S, K> futures::Stream for RetriedWatch<S>
+where
+    S: futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>,
+{
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(pause) = &mut this.pause {
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.pause = None;
+        }
+        let item = match this.watch.as_mut().poll_next(cx) {
+            Poll::Ready(item) => item,
+            Poll::Pending => return Poll::Pending,
+        };
+        match &item {
+            Some(Err(_)) => this.pause = Some(Box::pin(tokio::time::sleep(this.backoff.next_pause()))),
+            Some(Ok(kube::runtime::watcher::Event::Init)) | None => {}
+            Some(Ok(_)) => this.backoff.reset(),
+        }
+        Poll::Ready(item)
     }
 }
 
@@ -169,5 +230,42 @@ mod tests {
             .unwrap();
         let err = client.request::<serde_json::Value>(read).await.unwrap_err();
         assert!(!format!("{err:?}").contains("fenced"), "{err:?}");
+    }
+
+    /// An API server that stays away is asked ever less often, up to every 5 s; one that answers
+    /// again resets the pause. The watcher's `Init` before each relist resets nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_backs_off_while_its_api_server_is_away_and_resets_once_it_answers() {
+        use futures::StreamExt as _;
+        use kube::runtime::watcher::{Error, Event};
+        let failure = || -> Result<Event<()>, Error> { Err(Error::NoResourceVersion) };
+        let mut items = Vec::new();
+        for _ in 0..8 {
+            items.push(Ok(Event::Init));
+            items.push(failure());
+        }
+        items.extend([Ok(Event::Init), Ok(Event::InitDone), failure(), Ok(Event::Init)]);
+        let mut watch = RetriedWatch::new(futures::stream::iter(items));
+        let mut pauses = Vec::new();
+        let mut last = tokio::time::Instant::now();
+        while let Some(item) = watch.next().await {
+            if matches!(item, Ok(Event::Init)) {
+                pauses.push(last.elapsed());
+            }
+            last = tokio::time::Instant::now();
+        }
+        let ms: Vec<u128> = pauses.iter().map(|p| p.as_millis()).collect();
+        // Before the first attempt none; then 250 ms doubling to 5 s (±25 % jitter).
+        assert_eq!(ms[0], 0, "{ms:?}");
+        for (i, expected) in [250, 500, 1000, 2000, 4000, 5000, 5000, 5000].iter().enumerate() {
+            let got = ms[i + 1];
+            assert!(
+                got * 4 >= expected * 3 && got * 4 <= expected * 5,
+                "pause {i}: {ms:?}"
+            );
+        }
+        // InitDone proved the API server back: the next failure waits the first pause again.
+        let after = ms[9];
+        assert!((187..=313).contains(&after), "{ms:?}");
     }
 }

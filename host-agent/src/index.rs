@@ -9,12 +9,12 @@
 //!                         Views ──ViewSource──► gRPC (Sync streams follow the ChangeLog, CheckPod)
 //! ```
 
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::node::v1::RuntimeClass;
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::config::SELECTOR_CONFIG_PATH;
@@ -526,7 +526,7 @@ where
 }
 
 /// Feeds the index from a watch on every host RuntimeClass until `shutdown` fires. Watch errors
-/// are retried with [`rcsync_core::kube_client::WatchBackoff`] (250 ms up to 5 s); the last good
+/// are retried with [`rcsync_core::kube_client::RetriedWatch`] (250 ms up to 5 s); the last good
 /// state keeps being served meanwhile.
 pub async fn run(
     client: Client,
@@ -541,8 +541,7 @@ pub async fn run(
         .watches
         .follow(
             "runtimeclasses".into(),
-            watcher::watcher(api, watcher::Config::default())
-                .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+            watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
         )
         .boxed();
     let mut announced = false;

@@ -183,9 +183,35 @@ impl Drop for Process {
                 self.name
             );
         }
+        // What it started goes too (devcluster up's agents): a failed test leaves nothing running.
+        let children = children_of(self.pid());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !children.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(children.iter().map(u32::to_string))
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// The processes `pid` started and that still run, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // "pid (comm) state ppid …": comm may hold spaces and parentheses.
+            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then_some(child)
+        })
+        .collect()
 }
 
 /// Starts a process that listens on loopback ports picked for it, retrying with fresh ports when
@@ -284,4 +310,47 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let (head, body) = raw.split_once("\r\n\r\n")?;
     let code = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_a_process_stops_what_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = "sleep 600 & echo started $!; wait";
+        let process = Process::spawn(
+            "parent",
+            Path::new("/bin/sh"),
+            &["-c".to_string(), script.to_string()],
+            dir.path(),
+        );
+        let started = std::time::Instant::now();
+        let child: u32 = loop {
+            if let Some(pid) = process
+                .logs()
+                .strip_prefix("started ")
+                .and_then(|l| l.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(started.elapsed() < DEADLINE, "the shell did not start its child");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(Path::new(&format!("/proc/{child}")).exists());
+        drop(process);
+        // Killed and, reparented, reaped by init: gone, or a zombie on its way out.
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).map_or(true, |stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+        };
+        let waited = std::time::Instant::now();
+        while !gone() {
+            assert!(waited.elapsed() < DEADLINE, "the child {child} still runs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! Nothing is deleted for lack of a connection: while the host agent is away, what was applied
 //! stays, and the enforcer keeps the last known mode.
 
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,6 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, ResourceExt as _};
 use rcsync_core::admin::Readiness;
@@ -376,8 +376,7 @@ pub async fn run_enforcer(
         .watches
         .follow(
             "runtimeclasses".into(),
-            watcher::watcher(api.clone(), watcher::Config::default())
-                .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+            watcher::watcher(api.clone(), watcher::Config::default()).retry_with_backoff(),
         )
         .boxed();
     let mut classes: BTreeMap<String, RuntimeClass> = BTreeMap::new();

@@ -26,6 +26,7 @@
 //! loop keeps reporting the last state, so a partitioned leader would go on writing; it also
 //! judges expiry by the Lease's wall-clock timestamps. Neither is acceptable for fencing.
 
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,7 +34,6 @@ use futures::StreamExt as _;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -209,17 +209,19 @@ impl Elector {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let config = watcher::Config::default().fields(&format!("metadata.name={LEASE_NAME}"));
         let mut events = watcher::watcher(self.api.clone(), config)
-            .backoff(rcsync_core::kube_client::WatchBackoff::default())
+            .retry_with_backoff()
             .boxed();
         let mut relist: Option<Option<Lease>> = None;
         let mut listed = false;
-        let mut next_renew = Instant::now();
+        // Renewals and takeovers alike: at most one write per retry period, also when a write
+        // fails at once (an API server that is down would otherwise be asked in a busy loop).
+        let mut next_attempt = Instant::now();
         loop {
-            let wake = match &self.leading {
-                Some((_, until)) => next_renew.min(*until),
-                None if !listed => Instant::now() + Duration::from_secs(3600),
-                None => self.takeover_at(),
-            };
+            let wake = next_wake(
+                self.leading.as_ref().map(|(_, until)| *until),
+                listed.then(|| self.takeover_at()),
+                next_attempt,
+            );
             tokio::select! {
                 () = stopped(&mut stop) => break,
                 event = events.next() => match event {
@@ -237,11 +239,10 @@ impl Elector {
                 _ = tokio::time::sleep_until(wake) => {
                     if self.leading.is_some() {
                         self.renew().await;
-                        next_renew = Instant::now() + self.settings.retry_period();
                     } else {
                         self.try_acquire().await;
-                        next_renew = Instant::now() + self.settings.retry_period();
                     }
+                    next_attempt = Instant::now() + self.settings.retry_period();
                 }
             }
         }
@@ -474,5 +475,41 @@ impl Elector {
         }
         self.leading = None;
         self.publish(Role::Following(None));
+    }
+}
+
+/// When the election loop next writes: a leader renews at `next_attempt` (or notices the renew
+/// deadline `leading_until` passing); a follower that has listed the Lease tries at its takeover
+/// time, but never before `next_attempt`; one that has not listed it waits for the watch.
+fn next_wake(leading_until: Option<Instant>, takeover_at: Option<Instant>, next_attempt: Instant) -> Instant {
+    match (leading_until, takeover_at) {
+        (Some(until), _) => next_attempt.min(until),
+        (None, Some(takeover)) => takeover.max(next_attempt),
+        (None, None) => Instant::now() + Duration::from_secs(3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_takeover_is_retried_after_a_retry_period_not_at_once() {
+        let now = Instant::now();
+        let retry = now + Duration::from_secs(2);
+        // The Lease is free (or names this replica): take it now, unless a try just failed.
+        assert_eq!(next_wake(None, Some(now), now), now);
+        assert_eq!(next_wake(None, Some(now), retry), retry);
+        // Held by another: its expiry, or later.
+        let expiry = now + Duration::from_secs(15);
+        assert_eq!(next_wake(None, Some(expiry), retry), expiry);
+        // Leading: renew at the next attempt, or sooner if the renew deadline comes first.
+        assert_eq!(next_wake(Some(now + Duration::from_secs(10)), None, retry), retry);
+        assert_eq!(
+            next_wake(Some(now + Duration::from_secs(1)), None, retry),
+            now + Duration::from_secs(1)
+        );
+        // Not listed yet: only the watch wakes it.
+        assert!(next_wake(None, None, now) > now + Duration::from_secs(60));
     }
 }

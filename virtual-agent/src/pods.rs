@@ -20,6 +20,7 @@
 //! Nothing is decided before both the virtual Pods and the host Pods were listed, and nothing syncs
 //! while the host agent is unreachable (fail closed); failed work is retried with backoff.
 
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,6 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
@@ -411,8 +411,7 @@ impl PodSyncer {
             .watches
             .follow(
                 "pods".into(),
-                watcher::watcher(api, watcher::Config::default())
-                    .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+                watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
             )
             .boxed();
         let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
@@ -534,7 +533,7 @@ where
                 writer,
                 watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
             )
-            .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+            .retry_with_backoff(),
         )
         .boxed()
 }

@@ -10,6 +10,7 @@
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
 //! ```
 
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +19,6 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSchedulingGate, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::naming::LABEL_MANAGED_BY;
@@ -718,7 +718,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
                     Api::<HostPodStatus>::namespaced(self.client.clone(), &tenant.host_namespace),
                     config,
                 )
-                .backoff(rcsync_core::kube_client::WatchBackoff::default()),
+                .retry_with_backoff(),
             )
             .boxed();
         let (tx, rx) = mpsc::channel(64);

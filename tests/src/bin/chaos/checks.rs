@@ -4,6 +4,7 @@
 //! cluster holds exactly its host-filtered set, every live allowed Pod has exactly one current host
 //! Pod, no host Pod outlives its virtual Pod, blocked Pods carry their SyncWarning.
 
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +13,6 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::Api;
-use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use rcsync_core::naming::{ANNOTATION_OBJECT_UID, LABEL_MANAGED_BY, LABEL_RCSYNC_MANAGED, host_pod_name};
 use tokio::time::Instant;
@@ -110,7 +110,7 @@ pub fn follow_host_classes(client: kube::Client, timeline: Timeline) {
     tokio::spawn(async move {
         let api: Api<RuntimeClass> = Api::all(client);
         let mut events = watcher::watcher(api, watcher::Config::default())
-            .backoff(rcsync_core::kube_client::WatchBackoff::default())
+            .retry_with_backoff()
             .boxed();
         let mut current: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         let mut relist: Option<BTreeMap<String, BTreeMap<String, String>>> = None;
@@ -154,7 +154,7 @@ pub fn watch_host_pods(client: kube::Client, timeline: Timeline, violations: Vio
     tokio::spawn(async move {
         let api: Api<Pod> = Api::all(client);
         let mut events = watcher::watcher(api, watcher::Config::default())
-            .backoff(rcsync_core::kube_client::WatchBackoff::default())
+            .retry_with_backoff()
             .boxed();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         while let Some(event) = events.next().await {
@@ -215,7 +215,7 @@ pub fn watch_virtual_classes(
     tokio::spawn(async move {
         let api: Api<RuntimeClass> = Api::all(client);
         let mut events = watcher::watcher(api, watcher::Config::default())
-            .backoff(rcsync_core::kube_client::WatchBackoff::default())
+            .retry_with_backoff()
             .boxed();
         let mut seen: BTreeSet<String> = BTreeSet::new();
         while let Some(event) = events.next().await {
