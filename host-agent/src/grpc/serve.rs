@@ -47,6 +47,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::grpc::sync::SYNC as SYNC_PATH;
 
+/// How long the accept loop pauses after a failed accept.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// Serves `routes` on the connections of `incoming` until `shutdown` turns true, then sends each
 /// connection a GOAWAY and returns once all of them have closed.
 pub async fn serve<I, IO, E>(
@@ -64,16 +67,22 @@ pub async fn serve<I, IO, E>(
     let (drain_tx, drain_rx) = watch::channel(());
     let mut incoming = Box::pin(incoming);
     loop {
-        let io = tokio::select! {
+        let accepted = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => break,
-            io = incoming.next() => match io {
-                Some(Ok(io)) => io,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "accepting a gRPC connection failed");
-                    continue;
+            accepted = incoming.next() => accepted,
+        };
+        let io = match accepted {
+            Some(Ok(io)) => io,
+            Some(Err(e)) => {
+                // Out of file descriptors, every accept fails until one is freed: pause rather
+                // than spin (the TLS acceptor does the same).
+                tracing::warn!(error = %e, "accepting a gRPC connection failed");
+                tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
                 }
-                None => break,
-            },
+            }
+            None => break,
         };
         let home = Arc::new(Home {
             main: main.clone(),
@@ -501,6 +510,33 @@ mod tests {
             ran_on
         });
         assert_eq!(ran_on, ["test-main", "test-streams", "test-streams"]);
+    }
+
+    /// A listener whose every accept fails (out of file descriptors) is asked again after a
+    /// pause, not in a busy loop.
+    #[tokio::test(start_paused = true)]
+    async fn failing_accepts_are_retried_after_a_pause_not_in_a_busy_loop() {
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let incoming = futures::stream::repeat_with({
+            let accepts = accepts.clone();
+            move || {
+                accepts.fetch_add(1, Ordering::Relaxed);
+                Err::<MovableTcp, _>(io::Error::from_raw_os_error(24))
+            }
+        });
+        let (stop, shutdown) = watch::channel(false);
+        let serving = tokio::spawn(serve(
+            Routes::from(axum::Router::new()),
+            incoming,
+            Handle::current(),
+            shutdown,
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let tried = accepts.load(Ordering::Relaxed);
+        let most = (Duration::from_secs(1).as_millis() / ACCEPT_ERROR_PAUSE.as_millis()) as usize + 1;
+        assert!((1..=most).contains(&tried), "{tried} accepts in 1 s");
+        stop.send(true).unwrap();
+        serving.await.unwrap();
     }
 
     #[test]
