@@ -17,7 +17,6 @@ use rcsync_core::telemetry::termination_signal;
 use rcsync_proto::v1::pod_sync_server::PodSyncServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::grpc::TlsFiles;
 use crate::grpc::auth::Authenticator;
@@ -308,13 +307,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// Accepted connections with TCP_NODELAY set (tonic's own `tcp_nodelay` applies only to the
-/// listeners it binds itself): small gRPC frames such as CheckPod answers go out at once.
+/// listeners it binds itself): small gRPC frames such as CheckPod answers go out at once. A failed
+/// accept (out of file descriptors: every one fails until one is freed) is passed on after a pause,
+/// as tonic's server would otherwise ask again at once, in a busy loop.
 fn no_delay(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|stream| {
-            let _ = stream.set_nodelay(true);
-        })
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Err(e) => {
+                tokio::time::sleep(crate::grpc::serve::ACCEPT_ERROR_PAUSE).await;
+                Err(e)
+            }
+        };
+        Some((accepted, listener))
     })
 }
 
