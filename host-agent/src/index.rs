@@ -9,7 +9,6 @@
 //!                         Views ──ViewSource──► gRPC (Sync streams follow the ChangeLog, CheckPod)
 //! ```
 
-use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -18,6 +17,7 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::config::SELECTOR_CONFIG_PATH;
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::patches::TenantPatches;
 use rcsync_core::{Tenant, TenantName, TenantsFile};
 use rcsync_proto::v1::CheckPodResponse;

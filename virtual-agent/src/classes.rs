@@ -12,7 +12,6 @@
 //! Nothing is deleted for lack of a connection: while the host agent is away, what was applied
 //! stays, and the enforcer keeps the last known mode.
 
-use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +22,7 @@ use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, ResourceExt as _};
 use rcsync_core::admin::Readiness;
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::naming::{ANNOTATION_HOST_NAME, ANNOTATION_SOURCE_VERSION, LABEL_RCSYNC_MANAGED};
 use rcsync_core::version::content_version;
 use rcsync_proto::convert::{from_proto, synced_form};

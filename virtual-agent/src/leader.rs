@@ -26,7 +26,6 @@
 //! loop keeps reporting the last state, so a partitioned leader would go on writing; it also
 //! judges expiry by the Lease's wall-clock timestamps. Neither is acceptable for fencing.
 
-use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher::{self, Event};
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 

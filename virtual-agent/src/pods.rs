@@ -20,7 +20,6 @@
 //! Nothing is decided before both the virtual Pods and the host Pods were listed, and nothing syncs
 //! while the host agent is unreachable (fail closed); failed work is retried with backoff.
 
-use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +33,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use prometheus_client::metrics::gauge::Gauge;
 use rcsync_core::admin::Readiness;
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_proto::v1::{
     ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, PodRefusal,

@@ -10,7 +10,6 @@
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
 //! ```
 
-use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt as _};
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_core::{Tenant, TenantName};

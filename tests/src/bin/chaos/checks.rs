@@ -4,7 +4,6 @@
 //! cluster holds exactly its host-filtered set, every live allowed Pod has exactly one current host
 //! Pod, no host Pod outlives its virtual Pod, blocked Pods carry their SyncWarning.
 
-use rcsync_core::kube_client::RetryWithBackoff as _;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +13,7 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::Api;
 use kube::runtime::watcher::{self, Event};
+use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::naming::{ANNOTATION_OBJECT_UID, LABEL_MANAGED_BY, LABEL_RCSYNC_MANAGED, host_pod_name};
 use tokio::time::Instant;
 
