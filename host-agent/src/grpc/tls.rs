@@ -93,7 +93,7 @@ impl ServingTls {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, "accepting a gRPC connection failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        tokio::time::sleep(crate::grpc::serve::ACCEPT_ERROR_PAUSE).await;
                         continue;
                     }
                 };
