@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::grpc::TlsFiles;
-use crate::grpc::auth::Authenticator;
+use crate::grpc::auth::{Authenticated, Authenticator};
 use crate::grpc::framing::SyncFraming;
 use crate::grpc::pods::PodSyncService;
 use crate::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
@@ -241,8 +241,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let routes = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(SyncFraming::new(sync))
-        .add_service(PodSyncServer::new(pods))
+        .add_service(Authenticated::new(SyncFraming::new(sync), auth.clone()))
+        .add_service(Authenticated::new(PodSyncServer::new(pods), auth))
         .prepare();
     let streams = streams_runtime.handle();
     let grpc_task = match tls {

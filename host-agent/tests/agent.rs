@@ -11,8 +11,8 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use rcsync_proto::v1::pod_sync_client::PodSyncClient;
 use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
 use rcsync_proto::v1::{
-    ApplyPodRequest, CheckPodReason, CheckPodRequest, DeletePodRequest, ErrorDetail, PodRefusalReason,
-    SyncRequest, SyncResponse,
+    ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, ErrorDetail,
+    PodRefusalReason, SyncRequest, SyncResponse,
 };
 use rcsync_tests::{Cluster, Process, eventually, free_port, http_get, spawn_listening};
 use serde_json::json;
@@ -1686,4 +1686,44 @@ async fn a_call_with_a_malformed_deadline_is_refused_naming_the_header() {
         .expect_err("a deadline that does not parse is refused");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert_eq!(refused.message(), "invalid grpc-timeout header \"5s\"");
+}
+
+#[tokio::test]
+async fn a_caller_without_valid_credentials_is_refused_before_its_message_arrives() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    host.client().await;
+    let channel = Channel::from_shared(format!("http://{}", host.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Each call sends its headers and then nothing: a server that read the body before checking
+    // the credentials would wait for a message (up to 4 MiB of it) that never comes.
+    let paths = [
+        "/rcsync.v1.RuntimeClassSync/CheckPod",
+        "/rcsync.v1.RuntimeClassSync/Sync",
+        "/rcsync.v1.PodSync/ApplyPod",
+        "/rcsync.v1.PodSync/DeletePod",
+        "/rcsync.v1.PodSync/WatchPodStatus",
+    ];
+    for path in paths {
+        for credentials in [Some("Bearer not-a-token"), None] {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await.unwrap();
+            let mut request = Request::new(futures::stream::pending::<CheckPodRequest>());
+            if let Some(value) = credentials {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.parse().unwrap());
+            }
+            let codec = tonic_prost::ProstCodec::<CheckPodRequest, CheckPodResponse>::default();
+            let call = grpc.streaming(request, http::uri::PathAndQuery::from_static(path), codec);
+            let refused = tokio::time::timeout(rcsync_tests::DEADLINE, call)
+                .await
+                .unwrap_or_else(|_| panic!("{path} ({credentials:?}): no answer before the deadline; the server waited for the message"))
+                .expect_err("a caller without valid credentials is refused");
+            assert_eq!(refused.code(), Code::Unauthenticated, "{path}: {refused:?}");
+        }
+    }
 }

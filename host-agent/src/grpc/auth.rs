@@ -8,10 +8,16 @@
 //!
 //! When `x-rcsync-tenant` is sent, it must name the identified tenant (PERMISSION_DENIED otherwise).
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::{Either, Ready};
 
 use rcsync_core::TenantName;
 use tokio::sync::watch;
+use tonic::server::NamedService;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Status};
 
 use crate::index::{TenantsState, ViewSource};
@@ -53,8 +59,17 @@ impl Authenticator {
 
     /// The tenant a request acts for, or the gRPC error to answer.
     pub fn identify<T>(&self, request: &Request<T>) -> Result<TenantName, Status> {
+        self.identify_caller(request.metadata().as_ref(), request.extensions())
+    }
+
+    /// The tenant of a call from its headers and connection (its peer certificate), before any of
+    /// its body is read.
+    fn identify_caller(
+        &self,
+        meta: &http::HeaderMap,
+        connection: &http::Extensions,
+    ) -> Result<TenantName, Status> {
         let state = self.tenants.borrow().clone();
-        let meta = request.metadata();
         let claimed = match meta.get(TENANT_HEADER) {
             Some(v) => Some(
                 v.to_str()
@@ -81,7 +96,7 @@ impl Authenticator {
                 .tenant_of(&token)
                 .cloned()
                 .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?
-        } else if let Some(cn) = peer_common_name(request) {
+        } else if let Some(cn) = peer_common_name(connection) {
             let name = TenantName::new(&cn).map_err(|_| {
                 Status::permission_denied(format!("client certificate names no tenant ({cn:?})"))
             })?;
@@ -129,9 +144,51 @@ impl Authenticator {
     }
 }
 
+/// A gRPC service whose calls are authenticated from their headers before anything of their body
+/// is read. tonic decodes a unary request (up to 4 MiB) before the handler runs, so a check in the
+/// handler alone let a caller without credentials make the agent buffer a message per call: here
+/// such a call costs its headers and is answered at once. The handlers still identify the caller
+/// (from the same headers, at the cost of a map lookup), so they hold on their own too.
+#[derive(Clone)]
+pub struct Authenticated<S> {
+    service: S,
+    auth: Authenticator,
+}
+
+impl<S> Authenticated<S> {
+    /// `service`, reachable only by callers `auth` identifies.
+    pub fn new(service: S, auth: Authenticator) -> Self {
+        Self { service, auth }
+    }
+}
+
+impl<S: NamedService> NamedService for Authenticated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Authenticated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Self::Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match self.auth.identify_caller(request.headers(), request.extensions()) {
+            Ok(_) => Either::Right(self.service.call(request)),
+            Err(status) => Either::Left(futures::future::ready(Ok(status.into_http()))),
+        }
+    }
+}
+
 /// The subject common name of the client's certificate, when the connection is mutual TLS.
-fn peer_common_name<T>(request: &Request<T>) -> Option<String> {
-    let certs = request.peer_certs()?;
+fn peer_common_name(connection: &http::Extensions) -> Option<String> {
+    let certs = connection.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
     let leaf = certs.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     cert.subject()

@@ -50,6 +50,12 @@ use crate::grpc::sync::SYNC as SYNC_PATH;
 /// How long the accept loop pauses after a failed accept.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
+/// How many requests a client may have open at once on one connection (HTTP/2
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`; clients queue the rest). Each open request holds a task and
+/// up to a message of buffer, so one connection must not open them without end (hyper's default is
+/// 200; a virtual agent needs a few dozen).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Serves `routes` on the connections of `incoming` until `shutdown` turns true, then sends each
 /// connection a GOAWAY and returns once all of them have closed.
 pub async fn serve<I, IO, E>(
@@ -98,7 +104,7 @@ pub async fn serve<I, IO, E>(
         };
         let connection = http2::Builder::new(HomeExecutor(home.clone()))
             .timer(TokioTimer::new())
-            .max_concurrent_streams(None)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .serve_connection(TokioIo::new(io), service);
         let driver = Driver {
             connection: Box::pin(connection),
@@ -537,6 +543,49 @@ mod tests {
         assert!((1..=most).contains(&tried), "{tried} accepts in 1 s");
         stop.send(true).unwrap();
         serving.await.unwrap();
+    }
+
+    /// What a client learns from the server's first SETTINGS frame: how many requests it may
+    /// have open at once on the connection.
+    #[tokio::test]
+    async fn a_connection_is_told_how_many_requests_it_may_have_open_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .map(|accepted| accepted.map(MovableTcp::new));
+        let (_stop, shutdown) = watch::channel(false);
+        tokio::spawn(serve(
+            Routes::from(axum::Router::new()),
+            incoming,
+            Handle::current(),
+            shutdown,
+        ));
+        let mut client = TcpStream::connect(address).await.unwrap();
+        // The client preface and an empty SETTINGS frame.
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut header = [0; 9];
+        client.read_exact(&mut header).await.unwrap();
+        assert_eq!(header[3], 0x4, "the server speaks first with SETTINGS");
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0; length];
+        client.read_exact(&mut payload).await.unwrap();
+        let settings: Vec<(u16, u32)> = payload
+            .chunks_exact(6)
+            .map(|s| {
+                (
+                    u16::from_be_bytes([s[0], s[1]]),
+                    u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+                )
+            })
+            .collect();
+        const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+        assert!(
+            settings.contains(&(MAX_CONCURRENT_STREAMS, MAX_STREAMS_PER_CONNECTION)),
+            "{settings:?}"
+        );
     }
 
     #[test]
