@@ -242,7 +242,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(Authenticated::new(SyncFraming::new(sync), auth.clone()))
-        .add_service(Authenticated::new(PodSyncServer::new(pods), auth))
+        .add_service(Authenticated::new(
+            PodSyncServer::new(pods).max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
+            auth,
+        ))
         .prepare();
     let streams = streams_runtime.handle();
     let grpc_task = match tls {

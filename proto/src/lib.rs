@@ -30,3 +30,13 @@ pub const RUNTIME_CLASS_SYNC_SERVICE: &str = "rcsync.v1.RuntimeClassSync";
 
 /// Fully-qualified gRPC service name of `PodSync`.
 pub const POD_SYNC_SERVICE: &str = "rcsync.v1.PodSync";
+
+/// The largest request message the host agent decodes (Sync ACKs and NACKs, CheckPod, PodSync
+/// calls): gRPC's usual 4 MiB. An `ApplyPodRequest` carries the Pod and every ConfigMap and Secret
+/// it references, so a virtual agent checks a request's size against this before sending it.
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The largest Sync response a virtual agent decodes. The first response carries the tenant's
+/// whole state in one message, which passes 4 MiB at a few thousand classes with many labels; the
+/// host agent is trusted, so the bound is only against a runaway message.
+pub const MAX_SYNC_RESPONSE_BYTES: usize = 256 * 1024 * 1024;

@@ -224,7 +224,8 @@ impl HostAgentTarget {
                 Ok(channel) => {
                     tracing::debug!(url = %url, address = %addr, "connected to the host agent");
                     return Ok((
-                        RuntimeClassSyncClient::with_interceptor(channel.clone(), credentials.clone()),
+                        RuntimeClassSyncClient::with_interceptor(channel.clone(), credentials.clone())
+                            .max_decoding_message_size(rcsync_proto::MAX_SYNC_RESPONSE_BYTES),
                         PodSyncClient::with_interceptor(channel, credentials),
                     ));
                 }

@@ -32,6 +32,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use prometheus_client::metrics::gauge::Gauge;
+use prost::Message as _;
 use rcsync_core::admin::Readiness;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::pod_refs::{self, RefKind};
@@ -1000,6 +1001,22 @@ impl Shard {
                 config_maps_json: referenced.config_maps,
                 secrets_json: referenced.secrets,
             };
+            let size = request.encoded_len();
+            if size > rcsync_proto::MAX_REQUEST_BYTES {
+                // The host agent would refuse the call, and again at every retry: say so on the
+                // Pod, once; it is looked at again when it or an object it references changes.
+                let refusal = PodRefusal {
+                    reason: PodRefusalReason::Unsupported as i32,
+                    message: format!(
+                        "the Pod and the {} ConfigMaps and {} Secrets it references take {size} bytes, \
+                         more than a Pod sync may carry ({} bytes)",
+                        request.config_maps_json.len(),
+                        request.secrets_json.len(),
+                        rcsync_proto::MAX_REQUEST_BYTES,
+                    ),
+                };
+                return self.on_refused(key, pod, &uid, refusal).await;
+            }
             match pods.apply_pod(request).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();

@@ -50,7 +50,8 @@ impl<V: ViewSource> SyncFraming<V> {
     pub fn new(service: RuntimeClassSyncService<V>) -> Self {
         let service = Arc::new(service);
         Self {
-            generated: RuntimeClassSyncServer::from_arc(service.clone()),
+            generated: RuntimeClassSyncServer::from_arc(service.clone())
+                .max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
             service,
         }
     }
@@ -117,7 +118,12 @@ where
     }
     let (parts, body) = request.into_parts();
     let mut codec = tonic_prost::ProstCodec::<SyncResponse, SyncRequest>::default();
-    let inbound = tonic::Streaming::new_request(SmallBuffer(codec.decoder()), body, None, None);
+    let inbound = tonic::Streaming::new_request(
+        SmallBuffer(codec.decoder()),
+        body,
+        None,
+        Some(rcsync_proto::MAX_REQUEST_BYTES),
+    );
     let request = tonic::Request::from_http(http::Request::from_parts(parts, inbound));
     match service.open_sync(request).await {
         Err(status) => status.into_http(),
