@@ -1,5 +1,6 @@
 //! The deploy manifests are valid Kubernetes objects of the expected kinds, their RBAC grants
-//! exactly what the agents use, and their flags and config are what the binaries accept.
+//! exactly what the agents use, their flags and config are what the binaries accept, and tenants'
+//! Pods reach no more of the host agent than its gRPC ports.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -7,8 +8,10 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPort};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use rcsync_tests::rbac::{deploy_manifest as deploy, documents};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -58,6 +61,7 @@ fn check_kinds(text: &str) -> Vec<Value> {
             ("rbac.authorization.k8s.io/v1", "Role") => drop(typed::<Role>(doc)),
             ("rbac.authorization.k8s.io/v1", "RoleBinding") => drop(typed::<RoleBinding>(doc)),
             ("policy/v1", "PodDisruptionBudget") => drop(typed::<PodDisruptionBudget>(doc)),
+            ("networking.k8s.io/v1", "NetworkPolicy") => drop(typed::<NetworkPolicy>(doc)),
             other => panic!("unexpected object {other:?}"),
         }
     }
@@ -138,6 +142,36 @@ fn host_agent_manifests_are_valid_and_least_privilege() {
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["startupProbe"]["grpc"]["port"], 9444);
+    // Tenants' Pods share the cluster: they reach the gRPC ports, never the admin port.
+    let policy: NetworkPolicy = typed(docs.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap());
+    let spec = policy.spec.unwrap();
+    assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_string()][..]));
+    assert_eq!(
+        spec.pod_selector.unwrap().match_labels.unwrap()["app.kubernetes.io/name"],
+        "host-agent"
+    );
+    let port_name = |p: &NetworkPolicyPort| match p.port.as_ref().unwrap() {
+        IntOrString::String(name) => name.clone(),
+        IntOrString::Int(n) => n.to_string(),
+    };
+    let mut open_to_all = BTreeSet::new();
+    for rule in spec.ingress.unwrap() {
+        let ports: Vec<String> = rule.ports.unwrap().iter().map(port_name).collect();
+        match rule.from {
+            None => open_to_all.extend(ports),
+            Some(from) => {
+                assert_eq!(ports, ["admin"]);
+                assert!(
+                    from.iter()
+                        .all(|f| f.namespace_selector.is_some() && f.pod_selector.is_none())
+                );
+            }
+        }
+    }
+    assert_eq!(
+        open_to_all,
+        BTreeSet::from(["grpc".to_string(), "grpc-health".to_string()])
+    );
 }
 
 #[test]
