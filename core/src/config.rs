@@ -287,6 +287,9 @@ pub struct TenantLimits {
     pub pod_sync_qps: u32,
     /// `podSyncBurst`: the token bucket's size.
     pub pod_sync_burst: u32,
+    /// `podSyncInFlight`: ApplyPod/DeletePod calls open at once (each holds up to a 4 MiB request
+    /// while it is read), counted from their headers, before their bodies are read.
+    pub pod_sync_in_flight: u32,
 }
 
 impl Default for TenantLimits {
@@ -296,6 +299,7 @@ impl Default for TenantLimits {
             pod_status_streams: 8,
             pod_sync_qps: 500,
             pod_sync_burst: 1000,
+            pod_sync_in_flight: 64,
         }
     }
 }
@@ -708,7 +712,13 @@ impl Walker {
         let Some(fields) = self.mapping(
             v,
             path,
-            Some(&["syncStreams", "podStatusStreams", "podSyncQps", "podSyncBurst"]),
+            Some(&[
+                "syncStreams",
+                "podStatusStreams",
+                "podSyncQps",
+                "podSyncBurst",
+                "podSyncInFlight",
+            ]),
         ) else {
             return limits;
         };
@@ -717,6 +727,7 @@ impl Walker {
             ("podStatusStreams", &mut limits.pod_status_streams),
             ("podSyncQps", &mut limits.pod_sync_qps),
             ("podSyncBurst", &mut limits.pod_sync_burst),
+            ("podSyncInFlight", &mut limits.pod_sync_in_flight),
         ] {
             let Some(value) = fields.get(key) else { continue };
             let at = join(path, key);
@@ -1183,7 +1194,7 @@ tenants:
             [
                 (
                     "tenants[0].limits.streams".to_string(),
-                    "unknown field \"streams\", expected one of \"syncStreams\", \"podStatusStreams\", \"podSyncQps\", \"podSyncBurst\"".to_string()
+                    "unknown field \"streams\", expected one of \"syncStreams\", \"podStatusStreams\", \"podSyncQps\", \"podSyncBurst\", \"podSyncInFlight\"".to_string()
                 ),
                 (
                     "tenants[0].limits.syncStreams".to_string(),

@@ -196,7 +196,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         client.clone(),
         metrics.clone(),
         shutdown_rx.clone(),
-        limiter,
+        limiter.clone(),
     );
 
     let grpc_listener = TcpListener::bind(settings.grpc_listen)
@@ -242,10 +242,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(Authenticated::new(SyncFraming::new(sync), auth.clone()))
-        .add_service(Authenticated::new(
-            PodSyncServer::new(pods).max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
-            auth,
-        ))
+        .add_service(
+            Authenticated::new(
+                PodSyncServer::new(pods).max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
+                auth,
+            )
+            .limiting_pod_syncs(limiter),
+        )
         .prepare();
     let streams = streams_runtime.handle();
     let grpc_task = match tls {

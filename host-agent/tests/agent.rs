@@ -1727,3 +1727,80 @@ async fn a_caller_without_valid_credentials_is_refused_before_its_message_arrive
         }
     }
 }
+
+/// Starts an ApplyPod of `tenant` that sends its headers and never its message; answers what the
+/// server said before `within`, or None while it waits for the message.
+async fn stalled_apply_pod(channel: &Channel, tenant: &str, within: Duration) -> Option<tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.unwrap();
+    let request = with_token(futures::stream::pending::<ApplyPodRequest>(), tenant);
+    let codec = tonic_prost::ProstCodec::<ApplyPodRequest, CheckPodResponse>::default();
+    let path = http::uri::PathAndQuery::from_static("/rcsync.v1.PodSync/ApplyPod");
+    match tokio::time::timeout(within, grpc.streaming(request, path, codec)).await {
+        Ok(answer) => Some(answer.expect_err("a call without its message is not answered with one")),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn a_tenants_open_pod_sync_calls_are_limited_before_their_messages_arrive() {
+    let tenants = POD_TENANTS.replace(
+        "    tokenFile: team-a.token\n",
+        "    tokenFile: team-a.token\n    limits: {podSyncInFlight: 2}\n",
+    );
+    let host = Host::start(&tenants, &[]).await;
+    host.ready().await;
+    host.client().await;
+    let channel = Channel::from_shared(format!("http://{}", host.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Two calls hold the tenant's places while their messages never come (each tries again when
+    // the probe below took its place first; the probe's calls give theirs back after a second).
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                while stalled_apply_pod(&channel, "team-a", Duration::from_secs(3600))
+                    .await
+                    .is_some()
+                {}
+            })
+        })
+        .collect();
+    let refused = eventually("a third open ApplyPod to be refused", || async {
+        stalled_apply_pod(&channel, "team-a", Duration::from_secs(1)).await
+    })
+    .await;
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "tenant team-a already has 2 ApplyPod/DeletePod calls open (limits.podSyncInFlight: 2)"
+    );
+    let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("rcsync_limit_rejections_total{tenant=\"team-a\",limit=\"podSyncInFlight\"}"),
+        "{metrics}"
+    );
+    // A call that ends (here: cancelled) gives its place back.
+    held[0].abort();
+    let pods = PodSyncClient::new(channel);
+    eventually("a DeletePod once a place is free", || {
+        let mut pods = pods.clone();
+        async move {
+            let request = with_token(
+                DeletePodRequest {
+                    pod_namespace: "default".into(),
+                    pod_name: "gone".into(),
+                    pod_uid: "u".into(),
+                    grace_period_seconds: None,
+                },
+                "team-a",
+            );
+            pods.delete_pod(request).await.ok()
+        }
+    })
+    .await;
+    held[1].abort();
+}

@@ -9,6 +9,8 @@
 //! When `x-rcsync-tenant` is sent, it must name the identified tenant (PERMISSION_DENIED otherwise).
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,6 +22,8 @@ use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Status};
 
+use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
+use crate::grpc::pods::{APPLY_POD, DELETE_POD};
 use crate::index::{TenantsState, ViewSource};
 
 /// Metadata key naming the tenant a caller means.
@@ -149,16 +153,33 @@ impl Authenticator {
 /// handler alone let a caller without credentials make the agent buffer a message per call: here
 /// such a call costs its headers and is answered at once. The handlers still identify the caller
 /// (from the same headers, at the cost of a map lookup), so they hold on their own too.
+///
+/// With [`Authenticated::limiting_pod_syncs`], ApplyPod and DeletePod calls also take one of the
+/// tenant's `podSyncInFlight` places here, held until the call is answered: what a tenant's open
+/// calls can make the agent buffer is bounded before any of it is read.
 #[derive(Clone)]
 pub struct Authenticated<S> {
     service: S,
     auth: Authenticator,
+    pod_syncs: Option<TenantLimiter>,
 }
 
 impl<S> Authenticated<S> {
     /// `service`, reachable only by callers `auth` identifies.
     pub fn new(service: S, auth: Authenticator) -> Self {
-        Self { service, auth }
+        Self {
+            service,
+            auth,
+            pod_syncs: None,
+        }
+    }
+
+    /// The same, with each tenant's ApplyPod and DeletePod calls limited to its `podSyncInFlight`.
+    pub fn limiting_pod_syncs(self, limiter: TenantLimiter) -> Self {
+        Self {
+            pod_syncs: Some(limiter),
+            ..self
+        }
     }
 }
 
@@ -169,20 +190,49 @@ impl<S: NamedService> NamedService for Authenticated<S> {
 impl<S, B> tower::Service<http::Request<B>> for Authenticated<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Unpin,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = Either<Ready<Result<Self::Response, Infallible>>, S::Future>;
+    type Future = Either<Ready<Result<Self::Response, Infallible>>, Holding<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.service.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        match self.auth.identify_caller(request.headers(), request.extensions()) {
-            Ok(_) => Either::Right(self.service.call(request)),
-            Err(status) => Either::Left(futures::future::ready(Ok(status.into_http()))),
-        }
+        let refuse = |status: Status| Either::Left(futures::future::ready(Ok(status.into_http())));
+        let tenant = match self.auth.identify_caller(request.headers(), request.extensions()) {
+            Ok(tenant) => tenant,
+            Err(status) => return refuse(status),
+        };
+        let slot = match &self.pod_syncs {
+            Some(limiter) if [APPLY_POD, DELETE_POD].contains(&request.uri().path()) => {
+                match limiter.open(&tenant, StreamKind::PodSyncCall) {
+                    Ok(slot) => Some(slot),
+                    Err(status) => return refuse(status),
+                }
+            }
+            _ => None,
+        };
+        Either::Right(Holding {
+            call: self.service.call(request),
+            _slot: slot,
+        })
+    }
+}
+
+/// A call's answer, holding the tenant's place for the call until it is answered.
+pub struct Holding<F> {
+    call: F,
+    _slot: Option<StreamSlot>,
+}
+
+impl<F: Future + Unpin> Future for Holding<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.call).poll(cx)
     }
 }
 

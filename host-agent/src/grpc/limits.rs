@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  Sync / WatchPodStatus ──open_stream──► slot (released on drop) | RESOURCE_EXHAUSTED naming the limit
-//!  ApplyPod / DeletePod  ──take_pod_sync──► token (refills at podSyncQps up to podSyncBurst)
+//!  ApplyPod / DeletePod  ──open_stream──► slot from its headers, before its body is read (podSyncInFlight)
+//!                        ──take_pod_sync──► token (refills at podSyncQps up to podSyncBurst)
 //!                                           | RESOURCE_EXHAUSTED with google.rpc.RetryInfo
 //! ```
 
@@ -20,13 +21,15 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 use crate::index::TenantsState;
 use crate::metrics::{LimitLabels, Metrics};
 
-/// The kinds of streams a tenant may hold a limited number of.
+/// The kinds of calls (HTTP/2 streams) a tenant may hold a limited number of at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamKind {
     /// `RuntimeClassSync.Sync`.
     Sync,
     /// `PodSync.WatchPodStatus`.
     PodStatus,
+    /// `PodSync.ApplyPod` and `PodSync.DeletePod`, from their headers to their answers.
+    PodSyncCall,
 }
 
 impl StreamKind {
@@ -34,13 +37,23 @@ impl StreamKind {
         match self {
             Self::Sync => "syncStreams",
             Self::PodStatus => "podStatusStreams",
+            Self::PodSyncCall => "podSyncInFlight",
         }
     }
 
     fn describe(self) -> &'static str {
         match self {
-            Self::Sync => "Sync",
-            Self::PodStatus => "WatchPodStatus",
+            Self::Sync => "Sync streams",
+            Self::PodStatus => "WatchPodStatus streams",
+            Self::PodSyncCall => "ApplyPod/DeletePod calls",
+        }
+    }
+
+    fn limit(self, limits: &TenantLimits) -> u32 {
+        match self {
+            Self::Sync => limits.sync_streams,
+            Self::PodStatus => limits.pod_status_streams,
+            Self::PodSyncCall => limits.pod_sync_in_flight,
         }
     }
 }
@@ -49,6 +62,7 @@ impl StreamKind {
 struct Usage {
     sync_streams: u32,
     status_streams: u32,
+    pod_sync_calls: u32,
     tokens: f64,
     refilled: Instant,
 }
@@ -68,14 +82,22 @@ pub struct StreamSlot {
     kind: StreamKind,
 }
 
+impl Usage {
+    /// The count of open calls of `kind`.
+    fn open(&mut self, kind: StreamKind) -> &mut u32 {
+        match kind {
+            StreamKind::Sync => &mut self.sync_streams,
+            StreamKind::PodStatus => &mut self.status_streams,
+            StreamKind::PodSyncCall => &mut self.pod_sync_calls,
+        }
+    }
+}
+
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut usage = self.limiter.lock();
         if let Some(u) = usage.get_mut(&self.tenant) {
-            let open = match self.kind {
-                StreamKind::Sync => &mut u.sync_streams,
-                StreamKind::PodStatus => &mut u.status_streams,
-            };
+            let open = u.open(self.kind);
             *open = open.saturating_sub(1);
         }
     }
@@ -133,6 +155,7 @@ impl TenantLimiter {
         usage.entry(tenant.clone()).or_insert_with(|| Usage {
             sync_streams: 0,
             status_streams: 0,
+            pod_sync_calls: 0,
             tokens: f64::from(limits.pod_sync_burst),
             refilled: Instant::now(),
         })
@@ -145,22 +168,15 @@ impl TenantLimiter {
         kind: StreamKind,
         limits: &TenantLimits,
     ) -> Result<StreamSlot, Status> {
-        let max = match kind {
-            StreamKind::Sync => limits.sync_streams,
-            StreamKind::PodStatus => limits.pod_status_streams,
-        };
+        let max = kind.limit(limits);
         {
             let mut usage = self.lock();
-            let u = Self::usage(&mut usage, tenant, limits);
-            let open = match kind {
-                StreamKind::Sync => &mut u.sync_streams,
-                StreamKind::PodStatus => &mut u.status_streams,
-            };
+            let open = Self::usage(&mut usage, tenant, limits).open(kind);
             if *open >= max {
                 drop(usage);
                 self.rejected(tenant, kind.limit_name());
                 return Err(Status::resource_exhausted(format!(
-                    "tenant {tenant} already has {max} {} streams open (limits.{}: {max})",
+                    "tenant {tenant} already has {max} {} open (limits.{}: {max})",
                     kind.describe(),
                     kind.limit_name()
                 )));
@@ -245,6 +261,21 @@ mod tests {
             limiter.open_stream(&a, StreamKind::PodStatus, &limits).is_ok(),
             "kinds are counted apart"
         );
+        let limits = TenantLimits {
+            pod_sync_in_flight: 1,
+            ..limits
+        };
+        let call = limiter.open_stream(&a, StreamKind::PodSyncCall, &limits).unwrap();
+        assert_eq!(
+            limiter
+                .open_stream(&a, StreamKind::PodSyncCall, &limits)
+                .err()
+                .unwrap()
+                .message(),
+            "tenant a already has 1 ApplyPod/DeletePod calls open (limits.podSyncInFlight: 1)"
+        );
+        drop(call);
+        assert!(limiter.open_stream(&a, StreamKind::PodSyncCall, &limits).is_ok());
         drop(first);
         assert!(limiter.open_stream(&a, StreamKind::Sync, &limits).is_ok());
     }

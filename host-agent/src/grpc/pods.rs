@@ -669,8 +669,10 @@ fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
     }
 }
 
-const APPLY: &str = "/rcsync.v1.PodSync/ApplyPod";
-const DELETE: &str = "/rcsync.v1.PodSync/DeletePod";
+/// The path of `PodSync.ApplyPod`.
+pub const APPLY_POD: &str = "/rcsync.v1.PodSync/ApplyPod";
+/// The path of `PodSync.DeletePod`.
+pub const DELETE_POD: &str = "/rcsync.v1.PodSync/DeletePod";
 const WATCH: &str = "/rcsync.v1.PodSync/WatchPodStatus";
 
 #[tonic::async_trait]
@@ -681,7 +683,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
     ) -> Result<Response<ApplyPodResponse>, Status> {
         let started = Instant::now();
         let result = self.apply(request).await;
-        self.metrics.record(APPLY, started, &result);
+        self.metrics.record(APPLY_POD, started, &result);
         result.map(Response::new)
     }
 
@@ -691,7 +693,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
     ) -> Result<Response<DeletePodResponse>, Status> {
         let started = Instant::now();
         let result = self.delete(request).await;
-        self.metrics.record(DELETE, started, &result);
+        self.metrics.record(DELETE_POD, started, &result);
         result.map(Response::new)
     }
 
