@@ -172,7 +172,9 @@ impl HostAgentTarget {
                 Err(e) => tracing::warn!(url = %url, error = %e, "resolving the host agent's name failed"),
             }
         }
-        out.dedup_by(|a, b| a.1 == b.1);
+        // An address named by two URLs is tried once.
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|(_, addr, _)| seen.insert(*addr));
         out
     }
 
@@ -282,5 +284,37 @@ impl Backoff {
     /// Back to the first step (after a success).
     pub fn reset(&mut self) {
         self.next = self.initial;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_address_of_the_urls_is_tried_once_in_url_order() {
+        let target = HostAgentTarget::new(
+            vec![
+                "http://127.0.0.1:7001".into(),
+                "http://[::1]:7002".into(),
+                "http://127.0.0.1:7001".into(),
+                "http://127.0.0.3:7003".into(),
+            ],
+            "team-a".into(),
+        );
+        let addresses: Vec<String> = target
+            .addresses()
+            .await
+            .into_iter()
+            .map(|(_, addr, host)| format!("{addr} {host}"))
+            .collect();
+        assert_eq!(
+            addresses,
+            [
+                "127.0.0.1:7001 127.0.0.1",
+                "[::1]:7002 ::1",
+                "127.0.0.3:7003 127.0.0.3"
+            ]
+        );
     }
 }
