@@ -1,0 +1,577 @@
+//! The Pod syncer: gates every virtual Pod on the host agent's decision, places admitted Pods on
+//! the host, records `SyncWarning` events on denied ones, copies host status back, and keeps
+//! orphans alone.
+//!
+//! ```text
+//!  watch virtual Pods ──► queue ──► referenced ConfigMaps/Secrets all there?
+//!     yes ──► ApplyPod(pod, objects): the host re-checks the class ──applied──► Synced
+//!                                                                 ├─refused─► Blocked + SyncError event
+//!                                                                 └─denied──┐
+//!     no ──► CheckPod ──allowed──► Waiting + event (re-queued when an object appears)
+//!                     └─denied─────────────────────────────────────────────┴► host Pod of this uid exists?
+//!                                                   yes ─► Orphaned (left alone)   no ─► Blocked + SyncWarning event
+//!  SyncState.synced or .pod_policy changes ──► re-queue Blocked, Waiting and Orphaned Pods
+//!  watch ConfigMaps, Secrets ──► change ──► re-queue the Pods referencing it (copies stay current)
+//!  WatchPodStatus ──► host status ──► virtual Pod status (a failed write is retried with the Pod's backoff)
+//!                   host Pod gone ──► event + delete virtual Pod
+//!  virtual Pod deleted ──► DeletePod (UID-checked by the host agent)
+//! ```
+//!
+//! Nothing is decided before both the virtual Pods and the host Pods were listed, and nothing syncs
+//! while the host agent is unreachable (fail closed); failed work is retried with backoff.
+//!
+//! Here: the [`PodSyncer`], which watches and dispatches by Pod to its shards, and what they share.
+//! `shard`: one shard's Pods and the decisions above; `status_feed`: the WatchPodStatus stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt as _};
+use prometheus_client::metrics::gauge::Gauge;
+use rcsync_core::admin::Readiness;
+use rcsync_core::kube_client::RetryWithBackoff as _;
+use rcsync_core::pod_refs::{self, RefKind};
+use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, PodStatusEvent, PodStatusEventType};
+use tokio::sync::{mpsc, watch};
+
+use crate::classes::SyncState;
+use crate::connect::HostAgentTarget;
+use crate::metrics::Metrics;
+
+mod shard;
+mod status_feed;
+
+use shard::Shard;
+use status_feed::status_feed;
+
+/// Readiness check: the virtual cluster's Pods were listed.
+pub const PODS_LISTED: &str = "virtual-pods-listed";
+/// The component that reports Pod sync events, as vCluster's syncer names it.
+pub const REPORTER: &str = "pod-syncer";
+
+/// `(namespace, name)` of a virtual Pod.
+pub type Key = (String, String);
+
+/// Where each virtual Pod stands, for `/status`: `(state, why)` by Pod, kept by the shards.
+pub type PodBoard = Arc<std::sync::Mutex<BTreeMap<Key, (&'static str, String)>>>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum State {
+    /// Written to the host from content with this fingerprint.
+    Synced(u64),
+    /// Denied with this message (event recorded).
+    Blocked(String),
+    /// Was synced; its class stopped being synced: left alone in both clusters.
+    Orphaned,
+    /// Allowed, but an object it needs is missing in the virtual cluster (event recorded).
+    Waiting(String),
+}
+
+/// A referenced object: kind, namespace, name.
+type ObjectKey = (RefKind, String, String);
+
+/// The virtual cluster's ConfigMaps and Secrets, kept by watches and shared by every shard.
+#[derive(Clone)]
+struct ObjectStores {
+    config_maps: Store<ConfigMap>,
+    secrets: Store<Secret>,
+}
+
+/// What a Pod sends along: the JSON of each referenced object that exists, what is missing, and
+/// a fingerprint of the objects' versions.
+#[derive(Default)]
+struct Referenced {
+    config_maps: Vec<Vec<u8>>,
+    secrets: Vec<Vec<u8>>,
+    missing: Vec<String>,
+    versions: Vec<String>,
+}
+
+impl ObjectStores {
+    /// Collects the objects a Pod in `namespace` references.
+    fn collect(&self, namespace: &str, references: &pod_refs::References) -> Referenced {
+        let mut out = Referenced::default();
+        for ((kind, name), required) in references {
+            let found = match kind {
+                RefKind::ConfigMap => {
+                    self.config_maps
+                        .get(&ObjectRef::new(name).within(namespace))
+                        .map(|cm| {
+                            let mut cm = (*cm).clone();
+                            cm.metadata.managed_fields = None;
+                            (cm.metadata.resource_version.clone(), serde_json::to_vec(&cm))
+                        })
+                }
+                RefKind::Secret => self
+                    .secrets
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .map(|secret| {
+                        let mut secret = (*secret).clone();
+                        secret.metadata.managed_fields = None;
+                        (
+                            secret.metadata.resource_version.clone(),
+                            serde_json::to_vec(&secret),
+                        )
+                    }),
+            };
+            match found {
+                Some((version, Ok(json))) => {
+                    out.versions
+                        .push(format!("{kind}/{name}@{}", version.unwrap_or_default()));
+                    match kind {
+                        RefKind::ConfigMap => out.config_maps.push(json),
+                        RefKind::Secret => out.secrets.push(json),
+                    }
+                }
+                Some((_, Err(e))) => out
+                    .missing
+                    .push(format!("{kind} {name:?} could not be serialized: {e}")),
+                None if *required => out.missing.push(format!("{kind} {name:?}")),
+                None => {}
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    uid: String,
+    state: State,
+}
+
+/// Where each of a shard's Pods stands, keeping the shard's share of the orphan gauge in step with
+/// every change (constant work per change, not a count over all Pods).
+struct Records {
+    by_key: HashMap<Key, Record>,
+    orphans: Gauge,
+}
+
+impl Records {
+    fn new(orphans: Gauge) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            orphans,
+        }
+    }
+
+    fn get(&self, key: &Key) -> Option<&Record> {
+        self.by_key.get(key)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Record)> {
+        self.by_key.iter()
+    }
+
+    fn insert(&mut self, key: Key, record: Record) {
+        let now_orphan = record.state == State::Orphaned;
+        let was_orphan = self
+            .by_key
+            .insert(key, record)
+            .is_some_and(|old| old.state == State::Orphaned);
+        self.orphans.inc_by(i64::from(now_orphan) - i64::from(was_orphan));
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Record> {
+        let old = self.by_key.remove(key);
+        if old.as_ref().is_some_and(|r| r.state == State::Orphaned) {
+            self.orphans.dec();
+        }
+        old
+    }
+}
+
+/// What the status feed reports.
+#[derive(Clone)]
+enum StatusFeed {
+    /// A new stream opened: a full initial state follows.
+    Reset,
+    /// One event.
+    Event(PodStatusEvent),
+}
+
+fn key_of(pod: &Pod) -> Key {
+    (pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// Fingerprint of what a Pod sync carries (labels, annotations, spec), so status writes and
+/// unrelated updates do not cause host writes.
+fn fingerprint(pod: &Pod) -> u64 {
+    digest_of(&(&pod.metadata.labels, &pod.metadata.annotations, &pod.spec))
+}
+
+/// A hash of `value`'s JSON, taken as it is written: nothing is copied or allocated. Kept in this
+/// process only; k8s-openapi types serialize deterministically (struct fields in order, maps
+/// sorted), so equal values hash equal.
+fn digest_of<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
+    use std::hash::Hasher as _;
+    struct Hashing(std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.write(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(Default::default());
+    serde_json::to_writer(&mut hashing, value).expect("plain data serializes");
+    hashing.0.finish()
+}
+
+/// A Pod as ApplyPod carries it: no status, no managed fields; the spec is written from the
+/// watched object as it is, not copied first.
+fn apply_body(pod: &Pod) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Sent<'a> {
+        api_version: &'static str,
+        kind: &'static str,
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        spec: Option<&'a k8s_openapi::api::core::v1::PodSpec>,
+    }
+    let mut metadata = pod.metadata.clone();
+    metadata.managed_fields = None;
+    serde_json::to_vec(&Sent {
+        api_version: "v1",
+        kind: "Pod",
+        metadata,
+        spec: pod.spec.as_ref(),
+    })
+    .expect("a Pod serializes")
+}
+
+fn reason_of(decision: &CheckPodResponse) -> CheckPodReason {
+    CheckPodReason::try_from(decision.reason).unwrap_or(CheckPodReason::Unspecified)
+}
+
+/// The longest a failed Pod operation waits before its next attempt (each Pod backs off on its
+/// own; a new Pod under the same name starts afresh).
+const POD_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a failed call is worth retrying: not when the host agent refused the request itself
+/// (it would refuse it again). UNAUTHENTICATED is retried: the connection is dropped on it, and
+/// the next one reads the token file again, so a rotated token heals it.
+fn retryable(status: &tonic::Status) -> bool {
+    !matches!(
+        status.code(),
+        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied
+    )
+}
+
+/// What a shard learns from the dispatcher.
+#[derive(Clone)]
+enum ShardInput {
+    /// The shard's Pods after a (re)list of every virtual Pod.
+    Relisted(HashMap<Key, Arc<Pod>>),
+    /// A Pod of the shard was created or changed.
+    Upsert(Arc<Pod>),
+    /// A Pod of the shard was deleted.
+    Removed(Key),
+    /// Host Pod status (events of the shard's Pods, and every Reset / initial-state marker).
+    Status(StatusFeed),
+    /// The set of synced RuntimeClasses, or the tenant's Pod policy, changed.
+    ClassesChanged,
+    /// A ConfigMap or Secret was created, changed or deleted.
+    ObjectChanged(ObjectKey),
+    /// ConfigMaps or Secrets were (re)listed: Pods that reference any are re-evaluated.
+    ObjectsListed(RefKind),
+    /// A host Pod is gone: Pods refused because a host name was in use may now fit.
+    NamesFreed,
+}
+
+/// The Pod syncer: one watch of every virtual Pod and one status stream, dispatched by key to
+/// shards that each sync their Pods one at a time, so one Pod's operations stay in order while
+/// different Pods progress in parallel.
+pub struct PodSyncer {
+    client: Client,
+    target: HostAgentTarget,
+    readiness: Readiness,
+    sync_state: watch::Receiver<SyncState>,
+    shards: Vec<Shard>,
+    config_map_writer: reflector::store::Writer<ConfigMap>,
+    secret_writer: reflector::store::Writer<Secret>,
+    board: PodBoard,
+    watches: rcsync_core::admin::WatchHealth,
+}
+
+impl PodSyncer {
+    /// A syncer for the virtual cluster behind `client`, with `workers` shards (at least one),
+    /// publishing where each Pod stands to `board`.
+    pub fn new(
+        client: Client,
+        target: HostAgentTarget,
+        metrics: Metrics,
+        readiness: Readiness,
+        sync_state: watch::Receiver<SyncState>,
+        workers: usize,
+        board: PodBoard,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: REPORTER.into(),
+            instance: Some(format!("{REPORTER}-{}", target.tenant)),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let (config_maps, config_map_writer) = reflector::store();
+        let (secrets, secret_writer) = reflector::store();
+        let objects = ObjectStores { config_maps, secrets };
+        let shards = (0..workers.max(1))
+            .map(|_| {
+                Shard::new(
+                    client.clone(),
+                    target.clone(),
+                    sync_state.clone(),
+                    metrics.clone(),
+                    recorder.clone(),
+                    objects.clone(),
+                    board.clone(),
+                )
+            })
+            .collect();
+        Self {
+            client,
+            target,
+            readiness,
+            sync_state,
+            shards,
+            config_map_writer,
+            secret_writer,
+            board,
+            watches: metrics.watches.clone(),
+        }
+    }
+
+    /// Where each Pod stands (synced, blocked, waiting, orphaned, and why), kept current.
+    pub fn board(&self) -> PodBoard {
+        self.board.clone()
+    }
+
+    /// Runs until `shutdown`. Dropping the future (aborting its task) stops every task it
+    /// started at once: the shards and the status feed live in its `JoinSet`.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let mut children = tokio::task::JoinSet::new();
+        self.dispatch(&mut children, shutdown).await;
+        // After shutdown the shards finish what they hold; wait for them.
+        while children.join_next().await.is_some() {}
+    }
+
+    /// Watches Pods and referenced objects and feeds the shards (started into `children`).
+    async fn dispatch(
+        mut self,
+        children: &mut tokio::task::JoinSet<()>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let mut pod_events = self
+            .watches
+            .follow(
+                "pods".into(),
+                watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
+            )
+            .boxed();
+        let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
+        let watches = &self.watches;
+        let mut config_map_events = object_events(&self.client, self.config_map_writer, watches);
+        let mut secret_events = object_events(&self.client, self.secret_writer, watches);
+
+        let (status_tx, mut status_rx) = mpsc::channel(256);
+        children.spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
+        let policy_of = |s: &SyncState| (s.synced.clone(), s.pod_policy.clone());
+        let mut synced_classes = policy_of(&self.sync_state.borrow());
+        let mut inboxes = Vec::new();
+        for shard in std::mem::take(&mut self.shards) {
+            let (tx, rx) = mpsc::channel(1024);
+            inboxes.push(tx);
+            children.spawn(shard.run(rx, shutdown.clone()));
+        }
+        let shard_of = |key: &Key| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            (h.finish() % inboxes.len() as u64) as usize
+        };
+        let mut pods_listed = false;
+        loop {
+            let mut sends: Vec<(usize, ShardInput)> = Vec::new();
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                event = pod_events.next() => match event {
+                    None => return,
+                    Some(Err(e)) => tracing::warn!(error = %e, "watching virtual Pods failed; retrying with backoff"),
+                    Some(Ok(Event::Init)) => relist = Some(HashMap::new()),
+                    Some(Ok(Event::InitApply(pod))) => {
+                        if let Some(r) = &mut relist {
+                            r.insert(key_of(&pod), Arc::new(pod));
+                        }
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        let mut parts: Vec<HashMap<Key, Arc<Pod>>> = vec![HashMap::new(); inboxes.len()];
+                        for (key, pod) in relist.take().unwrap_or_default() {
+                            parts[shard_of(&key)].insert(key, pod);
+                        }
+                        sends.extend(parts.into_iter().enumerate().map(|(i, part)| (i, ShardInput::Relisted(part))));
+                        if !pods_listed {
+                            pods_listed = true;
+                            self.readiness.set(PODS_LISTED, true);
+                        }
+                    }
+                    Some(Ok(Event::Apply(pod))) => sends.push((shard_of(&key_of(&pod)), ShardInput::Upsert(Arc::new(pod)))),
+                    Some(Ok(Event::Delete(pod))) => {
+                        let key = key_of(&pod);
+                        sends.push((shard_of(&key), ShardInput::Removed(key)));
+                    }
+                },
+                event = config_map_events.next() => {
+                    let Some(event) = event else { return };
+                    if let Some(change) = object_change(RefKind::ConfigMap, event) {
+                        sends.extend((0..inboxes.len()).map(|i| (i, change.clone())));
+                    }
+                }
+                event = secret_events.next() => {
+                    let Some(event) = event else { return };
+                    if let Some(change) = object_change(RefKind::Secret, event) {
+                        sends.extend((0..inboxes.len()).map(|i| (i, change.clone())));
+                    }
+                }
+                feed = status_rx.recv() => match feed {
+                    None => return,
+                    Some(StatusFeed::Event(event))
+                        if PodStatusEventType::try_from(event.r#type) != Ok(PodStatusEventType::InitialStateComplete) =>
+                    {
+                        if PodStatusEventType::try_from(event.r#type) == Ok(PodStatusEventType::Deleted) {
+                            sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::NamesFreed)));
+                        }
+                        let key = (event.pod_namespace.clone(), event.pod_name.clone());
+                        sends.push((shard_of(&key), ShardInput::Status(StatusFeed::Event(event))));
+                    }
+                    Some(feed) => sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::Status(feed.clone())))),
+                },
+                changed = self.sync_state.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = policy_of(&self.sync_state.borrow_and_update());
+                    if now != synced_classes {
+                        synced_classes = now;
+                        sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::ClassesChanged)));
+                    }
+                }
+            }
+            for (i, input) in sends {
+                if inboxes[i].send(input).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Every object of a kind in the virtual cluster, kept in `writer`'s store, as watch events.
+fn object_events<K>(
+    client: &Client,
+    writer: reflector::store::Writer<K>,
+    watches: &rcsync_core::admin::WatchHealth,
+) -> futures::stream::BoxStream<'static, Result<Event<K>, watcher::Error>>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    watches
+        .follow(
+            K::plural(&()).into_owned(),
+            reflector::reflector(
+                writer,
+                watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+            )
+            .retry_with_backoff(),
+        )
+        .boxed()
+}
+
+/// What a ConfigMap or Secret watch event means to the shards.
+fn object_change<K: kube::Resource>(
+    kind: RefKind,
+    event: Result<Event<K>, watcher::Error>,
+) -> Option<ShardInput> {
+    match event {
+        Err(e) => {
+            tracing::warn!(error = %e, %kind, "watching virtual objects failed; retrying with backoff");
+            None
+        }
+        Ok(Event::Apply(object) | Event::Delete(object)) => Some(ShardInput::ObjectChanged((
+            kind,
+            object.meta().namespace.clone().unwrap_or_default(),
+            object.meta().name.clone().unwrap_or_default(),
+        ))),
+        Ok(Event::InitDone) => Some(ShardInput::ObjectsListed(kind)),
+        Ok(Event::Init | Event::InitApply(_)) => None,
+    }
+}
+
+fn kind_index(kind: RefKind) -> usize {
+    match kind {
+        RefKind::ConfigMap => 0,
+        RefKind::Secret => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apply_pod_carries_the_pod_without_its_status_and_managed_fields() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "default", "uid": "u-1", "labels": {"app": "web"},
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1.0"}]},
+            "status": {"phase": "Running"},
+        }))
+        .unwrap();
+        let sent: Pod = serde_json::from_slice(&apply_body(&pod)).unwrap();
+        let mut expected = pod.clone();
+        expected.status = None;
+        expected.metadata.managed_fields = None;
+        assert_eq!(sent, expected);
+    }
+
+    #[test]
+    fn a_pod_fingerprint_follows_labels_annotations_and_spec_not_status() {
+        let pod = |labels: serde_json::Value, phase: &str, image: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "labels": labels, "resourceVersion": phase},
+                "spec": {"containers": [{"name": "app", "image": image}]},
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        let base = fingerprint(&pod(serde_json::json!({"a": "1", "b": "2"}), "Pending", "i:1"));
+        // Map order in the source does not matter; status and resourceVersion do not count.
+        assert_eq!(
+            base,
+            fingerprint(&pod(serde_json::json!({"b": "2", "a": "1"}), "Running", "i:1"))
+        );
+        assert_ne!(
+            base,
+            fingerprint(&pod(serde_json::json!({"a": "1", "b": "3"}), "Pending", "i:1"))
+        );
+        assert_ne!(
+            base,
+            fingerprint(&pod(serde_json::json!({"a": "1", "b": "2"}), "Pending", "i:2"))
+        );
+    }
+}
