@@ -50,7 +50,9 @@ struct Cli {
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
     #[arg(long, env = "VIRTUAL_AGENT_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
     admin_listen: SocketAddr,
-    /// Pods synced in parallel (each Pod's own operations stay in order).
+    /// Pods synced in parallel (each Pod's own operations stay in order). Keep it within the
+    /// tenant's `limits.podSyncInFlight` on the host agent (64 by default): calls past it are
+    /// refused and retried after a pause.
     #[arg(long, env = "VIRTUAL_AGENT_POD_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pod_workers: u16,
     /// Namespace of the leader Lease `rcsync-virtual-agent` (default: the agent's own namespace
