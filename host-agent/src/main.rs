@@ -84,6 +84,13 @@ struct RunArgs {
     /// How long to let streams and requests end after SIGTERM.
     #[arg(long, env = "HOST_AGENT_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// How long a gRPC connection may stay quiet before the agent pings it (HTTP/2 PING), so a
+    /// client that vanished without closing (a node lost, a partition) is found and its streams end.
+    #[arg(long, env = "HOST_AGENT_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
+    keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "HOST_AGENT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    keepalive_timeout: Duration,
     /// Log format.
     #[arg(long, env = "HOST_AGENT_LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
@@ -103,6 +110,17 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         _ => Err(format!("invalid duration {raw:?}: the unit must be ms, s or m")),
     }
+}
+
+/// A duration that must not be zero (a keepalive of 0 would ping without pause).
+fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+    parse_duration(raw).and_then(|d| {
+        if d.is_zero() {
+            Err(format!("invalid duration {raw:?}: must be more than zero"))
+        } else {
+            Ok(d)
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -156,6 +174,10 @@ fn main() -> ExitCode {
         },
         allow_unauthenticated: args.allow_unauthenticated,
         shutdown_grace: args.shutdown_grace,
+        keepalive: host_agent::grpc::serve::Keepalive {
+            interval: args.keepalive_interval,
+            timeout: args.keepalive_timeout,
+        },
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -50,6 +50,8 @@ pub struct Settings {
     pub allow_unauthenticated: bool,
     /// How long to wait for streams and requests to end after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How dead gRPC peers are found.
+    pub keepalive: crate::grpc::serve::Keepalive,
 }
 
 /// Loads the tenants file, its token files, and compiles every tenant's patches (a syntax error is
@@ -258,6 +260,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 routes,
                 tls.incoming(grpc_listener, shutdown_rx.clone()),
                 streams,
+                settings.keepalive,
                 shutdown_rx.clone(),
             ))
         }
@@ -267,6 +270,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 accepted.map(crate::grpc::serve::MovableTcp::new)
             }),
             streams,
+            settings.keepalive,
             shutdown_rx.clone(),
         )),
     };

@@ -14,6 +14,7 @@ use rcsync_proto::v1::{
     ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, ErrorDetail,
     PodRefusalReason, SyncRequest, SyncResponse,
 };
+use rcsync_tests::proxy::{FaultyProxy, Mode};
 use rcsync_tests::{Cluster, Process, eventually, free_port, http_get, spawn_listening};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -1803,4 +1804,50 @@ async fn a_tenants_open_pod_sync_calls_are_limited_before_their_messages_arrive(
     })
     .await;
     held[1].abort();
+}
+
+#[tokio::test]
+async fn a_client_gone_without_closing_its_connection_gives_its_stream_back_after_the_keepalive() {
+    let tenants = TENANTS.replace(
+        "    tokenFile: no-selector.token\n",
+        "    tokenFile: no-selector.token\n    limits: {syncStreams: 1}\n",
+    );
+    let host = Host::start(
+        &tenants,
+        &["--keepalive-interval", "1s", "--keepalive-timeout", "1s"],
+    )
+    .await;
+    host.ready().await;
+    let direct = host.client().await;
+    let proxy = FaultyProxy::start(host.grpc.parse().unwrap()).await.unwrap();
+    let mut via_proxy = RuntimeClassSyncClient::new(
+        Channel::from_shared(format!("http://{}", proxy.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut held = Stream::open(&mut via_proxy, "no-selector", HashMap::new()).await;
+    held.next().await;
+    let open_directly = || {
+        let mut direct = direct.clone();
+        async move {
+            let (_tx, rx) = mpsc::channel::<SyncRequest>(1);
+            direct
+                .sync(with_token(ReceiverStream::new(rx), "no-selector"))
+                .await
+        }
+    };
+    let refused = open_directly().await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::ResourceExhausted,
+        "the tenant's one place is taken"
+    );
+    // The client vanishes: no byte gets through any more, and no socket closes.
+    proxy.set(Mode::Stall);
+    eventually("the vanished client's place to be given back", || async {
+        open_directly().await.ok()
+    })
+    .await;
 }

@@ -56,12 +56,35 @@ pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// 200; a virtual agent needs a few dozen).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
+/// How the server finds connections whose peer is gone without closing them (a node that lost
+/// power, a partition that drops packets): an HTTP/2 PING after `interval` without hearing from
+/// the peer, and the connection closed when no answer came within `timeout`. Until then such a
+/// connection's Sync streams hold their tenant's `syncStreams` places, and nothing else would
+/// notice while no class changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Quiet time before a PING.
+    pub interval: Duration,
+    /// How long a PING may go unanswered.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serves `routes` on the connections of `incoming` until `shutdown` turns true, then sends each
 /// connection a GOAWAY and returns once all of them have closed.
 pub async fn serve<I, IO, E>(
     routes: Routes,
     incoming: I,
     streams: Handle,
+    keepalive: Keepalive,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: Stream<Item = Result<IO, E>>,
@@ -105,6 +128,8 @@ pub async fn serve<I, IO, E>(
         let connection = http2::Builder::new(HomeExecutor(home.clone()))
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .keep_alive_interval(keepalive.interval)
+            .keep_alive_timeout(keepalive.timeout)
             .serve_connection(TokioIo::new(io), service);
         let driver = Driver {
             connection: Box::pin(connection),
@@ -491,7 +516,13 @@ mod tests {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
             .map(|accepted| accepted.map(MovableTcp::new));
         let (_stop, shutdown) = watch::channel(false);
-        main.spawn(serve(routes, incoming, streams.handle().clone(), shutdown));
+        main.spawn(serve(
+            routes,
+            incoming,
+            streams.handle().clone(),
+            Keepalive::default(),
+            shutdown,
+        ));
         let ran_on = client.block_on(async {
             // One connection for all three requests.
             let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
@@ -535,6 +566,7 @@ mod tests {
             Routes::from(axum::Router::new()),
             incoming,
             Handle::current(),
+            Keepalive::default(),
             shutdown,
         ));
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -558,6 +590,7 @@ mod tests {
             Routes::from(axum::Router::new()),
             incoming,
             Handle::current(),
+            Keepalive::default(),
             shutdown,
         ));
         let mut client = TcpStream::connect(address).await.unwrap();

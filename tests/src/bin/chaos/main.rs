@@ -15,7 +15,6 @@
 #![forbid(unsafe_code)]
 
 mod checks;
-mod proxy;
 mod timeline;
 mod world;
 
@@ -38,9 +37,9 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 
 use crate::checks::Violations;
-use crate::proxy::Mode;
 use crate::timeline::{TenantConfig, Timeline};
 use crate::world::{TENANTS, World};
+use rcsync_tests::proxy::Mode;
 
 /// Chaos and soak for rcsync: churn and faults against real processes, invariants checked
 /// throughout.

@@ -13,8 +13,8 @@ use kube::Api;
 use kube::api::PostParams;
 use rcsync_tests::{Process, free_port, http_get};
 
-use crate::proxy::FaultyProxy;
 use crate::timeline::TenantConfig;
+use rcsync_tests::proxy::FaultyProxy;
 
 /// The tenants of every chaos run.
 pub const TENANTS: [&str; 2] = ["a", "b"];

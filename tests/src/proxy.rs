@@ -1,5 +1,5 @@
-//! A TCP proxy on loopback between a virtual agent and the host agent that the harness can make
-//! misbehave: cut every connection (drop), stall them (blackhole: bytes are held, sockets stay
+//! A TCP proxy on loopback between a client (a virtual agent) and the host agent that a test or
+//! the chaos harness can make misbehave: cut every connection (drop), stall them (blackhole: bytes are held, sockets stay
 //! open), or delay every chunk.
 
 use std::net::SocketAddr;
