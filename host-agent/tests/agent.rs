@@ -173,6 +173,13 @@ fn write_tenants(dir: &Path, tenants: &str) -> std::path::PathBuf {
     path
 }
 
+/// `tenants` with `limits` (YAML flow) set on `tenant`.
+fn with_limits(tenants: &str, tenant: &str, limits: &str) -> String {
+    let token_line = format!("    tokenFile: {tenant}.token\n");
+    assert!(tenants.contains(&token_line), "{tenant} has no token file line");
+    tenants.replace(&token_line, &format!("{token_line}    limits: {limits}\n"))
+}
+
 /// Whether `tenant` may run a Pod with `runtime_class` (a CheckPod with its token).
 async fn allowed_for(
     client: &mut RuntimeClassSyncClient<Channel>,
@@ -1385,9 +1392,10 @@ async fn an_unchanged_reload_rebuilds_no_view() {
 
 #[tokio::test]
 async fn tenant_limits_refuse_extra_streams_and_pod_sync_bursts_but_never_check_pod() {
-    let tenants = POD_TENANTS.replace(
-        "    tokenFile: team-a.token\n",
-        "    tokenFile: team-a.token\n    limits: {syncStreams: 1, podStatusStreams: 1, podSyncQps: 1, podSyncBurst: 2}\n",
+    let tenants = with_limits(
+        POD_TENANTS,
+        "team-a",
+        "{syncStreams: 1, podStatusStreams: 1, podSyncQps: 1, podSyncBurst: 2}",
     );
     let host = Host::start(&tenants, &[]).await;
     host.ready().await;
@@ -1745,10 +1753,7 @@ async fn stalled_apply_pod(channel: &Channel, tenant: &str, within: Duration) ->
 
 #[tokio::test]
 async fn a_tenants_open_pod_sync_calls_are_limited_before_their_messages_arrive() {
-    let tenants = POD_TENANTS.replace(
-        "    tokenFile: team-a.token\n",
-        "    tokenFile: team-a.token\n    limits: {podSyncInFlight: 2}\n",
-    );
+    let tenants = with_limits(POD_TENANTS, "team-a", "{podSyncInFlight: 2}");
     let host = Host::start(&tenants, &[]).await;
     host.ready().await;
     host.client().await;
@@ -1808,10 +1813,7 @@ async fn a_tenants_open_pod_sync_calls_are_limited_before_their_messages_arrive(
 
 #[tokio::test]
 async fn a_client_gone_without_closing_its_connection_gives_its_stream_back_after_the_keepalive() {
-    let tenants = TENANTS.replace(
-        "    tokenFile: no-selector.token\n",
-        "    tokenFile: no-selector.token\n    limits: {syncStreams: 1}\n",
-    );
+    let tenants = with_limits(TENANTS, "no-selector", "{syncStreams: 1}");
     let host = Host::start(
         &tenants,
         &["--keepalive-interval", "1s", "--keepalive-timeout", "1s"],
