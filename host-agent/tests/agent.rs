@@ -148,13 +148,17 @@ impl Host {
     }
 
     async fn client(&self) -> RuntimeClassSyncClient<Channel> {
+        RuntimeClassSyncClient::new(self.channel().await)
+    }
+
+    /// A connection to the gRPC port, once it accepts them.
+    async fn channel(&self) -> Channel {
         let url = format!("http://{}", self.grpc);
         eventually("the gRPC port to accept connections", || {
             let url = url.clone();
             async move { Channel::from_shared(url).unwrap().connect().await.ok() }
         })
-        .await;
-        RuntimeClassSyncClient::new(Channel::from_shared(url).unwrap().connect_lazy())
+        .await
     }
 
     async fn classes(&self) -> Api<RuntimeClass> {
@@ -1701,12 +1705,7 @@ async fn a_call_with_a_malformed_deadline_is_refused_naming_the_header() {
 async fn a_caller_without_valid_credentials_is_refused_before_its_message_arrives() {
     let host = Host::start(TENANTS, &[]).await;
     host.ready().await;
-    host.client().await;
-    let channel = Channel::from_shared(format!("http://{}", host.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = host.channel().await;
     // Each call sends its headers and then nothing: a server that read the body before checking
     // the credentials would wait for a message (up to 4 MiB of it) that never comes.
     let paths = [
@@ -1756,12 +1755,7 @@ async fn a_tenants_open_pod_sync_calls_are_limited_before_their_messages_arrive(
     let tenants = with_limits(POD_TENANTS, "team-a", "{podSyncInFlight: 2}");
     let host = Host::start(&tenants, &[]).await;
     host.ready().await;
-    host.client().await;
-    let channel = Channel::from_shared(format!("http://{}", host.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = host.channel().await;
     // Two calls hold the tenant's places while their messages never come (each tries again when
     // the probe below took its place first; the probe's calls give theirs back after a second).
     let held: Vec<_> = (0..2)
