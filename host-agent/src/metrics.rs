@@ -93,6 +93,8 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     /// RuntimeClasses on the host.
     pub host_classes: Gauge,
+    /// Open connections on the gRPC port.
+    pub grpc_connections: Gauge,
     /// Host class versions normalised and hashed (once per change of a host object).
     pub class_versions_total: Counter,
     /// Tenant view snapshots published because a change concerned them.
@@ -147,6 +149,7 @@ impl Metrics {
         let m = Self {
             watches,
             host_classes: Gauge::default(),
+            grpc_connections: Gauge::default(),
             class_versions_total: Counter::default(),
             view_updates_total: Counter::default(),
             view_rebuilds_total: Counter::default(),
@@ -174,6 +177,11 @@ impl Metrics {
             "host_runtime_classes",
             "RuntimeClasses in the host cluster",
             m.host_classes.clone(),
+        );
+        r.register(
+            "grpc_connections",
+            "Open connections on the gRPC port",
+            m.grpc_connections.clone(),
         );
         r.register(
             "class_versions",

@@ -261,6 +261,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 tls.incoming(grpc_listener, shutdown_rx.clone()),
                 streams,
                 settings.keepalive,
+                metrics.grpc_connections.clone(),
                 shutdown_rx.clone(),
             ))
         }
@@ -271,6 +272,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }),
             streams,
             settings.keepalive,
+            metrics.grpc_connections.clone(),
             shutdown_rx.clone(),
         )),
     };

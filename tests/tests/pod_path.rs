@@ -801,3 +801,32 @@ async fn a_downward_api_volume_of_all_labels_is_refused_with_a_reason() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_virtual_agent_syncs_its_pods_over_one_connection_whatever_its_shards() {
+    let system = system(tenant()).await;
+    let side = system.virtual_side();
+    // 40 Pods land on (nearly) every one of the agent's 16 shards.
+    let pods = side.pods().await;
+    for i in 0..40 {
+        pods.create(
+            &PostParams::default(),
+            &pod(&format!("web-{i}"), json!({"containers": [app(json!({}))]})),
+        )
+        .await
+        .unwrap();
+    }
+    system.wait_host_pod_count(40).await;
+    // One connection for the Sync stream, one for the status feed, one for every Pod call.
+    let (_, metrics) = http_get(&system.host_admin, "/metrics").await.unwrap();
+    let open: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rcsync_grpc_connections "))
+        .expect("rcsync_grpc_connections in the host agent's metrics")
+        .parse()
+        .unwrap();
+    assert!(
+        open <= 3.0,
+        "the virtual agent holds {open} connections to the host agent"
+    );
+}

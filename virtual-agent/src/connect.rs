@@ -4,8 +4,9 @@
 //! ```text
 //!  --host-agent a:9443,b:9443 ──► each URL's host resolved (a DNS name with several addresses
 //!                                 is several endpoints) ──► tried in turn from a rotating start
-//!  every connect (stream or Pod shard) starts one further along: calls spread over the replicas,
-//!  and a replica that refuses or is gone is skipped (failover)
+//!  every connect (Sync stream, status feed, Pod calls) starts one further along: the agent's
+//!  connections spread over the replicas, and a replica that refuses or is gone is skipped (failover)
+//!  Pod shards ──► one SharedClients connection for all their CheckPod and PodSync calls
 //! ```
 
 use std::net::SocketAddr;
@@ -247,6 +248,63 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+/// The connection the Pod shards share for their CheckPod and PodSync calls. HTTP/2 carries their
+/// calls side by side, so a virtual agent holds one connection for its Pods, not one per shard (a
+/// thousand tenants' agents with 16 shards each held 16,000 connections on the host agent). Made
+/// on first use; a call's error that a new connection may cure drops it for every shard, once.
+pub struct SharedClients {
+    target: HostAgentTarget,
+    current: tokio::sync::Mutex<Option<Connection>>,
+    made: AtomicUsize,
+}
+
+/// One connection's clients, and which connection they are.
+#[derive(Clone)]
+pub struct Connection {
+    /// Counts the connections made, so an error drops only the connection it happened on.
+    pub generation: usize,
+    /// RuntimeClassSync (CheckPod) over it.
+    pub classes: ClassClient,
+    /// PodSync over it.
+    pub pods: PodClient,
+}
+
+impl SharedClients {
+    /// Clients of `target`, not connected yet.
+    pub fn new(target: HostAgentTarget) -> Self {
+        Self {
+            target,
+            current: tokio::sync::Mutex::new(None),
+            made: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current connection, made now if there is none (one shard connects, the others wait).
+    pub async fn get(&self) -> anyhow::Result<Connection> {
+        let mut current = self.current.lock().await;
+        if let Some(connection) = current.as_ref() {
+            return Ok(connection.clone());
+        }
+        let (classes, pods) = self.target.connect().await?;
+        let connection = Connection {
+            generation: self.made.fetch_add(1, Ordering::Relaxed),
+            classes,
+            pods,
+        };
+        *current = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Drops connection `generation` if it is still the current one, so the next call connects
+    /// anew.
+    pub async fn drop_connection(&self, generation: usize) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|c| c.generation == generation) {
+            *current = None;
+        }
+    }
 }
 
 /// The longest wait between reconnects to the host agent: short enough that the system is back

@@ -37,6 +37,7 @@ use futures::{Stream, StreamExt as _};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
@@ -85,6 +86,7 @@ pub async fn serve<I, IO, E>(
     incoming: I,
     streams: Handle,
     keepalive: Keepalive,
+    connections: Gauge,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: Stream<Item = Result<IO, E>>,
@@ -137,6 +139,7 @@ pub async fn serve<I, IO, E>(
             rehome,
             shutdown: shutdown.clone(),
             closing: false,
+            _open: Open::counted(&connections),
             _drain: drain_rx.clone(),
         };
         tokio::spawn(driver.on_main());
@@ -197,7 +200,24 @@ where
     rehome: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
     closing: bool,
+    _open: Open,
     _drain: watch::Receiver<()>,
+}
+
+/// Counts a connection in the open-connections gauge for as long as it lives.
+struct Open(Gauge);
+
+impl Open {
+    fn counted(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl<IO, C> Driver<IO, C>
@@ -521,6 +541,7 @@ mod tests {
             incoming,
             streams.handle().clone(),
             Keepalive::default(),
+            Gauge::default(),
             shutdown,
         ));
         let ran_on = client.block_on(async {
@@ -567,6 +588,7 @@ mod tests {
             incoming,
             Handle::current(),
             Keepalive::default(),
+            Gauge::default(),
             shutdown,
         ));
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -591,6 +613,7 @@ mod tests {
             incoming,
             Handle::current(),
             Keepalive::default(),
+            Gauge::default(),
             shutdown,
         ));
         let mut client = TcpStream::connect(address).await.unwrap();

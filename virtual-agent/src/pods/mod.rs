@@ -41,7 +41,7 @@ use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, PodStatusEvent, PodStat
 use tokio::sync::{mpsc, watch};
 
 use crate::classes::SyncState;
-use crate::connect::HostAgentTarget;
+use crate::connect::{HostAgentTarget, SharedClients};
 use crate::metrics::Metrics;
 
 mod shard;
@@ -323,11 +323,12 @@ impl PodSyncer {
         let (config_maps, config_map_writer) = reflector::store();
         let (secrets, secret_writer) = reflector::store();
         let objects = ObjectStores { config_maps, secrets };
+        let connection = Arc::new(SharedClients::new(target.clone()));
         let shards = (0..workers.max(1))
             .map(|_| {
                 Shard::new(
                     client.clone(),
-                    target.clone(),
+                    connection.clone(),
                     sync_state.clone(),
                     metrics.clone(),
                     recorder.clone(),

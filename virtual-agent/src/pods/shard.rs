@@ -24,13 +24,12 @@ use super::{
     apply_body, digest_of, fingerprint, key_of, kind_index, reason_of, retryable,
 };
 use crate::classes::SyncState;
-use crate::connect::{Backoff, HostAgentTarget, PodClient};
+use crate::connect::{Backoff, ClassClient, PodClient, SharedClients};
 use crate::metrics::Metrics;
 
 /// One shard's state and loop.
 pub(super) struct Shard {
     client: Client,
-    target: HostAgentTarget,
     /// The classes held from the host: a Pod with Secrets whose class is not among them asks
     /// CheckPod before its Secrets leave the virtual cluster.
     sync_state: watch::Receiver<SyncState>,
@@ -64,15 +63,17 @@ pub(super) struct Shard {
     /// Host statuses whose copy into the virtual cluster failed, by Pod: written again when the
     /// Pod's retry comes up (a newer status replaces the pending one).
     unsent_status: HashMap<Key, PodStatusEvent>,
-    pod_client: Option<PodClient>,
-    class_client: Option<crate::connect::ClassClient>,
+    /// The connection every shard of the agent uses for its calls.
+    connection: Arc<SharedClients>,
+    /// Which connection this shard's last call went over (an error drops that one only).
+    generation: Option<usize>,
 }
 
 impl Shard {
     /// A shard over the virtual cluster behind `client`, with nothing listed yet.
     pub(super) fn new(
         client: Client,
-        target: HostAgentTarget,
+        connection: Arc<SharedClients>,
         sync_state: watch::Receiver<SyncState>,
         metrics: Metrics,
         recorder: Recorder,
@@ -84,7 +85,6 @@ impl Shard {
             board,
             recorder,
             client,
-            target,
             records: Records::new(metrics.pods_orphaned.clone()),
             metrics,
             pods: HashMap::new(),
@@ -103,8 +103,8 @@ impl Shard {
             retries: BTreeMap::new(),
             refusals: HashMap::new(),
             unsent_status: HashMap::new(),
-            pod_client: None,
-            class_client: None,
+            connection,
+            generation: None,
         }
     }
 
@@ -318,38 +318,35 @@ impl Shard {
         self.references_of.insert(key.clone(), objects);
     }
 
-    async fn clients(&mut self) -> Option<(crate::connect::ClassClient, PodClient)> {
-        if self.pod_client.is_none() {
-            match self.target.connect().await {
-                Ok((classes, pods)) => {
-                    self.class_client = Some(classes);
-                    self.pod_client = Some(pods);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "host agent unreachable: Pods are not synced meanwhile"
-                    );
-                    return None;
-                }
+    async fn clients(&mut self) -> Option<(ClassClient, PodClient)> {
+        match self.connection.get().await {
+            Ok(connection) => {
+                self.generation = Some(connection.generation);
+                Some((connection.classes, connection.pods))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "host agent unreachable: Pods are not synced meanwhile"
+                );
+                None
             }
         }
-        Some((self.class_client.clone()?, self.pod_client.clone()?))
     }
 
     /// Drops the connection after errors a new one may cure: the host agent gone or restarted,
     /// and a refused token (the token file is re-read at every connect, so a rotated token is
     /// picked up).
-    fn drop_clients_on(&mut self, status: &tonic::Status) {
+    async fn drop_clients_on(&mut self, status: &tonic::Status) {
         if matches!(
             status.code(),
             tonic::Code::Unavailable
                 | tonic::Code::Unknown
                 | tonic::Code::Internal
                 | tonic::Code::Unauthenticated
-        ) {
-            self.pod_client = None;
-            self.class_client = None;
+        ) && let Some(generation) = self.generation.take()
+        {
+            self.connection.drop_connection(generation).await;
         }
     }
 
@@ -391,7 +388,7 @@ impl Shard {
                 if !self.note_rate_limited(&status) {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "DeletePod failed");
                 }
-                self.drop_clients_on(&status);
+                self.drop_clients_on(&status).await;
                 // A refusal that would only repeat is reported (above) and not retried.
                 !retryable(&status)
             }
@@ -492,7 +489,7 @@ impl Shard {
                 Ok(answer) => Some(answer.into_inner()),
                 Err(status) => {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
-                    self.drop_clients_on(&status);
+                    self.drop_clients_on(&status).await;
                     return false;
                 }
             }
@@ -561,7 +558,7 @@ impl Shard {
                         return false;
                     }
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "ApplyPod failed");
-                    self.drop_clients_on(&status);
+                    self.drop_clients_on(&status).await;
                     if status.code() == tonic::Code::FailedPrecondition
                         && self.refusals.get(key).map(String::as_str) != Some(status.message())
                     {
