@@ -7,6 +7,13 @@
 //! | nothing                      | only with `--allow-unauthenticated`: the tenant named by `x-rcsync-tenant`, if it has no token |
 //!
 //! When `x-rcsync-tenant` is sent, it must name the identified tenant (PERMISSION_DENIED otherwise).
+//!
+//! ```text
+//!  h2 request ──► Authenticated (headers, peer certificate; no body read yet)
+//!                   ├─ unknown caller ──► UNAUTHENTICATED / PERMISSION_DENIED at once
+//!                   ├─ ApplyPod/DeletePod past the tenant's podSyncInFlight ──► RESOURCE_EXHAUSTED
+//!                   └─► the service: tonic decodes the body; the handler identifies the caller again
+//! ```
 
 use std::convert::Infallible;
 use std::future::Future;
