@@ -71,7 +71,7 @@ fn main() {
         let auth = Authenticator::new(tenants_rx.clone(), true);
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let limiter = host_agent::grpc::limits::TenantLimiter::new(tenants_rx, metrics.clone());
-        let service = RuntimeClassSyncService::new(Arc::new(views), auth.clone(), metrics, RetryPolicy::default(), shutdown, Default::default(), limiter);
+        let service = RuntimeClassSyncService::new(Arc::new(views), auth.clone(), metrics.clone(), RetryPolicy::default(), shutdown, Default::default(), limiter);
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -79,7 +79,7 @@ fn main() {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(health)
-                .add_service(Authenticated::new(SyncFraming::new(service), auth))
+                .add_service(Authenticated::new(SyncFraming::new(service), auth, metrics))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();

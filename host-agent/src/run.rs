@@ -243,11 +243,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let routes = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(Authenticated::new(SyncFraming::new(sync), auth.clone()))
+        .add_service(Authenticated::new(
+            SyncFraming::new(sync),
+            auth.clone(),
+            metrics.clone(),
+        ))
         .add_service(
             Authenticated::new(
                 PodSyncServer::new(pods).max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
                 auth,
+                metrics.clone(),
             )
             .limiting_pod_syncs(limiter),
         )

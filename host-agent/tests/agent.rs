@@ -1734,6 +1734,12 @@ async fn a_caller_without_valid_credentials_is_refused_before_its_message_arrive
             assert_eq!(refused.code(), Code::Unauthenticated, "{path}: {refused:?}");
         }
     }
+    // Refused before their handlers ran, and counted as the handlers count calls.
+    let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+    for path in paths {
+        let series = format!("rcsync_grpc_requests_total{{method=\"{path}\",code=\"Unauthenticated\"}} 2");
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
 }
 
 /// Starts an ApplyPod of `tenant` that sends its headers and never its message; answers what the

@@ -29,9 +29,11 @@ use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Status};
 
+use crate::grpc::METHODS;
 use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
 use crate::grpc::pods::{APPLY_POD, DELETE_POD};
 use crate::index::{TenantsState, ViewSource};
+use crate::metrics::Metrics;
 
 /// Metadata key naming the tenant a caller means.
 pub const TENANT_HEADER: &str = "x-rcsync-tenant";
@@ -168,15 +170,18 @@ impl Authenticator {
 pub struct Authenticated<S> {
     service: S,
     auth: Authenticator,
+    metrics: Metrics,
     pod_syncs: Option<TenantLimiter>,
 }
 
 impl<S> Authenticated<S> {
-    /// `service`, reachable only by callers `auth` identifies.
-    pub fn new(service: S, auth: Authenticator) -> Self {
+    /// `service`, reachable only by callers `auth` identifies; the calls refused here are counted
+    /// in `metrics` as the handlers count theirs.
+    pub fn new(service: S, auth: Authenticator, metrics: Metrics) -> Self {
         Self {
             service,
             auth,
+            metrics,
             pod_syncs: None,
         }
     }
@@ -208,13 +213,21 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let refuse = |status: Status| Either::Left(futures::future::ready(Ok(status.into_http())));
+        let started = std::time::Instant::now();
+        let path = request.uri().path();
+        // Only the known methods name a series (any path under the service reaches here).
+        let method = METHODS.into_iter().find(|m| *m == path).unwrap_or("other");
+        let metrics = &self.metrics;
+        let refuse = |status: Status| {
+            metrics.observe(method, status.code(), started);
+            Either::Left(futures::future::ready(Ok(status.into_http())))
+        };
         let tenant = match self.auth.identify_caller(request.headers(), request.extensions()) {
             Ok(tenant) => tenant,
             Err(status) => return refuse(status),
         };
         let slot = match &self.pod_syncs {
-            Some(limiter) if [APPLY_POD, DELETE_POD].contains(&request.uri().path()) => {
+            Some(limiter) if [APPLY_POD, DELETE_POD].contains(&method) => {
                 match limiter.open(&tenant, StreamKind::PodSyncCall) {
                     Ok(slot) => Some(slot),
                     Err(status) => return refuse(status),

@@ -16,6 +16,15 @@ use rcsync_core::admin::Readiness;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+/// The rcsync methods' paths, as `rcsync_grpc_requests_total` labels them.
+pub(crate) const METHODS: [&str; 5] = [
+    sync::SYNC,
+    sync::CHECK_POD,
+    pods::APPLY_POD,
+    pods::DELETE_POD,
+    pods::WATCH,
+];
+
 /// TLS files of the gRPC server.
 #[derive(Clone, Debug, Default)]
 pub struct TlsFiles {

@@ -673,7 +673,7 @@ fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
 pub const APPLY_POD: &str = "/rcsync.v1.PodSync/ApplyPod";
 /// The path of `PodSync.DeletePod`.
 pub const DELETE_POD: &str = "/rcsync.v1.PodSync/DeletePod";
-const WATCH: &str = "/rcsync.v1.PodSync/WatchPodStatus";
+pub(crate) const WATCH: &str = "/rcsync.v1.PodSync/WatchPodStatus";
 
 #[tonic::async_trait]
 impl<V: ViewSource> PodSync for PodSyncService<V> {

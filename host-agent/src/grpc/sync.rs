@@ -129,7 +129,7 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
 
 /// The path of the Sync method.
 pub(crate) const SYNC: &str = "/rcsync.v1.RuntimeClassSync/Sync";
-const CHECK_POD: &str = "/rcsync.v1.RuntimeClassSync/CheckPod";
+pub(crate) const CHECK_POD: &str = "/rcsync.v1.RuntimeClassSync/CheckPod";
 
 /// The short name of a reason, e.g. `MATCHES`.
 pub fn reason_name(reason: CheckPodReason) -> &'static str {
