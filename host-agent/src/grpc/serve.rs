@@ -570,6 +570,23 @@ mod tests {
         assert_eq!(ran_on, ["test-main", "test-streams", "test-streams"]);
     }
 
+    /// Serves no routes on `incoming`, with the default settings, on the current runtime.
+    async fn serve_nothing<I, E>(incoming: I, shutdown: watch::Receiver<bool>)
+    where
+        I: Stream<Item = Result<MovableTcp, E>>,
+        E: std::fmt::Display,
+    {
+        serve(
+            Routes::from(axum::Router::new()),
+            incoming,
+            Handle::current(),
+            Keepalive::default(),
+            Gauge::default(),
+            shutdown,
+        )
+        .await;
+    }
+
     /// A listener whose every accept fails (out of file descriptors) is asked again after a
     /// pause, not in a busy loop.
     #[tokio::test(start_paused = true)]
@@ -583,14 +600,7 @@ mod tests {
             }
         });
         let (stop, shutdown) = watch::channel(false);
-        let serving = tokio::spawn(serve(
-            Routes::from(axum::Router::new()),
-            incoming,
-            Handle::current(),
-            Keepalive::default(),
-            Gauge::default(),
-            shutdown,
-        ));
+        let serving = tokio::spawn(serve_nothing(incoming, shutdown));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let tried = accepts.load(Ordering::Relaxed);
         let most = (Duration::from_secs(1).as_millis() / ACCEPT_ERROR_PAUSE.as_millis()) as usize + 1;
@@ -608,14 +618,7 @@ mod tests {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
             .map(|accepted| accepted.map(MovableTcp::new));
         let (_stop, shutdown) = watch::channel(false);
-        tokio::spawn(serve(
-            Routes::from(axum::Router::new()),
-            incoming,
-            Handle::current(),
-            Keepalive::default(),
-            Gauge::default(),
-            shutdown,
-        ));
+        tokio::spawn(serve_nothing(incoming, shutdown));
         let mut client = TcpStream::connect(address).await.unwrap();
         // The client preface and an empty SETTINGS frame.
         client
