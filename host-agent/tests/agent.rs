@@ -1732,6 +1732,11 @@ async fn a_caller_without_valid_credentials_is_refused_before_its_message_arrive
                 .unwrap_or_else(|_| panic!("{path} ({credentials:?}): no answer before the deadline; the server waited for the message"))
                 .expect_err("a caller without valid credentials is refused");
             assert_eq!(refused.code(), Code::Unauthenticated, "{path}: {refused:?}");
+            let message = match credentials {
+                Some(_) => "invalid bearer token",
+                None => "missing credentials: send `authorization: Bearer <token>` or a client certificate",
+            };
+            assert_eq!(refused.message(), message, "{path}");
         }
     }
     // Refused before their handlers ran, and counted as the handlers count calls.
