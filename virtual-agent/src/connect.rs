@@ -256,8 +256,8 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// on first use; a call's error that a new connection may cure drops it for every shard, once.
 pub struct SharedClients {
     target: HostAgentTarget,
-    current: tokio::sync::Mutex<Option<Connection>>,
-    made: AtomicUsize,
+    /// The current connection, and how many were made (both only touched under the lock).
+    current: tokio::sync::Mutex<(Option<Connection>, usize)>,
 }
 
 /// One connection's clients, and which connection they are.
@@ -276,23 +276,24 @@ impl SharedClients {
     pub fn new(target: HostAgentTarget) -> Self {
         Self {
             target,
-            current: tokio::sync::Mutex::new(None),
-            made: AtomicUsize::new(0),
+            current: tokio::sync::Mutex::new((None, 0)),
         }
     }
 
     /// The current connection, made now if there is none (one shard connects, the others wait).
     pub async fn get(&self) -> anyhow::Result<Connection> {
-        let mut current = self.current.lock().await;
+        let mut guard = self.current.lock().await;
+        let (current, made) = &mut *guard;
         if let Some(connection) = current.as_ref() {
             return Ok(connection.clone());
         }
         let (classes, pods) = self.target.connect().await?;
         let connection = Connection {
-            generation: self.made.fetch_add(1, Ordering::Relaxed),
+            generation: *made,
             classes,
             pods,
         };
+        *made += 1;
         *current = Some(connection.clone());
         Ok(connection)
     }
@@ -300,7 +301,7 @@ impl SharedClients {
     /// Drops connection `generation` if it is still the current one, so the next call connects
     /// anew.
     pub async fn drop_connection(&self, generation: usize) {
-        let mut current = self.current.lock().await;
+        let (current, _) = &mut *self.current.lock().await;
         if current.as_ref().is_some_and(|c| c.generation == generation) {
             *current = None;
         }
