@@ -95,6 +95,8 @@ pub struct Metrics {
     pub host_classes: Gauge,
     /// Open connections on the gRPC port.
     pub grpc_connections: Gauge,
+    /// Connections to the gRPC port closed at once because `--max-connections` were open.
+    pub grpc_connections_refused_total: Counter,
     /// Host class versions normalised and hashed (once per change of a host object).
     pub class_versions_total: Counter,
     /// Tenant view snapshots published because a change concerned them.
@@ -150,6 +152,7 @@ impl Metrics {
             watches,
             host_classes: Gauge::default(),
             grpc_connections: Gauge::default(),
+            grpc_connections_refused_total: Counter::default(),
             class_versions_total: Counter::default(),
             view_updates_total: Counter::default(),
             view_rebuilds_total: Counter::default(),
@@ -182,6 +185,11 @@ impl Metrics {
             "grpc_connections",
             "Open connections on the gRPC port",
             m.grpc_connections.clone(),
+        );
+        r.register(
+            "grpc_connections_refused",
+            "Connections to the gRPC port closed at once because --max-connections were open",
+            m.grpc_connections_refused_total.clone(),
         );
         r.register(
             "class_versions",

@@ -52,6 +52,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// How dead gRPC peers are found.
     pub keepalive: crate::grpc::serve::Keepalive,
+    /// How many gRPC connections may be open at once (the gRPC health port aside).
+    pub max_connections: std::num::NonZeroUsize,
 }
 
 /// Loads the tenants file, its token files, and compiles every tenant's patches (a syntax error is
@@ -258,12 +260,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .prepare();
     let streams = streams_runtime.handle();
+    let limit = crate::grpc::connection_limit::ConnectionLimit::new(
+        settings.max_connections,
+        metrics.grpc_connections_refused_total.clone(),
+    );
     let grpc_task = match tls {
         Some(tls) => {
             tokio::spawn(tls.clone().reload_on_change(metrics.clone()));
             tokio::spawn(crate::grpc::serve::serve(
                 routes,
-                tls.incoming(grpc_listener, shutdown_rx.clone()),
+                tls.incoming(grpc_listener, limit, shutdown_rx.clone()),
                 streams,
                 settings.keepalive,
                 metrics.grpc_connections.clone(),
@@ -272,8 +278,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         None => tokio::spawn(crate::grpc::serve::serve(
             routes,
-            futures::StreamExt::map(no_delay(grpc_listener), |accepted| {
-                accepted.map(crate::grpc::serve::MovableTcp::new)
+            futures::StreamExt::filter_map(no_delay(grpc_listener), move |accepted| {
+                std::future::ready(match accepted {
+                    Ok(stream) => limit.admit(stream).map(Ok),
+                    Err(e) => Some(Err(e)),
+                })
             }),
             streams,
             settings.keepalive,

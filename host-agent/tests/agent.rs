@@ -1858,3 +1858,58 @@ async fn a_client_gone_without_closing_its_connection_gives_its_stream_back_afte
     })
     .await;
 }
+
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_and_counted_until_one_closes() {
+    let host = Host::start(TENANTS, &["--max-connections", "2"]).await;
+    host.ready().await;
+    let check = |channel: Channel| async move {
+        RuntimeClassSyncClient::new(channel)
+            .check_pod(with_token(
+                CheckPodRequest {
+                    pod_name: "p".into(),
+                    ..Default::default()
+                },
+                "no-selector",
+            ))
+            .await
+    };
+    let first = host.channel().await;
+    check(first.clone())
+        .await
+        .expect("the first connection is served");
+    let second = host.channel().await;
+    check(second.clone())
+        .await
+        .expect("the second connection is served");
+
+    let url = format!("http://{}", host.grpc);
+    let third = match Channel::from_shared(url.clone()).unwrap().connect().await {
+        Ok(channel) => check(channel).await.map(drop).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(third.is_err(), "a third connection is refused, got {third:?}");
+    let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    // The client may have tried more than once.
+    assert!(value("rcsync_grpc_connections_refused_total") >= 1.0, "{metrics}");
+    assert_eq!(value("rcsync_grpc_connections"), 2.0, "{metrics}");
+    check(second.clone())
+        .await
+        .expect("the open connections are still served");
+
+    drop(first);
+    eventually("a new connection once one has closed", || {
+        let url = url.clone();
+        async move {
+            let channel = Channel::from_shared(url).unwrap().connect().await.ok()?;
+            check(channel).await.ok()
+        }
+    })
+    .await;
+}

@@ -41,7 +41,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tonic::Status;
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
@@ -285,15 +285,27 @@ pub struct MovableTcp {
     stream: Option<TcpStream>,
     rehome: Arc<AtomicBool>,
     rehomed: bool,
+    /// The connection's place under `--max-connections`, freed when the socket is dropped.
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 impl MovableTcp {
-    /// Wraps an accepted connection.
+    /// Wraps an accepted connection that takes no place under `--max-connections`.
     pub fn new(stream: TcpStream) -> Self {
         Self {
             stream: Some(stream),
             rehome: Arc::new(AtomicBool::new(false)),
             rehomed: false,
+            _place: None,
+        }
+    }
+
+    /// Wraps an accepted connection holding `place` until it is dropped (see
+    /// [`ConnectionLimit`](crate::grpc::connection_limit::ConnectionLimit)).
+    pub fn holding(stream: TcpStream, place: OwnedSemaphorePermit) -> Self {
+        Self {
+            _place: Some(place),
+            ..Self::new(stream)
         }
     }
 

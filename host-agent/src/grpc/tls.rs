@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use crate::grpc::TlsFiles;
+use crate::grpc::connection_limit::ConnectionLimit;
 use crate::grpc::serve::MovableTcp;
 use crate::metrics::{Metrics, ResultLabel};
 
@@ -75,10 +76,11 @@ impl ServingTls {
     }
 
     /// Accepted connections, TLS done, for [`serve`](super::serve::serve). Each handshake runs in its own
-    /// task, so a slow client holds up nobody.
+    /// task, so a slow client holds up nobody; each connection takes a place under `limit` first.
     pub fn incoming(
         &self,
         listener: TcpListener,
+        limit: ConnectionLimit,
         mut shutdown: watch::Receiver<bool>,
     ) -> impl Stream<Item = std::io::Result<TlsStream<MovableTcp>>> + use<> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -98,12 +100,14 @@ impl ServingTls {
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // The place is taken before the handshake, which costs the agent too.
+                let Some(stream) = limit.admit(stream) else {
+                    continue;
+                };
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(MovableTcp::new(stream)))
-                        .await
-                    {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(stream)).await;
                         }
