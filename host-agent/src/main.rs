@@ -91,7 +91,8 @@ struct RunArgs {
     /// How long a ping may go unanswered before the connection is closed.
     #[arg(long, env = "HOST_AGENT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     keepalive_timeout: Duration,
-    /// How many connections the gRPC port keeps open at once; past it a new connection is closed
+    /// How many connections the gRPC ports keep open at once (--grpc-listen and
+    /// --grpc-health-listen together); past it a new connection is closed
     /// at once (before any TLS handshake) and counted in rcsync_grpc_connections_refused_total.
     /// A virtual agent holds up to three; each open connection costs about 20–40 KiB.
     #[arg(long, env = "HOST_AGENT_MAX_CONNECTIONS", default_value = "4096")]

@@ -52,7 +52,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// How dead gRPC peers are found.
     pub keepalive: crate::grpc::serve::Keepalive,
-    /// How many gRPC connections may be open at once (the gRPC health port aside).
+    /// How many gRPC connections may be open at once (the gRPC port and the health port together).
     pub max_connections: std::num::NonZeroUsize,
 }
 
@@ -225,6 +225,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         );
     }
     tracing::info!(grpc = %grpc_listener.local_addr()?, admin = %admin_listener.local_addr()?, "listening");
+    // One budget for both gRPC ports: a flood on either is bounded the same way.
+    let limit = crate::grpc::connection_limit::ConnectionLimit::new(
+        settings.max_connections,
+        metrics.grpc_connections_refused_total.clone(),
+    );
     let health_task = match settings.grpc_health_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
@@ -234,8 +239,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let mut rx = shutdown_rx.clone();
             Some(tokio::spawn(
                 tonic::transport::Server::builder()
+                    .http2_keepalive_interval(Some(settings.keepalive.interval))
+                    .http2_keepalive_timeout(Some(settings.keepalive.timeout))
+                    .max_concurrent_streams(crate::grpc::serve::MAX_STREAMS_PER_CONNECTION)
                     .add_service(health.clone())
-                    .serve_with_incoming_shutdown(no_delay(listener), async move {
+                    .serve_with_incoming_shutdown(admitted(listener, limit.clone()), async move {
                         let _ = rx.wait_for(|stop| *stop).await;
                     }),
             ))
@@ -260,10 +268,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .prepare();
     let streams = streams_runtime.handle();
-    let limit = crate::grpc::connection_limit::ConnectionLimit::new(
-        settings.max_connections,
-        metrics.grpc_connections_refused_total.clone(),
-    );
     let grpc_task = match tls {
         Some(tls) => {
             tokio::spawn(tls.clone().reload_on_change(metrics.clone()));
@@ -278,12 +282,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         None => tokio::spawn(crate::grpc::serve::serve(
             routes,
-            futures::StreamExt::filter_map(no_delay(grpc_listener), move |accepted| {
-                std::future::ready(match accepted {
-                    Ok(stream) => limit.admit(stream).map(Ok),
-                    Err(e) => Some(Err(e)),
-                })
-            }),
+            admitted(grpc_listener, limit),
             streams,
             settings.keepalive,
             metrics.grpc_connections.clone(),
@@ -349,6 +348,20 @@ fn no_delay(listener: TcpListener) -> impl futures::Stream<Item = std::io::Resul
             }
         };
         Some((accepted, listener))
+    })
+}
+
+/// The connections accepted on `listener` (TCP_NODELAY set) that get a place under `limit`; the
+/// others are closed at once.
+fn admitted(
+    listener: TcpListener,
+    limit: crate::grpc::connection_limit::ConnectionLimit,
+) -> impl futures::Stream<Item = std::io::Result<crate::grpc::serve::MovableTcp>> {
+    futures::StreamExt::filter_map(no_delay(listener), move |accepted| {
+        std::future::ready(match accepted {
+            Ok(stream) => limit.admit(stream).map(Ok),
+            Err(e) => Some(Err(e)),
+        })
     })
 }
 

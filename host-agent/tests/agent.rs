@@ -1861,8 +1861,21 @@ async fn a_client_gone_without_closing_its_connection_gives_its_stream_back_afte
 
 #[tokio::test]
 async fn connections_past_max_connections_are_closed_and_counted_until_one_closes() {
-    let host = Host::start(TENANTS, &["--max-connections", "2"]).await;
+    let health_addr = format!("127.0.0.1:{}", free_port());
+    let host = Host::start(
+        TENANTS,
+        &["--max-connections", "2", "--grpc-health-listen", &health_addr],
+    )
+    .await;
     host.ready().await;
+    let health_check = |url: String| async move {
+        let channel = Channel::from_shared(url).unwrap().connect().await.ok()?;
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .ok()
+    };
+    let health_url = format!("http://{health_addr}");
     let check = |channel: Channel| async move {
         RuntimeClassSyncClient::new(channel)
             .check_pod(with_token(
@@ -1902,6 +1915,10 @@ async fn connections_past_max_connections_are_closed_and_counted_until_one_close
     check(second.clone())
         .await
         .expect("the open connections are still served");
+    assert!(
+        health_check(health_url.clone()).await.is_none(),
+        "the health port shares the gRPC port's places"
+    );
 
     drop(first);
     eventually("a new connection once one has closed", || {
@@ -1910,6 +1927,11 @@ async fn connections_past_max_connections_are_closed_and_counted_until_one_close
             let channel = Channel::from_shared(url).unwrap().connect().await.ok()?;
             check(channel).await.ok()
         }
+    })
+    .await;
+    drop(second);
+    eventually("a health check once another has closed", || {
+        health_check(health_url.clone())
     })
     .await;
 }

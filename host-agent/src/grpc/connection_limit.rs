@@ -56,7 +56,9 @@ impl ConnectionLimit {
             Ok(place) => Some(MovableTcp::holding(stream, place)),
             Err(_) => {
                 self.refused.inc();
-                let peer = stream.peer_addr().ok();
+                let peer = stream
+                    .peer_addr()
+                    .map_or_else(|_| "unknown".to_string(), |addr| addr.to_string());
                 drop(stream);
                 let mut last = self
                     .last_warned
@@ -65,7 +67,7 @@ impl ConnectionLimit {
                 if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                     *last = Some(Instant::now());
                     tracing::warn!(
-                        peer = ?peer,
+                        %peer,
                         max_connections = self.max.get(),
                         refused_total = self.refused.get(),
                         "refusing gRPC connections: --max-connections are open"
