@@ -6,15 +6,21 @@
 //!  metrics ──registered in──► Registry ──► GET /metrics (OpenMetrics text)
 //!  GET /livez: 200 while the process serves HTTP; never depends on an API server.
 //! ```
+//!
+//! With [`AdminAccess::token_file`], `/metrics` and an agent's own routes (the host agent's
+//! `/tenants`) answer only requests carrying `Authorization: Bearer <the file's token>`; `/livez`
+//! and `/readyz` stay open, since kubelet's probes carry no token.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -211,13 +217,122 @@ impl WatchHealth {
     }
 }
 
-/// The admin routes, for embedding or testing.
-pub fn admin_router(readiness: Readiness, registry: Arc<Registry>) -> Router {
+/// Who may read the admin port's data: `/metrics` and an agent's own routes (the host agent's
+/// `/tenants` lists every tenant's classes and last error). `/livez` and `/readyz` are always open.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAccess {
+    token_file: Option<PathBuf>,
+}
+
+/// An admin token file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    /// The file cannot be read.
+    #[error("reading the admin token file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file holds no token.
+    #[error("the admin token file {path} is empty")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+impl AdminAccess {
+    /// Anyone who reaches the port (for a port that only the monitoring namespace can reach).
+    pub fn open() -> Self {
+        Self::default()
+    }
+
+    /// Callers presenting the token in `path` (surrounding whitespace ignored). The file is read
+    /// now, so a missing or empty one stops the agent at start, and again at each request, so a
+    /// rotated Secret applies at once.
+    pub fn token_file(path: PathBuf) -> Result<Self, AdminTokenError> {
+        read_token(&path)?;
+        Ok(Self {
+            token_file: Some(path),
+        })
+    }
+}
+
+/// The token in `path`, surrounding whitespace trimmed.
+pub(crate) fn read_token(path: &Path) -> Result<String, AdminTokenError> {
+    let raw = std::fs::read_to_string(path).map_err(|source| AdminTokenError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let token = raw.trim();
+    if token.is_empty() {
+        return Err(AdminTokenError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(token.to_string())
+}
+
+/// Equal, in a time that depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+async fn require_token(State(access): State<AdminAccess>, request: Request, next: Next) -> Response {
+    let Some(path) = &access.token_file else {
+        return next.run(request).await;
+    };
+    let expected = match read_token(path) {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %request.uri().path(), "refusing an admin request: no usable token");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the admin token file cannot be used; see the agent's log\n",
+            )
+                .into_response();
+        }
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if constant_time_eq(token.trim().as_bytes(), expected.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "this admin route needs `Authorization: Bearer <token>` (the agent's --admin-token-file)\n",
+        )
+            .into_response(),
+    }
+}
+
+/// The admin routes (plus an agent's own `extra` routes), `/metrics` and `extra` behind `access`.
+pub fn admin_router(
+    readiness: Readiness,
+    registry: Arc<Registry>,
+    extra: Option<Router>,
+    access: AdminAccess,
+) -> Router {
+    let state = AdminState { readiness, registry };
+    let data = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state.clone());
+    let data = match extra {
+        Some(extra) => data.merge(extra),
+        None => data,
+    };
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(AdminState { readiness, registry })
+        .with_state(state)
+        .merge(data.layer(axum::middleware::from_fn_with_state(access, require_token)))
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
@@ -250,20 +365,17 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the admin routes (plus an agent's own `extra` routes) on `listener` until `shutdown`
-/// completes.
+/// Serves the admin routes (plus an agent's own `extra` routes, behind `access` with `/metrics`)
+/// on `listener` until `shutdown` completes.
 pub async fn serve_admin(
     listener: TcpListener,
     readiness: Readiness,
     registry: Arc<Registry>,
     extra: Option<Router>,
+    access: AdminAccess,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = admin_router(readiness, registry);
-    let router = match extra {
-        Some(extra) => router.merge(extra),
-        None => router,
-    };
+    let router = admin_router(readiness, registry, extra, access);
     use axum::serve::ListenerExt as _;
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
@@ -276,6 +388,88 @@ pub async fn serve_admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn get_status(router: &Router, path: &str, bearer: Option<&str>) -> StatusCode {
+        use tower::ServiceExt as _;
+        let mut request = axum::http::Request::get(path);
+        if let Some(token) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        router
+            .clone()
+            .oneshot(request.body(axum::body::Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    }
+
+    #[tokio::test]
+    async fn with_a_token_file_only_the_probes_answer_without_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let readiness = Readiness::new(&[]);
+        let extra = Router::new().route("/tenants", get(|| async { "every tenant\n" }));
+        let router = admin_router(
+            readiness,
+            Arc::new(Registry::default()),
+            Some(extra),
+            AdminAccess::token_file(file.clone()).unwrap(),
+        );
+        assert_eq!(get_status(&router, "/livez", None).await, StatusCode::OK);
+        assert_ne!(
+            get_status(&router, "/readyz", None).await,
+            StatusCode::UNAUTHORIZED,
+            "the readiness probe carries no token"
+        );
+        for path in ["/metrics", "/tenants"] {
+            assert_eq!(
+                get_status(&router, path, None).await,
+                StatusCode::UNAUTHORIZED,
+                "{path}"
+            );
+            assert_eq!(
+                get_status(&router, path, Some("s3cre")).await,
+                StatusCode::UNAUTHORIZED,
+                "{path}"
+            );
+            assert_eq!(
+                get_status(&router, path, Some("s3cret")).await,
+                StatusCode::OK,
+                "{path}"
+            );
+        }
+        // A rotated token applies at the next request.
+        std::fs::write(&file, "rotated").unwrap();
+        assert_eq!(
+            get_status(&router, "/tenants", Some("s3cret")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            get_status(&router, "/tenants", Some("rotated")).await,
+            StatusCode::OK
+        );
+        // Without a token file, everything is open.
+        let open = admin_router(
+            Readiness::new(&[]),
+            Arc::new(Registry::default()),
+            None,
+            AdminAccess::open(),
+        );
+        assert_eq!(get_status(&open, "/metrics", None).await, StatusCode::OK);
+    }
+
+    #[test]
+    fn an_unusable_token_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let e = AdminAccess::token_file(missing.clone()).unwrap_err().to_string();
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        let e = AdminAccess::token_file(empty.clone()).unwrap_err().to_string();
+        assert_eq!(e, format!("the admin token file {} is empty", empty.display()));
+    }
 
     #[test]
     fn watch_health_counts_failures_and_clears_on_the_next_event() {

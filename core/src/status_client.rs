@@ -4,6 +4,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -31,7 +32,7 @@ pub struct Report {
 }
 
 /// `GET url` over plain HTTP/1.0 (the admin port); the status code and body.
-pub fn get(base: &str, path: &str) -> Result<(u16, String), String> {
+pub fn get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
     let authority = base
         .strip_prefix("http://")
         .ok_or_else(|| format!("--admin {base:?} must be an http:// URL (the admin port serves plain HTTP)"))?
@@ -45,7 +46,12 @@ pub fn get(base: &str, path: &str) -> Result<(u16, String), String> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{base}: {e}"))?;
     stream.set_read_timeout(Some(timeout)).ok();
     stream.set_write_timeout(Some(timeout)).ok();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").map_err(|e| format!("{base}: {e}"))?;
+    let authorization = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\n{authorization}\r\n"
+    )
+    .map_err(|e| format!("{base}: {e}"))?;
     let mut raw = String::new();
     stream
         .read_to_string(&mut raw)
@@ -101,20 +107,41 @@ pub fn age(v: &Value) -> String {
 
 /// Reads `/readyz` and the JSON document at `path` from an agent's admin port: whether it is
 /// ready (and its readiness report), and the document; or the report of an unreachable agent
-/// (exit 2). `agent` names it in messages ("host agent").
-pub fn fetch(admin: &str, path: &str, agent: &str) -> Result<(bool, String, Value), Report> {
+/// (exit 2). `agent` names it in messages ("host agent"); `token_file` holds the token of an
+/// agent run with `--admin-token-file`.
+pub fn fetch(
+    admin: &str,
+    token_file: Option<&Path>,
+    path: &str,
+    agent: &str,
+) -> Result<(bool, String, Value), Report> {
     let unreachable = |e: String| Report {
         stdout: String::new(),
         stderr: format!("error: the {agent}'s admin port is unreachable: {e}\n"),
         code: 2,
     };
-    let (ready, report) = match get(admin, "/readyz") {
+    let token = match token_file.map(crate::admin::read_token).transpose() {
+        Ok(token) => token,
+        Err(e) => {
+            return Err(Report {
+                stdout: String::new(),
+                stderr: format!("error: {e}\n"),
+                code: 2,
+            });
+        }
+    };
+    let (ready, report) = match get(admin, "/readyz", None) {
         Ok((code, body)) => (code == 200, body),
         Err(e) => return Err(unreachable(e)),
     };
-    let doc = match get(admin, path) {
+    let doc = match get(admin, path, token.as_deref()) {
         Ok((200, body)) => {
             serde_json::from_str(&body).map_err(|e| unreachable(format!("{admin}{path} is not JSON: {e}")))?
+        }
+        Ok((401, _)) => {
+            return Err(unreachable(format!(
+                "{admin}{path} answered 401: the agent requires a token (pass its --admin-token-file)"
+            )));
         }
         Ok((code, _)) => return Err(unreachable(format!("{admin}{path} answered {code}"))),
         Err(e) => return Err(unreachable(e)),

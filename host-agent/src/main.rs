@@ -40,6 +40,9 @@ enum Command {
             default_value = "http://127.0.0.1:9090"
         )]
         admin: String,
+        /// The token of an agent run with --admin-token-file.
+        #[arg(long, env = "HOST_AGENT_STATUS_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
         /// Show one tenant: each host class, offered or not and why.
         #[arg(long)]
         tenant: Option<String>,
@@ -91,6 +94,11 @@ struct RunArgs {
     /// How long a ping may go unanswered before the connection is closed.
     #[arg(long, env = "HOST_AGENT_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     keepalive_timeout: Duration,
+    /// A file holding the bearer token that /metrics and /tenants on the admin port require (re-read
+    /// at each request, so a rotated Secret applies at once); /livez and /readyz stay open. Without
+    /// it the admin port answers anyone who reaches it.
+    #[arg(long, env = "HOST_AGENT_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// How many connections the gRPC ports keep open at once (--grpc-listen and
     /// --grpc-health-listen together); past it a new connection is closed
     /// at once (before any TLS handshake) and counted in rcsync_grpc_connections_refused_total.
@@ -133,11 +141,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Status {
         admin,
+        admin_token_file,
         tenant,
         output,
     }) = &cli.command
     {
-        let report = host_agent::status_cmd::status(admin, tenant.as_deref(), *output);
+        let report =
+            host_agent::status_cmd::status(admin, admin_token_file.as_deref(), tenant.as_deref(), *output);
         print!("{}", report.stdout);
         eprint!("{}", report.stderr);
         return ExitCode::from(report.code);
@@ -185,6 +195,7 @@ fn main() -> ExitCode {
             timeout: args.keepalive_timeout,
         },
         max_connections: args.max_connections,
+        admin_token_file: args.admin_token_file,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use rcsync_core::TenantsFile;
-use rcsync_core::admin::{Readiness, serve_admin};
+use rcsync_core::admin::{AdminAccess, Readiness, serve_admin};
 use rcsync_core::config::{ConfigError, Problem};
 use rcsync_core::patches::TenantPatches;
 use rcsync_core::script::ScriptLimits;
@@ -54,6 +54,8 @@ pub struct Settings {
     pub keepalive: crate::grpc::serve::Keepalive,
     /// How many gRPC connections may be open at once (the gRPC port and the health port together).
     pub max_connections: std::num::NonZeroUsize,
+    /// The bearer token file guarding the admin port's `/metrics` and `/tenants`.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// Loads the tenants file, its token files, and compiles every tenant's patches (a syntax error is
@@ -138,6 +140,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let tenants = load_tenants(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(tenants = tenants.file.tenants.len(), config = %settings.config.display(), "loaded tenants");
     let tls = crate::grpc::tls::ServingTls::load(&settings.tls)?;
+    let admin_access = match &settings.admin_token_file {
+        Some(path) => AdminAccess::token_file(path.clone())?,
+        None => AdminAccess::open(),
+    };
     let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
 
     let mut registry = Registry::default();
@@ -301,6 +307,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         readiness.clone(),
         registry,
         Some(status),
+        admin_access,
         admin_shutdown,
     ));
     tokio::spawn(reload_on_change(

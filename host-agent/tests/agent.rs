@@ -1935,3 +1935,59 @@ async fn connections_past_max_connections_are_closed_and_counted_until_one_close
     })
     .await;
 }
+
+#[tokio::test]
+async fn with_an_admin_token_file_metrics_and_tenants_need_the_token_and_the_probes_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "admin-s3cret\n").unwrap();
+    let token_arg = token_file.display().to_string();
+    let host = Host::start(TENANTS, &["--admin-token-file", &token_arg]).await;
+    host.ready().await;
+    assert_eq!(http_get(&host.admin, "/livez").await.unwrap().0, 200);
+    let admin = format!("http://{}", host.admin);
+    let get = |path: &'static str, token: Option<&'static str>| {
+        let admin = admin.clone();
+        async move {
+            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    for path in ["/metrics", "/tenants"] {
+        let (code, body) = get(path, None).await;
+        assert_eq!(code, 401, "{path}: {body}");
+        assert!(body.contains("--admin-token-file"), "{body}");
+        assert_eq!(get(path, Some("admin-s3cre")).await.0, 401, "{path}");
+        assert_eq!(get(path, Some("admin-s3cret")).await.0, 200, "{path}");
+    }
+
+    let (code, _, stderr) = status_command(&["--admin", &admin]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("answered 401") && stderr.contains("--admin-token-file"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = status_command(&["--admin", &admin, "--admin-token-file", &token_arg]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("TENANT"), "{stdout}");
+
+    // A missing token file stops the agent at start, naming it.
+    let config = write_tenants(dir.path(), "tenants: []\n");
+    let missing = dir.path().join("no-such-token").display().to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .args(["--kubeconfig", &host.cluster.kubeconfig.display().to_string()])
+        .args(["--config", &config.display().to_string()])
+        .args(["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--admin-token-file", &missing])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("reading the admin token file {missing}")),
+        "{stderr}"
+    );
+}

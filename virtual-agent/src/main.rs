@@ -50,6 +50,11 @@ struct Cli {
     /// Address of the admin HTTP server (/livez, /readyz, /metrics).
     #[arg(long, env = "VIRTUAL_AGENT_ADMIN_LISTEN", default_value = "0.0.0.0:9091")]
     admin_listen: SocketAddr,
+    /// A file holding the bearer token that /metrics and /status on the admin port require (re-read
+    /// at each request, so a rotated Secret applies at once); /livez and /readyz stay open. Without
+    /// it the admin port answers anyone who reaches it.
+    #[arg(long, env = "VIRTUAL_AGENT_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// Pods synced in parallel (each Pod's own operations stay in order). Keep it within the
     /// tenant's `limits.podSyncInFlight` on the host agent (64 by default): calls past it are
     /// refused and retried after a pause.
@@ -90,6 +95,9 @@ enum Command {
             default_value = "http://127.0.0.1:9091"
         )]
         admin: String,
+        /// The token of an agent run with --admin-token-file.
+        #[arg(long, env = "VIRTUAL_AGENT_STATUS_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: rcsync_core::status_client::Output,
@@ -109,8 +117,13 @@ fn default_lease_namespace(has_kubeconfig: bool) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Status { admin, output }) = &cli.command {
-        let report = virtual_agent::status::status(admin, *output);
+    if let Some(Command::Status {
+        admin,
+        admin_token_file,
+        output,
+    }) = &cli.command
+    {
+        let report = virtual_agent::status::status(admin, admin_token_file.as_deref(), *output);
         print!("{}", report.stdout);
         eprint!("{}", report.stderr);
         return ExitCode::from(report.code);
@@ -138,6 +151,7 @@ fn main() -> ExitCode {
         kubeconfig: cli.kubeconfig,
         target,
         admin_listen: cli.admin_listen,
+        admin_token_file: cli.admin_token_file,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         pod_workers: usize::from(cli.pod_workers),
     };

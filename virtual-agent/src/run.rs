@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::Api;
 use prometheus_client::registry::Registry;
-use rcsync_core::admin::{Readiness, serve_admin};
+use rcsync_core::admin::{AdminAccess, Readiness, serve_admin};
 use rcsync_core::telemetry::termination_signal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -33,6 +33,8 @@ pub struct Settings {
     pub target: HostAgentTarget,
     /// Admin HTTP address.
     pub admin_listen: SocketAddr,
+    /// The bearer token file guarding the admin port's `/metrics` and `/status`.
+    pub admin_token_file: Option<PathBuf>,
     /// How long to wait for work in flight after SIGTERM.
     pub shutdown_grace: Duration,
     /// Pods synced in parallel (each Pod's operations stay in order).
@@ -69,6 +71,10 @@ struct Shared {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
     settings.target.validate()?;
+    let admin_access = match &settings.admin_token_file {
+        Some(path) => AdminAccess::token_file(path.clone())?,
+        None => AdminAccess::open(),
+    };
     if !settings.target.is_tls() {
         tracing::warn!(url = %settings.target.display(), "connecting to the host agent in plaintext: the token crosses the network unencrypted");
     }
@@ -123,6 +129,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         readiness.clone(),
         registry,
         Some(status),
+        admin_access,
         admin_shutdown,
     ));
     let shared = Shared {
