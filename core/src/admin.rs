@@ -30,6 +30,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::token_file::{TokenFileError, read_token_file};
+
 /// Named readiness checks; the process is ready when every check passed and it is not shutting down.
 #[derive(Clone)]
 pub struct Readiness {
@@ -224,25 +226,6 @@ pub struct AdminAccess {
     token_file: Option<PathBuf>,
 }
 
-/// An admin token file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminTokenError {
-    /// The file cannot be read.
-    #[error("reading the admin token file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file holds no token.
-    #[error("the admin token file {path} is empty")]
-    Empty {
-        /// The file.
-        path: PathBuf,
-    },
-}
-
 impl AdminAccess {
     /// Anyone who reaches the port (for a port that only the monitoring namespace can reach).
     pub fn open() -> Self {
@@ -252,7 +235,7 @@ impl AdminAccess {
     /// Callers presenting the token in `path` (surrounding whitespace ignored). The file is read
     /// now, so a missing or empty one stops the agent at start, and again at each request, so a
     /// rotated Secret applies at once.
-    pub fn token_file(path: PathBuf) -> Result<Self, AdminTokenError> {
+    pub fn token_file(path: PathBuf) -> Result<Self, TokenFileError> {
         read_token(&path)?;
         Ok(Self {
             token_file: Some(path),
@@ -260,19 +243,12 @@ impl AdminAccess {
     }
 }
 
-/// The token in `path`, surrounding whitespace trimmed.
-pub(crate) fn read_token(path: &Path) -> Result<String, AdminTokenError> {
-    let raw = std::fs::read_to_string(path).map_err(|source| AdminTokenError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let token = raw.trim();
-    if token.is_empty() {
-        return Err(AdminTokenError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(token.to_string())
+/// What the admin token file is called in errors.
+const ADMIN_TOKEN_FILE: &str = "admin token file";
+
+/// The admin token in `path`.
+pub(crate) fn read_token(path: &Path) -> Result<String, TokenFileError> {
+    read_token_file(path, ADMIN_TOKEN_FILE)
 }
 
 /// Equal, in a time that depends on the lengths only.

@@ -127,10 +127,7 @@ impl HostAgentTarget {
     fn credentials(&self) -> anyhow::Result<Credentials> {
         let authorization = match &self.token_file {
             Some(path) => {
-                let token = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the token file {}", path.display()))?;
-                let token = token.trim();
-                anyhow::ensure!(!token.is_empty(), "the token file {} is empty", path.display());
+                let token = rcsync_core::token_file::read_token_file(path, "token file")?;
                 Some(
                     format!("Bearer {token}")
                         .parse()
