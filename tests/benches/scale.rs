@@ -10,7 +10,8 @@
 //! to ready, one change reaching every stream (p50/p99 over rounds), CheckPod while changes fan out
 //! against idle (a paced probe; then again with the agent's serving threads and the probe's first
 //! for a CPU, where `chrt` is allowed), intake of a burst of classes
-//! created while running, the pause a one-tenant reload causes (CheckPod and /livez), view
+//! created while running, the pause a one-tenant reload causes (CheckPod and /livez, against the
+//! same probes as long without one), view
 //! rebuilds on an unchanged reload, CheckPod against a gRPC health check (closed loop, 4
 //! connections × 16 streams), and Pods reaching the host against creating them there directly.
 //!
@@ -700,9 +701,9 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
         (Some(b), Some(a)) => println!("unchanged reload (SIGHUP): {} view rebuilds", a - b),
         _ => println!("unchanged reload (SIGHUP): the agent exports no rcsync_view_rebuilds_total"),
     }
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let pause = |what: &'static str| {
-        let mut stop = stop.clone();
+    // The same probes, back to back, first with nothing going on (the floor: what this machine's
+    // scheduling alone costs a request over that long), then across a one-tenant reload.
+    let pause = |what: &'static str, mut stop: tokio::sync::watch::Receiver<bool>| {
         let probe = probe.clone();
         let admin = admin.clone();
         let tenants = shape.tenants;
@@ -721,8 +722,9 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
             worst
         })
     };
-    let check_pause = pause("CheckPod");
-    let livez_pause = pause("livez");
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let check_pause = pause("CheckPod", stop.clone());
+    let livez_pause = pause("livez", stop);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let next = dir.path().join("tenants.yaml.next");
     std::fs::write(&next, tenants_yaml(shape.tenants, dir.path(), true)).unwrap();
@@ -741,11 +743,21 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
     let applied = reloaded.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_tx.send(true);
+    let (check_worst, livez_worst) = (check_pause.await.unwrap(), livez_pause.await.unwrap());
+    let window = reloaded.elapsed() + Duration::from_millis(300);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let check_floor = pause("CheckPod", stop.clone());
+    let livez_floor = pause("livez", stop);
+    tokio::time::sleep(window).await;
+    let _ = stop_tx.send(true);
     println!(
-        "one-tenant reload: applied in {} ; longest CheckPod meanwhile {}, longest /livez {}",
+        "one-tenant reload: applied in {} ; longest CheckPod meanwhile {}, longest /livez {} \
+         (floor, the same probes as long without a reload: {} / {})",
         ms(applied),
-        ms(check_pause.await.unwrap()),
-        ms(livez_pause.await.unwrap())
+        ms(check_worst),
+        ms(livez_worst),
+        ms(check_floor.await.unwrap()),
+        ms(livez_floor.await.unwrap()),
     );
 
     closed_loop(&grpc, shape.tenants).await;
