@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
@@ -99,24 +100,17 @@ impl ObjectStores {
         let mut out = Referenced::default();
         for ((kind, name), required) in references {
             let found = match kind {
-                RefKind::ConfigMap => {
-                    self.config_maps
-                        .get(&ObjectRef::new(name).within(namespace))
-                        .map(|cm| {
-                            let mut cm = (*cm).clone();
-                            cm.metadata.managed_fields = None;
-                            (cm.metadata.resource_version.clone(), serde_json::to_vec(&cm))
-                        })
-                }
+                RefKind::ConfigMap => self
+                    .config_maps
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .map(|cm| (cm.metadata.resource_version.clone(), serde_json::to_vec(&*cm))),
                 RefKind::Secret => self
                     .secrets
                     .get(&ObjectRef::new(name).within(namespace))
                     .map(|secret| {
-                        let mut secret = (*secret).clone();
-                        secret.metadata.managed_fields = None;
                         (
                             secret.metadata.resource_version.clone(),
-                            serde_json::to_vec(&secret),
+                            serde_json::to_vec(&*secret),
                         )
                     }),
             };
@@ -226,20 +220,26 @@ fn digest_of<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
     hashing.0.finish()
 }
 
-/// A Pod as ApplyPod carries it: no status, no managed fields; the spec is written from the
-/// watched object as it is, not copied first.
+/// A Pod as ApplyPod carries it: no status, no managed fields; written from the watched object as
+/// it is, not copied first (the watch has already dropped its managed fields).
 fn apply_body(pod: &Pod) -> Vec<u8> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     #[derive(serde::Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Sent<'a> {
         api_version: &'static str,
         kind: &'static str,
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        metadata: std::borrow::Cow<'a, ObjectMeta>,
         #[serde(skip_serializing_if = "Option::is_none")]
         spec: Option<&'a k8s_openapi::api::core::v1::PodSpec>,
     }
-    let mut metadata = pod.metadata.clone();
-    metadata.managed_fields = None;
+    let metadata = match pod.metadata.managed_fields {
+        None => std::borrow::Cow::Borrowed(&pod.metadata),
+        Some(_) => std::borrow::Cow::Owned(ObjectMeta {
+            managed_fields: None,
+            ..pod.metadata.clone()
+        }),
+    };
     serde_json::to_vec(&Sent {
         api_version: "v1",
         kind: "Pod",
@@ -375,7 +375,9 @@ impl PodSyncer {
             .watches
             .follow(
                 "pods".into(),
-                watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
+                watcher::watcher(api, watcher::Config::default())
+                    .modify(without_managed_fields)
+                    .retry_with_backoff(),
             )
             .boxed();
         let mut relist: Option<HashMap<Key, Arc<Pod>>> = None;
@@ -475,6 +477,13 @@ impl PodSyncer {
     }
 }
 
+/// Drops an object's managed fields as its watch delivers it: nothing here reads them, and they
+/// are often the largest part of an object's metadata (kept per Pod, ConfigMap and Secret, and
+/// copied with each Pod sent to the host agent).
+fn without_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// Every object of a kind in the virtual cluster, kept in `writer`'s store, as watch events.
 fn object_events<K>(
     client: &Client,
@@ -495,7 +504,8 @@ where
             K::plural(&()).into_owned(),
             reflector::reflector(
                 writer,
-                watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+                watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+                    .modify(without_managed_fields),
             )
             .retry_with_backoff(),
         )
