@@ -140,3 +140,66 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("not ready"), "{stderr}");
 }
+
+#[tokio::test]
+async fn with_an_admin_token_file_the_virtual_agents_metrics_and_status_need_the_token_and_its_probes_do_not()
+{
+    let mut system = System::start(
+        &[TenantSpec::new("team-a", "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "virtual-s3cret\n").unwrap();
+    let token_arg = token_file.display().to_string();
+    system.virtuals[0].set_agent_flag("--admin-token-file", &token_arg);
+    system.virtuals[0].roll_agent().await;
+    let v = system.virtual_side();
+    v.wait_classes(&["gvisor"]).await;
+    let admin = format!("http://{}", v.admin);
+    let get = |path: &'static str, token: Option<&'static str>| {
+        let admin = admin.clone();
+        async move {
+            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    for path in ["/livez", "/readyz"] {
+        assert_eq!(get(path, None).await.0, 200, "{path} stays open for the kubelet");
+    }
+    for path in ["/metrics", "/status"] {
+        let (code, body) = get(path, None).await;
+        assert_eq!(code, 401, "{path}: {body}");
+        assert!(body.contains("--admin-token-file"), "{body}");
+        assert_eq!(get(path, Some("virtual-s3cre")).await.0, 401, "{path}");
+        let (code, body) = get(path, Some("virtual-s3cret")).await;
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+
+    let (code, _, stderr) = status(&["--admin", &admin]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("answered 401") && stderr.contains("--admin-token-file"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = status(&["--admin", &admin, "--admin-token-file", &token_arg]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("team-a"), "{stdout}");
+
+    // A token file that is there but empty stops the agent at start, naming it.
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = std::process::Command::new(binary("virtual-agent"))
+        .args(["--kubeconfig", &v.cluster.kubeconfig.display().to_string()])
+        .args(["--host-agent", &format!("http://127.0.0.1:{}", free_port())])
+        .args(["--tenant", "team-a", "--admin-listen", "127.0.0.1:0"])
+        .args(["--admin-token-file", &empty.display().to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&empty.display().to_string()), "{stderr}");
+}
