@@ -9,7 +9,8 @@
 //!
 //! With [`AdminAccess::token_file`], `/metrics` and an agent's own routes (the host agent's
 //! `/tenants`) answer only requests carrying `Authorization: Bearer <the file's token>`; `/livez`
-//! and `/readyz` stay open, since kubelet's probes carry no token.
+//! and `/readyz` stay open, since kubelet's probes carry no token. With a [`ServingTls`] the port
+//! speaks HTTPS only (kubelet's `scheme: HTTPS` probes do not verify the certificate).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,9 +28,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 
+use crate::tls::{HANDSHAKE_TIMEOUT, ServingTls};
 use crate::token_file::{TokenFileError, read_token_file};
 
 /// Named readiness checks; the process is ready when every check passed and it is not shutting down.
@@ -342,23 +345,100 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 /// Serves the admin routes (plus an agent's own `extra` routes, behind `access` with `/metrics`)
-/// on `listener` until `shutdown` completes.
+/// on `listener`, over TLS when `tls` is given, until `shutdown` completes.
 pub async fn serve_admin(
     listener: TcpListener,
     readiness: Readiness,
     registry: Arc<Registry>,
     extra: Option<Router>,
     access: AdminAccess,
+    tls: Option<ServingTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = admin_router(readiness, registry, extra, access);
-    use axum::serve::ListenerExt as _;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    match tls {
+        Some(tls) => {
+            axum::serve(TlsListener::new(listener, tls)?, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            use axum::serve::ListenerExt as _;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
+/// The admin port's connections, TLS done. Each handshake runs in a task of its own (with a
+/// deadline), so a slow or silent client holds up no probe.
+struct TlsListener {
+    local: std::net::SocketAddr,
+    handshaken: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, tls: ServingTls) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, handshaken) = tokio::sync::mpsc::channel(16);
+        let accepting = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting an admin connection failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "admin TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            local,
+            handshaken,
+            accepting,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The accepting task ends only with this listener.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ pub mod script;
 pub mod selector;
 pub mod status_client;
 pub mod telemetry;
+pub mod tls;
 pub mod token_file;
 pub mod version;
 

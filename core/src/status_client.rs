@@ -1,8 +1,7 @@
-//! The client side of the admin port for `status` commands: a plain HTTP/1.0 GET (no runtime,
-//! no TLS: the admin port serves plain HTTP on the agent's network), kubectl-style tables, and the
-//! JSON/YAML renderings.
+//! The client side of the admin port for `status` commands: an HTTP/1.0 GET, over TLS for an
+//! `https://` admin port (no runtime), kubectl-style tables, and the JSON/YAML renderings.
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
@@ -31,31 +30,51 @@ pub struct Report {
     pub code: u8,
 }
 
-/// `GET url` over plain HTTP/1.0 (the admin port); the status code and body.
-pub fn get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String), String> {
-    let authority = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("--admin {base:?} must be an http:// URL (the admin port serves plain HTTP)"))?
-        .trim_end_matches('/');
+/// How a `status` command reaches an agent's admin port.
+#[derive(Clone, Copy, Debug)]
+pub struct AdminTarget<'a> {
+    /// The admin port's URL (`http://` or `https://`).
+    pub url: &'a str,
+    /// The token file of an agent run with `--admin-token-file`.
+    pub token_file: Option<&'a Path>,
+    /// The CA that signed the certificate of an `https://` admin port.
+    pub ca: Option<&'a Path>,
+}
+
+/// `GET base+path` over HTTP/1.0 (the admin port), over TLS for an `https://` base (verified
+/// against the PEM CA file `ca`, which it then needs); the status code and body.
+pub fn get(base: &str, path: &str, token: Option<&str>, ca: Option<&Path>) -> Result<(u16, String), String> {
+    let (tls, authority) = match (base.strip_prefix("http://"), base.strip_prefix("https://")) {
+        (Some(authority), _) => (false, authority),
+        (_, Some(authority)) => (true, authority),
+        _ => return Err(format!("--admin {base:?} must be an http:// or https:// URL")),
+    };
+    let authority = authority.trim_end_matches('/');
     let addr = authority
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {authority}: {e}"))?
         .next()
         .ok_or_else(|| format!("{authority} resolves to no address"))?;
     let timeout = Duration::from_secs(3);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{base}: {e}"))?;
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{base}: {e}"))?;
     stream.set_read_timeout(Some(timeout)).ok();
     stream.set_write_timeout(Some(timeout)).ok();
     let authorization = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\n{authorization}\r\n"
-    )
-    .map_err(|e| format!("{base}: {e}"))?;
-    let mut raw = String::new();
-    stream
-        .read_to_string(&mut raw)
-        .map_err(|e| format!("{base}: {e}"))?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {authority}\r\n{authorization}\r\n");
+    let raw = if tls {
+        let ca = ca.ok_or_else(|| {
+            format!("--admin {base} is served over TLS: pass --admin-ca, the CA that signed its certificate")
+        })?;
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        exchange(&mut tls_stream(stream, host, ca)?, &request, base, true)?
+    } else {
+        let mut stream = stream;
+        exchange(&mut stream, &request, base, false)?
+    };
     let (head, body) = raw
         .split_once("\r\n\r\n")
         .ok_or_else(|| format!("{base}{path}: not an HTTP response"))?;
@@ -65,6 +84,58 @@ pub fn get(base: &str, path: &str, token: Option<&str>) -> Result<(u16, String),
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("{base}{path}: not an HTTP response"))?;
     Ok((code, body.to_string()))
+}
+
+/// Writes `request` and reads the answer to its end. Over TLS a server that closes without
+/// `close_notify` ends the answer as well (the response is complete once the connection closes).
+fn exchange(
+    stream: &mut (impl Read + Write),
+    request: &str,
+    base: &str,
+    tls: bool,
+) -> Result<String, String> {
+    stream
+        .write_all(request.as_bytes())
+        .and_then(|()| stream.flush())
+        .map_err(|e| format!("{base}: {e}"))?;
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if tls && e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(format!("{base}: {e}")),
+    }
+    String::from_utf8(raw).map_err(|_| format!("{base}: the answer is not UTF-8"))
+}
+
+/// A TLS client over `stream` verifying `host` against the PEM CA file `ca`.
+fn tls_stream(
+    stream: TcpStream,
+    host: &str,
+    ca: &Path,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let pem = std::fs::read(ca).map_err(|e| format!("reading the admin CA {}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("parsing the admin CA {}: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("using the admin CA {}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("the admin CA {} holds no PEM certificate", ca.display()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))?;
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(|e| format!("TLS to {host}: {e}"))?;
+    Ok(rustls::StreamOwned::new(connection, stream))
 }
 
 /// Columns padded as kubectl pads them (three spaces between columns).
@@ -107,14 +178,13 @@ pub fn age(v: &Value) -> String {
 
 /// Reads `/readyz` and the JSON document at `path` from an agent's admin port: whether it is
 /// ready (and its readiness report), and the document; or the report of an unreachable agent
-/// (exit 2). `agent` names it in messages ("host agent"); `token_file` holds the token of an
-/// agent run with `--admin-token-file`.
-pub fn fetch(
-    admin: &str,
-    token_file: Option<&Path>,
-    path: &str,
-    agent: &str,
-) -> Result<(bool, String, Value), Report> {
+/// (exit 2). `agent` names it in messages ("host agent").
+pub fn fetch(target: &AdminTarget<'_>, path: &str, agent: &str) -> Result<(bool, String, Value), Report> {
+    let AdminTarget {
+        url: admin,
+        token_file,
+        ca,
+    } = *target;
     let unreachable = |e: String| Report {
         stdout: String::new(),
         stderr: format!("error: the {agent}'s admin port is unreachable: {e}\n"),
@@ -130,11 +200,11 @@ pub fn fetch(
             });
         }
     };
-    let (ready, report) = match get(admin, "/readyz", None) {
+    let (ready, report) = match get(admin, "/readyz", None, ca) {
         Ok((code, body)) => (code == 200, body),
         Err(e) => return Err(unreachable(e)),
     };
-    let doc = match get(admin, path, token.as_deref()) {
+    let doc = match get(admin, path, token.as_deref(), ca) {
         Ok((200, body)) => {
             serde_json::from_str(&body).map_err(|e| unreachable(format!("{admin}{path} is not JSON: {e}")))?
         }

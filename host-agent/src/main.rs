@@ -43,6 +43,10 @@ enum Command {
         /// The token of an agent run with --admin-token-file.
         #[arg(long, env = "HOST_AGENT_STATUS_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<PathBuf>,
+        /// The CA (PEM) that signed the admin port's certificate, for an https:// --admin (an
+        /// agent run with --admin-tls-cert).
+        #[arg(long, env = "HOST_AGENT_STATUS_ADMIN_CA")]
+        admin_ca: Option<PathBuf>,
         /// Show one tenant: each host class, offered or not and why.
         #[arg(long)]
         tenant: Option<String>,
@@ -99,6 +103,13 @@ struct RunArgs {
     /// it the admin port answers anyone who reaches it.
     #[arg(long, env = "HOST_AGENT_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// Serving certificate (PEM) of the admin port; with --admin-tls-key it serves HTTPS only
+    /// (reloaded when the files change; kubelet probes then need `scheme: HTTPS`).
+    #[arg(long, env = "HOST_AGENT_ADMIN_TLS_CERT")]
+    admin_tls_cert: Option<PathBuf>,
+    /// Serving key (PEM) of the admin port.
+    #[arg(long, env = "HOST_AGENT_ADMIN_TLS_KEY")]
+    admin_tls_key: Option<PathBuf>,
     /// How many connections the gRPC ports keep open at once (--grpc-listen and
     /// --grpc-health-listen together); past it a new connection is closed
     /// at once (before any TLS handshake) and counted in rcsync_grpc_connections_refused_total.
@@ -142,12 +153,17 @@ fn main() -> ExitCode {
     if let Some(Command::Status {
         admin,
         admin_token_file,
+        admin_ca,
         tenant,
         output,
     }) = &cli.command
     {
-        let report =
-            host_agent::status_cmd::status(admin, admin_token_file.as_deref(), tenant.as_deref(), *output);
+        let target = rcsync_core::status_client::AdminTarget {
+            url: admin,
+            token_file: admin_token_file.as_deref(),
+            ca: admin_ca.as_deref(),
+        };
+        let report = host_agent::status_cmd::status(&target, tenant.as_deref(), *output);
         print!("{}", report.stdout);
         eprint!("{}", report.stderr);
         return ExitCode::from(report.code);
@@ -196,6 +212,11 @@ fn main() -> ExitCode {
         },
         max_connections: args.max_connections,
         admin_token_file: args.admin_token_file,
+        admin_tls: TlsFiles {
+            cert: args.admin_tls_cert,
+            key: args.admin_tls_key,
+            client_ca: None,
+        },
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

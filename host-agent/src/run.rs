@@ -26,6 +26,7 @@ use crate::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
 use crate::index::{ClassIndex, TenantsState, Views};
 use crate::metrics::Metrics;
 use crate::tenants::TenantTokens;
+use rcsync_core::tls::{ServingTls, TlsFlags, is_read};
 
 /// The readiness check that passes once the host's RuntimeClasses were listed.
 pub const LISTED: &str = "host-runtimeclasses-listed";
@@ -56,6 +57,8 @@ pub struct Settings {
     pub max_connections: std::num::NonZeroUsize,
     /// The bearer token file guarding the admin port's `/metrics` and `/tenants`.
     pub admin_token_file: Option<PathBuf>,
+    /// The admin port's TLS files (no client CA): HTTPS when set.
+    pub admin_tls: TlsFiles,
 }
 
 /// Loads the tenants file, its token files, and compiles every tenant's patches (a syntax error is
@@ -139,7 +142,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
     let tenants = load_tenants(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(tenants = tenants.file.tenants.len(), config = %settings.config.display(), "loaded tenants");
-    let tls = crate::grpc::tls::ServingTls::load(&settings.tls)?;
+    let tls = ServingTls::load(&settings.tls, TlsFlags::GRPC, &[b"h2"])?;
+    let admin_tls = ServingTls::load(&settings.admin_tls, TlsFlags::ADMIN, &[b"h2", b"http/1.1"])?;
     let admin_access = match &settings.admin_token_file {
         Some(path) => AdminAccess::token_file(path.clone())?,
         None => AdminAccess::open(),
@@ -276,10 +280,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let streams = streams_runtime.handle();
     let grpc_task = match tls {
         Some(tls) => {
-            tokio::spawn(tls.clone().reload_on_change(metrics.clone()));
+            tokio::spawn(tls.clone().reload_on_change(count_tls_reloads(&metrics)));
             tokio::spawn(crate::grpc::serve::serve(
                 routes,
-                tls.incoming(grpc_listener, limit, shutdown_rx.clone()),
+                crate::grpc::tls::incoming(&tls, grpc_listener, limit, shutdown_rx.clone()),
                 streams,
                 settings.keepalive,
                 metrics.grpc_connections.clone(),
@@ -302,12 +306,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
     let status = crate::status::router(views.clone(), tenants_rx.clone(), last_errors, metrics.clone());
+    if let Some(admin_tls) = &admin_tls {
+        tokio::spawn(admin_tls.clone().reload_on_change(count_tls_reloads(&metrics)));
+    }
     let admin_task = tokio::spawn(serve_admin(
         admin_listener,
         readiness.clone(),
         registry,
         Some(status),
         admin_access,
+        admin_tls,
         admin_shutdown,
     ));
     tokio::spawn(reload_on_change(
@@ -380,11 +388,16 @@ fn file_names(path: &std::path::Path, state: &TenantsState) -> std::collections:
         .collect()
 }
 
-/// Whether a change at `path` may change what the agent reads: one of its files by name, or an
-/// entry of Kubernetes' atomic writer (`..data`, `..2026_11_26_...`) swapping them in.
-pub(crate) fn is_read(names: &std::collections::HashSet<std::ffi::OsString>, path: &std::path::Path) -> bool {
-    path.file_name()
-        .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
+/// Counts TLS reloads (of the gRPC or the admin port's files) by result.
+fn count_tls_reloads(metrics: &Metrics) -> impl Fn(&'static str) + Send + 'static {
+    let reloads = metrics.tls_reloads_total.clone();
+    move |result| {
+        reloads
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
 }
 
 /// Re-reads the tenants file on SIGHUP, and when it or a token file changes on disk (watched with

@@ -3,20 +3,18 @@
 //! unreachable (2) or not ready (1), so it works as a script check.
 //!
 //! ```text
-//!  host-agent status [--admin URL] [--admin-token-file F] [--tenant T] [-o table|json|yaml]
+//!  host-agent status [--admin URL] [--admin-token-file F] [--admin-ca F] [--tenant T] [-o table|json|yaml]
 //!     GET URL/readyz ──► ready?      GET URL/tenants ──► table per tenant | classes of one tenant
 //! ```
 
 pub use rcsync_core::status_client::Output;
-use rcsync_core::status_client::{Report, age, fetch, finish, render, table, text};
-use std::path::Path;
+use rcsync_core::status_client::{AdminTarget, Report, age, fetch, finish, render, table, text};
 
 use serde_json::Value;
 
-/// Reads the agent at `admin` (with the token in `token_file`, for an agent run with
-/// `--admin-token-file`) and reports its tenants (or one tenant's classes).
-pub fn status(admin: &str, token_file: Option<&Path>, tenant: Option<&str>, output: Output) -> Report {
-    let (ready, readiness, doc) = match fetch(admin, token_file, "/tenants", "host agent") {
+/// Reads the agent at `admin` and reports its tenants (or one tenant's classes).
+pub fn status(admin: &AdminTarget<'_>, tenant: Option<&str>, output: Output) -> Report {
+    let (ready, readiness, doc) = match fetch(admin, "/tenants", "host agent") {
         Ok(fetched) => fetched,
         Err(report) => return report,
     };

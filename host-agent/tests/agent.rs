@@ -1949,7 +1949,7 @@ async fn with_an_admin_token_file_metrics_and_tenants_need_the_token_and_the_pro
     let get = |path: &'static str, token: Option<&'static str>| {
         let admin = admin.clone();
         async move {
-            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token))
+            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token, None))
                 .await
                 .unwrap()
                 .unwrap()
@@ -1988,6 +1988,107 @@ async fn with_an_admin_token_file_metrics_and_tenants_need_the_token_and_the_pro
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("reading the admin token file {missing}")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn with_admin_tls_the_admin_port_speaks_https_only_and_picks_up_a_rotated_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let first = devcluster::pki::Pki::new("rcsync-admin-ca-1").unwrap();
+    let pair = first.server(&["localhost", "127.0.0.1"]).unwrap();
+    let cert = write("admin.crt", &pair.cert_pem);
+    let key = write("admin.key", &pair.key_pem);
+    let ca1 = write("ca1.crt", &first.ca_pem());
+    let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let host = Host::start(
+        TENANTS,
+        &["--admin-tls-cert", &cert_arg, "--admin-tls-key", &key_arg],
+    )
+    .await;
+    let https = format!("https://{}", host.admin);
+    let get = |path: &'static str, ca: Option<std::path::PathBuf>| {
+        let https = https.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                rcsync_core::status_client::get(&https, path, None, ca.as_deref())
+            })
+            .await
+            .unwrap()
+        }
+    };
+    eventually("/readyz over HTTPS to answer 200", || {
+        let ca1 = ca1.clone();
+        async move {
+            get("/readyz", Some(ca1))
+                .await
+                .ok()
+                .filter(|(code, _)| *code == 200)
+        }
+    })
+    .await;
+    assert_eq!(get("/metrics", Some(ca1.clone())).await.unwrap().0, 200);
+    // Plain HTTP gets no answer, and a client that does not trust the CA stops at the handshake.
+    assert_eq!(http_get(&host.admin, "/livez").await, None);
+    let other = devcluster::pki::Pki::new("rcsync-other-ca").unwrap();
+    let untrusted = write("other.crt", &other.ca_pem());
+    let err = get("/livez", Some(untrusted)).await.unwrap_err();
+    assert!(err.contains(&https), "{err}");
+    let err = get("/livez", None).await.unwrap_err();
+    assert!(err.contains("--admin-ca"), "{err}");
+
+    let (code, stdout, stderr) =
+        status_command(&["--admin", &https, "--admin-ca", &ca1.display().to_string()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("TENANT"), "{stdout}");
+
+    // cert-manager rotates the Secret to a certificate of another CA: new connections get it.
+    let second = devcluster::pki::Pki::new("rcsync-admin-ca-2").unwrap();
+    let pair = second.server(&["localhost", "127.0.0.1"]).unwrap();
+    let ca2 = write("ca2.crt", &second.ca_pem());
+    write("admin.key.next", &pair.key_pem);
+    write("admin.crt.next", &pair.cert_pem);
+    std::fs::rename(dir.path().join("admin.key.next"), &key).unwrap();
+    std::fs::rename(dir.path().join("admin.crt.next"), &cert).unwrap();
+    eventually("the rotated certificate to be served", || {
+        let ca2 = ca2.clone();
+        async move {
+            get("/livez", Some(ca2))
+                .await
+                .ok()
+                .filter(|(code, _)| *code == 200)
+        }
+    })
+    .await;
+    assert!(get("/livez", Some(ca1)).await.is_err());
+    let (_, metrics) = get("/metrics", Some(ca2)).await.unwrap();
+    assert!(
+        metrics.contains("rcsync_tls_reloads_total{result=\"applied\"} 1")
+            || metrics.contains("rcsync_tls_reloads_total{result=\"applied\"} 2"),
+        "{metrics}"
+    );
+
+    // Half a TLS configuration is refused at start, naming the flags.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_host-agent"))
+        .args(["--kubeconfig", &host.cluster.kubeconfig.display().to_string()])
+        .args([
+            "--config",
+            &write_tenants(dir.path(), "tenants: []\n").display().to_string(),
+        ])
+        .args(["--grpc-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--admin-tls-cert", &cert_arg])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--admin-tls-cert and --admin-tls-key must be given together"),
         "{stderr}"
     );
 }

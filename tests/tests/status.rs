@@ -161,7 +161,7 @@ async fn with_an_admin_token_file_the_virtual_agents_metrics_and_status_need_the
     let get = |path: &'static str, token: Option<&'static str>| {
         let admin = admin.clone();
         async move {
-            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token))
+            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token, None))
                 .await
                 .unwrap()
                 .unwrap()

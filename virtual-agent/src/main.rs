@@ -55,6 +55,13 @@ struct Cli {
     /// it the admin port answers anyone who reaches it.
     #[arg(long, env = "VIRTUAL_AGENT_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// Serving certificate (PEM) of the admin port; with --admin-tls-key it serves HTTPS only
+    /// (reloaded when the files change; kubelet probes then need `scheme: HTTPS`).
+    #[arg(long, env = "VIRTUAL_AGENT_ADMIN_TLS_CERT")]
+    admin_tls_cert: Option<PathBuf>,
+    /// Serving key (PEM) of the admin port.
+    #[arg(long, env = "VIRTUAL_AGENT_ADMIN_TLS_KEY")]
+    admin_tls_key: Option<PathBuf>,
     /// Pods synced in parallel (each Pod's own operations stay in order). Keep it within the
     /// tenant's `limits.podSyncInFlight` on the host agent (64 by default): calls past it are
     /// refused and retried after a pause.
@@ -98,6 +105,10 @@ enum Command {
         /// The token of an agent run with --admin-token-file.
         #[arg(long, env = "VIRTUAL_AGENT_STATUS_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<PathBuf>,
+        /// The CA (PEM) that signed the admin port's certificate, for an https:// --admin (an
+        /// agent run with --admin-tls-cert).
+        #[arg(long, env = "VIRTUAL_AGENT_STATUS_ADMIN_CA")]
+        admin_ca: Option<PathBuf>,
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: rcsync_core::status_client::Output,
@@ -120,10 +131,16 @@ fn main() -> ExitCode {
     if let Some(Command::Status {
         admin,
         admin_token_file,
+        admin_ca,
         output,
     }) = &cli.command
     {
-        let report = virtual_agent::status::status(admin, admin_token_file.as_deref(), *output);
+        let target = rcsync_core::status_client::AdminTarget {
+            url: admin,
+            token_file: admin_token_file.as_deref(),
+            ca: admin_ca.as_deref(),
+        };
+        let report = virtual_agent::status::status(&target, *output);
         print!("{}", report.stdout);
         eprint!("{}", report.stderr);
         return ExitCode::from(report.code);
@@ -152,6 +169,11 @@ fn main() -> ExitCode {
         target,
         admin_listen: cli.admin_listen,
         admin_token_file: cli.admin_token_file,
+        admin_tls: rcsync_core::tls::TlsFiles {
+            cert: cli.admin_tls_cert,
+            key: cli.admin_tls_key,
+            client_ca: None,
+        },
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         pod_workers: usize::from(cli.pod_workers),
     };

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Times this replica started leading.
     pub leader_terms_total: Counter,
+    /// Reloads of the admin port's certificate after its files changed, by result.
+    pub tls_reloads_total: Family<ResultLabel, Counter>,
     /// Failures of the virtual cluster's watches (`pods`, `runtimeclasses`, `configmaps`,
     /// `secrets`).
     pub watches: rcsync_core::admin::WatchHealth,
@@ -78,6 +80,7 @@ impl Metrics {
             last_sync_timestamp_seconds: Gauge::default(),
             leader: Gauge::default(),
             leader_terms_total: Counter::default(),
+            tls_reloads_total: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("rcsync");
         r.register(
@@ -155,6 +158,17 @@ impl Metrics {
             "Times this replica started leading",
             m.leader_terms_total.clone(),
         );
+        r.register(
+            "tls_reloads",
+            "Reloads of the admin port's certificate after its files changed, by result (applied, failed)",
+            m.tls_reloads_total.clone(),
+        );
+        // Both results exported from the start, so `increase()` sees the first failure.
+        for result in ["applied", "failed"] {
+            let _ = m.tls_reloads_total.get_or_create(&ResultLabel {
+                result: result.to_string(),
+            });
+        }
         m
     }
 

@@ -35,6 +35,8 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// The bearer token file guarding the admin port's `/metrics` and `/status`.
     pub admin_token_file: Option<PathBuf>,
+    /// The admin port's TLS files (no client CA): HTTPS when set.
+    pub admin_tls: rcsync_core::tls::TlsFiles,
     /// How long to wait for work in flight after SIGTERM.
     pub shutdown_grace: Duration,
     /// Pods synced in parallel (each Pod's operations stay in order).
@@ -75,6 +77,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(path) => AdminAccess::token_file(path.clone())?,
         None => AdminAccess::open(),
     };
+    let admin_tls = rcsync_core::tls::ServingTls::load(
+        &settings.admin_tls,
+        rcsync_core::tls::TlsFlags::ADMIN,
+        &[b"h2", b"http/1.1"],
+    )?;
     if !settings.target.is_tls() {
         tracing::warn!(url = %settings.target.display(), "connecting to the host agent in plaintext: the token crosses the network unencrypted");
     }
@@ -124,12 +131,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    if let Some(admin_tls) = &admin_tls {
+        let reloads = metrics.tls_reloads_total.clone();
+        tokio::spawn(admin_tls.clone().reload_on_change(move |result| {
+            reloads
+                .get_or_create(&crate::metrics::ResultLabel {
+                    result: result.to_string(),
+                })
+                .inc();
+        }));
+    }
     let admin = tokio::spawn(serve_admin(
         admin_listener,
         readiness.clone(),
         registry,
         Some(status),
         admin_access,
+        admin_tls,
         admin_shutdown,
     ));
     let shared = Shared {

@@ -79,10 +79,9 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
     }))
 }
 
-/// Reads the agent at `admin` (with the token in `token_file`, for an agent run with
-/// `--admin-token-file`) and reports its state; exit 1 when not ready, 2 unreachable.
-pub fn status(admin: &str, token_file: Option<&std::path::Path>, output: Output) -> Report {
-    let (ready, readiness, doc) = match fetch(admin, token_file, "/status", "virtual agent") {
+/// Reads the agent at `admin` and reports its state; exit 1 when not ready, 2 unreachable.
+pub fn status(admin: &rcsync_core::status_client::AdminTarget<'_>, output: Output) -> Report {
+    let (ready, readiness, doc) = match fetch(admin, "/status", "virtual agent") {
         Ok(fetched) => fetched,
         Err(report) => return report,
     };

@@ -11,8 +11,6 @@ pub mod serve;
 pub mod sync;
 pub mod tls;
 
-use std::path::PathBuf;
-
 use rcsync_core::admin::Readiness;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -27,15 +25,7 @@ pub(crate) const METHODS: [&str; 5] = [
 ];
 
 /// TLS files of the gRPC server.
-#[derive(Clone, Debug, Default)]
-pub struct TlsFiles {
-    /// Serving certificate (PEM).
-    pub cert: Option<PathBuf>,
-    /// Serving key (PEM).
-    pub key: Option<PathBuf>,
-    /// CA that client certificates must chain to; enables mutual TLS.
-    pub client_ca: Option<PathBuf>,
-}
+pub use rcsync_core::tls::TlsFiles;
 
 /// Keeps gRPC health (`""` and every rcsync service) in step with readiness: NOT_SERVING until
 /// ready, and again from the moment shutdown begins.

@@ -1,0 +1,314 @@
+//! TLS for the agents' servers (the host agent's gRPC port, either agent's admin port) from
+//! certificate files that rotate without a restart.
+//!
+//! ```text
+//!  accept ──► handshake (ServingTls::current()) ──► TLS stream ──► the server
+//!                          ▲
+//!                          └── reload ◄── inotify on the files' directories
+//!  new connections use the newest files; open connections keep theirs
+//! ```
+//!
+//! cert-manager (or any Secret volume) replaces the certificate, key and CA with Kubernetes'
+//! atomic writer; the directories are watched, the files are read again, and a set that does not
+//! load (a key that does not match, a half-written file) is reported and the previous one kept.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+/// How long a client may take to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The files a TLS server is configured from.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// Serving certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Serving key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA that client certificates must chain to; enables mutual TLS.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The flags a server's [`TlsFiles`] come from, so errors name what the user set.
+#[derive(Clone, Copy, Debug)]
+pub struct TlsFlags {
+    /// The certificate's flag.
+    pub cert: &'static str,
+    /// The key's flag.
+    pub key: &'static str,
+    /// The client CA's flag; `None` where mutual TLS is not offered (the admin port: kubelet's
+    /// probes carry no client certificate).
+    pub client_ca: Option<&'static str>,
+}
+
+impl TlsFlags {
+    /// The host agent's gRPC port.
+    pub const GRPC: Self = Self {
+        cert: "--tls-cert",
+        key: "--tls-key",
+        client_ca: Some("--client-ca"),
+    };
+    /// Either agent's admin port.
+    pub const ADMIN: Self = Self {
+        cert: "--admin-tls-cert",
+        key: "--admin-tls-key",
+        client_ca: None,
+    };
+}
+
+/// A server's TLS configuration, swapped when its files change.
+#[derive(Clone)]
+pub struct ServingTls {
+    files: Arc<TlsFiles>,
+    flags: TlsFlags,
+    alpn: Arc<Vec<Vec<u8>>>,
+    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+impl ServingTls {
+    /// Loads the files, offering `alpn` (e.g. `h2`); `Ok(None)` when none is set (plaintext).
+    /// Half-configured TLS is an error naming the flags.
+    pub fn load(files: &TlsFiles, flags: TlsFlags, alpn: &[&[u8]]) -> anyhow::Result<Option<Self>> {
+        match (files.client_ca.is_some(), flags.client_ca) {
+            (true, None) => anyhow::bail!("{} takes no client CA", flags.cert),
+            (true, Some(ca)) if files.cert.is_none() && files.key.is_none() => {
+                anyhow::bail!("{ca} needs {} and {}", flags.cert, flags.key)
+            }
+            _ => {}
+        }
+        match (&files.cert, &files.key) {
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => {
+                let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+                let config = server_config(files, flags, &alpn)?;
+                Ok(Some(Self {
+                    files: Arc::new(files.clone()),
+                    flags,
+                    alpn: Arc::new(alpn),
+                    current: Arc::new(RwLock::new(config)),
+                }))
+            }
+            _ => anyhow::bail!("{} and {} must be given together", flags.cert, flags.key),
+        }
+    }
+
+    /// The configuration new connections get.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the files again; on success new connections use them, on failure the previous set
+    /// stays and the error (naming the file) is returned.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let config = server_config(&self.files, self.flags, &self.alpn)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
+    }
+
+    /// Reloads when a file changes on disk (their directories are watched, so Kubernetes' atomic
+    /// Secret updates are seen), calling `on_result` with `"applied"` or `"failed"` each time.
+    pub async fn reload_on_change(self, on_result: impl Fn(&'static str) + Send + 'static) {
+        use notify::Watcher as _;
+        let paths: Vec<PathBuf> = [&self.files.cert, &self.files.key, &self.files.client_ca]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let names: HashSet<OsString> = paths
+            .iter()
+            .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+            .collect();
+        let (tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            if event.paths.iter().any(|p| is_read(&names, p)) {
+                let _ = tx.try_send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(cert = self.flags.cert, error = %e, "cannot watch the TLS files; rotating them needs a restart");
+                return;
+            }
+        };
+        let mut dirs: Vec<&Path> = paths.iter().filter_map(|p| p.parent()).collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a TLS directory");
+            }
+        }
+        while changed.recv().await.is_some() {
+            // Let the files of one rotation all land, then read them once.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while changed.try_recv().is_ok() {}
+            let result = match self.reload() {
+                Ok(()) => {
+                    tracing::info!(
+                        cert = self.flags.cert,
+                        "reloaded the TLS certificate, key and client CA; new connections use them"
+                    );
+                    "applied"
+                }
+                Err(e) => {
+                    tracing::error!(cert = self.flags.cert, error = %format!("{e:#}"), "TLS files changed but do not load; keeping the previous ones");
+                    "failed"
+                }
+            };
+            on_result(result);
+        }
+    }
+}
+
+/// Whether a change at `path` may change a file read by name from `names`: one of them, or an
+/// entry of Kubernetes' atomic writer (`..data`, `..2026_11_26_...`) swapping them in.
+pub fn is_read(names: &HashSet<OsString>, path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| names.contains(n) || n.to_string_lossy().starts_with(".."))
+}
+
+fn read(path: &Path, what: &str, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading the {what} {} ({flag})", path.display()))
+}
+
+fn certificates(path: &Path, what: &str, flag: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = read(path, what, flag)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing the {what} {} ({flag})", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "the {what} {} ({flag}) holds no PEM certificate",
+        path.display()
+    );
+    Ok(certs)
+}
+
+/// The rustls server config of `files` (which must name a certificate and a key).
+fn server_config(
+    files: &TlsFiles,
+    flags: TlsFlags,
+    alpn: &[Vec<u8>],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
+        anyhow::bail!("{} and {} must be given together", flags.cert, flags.key);
+    };
+    let chain = certificates(cert, "TLS certificate", flags.cert)?;
+    let key_pem = read(key, "TLS key", flags.key)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
+        .with_context(|| format!("parsing the TLS key {} ({})", key.display(), flags.key))?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let flag = flags.client_ca.unwrap_or("client CA");
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certificates(ca, "client CA", flag)? {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("adding the client CA {} ({flag})", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .with_context(|| format!("using the client CA {} ({flag})", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key_der).with_context(|| {
+        format!(
+            "the TLS key {} does not fit the certificate {}",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    config.alpn_protocols = alpn.to_vec();
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_error(files: TlsFiles, flags: TlsFlags) -> String {
+        match ServingTls::load(&files, flags, &[b"h2"]) {
+            Ok(_) => panic!("{files:?} loaded"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn no_files_is_plaintext_and_half_a_configuration_names_its_flags() {
+        assert!(
+            ServingTls::load(&TlsFiles::default(), TlsFlags::ADMIN, &[])
+                .unwrap()
+                .is_none()
+        );
+        let cert_only = TlsFiles {
+            cert: Some("tls.crt".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_error(cert_only, TlsFlags::ADMIN),
+            "--admin-tls-cert and --admin-tls-key must be given together"
+        );
+        let ca_only = TlsFiles {
+            client_ca: Some("ca.crt".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_error(ca_only.clone(), TlsFlags::GRPC),
+            "--client-ca needs --tls-cert and --tls-key"
+        );
+        assert_eq!(
+            load_error(ca_only, TlsFlags::ADMIN),
+            "--admin-tls-cert takes no client CA"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_or_empty_file_is_named_with_its_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        let files = TlsFiles {
+            cert: Some(cert.clone()),
+            key: Some(key.clone()),
+            client_ca: None,
+        };
+        let error = load_error(files.clone(), TlsFlags::ADMIN);
+        assert!(
+            error.starts_with(&format!(
+                "reading the TLS certificate {} (--admin-tls-cert)",
+                cert.display()
+            )),
+            "{error}"
+        );
+        std::fs::write(&cert, "not PEM\n").unwrap();
+        let error = load_error(files, TlsFlags::GRPC);
+        assert_eq!(
+            error,
+            format!(
+                "the TLS certificate {} (--tls-cert) holds no PEM certificate",
+                cert.display()
+            )
+        );
+    }
+}
