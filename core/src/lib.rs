@@ -5,7 +5,7 @@
 //!                                                         │ selector (selector::LabelSelector)
 //!   host RuntimeClass labels ─────────────────────────────┴──► selected? ──► content version (version)
 //!   virtual Pod (name, ns) ──naming──► host Pod name + vcluster.loft.sh labels/annotations
-//!   agents ──admin──► /livez /readyz /metrics      telemetry: logging, signals
+//!   agents ──admin──► /livez /readyz /metrics (tls: HTTPS, rotating files)   telemetry: logging, signals
 //! ```
 //!
 //! Everything here is pure and unit-tested; the agents wire it to kube-rs and tonic.
