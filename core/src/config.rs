@@ -246,6 +246,89 @@ impl EnforcedToleration {
     }
 }
 
+/// Which of a virtual Pod's annotations its host Pod carries (`sync.toHost.pods.copyAnnotations`):
+/// one key (`cluster-autoscaler.kubernetes.io/safe-to-evict`), or every key with a prefix,
+/// written with a trailing `*` (`prometheus.io/*`; `*` alone: every key). rcsync's and vCluster's
+/// own annotations are never copied, whatever the pattern (see [`is_reserved_annotation`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum AnnotationPattern {
+    /// Exactly this key.
+    Key(String),
+    /// Every key starting with this.
+    Prefix(String),
+}
+
+impl AnnotationPattern {
+    /// Parses a key, or a prefix followed by `*`. A pattern that could only match reserved keys
+    /// is an error (it would copy nothing).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let pattern = match text.strip_suffix('*') {
+            Some(prefix) => {
+                if prefix.contains('*') {
+                    return Err(format!("invalid pattern {text:?}: `*` may only end it"));
+                }
+                if let Some(bad) = prefix
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')))
+                {
+                    return Err(format!(
+                        "invalid pattern {text:?}: {bad:?} cannot appear in an annotation key"
+                    ));
+                }
+                Self::Prefix(prefix.to_string())
+            }
+            None => {
+                crate::labels::validate_label_key(text)
+                    .map_err(|e| e.replace("invalid label key", "invalid annotation key"))?;
+                Self::Key(text.to_string())
+            }
+        };
+        let only_reserved = match &pattern {
+            Self::Key(key) => is_reserved_annotation(key),
+            Self::Prefix(prefix) => RESERVED_ANNOTATION_PREFIXES
+                .iter()
+                .any(|reserved| prefix.starts_with(reserved)),
+        };
+        if only_reserved {
+            return Err(format!(
+                "{text:?} copies nothing: annotations under {} are rcsync's and vCluster's own and never copied",
+                RESERVED_ANNOTATION_PREFIXES.join(" and ")
+            ));
+        }
+        Ok(pattern)
+    }
+
+    /// Whether `key` matches (reserved keys match no pattern).
+    pub fn matches(&self, key: &str) -> bool {
+        !is_reserved_annotation(key)
+            && match self {
+                Self::Key(k) => k == key,
+                Self::Prefix(prefix) => key.starts_with(prefix.as_str()),
+            }
+    }
+}
+
+impl std::fmt::Display for AnnotationPattern {
+    /// As written in the tenants file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Key(key) => f.write_str(key),
+            Self::Prefix(prefix) => write!(f, "{prefix}*"),
+        }
+    }
+}
+
+/// Prefixes of the annotations rcsync and vCluster write on host Pods (a Pod's identity, the
+/// values its fieldRefs read): a tenant's annotation never stands in for one.
+const RESERVED_ANNOTATION_PREFIXES: &[&str] = &["vcluster.loft.sh/", "rcsync.io/"];
+
+/// Whether `key` is never copied to the host: rcsync's and vCluster's own annotations, and
+/// kubectl's last-applied-configuration (the virtual object's, meaningless on the host).
+pub fn is_reserved_annotation(key: &str) -> bool {
+    RESERVED_ANNOTATION_PREFIXES.iter().any(|p| key.starts_with(p))
+        || key == "kubectl.kubernetes.io/last-applied-configuration"
+}
+
 /// What a tenant's Pods may carry to the host besides their runtime class.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PodPolicy {
@@ -256,6 +339,9 @@ pub struct PodPolicy {
     /// `sync.toHost.pods.hybridScheduling.hostSchedulers` (when `enabled`): scheduler names a Pod
     /// may keep on the host. Any other `schedulerName` is dropped.
     pub host_schedulers: Vec<String>,
+    /// `sync.toHost.pods.copyAnnotations`: the virtual annotations its host Pods carry (none by
+    /// default: an annotation can mean something to the host's controllers).
+    pub copy_annotations: Vec<AnnotationPattern>,
 }
 
 /// One tenant of the host agent: a virtual cluster and where its Pods live on the host.
@@ -793,10 +879,23 @@ impl Walker {
         let Some(pods) = self.mapping(
             pods,
             &pods_path,
-            Some(&["enforceTolerations", "hybridScheduling"]),
+            Some(&["enforceTolerations", "hybridScheduling", "copyAnnotations"]),
         ) else {
             return policy;
         };
+        if let Some(list) = pods.get("copyAnnotations") {
+            let list_path = join(&pods_path, "copyAnnotations");
+            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
+                let item_path = format!("{list_path}[{i}]");
+                let Some(text) = self.string(item, &item_path) else {
+                    continue;
+                };
+                match AnnotationPattern::parse(&text) {
+                    Ok(pattern) => policy.copy_annotations.push(pattern),
+                    Err(e) => self.problem(&item_path, e),
+                }
+            }
+        }
         if let Some(list) = pods.get("enforceTolerations") {
             let list_path = join(&pods_path, "enforceTolerations");
             for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
@@ -1146,10 +1245,18 @@ tenants:
         pods:
           enforceTolerations: ["dedicated=tenants:NoSchedule", "spot:NoExecute", "gpu"]
           hybridScheduling: {enabled: true, hostSchedulers: [batch]}
+          copyAnnotations: ["prometheus.io/*", "cluster-autoscaler.kubernetes.io/safe-to-evict"]
 "#,
         )
         .unwrap();
         let pods = &file.tenants[0].pods;
+        assert_eq!(
+            pods.copy_annotations,
+            [
+                AnnotationPattern::Prefix("prometheus.io/".into()),
+                AnnotationPattern::Key("cluster-autoscaler.kubernetes.io/safe-to-evict".into()),
+            ]
+        );
         assert_eq!(pods.pod_security, PodSecurityLevel::Restricted);
         assert_eq!(
             pods.enforce_tolerations,
@@ -1226,6 +1333,7 @@ tenants:
         pods:
           enforceTolerations: ["bad key!:NoSchedule", "k=v:Sometimes", 3]
           hybridScheduling: {enabled: yes, hostSchedulers: [""]}
+          copyAnnotations: ["ok/*", "a*b*", "bad key", "vcluster.loft.sh/*", "rcsync.io/label-x"]
 "#,
         );
         let at: Vec<&str> = got.iter().map(|(at, _)| at.as_str()).collect();
@@ -1233,6 +1341,10 @@ tenants:
             at,
             [
                 "tenants[0].sync.toHost.services",
+                "tenants[0].sync.toHost.pods.copyAnnotations[1]",
+                "tenants[0].sync.toHost.pods.copyAnnotations[2]",
+                "tenants[0].sync.toHost.pods.copyAnnotations[3]",
+                "tenants[0].sync.toHost.pods.copyAnnotations[4]",
                 "tenants[0].sync.toHost.pods.enforceTolerations[0]",
                 "tenants[0].sync.toHost.pods.enforceTolerations[1]",
                 "tenants[0].sync.toHost.pods.enforceTolerations[2]",
@@ -1243,8 +1355,15 @@ tenants:
             ],
             "{got:#?}"
         );
-        assert!(got[2].1.contains("invalid effect \"Sometimes\""), "{got:#?}");
-        assert!(got[7].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(got[6].1.contains("invalid effect \"Sometimes\""), "{got:#?}");
+        assert!(got[11].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(got[1].1.contains("`*` may only end it"), "{got:#?}");
+        assert!(
+            got[2].1.contains("invalid annotation key \"bad key\""),
+            "{got:#?}"
+        );
+        assert!(got[3].1.contains("copies nothing"), "{got:#?}");
+        assert!(got[4].1.contains("copies nothing"), "{got:#?}");
     }
 
     #[test]

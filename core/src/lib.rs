@@ -30,7 +30,7 @@ pub mod token_file;
 pub mod version;
 
 pub use config::{
-    ConfigError, EnforcedToleration, PodPolicy, PodSecurityLevel, RuntimeClassSync, TaintEffect, Tenant,
-    TenantLimits, TenantName, TenantsFile,
+    AnnotationPattern, ConfigError, EnforcedToleration, PodPolicy, PodSecurityLevel, RuntimeClassSync,
+    TaintEffect, Tenant, TenantLimits, TenantName, TenantsFile,
 };
 pub use selector::LabelSelector;

@@ -34,9 +34,15 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
             } else {
                 "no token (mTLS or --allow-unauthenticated)"
             };
+            let copies = if t.pods.copy_annotations.is_empty() {
+                String::new()
+            } else {
+                let patterns: Vec<String> = t.pods.copy_annotations.iter().map(ToString::to_string).collect();
+                format!(", copies annotations {}", patterns.join(" "))
+            };
             let _ = writeln!(
                 out,
-                "  - {} → namespace {}, {}, pod security {}, {}",
+                "  - {} → namespace {}, {}, pod security {}{copies}, {}",
                 t.name,
                 t.host_namespace,
                 describe(&t.runtime_classes),

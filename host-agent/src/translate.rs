@@ -5,6 +5,7 @@
 //! |---------------------------------------|----------------------------------------------------------|
 //! | name, namespace                       | `<name>-x-<namespace>-x-<tenant>` in the tenant's hostNamespace |
 //! | labels                                | not copied (they could match host selectors); kept as JSON in `vcluster.loft.sh/labels` |
+//! | annotations                           | only those the tenant's `sync.toHost.pods.copyAnnotations` names (listed in `rcsync.io/copied-annotations`); never rcsync's or vCluster's own |
 //! | —                                     | labels `vcluster.loft.sh/managed-by`, `vcluster.loft.sh/namespace` |
 //! | —                                     | annotations `vcluster.loft.sh/object-{name,namespace,uid}` |
 //! | spec.runtimeClassName                 | the host class's name (after reverse patches)            |
@@ -29,7 +30,7 @@ use rcsync_core::naming::{
     LABEL_NAMESPACE, host_object_name, host_pod_name,
 };
 use rcsync_core::pod_refs;
-use rcsync_core::{EnforcedToleration, PodPolicy, Tenant};
+use rcsync_core::{AnnotationPattern, EnforcedToleration, PodPolicy, Tenant};
 
 /// Annotation on host Pods holding the virtual Pod's labels (JSON), since they are not copied.
 pub const ANNOTATION_VIRTUAL_LABELS: &str = "vcluster.loft.sh/labels";
@@ -104,7 +105,10 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     pod_refs::rewrite(&mut spec, |_, name| {
         host_object_name(name, &id.namespace, tenant_name)
     });
-    let mut annotations = identity_annotations(&id.name, &id.namespace, Some(&id.uid));
+    // The tenant's annotations the host allows first: rcsync's own (identity, fieldRef values)
+    // are written over them, and the patterns never match those keys anyway.
+    let mut annotations = copied_annotations(&virtual_pod.metadata, &tenant.pods.copy_annotations);
+    annotations.extend(identity_annotations(&id.name, &id.namespace, Some(&id.uid)));
     rewrite_downward_api(&mut spec, &virtual_pod.metadata, &mut annotations);
     apply_scheduling_policy(&mut spec, &tenant.pods);
     // Set by the host's own admission (priority from the class, overhead from the RuntimeClass);
@@ -135,6 +139,38 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
         spec: Some(spec),
         status: None,
     })
+}
+
+/// Annotation on host Pods listing (comma-separated, sorted) the virtual annotations copied to it,
+/// so that one the tenant removes is removed from the host Pod too, and nothing else is.
+pub const ANNOTATION_COPIED: &str = "rcsync.io/copied-annotations";
+
+/// The virtual Pod's annotations that `patterns` let through, with [`ANNOTATION_COPIED`] naming
+/// them (nothing when none is).
+fn copied_annotations(virtual_meta: &ObjectMeta, patterns: &[AnnotationPattern]) -> BTreeMap<String, String> {
+    let mut copied: BTreeMap<String, String> = virtual_meta
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(key, _)| patterns.iter().any(|p| p.matches(key)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !copied.is_empty() {
+        let keys: Vec<&str> = copied.keys().map(String::as_str).collect();
+        let keys = keys.join(",");
+        copied.insert(ANNOTATION_COPIED.to_string(), keys);
+    }
+    copied
+}
+
+/// The keys [`ANNOTATION_COPIED`] lists on a host Pod.
+pub fn copied_keys(host_meta: &ObjectMeta) -> BTreeSet<&str> {
+    host_meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_COPIED))
+        .map(|keys| keys.split(',').filter(|k| !k.is_empty()).collect())
+        .unwrap_or_default()
 }
 
 fn identity_annotations(name: &str, namespace: &str, uid: Option<&str>) -> BTreeMap<String, String> {
@@ -822,6 +858,60 @@ mod tests {
         assert_eq!(
             host_pod(&p, &tenant(), "").unwrap_err(),
             TranslateError::Missing("metadata.uid")
+        );
+    }
+
+    #[test]
+    fn only_the_annotations_the_tenant_may_copy_reach_the_host_and_never_rcsyncs_own() {
+        let mut tenant = tenant();
+        tenant.pods.copy_annotations = vec![
+            AnnotationPattern::parse("prometheus.io/*").unwrap(),
+            AnnotationPattern::parse("cluster-autoscaler.kubernetes.io/safe-to-evict").unwrap(),
+        ];
+        let mut virtual_pod = pod();
+        virtual_pod.metadata.annotations = Some(BTreeMap::from(
+            [
+                ("prometheus.io/scrape", "true"),
+                ("cluster-autoscaler.kubernetes.io/safe-to-evict", "false"),
+                ("iam.amazonaws.com/role", "host-admin"),
+                ("vcluster.loft.sh/object-name", "someone-else"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        ));
+        let host = host_pod(&virtual_pod, &tenant, "gvisor").unwrap();
+        let annotations = host.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(
+            annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"],
+            "false"
+        );
+        assert!(!annotations.contains_key("iam.amazonaws.com/role"));
+        assert_eq!(annotations["vcluster.loft.sh/object-name"], "my-pod");
+        assert_eq!(
+            copied_keys(&host.metadata),
+            BTreeSet::from([
+                "cluster-autoscaler.kubernetes.io/safe-to-evict",
+                "prometheus.io/scrape"
+            ])
+        );
+
+        // `*` copies everything but rcsync's and vCluster's own.
+        tenant.pods.copy_annotations = vec![AnnotationPattern::parse("*").unwrap()];
+        let host = host_pod(&virtual_pod, &tenant, "gvisor").unwrap();
+        let annotations = host.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations["iam.amazonaws.com/role"], "host-admin");
+        assert_eq!(annotations["vcluster.loft.sh/object-name"], "my-pod");
+        assert_eq!(copied_keys(&host.metadata).len(), 3);
+
+        // By default nothing is copied.
+        let host = host_pod(&virtual_pod, &self::tests::tenant(), "gvisor").unwrap();
+        assert!(copied_keys(&host.metadata).is_empty());
+        assert!(
+            !host
+                .metadata
+                .annotations
+                .unwrap()
+                .contains_key("prometheus.io/scrape")
         );
     }
 }

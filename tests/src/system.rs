@@ -23,6 +23,8 @@ pub struct TenantSpec {
     pub pod_security: Option<String>,
     /// Its `limits` block as YAML flow, when set.
     pub limits: Option<String>,
+    /// Its `sync.toHost.pods` block as YAML flow, when set.
+    pub host_pods: Option<String>,
 }
 
 impl TenantSpec {
@@ -33,12 +35,20 @@ impl TenantSpec {
             runtime_classes: runtime_classes.into(),
             pod_security: None,
             limits: None,
+            host_pods: None,
         }
     }
 
     /// The same tenant with a `limits` block (YAML flow, e.g. `{podSyncQps: 5}`).
     pub fn limits(mut self, limits: &str) -> Self {
         self.limits = Some(limits.into());
+        self
+    }
+
+    /// The same tenant with a `sync.toHost.pods` block (YAML flow, e.g.
+    /// `{copyAnnotations: ["prometheus.io/*"]}`).
+    pub fn host_pods(mut self, block: &str) -> Self {
+        self.host_pods = Some(block.into());
         self
     }
 
@@ -139,11 +149,14 @@ fn tenants_yaml(tenants: &[TenantSpec]) -> String {
     let mut config = String::from("tenants:\n");
     for t in tenants {
         config.push_str(&format!(
-            "  - name: {}\n    hostNamespace: {}\n    tokenFile: {}.token\n    sync: {{fromHost: {{runtimeClasses: {}}}}}\n",
+            "  - name: {}\n    hostNamespace: {}\n    tokenFile: {}.token\n    sync: {{fromHost: {{runtimeClasses: {}}}{}}}\n",
             t.name,
             t.host_namespace(),
             t.name,
-            t.runtime_classes
+            t.runtime_classes,
+            t.host_pods
+                .as_ref()
+                .map_or_else(String::new, |pods| format!(", toHost: {{pods: {pods}}}"))
         ));
         if let Some(level) = &t.pod_security {
             config.push_str(&format!("    policies: {{podSecurityStandard: {level}}}\n"));

@@ -830,3 +830,79 @@ async fn a_virtual_agent_syncs_its_pods_over_one_connection_whatever_its_shards(
         "the virtual agent holds {open} connections to the host agent"
     );
 }
+
+#[tokio::test]
+async fn only_the_annotations_the_tenant_may_copy_reach_the_host_and_follow_changes() {
+    let system = system(tenant().host_pods(
+        r#"{copyAnnotations: ["prometheus.io/*", "container.apparmor.security.beta.kubernetes.io/*"]}"#,
+    ))
+    .await;
+    let v = system.virtual_side();
+    let mut p = pod("scraped", json!({"containers": [app(json!({}))]}));
+    p.metadata.annotations = Some(BTreeMap::from(
+        [
+            ("prometheus.io/scrape", "true"),
+            ("prometheus.io/port", "8080"),
+            ("iam.amazonaws.com/role", "host-admin"),
+            ("vcluster.loft.sh/object-name", "someone-else"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    ));
+    v.create_pod(&p).await;
+    let host = wait_host_pod(&system, "scraped", "default").await;
+    let annotations = host.annotations();
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/port").map(String::as_str),
+        Some("8080")
+    );
+    assert!(
+        !annotations.contains_key("iam.amazonaws.com/role"),
+        "{annotations:?}"
+    );
+    assert_eq!(
+        annotations
+            .get("vcluster.loft.sh/object-name")
+            .map(String::as_str),
+        Some("scraped"),
+        "a tenant's annotation never stands in for rcsync's own"
+    );
+
+    // The tenant drops one annotation: the host Pod drops it too.
+    Api::<Pod>::namespaced(v.cluster.client().await, "default")
+        .patch(
+            "scraped",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"prometheus.io/port": null}}})),
+        )
+        .await
+        .unwrap();
+    let pods = system.host_pods(&v.tenant).await;
+    eventually("the host Pod to drop the removed annotation", || async {
+        let host = pods.get(&host_name("scraped", "default")).await.ok()?;
+        let annotations = host.annotations();
+        (!annotations.contains_key("prometheus.io/port") && annotations.contains_key("prometheus.io/scrape"))
+            .then_some(())
+    })
+    .await;
+
+    // A copied annotation is part of the Pod the host checks: an unconfined AppArmor profile is
+    // refused by baseline, as it would be set on the host directly.
+    let mut unconfined = pod("unconfined", json!({"containers": [app(json!({}))]}));
+    unconfined.metadata.annotations = Some(BTreeMap::from([(
+        "container.apparmor.security.beta.kubernetes.io/app".to_string(),
+        "unconfined".to_string(),
+    )]));
+    v.create_pod(&unconfined).await;
+    eventually("the unconfined Pod to be refused with a reason", || async {
+        events_in(v, "default", "unconfined")
+            .await
+            .into_iter()
+            .find(|e| e.message.as_deref().is_some_and(|m| m.contains("AppArmor")))
+    })
+    .await;
+    no_host_pod(&system, "unconfined").await;
+}

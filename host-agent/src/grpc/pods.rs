@@ -604,10 +604,23 @@ where
 }
 
 /// The strategic merge patch that brings a host Pod's mutable parts (labels, annotations,
-/// container images) to the desired state; `None` when nothing differs.
+/// container images) to the desired state; `None` when nothing differs. Of the annotations already
+/// there, only copies of virtual ones the tenant has since removed are removed: host controllers'
+/// own annotations stay.
 fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
     let mut changed = false;
     let mut patch = json!({"metadata": {}});
+    let still_copied = crate::translate::copied_keys(&desired.metadata);
+    let uncopied: Vec<&str> = crate::translate::copied_keys(&current.metadata)
+        .into_iter()
+        .filter(|k| !still_copied.contains(k))
+        .collect();
+    if !uncopied.is_empty() {
+        for key in uncopied {
+            patch["metadata"]["annotations"][key] = serde_json::Value::Null;
+        }
+        changed = true;
+    }
     for (field, want, have) in [
         (
             "labels",
@@ -622,7 +635,9 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
     ] {
         let want = want.cloned().unwrap_or_default();
         if want.iter().any(|(k, v)| have.and_then(|h| h.get(k)) != Some(v)) {
-            patch["metadata"][field] = json!(want);
+            for (k, v) in want {
+                patch["metadata"][field][k] = json!(v);
+            }
             changed = true;
         }
     }
@@ -773,5 +788,34 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {}})).unwrap();
         assert!(!has_copies_gate(&plain));
         assert!(owner_reference(&plain).is_err());
+    }
+
+    #[test]
+    fn an_update_removes_only_the_copied_annotations_the_tenant_removed() {
+        let pod = |annotations: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p", "annotations": annotations},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]}}))
+            .unwrap()
+        };
+        let current = pod(json!({
+            "prometheus.io/scrape": "true", "prometheus.io/port": "8080",
+            "rcsync.io/copied-annotations": "prometheus.io/port,prometheus.io/scrape",
+            "host-controller.example/seen": "yes",
+        }));
+        let desired = pod(json!({
+            "prometheus.io/scrape": "true",
+            "rcsync.io/copied-annotations": "prometheus.io/scrape",
+        }));
+        let patch = update_patch(&current, &desired).expect("the port annotation goes");
+        assert_eq!(
+            patch["metadata"]["annotations"],
+            json!({
+                "prometheus.io/port": null,
+                "prometheus.io/scrape": "true",
+                "rcsync.io/copied-annotations": "prometheus.io/scrape",
+            }),
+            "the host controller's annotation is left alone"
+        );
+        assert_eq!(update_patch(&current, &current), None);
     }
 }
