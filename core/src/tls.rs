@@ -19,6 +19,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -62,6 +66,44 @@ impl TlsFlags {
         key: "--admin-tls-key",
         client_ca: None,
     };
+}
+
+/// `rcsync_tls_reloads_total{result}`: reloads of TLS files after they changed on disk, by result
+/// (`applied`, `failed`); both series exist from the start, so `increase()` sees the first failure.
+#[derive(Clone, Debug, Default)]
+pub struct TlsReloads(Family<ReloadResult, Counter>);
+
+/// Label set of [`TlsReloads`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadResult {
+    /// `applied` or `failed`.
+    pub result: String,
+}
+
+impl TlsReloads {
+    /// Registers the counter (as `tls_reloads` under the registry's prefix) with `help`.
+    pub fn register(registry: &mut Registry, help: &str) -> Self {
+        let reloads = Self::default();
+        registry.register("tls_reloads", help, reloads.0.clone());
+        for result in ["applied", "failed"] {
+            let _ = reloads.0.get_or_create(&ReloadResult {
+                result: result.to_string(),
+            });
+        }
+        reloads
+    }
+
+    /// Counts one reload with its result; what [`ServingTls::reload_on_change`] calls.
+    pub fn count(&self) -> impl Fn(&'static str) + Send + 'static + use<> {
+        let family = self.0.clone();
+        move |result| {
+            family
+                .get_or_create(&ReloadResult {
+                    result: result.to_string(),
+                })
+                .inc();
+        }
+    }
 }
 
 /// A server's TLS configuration, swapped when its files change.
@@ -116,7 +158,6 @@ impl ServingTls {
     /// Reloads when a file changes on disk (their directories are watched, so Kubernetes' atomic
     /// Secret updates are seen), calling `on_result` with `"applied"` or `"failed"` each time.
     pub async fn reload_on_change(self, on_result: impl Fn(&'static str) + Send + 'static) {
-        use notify::Watcher as _;
         let paths: Vec<PathBuf> = [&self.files.cert, &self.files.key, &self.files.client_ca]
             .into_iter()
             .flatten()
@@ -143,19 +184,7 @@ impl ServingTls {
                 return;
             }
         };
-        let mut dirs: Vec<&Path> = paths.iter().filter_map(|p| p.parent()).collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a TLS directory");
-            }
-        }
+        watch_dirs(&mut watcher, paths.iter().map(PathBuf::as_path), "TLS");
         while changed.recv().await.is_some() {
             // Let the files of one rotation all land, then read them once.
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -174,6 +203,30 @@ impl ServingTls {
                 }
             };
             on_result(result);
+        }
+    }
+}
+
+/// Watches the directories of `files` (not the files: Kubernetes swaps a mounted ConfigMap's or
+/// Secret's files in by renaming a directory entry), each once; one that cannot be watched is
+/// logged, naming `what` the files are.
+pub fn watch_dirs<'a>(
+    watcher: &mut impl notify::Watcher,
+    files: impl IntoIterator<Item = &'a Path>,
+    what: &str,
+) {
+    let mut dirs: Vec<&Path> = files
+        .into_iter()
+        .map(|file| match file.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a {what} directory");
         }
     }
 }

@@ -105,8 +105,8 @@ pub struct Metrics {
     pub view_rebuilds_total: Counter,
     /// Re-reads of the tenants file by result.
     pub config_reloads_total: Family<ResultLabel, Counter>,
-    /// Reloads of the serving certificate and client CA after their files changed, by result.
-    pub tls_reloads_total: Family<ResultLabel, Counter>,
+    /// Reloads of the TLS files (gRPC and admin port) after they changed, by result.
+    pub tls_reloads: rcsync_core::tls::TlsReloads,
     /// RuntimeClasses offered per tenant.
     pub tenant_classes: Family<TenantLabel, Gauge>,
     /// RuntimeClasses filtered out per tenant (currently).
@@ -148,7 +148,7 @@ impl Metrics {
     /// Creates the metrics and registers them under the `rcsync` prefix.
     pub fn register(registry: &mut Registry) -> Self {
         let watches = rcsync_core::admin::WatchHealth::register(registry, &["runtimeclasses", "pods"]);
-        let m = Self {
+        let mut m = Self {
             watches,
             host_classes: Gauge::default(),
             grpc_connections: Gauge::default(),
@@ -157,7 +157,7 @@ impl Metrics {
             view_updates_total: Counter::default(),
             view_rebuilds_total: Counter::default(),
             config_reloads_total: Family::default(),
-            tls_reloads_total: Family::default(),
+            tls_reloads: Default::default(),
             tenant_classes: Family::default(),
             tenant_filtered: Family::default(),
             filtered_total: Family::default(),
@@ -211,17 +211,10 @@ impl Metrics {
             "Re-reads of the tenants file, by result (applied, unchanged, failed)",
             m.config_reloads_total.clone(),
         );
-        r.register(
-            "tls_reloads",
-            "Reloads of the serving certificate and client CA after their files changed, by result (applied, failed)",
-            m.tls_reloads_total.clone(),
+        m.tls_reloads = rcsync_core::tls::TlsReloads::register(
+            r,
+            "Reloads of the TLS files (the gRPC port's certificate, key and client CA, the admin port's certificate and key) after they changed, by result (applied, failed)",
         );
-        // Both results exported from the start, so `increase()` sees the first failure.
-        for result in ["applied", "failed"] {
-            let _ = m.tls_reloads_total.get_or_create(&ResultLabel {
-                result: result.to_string(),
-            });
-        }
         r.register(
             "tenant_runtime_classes",
             "RuntimeClasses offered to a tenant",

@@ -280,7 +280,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let streams = streams_runtime.handle();
     let grpc_task = match tls {
         Some(tls) => {
-            tokio::spawn(tls.clone().reload_on_change(count_tls_reloads(&metrics)));
+            tokio::spawn(tls.clone().reload_on_change(metrics.tls_reloads.count()));
             tokio::spawn(crate::grpc::serve::serve(
                 routes,
                 crate::grpc::tls::incoming(&tls, grpc_listener, limit, shutdown_rx.clone()),
@@ -307,7 +307,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let status = crate::status::router(views.clone(), tenants_rx.clone(), last_errors, metrics.clone());
     if let Some(admin_tls) = &admin_tls {
-        tokio::spawn(admin_tls.clone().reload_on_change(count_tls_reloads(&metrics)));
+        tokio::spawn(admin_tls.clone().reload_on_change(metrics.tls_reloads.count()));
     }
     let admin_task = tokio::spawn(serve_admin(
         admin_listener,
@@ -388,18 +388,6 @@ fn file_names(path: &std::path::Path, state: &TenantsState) -> std::collections:
         .collect()
 }
 
-/// Counts TLS reloads (of the gRPC or the admin port's files) by result.
-fn count_tls_reloads(metrics: &Metrics) -> impl Fn(&'static str) + Send + 'static {
-    let reloads = metrics.tls_reloads_total.clone();
-    move |result| {
-        reloads
-            .get_or_create(&crate::metrics::ResultLabel {
-                result: result.to_string(),
-            })
-            .inc();
-    }
-}
-
 /// Re-reads the tenants file on SIGHUP, and when it or a token file changes on disk (watched with
 /// inotify, directories included, so Kubernetes' atomic ConfigMap/Secret updates are seen). Other
 /// files in those directories are ignored, and a re-read that finds nothing changed changes
@@ -413,7 +401,6 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
             })
             .inc();
     };
-    use notify::Watcher as _;
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(hup) => Some(hup),
@@ -446,26 +433,9 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
     };
     let watch_dirs = |watcher: &mut Option<notify::RecommendedWatcher>, state: &TenantsState| {
         let Some(watcher) = watcher else { return };
-        let mut dirs: Vec<PathBuf> = vec![path.parent().map(PathBuf::from).unwrap_or_default()];
-        dirs.extend(
-            state
-                .file
-                .tenants
-                .iter()
-                .filter_map(|t| t.token_file.as_ref()?.parent().map(PathBuf::from)),
-        );
-        dirs.sort();
-        dirs.dedup();
-        for dir in dirs {
-            let dir = if dir.as_os_str().is_empty() {
-                PathBuf::from(".")
-            } else {
-                dir
-            };
-            if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a config directory");
-            }
-        }
+        let files = std::iter::once(path.as_path())
+            .chain(state.file.tenants.iter().filter_map(|t| t.token_file.as_deref()));
+        rcsync_core::tls::watch_dirs(watcher, files, "config");
     };
     watch_dirs(&mut watcher, &tenants.borrow());
     loop {

@@ -47,8 +47,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Times this replica started leading.
     pub leader_terms_total: Counter,
-    /// Reloads of the admin port's certificate after its files changed, by result.
-    pub tls_reloads_total: Family<ResultLabel, Counter>,
+    /// Reloads of the admin port's certificate and key after their files changed, by result.
+    pub tls_reloads: rcsync_core::tls::TlsReloads,
     /// Failures of the virtual cluster's watches (`pods`, `runtimeclasses`, `configmaps`,
     /// `secrets`).
     pub watches: rcsync_core::admin::WatchHealth,
@@ -61,7 +61,7 @@ impl Metrics {
             registry,
             &["pods", "runtimeclasses", "configmaps", "secrets"],
         );
-        let m = Self {
+        let mut m = Self {
             watches,
             host_connected: Gauge::default(),
             synced_classes: Gauge::default(),
@@ -80,7 +80,7 @@ impl Metrics {
             last_sync_timestamp_seconds: Gauge::default(),
             leader: Gauge::default(),
             leader_terms_total: Counter::default(),
-            tls_reloads_total: Family::default(),
+            tls_reloads: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("rcsync");
         r.register(
@@ -158,17 +158,10 @@ impl Metrics {
             "Times this replica started leading",
             m.leader_terms_total.clone(),
         );
-        r.register(
-            "tls_reloads",
-            "Reloads of the admin port's certificate after its files changed, by result (applied, failed)",
-            m.tls_reloads_total.clone(),
+        m.tls_reloads = rcsync_core::tls::TlsReloads::register(
+            r,
+            "Reloads of the admin port's certificate and key after their files changed, by result (applied, failed)",
         );
-        // Both results exported from the start, so `increase()` sees the first failure.
-        for result in ["applied", "failed"] {
-            let _ = m.tls_reloads_total.get_or_create(&ResultLabel {
-                result: result.to_string(),
-            });
-        }
         m
     }
 

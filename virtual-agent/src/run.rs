@@ -132,14 +132,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
     if let Some(admin_tls) = &admin_tls {
-        let reloads = metrics.tls_reloads_total.clone();
-        tokio::spawn(admin_tls.clone().reload_on_change(move |result| {
-            reloads
-                .get_or_create(&crate::metrics::ResultLabel {
-                    result: result.to_string(),
-                })
-                .inc();
-        }));
+        tokio::spawn(admin_tls.clone().reload_on_change(metrics.tls_reloads.count()));
     }
     let admin = tokio::spawn(serve_admin(
         admin_listener,
