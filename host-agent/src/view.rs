@@ -216,7 +216,13 @@ pub fn pod_policy_version(policy: &rcsync_core::PodPolicy) -> String {
         .iter()
         .map(|t| (t.key.as_str(), t.value.as_deref(), t.effect.map(|e| e.as_str())))
         .collect();
-    content_version(&(policy.pod_security.as_str(), tolerations, &policy.host_schedulers))
+    let copied: Vec<String> = policy.copy_annotations.iter().map(ToString::to_string).collect();
+    content_version(&(
+        policy.pod_security.as_str(),
+        tolerations,
+        &policy.host_schedulers,
+        copied,
+    ))
 }
 
 /// A stable 64-bit hash of an offered (name, version), for the order-independent view digest.

@@ -905,4 +905,16 @@ async fn only_the_annotations_the_tenant_may_copy_reach_the_host_and_follow_chan
     })
     .await;
     no_host_pod(&system, "unconfined").await;
+
+    // The platform team stops copying AppArmor annotations: the refused Pod is tried again and
+    // reaches the host without it.
+    system.rewrite_tenants(&[tenant().host_pods(r#"{copyAnnotations: ["prometheus.io/*"]}"#)]);
+    let host = wait_host_pod(&system, "unconfined", "default").await;
+    assert!(
+        !host
+            .annotations()
+            .contains_key("container.apparmor.security.beta.kubernetes.io/app"),
+        "{:?}",
+        host.annotations()
+    );
 }
