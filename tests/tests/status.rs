@@ -203,3 +203,53 @@ async fn with_an_admin_token_file_the_virtual_agents_metrics_and_status_need_the
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&empty.display().to_string()), "{stderr}");
 }
+
+#[tokio::test]
+async fn with_admin_tls_the_virtual_agents_status_is_read_over_https() {
+    let system = System::start(
+        &[TenantSpec::new("team-a", "{enabled: true}")],
+        &[runtime_class("gvisor", "runsc", &[])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = devcluster::pki::Pki::new("rcsync-admin-ca").unwrap();
+    let pair = pki.server(&["localhost", "127.0.0.1"]).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key, ca) = (
+        write("admin.crt", &pair.cert_pem),
+        write("admin.key", &pair.key_pem),
+        write("ca.crt", &pki.ca_pem()),
+    );
+    // A second replica (a standby: ready, it names the leader) serving its admin port over TLS.
+    let (_replica, admin) = system
+        .virtual_side()
+        .spawn_replica(
+            "virtual-agent-admin-tls",
+            &[
+                ("--identity", "admin-tls"),
+                ("--admin-tls-cert", &cert),
+                ("--admin-tls-key", &key),
+            ],
+        )
+        .await;
+    let https = format!("https://{admin}");
+    let (code, stdout, stderr) = eventually("the replica to be ready over HTTPS", || {
+        let (https, ca) = (https.clone(), ca.clone());
+        async move {
+            let result = status(&["--admin", &https, "--admin-ca", &ca]);
+            (result.0 == 0).then_some(result)
+        }
+    })
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("team-a"), "{stdout}");
+    let (code, _, stderr) = status(&["--admin", &https]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--admin-ca"), "{stderr}");
+    let (code, _, stderr) = status(&["--admin", &format!("http://{admin}")]);
+    assert_eq!(code, 2, "plain HTTP gets no answer: {stderr}");
+}
