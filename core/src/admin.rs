@@ -344,59 +344,184 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the admin routes (plus an agent's own `extra` routes, behind `access` with `/metrics`)
-/// on `listener`, over TLS when `tls` is given, until `shutdown` completes.
+/// How an agent serves its admin port: who may read its data, over what, and how many
+/// connections at once.
+pub struct AdminServing {
+    /// Who may read `/metrics` and the agent's own routes.
+    pub access: AdminAccess,
+    /// HTTPS when set.
+    pub tls: Option<ServingTls>,
+    /// Connections open at once; past it a new one is closed at once (before any TLS handshake),
+    /// so a client holding connections cannot take the file descriptors the gRPC port needs.
+    pub max_connections: std::num::NonZeroUsize,
+}
+
+/// Serves the admin routes (plus an agent's own `extra` routes, behind `serving.access` with
+/// `/metrics`) on `listener` until `shutdown` completes.
 pub async fn serve_admin(
     listener: TcpListener,
     readiness: Readiness,
     registry: Arc<Registry>,
     extra: Option<Router>,
-    access: AdminAccess,
-    tls: Option<ServingTls>,
+    serving: AdminServing,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = admin_router(readiness, registry, extra, access);
-    match tls {
+    let router = admin_router(readiness, registry, extra, serving.access);
+    let places = Places::new(serving.max_connections);
+    match serving.tls {
         Some(tls) => {
-            axum::serve(TlsListener::new(listener, tls)?, router)
+            axum::serve(TlsListener::new(listener, places, tls)?, router)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
         None => {
-            use axum::serve::ListenerExt as _;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, router)
+            axum::serve(CappedListener { listener, places }, router)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
     }
 }
 
-/// The admin port's connections, TLS done. Each handshake runs in a task of its own (with a
-/// deadline), so a slow or silent client holds up no probe.
+/// The admin port's connection places.
+#[derive(Clone)]
+struct Places {
+    free: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    last_warned: Arc<Mutex<Option<std::time::Instant>>>,
+}
+
+impl Places {
+    fn new(max: std::num::NonZeroUsize) -> Self {
+        Self {
+            free: Arc::new(tokio::sync::Semaphore::new(max.get())),
+            max: max.get(),
+            last_warned: Arc::default(),
+        }
+    }
+
+    /// Accepts the next connection that gets a place (TCP_NODELAY set); the others are closed at
+    /// once, logged at most every 10 s. A failed accept (out of file descriptors) is retried after
+    /// a pause, not in a busy loop.
+    async fn accept(&self, listener: &TcpListener) -> (Placed, std::net::SocketAddr) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an admin connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match self.free.clone().try_acquire_owned() {
+                Ok(place) => {
+                    return (
+                        Placed {
+                            stream,
+                            _place: place,
+                        },
+                        peer,
+                    );
+                }
+                Err(_) => {
+                    drop(stream);
+                    let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
+                    if last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
+                        *last = Some(std::time::Instant::now());
+                        tracing::warn!(%peer, max = self.max, "admin port connections at their cap: closing new ones (--admin-max-connections)");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An admin connection holding its place until it closes.
+struct Placed {
+    stream: TcpStream,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Placed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Placed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The admin port's plaintext connections, each with a place.
+struct CappedListener {
+    listener: TcpListener,
+    places: Places,
+}
+
+impl axum::serve::Listener for CappedListener {
+    type Io = Placed;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        self.places.accept(&self.listener).await
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// The admin port's connections, TLS done. Each takes a place first, then runs its handshake in a
+/// task of its own (with a deadline), so a slow or silent client holds up no probe.
 struct TlsListener {
     local: std::net::SocketAddr,
-    handshaken: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)>,
+    handshaken: tokio::sync::mpsc::Receiver<(TlsStream<Placed>, std::net::SocketAddr)>,
     accepting: tokio::task::JoinHandle<()>,
 }
 
 impl TlsListener {
-    fn new(listener: TcpListener, tls: ServingTls) -> std::io::Result<Self> {
+    fn new(listener: TcpListener, places: Places, tls: ServingTls) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, handshaken) = tokio::sync::mpsc::channel(16);
         let accepting = tokio::spawn(async move {
             loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting an admin connection failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+                let (stream, peer) = places.accept(&listener).await;
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -425,7 +550,7 @@ impl Drop for TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<Placed>;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -513,6 +638,62 @@ mod tests {
             AdminAccess::open(),
         );
         assert_eq!(get_status(&open, "/metrics", None).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_at_once_and_a_closed_one_frees_its_place() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(serve_admin(
+            listener,
+            Readiness::new(&[]),
+            Arc::new(Registry::default()),
+            None,
+            AdminServing {
+                access: AdminAccess::open(),
+                tls: None,
+                max_connections: std::num::NonZeroUsize::new(2).unwrap(),
+            },
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let livez = || async move {
+            let mut stream = TcpStream::connect(address).await.ok()?;
+            stream.write_all(b"GET /livez HTTP/1.0\r\n\r\n").await.ok()?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.ok()?;
+            answer.starts_with("HTTP/1.0 200").then_some(())
+        };
+        assert!(livez().await.is_some());
+        // Two idle connections hold both places (each answered once it is accepted).
+        let first = TcpStream::connect(address).await.unwrap();
+        let _second = TcpStream::connect(address).await.unwrap();
+        // The third is closed at once: EOF, no answer.
+        let mut third = TcpStream::connect(address).await.unwrap();
+        let _ = third.write_all(b"GET /livez HTTP/1.0\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), third.read_to_end(&mut answer))
+            .await
+            .expect("a connection past the cap is closed, not left waiting");
+        assert!(
+            read.is_err() || answer.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        drop(first);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while livez().await.is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a freed place is never given again"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(());
+        serving.await.unwrap().unwrap();
     }
 
     #[test]

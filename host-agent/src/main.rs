@@ -110,6 +110,10 @@ struct RunArgs {
     /// Serving key (PEM) of the admin port.
     #[arg(long, env = "HOST_AGENT_ADMIN_TLS_KEY")]
     admin_tls_key: Option<PathBuf>,
+    /// How many connections the admin port keeps open at once; past it a new one is closed at
+    /// once (kubelet's probes and a Prometheus scrape need a few).
+    #[arg(long, env = "HOST_AGENT_ADMIN_MAX_CONNECTIONS", default_value = "128")]
+    admin_max_connections: std::num::NonZeroUsize,
     /// How many connections the gRPC ports keep open at once (--grpc-listen and
     /// --grpc-health-listen together); past it a new connection is closed
     /// at once (before any TLS handshake) and counted in rcsync_grpc_connections_refused_total.
@@ -217,6 +221,7 @@ fn main() -> ExitCode {
             key: args.admin_tls_key,
             client_ca: None,
         },
+        admin_max_connections: args.admin_max_connections,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use prometheus_client::registry::Registry;
 use rcsync_core::TenantsFile;
-use rcsync_core::admin::{AdminAccess, Readiness, serve_admin};
+use rcsync_core::admin::{AdminAccess, AdminServing, Readiness, serve_admin};
 use rcsync_core::config::{ConfigError, Problem};
 use rcsync_core::patches::TenantPatches;
 use rcsync_core::script::ScriptLimits;
@@ -59,6 +59,8 @@ pub struct Settings {
     pub admin_token_file: Option<PathBuf>,
     /// The admin port's TLS files (no client CA): HTTPS when set.
     pub admin_tls: TlsFiles,
+    /// How many connections the admin port keeps open at once.
+    pub admin_max_connections: std::num::NonZeroUsize,
 }
 
 /// Loads the tenants file, its token files, and compiles every tenant's patches (a syntax error is
@@ -314,8 +316,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         readiness.clone(),
         registry,
         Some(status),
-        admin_access,
-        admin_tls,
+        AdminServing {
+            access: admin_access,
+            tls: admin_tls,
+            max_connections: settings.admin_max_connections,
+        },
         admin_shutdown,
     ));
     tokio::spawn(reload_on_change(

@@ -62,6 +62,10 @@ struct Cli {
     /// Serving key (PEM) of the admin port.
     #[arg(long, env = "VIRTUAL_AGENT_ADMIN_TLS_KEY")]
     admin_tls_key: Option<PathBuf>,
+    /// How many connections the admin port keeps open at once; past it a new one is closed at
+    /// once (kubelet's probes and a Prometheus scrape need a few).
+    #[arg(long, env = "VIRTUAL_AGENT_ADMIN_MAX_CONNECTIONS", default_value = "128")]
+    admin_max_connections: std::num::NonZeroUsize,
     /// Pods synced in parallel (each Pod's own operations stay in order). Keep it within the
     /// tenant's `limits.podSyncInFlight` on the host agent (64 by default): calls past it are
     /// refused and retried after a pause.
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
             key: cli.admin_tls_key,
             client_ca: None,
         },
+        admin_max_connections: cli.admin_max_connections,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         pod_workers: usize::from(cli.pod_workers),
     };

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::Api;
 use prometheus_client::registry::Registry;
-use rcsync_core::admin::{AdminAccess, Readiness, serve_admin};
+use rcsync_core::admin::{AdminAccess, AdminServing, Readiness, serve_admin};
 use rcsync_core::telemetry::termination_signal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,6 +37,8 @@ pub struct Settings {
     pub admin_token_file: Option<PathBuf>,
     /// The admin port's TLS files (no client CA): HTTPS when set.
     pub admin_tls: rcsync_core::tls::TlsFiles,
+    /// How many connections the admin port keeps open at once.
+    pub admin_max_connections: std::num::NonZeroUsize,
     /// How long to wait for work in flight after SIGTERM.
     pub shutdown_grace: Duration,
     /// Pods synced in parallel (each Pod's operations stay in order).
@@ -139,8 +141,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         readiness.clone(),
         registry,
         Some(status),
-        admin_access,
-        admin_tls,
+        AdminServing {
+            access: admin_access,
+            tls: admin_tls,
+            max_connections: settings.admin_max_connections,
+        },
         admin_shutdown,
     ));
     let shared = Shared {
