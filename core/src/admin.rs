@@ -414,15 +414,7 @@ impl Places {
             };
             let _ = stream.set_nodelay(true);
             match self.free.clone().try_acquire_owned() {
-                Ok(place) => {
-                    return (
-                        Placed {
-                            stream,
-                            _place: place,
-                        },
-                        peer,
-                    );
-                }
+                Ok(place) => return (Placed::new(stream, place), peer),
                 Err(_) => {
                     drop(stream);
                     let mut last = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
@@ -436,10 +428,33 @@ impl Places {
     }
 }
 
-/// An admin connection holding its place until it closes.
+/// How long an admin connection may stay silent both ways before it is closed: an idle
+/// keep-alive connection, or one that never sends its request, does not hold a place for ever
+/// (axum's server sets no read timeout of its own). A scraper reconnects at its next scrape.
+pub const ADMIN_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// An admin connection holding its place until it closes, and closed (read as ended) after
+/// [`ADMIN_IDLE_TIMEOUT`] without a byte read or written.
 struct Placed {
     stream: TcpStream,
     _place: tokio::sync::OwnedSemaphorePermit,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Placed {
+    fn new(stream: TcpStream, place: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self {
+            stream,
+            _place: place,
+            idle: Box::pin(tokio::time::sleep(ADMIN_IDLE_TIMEOUT)),
+        }
+    }
+
+    fn active(&mut self) {
+        self.idle
+            .as_mut()
+            .reset(tokio::time::Instant::now() + ADMIN_IDLE_TIMEOUT);
+    }
 }
 
 impl tokio::io::AsyncRead for Placed {
@@ -448,7 +463,19 @@ impl tokio::io::AsyncRead for Placed {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.stream).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                self.active();
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Pending => match self.idle.as_mut().poll(cx) {
+                // Silent too long: read as the end of the connection.
+                std::task::Poll::Ready(()) => std::task::Poll::Ready(Ok(())),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -458,7 +485,11 @@ impl tokio::io::AsyncWrite for Placed {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
     }
 
     fn poll_flush(
@@ -480,7 +511,11 @@ impl tokio::io::AsyncWrite for Placed {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(written, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.active();
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -694,6 +729,46 @@ mod tests {
         }
         let _ = stop.send(());
         serving.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_silent_past_the_idle_timeout_is_closed() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve_admin(
+            listener,
+            Readiness::new(&[]),
+            Arc::new(Registry::default()),
+            None,
+            AdminServing {
+                access: AdminAccess::open(),
+                tls: None,
+                max_connections: std::num::NonZeroUsize::new(4).unwrap(),
+            },
+            std::future::pending(),
+        ));
+        // One that never sends its request, and one idle after an answer (HTTP/1.1 keep-alive).
+        let mut silent = TcpStream::connect(address).await.unwrap();
+        let mut kept = TcpStream::connect(address).await.unwrap();
+        kept.write_all(b"GET /livez HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 256];
+        let n = kept.read(&mut answer).await.unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+        for stream in [&mut silent, &mut kept] {
+            let mut rest = Vec::new();
+            let ended = tokio::time::timeout(ADMIN_IDLE_TIMEOUT * 2, stream.read_to_end(&mut rest)).await;
+            assert!(
+                ended.is_ok(),
+                "a silent connection is still open after twice the idle timeout"
+            );
+        }
     }
 
     #[test]
