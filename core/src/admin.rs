@@ -430,8 +430,9 @@ impl Places {
 
 /// How long an admin connection may stay silent both ways before it is closed: an idle
 /// keep-alive connection, or one that never sends its request, does not hold a place for ever
-/// (axum's server sets no read timeout of its own). A scraper reconnects at its next scrape.
-pub const ADMIN_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// (axum's server sets no read timeout of its own). Longer than the usual scrape interval (one
+/// minute), so a scraper's kept-alive connection is not closed just as it is reused.
+pub const ADMIN_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// An admin connection holding its place until it closes, and closed (read as ended) after
 /// [`ADMIN_IDLE_TIMEOUT`] without a byte read or written.
