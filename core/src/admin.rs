@@ -676,12 +676,13 @@ mod tests {
         assert_eq!(get_status(&open, "/metrics", None).await, StatusCode::OK);
     }
 
-    #[tokio::test]
-    async fn connections_past_the_cap_are_closed_at_once_and_a_closed_one_frees_its_place() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    /// An open admin port on loopback keeping at most `max` connections, until `shutdown`.
+    async fn open_admin_port(
+        max: usize,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = tokio::spawn(serve_admin(
             listener,
             Readiness::new(&[]),
@@ -690,12 +691,21 @@ mod tests {
             AdminServing {
                 access: AdminAccess::open(),
                 tls: None,
-                max_connections: std::num::NonZeroUsize::new(2).unwrap(),
+                max_connections: std::num::NonZeroUsize::new(max).unwrap(),
             },
-            async {
-                let _ = stopped.await;
-            },
+            shutdown,
         ));
+        (address, serving)
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_at_once_and_a_closed_one_frees_its_place() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (address, serving) = open_admin_port(2, async {
+            let _ = stopped.await;
+        })
+        .await;
         let livez = || async move {
             let mut stream = TcpStream::connect(address).await.ok()?;
             stream.write_all(b"GET /livez HTTP/1.0\r\n\r\n").await.ok()?;
@@ -735,20 +745,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_silent_past_the_idle_timeout_is_closed() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(serve_admin(
-            listener,
-            Readiness::new(&[]),
-            Arc::new(Registry::default()),
-            None,
-            AdminServing {
-                access: AdminAccess::open(),
-                tls: None,
-                max_connections: std::num::NonZeroUsize::new(4).unwrap(),
-            },
-            std::future::pending(),
-        ));
+        let (address, _serving) = open_admin_port(4, std::future::pending()).await;
         // One that never sends its request, and one idle after an answer (HTTP/1.1 keep-alive).
         let mut silent = TcpStream::connect(address).await.unwrap();
         let mut kept = TcpStream::connect(address).await.unwrap();
