@@ -918,3 +918,56 @@ async fn only_the_annotations_the_tenant_may_copy_reach_the_host_and_follow_chan
         host.annotations()
     );
 }
+
+/// A changed Pod policy reaches Pods already on the host, not only new ones: annotations the
+/// tenant may now copy are added to the running Pod's host copy. A Pod Security level tightened
+/// under a running Pod leaves it running (as a namespace's level does) and says on the Pod that
+/// its changes no longer reach the host.
+#[tokio::test]
+async fn a_changed_pod_policy_reaches_pods_already_on_the_host() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    let mut p = pod("scraped", json!({"containers": [app(json!({}))]}));
+    p.metadata.annotations = Some(BTreeMap::from([(
+        "prometheus.io/scrape".to_string(),
+        "true".to_string(),
+    )]));
+    v.create_pod(&p).await;
+    let host = wait_host_pod(&system, "scraped", "default").await;
+    assert!(
+        !host.annotations().contains_key("prometheus.io/scrape"),
+        "nothing is copied by default: {:?}",
+        host.annotations()
+    );
+    let host_uid = host.metadata.uid.clone();
+
+    let copying = tenant().host_pods(r#"{copyAnnotations: ["prometheus.io/*"]}"#);
+    system.rewrite_tenants(std::slice::from_ref(&copying));
+    let pods = system.host_pods(&v.tenant).await;
+    let name = host_name("scraped", "default");
+    eventually("the running Pod's host copy to carry the annotation", || async {
+        let host = pods.get(&name).await.ok()?;
+        (host.annotations().get("prometheus.io/scrape").map(String::as_str) == Some("true")).then_some(host)
+    })
+    .await;
+
+    // `restricted` refuses this Pod (it may run as root): it keeps running on the host, and the
+    // virtual Pod says its changes stay behind.
+    system.rewrite_tenants(&[copying.pod_security("restricted")]);
+    let event = eventually("a SyncError event on the running Pod", || async {
+        events_in(v, "default", "scraped")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SyncError"))
+    })
+    .await;
+    let message = event.message.unwrap_or_default();
+    assert!(
+        message.starts_with(r#"pod "scraped" keeps running on the host, but its changes are not synced: "#)
+            && message.contains(r#"violates PodSecurity "restricted:latest""#),
+        "{message}"
+    );
+    let host = pods.get(&name).await.unwrap();
+    assert_eq!(host.metadata.uid, host_uid, "the running host Pod is left alone");
+    assert!(host.metadata.deletion_timestamp.is_none());
+}

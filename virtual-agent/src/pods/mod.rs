@@ -10,7 +10,9 @@
 //!     no ──► CheckPod ──allowed──► Waiting + event (re-queued when an object appears)
 //!                     └─denied─────────────────────────────────────────────┴► host Pod of this uid exists?
 //!                                                   yes ─► Orphaned (left alone)   no ─► Blocked + SyncWarning event
-//!  SyncState.synced or .pod_policy changes ──► re-queue Blocked, Waiting and Orphaned Pods
+//!  SyncState.synced changes ──► re-queue Blocked, Waiting and Orphaned Pods
+//!  SyncState.pod_policy changes ──► re-queue every Pod: what the host writes (copied annotations,
+//!     tolerations) follows the policy, so synced Pods are applied again too
 //!  watch ConfigMaps, Secrets ──► change ──► re-queue the Pods referencing it (copies stay current)
 //!  WatchPodStatus ──► host status ──► virtual Pod status (a failed write is retried with the Pod's backoff)
 //!                   host Pod gone ──► event + delete virtual Pod
@@ -278,8 +280,10 @@ enum ShardInput {
     Removed(Key),
     /// Host Pod status (events of the shard's Pods, and every Reset / initial-state marker).
     Status(StatusFeed),
-    /// The set of synced RuntimeClasses, or the tenant's Pod policy, changed.
+    /// The set of synced RuntimeClasses changed.
     ClassesChanged,
+    /// The tenant's Pod policy changed (not its first value).
+    PodPolicyChanged,
     /// A ConfigMap or Secret was created, changed or deleted.
     ObjectChanged(ObjectKey),
     /// ConfigMaps or Secrets were (re)listed: Pods that reference any are re-evaluated.
@@ -387,8 +391,10 @@ impl PodSyncer {
 
         let (status_tx, mut status_rx) = mpsc::channel(256);
         children.spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
-        let policy_of = |s: &SyncState| (s.synced.clone(), s.pod_policy.clone());
-        let mut synced_classes = policy_of(&self.sync_state.borrow());
+        let (mut synced_classes, mut pod_policy) = {
+            let state = self.sync_state.borrow();
+            (state.synced.clone(), state.pod_policy.clone())
+        };
         let mut inboxes = Vec::new();
         for shard in std::mem::take(&mut self.shards) {
             let (tx, rx) = mpsc::channel(1024);
@@ -461,10 +467,19 @@ impl PodSyncer {
                     if changed.is_err() {
                         return;
                     }
-                    let now = policy_of(&self.sync_state.borrow_and_update());
-                    if now != synced_classes {
-                        synced_classes = now;
+                    let state = self.sync_state.borrow_and_update().clone();
+                    if state.synced != synced_classes {
+                        synced_classes = state.synced;
                         sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::ClassesChanged)));
+                    }
+                    if state.pod_policy != pod_policy {
+                        // The first version (at start) changes nothing already written: every Pod
+                        // is applied once at start anyway.
+                        let first = pod_policy.is_empty();
+                        pod_policy = state.pod_policy;
+                        if !first {
+                            sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::PodPolicyChanged)));
+                        }
                     }
                 }
             }

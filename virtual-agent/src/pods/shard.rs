@@ -233,6 +233,15 @@ impl Shard {
                         self.on_status(event).await;
                         self.report(&key);
                     }
+                    Some(ShardInput::PodPolicyChanged) => {
+                        // Every Pod's fingerprint includes the policy: synced Pods are applied
+                        // again (the host patches what differs), refused ones are tried again.
+                        let all: Vec<Key> = self.pods.keys().chain(self.records.iter().map(|(k, _)| k)).cloned().collect();
+                        tracing::info!(pods = all.len(), "the tenant's Pod policy changed: applying its Pods again");
+                        for key in all {
+                            self.enqueue(key);
+                        }
+                    }
                     Some(ShardInput::ClassesChanged) => {
                         let waiting: Vec<Key> = self
                             .records
@@ -449,11 +458,13 @@ impl Shard {
         }
         let references = pod.spec.as_ref().map(pod_refs::references).unwrap_or_default();
         let referenced = self.objects.collect(&key.0, &references);
-        let fingerprint = if referenced.versions.is_empty() {
-            fingerprint(pod)
-        } else {
-            digest_of(&(fingerprint(pod), &referenced.versions))
-        };
+        // What the host writes follows the Pod, the objects it references and the tenant's Pod
+        // policy: a change of any of them applies the Pod again.
+        let fingerprint = digest_of(&(
+            fingerprint(pod),
+            &referenced.versions,
+            &self.sync_state.borrow().pod_policy,
+        ));
         if let Some(record) = self.records.get(key)
             && record.state == State::Synced(fingerprint)
             && host_has_it
@@ -631,7 +642,15 @@ impl Shard {
         } else {
             self.name_waiters.remove(key);
         }
-        let message = format!("did not sync pod {:?} to host: {}", key.1, refusal.message);
+        let message = if self.host.get(key).is_some_and(|h| h == uid) {
+            // Like a Pod Security level tightened on a namespace: what runs keeps running.
+            format!(
+                "pod {:?} keeps running on the host, but its changes are not synced: {}",
+                key.1, refusal.message
+            )
+        } else {
+            format!("did not sync pod {:?} to host: {}", key.1, refusal.message)
+        };
         if !self.enter(key, uid, State::Blocked(message.clone())) {
             return true;
         }
