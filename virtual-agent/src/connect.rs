@@ -7,6 +7,8 @@
 //!  every connect (Sync stream, status feed, Pod calls) starts one further along: the agent's
 //!  connections spread over the replicas, and a replica that refuses or is gone is skipped (failover)
 //!  Pod shards ──► one SharedClients connection for all their CheckPod and PodSync calls
+//!     calls failing for want of the host, then one answered ──► a recovery: the shards retry
+//!     the Pods that failed meanwhile at once, not at the end of their backoff
 //! ```
 
 use std::net::SocketAddr;
@@ -255,6 +257,8 @@ pub struct SharedClients {
     target: HostAgentTarget,
     /// The current connection, and how many were made (both only touched under the lock).
     current: tokio::sync::Mutex<(Option<Connection>, usize)>,
+    /// Whether the shards' calls reach the host.
+    host_path: HostPath,
 }
 
 /// One connection's clients, and which connection they are.
@@ -274,7 +278,13 @@ impl SharedClients {
         Self {
             target,
             current: tokio::sync::Mutex::new((None, 0)),
+            host_path: HostPath::default(),
         }
+    }
+
+    /// Whether the shards' calls reach the host (see [`HostPath`]).
+    pub fn host_path(&self) -> &HostPath {
+        &self.host_path
     }
 
     /// The current connection, made now if there is none (one shard connects, the others wait).
@@ -302,6 +312,59 @@ impl SharedClients {
         if current.as_ref().is_some_and(|c| c.generation == generation) {
             *current = None;
         }
+    }
+}
+
+/// Whether calls reach the host, as the Pod shards find out. A call that fails for want of the
+/// host (the host agent unreachable, or the host API server behind it) marks the path failing;
+/// the next call answered while it is failing is a recovery, which the shards hear of and retry
+/// at once the Pods that failed meanwhile, instead of each waiting out its own backoff (up to
+/// 5 s after an outage). At most one recovery per
+/// [`HostPath::MIN_RECOVERY_INTERVAL`], so a Pod that keeps failing on its own while others go
+/// through is not retried at the pace of their successes.
+pub struct HostPath {
+    /// Whether the last call ended in a failure for want of the host, and when the last
+    /// recovery was announced.
+    state: std::sync::Mutex<(bool, Option<tokio::time::Instant>)>,
+    recoveries: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for HostPath {
+    fn default() -> Self {
+        Self {
+            state: std::sync::Mutex::new((false, None)),
+            recoveries: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl HostPath {
+    /// The shortest time between two recoveries.
+    pub const MIN_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// A call failed for want of the host.
+    pub fn failed(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+    }
+
+    /// A call was answered: a recovery when calls were failing (and the last recovery is at
+    /// least [`Self::MIN_RECOVERY_INTERVAL`] ago; otherwise the path stays failing until then).
+    pub fn answered(&self) {
+        let now = tokio::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (failing, last) = &mut *state;
+        if !*failing || last.is_some_and(|at| now < at + Self::MIN_RECOVERY_INTERVAL) {
+            return;
+        }
+        *failing = false;
+        *last = Some(now);
+        drop(state);
+        self.recoveries.send_modify(|n| *n += 1);
+    }
+
+    /// Changes at each recovery.
+    pub fn recoveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.recoveries.subscribe()
     }
 }
 
@@ -346,6 +409,34 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_host_path_recovers_once_per_outage_and_at_most_once_a_second() {
+        let path = HostPath::default();
+        let mut recoveries = path.recoveries();
+        path.answered();
+        assert!(!recoveries.has_changed().unwrap(), "no outage, no recovery");
+
+        path.failed();
+        path.failed();
+        path.answered();
+        assert!(
+            recoveries.has_changed().unwrap(),
+            "the first answer after failures"
+        );
+        recoveries.mark_unchanged();
+        path.answered();
+        assert!(!recoveries.has_changed().unwrap(), "one recovery per outage");
+
+        // Failing again right away: the next recovery waits for the interval, and comes with the
+        // first answer after it.
+        path.failed();
+        path.answered();
+        assert!(!recoveries.has_changed().unwrap(), "within the interval");
+        tokio::time::advance(HostPath::MIN_RECOVERY_INTERVAL).await;
+        path.answered();
+        assert!(recoveries.has_changed().unwrap(), "after the interval");
+    }
 
     #[tokio::test]
     async fn every_address_of_the_urls_is_tried_once_in_url_order() {

@@ -67,6 +67,11 @@ pub(super) struct Shard {
     connection: Arc<SharedClients>,
     /// Which connection this shard's last call went over (an error drops that one only).
     generation: Option<usize>,
+    /// Whether the Pod being processed failed for want of the host.
+    host_failed: bool,
+    /// Pods whose last try failed for want of the host: retried at once when the host path
+    /// recovers.
+    unreachable: HashSet<Key>,
 }
 
 impl Shard {
@@ -105,6 +110,8 @@ impl Shard {
             unsent_status: HashMap::new(),
             connection,
             generation: None,
+            host_failed: false,
+            unreachable: HashSet::new(),
         }
     }
 
@@ -159,6 +166,7 @@ impl Shard {
         mut inbox: mpsc::Receiver<ShardInput>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut recoveries = self.connection.host_path().recoveries();
         loop {
             if self.paused_until.is_some_and(|until| until <= Instant::now()) {
                 self.paused_until = None;
@@ -266,12 +274,29 @@ impl Shard {
                         self.enqueue(key);
                     }
                 }
+                _ = recoveries.changed() => {
+                    // The host answers again: what failed for want of it goes now.
+                    let now = self.paused_until.unwrap_or_else(Instant::now);
+                    let hastened: Vec<Key> = self.unreachable.drain().collect();
+                    tracing::debug!(pods = hastened.len(), "the host answers again: retrying the Pods that failed meanwhile");
+                    for key in hastened {
+                        if let Some(entry) = self.retries.get_mut(&key) {
+                            entry.0 = entry.0.min(now);
+                        }
+                    }
+                }
                 _ = async { tokio::time::sleep_until(paused.unwrap_or_else(Instant::now)).await }, if paused.is_some() => {}
                 _ = std::future::ready(()), if ready => {
                     if let Some(key) = self.queue.pop_front() {
                         self.queued.remove(&key);
+                        self.host_failed = false;
                         let ok = self.process(&key).await;
                         self.report(&key);
+                        if ok || !self.host_failed {
+                            self.unreachable.remove(&key);
+                        } else {
+                            self.unreachable.insert(key.clone());
+                        }
                         if ok {
                             self.retries.remove(&key);
                         } else {
@@ -338,6 +363,8 @@ impl Shard {
                     error = format!("{e:#}"),
                     "host agent unreachable: Pods are not synced meanwhile"
                 );
+                self.host_failed = true;
+                self.connection.host_path().failed();
                 None
             }
         }
@@ -347,6 +374,14 @@ impl Shard {
     /// and a refused token (the token file is re-read at every connect, so a rotated token is
     /// picked up).
     async fn drop_clients_on(&mut self, status: &tonic::Status) {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+        ) {
+            // The host agent, or the host API server behind it, did not answer.
+            self.host_failed = true;
+            self.connection.host_path().failed();
+        }
         if matches!(
             status.code(),
             tonic::Code::Unavailable
@@ -390,6 +425,7 @@ impl Shard {
         };
         match pods.delete_pod(request).await {
             Ok(answer) => {
+                self.connection.host_path().answered();
                 tracing::info!(namespace = %key.0, pod = %key.1, deleted = answer.into_inner().deleted, "deleted host Pod of a deleted virtual Pod");
                 true
             }
@@ -497,7 +533,10 @@ impl Shard {
                 runtime_class_name: runtime_class,
             };
             match classes.check_pod(request).await {
-                Ok(answer) => Some(answer.into_inner()),
+                Ok(answer) => {
+                    self.connection.host_path().answered();
+                    Some(answer.into_inner())
+                }
                 Err(status) => {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
                     self.drop_clients_on(&status).await;
@@ -534,6 +573,7 @@ impl Shard {
             }
             match pods.apply_pod(request).await {
                 Ok(answer) => {
+                    self.connection.host_path().answered();
                     let answer = answer.into_inner();
                     if let Some(refusal) = answer.refusal {
                         return self.on_refused(key, pod, &uid, refusal).await;
