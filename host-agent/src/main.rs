@@ -120,12 +120,43 @@ struct RunArgs {
     /// A virtual agent holds up to three; each open connection costs about 20–40 KiB.
     #[arg(long, env = "HOST_AGENT_MAX_CONNECTIONS", default_value = "4096")]
     max_connections: std::num::NonZeroUsize,
+    /// How many bytes of ApplyPod/DeletePod requests (Pods with their ConfigMaps and Secrets) the
+    /// agent holds at once, over all tenants, from the first byte read to the answer: a bytes
+    /// count or a quantity such as 512Mi or 1Gi. Past it a call is refused with
+    /// RESOURCE_EXHAUSTED and retry info (the virtual agent retries), counted in
+    /// rcsync_pod_sync_budget_refusals_total. Each tenant's own share is bounded by its
+    /// limits.podSyncInFlight × 4 MiB (256 MiB by default); keep this above that, and below the
+    /// agent's memory limit.
+    #[arg(long, env = "HOST_AGENT_MAX_POD_SYNC_BYTES", default_value = "512Mi", value_parser = parse_bytes)]
+    max_pod_sync_bytes: usize,
     /// Log format.
     #[arg(long, env = "HOST_AGENT_LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `host_agent=debug,kube=warn`).
     #[arg(long, env = "HOST_AGENT_LOG_LEVEL", default_value = "info")]
     log_level: String,
+}
+
+/// A byte count: digits, optionally with a binary suffix (`Ki`, `Mi`, `Gi`), as Kubernetes
+/// quantities write memory; at least one MiB (a Pod sync may carry 4).
+fn parse_bytes(raw: &str) -> Result<usize, String> {
+    let invalid = || format!("invalid size {raw:?}: expected a number of bytes or e.g. 512Mi or 1Gi");
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: usize = number.parse().map_err(|_| invalid())?;
+    let scale: usize = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    let bytes = n.checked_mul(scale).ok_or_else(invalid)?;
+    if bytes < 1 << 20 {
+        return Err(format!(
+            "size {raw:?} is below 1Mi: no Pod sync of a few hundred KiB would fit"
+        ));
+    }
+    Ok(bytes)
 }
 
 fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -215,6 +246,7 @@ fn main() -> ExitCode {
             timeout: args.keepalive_timeout,
         },
         max_connections: args.max_connections,
+        max_pod_sync_bytes: args.max_pod_sync_bytes,
         admin_token_file: args.admin_token_file,
         admin_tls: TlsFiles {
             cert: args.admin_tls_cert,
@@ -237,5 +269,30 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_bytes_or_binary_quantities_and_a_bad_one_says_what_is_expected() {
+        assert_eq!(parse_bytes("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_bytes("2048Ki"), Ok(2 << 20));
+        assert_eq!(parse_bytes("2097152"), Ok(2 << 20));
+        for bad in ["512MB", "Mi", "", "1.5Gi", "-1Mi", "99999999999999999999Gi"] {
+            assert_eq!(
+                parse_bytes(bad),
+                Err(format!(
+                    "invalid size {bad:?}: expected a number of bytes or e.g. 512Mi or 1Gi"
+                )),
+            );
+        }
+        assert_eq!(
+            parse_bytes("64Ki"),
+            Err(r#"size "64Ki" is below 1Mi: no Pod sync of a few hundred KiB would fit"#.to_string())
+        );
     }
 }

@@ -119,6 +119,10 @@ pub struct Metrics {
     pub status_streams_open: Family<TenantLabel, Gauge>,
     /// Calls and streams refused by a tenant's limits, by tenant and limit.
     pub limit_rejections_total: Family<LimitLabels, Counter>,
+    /// Bytes of PodSync requests held now (against `--max-pod-sync-bytes`).
+    pub pod_sync_bytes_held: Gauge,
+    /// PodSync calls refused because `--max-pod-sync-bytes` were held, by tenant.
+    pub pod_sync_budget_refusals_total: Family<TenantLabel, Counter>,
     /// Sync responses sent per tenant.
     pub responses_total: Family<TenantLabel, Counter>,
     /// ACKs received per tenant.
@@ -164,6 +168,8 @@ impl Metrics {
             streams_open: Family::default(),
             status_streams_open: Family::default(),
             limit_rejections_total: Family::default(),
+            pod_sync_bytes_held: Gauge::default(),
+            pod_sync_budget_refusals_total: Family::default(),
             responses_total: Family::default(),
             acks_total: Family::default(),
             nacks_total: Family::default(),
@@ -240,6 +246,16 @@ impl Metrics {
             "limit_rejections",
             "Streams and Pod sync calls refused by a tenant's limits",
             m.limit_rejections_total.clone(),
+        );
+        r.register(
+            "pod_sync_bytes_held",
+            "Bytes of ApplyPod/DeletePod requests held now, over all tenants (at most --max-pod-sync-bytes)",
+            m.pod_sync_bytes_held.clone(),
+        );
+        r.register(
+            "pod_sync_budget_refusals",
+            "ApplyPod/DeletePod calls refused because --max-pod-sync-bytes were held",
+            m.pod_sync_budget_refusals_total.clone(),
         );
         r.register("sync_responses", "Sync responses sent", m.responses_total.clone());
         r.register("sync_acks", "Sync responses acknowledged", m.acks_total.clone());
@@ -322,6 +338,7 @@ impl Metrics {
             &self.pods_applied_total,
             &self.copies_written_total,
             &self.patch_errors_total,
+            &self.pod_sync_budget_refusals_total,
         ] {
             let _ = counter.get_or_create(&label);
         }
@@ -361,6 +378,13 @@ impl Metrics {
             filtered_total: self.filtered_total.get_or_create(&label).clone(),
             patch_errors_total: self.patch_errors_total.get_or_create(&label).clone(),
         }
+    }
+
+    /// The refusals counter of `--max-pod-sync-bytes` for `tenant`.
+    pub fn pod_sync_budget_refusals(&self, tenant: &str) -> Counter {
+        self.pod_sync_budget_refusals_total
+            .get_or_create(&Self::tenant(tenant))
+            .clone()
     }
 
     /// The label set of a tenant.

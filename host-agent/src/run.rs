@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::grpc::TlsFiles;
 use crate::grpc::auth::{Authenticated, Authenticator};
+use crate::grpc::body_budget::{BodyBudget, Budgeting};
 use crate::grpc::framing::SyncFraming;
 use crate::grpc::pods::PodSyncService;
 use crate::grpc::sync::{RetryPolicy, RuntimeClassSyncService};
@@ -55,6 +56,8 @@ pub struct Settings {
     pub keepalive: crate::grpc::serve::Keepalive,
     /// How many gRPC connections may be open at once (the gRPC port and the health port together).
     pub max_connections: std::num::NonZeroUsize,
+    /// How many bytes of ApplyPod/DeletePod requests the agent holds at once, over all tenants.
+    pub max_pod_sync_bytes: usize,
     /// The bearer token file guarding the admin port's `/metrics` and `/tenants`.
     pub admin_token_file: Option<PathBuf>,
     /// The admin port's TLS files (no client CA): HTTPS when set.
@@ -255,7 +258,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     .http2_keepalive_timeout(Some(settings.keepalive.timeout))
                     .max_concurrent_streams(crate::grpc::serve::MAX_STREAMS_PER_CONNECTION)
                     .add_service(health.clone())
-                    .serve_with_incoming_shutdown(admitted(listener, limit.clone()), async move {
+                    .serve_with_incoming_shutdown(paced(admitted(listener, limit.clone())), async move {
                         let _ = rx.wait_for(|stop| *stop).await;
                     }),
             ))
@@ -272,7 +275,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         ))
         .add_service(
             Authenticated::new(
-                PodSyncServer::new(pods).max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
+                Budgeting::new(
+                    PodSyncServer::new(pods).max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
+                    BodyBudget::new(settings.max_pod_sync_bytes, metrics.clone()),
+                ),
                 auth,
                 metrics.clone(),
             )
@@ -353,21 +359,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
 /// Accepted connections with TCP_NODELAY set (tonic's own `tcp_nodelay` applies only to the
 /// listeners it binds itself): small gRPC frames such as CheckPod answers go out at once. A failed
-/// accept (out of file descriptors: every one fails until one is freed) is passed on after a pause,
-/// as tonic's server would otherwise ask again at once, in a busy loop.
+/// accept is passed on at once: [`serve`](crate::grpc::serve::serve) pauses after it, and the
+/// health port, served by tonic, through [`paced`].
 fn no_delay(listener: TcpListener) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     futures::stream::unfold(listener, |listener| async move {
-        let accepted = match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                Ok(stream)
-            }
-            Err(e) => {
-                tokio::time::sleep(crate::grpc::serve::ACCEPT_ERROR_PAUSE).await;
-                Err(e)
-            }
-        };
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
         Some((accepted, listener))
+    })
+}
+
+/// `incoming` with a pause after each failed accept (out of file descriptors: every one fails
+/// until one is freed), for tonic's server, which would otherwise ask again at once, in a busy
+/// loop.
+fn paced<T>(
+    incoming: impl futures::Stream<Item = std::io::Result<T>>,
+) -> impl futures::Stream<Item = std::io::Result<T>> {
+    futures::StreamExt::then(incoming, |accepted| async move {
+        if accepted.is_err() {
+            tokio::time::sleep(crate::grpc::serve::ACCEPT_ERROR_PAUSE).await;
+        }
+        accepted
     })
 }
 

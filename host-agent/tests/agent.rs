@@ -1816,6 +1816,141 @@ async fn a_tenants_open_pod_sync_calls_are_limited_before_their_messages_arrive(
     held[1].abort();
 }
 
+/// Two tenants with host namespaces, for the agent-wide limits.
+const TWO_POD_TENANTS: &str = r#"
+tenants:
+  - name: team-a
+    hostNamespace: vc-team-a
+    tokenFile: team-a.token
+    sync: {fromHost: {runtimeClasses: {enabled: true}}}
+  - name: team-b
+    hostNamespace: vc-team-b
+    tokenFile: team-b.token
+    sync: {fromHost: {runtimeClasses: {enabled: true}}}
+"#;
+
+/// Starts an ApplyPod of `tenant` over its own HTTP/2 connection that announces a message of
+/// `declared` bytes, sends `sent` of them and then nothing more, so the agent holds what arrived.
+/// The call lasts until the task is aborted (its connection closes with it).
+async fn partial_apply_pod(
+    addr: &str,
+    tenant: &str,
+    declared: u32,
+    sent: usize,
+) -> tokio::task::JoinHandle<()> {
+    use futures::StreamExt as _;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    // The gRPC frame header (uncompressed, `declared` bytes), then part of the message.
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&declared.to_be_bytes());
+    frame.resize(5 + sent, 0);
+    let body = http_body_util::StreamBody::new(
+        futures::stream::iter([Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+            bytes::Bytes::from(frame),
+        ))])
+        .chain(futures::stream::pending()),
+    );
+    let request = http::Request::post(format!("http://{addr}/rcsync.v1.PodSync/ApplyPod"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {}", token(tenant)))
+        .body(body)
+        .unwrap();
+    tokio::spawn(async move {
+        let call = async move {
+            let _ = sender.send_request(request).await;
+            std::future::pending::<()>().await;
+        };
+        let _ = futures::future::join(connection, call).await;
+    })
+}
+
+/// The value of an unlabelled series in a Prometheus text page.
+fn series_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes() {
+    let host = Host::start(TWO_POD_TENANTS, &["--max-pod-sync-bytes", "1Mi"]).await;
+    let namespaces: Api<Namespace> = Api::all(host.cluster.client().await);
+    for name in ["vc-team-a", "vc-team-b"] {
+        let namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap();
+    }
+    host.ready().await;
+    let held_bytes = || async {
+        let (_, metrics) = http_get(&host.admin, "/metrics").await?;
+        series_value(&metrics, "rcsync_pod_sync_bytes_held")
+    };
+
+    // team-a's call has sent 900 KiB of a 1 MiB Pod and stalls: the agent holds those bytes.
+    let stalled = partial_apply_pod(&host.grpc, "team-a", 1 << 20, 900 << 10).await;
+    eventually("the agent to hold team-a's 900 KiB", || async {
+        held_bytes().await.filter(|held| *held >= f64::from(900 << 10))
+    })
+    .await;
+
+    // team-b's Pod of 200 KiB does not fit beside them, though team-b's own limits are untouched:
+    // refused with retry info, before the agent reads all of it.
+    let big = json!({"containers": [{"name": "app", "image": "app", "env": [{"name": "BLOB", "value": "x".repeat(200 << 10)}]}]});
+    let request = || {
+        with_token(
+            ApplyPodRequest {
+                pod_json: virtual_pod("default", "big", "uid-big", big.clone()),
+                config_maps_json: Vec::new(),
+                secrets_json: Vec::new(),
+            },
+            "team-b",
+        )
+    };
+    let mut pods = PodSyncClient::new(host.channel().await);
+    let refused = pods
+        .apply_pod(request())
+        .await
+        .expect_err("over the agent-wide budget");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
+         (1048576 bytes, --max-pod-sync-bytes): retry"
+    );
+    use tonic_types::StatusExt as _;
+    assert_eq!(
+        refused.get_details_retry_info().and_then(|info| info.retry_delay),
+        Some(Duration::from_secs(1))
+    );
+    let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("rcsync_pod_sync_budget_refusals_total{tenant=\"team-b\"} 1\n"),
+        "{metrics}"
+    );
+
+    // team-a's call ends: its bytes go back, and team-b's Pod goes through.
+    stalled.abort();
+    let applied = eventually("team-b's Pod once team-a's bytes are back", || {
+        let mut pods = pods.clone();
+        async move { pods.apply_pod(request()).await.ok() }
+    })
+    .await;
+    assert!(applied.into_inner().applied);
+    eventually("every byte back once the calls are answered", || async {
+        held_bytes().await.filter(|held| *held == 0.0)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_client_gone_without_closing_its_connection_gives_its_stream_back_after_the_keepalive() {
     let tenants = with_limits(TENANTS, "no-selector", "{syncStreams: 1}");

@@ -235,6 +235,9 @@ where
             }
             _ => None,
         };
+        // The services behind may name the caller (e.g. in metrics) without identifying it again.
+        let mut request = request;
+        request.extensions_mut().insert(tenant);
         Either::Right(Holding {
             call: self.service.call(request),
             _slot: slot,

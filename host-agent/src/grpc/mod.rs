@@ -2,6 +2,7 @@
 //! v1alpha), over TLS or mutual TLS when configured.
 
 pub mod auth;
+pub mod body_budget;
 pub mod connection_limit;
 pub mod framing;
 pub mod limits;

@@ -1,0 +1,229 @@
+//! One budget for the PodSync request bytes the agent holds at once, over all tenants
+//! (`--max-pod-sync-bytes`). Each tenant's `podSyncInFlight` bounds what its own open calls can
+//! make the agent hold (64 calls of up to 4 MiB by default), but not the sum over many tenants:
+//! without this, enough tenants sending large Pods (or their ConfigMaps and Secrets) at once could
+//! take the agent past its memory limit, and every tenant with it.
+//!
+//! ```text
+//!  ApplyPod / DeletePod ──► Budgeting ──► body frames, each taken from the budget as it arrives ──► tonic decodes
+//!                                           └─ budget spent ──► RESOURCE_EXHAUSTED with RetryInfo
+//!                                              (the virtual agent pauses and retries: nothing is lost)
+//!  call answered (or dropped) ──► its bytes go back to the budget
+//! ```
+//!
+//! The bytes are held until the call is answered, not only while the body is read: the decoded
+//! request lives as long as the handler runs.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Buf as _;
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::gauge::Gauge;
+use rcsync_core::TenantName;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::server::NamedService;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+use crate::grpc::pods::{APPLY_POD, DELETE_POD};
+use crate::metrics::Metrics;
+
+/// How long a caller refused for want of budget is asked to wait: calls are answered in
+/// milliseconds, so the budget is usually back well within it.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The bytes of PodSync requests the agent may hold at once. Cheap to clone.
+#[derive(Clone)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    held: Gauge,
+    metrics: Metrics,
+}
+
+impl BodyBudget {
+    /// A budget of `total` bytes, its use reported in `metrics`.
+    pub fn new(total: usize, metrics: Metrics) -> Self {
+        let held = metrics.pod_sync_bytes_held.clone();
+        Self {
+            bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            total,
+            held,
+            metrics,
+        }
+    }
+
+    fn report(&self) {
+        let held = self.total.saturating_sub(self.bytes.available_permits());
+        self.held.set(i64::try_from(held).unwrap_or(i64::MAX));
+    }
+}
+
+/// What one call holds of the budget; shared by its body and its answer, released when both are
+/// gone.
+struct Charge {
+    budget: BodyBudget,
+    tenant: Option<TenantName>,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Charge {
+    /// Takes `bytes` more for this call, or says why not.
+    fn take(&self, bytes: usize) -> Result<(), Status> {
+        let taken = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| self.budget.bytes.clone().try_acquire_many_owned(n).ok());
+        let Some(taken) = taken else {
+            let tenant = self.tenant.as_ref().map_or("", TenantName::as_str);
+            self.budget.metrics.pod_sync_budget_refusals(tenant).inc();
+            tracing::debug!(tenant, bytes, "PodSync budget spent: refusing the call");
+            return Err(spent(self.budget.total));
+        };
+        let mut permit = self.permit.lock().unwrap_or_else(|e| e.into_inner());
+        match permit.as_mut() {
+            Some(held) => held.merge(taken),
+            None => *permit = Some(taken),
+        }
+        drop(permit);
+        self.budget.report();
+        Ok(())
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let permit = self.permit.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if permit.is_some() {
+            drop(permit);
+            self.budget.report();
+        }
+    }
+}
+
+/// The answer to a call that found the budget spent.
+fn spent(total: usize) -> Status {
+    let details = ErrorDetails::with_retry_info(Some(RETRY_AFTER));
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
+             ({total} bytes, --max-pod-sync-bytes): retry"
+        ),
+        details,
+    )
+}
+
+/// A request body whose data is taken from the budget as it arrives.
+pub struct Budgeted<B> {
+    inner: B,
+    charge: Option<Arc<Charge>>,
+}
+
+impl<B> Body for Budgeted<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Data = B::Data;
+    type Error = tonic::codegen::StdError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            Some(Ok(frame)) => frame,
+        };
+        if let (Some(charge), Some(data)) = (&self.charge, frame.data_ref())
+            && let Err(status) = charge.take(data.remaining())
+        {
+            return Poll::Ready(Some(Err(Box::new(status))));
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A PodSync service whose ApplyPod and DeletePod requests are held to the [`BodyBudget`]. Sits
+/// behind [`Authenticated`](super::auth::Authenticated), which names the caller's tenant in the
+/// request's extensions (for the refusals metric).
+#[derive(Clone)]
+pub struct Budgeting<S> {
+    service: S,
+    budget: BodyBudget,
+}
+
+impl<S> Budgeting<S> {
+    /// `service`, its ApplyPod and DeletePod requests held to `budget`.
+    pub fn new(service: S, budget: BodyBudget) -> Self {
+        Self { service, budget }
+    }
+}
+
+impl<S: NamedService> NamedService for Budgeting<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Budgeting<S>
+where
+    S: tower::Service<
+            http::Request<Budgeted<B>>,
+            Response = http::Response<tonic::body::Body>,
+            Error = Infallible,
+        >,
+    S::Future: Unpin,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Charged<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.service.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let charge = [APPLY_POD, DELETE_POD].contains(&request.uri().path()).then(|| {
+            Arc::new(Charge {
+                budget: self.budget.clone(),
+                tenant: request.extensions().get::<TenantName>().cloned(),
+                permit: Mutex::new(None),
+            })
+        });
+        let request = request.map(|inner| Budgeted {
+            inner,
+            charge: charge.clone(),
+        });
+        Charged {
+            call: self.service.call(request),
+            _charge: charge,
+        }
+    }
+}
+
+/// A call's answer, holding its bytes of the budget until it is answered.
+pub struct Charged<F> {
+    call: F,
+    _charge: Option<Arc<Charge>>,
+}
+
+impl<F: Future + Unpin> Future for Charged<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.call).poll(cx)
+    }
+}
