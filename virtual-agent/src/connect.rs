@@ -317,11 +317,12 @@ impl SharedClients {
 
 /// Whether calls reach the host, as the Pod shards find out. A call that fails for want of the
 /// host (the host agent unreachable, or the host API server behind it) marks the path failing;
-/// the next call answered while it is failing is a recovery, which the shards hear of and retry
-/// at once the Pods that failed meanwhile, instead of each waiting out its own backoff (up to
-/// 5 s after an outage). At most one recovery per
+/// the next time the host is reached while it is failing (a Pod applied or deleted, or a
+/// WatchPodStatus relist complete; answers from the host agent's memory, such as CheckPod's, prove
+/// nothing of the host API server) is a recovery, which the shards hear of and retry at once the Pods that failed meanwhile, instead
+/// of each waiting out its own backoff (up to 5 s after an outage). At most one recovery per
 /// [`HostPath::MIN_RECOVERY_INTERVAL`], so a Pod that keeps failing on its own while others go
-/// through is not retried at the pace of their successes.
+/// through is retried a few times a second at most, not at the pace of their successes.
 pub struct HostPath {
     /// Whether the last call ended in a failure for want of the host, and when the last
     /// recovery was announced.
@@ -340,16 +341,17 @@ impl Default for HostPath {
 
 impl HostPath {
     /// The shortest time between two recoveries.
-    pub const MIN_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+    pub const MIN_RECOVERY_INTERVAL: Duration = Duration::from_millis(250);
 
     /// A call failed for want of the host.
     pub fn failed(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
     }
 
-    /// A call was answered: a recovery when calls were failing (and the last recovery is at
-    /// least [`Self::MIN_RECOVERY_INTERVAL`] ago; otherwise the path stays failing until then).
-    pub fn answered(&self) {
+    /// The host API server was reached through the host agent: a recovery when calls were
+    /// failing (and the last recovery is at least [`Self::MIN_RECOVERY_INTERVAL`] ago; otherwise
+    /// the path stays failing until then).
+    pub fn reached(&self) {
         let now = tokio::time::Instant::now();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (failing, last) = &mut *state;
@@ -411,30 +413,30 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn the_host_path_recovers_once_per_outage_and_at_most_once_a_second() {
+    async fn the_host_path_recovers_once_per_outage_and_at_most_once_per_interval() {
         let path = HostPath::default();
         let mut recoveries = path.recoveries();
-        path.answered();
+        path.reached();
         assert!(!recoveries.has_changed().unwrap(), "no outage, no recovery");
 
         path.failed();
         path.failed();
-        path.answered();
+        path.reached();
         assert!(
             recoveries.has_changed().unwrap(),
             "the first answer after failures"
         );
         recoveries.mark_unchanged();
-        path.answered();
+        path.reached();
         assert!(!recoveries.has_changed().unwrap(), "one recovery per outage");
 
         // Failing again right away: the next recovery waits for the interval, and comes with the
         // first answer after it.
         path.failed();
-        path.answered();
+        path.reached();
         assert!(!recoveries.has_changed().unwrap(), "within the interval");
         tokio::time::advance(HostPath::MIN_RECOVERY_INTERVAL).await;
-        path.answered();
+        path.reached();
         assert!(recoveries.has_changed().unwrap(), "after the interval");
     }
 

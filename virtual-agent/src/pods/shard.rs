@@ -425,7 +425,7 @@ impl Shard {
         };
         match pods.delete_pod(request).await {
             Ok(answer) => {
-                self.connection.host_path().answered();
+                self.connection.host_path().reached();
                 tracing::info!(namespace = %key.0, pod = %key.1, deleted = answer.into_inner().deleted, "deleted host Pod of a deleted virtual Pod");
                 true
             }
@@ -533,10 +533,7 @@ impl Shard {
                 runtime_class_name: runtime_class,
             };
             match classes.check_pod(request).await {
-                Ok(answer) => {
-                    self.connection.host_path().answered();
-                    Some(answer.into_inner())
-                }
+                Ok(answer) => Some(answer.into_inner()),
                 Err(status) => {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
                     self.drop_clients_on(&status).await;
@@ -573,12 +570,12 @@ impl Shard {
             }
             match pods.apply_pod(request).await {
                 Ok(answer) => {
-                    self.connection.host_path().answered();
                     let answer = answer.into_inner();
                     if let Some(refusal) = answer.refusal {
                         return self.on_refused(key, pod, &uid, refusal).await;
                     }
                     if answer.applied {
+                        self.connection.host_path().reached();
                         let was_orphan = self.records.get(key).is_some_and(|r| r.state == State::Orphaned);
                         self.records.insert(
                             key.clone(),
@@ -852,6 +849,8 @@ impl Shard {
                 self.on_host_gone(&key, &event.pod_uid).await;
             }
             PodStatusEventType::InitialStateComplete => {
+                // The host agent just listed the host Pods: the host API server answers.
+                self.connection.host_path().reached();
                 if let Some(staging) = self.host_staging.take() {
                     let vanished: Vec<(Key, String)> = self
                         .host
