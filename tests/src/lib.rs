@@ -46,6 +46,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A `cargo` command run from a process that cargo started (a test, a bench, `cargo run`),
+/// without the variables cargo set for that process: they would change build fingerprints (ring's
+/// build script tracks `CARGO_MANIFEST_DIR`), so this build and the next one from a shell would
+/// each rebuild ring and everything above it (rustls, kube, tonic: minutes in release).
+pub fn cargo_command(cargo: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let per_crate = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+            "CARGO_TARGET_TMPDIR",
+        ];
+        if per_crate.iter().any(|p| key.starts_with(p)) || key == "OUT_DIR" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Path of a workspace binary next to the running test executable. The first call brings the
 /// workspace's binaries up to date with the cargo that runs the tests (`cargo test --workspace
 /// --no-run`: the same feature set as the suite, so a no-op under `cargo test --workspace`), so
@@ -62,27 +85,12 @@ pub fn binary(name: &str) -> PathBuf {
             .ok()
             .or(option_env!("CARGO").map(String::from));
         let Some(cargo) = cargo else { return };
-        let mut cmd = Command::new(cargo);
+        let mut cmd = cargo_command(cargo);
         if dir.file_name().is_some_and(|p| p == "release") {
             // Benchmarks: only the binaries, optimised.
             cmd.args(["build", "--workspace", "--bins", "--release", "--quiet"]);
         } else {
             cmd.args(["test", "--workspace", "--no-run", "--quiet"]);
-        }
-        // The variables cargo sets for this test process would change build fingerprints (ring's
-        // build script tracks some), making this build and the next `cargo test` rebuild.
-        for (key, _) in std::env::vars() {
-            let per_crate = [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_",
-                "CARGO_TARGET_TMPDIR",
-            ];
-            if per_crate.iter().any(|p| key.starts_with(p)) || key == "OUT_DIR" {
-                cmd.env_remove(key);
-            }
         }
         let status = cmd.status().expect("running cargo build for the agent binaries");
         assert!(status.success(), "building the agent binaries failed");

@@ -441,7 +441,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// Finds the agent binaries next to this one, building them first when run by cargo.
+/// Finds the agent binaries next to this one, building them first when run by cargo (without the
+/// variables `cargo run` set for this process, which would make that build and the next one from
+/// a shell each rebuild ring and everything above it).
 fn binaries() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
@@ -449,7 +451,7 @@ fn binaries() -> anyhow::Result<PathBuf> {
         .map(Path::to_path_buf)
         .ok_or_else(|| anyhow::anyhow!("no binary directory"))?;
     if let Ok(cargo) = std::env::var("CARGO") {
-        let mut cmd = std::process::Command::new(cargo);
+        let mut cmd = rcsync_tests::cargo_command(cargo);
         cmd.args([
             "build",
             "--quiet",
