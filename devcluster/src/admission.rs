@@ -1,6 +1,8 @@
 //! What kube-apiserver does to an object between decoding and storage: metadata management,
 //! defaulting, validation, immutability, and the admission the spec relies on (RuntimeClass for
-//! Pods).
+//! Pods), plus ResourceQuota's count of Pods (`pods`, `count/pods`; other quota resources and
+//! `status.used` are not kept), so a namespace at its quota refuses a Pod create, even one whose
+//! name is taken: admission comes before storage, as upstream.
 
 use std::collections::BTreeMap;
 
@@ -199,6 +201,19 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                 && let Err(e) = validate_dns1123_subdomain(rc)
             {
                 causes.push(Cause::invalid("spec.runtimeClassName", &json!(rc), e));
+            }
+        }
+        "ResourceQuota" => {
+            for key in POD_QUOTA_KEYS {
+                if let Some(value) = obj.pointer("/spec/hard").and_then(|h| h.get(key))
+                    && quota_limit(obj, key).is_none()
+                {
+                    causes.push(Cause::invalid(
+                        format!("spec.hard[{key}]"),
+                        value,
+                        "must be a whole number of Pods (devcluster reads no other quantity)",
+                    ));
+                }
             }
         }
         _ => {}
@@ -444,7 +459,61 @@ pub fn prepare_create(
     if def.kind == "Pod" && plugins.runtime_class {
         admit_runtime_class(def, &mut obj, reader)?;
     }
+    if def.kind == "Pod" {
+        admit_pod_quota(def, &obj, reader)?;
+    }
     Ok(obj)
+}
+
+/// The quota resources whose Pod count devcluster enforces.
+const POD_QUOTA_KEYS: [&str; 2] = ["pods", "count/pods"];
+
+/// A quota's hard limit on `key`, when set (validated as a whole number at the quota's create).
+fn quota_limit(quota: &Value, key: &str) -> Option<u64> {
+    let hard = quota.pointer("/spec/hard")?.get(key)?;
+    match hard {
+        Value::String(s) => s.parse().ok(),
+        other => other.as_u64(),
+    }
+}
+
+/// ResourceQuota admission for a Pod create: the namespace's Pods that have not ended, plus this
+/// one, may not exceed any quota's `pods` (or `count/pods`), with upstream's message.
+fn admit_pod_quota(def: &ResourceDef, obj: &Value, reader: &Reader<'_>) -> Result<(), ApiError> {
+    let namespace = obj
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let limits: Vec<(String, &str, u64)> = reader
+        .list("resourcequotas", namespace)
+        .flat_map(|quota| {
+            POD_QUOTA_KEYS
+                .into_iter()
+                .filter_map(move |key| Some((name_of(quota).to_string(), key, quota_limit(quota, key)?)))
+        })
+        .collect();
+    if limits.is_empty() {
+        return Ok(());
+    }
+    let used = reader
+        .list(def.storage, namespace)
+        .filter(|pod| {
+            !matches!(
+                pod.pointer("/status/phase").and_then(Value::as_str),
+                Some("Succeeded" | "Failed")
+            )
+        })
+        .count() as u64;
+    match limits.into_iter().find(|(_, _, limit)| used + 1 > *limit) {
+        Some((quota, key, limit)) => Err(ApiError::forbidden(
+            def,
+            name_of(obj),
+            &format!(
+                "exceeded quota: {quota}, requested: {key}=1, used: {key}={used}, limited: {key}={limit}"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Which part of an object a write may change.

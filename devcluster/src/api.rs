@@ -796,10 +796,13 @@ impl Api {
             );
             let mut dry = None;
             let result = self.store.transact(sdef.storage, key, |reader, current| {
+                // Validation and admission come first, storage's AlreadyExists last, as in
+                // kube-apiserver: a create into a namespace at its quota is refused for the quota
+                // even when the name is taken.
+                let mut obj = prepare_create(sdef, ns, body, reader, &self.admission)?;
                 if current.is_some() {
                     return Err(ApiError::already_exists(def, &name));
                 }
-                let mut obj = prepare_create(sdef, ns, body, reader, &self.admission)?;
                 managed::record_update(None, &mut obj, manager, "");
                 if dry_run {
                     dry = Some(obj);

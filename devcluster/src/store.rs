@@ -71,6 +71,15 @@ impl Reader<'_> {
             .and_then(|m| m.get(&(namespace.to_string(), name.to_string())))
             .map(|v| v.as_ref())
     }
+
+    /// The objects of a kind in one namespace, by name.
+    pub fn list<'r>(&'r self, storage: &str, namespace: &'r str) -> impl Iterator<Item = &'r Value> + 'r {
+        self.inner.objects.get(storage).into_iter().flat_map(move |map| {
+            map.range((namespace.to_string(), String::new())..)
+                .take_while(move |((ns, _), _)| ns == namespace)
+                .map(|(_, v)| v.as_ref())
+        })
+    }
 }
 
 struct Inner {

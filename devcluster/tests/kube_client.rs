@@ -260,6 +260,77 @@ async fn pods_are_admitted_against_runtime_classes() {
 }
 
 #[tokio::test]
+async fn a_pod_quota_refuses_creates_past_it_before_a_taken_name_is_noticed() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), "default");
+    let pod = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap()
+    };
+    let quota = |name: &str, hard: serde_json::Value| -> ResourceQuota {
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"hard": hard}})).unwrap()
+    };
+    let bad = quotas
+        .create(&PostParams::default(), &quota("odd", json!({"pods": "1.5"})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&bad, kube::Error::Api(e) if e.code == 422 && e.message.contains("spec.hard[pods]")),
+        "{bad}"
+    );
+    quotas
+        .create(
+            &PostParams::default(),
+            &quota("compute", json!({"count/pods": "2", "cpu": "4"})),
+        )
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("a")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("b")).await.unwrap();
+    let refused = |name: &'static str| {
+        let pods = pods.clone();
+        let pod = pod(name);
+        async move {
+            match pods.create(&PostParams::default(), &pod).await.unwrap_err() {
+                kube::Error::Api(e) => (e.code, e.message),
+                other => panic!("{other}"),
+            }
+        }
+    };
+    let over = (
+        403,
+        "pods \"c\" is forbidden: exceeded quota: compute, requested: count/pods=1, used: count/pods=2, limited: count/pods=2"
+            .to_string(),
+    );
+    assert_eq!(refused("c").await, over);
+    // Admission comes before storage: a taken name in a full namespace is refused for the quota,
+    // as kube-apiserver refuses it, not reported as already existing.
+    let (code, message) = refused("a").await;
+    assert_eq!(
+        (code, message.contains("exceeded quota: compute")),
+        (403, true),
+        "{message}"
+    );
+    // A Pod that ended no longer counts.
+    let done = json!({"status": {"phase": "Succeeded"}});
+    pods.patch_status("b", &PatchParams::default(), &Patch::Merge(&done))
+        .await
+        .unwrap();
+    pods.create(&PostParams::default(), &pod("c")).await.unwrap();
+    // Below the quota a taken name is AlreadyExists, as before.
+    quotas.delete("compute", &DeleteParams::default()).await.unwrap();
+    let (code, _) = refused("a").await;
+    assert_eq!(code, 409);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn wrong_token_is_unauthorized() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let kubeconfig = cluster
