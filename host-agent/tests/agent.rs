@@ -1122,6 +1122,7 @@ fn apply(pod_json: Vec<u8>, config_maps: &[serde_json::Value]) -> Request<ApplyP
                 .map(|c| serde_json::to_vec(c).unwrap())
                 .collect(),
             secrets_json: Vec::new(),
+            on_host: false,
         },
         "team-a",
     )
@@ -1170,6 +1171,34 @@ async fn apply_pod_re_checks_pod_security_and_names_the_violation() {
     assert!(
         metrics.contains(r#"rcsync_pods_refused_total{tenant="team-a",reason="POD_SECURITY"} 1"#),
         "{metrics}"
+    );
+}
+
+/// `on_host` is a hint: a Pod said to be on the host but not there is created, and one not said
+/// to be there but present is updated (from the create's AlreadyExists).
+#[tokio::test]
+async fn apply_pod_creates_or_updates_whatever_on_host_says() {
+    let (host, mut pods) = pod_host().await;
+    let host_pods: Api<Pod> = Api::namespaced(host.cluster.client().await, "vc-team-a");
+    let spec = json!({"containers": [{"name": "app", "image": "app:1"}]});
+    let mut request = apply(virtual_pod("default", "web", "u-1", spec), &[]);
+    request.get_mut().on_host = true;
+    let answer = pods.apply_pod(request).await.unwrap().into_inner();
+    assert!(answer.applied && answer.created, "{answer:?}");
+    let created = host_pods.get("web-x-default-x-team-a").await.unwrap();
+
+    let spec = json!({"containers": [{"name": "app", "image": "app:2"}]});
+    let answer = pods
+        .apply_pod(apply(virtual_pod("default", "web", "u-1", spec), &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.applied && !answer.created, "{answer:?}");
+    let updated = host_pods.get("web-x-default-x-team-a").await.unwrap();
+    assert_eq!(updated.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        updated.spec.unwrap().containers[0].image.as_deref(),
+        Some("app:2")
     );
 }
 
@@ -1909,8 +1938,7 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes()
         with_token(
             ApplyPodRequest {
                 pod_json: virtual_pod("default", "big", "uid-big", big.clone()),
-                config_maps_json: Vec::new(),
-                secrets_json: Vec::new(),
+                ..Default::default()
             },
             "team-b",
         )

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, Pod, ResourceQuota, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt as _};
 use rcsync_core::pod_refs;
@@ -970,4 +970,57 @@ async fn a_changed_pod_policy_reaches_pods_already_on_the_host() {
     let host = pods.get(&name).await.unwrap();
     assert_eq!(host.metadata.uid, host_uid, "the running host Pod is left alone");
     assert!(host.metadata.deletion_timestamp.is_none());
+}
+
+/// A tenant's host namespace at its Pod quota still takes the changes of the Pods it holds: the
+/// host agent reads a Pod the virtual side has seen on the host instead of trying to create it
+/// (the host's admission, quota included, runs before a taken name shows, so that create would be
+/// refused). A Pod past the quota is refused with the host's reason.
+#[tokio::test]
+async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    let quota: ResourceQuota =
+        serde_json::from_value(json!({"metadata": {"name": "pods"}, "spec": {"hard": {"pods": "1"}}}))
+            .unwrap();
+    Api::<ResourceQuota>::namespaced(system.host.client().await, &v.tenant.host_namespace())
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    v.create_pod(&pod("web", json!({"containers": [app(json!({}))]})))
+        .await;
+    wait_host_pod(&system, "web", "default").await;
+
+    Api::<Pod>::namespaced(v.cluster.client().await, "default")
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tier": "frontend"}}})),
+        )
+        .await
+        .unwrap();
+    let pods = system.host_pods(&v.tenant).await;
+    let name = host_name("web", "default");
+    eventually("the host Pod to carry the changed labels", || async {
+        let host = pods.get(&name).await.ok()?;
+        let labels = host.annotations().get("vcluster.loft.sh/labels")?.clone();
+        labels.contains("frontend").then_some(())
+    })
+    .await;
+
+    v.create_pod(&pod("api", json!({"containers": [app(json!({}))]})))
+        .await;
+    let event = eventually("a SyncError naming the quota on the Pod past it", || async {
+        events_in(v, "default", "api")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SyncError"))
+    })
+    .await;
+    let message = event.message.unwrap_or_default();
+    assert!(
+        message.contains("exceeded quota: pods, requested: pods=1, used: pods=1, limited: pods=1"),
+        "{message}"
+    );
+    no_host_pod(&system, "api").await;
 }

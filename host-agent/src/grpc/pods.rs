@@ -148,7 +148,7 @@ impl<V: ViewSource> PodSyncService<V> {
         }
         let api = self.pods(&tenant);
         let (placed, created) = match self
-            .place(&api, &tenant, &id, &desired, !copies.is_empty())
+            .place(&api, &tenant, &id, &desired, !copies.is_empty(), request.on_host)
             .await?
         {
             Placement::Placed { pod, created } => (pod, created),
@@ -186,6 +186,8 @@ impl<V: ViewSource> PodSyncService<V> {
 
     /// Creates the host Pod (gated until its copies exist when it has any), or brings an existing
     /// one of the same virtual Pod up to date. A host Pod of another virtual Pod is never touched.
+    /// One round trip in the common case: a Pod the caller has seen on the host (`on_host`) is
+    /// read first, another is created first.
     async fn place(
         &self,
         api: &Api<Pod>,
@@ -193,6 +195,7 @@ impl<V: ViewSource> PodSyncService<V> {
         id: &VirtualPodRef,
         desired: &Pod,
         gated: bool,
+        on_host: bool,
     ) -> Result<Placement, Status> {
         let host_name = desired.name_any();
         let mut create = desired.clone();
@@ -203,19 +206,31 @@ impl<V: ViewSource> PodSyncService<V> {
                     name: COPIES_GATE.to_string(),
                 });
         }
-        // Create first: one round trip in the common case.
-        match create_pod(&self.client, api, &create).await {
-            Ok(pod) => return Ok(Placement::Placed { pod, created: true }),
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(kube_status(&e, tenant)),
-        }
-        let current = api
-            .get_opt(&host_name)
-            .await
-            .map_err(|e| kube_status(&e, tenant))?
-            .ok_or_else(|| {
-                Status::aborted(format!("host pod {host_name} was deleted concurrently: retry"))
-            })?;
+        let read = |api: &Api<Pod>| {
+            let api = api.clone();
+            let host_name = host_name.clone();
+            async move { api.get_opt(&host_name).await.map_err(|e| kube_status(&e, tenant)) }
+        };
+        let existing = if on_host { read(api).await? } else { None };
+        let current = match existing {
+            Some(current) => current,
+            None => match create_pod(&self.client, api, &create).await {
+                Ok(pod) => return Ok(Placement::Placed { pod, created: true }),
+                // The name is taken (409), or the host's admission refused the create (403): it
+                // runs before a taken name shows, so a namespace at its Pod quota refuses even a
+                // create of a Pod that exists. Either way the Pod may be there to update.
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 403 => match read(api).await? {
+                    Some(current) => current,
+                    None if e.code == 409 => {
+                        return Err(Status::aborted(format!(
+                            "host pod {host_name} was deleted concurrently: retry"
+                        )));
+                    }
+                    None => return Err(kube_status(&kube::Error::Api(e), tenant)),
+                },
+                Err(e) => return Err(kube_status(&e, tenant)),
+            },
+        };
         let holder = recorded_ref(&current.metadata).filter(|_| {
             current.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(tenant.name.as_str())
         });

@@ -551,6 +551,7 @@ impl Shard {
                 pod_json: apply_body(pod),
                 config_maps_json: referenced.config_maps,
                 secrets_json: referenced.secrets,
+                on_host: host_has_it,
             };
             let size = request.encoded_len();
             if size > rcsync_proto::MAX_REQUEST_BYTES {
