@@ -132,6 +132,18 @@ async fn events_in(v: &VirtualSide, namespace: &str, pod: &str) -> Vec<CoreEvent
         .items
 }
 
+/// Waits for the first event with `reason` on Pod `default/pod` and returns its message.
+async fn first_event(v: &VirtualSide, pod: &str, reason: &str) -> String {
+    let event = eventually(&format!("a {reason} event on pod {pod}"), || async {
+        events_in(v, "default", pod)
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+    })
+    .await;
+    event.message.unwrap_or_default()
+}
+
 /// Creates the Pod and waits for the `SyncError` event with exactly `message`; no host Pod.
 async fn refused(system: &System, name: &str, spec: Value, message: &str) {
     let v = system.virtual_side();
@@ -695,18 +707,9 @@ async fn the_secrets_of_a_pod_whose_class_is_denied_never_leave_the_virtual_clus
         .create_pod_with_homemade_class(&pod("denied", uses_db("kata")), "kata")
         .await;
     let v = system.virtual_side();
-    let warning = eventually("the SyncWarning of the denied Pod", || async {
-        events_in(v, "default", "denied")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("SyncWarning"))
-    })
-    .await;
     assert_eq!(
-        warning.message.as_deref(),
-        Some(
-            "did not sync pod \"denied\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'"
-        )
+        first_event(v, "denied", "SyncWarning").await,
+        "did not sync pod \"denied\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'"
     );
     // The host agent was asked (CheckPod) and got no ApplyPod, the call that carries Secrets.
     let metrics = http_get(&system.host_admin, "/metrics").await.unwrap().1;
@@ -954,14 +957,7 @@ async fn a_changed_pod_policy_reaches_pods_already_on_the_host() {
     // `restricted` refuses this Pod (it may run as root): it keeps running on the host, and the
     // virtual Pod says its changes stay behind.
     system.rewrite_tenants(&[copying.pod_security("restricted")]);
-    let event = eventually("a SyncError event on the running Pod", || async {
-        events_in(v, "default", "scraped")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("SyncError"))
-    })
-    .await;
-    let message = event.message.unwrap_or_default();
+    let message = first_event(v, "scraped", "SyncError").await;
     assert!(
         message.starts_with(r#"pod "scraped" keeps running on the host, but its changes are not synced: "#)
             && message.contains(r#"violates PodSecurity "restricted:latest""#),
@@ -1010,14 +1006,7 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
 
     v.create_pod(&pod("api", json!({"containers": [app(json!({}))]})))
         .await;
-    let event = eventually("a SyncError naming the quota on the Pod past it", || async {
-        events_in(v, "default", "api")
-            .await
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("SyncError"))
-    })
-    .await;
-    let message = event.message.unwrap_or_default();
+    let message = first_event(v, "api", "SyncError").await;
     assert!(
         message.contains("exceeded quota: pods, requested: pods=1, used: pods=1, limited: pods=1"),
         "{message}"
