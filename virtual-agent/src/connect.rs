@@ -7,8 +7,8 @@
 //!  every connect (Sync stream, status feed, Pod calls) starts one further along: the agent's
 //!  connections spread over the replicas, and a replica that refuses or is gone is skipped (failover)
 //!  Pod shards ──► one SharedClients connection for all their CheckPod and PodSync calls
-//!     calls failing for want of the host, then one answered ──► a recovery: the shards retry
-//!     the Pods that failed meanwhile at once, not at the end of their backoff
+//!     calls failing for want of the host, then the host reached ──► a recovery: the shards
+//!     retry the Pods that failed meanwhile at once, not at the end of their backoff
 //! ```
 
 use std::net::SocketAddr;
@@ -316,13 +316,14 @@ impl SharedClients {
 }
 
 /// Whether calls reach the host, as the Pod shards find out. A call that fails for want of the
-/// host (the host agent unreachable, or the host API server behind it) marks the path failing;
-/// the next time the host is reached while it is failing (a Pod applied or deleted, or a
-/// WatchPodStatus relist complete; answers from the host agent's memory, such as CheckPod's, prove
-/// nothing of the host API server) is a recovery, which the shards hear of and retry at once the Pods that failed meanwhile, instead
-/// of each waiting out its own backoff (up to 5 s after an outage). At most one recovery per
-/// [`HostPath::MIN_RECOVERY_INTERVAL`], so a Pod that keeps failing on its own while others go
-/// through is retried a few times a second at most, not at the pace of their successes.
+/// host (the host agent unreachable, or the host API server behind it) marks the path failing.
+/// The next time the host is reached while it is failing (a Pod applied or deleted, or a
+/// WatchPodStatus relist complete; answers from the host agent's memory, such as CheckPod's,
+/// prove nothing of the host API server) is a recovery: the shards hear of it and retry at once
+/// the Pods that failed meanwhile, instead of each waiting out its own backoff (up to 5 s after
+/// an outage). At most one recovery per [`HostPath::MIN_RECOVERY_INTERVAL`], so a Pod that keeps
+/// failing on its own while others go through is retried a few times a second at most, not at
+/// the pace of their successes.
 pub struct HostPath {
     /// Whether the last call ended in a failure for want of the host, and when the last
     /// recovery was announced.
@@ -424,14 +425,14 @@ mod tests {
         path.reached();
         assert!(
             recoveries.has_changed().unwrap(),
-            "the first answer after failures"
+            "the host reached after failures"
         );
         recoveries.mark_unchanged();
         path.reached();
         assert!(!recoveries.has_changed().unwrap(), "one recovery per outage");
 
-        // Failing again right away: the next recovery waits for the interval, and comes with the
-        // first answer after it.
+        // Failing again right away: the next recovery waits for the interval, and comes when the
+        // host is first reached after it.
         path.failed();
         path.reached();
         assert!(!recoveries.has_changed().unwrap(), "within the interval");

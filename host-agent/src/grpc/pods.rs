@@ -206,12 +206,9 @@ impl<V: ViewSource> PodSyncService<V> {
                     name: COPIES_GATE.to_string(),
                 });
         }
-        let read = |api: &Api<Pod>| {
-            let api = api.clone();
-            let host_name = host_name.clone();
-            async move { api.get_opt(&host_name).await.map_err(|e| kube_status(&e, tenant)) }
-        };
-        let existing = if on_host { read(api).await? } else { None };
+        let name = host_name.as_str();
+        let read = move || async move { api.get_opt(name).await.map_err(|e| kube_status(&e, tenant)) };
+        let existing = if on_host { read().await? } else { None };
         let current = match existing {
             Some(current) => current,
             None => match create_pod(&self.client, api, &create).await {
@@ -219,7 +216,7 @@ impl<V: ViewSource> PodSyncService<V> {
                 // The name is taken (409), or the host's admission refused the create (403): it
                 // runs before a taken name shows, so a namespace at its Pod quota refuses even a
                 // create of a Pod that exists. Either way the Pod may be there to update.
-                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 403 => match read(api).await? {
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 403 => match read().await? {
                     Some(current) => current,
                     None if e.code == 409 => {
                         return Err(Status::aborted(format!(
