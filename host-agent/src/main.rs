@@ -129,6 +129,12 @@ struct RunArgs {
     /// agent's memory limit.
     #[arg(long, env = "HOST_AGENT_MAX_POD_SYNC_BYTES", default_value = "512Mi", value_parser = parse_bytes)]
     max_pod_sync_bytes: usize,
+    /// How long an ApplyPod/DeletePod message may take to arrive after the call's headers; past
+    /// it the call ends with DEADLINE_EXCEEDED (the virtual agent retries), so a caller cannot
+    /// hold bytes of --max-pod-sync-bytes, or its tenant's podSyncInFlight places, by sending part
+    /// of a message and then nothing. A 4 MiB message needs about 3 Mbit/s at the default.
+    #[arg(long, env = "HOST_AGENT_POD_SYNC_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pod_sync_read_timeout: Duration,
     /// Log format.
     #[arg(long, env = "HOST_AGENT_LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
@@ -247,6 +253,7 @@ fn main() -> ExitCode {
         },
         max_connections: args.max_connections,
         max_pod_sync_bytes: args.max_pod_sync_bytes,
+        pod_sync_read_timeout: args.pod_sync_read_timeout,
         admin_token_file: args.admin_token_file,
         admin_tls: TlsFiles {
             cert: args.admin_tls_cert,

@@ -58,6 +58,8 @@ pub struct Settings {
     pub max_connections: std::num::NonZeroUsize,
     /// How many bytes of ApplyPod/DeletePod requests the agent holds at once, over all tenants.
     pub max_pod_sync_bytes: usize,
+    /// How long an ApplyPod/DeletePod message may take to arrive after its headers.
+    pub pod_sync_read_timeout: Duration,
     /// The bearer token file guarding the admin port's `/metrics` and `/tenants`.
     pub admin_token_file: Option<PathBuf>,
     /// The admin port's TLS files (no client CA): HTTPS when set.
@@ -277,7 +279,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Authenticated::new(
                 Budgeting::new(
                     PodSyncServer::new(pods).max_decoding_message_size(rcsync_proto::MAX_REQUEST_BYTES),
-                    BodyBudget::new(settings.max_pod_sync_bytes, metrics.clone()),
+                    BodyBudget::new(
+                        settings.max_pod_sync_bytes,
+                        settings.pod_sync_read_timeout,
+                        metrics.clone(),
+                    ),
                 ),
                 auth,
                 metrics.clone(),

@@ -1858,15 +1858,17 @@ tenants:
     sync: {fromHost: {runtimeClasses: {enabled: true}}}
 "#;
 
+/// An ApplyPod that sends part of its message and then nothing: the call lasts until `task` is
+/// aborted (its connection closes with it); `answer` gets the agent's `grpc-status` and
+/// `grpc-message` if it answers first.
+struct PartialCall {
+    task: tokio::task::JoinHandle<()>,
+    answer: tokio::sync::oneshot::Receiver<(String, String)>,
+}
+
 /// Starts an ApplyPod of `tenant` over its own HTTP/2 connection that announces a message of
 /// `declared` bytes, sends `sent` of them and then nothing more, so the agent holds what arrived.
-/// The call lasts until the task is aborted (its connection closes with it).
-async fn partial_apply_pod(
-    addr: &str,
-    tenant: &str,
-    declared: u32,
-    sent: usize,
-) -> tokio::task::JoinHandle<()> {
+async fn partial_apply_pod(addr: &str, tenant: &str, declared: u32, sent: usize) -> PartialCall {
     use futures::StreamExt as _;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
@@ -1891,13 +1893,82 @@ async fn partial_apply_pod(
         .header("authorization", format!("Bearer {}", token(tenant)))
         .body(body)
         .unwrap();
-    tokio::spawn(async move {
+    let (answered, answer) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
         let call = async move {
-            let _ = sender.send_request(request).await;
+            if let Ok(response) = sender.send_request(request).await {
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let _ = answered.send((header("grpc-status"), header("grpc-message")));
+            }
             std::future::pending::<()>().await;
         };
         let _ = futures::future::join(connection, call).await;
+    });
+    PartialCall { task, answer }
+}
+
+#[tokio::test]
+async fn a_pod_sync_whose_message_stalls_is_ended_and_gives_back_its_bytes_and_its_place() {
+    let tenants = with_limits(TWO_POD_TENANTS, "team-a", "{podSyncInFlight: 1}");
+    let host = Host::start(&tenants, &["--pod-sync-read-timeout", "1s"]).await;
+    host.ready().await;
+    // Half a Pod, then nothing: the agent ends the call rather than hold it.
+    let stalled = partial_apply_pod(&host.grpc, "team-a", 64 << 10, 32 << 10).await;
+    let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, stalled.answer)
+        .await
+        .expect("the agent ends the stalled call")
+        .expect("an answer");
+    assert_eq!(status, (Code::DeadlineExceeded as i32).to_string(), "{message}");
+    assert_eq!(
+        percent_decoded(&message),
+        "the request's message did not arrive within 1s of its headers (--pod-sync-read-timeout)"
+    );
+    eventually("the stalled call's bytes back", || async {
+        let (_, metrics) = http_get(&host.admin, "/metrics").await?;
+        (series_value(&metrics, "rcsync_pod_sync_bytes_held")? == 0.0).then_some(())
     })
+    .await;
+    // Its podSyncInFlight place is free again, though its connection is still open.
+    let mut pods = PodSyncClient::new(host.channel().await);
+    let request = with_token(
+        DeletePodRequest {
+            pod_namespace: "default".into(),
+            pod_name: "gone".into(),
+            pod_uid: "u".into(),
+            grace_period_seconds: None,
+        },
+        "team-a",
+    );
+    pods.delete_pod(request).await.expect("a place is free");
+    stalled.task.abort();
+}
+
+/// A `grpc-message` as sent (percent-encoded), decoded.
+fn percent_decoded(message: &str) -> String {
+    let bytes = message.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = message
+                .get(i + 1..i + 3)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
 }
 
 /// The value of an unlabelled series in a Prometheus text page.
@@ -1966,7 +2037,7 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes()
     );
 
     // team-a's call ends: its bytes go back, and team-b's Pod goes through.
-    stalled.abort();
+    stalled.task.abort();
     let applied = eventually("team-b's Pod once team-a's bytes are back", || {
         let mut pods = pods.clone();
         async move { pods.apply_pod(request()).await.ok() }

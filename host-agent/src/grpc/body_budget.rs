@@ -12,7 +12,9 @@
 //! ```
 //!
 //! The bytes are held until the call is answered, not only while the body is read: the decoded
-//! request lives as long as the handler runs.
+//! request lives as long as the handler runs. A call's message must arrive within
+//! `--pod-sync-read-timeout` of its headers (DEADLINE_EXCEEDED otherwise): a caller cannot hold
+//! bytes, or its tenant's places, by sending part of a message and then nothing.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,17 +44,20 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
+    read_timeout: Duration,
     held: Gauge,
     metrics: Metrics,
 }
 
 impl BodyBudget {
-    /// A budget of `total` bytes, its use reported in `metrics`.
-    pub fn new(total: usize, metrics: Metrics) -> Self {
+    /// A budget of `total` bytes for messages that arrive within `read_timeout`, its use reported
+    /// in `metrics`.
+    pub fn new(total: usize, read_timeout: Duration, metrics: Metrics) -> Self {
         let held = metrics.pod_sync_bytes_held.clone();
         Self {
             bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
             total,
+            read_timeout,
             held,
             metrics,
         }
@@ -118,10 +123,12 @@ fn spent(total: usize) -> Status {
     )
 }
 
-/// A request body whose data is taken from the budget as it arrives.
+/// A request body whose data is taken from the budget as it arrives, by a deadline.
 pub struct Budgeted<B> {
     inner: B,
     charge: Option<Arc<Charge>>,
+    /// When the whole body must have arrived (charged calls only).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> Body for Budgeted<B>
@@ -136,12 +143,31 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            None => return Poll::Ready(None),
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending()
+            && let (Some(deadline), Some(charge)) = (this.deadline.as_mut(), &this.charge)
+        {
+            ready!(deadline.as_mut().poll(cx));
+            let timeout = charge.budget.read_timeout;
+            tracing::debug!(
+                ?timeout,
+                "a Pod sync's message did not arrive in time: ending the call"
+            );
+            return Poll::Ready(Some(Err(Box::new(Status::deadline_exceeded(format!(
+                "the request's message did not arrive within {timeout:?} of its headers \
+                 (--pod-sync-read-timeout)"
+            ))))));
+        }
+        let frame = match ready!(polled) {
+            None => {
+                this.deadline = None;
+                return Poll::Ready(None);
+            }
             Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
             Some(Ok(frame)) => frame,
         };
-        if let (Some(charge), Some(data)) = (&self.charge, frame.data_ref())
+        if let (Some(charge), Some(data)) = (&this.charge, frame.data_ref())
             && let Err(status) = charge.take(data.remaining())
         {
             return Poll::Ready(Some(Err(Box::new(status))));
@@ -203,9 +229,13 @@ where
                 permit: Mutex::new(None),
             })
         });
+        let deadline = charge
+            .as_ref()
+            .map(|_| Box::pin(tokio::time::sleep(self.budget.read_timeout)));
         let request = request.map(|inner| Budgeted {
             inner,
             charge: charge.clone(),
+            deadline,
         });
         Charged {
             call: self.service.call(request),
