@@ -537,8 +537,40 @@ fn spec_changed(old: &Value, new: &Value) -> bool {
     strip(old) != strip(new)
 }
 
+/// Whether every toleration of `old` is in `new` (its `tolerationSeconds` may change): a running
+/// Pod takes additions only, as upstream's `validateOnlyAddedTolerations`.
+fn only_added_tolerations(old: &Value, new: &Value) -> bool {
+    let list = |spec: &Value| {
+        spec.get("tolerations")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let without_seconds = |t: &Value| {
+        let mut t = t.clone();
+        if let Some(m) = t.as_object_mut() {
+            m.remove("tolerationSeconds");
+        }
+        t
+    };
+    let new: Vec<Value> = list(new).iter().map(without_seconds).collect();
+    list(old).iter().all(|t| new.contains(&without_seconds(t)))
+}
+
 /// Pod spec fields an update may change, as upstream's validation allows.
 fn check_pod_update(def: &ResourceDef, old: &Value, new: &Value) -> Result<(), ApiError> {
+    if !only_added_tolerations(&old["spec"], &new["spec"]) {
+        return Err(ApiError::invalid(
+            def,
+            name_of(new),
+            vec![Cause {
+                reason: "FieldValueForbidden",
+                field: "spec.tolerations".into(),
+                message: "Forbidden: existing toleration can not be modified except its tolerationSeconds"
+                    .into(),
+            }],
+        ));
+    }
     let mut allowed = old["spec"].clone();
     let new_spec = &new["spec"];
     for list in ["containers", "initContainers"] {

@@ -331,6 +331,56 @@ async fn a_pod_quota_refuses_creates_past_it_before_a_taken_name_is_noticed() {
 }
 
 #[tokio::test]
+async fn a_pod_takes_added_tolerations_and_no_other_toleration_change() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client_for(&cluster).await, "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}],
+                 "tolerations": [{"key": "a", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let set = |tolerations: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            pods.patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"tolerations": tolerations}})),
+            )
+            .await
+        }
+    };
+    // An addition, and a changed tolerationSeconds: allowed.
+    let added = set(json!([
+        {"key": "a", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60},
+        {"key": "b", "operator": "Exists"}
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(added.spec.unwrap().tolerations.unwrap().len(), 2);
+    // Dropping one: refused with upstream's reason.
+    match set(json!([{"key": "b", "operator": "Exists"}]))
+        .await
+        .unwrap_err()
+    {
+        kube::Error::Api(e) => {
+            assert_eq!(e.code, 422);
+            assert!(
+                e.message.contains(
+                    "spec.tolerations: Forbidden: existing toleration can not be modified except its tolerationSeconds"
+                ),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other}"),
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn wrong_token_is_unauthorized() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let kubeconfig = cluster

@@ -968,6 +968,31 @@ async fn a_changed_pod_policy_reaches_pods_already_on_the_host() {
     assert!(host.metadata.deletion_timestamp.is_none());
 }
 
+/// A toleration the platform team adds to `enforceTolerations` reaches the Pods already running:
+/// a running Pod takes added tolerations (and no other change of them), so the host copy gains it
+/// in place.
+#[tokio::test]
+async fn an_enforced_toleration_added_later_reaches_the_running_pods() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    v.create_pod(&pod("worker", json!({"containers": [app(json!({}))]})))
+        .await;
+    let before = wait_host_pod(&system, "worker", "default").await;
+    system.rewrite_tenants(&[tenant().host_pods(r#"{enforceTolerations: ["dedicated=tenants:NoExecute"]}"#)]);
+    let pods = system.host_pods(&v.tenant).await;
+    let name = host_name("worker", "default");
+    let after = eventually("the running host Pod to tolerate dedicated=tenants", || async {
+        let host = pods.get(&name).await.ok()?;
+        let tolerates = host.spec.as_ref()?.tolerations.as_ref()?.iter().any(|t| {
+            (t.key.as_deref(), t.value.as_deref(), t.effect.as_deref())
+                == (Some("dedicated"), Some("tenants"), Some("NoExecute"))
+        });
+        tolerates.then_some(host)
+    })
+    .await;
+    assert_eq!(after.metadata.uid, before.metadata.uid, "updated in place");
+}
+
 /// A tenant's host namespace at its Pod quota still takes the changes of the Pods it holds: the
 /// host agent reads a Pod the virtual side has seen on the host instead of trying to create it
 /// (the host's admission, quota included, runs before a taken name shows, so that create would be

@@ -616,7 +616,7 @@ where
 }
 
 /// The strategic merge patch that brings a host Pod's mutable parts (labels, annotations,
-/// container images) to the desired state; `None` when nothing differs. Of the annotations already
+/// container images, added tolerations) to the desired state; `None` when nothing differs. Of the annotations already
 /// there, only copies of virtual ones the tenant has since removed are removed: host controllers'
 /// own annotations stay.
 fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
@@ -665,6 +665,24 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
             .map(|c| (c.name.clone(), c.image.clone()))
             .collect()
     };
+    // Tolerations: a running Pod takes additions only (the API refuses any other change), so the
+    // ones it has stay, from admission (its RuntimeClass's) or from before, and the missing
+    // desired ones are added (a toleration the tenant or its enforceTolerations added since).
+    let tolerations = |pod: &Pod| {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.tolerations.clone())
+            .unwrap_or_default()
+    };
+    let have = tolerations(current);
+    let added: Vec<_> = tolerations(desired)
+        .into_iter()
+        .filter(|t| !have.contains(t))
+        .collect();
+    if !added.is_empty() {
+        patch["spec"]["tolerations"] = json!(have.into_iter().chain(added).collect::<Vec<_>>());
+        changed = true;
+    }
     for (init, field) in [(false, "containers"), (true, "initContainers")] {
         let want = images(desired, init);
         if want != images(current, init) {
@@ -829,5 +847,28 @@ mod tests {
             "the host controller's annotation is left alone"
         );
         assert_eq!(update_patch(&current, &current), None);
+    }
+
+    #[test]
+    fn an_update_adds_missing_tolerations_and_removes_none() {
+        let pod = |tolerations: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}], "tolerations": tolerations}}))
+            .unwrap()
+        };
+        // The host Pod has its RuntimeClass's toleration (set by admission); the desired one an
+        // enforced toleration added since, and not the RuntimeClass's.
+        let from_class = json!({"key": "sandbox", "operator": "Exists"});
+        let enforced =
+            json!({"key": "dedicated", "operator": "Equal", "value": "tenants", "effect": "NoExecute"});
+        let current = pod(json!([from_class]));
+        let desired = pod(json!([enforced]));
+        let patch = update_patch(&current, &desired).expect("the enforced toleration is added");
+        assert_eq!(patch["spec"]["tolerations"], json!([from_class, enforced]));
+        assert_eq!(
+            update_patch(&pod(json!([from_class, enforced])), &desired),
+            None,
+            "nothing missing, nothing removed"
+        );
     }
 }

@@ -478,6 +478,7 @@ impl PodSyncer {
                         let first = pod_policy.is_empty();
                         pod_policy = state.pod_policy;
                         if !first {
+                            tracing::info!("the tenant's Pod policy changed: applying every Pod again");
                             sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::PodPolicyChanged)));
                         }
                     }

@@ -244,8 +244,8 @@ impl Shard {
                     Some(ShardInput::PodPolicyChanged) => {
                         // Every Pod's fingerprint includes the policy: synced Pods are applied
                         // again (the host patches what differs), refused ones are tried again.
-                        let all: Vec<Key> = self.pods.keys().chain(self.records.iter().map(|(k, _)| k)).cloned().collect();
-                        tracing::info!(pods = all.len(), "the tenant's Pod policy changed: applying its Pods again");
+                        let all: HashSet<Key> = self.pods.keys().chain(self.records.iter().map(|(k, _)| k)).cloned().collect();
+                        tracing::debug!(pods = all.len(), "applying the shard's Pods again");
                         for key in all {
                             self.enqueue(key);
                         }
