@@ -124,9 +124,10 @@ struct RunArgs {
     /// agent holds at once, over all tenants, from the first byte read to the answer: a bytes
     /// count or a quantity such as 512Mi or 1Gi. Past it a call is refused with
     /// RESOURCE_EXHAUSTED and retry info (the virtual agent retries), counted in
-    /// rcsync_pod_sync_budget_refusals_total. Each tenant's own share is bounded by its
-    /// limits.podSyncInFlight × 4 MiB (256 MiB by default); keep this above that, and below the
-    /// agent's memory limit.
+    /// rcsync_pod_sync_budget_refusals_total. Size it to the agent's memory limit: a request's
+    /// bytes are held as read, decoded and parsed (about 3× in all), beside the agent's own use
+    /// (deploy/ sets 48Mi under a 256Mi limit). Each tenant's own share is bounded by its
+    /// limits.podSyncInFlight × 4 MiB (256 MiB by default).
     #[arg(long, env = "HOST_AGENT_MAX_POD_SYNC_BYTES", default_value = "512Mi", value_parser = parse_bytes)]
     max_pod_sync_bytes: usize,
     /// How long an ApplyPod/DeletePod message may take to arrive after the call's headers; past
