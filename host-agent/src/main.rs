@@ -125,7 +125,7 @@ struct RunArgs {
     /// count or a quantity such as 512Mi or 1Gi. Past it a call is refused with
     /// RESOURCE_EXHAUSTED and retry info (the virtual agent retries), counted in
     /// rcsync_pod_sync_budget_refusals_total. Size it to the agent's memory limit: a request's
-    /// bytes are held as read, decoded and parsed (about 3× in all), beside the agent's own use
+    /// bytes are held several times over (read, decoded, parsed, translated), beside the agent's own use
     /// (deploy/ sets 48Mi under a 256Mi limit). Each tenant's own share is bounded by its
     /// limits.podSyncInFlight × 4 MiB (256 MiB by default).
     #[arg(long, env = "HOST_AGENT_MAX_POD_SYNC_BYTES", default_value = "512Mi", value_parser = parse_bytes)]
