@@ -235,9 +235,12 @@ where
             }
             _ => None,
         };
-        // The services behind may name the caller (e.g. in metrics) without identifying it again.
+        // PodSync's budget names the caller in its metrics without identifying it again (other
+        // calls, CheckPod among them, skip the copy).
         let mut request = request;
-        request.extensions_mut().insert(tenant);
+        if [APPLY_POD, DELETE_POD].contains(&method) {
+            request.extensions_mut().insert(tenant);
+        }
         Either::Right(Holding {
             call: self.service.call(request),
             _slot: slot,
