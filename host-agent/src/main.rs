@@ -126,8 +126,8 @@ struct RunArgs {
     /// RESOURCE_EXHAUSTED and retry info (the virtual agent retries), counted in
     /// rcsync_pod_sync_budget_refusals_total. Size it to the agent's memory limit: a request's
     /// bytes are held several times over (read, decoded, parsed, translated), beside the agent's own use
-    /// (deploy/ sets 48Mi under a 256Mi limit). Each tenant's own share is bounded by its
-    /// limits.podSyncInFlight × 4 MiB (256 MiB by default).
+    /// (deploy/ sets 48Mi under a 256Mi limit). No tenant holds more than a quarter of it (past
+    /// that its calls are refused the same way), so one busy tenant leaves the others room.
     #[arg(long, env = "HOST_AGENT_MAX_POD_SYNC_BYTES", default_value = "512Mi", value_parser = parse_bytes)]
     max_pod_sync_bytes: usize,
     /// How long an ApplyPod/DeletePod message may take to arrive after the call's headers; past

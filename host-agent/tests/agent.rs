@@ -1979,11 +1979,20 @@ fn series_value(metrics: &str, series: &str) -> Option<f64> {
 }
 
 #[tokio::test]
-async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes() {
-    let host = Host::start(TWO_POD_TENANTS, &["--max-pod-sync-bytes", "1Mi"]).await;
+async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_and_each_a_quarter() {
+    let names = ["team-a", "team-b", "team-c", "team-d", "team-e"];
+    let tenants: String = std::iter::once("tenants:\n".to_string())
+        .chain(names.iter().map(|name| {
+            format!(
+                "  - name: {name}\n    hostNamespace: vc-{name}\n    tokenFile: {name}.token\n    \
+                 sync: {{fromHost: {{runtimeClasses: {{enabled: true}}}}}}\n"
+            )
+        }))
+        .collect();
+    let host = Host::start(&tenants, &["--max-pod-sync-bytes", "1Mi"]).await;
     let namespaces: Api<Namespace> = Api::all(host.cluster.client().await);
-    for name in ["vc-team-a", "vc-team-b"] {
-        let namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    for name in names {
+        let namespace = serde_json::from_value(json!({"metadata": {"name": format!("vc-{name}")}})).unwrap();
         namespaces
             .create(&PostParams::default(), &namespace)
             .await
@@ -1994,16 +2003,41 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes()
         let (_, metrics) = http_get(&host.admin, "/metrics").await?;
         series_value(&metrics, "rcsync_pod_sync_bytes_held")
     };
+    use tonic_types::StatusExt as _;
+    let retry_delay =
+        |status: &tonic::Status| status.get_details_retry_info().and_then(|info| info.retry_delay);
 
-    // team-a's call has sent 900 KiB of a 1 MiB Pod and stalls: the agent holds those bytes.
-    let stalled = partial_apply_pod(&host.grpc, "team-a", 1 << 20, 900 << 10).await;
-    eventually("the agent to hold team-a's 900 KiB", || async {
-        held_bytes().await.filter(|held| *held >= f64::from(900 << 10))
+    // team-a's call has sent 240 KiB of a Pod and stalls: the agent holds those bytes. A second
+    // call of team-a does not fit in its quarter of the budget (256 KiB).
+    let mut stalled = vec![partial_apply_pod(&host.grpc, "team-a", 1 << 20, 240 << 10).await];
+    eventually("the agent to hold team-a's 240 KiB", || async {
+        held_bytes().await.filter(|held| *held >= f64::from(240 << 10))
     })
     .await;
+    let over_share = partial_apply_pod(&host.grpc, "team-a", 1 << 20, 100 << 10).await;
+    let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, over_share.answer)
+        .await
+        .expect("an answer")
+        .expect("an answer");
+    assert_eq!(status, (Code::ResourceExhausted as i32).to_string());
+    assert_eq!(
+        percent_decoded(&message),
+        "tenant team-a holds its share of the Pod sync bytes the host agent holds at once \
+         (262144 of 1048576 bytes, --max-pod-sync-bytes): retry"
+    );
+    over_share.task.abort();
 
-    // team-b's Pod of 200 KiB does not fit beside them, though team-b's own limits are untouched:
-    // refused with retry info, before the agent reads all of it.
+    // Three more tenants hold as much: team-e's Pod of 200 KiB no longer fits beside them, though
+    // it holds nothing yet: refused with retry info, before the agent reads all of it.
+    for name in ["team-b", "team-c", "team-d"] {
+        stalled.push(partial_apply_pod(&host.grpc, name, 1 << 20, 240 << 10).await);
+    }
+    eventually("the agent to hold 4 × 240 KiB", || async {
+        held_bytes()
+            .await
+            .filter(|held| *held >= f64::from(4 * (240 << 10)))
+    })
+    .await;
     let big = json!({"containers": [{"name": "app", "image": "app", "env": [{"name": "BLOB", "value": "x".repeat(200 << 10)}]}]});
     let request = || {
         with_token(
@@ -2011,7 +2045,7 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes()
                 pod_json: virtual_pod("default", "big", "uid-big", big.clone()),
                 ..Default::default()
             },
-            "team-b",
+            "team-e",
         )
     };
     let mut pods = PodSyncClient::new(host.channel().await);
@@ -2025,26 +2059,25 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes()
         "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
          (1048576 bytes, --max-pod-sync-bytes): retry"
     );
-    use tonic_types::StatusExt as _;
-    assert_eq!(
-        refused.get_details_retry_info().and_then(|info| info.retry_delay),
-        Some(Duration::from_secs(1))
-    );
+    assert_eq!(retry_delay(&refused), Some(Duration::from_secs(1)));
     let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
-    assert!(
-        metrics.contains("rcsync_pod_sync_budget_refusals_total{tenant=\"team-b\"} 1\n"),
-        "{metrics}"
-    );
+    for name in ["team-a", "team-e"] {
+        let series = format!("rcsync_pod_sync_budget_refusals_total{{tenant=\"{name}\"}} 1\n");
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
 
-    // team-a's call ends: its bytes go back, and team-b's Pod goes through.
-    stalled.task.abort();
-    let applied = eventually("team-b's Pod once team-a's bytes are back", || {
+    // One stalled call ends: its bytes go back, and team-e's Pod goes through.
+    stalled.remove(1).task.abort();
+    let applied = eventually("team-e's Pod once team-b's bytes are back", || {
         let mut pods = pods.clone();
         async move { pods.apply_pod(request()).await.ok() }
     })
     .await;
     assert!(applied.into_inner().applied);
-    eventually("every byte back once the calls are answered", || async {
+    for call in stalled {
+        call.task.abort();
+    }
+    eventually("every byte back once the calls are answered or gone", || async {
         held_bytes().await.filter(|held| *held == 0.0)
     })
     .await;

@@ -2,7 +2,8 @@
 //! (`--max-pod-sync-bytes`). Each tenant's `podSyncInFlight` bounds what its own open calls can
 //! make the agent hold (64 calls of up to 4 MiB by default), but not the sum over many tenants:
 //! without this, enough tenants sending large Pods (or their ConfigMaps and Secrets) at once could
-//! take the agent past its memory limit, and every tenant with it.
+//! take the agent past its memory limit, and every tenant with it. No tenant holds more than a
+//! [`TENANT_SHARE`] of the budget, so one busy tenant leaves the others room.
 //!
 //! ```text
 //!  ApplyPod / DeletePod ──► Budgeting ──► body frames, each taken from the budget as it arrives ──► tonic decodes
@@ -16,6 +17,7 @@
 //! `--pod-sync-read-timeout` of its headers (DEADLINE_EXCEEDED otherwise): a caller cannot hold
 //! bytes, or its tenant's places, by sending part of a message and then nothing.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -39,11 +41,16 @@ use crate::metrics::Metrics;
 /// milliseconds, so the budget is usually back well within it.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// The most of the budget one tenant may hold: a quarter.
+pub const TENANT_SHARE: usize = 4;
+
 /// The bytes of PodSync requests the agent may hold at once. Cheap to clone.
 #[derive(Clone)]
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
     total: usize,
+    /// Bytes held per tenant (tenants holding none are not listed).
+    by_tenant: Arc<Mutex<HashMap<TenantName, usize>>>,
     read_timeout: Duration,
     held: Gauge,
     metrics: Metrics,
@@ -57,10 +64,28 @@ impl BodyBudget {
         Self {
             bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
             total,
+            by_tenant: Arc::default(),
             read_timeout,
             held,
             metrics,
         }
+    }
+
+    /// Changes what `tenant` holds by `delta` bytes; false (and nothing changed) when that
+    /// would take it past its share.
+    fn add_to_tenant(&self, tenant: &TenantName, delta: isize) -> bool {
+        let mut by_tenant = self.by_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        let held = by_tenant.get(tenant).copied().unwrap_or(0);
+        let next = held.saturating_add_signed(delta);
+        if delta > 0 && next > self.total / TENANT_SHARE {
+            return false;
+        }
+        if next == 0 {
+            by_tenant.remove(tenant);
+        } else {
+            by_tenant.insert(tenant.clone(), next);
+        }
+        true
     }
 
     fn report(&self) {
@@ -74,26 +99,54 @@ impl BodyBudget {
 struct Charge {
     budget: BodyBudget,
     tenant: Option<TenantName>,
-    permit: Mutex<Option<OwnedSemaphorePermit>>,
+    /// What the call holds of the budget, and how many bytes that is.
+    permit: Mutex<(Option<OwnedSemaphorePermit>, usize)>,
 }
 
 impl Charge {
     /// Takes `bytes` more for this call, or says why not.
     fn take(&self, bytes: usize) -> Result<(), Status> {
+        let tenant_name = self.tenant.as_ref().map_or("", TenantName::as_str);
+        let refuse = |status: Status| {
+            self.budget.metrics.pod_sync_budget_refusals(tenant_name).inc();
+            tracing::debug!(
+                tenant = tenant_name,
+                bytes,
+                message = status.message(),
+                "refusing a Pod sync"
+            );
+            Err(status)
+        };
+        let delta = isize::try_from(bytes).unwrap_or(isize::MAX);
+        if let Some(tenant) = &self.tenant
+            && !self.budget.add_to_tenant(tenant, delta)
+        {
+            let total = self.budget.total;
+            return refuse(retry_later(format!(
+                "tenant {tenant} holds its share of the Pod sync bytes the host agent holds at \
+                 once ({} of {total} bytes, --max-pod-sync-bytes): retry",
+                total / TENANT_SHARE
+            )));
+        }
         let taken = u32::try_from(bytes)
             .ok()
             .and_then(|n| self.budget.bytes.clone().try_acquire_many_owned(n).ok());
         let Some(taken) = taken else {
-            let tenant = self.tenant.as_ref().map_or("", TenantName::as_str);
-            self.budget.metrics.pod_sync_budget_refusals(tenant).inc();
-            tracing::debug!(tenant, bytes, "PodSync budget spent: refusing the call");
-            return Err(spent(self.budget.total));
+            if let Some(tenant) = &self.tenant {
+                self.budget.add_to_tenant(tenant, -delta);
+            }
+            return refuse(retry_later(format!(
+                "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
+                 ({} bytes, --max-pod-sync-bytes): retry",
+                self.budget.total
+            )));
         };
         let mut permit = self.permit.lock().unwrap_or_else(|e| e.into_inner());
-        match permit.as_mut() {
+        match permit.0.as_mut() {
             Some(held) => held.merge(taken),
-            None => *permit = Some(taken),
+            None => permit.0 = Some(taken),
         }
+        permit.1 += bytes;
         drop(permit);
         self.budget.report();
         Ok(())
@@ -102,7 +155,13 @@ impl Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        let permit = self.permit.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        let (permit, bytes) = std::mem::take(self.permit.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if let Some(tenant) = &self.tenant
+            && bytes > 0
+        {
+            self.budget
+                .add_to_tenant(tenant, -isize::try_from(bytes).unwrap_or(isize::MAX));
+        }
         if permit.is_some() {
             drop(permit);
             self.budget.report();
@@ -110,17 +169,10 @@ impl Drop for Charge {
     }
 }
 
-/// The answer to a call that found the budget spent.
-fn spent(total: usize) -> Status {
+/// RESOURCE_EXHAUSTED with `message` and a RetryInfo of [`RETRY_AFTER`].
+fn retry_later(message: String) -> Status {
     let details = ErrorDetails::with_retry_info(Some(RETRY_AFTER));
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        format!(
-            "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
-             ({total} bytes, --max-pod-sync-bytes): retry"
-        ),
-        details,
-    )
+    Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
 /// A request body whose data is taken from the budget as it arrives, by a deadline.
@@ -226,7 +278,7 @@ where
             Arc::new(Charge {
                 budget: self.budget.clone(),
                 tenant: request.extensions().get::<TenantName>().cloned(),
-                permit: Mutex::new(None),
+                permit: Mutex::new((None, 0)),
             })
         });
         let deadline = charge
