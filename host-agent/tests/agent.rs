@@ -1776,6 +1776,19 @@ async fn a_caller_without_valid_credentials_is_refused_before_its_message_arrive
     }
 }
 
+/// A DeletePod of `tenant` for a Pod that was never there (it succeeds, deleting nothing).
+fn delete_gone_pod(tenant: &str) -> Request<DeletePodRequest> {
+    with_token(
+        DeletePodRequest {
+            pod_namespace: "default".into(),
+            pod_name: "gone".into(),
+            pod_uid: "u".into(),
+            grace_period_seconds: None,
+        },
+        tenant,
+    )
+}
+
 /// Starts an ApplyPod of `tenant` that sends its headers and never its message; answers what the
 /// server said before `within`, or None while it waits for the message.
 async fn stalled_apply_pod(channel: &Channel, tenant: &str, within: Duration) -> Option<tonic::Status> {
@@ -1828,35 +1841,11 @@ async fn a_tenants_open_pod_sync_calls_are_limited_before_their_messages_arrive(
     let pods = PodSyncClient::new(channel);
     eventually("a DeletePod once a place is free", || {
         let mut pods = pods.clone();
-        async move {
-            let request = with_token(
-                DeletePodRequest {
-                    pod_namespace: "default".into(),
-                    pod_name: "gone".into(),
-                    pod_uid: "u".into(),
-                    grace_period_seconds: None,
-                },
-                "team-a",
-            );
-            pods.delete_pod(request).await.ok()
-        }
+        async move { pods.delete_pod(delete_gone_pod("team-a")).await.ok() }
     })
     .await;
     held[1].abort();
 }
-
-/// Two tenants with host namespaces, for the agent-wide limits.
-const TWO_POD_TENANTS: &str = r#"
-tenants:
-  - name: team-a
-    hostNamespace: vc-team-a
-    tokenFile: team-a.token
-    sync: {fromHost: {runtimeClasses: {enabled: true}}}
-  - name: team-b
-    hostNamespace: vc-team-b
-    tokenFile: team-b.token
-    sync: {fromHost: {runtimeClasses: {enabled: true}}}
-"#;
 
 /// An ApplyPod that sends part of its message and then nothing: the call lasts until `task` is
 /// aborted (its connection closes with it); `answer` gets the agent's `grpc-status` and
@@ -1916,7 +1905,7 @@ async fn partial_apply_pod(addr: &str, tenant: &str, declared: u32, sent: usize)
 
 #[tokio::test]
 async fn a_pod_sync_whose_message_stalls_is_ended_and_gives_back_its_bytes_and_its_place() {
-    let tenants = with_limits(TWO_POD_TENANTS, "team-a", "{podSyncInFlight: 1}");
+    let tenants = with_limits(POD_TENANTS, "team-a", "{podSyncInFlight: 1}");
     let host = Host::start(&tenants, &["--pod-sync-read-timeout", "1s"]).await;
     host.ready().await;
     // Half a Pod, then nothing: the agent ends the call rather than hold it.
@@ -1937,16 +1926,9 @@ async fn a_pod_sync_whose_message_stalls_is_ended_and_gives_back_its_bytes_and_i
     .await;
     // Its podSyncInFlight place is free again, though its connection is still open.
     let mut pods = PodSyncClient::new(host.channel().await);
-    let request = with_token(
-        DeletePodRequest {
-            pod_namespace: "default".into(),
-            pod_name: "gone".into(),
-            pod_uid: "u".into(),
-            grace_period_seconds: None,
-        },
-        "team-a",
-    );
-    pods.delete_pod(request).await.expect("a place is free");
+    pods.delete_pod(delete_gone_pod("team-a"))
+        .await
+        .expect("a place is free");
     stalled.task.abort();
 }
 
