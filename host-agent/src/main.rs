@@ -127,7 +127,8 @@ struct RunArgs {
     /// rcsync_pod_sync_budget_refusals_total. Size it to the agent's memory limit: a request's
     /// bytes are held several times over (read, decoded, parsed, translated), beside the agent's own use
     /// (deploy/ sets 48Mi under a 256Mi limit). No tenant holds more than a quarter of it (past
-    /// that its calls are refused the same way), so one busy tenant leaves the others room.
+    /// that its calls are refused the same way), so one busy tenant leaves the others room; hence
+    /// at least 16Mi, so that a quarter holds the largest Pod sync (4 MiB).
     #[arg(long, env = "HOST_AGENT_MAX_POD_SYNC_BYTES", default_value = "512Mi", value_parser = parse_bytes)]
     max_pod_sync_bytes: usize,
     /// How long an ApplyPod/DeletePod message may take to arrive after the call's headers; past
@@ -144,8 +145,12 @@ struct RunArgs {
     log_level: String,
 }
 
+/// The smallest Pod sync budget: a tenant's share of it must hold the largest Pod sync.
+const MIN_POD_SYNC_BYTES: usize =
+    rcsync_proto::MAX_REQUEST_BYTES * host_agent::grpc::body_budget::TENANT_SHARE;
+
 /// A byte count: digits, optionally with a binary suffix (`Ki`, `Mi`, `Gi`), as Kubernetes
-/// quantities write memory; at least one MiB (a Pod sync may carry 4).
+/// quantities write memory; at least [`MIN_POD_SYNC_BYTES`].
 fn parse_bytes(raw: &str) -> Result<usize, String> {
     let invalid = || format!("invalid size {raw:?}: expected a number of bytes or e.g. 512Mi or 1Gi");
     let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
@@ -158,9 +163,11 @@ fn parse_bytes(raw: &str) -> Result<usize, String> {
         _ => return Err(invalid()),
     };
     let bytes = n.checked_mul(scale).ok_or_else(invalid)?;
-    if bytes < 1 << 20 {
+    if bytes < MIN_POD_SYNC_BYTES {
         return Err(format!(
-            "size {raw:?} is below 1Mi: no Pod sync of a few hundred KiB would fit"
+            "size {raw:?} is below {}Mi: a tenant's quarter of it must hold the largest Pod sync ({} MiB)",
+            MIN_POD_SYNC_BYTES >> 20,
+            rcsync_proto::MAX_REQUEST_BYTES >> 20
         ));
     }
     Ok(bytes)
@@ -288,8 +295,8 @@ mod tests {
     fn sizes_are_bytes_or_binary_quantities_and_a_bad_one_says_what_is_expected() {
         assert_eq!(parse_bytes("512Mi"), Ok(512 << 20));
         assert_eq!(parse_bytes("1Gi"), Ok(1 << 30));
-        assert_eq!(parse_bytes("2048Ki"), Ok(2 << 20));
-        assert_eq!(parse_bytes("2097152"), Ok(2 << 20));
+        assert_eq!(parse_bytes("16384Ki"), Ok(16 << 20));
+        assert_eq!(parse_bytes("16777216"), Ok(16 << 20));
         for bad in ["512MB", "Mi", "", "1.5Gi", "-1Mi", "99999999999999999999Gi"] {
             assert_eq!(
                 parse_bytes(bad),
@@ -299,8 +306,11 @@ mod tests {
             );
         }
         assert_eq!(
-            parse_bytes("64Ki"),
-            Err(r#"size "64Ki" is below 1Mi: no Pod sync of a few hundred KiB would fit"#.to_string())
+            parse_bytes("8Mi"),
+            Err(
+                r#"size "8Mi" is below 16Mi: a tenant's quarter of it must hold the largest Pod sync (4 MiB)"#
+                    .to_string()
+            )
         );
     }
 }

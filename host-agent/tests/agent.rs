@@ -1971,7 +1971,7 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_a
             )
         }))
         .collect();
-    let host = Host::start(&tenants, &["--max-pod-sync-bytes", "1Mi"]).await;
+    let host = Host::start(&tenants, &["--max-pod-sync-bytes", "16Mi"]).await;
     let namespaces: Api<Namespace> = Api::all(host.cluster.client().await);
     for name in names {
         let namespace = serde_json::from_value(json!({"metadata": {"name": format!("vc-{name}")}})).unwrap();
@@ -1989,14 +1989,15 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_a
     let retry_delay =
         |status: &tonic::Status| status.get_details_retry_info().and_then(|info| info.retry_delay);
 
-    // team-a's call has sent 240 KiB of a Pod and stalls: the agent holds those bytes. A second
-    // call of team-a does not fit in its quarter of the budget (256 KiB).
-    let mut stalled = vec![partial_apply_pod(&host.grpc, "team-a", 1 << 20, 240 << 10).await];
-    eventually("the agent to hold team-a's 240 KiB", || async {
-        held_bytes().await.filter(|held| *held >= f64::from(240 << 10))
+    // team-a's call has sent 3.75 MiB of a 4 MiB Pod and stalls: the agent holds those bytes. A
+    // second call of team-a does not fit in its quarter of the budget (4 MiB).
+    const STALLED: u32 = 3840 << 10;
+    let mut stalled = vec![partial_apply_pod(&host.grpc, "team-a", 4 << 20, STALLED as usize).await];
+    eventually("the agent to hold team-a's 3.75 MiB", || async {
+        held_bytes().await.filter(|held| *held >= f64::from(STALLED))
     })
     .await;
-    let over_share = partial_apply_pod(&host.grpc, "team-a", 1 << 20, 100 << 10).await;
+    let over_share = partial_apply_pod(&host.grpc, "team-a", 4 << 20, 512 << 10).await;
     let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, over_share.answer)
         .await
         .expect("an answer")
@@ -2005,22 +2006,20 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_a
     assert_eq!(
         percent_decoded(&message),
         "tenant team-a holds its share of the Pod sync bytes the host agent holds at once \
-         (262144 of 1048576 bytes, --max-pod-sync-bytes): retry"
+         (4194304 of 16777216 bytes, --max-pod-sync-bytes): retry"
     );
     over_share.task.abort();
 
-    // Three more tenants hold as much: team-e's Pod of 200 KiB no longer fits beside them, though
-    // it holds nothing yet: refused with retry info, before the agent reads all of it.
+    // Three more tenants hold as much: team-e's Pod of 1 MiB no longer fits beside them, though it
+    // holds nothing yet: refused with retry info, before the agent reads all of it.
     for name in ["team-b", "team-c", "team-d"] {
-        stalled.push(partial_apply_pod(&host.grpc, name, 1 << 20, 240 << 10).await);
+        stalled.push(partial_apply_pod(&host.grpc, name, 4 << 20, STALLED as usize).await);
     }
-    eventually("the agent to hold 4 × 240 KiB", || async {
-        held_bytes()
-            .await
-            .filter(|held| *held >= f64::from(4 * (240 << 10)))
+    eventually("the agent to hold 4 × 3.75 MiB", || async {
+        held_bytes().await.filter(|held| *held >= f64::from(4 * STALLED))
     })
     .await;
-    let big = json!({"containers": [{"name": "app", "image": "app", "env": [{"name": "BLOB", "value": "x".repeat(200 << 10)}]}]});
+    let big = json!({"containers": [{"name": "app", "image": "app", "env": [{"name": "BLOB", "value": "x".repeat(1 << 20)}]}]});
     let request = || {
         with_token(
             ApplyPodRequest {
@@ -2039,7 +2038,7 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_a
     assert_eq!(
         refused.message(),
         "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
-         (1048576 bytes, --max-pod-sync-bytes): retry"
+         (16777216 bytes, --max-pod-sync-bytes): retry"
     );
     assert_eq!(retry_delay(&refused), Some(Duration::from_secs(1)));
     let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
