@@ -2196,12 +2196,7 @@ async fn with_an_admin_token_file_metrics_and_tenants_need_the_token_and_the_pro
     let admin = format!("http://{}", host.admin);
     let get = |path: &'static str, token: Option<&'static str>| {
         let admin = admin.clone();
-        async move {
-            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token, None))
-                .await
-                .unwrap()
-                .unwrap()
-        }
+        async move { rcsync_tests::admin_get(&admin, path, token, None).await.unwrap() }
     };
     for path in ["/metrics", "/tenants"] {
         let (code, body) = get(path, None).await;
@@ -2262,13 +2257,7 @@ async fn with_admin_tls_the_admin_port_speaks_https_only_and_picks_up_a_rotated_
     let https = format!("https://{}", host.admin);
     let get = |path: &'static str, ca: Option<std::path::PathBuf>| {
         let https = https.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                rcsync_core::status_client::get(&https, path, None, ca.as_deref())
-            })
-            .await
-            .unwrap()
-        }
+        async move { rcsync_tests::admin_get(&https, path, None, ca.as_deref()).await }
     };
     eventually("/readyz over HTTPS to answer 200", || {
         let ca1 = ca1.clone();

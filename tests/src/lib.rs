@@ -307,6 +307,23 @@ impl Cluster {
     }
 }
 
+/// `GET base + path` through the `status` commands' client (`http://` or `https://` with `ca`,
+/// a bearer `token`), off the async runtime; the status code and body, or the client's error.
+pub async fn admin_get(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    ca: Option<&Path>,
+) -> Result<(u16, String), String> {
+    let (base, path) = (base.to_string(), path.to_string());
+    let (token, ca) = (token.map(str::to_string), ca.map(Path::to_path_buf));
+    tokio::task::spawn_blocking(move || {
+        rcsync_core::status_client::get(&base, &path, token.as_deref(), ca.as_deref())
+    })
+    .await
+    .expect("the request's thread")
+}
+
 /// `GET http://addr/path` with plain HTTP/1.0; returns the status code and body.
 pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;

@@ -160,12 +160,7 @@ async fn with_an_admin_token_file_the_virtual_agents_metrics_and_status_need_the
     let admin = format!("http://{}", v.admin);
     let get = |path: &'static str, token: Option<&'static str>| {
         let admin = admin.clone();
-        async move {
-            tokio::task::spawn_blocking(move || rcsync_core::status_client::get(&admin, path, token, None))
-                .await
-                .unwrap()
-                .unwrap()
-        }
+        async move { rcsync_tests::admin_get(&admin, path, token, None).await.unwrap() }
     };
     for path in ["/livez", "/readyz"] {
         assert_eq!(get(path, None).await.0, 200, "{path} stays open for the kubelet");
