@@ -59,6 +59,35 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+/// Label set: a tenant refused for want of Pod sync bytes, and which budget was spent: `tenant`
+/// (the tenant's own share of `--max-pod-sync-bytes`) or `agent` (all of it, over all tenants).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetRefusalLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// `tenant` or `agent`.
+    pub budget: String,
+}
+
+/// Which Pod sync budget a refused call found spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodSyncBudget {
+    /// The tenant's share of `--max-pod-sync-bytes`: this tenant's calls hold it.
+    Tenant,
+    /// `--max-pod-sync-bytes` itself: all tenants' calls together hold it.
+    Agent,
+}
+
+impl PodSyncBudget {
+    /// The value of the `budget` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant",
+            Self::Agent => "agent",
+        }
+    }
+}
+
 /// Label set: the result of a config reload (`applied`, `unchanged`, `failed`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -121,8 +150,9 @@ pub struct Metrics {
     pub limit_rejections_total: Family<LimitLabels, Counter>,
     /// Bytes of PodSync requests held now (against `--max-pod-sync-bytes`).
     pub pod_sync_bytes_held: Gauge,
-    /// PodSync calls refused because `--max-pod-sync-bytes` were held, by tenant.
-    pub pod_sync_budget_refusals_total: Family<TenantLabel, Counter>,
+    /// PodSync calls refused because `--max-pod-sync-bytes` (or the tenant's share of it) were
+    /// held, by tenant and budget.
+    pub pod_sync_budget_refusals_total: Family<BudgetRefusalLabels, Counter>,
     /// Sync responses sent per tenant.
     pub responses_total: Family<TenantLabel, Counter>,
     /// ACKs received per tenant.
@@ -254,7 +284,7 @@ impl Metrics {
         );
         r.register(
             "pod_sync_budget_refusals",
-            "ApplyPod/DeletePod calls refused because --max-pod-sync-bytes were held",
+            "ApplyPod/DeletePod calls refused because --max-pod-sync-bytes were held, by the budget spent: the tenant's share of it (tenant) or all of it (agent)",
             m.pod_sync_budget_refusals_total.clone(),
         );
         r.register("sync_responses", "Sync responses sent", m.responses_total.clone());
@@ -338,9 +368,11 @@ impl Metrics {
             &self.pods_applied_total,
             &self.copies_written_total,
             &self.patch_errors_total,
-            &self.pod_sync_budget_refusals_total,
         ] {
             let _ = counter.get_or_create(&label);
+        }
+        for budget in [PodSyncBudget::Tenant, PodSyncBudget::Agent] {
+            let _ = self.pod_sync_budget_refusals(tenant, budget);
         }
         for reason in ["POD_SECURITY", "UNSUPPORTED", "NAME_IN_USE"] {
             let _ = self.pods_refused_total.get_or_create(&DecisionLabels {
@@ -380,10 +412,13 @@ impl Metrics {
         }
     }
 
-    /// The refusals counter of `--max-pod-sync-bytes` for `tenant`.
-    pub fn pod_sync_budget_refusals(&self, tenant: &str) -> Counter {
+    /// The counter of `tenant`'s calls refused because `budget` was spent.
+    pub fn pod_sync_budget_refusals(&self, tenant: &str, budget: PodSyncBudget) -> Counter {
         self.pod_sync_budget_refusals_total
-            .get_or_create(&Self::tenant(tenant))
+            .get_or_create(&BudgetRefusalLabels {
+                tenant: tenant.to_string(),
+                budget: budget.label().to_string(),
+            })
             .clone()
     }
 

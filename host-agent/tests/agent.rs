@@ -2042,8 +2042,16 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_a
     );
     assert_eq!(retry_delay(&refused), Some(Duration::from_secs(1)));
     let (_, metrics) = http_get(&host.admin, "/metrics").await.unwrap();
-    for name in ["team-a", "team-e"] {
-        let series = format!("rcsync_pod_sync_budget_refusals_total{{tenant=\"{name}\"}} 1\n");
+    // Each refusal counted under the budget it found spent: team-a's share, all of it for team-e.
+    for (name, budget, count) in [
+        ("team-a", "tenant", 1),
+        ("team-a", "agent", 0),
+        ("team-e", "tenant", 0),
+        ("team-e", "agent", 1),
+    ] {
+        let series = format!(
+            "rcsync_pod_sync_budget_refusals_total{{tenant=\"{name}\",budget=\"{budget}\"}} {count}\n"
+        );
         assert!(metrics.contains(&series), "{series} in {metrics}");
     }
 

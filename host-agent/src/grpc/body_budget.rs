@@ -35,7 +35,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::pods::{APPLY_POD, DELETE_POD};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PodSyncBudget};
 
 /// How long a caller refused for want of budget is asked to wait: calls are answered in
 /// milliseconds, so the budget is usually back well within it.
@@ -107,10 +107,14 @@ impl Charge {
     /// Takes `bytes` more for this call, or says why not.
     fn take(&self, bytes: usize) -> Result<(), Status> {
         let tenant_name = self.tenant.as_ref().map_or("", TenantName::as_str);
-        let refuse = |status: Status| {
-            self.budget.metrics.pod_sync_budget_refusals(tenant_name).inc();
+        let refuse = |budget: PodSyncBudget, status: Status| {
+            self.budget
+                .metrics
+                .pod_sync_budget_refusals(tenant_name, budget)
+                .inc();
             tracing::debug!(
                 tenant = tenant_name,
+                budget = budget.label(),
                 bytes,
                 message = status.message(),
                 "refusing a Pod sync"
@@ -122,11 +126,14 @@ impl Charge {
             && !self.budget.add_to_tenant(tenant, delta)
         {
             let total = self.budget.total;
-            return refuse(retry_later(format!(
-                "tenant {tenant} holds its share of the Pod sync bytes the host agent holds at \
+            return refuse(
+                PodSyncBudget::Tenant,
+                retry_later(format!(
+                    "tenant {tenant} holds its share of the Pod sync bytes the host agent holds at \
                  once ({} of {total} bytes, --max-pod-sync-bytes): retry",
-                total / TENANT_SHARE
-            )));
+                    total / TENANT_SHARE
+                )),
+            );
         }
         let taken = u32::try_from(bytes)
             .ok()
@@ -135,11 +142,14 @@ impl Charge {
             if let Some(tenant) = &self.tenant {
                 self.budget.add_to_tenant(tenant, -delta);
             }
-            return refuse(retry_later(format!(
-                "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
+            return refuse(
+                PodSyncBudget::Agent,
+                retry_later(format!(
+                    "the host agent holds as many Pod sync bytes as it may at once, over all tenants \
                  ({} bytes, --max-pod-sync-bytes): retry",
-                self.budget.total
-            )));
+                    self.budget.total
+                )),
+            );
         };
         let mut permit = self.permit.lock().unwrap_or_else(|e| e.into_inner());
         match permit.0.as_mut() {
