@@ -1,8 +1,8 @@
 //! What kube-apiserver does to an object between decoding and storage: metadata management,
 //! defaulting, validation, immutability, and the admission the spec relies on (RuntimeClass for
-//! Pods), plus ResourceQuota's count of Pods (`pods`, `count/pods`; other quota resources and
-//! `status.used` are not kept), so a namespace at its quota refuses a Pod create, even one whose
-//! name is taken: admission comes before storage, as upstream.
+//! Pods), plus ResourceQuota's count of Pods (`pods`, `count/pods`; no other quota resource is
+//! read), so a namespace at its quota refuses a Pod create, even one whose name is taken:
+//! admission comes before storage, as upstream. The quotas' status is kept by [`crate::quota`].
 
 use std::collections::BTreeMap;
 
@@ -204,6 +204,18 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
             }
         }
         "ResourceQuota" => {
+            for field in ["scopes", "scopeSelector"] {
+                if let Some(value) = obj.pointer(&format!("/spec/{field}"))
+                    && !matches!(value, Value::Null)
+                    && value.as_array().is_none_or(|scopes| !scopes.is_empty())
+                {
+                    causes.push(Cause::invalid(
+                        format!("spec.{field}"),
+                        value,
+                        "devcluster counts every Pod of the namespace: scoped quotas are not supported",
+                    ));
+                }
+            }
             for key in POD_QUOTA_KEYS {
                 if let Some(value) = obj.pointer("/spec/hard").and_then(|h| h.get(key))
                     && quota_limit(obj, key).is_none()
@@ -466,7 +478,16 @@ pub fn prepare_create(
 }
 
 /// The quota resources whose Pod count devcluster enforces.
-const POD_QUOTA_KEYS: [&str; 2] = ["pods", "count/pods"];
+pub(crate) const POD_QUOTA_KEYS: [&str; 2] = ["pods", "count/pods"];
+
+/// Whether a Pod counts against its namespace's quota: every Pod that has not ended, as
+/// upstream's Pod evaluator.
+pub(crate) fn counts_against_quota(pod: &Value) -> bool {
+    !matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    )
+}
 
 /// A quota's hard limit on `key`, when set (validated as a whole number at the quota's create).
 fn quota_limit(quota: &Value, key: &str) -> Option<u64> {
@@ -497,12 +518,7 @@ fn admit_pod_quota(def: &ResourceDef, obj: &Value, reader: &Reader<'_>) -> Resul
     }
     let used = reader
         .list(def.storage, namespace)
-        .filter(|pod| {
-            !matches!(
-                pod.pointer("/status/phase").and_then(Value::as_str),
-                Some("Succeeded" | "Failed")
-            )
-        })
+        .filter(|pod| counts_against_quota(pod))
         .count() as u64;
     match limits.into_iter().find(|(_, _, limit)| used + 1 > *limit) {
         Some((quota, key, limit)) => Err(ApiError::forbidden(

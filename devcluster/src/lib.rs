@@ -1,14 +1,16 @@
 //! devcluster: an in-memory Kubernetes API server for development and tests.
 //!
-//! It is **not** a Kubernetes distribution: there is no scheduler, no kubelet, no controllers and no
-//! persistence. It exists because rcsync's agents must be tested through the real Kubernetes client
-//! stack (kube-rs watchers, kubectl) on machines where no kube-apiserver can run. What it does, it
-//! does as kube-apiserver does: resourceVersions, watches (bookmarks, watch-list, 410 Gone), label
-//! and field selectors, pagination, optimistic concurrency, JSON/merge/strategic patches,
-//! server-side apply with managedFields and conflicts, schema-driven field validation, deletion
-//! with finalizers and owner references, Status errors, Tables, discovery and OpenAPI v3
+//! It is **not** a Kubernetes distribution: of the controllers only what rcsync's tests need runs
+//! (simulated nodes with a scheduler and a kubelet stand-in when asked for, `nodes`; ResourceQuota
+//! status, `quota`). It exists because rcsync's agents must be tested through the real Kubernetes
+//! client stack (kube-rs watchers, kubectl) on machines where no kube-apiserver can run. What it
+//! does, it does as kube-apiserver does: resourceVersions, watches (bookmarks, watch-list, 410
+//! Gone), label and field selectors, pagination, optimistic concurrency, JSON/merge/strategic
+//! patches, server-side apply with managedFields and conflicts, schema-driven field validation,
+//! deletion with finalizers and owner references, Status errors, Tables, discovery and OpenAPI v3
 //! (`kubectl explain`), protobuf request bodies for kubectl's imperative creates, an optional
-//! state file, the admission the spec relies on (RuntimeClass for Pods, immutable `handler`), and
+//! state file, the admission the spec relies on (RuntimeClass for Pods, immutable `handler`;
+//! ResourceQuota's Pod count), and
 //! CustomResourceDefinitions whose kinds are then served like the built-in ones (`crd`).
 //!
 //! ```text
@@ -38,6 +40,7 @@ pub mod patch;
 pub mod pki;
 pub mod protobuf;
 mod query;
+pub mod quota;
 pub mod resources;
 pub mod server;
 pub mod status;

@@ -1,13 +1,13 @@
 //! Protobuf request bodies (`application/vnd.kubernetes.protobuf`), as kubectl's imperative
 //! commands send them (`kubectl create namespace`, `create configmap`, `create secret generic`,
-//! `create serviceaccount`). The envelope is the `k8s\0` magic and a `runtime.Unknown` whose `raw`
+//! `create serviceaccount`, `create quota`). The envelope is the `k8s\0` magic and a `runtime.Unknown` whose `raw`
 //! holds the object; it is decoded with k8s-pb's generated types and turned into the JSON form the
 //! rest of devcluster works on. Besides those, RBAC objects (`kubectl create role|clusterrole|
 //! rolebinding|clusterrolebinding`), TokenRequest (`kubectl create token`) and the reviews
 //! (`kubectl auth can-i|whoami`). Other kinds are answered 415, never mis-decoded.
 
 use base64::Engine as _;
-use k8s_pb::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use k8s_pb::api::core::v1::{ConfigMap, Namespace, ResourceQuota, Secret, ServiceAccount};
 use k8s_pb::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_pb::apimachinery::pkg::runtime::Unknown;
 use prost::Message;
@@ -176,6 +176,25 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
                 obj["automountServiceAccountToken"] = json!(auto);
             }
             obj
+        }
+        ("v1", "ResourceQuota") => {
+            let quota = ResourceQuota::decode(raw.as_slice()).map_err(|e| bad("ResourceQuota", e))?;
+            let spec = quota.spec.unwrap_or_default();
+            if spec.scope_selector.is_some() {
+                return Err(ApiError::bad_request(
+                    "ResourceQuota spec.scopeSelector is not decoded from protobuf by devcluster: send the quota as JSON or YAML",
+                ));
+            }
+            let hard: Map<String, Value> = spec
+                .hard
+                .into_iter()
+                .map(|(resource, quantity)| (resource, json!(quantity.string.unwrap_or_default())))
+                .collect();
+            let mut spec_json = json!({"hard": hard});
+            if !spec.scopes.is_empty() {
+                spec_json["scopes"] = json!(spec.scopes);
+            }
+            json!({"metadata": metadata(quota.metadata), "spec": spec_json})
         }
         ("rbac.authorization.k8s.io/v1", "Role") => {
             let r = k8s_pb::api::rbac::v1::Role::decode(raw.as_slice()).map_err(|e| bad("Role", e))?;

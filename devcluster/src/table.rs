@@ -172,6 +172,12 @@ pub fn columns(def: &ResourceDef) -> Vec<Value> {
             column("Holder", "string", 0, "The holder of the lease."),
             age,
         ],
+        "ResourceQuota" => vec![
+            name,
+            age,
+            column("Request", "string", 0, "Request"),
+            column("Limit", "string", 0, "Limit"),
+        ],
         "Event" => vec![
             column("Last Seen", "string", 0, "Time the event was last observed."),
             column("Type", "string", 0, "Type of this event (Normal, Warning)."),
@@ -289,9 +295,41 @@ pub fn cells(def: &ResourceDef, obj: &Value) -> Vec<Value> {
         "Secret" => vec![name, s(obj, "/type"), count(obj, "/data"), created],
         "ServiceAccount" => vec![name, count(obj, "/secrets"), created],
         "Lease" => vec![name, s(obj, "/spec/holderIdentity"), created],
+        "ResourceQuota" => {
+            let (request, limit) = quota_usage(obj);
+            vec![name, created, json!(request), json!(limit)]
+        }
         "Event" => event_cells(obj),
         _ => vec![name, created],
     }
+}
+
+/// A quota's `resource: used/hard` pairs, sorted by resource, as kubectl prints them: `limits.*`
+/// in the second column, the rest in the first. A resource without a `used` entry shows 0.
+fn quota_usage(obj: &Value) -> (String, String) {
+    let hard = obj.pointer("/status/hard").and_then(Value::as_object);
+    let used = obj.pointer("/status/used");
+    let mut resources: Vec<&String> = hard.into_iter().flat_map(|h| h.keys()).collect();
+    resources.sort();
+    let (mut request, mut limit) = (Vec::new(), Vec::new());
+    for resource in resources {
+        let quantity = |v: Option<&Value>| match v {
+            Some(Value::String(q)) => q.clone(),
+            Some(other) => other.to_string(),
+            None => "0".to_string(),
+        };
+        let pair = format!(
+            "{resource}: {}/{}",
+            quantity(used.and_then(|u| u.get(resource))),
+            quantity(hard.and_then(|h| h.get(resource)))
+        );
+        if resource.starts_with("limits.") {
+            limit.push(pair);
+        } else {
+            request.push(pair);
+        }
+    }
+    (request.join(", "), limit.join(", "))
 }
 
 fn row(def: &ResourceDef, obj: &Value, include: IncludeObject) -> Value {
@@ -336,5 +374,21 @@ mod tests {
         ] {
             assert_eq!(human_duration(secs), want, "{secs}");
         }
+    }
+
+    #[test]
+    fn a_quota_row_pairs_used_and_hard_as_kubectl_prints_them() {
+        let quota = json!({"status": {
+            "hard": {"pods": "4", "limits.memory": "1Gi", "count/pods": "5", "requests.cpu": "2"},
+            "used": {"pods": "3", "count/pods": "3"},
+        }});
+        assert_eq!(
+            quota_usage(&quota),
+            (
+                "count/pods: 3/5, pods: 3/4, requests.cpu: 0/2".to_string(),
+                "limits.memory: 0/1Gi".to_string()
+            )
+        );
+        assert_eq!(quota_usage(&json!({})), (String::new(), String::new()));
     }
 }

@@ -331,6 +331,69 @@ async fn a_pod_quota_refuses_creates_past_it_before_a_taken_name_is_noticed() {
 }
 
 #[tokio::test]
+async fn a_quota_s_status_counts_the_pods_of_its_namespace_that_have_not_ended() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), "default");
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "compute"},
+        "spec": {"hard": {"pods": "3", "requests.cpu": "2"}}
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    // What the quota controller writes: `hard` as the spec has it, `used` for what devcluster
+    // counts, changed by every Pod create, end and delete in the namespace (not in another).
+    let status_becomes = |used: &'static str| {
+        let quotas = quotas.clone();
+        async move {
+            let want = json!({"hard": {"pods": "3", "requests.cpu": "2"}, "used": {"pods": used}});
+            let current = quotas.get("compute").await.unwrap();
+            if serde_json::to_value(&current.status).unwrap() == want {
+                return;
+            }
+            let since = current.metadata.resource_version.unwrap();
+            let mut watch = quotas.watch(&Default::default(), &since).await.unwrap().boxed();
+            timeout(DEADLINE, async {
+                while let Some(event) = watch.try_next().await.unwrap() {
+                    if let kube::api::WatchEvent::Modified(q) | kube::api::WatchEvent::Added(q) = event
+                        && serde_json::to_value(&q.status).unwrap() == want
+                    {
+                        return;
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("status.used.pods {used} within {DEADLINE:?}"));
+        }
+    };
+    status_becomes("0").await;
+    let pod = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+        }))
+        .unwrap()
+    };
+    pods.create(&PostParams::default(), &pod("a")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("b")).await.unwrap();
+    Api::<Pod>::namespaced(client.clone(), "kube-system")
+        .create(&PostParams::default(), &pod("elsewhere"))
+        .await
+        .unwrap();
+    status_becomes("2").await;
+    let done = json!({"status": {"phase": "Failed"}});
+    pods.patch_status("b", &PatchParams::default(), &Patch::Merge(&done))
+        .await
+        .unwrap();
+    status_becomes("1").await;
+    pods.delete("a", &DeleteParams::default()).await.unwrap();
+    status_becomes("0").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_pod_takes_added_tolerations_and_no_other_toleration_change() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client_for(&cluster).await, "default");

@@ -230,6 +230,49 @@ async fn kubectl_workflow_has_no_errors() {
     );
     assert!(out.contains("Runtime Class Name:  youki"), "{out}");
 
+    // A quota (protobuf, as `kubectl create quota` sends it) and its use as `kubectl get quota`
+    // prints it, once the quota controller has counted my-pod.
+    let out = kubectl
+        .run(&["create", "quota", "compute", "--hard=pods=3,limits.memory=1Gi"])
+        .await;
+    assert_eq!(out.trim(), "resourcequota/compute created");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let row = loop {
+        let out = kubectl.run(&["get", "quota", "compute"]).await;
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[0]
+                .split_whitespace()
+                .eq(["NAME", "AGE", "REQUEST", "LIMIT"]),
+            "{out}"
+        );
+        if lines[1].contains("pods: 1/3") {
+            break lines[1].to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the quota never counted my-pod:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(row.ends_with("limits.memory: 0/1Gi"), "{row}");
+    let err = kubectl
+        .fail(
+            &[
+                "create",
+                "quota",
+                "scoped",
+                "--hard=pods=1",
+                "--scopes=BestEffort",
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        err.contains("spec.scopes: Invalid value") && err.contains("scoped quotas are not supported"),
+        "{err}"
+    );
+
     // get --watch prints the change.
     let mut watch = kubectl
         .command(&["get", "runtimeclass", "--watch"])
