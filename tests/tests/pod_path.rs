@@ -1037,4 +1037,41 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
         "{message}"
     );
     no_host_pod(&system, "api").await;
+    // Operators see it too: failing, with the host's reason, while it is retried.
+    let admin = format!("http://{}", v.admin);
+    let reason = eventually("api failing in the virtual agent's status", || {
+        let admin = admin.clone();
+        async move {
+            let (_, doc) = rcsync_tests::admin_get(&admin, "/status", None, None)
+                .await
+                .ok()?;
+            let doc: serde_json::Value = serde_json::from_str(&doc).ok()?;
+            let api = doc["pods"]["notSynced"]
+                .as_array()?
+                .iter()
+                .find(|p| p["name"] == "api" && p["state"] == "failing")?
+                .clone();
+            (doc["pods"]["failing"] == 1).then(|| api["reason"].as_str().map(str::to_string))?
+        }
+    })
+    .await;
+    assert!(reason.contains("exceeded quota: pods"), "{reason}");
+
+    // Room on the host: the retried Pod goes there, and nothing is failing any more.
+    Api::<Pod>::namespaced(v.cluster.client().await, "default")
+        .delete("web", &Default::default())
+        .await
+        .unwrap();
+    wait_host_pod(&system, "api", "default").await;
+    eventually("no Pod failing in the status", || {
+        let admin = admin.clone();
+        async move {
+            let (_, doc) = rcsync_tests::admin_get(&admin, "/status", None, None)
+                .await
+                .ok()?;
+            let doc: serde_json::Value = serde_json::from_str(&doc).ok()?;
+            (doc["pods"]["failing"] == 0 && doc["pods"]["synced"] == 1).then_some(())
+        }
+    })
+    .await;
 }

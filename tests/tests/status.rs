@@ -67,6 +67,7 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
         "BLOCKED",
         "WAITING",
         "ORPHANED",
+        "FAILING",
     ] {
         assert!(header.contains(column), "{header}");
     }
@@ -81,6 +82,7 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
             "1",
             "1",
             "1",
+            "0",
             "0",
             "0"
         ],

@@ -74,6 +74,7 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
             "blocked": count("blocked"),
             "waiting": count("waiting"),
             "orphaned": count("orphaned"),
+            "failing": count("failing"),
             "notSynced": not_synced,
         },
     }))
@@ -105,6 +106,7 @@ pub fn status(admin: &rcsync_core::status_client::AdminTarget<'_>, output: Outpu
                     "BLOCKED",
                     "WAITING",
                     "ORPHANED",
+                    "FAILING",
                 ]
                 .map(String::from)
                 .to_vec(),
@@ -119,6 +121,7 @@ pub fn status(admin: &rcsync_core::status_client::AdminTarget<'_>, output: Outpu
                     text(&pods["blocked"]),
                     text(&pods["waiting"]),
                     text(&pods["orphaned"]),
+                    text(&pods["failing"]),
                 ],
             ]);
             let not_synced = pods["notSynced"].as_array().cloned().unwrap_or_default();

@@ -72,6 +72,11 @@ pub(super) struct Shard {
     /// Pods whose last try failed for want of the host: retried at once when the host path
     /// recovers.
     unreachable: HashSet<Key>,
+    /// Why the Pod being processed failed, when it did (see [`Shard::failed`]).
+    failure: Option<String>,
+    /// Pods whose last try failed, and why: `failing` on the board until a try succeeds, so a
+    /// Pod the host keeps refusing (its namespace's quota, say) shows in `virtual-agent status`.
+    failing: HashMap<Key, String>,
 }
 
 impl Shard {
@@ -112,7 +117,14 @@ impl Shard {
             generation: None,
             host_failed: false,
             unreachable: HashSet::new(),
+            failure: None,
+            failing: HashMap::new(),
         }
+    }
+
+    /// Notes why the Pod being processed failed (it is retried): reported as `failing`.
+    fn failed(&mut self, why: impl Into<String>) {
+        self.failure = Some(why.into());
     }
 
     fn enqueue(&mut self, key: Key) {
@@ -290,7 +302,18 @@ impl Shard {
                     if let Some(key) = self.queue.pop_front() {
                         self.queued.remove(&key);
                         self.host_failed = false;
+                        self.failure = None;
                         let ok = self.process(&key).await;
+                        match self.failure.take() {
+                            _ if ok => {
+                                self.failing.remove(&key);
+                            }
+                            Some(why) => {
+                                self.failing.insert(key.clone(), why);
+                            }
+                            // Waiting out the tenant's rate: as it stood.
+                            None => {}
+                        }
                         self.report(&key);
                         if ok || !self.host_failed {
                             self.unreachable.remove(&key);
@@ -311,6 +334,10 @@ impl Shard {
     /// Publishes where a Pod stands to the board behind `/status`.
     fn report(&self, key: &Key) {
         let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = self.failing.get(key) {
+            board.insert(key.clone(), ("failing", why.clone()));
+            return;
+        }
         match self.records.get(key).map(|r| &r.state) {
             Some(State::Synced(_)) => board.insert(key.clone(), ("synced", String::new())),
             Some(State::Blocked(why)) => board.insert(key.clone(), ("blocked", why.clone())),
@@ -363,6 +390,7 @@ impl Shard {
                     error = format!("{e:#}"),
                     "host agent unreachable: Pods are not synced meanwhile"
                 );
+                self.failed(format!("the host agent is unreachable: {e:#}"));
                 self.host_failed = true;
                 self.connection.host_path().failed();
                 None
@@ -370,10 +398,20 @@ impl Shard {
         }
     }
 
-    /// Drops the connection after errors a new one may cure: the host agent gone or restarted,
-    /// and a refused token (the token file is re-read at every connect, so a rotated token is
-    /// picked up).
-    async fn drop_clients_on(&mut self, status: &tonic::Status) {
+    /// Notes a failed call (`attempt`: what it was to do) for the board, and drops the connection
+    /// after errors a new one may cure: the host agent gone or restarted, and a refused token (the
+    /// token file is re-read at every connect, so a rotated token is picked up).
+    async fn drop_clients_on(&mut self, status: &tonic::Status, attempt: &str) {
+        match status.code() {
+            // Over the tenant's rate: the Pod waits, nothing failed.
+            tonic::Code::ResourceExhausted => {}
+            // The host's own refusal, said by the host agent.
+            tonic::Code::FailedPrecondition => self.failed(status.message()),
+            code => self.failed(format!(
+                "the host agent did not {attempt} ({code:?}): {}",
+                status.message()
+            )),
+        }
         if matches!(
             status.code(),
             tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
@@ -433,7 +471,7 @@ impl Shard {
                 if !self.note_rate_limited(&status) {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "DeletePod failed");
                 }
-                self.drop_clients_on(&status).await;
+                self.drop_clients_on(&status, "delete the host pod").await;
                 // A refusal that would only repeat is reported (above) and not retried.
                 !retryable(&status)
             }
@@ -536,7 +574,7 @@ impl Shard {
                 Ok(answer) => Some(answer.into_inner()),
                 Err(status) => {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
-                    self.drop_clients_on(&status).await;
+                    self.drop_clients_on(&status, "check the pod").await;
                     return false;
                 }
             }
@@ -598,6 +636,7 @@ impl Shard {
                         Some(decision) if !decision.allowed => decision,
                         other => {
                             tracing::warn!(namespace = %key.0, pod = %key.1, decision = ?other, "ApplyPod neither applied nor refused the Pod; retrying");
+                            self.failed("the host agent neither synced nor refused the pod");
                             return false;
                         }
                     }
@@ -607,7 +646,7 @@ impl Shard {
                         return false;
                     }
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "ApplyPod failed");
-                    self.drop_clients_on(&status).await;
+                    self.drop_clients_on(&status, "sync the pod to the host").await;
                     if status.code() == tonic::Code::FailedPrecondition
                         && self.refusals.get(key).map(String::as_str) != Some(status.message())
                     {
@@ -777,6 +816,7 @@ impl Shard {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(pod = %pod.name_any(), error = %e, "recording an event failed; retrying");
+                self.failed(format!("recording an event about the pod failed: {e}"));
                 // Forget the Blocked state so the retry records the event again.
                 self.records.remove(&key_of(pod));
                 false
@@ -800,6 +840,7 @@ impl Shard {
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => true,
             Err(e) => {
                 tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not finish deleting the virtual Pod");
+                self.failed(format!("finishing the pod's deletion failed: {e}"));
                 false
             }
         }
@@ -905,6 +946,7 @@ impl Shard {
             }
             Err(e) => {
                 tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "copying the host status failed; retrying");
+                self.failed(format!("copying the host pod's status failed: {e}"));
                 false
             }
         }
