@@ -1858,6 +1858,17 @@ struct PartialCall {
 /// Starts an ApplyPod of `tenant` over its own HTTP/2 connection that announces a message of
 /// `declared` bytes, sends `sent` of them and then nothing more, so the agent holds what arrived.
 async fn partial_apply_pod(addr: &str, tenant: &str, declared: u32, sent: usize) -> PartialCall {
+    partial_apply_pod_with(addr, tenant, declared, sent, &[]).await
+}
+
+/// [`partial_apply_pod`] with further request headers.
+async fn partial_apply_pod_with(
+    addr: &str,
+    tenant: &str,
+    declared: u32,
+    sent: usize,
+    headers: &[(&str, &str)],
+) -> PartialCall {
     use futures::StreamExt as _;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
@@ -1876,12 +1887,14 @@ async fn partial_apply_pod(addr: &str, tenant: &str, declared: u32, sent: usize)
         ))])
         .chain(futures::stream::pending()),
     );
-    let request = http::Request::post(format!("http://{addr}/rcsync.v1.PodSync/ApplyPod"))
+    let mut request = http::Request::post(format!("http://{addr}/rcsync.v1.PodSync/ApplyPod"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .header("authorization", format!("Bearer {}", token(tenant)))
-        .body(body)
-        .unwrap();
+        .header("authorization", format!("Bearer {}", token(tenant)));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(body).unwrap();
     let (answered, answer) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let call = async move {
@@ -1930,6 +1943,26 @@ async fn a_pod_sync_whose_message_stalls_is_ended_and_gives_back_its_bytes_and_i
         .await
         .expect("a place is free");
     stalled.task.abort();
+}
+
+#[tokio::test]
+async fn a_call_past_its_grpc_timeout_ends_with_deadline_exceeded() {
+    let host = Host::start(POD_TENANTS, &[]).await;
+    host.ready().await;
+    // The message never completes; the caller's deadline (1 s), not the read timeout (10 s),
+    // ends the call, with the code the gRPC spec gives an expired deadline.
+    let call =
+        partial_apply_pod_with(&host.grpc, "team-a", 64 << 10, 1 << 10, &[("grpc-timeout", "1S")]).await;
+    let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, call.answer)
+        .await
+        .expect("the agent ends the call")
+        .expect("an answer");
+    assert_eq!(status, (Code::DeadlineExceeded as i32).to_string(), "{message}");
+    assert_eq!(
+        percent_decoded(&message),
+        "no answer within the caller's grpc-timeout (1s)"
+    );
+    call.task.abort();
 }
 
 /// A `grpc-message` as sent (percent-encoded), decoded.

@@ -10,6 +10,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt as _};
 use serde_json::json;
 
+use crate::proxy::FaultyProxy;
 use crate::{Cluster, Process, binary, eventually, http_get, spawn_listening};
 
 /// One tenant of the system.
@@ -438,6 +439,37 @@ impl System {
             }
         })
         .await;
+    }
+
+    /// Restarts the host agent with its API server reached through a [`FaultyProxy`] (the
+    /// kubeconfig names the proxy, with the API server's own name for TLS), and returns the proxy.
+    pub async fn reroute_host_agent(&mut self) -> FaultyProxy {
+        let path = self.dir.path().join("host-agent.kubeconfig");
+        let mut kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+        let mut proxy = None;
+        for named in &mut kubeconfig.clusters {
+            let Some(cluster) = named.cluster.as_mut() else {
+                continue;
+            };
+            let server = cluster.server.clone().expect("a server URL");
+            let authority = server.trim_start_matches("https://").trim_end_matches('/');
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((host, port)) => (host.trim_matches(['[', ']']).to_string(), port.parse().unwrap()),
+                None => (authority.to_string(), 443),
+            };
+            let target = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .unwrap()
+                .next()
+                .expect("the API server's address");
+            let started = FaultyProxy::start(target).await.unwrap();
+            cluster.server = Some(format!("https://{}", started.addr));
+            cluster.tls_server_name.get_or_insert(host);
+            proxy = Some(started);
+        }
+        std::fs::write(&path, yaml_serde::to_string(&kubeconfig).unwrap()).unwrap();
+        self.restart_host_agent().await;
+        proxy.expect("a cluster in the host agent's kubeconfig")
     }
 
     /// Kills the host agent (SIGKILL) unless it is down already, and starts it again.

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Namespace, Pod, 
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt as _};
 use rcsync_core::pod_refs;
+use rcsync_tests::proxy::Mode;
 use rcsync_tests::system::{System, TenantSpec, VirtualSide, runtime_class};
 use rcsync_tests::{eventually, http_get};
 use serde_json::{Value, json};
@@ -1038,23 +1039,7 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
     );
     no_host_pod(&system, "api").await;
     // Operators see it too: failing, with the host's reason, while it is retried.
-    let admin = format!("http://{}", v.admin);
-    let reason = eventually("api failing in the virtual agent's status", || {
-        let admin = admin.clone();
-        async move {
-            let (_, doc) = rcsync_tests::admin_get(&admin, "/status", None, None)
-                .await
-                .ok()?;
-            let doc: serde_json::Value = serde_json::from_str(&doc).ok()?;
-            let api = doc["pods"]["notSynced"]
-                .as_array()?
-                .iter()
-                .find(|p| p["name"] == "api" && p["state"] == "failing")?
-                .clone();
-            (doc["pods"]["failing"] == 1).then(|| api["reason"].as_str().map(str::to_string))?
-        }
-    })
-    .await;
+    let reason = failing_in_status(v, "api").await;
     assert!(reason.contains("exceeded quota: pods"), "{reason}");
 
     // Room on the host: the retried Pod goes there, and nothing is failing any more.
@@ -1063,15 +1048,63 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
         .await
         .unwrap();
     wait_host_pod(&system, "api", "default").await;
-    eventually("no Pod failing in the status", || {
-        let admin = admin.clone();
-        async move {
-            let (_, doc) = rcsync_tests::admin_get(&admin, "/status", None, None)
-                .await
-                .ok()?;
-            let doc: serde_json::Value = serde_json::from_str(&doc).ok()?;
-            (doc["pods"]["failing"] == 0 && doc["pods"]["synced"] == 1).then_some(())
-        }
+    none_failing_in_status(v, 1).await;
+}
+
+/// The virtual agent's `/status` document.
+async fn status_of(v: &VirtualSide) -> Option<Value> {
+    let admin = format!("http://{}", v.admin);
+    let (_, doc) = rcsync_tests::admin_get(&admin, "/status", None, None)
+        .await
+        .ok()?;
+    serde_json::from_str(&doc).ok()
+}
+
+/// Waits until the virtual agent's status has `pod` failing (and only it); its reason.
+async fn failing_in_status(v: &VirtualSide, pod: &str) -> String {
+    eventually(
+        &format!("{pod} failing in the virtual agent's status"),
+        || async {
+            let doc = status_of(v).await?;
+            let entry = doc["pods"]["notSynced"]
+                .as_array()?
+                .iter()
+                .find(|p| p["name"] == pod && p["state"] == "failing")?
+                .clone();
+            (doc["pods"]["failing"] == 1).then(|| entry["reason"].as_str().map(str::to_string))?
+        },
+    )
+    .await
+}
+
+/// Waits until no Pod is failing in the virtual agent's status and `synced` are synced.
+async fn none_failing_in_status(v: &VirtualSide, synced: u64) {
+    eventually("no Pod failing in the virtual agent's status", || async {
+        let doc = status_of(v).await?;
+        (doc["pods"]["failing"] == 0 && doc["pods"]["synced"] == synced).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_pod_sync_the_host_api_server_never_answers_ends_after_the_call_timeout_and_is_retried() {
+    let mut system = system(tenant()).await;
+    system.virtuals[0].set_agent_flag("--host-call-timeout-seconds", "1");
+    system.virtuals[0].restart_agent().await;
+    // The host API server stops answering the host agent (its connections held open, silent).
+    let proxy = system.reroute_host_agent().await;
+    proxy.set(Mode::Stall);
+    let v = system.virtual_side();
+    v.create_pod(&pod("patient", json!({"containers": [app(json!({}))]})))
+        .await;
+    // Without a deadline the call would wait on the host agent's client (minutes), and the Pods
+    // of its shard behind it.
+    let reason = failing_in_status(v, "patient").await;
+    assert!(
+        reason.starts_with("the host agent did not sync the pod to the host (DeadlineExceeded)"),
+        "{reason}"
+    );
+    proxy.set(Mode::Pass);
+    wait_host_pod(&system, "patient", "default").await;
+    none_failing_in_status(v, 1).await;
 }

@@ -27,6 +27,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::leader::Fence;
 
+/// How long a unary call to the host agent may take unless told otherwise.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How to reach and authenticate to the host agent.
 #[derive(Clone, Debug, Default)]
 pub struct HostAgentTarget {
@@ -42,6 +45,11 @@ pub struct HostAgentTarget {
     pub client_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS.
     pub client_key: Option<PathBuf>,
+    /// How long a unary call (CheckPod, ApplyPod, DeletePod) may take: past it the call ends with
+    /// DEADLINE_EXCEEDED here, and the host agent, which gets it as `grpc-timeout`, stops its work
+    /// (a host API server that hangs would otherwise hold the Pod, and the shard behind it, until
+    /// the host agent's own client gives up, minutes later).
+    pub call_timeout: Duration,
     /// Where the next connect starts in the endpoint list (shared by clones).
     rotation: Arc<AtomicUsize>,
     /// When set, calls go out only while it allows (leader fencing).
@@ -84,6 +92,7 @@ impl HostAgentTarget {
         Self {
             urls,
             tenant,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
             ..Default::default()
         }
     }
@@ -285,6 +294,35 @@ impl SharedClients {
     /// Whether the shards' calls reach the host (see [`HostPath`]).
     pub fn host_path(&self) -> &HostPath {
         &self.host_path
+    }
+
+    /// `message` as a unary call that ends after the target's call timeout: the deadline is sent
+    /// as `grpc-timeout`, and `call` is given up here when no answer came by then.
+    pub async fn bounded<T, R, F>(
+        &self,
+        message: T,
+        call: impl FnOnce(tonic::Request<T>) -> F,
+    ) -> Result<R, tonic::Status>
+    where
+        F: std::future::Future<Output = Result<R, tonic::Status>>,
+    {
+        let timeout = self.target.call_timeout;
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        let expired = || {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {timeout:?} (--host-call-timeout-seconds)"
+            )))
+        };
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(timeout, call(request)).await {
+            // tonic's channel enforces the request's `grpc-timeout` itself, and says CANCELLED.
+            Ok(Err(status)) if status.code() == tonic::Code::Cancelled && started.elapsed() >= timeout => {
+                expired()
+            }
+            Ok(answer) => answer,
+            Err(_) => expired(),
+        }
     }
 
     /// The current connection, made now if there is none (one shard connects, the others wait).

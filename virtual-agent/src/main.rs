@@ -82,6 +82,11 @@ struct Cli {
     /// This replica's identity in the leader Lease (default: host name and process id).
     #[arg(long, env = "VIRTUAL_AGENT_IDENTITY")]
     identity: Option<String>,
+    /// How long a call to the host agent for one Pod (CheckPod, ApplyPod, DeletePod) may take, in
+    /// seconds: past it the Pod is retried, and the host agent stops the call's work (a hung host
+    /// API server does not hold the Pod, and the Pods behind it, for minutes).
+    #[arg(long, env = "VIRTUAL_AGENT_HOST_CALL_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    host_call_timeout_seconds: u64,
     /// How long to let work in flight finish after SIGTERM, in seconds.
     #[arg(long, env = "VIRTUAL_AGENT_SHUTDOWN_GRACE_SECONDS", default_value_t = 5)]
     shutdown_grace_seconds: u64,
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
     target.ca_cert = cli.ca_cert;
     target.client_cert = cli.client_cert;
     target.client_key = cli.client_key;
+    target.call_timeout = Duration::from_secs(cli.host_call_timeout_seconds);
     let settings = Settings {
         lease,
         kubeconfig: cli.kubeconfig,

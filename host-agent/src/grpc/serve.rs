@@ -428,7 +428,12 @@ impl<C: Clone + Send + Sync + 'static> hyper::service::Service<http::Request<Inc
                 Some(Err(status)) => Ok(status.into_http()),
                 Some(Ok(deadline)) => match tokio::time::timeout(deadline, response).await {
                     Ok(response) => response,
-                    Err(_) => Ok(Status::cancelled("Timeout expired").into_http()),
+                    // DEADLINE_EXCEEDED, as the gRPC spec has it for an expired deadline (tonic's
+                    // own server says CANCELLED).
+                    Err(_) => Ok(Status::deadline_exceeded(format!(
+                        "no answer within the caller's grpc-timeout ({deadline:?})"
+                    ))
+                    .into_http()),
                 },
             }
         })

@@ -401,7 +401,7 @@ impl Shard {
     /// Notes a failed call (`attempt`: what it was to do) for the board, and drops the connection
     /// after errors a new one may cure: the host agent gone or restarted, and a refused token (the
     /// token file is re-read at every connect, so a rotated token is picked up).
-    async fn drop_clients_on(&mut self, status: &tonic::Status, attempt: &str) {
+    async fn call_failed(&mut self, status: &tonic::Status, attempt: &str) {
         match status.code() {
             // Over the tenant's rate: the Pod waits, nothing failed.
             tonic::Code::ResourceExhausted => {}
@@ -461,7 +461,7 @@ impl Shard {
             pod_uid: uid.to_string(),
             grace_period_seconds: grace,
         };
-        match pods.delete_pod(request).await {
+        match self.connection.bounded(request, |r| pods.delete_pod(r)).await {
             Ok(answer) => {
                 self.connection.host_path().reached();
                 tracing::info!(namespace = %key.0, pod = %key.1, deleted = answer.into_inner().deleted, "deleted host Pod of a deleted virtual Pod");
@@ -471,7 +471,7 @@ impl Shard {
                 if !self.note_rate_limited(&status) {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "DeletePod failed");
                 }
-                self.drop_clients_on(&status, "delete the host pod").await;
+                self.call_failed(&status, "delete the host pod").await;
                 // A refusal that would only repeat is reported (above) and not retried.
                 !retryable(&status)
             }
@@ -570,11 +570,11 @@ impl Shard {
                 pod_name: key.1.clone(),
                 runtime_class_name: runtime_class,
             };
-            match classes.check_pod(request).await {
+            match self.connection.bounded(request, |r| classes.check_pod(r)).await {
                 Ok(answer) => Some(answer.into_inner()),
                 Err(status) => {
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "CheckPod failed: not syncing (fail closed)");
-                    self.drop_clients_on(&status, "check the pod").await;
+                    self.call_failed(&status, "check the pod").await;
                     return false;
                 }
             }
@@ -607,7 +607,7 @@ impl Shard {
                 };
                 return self.on_refused(key, pod, &uid, refusal).await;
             }
-            match pods.apply_pod(request).await {
+            match self.connection.bounded(request, |r| pods.apply_pod(r)).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();
                     if let Some(refusal) = answer.refusal {
@@ -646,7 +646,7 @@ impl Shard {
                         return false;
                     }
                     tracing::warn!(namespace = %key.0, pod = %key.1, %status, "ApplyPod failed");
-                    self.drop_clients_on(&status, "sync the pod to the host").await;
+                    self.call_failed(&status, "sync the pod to the host").await;
                     if status.code() == tonic::Code::FailedPrecondition
                         && self.refusals.get(key).map(String::as_str) != Some(status.message())
                     {
