@@ -1041,6 +1041,8 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
     // Operators see it too: failing, with the host's reason, while it is retried.
     let reason = failing_in_status(v, "api").await;
     assert!(reason.contains("exceeded quota: pods"), "{reason}");
+    let metrics = v.metrics().await;
+    assert!(metrics.contains("\nrcsync_pods_failing 1\n"), "{metrics}");
 
     // Room on the host: the retried Pod goes there, and nothing is failing any more.
     Api::<Pod>::namespaced(v.cluster.client().await, "default")
@@ -1049,6 +1051,8 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
         .unwrap();
     wait_host_pod(&system, "api", "default").await;
     none_failing_in_status(v, 1).await;
+    let metrics = v.metrics().await;
+    assert!(metrics.contains("\nrcsync_pods_failing 0\n"), "{metrics}");
 }
 
 /// The virtual agent's `/status` document.

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub pods_rate_limited_total: Counter,
     /// Pods left as orphans because their class stopped being synced.
     pub pods_orphaned: Gauge,
+    /// Pods whose last try failed (retried): `failing` in `virtual-agent status`.
+    pub pods_failing: Gauge,
     /// Pod operations that failed and are retried.
     pub pod_errors_total: Counter,
     /// Host Pod statuses copied to virtual Pods.
@@ -75,6 +77,7 @@ impl Metrics {
             ]),
             pods_rate_limited_total: Counter::default(),
             pods_orphaned: Gauge::default(),
+            pods_failing: Gauge::default(),
             pod_errors_total: Counter::default(),
             statuses_copied_total: Counter::default(),
             last_sync_timestamp_seconds: Gauge::default(),
@@ -132,6 +135,11 @@ impl Metrics {
             "pods_orphaned",
             "Pods whose runtime class stopped being synced",
             m.pods_orphaned.clone(),
+        );
+        r.register(
+            "pods_failing",
+            "Pods whose last sync try failed and is retried (the host refusing them, or unreachable)",
+            m.pods_failing.clone(),
         );
         r.register(
             "pod_sync_errors",

@@ -183,6 +183,58 @@ impl Records {
     }
 }
 
+/// A term ends by dropping its shards: their orphans leave the gauge with them (a replica that
+/// leads again counts them anew).
+impl Drop for Records {
+    fn drop(&mut self) {
+        let orphans = self
+            .by_key
+            .values()
+            .filter(|r| r.state == State::Orphaned)
+            .count();
+        self.orphans.dec_by(i64::try_from(orphans).unwrap_or(i64::MAX));
+    }
+}
+
+/// The shard's Pods whose last try failed, and why, with the shard's share of the failing gauge
+/// in step (and given back when the shard goes, as [`Records`]).
+struct Failing {
+    by_key: HashMap<Key, String>,
+    gauge: Gauge,
+}
+
+impl Failing {
+    fn new(gauge: Gauge) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            gauge,
+        }
+    }
+
+    fn get(&self, key: &Key) -> Option<&String> {
+        self.by_key.get(key)
+    }
+
+    fn insert(&mut self, key: Key, why: String) {
+        if self.by_key.insert(key, why).is_none() {
+            self.gauge.inc();
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if self.by_key.remove(key).is_some() {
+            self.gauge.dec();
+        }
+    }
+}
+
+impl Drop for Failing {
+    fn drop(&mut self) {
+        self.gauge
+            .dec_by(i64::try_from(self.by_key.len()).unwrap_or(i64::MAX));
+    }
+}
+
 /// What the status feed reports.
 #[derive(Clone)]
 enum StatusFeed {
@@ -558,6 +610,48 @@ fn kind_index(kind: RefKind) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(name: &str) -> Key {
+        ("default".to_string(), name.to_string())
+    }
+
+    #[test]
+    fn a_shard_s_orphans_and_failing_pods_leave_their_gauges_when_the_shard_goes() {
+        let (orphans, failing) = (Gauge::default(), Gauge::default());
+        // Another shard's share stays.
+        orphans.set(2);
+        failing.set(1);
+        {
+            let mut records = Records::new(orphans.clone());
+            let orphan = |uid: &str| Record {
+                uid: uid.to_string(),
+                state: State::Orphaned,
+            };
+            records.insert(key("a"), orphan("1"));
+            records.insert(key("b"), orphan("2"));
+            records.insert(
+                key("b"),
+                Record {
+                    uid: "2".to_string(),
+                    state: State::Synced(7),
+                },
+            );
+            assert_eq!(orphans.get(), 3);
+            let mut tracker = Failing::new(failing.clone());
+            tracker.insert(key("a"), "the host refused the pod".to_string());
+            tracker.insert(key("a"), "again".to_string());
+            tracker.insert(key("c"), "unreachable".to_string());
+            tracker.remove(&key("c"));
+            tracker.remove(&key("c"));
+            tracker.insert(key("d"), "unreachable".to_string());
+            assert_eq!(
+                (failing.get(), tracker.get(&key("a")).map(String::as_str)),
+                (3, Some("again"))
+            );
+        }
+        // A term that ended (its shards dropped) no longer counts: the next one counts anew.
+        assert_eq!((orphans.get(), failing.get()), (2, 1));
+    }
 
     #[test]
     fn apply_pod_carries_the_pod_without_its_status_and_managed_fields() {

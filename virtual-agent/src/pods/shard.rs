@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::{
-    Key, ObjectKey, ObjectStores, POD_RETRY_MAX, PodBoard, Record, Records, ShardInput, State, StatusFeed,
-    apply_body, digest_of, fingerprint, key_of, kind_index, reason_of, retryable,
+    Failing, Key, ObjectKey, ObjectStores, POD_RETRY_MAX, PodBoard, Record, Records, ShardInput, State,
+    StatusFeed, apply_body, digest_of, fingerprint, key_of, kind_index, reason_of, retryable,
 };
 use crate::classes::SyncState;
 use crate::connect::{Backoff, ClassClient, PodClient, SharedClients};
@@ -76,7 +76,7 @@ pub(super) struct Shard {
     failure: Option<String>,
     /// Pods whose last try failed, and why: `failing` on the board until a try succeeds, so a
     /// Pod the host keeps refusing (its namespace's quota, say) shows in `virtual-agent status`.
-    failing: HashMap<Key, String>,
+    failing: Failing,
 }
 
 impl Shard {
@@ -96,6 +96,7 @@ impl Shard {
             recorder,
             client,
             records: Records::new(metrics.pods_orphaned.clone()),
+            failing: Failing::new(metrics.pods_failing.clone()),
             metrics,
             pods: HashMap::new(),
             host: HashMap::new(),
@@ -118,7 +119,6 @@ impl Shard {
             host_failed: false,
             unreachable: HashSet::new(),
             failure: None,
-            failing: HashMap::new(),
         }
     }
 
