@@ -137,6 +137,12 @@ struct RunArgs {
     /// of a message and then nothing. A 4 MiB message needs about 3 Mbit/s at the default.
     #[arg(long, env = "HOST_AGENT_POD_SYNC_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pod_sync_read_timeout: Duration,
+    /// How long the agent works on one ApplyPod/DeletePod (its host API calls) once its message
+    /// arrived; past it the call ends with DEADLINE_EXCEEDED (the virtual agent retries), so a host
+    /// API server that hangs does not hold the call, its tenant's podSyncInFlight place and its
+    /// bytes for minutes. A caller's shorter grpc-timeout ends it sooner.
+    #[arg(long, env = "HOST_AGENT_POD_SYNC_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pod_sync_timeout: Duration,
     /// Log format.
     #[arg(long, env = "HOST_AGENT_LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
@@ -262,6 +268,7 @@ fn main() -> ExitCode {
         max_connections: args.max_connections,
         max_pod_sync_bytes: args.max_pod_sync_bytes,
         pod_sync_read_timeout: args.pod_sync_read_timeout,
+        pod_sync_timeout: args.pod_sync_timeout,
         admin_token_file: args.admin_token_file,
         admin_tls: TlsFiles {
             cert: args.admin_tls_cert,

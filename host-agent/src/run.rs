@@ -60,6 +60,8 @@ pub struct Settings {
     pub max_pod_sync_bytes: usize,
     /// How long an ApplyPod/DeletePod message may take to arrive after its headers.
     pub pod_sync_read_timeout: Duration,
+    /// How long an ApplyPod/DeletePod may work once its message arrived.
+    pub pod_sync_timeout: Duration,
     /// The bearer token file guarding the admin port's `/metrics` and `/tenants`.
     pub admin_token_file: Option<PathBuf>,
     /// The admin port's TLS files (no client CA): HTTPS when set.
@@ -218,7 +220,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics.clone(),
         shutdown_rx.clone(),
         limiter.clone(),
-    );
+    )
+    .with_call_timeout(settings.pod_sync_timeout);
 
     let grpc_listener = TcpListener::bind(settings.grpc_listen)
         .await

@@ -1946,6 +1946,48 @@ async fn a_pod_sync_whose_message_stalls_is_ended_and_gives_back_its_bytes_and_i
 }
 
 #[tokio::test]
+async fn a_pod_sync_the_host_api_server_never_answers_ends_after_the_pod_sync_timeout() {
+    use rcsync_tests::proxy::{Mode, reroute_kubeconfig};
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
+    let proxied = dir.path().join("proxied.kubeconfig");
+    std::fs::copy(&cluster.kubeconfig, &proxied).unwrap();
+    let proxy = reroute_kubeconfig(&proxied).await;
+    let cluster = Cluster {
+        dev: cluster.dev,
+        kubeconfig: proxied,
+    };
+    let host = Host::start_agent(dir, cluster, POD_TENANTS, &["--pod-sync-timeout", "1s"]).await;
+    host.ready().await;
+    // The host API server goes silent (connections held open): the call is ended, with its
+    // podSyncInFlight place and bytes, instead of waiting minutes on the agent's client.
+    proxy.set(Mode::Stall);
+    let mut pods = PodSyncClient::new(host.channel().await);
+    let request = with_token(
+        ApplyPodRequest {
+            pod_json: virtual_pod(
+                "default",
+                "p",
+                "uid-p",
+                json!({"containers": [{"name": "app", "image": "app"}]}),
+            ),
+            ..Default::default()
+        },
+        "team-a",
+    );
+    let refused = tokio::time::timeout(rcsync_tests::DEADLINE, pods.apply_pod(request))
+        .await
+        .expect("an answer within the pod sync timeout")
+        .expect_err("no Pod placed");
+    assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "the host API server did not complete the call within 1s (--pod-sync-timeout)"
+    );
+    proxy.set(Mode::Pass);
+}
+
+#[tokio::test]
 async fn a_call_past_its_grpc_timeout_ends_with_deadline_exceeded() {
     let host = Host::start(POD_TENANTS, &[]).await;
     host.ready().await;

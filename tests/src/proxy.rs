@@ -1,6 +1,6 @@
-//! A TCP proxy on loopback between a client (a virtual agent) and the host agent that a test or
-//! the chaos harness can make misbehave: cut every connection (drop), stall them (blackhole: bytes are held, sockets stay
-//! open), or delay every chunk.
+//! A TCP proxy on loopback between a client (a virtual agent, or an agent and its API server) and
+//! its server that a test or the chaos harness can make misbehave: cut every connection (drop),
+//! stall them (blackhole: bytes are held, sockets stay open), or delay every chunk.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -112,4 +112,34 @@ async fn pump(
             return;
         }
     }
+}
+
+/// Points the kubeconfig at `path` to its API server through a new [`FaultyProxy`] (its server
+/// URL names the proxy; TLS still checks the API server's own name, `tls-server-name`), and
+/// returns the proxy.
+pub async fn reroute_kubeconfig(path: &std::path::Path) -> FaultyProxy {
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(path).unwrap();
+    let mut proxy = None;
+    for named in &mut kubeconfig.clusters {
+        let Some(cluster) = named.cluster.as_mut() else {
+            continue;
+        };
+        let server = cluster.server.clone().expect("a server URL");
+        let authority = server.trim_start_matches("https://").trim_end_matches('/');
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) => (host.trim_matches(['[', ']']).to_string(), port.parse().unwrap()),
+            None => (authority.to_string(), 443),
+        };
+        let target = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .unwrap()
+            .next()
+            .expect("the API server's address");
+        let started = FaultyProxy::start(target).await.unwrap();
+        cluster.server = Some(format!("https://{}", started.addr));
+        cluster.tls_server_name.get_or_insert(host);
+        proxy = Some(started);
+    }
+    std::fs::write(path, yaml_serde::to_string(&kubeconfig).unwrap()).unwrap();
+    proxy.expect("a cluster in the kubeconfig")
 }

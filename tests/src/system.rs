@@ -441,35 +441,12 @@ impl System {
         .await;
     }
 
-    /// Restarts the host agent with its API server reached through a [`FaultyProxy`] (the
-    /// kubeconfig names the proxy, with the API server's own name for TLS), and returns the proxy.
+    /// Restarts the host agent with its API server reached through a [`FaultyProxy`] (see
+    /// [`crate::proxy::reroute_kubeconfig`]), and returns the proxy.
     pub async fn reroute_host_agent(&mut self) -> FaultyProxy {
-        let path = self.dir.path().join("host-agent.kubeconfig");
-        let mut kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
-        let mut proxy = None;
-        for named in &mut kubeconfig.clusters {
-            let Some(cluster) = named.cluster.as_mut() else {
-                continue;
-            };
-            let server = cluster.server.clone().expect("a server URL");
-            let authority = server.trim_start_matches("https://").trim_end_matches('/');
-            let (host, port) = match authority.rsplit_once(':') {
-                Some((host, port)) => (host.trim_matches(['[', ']']).to_string(), port.parse().unwrap()),
-                None => (authority.to_string(), 443),
-            };
-            let target = tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .unwrap()
-                .next()
-                .expect("the API server's address");
-            let started = FaultyProxy::start(target).await.unwrap();
-            cluster.server = Some(format!("https://{}", started.addr));
-            cluster.tls_server_name.get_or_insert(host);
-            proxy = Some(started);
-        }
-        std::fs::write(&path, yaml_serde::to_string(&kubeconfig).unwrap()).unwrap();
+        let proxy = crate::proxy::reroute_kubeconfig(&self.dir.path().join("host-agent.kubeconfig")).await;
         self.restart_host_agent().await;
-        proxy.expect("a cluster in the host agent's kubeconfig")
+        proxy
     }
 
     /// Kills the host agent (SIGKILL) unless it is down already, and starts it again.

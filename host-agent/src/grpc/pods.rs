@@ -12,7 +12,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSchedulingGate, Secret};
@@ -55,7 +55,12 @@ pub struct PodSyncService<V> {
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
     limiter: TenantLimiter,
+    /// How long one ApplyPod/DeletePod may work (see [`PodSyncService::with_call_timeout`]).
+    call_timeout: Duration,
 }
+
+/// How long one ApplyPod/DeletePod may work unless told otherwise.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl<V: ViewSource> PodSyncService<V> {
     /// Builds the service over the host cluster `client`.
@@ -76,7 +81,31 @@ impl<V: ViewSource> PodSyncService<V> {
             metrics,
             shutdown,
             limiter,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         }
+    }
+
+    /// Ends an ApplyPod/DeletePod whose work (its host API calls) takes longer than `timeout`,
+    /// with DEADLINE_EXCEEDED, whatever deadline its caller set (a caller's shorter `grpc-timeout`
+    /// ends it sooner): a host API server that hangs does not hold a call, its tenant's
+    /// `podSyncInFlight` place and its bytes of `--max-pod-sync-bytes` until the client's own
+    /// read timeout, minutes later.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// `work`, ended after the call timeout.
+    async fn bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let timeout = self.call_timeout;
+        tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "the host API server did not complete the call within {timeout:?} (--pod-sync-timeout)"
+            )))
+        })
     }
 
     fn caller<T>(&self, request: &Request<T>) -> Result<(TenantName, Tenant), Status> {
@@ -727,7 +756,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         request: Request<ApplyPodRequest>,
     ) -> Result<Response<ApplyPodResponse>, Status> {
         let started = Instant::now();
-        let result = self.apply(request).await;
+        let result = self.bounded(self.apply(request)).await;
         self.metrics.record(APPLY_POD, started, &result);
         result.map(Response::new)
     }
@@ -737,7 +766,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         request: Request<DeletePodRequest>,
     ) -> Result<Response<DeletePodResponse>, Status> {
         let started = Instant::now();
-        let result = self.delete(request).await;
+        let result = self.bounded(self.delete(request)).await;
         self.metrics.record(DELETE_POD, started, &result);
         result.map(Response::new)
     }
