@@ -31,7 +31,7 @@ use crate::leader::Fence;
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How to reach and authenticate to the host agent.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct HostAgentTarget {
     /// One or more `http://host:port` or `https://host:port` (replicas of the host agent).
     pub urls: Vec<String>,
@@ -92,8 +92,13 @@ impl HostAgentTarget {
         Self {
             urls,
             tenant,
+            token_file: None,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
             call_timeout: DEFAULT_CALL_TIMEOUT,
-            ..Default::default()
+            rotation: Arc::default(),
+            fence: None,
         }
     }
 
