@@ -142,96 +142,73 @@ struct Record {
     state: State,
 }
 
-/// Where each of a shard's Pods stands, keeping the shard's share of the orphan gauge in step with
-/// every change (constant work per change, not a count over all Pods).
-struct Records {
-    by_key: HashMap<Key, Record>,
-    orphans: Gauge,
+/// A shard's map from Pod to `V` whose entries that `counts` are the shard's share of a gauge,
+/// kept in step with every change (constant work per change, not a count over all Pods) and
+/// given back when the map goes: a term ends by dropping its shards, and a replica that leads
+/// again counts anew.
+struct GaugedMap<V> {
+    by_key: HashMap<Key, V>,
+    gauge: Gauge,
+    counts: fn(&V) -> bool,
 }
 
-impl Records {
-    fn new(orphans: Gauge) -> Self {
+impl<V> GaugedMap<V> {
+    fn new(gauge: Gauge, counts: fn(&V) -> bool) -> Self {
         Self {
             by_key: HashMap::new(),
-            orphans,
+            gauge,
+            counts,
         }
     }
 
-    fn get(&self, key: &Key) -> Option<&Record> {
+    fn get(&self, key: &Key) -> Option<&V> {
         self.by_key.get(key)
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&Key, &Record)> {
+    fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
         self.by_key.iter()
     }
 
-    fn insert(&mut self, key: Key, record: Record) {
-        let now_orphan = record.state == State::Orphaned;
-        let was_orphan = self
+    fn insert(&mut self, key: Key, value: V) {
+        let now = (self.counts)(&value);
+        let was = self
             .by_key
-            .insert(key, record)
-            .is_some_and(|old| old.state == State::Orphaned);
-        self.orphans.inc_by(i64::from(now_orphan) - i64::from(was_orphan));
+            .insert(key, value)
+            .is_some_and(|old| (self.counts)(&old));
+        self.gauge.inc_by(i64::from(now) - i64::from(was));
     }
 
-    fn remove(&mut self, key: &Key) -> Option<Record> {
+    fn remove(&mut self, key: &Key) -> Option<V> {
         let old = self.by_key.remove(key);
-        if old.as_ref().is_some_and(|r| r.state == State::Orphaned) {
-            self.orphans.dec();
+        if old.as_ref().is_some_and(self.counts) {
+            self.gauge.dec();
         }
         old
     }
 }
 
-/// A term ends by dropping its shards: their orphans leave the gauge with them (a replica that
-/// leads again counts them anew).
-impl Drop for Records {
+impl<V> Drop for GaugedMap<V> {
     fn drop(&mut self) {
-        let orphans = self
-            .by_key
-            .values()
-            .filter(|r| r.state == State::Orphaned)
-            .count();
-        self.orphans.dec_by(i64::try_from(orphans).unwrap_or(i64::MAX));
+        let counted = self.by_key.values().filter(|v| (self.counts)(v)).count();
+        self.gauge.dec_by(i64::try_from(counted).unwrap_or(i64::MAX));
     }
 }
 
-/// The shard's Pods whose last try failed, and why, with the shard's share of the failing gauge
-/// in step (and given back when the shard goes, as [`Records`]).
-struct Failing {
-    by_key: HashMap<Key, String>,
-    gauge: Gauge,
+/// Where each of a shard's Pods stands; its orphans are its share of `rcsync_pods_orphaned`.
+type Records = GaugedMap<Record>;
+
+impl Records {
+    fn with_orphans(orphans: Gauge) -> Self {
+        Self::new(orphans, |record| record.state == State::Orphaned)
+    }
 }
+
+/// The shard's Pods whose last try failed, and why; each is its share of `rcsync_pods_failing`.
+type Failing = GaugedMap<String>;
 
 impl Failing {
-    fn new(gauge: Gauge) -> Self {
-        Self {
-            by_key: HashMap::new(),
-            gauge,
-        }
-    }
-
-    fn get(&self, key: &Key) -> Option<&String> {
-        self.by_key.get(key)
-    }
-
-    fn insert(&mut self, key: Key, why: String) {
-        if self.by_key.insert(key, why).is_none() {
-            self.gauge.inc();
-        }
-    }
-
-    fn remove(&mut self, key: &Key) {
-        if self.by_key.remove(key).is_some() {
-            self.gauge.dec();
-        }
-    }
-}
-
-impl Drop for Failing {
-    fn drop(&mut self) {
-        self.gauge
-            .dec_by(i64::try_from(self.by_key.len()).unwrap_or(i64::MAX));
+    fn with_failing(failing: Gauge) -> Self {
+        Self::new(failing, |_| true)
     }
 }
 
@@ -622,7 +599,7 @@ mod tests {
         orphans.set(2);
         failing.set(1);
         {
-            let mut records = Records::new(orphans.clone());
+            let mut records = Records::with_orphans(orphans.clone());
             let orphan = |uid: &str| Record {
                 uid: uid.to_string(),
                 state: State::Orphaned,
@@ -637,7 +614,7 @@ mod tests {
                 },
             );
             assert_eq!(orphans.get(), 3);
-            let mut tracker = Failing::new(failing.clone());
+            let mut tracker = Failing::with_failing(failing.clone());
             tracker.insert(key("a"), "the host refused the pod".to_string());
             tracker.insert(key("a"), "again".to_string());
             tracker.insert(key("c"), "unreachable".to_string());
