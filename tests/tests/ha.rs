@@ -275,6 +275,22 @@ async fn a_leader_that_cannot_renew_stops_writing_before_a_standby_takes_over() 
             .filter(|s| s["leading"] == false && s["leader"] == "standby")
     })
     .await;
+    // Its term's gauges go with the term (once its tasks have stopped): the new leader reports
+    // the classes and Pods now.
+    eventually("the old leader's term gauges back to 0", || async {
+        let metrics = metrics_of(&old_admin).await;
+        [
+            "rcsync_leader 0",
+            "rcsync_host_connected 0",
+            "rcsync_synced_runtime_classes 0",
+            "rcsync_pods_orphaned 0",
+            "rcsync_pods_failing 0",
+        ]
+        .iter()
+        .all(|series| metrics.contains(&format!("\n{series}\n")))
+        .then_some(())
+    })
+    .await;
     let old_logs = system.virtuals[0].agent.logs();
     assert!(old_logs.contains("stopped leading"), "{old_logs}");
     let late_writes: Vec<_> = times_of(&old_logs, "synced Pod to the host")

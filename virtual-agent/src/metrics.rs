@@ -19,7 +19,8 @@ pub struct ResultLabel {
 pub struct Metrics {
     /// 1 while a Sync stream to the host agent is open.
     pub host_connected: Gauge,
-    /// RuntimeClasses the virtual cluster holds from the host.
+    /// RuntimeClasses the virtual cluster holds from the host, as the leader applied them (0 on a
+    /// standby).
     pub synced_classes: Gauge,
     /// RuntimeClass applies by result.
     pub applies_total: Family<ResultLabel, Counter>,
@@ -93,7 +94,7 @@ impl Metrics {
         );
         r.register(
             "synced_runtime_classes",
-            "RuntimeClasses held from the host",
+            "RuntimeClasses held from the host, as this replica applied them while leading (0 on a standby)",
             m.synced_classes.clone(),
         );
         r.register(

@@ -258,6 +258,8 @@ impl Shared {
         tracing::warn!(identity = %self.settings.lease.identity, "not leading: all writes stopped");
         self.metrics.leader.set(0);
         self.metrics.host_connected.set(0);
+        // What the term held is the next leader's to report (dashboards take the maximum).
+        self.metrics.synced_classes.set(0);
         self.readiness.remove(LEADER_CHECKS);
         self.state.send_replace(SyncState::default());
         self.board.lock().unwrap_or_else(|e| e.into_inner()).clear();
