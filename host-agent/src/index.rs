@@ -486,8 +486,14 @@ impl ClassIndex {
             .retain(|name, _| tenants.file.tenant(name.as_str()).is_some());
         // Every series of a tenant exported from the start (as 0), so "never connected" shows as
         // well as "disconnected" and rate() works from the first scrape.
-        self.series
-            .retain(|name, _| tenants.file.tenant(name.as_str()).is_some());
+        let metrics = &self.metrics;
+        self.series.retain(|name, _| {
+            let kept = tenants.file.tenant(name.as_str()).is_some();
+            if !kept {
+                metrics.forget_tenant(name.as_str());
+            }
+            kept
+        });
         for tenant in &tenants.file.tenants {
             self.series
                 .entry(tenant.name.clone())

@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use rcsync_proto::v1::{CheckPodReason, PodRefusalReason};
 
 /// Label set: one tenant.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +87,19 @@ impl PodSyncBudget {
             Self::Agent => "agent",
         }
     }
+}
+
+/// The limits whose refusals are counted per tenant (`rcsync_limit_rejections_total{limit}`).
+const LIMITS: [&str; 3] = ["syncStreams", "podStatusStreams", "podSyncQps"];
+
+/// The reasons a Pod can be refused for (not `UNSPECIFIED`).
+fn refusal_reasons() -> impl Iterator<Item = PodRefusalReason> {
+    (1..).map_while(|i| PodRefusalReason::try_from(i).ok())
+}
+
+/// The `reason` label of a Pod refusal, e.g. `POD_SECURITY`.
+pub fn refusal_label(reason: PodRefusalReason) -> &'static str {
+    reason.as_str_name().trim_start_matches("POD_REFUSAL_REASON_")
 }
 
 /// Label set: the result of a config reload (`applied`, `unchanged`, `failed`).
@@ -374,16 +388,66 @@ impl Metrics {
         for budget in [PodSyncBudget::Tenant, PodSyncBudget::Agent] {
             let _ = self.pod_sync_budget_refusals(tenant, budget);
         }
-        for reason in ["POD_SECURITY", "UNSUPPORTED", "NAME_IN_USE"] {
+        for reason in refusal_reasons() {
             let _ = self.pods_refused_total.get_or_create(&DecisionLabels {
                 tenant: tenant.to_string(),
-                reason: reason.to_string(),
+                reason: refusal_label(reason).to_string(),
             });
         }
-        for limit in ["syncStreams", "podStatusStreams", "podSyncQps"] {
+        for limit in LIMITS {
             let _ = self.limit_rejections_total.get_or_create(&LimitLabels {
                 tenant: tenant.to_string(),
                 limit: limit.to_string(),
+            });
+        }
+    }
+
+    /// Drops every series of a tenant that left the tenants file (its streams were ended, its
+    /// calls are refused). Kept, a removed tenant's `rcsync_sync_streams_open` of 0 would raise
+    /// RcsyncTenantNotConnected until the agent restarts, and its other series would stay on
+    /// dashboards.
+    pub fn forget_tenant(&self, tenant: &str) {
+        let label = Self::tenant(tenant);
+        for gauges in [
+            &self.tenant_classes,
+            &self.tenant_filtered,
+            &self.streams_open,
+            &self.status_streams_open,
+        ] {
+            gauges.remove(&label);
+        }
+        for counters in [
+            &self.filtered_total,
+            &self.responses_total,
+            &self.acks_total,
+            &self.nacks_total,
+            &self.pods_applied_total,
+            &self.copies_written_total,
+            &self.patch_errors_total,
+        ] {
+            counters.remove(&label);
+        }
+        let decision = |reason: &str| DecisionLabels {
+            tenant: tenant.to_string(),
+            reason: reason.to_string(),
+        };
+        for reason in (0..).map_while(|i| CheckPodReason::try_from(i).ok()) {
+            self.decisions_total
+                .remove(&decision(crate::grpc::sync::reason_name(reason)));
+        }
+        for reason in refusal_reasons() {
+            self.pods_refused_total.remove(&decision(refusal_label(reason)));
+        }
+        for limit in LIMITS {
+            self.limit_rejections_total.remove(&LimitLabels {
+                tenant: tenant.to_string(),
+                limit: limit.to_string(),
+            });
+        }
+        for budget in [PodSyncBudget::Tenant, PodSyncBudget::Agent] {
+            self.pod_sync_budget_refusals_total.remove(&BudgetRefusalLabels {
+                tenant: tenant.to_string(),
+                budget: budget.label().to_string(),
             });
         }
     }

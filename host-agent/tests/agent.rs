@@ -1682,6 +1682,17 @@ async fn a_tenant_removed_from_the_config_has_its_open_sync_stream_ended_with_pe
         matches!(refused.code(), Code::PermissionDenied | Code::Unauthenticated),
         "{refused:?}"
     );
+    // Its series are gone from /metrics (a stream gauge at 0 would keep its not-connected alert
+    // firing); the other tenants' stay.
+    let metrics = eventually("the removed tenant's series to go", || async {
+        let (_, metrics) = http_get(&host.admin, "/metrics").await?;
+        (!metrics.contains("tenant=\"no-selector\"")).then_some(metrics)
+    })
+    .await;
+    assert!(
+        metrics.contains("rcsync_sync_streams_open{tenant=\"combined\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

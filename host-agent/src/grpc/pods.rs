@@ -166,10 +166,7 @@ impl<V: ViewSource> PodSyncService<V> {
                 .pods_refused_total
                 .get_or_create(&DecisionLabels {
                     tenant: name.to_string(),
-                    reason: reason
-                        .as_str_name()
-                        .trim_start_matches("POD_REFUSAL_REASON_")
-                        .to_string(),
+                    reason: crate::metrics::refusal_label(reason).to_string(),
                 })
                 .inc();
             response.refusal = Some(refusal);
