@@ -369,12 +369,9 @@ impl Metrics {
         self.observe(method, code, started);
     }
 
-    /// Creates every per-tenant series at 0 (an idempotent touch of each family).
-    pub fn init_tenant(&self, tenant: &str) {
-        let label = Self::tenant(tenant);
-        let _ = self.streams_open.get_or_create(&label);
-        let _ = self.status_streams_open.get_or_create(&label);
-        for counter in [
+    /// The counters labelled by tenant alone.
+    fn tenant_counters(&self) -> [&Family<TenantLabel, Counter>; 7] {
+        [
             &self.filtered_total,
             &self.responses_total,
             &self.acks_total,
@@ -382,7 +379,15 @@ impl Metrics {
             &self.pods_applied_total,
             &self.copies_written_total,
             &self.patch_errors_total,
-        ] {
+        ]
+    }
+
+    /// Creates every per-tenant series at 0 (an idempotent touch of each family).
+    pub fn init_tenant(&self, tenant: &str) {
+        let label = Self::tenant(tenant);
+        let _ = self.streams_open.get_or_create(&label);
+        let _ = self.status_streams_open.get_or_create(&label);
+        for counter in self.tenant_counters() {
             let _ = counter.get_or_create(&label);
         }
         for budget in [PodSyncBudget::Tenant, PodSyncBudget::Agent] {
@@ -416,16 +421,8 @@ impl Metrics {
         ] {
             gauges.remove(&label);
         }
-        for counters in [
-            &self.filtered_total,
-            &self.responses_total,
-            &self.acks_total,
-            &self.nacks_total,
-            &self.pods_applied_total,
-            &self.copies_written_total,
-            &self.patch_errors_total,
-        ] {
-            counters.remove(&label);
+        for counter in self.tenant_counters() {
+            counter.remove(&label);
         }
         let decision = |reason: &str| DecisionLabels {
             tenant: tenant.to_string(),
