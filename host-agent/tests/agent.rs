@@ -12,7 +12,7 @@ use rcsync_proto::v1::pod_sync_client::PodSyncClient;
 use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
 use rcsync_proto::v1::{
     ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, ErrorDetail,
-    PodRefusalReason, SyncRequest, SyncResponse,
+    PodRefusalReason, PodStatusEventType, SyncRequest, SyncResponse, WatchPodStatusRequest,
 };
 use rcsync_tests::proxy::{FaultyProxy, Mode};
 use rcsync_tests::{Cluster, Process, eventually, free_port, http_get, spawn_listening};
@@ -1648,7 +1648,7 @@ async fn a_grpc_port_in_use_is_a_clear_error_not_a_panic() {
 }
 
 #[tokio::test]
-async fn a_tenant_removed_from_the_config_has_its_open_sync_stream_ended_with_permission_denied() {
+async fn a_tenant_removed_from_the_config_has_its_open_streams_ended_with_permission_denied() {
     let host = Host::start(TENANTS, &[]).await;
     host.ready().await;
     let mut client = host.client().await;
@@ -1656,6 +1656,18 @@ async fn a_tenant_removed_from_the_config_has_its_open_sync_stream_ended_with_pe
     let first = stream.next().await;
     assert!(first.initial_state_complete);
     stream.ack(&first).await;
+    // Its Pod status stream too (it watches the tenant's host namespace).
+    let mut statuses = PodSyncClient::new(host.channel().await)
+        .watch_pod_status(with_token(WatchPodStatusRequest {}, "no-selector"))
+        .await
+        .unwrap()
+        .into_inner();
+    let complete = tokio::time::timeout(rcsync_tests::DEADLINE, statuses.message())
+        .await
+        .expect("the status stream's initial state")
+        .unwrap()
+        .unwrap();
+    assert_eq!(complete.r#type(), PodStatusEventType::InitialStateComplete);
     let config = host.dir.path().join("tenants.yaml");
     let staged = host.dir.path().join("tenants.yaml.new");
     let without = TENANTS.replace(
@@ -1672,6 +1684,16 @@ async fn a_tenant_removed_from_the_config_has_its_open_sync_stream_ended_with_pe
         .expect_err("the stream ends with a status");
     assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
     assert!(ended.message().contains("removed"), "{ended:?}");
+    // Its access is revoked: the status stream of its host namespace ends the same way.
+    let ended = tokio::time::timeout(rcsync_tests::DEADLINE, statuses.message())
+        .await
+        .expect("the status stream ends before the deadline")
+        .expect_err("the status stream ends with a status");
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    assert_eq!(
+        ended.message(),
+        "the tenant was removed from the host agent's config"
+    );
     // A new stream for the removed tenant is refused too.
     let (_tx, requests) = mpsc::channel::<SyncRequest>(1);
     let refused = client

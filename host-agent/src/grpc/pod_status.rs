@@ -166,18 +166,26 @@ fn events_for(
     out
 }
 
-/// Feeds `tx` from the watch `events` until the client goes, the watch ends, or `shutdown`.
+/// Feeds `tx` from the watch `events` until the client goes, the watch ends, `shutdown`, or
+/// `ended` says why the stream may not go on (its tenant removed from the config, or moved to
+/// another host namespace): then that status ends it.
 pub async fn stream_status(
     mut events: Pin<Box<dyn Stream<Item = Result<Event<HostPodStatus>, watcher::Error>> + Send>>,
     tx: mpsc::Sender<Result<PodStatusEvent, Status>>,
     mut shutdown: watch::Receiver<bool>,
+    ended: impl std::future::Future<Output = Status>,
 ) {
     let mut known: HashMap<String, Reported> = HashMap::new();
     let mut relisted: Option<HashMap<String, Reported>> = None;
+    let mut ended = std::pin::pin!(ended);
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => return,
             _ = tx.closed() => return,
+            status = &mut ended => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
             event = events.next() => event,
         };
         let event = match event {

@@ -802,10 +802,11 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             .get_or_create(&Metrics::tenant(name.as_str()))
             .clone();
         let shutdown = self.shutdown.clone();
+        let ended = tenant_left(self.tenants.clone(), name.clone(), tenant.host_namespace.clone());
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 gauge.inc();
-                stream_status(events, tx, shutdown).await;
+                stream_status(events, tx, shutdown, ended).await;
                 gauge.dec();
                 drop(slot);
             },
@@ -815,9 +816,75 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
     }
 }
 
+/// Resolves, with the status to end a WatchPodStatus stream with, once the tenants file no
+/// longer names `tenant` (its access is revoked: PERMISSION_DENIED, as its Sync streams get) or
+/// moves it to another host namespace than `host_namespace` (ABORTED: the caller reopens the
+/// stream and watches the new one). Never resolves while the config keeps both.
+async fn tenant_left(
+    mut tenants: watch::Receiver<Arc<TenantsState>>,
+    tenant: TenantName,
+    host_namespace: String,
+) -> Status {
+    loop {
+        {
+            let state = tenants.borrow_and_update();
+            match state.file.tenant(tenant.as_str()) {
+                None => {
+                    return Status::permission_denied("the tenant was removed from the host agent's config");
+                }
+                Some(now) if now.host_namespace != host_namespace => {
+                    return Status::aborted(format!(
+                        "the tenant's host namespace changed from {host_namespace:?} to {:?}: open the stream again",
+                        now.host_namespace
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if tenants.changed().await.is_err() {
+            // The config is no longer reloaded (the agent is stopping): shutdown ends the stream.
+            return std::future::pending().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tenants_state(yaml: &str) -> Arc<TenantsState> {
+        Arc::new(TenantsState {
+            file: rcsync_core::TenantsFile::parse(std::path::Path::new("t.yaml"), yaml).unwrap(),
+            tokens: Default::default(),
+            patches: Default::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_status_stream_ends_when_its_tenant_moves_namespace_or_leaves_the_config() {
+        use futures::FutureExt as _;
+        let both = "tenants:\n  - {name: a, hostNamespace: ns-a}\n  - {name: b, hostNamespace: ns-b}\n";
+        let (config, rx) = watch::channel(tenants_state(both));
+        let a = TenantName::new("a").unwrap();
+        let mut left = Box::pin(tenant_left(rx.clone(), a.clone(), "ns-a".into()));
+        assert!((&mut left).now_or_never().is_none(), "nothing changed for a");
+        // Another tenant's change, or a reload that keeps a as it is, goes on.
+        config.send_replace(tenants_state("tenants:\n  - {name: a, hostNamespace: ns-a}\n"));
+        assert!((&mut left).now_or_never().is_none(), "b left, not a");
+        config.send_replace(tenants_state("tenants:\n  - {name: a, hostNamespace: ns-a2}\n"));
+        let moved = left.await;
+        assert_eq!(moved.code(), tonic::Code::Aborted);
+        assert_eq!(
+            moved.message(),
+            "the tenant's host namespace changed from \"ns-a\" to \"ns-a2\": open the stream again"
+        );
+        config.send_replace(tenants_state(
+            both.replace("{name: a, hostNamespace: ns-a}", "{name: c, hostNamespace: ns-c}")
+                .as_str(),
+        ));
+        let removed = tenant_left(rx, a, "ns-a2".into()).await;
+        assert_eq!(removed.code(), tonic::Code::PermissionDenied);
+    }
 
     #[test]
     fn a_created_pod_is_read_as_its_name_uid_and_scheduling_gates_only() {
