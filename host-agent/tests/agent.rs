@@ -1888,6 +1888,18 @@ struct PartialCall {
     answer: tokio::sync::oneshot::Receiver<(String, String)>,
 }
 
+impl PartialCall {
+    /// The call's `grpc-status` and decoded `grpc-message`, once the agent answers (within the
+    /// test deadline).
+    async fn answered(&mut self) -> (String, String) {
+        let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, &mut self.answer)
+            .await
+            .expect("the agent answers the call before the deadline")
+            .expect("an answer");
+        (status, percent_decoded(&message))
+    }
+}
+
 /// Starts an ApplyPod of `tenant` over its own HTTP/2 connection that announces a message of
 /// `declared` bytes, sends `sent` of them and then nothing more, so the agent holds what arrived.
 async fn partial_apply_pod(addr: &str, tenant: &str, declared: u32, sent: usize) -> PartialCall {
@@ -1955,14 +1967,11 @@ async fn a_pod_sync_whose_message_stalls_is_ended_and_gives_back_its_bytes_and_i
     let host = Host::start(&tenants, &["--pod-sync-read-timeout", "1s"]).await;
     host.ready().await;
     // Half a Pod, then nothing: the agent ends the call rather than hold it.
-    let stalled = partial_apply_pod(&host.grpc, "team-a", 64 << 10, 32 << 10).await;
-    let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, stalled.answer)
-        .await
-        .expect("the agent ends the stalled call")
-        .expect("an answer");
+    let mut stalled = partial_apply_pod(&host.grpc, "team-a", 64 << 10, 32 << 10).await;
+    let (status, message) = stalled.answered().await;
     assert_eq!(status, (Code::DeadlineExceeded as i32).to_string(), "{message}");
     assert_eq!(
-        percent_decoded(&message),
+        message,
         "the request's message did not arrive within 1s of its headers (--pod-sync-read-timeout)"
     );
     eventually("the stalled call's bytes back", || async {
@@ -2026,17 +2035,11 @@ async fn a_call_past_its_grpc_timeout_ends_with_deadline_exceeded() {
     host.ready().await;
     // The message never completes; the caller's deadline (1 s), not the read timeout (10 s),
     // ends the call, with the code the gRPC spec gives an expired deadline.
-    let call =
+    let mut call =
         partial_apply_pod_with(&host.grpc, "team-a", 64 << 10, 1 << 10, &[("grpc-timeout", "1S")]).await;
-    let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, call.answer)
-        .await
-        .expect("the agent ends the call")
-        .expect("an answer");
+    let (status, message) = call.answered().await;
     assert_eq!(status, (Code::DeadlineExceeded as i32).to_string(), "{message}");
-    assert_eq!(
-        percent_decoded(&message),
-        "no answer within the caller's grpc-timeout (1s)"
-    );
+    assert_eq!(message, "no answer within the caller's grpc-timeout (1s)");
     call.task.abort();
 }
 
@@ -2105,14 +2108,11 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_a
         held_bytes().await.filter(|held| *held >= f64::from(STALLED))
     })
     .await;
-    let over_share = partial_apply_pod(&host.grpc, "team-a", 4 << 20, 512 << 10).await;
-    let (status, message) = tokio::time::timeout(rcsync_tests::DEADLINE, over_share.answer)
-        .await
-        .expect("an answer")
-        .expect("an answer");
+    let mut over_share = partial_apply_pod(&host.grpc, "team-a", 4 << 20, 512 << 10).await;
+    let (status, message) = over_share.answered().await;
     assert_eq!(status, (Code::ResourceExhausted as i32).to_string());
     assert_eq!(
-        percent_decoded(&message),
+        message,
         "tenant team-a holds its share of the Pod sync bytes the host agent holds at once \
          (4194304 of 16777216 bytes, --max-pod-sync-bytes): retry"
     );
