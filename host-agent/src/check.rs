@@ -29,10 +29,10 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
         let (file, tokens) = (state.file, state.tokens);
         let _ = writeln!(out, "{}: ok, {} tenant(s)", path.display(), file.tenants.len());
         for t in &file.tenants {
-            let auth = if tokens.has_token(&t.name) {
-                "token"
-            } else {
-                "no token (mTLS or --allow-unauthenticated)"
+            let auth = match tokens.count_of(&t.name) {
+                0 => "no token (mTLS or --allow-unauthenticated)".to_string(),
+                1 => "token".to_string(),
+                n => format!("{n} tokens (a rotation: each is accepted)"),
             };
             let copies = if t.pods.copy_annotations.is_empty() {
                 String::new()

@@ -12,7 +12,7 @@ use rcsync_proto::v1::pod_sync_client::PodSyncClient;
 use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
 use rcsync_proto::v1::{
     ApplyPodRequest, CheckPodReason, CheckPodRequest, CheckPodResponse, DeletePodRequest, ErrorDetail,
-    PodRefusalReason, PodStatusEventType, SyncRequest, SyncResponse, WatchPodStatusRequest,
+    PodRefusalReason, PodStatusEvent, PodStatusEventType, SyncRequest, SyncResponse, WatchPodStatusRequest,
 };
 use rcsync_tests::proxy::{FaultyProxy, Mode};
 use rcsync_tests::{Cluster, Process, eventually, free_port, http_get, spawn_listening};
@@ -20,7 +20,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Streaming};
+use tonic::{Code, Request, Status, Streaming};
 
 const RC: &str = "kubernetes.io/runtime.class";
 
@@ -1002,18 +1002,15 @@ async fn a_changed_tenants_file_is_reloaded_without_a_signal() {
     let first = stream.next().await;
     stream.ack(&first).await;
     // Replace the file atomically, as a ConfigMap volume update does.
-    let config = host.dir.path().join("tenants.yaml");
-    let staged = host.dir.path().join("tenants.yaml.new");
     let narrowed = TENANTS.replace(
         "values: [gvisor, youki]}\n  - name: disabled",
         "values: [gvisor]}\n  - name: disabled",
     );
-    std::fs::write(&staged, narrowed).unwrap();
-    std::fs::rename(&staged, &config).unwrap();
+    replace_tenants(&host, &narrowed);
     let update = stream.next().await;
     assert_eq!(update.removed_resources, ["youki"]);
     // A broken file is reported and the running config is kept.
-    std::fs::write(&config, "tenants: [").unwrap();
+    std::fs::write(host.dir.path().join("tenants.yaml"), "tenants: [").unwrap();
     eventually("the reload error in the log", || async {
         host.agent
             .logs()
@@ -1647,18 +1644,16 @@ async fn a_grpc_port_in_use_is_a_clear_error_not_a_panic() {
     );
 }
 
-#[tokio::test]
-async fn a_tenant_removed_from_the_config_has_its_open_streams_ended_with_permission_denied() {
-    let host = Host::start(TENANTS, &[]).await;
-    host.ready().await;
+/// A tenant's Sync stream (its initial state acknowledged) and WatchPodStatus stream (at its
+/// initial state), both opened with its token.
+async fn open_streams(host: &Host, tenant: &str) -> (Stream, Streaming<PodStatusEvent>) {
     let mut client = host.client().await;
-    let mut stream = Stream::open(&mut client, "no-selector", HashMap::new()).await;
+    let mut stream = Stream::open(&mut client, tenant, HashMap::new()).await;
     let first = stream.next().await;
     assert!(first.initial_state_complete);
     stream.ack(&first).await;
-    // Its Pod status stream too (it watches the tenant's host namespace).
     let mut statuses = PodSyncClient::new(host.channel().await)
-        .watch_pod_status(with_token(WatchPodStatusRequest {}, "no-selector"))
+        .watch_pod_status(with_token(WatchPodStatusRequest {}, tenant))
         .await
         .unwrap()
         .into_inner();
@@ -1668,27 +1663,42 @@ async fn a_tenant_removed_from_the_config_has_its_open_streams_ended_with_permis
         .unwrap()
         .unwrap();
     assert_eq!(complete.r#type(), PodStatusEventType::InitialStateComplete);
-    let config = host.dir.path().join("tenants.yaml");
+    (stream, statuses)
+}
+
+/// The status a stream ends with (in its trailers, not a transport error), before the deadline.
+async fn end_of<T: std::fmt::Debug>(stream: &mut Streaming<T>, what: &str) -> Status {
+    tokio::time::timeout(rcsync_tests::DEADLINE, stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("the {what} stream ends before the deadline"))
+        .expect_err("the stream ends with a status")
+}
+
+/// Replaces the host agent's tenants file the way an editor or a ConfigMap update does.
+fn replace_tenants(host: &Host, tenants: &str) {
     let staged = host.dir.path().join("tenants.yaml.new");
+    std::fs::write(&staged, tenants).unwrap();
+    std::fs::rename(&staged, host.dir.path().join("tenants.yaml")).unwrap();
+}
+
+#[tokio::test]
+async fn a_tenant_removed_from_the_config_has_its_open_streams_ended_with_permission_denied() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    // Its Pod status stream too (it watches the tenant's host namespace).
+    let (mut stream, mut statuses) = open_streams(&host, "no-selector").await;
     let without = TENANTS.replace(
         "  - name: no-selector\n    hostNamespace: vc-no-selector\n    tokenFile: no-selector.token\n    sync: {fromHost: {runtimeClasses: {enabled: true}}}\n",
         "",
     );
     assert_ne!(without, TENANTS);
-    std::fs::write(&staged, without).unwrap();
-    std::fs::rename(&staged, &config).unwrap();
-    // The stream ends with the status in its trailers, not with a transport error.
-    let ended = tokio::time::timeout(rcsync_tests::DEADLINE, stream.rx.message())
-        .await
-        .expect("the stream ends before the deadline")
-        .expect_err("the stream ends with a status");
+    replace_tenants(&host, &without);
+    let ended = end_of(&mut stream.rx, "sync").await;
     assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
     assert!(ended.message().contains("removed"), "{ended:?}");
     // Its access is revoked: the status stream of its host namespace ends the same way.
-    let ended = tokio::time::timeout(rcsync_tests::DEADLINE, statuses.message())
-        .await
-        .expect("the status stream ends before the deadline")
-        .expect_err("the status stream ends with a status");
+    let ended = end_of(&mut statuses, "status").await;
     assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
     assert_eq!(
         ended.message(),
@@ -1715,6 +1725,76 @@ async fn a_tenant_removed_from_the_config_has_its_open_streams_ended_with_permis
         metrics.contains("rcsync_sync_streams_open{tenant=\"combined\"} 0"),
         "{metrics}"
     );
+}
+
+/// Whether `token` is accepted (a CheckPod with it succeeds).
+async fn accepted(client: &mut RuntimeClassSyncClient<Channel>, token: &str) -> bool {
+    let mut request = Request::new(CheckPodRequest {
+        pod_name: "web".into(),
+        runtime_class_name: "gvisor".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    client.check_pod(request).await.is_ok()
+}
+
+#[tokio::test]
+async fn a_token_rotates_without_an_outage_and_streams_of_a_removed_token_end() {
+    let host = Host::start(TENANTS, &[]).await;
+    host.ready().await;
+    let mut client = host.client().await;
+    let (mut stream, mut statuses) = open_streams(&host, "no-selector").await;
+    let (mut other, _other_statuses) = open_streams(&host, "combined").await;
+    // The token file is replaced as a Secret volume update does.
+    let token_file = host.dir.path().join("no-selector.token");
+    let replace_token = |text: &str| {
+        std::fs::write(token_file.with_extension("next"), text).unwrap();
+        std::fs::rename(token_file.with_extension("next"), &token_file).unwrap();
+    };
+    // The new token as a second line: both are accepted, and the open streams go on.
+    replace_token(&format!("{}\na-rotated-token\n", token("no-selector")));
+    eventually("the new token to be accepted", || {
+        let mut client = client.clone();
+        async move { accepted(&mut client, "a-rotated-token").await.then_some(()) }
+    })
+    .await;
+    assert!(accepted(&mut client, &token("no-selector")).await);
+    let classes = host.classes().await;
+    let mut late = spec_classes().remove(0);
+    late.metadata.name = Some("late".into());
+    classes.create(&PostParams::default(), &late).await.unwrap();
+    assert_eq!(
+        names(&stream.next().await),
+        set(&["late"]),
+        "the stream is still open"
+    );
+    let update = other.next().await;
+    assert_eq!(names(&update), set(&["late"]));
+    other.ack(&update).await;
+    // The old line removed: what was opened with it ends; the other tenant's stream stays.
+    replace_token("a-rotated-token\n");
+    for (ended, what) in [
+        (end_of(&mut stream.rx, "sync").await, "sync"),
+        (end_of(&mut statuses, "status").await, "status"),
+    ] {
+        assert_eq!(ended.code(), Code::Unauthenticated, "{what}: {ended:?}");
+        assert!(
+            ended.message().contains("open it again with the current token"),
+            "{what}: {ended:?}"
+        );
+    }
+    assert!(!accepted(&mut client, &token("no-selector")).await);
+    let (_tx, requests) = mpsc::channel::<SyncRequest>(1);
+    let refused = client
+        .sync(with_token(ReceiverStream::new(requests), "no-selector"))
+        .await
+        .expect_err("the old token is refused");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(accepted(&mut client, "a-rotated-token").await);
+    classes.delete("late", &DeleteParams::default()).await.unwrap();
+    assert_eq!(other.next().await.removed_resources, ["late"]);
 }
 
 #[tokio::test]

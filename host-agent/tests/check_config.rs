@@ -141,7 +141,16 @@ fn unreadable_token_files_are_reported() {
     let (ok, output) = check(dir.path(), "t.yaml", Some(text));
     assert!(!ok);
     assert!(
-        output.contains("tenants[1].tokenFile: tenants[0] has the same token"),
+        output.contains("tenants[1].tokenFile: line 1 of ")
+            && output.contains("b.token: tenants[0] has the same token"),
+        "{output}"
+    );
+    // Two lines are two tokens of the tenant (a rotation), each accepted.
+    std::fs::write(dir.path().join("b.token"), "b-old\nb-new\n").unwrap();
+    let (ok, output) = check(dir.path(), "t.yaml", None);
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("2 tokens (a rotation: each is accepted)"),
         "{output}"
     );
     std::fs::remove_file(dir.path().join("b.token")).unwrap();

@@ -49,6 +49,17 @@ async fn pods_sync_again_after_the_tenant_token_is_rotated() {
     rotate_token_and_wait_for_the_host(&system).await;
     v.create_pod(&pod("after", Some("gvisor"))).await;
     system.wait_host_pod_count(2).await;
+    // The Sync stream opened with the old token was ended by the host agent; the one the agent
+    // reopened with the new token brings a class created since.
+    system
+        .create_host_class(&runtime_class("kata", "kata", &[]))
+        .await;
+    v.wait_classes(&["gvisor", "kata"]).await;
+    let logs = system.virtuals[0].agent.logs();
+    assert!(
+        logs.contains("open it again with the current token"),
+        "the old stream was ended by the host agent:\n{logs}"
+    );
 }
 
 /// A virtual Pod deleted just after its tenant's token was rotated: the agent's cached connection

@@ -8,6 +8,12 @@
 //!
 //! When `x-rcsync-tenant` is sent, it must name the identified tenant (PERMISSION_DENIED otherwise).
 //!
+//! A stream (Sync, WatchPodStatus) is authenticated when it opens and again at each reload of the
+//! tenants file ([`Authenticator::revoked`]): it ends once its tenant is removed
+//! (PERMISSION_DENIED), its bearer token is no longer the tenant's (a rotated `tokenFile`:
+//! UNAUTHENTICATED), or its tenant, reached without credentials, now has a token. A revoked token
+//! reads nothing more, however long its streams were open.
+//!
 //! ```text
 //!  h2 request ──► Authenticated (headers, peer certificate; no body read yet)
 //!                   ├─ unknown caller ──► UNAUTHENTICATED / PERMISSION_DENIED at once
@@ -61,27 +67,74 @@ impl Authenticator {
         request: &Request<T>,
         views: &impl ViewSource,
     ) -> Result<TenantName, Status> {
-        let tenant = self.identify(request)?;
+        self.caller_ready(request, views).map(|caller| caller.tenant)
+    }
+
+    /// The caller of a request (for a stream: to [`Authenticator::revoked`] later), once the
+    /// host's RuntimeClasses were listed.
+    pub fn caller_ready<T>(&self, request: &Request<T>, views: &impl ViewSource) -> Result<Caller, Status> {
+        let caller = self.identify(request)?;
         if !views.is_synced() {
             return Err(Status::unavailable(
                 "the host agent has not listed the host's RuntimeClasses yet",
             ));
         }
-        Ok(tenant)
+        Ok(caller)
     }
 
-    /// The tenant a request acts for, or the gRPC error to answer.
-    pub fn identify<T>(&self, request: &Request<T>) -> Result<TenantName, Status> {
+    /// The caller of a request, or the gRPC error to answer.
+    pub fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         self.identify_caller(request.metadata().as_ref(), request.extensions())
     }
 
-    /// The tenant of a call from its headers and connection (its peer certificate), before any of
-    /// its body is read.
+    /// Resolves, with the status to end `caller`'s stream with, once a reload of the tenants file
+    /// no longer accepts it (see [`Authenticator::accepts`]); never while it does.
+    pub fn revoked(&self, caller: Caller) -> impl Future<Output = Status> + Send + 'static {
+        let mut tenants = self.tenants.clone();
+        async move {
+            loop {
+                if let Err(status) = Self::accepts(&tenants.borrow_and_update(), &caller) {
+                    tracing::info!(tenant = %caller.tenant, %status, "ending a stream: its caller is no longer accepted");
+                    return status;
+                }
+                if tenants.changed().await.is_err() {
+                    // The config is no longer reloaded (the agent is stopping): shutdown ends
+                    // the stream.
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
+    /// Whether `state` accepts `caller`, identified under an earlier state, as it did then: its
+    /// tenant is still configured (PERMISSION_DENIED otherwise), its bearer token is still that
+    /// tenant's, and a tenant reached without credentials still has no token (UNAUTHENTICATED).
+    pub fn accepts(state: &TenantsState, caller: &Caller) -> Result<(), Status> {
+        if state.file.tenant(caller.tenant.as_str()).is_none() {
+            return Err(Status::permission_denied(
+                "the tenant was removed from the host agent's config",
+            ));
+        }
+        match &caller.credential {
+            Credential::Bearer(token) if state.tokens.tenant_of(token) != Some(&caller.tenant) => {
+                Err(Status::unauthenticated(
+                    "the bearer token this stream was opened with is no longer the tenant's (its tokenFile changed): open it again with the current token",
+                ))
+            }
+            Credential::Anonymous if state.tokens.has_token(&caller.tenant) => Err(Status::unauthenticated(
+                "the tenant now requires its bearer token: open the stream again with it",
+            )),
+            Credential::Bearer(_) | Credential::Certificate | Credential::Anonymous => Ok(()),
+        }
+    }
+
+    /// The caller of a call from its headers and connection (its peer certificate), before any
+    /// of its body is read.
     fn identify_caller(
         &self,
         meta: &http::HeaderMap,
         connection: &http::Extensions,
-    ) -> Result<TenantName, Status> {
+    ) -> Result<Caller, Status> {
         let state = self.tenants.borrow().clone();
         let claimed = match meta.get(TENANT_HEADER) {
             Some(v) => Some(
@@ -99,16 +152,16 @@ impl Authenticator {
                 let token = v.strip_prefix("Bearer ").ok_or_else(|| {
                     Status::unauthenticated("the authorization header must be `Bearer <token>`")
                 })?;
-                Some(token.trim().to_string())
+                Some(token.trim())
             }
             None => None,
         };
-        let tenant = if let Some(token) = bearer {
-            state
+        let (tenant, credential) = if let Some(token) = bearer {
+            let (token, tenant) = state
                 .tokens
-                .tenant_of(&token)
-                .cloned()
-                .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?
+                .entry_of(token)
+                .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
+            (tenant.clone(), Credential::Bearer(token.clone()))
         } else if let Some(cn) = peer_common_name(connection) {
             let name = TenantName::new(&cn).map_err(|_| {
                 Status::permission_denied(format!("client certificate names no tenant ({cn:?})"))
@@ -116,7 +169,7 @@ impl Authenticator {
             if state.file.tenant(name.as_str()).is_none() {
                 return Err(Status::permission_denied(format!("unknown tenant {cn:?}")));
             }
-            name
+            (name, Credential::Certificate)
         } else {
             if !self.allow_unauthenticated {
                 return Err(Status::unauthenticated(
@@ -138,7 +191,7 @@ impl Authenticator {
                     "tenant {claimed:?} requires its bearer token"
                 )));
             }
-            name
+            (name, Credential::Anonymous)
         };
         if let Some(claimed) = claimed
             && claimed != tenant.as_str()
@@ -153,7 +206,37 @@ impl Authenticator {
                 tenant.as_str()
             )));
         }
-        Ok(tenant)
+        Ok(Caller { tenant, credential })
+    }
+}
+
+/// An identified caller: its tenant, and how it proved to be it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The tenant the caller acts for.
+    pub tenant: TenantName,
+    credential: Credential,
+}
+
+/// How a caller was identified: what [`Authenticator::accepts`] checks again at a reload.
+#[derive(Clone)]
+enum Credential {
+    /// A bearer token: the tenants' own copy of it, shared, not copied per caller.
+    Bearer(Arc<str>),
+    /// A client certificate's common name (the tenant's name).
+    Certificate,
+    /// No credentials (`--allow-unauthenticated`, a tenant without a token).
+    Anonymous,
+}
+
+impl std::fmt::Debug for Credential {
+    // Never the token itself, in logs or panics.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Bearer(_) => "Bearer(..)",
+            Self::Certificate => "Certificate",
+            Self::Anonymous => "Anonymous",
+        })
     }
 }
 
@@ -223,7 +306,7 @@ where
             Either::Left(futures::future::ready(Ok(status.into_http())))
         };
         let tenant = match self.auth.identify_caller(request.headers(), request.extensions()) {
-            Ok(tenant) => tenant,
+            Ok(caller) => caller.tenant,
             Err(status) => return refuse(status),
         };
         let slot = match &self.pod_syncs {
@@ -273,4 +356,119 @@ fn peer_common_name(connection: &http::Extensions) -> Option<String> {
         .as_str()
         .ok()
         .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use futures::FutureExt as _;
+    use rcsync_core::TenantsFile;
+
+    use super::*;
+    use crate::tenants::TenantTokens;
+
+    /// The tenants `yaml` names, with the token files it names written in `dir` first.
+    fn state(dir: &Path, yaml: &str, tokens: &[(&str, &str)]) -> Arc<TenantsState> {
+        for (file, token) in tokens {
+            std::fs::write(dir.join(file), token).unwrap();
+        }
+        let yaml = yaml.replace("DIR", &dir.display().to_string());
+        let path = dir.join("tenants.yaml");
+        let file = TenantsFile::parse(&path, &yaml).unwrap();
+        Arc::new(TenantsState {
+            tokens: TenantTokens::load(&path, &file).unwrap(),
+            file,
+            patches: Default::default(),
+        })
+    }
+
+    fn request(headers: &[(&'static str, &str)]) -> Request<()> {
+        let mut request = Request::new(());
+        for (name, value) in headers {
+            request.metadata_mut().insert(*name, value.parse().unwrap());
+        }
+        request
+    }
+
+    const TWO: &str = "tenants:\n  - {name: a, hostNamespace: ns-a, tokenFile: DIR/a.token}\n  - {name: b, hostNamespace: ns-b}\n";
+
+    #[tokio::test]
+    async fn a_stream_is_revoked_when_its_token_is_rotated_or_reassigned_not_on_other_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, rx) = watch::channel(state(dir.path(), TWO, &[("a.token", "one\n")]));
+        let auth = Authenticator::new(rx, false);
+        let caller = auth
+            .identify(&request(&[("authorization", "Bearer one")]))
+            .unwrap();
+        assert_eq!(caller.tenant.as_str(), "a");
+        let mut revoked = Box::pin(auth.revoked(caller.clone()));
+        assert!((&mut revoked).now_or_never().is_none(), "nothing changed");
+        // Another tenant's change, and the same token read again, go on.
+        config.send_replace(state(
+            dir.path(),
+            &TWO.replace("ns-b}", "ns-b2}"),
+            &[("a.token", "  one  \n")],
+        ));
+        assert!((&mut revoked).now_or_never().is_none(), "a's token is unchanged");
+        // A rotated token ends the stream; so would the old token given to another tenant.
+        config.send_replace(state(dir.path(), TWO, &[("a.token", "two")]));
+        let status = revoked.await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("no longer the tenant's"), "{status:?}");
+        let swapped = "tenants:\n  - {name: a, hostNamespace: ns-a, tokenFile: DIR/a.token}\n  - {name: b, hostNamespace: ns-b, tokenFile: DIR/b.token}\n";
+        config.send_replace(state(
+            dir.path(),
+            swapped,
+            &[("a.token", "two"), ("b.token", "one")],
+        ));
+        let status = auth.revoked(caller.clone()).await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        // A removed tenant is denied, as its new calls are.
+        config.send_replace(state(
+            dir.path(),
+            "tenants:\n  - {name: b, hostNamespace: ns-b}\n",
+            &[],
+        ));
+        let status = auth.revoked(caller).await;
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_credentials_is_revoked_once_its_tenant_has_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, rx) = watch::channel(state(dir.path(), TWO, &[("a.token", "one")]));
+        let auth = Authenticator::new(rx, true);
+        let caller = auth.identify(&request(&[(TENANT_HEADER, "b")])).unwrap();
+        assert_eq!(
+            format!("{caller:?}"),
+            "Caller { tenant: TenantName(\"b\"), credential: Anonymous }"
+        );
+        let mut revoked = Box::pin(auth.revoked(caller));
+        config.send_replace(state(dir.path(), &TWO.replace("ns-a,", "ns-a2,"), &[]));
+        assert!((&mut revoked).now_or_never().is_none(), "b still has no token");
+        config.send_replace(state(
+            dir.path(),
+            &TWO.replace("ns-b}", "ns-b, tokenFile: DIR/b.token}"),
+            &[("b.token", "three")],
+        ));
+        let status = revoked.await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().contains("now requires its bearer token"),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn a_callers_token_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_config, rx) = watch::channel(state(dir.path(), TWO, &[("a.token", "secret-token")]));
+        let auth = Authenticator::new(rx, false);
+        let caller = auth
+            .identify(&request(&[("authorization", "Bearer secret-token")]))
+            .unwrap();
+        let printed = format!("{caller:?}");
+        assert!(!printed.contains("secret-token"), "{printed}");
+    }
 }

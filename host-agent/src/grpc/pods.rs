@@ -20,10 +20,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt as _};
+use rcsync_core::Tenant;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
-use rcsync_core::{Tenant, TenantName};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
     ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodRefusal, PodRefusalReason,
@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::grpc::auth::Authenticator;
+use crate::grpc::auth::{Authenticator, Caller};
 use crate::grpc::limits::{StreamKind, TenantLimiter};
 use crate::grpc::pod_status::{HostPodStatus, stream_status};
 use crate::index::{TenantsState, ViewSource};
@@ -108,11 +108,12 @@ impl<V: ViewSource> PodSyncService<V> {
         })
     }
 
-    fn caller<T>(&self, request: &Request<T>) -> Result<(TenantName, Tenant), Status> {
-        let name = self.auth.identify_ready(request, self.views.as_ref())?;
-        let tenant = self.tenants.borrow().file.tenant(name.as_str()).cloned();
+    /// The caller and its tenant's config.
+    fn caller<T>(&self, request: &Request<T>) -> Result<(Caller, Tenant), Status> {
+        let caller = self.auth.caller_ready(request, self.views.as_ref())?;
+        let tenant = self.tenants.borrow().file.tenant(caller.tenant.as_str()).cloned();
         Ok((
-            name,
+            caller,
             tenant.ok_or_else(|| Status::permission_denied("unknown tenant"))?,
         ))
     }
@@ -122,7 +123,8 @@ impl<V: ViewSource> PodSyncService<V> {
     }
 
     async fn apply(&self, request: Request<ApplyPodRequest>) -> Result<ApplyPodResponse, Status> {
-        let (name, tenant) = self.caller(&request)?;
+        let (caller, tenant) = self.caller(&request)?;
+        let name = caller.tenant;
         self.limiter.take(&name)?;
         let request = request.into_inner();
         let pod: Pod = serde_json::from_slice(&request.pod_json)
@@ -368,7 +370,8 @@ impl<V: ViewSource> PodSyncService<V> {
     }
 
     async fn delete(&self, request: Request<DeletePodRequest>) -> Result<DeletePodResponse, Status> {
-        let (name, tenant) = self.caller(&request)?;
+        let (caller, tenant) = self.caller(&request)?;
+        let name = caller.tenant;
         self.limiter.take(&name)?;
         let req = request.into_inner();
         let host_name = host_pod_name(&req.pod_name, &req.pod_namespace, name.as_str());
@@ -775,12 +778,13 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         request: Request<WatchPodStatusRequest>,
     ) -> Result<Response<Self::WatchPodStatusStream>, Status> {
         let started = Instant::now();
-        let caller = self.caller(&request).and_then(|(name, tenant)| {
-            let slot = self.limiter.open(&name, StreamKind::PodStatus)?;
-            Ok((name, tenant, slot))
+        let opened = self.caller(&request).and_then(|(caller, tenant)| {
+            let slot = self.limiter.open(&caller.tenant, StreamKind::PodStatus)?;
+            Ok((caller, tenant, slot))
         });
-        self.metrics.record(WATCH, started, &caller);
-        let (name, tenant, slot) = caller?;
+        self.metrics.record(WATCH, started, &opened);
+        let (caller, tenant, slot) = opened?;
+        let name = caller.tenant.clone();
         let config = watcher::Config::default().labels(&managed_selector(&tenant));
         let events = self
             .metrics
@@ -802,7 +806,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             .get_or_create(&Metrics::tenant(name.as_str()))
             .clone();
         let shutdown = self.shutdown.clone();
-        let ended = tenant_left(self.tenants.clone(), name.clone(), tenant.host_namespace.clone());
+        let ended = tenant_left(self.tenants.clone(), caller, tenant.host_namespace.clone());
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 gauge.inc();
@@ -817,28 +821,28 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
 }
 
 /// Resolves, with the status to end a WatchPodStatus stream with, once the tenants file no
-/// longer names `tenant` (its access is revoked: PERMISSION_DENIED, as its Sync streams get) or
-/// moves it to another host namespace than `host_namespace` (ABORTED: the caller reopens the
-/// stream and watches the new one). Never resolves while the config keeps both.
+/// longer accepts its `caller` (its access is revoked, as its Sync streams are: see
+/// [`Authenticator::accepts`]) or moves its tenant to another host namespace than
+/// `host_namespace` (ABORTED: the caller reopens the stream and watches the new one). Never
+/// resolves while the config keeps both.
 async fn tenant_left(
     mut tenants: watch::Receiver<Arc<TenantsState>>,
-    tenant: TenantName,
+    caller: Caller,
     host_namespace: String,
 ) -> Status {
     loop {
         {
             let state = tenants.borrow_and_update();
-            match state.file.tenant(tenant.as_str()) {
-                None => {
-                    return Status::permission_denied("the tenant was removed from the host agent's config");
-                }
-                Some(now) if now.host_namespace != host_namespace => {
-                    return Status::aborted(format!(
-                        "the tenant's host namespace changed from {host_namespace:?} to {:?}: open the stream again",
-                        now.host_namespace
-                    ));
-                }
-                Some(_) => {}
+            if let Err(revoked) = Authenticator::accepts(&state, &caller) {
+                return revoked;
+            }
+            if let Some(now) = state.file.tenant(caller.tenant.as_str())
+                && now.host_namespace != host_namespace
+            {
+                return Status::aborted(format!(
+                    "the tenant's host namespace changed from {host_namespace:?} to {:?}: open the stream again",
+                    now.host_namespace
+                ));
             }
         }
         if tenants.changed().await.is_err() {
@@ -865,7 +869,12 @@ mod tests {
         use futures::FutureExt as _;
         let both = "tenants:\n  - {name: a, hostNamespace: ns-a}\n  - {name: b, hostNamespace: ns-b}\n";
         let (config, rx) = watch::channel(tenants_state(both));
-        let a = TenantName::new("a").unwrap();
+        // A caller without credentials (the config has no tokens).
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert(crate::grpc::auth::TENANT_HEADER, "a".parse().unwrap());
+        let a = Authenticator::new(rx.clone(), true).identify(&request).unwrap();
         let mut left = Box::pin(tenant_left(rx.clone(), a.clone(), "ns-a".into()));
         assert!((&mut left).now_or_never().is_none(), "nothing changed for a");
         // Another tenant's change, or a reload that keeps a as it is, goes on.

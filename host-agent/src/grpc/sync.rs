@@ -14,7 +14,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream, StreamExt};
 use prost::Message;
 use rcsync_core::TenantName;
 use rcsync_proto::v1::runtime_class_sync_server::RuntimeClassSync;
@@ -25,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::grpc::auth::Authenticator;
+use crate::grpc::auth::{Authenticator, Caller};
 use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
 use crate::index::ViewSource;
 use crate::metrics::{DecisionLabels, Metrics, StreamSeries};
@@ -113,17 +114,14 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
         self
     }
 
-    /// The caller's tenant and its view; UNAVAILABLE until the host's classes were listed.
-    fn view_of<T>(
-        &self,
-        request: &Request<T>,
-    ) -> Result<(TenantName, watch::Receiver<Arc<TenantView>>), Status> {
-        let tenant = self.auth.identify_ready(request, self.views.as_ref())?;
+    /// The caller and its tenant's view; UNAVAILABLE until the host's classes were listed.
+    fn view_of<T>(&self, request: &Request<T>) -> Result<(Caller, watch::Receiver<Arc<TenantView>>), Status> {
+        let caller = self.auth.caller_ready(request, self.views.as_ref())?;
         let view = self
             .views
-            .subscribe(&tenant)
+            .subscribe(&caller.tenant)
             .ok_or_else(|| Status::permission_denied("unknown tenant"))?;
-        Ok((tenant, view))
+        Ok((caller, view))
     }
 }
 
@@ -144,15 +142,17 @@ impl<V: ViewSource> RuntimeClassSyncService<V> {
         request: Request<Streaming<SyncRequest>>,
     ) -> Result<Response<SyncResponses>, Status> {
         let started = Instant::now();
-        let opened = self.view_of(&request).and_then(|(tenant, view)| {
-            let slot = self.limiter.open(&tenant, StreamKind::Sync)?;
-            Ok((tenant, view, slot))
+        let opened = self.view_of(&request).and_then(|(caller, view)| {
+            let slot = self.limiter.open(&caller.tenant, StreamKind::Sync)?;
+            Ok((caller, view, slot))
         });
         self.metrics.record(SYNC, started, &opened);
-        let (tenant, view, slot) = opened?;
+        let (caller, view, slot) = opened?;
+        let tenant = caller.tenant.clone();
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
             tenant: tenant.clone(),
+            revoked: self.auth.revoked(caller).boxed(),
             inbound: request.into_inner(),
             view,
             views: self.views.clone(),
@@ -298,6 +298,8 @@ struct Pending {
 /// costs work for the classes that changed, found in the index's change log.
 struct Session<V> {
     tenant: TenantName,
+    /// Resolves once a reload no longer accepts the stream's caller (see [`Authenticator::revoked`]).
+    revoked: BoxFuture<'static, Status>,
     inbound: Streaming<SyncRequest>,
     view: watch::Receiver<Arc<TenantView>>,
     views: Arc<V>,
@@ -415,6 +417,10 @@ impl<V: ViewSource> Session<V> {
                         return;
                     }
                 },
+                status = &mut self.revoked => {
+                    let _ = self.tx.send(Box::new(Err(status))).await;
+                    return;
+                }
                 changed = self.view.changed() => {
                     if changed.is_err() {
                         let _ = self.tx.send(Box::new(Err(Status::permission_denied("the tenant was removed from the host agent's config")))).await;

@@ -365,7 +365,7 @@ async fn inject(
             let t = TENANTS[tenant];
             let token = format!("token-{t}-{}", rng.random::<u32>());
             // The virtual side first (read at its next connection), then the host (reloaded on
-            // change); the open stream keeps its authenticated session.
+            // change), which ends the streams opened with the old token: the agent reopens them.
             world::replace_file(&dir.join("vtokens").join(format!("{t}.token")), &token)?;
             world::replace_file(&dir.join("tokens").join(format!("{t}.token")), &token)?;
             format!("rotate tenant {t}'s token")
