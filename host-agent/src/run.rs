@@ -202,6 +202,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
     let last_errors = crate::grpc::sync::LastErrors::default();
     let limiter = crate::grpc::limits::TenantLimiter::new(tenants_rx.clone(), metrics.clone());
+    tokio::spawn(limiter.clone().forget_removed_tenants());
     let sync = RuntimeClassSyncService::new(
         Arc::new(views.clone()),
         auth.clone(),

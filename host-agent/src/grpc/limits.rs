@@ -83,6 +83,11 @@ pub struct StreamSlot {
 }
 
 impl Usage {
+    /// Whether the tenant holds nothing open.
+    fn is_idle(&self) -> bool {
+        self.sync_streams == 0 && self.status_streams == 0 && self.pod_sync_calls == 0
+    }
+
     /// The count of open calls of `kind`.
     fn open(&mut self, kind: StreamKind) -> &mut u32 {
         match kind {
@@ -96,9 +101,17 @@ impl Usage {
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         let mut usage = self.limiter.lock();
-        if let Some(u) = usage.get_mut(&self.tenant) {
-            let open = u.open(self.kind);
-            *open = open.saturating_sub(1);
+        let Some(u) = usage.get_mut(&self.tenant) else {
+            return;
+        };
+        let open = u.open(self.kind);
+        *open = open.saturating_sub(1);
+        if u.is_idle() && !self.limiter.is_configured(&self.tenant) {
+            // The last call of a removed tenant: its usage goes, and the series it recorded
+            // after the reload dropped the tenant's (a refusal, a decision) go too.
+            usage.remove(&self.tenant);
+            drop(usage);
+            self.limiter.metrics.forget_tenant(self.tenant.as_str());
         }
     }
 }
@@ -111,6 +124,23 @@ impl TenantLimiter {
             tenants,
             metrics,
         }
+    }
+
+    /// Follows reloads of the tenants file, dropping the usage of each tenant no longer
+    /// configured that holds nothing open (one that does goes when its last call ends), so the
+    /// limiter holds only tenants of the config. Ends when the config is no longer reloaded.
+    pub async fn forget_removed_tenants(self) {
+        let mut tenants = self.tenants.clone();
+        while tenants.changed().await.is_ok() {
+            let state = tenants.borrow_and_update().clone();
+            self.lock()
+                .retain(|name, usage| !usage.is_idle() || state.file.tenant(name.as_str()).is_some());
+        }
+    }
+
+    /// Whether `tenant` is in the current config.
+    fn is_configured(&self, tenant: &TenantName) -> bool {
+        self.tenants.borrow().file.tenant(tenant.as_str()).is_some()
     }
 
     /// A tenant's limits now (defaults for a tenant no longer configured).
@@ -304,5 +334,56 @@ mod tests {
             "{}",
             refused.message()
         );
+    }
+
+    #[tokio::test]
+    async fn a_removed_tenant_is_forgotten_once_its_last_call_ends() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let state = |yaml: &str| {
+            Arc::new(TenantsState {
+                file: rcsync_core::TenantsFile::parse(std::path::Path::new("t.yaml"), yaml).unwrap(),
+                ..Default::default()
+            })
+        };
+        let (config, tenants) = watch::channel(state(
+            "tenants:\n  - {name: a, hostNamespace: ns-a}\n  - {name: b, hostNamespace: ns-b}\n",
+        ));
+        let limiter = TenantLimiter::new(tenants, metrics.clone());
+        let forgetting = tokio::spawn(limiter.clone().forget_removed_tenants());
+        let (a, b) = (TenantName::new("a").unwrap(), TenantName::new("b").unwrap());
+        let call = limiter.open(&a, StreamKind::PodSyncCall).unwrap();
+        limiter.take(&b).unwrap();
+        config.send_replace(state("tenants:\n  - {name: c, hostNamespace: ns-c}\n"));
+        let remembered = || {
+            let usage = limiter.lock();
+            (usage.contains_key(&a), usage.contains_key(&b))
+        };
+        eventually_true(|| remembered() == (true, false)).await;
+        // The call still running when a was removed refuses something after the reload dropped
+        // a's series; when it ends, a is forgotten, series and all.
+        limiter.rejected(&a, "podSyncQps");
+        let text = |registry: &prometheus_client::registry::Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+            text
+        };
+        assert!(text(&registry).contains("tenant=\"a\""));
+        drop(call);
+        assert_eq!(remembered(), (false, false));
+        assert!(!text(&registry).contains("tenant=\"a\""), "{}", text(&registry));
+        drop(config);
+        forgetting.await.unwrap();
+    }
+
+    /// Waits (yielding to the runtime) until `done`.
+    async fn eventually_true(done: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("not done after 1,000 turns of the runtime");
     }
 }
