@@ -18,8 +18,8 @@ pub struct TenantTokens {
     /// Each token once: a caller's [`crate::grpc::auth::Caller`] keeps a reference to its own,
     /// to check it again at each reload.
     by_token: HashMap<Arc<str>, TenantName>,
-    /// How many tokens each tenant with a `tokenFile` has.
-    counts: HashMap<TenantName, usize>,
+    /// The tokens of each tenant with a `tokenFile`, in the file's order.
+    of_tenant: HashMap<TenantName, Vec<Arc<str>>>,
 }
 
 impl TenantTokens {
@@ -44,7 +44,7 @@ impl TenantTokens {
                     continue;
                 }
             };
-            let (mut count, reported) = (0, problems.len());
+            let (mut own, reported) = (Vec::new(), problems.len());
             for (line, token) in raw.lines().enumerate() {
                 let token: Arc<str> = token.trim().into();
                 if token.is_empty() {
@@ -66,11 +66,11 @@ impl TenantTokens {
                     None => {}
                 }
                 owner.insert(token.clone(), i);
-                tokens.by_token.insert(token, tenant.name.clone());
-                count += 1;
+                tokens.by_token.insert(token.clone(), tenant.name.clone());
+                own.push(token);
             }
-            if count > 0 {
-                tokens.counts.insert(tenant.name.clone(), count);
+            if !own.is_empty() {
+                tokens.of_tenant.insert(tenant.name.clone(), own);
             } else if problems.len() == reported {
                 // (A file whose only token is another tenant's was reported as such.)
                 problems.push(Problem {
@@ -101,12 +101,17 @@ impl TenantTokens {
 
     /// Whether a tenant is configured with a token.
     pub fn has_token(&self, tenant: &TenantName) -> bool {
-        self.counts.contains_key(tenant)
+        self.of_tenant.contains_key(tenant)
     }
 
-    /// How many tokens a tenant has (more than one while a token is rotated).
+    /// A tenant's tokens (more than one while a token is rotated; none without a `tokenFile`).
+    pub fn tokens_of(&self, tenant: &TenantName) -> &[Arc<str>] {
+        self.of_tenant.get(tenant).map_or(&[], Vec::as_slice)
+    }
+
+    /// How many tokens a tenant has.
     pub fn count_of(&self, tenant: &TenantName) -> usize {
-        self.counts.get(tenant).copied().unwrap_or(0)
+        self.tokens_of(tenant).len()
     }
 }
 

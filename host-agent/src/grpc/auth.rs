@@ -8,11 +8,17 @@
 //!
 //! When `x-rcsync-tenant` is sent, it must name the identified tenant (PERMISSION_DENIED otherwise).
 //!
-//! A stream (Sync, WatchPodStatus) is authenticated when it opens and again at each reload of the
-//! tenants file ([`Authenticator::revoked`]): it ends once its tenant is removed
-//! (PERMISSION_DENIED), its bearer token is no longer the tenant's (a rotated `tokenFile`:
+//! A stream (Sync, WatchPodStatus) is authenticated when it opens and again whenever a reload of
+//! the tenants file changes its tenant ([`Authenticator::revoked`]): it ends once its tenant is
+//! removed (PERMISSION_DENIED), its bearer token is no longer the tenant's (a rotated `tokenFile`:
 //! UNAUTHENTICATED), or its tenant, reached without credentials, now has a token. A revoked token
-//! reads nothing more, however long its streams were open.
+//! reads nothing more, however long its streams were open. A reload wakes only the streams of the
+//! tenants it changed:
+//!
+//! ```text
+//!  tenants watch ──(one task per agent)──► per-tenant changes (the tenants whose entry or tokens differ)
+//!                                            └─► that tenant's streams check their caller again
+//! ```
 //!
 //! ```text
 //!  h2 request ──► Authenticated (headers, peer certificate; no body read yet)
@@ -21,6 +27,7 @@
 //!                   └─► the service: tonic decodes the body; the handler identifies the caller again
 //! ```
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -49,6 +56,62 @@ pub const TENANT_HEADER: &str = "x-rcsync-tenant";
 pub struct Authenticator {
     tenants: watch::Receiver<Arc<TenantsState>>,
     allow_unauthenticated: bool,
+    changes: TenantChanges,
+}
+
+/// A wake-up per tenant with open streams, sent when a reload changes that tenant: its entry in
+/// the tenants file or its tokens.
+#[derive(Clone, Default)]
+struct TenantChanges(Arc<std::sync::Mutex<Wakes>>);
+
+#[derive(Default)]
+struct Wakes {
+    /// Whether the task that sends them runs (started by the first stream).
+    following: bool,
+    by_tenant: HashMap<TenantName, watch::Sender<()>>,
+}
+
+impl TenantChanges {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Wakes> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes when a reload of `tenants` changes `tenant`. The first call starts the task that
+    /// follows the reloads, on the current Tokio runtime.
+    fn subscribe(
+        &self,
+        tenant: &TenantName,
+        tenants: &watch::Receiver<Arc<TenantsState>>,
+    ) -> watch::Receiver<()> {
+        let mut wakes = self.lock();
+        if !std::mem::replace(&mut wakes.following, true) {
+            tokio::spawn(self.clone().follow(tenants.clone()));
+        }
+        wakes
+            .by_tenant
+            .entry(tenant.clone())
+            .or_insert_with(|| watch::channel(()).0)
+            .subscribe()
+    }
+
+    /// Follows reloads from `tenants`, waking the streams of each tenant whose entry or tokens
+    /// changed (and forgetting tenants no stream follows any more). Ends when the config is no
+    /// longer reloaded.
+    async fn follow(self, mut tenants: watch::Receiver<Arc<TenantsState>>) {
+        let mut before = tenants.borrow_and_update().clone();
+        while tenants.changed().await.is_ok() {
+            let now = tenants.borrow_and_update().clone();
+            self.lock().by_tenant.retain(|tenant, wake| {
+                let changed = before.file.tenant(tenant.as_str()) != now.file.tenant(tenant.as_str())
+                    || before.tokens.tokens_of(tenant) != now.tokens.tokens_of(tenant);
+                if changed {
+                    wake.send_replace(());
+                }
+                wake.receiver_count() > 0
+            });
+            before = now;
+        }
+    }
 }
 
 impl Authenticator {
@@ -57,6 +120,7 @@ impl Authenticator {
         Self {
             tenants,
             allow_unauthenticated,
+            changes: TenantChanges::default(),
         }
     }
 
@@ -89,15 +153,37 @@ impl Authenticator {
 
     /// Resolves, with the status to end `caller`'s stream with, once a reload of the tenants file
     /// no longer accepts it (see [`Authenticator::accepts`]); never while it does.
-    pub fn revoked(&self, caller: Caller) -> impl Future<Output = Status> + Send + 'static {
-        let mut tenants = self.tenants.clone();
+    pub fn revoked(&self, caller: Caller) -> impl Future<Output = Status> + Send + use<> {
+        let tenant = caller.tenant.clone();
+        let ended = self.tenant_changed(&tenant, move |state| Self::accepts(state, &caller));
+        async move {
+            let status = ended.await;
+            tracing::info!(%tenant, %status, "ending a stream: its caller is no longer accepted");
+            status
+        }
+    }
+
+    /// Resolves with the status `check` returns once it returns one, checking the current
+    /// tenants now and again whenever a reload changes `tenant` (not at other reloads). Called
+    /// on a Tokio runtime.
+    pub fn tenant_changed<C>(
+        &self,
+        tenant: &TenantName,
+        check: C,
+    ) -> impl Future<Output = Status> + Send + use<C>
+    where
+        C: Fn(&TenantsState) -> Result<(), Status> + Send + 'static,
+    {
+        // Subscribed before the first check: a reload between the two is seen by one of them.
+        let mut changes = self.changes.subscribe(tenant, &self.tenants);
+        let tenants = self.tenants.clone();
         async move {
             loop {
-                if let Err(status) = Self::accepts(&tenants.borrow_and_update(), &caller) {
-                    tracing::info!(tenant = %caller.tenant, %status, "ending a stream: its caller is no longer accepted");
+                let checked = check(&tenants.borrow());
+                if let Err(status) = checked {
                     return status;
                 }
-                if tenants.changed().await.is_err() {
+                if changes.changed().await.is_err() {
                     // The config is no longer reloaded (the agent is stopping): shutdown ends
                     // the stream.
                     return std::future::pending().await;
@@ -410,6 +496,7 @@ mod tests {
             &TWO.replace("ns-b}", "ns-b2}"),
             &[("a.token", "  one  \n")],
         ));
+        settle().await;
         assert!((&mut revoked).now_or_never().is_none(), "a's token is unchanged");
         // A rotated token ends the stream; so would the old token given to another tenant.
         config.send_replace(state(dir.path(), TWO, &[("a.token", "two")]));
@@ -446,6 +533,7 @@ mod tests {
         );
         let mut revoked = Box::pin(auth.revoked(caller));
         config.send_replace(state(dir.path(), &TWO.replace("ns-a,", "ns-a2,"), &[]));
+        settle().await;
         assert!((&mut revoked).now_or_never().is_none(), "b still has no token");
         config.send_replace(state(
             dir.path(),
@@ -458,6 +546,57 @@ mod tests {
             status.message().contains("now requires its bearer token"),
             "{status:?}"
         );
+    }
+
+    /// Lets the runtime's other tasks (the reload follower) run (the tests' runtime has one
+    /// thread: they run in turn).
+    async fn settle() {
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_wakes_only_the_streams_of_the_tenants_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, rx) = watch::channel(state(dir.path(), TWO, &[("a.token", "one")]));
+        let auth = Authenticator::new(rx, false);
+        let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = checks.clone();
+        let a = TenantName::new("a").unwrap();
+        let mut ended = Box::pin(auth.tenant_changed(&a, move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }));
+        let count = || checks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((&mut ended).now_or_never().is_none());
+        assert_eq!(count(), 1, "checked once when it starts");
+        // b's entry changes, a's token file is read again unchanged: a is not woken.
+        config.send_replace(state(
+            dir.path(),
+            &TWO.replace("ns-b}", "ns-b2}"),
+            &[("a.token", "one")],
+        ));
+        settle().await;
+        assert!((&mut ended).now_or_never().is_none());
+        assert_eq!(
+            count(),
+            1,
+            "a reload that leaves a as it is wakes none of a's streams"
+        );
+        // a's entry changes (its selector, here its namespace), then its token: each wakes it.
+        config.send_replace(state(dir.path(), &TWO.replace("ns-a,", "ns-a2,"), &[]));
+        settle().await;
+        assert!((&mut ended).now_or_never().is_none());
+        assert_eq!(count(), 2);
+        config.send_replace(state(
+            dir.path(),
+            &TWO.replace("ns-a,", "ns-a2,"),
+            &[("a.token", "two")],
+        ));
+        settle().await;
+        assert!((&mut ended).now_or_never().is_none());
+        assert_eq!(count(), 3);
     }
 
     #[test]

@@ -806,7 +806,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             .get_or_create(&Metrics::tenant(name.as_str()))
             .clone();
         let shutdown = self.shutdown.clone();
-        let ended = tenant_left(self.tenants.clone(), caller, tenant.host_namespace.clone());
+        let ended = tenant_left(&self.auth, caller, tenant.host_namespace.clone());
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 gauge.inc();
@@ -825,31 +825,22 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
 /// [`Authenticator::accepts`]) or moves its tenant to another host namespace than
 /// `host_namespace` (ABORTED: the caller reopens the stream and watches the new one). Never
 /// resolves while the config keeps both.
-async fn tenant_left(
-    mut tenants: watch::Receiver<Arc<TenantsState>>,
+fn tenant_left(
+    auth: &Authenticator,
     caller: Caller,
     host_namespace: String,
-) -> Status {
-    loop {
-        {
-            let state = tenants.borrow_and_update();
-            if let Err(revoked) = Authenticator::accepts(&state, &caller) {
-                return revoked;
-            }
-            if let Some(now) = state.file.tenant(caller.tenant.as_str())
-                && now.host_namespace != host_namespace
-            {
-                return Status::aborted(format!(
-                    "the tenant's host namespace changed from {host_namespace:?} to {:?}: open the stream again",
-                    now.host_namespace
-                ));
-            }
+) -> impl std::future::Future<Output = Status> + Send + use<> {
+    let tenant = caller.tenant.clone();
+    auth.tenant_changed(&tenant, move |state| {
+        Authenticator::accepts(state, &caller)?;
+        match state.file.tenant(caller.tenant.as_str()) {
+            Some(now) if now.host_namespace != host_namespace => Err(Status::aborted(format!(
+                "the tenant's host namespace changed from {host_namespace:?} to {:?}: open the stream again",
+                now.host_namespace
+            ))),
+            _ => Ok(()),
         }
-        if tenants.changed().await.is_err() {
-            // The config is no longer reloaded (the agent is stopping): shutdown ends the stream.
-            return std::future::pending().await;
-        }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -874,11 +865,16 @@ mod tests {
         request
             .metadata_mut()
             .insert(crate::grpc::auth::TENANT_HEADER, "a".parse().unwrap());
-        let a = Authenticator::new(rx.clone(), true).identify(&request).unwrap();
-        let mut left = Box::pin(tenant_left(rx.clone(), a.clone(), "ns-a".into()));
+        let auth = Authenticator::new(rx, true);
+        let a = auth.identify(&request).unwrap();
+        let mut left = Box::pin(tenant_left(&auth, a.clone(), "ns-a".into()));
         assert!((&mut left).now_or_never().is_none(), "nothing changed for a");
         // Another tenant's change, or a reload that keeps a as it is, goes on.
         config.send_replace(tenants_state("tenants:\n  - {name: a, hostNamespace: ns-a}\n"));
+        for _ in 0..8 {
+            // The reload follower runs in turn with this test.
+            tokio::task::yield_now().await;
+        }
         assert!((&mut left).now_or_never().is_none(), "b left, not a");
         config.send_replace(tenants_state("tenants:\n  - {name: a, hostNamespace: ns-a2}\n"));
         let moved = left.await;
@@ -891,7 +887,7 @@ mod tests {
             both.replace("{name: a, hostNamespace: ns-a}", "{name: c, hostNamespace: ns-c}")
                 .as_str(),
         ));
-        let removed = tenant_left(rx, a, "ns-a2".into()).await;
+        let removed = tenant_left(&auth, a, "ns-a2".into()).await;
         assert_eq!(removed.code(), tonic::Code::PermissionDenied);
     }
 
