@@ -31,6 +31,14 @@ pub const RUNTIME_CLASS_SYNC_SERVICE: &str = "rcsync.v1.RuntimeClassSync";
 /// Fully-qualified gRPC service name of `PodSync`.
 pub const POD_SYNC_SERVICE: &str = "rcsync.v1.PodSync";
 
+/// The `google.rpc.ErrorInfo` domain of the reasons rcsync's errors carry.
+pub const ERROR_DOMAIN: &str = "rcsync.io";
+
+/// The `google.rpc.ErrorInfo` reason of an ApplyPod the host API server refused for the host
+/// namespace's ResourceQuota (FAILED_PRECONDITION): room is made when one of the tenant's host
+/// Pods goes.
+pub const HOST_QUOTA_EXCEEDED: &str = "HOST_QUOTA_EXCEEDED";
+
 /// The largest request message the host agent decodes (Sync ACKs and NACKs, CheckPod, PodSync
 /// calls): gRPC's usual 4 MiB. An `ApplyPodRequest` carries the Pod and every ConfigMap and Secret
 /// it references, so a virtual agent checks a request's size against this before sending it.

@@ -37,6 +37,22 @@ where
     }
 }
 
+/// The retry delays a virtual agent logged for a Pod (milliseconds), in order, from its log
+/// (`retrying the Pod later`, at debug level).
+pub fn retry_delays(logs: &str, pod: &str) -> Vec<u64> {
+    logs.lines()
+        .filter(|l| l.contains("retrying the Pod later") && l.contains(&format!("pod={pod} ")))
+        .filter_map(|l| {
+            l.split("retry_in_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// A free TCP port on loopback (bound and released; the OS does not hand it out again at once).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,8 +1,8 @@
 //! Regressions the chaos harness (`cargo run -p rcsync-tests --bin chaos`) found, each as a
 //! plain end-to-end test with the real binaries.
 
-use rcsync_tests::eventually;
 use rcsync_tests::system::{System, TenantSpec, pod, runtime_class};
+use rcsync_tests::{eventually, retry_delays};
 
 const TENANT: &str = "team-a";
 
@@ -115,21 +115,6 @@ async fn a_host_pod_goes_when_its_virtual_pod_is_replaced_by_one_that_may_not_sy
             "did not sync pod \"web\" to host because its runtime class \"kata\" does not exist on the host",
         )
         .await;
-}
-
-/// The retry delays logged for a Pod (milliseconds), in order.
-fn retry_delays(logs: &str, pod: &str) -> Vec<u64> {
-    logs.lines()
-        .filter(|l| l.contains("retrying the Pod later") && l.contains(&format!("pod={pod} ")))
-        .filter_map(|l| {
-            l.split("retry_in_ms=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
 }
 
 /// A Pod the host kept refusing backed off to 30 s, and a new Pod under the same name inherited

@@ -11,7 +11,7 @@ use kube::{Api, ResourceExt as _};
 use rcsync_core::pod_refs;
 use rcsync_tests::proxy::Mode;
 use rcsync_tests::system::{System, TenantSpec, VirtualSide, runtime_class};
-use rcsync_tests::{eventually, http_get};
+use rcsync_tests::{eventually, http_get, retry_delays};
 use serde_json::{Value, json};
 
 const TENANT: &str = "team-a";
@@ -997,7 +997,8 @@ async fn an_enforced_toleration_added_later_reaches_the_running_pods() {
 /// A tenant's host namespace at its Pod quota still takes the changes of the Pods it holds: the
 /// host agent reads a Pod the virtual side has seen on the host instead of trying to create it
 /// (the host's admission, quota included, runs before a taken name shows, so that create would be
-/// refused). A Pod past the quota is refused with the host's reason.
+/// refused). A Pod past the quota is refused with the host's reason, and retried as soon as a
+/// host Pod goes, not when its backoff next comes up.
 #[tokio::test]
 async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
     let system = system(tenant()).await;
@@ -1044,11 +1045,28 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
     let metrics = v.metrics().await;
     assert!(metrics.contains("\nrcsync_pods_failing 1\n"), "{metrics}");
 
-    // Room on the host: the retried Pod goes there, and nothing is failing any more.
+    // Its retries back off to seconds apart (the fifth waits 2.4 s at least)...
+    eventually("api's retries to be seconds apart", || {
+        let logs = v.agent.logs();
+        async move { (retry_delays(&logs, "api").last()? >= &2_000).then_some(()) }
+    })
+    .await;
+    // ...but room on the host sends it there at once: a host Pod going retries the Pod the
+    // quota refused the longest. Nothing is failing any more.
     Api::<Pod>::namespaced(v.cluster.client().await, "default")
         .delete("web", &Default::default())
         .await
         .unwrap();
+    eventually("api retried as the host Pod of web went", || async {
+        v.agent
+            .logs()
+            .lines()
+            .any(|l| {
+                l.contains("retrying the Pod the host's quota refused the longest") && l.contains("pod=api")
+            })
+            .then_some(())
+    })
+    .await;
     wait_host_pod(&system, "api", "default").await;
     none_failing_in_status(v, 1).await;
     let metrics = v.metrics().await;

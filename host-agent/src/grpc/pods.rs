@@ -10,6 +10,7 @@
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
 //! ```
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::auth::{Authenticator, Caller};
 use crate::grpc::limits::{StreamKind, TenantLimiter};
@@ -736,6 +738,19 @@ fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
                 tenant.host_namespace, tenant.name, e.message
             ))
         }
+        // Upstream's quota admission says so only in its message (`... is forbidden: exceeded
+        // quota: <name>, requested: ..., used: ..., limited: ...`): a reason the caller can act on.
+        kube::Error::Api(e) if e.code == 403 && e.message.contains("exceeded quota") => {
+            Status::with_error_details(
+                tonic::Code::FailedPrecondition,
+                format!("the host API server refused the pod: {}", e.message),
+                ErrorDetails::with_error_info(
+                    rcsync_proto::HOST_QUOTA_EXCEEDED,
+                    rcsync_proto::ERROR_DOMAIN,
+                    HashMap::new(),
+                ),
+            )
+        }
         kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422) => {
             Status::failed_precondition(format!("the host API server refused the pod: {}", e.message))
         }
@@ -889,6 +904,31 @@ mod tests {
         ));
         let removed = tenant_left(&auth, a, "ns-a2".into()).await;
         assert_eq!(removed.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn a_refusal_for_the_host_quota_carries_its_reason_and_other_refusals_do_not() {
+        let state = tenants_state("tenants:\n  - {name: a, hostNamespace: ns-a}\n");
+        let tenant = state.file.tenant("a").unwrap();
+        let refused = |message: &str| {
+            let status: kube::core::Status =
+                serde_json::from_value(json!({"code": 403, "reason": "Forbidden", "message": message}))
+                    .unwrap();
+            kube_status(&kube::Error::Api(Box::new(status)), tenant)
+        };
+        let full = refused(
+            "pods \"web-x-default-x-a\" is forbidden: exceeded quota: pods, requested: pods=1, used: pods=1, limited: pods=1",
+        );
+        assert_eq!(full.code(), tonic::Code::FailedPrecondition);
+        assert!(full.message().contains("exceeded quota: pods"), "{full:?}");
+        let info = full.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            (rcsync_proto::HOST_QUOTA_EXCEEDED, rcsync_proto::ERROR_DOMAIN)
+        );
+        let webhook = refused("admission webhook \"policy.example\" denied the request: no");
+        assert_eq!(webhook.code(), tonic::Code::FailedPrecondition);
+        assert!(webhook.get_details_error_info().is_none(), "{webhook:?}");
     }
 
     #[test]

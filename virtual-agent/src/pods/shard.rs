@@ -18,6 +18,7 @@ use rcsync_proto::v1::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tonic_types::StatusExt as _;
 
 use super::{
     Failing, Key, ObjectKey, ObjectStores, POD_RETRY_MAX, PodBoard, Record, Records, ShardInput, State,
@@ -72,6 +73,12 @@ pub(super) struct Shard {
     /// Pods whose last try failed for want of the host: retried at once when the host path
     /// recovers.
     unreachable: HashSet<Key>,
+    /// Whether the Pod being processed was refused for the host namespace's quota.
+    host_full: bool,
+    /// Pods the host's quota refused, since when: as each host Pod goes, the one waiting longest
+    /// is retried at once (one per host Pod: the room it made fits one), the others on their
+    /// backoff.
+    quota_waiters: HashMap<Key, Instant>,
     /// Why the Pod being processed failed, when it did (see [`Shard::failed`]).
     failure: Option<String>,
     /// Pods whose last try failed, and why: `failing` on the board until a try succeeds, so a
@@ -118,6 +125,8 @@ impl Shard {
             generation: None,
             host_failed: false,
             unreachable: HashSet::new(),
+            host_full: false,
+            quota_waiters: HashMap::new(),
             failure: None,
         }
     }
@@ -157,7 +166,6 @@ impl Shard {
         if status.code() != tonic::Code::ResourceExhausted {
             return false;
         }
-        use tonic_types::StatusExt as _;
         let delay = status
             .get_details_retry_info()
             .and_then(|info| info.retry_delay)
@@ -166,6 +174,27 @@ impl Shard {
         self.metrics.pods_rate_limited_total.inc();
         self.paused_until = Some(Instant::now() + delay);
         true
+    }
+
+    /// A host Pod went: retries at once the Pod the host's quota has refused the longest, of
+    /// those not already due.
+    fn retry_a_quota_waiter(&mut self) {
+        let now = Instant::now();
+        let longest = self
+            .quota_waiters
+            .iter()
+            .filter(|(key, _)| self.retries.get(*key).is_some_and(|(at, _)| *at > now))
+            .min_by_key(|(_, since)| **since)
+            .map(|(key, _)| key.clone());
+        let Some(key) = longest else {
+            return;
+        };
+        tracing::info!(namespace = %key.0, pod = %key.1, "a host Pod went: retrying the Pod the host's quota refused the longest");
+        // Over the tenant's rate limit, it still waits that out.
+        let at = self.paused_until.unwrap_or(now).max(now);
+        if let Some(entry) = self.retries.get_mut(&key) {
+            entry.0 = entry.0.min(at);
+        }
     }
 
     fn next_retry(&self) -> Option<Instant> {
@@ -246,6 +275,7 @@ impl Shard {
                         for key in waiting {
                             self.enqueue(key);
                         }
+                        self.retry_a_quota_waiter();
                     }
                     Some(ShardInput::Status(StatusFeed::Reset)) => self.host_staging = Some(HashMap::new()),
                     Some(ShardInput::Status(StatusFeed::Event(event))) => {
@@ -302,6 +332,7 @@ impl Shard {
                     if let Some(key) = self.queue.pop_front() {
                         self.queued.remove(&key);
                         self.host_failed = false;
+                        self.host_full = false;
                         self.failure = None;
                         let ok = self.process(&key).await;
                         match self.failure.take() {
@@ -319,6 +350,11 @@ impl Shard {
                             self.unreachable.remove(&key);
                         } else {
                             self.unreachable.insert(key.clone());
+                        }
+                        if ok || !self.host_full {
+                            self.quota_waiters.remove(&key);
+                        } else {
+                            self.quota_waiters.entry(key.clone()).or_insert_with(Instant::now);
                         }
                         if ok {
                             self.retries.remove(&key);
@@ -406,7 +442,13 @@ impl Shard {
             // Over the tenant's rate: the Pod waits, nothing failed.
             tonic::Code::ResourceExhausted => {}
             // The host's own refusal, said by the host agent.
-            tonic::Code::FailedPrecondition => self.failed(status.message()),
+            tonic::Code::FailedPrecondition => {
+                self.failed(status.message());
+                self.host_full = status.get_details_error_info().is_some_and(|info| {
+                    info.domain == rcsync_proto::ERROR_DOMAIN
+                        && info.reason == rcsync_proto::HOST_QUOTA_EXCEEDED
+                });
+            }
             code => self.failed(format!(
                 "the host agent did not {attempt} ({code:?}): {}",
                 status.message()
