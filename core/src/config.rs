@@ -14,7 +14,7 @@
 //! vcluster.yaml are accepted and ignored, but only under the names vCluster knows, so a typo such as
 //! `fromhost` is reported rather than silently ignored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -394,7 +394,10 @@ impl Default for TenantLimits {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TenantsFile {
     /// The tenants, in file order; names and host namespaces are unique.
-    pub tenants: Vec<Tenant>,
+    tenants: Vec<Tenant>,
+    /// Each tenant's place in `tenants`, by name: a request looks its tenant up, it does not
+    /// scan them all.
+    by_name: HashMap<String, usize>,
 }
 
 /// The keys of vCluster's `sync` block.
@@ -456,9 +459,23 @@ impl TenantsFile {
         w.finish(file, tenants)
     }
 
+    fn new(tenants: Vec<Tenant>) -> Self {
+        let by_name = tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str().to_string(), i))
+            .collect();
+        Self { tenants, by_name }
+    }
+
+    /// The tenants, in file order.
+    pub fn tenants(&self) -> &[Tenant] {
+        &self.tenants
+    }
+
     /// Looks a tenant up by name.
     pub fn tenant(&self, name: &str) -> Option<&Tenant> {
-        self.tenants.iter().find(|t| t.name.as_str() == name)
+        self.by_name.get(name).and_then(|&i| self.tenants.get(i))
     }
 }
 
@@ -716,7 +733,7 @@ impl Walker {
             }
             tenants.push(tenant);
         }
-        TenantsFile { tenants }
+        TenantsFile::new(tenants)
     }
 
     fn tenant(&mut self, v: &Value, path: &str, base_dir: &Path) -> Option<Tenant> {

@@ -66,6 +66,28 @@ fn main() {
         });
         println!("in memory: map lookup {floor:?}, CheckPod decision {decide:?} (ratio {:.1})", decide.as_secs_f64() / floor.as_secs_f64());
 
+        // Identifying the caller (every call does, from its headers): the last of 1,000 tenants
+        // against the only one of a single-tenant file.
+        let identify = |tenants: usize| {
+            let yaml: String = std::iter::once("tenants:\n".to_string())
+                .chain((0..tenants).map(|t| format!("  - {{name: t{t}, hostNamespace: ns-{t}}}\n")))
+                .collect();
+            let file = TenantsFile::parse(Path::new("bench.yaml"), &yaml).unwrap();
+            let state = Arc::new(TenantsState { file, tokens: Default::default(), patches: Default::default() });
+            let (_config, rx) = tokio::sync::watch::channel(state);
+            let auth = Authenticator::new(rx, true);
+            let mut request = tonic::Request::new(());
+            request.metadata_mut().insert("x-rcsync-tenant", format!("t{}", tenants - 1).parse().unwrap());
+            time(200_000, || {
+                black_box(auth.identify(black_box(&request)).unwrap());
+            })
+        };
+        let (one, thousand) = (identify(1), identify(1_000));
+        println!(
+            "identifying the caller: among 1 tenant {one:?}, among 1,000 tenants {thousand:?} (ratio {:.2})",
+            thousand.as_secs_f64() / one.as_secs_f64()
+        );
+
         // Over gRPC on loopback.
         let (_tx, tenants_rx) = tokio::sync::watch::channel(state);
         let auth = Authenticator::new(tenants_rx.clone(), true);

@@ -27,8 +27,8 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
         TenantsFile::parse(path, &text)?;
         let state = crate::run::load_tenants(path)?;
         let (file, tokens) = (state.file, state.tokens);
-        let _ = writeln!(out, "{}: ok, {} tenant(s)", path.display(), file.tenants.len());
-        for t in &file.tenants {
+        let _ = writeln!(out, "{}: ok, {} tenant(s)", path.display(), file.tenants().len());
+        for t in file.tenants() {
             let auth = match tokens.count_of(&t.name) {
                 0 => "no token (mTLS or --allow-unauthenticated)".to_string(),
                 1 => "token".to_string(),

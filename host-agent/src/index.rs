@@ -348,7 +348,7 @@ impl ClassIndex {
             .map(|id| (*id, self.table.slots.get(*id).cloned()))
             .collect();
         let tenants = self.tenants.clone();
-        for tenant in &tenants.file.tenants {
+        for tenant in tenants.file.tenants() {
             let Some(current) = self.published.get(&tenant.name) else {
                 continue;
             };
@@ -440,7 +440,7 @@ impl ClassIndex {
             self.remove(&name);
         }
         let tenants = self.tenants.clone();
-        for tenant in &tenants.file.tenants {
+        for tenant in tenants.file.tenants() {
             let epoch = self.published.get(&tenant.name).map_or(0, |v| v.epoch) + 1;
             let mut view = self.rebuild(tenant);
             view.epoch = epoch;
@@ -472,7 +472,7 @@ impl ClassIndex {
         let old = std::mem::replace(&mut self.tenants, tenants);
         let tenants = self.tenants.clone();
         let mut fresh: Vec<(&Tenant, TenantView)> = Vec::new();
-        for tenant in &tenants.file.tenants {
+        for tenant in tenants.file.tenants() {
             let unchanged = old.file.tenant(tenant.name.as_str()) == Some(tenant)
                 && self.published.contains_key(&tenant.name);
             if unchanged {
@@ -494,7 +494,7 @@ impl ClassIndex {
             }
             kept
         });
-        for tenant in &tenants.file.tenants {
+        for tenant in tenants.file.tenants() {
             self.series
                 .entry(tenant.name.clone())
                 .or_insert_with(|| self.metrics.tenant_series(tenant.name.as_str()));

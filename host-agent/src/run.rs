@@ -76,7 +76,7 @@ pub fn load_tenants(path: &Path) -> Result<TenantsState, ConfigError> {
     let file = TenantsFile::load(path)?;
     let mut problems: Vec<Problem> = Vec::new();
     let mut patches = HashMap::new();
-    for (i, tenant) in file.tenants.iter().enumerate() {
+    for (i, tenant) in file.tenants().iter().enumerate() {
         let specs = &tenant.runtime_classes.patches;
         if specs.is_empty() {
             continue;
@@ -150,7 +150,7 @@ impl Drop for SideRuntime {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let signal = termination_signal();
     let tenants = load_tenants(&settings.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    tracing::info!(tenants = tenants.file.tenants.len(), config = %settings.config.display(), "loaded tenants");
+    tracing::info!(tenants = tenants.file.tenants().len(), config = %settings.config.display(), "loaded tenants");
     let tls = ServingTls::load(&settings.tls, TlsFlags::GRPC, &[b"h2"])?;
     let admin_tls = ServingTls::load(&settings.admin_tls, TlsFlags::ADMIN, &[b"h2", b"http/1.1"])?;
     let admin_access = match &settings.admin_token_file {
@@ -412,7 +412,13 @@ fn admitted(
 /// The names of the files the agent reads: the tenants file and every token file.
 fn file_names(path: &std::path::Path, state: &TenantsState) -> std::collections::HashSet<std::ffi::OsString> {
     std::iter::once(path)
-        .chain(state.file.tenants.iter().filter_map(|t| t.token_file.as_deref()))
+        .chain(
+            state
+                .file
+                .tenants()
+                .iter()
+                .filter_map(|t| t.token_file.as_deref()),
+        )
         .filter_map(|p| p.file_name().map(ToOwned::to_owned))
         .collect()
 }
@@ -462,8 +468,13 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
     };
     let watch_dirs = |watcher: &mut Option<notify::RecommendedWatcher>, state: &TenantsState| {
         let Some(watcher) = watcher else { return };
-        let files = std::iter::once(path.as_path())
-            .chain(state.file.tenants.iter().filter_map(|t| t.token_file.as_deref()));
+        let files = std::iter::once(path.as_path()).chain(
+            state
+                .file
+                .tenants()
+                .iter()
+                .filter_map(|t| t.token_file.as_deref()),
+        );
         rcsync_core::tls::watch_dirs(watcher, files, "config");
     };
     watch_dirs(&mut watcher, &tenants.borrow());
@@ -504,7 +515,7 @@ async fn reload_on_change(path: PathBuf, tenants: watch::Sender<Arc<TenantsState
                 }
                 count("applied");
                 tracing::info!(
-                    tenants = state.file.tenants.len(),
+                    tenants = state.file.tenants().len(),
                     trigger = why,
                     "reloaded tenants"
                 );

@@ -49,7 +49,7 @@ async fn tenants_status(State(state): State<StatusState>) -> axum::Json<Value> {
         .clone();
     let list: Vec<Value> = tenants
         .file
-        .tenants
+        .tenants()
         .iter()
         .map(|t| {
             let view = state.views.current(&t.name);

@@ -29,7 +29,7 @@ impl TenantTokens {
         let mut tokens = Self::default();
         let mut problems = Vec::new();
         let mut owner: HashMap<Arc<str>, usize> = HashMap::new();
-        for (i, tenant) in file.tenants.iter().enumerate() {
+        for (i, tenant) in file.tenants().iter().enumerate() {
             let Some(token_path) = &tenant.token_file else {
                 continue;
             };

@@ -528,8 +528,8 @@ mod tests {
             "tenants:\n  - {name: team-a, hostNamespace: vc-team-a}\n",
         )
         .unwrap()
-        .tenants
-        .remove(0)
+        .tenants()[0]
+            .clone()
     }
 
     fn pod() -> Pod {
@@ -593,8 +593,8 @@ mod tests {
             &format!("tenants:\n  - name: team-a\n    hostNamespace: vc-team-a\n{extra}"),
         )
         .unwrap()
-        .tenants
-        .remove(0)
+        .tenants()[0]
+            .clone()
     }
 
     fn pod_with(spec: serde_json::Value) -> Pod {
