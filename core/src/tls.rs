@@ -8,6 +8,10 @@
 //!  new connections use the newest files; open connections keep theirs
 //! ```
 //!
+//! With a client CA, [`ServingTls::client_certificates`] verifies a client's certificate against
+//! the CA loaded now and says when it changes: the host agent ends what was opened with a
+//! certificate the new CA no longer accepts.
+//!
 //! cert-manager (or any Secret volume) replaces the certificate, key and CA with Kubernetes'
 //! atomic writer; the directories are watched, the files are read again, and a set that does not
 //! load (a key that does not match, a half-written file) is reported and the previous one kept.
@@ -24,8 +28,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use tokio::sync::watch;
 
 /// How long a client may take to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,7 +118,49 @@ pub struct ServingTls {
     files: Arc<TlsFiles>,
     flags: TlsFlags,
     alpn: Arc<Vec<Vec<u8>>>,
-    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    current: Arc<RwLock<Loaded>>,
+    /// Counts the reloads that were applied.
+    reloads: Arc<watch::Sender<u64>>,
+}
+
+/// What the files loaded into.
+struct Loaded {
+    config: Arc<rustls::ServerConfig>,
+    /// How client certificates are verified, with a client CA.
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+/// Client certificates checked against the client CA a server uses now (see
+/// [`ServingTls::client_certificates`]). Cheap to clone.
+#[derive(Clone)]
+pub struct ClientCertificates {
+    current: Arc<RwLock<Loaded>>,
+    reloads: watch::Receiver<u64>,
+}
+
+impl ClientCertificates {
+    /// Whether the client CA loaded now accepts `chain` (the client's certificate first), at
+    /// this moment; the reason when it does not.
+    pub fn verify(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let verifier = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .client_verifier
+            .clone();
+        let (Some(verifier), Some((end_entity, intermediates))) = (verifier, chain.split_first()) else {
+            return Err("no client CA is configured, or the client sent no certificate".into());
+        };
+        verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Changes at each applied reload of the files.
+    pub fn reloaded(&self) -> watch::Receiver<u64> {
+        self.reloads.clone()
+    }
 }
 
 impl ServingTls {
@@ -130,12 +178,13 @@ impl ServingTls {
             (None, None) => Ok(None),
             (Some(_), Some(_)) => {
                 let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
-                let config = server_config(files, flags, &alpn)?;
+                let loaded = server_config(files, flags, &alpn)?;
                 Ok(Some(Self {
                     files: Arc::new(files.clone()),
                     flags,
                     alpn: Arc::new(alpn),
-                    current: Arc::new(RwLock::new(config)),
+                    current: Arc::new(RwLock::new(loaded)),
+                    reloads: Arc::new(watch::channel(0).0),
                 }))
             }
             _ => anyhow::bail!("{} and {} must be given together", flags.cert, flags.key),
@@ -144,14 +193,27 @@ impl ServingTls {
 
     /// The configuration new connections get.
     pub fn current(&self) -> Arc<rustls::ServerConfig> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .config
+            .clone()
+    }
+
+    /// Verifies client certificates against the client CA loaded now, and follows its reloads.
+    pub fn client_certificates(&self) -> ClientCertificates {
+        ClientCertificates {
+            current: self.current.clone(),
+            reloads: self.reloads.subscribe(),
+        }
     }
 
     /// Reads the files again; on success new connections use them, on failure the previous set
     /// stays and the error (naming the file) is returned.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let config = server_config(&self.files, self.flags, &self.alpn)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        let loaded = server_config(&self.files, self.flags, &self.alpn)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        self.reloads.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -256,11 +318,7 @@ fn certificates(path: &Path, what: &str, flag: &str) -> anyhow::Result<Vec<Certi
 }
 
 /// The rustls server config of `files` (which must name a certificate and a key).
-fn server_config(
-    files: &TlsFiles,
-    flags: TlsFlags,
-    alpn: &[Vec<u8>],
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn server_config(files: &TlsFiles, flags: TlsFlags, alpn: &[Vec<u8>]) -> anyhow::Result<Loaded> {
     let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
         anyhow::bail!("{} and {} must be given together", flags.cert, flags.key);
     };
@@ -269,6 +327,7 @@ fn server_config(
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
         .with_context(|| format!("parsing the TLS key {} ({})", key.display(), flags.key))?;
     let builder = rustls::ServerConfig::builder();
+    let mut client_verifier: Option<Arc<dyn ClientCertVerifier>> = None;
     let builder = match &files.client_ca {
         Some(ca) => {
             let flag = flags.client_ca.unwrap_or("client CA");
@@ -281,6 +340,7 @@ fn server_config(
             let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
                 .build()
                 .with_context(|| format!("using the client CA {} ({flag})", ca.display()))?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -293,7 +353,10 @@ fn server_config(
         )
     })?;
     config.alpn_protocols = alpn.to_vec();
-    Ok(Arc::new(config))
+    Ok(Loaded {
+        config: Arc::new(config),
+        client_verifier,
+    })
 }
 
 #[cfg(test)]

@@ -199,7 +199,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(rcsync_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
+    let mut auth = Authenticator::new(tenants_rx.clone(), settings.allow_unauthenticated);
+    if let Some(tls) = &tls
+        && settings.tls.client_ca.is_some()
+    {
+        auth = auth.verifying_client_certificates(tls.client_certificates());
+    }
     let last_errors = crate::grpc::sync::LastErrors::default();
     let limiter = crate::grpc::limits::TenantLimiter::new(tenants_rx.clone(), metrics.clone());
     tokio::spawn(limiter.clone().forget_removed_tenants());

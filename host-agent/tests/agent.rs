@@ -218,11 +218,10 @@ struct Stream {
 }
 
 impl Stream {
-    async fn open(
-        client: &mut RuntimeClassSyncClient<Channel>,
-        tenant: &str,
+    /// The request side of a stream, its first request (what the client holds) sent.
+    async fn requests(
         initial: HashMap<String, String>,
-    ) -> Self {
+    ) -> (mpsc::Sender<SyncRequest>, ReceiverStream<SyncRequest>) {
         let (tx, requests) = mpsc::channel(8);
         tx.send(SyncRequest {
             initial_resource_versions: initial,
@@ -230,8 +229,28 @@ impl Stream {
         })
         .await
         .unwrap();
+        (tx, ReceiverStream::new(requests))
+    }
+
+    /// A stream over `channel`, identified by the connection alone (its client certificate).
+    async fn open_on(channel: Channel, initial: HashMap<String, String>) -> Self {
+        let (tx, requests) = Self::requests(initial).await;
+        let rx = RuntimeClassSyncClient::new(channel)
+            .sync(requests)
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn open(
+        client: &mut RuntimeClassSyncClient<Channel>,
+        tenant: &str,
+        initial: HashMap<String, String>,
+    ) -> Self {
+        let (tx, requests) = Self::requests(initial).await;
         let rx = client
-            .sync(with_token(ReceiverStream::new(requests), tenant))
+            .sync(with_token(requests, tenant))
             .await
             .unwrap()
             .into_inner();
@@ -841,56 +860,84 @@ async fn sigterm_ends_streams_and_exits_zero() {
     assert!(host.agent.logs().contains("shutting down"));
 }
 
-#[tokio::test]
-async fn mutual_tls_identifies_the_tenant_by_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = devcluster::pki::Pki::new("rcsync-test-ca").unwrap();
-    let server = pki.server(&["localhost", "127.0.0.1"]).unwrap();
-    let client_cert = pki.client("combined").unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    let (cert, key, ca) = (
-        write("tls.crt", &server.cert_pem),
-        write("tls.key", &server.key_pem),
-        write("ca.crt", &pki.ca_pem()),
-    );
-    let cluster = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
-    let classes: Api<RuntimeClass> = Api::all(cluster.client().await);
-    for rc in spec_classes() {
-        classes.create(&PostParams::default(), &rc).await.unwrap();
+/// A host agent serving mutual TLS with its own test CA as the client CA (`--client-ca`).
+struct MutualTls {
+    host: Host,
+    pki: devcluster::pki::Pki,
+}
+
+impl MutualTls {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = devcluster::pki::Pki::new("rcsync-test-ca").unwrap();
+        let server = pki.server(&["localhost", "127.0.0.1"]).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (cert, key, ca) = (
+            write("tls.crt", &server.cert_pem),
+            write("tls.key", &server.key_pem),
+            write("ca.crt", &pki.ca_pem()),
+        );
+        let cluster = Cluster::start("host", "RCSYNC_HOST_KUBECONFIG", dir.path()).await;
+        let classes: Api<RuntimeClass> = Api::all(cluster.client().await);
+        for rc in spec_classes() {
+            classes.create(&PostParams::default(), &rc).await.unwrap();
+        }
+        let host = Host::start_agent(
+            dir,
+            cluster,
+            TENANTS,
+            &["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca],
+        )
+        .await;
+        host.ready().await;
+        Self { host, pki }
     }
-    let host = Host::start_agent(
-        dir,
-        cluster,
-        TENANTS,
-        &["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca],
-    )
-    .await;
-    host.ready().await;
-    let tls = |identity: bool| {
+
+    /// A connection to the agent, with `identity` (a client certificate of the test CA) when
+    /// given; `None` when it cannot be made.
+    async fn channel(&self, identity: Option<&devcluster::pki::CertPair>) -> Option<Channel> {
         let mut config = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(pki.ca_pem()))
+            .ca_certificate(tonic::transport::Certificate::from_pem(self.pki.ca_pem()))
             .domain_name("localhost");
-        if identity {
+        if let Some(identity) = identity {
             config = config.identity(tonic::transport::Identity::from_pem(
-                &client_cert.cert_pem,
-                &client_cert.key_pem,
+                &identity.cert_pem,
+                &identity.key_pem,
             ));
         }
-        config
-    };
-    let url = format!("https://{}", host.grpc);
-    let channel = Channel::from_shared(url.clone())
-        .unwrap()
-        .tls_config(tls(true))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = RuntimeClassSyncClient::new(channel);
+        Channel::from_shared(format!("https://{}", self.host.grpc))
+            .unwrap()
+            .tls_config(config)
+            .unwrap()
+            .connect()
+            .await
+            .ok()
+    }
+
+    /// Replaces the client CA file as a Secret volume update does, and waits until the agent
+    /// has reloaded it (`applied` is the count of applied TLS reloads then).
+    async fn replace_client_ca(&self, pem: &str, applied: u32) {
+        let ca = self.host.dir.path().join("ca.crt");
+        std::fs::write(ca.with_extension("next"), pem).unwrap();
+        std::fs::rename(ca.with_extension("next"), &ca).unwrap();
+        let line = format!("rcsync_tls_reloads_total{{result=\"applied\"}} {applied}\n");
+        eventually("the client CA to be reloaded", || async {
+            let (_, metrics) = http_get(&self.host.admin, "/metrics").await?;
+            metrics.contains(&line).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_identifies_the_tenant_by_certificate() {
+    let mtls = MutualTls::start().await;
+    let client_cert = mtls.pki.client("combined").unwrap();
+    let mut client = RuntimeClassSyncClient::new(mtls.channel(Some(&client_cert)).await.unwrap());
     let answer = client
         .check_pod(CheckPodRequest {
             runtime_class_name: "kata".into(),
@@ -917,14 +964,7 @@ async fn mutual_tls_identifies_the_tenant_by_certificate() {
 
     // Without a client certificate the handshake fails.
     let refused = async {
-        let channel = Channel::from_shared(url)
-            .unwrap()
-            .tls_config(tls(false))
-            .unwrap()
-            .connect()
-            .await
-            .ok()?;
-        RuntimeClassSyncClient::new(channel)
+        RuntimeClassSyncClient::new(mtls.channel(None).await?)
             .check_pod(CheckPodRequest::default())
             .await
             .ok()
@@ -932,6 +972,39 @@ async fn mutual_tls_identifies_the_tenant_by_certificate() {
     assert!(
         refused.await.is_none(),
         "mutual TLS requires a client certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client_ca_refuses_it() {
+    let mtls = MutualTls::start().await;
+    let client_cert = mtls.pki.client("combined").unwrap();
+    let channel = mtls.channel(Some(&client_cert)).await.unwrap();
+    let mut stream = Stream::open_on(channel, HashMap::new()).await;
+    let first = stream.next().await;
+    assert_eq!(names(&first), set(&["gvisor", "youki"]));
+    stream.ack(&first).await;
+    // A CA rotation in two steps: the new CA beside the old one accepts the stream still...
+    let next_ca = devcluster::pki::Pki::new("rcsync-test-next-ca").unwrap();
+    mtls.replace_client_ca(&format!("{}{}", mtls.pki.ca_pem(), next_ca.ca_pem()), 1)
+        .await;
+    let relabel = json!({"metadata": {"labels": {RC: "gvisor"}}});
+    mtls.host
+        .classes()
+        .await
+        .patch("kata", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .unwrap();
+    let update = stream.next().await;
+    assert_eq!(names(&update), set(&["kata"]), "the stream is still open");
+    stream.ack(&update).await;
+    // ...and without the old CA the certificate is refused: the stream ends.
+    mtls.replace_client_ca(&next_ca.ca_pem(), 2).await;
+    let ended = end_of(&mut stream.rx, "sync").await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(
+        ended.message().contains("no longer accepted by the client CA"),
+        "{ended:?}"
     );
 }
 

@@ -33,8 +33,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
 use futures::future::{Either, Ready};
+use rcsync_core::tls::ClientCertificates;
+use rustls::pki_types::CertificateDer;
 
 use rcsync_core::TenantName;
 use tokio::sync::watch;
@@ -57,6 +60,8 @@ pub struct Authenticator {
     tenants: watch::Receiver<Arc<TenantsState>>,
     allow_unauthenticated: bool,
     changes: TenantChanges,
+    /// With mutual TLS: the client CA in use, to verify an open stream's certificate again.
+    client_certificates: Option<ClientCertificates>,
 }
 
 /// A wake-up per tenant with open streams, sent when a reload changes that tenant: its entry in
@@ -121,6 +126,16 @@ impl Authenticator {
             tenants,
             allow_unauthenticated,
             changes: TenantChanges::default(),
+            client_certificates: None,
+        }
+    }
+
+    /// The same, ending a stream opened with a client certificate once the client CA reloaded
+    /// from its file no longer accepts it, or once it expires (see [`Authenticator::revoked`]).
+    pub fn verifying_client_certificates(self, certificates: ClientCertificates) -> Self {
+        Self {
+            client_certificates: Some(certificates),
+            ..self
         }
     }
 
@@ -152,12 +167,27 @@ impl Authenticator {
     }
 
     /// Resolves, with the status to end `caller`'s stream with, once a reload of the tenants file
-    /// no longer accepts it (see [`Authenticator::accepts`]); never while it does.
+    /// no longer accepts it (see [`Authenticator::accepts`]), or, for a caller identified by its
+    /// client certificate, once that certificate expires or a reload of the client CA no longer
+    /// accepts it; never while all still do.
     pub fn revoked(&self, caller: Caller) -> impl Future<Output = Status> + Send + use<> {
         let tenant = caller.tenant.clone();
-        let ended = self.tenant_changed(&tenant, move |state| Self::accepts(state, &caller));
+        let certificate =
+            match (&caller.credential, &self.client_certificates) {
+                (Credential::Certificate { chain, not_after }, Some(certificates)) => Some(
+                    certificate_revoked(certificates.clone(), chain.clone(), *not_after),
+                ),
+                _ => None,
+            };
+        let config = self.tenant_changed(&tenant, move |state| Self::accepts(state, &caller));
         async move {
-            let status = ended.await;
+            let status = match certificate {
+                Some(certificate) => tokio::select! {
+                    status = config => status,
+                    status = certificate => status,
+                },
+                None => config.await,
+            };
             tracing::info!(%tenant, %status, "ending a stream: its caller is no longer accepted");
             status
         }
@@ -210,7 +240,7 @@ impl Authenticator {
             Credential::Anonymous if state.tokens.has_token(&caller.tenant) => Err(Status::unauthenticated(
                 "the tenant now requires its bearer token: open the stream again with it",
             )),
-            Credential::Bearer(_) | Credential::Certificate | Credential::Anonymous => Ok(()),
+            Credential::Bearer(_) | Credential::Certificate { .. } | Credential::Anonymous => Ok(()),
         }
     }
 
@@ -248,14 +278,14 @@ impl Authenticator {
                 .entry_of(token)
                 .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
             (tenant.clone(), Credential::Bearer(token.clone()))
-        } else if let Some(cn) = peer_common_name(connection) {
+        } else if let Some(PeerCertificate { cn, chain, not_after }) = peer_certificate(connection) {
             let name = TenantName::new(&cn).map_err(|_| {
                 Status::permission_denied(format!("client certificate names no tenant ({cn:?})"))
             })?;
             if state.file.tenant(name.as_str()).is_none() {
                 return Err(Status::permission_denied(format!("unknown tenant {cn:?}")));
             }
-            (name, Credential::Certificate)
+            (name, Credential::Certificate { chain, not_after })
         } else {
             if !self.allow_unauthenticated {
                 return Err(Status::unauthenticated(
@@ -309,8 +339,12 @@ pub struct Caller {
 enum Credential {
     /// A bearer token: the tenants' own copy of it, shared, not copied per caller.
     Bearer(Arc<str>),
-    /// A client certificate's common name (the tenant's name).
-    Certificate,
+    /// A client certificate whose common name is the tenant's name: the chain the client sent
+    /// (the connection's, shared), and when the certificate expires.
+    Certificate {
+        chain: Arc<Vec<CertificateDer<'static>>>,
+        not_after: Option<SystemTime>,
+    },
     /// No credentials (`--allow-unauthenticated`, a tenant without a token).
     Anonymous,
 }
@@ -320,7 +354,7 @@ impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Bearer(_) => "Bearer(..)",
-            Self::Certificate => "Certificate",
+            Self::Certificate { .. } => "Certificate",
             Self::Anonymous => "Anonymous",
         })
     }
@@ -431,17 +465,70 @@ impl<F: Future + Unpin> Future for Holding<F> {
     }
 }
 
-/// The subject common name of the client's certificate, when the connection is mutual TLS.
-fn peer_common_name(connection: &http::Extensions) -> Option<String> {
-    let certs = connection.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
-    let leaf = certs.first()?;
+/// The client's certificate, when the connection is mutual TLS.
+struct PeerCertificate {
+    /// Its subject common name.
+    cn: String,
+    /// The chain the client sent, its certificate first.
+    chain: Arc<Vec<CertificateDer<'static>>>,
+    /// When it expires (`None`: a date before 1970, which the handshake would not accept).
+    not_after: Option<SystemTime>,
+}
+
+fn peer_certificate(connection: &http::Extensions) -> Option<PeerCertificate> {
+    let chain = connection.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
+    let leaf = chain.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    cert.subject()
+    let cn = cert
+        .subject()
         .iter_common_name()
         .next()?
         .as_str()
+        .ok()?
+        .to_string();
+    let not_after = u64::try_from(cert.validity().not_after.timestamp())
         .ok()
-        .map(str::to_string)
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+    Some(PeerCertificate { cn, chain, not_after })
+}
+
+/// Resolves, with the status to end a stream with, once the client certificate it was opened
+/// with (`chain`) expires or a reload of the client CA no longer accepts it.
+async fn certificate_revoked(
+    certificates: ClientCertificates,
+    chain: Arc<Vec<CertificateDer<'static>>>,
+    not_after: Option<SystemTime>,
+) -> Status {
+    let mut reloads = certificates.reloaded();
+    let mut reloading = true;
+    loop {
+        // Timers are kept within a day (tokio's reach is about two years); the loop re-arms.
+        let until_expiry = not_after.map(|t| {
+            t.duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .min(Duration::from_secs(86_400))
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(until_expiry.unwrap_or_default()), if until_expiry.is_some() => {
+                if not_after.is_some_and(|t| t <= SystemTime::now()) {
+                    return Status::unauthenticated(
+                        "the client certificate this stream was opened with has expired: open it again with a current one",
+                    );
+                }
+            }
+            changed = reloads.changed(), if reloading => {
+                if changed.is_err() {
+                    // No more reloads (the agent is stopping): expiry alone is left.
+                    reloading = false;
+                } else if let Err(why) = certificates.verify(&chain) {
+                    return Status::unauthenticated(format!(
+                        "the client certificate this stream was opened with is no longer accepted by the client CA (--client-ca was reloaded): {why}"
+                    ));
+                }
+            }
+            else => return std::future::pending().await,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -597,6 +684,30 @@ mod tests {
         settle().await;
         assert!((&mut ended).now_or_never().is_none());
         assert_eq!(count(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_with_an_expired_client_certificate_ends_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = devcluster::pki::Pki::new("rcsync-unit-ca").unwrap();
+        let server = pki.server(&["localhost"]).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            Some(path)
+        };
+        let files = rcsync_core::tls::TlsFiles {
+            cert: write("tls.crt", &server.cert_pem),
+            key: write("tls.key", &server.key_pem),
+            client_ca: write("ca.crt", &pki.ca_pem()),
+        };
+        let tls = rcsync_core::tls::ServingTls::load(&files, rcsync_core::tls::TlsFlags::GRPC, &[b"h2"])
+            .unwrap()
+            .unwrap();
+        let expired = Some(SystemTime::now() - Duration::from_secs(1));
+        let status = certificate_revoked(tls.client_certificates(), Arc::default(), expired).await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("has expired"), "{status:?}");
     }
 
     #[test]
