@@ -980,10 +980,21 @@ async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client
     let mtls = MutualTls::start().await;
     let client_cert = mtls.pki.client("combined").unwrap();
     let channel = mtls.channel(Some(&client_cert)).await.unwrap();
-    let mut stream = Stream::open_on(channel, HashMap::new()).await;
+    let mut stream = Stream::open_on(channel.clone(), HashMap::new()).await;
     let first = stream.next().await;
     assert_eq!(names(&first), set(&["gvisor", "youki"]));
     stream.ack(&first).await;
+    let mut statuses = PodSyncClient::new(channel)
+        .watch_pod_status(WatchPodStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let complete = tokio::time::timeout(rcsync_tests::DEADLINE, statuses.message())
+        .await
+        .expect("the status stream's initial state")
+        .unwrap()
+        .unwrap();
+    assert_eq!(complete.r#type(), PodStatusEventType::InitialStateComplete);
     // A CA rotation in two steps: the new CA beside the old one accepts the stream still...
     let next_ca = devcluster::pki::Pki::new("rcsync-test-next-ca").unwrap();
     mtls.replace_client_ca(&format!("{}{}", mtls.pki.ca_pem(), next_ca.ca_pem()), 1)
@@ -1000,12 +1011,16 @@ async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client
     stream.ack(&update).await;
     // ...and without the old CA the certificate is refused: the stream ends.
     mtls.replace_client_ca(&next_ca.ca_pem(), 2).await;
-    let ended = end_of(&mut stream.rx, "sync").await;
-    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
-    assert!(
-        ended.message().contains("no longer accepted by the client CA"),
-        "{ended:?}"
-    );
+    for (ended, what) in [
+        (end_of(&mut stream.rx, "sync").await, "sync"),
+        (end_of(&mut statuses, "status").await, "status"),
+    ] {
+        assert_eq!(ended.code(), Code::Unauthenticated, "{what}: {ended:?}");
+        assert!(
+            ended.message().contains("no longer accepted by the client CA"),
+            "{what}: {ended:?}"
+        );
+    }
 }
 
 #[tokio::test]

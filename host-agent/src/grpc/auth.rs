@@ -171,54 +171,53 @@ impl Authenticator {
     /// client certificate, once that certificate expires or a reload of the client CA no longer
     /// accepts it; never while all still do.
     pub fn revoked(&self, caller: Caller) -> impl Future<Output = Status> + Send + use<> {
-        let tenant = caller.tenant.clone();
-        let certificate =
-            match (&caller.credential, &self.client_certificates) {
-                (Credential::Certificate { chain, not_after }, Some(certificates)) => Some(
-                    certificate_revoked(certificates.clone(), chain.clone(), *not_after),
-                ),
-                _ => None,
-            };
-        let config = self.tenant_changed(&tenant, move |state| Self::accepts(state, &caller));
-        async move {
-            let status = match certificate {
-                Some(certificate) => tokio::select! {
-                    status = config => status,
-                    status = certificate => status,
-                },
-                None => config.await,
-            };
-            tracing::info!(%tenant, %status, "ending a stream: its caller is no longer accepted");
-            status
-        }
+        self.stream_ended(caller, |_, _| Ok(()))
     }
 
-    /// Resolves with the status `check` returns once it returns one, checking the current
-    /// tenants now and again whenever a reload changes `tenant` (not at other reloads). Called
-    /// on a Tokio runtime.
-    pub fn tenant_changed<C>(
-        &self,
-        tenant: &TenantName,
-        check: C,
-    ) -> impl Future<Output = Status> + Send + use<C>
+    /// [`Authenticator::revoked`], or the status `also` returns for the tenants as reloaded
+    /// (what else ends the stream, e.g. its tenant moved to another host namespace). The
+    /// tenants are checked now and again whenever a reload changes the caller's tenant, not at
+    /// other reloads. Called on a Tokio runtime.
+    pub fn stream_ended<C>(&self, caller: Caller, also: C) -> impl Future<Output = Status> + Send + use<C>
     where
-        C: Fn(&TenantsState) -> Result<(), Status> + Send + 'static,
+        C: Fn(&TenantsState, &Caller) -> Result<(), Status> + Send + 'static,
     {
+        // Boxed, and only for a certificate: its timer is most of its size, which each stream
+        // opened with a token would otherwise carry too.
+        let mut certificate = match (&caller.credential, &self.client_certificates) {
+            (Credential::Certificate { chain, not_after }, Some(certificates)) => Some(Box::pin(
+                certificate_revoked(certificates.clone(), chain.clone(), *not_after),
+            )),
+            _ => None,
+        };
         // Subscribed before the first check: a reload between the two is seen by one of them.
-        let mut changes = self.changes.subscribe(tenant, &self.tenants);
+        let mut changes = self.changes.subscribe(&caller.tenant, &self.tenants);
         let tenants = self.tenants.clone();
         async move {
-            loop {
-                let checked = check(&tenants.borrow());
+            let mut following = true;
+            let status = loop {
+                let checked = {
+                    let state = tenants.borrow();
+                    Self::accepts(&state, &caller).and_then(|()| also(&state, &caller))
+                };
                 if let Err(status) = checked {
-                    return status;
+                    break status;
                 }
-                if changes.changed().await.is_err() {
-                    // The config is no longer reloaded (the agent is stopping): shutdown ends
-                    // the stream.
-                    return std::future::pending().await;
+                let certificate = async {
+                    match certificate.as_mut() {
+                        Some(certificate) => certificate.await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    // Closed when the config is no longer reloaded (the agent is stopping):
+                    // shutdown ends the stream.
+                    changed = changes.changed(), if following => following = changed.is_ok(),
+                    status = certificate => break status,
                 }
-            }
+            };
+            tracing::info!(tenant = %caller.tenant, %status, "ending a stream");
+            status
         }
     }
 
@@ -650,8 +649,10 @@ mod tests {
         let auth = Authenticator::new(rx, false);
         let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = checks.clone();
-        let a = TenantName::new("a").unwrap();
-        let mut ended = Box::pin(auth.tenant_changed(&a, move |_| {
+        let a = auth
+            .identify(&request(&[("authorization", "Bearer one")]))
+            .unwrap();
+        let mut ended = Box::pin(auth.stream_ended(a, move |_, _| {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }));
@@ -671,19 +672,18 @@ mod tests {
             1,
             "a reload that leaves a as it is wakes none of a's streams"
         );
-        // a's entry changes (its selector, here its namespace), then its token: each wakes it.
+        // a's entry changes (its selector, here its namespace): checked again, goes on.
         config.send_replace(state(dir.path(), &TWO.replace("ns-a,", "ns-a2,"), &[]));
         settle().await;
         assert!((&mut ended).now_or_never().is_none());
         assert_eq!(count(), 2);
+        // Its token changes: it ends.
         config.send_replace(state(
             dir.path(),
             &TWO.replace("ns-a,", "ns-a2,"),
             &[("a.token", "two")],
         ));
-        settle().await;
-        assert!((&mut ended).now_or_never().is_none());
-        assert_eq!(count(), 3);
+        assert_eq!(ended.await.code(), tonic::Code::Unauthenticated);
     }
 
     #[tokio::test]

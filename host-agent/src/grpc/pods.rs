@@ -835,9 +835,9 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
     }
 }
 
-/// Resolves, with the status to end a WatchPodStatus stream with, once the tenants file no
-/// longer accepts its `caller` (its access is revoked, as its Sync streams are: see
-/// [`Authenticator::accepts`]) or moves its tenant to another host namespace than
+/// Resolves, with the status to end a WatchPodStatus stream with, once its `caller` is no
+/// longer accepted (its access is revoked, as its Sync streams are: see
+/// [`Authenticator::revoked`]) or the tenants file moves its tenant to another host namespace than
 /// `host_namespace` (ABORTED: the caller reopens the stream and watches the new one). Never
 /// resolves while the config keeps both.
 fn tenant_left(
@@ -845,9 +845,7 @@ fn tenant_left(
     caller: Caller,
     host_namespace: String,
 ) -> impl std::future::Future<Output = Status> + Send + use<> {
-    let tenant = caller.tenant.clone();
-    auth.tenant_changed(&tenant, move |state| {
-        Authenticator::accepts(state, &caller)?;
+    auth.stream_ended(caller, move |state, caller| {
         match state.file.tenant(caller.tenant.as_str()) {
             Some(now) if now.host_namespace != host_namespace => Err(Status::aborted(format!(
                 "the tenant's host namespace changed from {host_namespace:?} to {:?}: open the stream again",
