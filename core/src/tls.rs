@@ -161,6 +161,12 @@ impl ClientCertificates {
     pub fn reloaded(&self) -> watch::Receiver<u64> {
         self.reloads.clone()
     }
+
+    /// How many reloads were applied: 0 while the client CA is the one every connection's
+    /// handshake was verified against.
+    pub fn generation(&self) -> u64 {
+        *self.reloads.borrow()
+    }
 }
 
 impl ServingTls {

@@ -1009,8 +1009,26 @@ async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client
     let update = stream.next().await;
     assert_eq!(names(&update), set(&["kata"]), "the stream is still open");
     stream.ack(&update).await;
-    // ...and without the old CA the certificate is refused: the stream ends.
+    let check = |mut client: RuntimeClassSyncClient<Channel>| async move {
+        client
+            .check_pod(CheckPodRequest {
+                runtime_class_name: "gvisor".into(),
+                pod_name: "p".into(),
+                ..Default::default()
+            })
+            .await
+    };
+    let unary = RuntimeClassSyncClient::new(mtls.channel(Some(&client_cert)).await.unwrap());
+    assert!(check(unary.clone()).await.is_ok());
+    // ...and without the old CA the certificate is refused: the streams end, and the
+    // connection it opened serves no call any more.
     mtls.replace_client_ca(&next_ca.ca_pem(), 2).await;
+    let refused = check(unary).await.expect_err("the old connection is refused");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("no longer accepted by the client CA"),
+        "{refused:?}"
+    );
     for (ended, what) in [
         (end_of(&mut stream.rx, "sync").await, "sync"),
         (end_of(&mut statuses, "status").await, "status"),

@@ -62,6 +62,20 @@ pub struct Authenticator {
     changes: TenantChanges,
     /// With mutual TLS: the client CA in use, to verify an open stream's certificate again.
     client_certificates: Option<ClientCertificates>,
+    /// Client certificates verified against the client CA as reloaded (see
+    /// [`Authenticator::check_certificate`]).
+    verified: Arc<std::sync::Mutex<VerifiedCertificates>>,
+}
+
+/// How many verified client certificates are remembered per client CA reload (then forgotten,
+/// and verified again as they call).
+const VERIFIED_CERTIFICATES: usize = 4096;
+
+/// The client certificates verified since the last reload of the client CA: leaf DER → result.
+#[derive(Default)]
+struct VerifiedCertificates {
+    generation: u64,
+    results: HashMap<Vec<u8>, Result<(), String>>,
 }
 
 /// A wake-up per tenant with open streams, sent when a reload changes that tenant: its entry in
@@ -127,6 +141,7 @@ impl Authenticator {
             allow_unauthenticated,
             changes: TenantChanges::default(),
             client_certificates: None,
+            verified: Arc::default(),
         }
     }
 
@@ -243,6 +258,49 @@ impl Authenticator {
         }
     }
 
+    /// Whether the client certificate of a call's connection is still good: not expired, and,
+    /// once the client CA was reloaded, accepted by the CA loaded now (the handshake may have
+    /// been verified by an earlier one). Each certificate is verified once per reload.
+    fn check_certificate(
+        &self,
+        chain: &[CertificateDer<'static>],
+        not_after: Option<SystemTime>,
+    ) -> Result<(), Status> {
+        let Some(certificates) = &self.client_certificates else {
+            return Ok(());
+        };
+        if not_after.is_some_and(|t| t <= SystemTime::now()) {
+            return Err(Status::unauthenticated("the client certificate has expired"));
+        }
+        let generation = certificates.generation();
+        if generation == 0 {
+            return Ok(());
+        }
+        let Some(leaf) = chain.first() else {
+            return Err(Status::unauthenticated(
+                "the connection carries no client certificate",
+            ));
+        };
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.generation != generation || verified.results.len() >= VERIFIED_CERTIFICATES {
+            verified.generation = generation;
+            verified.results.clear();
+        }
+        let result = match verified.results.get(leaf.as_ref()) {
+            Some(result) => result.clone(),
+            None => {
+                let result = certificates.verify(chain);
+                verified.results.insert(leaf.as_ref().to_vec(), result.clone());
+                result
+            }
+        };
+        result.map_err(|why| {
+            Status::unauthenticated(format!(
+                "the client certificate is no longer accepted by the client CA (--client-ca was reloaded): {why}"
+            ))
+        })
+    }
+
     /// The caller of a call from its headers and connection (its peer certificate), before any
     /// of its body is read.
     fn identify_caller(
@@ -284,6 +342,7 @@ impl Authenticator {
             if state.file.tenant(name.as_str()).is_none() {
                 return Err(Status::permission_denied(format!("unknown tenant {cn:?}")));
             }
+            self.check_certificate(&chain, not_after)?;
             (name, Credential::Certificate { chain, not_after })
         } else {
             if !self.allow_unauthenticated {
