@@ -984,17 +984,7 @@ async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client
     let first = stream.next().await;
     assert_eq!(names(&first), set(&["gvisor", "youki"]));
     stream.ack(&first).await;
-    let mut statuses = PodSyncClient::new(channel)
-        .watch_pod_status(WatchPodStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let complete = tokio::time::timeout(rcsync_tests::DEADLINE, statuses.message())
-        .await
-        .expect("the status stream's initial state")
-        .unwrap()
-        .unwrap();
-    assert_eq!(complete.r#type(), PodStatusEventType::InitialStateComplete);
+    let mut statuses = status_stream(channel, Request::new(WatchPodStatusRequest {})).await;
     // A CA rotation in two steps: the new CA beside the old one accepts the stream still...
     let next_ca = devcluster::pki::Pki::new("rcsync-test-next-ca").unwrap();
     mtls.replace_client_ca(&format!("{}{}", mtls.pki.ca_pem(), next_ca.ca_pem()), 1)
@@ -1758,8 +1748,17 @@ async fn open_streams(host: &Host, tenant: &str) -> (Stream, Streaming<PodStatus
     let first = stream.next().await;
     assert!(first.initial_state_complete);
     stream.ack(&first).await;
-    let mut statuses = PodSyncClient::new(host.channel().await)
-        .watch_pod_status(with_token(WatchPodStatusRequest {}, tenant))
+    let statuses = status_stream(host.channel().await, with_token(WatchPodStatusRequest {}, tenant)).await;
+    (stream, statuses)
+}
+
+/// A WatchPodStatus stream over `channel`, at its initial state.
+async fn status_stream(
+    channel: Channel,
+    request: Request<WatchPodStatusRequest>,
+) -> Streaming<PodStatusEvent> {
+    let mut statuses = PodSyncClient::new(channel)
+        .watch_pod_status(request)
         .await
         .unwrap()
         .into_inner();
@@ -1769,7 +1768,7 @@ async fn open_streams(host: &Host, tenant: &str) -> (Stream, Streaming<PodStatus
         .unwrap()
         .unwrap();
     assert_eq!(complete.r#type(), PodStatusEventType::InitialStateComplete);
-    (stream, statuses)
+    statuses
 }
 
 /// The status a stream ends with (in its trailers, not a transport error), before the deadline.
