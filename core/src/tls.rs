@@ -119,8 +119,9 @@ pub struct ServingTls {
     flags: TlsFlags,
     alpn: Arc<Vec<Vec<u8>>>,
     current: Arc<RwLock<Loaded>>,
-    /// Counts the reloads that were applied.
-    reloads: Arc<watch::Sender<u64>>,
+    /// Counts the applied reloads that changed the client CA (a new serving certificate alone
+    /// does not).
+    client_ca_changes: Arc<watch::Sender<u64>>,
 }
 
 /// What the files loaded into.
@@ -128,6 +129,8 @@ struct Loaded {
     config: Arc<rustls::ServerConfig>,
     /// How client certificates are verified, with a client CA.
     client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// The client CA's certificates, to tell whether a reload changed them.
+    client_ca: Vec<CertificateDer<'static>>,
 }
 
 /// Client certificates checked against the client CA a server uses now (see
@@ -157,12 +160,12 @@ impl ClientCertificates {
             .map_err(|e| e.to_string())
     }
 
-    /// Changes at each applied reload of the files.
+    /// Changes at each applied reload that changed the client CA.
     pub fn reloaded(&self) -> watch::Receiver<u64> {
         self.reloads.clone()
     }
 
-    /// How many reloads were applied: 0 while the client CA is the one every connection's
+    /// How many applied reloads changed the client CA: 0 while it is the one every connection's
     /// handshake was verified against.
     pub fn generation(&self) -> u64 {
         *self.reloads.borrow()
@@ -190,7 +193,7 @@ impl ServingTls {
                     flags,
                     alpn: Arc::new(alpn),
                     current: Arc::new(RwLock::new(loaded)),
-                    reloads: Arc::new(watch::channel(0).0),
+                    client_ca_changes: Arc::new(watch::channel(0).0),
                 }))
             }
             _ => anyhow::bail!("{} and {} must be given together", flags.cert, flags.key),
@@ -210,7 +213,7 @@ impl ServingTls {
     pub fn client_certificates(&self) -> ClientCertificates {
         ClientCertificates {
             current: self.current.clone(),
-            reloads: self.reloads.subscribe(),
+            reloads: self.client_ca_changes.subscribe(),
         }
     }
 
@@ -218,8 +221,13 @@ impl ServingTls {
     /// stays and the error (naming the file) is returned.
     pub fn reload(&self) -> anyhow::Result<()> {
         let loaded = server_config(&self.files, self.flags, &self.alpn)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = loaded;
-        self.reloads.send_modify(|n| *n += 1);
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let client_ca_changed = current.client_ca != loaded.client_ca;
+        *current = loaded;
+        drop(current);
+        if client_ca_changed {
+            self.client_ca_changes.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
@@ -334,11 +342,13 @@ fn server_config(files: &TlsFiles, flags: TlsFlags, alpn: &[Vec<u8>]) -> anyhow:
         .with_context(|| format!("parsing the TLS key {} ({})", key.display(), flags.key))?;
     let builder = rustls::ServerConfig::builder();
     let mut client_verifier: Option<Arc<dyn ClientCertVerifier>> = None;
+    let mut client_ca = Vec::new();
     let builder = match &files.client_ca {
         Some(ca) => {
             let flag = flags.client_ca.unwrap_or("client CA");
             let mut roots = rustls::RootCertStore::empty();
-            for cert in certificates(ca, "client CA", flag)? {
+            client_ca = certificates(ca, "client CA", flag)?;
+            for cert in client_ca.iter().cloned() {
                 roots
                     .add(cert)
                     .with_context(|| format!("adding the client CA {} ({flag})", ca.display()))?;
@@ -362,6 +372,7 @@ fn server_config(files: &TlsFiles, flags: TlsFlags, alpn: &[Vec<u8>]) -> anyhow:
     Ok(Loaded {
         config: Arc::new(config),
         client_verifier,
+        client_ca,
     })
 }
 

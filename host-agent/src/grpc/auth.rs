@@ -745,24 +745,66 @@ mod tests {
         assert_eq!(ended.await.code(), tonic::Code::Unauthenticated);
     }
 
-    #[tokio::test]
-    async fn a_stream_opened_with_an_expired_client_certificate_ends_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = devcluster::pki::Pki::new("rcsync-unit-ca").unwrap();
+    /// A server's TLS files in `dir`: a serving pair of `pki` and `ca` as the client CA.
+    fn serving_tls(dir: &Path, pki: &devcluster::pki::Pki, ca: &str) -> rcsync_core::tls::ServingTls {
         let server = pki.server(&["localhost"]).unwrap();
         let write = |name: &str, text: &str| {
-            let path = dir.path().join(name);
+            let path = dir.join(name);
             std::fs::write(&path, text).unwrap();
             Some(path)
         };
         let files = rcsync_core::tls::TlsFiles {
             cert: write("tls.crt", &server.cert_pem),
             key: write("tls.key", &server.key_pem),
-            client_ca: write("ca.crt", &pki.ca_pem()),
+            client_ca: write("ca.crt", ca),
         };
-        let tls = rcsync_core::tls::ServingTls::load(&files, rcsync_core::tls::TlsFlags::GRPC, &[b"h2"])
+        rcsync_core::tls::ServingTls::load(&files, rcsync_core::tls::TlsFlags::GRPC, &[b"h2"])
             .unwrap()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn only_a_changed_client_ca_counts_and_it_verifies_certificates_against_the_new_one() {
+        use rustls::pki_types::pem::PemObject as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            devcluster::pki::Pki::new("rcsync-unit-old-ca").unwrap(),
+            devcluster::pki::Pki::new("rcsync-unit-new-ca").unwrap(),
+        );
+        let tls = serving_tls(dir.path(), &old, &old.ca_pem());
+        let certificates = tls.client_certificates();
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(old.client("a").unwrap().cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(
+            (certificates.generation(), certificates.verify(&chain)),
+            (0, Ok(()))
+        );
+        // A new serving certificate (cert-manager's renewal) leaves the client CA as it was.
+        let renewed = old.server(&["localhost"]).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), &renewed.cert_pem).unwrap();
+        std::fs::write(dir.path().join("tls.key"), &renewed.key_pem).unwrap();
+        tls.reload().unwrap();
+        assert_eq!(certificates.generation(), 0);
+        // Both CAs, then the new one alone.
+        std::fs::write(dir.path().join("ca.crt"), old.ca_pem() + &new.ca_pem()).unwrap();
+        tls.reload().unwrap();
+        assert_eq!(
+            (certificates.generation(), certificates.verify(&chain)),
+            (1, Ok(()))
+        );
+        std::fs::write(dir.path().join("ca.crt"), new.ca_pem()).unwrap();
+        tls.reload().unwrap();
+        assert_eq!(certificates.generation(), 2);
+        assert!(certificates.verify(&chain).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_with_an_expired_client_certificate_ends_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = devcluster::pki::Pki::new("rcsync-unit-ca").unwrap();
+        let tls = serving_tls(dir.path(), &pki, &pki.ca_pem());
         let expired = Some(SystemTime::now() - Duration::from_secs(1));
         let status = certificate_revoked(tls.client_certificates(), Arc::default(), expired).await;
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
