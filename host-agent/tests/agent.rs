@@ -1019,16 +1019,7 @@ async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client
         refused.message().contains("no longer accepted by the client CA"),
         "{refused:?}"
     );
-    for (ended, what) in [
-        (end_of(&mut stream.rx, "sync").await, "sync"),
-        (end_of(&mut statuses, "status").await, "status"),
-    ] {
-        assert_eq!(ended.code(), Code::Unauthenticated, "{what}: {ended:?}");
-        assert!(
-            ended.message().contains("no longer accepted by the client CA"),
-            "{what}: {ended:?}"
-        );
-    }
+    both_end_unauthenticated(&mut stream, &mut statuses, "no longer accepted by the client CA").await;
 }
 
 #[tokio::test]
@@ -1779,6 +1770,18 @@ async fn end_of<T: std::fmt::Debug>(stream: &mut Streaming<T>, what: &str) -> St
         .expect_err("the stream ends with a status")
 }
 
+/// Waits for a tenant's Sync and WatchPodStatus streams both to end with UNAUTHENTICATED, each
+/// saying `why`.
+async fn both_end_unauthenticated(stream: &mut Stream, statuses: &mut Streaming<PodStatusEvent>, why: &str) {
+    for (ended, what) in [
+        (end_of(&mut stream.rx, "sync").await, "sync"),
+        (end_of(statuses, "status").await, "status"),
+    ] {
+        assert_eq!(ended.code(), Code::Unauthenticated, "{what}: {ended:?}");
+        assert!(ended.message().contains(why), "{what}: {ended:?}");
+    }
+}
+
 /// Replaces the host agent's tenants file the way an editor or a ConfigMap update does.
 fn replace_tenants(host: &Host, tenants: &str) {
     let staged = host.dir.path().join("tenants.yaml.new");
@@ -1880,16 +1883,7 @@ async fn a_token_rotates_without_an_outage_and_streams_of_a_removed_token_end() 
     other.ack(&update).await;
     // The old line removed: what was opened with it ends; the other tenant's stream stays.
     replace_token("a-rotated-token\n");
-    for (ended, what) in [
-        (end_of(&mut stream.rx, "sync").await, "sync"),
-        (end_of(&mut statuses, "status").await, "status"),
-    ] {
-        assert_eq!(ended.code(), Code::Unauthenticated, "{what}: {ended:?}");
-        assert!(
-            ended.message().contains("open it again with the current token"),
-            "{what}: {ended:?}"
-        );
-    }
+    both_end_unauthenticated(&mut stream, &mut statuses, "open it again with the current token").await;
     assert!(!accepted(&mut client, &token("no-selector")).await);
     let (_tx, requests) = mpsc::channel::<SyncRequest>(1);
     let refused = client
