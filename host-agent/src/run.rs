@@ -294,7 +294,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                         metrics.clone(),
                     ),
                 ),
-                auth,
+                auth.clone(),
                 metrics.clone(),
             )
             .limiting_pod_syncs(limiter),
@@ -310,6 +310,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 streams,
                 settings.keepalive,
                 metrics.grpc_connections.clone(),
+                // A connection ends when its client certificate is revoked.
+                auth,
                 shutdown_rx.clone(),
             ))
         }
@@ -319,6 +321,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             streams,
             settings.keepalive,
             metrics.grpc_connections.clone(),
+            (),
             shutdown_rx.clone(),
         )),
     };

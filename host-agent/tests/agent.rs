@@ -918,6 +918,16 @@ impl MutualTls {
             .ok()
     }
 
+    /// How many gRPC connections the agent has open (`rcsync_grpc_connections`).
+    async fn connections(&self) -> u64 {
+        let (_, metrics) = http_get(&self.host.admin, "/metrics").await.unwrap();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("rcsync_grpc_connections "))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no rcsync_grpc_connections in:\n{metrics}"))
+    }
+
     /// Replaces the client CA file as a Secret volume update does, and waits until the agent
     /// has reloaded it (`applied` is the count of applied TLS reloads then).
     async fn replace_client_ca(&self, pem: &str, applied: u32) {
@@ -976,7 +986,7 @@ async fn mutual_tls_identifies_the_tenant_by_certificate() {
 }
 
 #[tokio::test]
-async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client_ca_refuses_it() {
+async fn a_client_certificate_the_reloaded_client_ca_refuses_loses_its_streams_and_connections() {
     let mtls = MutualTls::start().await;
     let client_cert = mtls.pki.client("combined").unwrap();
     let channel = mtls.channel(Some(&client_cert)).await.unwrap();
@@ -1010,16 +1020,24 @@ async fn a_stream_opened_with_a_client_certificate_ends_once_the_reloaded_client
     };
     let unary = RuntimeClassSyncClient::new(mtls.channel(Some(&client_cert)).await.unwrap());
     assert!(check(unary.clone()).await.is_ok());
-    // ...and without the old CA the certificate is refused: the streams end, and the
-    // connection it opened serves no call any more.
+    let open = mtls.connections().await;
+    assert!(open >= 2, "the streams' and the unary calls' connections: {open}");
+    // ...and without the old CA the certificate is refused: the streams end, both connections
+    // the certificate opened are closed, and it cannot open another.
     mtls.replace_client_ca(&next_ca.ca_pem(), 2).await;
-    let refused = check(unary).await.expect_err("the old connection is refused");
-    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
-    assert!(
-        refused.message().contains("no longer accepted by the client CA"),
-        "{refused:?}"
-    );
     both_end_unauthenticated(&mut stream, &mut statuses, "no longer accepted by the client CA").await;
+    eventually("both connections of the refused certificate to close", || async {
+        (mtls.connections().await == open - 2).then_some(())
+    })
+    .await;
+    check(unary)
+        .await
+        .expect_err("the certificate cannot call any more");
+    assert_eq!(
+        mtls.connections().await,
+        open - 2,
+        "no connection was opened again"
+    );
 }
 
 #[tokio::test]

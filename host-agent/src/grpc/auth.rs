@@ -12,8 +12,10 @@
 //! the tenants file changes its tenant ([`Authenticator::revoked`]): it ends once its tenant is
 //! removed (PERMISSION_DENIED), its bearer token is no longer the tenant's (a rotated `tokenFile`:
 //! UNAUTHENTICATED), or its tenant, reached without credentials, now has a token. A revoked token
-//! reads nothing more, however long its streams were open. A reload wakes only the streams of the
-//! tenants it changed:
+//! reads nothing more, however long its streams were open. A client certificate that expires or
+//! that a reloaded client CA refuses ends its streams and its connections (the connections through
+//! [`PeerCheck`], implemented here for mutual-TLS connections). A reload wakes only the streams of
+//! the tenants it changed:
 //!
 //! ```text
 //!  tenants watch ──(one task per agent)──► per-tenant changes (the tenants whose entry or tokens differ)
@@ -48,6 +50,7 @@ use tonic::{Request, Status};
 use crate::grpc::METHODS;
 use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
 use crate::grpc::pods::{APPLY_POD, DELETE_POD};
+use crate::grpc::serve::{PeerCheck, Revoked};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::Metrics;
 
@@ -200,9 +203,15 @@ impl Authenticator {
         // Boxed, and only for a certificate: its timer is most of its size, which each stream
         // opened with a token would otherwise carry too.
         let mut certificate = match (&caller.credential, &self.client_certificates) {
-            (Credential::Certificate { chain, not_after }, Some(certificates)) => Some(Box::pin(
-                certificate_revoked(certificates.clone(), chain.clone(), *not_after),
-            )),
+            (Credential::Certificate { chain, not_after }, Some(certificates)) => {
+                let revoked = certificate_revoked(certificates.clone(), chain.clone(), *not_after);
+                Some(Box::pin(async move {
+                    Status::unauthenticated(format!(
+                        "the client certificate this stream was opened with {}: open it again with a current one",
+                        revoked.await
+                    ))
+                }))
+            }
             _ => None,
         };
         // Subscribed before the first check: a reload between the two is seen by one of them.
@@ -335,7 +344,12 @@ impl Authenticator {
                 .entry_of(token)
                 .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
             (tenant.clone(), Credential::Bearer(token.clone()))
-        } else if let Some(PeerCertificate { cn, chain, not_after }) = peer_certificate(connection) {
+        } else if let Some(PeerCertificate {
+            cn: Some(cn),
+            chain,
+            not_after,
+        }) = peer_certificate(connection)
+        {
             let name = TenantName::new(&cn).map_err(|_| {
                 Status::permission_denied(format!("client certificate names no tenant ({cn:?})"))
             })?;
@@ -525,38 +539,61 @@ impl<F: Future + Unpin> Future for Holding<F> {
 
 /// The client's certificate, when the connection is mutual TLS.
 struct PeerCertificate {
-    /// Its subject common name.
-    cn: String,
+    /// Its subject common name, when it has one.
+    cn: Option<String>,
     /// The chain the client sent, its certificate first.
     chain: Arc<Vec<CertificateDer<'static>>>,
     /// When it expires (`None`: a date before 1970, which the handshake would not accept).
     not_after: Option<SystemTime>,
 }
 
-fn peer_certificate(connection: &http::Extensions) -> Option<PeerCertificate> {
-    let chain = connection.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
-    let leaf = chain.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
-    let not_after = u64::try_from(cert.validity().not_after.timestamp())
-        .ok()
-        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
-    Some(PeerCertificate { cn, chain, not_after })
+impl PeerCertificate {
+    /// The certificate a connection's client sent at its handshake, if any.
+    fn of(connection: &TlsConnectInfo<TcpConnectInfo>) -> Option<Self> {
+        let chain = connection.peer_certs()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
+        let not_after = u64::try_from(cert.validity().not_after.timestamp())
+            .ok()
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
+        Some(Self { cn, chain, not_after })
+    }
 }
 
-/// Resolves, with the status to end a stream with, once the client certificate it was opened
-/// with (`chain`) expires or a reload of the client CA no longer accepts it.
+fn peer_certificate(connection: &http::Extensions) -> Option<PeerCertificate> {
+    PeerCertificate::of(connection.get::<TlsConnectInfo<TcpConnectInfo>>()?)
+}
+
+/// A mutual-TLS connection ends once its client certificate expires or a reload of the client CA
+/// no longer accepts it (its streams end then too, through [`Authenticator::stream_ended`]).
+impl PeerCheck<TlsConnectInfo<TcpConnectInfo>> for Authenticator {
+    fn revoked(&self, peer: &TlsConnectInfo<TcpConnectInfo>) -> Option<Revoked> {
+        let certificates = self.client_certificates.clone()?;
+        let PeerCertificate { cn, chain, not_after } = PeerCertificate::of(peer)?;
+        let remote = peer.get_ref().remote_addr();
+        Some(Box::pin(async move {
+            let why = certificate_revoked(certificates, chain, not_after).await;
+            let remote = remote.map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+            format!(
+                "the client certificate (CN {}) of the connection from {remote} {why}",
+                cn.as_deref().unwrap_or("none")
+            )
+        }))
+    }
+}
+
+/// Resolves once the client certificate `chain` expires or a reload of the client CA no longer
+/// accepts it, with what happened ("has expired", "is no longer accepted by the client CA ...").
 async fn certificate_revoked(
     certificates: ClientCertificates,
     chain: Arc<Vec<CertificateDer<'static>>>,
     not_after: Option<SystemTime>,
-) -> Status {
+) -> String {
     let mut reloads = certificates.reloaded();
     let mut reloading = true;
     loop {
@@ -569,9 +606,7 @@ async fn certificate_revoked(
         tokio::select! {
             _ = tokio::time::sleep(until_expiry.unwrap_or_default()), if until_expiry.is_some() => {
                 if not_after.is_some_and(|t| t <= SystemTime::now()) {
-                    return Status::unauthenticated(
-                        "the client certificate this stream was opened with has expired: open it again with a current one",
-                    );
+                    return "has expired".into();
                 }
             }
             changed = reloads.changed(), if reloading => {
@@ -579,9 +614,9 @@ async fn certificate_revoked(
                     // No more reloads (the agent is stopping): expiry alone is left.
                     reloading = false;
                 } else if let Err(why) = certificates.verify(&chain) {
-                    return Status::unauthenticated(format!(
-                        "the client certificate this stream was opened with is no longer accepted by the client CA (--client-ca was reloaded): {why}"
-                    ));
+                    return format!(
+                        "is no longer accepted by the client CA (--client-ca was reloaded): {why}"
+                    );
                 }
             }
             else => return std::future::pending().await,
@@ -801,14 +836,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_opened_with_an_expired_client_certificate_ends_at_once() {
+    async fn an_expired_client_certificate_is_revoked_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let pki = devcluster::pki::Pki::new("rcsync-unit-ca").unwrap();
         let tls = serving_tls(dir.path(), &pki, &pki.ca_pem());
         let expired = Some(SystemTime::now() - Duration::from_secs(1));
-        let status = certificate_revoked(tls.client_certificates(), Arc::default(), expired).await;
-        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-        assert!(status.message().contains("has expired"), "{status:?}");
+        let why = certificate_revoked(tls.client_certificates(), Arc::default(), expired).await;
+        assert_eq!(why, "has expired");
     }
 
     #[test]

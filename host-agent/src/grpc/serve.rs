@@ -23,6 +23,11 @@
 //! connect info (address, TLS certificates) in every request's extensions, the client's
 //! `grpc-timeout` honoured, and on shutdown a GOAWAY to every connection and a wait until they
 //! have closed.
+//!
+//! A connection whose peer's credentials stop being accepted while it is open (its client
+//! certificate expires, or a reloaded client CA refuses it: see [`PeerCheck`]) is closed the
+//! same way: a GOAWAY, its open requests (refused or ended by the authenticator) given
+//! [`REVOKED_CONNECTION_GRACE`] to finish, then the socket closed.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,6 +62,29 @@ pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// 200; a virtual agent needs a few dozen).
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
+/// How long a connection whose peer's credentials were revoked may take to close after its
+/// GOAWAY before its socket is closed under it (its streams end at the revocation already; what
+/// may still run is a unary call, which the authenticator refuses or lets finish).
+pub const REVOKED_CONNECTION_GRACE: Duration = Duration::from_secs(10);
+
+/// What can end a connection before its client does, judged from what its peer presented at the
+/// handshake (the connection's connect info, `C`).
+pub trait PeerCheck<C>: Send + Sync + 'static {
+    /// A future that resolves, with the reason, once what `peer` presented is no longer
+    /// accepted; `None` when nothing will end it.
+    fn revoked(&self, peer: &C) -> Option<Revoked>;
+}
+
+/// Resolves, with the reason, once a connection's peer is no longer accepted.
+pub type Revoked = Pin<Box<dyn Future<Output = String> + Send>>;
+
+/// Nothing ends a connection for its peer (plaintext: there is no handshake to revoke).
+impl<C> PeerCheck<C> for () {
+    fn revoked(&self, _peer: &C) -> Option<Revoked> {
+        None
+    }
+}
+
 /// How the server finds connections whose peer is gone without closing them (a node that lost
 /// power, a partition that drops packets): an HTTP/2 PING after `interval` without hearing from
 /// the peer, and the connection closed when no answer came within `timeout`. Until then such a
@@ -80,13 +108,15 @@ impl Default for Keepalive {
 }
 
 /// Serves `routes` on the connections of `incoming` until `shutdown` turns true, then sends each
-/// connection a GOAWAY and returns once all of them have closed.
+/// connection a GOAWAY and returns once all of them have closed. A connection `peers` finds
+/// revoked is closed the same way.
 pub async fn serve<I, IO, E>(
     routes: Routes,
     incoming: I,
     streams: Handle,
     keepalive: Keepalive,
     connections: Gauge,
+    peers: impl PeerCheck<IO::ConnectInfo>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: Stream<Item = Result<IO, E>>,
@@ -122,9 +152,11 @@ pub async fn serve<I, IO, E>(
             moved: Notify::new(),
         });
         let rehome = io.rehome_signal();
+        let connect_info = io.connect_info();
+        let revoked = peers.revoked(&connect_info);
         let service = ConnectionService {
             routes: routes.clone(),
-            connect_info: io.connect_info(),
+            connect_info,
             home: home.clone(),
         };
         let connection = http2::Builder::new(HomeExecutor(home.clone()))
@@ -139,6 +171,8 @@ pub async fn serve<I, IO, E>(
             rehome,
             shutdown: shutdown.clone(),
             closing: false,
+            revoked,
+            grace: None,
             _open: Open::counted(&connections),
             _drain: drain_rx.clone(),
         };
@@ -200,6 +234,11 @@ where
     rehome: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
     closing: bool,
+    /// Resolves once the peer's credentials are revoked (see [`PeerCheck`]).
+    revoked: Option<Revoked>,
+    /// From a revocation's GOAWAY: its reason, and the grace that, when over, drops the
+    /// connection.
+    grace: Option<(String, Pin<Box<tokio::time::Sleep>>)>,
     _open: Open,
     _drain: watch::Receiver<()>,
 }
@@ -231,6 +270,8 @@ where
             tokio::select! {
                 closed = self.connection.as_mut() => return log_closed(closed),
                 () = stopping(&mut self.shutdown), if !self.closing => self.close(),
+                reason = revocation(&mut self.revoked) => self.refuse(reason),
+                () = grace_over(&mut self.grace) => return self.abandon(),
                 _ = self.home.moved.notified() => {
                     tracing::debug!("a gRPC connection carries a Sync stream: serving it on the streams runtime");
                     let streams = self.home.streams.clone();
@@ -249,13 +290,55 @@ where
             tokio::select! {
                 closed = self.connection.as_mut() => return log_closed(closed),
                 () = stopping(&mut self.shutdown), if !self.closing => self.close(),
+                reason = revocation(&mut self.revoked) => self.refuse(reason),
+                () = grace_over(&mut self.grace) => return self.abandon(),
             }
         }
     }
 
     fn close(&mut self) {
-        self.closing = true;
-        self.connection.as_mut().graceful_shutdown();
+        if !self.closing {
+            self.closing = true;
+            self.connection.as_mut().graceful_shutdown();
+        }
+    }
+
+    /// The peer was revoked: a GOAWAY now, and the socket closed if the connection is still open
+    /// after the grace.
+    fn refuse(&mut self, reason: String) {
+        tracing::info!(%reason, "closing a gRPC connection: its peer's credentials were revoked");
+        self.close();
+        self.grace = Some((reason, Box::pin(tokio::time::sleep(REVOKED_CONNECTION_GRACE))));
+    }
+
+    /// Gives up on a revoked connection that did not close within the grace (returning drops it,
+    /// and its socket with it).
+    fn abandon(&self) {
+        let reason = self.grace.as_ref().map(|(reason, _)| reason.as_str());
+        tracing::warn!(
+            reason = reason.unwrap_or_default(),
+            grace = ?REVOKED_CONNECTION_GRACE,
+            "a revoked gRPC connection still had open requests after its GOAWAY: closing its socket"
+        );
+    }
+}
+
+/// Resolves, with the reason, once the peer is revoked; never when nothing will revoke it, or
+/// once it was (the future is done).
+async fn revocation(revoked: &mut Option<Revoked>) -> String {
+    let Some(future) = revoked.as_mut() else {
+        return std::future::pending().await;
+    };
+    let reason = future.await;
+    *revoked = None;
+    reason
+}
+
+/// Resolves when a revoked connection's grace is over; never before a revocation.
+async fn grace_over(grace: &mut Option<(String, Pin<Box<tokio::time::Sleep>>)>) {
+    match grace {
+        Some((_, sleep)) => sleep.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -559,6 +642,7 @@ mod tests {
             streams.handle().clone(),
             Keepalive::default(),
             Gauge::default(),
+            (),
             shutdown,
         ));
         let ran_on = client.block_on(async {
@@ -587,6 +671,75 @@ mod tests {
         assert_eq!(ran_on, ["test-main", "test-streams", "test-streams"]);
     }
 
+    /// Revokes the peer of every connection once its sender says so.
+    struct RevokedWhenTold(watch::Receiver<bool>);
+
+    impl PeerCheck<TcpConnectInfo> for RevokedWhenTold {
+        fn revoked(&self, _peer: &TcpConnectInfo) -> Option<Revoked> {
+            let mut told = self.0.clone();
+            Some(Box::pin(async move {
+                let _ = told.wait_for(|revoked| *revoked).await;
+                "the test revoked it".to_string()
+            }))
+        }
+    }
+
+    /// A revoked connection gets a GOAWAY; one a request keeps open (here one that is never
+    /// answered) is closed when the grace is over, and leaves the open-connections gauge.
+    #[tokio::test(start_paused = true)]
+    async fn a_revoked_connection_is_closed_even_while_a_request_holds_it_open() {
+        const HANG: &str = "/test/Hang";
+        let routes = Routes::from(
+            axum::Router::new().route(HANG, axum::routing::post(std::future::pending::<String>)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .map(|accepted| accepted.map(MovableTcp::new));
+        let (revoke, told) = watch::channel(false);
+        let (_stop, shutdown) = watch::channel(false);
+        let open = Gauge::default();
+        tokio::spawn(serve(
+            routes,
+            incoming,
+            Handle::current(),
+            Keepalive::default(),
+            open.clone(),
+            RevokedWhenTold(told),
+            shutdown,
+        ));
+        let tcp = TcpStream::connect(address).await.unwrap();
+        let (mut client, connection) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let connection = tokio::spawn(connection);
+        let hanging = client.send_request(
+            http::Request::post(format!("http://{address}{HANG}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        );
+        let hanging = tokio::spawn(hanging);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while open.get() != 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the server counts the connection");
+        revoke.send(true).unwrap();
+        let ended = tokio::time::timeout(REVOKED_CONNECTION_GRACE * 3, hanging)
+            .await
+            .expect("the connection is closed once the grace is over")
+            .unwrap();
+        assert!(
+            ended.is_err(),
+            "the hanging request was never answered: {ended:?}"
+        );
+        connection.await.unwrap().ok();
+        assert_eq!(open.get(), 0);
+    }
+
     /// Serves no routes on `incoming`, with the default settings, on the current runtime.
     async fn serve_nothing<I, E>(incoming: I, shutdown: watch::Receiver<bool>)
     where
@@ -599,6 +752,7 @@ mod tests {
             Handle::current(),
             Keepalive::default(),
             Gauge::default(),
+            (),
             shutdown,
         )
         .await;
