@@ -3,7 +3,7 @@
 //! ```text
 //!  churn (host classes, tenants file, virtual Pods and tenant-made classes) ─┐
 //!  faults (kills, SIGTERMs, API server restarts, cut/stalled connections,    ├─► real processes
-//!          token rotation, config edits) at seeded moments                   ┘
+//!          token and client CA rotation, config edits) at seeded moments     ┘
 //!  invariants: continuously (harness watches, logs, memory) and at every quiet window
 //!              (ground truth from the API servers, within a convergence deadline)
 //! ```
@@ -38,7 +38,7 @@ use tokio::time::Instant;
 
 use crate::checks::Violations;
 use crate::timeline::{TenantConfig, Timeline};
-use crate::world::{TENANTS, World};
+use crate::world::{TENANTS, TOKEN_TENANTS, World};
 use rcsync_tests::proxy::Mode;
 
 /// Chaos and soak for rcsync: churn and faults against real processes, invariants checked
@@ -88,16 +88,18 @@ enum Fault {
     ConnCut,
     ConnStall,
     TokenRotation,
+    ClientCaRotation,
     ConfigEdit,
 }
 
-const FAULTS: [Fault; 7] = [
+const FAULTS: [Fault; 8] = [
     Fault::AgentKill,
     Fault::AgentTerm,
     Fault::ApiserverRestart,
     Fault::ConnCut,
     Fault::ConnStall,
     Fault::TokenRotation,
+    Fault::ClientCaRotation,
     Fault::ConfigEdit,
 ];
 
@@ -110,6 +112,7 @@ impl Fault {
             Fault::ConnCut => "conn-cut",
             Fault::ConnStall => "conn-stall",
             Fault::TokenRotation => "token-rotation",
+            Fault::ClientCaRotation => "client-ca-rotation",
             Fault::ConfigEdit => "config-edit",
         }
     }
@@ -362,13 +365,21 @@ async fn inject(
             format!("{mode:?} tenant {}'s connections for {stall:?}", TENANTS[tenant])
         }
         Fault::TokenRotation => {
-            let t = TENANTS[tenant];
+            let t = TOKEN_TENANTS[rng.random_range(0..TOKEN_TENANTS.len())];
             let token = format!("token-{t}-{}", rng.random::<u32>());
             // The virtual side first (read at its next connection), then the host (reloaded on
             // change), which ends the streams opened with the old token: the agent reopens them.
             world::replace_file(&dir.join("vtokens").join(format!("{t}.token")), &token)?;
             world::replace_file(&dir.join("tokens").join(format!("{t}.token")), &token)?;
             format!("rotate tenant {t}'s token")
+        }
+        Fault::ClientCaRotation => {
+            let overlap = Duration::from_millis(rng.random_range(0..3000));
+            world.rotate_client_ca(overlap).await?;
+            format!(
+                "rotate the client CA (rotation {}; old and new CA trusted together for {overlap:?} after the certificates moved)",
+                world.client_ca.rotations
+            )
         }
         Fault::ConfigEdit => {
             let mut tenants = world.tenants.clone();

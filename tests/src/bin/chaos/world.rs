@@ -2,6 +2,10 @@
 //! serve --state`, so a restart keeps objects and watches see 410 Gone), the host agent, one
 //! virtual agent per tenant behind a faulty proxy. Every process can be killed, stopped and
 //! started again on the same ports; each incarnation logs to its own file.
+//!
+//! The gRPC port is mutual TLS, as in production: every virtual agent presents a client
+//! certificate from the client CA (kept in a directory updated the way the kubelet updates a
+//! Secret volume), tenant `a` is identified by its bearer token, tenant `b` by its certificate.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +22,10 @@ use rcsync_tests::proxy::FaultyProxy;
 
 /// The tenants of every chaos run.
 pub const TENANTS: [&str; 2] = ["a", "b"];
+
+/// The tenants identified by a bearer token (sent over mutual TLS); the others are identified by
+/// their client certificate's common name.
+pub const TOKEN_TENANTS: [&str; 1] = ["a"];
 
 /// The host namespace of a tenant.
 pub fn host_namespace(tenant: &str) -> String {
@@ -126,6 +134,8 @@ pub struct World {
     pub proxies: Vec<FaultyProxy>,
     /// The tenants config now in effect.
     pub tenants: Vec<TenantConfig>,
+    /// The client CA the host agent trusts and the virtual agents' certificates come from.
+    pub client_ca: ClientCa,
     host_kubeconfig: PathBuf,
     virtual_kubeconfigs: Vec<PathBuf>,
 }
@@ -169,14 +179,61 @@ pub fn tenants_yaml(tenants: &[TenantConfig]) -> String {
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let token_file = if TOKEN_TENANTS.contains(&t.name.as_str()) {
+            format!("    tokenFile: tokens/{}.token\n", t.name)
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "  - name: {name}\n    hostNamespace: {ns}\n    tokenFile: tokens/{name}.token\n    sync: {{fromHost: {{runtimeClasses: {{enabled: {enabled}, selector: {{matchLabels: {{{selector}}}}}}}}}}}\n    limits: {{podSyncQps: 1000, podSyncBurst: 2000}}\n",
+            "  - name: {name}\n    hostNamespace: {ns}\n{token_file}    sync: {{fromHost: {{runtimeClasses: {{enabled: {enabled}, selector: {{matchLabels: {{{selector}}}}}}}}}}}\n    limits: {{podSyncQps: 1000, podSyncBurst: 2000}}\n",
             name = t.name,
             ns = host_namespace(&t.name),
             enabled = t.enabled,
         ));
     }
     out
+}
+
+/// Writes `files` into the Secret-volume-like directory `dir` all at once, as the kubelet does:
+/// each file is a link through `..data`, which is swapped for a link to a new directory in one
+/// rename, so a reader never sees a new certificate beside an old key.
+pub fn replace_secret_volume(dir: &Path, files: &[(&str, &str)]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let version = format!(
+        "..{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
+    let new = dir.join(&version);
+    std::fs::create_dir(&new).with_context(|| format!("creating {}", new.display()))?;
+    for (name, text) in files {
+        std::fs::write(new.join(name), text)
+            .with_context(|| format!("writing {name} in {}", new.display()))?;
+        let link = dir.join(name);
+        if link.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), &link)
+                .with_context(|| format!("linking {}", link.display()))?;
+        }
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    let next = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&next);
+    std::os::unix::fs::symlink(&version, &next).with_context(|| format!("linking {}", next.display()))?;
+    std::fs::rename(&next, dir.join("..data"))
+        .with_context(|| format!("swapping {}/..data", dir.display()))?;
+    if let Some(old) = old {
+        let _ = std::fs::remove_dir_all(dir.join(old));
+    }
+    Ok(())
+}
+
+/// The client CA in use and how many times it was rotated.
+pub struct ClientCa {
+    /// Issues the virtual agents' certificates now.
+    pub pki: devcluster::pki::Pki,
+    /// How many rotations happened.
+    pub rotations: u32,
 }
 
 /// Writes a file by renaming a complete new one over it (as Kubernetes' volume updates do).
@@ -191,6 +248,21 @@ impl World {
     pub async fn start(dir: &Path, bin: &Path, tenants: Vec<TenantConfig>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir.join("tokens"))?;
         std::fs::create_dir_all(dir.join("vtokens"))?;
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls)?;
+        let server_ca = devcluster::pki::Pki::new("chaos-serving-ca")?;
+        let serving = server_ca.server(&["127.0.0.1", "localhost"])?;
+        std::fs::write(tls.join("tls.crt"), &serving.cert_pem)?;
+        std::fs::write(tls.join("tls.key"), &serving.key_pem)?;
+        std::fs::write(tls.join("serving-ca.crt"), server_ca.ca_pem())?;
+        let client_ca = ClientCa {
+            pki: devcluster::pki::Pki::new("chaos-client-ca-0")?,
+            rotations: 0,
+        };
+        std::fs::write(tls.join("client-ca.crt"), client_ca.pki.ca_pem())?;
+        for t in TENANTS {
+            write_client_certificate(dir, t, &client_ca.pki)?;
+        }
         let host_kubeconfig = dir.join("host.kubeconfig");
         let mut host_server = server("host", dir, bin, &host_kubeconfig, &[]);
         host_server.start(dir).await?;
@@ -199,9 +271,11 @@ impl World {
         let mut virtual_kubeconfigs = Vec::new();
         for t in TENANTS {
             create_namespace(&host, &host_namespace(t)).await?;
-            let token = format!("token-{t}-0");
-            std::fs::write(dir.join("tokens").join(format!("{t}.token")), &token)?;
-            std::fs::write(dir.join("vtokens").join(format!("{t}.token")), &token)?;
+            if TOKEN_TENANTS.contains(&t) {
+                let token = format!("token-{t}-0");
+                std::fs::write(dir.join("tokens").join(format!("{t}.token")), &token)?;
+                std::fs::write(dir.join("vtokens").join(format!("{t}.token")), &token)?;
+            }
             let kubeconfig = dir.join(format!("virtual-{t}.kubeconfig"));
             // Pods naming classes the virtual cluster lacks must be creatable (the SyncWarning path).
             let mut s = server(
@@ -231,6 +305,12 @@ impl World {
                 grpc.to_string(),
                 "--admin-listen".into(),
                 host_admin.clone(),
+                "--tls-cert".into(),
+                tls.join("tls.crt").display().to_string(),
+                "--tls-key".into(),
+                tls.join("tls.key").display().to_string(),
+                "--client-ca".into(),
+                tls.join("client-ca.crt").display().to_string(),
             ],
             None,
             Some(host_admin),
@@ -241,30 +321,47 @@ impl World {
         for (i, t) in TENANTS.iter().enumerate() {
             let proxy = FaultyProxy::start(grpc).await?;
             let admin = loopback();
-            let mut agent = Restartable::new(
-                &format!("virtual-agent-{t}"),
-                bin.join("virtual-agent"),
-                vec![
-                    "--kubeconfig".into(),
-                    virtual_kubeconfigs[i].display().to_string(),
-                    "--host-agent".into(),
-                    format!("http://{}", proxy.addr),
-                    "--tenant".into(),
-                    t.to_string(),
-                    "--token-file".into(),
+            let certificate = dir.join("vtls").join(t);
+            let mut args: Vec<String> = vec![
+                "--kubeconfig".into(),
+                virtual_kubeconfigs[i].display().to_string(),
+                "--host-agent".into(),
+                format!("https://{}", proxy.addr),
+                "--tenant".into(),
+                t.to_string(),
+                "--ca-cert".into(),
+                tls.join("serving-ca.crt").display().to_string(),
+                "--client-cert".into(),
+                certificate.join("tls.crt").display().to_string(),
+                "--client-key".into(),
+                certificate.join("tls.key").display().to_string(),
+            ];
+            if TOKEN_TENANTS.contains(t) {
+                args.push("--token-file".into());
+                args.push(
                     dir.join("vtokens")
                         .join(format!("{t}.token"))
                         .display()
                         .to_string(),
-                    "--admin-listen".into(),
-                    admin.clone(),
-                    "--lease-namespace".into(),
-                    "rcsync-system".into(),
-                    "--identity".into(),
-                    format!("virtual-agent-{t}"),
-                    "--pod-workers".into(),
-                    "4".into(),
-                ],
+                );
+            }
+            let mut agent = Restartable::new(
+                &format!("virtual-agent-{t}"),
+                bin.join("virtual-agent"),
+                [
+                    args,
+                    vec![
+                        "--admin-listen".into(),
+                        admin.clone(),
+                        "--lease-namespace".into(),
+                        "rcsync-system".into(),
+                        "--identity".into(),
+                        format!("virtual-agent-{t}"),
+                        "--pod-workers".into(),
+                        "4".into(),
+                    ],
+                ]
+                .concat(),
                 None,
                 Some(admin),
             );
@@ -280,9 +377,34 @@ impl World {
             virtual_agents,
             proxies,
             tenants,
+            client_ca,
             host_kubeconfig,
             virtual_kubeconfigs,
         })
+    }
+
+    /// Rotates the client CA as an operator does without an outage: the new CA beside the old one
+    /// on the host, every virtual agent's certificate reissued by the new one (their next
+    /// connections use it), then, `overlap` later, the old CA removed, which closes the
+    /// connections still opened with an old certificate (the virtual agents reconnect with the
+    /// new one).
+    pub async fn rotate_client_ca(&mut self, overlap: Duration) -> anyhow::Result<()> {
+        let next = devcluster::pki::Pki::new(&format!("chaos-client-ca-{}", self.client_ca.rotations + 1))?;
+        let file = self.dir.join("tls").join("client-ca.crt");
+        replace_file(&file, &(self.client_ca.pki.ca_pem() + &next.ca_pem()))?;
+        // The host agent reloads on change; give it a moment before certificates it would refuse
+        // reach it (one that arrives first is refused and retried).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for t in TENANTS {
+            write_client_certificate(&self.dir, t, &next)?;
+        }
+        tokio::time::sleep(overlap).await;
+        replace_file(&file, &next.ca_pem())?;
+        self.client_ca = ClientCa {
+            pki: next,
+            rotations: self.client_ca.rotations + 1,
+        };
+        Ok(())
     }
 
     /// A client of the host API server.
@@ -309,6 +431,16 @@ impl World {
         all.extend(self.virtual_agents.iter());
         all
     }
+}
+
+/// Issues tenant `t`'s client certificate (its CN is the tenant's name) from `ca` into its
+/// virtual agent's certificate directory.
+fn write_client_certificate(dir: &Path, t: &str, ca: &devcluster::pki::Pki) -> anyhow::Result<()> {
+    let pair = ca.client(t)?;
+    replace_secret_volume(
+        &dir.join("vtls").join(t),
+        &[("tls.crt", &pair.cert_pem), ("tls.key", &pair.key_pem)],
+    )
 }
 
 /// A kube client from a kubeconfig file.
