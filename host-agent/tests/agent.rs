@@ -1040,6 +1040,26 @@ async fn a_client_certificate_the_reloaded_client_ca_refuses_loses_its_streams_a
     );
 }
 
+/// Over mutual TLS the client certificate opens the connection whatever identifies the caller:
+/// a caller identified by its token loses its streams when the certificate is refused, with
+/// UNAUTHENTICATED, not only when its connection is dropped after the GOAWAY's grace.
+#[tokio::test]
+async fn a_token_callers_streams_end_once_the_reloaded_client_ca_refuses_its_connections_certificate() {
+    let mtls = MutualTls::start().await;
+    // A certificate naming no tenant: the bearer token identifies the caller.
+    let transport = mtls.pki.client("a-gateway").unwrap();
+    let channel = mtls.channel(Some(&transport)).await.unwrap();
+    let mut client = RuntimeClassSyncClient::new(channel.clone());
+    let mut stream = Stream::open(&mut client, "combined", HashMap::new()).await;
+    let first = stream.next().await;
+    assert_eq!(names(&first), set(&["gvisor", "youki"]));
+    stream.ack(&first).await;
+    let mut statuses = status_stream(channel, with_token(WatchPodStatusRequest {}, "combined")).await;
+    let next_ca = devcluster::pki::Pki::new("rcsync-test-next-ca").unwrap();
+    mtls.replace_client_ca(&next_ca.ca_pem(), 1).await;
+    both_end_unauthenticated(&mut stream, &mut statuses, "no longer accepted by the client CA").await;
+}
+
 #[tokio::test]
 async fn reflection_is_served_in_v1_and_v1alpha() {
     use tokio_stream::StreamExt as _;

@@ -13,9 +13,11 @@
 //! removed (PERMISSION_DENIED), its bearer token is no longer the tenant's (a rotated `tokenFile`:
 //! UNAUTHENTICATED), or its tenant, reached without credentials, now has a token. A revoked token
 //! reads nothing more, however long its streams were open. A client certificate that expires or
-//! that a reloaded client CA refuses ends its streams and its connections (the connections through
-//! [`PeerCheck`], implemented here for mutual-TLS connections). A reload wakes only the streams of
-//! the tenants it changed:
+//! that a reloaded client CA refuses ends the streams and calls of every caller over its
+//! connections, whatever identified the caller, and the connections themselves (through
+//! [`PeerCheck`], implemented here for mutual-TLS connections, which also reads each connection's
+//! certificate once for all its requests). A reload wakes only the streams of the tenants it
+//! changed:
 //!
 //! ```text
 //!  tenants watch ──(one task per agent)──► per-tenant changes (the tenants whose entry or tokens differ)
@@ -200,11 +202,11 @@ impl Authenticator {
     where
         C: Fn(&TenantsState, &Caller) -> Result<(), Status> + Send + 'static,
     {
-        // Boxed, and only for a certificate: its timer is most of its size, which each stream
-        // opened with a token would otherwise carry too.
-        let mut certificate = match (&caller.credential, &self.client_certificates) {
-            (Credential::Certificate { chain, not_after }, Some(certificates)) => {
-                let revoked = certificate_revoked(certificates.clone(), chain.clone(), *not_after);
+        // Boxed, and only over mutual TLS: its timer is most of its size, which each stream
+        // opened without a certificate would otherwise carry too.
+        let mut certificate = match (&caller.certificate, &self.client_certificates) {
+            (Some(peer), Some(certificates)) => {
+                let revoked = certificate_revoked(certificates.clone(), peer.clone());
                 Some(Box::pin(async move {
                     Status::unauthenticated(format!(
                         "the client certificate this stream was opened with {}: open it again with a current one",
@@ -263,29 +265,25 @@ impl Authenticator {
             Credential::Anonymous if state.tokens.has_token(&caller.tenant) => Err(Status::unauthenticated(
                 "the tenant now requires its bearer token: open the stream again with it",
             )),
-            Credential::Bearer(_) | Credential::Certificate { .. } | Credential::Anonymous => Ok(()),
+            Credential::Bearer(_) | Credential::Certificate | Credential::Anonymous => Ok(()),
         }
     }
 
     /// Whether the client certificate of a call's connection is still good: not expired, and,
     /// once the client CA was reloaded, accepted by the CA loaded now (the handshake may have
     /// been verified by an earlier one). Each certificate is verified once per reload.
-    fn check_certificate(
-        &self,
-        chain: &[CertificateDer<'static>],
-        not_after: Option<SystemTime>,
-    ) -> Result<(), Status> {
+    fn check_certificate(&self, peer: &PeerCertificate) -> Result<(), Status> {
         let Some(certificates) = &self.client_certificates else {
             return Ok(());
         };
-        if not_after.is_some_and(|t| t <= SystemTime::now()) {
+        if peer.not_after.is_some_and(|t| t <= SystemTime::now()) {
             return Err(Status::unauthenticated("the client certificate has expired"));
         }
         let generation = certificates.generation();
         if generation == 0 {
             return Ok(());
         }
-        let Some(leaf) = chain.first() else {
+        let Some(leaf) = peer.chain.first() else {
             return Err(Status::unauthenticated(
                 "the connection carries no client certificate",
             ));
@@ -298,7 +296,7 @@ impl Authenticator {
         let result = match verified.results.get(leaf.as_ref()) {
             Some(result) => result.clone(),
             None => {
-                let result = certificates.verify(chain);
+                let result = certificates.verify(&peer.chain);
                 verified.results.insert(leaf.as_ref().to_vec(), result.clone());
                 result
             }
@@ -338,26 +336,25 @@ impl Authenticator {
             }
             None => None,
         };
+        // Whatever identifies the caller, a connection's client certificate must still be good.
+        let certificate = peer_certificate(connection);
+        if let Some(peer) = &certificate {
+            self.check_certificate(peer)?;
+        }
         let (tenant, credential) = if let Some(token) = bearer {
             let (token, tenant) = state
                 .tokens
                 .entry_of(token)
                 .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
             (tenant.clone(), Credential::Bearer(token.clone()))
-        } else if let Some(PeerCertificate {
-            cn: Some(cn),
-            chain,
-            not_after,
-        }) = peer_certificate(connection)
-        {
-            let name = TenantName::new(&cn).map_err(|_| {
+        } else if let Some(cn) = certificate.as_ref().and_then(|peer| peer.cn.as_deref()) {
+            let name = TenantName::new(cn).map_err(|_| {
                 Status::permission_denied(format!("client certificate names no tenant ({cn:?})"))
             })?;
             if state.file.tenant(name.as_str()).is_none() {
                 return Err(Status::permission_denied(format!("unknown tenant {cn:?}")));
             }
-            self.check_certificate(&chain, not_after)?;
-            (name, Credential::Certificate { chain, not_after })
+            (name, Credential::Certificate)
         } else {
             if !self.allow_unauthenticated {
                 return Err(Status::unauthenticated(
@@ -394,7 +391,11 @@ impl Authenticator {
                 tenant.as_str()
             )));
         }
-        Ok(Caller { tenant, credential })
+        Ok(Caller {
+            tenant,
+            credential,
+            certificate,
+        })
     }
 }
 
@@ -404,6 +405,9 @@ pub struct Caller {
     /// The tenant the caller acts for.
     pub tenant: TenantName,
     credential: Credential,
+    /// The client certificate of the caller's connection (mutual TLS), whatever identified the
+    /// caller: when it is revoked, so is the caller.
+    certificate: Option<Arc<PeerCertificate>>,
 }
 
 /// How a caller was identified: what [`Authenticator::accepts`] checks again at a reload.
@@ -411,12 +415,8 @@ pub struct Caller {
 enum Credential {
     /// A bearer token: the tenants' own copy of it, shared, not copied per caller.
     Bearer(Arc<str>),
-    /// A client certificate whose common name is the tenant's name: the chain the client sent
-    /// (the connection's, shared), and when the certificate expires.
-    Certificate {
-        chain: Arc<Vec<CertificateDer<'static>>>,
-        not_after: Option<SystemTime>,
-    },
+    /// The connection's client certificate, whose common name is the tenant's name.
+    Certificate,
     /// No credentials (`--allow-unauthenticated`, a tenant without a token).
     Anonymous,
 }
@@ -426,7 +426,7 @@ impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Bearer(_) => "Bearer(..)",
-            Self::Certificate { .. } => "Certificate",
+            Self::Certificate => "Certificate",
             Self::Anonymous => "Anonymous",
         })
     }
@@ -537,14 +537,17 @@ impl<F: Future + Unpin> Future for Holding<F> {
     }
 }
 
-/// The client's certificate, when the connection is mutual TLS.
-struct PeerCertificate {
+/// The client certificate of a mutual-TLS connection, read once per connection (see
+/// [`PeerCheck`]) and carried by each of its requests.
+pub struct PeerCertificate {
     /// Its subject common name, when it has one.
     cn: Option<String>,
     /// The chain the client sent, its certificate first.
     chain: Arc<Vec<CertificateDer<'static>>>,
     /// When it expires (`None`: a date before 1970, which the handshake would not accept).
     not_after: Option<SystemTime>,
+    /// Where the connection comes from.
+    remote: Option<std::net::SocketAddr>,
 }
 
 impl PeerCertificate {
@@ -561,39 +564,65 @@ impl PeerCertificate {
         let not_after = u64::try_from(cert.validity().not_after.timestamp())
             .ok()
             .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
-        Some(Self { cn, chain, not_after })
+        Some(Self {
+            cn,
+            chain,
+            not_after,
+            remote: connection.get_ref().remote_addr(),
+        })
     }
 }
 
-fn peer_certificate(connection: &http::Extensions) -> Option<PeerCertificate> {
-    PeerCertificate::of(connection.get::<TlsConnectInfo<TcpConnectInfo>>()?)
+impl std::fmt::Debug for PeerCertificate {
+    // The subject and dates, not the chain's bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerCertificate")
+            .field("cn", &self.cn)
+            .field("not_after", &self.not_after)
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
 }
 
-/// A mutual-TLS connection ends once its client certificate expires or a reload of the client CA
-/// no longer accepts it (its streams end then too, through [`Authenticator::stream_ended`]).
+/// A request's client certificate: the one its connection read when it was accepted, or, for a
+/// request served otherwise, read from its connect info now.
+fn peer_certificate(request: &http::Extensions) -> Option<Arc<PeerCertificate>> {
+    match request.get::<Arc<PeerCertificate>>() {
+        Some(peer) => Some(peer.clone()),
+        None => PeerCertificate::of(request.get::<TlsConnectInfo<TcpConnectInfo>>()?).map(Arc::new),
+    }
+}
+
+/// A mutual-TLS connection's client certificate is read once, when it is accepted, and the
+/// connection ends once the certificate expires or a reload of the client CA no longer accepts
+/// it (the streams of every caller over it end then too, through [`Authenticator::stream_ended`]).
 impl PeerCheck<TlsConnectInfo<TcpConnectInfo>> for Authenticator {
-    fn revoked(&self, peer: &TlsConnectInfo<TcpConnectInfo>) -> Option<Revoked> {
+    type Peer = Arc<PeerCertificate>;
+
+    fn peer(&self, connection: &TlsConnectInfo<TcpConnectInfo>) -> Option<Arc<PeerCertificate>> {
+        PeerCertificate::of(connection).map(Arc::new)
+    }
+
+    fn revoked(&self, peer: &Arc<PeerCertificate>) -> Option<Revoked> {
         let certificates = self.client_certificates.clone()?;
-        let PeerCertificate { cn, chain, not_after } = PeerCertificate::of(peer)?;
-        let remote = peer.get_ref().remote_addr();
+        let peer = peer.clone();
         Some(Box::pin(async move {
-            let why = certificate_revoked(certificates, chain, not_after).await;
-            let remote = remote.map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+            let why = certificate_revoked(certificates, peer.clone()).await;
+            let remote = peer
+                .remote
+                .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
             format!(
                 "the client certificate (CN {}) of the connection from {remote} {why}",
-                cn.as_deref().unwrap_or("none")
+                peer.cn.as_deref().unwrap_or("none")
             )
         }))
     }
 }
 
-/// Resolves once the client certificate `chain` expires or a reload of the client CA no longer
+/// Resolves once the client certificate `peer` expires or a reload of the client CA no longer
 /// accepts it, with what happened ("has expired", "is no longer accepted by the client CA ...").
-async fn certificate_revoked(
-    certificates: ClientCertificates,
-    chain: Arc<Vec<CertificateDer<'static>>>,
-    not_after: Option<SystemTime>,
-) -> String {
+async fn certificate_revoked(certificates: ClientCertificates, peer: Arc<PeerCertificate>) -> String {
+    let not_after = peer.not_after;
     let mut reloads = certificates.reloaded();
     let mut reloading = true;
     loop {
@@ -613,7 +642,7 @@ async fn certificate_revoked(
                 if changed.is_err() {
                     // No more reloads (the agent is stopping): expiry alone is left.
                     reloading = false;
-                } else if let Err(why) = certificates.verify(&chain) {
+                } else if let Err(why) = certificates.verify(&peer.chain) {
                     return format!(
                         "is no longer accepted by the client CA (--client-ca was reloaded): {why}"
                     );
@@ -709,7 +738,7 @@ mod tests {
         let caller = auth.identify(&request(&[(TENANT_HEADER, "b")])).unwrap();
         assert_eq!(
             format!("{caller:?}"),
-            "Caller { tenant: TenantName(\"b\"), credential: Anonymous }"
+            "Caller { tenant: TenantName(\"b\"), credential: Anonymous, certificate: None }"
         );
         let mut revoked = Box::pin(auth.revoked(caller));
         config.send_replace(state(dir.path(), &TWO.replace("ns-a,", "ns-a2,"), &[]));
@@ -841,7 +870,13 @@ mod tests {
         let pki = devcluster::pki::Pki::new("rcsync-unit-ca").unwrap();
         let tls = serving_tls(dir.path(), &pki, &pki.ca_pem());
         let expired = Some(SystemTime::now() - Duration::from_secs(1));
-        let why = certificate_revoked(tls.client_certificates(), Arc::default(), expired).await;
+        let peer = Arc::new(PeerCertificate {
+            cn: None,
+            chain: Arc::default(),
+            not_after: expired,
+            remote: None,
+        });
+        let why = certificate_revoked(tls.client_certificates(), peer).await;
         assert_eq!(why, "has expired");
     }
 

@@ -67,12 +67,18 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// may still run is a unary call, which the authenticator refuses or lets finish).
 pub const REVOKED_CONNECTION_GRACE: Duration = Duration::from_secs(10);
 
-/// What can end a connection before its client does, judged from what its peer presented at the
-/// handshake (the connection's connect info, `C`).
+/// What a connection's peer presented at its handshake (read from the connection's connect
+/// info, `C`, once, when it is accepted), and what ends the connection before its client does.
 pub trait PeerCheck<C>: Send + Sync + 'static {
+    /// What each request of the connection carries about its peer, in its extensions.
+    type Peer: Clone + Send + Sync + 'static;
+
+    /// The peer of a connection, from its connect info; `None` when it presented nothing.
+    fn peer(&self, connection: &C) -> Option<Self::Peer>;
+
     /// A future that resolves, with the reason, once what `peer` presented is no longer
     /// accepted; `None` when nothing will end it.
-    fn revoked(&self, peer: &C) -> Option<Revoked>;
+    fn revoked(&self, peer: &Self::Peer) -> Option<Revoked>;
 }
 
 /// Resolves, with the reason, once a connection's peer is no longer accepted.
@@ -80,7 +86,13 @@ pub type Revoked = Pin<Box<dyn Future<Output = String> + Send>>;
 
 /// Nothing ends a connection for its peer (plaintext: there is no handshake to revoke).
 impl<C> PeerCheck<C> for () {
-    fn revoked(&self, _peer: &C) -> Option<Revoked> {
+    type Peer = ();
+
+    fn peer(&self, _connection: &C) -> Option<()> {
+        None
+    }
+
+    fn revoked(&self, _peer: &()) -> Option<Revoked> {
         None
     }
 }
@@ -153,10 +165,12 @@ pub async fn serve<I, IO, E>(
         });
         let rehome = io.rehome_signal();
         let connect_info = io.connect_info();
-        let revoked = peers.revoked(&connect_info);
+        let peer = peers.peer(&connect_info);
+        let revoked = peer.as_ref().and_then(|peer| peers.revoked(peer));
         let service = ConnectionService {
             routes: routes.clone(),
             connect_info,
+            peer,
             home: home.clone(),
         };
         let connection = http2::Builder::new(HomeExecutor(home.clone()))
@@ -220,16 +234,17 @@ where
     }
 }
 
-type Connection<IO, C> = http2::Connection<TokioIo<IO>, ConnectionService<C>, HomeExecutor>;
+type Connection<IO, C, P> = http2::Connection<TokioIo<IO>, ConnectionService<C, P>, HomeExecutor>;
 
 /// One connection's task: drives hyper's connection, sends a GOAWAY on shutdown, and moves to
 /// the streams runtime when its first Sync request arrives.
-struct Driver<IO, C>
+struct Driver<IO, C, P>
 where
     IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = C> + Unpin + Send + 'static,
     C: Clone + Send + Sync + 'static,
+    P: Clone + Send + Sync + 'static,
 {
-    connection: Pin<Box<Connection<IO, C>>>,
+    connection: Pin<Box<Connection<IO, C, P>>>,
     home: Arc<Home>,
     rehome: Arc<AtomicBool>,
     shutdown: watch::Receiver<bool>,
@@ -259,10 +274,11 @@ impl Drop for Open {
     }
 }
 
-impl<IO, C> Driver<IO, C>
+impl<IO, C, P> Driver<IO, C, P>
 where
     IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = C> + Unpin + Send + 'static,
     C: Clone + Send + Sync + 'static,
+    P: Clone + Send + Sync + 'static,
 {
     /// Runs the connection on the main runtime until it closes or carries a Sync stream.
     async fn on_main(mut self) {
@@ -473,12 +489,14 @@ impl AsyncWrite for MovableTcp {
     }
 }
 
-/// The service of one connection: the routes, with the peer's connect info in each request (for
-/// `Request::remote_addr` and `Request::peer_certs`) and the client's deadline applied.
+/// The service of one connection: the routes, with the peer's connect info (for
+/// `Request::remote_addr` and `Request::peer_certs`) and what [`PeerCheck::peer`] read from it
+/// in each request, and the client's deadline applied.
 #[derive(Clone)]
-struct ConnectionService<C> {
+struct ConnectionService<C, P> {
     routes: Routes,
     connect_info: C,
+    peer: Option<P>,
     home: Arc<Home>,
 }
 
@@ -487,8 +505,10 @@ struct ConnectionService<C> {
 /// the streams runtime. (hyper-util's `TowerToHyperService` would call the routes only from inside
 /// that task, after it was spawned: each connection's first Sync stream was then served, and its
 /// responses encoded, on the main runtime for the stream's whole life.)
-impl<C: Clone + Send + Sync + 'static> hyper::service::Service<http::Request<Incoming>>
-    for ConnectionService<C>
+impl<C, P> hyper::service::Service<http::Request<Incoming>> for ConnectionService<C, P>
+where
+    C: Clone + Send + Sync + 'static,
+    P: Clone + Send + Sync + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
@@ -502,6 +522,9 @@ impl<C: Clone + Send + Sync + 'static> hyper::service::Service<http::Request<Inc
             .map(|v| grpc_timeout(v.as_bytes()));
         let mut request = request.map(tonic::body::Body::new);
         request.extensions_mut().insert(self.connect_info.clone());
+        if let Some(peer) = &self.peer {
+            request.extensions_mut().insert(peer.clone());
+        }
         // The routes are always ready (tonic's `Routes::poll_ready` is), so one clone per request
         // is all `&self` costs, as with hyper-util's adapter.
         let response = tower::Service::call(&mut self.routes.clone(), request);
@@ -675,7 +698,13 @@ mod tests {
     struct RevokedWhenTold(watch::Receiver<bool>);
 
     impl PeerCheck<TcpConnectInfo> for RevokedWhenTold {
-        fn revoked(&self, _peer: &TcpConnectInfo) -> Option<Revoked> {
+        type Peer = ();
+
+        fn peer(&self, _connection: &TcpConnectInfo) -> Option<()> {
+            Some(())
+        }
+
+        fn revoked(&self, _peer: &()) -> Option<Revoked> {
             let mut told = self.0.clone();
             Some(Box::pin(async move {
                 let _ = told.wait_for(|revoked| *revoked).await;
