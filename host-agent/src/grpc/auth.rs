@@ -37,11 +37,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
 
 use futures::future::{Either, Ready};
 use rcsync_core::tls::ClientCertificates;
-use rustls::pki_types::CertificateDer;
 
 use rcsync_core::TenantName;
 use tokio::sync::watch;
@@ -51,6 +49,7 @@ use tonic::{Request, Status};
 
 use crate::grpc::METHODS;
 use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
+use crate::grpc::peer::{CertificateChecks, PeerCertificate};
 use crate::grpc::pods::{APPLY_POD, DELETE_POD};
 use crate::grpc::serve::{PeerCheck, Revoked};
 use crate::index::{TenantsState, ViewSource};
@@ -65,22 +64,8 @@ pub struct Authenticator {
     tenants: watch::Receiver<Arc<TenantsState>>,
     allow_unauthenticated: bool,
     changes: TenantChanges,
-    /// With mutual TLS: the client CA in use, to verify an open stream's certificate again.
-    client_certificates: Option<ClientCertificates>,
-    /// Client certificates verified against the client CA as reloaded (see
-    /// [`Authenticator::check_certificate`]).
-    verified: Arc<std::sync::Mutex<VerifiedCertificates>>,
-}
-
-/// How many verified client certificates are remembered per client CA reload (then forgotten,
-/// and verified again as they call).
-const VERIFIED_CERTIFICATES: usize = 4096;
-
-/// The client certificates verified since the last reload of the client CA: leaf DER → result.
-#[derive(Default)]
-struct VerifiedCertificates {
-    generation: u64,
-    results: HashMap<Vec<u8>, Result<(), String>>,
+    /// With mutual TLS: the client CA in use, to check connections' certificates again.
+    certificates: Option<CertificateChecks>,
 }
 
 /// A wake-up per tenant with open streams, sent when a reload changes that tenant: its entry in
@@ -145,8 +130,7 @@ impl Authenticator {
             tenants,
             allow_unauthenticated,
             changes: TenantChanges::default(),
-            client_certificates: None,
-            verified: Arc::default(),
+            certificates: None,
         }
     }
 
@@ -154,7 +138,7 @@ impl Authenticator {
     /// from its file no longer accepts it, or once it expires (see [`Authenticator::revoked`]).
     pub fn verifying_client_certificates(self, certificates: ClientCertificates) -> Self {
         Self {
-            client_certificates: Some(certificates),
+            certificates: Some(CertificateChecks::new(certificates)),
             ..self
         }
     }
@@ -204,9 +188,9 @@ impl Authenticator {
     {
         // Boxed, and only over mutual TLS: its timer is most of its size, which each stream
         // opened without a certificate would otherwise carry too.
-        let mut certificate = match (&caller.certificate, &self.client_certificates) {
+        let mut certificate = match (&caller.certificate, &self.certificates) {
             (Some(peer), Some(certificates)) => {
-                let revoked = certificate_revoked(certificates.clone(), peer.clone());
+                let revoked = certificates.revoked(peer.clone());
                 Some(Box::pin(async move {
                     Status::unauthenticated(format!(
                         "the client certificate this stream was opened with {}: open it again with a current one",
@@ -269,45 +253,6 @@ impl Authenticator {
         }
     }
 
-    /// Whether the client certificate of a call's connection is still good: not expired, and,
-    /// once the client CA was reloaded, accepted by the CA loaded now (the handshake may have
-    /// been verified by an earlier one). Each certificate is verified once per reload.
-    fn check_certificate(&self, peer: &PeerCertificate) -> Result<(), Status> {
-        let Some(certificates) = &self.client_certificates else {
-            return Ok(());
-        };
-        if peer.not_after.is_some_and(|t| t <= SystemTime::now()) {
-            return Err(Status::unauthenticated("the client certificate has expired"));
-        }
-        let generation = certificates.generation();
-        if generation == 0 {
-            return Ok(());
-        }
-        let Some(leaf) = peer.chain.first() else {
-            return Err(Status::unauthenticated(
-                "the connection carries no client certificate",
-            ));
-        };
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if verified.generation != generation || verified.results.len() >= VERIFIED_CERTIFICATES {
-            verified.generation = generation;
-            verified.results.clear();
-        }
-        let result = match verified.results.get(leaf.as_ref()) {
-            Some(result) => result.clone(),
-            None => {
-                let result = certificates.verify(&peer.chain);
-                verified.results.insert(leaf.as_ref().to_vec(), result.clone());
-                result
-            }
-        };
-        result.map_err(|why| {
-            Status::unauthenticated(format!(
-                "the client certificate is no longer accepted by the client CA (--client-ca was reloaded): {why}"
-            ))
-        })
-    }
-
     /// The caller of a call from its headers and connection (its peer certificate), before any
     /// of its body is read.
     fn identify_caller(
@@ -337,9 +282,9 @@ impl Authenticator {
             None => None,
         };
         // Whatever identifies the caller, a connection's client certificate must still be good.
-        let certificate = peer_certificate(connection);
-        if let Some(peer) = &certificate {
-            self.check_certificate(peer)?;
+        let certificate = PeerCertificate::of_request(connection);
+        if let (Some(peer), Some(certificates)) = (&certificate, &self.certificates) {
+            certificates.check(peer)?;
         }
         let (tenant, credential) = if let Some(token) = bearer {
             let (token, tenant) = state
@@ -347,7 +292,7 @@ impl Authenticator {
                 .entry_of(token)
                 .ok_or_else(|| Status::unauthenticated("invalid bearer token"))?;
             (tenant.clone(), Credential::Bearer(token.clone()))
-        } else if let Some(cn) = certificate.as_ref().and_then(|peer| peer.cn.as_deref()) {
+        } else if let Some(cn) = certificate.as_ref().and_then(|peer| peer.common_name()) {
             let name = TenantName::new(cn).map_err(|_| {
                 Status::permission_denied(format!("client certificate names no tenant ({cn:?})"))
             })?;
@@ -537,62 +482,6 @@ impl<F: Future + Unpin> Future for Holding<F> {
     }
 }
 
-/// The client certificate of a mutual-TLS connection, read once per connection (see
-/// [`PeerCheck`]) and carried by each of its requests.
-pub struct PeerCertificate {
-    /// Its subject common name, when it has one.
-    cn: Option<String>,
-    /// The chain the client sent, its certificate first.
-    chain: Arc<Vec<CertificateDer<'static>>>,
-    /// When it expires (`None`: a date before 1970, which the handshake would not accept).
-    not_after: Option<SystemTime>,
-    /// Where the connection comes from.
-    remote: Option<std::net::SocketAddr>,
-}
-
-impl PeerCertificate {
-    /// The certificate a connection's client sent at its handshake, if any.
-    fn of(connection: &TlsConnectInfo<TcpConnectInfo>) -> Option<Self> {
-        let chain = connection.peer_certs()?;
-        let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
-        let cn = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string);
-        let not_after = u64::try_from(cert.validity().not_after.timestamp())
-            .ok()
-            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs));
-        Some(Self {
-            cn,
-            chain,
-            not_after,
-            remote: connection.get_ref().remote_addr(),
-        })
-    }
-}
-
-impl std::fmt::Debug for PeerCertificate {
-    // The subject and dates, not the chain's bytes.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerCertificate")
-            .field("cn", &self.cn)
-            .field("not_after", &self.not_after)
-            .field("remote", &self.remote)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A request's client certificate: the one its connection read when it was accepted, or, for a
-/// request served otherwise, read from its connect info now.
-fn peer_certificate(request: &http::Extensions) -> Option<Arc<PeerCertificate>> {
-    match request.get::<Arc<PeerCertificate>>() {
-        Some(peer) => Some(peer.clone()),
-        None => PeerCertificate::of(request.get::<TlsConnectInfo<TcpConnectInfo>>()?).map(Arc::new),
-    }
-}
-
 /// A mutual-TLS connection's client certificate is read once, when it is accepted, and the
 /// connection ends once the certificate expires or a reload of the client CA no longer accepts
 /// it (the streams of every caller over it end then too, through [`Authenticator::stream_ended`]).
@@ -604,52 +493,7 @@ impl PeerCheck<TlsConnectInfo<TcpConnectInfo>> for Authenticator {
     }
 
     fn revoked(&self, peer: &Arc<PeerCertificate>) -> Option<Revoked> {
-        let certificates = self.client_certificates.clone()?;
-        let peer = peer.clone();
-        Some(Box::pin(async move {
-            let why = certificate_revoked(certificates, peer.clone()).await;
-            let remote = peer
-                .remote
-                .map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
-            format!(
-                "the client certificate (CN {}) of the connection from {remote} {why}",
-                peer.cn.as_deref().unwrap_or("none")
-            )
-        }))
-    }
-}
-
-/// Resolves once the client certificate `peer` expires or a reload of the client CA no longer
-/// accepts it, with what happened ("has expired", "is no longer accepted by the client CA ...").
-async fn certificate_revoked(certificates: ClientCertificates, peer: Arc<PeerCertificate>) -> String {
-    let not_after = peer.not_after;
-    let mut reloads = certificates.reloaded();
-    let mut reloading = true;
-    loop {
-        // Timers are kept within a day (tokio's reach is about two years); the loop re-arms.
-        let until_expiry = not_after.map(|t| {
-            t.duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .min(Duration::from_secs(86_400))
-        });
-        tokio::select! {
-            _ = tokio::time::sleep(until_expiry.unwrap_or_default()), if until_expiry.is_some() => {
-                if not_after.is_some_and(|t| t <= SystemTime::now()) {
-                    return "has expired".into();
-                }
-            }
-            changed = reloads.changed(), if reloading => {
-                if changed.is_err() {
-                    // No more reloads (the agent is stopping): expiry alone is left.
-                    reloading = false;
-                } else if let Err(why) = certificates.verify(&peer.chain) {
-                    return format!(
-                        "is no longer accepted by the client CA (--client-ca was reloaded): {why}"
-                    );
-                }
-            }
-            else => return std::future::pending().await,
-        }
+        Some(self.certificates.as_ref()?.connection_revoked(peer))
     }
 }
 
@@ -807,77 +651,6 @@ mod tests {
             &[("a.token", "two")],
         ));
         assert_eq!(ended.await.code(), tonic::Code::Unauthenticated);
-    }
-
-    /// A server's TLS files in `dir`: a serving pair of `pki` and `ca` as the client CA.
-    fn serving_tls(dir: &Path, pki: &devcluster::pki::Pki, ca: &str) -> rcsync_core::tls::ServingTls {
-        let server = pki.server(&["localhost"]).unwrap();
-        let write = |name: &str, text: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, text).unwrap();
-            Some(path)
-        };
-        let files = rcsync_core::tls::TlsFiles {
-            cert: write("tls.crt", &server.cert_pem),
-            key: write("tls.key", &server.key_pem),
-            client_ca: write("ca.crt", ca),
-        };
-        rcsync_core::tls::ServingTls::load(&files, rcsync_core::tls::TlsFlags::GRPC, &[b"h2"])
-            .unwrap()
-            .unwrap()
-    }
-
-    #[test]
-    fn only_a_changed_client_ca_counts_and_it_verifies_certificates_against_the_new_one() {
-        use rustls::pki_types::pem::PemObject as _;
-        let dir = tempfile::tempdir().unwrap();
-        let (old, new) = (
-            devcluster::pki::Pki::new("rcsync-unit-old-ca").unwrap(),
-            devcluster::pki::Pki::new("rcsync-unit-new-ca").unwrap(),
-        );
-        let tls = serving_tls(dir.path(), &old, &old.ca_pem());
-        let certificates = tls.client_certificates();
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(old.client("a").unwrap().cert_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .unwrap();
-        assert_eq!(
-            (certificates.generation(), certificates.verify(&chain)),
-            (0, Ok(()))
-        );
-        // A new serving certificate (cert-manager's renewal) leaves the client CA as it was.
-        let renewed = old.server(&["localhost"]).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), &renewed.cert_pem).unwrap();
-        std::fs::write(dir.path().join("tls.key"), &renewed.key_pem).unwrap();
-        tls.reload().unwrap();
-        assert_eq!(certificates.generation(), 0);
-        // Both CAs, then the new one alone.
-        std::fs::write(dir.path().join("ca.crt"), old.ca_pem() + &new.ca_pem()).unwrap();
-        tls.reload().unwrap();
-        assert_eq!(
-            (certificates.generation(), certificates.verify(&chain)),
-            (1, Ok(()))
-        );
-        std::fs::write(dir.path().join("ca.crt"), new.ca_pem()).unwrap();
-        tls.reload().unwrap();
-        assert_eq!(certificates.generation(), 2);
-        assert!(certificates.verify(&chain).is_err());
-    }
-
-    #[tokio::test]
-    async fn an_expired_client_certificate_is_revoked_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = devcluster::pki::Pki::new("rcsync-unit-ca").unwrap();
-        let tls = serving_tls(dir.path(), &pki, &pki.ca_pem());
-        let expired = Some(SystemTime::now() - Duration::from_secs(1));
-        let peer = Arc::new(PeerCertificate {
-            cn: None,
-            chain: Arc::default(),
-            not_after: expired,
-            remote: None,
-        });
-        let why = certificate_revoked(tls.client_certificates(), peer).await;
-        assert_eq!(why, "has expired");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod body_budget;
 pub mod connection_limit;
 pub mod framing;
 pub mod limits;
+pub mod peer;
 pub mod pod_status;
 pub mod pods;
 pub mod serve;
