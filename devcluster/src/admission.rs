@@ -1,7 +1,7 @@
 //! What kube-apiserver does to an object between decoding and storage: metadata management,
 //! defaulting, validation, immutability, and the admission the spec relies on (RuntimeClass for
-//! Pods), plus ResourceQuota's count of Pods (`pods`, `count/pods`; no other quota resource is
-//! read), so a namespace at its quota refuses a Pod create, even one whose name is taken:
+//! Pods), plus ResourceQuota for Pods (their count and compute resources, as [`crate::quota`]
+//! counts them), so a namespace at its quota refuses a Pod create, even one whose name is taken:
 //! admission comes before storage, as upstream. The quotas' status is kept by [`crate::quota`].
 
 use std::collections::BTreeMap;
@@ -197,6 +197,12 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                     }
                 }
             }
+            for field in ["containers", "initContainers"] {
+                let containers = obj.pointer(&format!("/spec/{field}")).and_then(Value::as_array);
+                for (i, c) in containers.into_iter().flatten().enumerate() {
+                    validate_resources(&format!("spec.{field}[{i}].resources"), c, causes);
+                }
+            }
             if let Some(rc) = obj.pointer("/spec/runtimeClassName").and_then(Value::as_str)
                 && let Err(e) = validate_dns1123_subdomain(rc)
             {
@@ -216,19 +222,58 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                     ));
                 }
             }
-            for key in POD_QUOTA_KEYS {
-                if let Some(value) = obj.pointer("/spec/hard").and_then(|h| h.get(key))
-                    && quota_limit(obj, key).is_none()
-                {
-                    causes.push(Cause::invalid(
-                        format!("spec.hard[{key}]"),
-                        value,
-                        "must be a whole number of Pods (devcluster reads no other quantity)",
-                    ));
+            let hard = obj.pointer("/spec/hard").and_then(Value::as_object);
+            for (key, value) in hard.into_iter().flatten() {
+                if let Some(why) = crate::quota::validate_hard(key, value) {
+                    causes.push(Cause::invalid(format!("spec.hard[{key}]"), value, why));
                 }
             }
         }
         _ => {}
+    }
+}
+
+/// A container's `resources` (at `path`): every request and limit a quantity, and no request
+/// above its limit, with upstream's messages.
+fn validate_resources(path: &str, container: &Value, causes: &mut Vec<Cause>) {
+    let read = |what: &str, causes: &mut Vec<Cause>| -> BTreeMap<String, (i128, Value)> {
+        let mut amounts = BTreeMap::new();
+        let entries = container
+            .pointer(&format!("/resources/{what}"))
+            .and_then(Value::as_object);
+        for (name, value) in entries.into_iter().flatten() {
+            let parsed = match value {
+                Value::String(text) => crate::quantity::parse_millis(text),
+                Value::Number(n) => n
+                    .as_u64()
+                    .map(|n| i128::from(n) * 1000)
+                    .ok_or_else(|| "must be greater than or equal to 0".to_string()),
+                _ => Err("must be a quantity".to_string()),
+            };
+            match parsed {
+                Ok(millis) => {
+                    amounts.insert(name.clone(), (millis, value.clone()));
+                }
+                Err(why) => causes.push(Cause::invalid(format!("{path}.{what}[{name}]"), value, why)),
+            }
+        }
+        amounts
+    };
+    let requests = read("requests", causes);
+    let limits = read("limits", causes);
+    for (name, (request, value)) in &requests {
+        if let Some((limit, limit_value)) = limits.get(name)
+            && request > limit
+        {
+            let limit_text = limit_value
+                .as_str()
+                .map_or_else(|| limit_value.to_string(), str::to_string);
+            causes.push(Cause::invalid(
+                format!("{path}.requests"),
+                value,
+                format!("must be less than or equal to {name} limit of {limit_text}"),
+            ));
+        }
     }
 }
 
@@ -477,59 +522,71 @@ pub fn prepare_create(
     Ok(obj)
 }
 
-/// The quota resources whose Pod count devcluster enforces.
-pub(crate) const POD_QUOTA_KEYS: [&str; 2] = ["pods", "count/pods"];
-
-/// Whether a Pod counts against its namespace's quota: every Pod that has not ended, as
-/// upstream's Pod evaluator.
-pub(crate) fn counts_against_quota(pod: &Value) -> bool {
-    !matches!(
-        pod.pointer("/status/phase").and_then(Value::as_str),
-        Some("Succeeded" | "Failed")
-    )
-}
-
-/// A quota's hard limit on `key`, when set (validated as a whole number at the quota's create).
-fn quota_limit(quota: &Value, key: &str) -> Option<u64> {
-    let hard = quota.pointer("/spec/hard")?.get(key)?;
-    match hard {
-        Value::String(s) => s.parse().ok(),
-        other => other.as_u64(),
-    }
-}
-
-/// ResourceQuota admission for a Pod create: the namespace's Pods that have not ended, plus this
-/// one, may not exceed any quota's `pods` (or `count/pods`), with upstream's message.
+/// ResourceQuota admission for a Pod create, quota by quota (by name), as upstream: a Pod whose
+/// containers do not state the cpu and memory a quota limits is refused (`failed quota: ...`),
+/// and one whose usage, added to what the namespace's Pods use now, would pass a quota's limit on
+/// anything it uses (`exceeded quota: ...`, naming only those resources).
 fn admit_pod_quota(def: &ResourceDef, obj: &Value, reader: &Reader<'_>) -> Result<(), ApiError> {
     let namespace = obj
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let limits: Vec<(String, &str, u64)> = reader
+    let mut quotas: Vec<(String, BTreeMap<&'static str, i128>)> = reader
         .list("resourcequotas", namespace)
-        .flat_map(|quota| {
-            POD_QUOTA_KEYS
-                .into_iter()
-                .filter_map(move |key| Some((name_of(quota).to_string(), key, quota_limit(quota, key)?)))
-        })
+        .map(|quota| (name_of(quota).to_string(), crate::quota::hard_of(quota)))
+        .filter(|(_, hard)| !hard.is_empty())
         .collect();
-    if limits.is_empty() {
+    if quotas.is_empty() {
         return Ok(());
     }
-    let used = reader
-        .list(def.storage, namespace)
-        .filter(|pod| counts_against_quota(pod))
-        .count() as u64;
-    match limits.into_iter().find(|(_, _, limit)| used + 1 > *limit) {
-        Some((quota, key, limit)) => Err(ApiError::forbidden(
-            def,
-            name_of(obj),
-            &format!(
-                "exceeded quota: {quota}, requested: {key}=1, used: {key}={used}, limited: {key}={limit}"
-            ),
-        )),
-        None => Ok(()),
+    quotas.sort_by(|a, b| a.0.cmp(&b.0));
+    let requested = crate::quota::pod_usage(obj);
+    let mut used: Option<crate::quota::Usage> = None;
+    for (quota, hard) in quotas {
+        if let Some(missing) = crate::quota::missing_resources(obj, &hard) {
+            return Err(ApiError::forbidden(
+                def,
+                name_of(obj),
+                &format!("failed quota: {quota}: {missing}"),
+            ));
+        }
+        let keys: Vec<&str> = requested
+            .keys()
+            .copied()
+            .filter(|k| hard.contains_key(k))
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        // What the namespace's Pods use now, counted in the create's own transaction: a quota's
+        // status lagging by one store event never lets a Pod past it.
+        let used = used.get_or_insert_with(|| {
+            let mut used = crate::quota::Usage::new();
+            for pod in reader.list(def.storage, namespace) {
+                for (key, amount) in crate::quota::pod_usage(pod) {
+                    *used.entry(key).or_default() += amount;
+                }
+            }
+            used
+        });
+        let exceeded: Vec<&str> = keys
+            .into_iter()
+            .filter(|k| used.get(k).copied().unwrap_or_default() + requested[k] > hard[k])
+            .collect();
+        if !exceeded.is_empty() {
+            return Err(ApiError::forbidden(
+                def,
+                name_of(obj),
+                &format!(
+                    "exceeded quota: {quota}, requested: {}, used: {}, limited: {}",
+                    crate::quota::print_amounts(&requested, &exceeded),
+                    crate::quota::print_amounts(used, &exceeded),
+                    crate::quota::print_amounts(&hard, &exceeded),
+                ),
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Which part of an object a write may change.

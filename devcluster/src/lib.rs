@@ -10,7 +10,7 @@
 //! deletion with finalizers and owner references, Status errors, Tables, discovery and OpenAPI v3
 //! (`kubectl explain`), protobuf request bodies for kubectl's imperative creates, an optional
 //! state file, the admission the spec relies on (RuntimeClass for Pods, immutable `handler`;
-//! ResourceQuota's Pod count), and
+//! ResourceQuota for Pods: their count and compute resources, `quota`), and
 //! CustomResourceDefinitions whose kinds are then served like the built-in ones (`crd`).
 //!
 //! ```text
@@ -39,6 +39,7 @@ pub mod openapi;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;
+pub mod quantity;
 mod query;
 pub mod quota;
 pub mod resources;

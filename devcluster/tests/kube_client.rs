@@ -285,10 +285,7 @@ async fn a_pod_quota_refuses_creates_past_it_before_a_taken_name_is_noticed() {
         "{bad}"
     );
     quotas
-        .create(
-            &PostParams::default(),
-            &quota("compute", json!({"count/pods": "2", "cpu": "4"})),
-        )
+        .create(&PostParams::default(), &quota("compute", json!({"pods": "2"})))
         .await
         .unwrap();
     pods.create(&PostParams::default(), &pod("a")).await.unwrap();
@@ -305,7 +302,7 @@ async fn a_pod_quota_refuses_creates_past_it_before_a_taken_name_is_noticed() {
     };
     let over = (
         403,
-        "pods \"c\" is forbidden: exceeded quota: compute, requested: count/pods=1, used: count/pods=2, limited: count/pods=2"
+        "pods \"c\" is forbidden: exceeded quota: compute, requested: pods=1, used: pods=2, limited: pods=2"
             .to_string(),
     );
     assert_eq!(refused("c").await, over);
@@ -317,14 +314,31 @@ async fn a_pod_quota_refuses_creates_past_it_before_a_taken_name_is_noticed() {
         (403, true),
         "{message}"
     );
-    // A Pod that ended no longer counts.
+    // A Pod that ended no longer counts as a Pod, but is still an object in storage, which
+    // `count/pods` counts.
     let done = json!({"status": {"phase": "Succeeded"}});
     pods.patch_status("b", &PatchParams::default(), &Patch::Merge(&done))
         .await
         .unwrap();
     pods.create(&PostParams::default(), &pod("c")).await.unwrap();
-    // Below the quota a taken name is AlreadyExists, as before.
     quotas.delete("compute", &DeleteParams::default()).await.unwrap();
+    quotas
+        .create(
+            &PostParams::default(),
+            &quota("objects", json!({"count/pods": "3"})),
+        )
+        .await
+        .unwrap();
+    let (code, message) = refused("d").await;
+    assert_eq!(
+        (code, message.as_str()),
+        (
+            403,
+            "pods \"d\" is forbidden: exceeded quota: objects, requested: count/pods=1, used: count/pods=3, limited: count/pods=3"
+        )
+    );
+    // Below the quota a taken name is AlreadyExists, as before.
+    quotas.delete("objects", &DeleteParams::default()).await.unwrap();
     let (code, _) = refused("a").await;
     assert_eq!(code, 409);
     cluster.shutdown().await;
@@ -343,12 +357,15 @@ async fn a_quota_s_status_counts_the_pods_of_its_namespace_that_have_not_ended()
     }))
     .unwrap();
     quotas.create(&PostParams::default(), &quota).await.unwrap();
-    // What the quota controller writes: `hard` as the spec has it, `used` for what devcluster
-    // counts, changed by every Pod create, end and delete in the namespace (not in another).
-    let status_becomes = |used: &'static str| {
+    // What the quota controller writes: `hard` as the spec has it, `used` as counted, changed by
+    // every Pod create, end and delete in the namespace (not in another).
+    let status_becomes = |used: &'static str, cpu: &'static str| {
         let quotas = quotas.clone();
         async move {
-            let want = json!({"hard": {"pods": "3", "requests.cpu": "2"}, "used": {"pods": used}});
+            let want = json!({
+                "hard": {"pods": "3", "requests.cpu": "2"},
+                "used": {"pods": used, "requests.cpu": cpu}
+            });
             let current = quotas.get("compute").await.unwrap();
             if serde_json::to_value(&current.status).unwrap() == want {
                 return;
@@ -365,14 +382,14 @@ async fn a_quota_s_status_counts_the_pods_of_its_namespace_that_have_not_ended()
                 }
             })
             .await
-            .unwrap_or_else(|_| panic!("status.used.pods {used} within {DEADLINE:?}"));
+            .unwrap_or_else(|_| panic!("status.used pods {used}, requests.cpu {cpu} within {DEADLINE:?}"));
         }
     };
-    status_becomes("0").await;
+    status_becomes("0", "0").await;
     let pod = |name: &str| -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": name},
-            "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+            "spec": {"containers": [{"name": "c", "image": "busybox", "resources": {"requests": {"cpu": "500m"}}}]}
         }))
         .unwrap()
     };
@@ -382,14 +399,104 @@ async fn a_quota_s_status_counts_the_pods_of_its_namespace_that_have_not_ended()
         .create(&PostParams::default(), &pod("elsewhere"))
         .await
         .unwrap();
-    status_becomes("2").await;
+    status_becomes("2", "1").await;
     let done = json!({"status": {"phase": "Failed"}});
     pods.patch_status("b", &PatchParams::default(), &Patch::Merge(&done))
         .await
         .unwrap();
-    status_becomes("1").await;
+    status_becomes("1", "500m").await;
     pods.delete("a", &DeleteParams::default()).await.unwrap();
-    status_becomes("0").await;
+    status_becomes("0", "0").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_compute_quota_refuses_pods_that_do_not_state_it_or_would_pass_it_as_upstream_words_it() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), "default");
+    let create_quota = |name: &str, hard: serde_json::Value| {
+        let quotas = quotas.clone();
+        let quota: ResourceQuota =
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"hard": hard}})).unwrap();
+        async move { quotas.create(&PostParams::default(), &quota).await }
+    };
+    let create_pod = |name: &str, resources: serde_json::Value| {
+        let pods = pods.clone();
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [
+                {"name": "app", "image": "busybox", "resources": resources},
+                {"name": "sidecar", "image": "busybox", "resources": {"limits": {"cpu": "100m", "memory": "16Mi"}}}
+            ]}
+        }))
+        .unwrap();
+        async move {
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) => Err((e.code, e.message)),
+                Err(other) => panic!("{other}"),
+            }
+        }
+    };
+    // A quota on a resource devcluster does not count would silently not be enforced: refused.
+    let refused = create_quota("objects", json!({"services": "2"}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(e) if e.code == 422 && e.message.contains("spec.hard[services]")),
+        "{refused}"
+    );
+    create_quota("compute", json!({"requests.cpu": "1", "limits.memory": "256Mi"}))
+        .await
+        .unwrap();
+    // Each container must state what the quota limits (the sidecar's limits are its requests).
+    assert_eq!(
+        create_pod("bare", json!({})).await,
+        Err((
+            403,
+            "pods \"bare\" is forbidden: failed quota: compute: must specify limits.memory for: app; must specify requests.cpu for: app".into()
+        ))
+    );
+    create_pod(
+        "a",
+        json!({"requests": {"cpu": "400m"}, "limits": {"memory": "100Mi"}}),
+    )
+    .await
+    .unwrap();
+    // 400m + 100m + 600m > 1: refused, naming only what it passes.
+    assert_eq!(
+        create_pod("b", json!({"requests": {"cpu": "600m"}, "limits": {"memory": "64Mi"}})).await,
+        Err((
+            403,
+            "pods \"b\" is forbidden: exceeded quota: compute, requested: requests.cpu=700m, used: requests.cpu=500m, limited: requests.cpu=1".into()
+        ))
+    );
+    create_pod(
+        "b",
+        json!({"requests": {"cpu": "300m"}, "limits": {"memory": "64Mi"}}),
+    )
+    .await
+    .unwrap();
+    // Requests above limits, and what is not a quantity, are invalid, as upstream says.
+    let (code, message) = create_pod(
+        "c",
+        json!({"requests": {"cpu": "2"}, "limits": {"cpu": "1", "memory": "1Gi"}}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code, 422);
+    assert!(message.contains("spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit of 1"), "{message}");
+    let (code, message) = create_pod("c", json!({"requests": {"cpu": "lots"}}))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 422);
+    assert!(
+        message.contains("spec.containers[0].resources.requests[cpu]"),
+        "{message}"
+    );
     cluster.shutdown().await;
 }
 

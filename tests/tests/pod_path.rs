@@ -1073,6 +1073,54 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
     assert!(metrics.contains("\nrcsync_pods_failing 0\n"), "{metrics}");
 }
 
+/// A host namespace's compute quota (what a tenant's Pods may request in all) holds for Pods
+/// synced through rcsync as for Pods created there: a Pod past it, or one that does not state
+/// what it limits, is refused with the host's reason, and a refused Pod reaches the host once
+/// room is made.
+#[tokio::test]
+async fn a_host_namespace_s_compute_quota_refuses_pods_with_its_reason_until_room_is_made() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "compute"}, "spec": {"hard": {"requests.cpu": "1"}}}),
+    )
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(system.host.client().await, &v.tenant.host_namespace())
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    let requesting = |cpu: &str| app(json!({"resources": {"requests": {"cpu": cpu}}}));
+    v.create_pod(&pod("web", json!({"containers": [requesting("600m")]})))
+        .await;
+    wait_host_pod(&system, "web", "default").await;
+
+    v.create_pod(&pod("api", json!({"containers": [requesting("600m")]})))
+        .await;
+    let message = first_event(v, "api", "SyncError").await;
+    assert!(
+        message.contains(
+            "exceeded quota: compute, requested: requests.cpu=600m, used: requests.cpu=600m, limited: requests.cpu=1"
+        ),
+        "{message}"
+    );
+    v.create_pod(&pod("bare", json!({"containers": [app(json!({}))]})))
+        .await;
+    let message = first_event(v, "bare", "SyncError").await;
+    assert!(
+        message.contains("failed quota: compute: must specify requests.cpu for: app"),
+        "{message}"
+    );
+    no_host_pod(&system, "api").await;
+    no_host_pod(&system, "bare").await;
+
+    Api::<Pod>::namespaced(v.cluster.client().await, "default")
+        .delete("web", &Default::default())
+        .await
+        .unwrap();
+    wait_host_pod(&system, "api", "default").await;
+    no_host_pod(&system, "bare").await;
+}
+
 /// The virtual agent's `/status` document.
 async fn status_of(v: &VirtualSide) -> Option<Value> {
     let admin = format!("http://{}", v.admin);
