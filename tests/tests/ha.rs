@@ -510,7 +510,7 @@ async fn check_pod_over_tls(grpc: &str, ca: &str, cert: &str, key: &str, token: 
 }
 
 #[tokio::test]
-async fn a_rotated_certificate_is_used_by_the_next_connection_and_open_streams_continue() {
+async fn certificates_rotate_without_a_restart_and_open_streams_last_while_the_old_ca_is_trusted() {
     let mut system = System::start_with(
         &[TenantSpec::new(TENANT, "{enabled: true}")],
         &[runtime_class("gvisor", "runsc", &[])],
@@ -527,40 +527,34 @@ async fn a_rotated_certificate_is_used_by_the_next_connection_and_open_streams_c
         .await
         .unwrap();
 
-    // Rotate everything to a new CA: the serving pair, the client CA, the tenant's client pair.
+    // Rotate everything to a new CA, trusted beside the old one for a while (the CA file serves
+    // both sides): the serving pair, the client CA, the tenant's client pair.
     let pki = devcluster::pki::Pki::new("rcsync-e2e-rotated-ca").unwrap();
     let serving = pki.server(&["127.0.0.1", "localhost"]).unwrap();
     let client = pki.client(TENANT).unwrap();
+    let both = format!("{old_ca}{}", pki.ca_pem());
     replace_file(&dir.join("host-agent.key"), &serving.key_pem);
     replace_file(&dir.join("host-agent.crt"), &serving.cert_pem);
-    replace_file(&dir.join("ca.crt"), &pki.ca_pem());
+    replace_file(&dir.join("ca.crt"), &both);
     replace_file(&dir.join(format!("{TENANT}.crt")), &client.cert_pem);
     replace_file(&dir.join(format!("{TENANT}.key")), &client.key_pem);
 
-    // The next connection gets the new certificate (and needs a client certificate of the new
-    // CA), without a restart.
+    // The next connection gets the new certificate and takes a client certificate of the new
+    // CA, without a restart.
     let grpc = system.grpc.clone();
     let new_ca = pki.ca_pem();
+    let over_tls = |cert: String, key: String| {
+        let (grpc, ca, token) = (grpc.clone(), new_ca.clone(), token.clone());
+        async move { check_pod_over_tls(&grpc, &ca, &cert, &key, &token).await }
+    };
     eventually(
         "a new connection to be served with the rotated certificate",
         || {
-            let (grpc, ca, cert, key, token) = (
-                grpc.clone(),
-                new_ca.clone(),
-                client.cert_pem.clone(),
-                client.key_pem.clone(),
-                token.clone(),
-            );
-            async move { check_pod_over_tls(&grpc, &ca, &cert, &key, &token).await.ok() }
+            let call = over_tls(client.cert_pem.clone(), client.key_pem.clone());
+            async move { call.await.ok() }
         },
     )
     .await;
-    assert!(
-        check_pod_over_tls(&system.grpc, &old_ca, &old_cert, &old_key, &token)
-            .await
-            .is_err(),
-        "the old CA and client certificate are still accepted"
-    );
     assert!(!system.host_agent.has_exited());
     let metrics = http_get(&system.host_admin, "/metrics").await.unwrap().1;
     assert!(
@@ -568,27 +562,49 @@ async fn a_rotated_certificate_is_used_by_the_next_connection_and_open_streams_c
         "{metrics}"
     );
 
-    // The Sync stream opened before the rotation still delivers.
+    // The Sync stream opened before the rotation still delivers while the old CA is trusted.
     system
         .create_host_class(&runtime_class("youki", "youki", &[]))
         .await;
     system.virtual_side().wait_classes(&["gvisor", "youki"]).await;
-    let logs = system.virtual_side().agent.logs();
-    assert_eq!(
-        logs.matches("Sync stream open").count(),
-        1,
-        "the stream was reopened:\n{logs}"
-    );
+    let opened = || {
+        system
+            .virtual_side()
+            .agent
+            .logs()
+            .matches("Sync stream open")
+            .count()
+    };
+    assert_eq!(opened(), 1, "the stream was reopened");
 
-    // The virtual agent's next connection uses its rotated files too: after a host agent restart
-    // it reconnects with the new CA and client certificate.
-    system.restart_host_agent().await;
+    // Without the old CA the old client certificate is refused, and the stream opened with it
+    // ends: the virtual agent opens it again with its rotated files, and it delivers.
+    replace_file(&dir.join("ca.crt"), &pki.ca_pem());
+    eventually("the old client certificate to be refused", || {
+        let call = over_tls(old_cert.clone(), old_key.clone());
+        async move { call.await.is_err().then_some(()) }
+    })
+    .await;
+    eventually("the Sync stream to be opened again", || async {
+        (opened() == 2).then_some(())
+    })
+    .await;
     system
         .create_host_class(&runtime_class("kata", "kata", &[]))
         .await;
     system
         .virtual_side()
         .wait_classes(&["gvisor", "kata", "youki"])
+        .await;
+
+    // After a host agent restart it reconnects with the new CA and client certificate too.
+    system.restart_host_agent().await;
+    system
+        .create_host_class(&runtime_class("wasm", "wasmtime", &[]))
+        .await;
+    system
+        .virtual_side()
+        .wait_classes(&["gvisor", "kata", "wasm", "youki"])
         .await;
 }
 
