@@ -1075,8 +1075,8 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
 
 /// A host namespace's compute quota (what a tenant's Pods may request in all) holds for Pods
 /// synced through rcsync as for Pods created there: a Pod past it, or one that does not state
-/// what it limits, is refused with the host's reason, and a refused Pod reaches the host once
-/// room is made.
+/// what it limits, is refused with the host's reason, and a refused Pod is retried as soon as a
+/// host Pod ends (an ended Pod no longer counts), not when its backoff next comes up.
 #[tokio::test]
 async fn a_host_namespace_s_compute_quota_refuses_pods_with_its_reason_until_room_is_made() {
     let system = system(tenant()).await;
@@ -1113,10 +1113,28 @@ async fn a_host_namespace_s_compute_quota_refuses_pods_with_its_reason_until_roo
     no_host_pod(&system, "api").await;
     no_host_pod(&system, "bare").await;
 
-    Api::<Pod>::namespaced(v.cluster.client().await, "default")
-        .delete("web", &Default::default())
+    // web's containers exit: its host Pod ends (the kubelet's status write).
+    let succeeded = json!({"status": {"phase": "Succeeded"}});
+    system
+        .host_pods(&v.tenant)
+        .await
+        .patch_status(
+            &host_name("web", "default"),
+            &PatchParams::default(),
+            &Patch::Merge(&succeeded),
+        )
         .await
         .unwrap();
+    eventually("api retried as the host Pod of web ended", || async {
+        v.agent
+            .logs()
+            .lines()
+            .any(|l| {
+                l.contains("retrying the Pod the host's quota refused the longest") && l.contains("pod=api")
+            })
+            .then_some(())
+    })
+    .await;
     wait_host_pod(&system, "api", "default").await;
     no_host_pod(&system, "bare").await;
 }

@@ -317,8 +317,11 @@ enum ShardInput {
     ObjectChanged(ObjectKey),
     /// ConfigMaps or Secrets were (re)listed: Pods that reference any are re-evaluated.
     ObjectsListed(RefKind),
-    /// A host Pod is gone: Pods refused because a host name was in use may now fit.
+    /// A host Pod is gone: Pods refused because a host name was in use may now fit, and one the
+    /// host's quota refused.
     NamesFreed,
+    /// A host Pod ended: one Pod the host's quota refused may now fit.
+    QuotaRoomMade,
 }
 
 /// The Pod syncer: one watch of every virtual Pod and one status stream, dispatched by key to
@@ -425,11 +428,13 @@ impl PodSyncer {
             (state.synced.clone(), state.pod_policy.clone())
         };
         let mut inboxes = Vec::new();
+        let (room_tx, mut room_rx) = mpsc::unbounded_channel();
         for shard in std::mem::take(&mut self.shards) {
             let (tx, rx) = mpsc::channel(1024);
             inboxes.push(tx);
-            children.spawn(shard.run(rx, shutdown.clone()));
+            children.spawn(shard.run(rx, room_tx.clone(), shutdown.clone()));
         }
+        drop(room_tx);
         let shard_of = |key: &Key| {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -478,6 +483,9 @@ impl PodSyncer {
                     if let Some(change) = object_change(RefKind::Secret, event) {
                         sends.extend((0..inboxes.len()).map(|i| (i, change.clone())));
                     }
+                }
+                Some(()) = room_rx.recv() => {
+                    sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::QuotaRoomMade)));
                 }
                 feed = status_rx.recv() => match feed {
                     None => return,

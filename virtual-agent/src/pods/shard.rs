@@ -75,10 +75,13 @@ pub(super) struct Shard {
     unreachable: HashSet<Key>,
     /// Whether the Pod being processed was refused for the host namespace's quota.
     host_full: bool,
-    /// Pods the host's quota refused, since when: as each host Pod goes, the one waiting longest
-    /// is retried at once (one per host Pod: the room it made fits one), the others on their
-    /// backoff.
+    /// Pods the host's quota refused, since when: as each host Pod goes or ends, the one waiting
+    /// longest is retried at once (one per host Pod: the room it made fits one), the others on
+    /// their backoff.
     quota_waiters: HashMap<Key, Instant>,
+    /// Tells the dispatcher that a host Pod of this shard ended, making room under the host
+    /// namespace's quota for a Pod of any shard.
+    room_made: Option<mpsc::UnboundedSender<()>>,
     /// Why the Pod being processed failed, when it did (see [`Shard::failed`]).
     failure: Option<String>,
     /// Pods whose last try failed, and why: `failing` on the board until a try succeeds, so a
@@ -127,6 +130,7 @@ impl Shard {
             unreachable: HashSet::new(),
             host_full: false,
             quota_waiters: HashMap::new(),
+            room_made: None,
             failure: None,
         }
     }
@@ -176,8 +180,8 @@ impl Shard {
         true
     }
 
-    /// A host Pod went: retries at once the Pod the host's quota has refused the longest, of
-    /// those not already due.
+    /// A host Pod went or ended: retries at once the Pod the host's quota has refused the
+    /// longest, of those not already due.
     fn retry_a_quota_waiter(&mut self) {
         let now = Instant::now();
         let longest = self
@@ -189,7 +193,7 @@ impl Shard {
         let Some(key) = longest else {
             return;
         };
-        tracing::info!(namespace = %key.0, pod = %key.1, "a host Pod went: retrying the Pod the host's quota refused the longest");
+        tracing::info!(namespace = %key.0, pod = %key.1, "a host Pod went or ended: retrying the Pod the host's quota refused the longest");
         // Over the tenant's rate limit, it still waits that out.
         let at = self.paused_until.unwrap_or(now).max(now);
         if let Some(entry) = self.retries.get_mut(&key) {
@@ -202,11 +206,15 @@ impl Shard {
     }
 
     /// Syncs the shard's Pods as the dispatcher reports them, until `shutdown`.
+    /// Syncs the shard's Pods from what `inbox` brings until `shutdown`, telling `room_made`
+    /// when a host Pod of the shard ends.
     pub(super) async fn run(
         mut self,
         mut inbox: mpsc::Receiver<ShardInput>,
+        room_made: mpsc::UnboundedSender<()>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        self.room_made = Some(room_made);
         let mut recoveries = self.connection.host_path().recoveries();
         loop {
             if self.paused_until.is_some_and(|until| until <= Instant::now()) {
@@ -277,6 +285,7 @@ impl Shard {
                         }
                         self.retry_a_quota_waiter();
                     }
+                    Some(ShardInput::QuotaRoomMade) => self.retry_a_quota_waiter(),
                     Some(ShardInput::Status(StatusFeed::Reset)) => self.host_staging = Some(HashMap::new()),
                     Some(ShardInput::Status(StatusFeed::Event(event))) => {
                         let key = (event.pod_namespace.clone(), event.pod_name.clone());
@@ -975,6 +984,14 @@ impl Shard {
         };
         if status.is_null() || serde_json::to_value(&pod.status).ok().as_ref() == Some(&status) {
             return true;
+        }
+        // A Pod that ended no longer counts against its namespace's quota (its name stays taken).
+        let ended = |phase: Option<&str>| matches!(phase, Some("Succeeded" | "Failed"));
+        if ended(status.get("phase").and_then(serde_json::Value::as_str))
+            && !ended(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
+            && let Some(room_made) = &self.room_made
+        {
+            let _ = room_made.send(());
         }
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
         let patch = serde_json::json!({"status": status});
