@@ -857,6 +857,9 @@ fn tenant_left(
 }
 
 #[cfg(test)]
+mod policy_properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
