@@ -376,6 +376,28 @@ pub struct TenantLimits {
     /// `podSyncInFlight`: ApplyPod/DeletePod calls open at once (each holds up to a 4 MiB request
     /// while it is read), counted from their headers, before their bodies are read.
     pub pod_sync_in_flight: u32,
+    /// `podSyncBytes`: the most of the host agent's `--max-pod-sync-bytes` the tenant's open
+    /// ApplyPod/DeletePod calls may hold at once (`None`: a quarter of it).
+    pub pod_sync_bytes: Option<u64>,
+}
+
+/// The smallest `podSyncBytes`: the largest PodSync request (4 MiB), which must fit.
+pub const MIN_TENANT_POD_SYNC_BYTES: u64 = 4 << 20;
+
+/// A byte count as written in configs and flags: digits, optionally with a binary suffix (`Ki`,
+/// `Mi`, `Gi`) as Kubernetes quantities write memory. The error says what was expected.
+pub fn parse_byte_size(raw: &str) -> Result<u64, String> {
+    let invalid = || format!("invalid size {raw:?}: expected a number of bytes or e.g. 512Mi or 1Gi");
+    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
+    let n: u64 = number.parse().map_err(|_| invalid())?;
+    let scale: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return Err(invalid()),
+    };
+    n.checked_mul(scale).ok_or_else(invalid)
 }
 
 impl Default for TenantLimits {
@@ -386,6 +408,7 @@ impl Default for TenantLimits {
             pod_sync_qps: 500,
             pod_sync_burst: 1000,
             pod_sync_in_flight: 64,
+            pod_sync_bytes: None,
         }
     }
 }
@@ -821,10 +844,33 @@ impl Walker {
                 "podSyncQps",
                 "podSyncBurst",
                 "podSyncInFlight",
+                "podSyncBytes",
             ]),
         ) else {
             return limits;
         };
+        if let Some(value) = fields.get("podSyncBytes") {
+            let parsed = match value {
+                Value::Number(n) => n
+                    .as_u64()
+                    .ok_or_else(|| "expected a number of bytes or e.g. 64Mi".to_string()),
+                Value::String(s) => parse_byte_size(s),
+                other => Err(format!(
+                    "expected a number of bytes or e.g. 64Mi, got {}",
+                    describe_value(other)
+                )),
+            };
+            match parsed {
+                Ok(bytes) if bytes >= MIN_TENANT_POD_SYNC_BYTES => limits.pod_sync_bytes = Some(bytes),
+                Ok(bytes) => self.problem(
+                    &join(path, "podSyncBytes"),
+                    format!(
+                        "{bytes} bytes is below 4Mi, the largest Pod sync, which must fit in a tenant's share"
+                    ),
+                ),
+                Err(why) => self.problem(&join(path, "podSyncBytes"), why),
+            }
+        }
         for (key, slot) in [
             ("syncStreams", &mut limits.sync_streams),
             ("podStatusStreams", &mut limits.pod_status_streams),
@@ -1318,7 +1364,7 @@ tenants:
             [
                 (
                     "tenants[0].limits.streams".to_string(),
-                    "unknown field \"streams\", expected one of \"syncStreams\", \"podStatusStreams\", \"podSyncQps\", \"podSyncBurst\", \"podSyncInFlight\"".to_string()
+                    "unknown field \"streams\", expected one of \"syncStreams\", \"podStatusStreams\", \"podSyncQps\", \"podSyncBurst\", \"podSyncInFlight\", \"podSyncBytes\"".to_string()
                 ),
                 (
                     "tenants[0].limits.syncStreams".to_string(),
@@ -1331,6 +1377,34 @@ tenants:
                 (
                     "tenants[0].limits.podSyncBurst".to_string(),
                     "expected a whole number from 1 to 4294967295, got -1".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tenants_pod_sync_bytes_is_a_size_that_holds_the_largest_pod_sync() {
+        let file = tenants(
+            "tenants:\n  - {name: a, hostNamespace: ns-a, limits: {podSyncBytes: 64Mi}}\n  - {name: b, hostNamespace: ns-b, limits: {podSyncBytes: 8388608}}\n",
+        )
+        .unwrap();
+        assert_eq!(file.tenants[0].limits.pod_sync_bytes, Some(64 << 20));
+        assert_eq!(file.tenants[1].limits.pod_sync_bytes, Some(8 << 20));
+        assert_eq!(TenantLimits::default().pod_sync_bytes, None);
+        let got = problems(
+            "tenants:\n  - {name: a, hostNamespace: ns-a, limits: {podSyncBytes: 1Mi}}\n  - {name: b, hostNamespace: ns-b, limits: {podSyncBytes: 64MB}}\n",
+        );
+        assert_eq!(
+            got,
+            [
+                (
+                    "tenants[0].limits.podSyncBytes".to_string(),
+                    "1048576 bytes is below 4Mi, the largest Pod sync, which must fit in a tenant's share"
+                        .to_string()
+                ),
+                (
+                    "tenants[1].limits.podSyncBytes".to_string(),
+                    "invalid size \"64MB\": expected a number of bytes or e.g. 512Mi or 1Gi".to_string()
                 ),
             ]
         );

@@ -126,9 +126,10 @@ struct RunArgs {
     /// RESOURCE_EXHAUSTED and retry info (the virtual agent retries), counted in
     /// rcsync_pod_sync_budget_refusals_total. Size it to the agent's memory limit: a request's
     /// bytes are held several times over (read, decoded, parsed, translated), beside the agent's own use
-    /// (deploy/ sets 48Mi under a 256Mi limit). No tenant holds more than a quarter of it (past
-    /// that its calls are refused the same way), so one busy tenant leaves the others room; hence
-    /// at least 16Mi, so that a quarter holds the largest Pod sync (4 MiB).
+    /// (deploy/ sets 48Mi under a 256Mi limit). No tenant holds more than its share of it, its
+    /// limits.podSyncBytes or else a quarter (past that its calls are refused the same way), so
+    /// one busy tenant leaves the others room; hence at least 16Mi, so that a quarter holds the
+    /// largest Pod sync (4 MiB).
     #[arg(long, env = "HOST_AGENT_MAX_POD_SYNC_BYTES", default_value = "512Mi", value_parser = parse_bytes)]
     max_pod_sync_bytes: usize,
     /// How long an ApplyPod/DeletePod message may take to arrive after the call's headers; past
@@ -158,17 +159,8 @@ const MIN_POD_SYNC_BYTES: usize =
 /// A byte count: digits, optionally with a binary suffix (`Ki`, `Mi`, `Gi`), as Kubernetes
 /// quantities write memory; at least [`MIN_POD_SYNC_BYTES`].
 fn parse_bytes(raw: &str) -> Result<usize, String> {
-    let invalid = || format!("invalid size {raw:?}: expected a number of bytes or e.g. 512Mi or 1Gi");
-    let (number, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
-    let n: usize = number.parse().map_err(|_| invalid())?;
-    let scale: usize = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        _ => return Err(invalid()),
-    };
-    let bytes = n.checked_mul(scale).ok_or_else(invalid)?;
+    let bytes = rcsync_core::config::parse_byte_size(raw)
+        .and_then(|b| usize::try_from(b).map_err(|_| format!("invalid size {raw:?}: too large")))?;
     if bytes < MIN_POD_SYNC_BYTES {
         return Err(format!(
             "size {raw:?} is below {}Mi: a tenant's quarter of it must hold the largest Pod sync ({} MiB)",

@@ -291,6 +291,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     BodyBudget::new(
                         settings.max_pod_sync_bytes,
                         settings.pod_sync_read_timeout,
+                        tenants_rx.clone(),
                         metrics.clone(),
                     ),
                 ),

@@ -2288,6 +2288,79 @@ fn series_value(metrics: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// A tenant's `limits.podSyncBytes` sets its share of `--max-pod-sync-bytes` (a quarter by
+/// default): an operator with few tenants lets one hold more, and takes effect at a reload.
+#[tokio::test]
+async fn a_tenants_pod_sync_bytes_sets_its_share_of_the_budget() {
+    let tenants = "tenants:\n  - name: team-a\n    hostNamespace: vc-team-a\n    tokenFile: team-a.token\n    limits: {podSyncBytes: 8Mi}\n  - name: team-b\n    hostNamespace: vc-team-b\n    tokenFile: team-b.token\n";
+    let host = Host::start(tenants, &["--max-pod-sync-bytes", "16Mi"]).await;
+    host.ready().await;
+    let held_bytes = || async {
+        let (_, metrics) = http_get(&host.admin, "/metrics").await?;
+        series_value(&metrics, "rcsync_pod_sync_bytes_held")
+    };
+    const STALLED: usize = 3840 << 10;
+    // team-a's two stalled calls fit in its 8 MiB; a third does not.
+    let mut stalled = Vec::new();
+    for held in [1, 2] {
+        stalled.push(partial_apply_pod(&host.grpc, "team-a", 4 << 20, STALLED).await);
+        eventually("the agent to hold team-a's stalled calls", || async {
+            held_bytes()
+                .await
+                .filter(|bytes| *bytes >= (held * STALLED) as f64)
+        })
+        .await;
+    }
+    let mut third = partial_apply_pod(&host.grpc, "team-a", 4 << 20, 512 << 10).await;
+    let (status, message) = third.answered().await;
+    assert_eq!(status, (Code::ResourceExhausted as i32).to_string());
+    assert!(message.contains("(8388608 of 16777216 bytes"), "{message}");
+    third.task.abort();
+    // team-b has the default, a quarter: its second stalled call is refused.
+    stalled.push(partial_apply_pod(&host.grpc, "team-b", 4 << 20, STALLED).await);
+    eventually("the agent to hold team-b's stalled call", || async {
+        held_bytes().await.filter(|bytes| *bytes >= (3 * STALLED) as f64)
+    })
+    .await;
+    let mut second = partial_apply_pod(&host.grpc, "team-b", 4 << 20, 512 << 10).await;
+    let (_, message) = second.answered().await;
+    assert!(message.contains("(4194304 of 16777216 bytes"), "{message}");
+    second.task.abort();
+    // Raised at a reload, team-b's next call fits.
+    replace_tenants(
+        &host,
+        &tenants.replace(
+            "tokenFile: team-b.token\n",
+            "tokenFile: team-b.token\n    limits: {podSyncBytes: 8Mi}\n",
+        ),
+    );
+    let after = eventually("team-b's raised share to apply", || async {
+        let mut call = partial_apply_pod(&host.grpc, "team-b", 4 << 20, 512 << 10).await;
+        let held = async {
+            while !held_bytes()
+                .await
+                .is_some_and(|b| b >= (3 * STALLED + (512 << 10)) as f64)
+            {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        };
+        tokio::select! {
+            // Refused: the reload has not applied yet.
+            _ = call.answered() => {
+                call.task.abort();
+                None
+            }
+            // Held: it fit.
+            () = held => Some(call),
+        }
+    })
+    .await;
+    after.task.abort();
+    for call in stalled {
+        call.task.abort();
+    }
+}
+
 #[tokio::test]
 async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_and_each_a_quarter() {
     let names = ["team-a", "team-b", "team-c", "team-d", "team-e"];
@@ -2331,7 +2404,8 @@ async fn the_pod_syncs_of_all_tenants_together_hold_at_most_max_pod_sync_bytes_a
     assert_eq!(
         message,
         "tenant team-a holds its share of the Pod sync bytes the host agent holds at once \
-         (4194304 of 16777216 bytes, --max-pod-sync-bytes): retry"
+         (4194304 of 16777216 bytes: limits.podSyncBytes, by default a quarter of \
+         --max-pod-sync-bytes): retry"
     );
     over_share.task.abort();
 

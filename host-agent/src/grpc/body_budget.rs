@@ -2,8 +2,9 @@
 //! (`--max-pod-sync-bytes`). Each tenant's `podSyncInFlight` bounds what its own open calls can
 //! make the agent hold (64 calls of up to 4 MiB by default), but not the sum over many tenants:
 //! without this, enough tenants sending large Pods (or their ConfigMaps and Secrets) at once could
-//! take the agent past its memory limit, and every tenant with it. No tenant holds more than a
-//! [`TENANT_SHARE`] of the budget, so one busy tenant leaves the others room.
+//! take the agent past its memory limit, and every tenant with it. No tenant holds more than its
+//! share of the budget, so one busy tenant leaves the others room: its `limits.podSyncBytes`, or,
+//! by default, a [`TENANT_SHARE`] of the budget.
 //!
 //! ```text
 //!  ApplyPod / DeletePod ──► Budgeting ──► body frames, each taken from the budget as it arrives ──► tonic decodes
@@ -29,20 +30,26 @@ use bytes::Buf as _;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::gauge::Gauge;
 use rcsync_core::TenantName;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::pods::{APPLY_POD, DELETE_POD};
+use crate::index::TenantsState;
 use crate::metrics::{Metrics, PodSyncBudget};
 
 /// How long a caller refused for want of budget is asked to wait: calls are answered in
 /// milliseconds, so the budget is usually back well within it.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// The most of the budget one tenant may hold: a quarter.
+/// The most of the budget one tenant may hold unless its `limits.podSyncBytes` says otherwise: a
+/// quarter.
 pub const TENANT_SHARE: usize = 4;
+
+// A tenant's smallest share, as the tenants file checks it, holds the largest Pod sync.
+const _: () =
+    assert!(rcsync_core::config::MIN_TENANT_POD_SYNC_BYTES == rcsync_proto::MAX_REQUEST_BYTES as u64);
 
 /// The bytes of PodSync requests the agent may hold at once. Cheap to clone.
 #[derive(Clone)]
@@ -51,33 +58,61 @@ pub struct BodyBudget {
     total: usize,
     /// Bytes held per tenant (tenants holding none are not listed).
     by_tenant: Arc<Mutex<HashMap<TenantName, usize>>>,
+    /// The tenants, for their `limits.podSyncBytes`.
+    tenants: watch::Receiver<Arc<TenantsState>>,
     read_timeout: Duration,
     held: Gauge,
     metrics: Metrics,
 }
 
 impl BodyBudget {
-    /// A budget of `total` bytes for messages that arrive within `read_timeout`, its use reported
-    /// in `metrics`.
-    pub fn new(total: usize, read_timeout: Duration, metrics: Metrics) -> Self {
+    /// A budget of `total` bytes for messages that arrive within `read_timeout`, shared among
+    /// `tenants` by their limits, its use reported in `metrics`.
+    pub fn new(
+        total: usize,
+        read_timeout: Duration,
+        tenants: watch::Receiver<Arc<TenantsState>>,
+        metrics: Metrics,
+    ) -> Self {
         let held = metrics.pod_sync_bytes_held.clone();
         Self {
             bytes: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
             total,
             by_tenant: Arc::default(),
+            tenants,
             read_timeout,
             held,
             metrics,
         }
     }
 
+    /// The most of the budget `tenant` may hold: its `limits.podSyncBytes` (at most the whole
+    /// budget), else a [`TENANT_SHARE`] of it.
+    fn share_of(&self, tenant: &TenantName) -> usize {
+        let configured = self
+            .tenants
+            .borrow()
+            .file
+            .tenant(tenant.as_str())
+            .and_then(|t| t.limits.pod_sync_bytes);
+        match configured {
+            Some(bytes) => usize::try_from(bytes).unwrap_or(usize::MAX).min(self.total),
+            None => self.total / TENANT_SHARE,
+        }
+    }
+
     /// Changes what `tenant` holds by `delta` bytes; false (and nothing changed) when that
     /// would take it past its share.
     fn add_to_tenant(&self, tenant: &TenantName, delta: isize) -> bool {
+        let share = if delta > 0 {
+            self.share_of(tenant)
+        } else {
+            usize::MAX
+        };
         let mut by_tenant = self.by_tenant.lock().unwrap_or_else(|e| e.into_inner());
         let held = by_tenant.get(tenant).copied().unwrap_or(0);
         let next = held.saturating_add_signed(delta);
-        if delta > 0 && next > self.total / TENANT_SHARE {
+        if delta > 0 && next > share {
             return false;
         }
         if next == 0 {
@@ -130,8 +165,9 @@ impl Charge {
                 PodSyncBudget::Tenant,
                 retry_later(format!(
                     "tenant {tenant} holds its share of the Pod sync bytes the host agent holds at \
-                 once ({} of {total} bytes, --max-pod-sync-bytes): retry",
-                    total / TENANT_SHARE
+                 once ({} of {total} bytes: limits.podSyncBytes, by default a quarter of \
+                 --max-pod-sync-bytes): retry",
+                    self.budget.share_of(tenant)
                 )),
             );
         }
