@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use rcsync_core::config::{ConfigError, Problem};
-use rcsync_core::{RuntimeClassSync, TenantsFile};
+use rcsync_core::{RuntimeClassSync, TenantLimits, TenantsFile};
 
 /// Checks a config file. A file with a top-level `tenants` key is a tenants file; anything else is
 /// read as a vcluster.yaml. Returns a summary on success, every problem on failure.
@@ -42,12 +42,13 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
             };
             let _ = writeln!(
                 out,
-                "  - {} → namespace {}, {}, pod security {}{copies}, {}",
+                "  - {} → namespace {}, {}, pod security {}{copies}, {}{}",
                 t.name,
                 t.host_namespace,
                 describe(&t.runtime_classes),
                 t.pods.pod_security,
-                auth
+                auth,
+                describe_limits(&t.limits)
             );
         }
     } else {
@@ -55,6 +56,45 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
         let _ = writeln!(out, "{}: ok (vcluster.yaml), {}", path.display(), describe(&rc));
     }
     Ok(out)
+}
+
+/// The limits that differ from the defaults (`, limits podSyncQps 50, podSyncBytes 64Mi`), or
+/// nothing.
+fn describe_limits(limits: &TenantLimits) -> String {
+    let defaults = TenantLimits::default();
+    let mut set: Vec<String> = [
+        ("syncStreams", limits.sync_streams, defaults.sync_streams),
+        (
+            "podStatusStreams",
+            limits.pod_status_streams,
+            defaults.pod_status_streams,
+        ),
+        ("podSyncQps", limits.pod_sync_qps, defaults.pod_sync_qps),
+        ("podSyncBurst", limits.pod_sync_burst, defaults.pod_sync_burst),
+        (
+            "podSyncInFlight",
+            limits.pod_sync_in_flight,
+            defaults.pod_sync_in_flight,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, value, default)| value != default)
+    .map(|(key, value, _)| format!("{key} {value}"))
+    .collect();
+    if let Some(bytes) = limits.pod_sync_bytes {
+        let size = match bytes {
+            b if b % (1 << 30) == 0 => format!("{}Gi", b >> 30),
+            b if b % (1 << 20) == 0 => format!("{}Mi", b >> 20),
+            b if b % (1 << 10) == 0 => format!("{}Ki", b >> 10),
+            b => b.to_string(),
+        };
+        set.push(format!("podSyncBytes {size}"));
+    }
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!(", limits {}", set.join(", "))
+    }
 }
 
 fn describe(rc: &RuntimeClassSync) -> String {

@@ -133,6 +133,24 @@ fn the_example_tenants_file_is_valid() {
 }
 
 #[test]
+fn the_limits_a_tenant_sets_are_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "tenants:\n  - {name: a, hostNamespace: ns-a, limits: {podSyncQps: 50, podSyncBytes: 64Mi}}\n  - {name: b, hostNamespace: ns-b}\n";
+    let (ok, output) = check(dir.path(), "t.yaml", Some(text));
+    assert!(ok, "{output}");
+    assert!(
+        output.contains(
+            "no token (mTLS or --allow-unauthenticated), limits podSyncQps 50, podSyncBytes 64Mi\n"
+        ),
+        "{output}"
+    );
+    assert!(
+        output.contains("  - b → namespace ns-b, runtime class sync disabled, pod security baseline, no token (mTLS or --allow-unauthenticated)\n"),
+        "{output}"
+    );
+}
+
+#[test]
 fn unreadable_token_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let text = "tenants:\n  - {name: a, hostNamespace: ns-a, tokenFile: a.token}\n  - {name: b, hostNamespace: ns-b, tokenFile: b.token}\n";
