@@ -140,6 +140,9 @@ pub struct Metrics {
     pub grpc_connections: Gauge,
     /// Connections to the gRPC port closed at once because `--max-connections` were open.
     pub grpc_connections_refused_total: Counter,
+    /// Connections to the gRPC port closed because their peer's client certificate expired or a
+    /// reloaded client CA refused it.
+    pub grpc_connections_revoked_total: Counter,
     /// Host class versions normalised and hashed (once per change of a host object).
     pub class_versions_total: Counter,
     /// Tenant view snapshots published because a change concerned them.
@@ -201,6 +204,7 @@ impl Metrics {
             host_classes: Gauge::default(),
             grpc_connections: Gauge::default(),
             grpc_connections_refused_total: Counter::default(),
+            grpc_connections_revoked_total: Counter::default(),
             class_versions_total: Counter::default(),
             view_updates_total: Counter::default(),
             view_rebuilds_total: Counter::default(),
@@ -240,6 +244,11 @@ impl Metrics {
             "grpc_connections_refused",
             "Connections to the gRPC port closed at once because --max-connections were open",
             m.grpc_connections_refused_total.clone(),
+        );
+        r.register(
+            "grpc_connections_revoked",
+            "Connections to the gRPC port closed because their client certificate expired or a reloaded client CA refused it",
+            m.grpc_connections_revoked_total.clone(),
         );
         r.register(
             "class_versions",

@@ -302,6 +302,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )
         .prepare();
     let streams = streams_runtime.handle();
+    let connection_metrics = crate::grpc::serve::ConnectionMetrics {
+        open: metrics.grpc_connections.clone(),
+        revoked: metrics.grpc_connections_revoked_total.clone(),
+    };
     let grpc_task = match tls {
         Some(tls) => {
             tokio::spawn(tls.clone().reload_on_change(metrics.tls_reloads.count()));
@@ -310,7 +314,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 crate::grpc::tls::incoming(&tls, grpc_listener, limit, shutdown_rx.clone()),
                 streams,
                 settings.keepalive,
-                metrics.grpc_connections.clone(),
+                connection_metrics.clone(),
                 // A connection ends when its client certificate is revoked.
                 auth,
                 shutdown_rx.clone(),
@@ -321,7 +325,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             admitted(grpc_listener, limit),
             streams,
             settings.keepalive,
-            metrics.grpc_connections.clone(),
+            connection_metrics,
             (),
             shutdown_rx.clone(),
         )),

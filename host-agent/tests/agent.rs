@@ -1030,6 +1030,11 @@ async fn a_client_certificate_the_reloaded_client_ca_refuses_loses_its_streams_a
         (mtls.connections().await == open - 2).then_some(())
     })
     .await;
+    let (_, metrics) = http_get(&mtls.host.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("\nrcsync_grpc_connections_revoked_total 2\n"),
+        "{metrics}"
+    );
     check(unary)
         .await
         .expect_err("the certificate cannot call any more");

@@ -42,6 +42,7 @@ use futures::{Stream, StreamExt as _};
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -119,6 +120,15 @@ impl Default for Keepalive {
     }
 }
 
+/// What the server counts of its connections.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed because their peer was revoked (see [`PeerCheck`]).
+    pub revoked: Counter,
+}
+
 /// Serves `routes` on the connections of `incoming` until `shutdown` turns true, then sends each
 /// connection a GOAWAY and returns once all of them have closed. A connection `peers` finds
 /// revoked is closed the same way.
@@ -127,7 +137,7 @@ pub async fn serve<I, IO, E>(
     incoming: I,
     streams: Handle,
     keepalive: Keepalive,
-    connections: Gauge,
+    connections: ConnectionMetrics,
     peers: impl PeerCheck<IO::ConnectInfo>,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -187,7 +197,8 @@ pub async fn serve<I, IO, E>(
             closing: false,
             revoked,
             grace: None,
-            _open: Open::counted(&connections),
+            _open: Open::counted(&connections.open),
+            revoked_total: connections.revoked.clone(),
             _drain: drain_rx.clone(),
         };
         tokio::spawn(driver.on_main());
@@ -254,6 +265,8 @@ where
     /// From a revocation's GOAWAY: its reason, and the grace that, when over, drops the
     /// connection.
     grace: Option<(String, Pin<Box<tokio::time::Sleep>>)>,
+    /// Counts the connections closed for a revoked peer.
+    revoked_total: Counter,
     _open: Open,
     _drain: watch::Receiver<()>,
 }
@@ -323,6 +336,7 @@ where
     /// after the grace.
     fn refuse(&mut self, reason: String) {
         tracing::info!(%reason, "closing a gRPC connection: its peer's credentials were revoked");
+        self.revoked_total.inc();
         self.close();
         self.grace = Some((reason, Box::pin(tokio::time::sleep(REVOKED_CONNECTION_GRACE))));
     }
@@ -664,7 +678,7 @@ mod tests {
             incoming,
             streams.handle().clone(),
             Keepalive::default(),
-            Gauge::default(),
+            ConnectionMetrics::default(),
             (),
             shutdown,
         ));
@@ -727,13 +741,14 @@ mod tests {
             .map(|accepted| accepted.map(MovableTcp::new));
         let (revoke, told) = watch::channel(false);
         let (_stop, shutdown) = watch::channel(false);
-        let open = Gauge::default();
+        let connections = ConnectionMetrics::default();
+        let open = connections.open.clone();
         tokio::spawn(serve(
             routes,
             incoming,
             Handle::current(),
             Keepalive::default(),
-            open.clone(),
+            connections.clone(),
             RevokedWhenTold(told),
             shutdown,
         ));
@@ -766,7 +781,7 @@ mod tests {
             "the hanging request was never answered: {ended:?}"
         );
         connection.await.unwrap().ok();
-        assert_eq!(open.get(), 0);
+        assert_eq!((open.get(), connections.revoked.get()), (0, 1));
     }
 
     /// Serves no routes on `incoming`, with the default settings, on the current runtime.
@@ -780,7 +795,7 @@ mod tests {
             incoming,
             Handle::current(),
             Keepalive::default(),
-            Gauge::default(),
+            ConnectionMetrics::default(),
             (),
             shutdown,
         )
