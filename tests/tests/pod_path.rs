@@ -1057,16 +1057,7 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
         .delete("web", &Default::default())
         .await
         .unwrap();
-    eventually("api retried as the host Pod of web went", || async {
-        v.agent
-            .logs()
-            .lines()
-            .any(|l| {
-                l.contains("retrying the Pod the host's quota refused the longest") && l.contains("pod=api")
-            })
-            .then_some(())
-    })
-    .await;
+    hastened_quota_retry(v, "api", "as the host Pod of web went").await;
     wait_host_pod(&system, "api", "default").await;
     none_failing_in_status(v, 1).await;
     let metrics = v.metrics().await;
@@ -1125,18 +1116,25 @@ async fn a_host_namespace_s_compute_quota_refuses_pods_with_its_reason_until_roo
         )
         .await
         .unwrap();
-    eventually("api retried as the host Pod of web ended", || async {
+    hastened_quota_retry(v, "api", "as the host Pod of web ended").await;
+    wait_host_pod(&system, "api", "default").await;
+    no_host_pod(&system, "bare").await;
+}
+
+/// Waits until the virtual agent retried `pod`, refused by the host's quota, ahead of its backoff
+/// (`when`: what made room, for the failure message).
+async fn hastened_quota_retry(v: &VirtualSide, pod: &str, when: &str) {
+    let field = format!("pod={pod}");
+    eventually(&format!("{pod} retried {when}"), || async {
         v.agent
             .logs()
             .lines()
             .any(|l| {
-                l.contains("retrying the Pod the host's quota refused the longest") && l.contains("pod=api")
+                l.contains("retrying the Pod the host's quota refused the longest") && l.contains(&field)
             })
             .then_some(())
     })
     .await;
-    wait_host_pod(&system, "api", "default").await;
-    no_host_pod(&system, "bare").await;
 }
 
 /// The virtual agent's `/status` document.

@@ -42,7 +42,8 @@ const NEVER_ON_HOST: [&str; 9] = [
     "priorityClassName",
 ];
 
-/// The capabilities the baseline level lets a container add.
+/// The capabilities the baseline level lets a container add, as upstream lists them (written out
+/// here, not taken from `pod_security`, so the oracle is independent of the code under test).
 const BASELINE_CAPABILITIES: [&str; 13] = [
     "AUDIT_WRITE",
     "CHOWN",
