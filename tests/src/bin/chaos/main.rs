@@ -375,9 +375,10 @@ async fn inject(
         }
         Fault::ClientCaRotation => {
             let overlap = Duration::from_millis(rng.random_range(0..3000));
-            world.rotate_client_ca(overlap).await?;
+            let trusted = world.rotate_client_ca(overlap).await?;
+            let trusted = trusted.map_or_else(|| "not within 10 s".to_string(), |t| format!("after {t:?}"));
             format!(
-                "rotate the client CA (rotation {}; old and new CA trusted together for {overlap:?} after the certificates moved)",
+                "rotate the client CA (rotation {}; the host agent trusted both {trusted}; both trusted for {overlap:?} after the certificates moved)",
                 world.client_ca.rotations
             )
         }

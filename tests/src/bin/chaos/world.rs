@@ -383,18 +383,45 @@ impl World {
         })
     }
 
+    /// The TLS reloads the running host agent applied (0 when it does not answer).
+    async fn host_agent_tls_reloads(&self) -> u64 {
+        let Some(admin) = &self.host_agent.admin else {
+            return 0;
+        };
+        http_get(admin, "/metrics")
+            .await
+            .and_then(|(_, metrics)| {
+                metrics.lines().find_map(|line| {
+                    line.strip_prefix("rcsync_tls_reloads_total{result=\"applied\"} ")?
+                        .parse()
+                        .ok()
+                })
+            })
+            .unwrap_or(0)
+    }
+
     /// Rotates the client CA as an operator does without an outage: the new CA beside the old one
     /// on the host, every virtual agent's certificate reissued by the new one (their next
     /// connections use it), then, `overlap` later, the old CA removed, which closes the
     /// connections still opened with an old certificate (the virtual agents reconnect with the
     /// new one).
-    pub async fn rotate_client_ca(&mut self, overlap: Duration) -> anyhow::Result<()> {
+    /// Returns how long the host agent took to trust both CAs (`None`: not within 10 s).
+    pub async fn rotate_client_ca(&mut self, overlap: Duration) -> anyhow::Result<Option<Duration>> {
         let next = devcluster::pki::Pki::new(&format!("chaos-client-ca-{}", self.client_ca.rotations + 1))?;
         let file = self.dir.join("tls").join("client-ca.crt");
+        let reloads_before = self.host_agent_tls_reloads().await;
         replace_file(&file, &(self.client_ca.pki.ca_pem() + &next.ca_pem()))?;
-        // The host agent reloads on change; give it a moment before certificates it would refuse
-        // reach it (one that arrives first is refused and retried).
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The host agent reloads on change: the new certificates go out once it trusts both CAs
+        // (after 10 s without that, they go anyway: one it refuses is refused and retried).
+        let written = tokio::time::Instant::now();
+        let mut trusted = None;
+        while trusted.is_none() && written.elapsed() < Duration::from_secs(10) {
+            if self.host_agent_tls_reloads().await > reloads_before {
+                trusted = Some(written.elapsed());
+            } else {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
         for t in TENANTS {
             write_client_certificate(&self.dir, t, &next)?;
         }
@@ -404,7 +431,7 @@ impl World {
             pki: next,
             rotations: self.client_ca.rotations + 1,
         };
-        Ok(())
+        Ok(trusted)
     }
 
     /// A client of the host API server.
