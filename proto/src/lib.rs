@@ -39,6 +39,14 @@ pub const ERROR_DOMAIN: &str = "rcsync.io";
 /// Pods goes.
 pub const HOST_QUOTA_EXCEEDED: &str = "HOST_QUOTA_EXCEEDED";
 
+/// The `google.rpc.ErrorInfo` reason of an ApplyPod the host API server refused for the Pod as it
+/// stands (FAILED_PRECONDITION): invalid there, denied by an admission webhook or the host's Pod
+/// Security, or wanting what a quota requires (`must specify requests.cpu`). The same Pod gets the
+/// same answer until the Pod, or the host's policy, changes: worth retrying rarely, and at once
+/// when the Pod changes. Refusals the host may cure any moment (the Pod's RuntimeClass missing
+/// there, the host agent's own permissions) carry no reason.
+pub const HOST_POD_REFUSED: &str = "HOST_POD_REFUSED";
+
 /// The largest request message the host agent decodes (Sync ACKs and NACKs, CheckPod, PodSync
 /// calls): gRPC's usual 4 MiB. An `ApplyPodRequest` carries the Pod and every ConfigMap and Secret
 /// it references, so a virtual agent checks a request's size against this before sending it.

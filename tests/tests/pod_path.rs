@@ -1121,6 +1121,64 @@ async fn a_host_namespace_s_compute_quota_refuses_pods_with_its_reason_until_roo
     no_host_pod(&system, "bare").await;
 }
 
+/// A Pod the host refuses as it stands (here: its namespace's compute quota wants requests the
+/// Pod does not set) gets the same answer at every try: its retries back off past the 5 s of
+/// other failures, so a thousand such Pods do not load the host API server with refused creates.
+/// An edit of the Pod tries it again at once and starts its backoff afresh.
+#[tokio::test]
+async fn a_pod_the_host_refuses_as_it_stands_is_retried_rarely_and_at_once_when_edited() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "compute"}, "spec": {"hard": {"requests.cpu": "1"}}}),
+    )
+    .unwrap();
+    let quotas = Api::<ResourceQuota>::namespaced(system.host.client().await, &v.tenant.host_namespace());
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    v.create_pod(&pod("bare", json!({"containers": [app(json!({}))]})))
+        .await;
+    // 200 ms doubling (±25% jitter): the seventh wait is past any 5 s cap.
+    let delays = eventually("seven refusals of the Pod", || {
+        let logs = v.agent.logs();
+        async move {
+            let d = rcsync_tests::retry_delays(&logs, "bare");
+            (d.len() >= 7).then_some(d)
+        }
+    })
+    .await;
+    assert!(
+        delays[6] > 6_250,
+        "the refused Pod's retries stop at 5 s: {delays:?}"
+    );
+    let message = first_event(v, "bare", "SyncError").await;
+    assert!(
+        message.contains("must specify requests.cpu for: app"),
+        "{message}"
+    );
+
+    // The tenant labels the Pod (its resources cannot change in place): tried at once, afresh.
+    let before = delays.len();
+    let labelled = json!({"metadata": {"labels": {"tier": "batch"}}});
+    v.pods()
+        .await
+        .patch("bare", &PatchParams::default(), &Patch::Merge(&labelled))
+        .await
+        .unwrap();
+    let after = eventually("a refusal of the edited Pod", || {
+        let logs = v.agent.logs();
+        async move {
+            let d = rcsync_tests::retry_delays(&logs, "bare");
+            (d.len() > before).then_some(d)
+        }
+    })
+    .await;
+    assert!(after[before] <= 250, "the edited Pod kept its backoff: {after:?}");
+
+    // The host's quota goes: the Pod syncs on its fresh backoff, nothing lost.
+    quotas.delete("compute", &Default::default()).await.unwrap();
+    wait_host_pod(&system, "bare", "default").await;
+}
+
 /// Waits until the virtual agent retried `pod`, refused by the host's quota, ahead of its backoff
 /// (`when`: what made room, for the failure message).
 async fn hastened_quota_retry(v: &VirtualSide, pod: &str, when: &str) {

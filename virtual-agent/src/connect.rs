@@ -446,6 +446,14 @@ impl Backoff {
         base.mul_f64(jitter)
     }
 
+    /// Caps the steps from now on at `max` (a later failure may deserve a longer or shorter
+    /// wait than the first).
+    pub fn up_to(&mut self, max: Duration) -> &mut Self {
+        self.max = max;
+        self.next = self.next.min(max);
+        self
+    }
+
     /// Back to the first step (after a success).
     pub fn reset(&mut self) {
         self.next = self.initial;

@@ -751,11 +751,34 @@ fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
                 ),
             )
         }
-        kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422) => {
+        // What the host may change any moment (a RuntimeClass created or fixed, the host agent's
+        // RBAC granted): retried on the caller's usual backoff.
+        kube::Error::Api(e) if e.code == 403 && follows_the_host(&e.message) => {
             Status::failed_precondition(format!("the host API server refused the pod: {}", e.message))
         }
+        // The host refuses the Pod as it stands (validation, an admission webhook, a quota that
+        // wants requests set, the host's own Pod Security): the same Pod gets the same answer
+        // until it or the host's policy changes.
+        kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422) => Status::with_error_details(
+            tonic::Code::FailedPrecondition,
+            format!("the host API server refused the pod: {}", e.message),
+            ErrorDetails::with_error_info(
+                rcsync_proto::HOST_POD_REFUSED,
+                rcsync_proto::ERROR_DOMAIN,
+                HashMap::new(),
+            ),
+        ),
         other => Status::unavailable(format!("the host API server failed: {other}")),
     }
+}
+
+/// Whether a 403 of the host API server is about something of the host's rather than the Pod:
+/// the host agent's own RBAC (`... cannot create resource "pods" ...`) or the Pod's RuntimeClass
+/// (upstream's RuntimeClass admission: `pod rejected: RuntimeClass "x" not found`, an overhead or
+/// node selector at odds with the class), which an operator or a class change cures.
+fn follows_the_host(message: &str) -> bool {
+    (message.contains(" cannot ") && message.contains(" resource "))
+        || (message.contains("pod rejected:") && message.to_ascii_lowercase().contains("runtimeclass"))
 }
 
 /// The path of `PodSync.ApplyPod`.
@@ -908,7 +931,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_for_the_host_quota_carries_its_reason_and_other_refusals_do_not() {
+    fn a_host_refusal_says_whether_room_a_change_of_the_pod_or_nothing_of_the_pod_cures_it() {
         let state = tenants_state("tenants:\n  - {name: a, hostNamespace: ns-a}\n");
         let tenant = state.file.tenant("a").unwrap();
         let refused = |message: &str| {
@@ -927,9 +950,40 @@ mod tests {
             (info.reason.as_str(), info.domain.as_str()),
             (rcsync_proto::HOST_QUOTA_EXCEEDED, rcsync_proto::ERROR_DOMAIN)
         );
-        let webhook = refused("admission webhook \"policy.example\" denied the request: no");
-        assert_eq!(webhook.code(), tonic::Code::FailedPrecondition);
-        assert!(webhook.get_details_error_info().is_none(), "{webhook:?}");
+        let reason = |status: &Status| {
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+            status.get_details_error_info().map(|info| {
+                assert_eq!(info.domain, rcsync_proto::ERROR_DOMAIN);
+                info.reason
+            })
+        };
+        // The Pod as it stands is refused: a webhook, a quota that wants requests, validation.
+        for message in [
+            "admission webhook \"policy.example\" denied the request: no",
+            "pods \"web-x-default-x-a\" is forbidden: failed quota: compute: must specify requests.cpu for: app",
+            "pods \"web-x-default-x-a\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true",
+        ] {
+            assert_eq!(
+                reason(&refused(message)).as_deref(),
+                Some(rcsync_proto::HOST_POD_REFUSED),
+                "{message}"
+            );
+        }
+        let invalid: kube::core::Status = serde_json::from_value(json!({
+            "code": 422, "reason": "Invalid",
+            "message": "Pod \"web-x-default-x-a\" is invalid: spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit of 1",
+        }))
+        .unwrap();
+        let invalid = kube_status(&kube::Error::Api(Box::new(invalid)), tenant);
+        assert_eq!(reason(&invalid).as_deref(), Some(rcsync_proto::HOST_POD_REFUSED));
+        // What the host may cure any moment carries no reason: retried on the usual backoff.
+        for message in [
+            "pod rejected: RuntimeClass \"kata\" not found",
+            "pod rejected: conflict: runtimeClass.scheduling.nodeSelector[pool] = kata; pod.spec.nodeSelector[pool] = gvisor",
+            "pods \"web-x-default-x-a\" is forbidden: User \"system:serviceaccount:rcsync:host-agent\" cannot create resource \"pods\" in API group \"\" in the namespace \"ns-a\"",
+        ] {
+            assert_eq!(reason(&refused(message)), None, "{message}");
+        }
     }
 
     #[test]

@@ -288,6 +288,23 @@ fn reason_of(decision: &CheckPodResponse) -> CheckPodReason {
 /// own; a new Pod under the same name starts afresh).
 const POD_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// The longest a Pod the host refused as it stands (`HOST_POD_REFUSED`: a webhook, validation, a
+/// quota that wants requests set) waits before its next attempt. Retrying it every few seconds
+/// would only load the host API server with refused creates; an edit of the Pod, a change of the
+/// tenant's Pod policy or of an object the Pod references tries it again at once, and a change on
+/// the host (a webhook reconfigured, a LimitRange added) is picked up within this.
+const POD_REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Whether a new version of a Pod may get a different answer from the host: another Pod under
+/// the same name, or its spec, labels or annotations edited (not its status, which this agent
+/// writes).
+fn changed_for_the_host(old: &Pod, new: &Pod) -> bool {
+    old.metadata.uid != new.metadata.uid
+        || old.metadata.labels != new.metadata.labels
+        || old.metadata.annotations != new.metadata.annotations
+        || old.spec != new.spec
+}
+
 /// Whether a failed call is worth retrying: not when the host agent refused the request itself
 /// (it would refuse it again). UNAUTHENTICATED is retried: the connection is dropped on it, and
 /// the next one reads the token file again, so a rotated token heals it.

@@ -21,8 +21,9 @@ use tokio::time::Instant;
 use tonic_types::StatusExt as _;
 
 use super::{
-    Failing, Key, ObjectKey, ObjectStores, POD_RETRY_MAX, PodBoard, Record, Records, ShardInput, State,
-    StatusFeed, apply_body, digest_of, fingerprint, key_of, kind_index, reason_of, retryable,
+    Failing, Key, ObjectKey, ObjectStores, POD_REFUSED_RETRY_MAX, POD_RETRY_MAX, PodBoard, Record, Records,
+    ShardInput, State, StatusFeed, apply_body, changed_for_the_host, digest_of, fingerprint, key_of,
+    kind_index, reason_of, retryable,
 };
 use crate::classes::SyncState;
 use crate::connect::{Backoff, ClassClient, PodClient, SharedClients};
@@ -75,6 +76,9 @@ pub(super) struct Shard {
     unreachable: HashSet<Key>,
     /// Whether the Pod being processed was refused for the host namespace's quota.
     host_full: bool,
+    /// Whether the host refused the Pod being processed as it stands (`HOST_POD_REFUSED`): its
+    /// retries back off to [`POD_REFUSED_RETRY_MAX`], and a change of the Pod retries it afresh.
+    host_refused: bool,
     /// Pods the host's quota refused, since when: as each host Pod goes or ends, the one waiting
     /// longest is retried at once (one per host Pod: the room it made fits one), the others on
     /// their backoff.
@@ -129,6 +133,7 @@ impl Shard {
             host_failed: false,
             unreachable: HashSet::new(),
             host_full: false,
+            host_refused: false,
             quota_waiters: HashMap::new(),
             room_made: None,
             failure: None,
@@ -153,7 +158,12 @@ impl Shard {
                 Backoff::new(Duration::from_millis(200), POD_RETRY_MAX),
             )
         });
-        let delay = entry.1.next_delay();
+        let cap = if self.host_refused {
+            POD_REFUSED_RETRY_MAX
+        } else {
+            POD_RETRY_MAX
+        };
+        let delay = entry.1.up_to(cap).next_delay();
         tracing::debug!(namespace = %key.0, pod = %key.1, retry_in_ms = delay.as_millis() as u64, "retrying the Pod later");
         let at = Instant::now() + delay;
         // Over the tenant's rate limit: nothing is lost, the Pod waits at least as long as asked.
@@ -252,8 +262,9 @@ impl Shard {
                     }
                     Some(ShardInput::Upsert(pod)) => {
                         let key = key_of(&pod);
-                        if self.pods.get(&key).is_some_and(|old| old.metadata.uid != pod.metadata.uid) {
-                            // A new Pod under an old name does not inherit the old one's backoff.
+                        if self.pods.get(&key).is_some_and(|old| changed_for_the_host(old, &pod)) {
+                            // A new Pod under an old name, or one edited (a Pod the host refused
+                            // as it stood may pass now), does not inherit the old backoff.
                             self.retries.remove(&key);
                         }
                         self.pods.insert(key.clone(), pod);
@@ -342,6 +353,7 @@ impl Shard {
                         self.queued.remove(&key);
                         self.host_failed = false;
                         self.host_full = false;
+                        self.host_refused = false;
                         self.failure = None;
                         let ok = self.process(&key).await;
                         match self.failure.take() {
@@ -453,10 +465,12 @@ impl Shard {
             // The host's own refusal, said by the host agent.
             tonic::Code::FailedPrecondition => {
                 self.failed(status.message());
-                self.host_full = status.get_details_error_info().is_some_and(|info| {
-                    info.domain == rcsync_proto::ERROR_DOMAIN
-                        && info.reason == rcsync_proto::HOST_QUOTA_EXCEEDED
-                });
+                let reason = status
+                    .get_details_error_info()
+                    .filter(|info| info.domain == rcsync_proto::ERROR_DOMAIN)
+                    .map(|info| info.reason);
+                self.host_full = reason.as_deref() == Some(rcsync_proto::HOST_QUOTA_EXCEEDED);
+                self.host_refused = reason.as_deref() == Some(rcsync_proto::HOST_POD_REFUSED);
             }
             code => self.failed(format!(
                 "the host agent did not {attempt} ({code:?}): {}",
