@@ -714,13 +714,17 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
         patch["spec"]["tolerations"] = json!(have.into_iter().chain(added).collect::<Vec<_>>());
         changed = true;
     }
+    // Images, container by container (a strategic merge keys the lists by name): containers the
+    // host's admission added (a webhook's sidecar) are not the tenant's, so they neither count as
+    // a difference nor are touched.
     for (init, field) in [(false, "containers"), (true, "initContainers")] {
-        let want = images(desired, init);
-        if want != images(current, init) {
-            let items: Vec<_> = want
-                .iter()
-                .map(|(name, image)| json!({"name": name, "image": image}))
-                .collect();
+        let have = images(current, init);
+        let items: Vec<_> = images(desired, init)
+            .into_iter()
+            .filter(|wanted| !have.contains(wanted))
+            .map(|(name, image)| json!({"name": name, "image": image}))
+            .collect();
+        if !items.is_empty() {
             patch["spec"][field] = json!(items);
             changed = true;
         }
@@ -1062,6 +1066,27 @@ mod tests {
             update_patch(&pod(json!([from_class, enforced])), &desired),
             None,
             "nothing missing, nothing removed"
+        );
+    }
+
+    #[test]
+    fn an_update_patches_the_tenants_changed_images_and_leaves_the_hosts_sidecars_alone() {
+        let pod = |containers: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": containers}}))
+                .unwrap()
+        };
+        let sidecar = json!({"name": "proxy", "image": "mesh.example/proxy:2"});
+        // The host's admission added a sidecar: nothing of the tenant's differs.
+        let current =
+            pod(json!([{"name": "app", "image": "app:1"}, {"name": "log", "image": "log:1"}, sidecar]));
+        let desired = pod(json!([{"name": "app", "image": "app:1"}, {"name": "log", "image": "log:1"}]));
+        assert_eq!(update_patch(&current, &desired), None);
+        // The tenant changed one image: only that container is in the patch.
+        let desired = pod(json!([{"name": "app", "image": "app:2"}, {"name": "log", "image": "log:1"}]));
+        let patch = update_patch(&current, &desired).expect("the new image");
+        assert_eq!(
+            patch["spec"]["containers"],
+            json!([{"name": "app", "image": "app:2"}])
         );
     }
 }
