@@ -630,6 +630,88 @@ fn only_added_tolerations(old: &Value, new: &Value) -> bool {
     list(old).iter().all(|t| new.contains(&without_seconds(t)))
 }
 
+/// Whether a Pod spec has scheduling gates (it is not yet considered for scheduling).
+fn gated(spec: &Value) -> bool {
+    spec["schedulingGates"].as_array().is_some_and(|g| !g.is_empty())
+}
+
+/// Upstream's rule for scheduling gates on update: they can only be removed.
+fn gate_changes(old: &Value, new: &Value) -> Vec<Cause> {
+    let names = |spec: &Value| -> Vec<String> {
+        spec["schedulingGates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let before = names(old);
+    names(new)
+        .into_iter()
+        .enumerate()
+        .filter(|(_, name)| !before.contains(name))
+        .map(|(i, name)| Cause {
+            reason: "FieldValueForbidden",
+            field: format!("spec.schedulingGates[{i}].name"),
+            message: format!("Forbidden: only deletion is allowed, but found new scheduling gate '{name}'"),
+        })
+        .collect()
+}
+
+/// Upstream's relaxation for a gated Pod: its node selector may gain entries and each term of its
+/// required node affinity may gain requirements (an affinity without required terms may be set);
+/// nothing it has may change or go.
+fn narrowed_placement(old: &Value, new: &Value) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let selector = |spec: &Value| spec["nodeSelector"].as_object().cloned().unwrap_or_default();
+    let (was, is) = (selector(old), selector(new));
+    if was.iter().any(|(k, v)| is.get(k) != Some(v)) {
+        causes.push(Cause::invalid(
+            "spec.nodeSelector",
+            &new["nodeSelector"],
+            "only additions to spec.nodeSelector are allowed (no mutations or deletions)",
+        ));
+    }
+    let path = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms";
+    let terms = |spec: &Value| {
+        spec.pointer(
+            "/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms",
+        )
+        .and_then(Value::as_array)
+        .cloned()
+    };
+    let Some(was) = terms(old) else {
+        return causes;
+    };
+    let is = terms(new).unwrap_or_default();
+    if was.len() != is.len() {
+        causes.push(Cause::invalid(
+            path,
+            &Value::Array(is),
+            "number of NodeSelectorTerms cannot change",
+        ));
+        return causes;
+    }
+    let list = |term: &Value, field: &str| term[field].as_array().cloned().unwrap_or_default();
+    for (i, (before, after)) in was.iter().zip(&is).enumerate() {
+        let kept = ["matchExpressions", "matchFields"].iter().all(|field| {
+            let after = list(after, field);
+            list(before, field).iter().all(|r| after.contains(r))
+        });
+        let empty_grew = list(before, "matchExpressions").is_empty()
+            && list(before, "matchFields").is_empty()
+            && before != after;
+        if !kept || empty_grew {
+            causes.push(Cause::invalid(
+                format!("{path}[{i}]"),
+                after,
+                "only additions are allowed (no mutations or deletions)",
+            ));
+        }
+    }
+    causes
+}
+
 /// Pod spec fields an update may change, as upstream's validation allows.
 fn check_pod_update(def: &ResourceDef, old: &Value, new: &Value) -> Result<(), ApiError> {
     if !only_added_tolerations(&old["spec"], &new["spec"]) {
@@ -644,8 +726,34 @@ fn check_pod_update(def: &ResourceDef, old: &Value, new: &Value) -> Result<(), A
             }],
         ));
     }
+    let mut causes = gate_changes(&old["spec"], &new["spec"]);
     let mut allowed = old["spec"].clone();
     let new_spec = &new["spec"];
+    if gated(&old["spec"]) {
+        // A gated Pod's placement may still be narrowed (as a queueing controller does before
+        // it lifts its gate): node selector entries and required node affinity added. The rest
+        // of its affinity stays as it was.
+        causes.extend(narrowed_placement(&old["spec"], new_spec));
+        let mut affinity = old["spec"]["affinity"].as_object().cloned().unwrap_or_default();
+        match new_spec.pointer("/affinity/nodeAffinity") {
+            Some(node) => affinity.insert("nodeAffinity".to_string(), node.clone()),
+            None => affinity.remove("nodeAffinity"),
+        };
+        if let Some(m) = allowed.as_object_mut() {
+            match new_spec.get("nodeSelector") {
+                Some(v) => m.insert("nodeSelector".to_string(), v.clone()),
+                None => m.remove("nodeSelector"),
+            };
+            if affinity.is_empty() && new_spec.get("affinity").is_none() {
+                m.remove("affinity");
+            } else {
+                m.insert("affinity".to_string(), Value::Object(affinity));
+            }
+        }
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(def, name_of(new), causes));
+    }
     for list in ["containers", "initContainers"] {
         if let (Some(Value::Array(a)), Some(Value::Array(b))) = (allowed.get_mut(list), new_spec.get(list))
             && a.len() == b.len()

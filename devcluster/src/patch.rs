@@ -177,6 +177,7 @@ pub fn merge_key(field: &str) -> Option<&'static str> {
         | "env"
         | "imagePullSecrets"
         | "resourceClaims"
+        | "schedulingGates"
         | "readinessGates" => match field {
             "readinessGates" => "conditionType",
             _ => "name",

@@ -551,6 +551,82 @@ async fn a_pod_takes_added_tolerations_and_no_other_toleration_change() {
 }
 
 #[tokio::test]
+async fn scheduling_gates_only_go_and_a_gated_pod_may_only_narrow_its_placement() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client_for(&cluster).await, "default");
+    let term = |expressions: serde_json::Value| json!({"matchExpressions": expressions});
+    let zone = json!({"key": "zone", "operator": "In", "values": ["a"]});
+    let arch = json!({"key": "arch", "operator": "In", "values": ["arm64"]});
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}],
+                 "schedulingGates": [{"name": "example.com/queue"}, {"name": "example.com/quota"}],
+                 "nodeSelector": {"pool": "batch"},
+                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+                     {"nodeSelectorTerms": [term(json!([zone]))]}}}}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let refused = |result: Result<Pod, kube::Error>| match result {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422, "{}", e.message);
+            e.message
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let patch = |body: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            pods.patch("p", &PatchParams::default(), &Patch::Merge(body))
+                .await
+        }
+    };
+    // A gate cannot be added, even while others are there.
+    let message = refused(
+        patch(json!({"spec": {"schedulingGates": [{"name": "example.com/queue"}, {"name": "example.com/quota"}, {"name": "x"}]}}))
+            .await,
+    );
+    assert!(
+        message.contains("spec.schedulingGates[2].name: Forbidden: only deletion is allowed, but found new scheduling gate 'x'"),
+        "{message}"
+    );
+    // While gated: node selector entries and affinity requirements may be added ...
+    let narrowed = patch(json!({"spec": {
+        "nodeSelector": {"pool": "batch", "flavor": "spot"},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+            {"nodeSelectorTerms": [term(json!([zone, arch]))]}}},
+        "schedulingGates": [{"name": "example.com/quota"}]}}))
+    .await
+    .unwrap();
+    let spec = narrowed.spec.unwrap();
+    assert_eq!(spec.node_selector.unwrap().len(), 2);
+    assert_eq!(spec.scheduling_gates.unwrap().len(), 1);
+    // ... but not changed or taken away.
+    let message = refused(patch(json!({"spec": {"nodeSelector": {"pool": "interactive"}}})).await);
+    assert!(
+        message.contains("spec.nodeSelector: Invalid value: {\"flavor\":\"spot\",\"pool\":\"interactive\"}: only additions to spec.nodeSelector are allowed (no mutations or deletions)"),
+        "{message}"
+    );
+    let message = refused(
+        patch(
+            json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+            {"nodeSelectorTerms": [term(json!([arch]))]}}}}}),
+        )
+        .await,
+    );
+    assert!(
+        message.contains("nodeSelectorTerms[0]: Invalid value:")
+            && message.contains("only additions are allowed"),
+        "{message}"
+    );
+    // The last gate goes: from then on placement is fixed, as for any Pod.
+    patch(json!({"spec": {"schedulingGates": null}})).await.unwrap();
+    let message = refused(patch(json!({"spec": {"nodeSelector": {"extra": "1"}}})).await);
+    assert!(message.contains("pod updates may not change fields"), "{message}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn wrong_token_is_unauthorized() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let kubeconfig = cluster

@@ -18,12 +18,13 @@
 //! | priorityClassName, priority, preemptionPolicy, overhead | dropped (host admission sets them)     |
 //! | tolerations                           | control-plane / master ones dropped; `enforceTolerations` added |
 //! | schedulerName                         | kept only when in `hybridScheduling.hostSchedulers`       |
+//! | schedulingGates                       | one gate of rcsync's, `rcsync.io/virtual-gates`, while the virtual Pod has any; the tenant's names never reach the host (a tenant could otherwise lift a gate the host's own admission set) |
 //! | ephemeralContainers                   | not created (they are added through their own subresource) |
 //! | status                                | not copied (the host owns it)                            |
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec, Secret, Toleration};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSchedulingGate, PodSpec, Secret, Toleration};
 use kube::api::ObjectMeta;
 use rcsync_core::naming::{
     ANNOTATION_OBJECT_NAME, ANNOTATION_OBJECT_NAMESPACE, ANNOTATION_OBJECT_UID, LABEL_MANAGED_BY,
@@ -31,6 +32,12 @@ use rcsync_core::naming::{
 };
 use rcsync_core::pod_refs;
 use rcsync_core::{AnnotationPattern, EnforcedToleration, PodPolicy, Tenant};
+
+/// The scheduling gate a host Pod carries while its virtual Pod has scheduling gates (a queueing
+/// controller of the tenant's has yet to release it). The tenant's own gate names stay in the
+/// virtual cluster: named on the host, one could match a gate the host's admission sets, and
+/// lifting it in the virtual cluster would lift the host's.
+pub const VIRTUAL_GATES: &str = "rcsync.io/virtual-gates";
 
 /// Annotation on host Pods holding the virtual Pod's labels (JSON), since they are not copied.
 pub const ANNOTATION_VIRTUAL_LABELS: &str = "vcluster.loft.sh/labels";
@@ -118,6 +125,15 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     spec.preemption_policy = None;
     spec.overhead = None;
     spec.ephemeral_containers = None;
+    spec.scheduling_gates = spec
+        .scheduling_gates
+        .as_ref()
+        .is_some_and(|gates| !gates.is_empty())
+        .then(|| {
+            vec![PodSchedulingGate {
+                name: VIRTUAL_GATES.to_string(),
+            }]
+        });
     let labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), tenant.name.to_string()),
         (LABEL_NAMESPACE.to_string(), id.namespace.clone()),
@@ -771,6 +787,36 @@ mod tests {
             spec.scheduler_name.as_deref(),
             Some("batch"),
             "a host scheduler is kept"
+        );
+    }
+
+    #[test]
+    fn the_tenants_scheduling_gates_are_one_gate_of_rcsyncs_on_the_host() {
+        let tenant = tenant();
+        let gated = pod_with(
+            serde_json::json!({"containers": [{"name": "app", "image": "app:1"}],
+            "schedulingGates": [{"name": "kueue.x-k8s.io/admission"}, {"name": "host.example/queue"}]}),
+        );
+        let host = host_pod(&gated, &tenant, "runsc").unwrap();
+        let gates: Vec<_> = host
+            .spec
+            .unwrap()
+            .scheduling_gates
+            .unwrap()
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
+        assert_eq!(gates, [VIRTUAL_GATES]);
+        let released = pod_with(
+            serde_json::json!({"containers": [{"name": "app", "image": "app:1"}], "schedulingGates": []}),
+        );
+        assert_eq!(
+            host_pod(&released, &tenant, "runsc")
+                .unwrap()
+                .spec
+                .unwrap()
+                .scheduling_gates,
+            None
         );
     }
 

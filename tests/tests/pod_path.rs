@@ -622,6 +622,72 @@ async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_perio
     .await;
 }
 
+/// A queueing controller in the virtual cluster (Kueue, say) creates its Pods gated, narrows
+/// where they may run while they wait, and lifts its gate when it admits them. The host Pod waits
+/// gated with rcsync's own gate (the tenant's gate names stay in the virtual cluster), then takes
+/// the node selector the controller added and is scheduled with it once the virtual Pod has no
+/// gate left.
+#[tokio::test]
+async fn a_gated_pod_waits_on_the_host_and_runs_where_its_queue_placed_it_once_released() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    let gated = json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))],
+                       "schedulingGates": [{"name": "kueue.x-k8s.io/admission"}]});
+    v.create_pod(&pod("job", gated)).await;
+    let host = system.host_pods(&v.tenant).await;
+    let host_name = host_name("job", "default");
+    let gates = |p: &Pod| -> Vec<String> {
+        let spec = p.spec.as_ref();
+        spec.and_then(|s| s.scheduling_gates.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|g| g.name.clone())
+            .collect()
+    };
+    let waiting = eventually("the host Pod, gated", || {
+        let host = host.clone();
+        let name = host_name.clone();
+        async move { host.get_opt(&name).await.ok()? }
+    })
+    .await;
+    assert_eq!(gates(&waiting), ["rcsync.io/virtual-gates"]);
+    assert_eq!(
+        waiting.spec.as_ref().unwrap().node_name,
+        None,
+        "a gated Pod is not scheduled"
+    );
+
+    // The controller admits the Pod to a flavor: a node selector added, then its gate lifted.
+    let flavor = json!({"spec": {"nodeSelector": {"node.kubernetes.io/instance-type": "devcluster"}}});
+    let pods = v.pods().await;
+    pods.patch("job", &PatchParams::default(), &Patch::Merge(&flavor))
+        .await
+        .unwrap();
+    let released = json!({"spec": {"schedulingGates": null}});
+    pods.patch("job", &PatchParams::default(), &Patch::Merge(&released))
+        .await
+        .unwrap();
+    let running = eventually("the host Pod Running, released", || {
+        let host = host.clone();
+        let name = host_name.clone();
+        async move {
+            let p = host.get_opt(&name).await.ok()??;
+            let phase = p.status.as_ref().and_then(|s| s.phase.clone());
+            (phase.as_deref() == Some("Running")).then_some(p)
+        }
+    })
+    .await;
+    assert!(gates(&running).is_empty(), "{:?}", gates(&running));
+    let selector = running.spec.unwrap().node_selector.unwrap_or_default();
+    assert_eq!(
+        selector
+            .get("node.kubernetes.io/instance-type")
+            .map(String::as_str),
+        Some("devcluster"),
+        "the flavor's node selector did not reach the host: {selector:?}"
+    );
+}
+
 /// A host status the virtual cluster refuses to store (the agent's role lacks `pods/status` for a
 /// while) is not lost: it is written once the role allows it, although the host Pod no longer
 /// changes.

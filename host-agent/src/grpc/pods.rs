@@ -43,8 +43,8 @@ use crate::grpc::pod_status::{HostPodStatus, stream_status};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::translate::{
-    VirtualPodRef, host_config_map, host_pod, host_secret, managed_selector, recorded_holder, recorded_ref,
-    unsupported, virtual_ref,
+    VIRTUAL_GATES, VirtualPodRef, host_config_map, host_pod, host_secret, managed_selector, recorded_holder,
+    recorded_ref, unsupported, virtual_ref,
 };
 use rcsync_core::naming::host_pod_name;
 
@@ -199,10 +199,10 @@ impl<V: ViewSource> PodSyncService<V> {
                 .inc_by(copies.len() as u64);
         }
         if has_copies_gate(&placed) {
-            // Every object the Pod references is in place: let the scheduler have it.
-            let gates = desired.spec.as_ref().and_then(|s| s.scheduling_gates.clone());
-            let patch = json!({"spec": {"schedulingGates": gates}});
-            api.patch(&host_name, &PatchParams::default(), &Patch::Merge(&patch))
+            // Every object the Pod references is in place: this gate goes. Any other stays: the
+            // tenant's (while its virtual Pod is gated) and those the host's admission set.
+            let patch = json!({"spec": {"schedulingGates": [{"name": COPIES_GATE, "$patch": "delete"}]}});
+            api.patch(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
                 .await
                 .map_err(|e| kube_status(&e, &tenant))?;
         }
@@ -647,9 +647,10 @@ where
 }
 
 /// The strategic merge patch that brings a host Pod's mutable parts (labels, annotations,
-/// container images, added tolerations) to the desired state; `None` when nothing differs. Of the annotations already
-/// there, only copies of virtual ones the tenant has since removed are removed: host controllers'
-/// own annotations stay.
+/// container images, added tolerations; while it is gated, its node selector and node affinity,
+/// and rcsync's gate once the virtual Pod has none) to the desired state; `None` when nothing
+/// differs. Of the annotations already there, only copies of virtual ones the tenant has since
+/// removed are removed: host controllers' own annotations stay.
 fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
     let mut changed = false;
     let mut patch = json!({"metadata": {}});
@@ -729,7 +730,61 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
             changed = true;
         }
     }
+    if let Some(serde_json::Value::Object(gated)) = gated_patch(current, desired) {
+        for (field, value) in gated {
+            patch["spec"][field] = value;
+        }
+        changed = true;
+    }
     changed.then_some(patch)
+}
+
+/// What a gated host Pod takes from its virtual Pod: the placement a queueing controller narrowed
+/// while the virtual Pod was gated (node selector entries, node affinity: the only placement an
+/// API server lets a gated Pod change, by additions), and the removal of rcsync's gate once the
+/// virtual Pod has no gate left, in one patch, so the host schedules the Pod where the tenant's
+/// controller decided. Gates the host's own admission set stay.
+fn gated_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
+    let gates = |pod: &Pod| -> Vec<String> {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|g| g.name.clone())
+            .collect()
+    };
+    let have = gates(current);
+    if have.is_empty() {
+        return None;
+    }
+    let mut patch = json!({});
+    let (Some(spec), Some(wanted)) = (current.spec.as_ref(), desired.spec.as_ref()) else {
+        return None;
+    };
+    // The host's admission may have added entries (a RuntimeClass's node selector): only those
+    // of the tenant's that are missing or differ are sent; a differing one is refused by the
+    // host, as it was allowed by no API server.
+    let selector = spec.node_selector.clone().unwrap_or_default();
+    for (key, value) in wanted.node_selector.iter().flatten() {
+        if selector.get(key) != Some(value) {
+            patch["nodeSelector"][key] = json!(value);
+        }
+    }
+    let node_affinity =
+        |s: &k8s_openapi::api::core::v1::PodSpec| s.affinity.as_ref().and_then(|a| a.node_affinity.clone());
+    let want = node_affinity(wanted);
+    if want != node_affinity(spec) {
+        let want = want.unwrap_or_default();
+        patch["affinity"]["nodeAffinity"] = json!({
+            "requiredDuringSchedulingIgnoredDuringExecution": want.required_during_scheduling_ignored_during_execution,
+            "preferredDuringSchedulingIgnoredDuringExecution": want.preferred_during_scheduling_ignored_during_execution,
+        });
+    }
+    if have.iter().any(|g| g == VIRTUAL_GATES) && !gates(desired).iter().any(|g| g == VIRTUAL_GATES) {
+        patch["schedulingGates"] = json!([{"name": VIRTUAL_GATES, "$patch": "delete"}]);
+    }
+    (patch != json!({})).then_some(patch)
 }
 
 /// Maps a host API error to the gRPC status the virtual side acts on: configuration problems are
@@ -1067,6 +1122,46 @@ mod tests {
             None,
             "nothing missing, nothing removed"
         );
+    }
+
+    #[test]
+    fn a_gated_host_pod_takes_the_narrowed_placement_and_loses_rcsyncs_gate_only() {
+        let pod = |spec: serde_json::Value| -> Pod {
+            let mut spec = spec;
+            spec["containers"] = json!([{"name": "app", "image": "app:1"}]);
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+        };
+        let zone = json!({"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]});
+        // On the host: rcsync's gate and one the host's admission set; the RuntimeClass's node
+        // selector entry.
+        let current = pod(json!({
+            "schedulingGates": [{"name": VIRTUAL_GATES}, {"name": "host.example/queue"}],
+            "nodeSelector": {"sandbox": "true"},
+        }));
+        // Still gated in the virtual cluster, its placement narrowed: the additions go.
+        let narrowed = pod(json!({
+            "schedulingGates": [{"name": VIRTUAL_GATES}],
+            "nodeSelector": {"flavor": "spot"},
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": zone}},
+        }));
+        let patch = update_patch(&current, &narrowed).expect("the placement is narrowed");
+        assert_eq!(patch["spec"]["nodeSelector"], json!({"flavor": "spot"}));
+        assert_eq!(
+            patch["spec"]["affinity"]["nodeAffinity"],
+            json!({"requiredDuringSchedulingIgnoredDuringExecution": zone,
+                   "preferredDuringSchedulingIgnoredDuringExecution": null})
+        );
+        assert!(patch["spec"].get("schedulingGates").is_none(), "{patch}");
+        // Released: rcsync's gate goes, the host's stays.
+        let released = pod(json!({"nodeSelector": {"flavor": "spot"}}));
+        let patch = update_patch(&current, &released).expect("the gate goes");
+        assert_eq!(
+            patch["spec"]["schedulingGates"],
+            json!([{"name": VIRTUAL_GATES, "$patch": "delete"}])
+        );
+        // A Pod that is not gated on the host takes no placement change (none is allowed).
+        let scheduled = pod(json!({"nodeSelector": {"sandbox": "true"}}));
+        assert_eq!(update_patch(&scheduled, &released), None);
     }
 
     #[test]
