@@ -1303,8 +1303,13 @@ async fn a_pod_sync_the_host_api_server_never_answers_ends_after_the_call_timeou
     system.virtuals[0].restart_agent().await;
     // The host API server stops answering the host agent (its connections held open, silent).
     let proxy = system.reroute_host_agent().await;
-    proxy.set(Mode::Stall);
     let v = system.virtual_side();
+    // The restarted host agent has listed the tenant's host Pods (without that list the virtual
+    // agent syncs no Pod, and would report none failing): a first Pod reaches the host.
+    v.create_pod(&pod("first", json!({"containers": [app(json!({}))]})))
+        .await;
+    wait_host_pod(&system, "first", "default").await;
+    proxy.set(Mode::Stall);
     v.create_pod(&pod("patient", json!({"containers": [app(json!({}))]})))
         .await;
     // Without a deadline the call would wait on the host agent's client (minutes), and the Pods
@@ -1316,5 +1321,5 @@ async fn a_pod_sync_the_host_api_server_never_answers_ends_after_the_call_timeou
     );
     proxy.set(Mode::Pass);
     wait_host_pod(&system, "patient", "default").await;
-    none_failing_in_status(v, 1).await;
+    none_failing_in_status(v, 2).await;
 }
