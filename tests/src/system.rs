@@ -743,9 +743,15 @@ impl VirtualSide {
 
     /// Starts this virtual agent again (after [`VirtualSide::stop_agent`]) and waits until ready.
     pub async fn start_agent(&mut self) {
+        self.spawn_agent();
+        wait_ready_at(&self.admin, "virtual-agent").await;
+    }
+
+    /// Starts this virtual agent again (after [`VirtualSide::stop_agent`]) without waiting for it
+    /// to be ready (it is not while the host agent is away).
+    pub fn spawn_agent(&mut self) {
         let name = format!("virtual-agent-{}-restarted", self.tenant.name);
         self.agent = Process::spawn(&name, &binary("virtual-agent"), &self.args, &self.dir);
-        wait_ready_at(&self.admin, "virtual-agent").await;
     }
 
     /// Kills this virtual agent (SIGKILL) and starts it again.

@@ -1296,6 +1296,38 @@ async fn none_failing_in_status(v: &VirtualSide, synced: u64) {
     .await;
 }
 
+/// Nothing is synced before the host agent has listed the tenant's host Pods (a Pod could be
+/// created twice otherwise): a Pod made meanwhile says so in the virtual agent's status rather
+/// than being absent from it, and syncs once the host agent is back.
+#[tokio::test]
+async fn a_pod_waiting_for_the_host_agents_list_of_host_pods_says_so_in_the_status() {
+    let mut system = system(tenant()).await;
+    system.host_agent.signal("KILL");
+    system.host_agent.wait_exit().await;
+    system.virtuals[0].stop_agent().await;
+    system.virtuals[0].spawn_agent();
+    let v = system.virtual_side();
+    v.create_pod(&pod("early", json!({"containers": [app(json!({}))]})))
+        .await;
+    let reason = eventually("early waiting in the virtual agent's status", || async {
+        let doc = status_of(v).await?;
+        let entry = doc["pods"]["notSynced"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == "early")?
+            .clone();
+        (entry["state"] == "waiting").then(|| entry["reason"].as_str().unwrap_or_default().to_string())
+    })
+    .await;
+    assert!(
+        reason.contains("the host agent has not listed the tenant's host Pods yet"),
+        "{reason}"
+    );
+    system.restart_host_agent().await;
+    wait_host_pod(&system, "early", "default").await;
+    none_failing_in_status(system.virtual_side(), 1).await;
+}
+
 #[tokio::test]
 async fn a_pod_sync_the_host_api_server_never_answers_ends_after_the_call_timeout_and_is_retried() {
     let mut system = system(tenant()).await;

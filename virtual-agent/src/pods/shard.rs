@@ -259,6 +259,12 @@ impl Shard {
                             self.pods_listed = true;
                             self.collect_garbage();
                         }
+                        if self.unlisted().is_some() {
+                            let keys: Vec<Key> = self.pods.keys().cloned().collect();
+                            for key in &keys {
+                                self.report(key);
+                            }
+                        }
                     }
                     Some(ShardInput::Upsert(pod)) => {
                         let key = key_of(&pod);
@@ -269,6 +275,9 @@ impl Shard {
                         }
                         self.pods.insert(key.clone(), pod);
                         self.index_references(&key);
+                        if self.unlisted().is_some() {
+                            self.report(&key);
+                        }
                         self.enqueue(key);
                     }
                     Some(ShardInput::Removed(key)) => {
@@ -403,8 +412,28 @@ impl Shard {
                 key.clone(),
                 ("orphaned", "its runtime class is no longer synced".to_string()),
             ),
+            // Not tried yet: nothing is synced before the shard knows what is on the host.
+            None if self.pods.contains_key(key) && self.unlisted().is_some() => {
+                let why = self.unlisted().unwrap_or_default();
+                board.insert(key.clone(), ("waiting", why.to_string()))
+            }
             None => board.remove(key),
         };
+    }
+
+    /// What the shard waits for before it syncs any Pod, if anything: the host agent's list of the
+    /// tenant's host Pods (without it a Pod could be created twice), and the virtual cluster's
+    /// ConfigMaps and Secrets (sent with the Pods that reference them).
+    fn unlisted(&self) -> Option<&'static str> {
+        if !self.host_listed {
+            Some(
+                "the host agent has not listed the tenant's host Pods yet (the host API server may be unreachable from it)",
+            )
+        } else if self.objects_listed != [true; 2] {
+            Some("the virtual cluster's ConfigMaps and Secrets are not listed yet")
+        } else {
+            None
+        }
     }
 
     /// Brings the reverse index of referenced objects up to date for one Pod (present or gone).
