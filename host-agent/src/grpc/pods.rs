@@ -773,9 +773,8 @@ fn gated_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
     }
     let node_affinity =
         |s: &k8s_openapi::api::core::v1::PodSpec| s.affinity.as_ref().and_then(|a| a.node_affinity.clone());
-    let want = node_affinity(wanted);
-    if want != node_affinity(spec) {
-        let want = want.unwrap_or_default();
+    // Only when the tenant has one: a node affinity the host's admission set is left alone.
+    if let Some(want) = node_affinity(wanted).filter(|want| Some(want) != node_affinity(spec).as_ref()) {
         patch["affinity"]["nodeAffinity"] = json!({
             "requiredDuringSchedulingIgnoredDuringExecution": want.required_during_scheduling_ignored_during_execution,
             "preferredDuringSchedulingIgnoredDuringExecution": want.preferred_during_scheduling_ignored_during_execution,
@@ -1159,6 +1158,11 @@ mod tests {
             patch["spec"]["schedulingGates"],
             json!([{"name": VIRTUAL_GATES, "$patch": "delete"}])
         );
+        // A node affinity the host's admission set, the tenant having none, is left alone.
+        let mut host_set = current.clone();
+        host_set.spec.as_mut().unwrap().affinity = narrowed.spec.as_ref().unwrap().affinity.clone();
+        let patch = update_patch(&host_set, &released).expect("the gate goes");
+        assert!(patch["spec"].get("affinity").is_none(), "{patch}");
         // A Pod that is not gated on the host takes no placement change (none is allowed).
         let scheduled = pod(json!({"nodeSelector": {"sandbox": "true"}}));
         assert_eq!(update_patch(&scheduled, &released), None);
