@@ -209,6 +209,7 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                 causes.push(Cause::invalid("spec.runtimeClassName", &json!(rc), e));
             }
         }
+        "LimitRange" => crate::limit_range::validate_limit_range(obj, causes),
         "ResourceQuota" => {
             for field in ["scopes", "scopeSelector"] {
                 if let Some(value) = obj.pointer(&format!("/spec/{field}"))
@@ -327,6 +328,7 @@ fn default_pod(obj: &mut Value) {
 fn default_object(def: &ResourceDef, obj: &mut Value) {
     match def.kind {
         "Pod" => default_pod(obj),
+        "LimitRange" => crate::limit_range::default_limit_range(obj),
         "Secret" => {
             if let Some(map) = obj.as_object_mut() {
                 map.entry("type").or_insert(json!("Opaque"));
@@ -517,9 +519,27 @@ pub fn prepare_create(
         admit_runtime_class(def, &mut obj, reader)?;
     }
     if def.kind == "Pod" {
+        admit_limit_ranges(def, &mut obj, reader)?;
         admit_pod_quota(def, &obj, reader)?;
     }
     Ok(obj)
+}
+
+/// LimitRanger admission for a Pod create (before quota, as upstream orders them): the
+/// namespace's LimitRanges, by name, fill in the requests and limits its containers leave out and
+/// refuse a container outside their bounds (403, upstream's words).
+fn admit_limit_ranges(def: &ResourceDef, obj: &mut Value, reader: &Reader<'_>) -> Result<(), ApiError> {
+    let namespace = obj
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let mut ranges: Vec<&Value> = reader.list("limitranges", &namespace).collect();
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    ranges.sort_by(|a, b| name_of(a).cmp(name_of(b)));
+    crate::limit_range::admit_pod(obj, &ranges).map_err(|why| ApiError::forbidden(def, name_of(obj), &why))
 }
 
 /// ResourceQuota admission for a Pod create, quota by quota (by name), as upstream: a Pod whose

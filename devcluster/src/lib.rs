@@ -33,6 +33,7 @@ pub mod crd;
 pub mod deletion;
 mod discovery;
 pub mod events;
+pub mod limit_range;
 pub mod managed;
 pub mod nodes;
 pub mod openapi;

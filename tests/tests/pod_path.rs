@@ -1245,6 +1245,72 @@ async fn a_pod_the_host_refuses_as_it_stands_is_retried_rarely_and_at_once_when_
     wait_host_pod(&system, "bare", "default").await;
 }
 
+/// Real host namespaces pair a compute quota with a LimitRange whose defaults fill in what the
+/// quota asks: a tenant's Pod that states no requests is admitted there with the host's defaults,
+/// and the host agent's later updates of it (a new image) leave what the host filled in alone.
+#[tokio::test]
+async fn a_host_limit_range_fills_in_what_its_quota_asks_and_updates_leave_it_alone() {
+    use k8s_openapi::api::core::v1::LimitRange;
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    let namespace = v.tenant.host_namespace();
+    let host = system.host.client().await;
+    let limits: LimitRange = serde_json::from_value(json!({"metadata": {"name": "defaults"}, "spec": {"limits": [
+        {"type": "Container", "defaultRequest": {"cpu": "100m"}, "default": {"cpu": "200m"}, "max": {"cpu": "1"}}]}}))
+    .unwrap();
+    Api::<LimitRange>::namespaced(host.clone(), &namespace)
+        .create(&PostParams::default(), &limits)
+        .await
+        .unwrap();
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "compute"}, "spec": {"hard": {"requests.cpu": "1"}}}),
+    )
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(host, &namespace)
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    v.create_pod(&pod("bare", json!({"containers": [app(json!({}))]})))
+        .await;
+    let placed = wait_host_pod(&system, "bare", "default").await;
+    let resources =
+        |p: &Pod| serde_json::to_value(&p.spec.as_ref().unwrap().containers[0].resources).unwrap();
+    assert_eq!(
+        resources(&placed),
+        json!({"requests": {"cpu": "100m"}, "limits": {"cpu": "200m"}})
+    );
+    // Past the LimitRange's max: the host's refusal reaches the tenant.
+    v.create_pod(&pod(
+        "greedy",
+        json!({"containers": [app(json!({"resources": {"limits": {"cpu": "2"}}}))]}),
+    ))
+    .await;
+    let message = first_event(v, "greedy", "SyncError").await;
+    assert!(
+        message.contains("maximum cpu usage per Container is 1, but limit is 2"),
+        "{message}"
+    );
+
+    let image = json!({"spec": {"containers": [{"name": "app", "image": "registry.example/app:2.0"}]}});
+    v.pods()
+        .await
+        .patch("bare", &PatchParams::default(), &Patch::Strategic(image))
+        .await
+        .unwrap();
+    let updated = eventually("the new image on the host Pod", || async {
+        let p = system
+            .host_pods(&v.tenant)
+            .await
+            .get(&host_name("bare", "default"))
+            .await
+            .ok()?;
+        (p.spec.as_ref()?.containers[0].image.as_deref() == Some("registry.example/app:2.0")).then_some(p)
+    })
+    .await;
+    assert_eq!(resources(&updated), resources(&placed));
+    no_host_pod(&system, "greedy").await;
+}
+
 /// Waits until the virtual agent retried `pod`, refused by the host's quota, ahead of its backoff
 /// (`when`: what made room, for the failure message).
 async fn hastened_quota_retry(v: &VirtualSide, pod: &str, when: &str) {
