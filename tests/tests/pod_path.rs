@@ -1138,14 +1138,7 @@ async fn a_host_namespace_at_its_pod_quota_still_takes_changes_of_its_pods() {
 async fn a_host_namespace_s_compute_quota_refuses_pods_with_its_reason_until_room_is_made() {
     let system = system(tenant()).await;
     let v = system.virtual_side();
-    let quota: ResourceQuota = serde_json::from_value(
-        json!({"metadata": {"name": "compute"}, "spec": {"hard": {"requests.cpu": "1"}}}),
-    )
-    .unwrap();
-    Api::<ResourceQuota>::namespaced(system.host.client().await, &v.tenant.host_namespace())
-        .create(&PostParams::default(), &quota)
-        .await
-        .unwrap();
+    compute_quota(&system).await;
     let requesting = |cpu: &str| app(json!({"resources": {"requests": {"cpu": cpu}}}));
     v.create_pod(&pod("web", json!({"containers": [requesting("600m")]})))
         .await;
@@ -1195,12 +1188,7 @@ async fn a_host_namespace_s_compute_quota_refuses_pods_with_its_reason_until_roo
 async fn a_pod_the_host_refuses_as_it_stands_is_retried_rarely_and_at_once_when_edited() {
     let system = system(tenant()).await;
     let v = system.virtual_side();
-    let quota: ResourceQuota = serde_json::from_value(
-        json!({"metadata": {"name": "compute"}, "spec": {"hard": {"requests.cpu": "1"}}}),
-    )
-    .unwrap();
-    let quotas = Api::<ResourceQuota>::namespaced(system.host.client().await, &v.tenant.host_namespace());
-    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    let quotas = compute_quota(&system).await;
     v.create_pod(&pod("bare", json!({"containers": [app(json!({}))]})))
         .await;
     // 200 ms doubling (±25% jitter): the seventh wait is past any 5 s cap.
@@ -1253,23 +1241,14 @@ async fn a_host_limit_range_fills_in_what_its_quota_asks_and_updates_leave_it_al
     use k8s_openapi::api::core::v1::LimitRange;
     let system = system(tenant()).await;
     let v = system.virtual_side();
-    let namespace = v.tenant.host_namespace();
-    let host = system.host.client().await;
     let limits: LimitRange = serde_json::from_value(json!({"metadata": {"name": "defaults"}, "spec": {"limits": [
         {"type": "Container", "defaultRequest": {"cpu": "100m"}, "default": {"cpu": "200m"}, "max": {"cpu": "1"}}]}}))
     .unwrap();
-    Api::<LimitRange>::namespaced(host.clone(), &namespace)
+    Api::<LimitRange>::namespaced(system.host.client().await, &v.tenant.host_namespace())
         .create(&PostParams::default(), &limits)
         .await
         .unwrap();
-    let quota: ResourceQuota = serde_json::from_value(
-        json!({"metadata": {"name": "compute"}, "spec": {"hard": {"requests.cpu": "1"}}}),
-    )
-    .unwrap();
-    Api::<ResourceQuota>::namespaced(host, &namespace)
-        .create(&PostParams::default(), &quota)
-        .await
-        .unwrap();
+    compute_quota(&system).await;
     v.create_pod(&pod("bare", json!({"containers": [app(json!({}))]})))
         .await;
     let placed = wait_host_pod(&system, "bare", "default").await;
@@ -1309,6 +1288,21 @@ async fn a_host_limit_range_fills_in_what_its_quota_asks_and_updates_leave_it_al
     .await;
     assert_eq!(resources(&updated), resources(&placed));
     no_host_pod(&system, "greedy").await;
+}
+
+/// Creates the ResourceQuota `compute` (`requests.cpu: 1`) in the tenant's host namespace; the
+/// namespace's quotas.
+async fn compute_quota(system: &System) -> Api<ResourceQuota> {
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "compute"}, "spec": {"hard": {"requests.cpu": "1"}}}),
+    )
+    .unwrap();
+    let quotas = Api::<ResourceQuota>::namespaced(
+        system.host.client().await,
+        &system.virtual_side().tenant.host_namespace(),
+    );
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    quotas
 }
 
 /// Waits until the virtual agent retried `pod`, refused by the host's quota, ahead of its backoff

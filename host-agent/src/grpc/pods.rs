@@ -799,34 +799,32 @@ fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
         // Upstream's quota admission says so only in its message (`... is forbidden: exceeded
         // quota: <name>, requested: ..., used: ..., limited: ...`): a reason the caller can act on.
         kube::Error::Api(e) if e.code == 403 && e.message.contains("exceeded quota") => {
-            Status::with_error_details(
-                tonic::Code::FailedPrecondition,
-                format!("the host API server refused the pod: {}", e.message),
-                ErrorDetails::with_error_info(
-                    rcsync_proto::HOST_QUOTA_EXCEEDED,
-                    rcsync_proto::ERROR_DOMAIN,
-                    HashMap::new(),
-                ),
-            )
+            refused(&e.message, Some(rcsync_proto::HOST_QUOTA_EXCEEDED))
         }
         // What the host may change any moment (a RuntimeClass created or fixed, the host agent's
         // RBAC granted): retried on the caller's usual backoff.
-        kube::Error::Api(e) if e.code == 403 && follows_the_host(&e.message) => {
-            Status::failed_precondition(format!("the host API server refused the pod: {}", e.message))
-        }
+        kube::Error::Api(e) if e.code == 403 && follows_the_host(&e.message) => refused(&e.message, None),
         // The host refuses the Pod as it stands (validation, an admission webhook, a quota that
         // wants requests set, the host's own Pod Security): the same Pod gets the same answer
         // until it or the host's policy changes.
-        kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422) => Status::with_error_details(
-            tonic::Code::FailedPrecondition,
-            format!("the host API server refused the pod: {}", e.message),
-            ErrorDetails::with_error_info(
-                rcsync_proto::HOST_POD_REFUSED,
-                rcsync_proto::ERROR_DOMAIN,
-                HashMap::new(),
-            ),
-        ),
+        kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422) => {
+            refused(&e.message, Some(rcsync_proto::HOST_POD_REFUSED))
+        }
         other => Status::unavailable(format!("the host API server failed: {other}")),
+    }
+}
+
+/// The host API server's refusal as FAILED_PRECONDITION, with a `google.rpc.ErrorInfo` of
+/// `reason` (domain `rcsync.io`) when it has one.
+fn refused(message: &str, reason: Option<&str>) -> Status {
+    let message = format!("the host API server refused the pod: {message}");
+    match reason {
+        Some(reason) => Status::with_error_details(
+            tonic::Code::FailedPrecondition,
+            message,
+            ErrorDetails::with_error_info(reason, rcsync_proto::ERROR_DOMAIN, HashMap::new()),
+        ),
+        None => Status::failed_precondition(message),
     }
 }
 
