@@ -10,7 +10,8 @@
 //! deletion with finalizers and owner references, Status errors, Tables, discovery and OpenAPI v3
 //! (`kubectl explain`), protobuf request bodies for kubectl's imperative creates, an optional
 //! state file, the admission the spec relies on (RuntimeClass for Pods, immutable `handler`;
-//! ResourceQuota for Pods: their count and compute resources, `quota`), and
+//! LimitRange for containers, `limit_range`; ResourceQuota for Pods: their count and compute
+//! resources, `quota`), and
 //! CustomResourceDefinitions whose kinds are then served like the built-in ones (`crd`).
 //!
 //! ```text
@@ -18,7 +19,8 @@
 //!                                                                  │ query (selectors, pages), patch,
 //!                                                                  │ managed (field ownership, apply),
 //!                                                                  │ admission (defaults, validation,
-//!                                                                  │   RuntimeClass admission),
+//!                                                                  │   RuntimeClass, LimitRange and
+//!                                                                  │   quota admission),
 //!                                                                  │ deletion (finalizers, owners)
 //!                                                                  ▼
 //!                                                      store (one versioned map + change history)
