@@ -2,7 +2,8 @@
 //! tenant was not allowed when it was placed, no tenant sees another's classes or Pods, no agent
 //! panics, memory stays bounded. At quiescence, from the API servers' ground truth: every virtual
 //! cluster holds exactly its host-filtered set, every live allowed Pod has exactly one current host
-//! Pod, no host Pod outlives its virtual Pod, blocked Pods carry their SyncWarning.
+//! Pod (its labels, its gating and the node selector a release added), no host Pod outlives its
+//! virtual Pod, blocked Pods carry their SyncWarning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -79,6 +80,42 @@ fn check_allowed_later(
             violations.add(invariant, what);
         }
     });
+}
+
+/// How a host Pod's gating and node selector differ from its virtual Pod's, if they do: gated
+/// (by rcsync's gate, and no other the harness knows) exactly while the virtual Pod is, and
+/// holding every node selector entry the virtual Pod has (a released Pod's flavor).
+fn placement_differs(pod: &Pod, host: &Pod) -> Option<String> {
+    let gates = |p: &Pod| -> Vec<String> {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|g| g.name.clone())
+            .collect()
+    };
+    let want: Vec<&str> = if gates(pod).is_empty() {
+        vec![]
+    } else {
+        vec!["rcsync.io/virtual-gates"]
+    };
+    let got = gates(host);
+    if got != want {
+        return Some(format!("has scheduling gates {got:?}, not {want:?}"));
+    }
+    let selector = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_selector.clone())
+            .unwrap_or_default()
+    };
+    let host_selector = selector(host);
+    let missing: Vec<_> = selector(pod)
+        .into_iter()
+        .filter(|(k, v)| host_selector.get(k) != Some(v))
+        .collect();
+    (!missing.is_empty()).then(|| format!("lacks the node selector entries {missing:?}"))
 }
 
 /// Resident memory an agent may reach (debug builds included).
@@ -452,6 +489,12 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                         unmet.push((
                             ALLOWED_PODS_ON_HOST.into(),
                             format!("{tenant}: the host Pod of {ns}/{name} has labels {got:?}, not {want:?}"),
+                        ));
+                    }
+                    if let Some(why) = placement_differs(pod, hp) {
+                        unmet.push((
+                            ALLOWED_PODS_ON_HOST.into(),
+                            format!("{tenant}: the host Pod of {ns}/{name} {why}"),
                         ));
                     }
                 }

@@ -203,17 +203,34 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
             if let Some(class) = class {
                 spec["runtimeClassName"] = json!(class);
             }
+            // Half wait for a queueing controller (see the release below).
+            if rng.random_bool(0.5) {
+                spec["schedulingGates"] = json!([{"name": "example.com/queue"}]);
+            }
             let pod: Pod = serde_json::from_value(
                 json!({"metadata": {"name": name, "labels": {"rev": "0"}}, "spec": spec}),
             )
             .expect("a valid Pod");
             pods.create(&PostParams::default(), &pod).await.map(|_| ())
         }
-        4..=6 => pods
+        4 => pods
             .patch(
                 &name,
                 &PatchParams::default(),
                 &Patch::Merge(json!({"metadata": {"labels": {"rev": rng.random_range(0..100).to_string()}}})),
+            )
+            .await
+            .map(|_| ()),
+        // A queueing controller admits a gated Pod to a flavor: a node selector added and the
+        // gate lifted in one write (refused for a Pod that is not gated: nothing happens).
+        5 | 6 => pods
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {
+                    "nodeSelector": {"flavor": format!("f{}", rng.random_range(0..3))},
+                    "schedulingGates": null,
+                }})),
             )
             .await
             .map(|_| ()),
