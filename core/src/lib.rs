@@ -21,6 +21,8 @@ pub mod naming;
 pub mod patches;
 #[cfg(feature = "kube")]
 pub mod pod_refs;
+#[cfg(feature = "kube")]
+pub mod readiness_gates;
 pub mod script;
 pub mod selector;
 pub mod status_client;

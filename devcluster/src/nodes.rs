@@ -236,7 +236,12 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                         put(store, "pods", &ns, &name, |current| {
                             let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
                             p["spec"]["nodeName"] = json!(node_name);
-                            p["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}]);
+                            p["status"]["conditions"] = merged_conditions(
+                                &p["status"]["conditions"],
+                                vec![
+                                    json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": now()}),
+                                ],
+                            );
                             bound = Some(p.clone());
                             Some(p)
                         });
@@ -268,10 +273,13 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                         let mut marked = None;
                         put(store, "pods", &ns, &name, |current| {
                             let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
-                            p["status"]["conditions"] = json!([{
-                                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                "message": message, "lastTransitionTime": now(),
-                            }]);
+                            p["status"]["conditions"] = merged_conditions(
+                                &p["status"]["conditions"],
+                                vec![json!({
+                                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                    "message": message, "lastTransitionTime": now(),
+                                })],
+                            );
                             marked = Some(p.clone());
                             Some(p)
                         });
@@ -349,10 +357,19 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                     let now = now();
                     let condition =
                         |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now});
+                    let conditions = merged_conditions(
+                        &p["status"]["conditions"],
+                        vec![
+                            condition("PodReadyToStartContainers"),
+                            condition("Initialized"),
+                            ready_condition(&p, &now),
+                            condition("ContainersReady"),
+                            condition("PodScheduled"),
+                        ],
+                    );
                     p["status"] = json!({
                         "phase": "Running",
-                        "conditions": [condition("PodReadyToStartContainers"), condition("Initialized"), condition("Ready"),
-                                       condition("ContainersReady"), condition("PodScheduled")],
+                        "conditions": conditions,
                         "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
                         "podIP": ip, "podIPs": [{"ip": ip}],
                         "startTime": now, "qosClass": "BestEffort",
@@ -372,8 +389,74 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                     }
                 }
             }
+            // A running Pod's readiness follows its readiness gates' conditions, which its
+            // controllers set (through the status subresource) at any time.
+            Some(node) if node.starts_with("devcluster-node-") && pod["status"]["phase"] == "Running" => {
+                let has_gates = pod["spec"]["readinessGates"]
+                    .as_array()
+                    .is_some_and(|g| !g.is_empty());
+                let current = pod["status"]["conditions"]
+                    .as_array()
+                    .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                    .map(|c| (c["status"].clone(), c["message"].clone()));
+                let want = ready_condition(&pod, &now());
+                if !has_gates || current == Some((want["status"].clone(), want["message"].clone())) {
+                    continue;
+                }
+                put(store, "pods", &ns, &name, |current| {
+                    let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                    let ready = ready_condition(&p, &now());
+                    p["status"]["conditions"] = merged_conditions(&p["status"]["conditions"], vec![ready]);
+                    Some(p)
+                });
+            }
             Some(_) => {}
         }
+    }
+}
+
+/// `fresh` conditions, and those of `old` of other types (a readiness gate's, set by a
+/// controller), as the kubelet keeps them.
+fn merged_conditions(old: &Value, fresh: Vec<Value>) -> Value {
+    let mut merged = fresh;
+    for condition in old.as_array().into_iter().flatten() {
+        if !merged.iter().any(|c| c["type"] == condition["type"]) {
+            merged.push(condition.clone());
+        }
+    }
+    Value::Array(merged)
+}
+
+/// A running Pod's Ready condition: True once every readiness gate's condition is True, else
+/// False with the kubelet's words for the first gates that are not.
+fn ready_condition(pod: &Value, now: &str) -> Value {
+    let conditions = pod["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let unready: Vec<String> = pod["spec"]["readinessGates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|gate| {
+            let kind = gate["conditionType"].as_str()?;
+            match conditions.iter().find(|c| c["type"] == kind) {
+                None => Some(format!(
+                    "corresponding condition of pod readiness gate {kind:?} does not exist."
+                )),
+                Some(c) if c["status"] != "True" => Some(format!(
+                    "the status of pod readiness gate {kind:?} is not \"True\", but {}",
+                    c["status"].as_str().unwrap_or_default()
+                )),
+                Some(_) => None,
+            }
+        })
+        .collect();
+    if unready.is_empty() {
+        json!({"type": "Ready", "status": "True", "lastTransitionTime": now})
+    } else {
+        json!({"type": "Ready", "status": "False", "reason": "ReadinessGatesNotReady",
+               "message": unready.join(", "), "lastTransitionTime": now})
     }
 }
 

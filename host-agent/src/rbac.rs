@@ -13,6 +13,8 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
         &["create", "delete", "get", "list", "patch", "watch"],
         "tenant-namespace",
     ),
+    // grpc::pods: the conditions of a Pod's readiness gates, set by the tenant's controllers.
+    ("", "pods/status", &["patch"], "tenant-namespace"),
     // grpc::pods: copies of the ConfigMaps and Secrets a Pod references (get, create, replace;
     // delete only to replace a Secret whose type changed). The host's garbage collector removes
     // them with their last owning Pod.

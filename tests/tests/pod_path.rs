@@ -688,6 +688,68 @@ async fn a_gated_pod_waits_on_the_host_and_runs_where_its_queue_placed_it_once_r
     );
 }
 
+/// A readiness gate (a load balancer controller's, say) is set by a controller of the tenant's on
+/// the virtual Pod; the host's kubelet counts the Pod Ready only once the host Pod carries it. The
+/// condition reaches the host Pod, the host Pod turns Ready, and its status, copied back, keeps
+/// the virtual Pod's condition.
+#[tokio::test]
+async fn a_readiness_gate_the_tenants_controller_sets_makes_the_pod_ready_in_both_clusters() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    let gate = "example.com/lb-ready";
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))],
+               "readinessGates": [{"conditionType": gate}]}),
+    ))
+    .await;
+    let host = system.host_pods(&v.tenant).await;
+    let pods = v.pods().await;
+    let condition = |p: &Pod, kind: &str| -> Option<String> {
+        p.status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .find(|c| c.type_ == kind)
+            .map(|c| c.status.clone())
+    };
+    let host_name = host_name("web", "default");
+    eventually("the Pod Running in both clusters, not Ready for its gate", || {
+        let (host, pods, name) = (host.clone(), pods.clone(), host_name.clone());
+        async move {
+            let (h, p) = (host.get(&name).await.ok()?, pods.get("web").await.ok()?);
+            let running = |p: &Pod| p.status.as_ref()?.phase.clone();
+            (running(&h).as_deref() == Some("Running")
+                && condition(&h, "Ready").as_deref() == Some("False")
+                && condition(&p, "Ready").as_deref() == Some("False"))
+            .then_some(())
+        }
+    })
+    .await;
+
+    // The tenant's controller sets the gate's condition on the virtual Pod.
+    let set = json!({"status": {"conditions": [{"type": gate, "status": "True"}]}});
+    pods.patch_status("web", &PatchParams::default(), &Patch::Strategic(set))
+        .await
+        .unwrap();
+    eventually(
+        "the Pod Ready in both clusters, the gate's condition kept",
+        || {
+            let (host, pods, name) = (host.clone(), pods.clone(), host_name.clone());
+            async move {
+                let (h, p) = (host.get(&name).await.ok()?, pods.get("web").await.ok()?);
+                (condition(&h, gate).as_deref() == Some("True")
+                    && condition(&h, "Ready").as_deref() == Some("True")
+                    && condition(&p, "Ready").as_deref() == Some("True")
+                    && condition(&p, gate).as_deref() == Some("True"))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 /// A host status the virtual cluster refuses to store (the agent's role lacks `pods/status` for a
 /// while) is not lost: it is written once the role allows it, although the host Pod no longer
 /// changes.

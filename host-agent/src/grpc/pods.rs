@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSchedulingGate, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodCondition, PodSchedulingGate, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
@@ -25,6 +25,7 @@ use rcsync_core::Tenant;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
+use rcsync_core::readiness_gates;
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
     ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodRefusal, PodRefusalReason,
@@ -203,6 +204,15 @@ impl<V: ViewSource> PodSyncService<V> {
             // tenant's (while its virtual Pod is gated) and those the host's admission set.
             let patch = json!({"spec": {"schedulingGates": [{"name": COPIES_GATE, "$patch": "delete"}]}});
             api.patch(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
+                .await
+                .map_err(|e| kube_status(&e, &tenant))?;
+        }
+        // The conditions of the Pod's readiness gates its controllers set in the virtual cluster:
+        // the host's kubelet counts the host Pod Ready only once it carries them too.
+        let gates = readiness_gates::gate_conditions(&pod);
+        if !gates.is_empty() && !placed.carries(&gates) {
+            let patch = json!({"status": {"conditions": gates}});
+            api.patch_status(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
                 .await
                 .map_err(|e| kube_status(&e, &tenant))?;
         }
@@ -518,6 +528,14 @@ struct PlacedPod {
     metadata: PlacedMeta,
     #[serde(default)]
     spec: Option<PlacedSpec>,
+    #[serde(default)]
+    status: Option<PlacedStatus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PlacedStatus {
+    #[serde(default)]
+    conditions: Option<Vec<PodCondition>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -546,7 +564,27 @@ impl PlacedPod {
             spec: pod.spec.as_ref().map(|s| PlacedSpec {
                 scheduling_gates: s.scheduling_gates.clone(),
             }),
+            status: pod.status.as_ref().map(|s| PlacedStatus {
+                conditions: s.conditions.clone(),
+            }),
         }
+    }
+
+    /// Whether the Pod carries each of `conditions` (type, status, reason and message alike).
+    fn carries(&self, conditions: &[PodCondition]) -> bool {
+        let have = self
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default();
+        conditions.iter().all(|want| {
+            have.iter().any(|c| {
+                c.type_ == want.type_
+                    && c.status == want.status
+                    && c.reason == want.reason
+                    && c.message == want.message
+            })
+        })
     }
 }
 

@@ -40,6 +40,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use rcsync_core::admin::Readiness;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::pod_refs::{self, RefKind};
+use rcsync_core::readiness_gates;
 use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, PodStatusEvent, PodStatusEventType};
 use tokio::sync::{mpsc, watch};
 
@@ -228,7 +229,12 @@ fn key_of(pod: &Pod) -> Key {
 /// Fingerprint of what a Pod sync carries (labels, annotations, spec), so status writes and
 /// unrelated updates do not cause host writes.
 fn fingerprint(pod: &Pod) -> u64 {
-    digest_of(&(&pod.metadata.labels, &pod.metadata.annotations, &pod.spec))
+    digest_of(&(
+        &pod.metadata.labels,
+        &pod.metadata.annotations,
+        &pod.spec,
+        readiness_gates::gate_conditions(pod),
+    ))
 }
 
 /// A hash of `value`'s JSON, taken as it is written: nothing is copied or allocated. Kept in this
@@ -251,9 +257,12 @@ fn digest_of<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
     hashing.0.finish()
 }
 
-/// A Pod as ApplyPod carries it: no status, no managed fields; written from the watched object as
-/// it is, not copied first (the watch has already dropped its managed fields).
+/// A Pod as ApplyPod carries it: no managed fields, and of its status only the conditions of its
+/// readiness gates (the tenant's controllers set them; the host Pod needs them to be Ready);
+/// written from the watched object as it is, not copied first (the watch has already dropped its
+/// managed fields).
 fn apply_body(pod: &Pod) -> Vec<u8> {
+    use k8s_openapi::api::core::v1::PodCondition;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     #[derive(serde::Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -263,7 +272,14 @@ fn apply_body(pod: &Pod) -> Vec<u8> {
         metadata: std::borrow::Cow<'a, ObjectMeta>,
         #[serde(skip_serializing_if = "Option::is_none")]
         spec: Option<&'a k8s_openapi::api::core::v1::PodSpec>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<GateStatus>,
     }
+    #[derive(serde::Serialize)]
+    struct GateStatus {
+        conditions: Vec<PodCondition>,
+    }
+    let gates = readiness_gates::gate_conditions(pod);
     let metadata = match pod.metadata.managed_fields {
         None => std::borrow::Cow::Borrowed(&pod.metadata),
         Some(_) => std::borrow::Cow::Owned(ObjectMeta {
@@ -276,6 +292,7 @@ fn apply_body(pod: &Pod) -> Vec<u8> {
         kind: "Pod",
         metadata,
         spec: pod.spec.as_ref(),
+        status: (!gates.is_empty()).then_some(GateStatus { conditions: gates }),
     })
     .expect("a Pod serializes")
 }
@@ -695,6 +712,43 @@ mod tests {
         assert_ne!(
             base,
             fingerprint(&pod(serde_json::json!({"a": "1", "b": "2"}), "Pending", "i:2"))
+        );
+    }
+
+    #[test]
+    fn a_readiness_gates_condition_is_sent_and_counts_and_the_rest_of_the_status_does_not() {
+        let pod = |gate_status: &str, phase: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web"},
+                "spec": {"containers": [{"name": "app", "image": "i:1"}],
+                         "readinessGates": [{"conditionType": "example.com/lb-ready"}]},
+                "status": {"phase": phase, "conditions": [
+                    {"type": "Ready", "status": "False"},
+                    {"type": "example.com/lb-ready", "status": gate_status}]},
+            }))
+            .unwrap()
+        };
+        let sent: serde_json::Value = serde_json::from_slice(&apply_body(&pod("True", "Running"))).unwrap();
+        assert_eq!(
+            sent["status"],
+            serde_json::json!({"conditions": [{"type": "example.com/lb-ready", "status": "True"}]})
+        );
+        assert_eq!(
+            fingerprint(&pod("False", "Pending")),
+            fingerprint(&pod("False", "Running"))
+        );
+        assert_ne!(
+            fingerprint(&pod("False", "Running")),
+            fingerprint(&pod("True", "Running"))
+        );
+        // A host status copied back keeps the virtual Pod's own gate condition.
+        let mut host = serde_json::json!({"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "False"}, {"type": "example.com/lb-ready", "status": "False"}]});
+        shard::keep_gate_conditions(&pod("True", "Running"), &mut host);
+        assert_eq!(
+            host["conditions"],
+            serde_json::json!([{"type": "Ready", "status": "False"},
+                               {"type": "example.com/lb-ready", "status": "True"}])
         );
     }
 }

@@ -1021,10 +1021,11 @@ impl Shard {
         if self.records.get(key).is_some_and(|r| r.state == State::Orphaned) {
             return true;
         }
-        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&event.status_json) else {
+        let Ok(mut status) = serde_json::from_slice::<serde_json::Value>(&event.status_json) else {
             tracing::warn!(namespace = %key.0, pod = %key.1, "the host agent sent a status that is not JSON");
             return true;
         };
+        keep_gate_conditions(&pod, &mut status);
         if status.is_null() || serde_json::to_value(&pod.status).ok().as_ref() == Some(&status) {
             return true;
         }
@@ -1092,4 +1093,25 @@ impl Shard {
             tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not delete the virtual Pod of a deleted host Pod");
         }
     }
+}
+
+/// Keeps in a host status about to be copied the virtual Pod's own readiness gate conditions: the
+/// tenant's controllers own them (the host Pod carries copies), so an older host copy never
+/// overwrites a newer virtual value.
+pub(super) fn keep_gate_conditions(pod: &Pod, status: &mut serde_json::Value) {
+    let types = rcsync_core::readiness_gates::gate_types(pod);
+    if types.is_empty() || !status.is_object() {
+        return;
+    }
+    let mut conditions: Vec<serde_json::Value> = status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| !c["type"].as_str().is_some_and(|t| types.contains(&t)))
+        .cloned()
+        .collect();
+    for condition in rcsync_core::readiness_gates::gate_conditions(pod) {
+        conditions.push(serde_json::to_value(condition).expect("a condition serializes"));
+    }
+    status["conditions"] = serde_json::Value::Array(conditions);
 }
