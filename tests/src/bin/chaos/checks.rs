@@ -82,9 +82,10 @@ fn check_allowed_later(
     });
 }
 
-/// How a host Pod's gating and node selector differ from its virtual Pod's, if they do: gated
-/// (by rcsync's gate, and no other the harness knows) exactly while the virtual Pod is, and
-/// holding every node selector entry the virtual Pod has (a released Pod's flavor).
+/// How a host Pod's gating, readiness gate condition and node selector differ from its virtual
+/// Pod's, if they do: gated (by rcsync's gate, and no other the harness knows) exactly while the
+/// virtual Pod is, carrying the readiness gate condition the tenant's controller set, and holding
+/// every node selector entry the virtual Pod has (a released Pod's flavor).
 fn placement_differs(pod: &Pod, host: &Pod) -> Option<String> {
     let gates = |p: &Pod| -> Vec<String> {
         p.spec
@@ -103,6 +104,21 @@ fn placement_differs(pod: &Pod, host: &Pod) -> Option<String> {
     let got = gates(host);
     if got != want {
         return Some(format!("has scheduling gates {got:?}, not {want:?}"));
+    }
+    let gate = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == crate::READINESS_GATE))
+            .map(|c| c.status.clone())
+    };
+    if let Some(want) = gate(pod)
+        && gate(host).as_ref() != Some(&want)
+    {
+        return Some(format!(
+            "has the readiness gate condition {:?}, not {want:?}",
+            gate(host)
+        ));
     }
     let selector = |p: &Pod| {
         p.spec

@@ -189,17 +189,21 @@ async fn host_churn_step(rng: &mut StdRng, client: &kube::Client, timeline: &Tim
 
 /// One virtual-side churn step: a Pod created (with an allowed, a disallowed, a missing or no
 /// class), relabelled or deleted; now and then a tenant-made RuntimeClass.
+/// The readiness gate every churned Pod has, which the churn's "controller" sets.
+pub const READINESS_GATE: &str = "example.com/lb-ready";
+
 async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &mut u64) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let name = format!("p{}", rng.random_range(0..10));
-    let result = match rng.random_range(0..10) {
+    let result = match rng.random_range(0..11) {
         0..=3 => {
             let class = match rng.random_range(0..8) {
                 0 => None,
                 1 => Some("missing".to_string()),
                 n => Some(CLASSES[(n as usize) % CLASSES.len()].to_string()),
             };
-            let mut spec = json!({"containers": [{"name": "app", "image": "registry.example/app:1"}]});
+            let mut spec = json!({"containers": [{"name": "app", "image": "registry.example/app:1"}],
+                                  "readinessGates": [{"conditionType": READINESS_GATE}]});
             if let Some(class) = class {
                 spec["runtimeClassName"] = json!(class);
             }
@@ -241,6 +245,18 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
                     grace_period_seconds: Some(0),
                     ..Default::default()
                 },
+            )
+            .await
+            .map(|_| ()),
+        // The tenant's load balancer controller marks the Pod's readiness gate.
+        10 => pods
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"status": {"conditions": [{
+                    "type": READINESS_GATE,
+                    "status": if rng.random_bool(0.5) { "True" } else { "False" },
+                }]}})),
             )
             .await
             .map(|_| ()),
