@@ -182,6 +182,17 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
             }
         },
         "Pod" => {
+            if let Some(deadline) = obj.pointer("/spec/activeDeadlineSeconds")
+                && !deadline
+                    .as_i64()
+                    .is_some_and(|d| (1..=i64::from(i32::MAX)).contains(&d))
+            {
+                causes.push(Cause::invalid(
+                    "spec.activeDeadlineSeconds",
+                    deadline,
+                    format!("must be between 1 and {}, inclusive", i32::MAX),
+                ));
+            }
             let containers = obj.pointer("/spec/containers").and_then(Value::as_array);
             match containers {
                 None => causes.push(Cause::required("spec.containers", "")),
@@ -655,6 +666,28 @@ fn gated(spec: &Value) -> bool {
     spec["schedulingGates"].as_array().is_some_and(|g| !g.is_empty())
 }
 
+/// Upstream's rule for `activeDeadlineSeconds` on update: it may be set, or lowered, never raised
+/// or removed.
+fn deadline_change(old: &Value, new: &Value) -> Option<Cause> {
+    let field = "spec.activeDeadlineSeconds";
+    match (
+        old["activeDeadlineSeconds"].as_i64(),
+        new.get("activeDeadlineSeconds"),
+    ) {
+        (Some(_), None | Some(Value::Null)) => Some(Cause::invalid(
+            field,
+            &Value::Null,
+            "must not update from a positive integer to nil value",
+        )),
+        (Some(before), Some(after)) if after.as_i64().is_some_and(|a| a > before) => Some(Cause::invalid(
+            field,
+            after,
+            "must be less than or equal to previous value",
+        )),
+        _ => None,
+    }
+}
+
 /// Upstream's rule for scheduling gates on update: they can only be removed.
 fn gate_changes(old: &Value, new: &Value) -> Vec<Cause> {
     let names = |spec: &Value| -> Vec<String> {
@@ -747,6 +780,7 @@ fn check_pod_update(def: &ResourceDef, old: &Value, new: &Value) -> Result<(), A
         ));
     }
     let mut causes = gate_changes(&old["spec"], &new["spec"]);
+    causes.extend(deadline_change(&old["spec"], &new["spec"]));
     let mut allowed = old["spec"].clone();
     let new_spec = &new["spec"];
     if gated(&old["spec"]) {

@@ -392,6 +392,30 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
             // A running Pod's readiness follows its readiness gates' conditions, which its
             // controllers set (through the status subresource) at any time.
             Some(node) if node.starts_with("devcluster-node-") && pod["status"]["phase"] == "Running" => {
+                if past_deadline(&pod) {
+                    let mut failed = None;
+                    put(store, "pods", &ns, &name, |current| {
+                        let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                        if !past_deadline(&p) || p["status"]["phase"] != "Running" {
+                            return None;
+                        }
+                        fail_for_deadline(&mut p, &now());
+                        failed = Some(p.clone());
+                        Some(p)
+                    });
+                    if let Some(p) = failed {
+                        event(
+                            store,
+                            &p,
+                            "Normal",
+                            "DeadlineExceeded",
+                            DEADLINE_MESSAGE,
+                            "kubelet",
+                            Some(node),
+                        );
+                    }
+                    continue;
+                }
                 let has_gates = pod["spec"]["readinessGates"]
                     .as_array()
                     .is_some_and(|g| !g.is_empty());
@@ -411,6 +435,48 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                 });
             }
             Some(_) => {}
+        }
+    }
+}
+
+/// The kubelet's words for a Pod that outlived its `activeDeadlineSeconds`.
+const DEADLINE_MESSAGE: &str = "Pod was active on the node longer than the specified deadline";
+
+/// Whether a running Pod has been active longer than its `activeDeadlineSeconds` allow.
+fn past_deadline(pod: &Value) -> bool {
+    let Some(deadline) = pod["spec"]["activeDeadlineSeconds"].as_i64() else {
+        return false;
+    };
+    let Some(started) = pod["status"]["startTime"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    else {
+        return false;
+    };
+    chrono::Utc::now()
+        .signed_duration_since(started)
+        .num_milliseconds()
+        >= deadline.saturating_mul(1000)
+}
+
+/// Ends a Pod as the kubelet does when its deadline passes: its containers killed, the Pod Failed
+/// with reason `DeadlineExceeded`.
+fn fail_for_deadline(pod: &mut Value, now: &str) {
+    let status = &mut pod["status"];
+    status["phase"] = json!("Failed");
+    status["reason"] = json!("DeadlineExceeded");
+    status["message"] = json!(DEADLINE_MESSAGE);
+    let not_ready = |kind: &str| json!({"type": kind, "status": "False", "reason": "PodFailed", "lastTransitionTime": now});
+    status["conditions"] = merged_conditions(
+        &status["conditions"],
+        vec![not_ready("Ready"), not_ready("ContainersReady")],
+    );
+    if let Some(containers) = status["containerStatuses"].as_array_mut() {
+        for c in containers {
+            let started = c["state"]["running"]["startedAt"].clone();
+            c["ready"] = json!(false);
+            c["started"] = json!(false);
+            c["state"] = json!({"terminated": {"exitCode": 137, "reason": "Error", "startedAt": started, "finishedAt": now}});
         }
     }
 }

@@ -627,6 +627,50 @@ async fn scheduling_gates_only_go_and_a_gated_pod_may_only_narrow_its_placement(
 }
 
 #[tokio::test]
+async fn a_pods_deadline_may_be_set_or_lowered_never_raised_or_removed() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client_for(&cluster).await, "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let set = |deadline: serde_json::Value| {
+        let pods = pods.clone();
+        async move {
+            pods.patch(
+                "p",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"activeDeadlineSeconds": deadline}})),
+            )
+            .await
+        }
+    };
+    set(json!(60)).await.unwrap();
+    set(json!(30)).await.unwrap();
+    for (deadline, words) in [
+        (
+            json!(45),
+            "spec.activeDeadlineSeconds: Invalid value: 45: must be less than or equal to previous value",
+        ),
+        (
+            json!(null),
+            "spec.activeDeadlineSeconds: Invalid value: null: must not update from a positive integer to nil value",
+        ),
+    ] {
+        match set(deadline).await.unwrap_err() {
+            kube::Error::Api(e) => {
+                assert_eq!(e.code, 422);
+                assert!(e.message.contains(words), "{}", e.message);
+            }
+            other => panic!("{other}"),
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn wrong_token_is_unauthorized() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let kubeconfig = cluster

@@ -750,6 +750,44 @@ async fn a_readiness_gate_the_tenants_controller_sets_makes_the_pod_ready_in_bot
     .await;
 }
 
+/// A deadline set on a running Pod (`activeDeadlineSeconds`, as a batch controller sets it)
+/// reaches its host Pod, whose kubelet ends it when the deadline passes; the virtual Pod shows it
+/// Failed with the kubelet's reason.
+#[tokio::test]
+async fn a_deadline_set_on_a_running_pod_ends_it_on_the_host() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    v.create_pod(&pod(
+        "batch",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))]}),
+    ))
+    .await;
+    let host = system.host_pods(&v.tenant).await;
+    let pods = v.pods().await;
+    let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
+    let host_name = host_name("batch", "default");
+    eventually("the host Pod Running", || {
+        let (host, name) = (host.clone(), host_name.clone());
+        async move { (phase(&host.get(&name).await.ok()?).as_deref() == Some("Running")).then_some(()) }
+    })
+    .await;
+    let deadline = json!({"spec": {"activeDeadlineSeconds": 1}});
+    pods.patch("batch", &PatchParams::default(), &Patch::Merge(&deadline))
+        .await
+        .unwrap();
+    let ended = eventually("the virtual Pod Failed for its deadline", || {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get("batch").await.ok()?;
+            (phase(&p).as_deref() == Some("Failed")).then_some(p)
+        }
+    })
+    .await;
+    assert_eq!(ended.status.unwrap().reason.as_deref(), Some("DeadlineExceeded"));
+    let on_host = host.get(&host_name).await.unwrap();
+    assert_eq!(on_host.spec.unwrap().active_deadline_seconds, Some(1));
+}
+
 /// A host status the virtual cluster refuses to store (the agent's role lacks `pods/status` for a
 /// while) is not lost: it is written once the role allows it, although the host Pod no longer
 /// changes.

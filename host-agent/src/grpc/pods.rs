@@ -685,7 +685,7 @@ where
 }
 
 /// The strategic merge patch that brings a host Pod's mutable parts (labels, annotations,
-/// container images, added tolerations; while it is gated, its node selector and node affinity,
+/// container images, added tolerations, a deadline set or lowered; while it is gated, its node selector and node affinity,
 /// and rcsync's gate once the virtual Pod has none) to the desired state; `None` when nothing
 /// differs. Of the annotations already there, only copies of virtual ones the tenant has since
 /// removed are removed: host controllers' own annotations stay.
@@ -767,6 +767,14 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
             patch["spec"][field] = json!(items);
             changed = true;
         }
+    }
+    // A deadline set or lowered (the API allows no other change of it).
+    let deadline = |pod: &Pod| pod.spec.as_ref().and_then(|s| s.active_deadline_seconds);
+    if let Some(want) = deadline(desired)
+        && deadline(current) != Some(want)
+    {
+        patch["spec"]["activeDeadlineSeconds"] = json!(want);
+        changed = true;
     }
     if let Some(serde_json::Value::Object(gated)) = gated_patch(current, desired) {
         for (field, value) in gated {
