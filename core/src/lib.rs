@@ -15,14 +15,14 @@
 pub mod admin;
 pub mod config;
 #[cfg(feature = "kube")]
+pub mod gates;
+#[cfg(feature = "kube")]
 pub mod kube_client;
 pub mod labels;
 pub mod naming;
 pub mod patches;
 #[cfg(feature = "kube")]
 pub mod pod_refs;
-#[cfg(feature = "kube")]
-pub mod readiness_gates;
 pub mod script;
 pub mod selector;
 pub mod status_client;

@@ -636,14 +636,7 @@ async fn a_gated_pod_waits_on_the_host_and_runs_where_its_queue_placed_it_once_r
     v.create_pod(&pod("job", gated)).await;
     let host = system.host_pods(&v.tenant).await;
     let host_name = host_name("job", "default");
-    let gates = |p: &Pod| -> Vec<String> {
-        let spec = p.spec.as_ref();
-        spec.and_then(|s| s.scheduling_gates.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|g| g.name.clone())
-            .collect()
-    };
+    use rcsync_core::gates::scheduling_gates as gates;
     let waiting = eventually("the host Pod, gated", || {
         let host = host.clone();
         let name = host_name.clone();

@@ -22,10 +22,10 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::Tenant;
+use rcsync_core::gates;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
-use rcsync_core::readiness_gates;
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
     ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodRefusal, PodRefusalReason,
@@ -209,7 +209,7 @@ impl<V: ViewSource> PodSyncService<V> {
         }
         // The conditions of the Pod's readiness gates its controllers set in the virtual cluster:
         // the host's kubelet counts the host Pod Ready only once it carries them too.
-        let gates = readiness_gates::gate_conditions(&pod);
+        let gates = gates::readiness_conditions(&pod);
         if !gates.is_empty() && !placed.carries(&gates) {
             let patch = json!({"status": {"conditions": gates}});
             api.patch_status(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
@@ -791,16 +791,7 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
 /// virtual Pod has no gate left, in one patch, so the host schedules the Pod where the tenant's
 /// controller decided. Gates the host's own admission set stay.
 fn gated_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
-    let gates = |pod: &Pod| -> Vec<String> {
-        pod.spec
-            .as_ref()
-            .and_then(|s| s.scheduling_gates.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|g| g.name.clone())
-            .collect()
-    };
-    let have = gates(current);
+    let have = gates::scheduling_gates(current);
     if have.is_empty() {
         return None;
     }
@@ -826,7 +817,7 @@ fn gated_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
             "preferredDuringSchedulingIgnoredDuringExecution": want.preferred_during_scheduling_ignored_during_execution,
         });
     }
-    if have.iter().any(|g| g == VIRTUAL_GATES) && !gates(desired).iter().any(|g| g == VIRTUAL_GATES) {
+    if have.contains(&VIRTUAL_GATES) && !gates::scheduling_gates(desired).contains(&VIRTUAL_GATES) {
         patch["schedulingGates"] = json!([{"name": VIRTUAL_GATES, "$patch": "delete"}]);
     }
     (patch != json!({})).then_some(patch)

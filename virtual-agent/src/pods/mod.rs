@@ -38,9 +38,9 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt as _};
 use prometheus_client::metrics::gauge::Gauge;
 use rcsync_core::admin::Readiness;
+use rcsync_core::gates;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::pod_refs::{self, RefKind};
-use rcsync_core::readiness_gates;
 use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, PodStatusEvent, PodStatusEventType};
 use tokio::sync::{mpsc, watch};
 
@@ -233,7 +233,7 @@ fn fingerprint(pod: &Pod) -> u64 {
         &pod.metadata.labels,
         &pod.metadata.annotations,
         &pod.spec,
-        readiness_gates::gate_conditions(pod),
+        gates::readiness_conditions(pod),
     ))
 }
 
@@ -279,7 +279,7 @@ fn apply_body(pod: &Pod) -> Vec<u8> {
     struct GateStatus {
         conditions: Vec<PodCondition>,
     }
-    let gates = readiness_gates::gate_conditions(pod);
+    let gates = gates::readiness_conditions(pod);
     let metadata = match pod.metadata.managed_fields {
         None => std::borrow::Cow::Borrowed(&pod.metadata),
         Some(_) => std::borrow::Cow::Owned(ObjectMeta {

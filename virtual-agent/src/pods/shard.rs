@@ -1099,7 +1099,7 @@ impl Shard {
 /// tenant's controllers own them (the host Pod carries copies), so an older host copy never
 /// overwrites a newer virtual value.
 pub(super) fn keep_gate_conditions(pod: &Pod, status: &mut serde_json::Value) {
-    let types = rcsync_core::readiness_gates::gate_types(pod);
+    let types = rcsync_core::gates::readiness_types(pod);
     if types.is_empty() || !status.is_object() {
         return;
     }
@@ -1110,7 +1110,7 @@ pub(super) fn keep_gate_conditions(pod: &Pod, status: &mut serde_json::Value) {
         .filter(|c| !c["type"].as_str().is_some_and(|t| types.contains(&t)))
         .cloned()
         .collect();
-    for condition in rcsync_core::readiness_gates::gate_conditions(pod) {
+    for condition in rcsync_core::gates::readiness_conditions(pod) {
         conditions.push(serde_json::to_value(condition).expect("a condition serializes"));
     }
     status["conditions"] = serde_json::Value::Array(conditions);

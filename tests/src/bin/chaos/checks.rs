@@ -87,15 +87,7 @@ fn check_allowed_later(
 /// virtual Pod is, carrying the readiness gate condition the tenant's controller set, and holding
 /// every node selector entry the virtual Pod has (a released Pod's flavor).
 fn placement_differs(pod: &Pod, host: &Pod) -> Option<String> {
-    let gates = |p: &Pod| -> Vec<String> {
-        p.spec
-            .as_ref()
-            .and_then(|s| s.scheduling_gates.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|g| g.name.clone())
-            .collect()
-    };
+    use rcsync_core::gates::scheduling_gates as gates;
     let want: Vec<&str> = if gates(pod).is_empty() {
         vec![]
     } else {

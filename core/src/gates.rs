@@ -1,4 +1,7 @@
-//! Pod readiness gates across the two clusters. A controller of the tenant's (a load balancer's,
+//! A Pod's gates across the two clusters: its scheduling gates (which the host agent folds into
+//! one gate of its own on the host Pod) and its readiness gates.
+//!
+//! Readiness gates: a controller of the tenant's (a load balancer's,
 //! say) sets a gate's condition on the virtual Pod; the host's kubelet counts the Pod Ready only
 //! when the host Pod carries it too. So those conditions travel virtual → host, while the rest of
 //! the status travels host → virtual:
@@ -26,9 +29,20 @@ pub const SYSTEM_CONDITION_TYPES: &[&str] = &[
     "PodResizeInProgress",
 ];
 
+/// The names of `pod`'s scheduling gates, in order.
+pub fn scheduling_gates(pod: &Pod) -> Vec<&str> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|g| g.name.as_str())
+        .collect()
+}
+
 /// The condition types of `pod`'s readiness gates that its controllers set (system types left
 /// out), sorted.
-pub fn gate_types(pod: &Pod) -> Vec<&str> {
+pub fn readiness_types(pod: &Pod) -> Vec<&str> {
     let mut types: Vec<&str> = pod
         .spec
         .as_ref()
@@ -44,8 +58,8 @@ pub fn gate_types(pod: &Pod) -> Vec<&str> {
 }
 
 /// The conditions of `pod`'s readiness gates it carries, by type.
-pub fn gate_conditions(pod: &Pod) -> Vec<PodCondition> {
-    let types = gate_types(pod);
+pub fn readiness_conditions(pod: &Pod) -> Vec<PodCondition> {
+    let types = readiness_types(pod);
     if types.is_empty() {
         return Vec::new();
     }
@@ -77,8 +91,8 @@ mod tests {
                 {"type": "example.com/other", "status": "True"}]},
         }))
         .unwrap();
-        assert_eq!(gate_types(&pod), ["example.com/lb-ready"]);
-        let types: Vec<String> = gate_conditions(&pod).into_iter().map(|c| c.type_).collect();
+        assert_eq!(readiness_types(&pod), ["example.com/lb-ready"]);
+        let types: Vec<String> = readiness_conditions(&pod).into_iter().map(|c| c.type_).collect();
         assert_eq!(types, ["example.com/lb-ready"]);
     }
 }
