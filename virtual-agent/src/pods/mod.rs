@@ -226,8 +226,8 @@ fn key_of(pod: &Pod) -> Key {
     (pod.namespace().unwrap_or_default(), pod.name_any())
 }
 
-/// Fingerprint of what a Pod sync carries (labels, annotations, spec), so status writes and
-/// unrelated updates do not cause host writes.
+/// Fingerprint of what a Pod sync carries (labels, annotations, spec, the conditions of its
+/// readiness gates), so status writes and unrelated updates do not cause host writes.
 fn fingerprint(pod: &Pod) -> u64 {
     digest_of(&(
         &pod.metadata.labels,
