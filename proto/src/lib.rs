@@ -44,7 +44,7 @@ pub const HOST_QUOTA_EXCEEDED: &str = "HOST_QUOTA_EXCEEDED";
 /// Security, or wanting what a quota requires (`must specify requests.cpu`). The same Pod gets the
 /// same answer until the Pod, or the host's policy, changes: worth retrying rarely, and at once
 /// when the Pod changes. Refusals the host may cure any moment (the Pod's RuntimeClass missing
-/// there, the host agent's own permissions) carry no reason.
+/// there, the host agent's own permissions, the host namespace being deleted) carry no reason.
 pub const HOST_POD_REFUSED: &str = "HOST_POD_REFUSED";
 
 /// The largest request message the host agent decodes (Sync ACKs and NACKs, CheckPod, PodSync

@@ -866,11 +866,13 @@ fn refused(message: &str, reason: Option<&str>) -> Status {
 }
 
 /// Whether a 403 of the host API server is about something of the host's rather than the Pod:
-/// the host agent's own RBAC (`... cannot create resource "pods" ...`) or the Pod's RuntimeClass
-/// (upstream's RuntimeClass admission: `pod rejected: RuntimeClass "x" not found`, an overhead or
-/// node selector at odds with the class), which an operator or a class change cures.
+/// the host agent's own RBAC (`... cannot create resource "pods" ...`), the host namespace being
+/// deleted, or the Pod's RuntimeClass (upstream's RuntimeClass admission: `pod rejected:
+/// RuntimeClass "x" not found`, an overhead or node selector at odds with the class), which an
+/// operator or a class change cures.
 fn follows_the_host(message: &str) -> bool {
     (message.contains(" cannot ") && message.contains(" resource "))
+        || message.contains("because it is being terminated")
         || (message.contains("pod rejected:") && message.to_ascii_lowercase().contains("runtimeclass"))
 }
 
@@ -1074,6 +1076,7 @@ mod tests {
             "pod rejected: RuntimeClass \"kata\" not found",
             "pod rejected: conflict: runtimeClass.scheduling.nodeSelector[pool] = kata; pod.spec.nodeSelector[pool] = gvisor",
             "pods \"web-x-default-x-a\" is forbidden: User \"system:serviceaccount:rcsync:host-agent\" cannot create resource \"pods\" in API group \"\" in the namespace \"ns-a\"",
+            "pods \"web-x-default-x-a\" is forbidden: unable to create new content in namespace ns-a because it is being terminated",
         ] {
             assert_eq!(reason(&refused(message)), None, "{message}");
         }
