@@ -209,9 +209,7 @@ impl<V: ViewSource> PodSyncService<V> {
         }
         // The conditions of the Pod's readiness gates its controllers set in the virtual cluster:
         // the host's kubelet counts the host Pod Ready only once it carries them too.
-        let gates = gates::readiness_conditions(&pod);
-        if !gates.is_empty() && !placed.carries(&gates) {
-            let patch = json!({"status": {"conditions": gates}});
+        if let Some(patch) = placed.readiness_patch(&pod) {
             api.patch_status(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
                 .await
                 .map_err(|e| kube_status(&e, &tenant))?;
@@ -570,21 +568,42 @@ impl PlacedPod {
         }
     }
 
-    /// Whether the Pod carries each of `conditions` (type, status, reason and message alike).
-    fn carries(&self, conditions: &[PodCondition]) -> bool {
+    /// The status patch that gives this host Pod the conditions of `virtual_pod`'s readiness
+    /// gates as the tenant's controllers set them (type, status, reason and message), and removes
+    /// those they removed; `None` when it carries them already.
+    fn readiness_patch(&self, virtual_pod: &Pod) -> Option<serde_json::Value> {
+        let types = gates::readiness_types(virtual_pod);
+        if types.is_empty() {
+            return None;
+        }
+        let wanted = gates::readiness_conditions(virtual_pod);
         let have = self
             .status
             .as_ref()
             .and_then(|s| s.conditions.as_deref())
             .unwrap_or_default();
-        conditions.iter().all(|want| {
+        let carried = |want: &PodCondition| {
             have.iter().any(|c| {
                 c.type_ == want.type_
                     && c.status == want.status
                     && c.reason == want.reason
                     && c.message == want.message
             })
-        })
+        };
+        let removed: Vec<serde_json::Value> = have
+            .iter()
+            .filter(|c| types.contains(&c.type_.as_str()) && !wanted.iter().any(|w| w.type_ == c.type_))
+            .map(|c| json!({"type": c.type_, "$patch": "delete"}))
+            .collect();
+        if wanted.iter().all(carried) && removed.is_empty() {
+            return None;
+        }
+        let mut conditions: Vec<serde_json::Value> = wanted
+            .into_iter()
+            .map(|c| serde_json::to_value(c).expect("a condition serializes"))
+            .collect();
+        conditions.extend(removed);
+        Some(json!({"status": {"conditions": conditions}}))
     }
 }
 
@@ -1204,6 +1223,44 @@ mod tests {
         // A Pod that is not gated on the host takes no placement change (none is allowed).
         let scheduled = pod(json!({"nodeSelector": {"sandbox": "true"}}));
         assert_eq!(update_patch(&scheduled, &released), None);
+    }
+
+    #[test]
+    fn a_host_pod_takes_its_readiness_gates_conditions_as_the_tenant_sets_and_removes_them() {
+        let virtual_pod = |conditions: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web"},
+                "spec": {"containers": [], "readinessGates": [
+                    {"conditionType": "example.com/lb-ready"}, {"conditionType": "example.com/dns"}]},
+                "status": {"conditions": conditions},
+            }))
+            .unwrap()
+        };
+        let placed = |conditions: serde_json::Value| -> PlacedPod {
+            serde_json::from_value(json!({"metadata": {"name": "h"}, "status": {"conditions": conditions}}))
+                .unwrap()
+        };
+        let lb = json!({"type": "example.com/lb-ready", "status": "True"});
+        let dns = json!({"type": "example.com/dns", "status": "True"});
+        let ready = json!({"type": "Ready", "status": "False"});
+        // Set on the virtual Pod, missing on the host: written.
+        let patch = placed(json!([ready]))
+            .readiness_patch(&virtual_pod(json!([lb, ready])))
+            .unwrap();
+        assert_eq!(patch, json!({"status": {"conditions": [lb]}}));
+        // Carried already: nothing to write.
+        assert_eq!(
+            placed(json!([lb, ready])).readiness_patch(&virtual_pod(json!([lb]))),
+            None
+        );
+        // Removed by the tenant's controller: removed on the host; the kubelet's own stay.
+        let patch = placed(json!([lb, dns, ready]))
+            .readiness_patch(&virtual_pod(json!([lb])))
+            .unwrap();
+        assert_eq!(
+            patch,
+            json!({"status": {"conditions": [lb, {"type": "example.com/dns", "$patch": "delete"}]}})
+        );
     }
 
     #[test]
