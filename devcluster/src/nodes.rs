@@ -416,15 +416,16 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                     }
                     continue;
                 }
-                let has_gates = pod["spec"]["readinessGates"]
-                    .as_array()
-                    .is_some_and(|g| !g.is_empty());
+                // Most Pods have no readiness gate: their Ready condition is the kubelet's own.
+                if pod["spec"]["readinessGates"].as_array().is_none_or(Vec::is_empty) {
+                    continue;
+                }
                 let current = pod["status"]["conditions"]
                     .as_array()
                     .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
                     .map(|c| (c["status"].clone(), c["message"].clone()));
                 let want = ready_condition(&pod, &now());
-                if !has_gates || current == Some((want["status"].clone(), want["message"].clone())) {
+                if current == Some((want["status"].clone(), want["message"].clone())) {
                     continue;
                 }
                 put(store, "pods", &ns, &name, |current| {
