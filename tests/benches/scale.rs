@@ -883,6 +883,7 @@ async fn pods(n: usize, in_flight: usize, trials: usize) {
             .unwrap();
         let floor_pods: Api<Pod> = Api::namespaced(host_client.clone(), &floor_namespace);
         let prefix = format!("direct-{trial}-");
+        settle(&agents).await;
         let watching = seen_all(floor_pods.clone(), prefix.clone(), n).await;
         let cpu_before = cpu_time(None);
         let started = Instant::now();
@@ -892,6 +893,7 @@ async fn pods(n: usize, in_flight: usize, trials: usize) {
         // Through rcsync: created in the virtual cluster, counted when the host holds them all.
         let prefix = format!("synced-{trial}-");
         let watching = seen_all(host_pods.clone(), prefix.clone(), n).await;
+        settle(&agents).await;
         let cpu_before = [
             cpu_time(None),
             cpu_time(Some(agents[0])),
@@ -928,6 +930,23 @@ async fn pods(n: usize, in_flight: usize, trials: usize) {
         ratios[0],
         ratios[ratios.len() - 1],
     );
+}
+
+/// Waits until this process and `others` have been quiet (under 2 ms of CPU between them in 50
+/// ms), so a round starts on a machine the one before it no longer loads; gives up after 10 s.
+async fn settle(others: &[u32]) {
+    let total = || cpu_time(None) + others.iter().map(|pid| cpu_time(Some(*pid))).sum::<Duration>();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut before = total();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = total();
+        if now - before < Duration::from_millis(2) {
+            return;
+        }
+        before = now;
+    }
+    println!("(the machine did not settle within 10 s)");
 }
 
 /// Creates `n` Pods named `prefix0…`, `in_flight` at a time.
