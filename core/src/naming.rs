@@ -55,6 +55,23 @@ pub fn host_object_name(name: &str, namespace: &str, vcluster: &str) -> String {
     host_pod_name(name, namespace, vcluster)
 }
 
+/// The id of a host event as the virtual side sees it: the first 16 hex digits of the SHA-256 of
+/// its uid (stable across the event's repeats and the agents' restarts; the uid stays on the host).
+pub fn host_event_id(host_uid: &str) -> String {
+    hex::encode(&Sha256::digest(host_uid.as_bytes())[..8])
+}
+
+/// The name of the virtual cluster's copy of a host event about virtual Pod `pod_name`:
+/// `POD.ID` (as Kubernetes names a Pod's events), the Pod's part cut so the name stays within 253
+/// characters.
+pub fn virtual_event_name(pod_name: &str, id: &str) -> String {
+    let mut cut = pod_name.len().min(253 - 1 - id.len());
+    while !pod_name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}.{id}", &pod_name[..cut])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +103,18 @@ mod tests {
         assert!(!got.contains(".-"), "{got}");
         assert_eq!(got.len(), 62);
         assert!(got.starts_with(&"p".repeat(51)));
+    }
+
+    #[test]
+    fn a_host_events_copy_is_named_after_its_pod_and_a_digest_of_its_uid() {
+        let id = host_event_id("0d6e4d6b-6c1a-4c8e-9a55-1f3a0d1c2b3a");
+        assert_eq!(id.len(), 16);
+        assert_eq!(id, host_event_id("0d6e4d6b-6c1a-4c8e-9a55-1f3a0d1c2b3a"));
+        assert_ne!(id, host_event_id("another-uid"));
+        assert_eq!(virtual_event_name("web", &id), format!("web.{id}"));
+        let long = virtual_event_name(&"p".repeat(253), &id);
+        assert_eq!(long.len(), 253);
+        assert!(long.ends_with(&format!(".{id}")));
     }
 
     #[test]

@@ -198,7 +198,8 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them under the `rcsync` prefix.
     pub fn register(registry: &mut Registry) -> Self {
-        let watches = rcsync_core::admin::WatchHealth::register(registry, &["runtimeclasses", "pods"]);
+        let watches =
+            rcsync_core::admin::WatchHealth::register(registry, &["runtimeclasses", "pods", "events"]);
         let mut m = Self {
             watches,
             host_classes: Gauge::default(),

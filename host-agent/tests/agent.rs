@@ -994,7 +994,7 @@ async fn a_client_certificate_the_reloaded_client_ca_refuses_loses_its_streams_a
     let first = stream.next().await;
     assert_eq!(names(&first), set(&["gvisor", "youki"]));
     stream.ack(&first).await;
-    let mut statuses = status_stream(channel, Request::new(WatchPodStatusRequest {})).await;
+    let mut statuses = status_stream(channel, Request::new(WatchPodStatusRequest::default())).await;
     // A CA rotation in two steps: the new CA beside the old one accepts the stream still...
     let next_ca = devcluster::pki::Pki::new("rcsync-test-next-ca").unwrap();
     mtls.replace_client_ca(&format!("{}{}", mtls.pki.ca_pem(), next_ca.ca_pem()), 1)
@@ -1059,7 +1059,7 @@ async fn a_token_callers_streams_end_once_the_reloaded_client_ca_refuses_its_con
     let first = stream.next().await;
     assert_eq!(names(&first), set(&["gvisor", "youki"]));
     stream.ack(&first).await;
-    let mut statuses = status_stream(channel, with_token(WatchPodStatusRequest {}, "combined")).await;
+    let mut statuses = status_stream(channel, with_token(WatchPodStatusRequest::default(), "combined")).await;
     let next_ca = devcluster::pki::Pki::new("rcsync-test-next-ca").unwrap();
     mtls.replace_client_ca(&next_ca.ca_pem(), 1).await;
     both_end_unauthenticated(&mut stream, &mut statuses, "no longer accepted by the client CA").await;
@@ -1782,7 +1782,11 @@ async fn open_streams(host: &Host, tenant: &str) -> (Stream, Streaming<PodStatus
     let first = stream.next().await;
     assert!(first.initial_state_complete);
     stream.ack(&first).await;
-    let statuses = status_stream(host.channel().await, with_token(WatchPodStatusRequest {}, tenant)).await;
+    let statuses = status_stream(
+        host.channel().await,
+        with_token(WatchPodStatusRequest::default(), tenant),
+    )
+    .await;
     (stream, statuses)
 }
 

@@ -622,6 +622,74 @@ async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_perio
     .await;
 }
 
+/// What the host records about a synced Pod shows on the virtual Pod, in the virtual cluster's
+/// names: the scheduler's FailedScheduling for a Pod no host node fits, and its Scheduled (the
+/// host namespace and host Pod name replaced) for one that runs.
+#[tokio::test]
+async fn the_hosts_events_about_a_pod_show_on_the_virtual_pod_in_its_own_names() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    let nowhere = json!({"runtimeClassName": "gvisor", "nodeSelector": {"disktype": "ssd"}, "containers": [app(json!({}))]});
+    v.create_pod(&pod("stuck", nowhere)).await;
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))]}),
+    ))
+    .await;
+    let pods = v.pods().await;
+    let uid = |name: &'static str| {
+        let pods = pods.clone();
+        async move { pods.get(name).await.unwrap().metadata.uid.unwrap() }
+    };
+    async fn copied(v: &VirtualSide, name: &str, reason: &str) -> CoreEvent {
+        let what = format!("the host's {reason} event on the virtual Pod {name}");
+        eventually(&what, || async {
+            v.events_of(name)
+                .await
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+        })
+        .await
+    }
+
+    let failed = copied(v, "stuck", "FailedScheduling").await;
+    assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    assert_eq!(failed.involved_object.uid, Some(uid("stuck").await));
+    assert_eq!(
+        failed.source.as_ref().and_then(|s| s.component.as_deref()),
+        Some("default-scheduler")
+    );
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("didn't match Pod's node affinity/selector")),
+        "{failed:?}"
+    );
+
+    let scheduled = copied(v, "web", "Scheduled").await;
+    assert_eq!(scheduled.involved_object.uid, Some(uid("web").await));
+    assert_eq!(
+        scheduled.message.as_deref(),
+        Some("Successfully assigned default/web to devcluster-node-0")
+    );
+    let started = copied(v, "web", "Started").await;
+    assert_eq!(started.type_.as_deref(), Some("Normal"));
+    let host_namespace = v.tenant.host_namespace();
+    for event in v
+        .events_of("web")
+        .await
+        .into_iter()
+        .chain(v.events_of("stuck").await)
+    {
+        let message = event.message.unwrap_or_default();
+        assert!(
+            !message.contains(&host_namespace) && !message.contains(&host_name("web", "default")),
+            "a copied event names the Pod as the tenant knows it: {message:?}"
+        );
+    }
+}
+
 /// A queueing controller in the virtual cluster (Kueue, say) creates its Pods gated, narrows
 /// where they may run while they wait, and lifts its gate when it admits them. The host Pod waits
 /// gated with rcsync's own gate (the tenant's gate names stay in the virtual cluster), then takes

@@ -71,6 +71,10 @@ struct Cli {
     /// refused and retried after a pause.
     #[arg(long, env = "VIRTUAL_AGENT_POD_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pod_workers: u16,
+    /// Which events the host records about a synced Pod's host Pod (FailedScheduling, BackOff,
+    /// Started, ...) to copy to the virtual Pod, where `kubectl describe pod` shows them.
+    #[arg(long, env = "VIRTUAL_AGENT_HOST_EVENTS", value_enum, default_value = "all")]
+    host_events: HostEventsArg,
     /// Namespace of the leader Lease `rcsync-virtual-agent` (default: the agent's own namespace
     /// in a cluster, kube-system with --kubeconfig).
     #[arg(long, env = "VIRTUAL_AGENT_LEASE_NAMESPACE")]
@@ -96,6 +100,27 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "VIRTUAL_AGENT_LOG_LEVEL", default_value = "info")]
     log_level: String,
+}
+
+/// `--host-events`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum HostEventsArg {
+    /// Normal and Warning events.
+    All,
+    /// Warning events only.
+    Warnings,
+    /// None.
+    None,
+}
+
+impl From<HostEventsArg> for rcsync_proto::v1::HostEvents {
+    fn from(arg: HostEventsArg) -> Self {
+        match arg {
+            HostEventsArg::All => Self::All,
+            HostEventsArg::Warnings => Self::Warnings,
+            HostEventsArg::None => Self::Unspecified,
+        }
+    }
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -187,6 +212,7 @@ fn main() -> ExitCode {
         admin_max_connections: cli.admin_max_connections,
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         pod_workers: usize::from(cli.pod_workers),
+        host_events: cli.host_events.into(),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

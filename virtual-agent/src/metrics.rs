@@ -44,6 +44,11 @@ pub struct Metrics {
     pub pod_errors_total: Counter,
     /// Host Pod statuses copied to virtual Pods.
     pub statuses_copied_total: Counter,
+    /// Host events about synced Pods written into the virtual cluster (created or updated).
+    pub host_events_copied_total: Counter,
+    /// Host events not written (refused by the virtual cluster, failed every try, or dropped
+    /// from a full queue).
+    pub host_events_failed_total: Counter,
     /// Unix time of the last Sync response applied.
     pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
     /// 1 while this replica holds the leader Lease (and writes), 0 on standby.
@@ -81,6 +86,8 @@ impl Metrics {
             pods_failing: Gauge::default(),
             pod_errors_total: Counter::default(),
             statuses_copied_total: Counter::default(),
+            host_events_copied_total: Counter::default(),
+            host_events_failed_total: Counter::default(),
             last_sync_timestamp_seconds: Gauge::default(),
             leader: Gauge::default(),
             leader_terms_total: Counter::default(),
@@ -151,6 +158,16 @@ impl Metrics {
             "pod_statuses_copied",
             "Host Pod statuses copied to virtual Pods",
             m.statuses_copied_total.clone(),
+        );
+        r.register(
+            "host_events_copied",
+            "Host events about synced Pods written into the virtual cluster",
+            m.host_events_copied_total.clone(),
+        );
+        r.register(
+            "host_events_failed",
+            "Host events not written into the virtual cluster (refused, failed every try, or dropped from a full queue)",
+            m.host_events_failed_total.clone(),
         );
         r.register(
             "last_sync_timestamp_seconds",

@@ -43,6 +43,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Pods synced in parallel (each Pod's operations stay in order).
     pub pod_workers: usize,
+    /// Which host events about synced Pods to copy to the virtual Pods.
+    pub host_events: rcsync_proto::v1::HostEvents,
     /// Leader election: only the replica holding the Lease writes.
     pub lease: LeaseSettings,
 }
@@ -246,7 +248,8 @@ impl Shared {
             self.state.subscribe(),
             self.settings.pod_workers,
             self.board.clone(),
-        );
+        )
+        .with_host_events(self.settings.host_events);
         tasks.spawn(syncer.run(stop_rx));
         Term { tasks, stop }
     }

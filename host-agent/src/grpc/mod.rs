@@ -7,6 +7,7 @@ pub mod connection_limit;
 pub mod framing;
 pub mod limits;
 pub mod peer;
+pub mod pod_events;
 pub mod pod_status;
 pub mod pods;
 pub mod serve;

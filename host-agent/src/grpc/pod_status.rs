@@ -6,6 +6,7 @@
 //!     ├─ new Pod, new uid, or a status other than the last one sent ──► Updated
 //!     ├─ deleted, or missing from a relist ──────────────────────────► Deleted
 //!     └─ relist complete ────────────────────────────────────────────► InitialStateComplete
+//!  then, when asked for: watch host events about Pods ──► HostEvent (see `pod_events`)
 //! ```
 //!
 //! Per host Pod the stream keeps what a later `Deleted` needs (the virtual identity) and a digest of
@@ -18,7 +19,7 @@ use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::runtime::watcher::{self, Event};
@@ -27,6 +28,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
+use crate::grpc::pod_events::{PodEvents, ReportedPod};
 use crate::translate::{VirtualPodRef, recorded_ref};
 
 /// A host Pod as the status feed reads it: metadata and status. Decoding skips the spec, the
@@ -75,6 +77,21 @@ struct Reported {
     deleted: PodStatusEvent,
     /// Digest of the uid and status JSON last sent.
     digest: u64,
+    /// The host Pod's uid (host events name their Pod by it).
+    host_uid: String,
+}
+
+impl Reported {
+    fn as_reported_pod(&self) -> ReportedPod<'_> {
+        ReportedPod {
+            host_uid: &self.host_uid,
+            virtual_pod: (
+                &self.deleted.pod_namespace,
+                &self.deleted.pod_name,
+                &self.deleted.pod_uid,
+            ),
+        }
+    }
 }
 
 /// The `Updated` event for a host Pod and what to remember of it; `None` for a Pod without a
@@ -94,6 +111,7 @@ fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, Reported)> {
     let reported = Reported {
         deleted,
         digest: hasher.finish(),
+        host_uid: pod.metadata.uid.clone().unwrap_or_default(),
     };
     Some((event, reported))
 }
@@ -106,6 +124,7 @@ fn deleted(id: VirtualPodRef) -> PodStatusEvent {
         pod_name: id.name,
         pod_uid: id.uid,
         status_json: Vec::new(),
+        host_event: None,
     }
 }
 
@@ -166,37 +185,64 @@ fn events_for(
     out
 }
 
-/// Feeds `tx` from the watch `events` until the client goes, the watch ends, `shutdown`, or
-/// `ended` says why the stream may not go on (its tenant removed from the config, or moved to
-/// another host namespace): then that status ends it.
+/// A watch of host Pods (metadata and status).
+pub type PodWatch = Pin<Box<dyn Stream<Item = Result<Event<HostPodStatus>, watcher::Error>> + Send>>;
+
+/// A watch of the host events about Pods in the tenant's host namespace.
+pub type EventWatch = Pin<Box<dyn Stream<Item = Result<Event<CoreEvent>, watcher::Error>> + Send>>;
+
+/// Feeds `tx` from the watch of host Pods `pods` and, when asked for, the watch of host events
+/// `host_events` (read once the Pods' initial state was sent, so events find their Pods), until
+/// the client goes, a watch ends, `shutdown`, or `ended` says why the stream may not go on (its
+/// tenant removed from the config, or moved to another host namespace): then that status ends it.
 pub async fn stream_status(
-    mut events: Pin<Box<dyn Stream<Item = Result<Event<HostPodStatus>, watcher::Error>> + Send>>,
+    mut pods: PodWatch,
+    mut host_events: Option<(EventWatch, PodEvents)>,
     tx: mpsc::Sender<Result<PodStatusEvent, Status>>,
     mut shutdown: watch::Receiver<bool>,
     ended: impl std::future::Future<Output = Status>,
 ) {
     let mut known: HashMap<String, Reported> = HashMap::new();
     let mut relisted: Option<HashMap<String, Reported>> = None;
+    let mut pods_listed = false;
     let mut ended = std::pin::pin!(ended);
     loop {
-        let event = tokio::select! {
+        let out = tokio::select! {
             _ = shutdown.changed() => return,
             _ = tx.closed() => return,
             status = &mut ended => {
                 let _ = tx.send(Err(status)).await;
                 return;
             }
-            event = events.next() => event,
+            event = pods.next() => match event {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching host pods failed; retrying with backoff");
+                    continue;
+                }
+                Some(Ok(event)) => {
+                    let mut out = events_for(event, &mut known, &mut relisted);
+                    pods_listed |= out.iter().any(|e| e.r#type() == PodStatusEventType::InitialStateComplete);
+                    if let Some((_, feed)) = &mut host_events && !out.is_empty() {
+                        out.extend(feed.on_pods_reported(|name| known.get(name).map(Reported::as_reported_pod)));
+                    }
+                    out
+                }
+            },
+            event = async { host_events.as_mut().expect("guarded").0.next().await },
+                if pods_listed && host_events.is_some() => match event {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching host events failed; retrying with backoff");
+                    continue;
+                }
+                Some(Ok(event)) => {
+                    let (_, feed) = host_events.as_mut().expect("guarded");
+                    feed.on_watch_event(event, |name| known.get(name).map(Reported::as_reported_pod))
+                }
+            },
         };
-        let event = match event {
-            None => return,
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "watching host pods failed; retrying with backoff");
-                continue;
-            }
-            Some(Ok(event)) => event,
-        };
-        for event in events_for(event, &mut known, &mut relisted) {
+        for event in out {
             if tx.send(Ok(event)).await.is_err() {
                 return;
             }

@@ -8,6 +8,7 @@
 //!     ──► copies owned by the host Pod (garbage-collected with their last Pod) ──► ungate
 //!  DeletePod(ns, name, uid) ──► host Pod of that uid only ──► delete (grace, UID precondition)
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
+//!     (asked for: and the host events about them, pod_events)
 //! ```
 
 use std::collections::HashMap;
@@ -16,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodCondition, PodSchedulingGate, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event as CoreEvent, Pod, PodCondition, PodSchedulingGate, Secret,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
@@ -28,8 +31,8 @@ use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
-    ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, PodRefusal, PodRefusalReason,
-    PodStatusEvent, WatchPodStatusRequest,
+    ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, HostEvents, PodRefusal,
+    PodRefusalReason, PodStatusEvent, WatchPodStatusRequest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -40,6 +43,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::auth::{Authenticator, Caller};
 use crate::grpc::limits::{StreamKind, TenantLimiter};
+use crate::grpc::pod_events::{self, PodEvents};
 use crate::grpc::pod_status::{HostPodStatus, stream_status};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::{DecisionLabels, Metrics};
@@ -938,7 +942,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         let (caller, tenant, slot) = opened?;
         let name = caller.tenant.clone();
         let config = watcher::Config::default().labels(&managed_selector(&tenant));
-        let events = self
+        let pods = self
             .metrics
             .watches
             .follow(
@@ -950,6 +954,22 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
                 .retry_with_backoff(),
             )
             .boxed();
+        let asked = HostEvents::try_from(request.get_ref().host_events).unwrap_or(HostEvents::Unspecified);
+        let host_events = pod_events::field_selector(asked).map(|fields| {
+            let watch = self
+                .metrics
+                .watches
+                .follow(
+                    "events".into(),
+                    watcher::watcher(
+                        Api::<CoreEvent>::namespaced(self.client.clone(), &tenant.host_namespace),
+                        watcher::Config::default().fields(fields),
+                    )
+                    .retry_with_backoff(),
+                )
+                .boxed();
+            (watch, PodEvents::new(tenant.host_namespace.clone()))
+        });
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("pod_status", tenant = %name);
         let gauge = self
@@ -962,7 +982,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 gauge.inc();
-                stream_status(events, tx, shutdown, ended).await;
+                stream_status(pods, host_events, tx, shutdown, ended).await;
                 gauge.dec();
                 drop(slot);
             },

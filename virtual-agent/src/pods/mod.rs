@@ -16,6 +16,7 @@
 //!  watch ConfigMaps, Secrets ──► change ──► re-queue the Pods referencing it (copies stay current)
 //!  WatchPodStatus ──► host status ──► virtual Pod status (a failed write is retried with the Pod's backoff)
 //!                   host Pod gone ──► event + delete virtual Pod
+//!                   host event about the Pod ──► event about the virtual Pod (`host_events`)
 //!  virtual Pod deleted ──► DeletePod (UID-checked by the host agent)
 //! ```
 //!
@@ -23,7 +24,8 @@
 //! while the host agent is unreachable (fail closed); failed work is retried with backoff.
 //!
 //! Here: the [`PodSyncer`], which watches and dispatches by Pod to its shards, and what they share.
-//! `shard`: one shard's Pods and the decisions above; `status_feed`: the WatchPodStatus stream.
+//! `shard`: one shard's Pods and the decisions above; `status_feed`: the WatchPodStatus stream;
+//! `host_events`: the writer of the host's events about synced Pods.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -41,16 +43,18 @@ use rcsync_core::admin::Readiness;
 use rcsync_core::gates;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::pod_refs::{self, RefKind};
-use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, PodStatusEvent, PodStatusEventType};
+use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, HostEvents, PodStatusEvent, PodStatusEventType};
 use tokio::sync::{mpsc, watch};
 
 use crate::classes::SyncState;
 use crate::connect::{HostAgentTarget, SharedClients};
 use crate::metrics::Metrics;
 
+mod host_events;
 mod shard;
 mod status_feed;
 
+use host_events::host_event_writer;
 use shard::Shard;
 use status_feed::status_feed;
 
@@ -219,7 +223,7 @@ enum StatusFeed {
     /// A new stream opened: a full initial state follows.
     Reset,
     /// One event.
-    Event(PodStatusEvent),
+    Event(Box<PodStatusEvent>),
 }
 
 fn key_of(pod: &Pod) -> Key {
@@ -371,6 +375,8 @@ pub struct PodSyncer {
     secret_writer: reflector::store::Writer<Secret>,
     board: PodBoard,
     watches: rcsync_core::admin::WatchHealth,
+    metrics: Metrics,
+    host_events: HostEvents,
 }
 
 impl PodSyncer {
@@ -417,7 +423,16 @@ impl PodSyncer {
             secret_writer,
             board,
             watches: metrics.watches.clone(),
+            metrics,
+            host_events: HostEvents::All,
         }
+    }
+
+    /// Which events the host records about synced Pods to copy to the virtual Pods (all unless
+    /// told otherwise).
+    pub fn with_host_events(mut self, host_events: HostEvents) -> Self {
+        self.host_events = host_events;
+        self
     }
 
     /// Where each Pod stands (synced, blocked, waiting, orphaned, and why), kept current.
@@ -456,14 +471,26 @@ impl PodSyncer {
         let mut secret_events = object_events(&self.client, self.secret_writer, watches);
 
         let (status_tx, mut status_rx) = mpsc::channel(256);
-        children.spawn(status_feed(self.target.clone(), status_tx, shutdown.clone()));
+        children.spawn(status_feed(
+            self.target.clone(),
+            self.host_events,
+            status_tx,
+            shutdown.clone(),
+        ));
+        let host_event_queue = (self.host_events != HostEvents::Unspecified).then(|| {
+            let (queue, writer) =
+                host_event_writer(self.client.clone(), self.metrics.clone(), shutdown.clone());
+            children.spawn(writer);
+            queue
+        });
         let (mut synced_classes, mut pod_policy) = {
             let state = self.sync_state.borrow();
             (state.synced.clone(), state.pod_policy.clone())
         };
         let mut inboxes = Vec::new();
         let (room_tx, mut room_rx) = mpsc::unbounded_channel();
-        for shard in std::mem::take(&mut self.shards) {
+        for mut shard in std::mem::take(&mut self.shards) {
+            shard.host_events = host_event_queue.clone();
             let (tx, rx) = mpsc::channel(1024);
             inboxes.push(tx);
             children.spawn(shard.run(rx, room_tx.clone(), shutdown.clone()));

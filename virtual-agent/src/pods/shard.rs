@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic_types::StatusExt as _;
 
+use super::host_events::{HostEventCopy, HostEventQueue};
 use super::{
     Failing, Key, ObjectKey, ObjectStores, POD_REFUSED_RETRY_MAX, POD_RETRY_MAX, PodBoard, Record, Records,
     ShardInput, State, StatusFeed, apply_body, changed_for_the_host, digest_of, fingerprint, key_of,
@@ -91,6 +92,8 @@ pub(super) struct Shard {
     /// Pods whose last try failed, and why: `failing` on the board until a try succeeds, so a
     /// Pod the host keeps refusing (its namespace's quota, say) shows in `virtual-agent status`.
     failing: Failing,
+    /// Where host events about this shard's Pods go to be written (`None`: not copied).
+    pub(super) host_events: Option<HostEventQueue>,
 }
 
 impl Shard {
@@ -117,6 +120,7 @@ impl Shard {
             host_staging: None,
             pods_listed: false,
             host_listed: false,
+            host_events: None,
             objects_listed: [false; 2],
             objects,
             referrers: HashMap::new(),
@@ -309,7 +313,7 @@ impl Shard {
                     Some(ShardInput::Status(StatusFeed::Reset)) => self.host_staging = Some(HashMap::new()),
                     Some(ShardInput::Status(StatusFeed::Event(event))) => {
                         let key = (event.pod_namespace.clone(), event.pod_name.clone());
-                        self.on_status(event).await;
+                        self.on_status(*event).await;
                         self.report(&key);
                     }
                     Some(ShardInput::PodPolicyChanged) => {
@@ -1005,8 +1009,25 @@ impl Shard {
                 }
                 self.collect_garbage();
             }
+            PodStatusEventType::HostEvent => self.copy_host_event(key, event),
             PodStatusEventType::Unspecified => {}
         }
+    }
+
+    /// Queues a host event for the virtual Pod it is about, if that Pod (that uid) is here.
+    fn copy_host_event(&self, key: Key, event: PodStatusEvent) {
+        let (Some(queue), Some(host_event)) = (&self.host_events, event.host_event) else {
+            return;
+        };
+        if self.pods.get(&key).and_then(|pod| pod.uid()).as_deref() != Some(event.pod_uid.as_str()) {
+            return;
+        }
+        queue.send(HostEventCopy {
+            namespace: key.0,
+            pod_name: key.1,
+            pod_uid: event.pod_uid,
+            event: host_event,
+        });
     }
 
     /// Writes a host status into the virtual Pod it was made for; false when that write failed

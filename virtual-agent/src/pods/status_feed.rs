@@ -2,15 +2,17 @@
 
 use std::time::Duration;
 
-use rcsync_proto::v1::WatchPodStatusRequest;
+use rcsync_proto::v1::{HostEvents, WatchPodStatusRequest};
 use tokio::sync::{mpsc, watch};
 
 use super::StatusFeed;
 use crate::connect::{Backoff, HostAgentTarget};
 
-/// Keeps a WatchPodStatus stream open, reconnecting with backoff, and forwards its events.
+/// Keeps a WatchPodStatus stream open (asking for `host_events`), reconnecting with backoff, and
+/// forwards its events.
 pub(super) async fn status_feed(
     target: HostAgentTarget,
+    host_events: HostEvents,
     tx: mpsc::Sender<StatusFeed>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -19,13 +21,15 @@ pub(super) async fn status_feed(
         let session = async {
             let (_, mut pods) = target.connect().await?;
             let mut stream = pods
-                .watch_pod_status(WatchPodStatusRequest {})
+                .watch_pod_status(WatchPodStatusRequest {
+                    host_events: host_events as i32,
+                })
                 .await?
                 .into_inner();
             tx.send(StatusFeed::Reset).await?;
             while let Some(event) = stream.message().await? {
                 backoff.reset();
-                tx.send(StatusFeed::Event(event)).await?;
+                tx.send(StatusFeed::Event(Box::new(event))).await?;
             }
             anyhow::Ok(())
         };

@@ -1,0 +1,412 @@
+//! `WatchPodStatus`'s host events: what the host's scheduler, kubelet and controllers record about
+//! a tenant's host Pods, addressed to the virtual Pods they were made for.
+//!
+//! ```text
+//!  watch core/v1 Events in <hostNamespace>, involvedObject.kind=Pod (and type=Warning if asked)
+//!     ├─ about a host Pod the stream reported (name and uid) ──► HOST_EVENT, host names rewritten
+//!     │     (unless its count, message and times are what was last sent for it)
+//!     ├─ about a Pod not reported yet (the two watches race) ──► parked, sent once it is
+//!     └─ about anything else in the namespace ─────────────────► dropped when parked ones overflow
+//! ```
+//!
+//! Only Pods of the stream's own tenant are ever reported (the Pod watch selects them by label), so
+//! an event reaches a tenant only when it names one of its Pods by name and uid.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash as _, Hasher as _};
+
+use k8s_openapi::api::core::v1::Event as CoreEvent;
+use kube::runtime::watcher::Event;
+use rcsync_core::naming::host_event_id;
+use rcsync_proto::v1::{HostEvent, HostEvents, PodStatusEvent, PodStatusEventType};
+
+/// Events about Pods not reported yet, at most this many (the oldest go first).
+const PARKED_MAX: usize = 256;
+
+/// The field selector of the host events a stream asks for; `None`: none.
+pub fn field_selector(asked: HostEvents) -> Option<&'static str> {
+    match asked {
+        HostEvents::Unspecified => None,
+        HostEvents::Warnings => Some("involvedObject.kind=Pod,type=Warning"),
+        HostEvents::All => Some("involvedObject.kind=Pod"),
+    }
+}
+
+/// A host Pod the stream reported, as the events about it need it.
+pub struct ReportedPod<'a> {
+    /// The host Pod's uid.
+    pub host_uid: &'a str,
+    /// The virtual Pod it was made for: namespace, name, uid.
+    pub virtual_pod: (&'a str, &'a str, &'a str),
+}
+
+/// One stream's host events: what was sent per host event, and events waiting for their Pod.
+pub struct PodEvents {
+    host_namespace: String,
+    /// Host event uid → digest of what was last sent for it.
+    sent: HashMap<String, u64>,
+    /// Host event uids seen since a relist began (to forget those gone meanwhile).
+    relisted: Option<HashSet<String>>,
+    parked: VecDeque<CoreEvent>,
+}
+
+impl PodEvents {
+    /// Host events of the Pods in `host_namespace`.
+    pub fn new(host_namespace: String) -> Self {
+        Self {
+            host_namespace,
+            sent: HashMap::new(),
+            relisted: None,
+            parked: VecDeque::new(),
+        }
+    }
+
+    /// The messages for one event of the host events' watch; `pod` finds a reported host Pod by name.
+    pub fn on_watch_event<'a>(
+        &mut self,
+        event: Event<CoreEvent>,
+        pod: impl Fn(&str) -> Option<ReportedPod<'a>>,
+    ) -> Vec<PodStatusEvent> {
+        match event {
+            Event::Init => {
+                self.relisted = Some(HashSet::new());
+                Vec::new()
+            }
+            Event::InitDone => {
+                if let Some(fresh) = self.relisted.take() {
+                    self.sent.retain(|uid, _| fresh.contains(uid));
+                }
+                Vec::new()
+            }
+            Event::InitApply(event) | Event::Apply(event) => {
+                if let (Some(relisted), Some(uid)) = (&mut self.relisted, &event.metadata.uid) {
+                    relisted.insert(uid.clone());
+                }
+                let name = event.involved_object.name.as_deref().unwrap_or_default();
+                match pod(name) {
+                    Some(reported) => self.message(&event, &reported).into_iter().collect(),
+                    None => {
+                        if self.parked.len() == PARKED_MAX {
+                            self.parked.pop_front();
+                        }
+                        self.parked.push_back(event);
+                        Vec::new()
+                    }
+                }
+            }
+            Event::Delete(event) => {
+                if let Some(uid) = &event.metadata.uid {
+                    self.sent.remove(uid);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// The messages for parked events whose Pod `pod` now finds (call after a Pod was reported).
+    pub fn on_pods_reported<'a>(
+        &mut self,
+        pod: impl Fn(&str) -> Option<ReportedPod<'a>>,
+    ) -> Vec<PodStatusEvent> {
+        if self.parked.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut waiting = VecDeque::with_capacity(self.parked.len());
+        for event in std::mem::take(&mut self.parked) {
+            match pod(event.involved_object.name.as_deref().unwrap_or_default()) {
+                Some(reported) => out.extend(self.message(&event, &reported)),
+                None => waiting.push_back(event),
+            }
+        }
+        self.parked = waiting;
+        out
+    }
+
+    /// The HOST_EVENT message for `event` about `pod`; `None` when it names another Pod under the
+    /// name (another uid), or was sent as it stands.
+    fn message(&mut self, event: &CoreEvent, pod: &ReportedPod<'_>) -> Option<PodStatusEvent> {
+        let uid = event.metadata.uid.as_deref()?;
+        if event
+            .involved_object
+            .uid
+            .as_deref()
+            .is_some_and(|u| !u.is_empty() && u != pod.host_uid)
+        {
+            return None;
+        }
+        let (namespace, name, virtual_uid) = pod.virtual_pod;
+        let host_name = event.involved_object.name.as_deref().unwrap_or_default();
+        let host_event = host_event(event, &self.host_namespace, host_name, namespace, name);
+        let mut hasher = DefaultHasher::new();
+        (
+            virtual_uid,
+            &host_event.message,
+            host_event.count,
+            &host_event.last_time,
+        )
+            .hash(&mut hasher);
+        let digest = hasher.finish();
+        if self.sent.insert(uid.to_string(), digest) == Some(digest) {
+            return None;
+        }
+        Some(PodStatusEvent {
+            r#type: PodStatusEventType::HostEvent as i32,
+            pod_namespace: namespace.to_string(),
+            pod_name: name.to_string(),
+            pod_uid: virtual_uid.to_string(),
+            status_json: Vec::new(),
+            host_event: Some(host_event),
+        })
+    }
+}
+
+/// `event` as the virtual side gets it: the host's names of the Pod replaced by the virtual ones,
+/// the fields core/v1 and events.k8s.io/v1 writers fill in differently read either way.
+fn host_event(
+    event: &CoreEvent,
+    host_namespace: &str,
+    host_name: &str,
+    namespace: &str,
+    name: &str,
+) -> HostEvent {
+    let text = |s: &Option<String>| s.clone().unwrap_or_default();
+    let source = event.source.as_ref();
+    let first_time = event
+        .first_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .or_else(|| event.event_time.as_ref().map(|t| t.0.to_string()))
+        .or_else(|| {
+            event
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+        })
+        .unwrap_or_default();
+    let series = event.series.as_ref();
+    let last_time = series
+        .and_then(|s| s.last_observed_time.as_ref())
+        .map(|t| t.0.to_string())
+        .or_else(|| event.last_timestamp.as_ref().map(|t| t.0.to_string()))
+        .unwrap_or_else(|| first_time.clone());
+    let count = series.and_then(|s| s.count).or(event.count).unwrap_or(1).max(1);
+    HostEvent {
+        id: host_event_id(event.metadata.uid.as_deref().unwrap_or_default()),
+        r#type: text(&event.type_),
+        reason: text(&event.reason),
+        message: virtual_message(
+            event.message.as_deref().unwrap_or_default(),
+            host_namespace,
+            host_name,
+            namespace,
+            name,
+        ),
+        reporting_controller: event
+            .reporting_component
+            .clone()
+            .filter(|c| !c.is_empty())
+            .or_else(|| source.and_then(|s| s.component.clone()))
+            .unwrap_or_default(),
+        reporting_instance: event
+            .reporting_instance
+            .clone()
+            .filter(|i| !i.is_empty())
+            .or_else(|| source.and_then(|s| s.host.clone()))
+            .unwrap_or_default(),
+        action: text(&event.action),
+        field_path: text(&event.involved_object.field_path),
+        count,
+        first_time,
+        last_time,
+    }
+}
+
+/// `message` with the host Pod's `namespace/name` and then its name alone replaced by the virtual
+/// Pod's: the scheduler's "Successfully assigned vc-team-a/web-x-default-x-team-a to node-1"
+/// reads "Successfully assigned default/web to node-1".
+fn virtual_message(
+    message: &str,
+    host_namespace: &str,
+    host_name: &str,
+    namespace: &str,
+    name: &str,
+) -> String {
+    if host_name.is_empty() {
+        return message.to_string();
+    }
+    message
+        .replace(
+            &format!("{host_namespace}/{host_name}"),
+            &format!("{namespace}/{name}"),
+        )
+        .replace(host_name, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const HOST_POD: &str = "web-x-default-x-team-a";
+
+    fn host_event_object(uid: &str, about: &str, about_uid: &str, message: &str, count: i32) -> CoreEvent {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{about}.{uid}"), "namespace": "vc-team-a", "uid": uid},
+            "involvedObject": {"kind": "Pod", "namespace": "vc-team-a", "name": about, "uid": about_uid,
+                               "fieldPath": "spec.containers{app}"},
+            "reason": "BackOff", "message": message, "type": "Warning",
+            "source": {"component": "kubelet", "host": "node-1"},
+            "firstTimestamp": "2026-11-27T10:00:00Z", "lastTimestamp": "2026-11-27T10:05:00Z",
+            "count": count,
+        }))
+        .unwrap()
+    }
+
+    fn reported(name: &str) -> Option<ReportedPod<'static>> {
+        (name == HOST_POD).then_some(ReportedPod {
+            host_uid: "host-uid",
+            virtual_pod: ("default", "web", "virtual-uid"),
+        })
+    }
+
+    #[test]
+    fn an_event_about_a_reported_pod_goes_to_its_virtual_pod_with_the_virtual_names() {
+        let mut events = PodEvents::new("vc-team-a".into());
+        let message =
+            format!("Back-off restarting failed container app in pod vc-team-a/{HOST_POD} ({HOST_POD})");
+        let out = events.on_watch_event(
+            Event::Apply(host_event_object("e1", HOST_POD, "host-uid", &message, 3)),
+            reported,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].r#type(), PodStatusEventType::HostEvent);
+        assert_eq!(
+            (
+                out[0].pod_namespace.as_str(),
+                out[0].pod_name.as_str(),
+                out[0].pod_uid.as_str()
+            ),
+            ("default", "web", "virtual-uid")
+        );
+        let event = out[0].host_event.as_ref().unwrap();
+        assert_eq!(
+            event.message,
+            "Back-off restarting failed container app in pod default/web (web)"
+        );
+        assert_eq!(event.id, host_event_id("e1"));
+        assert_eq!(
+            (event.r#type.as_str(), event.reason.as_str()),
+            ("Warning", "BackOff")
+        );
+        assert_eq!(
+            (
+                event.reporting_controller.as_str(),
+                event.reporting_instance.as_str()
+            ),
+            ("kubelet", "node-1")
+        );
+        assert_eq!(event.field_path, "spec.containers{app}");
+        assert_eq!(event.count, 3);
+        assert_eq!(
+            (event.first_time.as_str(), event.last_time.as_str()),
+            ("2026-11-27T10:00:00Z", "2026-11-27T10:05:00Z")
+        );
+    }
+
+    #[test]
+    fn a_repeat_is_sent_once_per_change_and_again_after_a_relist_only_if_it_changed() {
+        let mut events = PodEvents::new("vc-team-a".into());
+        let mut feed = |event| events.on_watch_event(event, reported);
+        assert_eq!(
+            feed(Event::Apply(host_event_object(
+                "e1", HOST_POD, "host-uid", "m", 1
+            )))
+            .len(),
+            1
+        );
+        assert!(
+            feed(Event::Apply(host_event_object(
+                "e1", HOST_POD, "host-uid", "m", 1
+            )))
+            .is_empty()
+        );
+        assert_eq!(
+            feed(Event::Apply(host_event_object(
+                "e1", HOST_POD, "host-uid", "m", 2
+            )))
+            .len(),
+            1
+        );
+        assert!(feed(Event::Init).is_empty());
+        assert!(
+            feed(Event::InitApply(host_event_object(
+                "e1", HOST_POD, "host-uid", "m", 2
+            )))
+            .is_empty()
+        );
+        assert!(feed(Event::InitDone).is_empty());
+    }
+
+    #[test]
+    fn an_event_about_another_pod_or_another_uid_under_the_name_is_not_sent() {
+        let mut events = PodEvents::new("vc-team-a".into());
+        assert!(
+            events
+                .on_watch_event(
+                    Event::Apply(host_event_object("e1", HOST_POD, "an-earlier-pod", "m", 1)),
+                    reported
+                )
+                .is_empty()
+        );
+        assert!(
+            events
+                .on_watch_event(
+                    Event::Apply(host_event_object("e2", "someone-elses-pod", "u", "m", 1)),
+                    reported
+                )
+                .is_empty()
+        );
+        assert!(
+            events.on_pods_reported(reported).is_empty(),
+            "the other Pod's event stays parked"
+        );
+        for i in 0..PARKED_MAX + 10 {
+            events.on_watch_event(
+                Event::Apply(host_event_object(&format!("p{i}"), "nobody", "u", "m", 1)),
+                reported,
+            );
+        }
+        assert_eq!(events.parked.len(), PARKED_MAX, "parked events are bounded");
+    }
+
+    #[test]
+    fn an_event_that_comes_before_its_pod_is_sent_once_the_pod_is_reported() {
+        let mut events = PodEvents::new("vc-team-a".into());
+        let nobody = |_: &str| None;
+        assert!(
+            events
+                .on_watch_event(
+                    Event::Apply(host_event_object("e1", HOST_POD, "host-uid", "m", 1)),
+                    nobody
+                )
+                .is_empty()
+        );
+        let out = events.on_pods_reported(reported);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].pod_name, "web");
+        assert!(events.on_pods_reported(reported).is_empty());
+    }
+
+    #[test]
+    fn warnings_only_or_all_or_none() {
+        assert_eq!(field_selector(HostEvents::Unspecified), None);
+        assert_eq!(
+            field_selector(HostEvents::Warnings),
+            Some("involvedObject.kind=Pod,type=Warning")
+        );
+        assert_eq!(field_selector(HostEvents::All), Some("involvedObject.kind=Pod"));
+    }
+}

@@ -1,0 +1,295 @@
+//! Host events in the virtual cluster: what the host's scheduler, kubelet and controllers record
+//! about a synced Pod's host Pod (FailedScheduling, BackOff, Started, ...), written as core/v1
+//! Events about the virtual Pod, where `kubectl describe pod` and `kubectl get events` show them.
+//!
+//! ```text
+//!  WatchPodStatus HOST_EVENT ──► shard: the virtual Pod of that uid? ──► queue (a repeat of a queued
+//!     event replaces it) ──► writer, one at a time: create <pod>.<id>, or patch its count, last
+//!     time and message when it exists ──► transient failures retried (5 tries), others reported
+//! ```
+//!
+//! The copy is named after the host event's id, so a repeat updates it and a reopened stream (or
+//! a restarted agent) writes the same object again instead of a second one.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Event as CoreEvent;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use rcsync_core::naming::virtual_event_name;
+use rcsync_proto::v1::HostEvent;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use crate::connect::Backoff;
+use crate::metrics::Metrics;
+
+/// Host events waiting to be written, at most this many (past it a new one is dropped and counted).
+const QUEUED_MAX: usize = 4096;
+
+/// Tries of one write before it is reported failed.
+const TRIES: u32 = 5;
+
+/// A host event to write about the virtual Pod `namespace/pod_name` of uid `pod_uid`.
+#[derive(Clone, Debug)]
+pub(super) struct HostEventCopy {
+    pub(super) namespace: String,
+    pub(super) pod_name: String,
+    pub(super) pod_uid: String,
+    pub(super) event: HostEvent,
+}
+
+impl HostEventCopy {
+    fn name(&self) -> String {
+        virtual_event_name(&self.pod_name, &self.event.id)
+    }
+
+    /// The core/v1 Event the virtual cluster gets.
+    fn object(&self) -> Result<CoreEvent, serde_json::Error> {
+        let e = &self.event;
+        let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        let mut involved = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "namespace": self.namespace, "name": self.pod_name, "uid": self.pod_uid,
+        });
+        if let Some(path) = text(&e.field_path) {
+            involved["fieldPath"] = json!(path);
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": self.name(), "namespace": self.namespace},
+            "involvedObject": involved,
+            "type": text(&e.r#type),
+            "reason": text(&e.reason),
+            "message": text(&e.message),
+            "action": text(&e.action),
+            "source": {"component": text(&e.reporting_controller), "host": text(&e.reporting_instance)},
+            "reportingComponent": e.reporting_controller,
+            "reportingInstance": e.reporting_instance,
+            "count": e.count.max(1),
+            "firstTimestamp": text(&e.first_time),
+            "lastTimestamp": text(&e.last_time),
+        }))
+    }
+}
+
+/// Where shards hand host events to the writer.
+#[derive(Clone)]
+pub(super) struct HostEventQueue {
+    tx: mpsc::UnboundedSender<HostEventCopy>,
+    metrics: Metrics,
+}
+
+impl HostEventQueue {
+    /// Queues `copy` for the writer.
+    pub(super) fn send(&self, copy: HostEventCopy) {
+        if self.tx.send(copy).is_err() {
+            // The writer stopped: the agent is shutting down.
+            self.metrics.host_events_failed_total.inc();
+        }
+    }
+}
+
+/// A queue and the writer that empties it into the virtual cluster behind `client` (run it as a
+/// task; it ends at `shutdown` or when every queue handle is gone).
+pub(super) fn host_event_writer(
+    client: Client,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> (HostEventQueue, impl std::future::Future<Output = ()> + Send) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queue = HostEventQueue {
+        tx,
+        metrics: metrics.clone(),
+    };
+    (queue, write_all(client, rx, metrics, shutdown))
+}
+
+/// Queued copies in order; a newer copy of a queued event takes its place.
+#[derive(Default)]
+struct Pending {
+    order: VecDeque<String>,
+    copies: HashMap<String, HostEventCopy>,
+}
+
+impl Pending {
+    /// Queues `copy`; false when the queue is full.
+    fn push(&mut self, copy: HostEventCopy) -> bool {
+        let name = format!("{}/{}", copy.namespace, copy.name());
+        if let Some(queued) = self.copies.get_mut(&name) {
+            *queued = copy;
+            return true;
+        }
+        if self.order.len() >= QUEUED_MAX {
+            return false;
+        }
+        self.order.push_back(name.clone());
+        self.copies.insert(name, copy);
+        true
+    }
+
+    fn pop(&mut self) -> Option<HostEventCopy> {
+        let name = self.order.pop_front()?;
+        self.copies.remove(&name)
+    }
+}
+
+async fn write_all(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<HostEventCopy>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut pending = Pending::default();
+    loop {
+        let take = |pending: &mut Pending, copy: HostEventCopy| {
+            if !pending.push(copy) {
+                metrics.host_events_failed_total.inc();
+                tracing::warn!("more than {QUEUED_MAX} host events wait to be written: dropping one");
+            }
+        };
+        while let Ok(copy) = rx.try_recv() {
+            take(&mut pending, copy);
+        }
+        let Some(copy) = pending.pop() else {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                copy = rx.recv() => match copy {
+                    Some(copy) => take(&mut pending, copy),
+                    None => return,
+                },
+            }
+            continue;
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = write(&client, &copy, &metrics) => {}
+        }
+    }
+}
+
+/// Writes one copy: created, or updated when it exists; retried while the failure may pass.
+async fn write(client: &Client, copy: &HostEventCopy, metrics: &Metrics) {
+    let api: Api<CoreEvent> = Api::namespaced(client.clone(), &copy.namespace);
+    let name = copy.name();
+    let object = match copy.object() {
+        Ok(object) => object,
+        Err(e) => {
+            metrics.host_events_failed_total.inc();
+            tracing::warn!(namespace = %copy.namespace, pod = %copy.pod_name, error = %e, "a host event the host agent sent is not a valid event; not written");
+            return;
+        }
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut last_error = String::new();
+    for _ in 0..TRIES {
+        let result = match api.create(&PostParams::default(), &object).await {
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let repeat = json!({
+                    "count": object.count,
+                    "lastTimestamp": object.last_timestamp,
+                    "message": object.message,
+                });
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&repeat))
+                    .await
+                    .map(drop)
+            }
+            other => other.map(drop),
+        };
+        match result {
+            Ok(()) => {
+                metrics.host_events_copied_total.inc();
+                return;
+            }
+            // Refused as it stands (invalid, forbidden, its namespace gone): trying again gives the
+            // same answer.
+            Err(kube::Error::Api(e)) if matches!(e.code, 400 | 403 | 404 | 422) => {
+                last_error = e.to_string();
+                break;
+            }
+            Err(e) => {
+                last_error = e.to_string();
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+    metrics.host_events_failed_total.inc();
+    tracing::warn!(namespace = %copy.namespace, pod = %copy.pod_name, event = %name, error = %last_error, "writing a host event failed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(id: &str, count: i32) -> HostEventCopy {
+        HostEventCopy {
+            namespace: "default".into(),
+            pod_name: "web".into(),
+            pod_uid: "virtual-uid".into(),
+            event: HostEvent {
+                id: id.into(),
+                r#type: "Warning".into(),
+                reason: "FailedScheduling".into(),
+                message: "0/1 nodes are available".into(),
+                reporting_controller: "default-scheduler".into(),
+                reporting_instance: String::new(),
+                action: String::new(),
+                field_path: String::new(),
+                count,
+                first_time: "2026-11-27T10:00:00Z".into(),
+                last_time: "2026-11-27T10:01:00Z".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_copy_is_an_event_about_the_virtual_pod_named_after_the_host_events_id() {
+        let event = copy("0123456789abcdef", 2).object().unwrap();
+        assert_eq!(event.metadata.name.as_deref(), Some("web.0123456789abcdef"));
+        assert_eq!(event.metadata.namespace.as_deref(), Some("default"));
+        let about = &event.involved_object;
+        assert_eq!(
+            (
+                about.kind.as_deref(),
+                about.name.as_deref(),
+                about.uid.as_deref(),
+                about.namespace.as_deref()
+            ),
+            (Some("Pod"), Some("web"), Some("virtual-uid"), Some("default"))
+        );
+        assert_eq!(about.field_path, None);
+        assert_eq!(event.count, Some(2));
+        assert_eq!(event.reason.as_deref(), Some("FailedScheduling"));
+        assert_eq!(
+            event.source.unwrap().component.as_deref(),
+            Some("default-scheduler")
+        );
+        assert_eq!(event.action, None);
+        assert_eq!(
+            event.last_timestamp.unwrap().0.to_string(),
+            "2026-11-27T10:01:00Z"
+        );
+    }
+
+    #[test]
+    fn a_repeat_of_a_queued_event_replaces_it_and_the_queue_is_bounded() {
+        let mut pending = Pending::default();
+        assert!(pending.push(copy("a", 1)));
+        assert!(pending.push(copy("b", 1)));
+        assert!(pending.push(copy("a", 2)));
+        assert_eq!(
+            pending.pop().map(|c| (c.event.id, c.event.count)),
+            Some(("a".into(), 2))
+        );
+        assert_eq!(pending.pop().map(|c| c.event.id), Some("b".into()));
+        assert!(pending.pop().is_none());
+        for i in 0..QUEUED_MAX {
+            assert!(pending.push(copy(&i.to_string(), 1)));
+        }
+        assert!(!pending.push(copy("one-too-many", 1)));
+        assert!(
+            pending.push(copy("0", 5)),
+            "a repeat of a queued event still fits"
+        );
+    }
+}
