@@ -18,6 +18,10 @@ pub const ANNOTATION_OBJECT_NAMESPACE: &str = "vcluster.loft.sh/object-namespace
 /// Annotation on host Pods: the virtual object's UID.
 pub const ANNOTATION_OBJECT_UID: &str = "vcluster.loft.sh/object-uid";
 
+/// Label on the virtual cluster's copies of host events (value: `true`): the virtual agent lists
+/// them at start, so what is already there is not written again.
+pub const LABEL_HOST_EVENT_COPY: &str = "rcsync.io/host-event";
+
 /// Label on RuntimeClasses in the virtual cluster that rcsync manages (value: `rcsync`).
 pub const LABEL_RCSYNC_MANAGED: &str = "rcsync.io/managed";
 /// Annotation on managed RuntimeClasses: the content version they were applied from.

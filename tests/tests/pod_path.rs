@@ -690,6 +690,53 @@ async fn the_hosts_events_about_a_pod_show_on_the_virtual_pod_in_its_own_names()
     }
 }
 
+/// A virtual agent that starts again (a rollout, a new leader) gets every host event once more
+/// from a fresh WatchPodStatus stream, and writes none whose copy is already in place (it lists
+/// them at start): only a new Pod's events are written.
+#[tokio::test]
+async fn host_events_already_copied_are_not_written_again_by_a_restarted_agent() {
+    let mut system = system_with_a_host_node().await;
+    let spec = || json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))]});
+    let v = &mut system.virtuals[0];
+    v.create_pod(&pod("web", spec())).await;
+    /// The copies of `name`'s Scheduled and Started events: name and resource version.
+    async fn copies_of(v: &VirtualSide, name: &str) -> Vec<(String, String)> {
+        let mut copies: Vec<(String, String)> = v
+            .events_of(name)
+            .await
+            .into_iter()
+            .filter(|e| matches!(e.reason.as_deref(), Some("Scheduled" | "Started")))
+            .map(|e| (e.metadata.name.unwrap(), e.metadata.resource_version.unwrap()))
+            .collect();
+        copies.sort();
+        copies
+    }
+    let before = eventually("both events of web copied", || async {
+        let copies = copies_of(v, "web").await;
+        (copies.len() == 2).then_some(copies)
+    })
+    .await;
+
+    v.roll_agent().await;
+    v.create_pod(&pod("later", spec())).await;
+    // The restarted agent's stream carries web's events before later's, and one writer writes
+    // them in order: once later's are copied, web's have been looked at.
+    eventually("both events of later copied", || async {
+        (copies_of(v, "later").await.len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        copies_of(v, "web").await,
+        before,
+        "web's copies are the same objects"
+    );
+    let metrics = v.metrics().await;
+    assert!(
+        metrics.contains("\nrcsync_host_events_copied_total 2\n"),
+        "the restarted agent wrote later's two events and none of web's:\n{metrics}"
+    );
+}
+
 /// A queueing controller in the virtual cluster (Kueue, say) creates its Pods gated, narrows
 /// where they may run while they wait, and lifts its gate when it admits them. The host Pod waits
 /// gated with rcsync's own gate (the tenant's gate names stay in the virtual cluster), then takes

@@ -18,8 +18,9 @@ pub const REQUIRED: &[(&str, &str, &[&str])] = &[
     ("", "pods/status", &["patch"]),
     // kube-runtime's Recorder: SyncWarning / SyncError events (create, then patch for series).
     ("events.k8s.io", "events", &["create", "patch"]),
-    // pods::host_events: copies of the host's events about synced Pods (create; patch a repeat).
-    ("", "events", &["create", "patch"]),
+    // pods::host_events: copies of the host's events about synced Pods (create; patch a repeat;
+    // list the copies in place at start).
+    ("", "events", &["create", "list", "patch"]),
 ];
 
 /// `(API group, resource, verbs, resource names)` in the agent's own namespace (a Role): the

@@ -8,16 +8,18 @@
 //!     time and message when it exists ──► transient failures retried (5 tries), others reported
 //! ```
 //!
-//! The copy is named after the host event's id, so a repeat updates it and a reopened stream (or
-//! a restarted agent) writes the same object again instead of a second one.
+//! The copy is named after the host event's id, so a repeat updates it instead of adding a second
+//! one. The writer remembers what it wrote (and, at start, lists the copies already there by their
+//! label), so a reopened stream or a new leader, which get every host event again, write nothing
+//! that is already in place; it forgets a copy after the hour Kubernetes keeps events.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event as CoreEvent;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use rcsync_core::naming::virtual_event_name;
+use rcsync_core::naming::{LABEL_HOST_EVENT_COPY, virtual_event_name};
 use rcsync_proto::v1::HostEvent;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -30,6 +32,10 @@ const QUEUED_MAX: usize = 4096;
 
 /// Tries of one write before it is reported failed.
 const TRIES: u32 = 5;
+
+/// How long the writer remembers a copy it wrote: the time an API server keeps an event
+/// (`--event-ttl`, one hour by default).
+const REMEMBERED_FOR: Duration = Duration::from_secs(3600);
 
 /// A host event to write about the virtual Pod `namespace/pod_name` of uid `pod_uid`.
 #[derive(Clone, Debug)]
@@ -57,7 +63,7 @@ impl HostEventCopy {
             involved["fieldPath"] = json!(path);
         }
         serde_json::from_value(json!({
-            "metadata": {"name": self.name(), "namespace": self.namespace},
+            "metadata": {"name": self.name(), "namespace": self.namespace, "labels": {LABEL_HOST_EVENT_COPY: "true"}},
             "involvedObject": involved,
             "type": text(&e.r#type),
             "reason": text(&e.reason),
@@ -134,12 +140,82 @@ impl Pending {
     }
 }
 
+/// What the writer knows is in the virtual cluster: copy (`namespace/name`) → digest of what it
+/// holds, and when it was last written or listed.
+#[derive(Default)]
+struct Written {
+    copies: HashMap<String, (u64, tokio::time::Instant)>,
+    pruned: Option<tokio::time::Instant>,
+}
+
+impl Written {
+    fn holds(&self, key: &str, digest: u64) -> bool {
+        self.copies.get(key).is_some_and(|(d, _)| *d == digest)
+    }
+
+    fn insert(&mut self, key: String, digest: u64) {
+        let now = tokio::time::Instant::now();
+        self.copies.insert(key, (digest, now));
+        // Forget what the API server has dropped by now (at most once a minute).
+        if self.pruned.is_none_or(|at| now - at > Duration::from_secs(60)) {
+            self.pruned = Some(now);
+            self.copies.retain(|_, (_, at)| now - *at < REMEMBERED_FOR);
+        }
+    }
+}
+
+/// What a copy holds that a repeat changes (and what it is about).
+fn digest(event: &CoreEvent) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (
+        &event.involved_object.uid,
+        event.count,
+        event.last_timestamp.as_ref().map(|t| t.0.as_second()),
+        &event.message,
+        &event.type_,
+        &event.reason,
+    )
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The copies already in the virtual cluster (an empty list when it cannot be read: every copy is
+/// then written once more).
+async fn copies_in_place(client: &Client) -> Written {
+    let api: Api<CoreEvent> = Api::all(client.clone());
+    let mut written = Written::default();
+    match api
+        .list(&ListParams::default().labels(&format!("{LABEL_HOST_EVENT_COPY}=true")))
+        .await
+    {
+        Ok(list) => {
+            for event in list.items {
+                let (Some(namespace), Some(name)) = (&event.metadata.namespace, &event.metadata.name) else {
+                    continue;
+                };
+                written.insert(key(namespace, name), digest(&event));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing the copies of host events failed; writing each again"),
+    }
+    written
+}
+
 async fn write_all(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<HostEventCopy>,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut written = tokio::select! {
+        _ = shutdown.changed() => return,
+        written = copies_in_place(&client) => written,
+    };
     let mut pending = Pending::default();
     loop {
         let take = |pending: &mut Pending, copy: HostEventCopy| {
@@ -163,13 +239,14 @@ async fn write_all(
         };
         tokio::select! {
             _ = shutdown.changed() => return,
-            () = write(&client, &copy, &metrics) => {}
+            () = write(&client, &copy, &metrics, &mut written) => {}
         }
     }
 }
 
-/// Writes one copy: created, or updated when it exists; retried while the failure may pass.
-async fn write(client: &Client, copy: &HostEventCopy, metrics: &Metrics) {
+/// Writes one copy unless it is in place: created, or updated when it exists; retried while the
+/// failure may pass.
+async fn write(client: &Client, copy: &HostEventCopy, metrics: &Metrics, written: &mut Written) {
     let api: Api<CoreEvent> = Api::namespaced(client.clone(), &copy.namespace);
     let name = copy.name();
     let object = match copy.object() {
@@ -180,6 +257,10 @@ async fn write(client: &Client, copy: &HostEventCopy, metrics: &Metrics) {
             return;
         }
     };
+    let (key, digest) = (key(&copy.namespace, &name), digest(&object));
+    if written.holds(&key, digest) {
+        return;
+    }
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut last_error = String::new();
     for _ in 0..TRIES {
@@ -199,6 +280,7 @@ async fn write(client: &Client, copy: &HostEventCopy, metrics: &Metrics) {
         match result {
             Ok(()) => {
                 metrics.host_events_copied_total.inc();
+                written.insert(key, digest);
                 return;
             }
             // Refused as it stands (invalid, forbidden, its namespace gone): trying again gives the

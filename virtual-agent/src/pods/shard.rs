@@ -30,6 +30,10 @@ use crate::classes::SyncState;
 use crate::connect::{Backoff, ClassClient, PodClient, SharedClients};
 use crate::metrics::Metrics;
 
+/// Host events a shard keeps while its virtual Pods are not listed yet, at most (past it they are
+/// counted as not written).
+const EARLY_HOST_EVENTS_MAX: usize = 4096;
+
 /// One shard's state and loop.
 pub(super) struct Shard {
     client: Client,
@@ -94,6 +98,8 @@ pub(super) struct Shard {
     failing: Failing,
     /// Where host events about this shard's Pods go to be written (`None`: not copied).
     pub(super) host_events: Option<HostEventQueue>,
+    /// Host events that came before the virtual Pods were listed (looked at once they are).
+    early_host_events: Vec<PodStatusEvent>,
 }
 
 impl Shard {
@@ -121,6 +127,7 @@ impl Shard {
             pods_listed: false,
             host_listed: false,
             host_events: None,
+            early_host_events: Vec::new(),
             objects_listed: [false; 2],
             objects,
             referrers: HashMap::new(),
@@ -262,6 +269,10 @@ impl Shard {
                         if !self.pods_listed {
                             self.pods_listed = true;
                             self.collect_garbage();
+                            for event in std::mem::take(&mut self.early_host_events) {
+                                let key = (event.pod_namespace.clone(), event.pod_name.clone());
+                                self.copy_host_event(key, event);
+                            }
                         }
                         if self.unlisted().is_some() {
                             let keys: Vec<Key> = self.pods.keys().cloned().collect();
@@ -1014,8 +1025,17 @@ impl Shard {
         }
     }
 
-    /// Queues a host event for the virtual Pod it is about, if that Pod (that uid) is here.
-    fn copy_host_event(&self, key: Key, event: PodStatusEvent) {
+    /// Queues a host event for the virtual Pod it is about, if that Pod (that uid) is here; before
+    /// the virtual Pods are listed, keeps it to look at then.
+    fn copy_host_event(&mut self, key: Key, event: PodStatusEvent) {
+        if !self.pods_listed {
+            if self.early_host_events.len() < EARLY_HOST_EVENTS_MAX {
+                self.early_host_events.push(event);
+            } else {
+                self.metrics.host_events_failed_total.inc();
+            }
+            return;
+        }
         let (Some(queue), Some(host_event)) = (&self.host_events, event.host_event) else {
             return;
         };
