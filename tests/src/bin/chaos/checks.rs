@@ -3,7 +3,8 @@
 //! panics, memory stays bounded. At quiescence, from the API servers' ground truth: every virtual
 //! cluster holds exactly its host-filtered set, every live allowed Pod has exactly one current host
 //! Pod (its labels, its gating and the node selector a release added), no host Pod outlives its
-//! virtual Pod, blocked Pods carry their SyncWarning.
+//! virtual Pod, blocked Pods carry their SyncWarning, every host event about a live Pod's host Pod
+//! is on the virtual Pod as the host counts it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -39,9 +40,11 @@ pub const ALLOWED_PODS_ON_HOST: &str = "allowed-pods-on-host";
 pub const NO_STRAY_HOST_PODS: &str = "no-stray-host-pods";
 /// A blocked Pod has no SyncWarning.
 pub const BLOCKED_PODS_WARNED: &str = "blocked-pods-warned";
+/// A host event about a live Pod's host Pod is missing from the virtual Pod, or differs.
+pub const HOST_EVENTS_COPIED: &str = "host-events-copied";
 
 /// Every invariant.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     CLASS_ALLOWED_AT_PLACEMENT,
     TENANT_ISOLATION,
     NO_PANIC,
@@ -51,6 +54,7 @@ pub const ALL: [&str; 9] = [
     ALLOWED_PODS_ON_HOST,
     NO_STRAY_HOST_PODS,
     BLOCKED_PODS_WARNED,
+    HOST_EVENTS_COPIED,
 ];
 
 /// How far back a placement may rely on an allowance: the longest a correct agent may act on a
@@ -524,6 +528,7 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                 (false, None) => {}
             }
         }
+        unmet.extend(host_events_differ(&host, tenant, &host_pods, &live_uids, &events).await);
         for (name, hp) in &host_pods {
             let uid = hp
                 .metadata
@@ -538,6 +543,101 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                     format!("{tenant}: host Pod {name} has no virtual Pod"),
                 ));
             }
+        }
+    }
+    unmet
+}
+
+/// How the host events about `tenant`'s live host Pods differ from their copies among the virtual
+/// cluster's `events`: each must be there, named after the host event, about the virtual Pod's
+/// uid, with the host's count and the message in the virtual Pod's names.
+async fn host_events_differ(
+    host: &kube::Client,
+    tenant: &str,
+    host_pods: &BTreeMap<String, Pod>,
+    live_uids: &BTreeSet<String>,
+    events: &[CoreEvent],
+) -> Vec<(String, String)> {
+    use rcsync_core::naming::{
+        ANNOTATION_OBJECT_NAME, ANNOTATION_OBJECT_NAMESPACE, host_event_id, virtual_event_name,
+    };
+    let host_namespace = host_namespace(tenant);
+    let about_pods = kube::api::ListParams::default().fields("involvedObject.kind=Pod");
+    let host_events = match Api::<CoreEvent>::namespaced(host.clone(), &host_namespace)
+        .list(&about_pods)
+        .await
+    {
+        Ok(list) => list.items,
+        Err(e) => {
+            return vec![(
+                HOST_EVENTS_COPIED.into(),
+                format!("listing {tenant}'s host events: {e}"),
+            )];
+        }
+    };
+    let mut unmet = Vec::new();
+    for event in host_events {
+        let host_name = event.involved_object.name.clone().unwrap_or_default();
+        let Some(host_pod) = host_pods.get(&host_name) else {
+            continue;
+        };
+        let annotation = |key: &str| {
+            host_pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (namespace, name, uid) = (
+            annotation(ANNOTATION_OBJECT_NAMESPACE),
+            annotation(ANNOTATION_OBJECT_NAME),
+            annotation(ANNOTATION_OBJECT_UID),
+        );
+        if host_pod.metadata.uid != event.involved_object.uid
+            || host_pod.metadata.deletion_timestamp.is_some()
+            || !live_uids.contains(&uid)
+        {
+            continue;
+        }
+        let copy_name = virtual_event_name(
+            &name,
+            &host_event_id(event.metadata.uid.as_deref().unwrap_or_default()),
+        );
+        let Some(copy) = events.iter().find(|e| {
+            e.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && e.metadata.name.as_deref() == Some(copy_name.as_str())
+        }) else {
+            unmet.push((
+                HOST_EVENTS_COPIED.into(),
+                format!(
+                    "{tenant}: host event {:?} about {host_name} is not on {namespace}/{name}",
+                    event.metadata.name
+                ),
+            ));
+            continue;
+        };
+        let message = event
+            .message
+            .clone()
+            .unwrap_or_default()
+            .replace(
+                &format!("{host_namespace}/{host_name}"),
+                &format!("{namespace}/{name}"),
+            )
+            .replace(&host_name, &name);
+        if copy.involved_object.uid.as_deref() != Some(uid.as_str())
+            || copy.count != event.count
+            || copy.message.as_deref() != Some(message.as_str())
+        {
+            unmet.push((
+                HOST_EVENTS_COPIED.into(),
+                format!(
+                    "{tenant}: the copy {namespace}/{copy_name} has count {:?} and message {:?}, the host event count {:?} and {message:?}",
+                    copy.count, copy.message, event.count
+                ),
+            ));
         }
     }
     unmet

@@ -1,7 +1,8 @@
 //! `chaos`: a seeded, repeatable chaos run of the whole rcsync system.
 //!
 //! ```text
-//!  churn (host classes, tenants file, virtual Pods and tenant-made classes) ─┐
+//!  churn (host classes, host events about host Pods, tenants file, virtual ─┐
+//!         Pods and tenant-made classes)                                     │
 //!  faults (kills, SIGTERMs, API server restarts, cut/stalled connections,    ├─► real processes
 //!          token and client CA rotation, config edits) at seeded moments     ┘
 //!  invariants: continuously (harness watches, logs, memory) and at every quiet window
@@ -26,10 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::Api;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use serde_json::json;
@@ -187,6 +188,57 @@ async fn host_churn_step(rng: &mut StdRng, client: &kube::Client, timeline: &Tim
     }
 }
 
+/// One host-side kubelet step: an event about a random host Pod of a random tenant recorded, or
+/// an event already about it repeated (its count raised), as a kubelet backing off does.
+async fn host_event_step(rng: &mut StdRng, client: &kube::Client) {
+    let namespace = world::host_namespace(TENANTS[rng.random_range(0..TENANTS.len())]);
+    let Ok(pods) = Api::<Pod>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await
+    else {
+        return;
+    };
+    if pods.items.is_empty() {
+        return;
+    }
+    let pod = &pods.items[rng.random_range(0..pods.items.len())];
+    let (Some(name), Some(uid)) = (pod.metadata.name.clone(), pod.metadata.uid.clone()) else {
+        return;
+    };
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), &namespace);
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let about = ListParams::default().fields(&format!("involvedObject.name={name},involvedObject.uid={uid}"));
+    let earlier = events.list(&about).await.map(|l| l.items).unwrap_or_default();
+    let result = match earlier.first() {
+        Some(event) if rng.random_bool(0.5) => {
+            let count = event.count.unwrap_or(1) + 1;
+            events
+                .patch(
+                    event.metadata.name.as_deref().unwrap_or_default(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"count": count, "lastTimestamp": now})),
+                )
+                .await
+                .map(|_| ())
+        }
+        _ => {
+            let event: CoreEvent = serde_json::from_value(json!({
+                "metadata": {"name": format!("{name}.{:016x}", rng.random::<u64>())},
+                "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": name, "uid": uid},
+                "reason": "BackOff", "type": "Warning",
+                "message": format!("Back-off restarting failed container app in pod {namespace}/{name}"),
+                "source": {"component": "kubelet", "host": "node-1"},
+                "count": 1, "firstTimestamp": now, "lastTimestamp": now,
+            }))
+            .expect("a valid Event");
+            events.create(&PostParams::default(), &event).await.map(|_| ())
+        }
+    };
+    if result.is_ok() {
+        OPERATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// One virtual-side churn step: a Pod created (with an allowed, a disallowed, a missing or no
 /// class), relabelled or deleted; now and then a tenant-made RuntimeClass.
 /// The readiness gate every churned Pod has, which the churn's "controller" sets.
@@ -302,7 +354,9 @@ fn spawn_churn(
                     client = world::client(&kubeconfig).await.ok();
                 }
                 if let Some(c) = &client {
-                    if host {
+                    if host && rng.random_bool(0.3) {
+                        host_event_step(&mut rng, c).await;
+                    } else if host {
                         host_churn_step(&mut rng, c, &timeline).await;
                     } else {
                         virtual_churn_step(&mut rng, c, &mut counter).await;
@@ -706,6 +760,13 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
             &class_object("prod-class", "kata", "prod", "b"),
         )
         .await?;
+    // A Pod synced before the violations, for host-events-copied.
+    let witness: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "witness"}, "spec": {"containers": [{"name": "app", "image": "x"}]}}),
+    )?;
+    Api::<Pod>::namespaced(world.virtual_client(0).await?, "default")
+        .create(&PostParams::default(), &witness)
+        .await?;
     match converge(world, Duration::from_secs(30)).await {
         Ok(_) => println!("chaos: self-test: the system converged before the violations"),
         Err(unmet) => anyhow::bail!("the self-test system did not converge: {unmet:?}"),
@@ -744,6 +805,21 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
         )?;
         pods.create(&PostParams::default(), &pod).await?;
     }
+    // host-events-copied: the host records an event about the witness's host Pod while nobody
+    // copies it.
+    let witness_host = host_pods
+        .get(&rcsync_core::naming::host_pod_name("witness", "default", "a"))
+        .await?;
+    let host_ns = world::host_namespace("a");
+    let event: CoreEvent = serde_json::from_value(json!({
+        "metadata": {"name": "witness.self-test"},
+        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": host_ns,
+                           "name": witness_host.metadata.name, "uid": witness_host.metadata.uid},
+        "reason": "BackOff", "type": "Warning", "message": "self-test", "count": 1,
+    }))?;
+    Api::<CoreEvent>::namespaced(host.clone(), &host_ns)
+        .create(&PostParams::default(), &event)
+        .await?;
     // no-panic: a panic line in an agent's log.
     let log = world
         .host_agent
