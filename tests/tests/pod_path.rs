@@ -737,6 +737,123 @@ async fn host_events_already_copied_are_not_written_again_by_a_restarted_agent()
     );
 }
 
+/// A Pod that talks to its Kubernetes API (an operator, anything with in-cluster config) gets,
+/// with `--pod-api-server`, a token of the virtual cluster for its ServiceAccount where its token
+/// volume mounts it, and the virtual API server's address in its environment: on the host it
+/// authenticates to the virtual cluster as itself, and never holds a host credential. Its token
+/// is renewed before it expires.
+#[tokio::test]
+async fn a_pods_service_account_token_on_the_host_is_the_virtual_clusters_and_is_renewed() {
+    let mut system = System::start(&[tenant()], &[]).await;
+    let v = &mut system.virtuals[0];
+    let virtual_config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&v.cluster.kubeconfig).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let url = &virtual_config.cluster_url;
+    let api_server = format!("{}:{}", url.host().unwrap(), url.port_u16().unwrap());
+    v.set_agent_flag("--pod-api-server", &api_server);
+    v.roll_agent().await;
+    let client = v.cluster.client().await;
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "operator"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    // What the root CA publisher puts in every namespace.
+    Api::<ConfigMap>::namespaced(client, "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "kube-root-ca.crt"},
+                                           "data": {"ca.crt": "-----BEGIN CERTIFICATE-----"}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // The volume the virtual API server's ServiceAccount admission adds. (Upstream asks for at
+    // least 600 s; devcluster takes 4 s, so the renewal shows within the test.)
+    let access = |lifetime: i64| {
+        json!({"name": "kube-api-access-x", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": lifetime}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+        ]}})
+    };
+    let mount =
+        json!([{"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]);
+    let spec = json!({"serviceAccountName": "operator", "volumes": [access(4)],
+                      "containers": [app(json!({"volumeMounts": mount}))]});
+    v.create_pod(&pod("operator", spec)).await;
+
+    let host_pod = wait_host_pod(&system, "operator", "default").await;
+    let v = system.virtual_side();
+    let host_spec = host_pod.spec.unwrap();
+    assert_eq!(
+        host_spec.automount_service_account_token,
+        Some(false),
+        "no host credential"
+    );
+    let sources = host_spec.volumes.unwrap()[0]
+        .projected
+        .clone()
+        .unwrap()
+        .sources
+        .unwrap();
+    let secret_name = host_name("operator.rcsync-token", "default");
+    let projected = sources[0].secret.clone().expect("the token comes from a Secret");
+    assert_eq!(projected.name, secret_name);
+    assert_eq!(projected.items.unwrap()[0].path, "token");
+    let env: BTreeMap<String, String> = host_spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        format!(
+            "{}:{}",
+            env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]
+        ),
+        api_server
+    );
+
+    let host_secrets: Api<Secret> = Api::namespaced(system.host.client().await, &v.tenant.host_namespace());
+    let token_on_host = || {
+        let (host_secrets, secret_name) = (host_secrets.clone(), secret_name.clone());
+        async move {
+            let secret = host_secrets.get_opt(&secret_name).await.ok()??;
+            let token = secret.data?.get("token-0")?.0.clone();
+            Some(String::from_utf8(token).unwrap())
+        }
+    };
+    let first = eventually("the token Secret on the host", token_on_host).await;
+    // The token authenticates to the virtual API server as the Pod's ServiceAccount.
+    let mut as_pod = virtual_config.clone();
+    as_pod.auth_info = kube::config::AuthInfo {
+        token: Some(first.clone().into()),
+        ..Default::default()
+    };
+    let denied = Api::<Pod>::namespaced(kube::Client::try_from(as_pod).unwrap(), "default")
+        .list(&ListParams::default())
+        .await
+        .expect_err("the ServiceAccount may not list Pods");
+    assert!(
+        denied
+            .to_string()
+            .contains("system:serviceaccount:default:operator"),
+        "{denied}"
+    );
+    eventually("the token renewed before it expires", || {
+        let first = first.clone();
+        async move { token_on_host().await.filter(|t| *t != first).map(drop) }
+    })
+    .await;
+}
+
 /// A queueing controller in the virtual cluster (Kueue, say) creates its Pods gated, narrows
 /// where they may run while they wait, and lifts its gate when it admits them. The host Pod waits
 /// gated with rcsync's own gate (the tenant's gate names stay in the virtual cluster), then takes

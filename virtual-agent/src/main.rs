@@ -71,6 +71,13 @@ struct Cli {
     /// refused and retried after a pause.
     #[arg(long, env = "VIRTUAL_AGENT_POD_WORKERS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pod_workers: u16,
+    /// HOST:PORT where Pods on the host reach this virtual cluster's API server (its Service in the
+    /// host cluster, say). Set, a Pod's service account token volumes carry tokens of the virtual
+    /// cluster (bound to the Pod, renewed at 80% of their lifetime) and its containers get
+    /// KUBERNETES_SERVICE_HOST/PORT, so in-cluster clients talk to the virtual cluster; unset, token
+    /// volumes are dropped on the host.
+    #[arg(long, env = "VIRTUAL_AGENT_POD_API_SERVER")]
+    pod_api_server: Option<virtual_agent::pods::tokens::PodApiServer>,
     /// Which events the host records about a synced Pod's host Pod (FailedScheduling, BackOff,
     /// Started, ...) to copy to the virtual Pod, where `kubectl describe pod` shows them.
     #[arg(long, env = "VIRTUAL_AGENT_HOST_EVENTS", value_enum, default_value = "all")]
@@ -213,6 +220,7 @@ fn main() -> ExitCode {
         shutdown_grace: Duration::from_secs(cli.shutdown_grace_seconds),
         pod_workers: usize::from(cli.pod_workers),
         host_events: cli.host_events.into(),
+        pod_api_server: cli.pod_api_server,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -45,6 +45,8 @@ pub struct Settings {
     pub pod_workers: usize,
     /// Which host events about synced Pods to copy to the virtual Pods.
     pub host_events: rcsync_proto::v1::HostEvents,
+    /// Where Pods on the host reach the virtual API server (tokens for service account volumes).
+    pub pod_api_server: Option<crate::pods::tokens::PodApiServer>,
     /// Leader election: only the replica holding the Lease writes.
     pub lease: LeaseSettings,
 }
@@ -249,7 +251,8 @@ impl Shared {
             self.settings.pod_workers,
             self.board.clone(),
         )
-        .with_host_events(self.settings.host_events);
+        .with_host_events(self.settings.host_events)
+        .with_pod_api_server(self.settings.pod_api_server.clone());
         tasks.spawn(syncer.run(stop_rx));
         Term { tasks, stop }
     }

@@ -17,6 +17,8 @@
 //!  WatchPodStatus ──► host status ──► virtual Pod status (a failed write is retried with the Pod's backoff)
 //!                   host Pod gone ──► event + delete virtual Pod
 //!                   host event about the Pod ──► event about the virtual Pod (`host_events`)
+//!  --pod-api-server: token volumes ──► tokens of the virtual cluster in a Secret sent with the Pod,
+//!                   renewed at 80% of their lifetime (`tokens`)
 //!  virtual Pod deleted ──► DeletePod (UID-checked by the host agent)
 //! ```
 //!
@@ -25,7 +27,8 @@
 //!
 //! Here: the [`PodSyncer`], which watches and dispatches by Pod to its shards, and what they share.
 //! `shard`: one shard's Pods and the decisions above; `status_feed`: the WatchPodStatus stream;
-//! `host_events`: the writer of the host's events about synced Pods.
+//! `host_events`: the writer of the host's events about synced Pods; `tokens`: service account
+//! tokens for Pods on the host.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -53,6 +56,7 @@ use crate::metrics::Metrics;
 mod host_events;
 mod shard;
 mod status_feed;
+pub mod tokens;
 
 use host_events::host_event_writer;
 use shard::Shard;
@@ -377,6 +381,7 @@ pub struct PodSyncer {
     watches: rcsync_core::admin::WatchHealth,
     metrics: Metrics,
     host_events: HostEvents,
+    pod_api_server: Option<tokens::PodApiServer>,
 }
 
 impl PodSyncer {
@@ -425,7 +430,16 @@ impl PodSyncer {
             watches: metrics.watches.clone(),
             metrics,
             host_events: HostEvents::All,
+            pod_api_server: None,
         }
+    }
+
+    /// Where Pods on the host reach the virtual cluster's API server: Pods with service account
+    /// token volumes then get tokens of the virtual cluster (see [`tokens`]); without it the host
+    /// agent drops those volumes.
+    pub fn with_pod_api_server(mut self, api_server: Option<tokens::PodApiServer>) -> Self {
+        self.pod_api_server = api_server;
+        self
     }
 
     /// Which events the host records about synced Pods to copy to the virtual Pods (all unless
@@ -491,6 +505,7 @@ impl PodSyncer {
         let (room_tx, mut room_rx) = mpsc::unbounded_channel();
         for mut shard in std::mem::take(&mut self.shards) {
             shard.host_events = host_event_queue.clone();
+            shard.pod_api_server = self.pod_api_server.clone();
             let (tx, rx) = mpsc::channel(1024);
             inboxes.push(tx);
             children.spawn(shard.run(rx, room_tx.clone(), shutdown.clone()));

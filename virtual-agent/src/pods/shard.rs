@@ -2,7 +2,7 @@
 //! agent's decision to the host and back (the parent module's diagram), each Pod's state kept in a
 //! [`Record`] and failed work retried with the Pod's backoff.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tonic_types::StatusExt as _;
 
 use super::host_events::{HostEventCopy, HostEventQueue};
+use super::tokens::{IssuedTokens, PodApiServer, tokens_for, wants_tokens, with_tokens};
 use super::{
     Failing, Key, ObjectKey, ObjectStores, POD_REFUSED_RETRY_MAX, POD_RETRY_MAX, PodBoard, Record, Records,
     ShardInput, State, StatusFeed, apply_body, changed_for_the_host, digest_of, fingerprint, key_of,
@@ -100,6 +101,13 @@ pub(super) struct Shard {
     pub(super) host_events: Option<HostEventQueue>,
     /// Host events that came before the virtual Pods were listed (looked at once they are).
     early_host_events: Vec<PodStatusEvent>,
+    /// Where Pods on the host reach the virtual API server (`--pod-api-server`): Pods with
+    /// service account token volumes get tokens of the virtual cluster (`None`: dropped).
+    pub(super) pod_api_server: Option<PodApiServer>,
+    /// The tokens issued for each Pod that has token volumes.
+    tokens: HashMap<Key, IssuedTokens>,
+    /// When each Pod's tokens are due to be requested again (and the Pod applied with them).
+    token_refreshes: BTreeSet<(Instant, Key)>,
 }
 
 impl Shard {
@@ -128,6 +136,9 @@ impl Shard {
             host_listed: false,
             host_events: None,
             early_host_events: Vec::new(),
+            pod_api_server: None,
+            tokens: HashMap::new(),
+            token_refreshes: BTreeSet::new(),
             objects_listed: [false; 2],
             objects,
             referrers: HashMap::new(),
@@ -248,6 +259,7 @@ impl Shard {
                 && paused.is_none()
                 && !self.queue.is_empty();
             let retry_at = self.next_retry();
+            let refresh_at = self.token_refreshes.first().map(|(at, _)| *at);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 input = inbox.recv() => match input {
@@ -255,6 +267,7 @@ impl Shard {
                     Some(ShardInput::Relisted(fresh)) => {
                         let gone: Vec<Key> = self.pods.keys().filter(|k| !fresh.contains_key(*k)).cloned().collect();
                         self.pods = fresh;
+                        self.tokens.retain(|key, _| self.pods.contains_key(key));
                         for key in &gone {
                             self.index_references(key);
                         }
@@ -297,6 +310,7 @@ impl Shard {
                     }
                     Some(ShardInput::Removed(key)) => {
                         self.pods.remove(&key);
+                        self.tokens.remove(&key);
                         self.index_references(&key);
                         self.enqueue(key);
                     }
@@ -358,6 +372,19 @@ impl Shard {
                             entry.0 = now + Duration::from_secs(3600);
                         }
                         self.enqueue(key);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(refresh_at.unwrap_or_else(Instant::now)).await }, if refresh_at.is_some() => {
+                    // Tokens at 80% of their lifetime: the Pods are applied again with new ones.
+                    let now = Instant::now();
+                    while let Some((at, key)) = self.token_refreshes.first().cloned() {
+                        if at > now {
+                            break;
+                        }
+                        self.token_refreshes.pop_first();
+                        if self.pods.contains_key(&key) && self.tokens.get(&key).is_some_and(|t| t.refresh_at == at) {
+                            self.enqueue(key);
+                        }
                     }
                 }
                 _ = recoveries.changed() => {
@@ -640,7 +667,41 @@ impl Shard {
             return self.finalize_virtual(key, pod).await;
         }
         let references = pod.spec.as_ref().map(pod_refs::references).unwrap_or_default();
-        let referenced = self.objects.collect(&key.0, &references);
+        let mut referenced = self.objects.collect(&key.0, &references);
+        // With --pod-api-server, token volumes carry tokens of the virtual cluster in a Secret.
+        let mut sent = std::borrow::Cow::Borrowed(pod);
+        if let Some(api_server) = &self.pod_api_server
+            && wants_tokens(pod)
+        {
+            let issued = match tokens_for(&self.client, pod, self.tokens.get(key)).await {
+                Ok(issued) => issued,
+                Err(e) => {
+                    tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "requesting a token for the Pod's service account failed; retrying");
+                    self.failed(format!(
+                        "requesting a token for the pod's service account failed: {e}"
+                    ));
+                    return false;
+                }
+            };
+            let (with, secret) = with_tokens(pod, &issued, api_server);
+            match serde_json::to_vec(&secret) {
+                Ok(json) => referenced.secrets.push(json),
+                Err(e) => referenced
+                    .missing
+                    .push(format!("the token Secret could not be serialized: {e}")),
+            }
+            // A new token is a new version of the Secret: the Pod is applied again with it.
+            referenced.versions.push(format!("token@{:x}", issued.version()));
+            if self
+                .tokens
+                .get(key)
+                .is_none_or(|t| t.refresh_at != issued.refresh_at)
+            {
+                self.token_refreshes.insert((issued.refresh_at, key.clone()));
+            }
+            self.tokens.insert(key.clone(), issued);
+            sent = std::borrow::Cow::Owned(with);
+        }
         // What the host writes follows the Pod, the objects it references and the tenant's Pod
         // policy: a change of any of them applies the Pod again.
         let fingerprint = digest_of(&(
@@ -695,7 +756,7 @@ impl Shard {
             denied
         } else {
             let request = ApplyPodRequest {
-                pod_json: apply_body(pod),
+                pod_json: apply_body(&sent),
                 config_maps_json: referenced.config_maps,
                 secrets_json: referenced.secrets,
                 on_host: host_has_it,
