@@ -42,9 +42,12 @@ pub const NO_STRAY_HOST_PODS: &str = "no-stray-host-pods";
 pub const BLOCKED_PODS_WARNED: &str = "blocked-pods-warned";
 /// A host event about a live Pod's host Pod is missing from the virtual Pod, or differs.
 pub const HOST_EVENTS_COPIED: &str = "host-events-copied";
+/// A synced Pod with a token volume lacks a token on the host that authenticates to its virtual
+/// cluster as its ServiceAccount.
+pub const POD_TOKENS_VALID: &str = "pod-tokens-valid";
 
 /// Every invariant.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     CLASS_ALLOWED_AT_PLACEMENT,
     TENANT_ISOLATION,
     NO_PANIC,
@@ -55,6 +58,7 @@ pub const ALL: [&str; 10] = [
     NO_STRAY_HOST_PODS,
     BLOCKED_PODS_WARNED,
     HOST_EVENTS_COPIED,
+    POD_TOKENS_VALID,
 ];
 
 /// How far back a placement may rely on an allowance: the longest a correct agent may act on a
@@ -509,6 +513,12 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                             format!("{tenant}: the host Pod of {ns}/{name} {why}"),
                         ));
                     }
+                    if let Some(why) = token_differs(world, i, &host, pod, hp).await {
+                        unmet.push((
+                            POD_TOKENS_VALID.into(),
+                            format!("{tenant}: the host Pod of {ns}/{name} {why}"),
+                        ));
+                    }
                 }
                 // Not allowed (or its class is gone from the host): an orphan keeps its host Pod
                 // (the spec's orphans); a Pod never synced must say why.
@@ -546,6 +556,74 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
         }
     }
     unmet
+}
+
+/// How the host Pod `host_pod` of tenant `tenant`'s (index) `pod` falls short of a Pod with a token
+/// volume, if it has one: it mounts the Pod's token Secret, which exists on the host and holds a
+/// token that authenticates to the virtual API server as the Pod's ServiceAccount.
+async fn token_differs(
+    world: &World,
+    tenant: usize,
+    host: &kube::Client,
+    pod: &Pod,
+    host_pod: &Pod,
+) -> Option<String> {
+    use k8s_openapi::api::core::v1::Secret;
+    let projected_sources = |p: &Pod| -> Vec<k8s_openapi::api::core::v1::VolumeProjection> {
+        p.spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .flat_map(|v| v.projected.iter().flat_map(|p| p.sources.iter().flatten()))
+            .cloned()
+            .collect()
+    };
+    if !projected_sources(pod)
+        .iter()
+        .any(|s| s.service_account_token.is_some())
+    {
+        return None;
+    }
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let secret = rcsync_core::naming::host_object_name(&format!("{name}.rcsync-token"), &ns, TENANTS[tenant]);
+    if !projected_sources(host_pod)
+        .iter()
+        .any(|s| s.secret.as_ref().is_some_and(|s| s.name == secret))
+    {
+        return Some(format!("does not mount its token Secret {secret}"));
+    }
+    let token = match Api::<Secret>::namespaced(host.clone(), &host_namespace(TENANTS[tenant]))
+        .get_opt(&secret)
+        .await
+    {
+        Ok(found) => found.and_then(|s| s.data).and_then(|d| {
+            d.get("token-0")
+                .map(|t| String::from_utf8_lossy(&t.0).into_owned())
+        }),
+        Err(e) => return Some(format!("has its token Secret unreadable: {e}")),
+    };
+    let Some(token) = token else {
+        return Some(format!("has no token in {secret}"));
+    };
+    let account = format!(
+        "system:serviceaccount:{ns}:{}",
+        crate::world::TOKEN_SERVICE_ACCOUNT
+    );
+    let client = match world.virtual_client_with_token(tenant, &token).await {
+        Ok(client) => client,
+        Err(e) => return Some(format!("has a token no client takes: {e}")),
+    };
+    // The ServiceAccount may not list Pods: the refusal names who the token is.
+    match Api::<Pod>::namespaced(client, &ns)
+        .list(&Default::default())
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains(&account) => None,
+        Ok(_) => Some(format!("has a token with more rights than {account}")),
+        Err(e) => Some(format!(
+            "has a token that does not authenticate as {account}: {e}"
+        )),
+    }
 }
 
 /// How the host events about `tenant`'s live host Pods differ from their copies among the virtual

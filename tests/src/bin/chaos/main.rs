@@ -256,6 +256,16 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
             };
             let mut spec = json!({"containers": [{"name": "app", "image": "registry.example/app:1"}],
                                   "readinessGates": [{"conditionType": READINESS_GATE}]});
+            // A third talk to their API: a token volume as the ServiceAccount admission adds it
+            // (a 20 s token, renewed within the run; upstream asks for 600 s at least).
+            if rng.random_bool(0.33) {
+                spec["serviceAccountName"] = json!(world::TOKEN_SERVICE_ACCOUNT);
+                spec["volumes"] = json!([{"name": "kube-api-access-x", "projected": {"sources": [
+                    {"serviceAccountToken": {"path": "token", "expirationSeconds": 20}},
+                    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                ]}}]);
+                spec["containers"][0]["volumeMounts"] = json!([{"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]);
+            }
             if let Some(class) = class {
                 spec["runtimeClassName"] = json!(class);
             }
@@ -760,10 +770,13 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
             &class_object("prod-class", "kata", "prod", "b"),
         )
         .await?;
-    // A Pod synced before the violations, for host-events-copied.
-    let witness: Pod = serde_json::from_value(
-        json!({"metadata": {"name": "witness"}, "spec": {"containers": [{"name": "app", "image": "x"}]}}),
-    )?;
+    // A Pod synced before the violations, for host-events-copied and pod-tokens-valid.
+    let witness: Pod = serde_json::from_value(json!({"metadata": {"name": "witness"}, "spec": {
+        "serviceAccountName": world::TOKEN_SERVICE_ACCOUNT,
+        "volumes": [{"name": "kube-api-access-x", "projected": {"sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}}]}}],
+        "containers": [{"name": "app", "image": "x"}],
+    }}))?;
     Api::<Pod>::namespaced(world.virtual_client(0).await?, "default")
         .create(&PostParams::default(), &witness)
         .await?;
@@ -811,6 +824,15 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
         .get(&rcsync_core::naming::host_pod_name("witness", "default", "a"))
         .await?;
     let host_ns = world::host_namespace("a");
+    // pod-tokens-valid: the witness's token on the host replaced by one nobody issued.
+    let token_secret = rcsync_core::naming::host_object_name("witness.rcsync-token", "default", "a");
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(host.clone(), &host_ns)
+        .patch(
+            &token_secret,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"token-0": "not-a-token"}})),
+        )
+        .await?;
     let event: CoreEvent = serde_json::from_value(json!({
         "metadata": {"name": "witness.self-test"},
         "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": host_ns,

@@ -286,7 +286,9 @@ impl World {
                 &["--disable-admission-plugins", "RuntimeClass"],
             );
             s.start(dir).await?;
-            create_namespace(&client(&kubeconfig).await?, "rcsync-system").await?;
+            let virt = client(&kubeconfig).await?;
+            create_namespace(&virt, "rcsync-system").await?;
+            create_token_prerequisites(&virt).await?;
             virtual_servers.push(s);
             virtual_kubeconfigs.push(kubeconfig);
         }
@@ -359,6 +361,9 @@ impl World {
                         format!("virtual-agent-{t}"),
                         "--pod-workers".into(),
                         "4".into(),
+                        // Pods with token volumes get tokens of their virtual cluster.
+                        "--pod-api-server".into(),
+                        api_server_of(&virtual_kubeconfigs[i])?,
                     ],
                 ]
                 .concat(),
@@ -444,6 +449,21 @@ impl World {
         client(&self.virtual_kubeconfigs[tenant]).await
     }
 
+    /// A client of tenant `tenant`'s virtual API server that authenticates with `token`.
+    pub async fn virtual_client_with_token(
+        &self,
+        tenant: usize,
+        token: &str,
+    ) -> anyhow::Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.virtual_kubeconfigs[tenant])?;
+        let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        config.auth_info = kube::config::AuthInfo {
+            token: Some(token.to_string().into()),
+            ..Default::default()
+        };
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// Writes a new tenants config (the host agent reloads it on change).
     pub fn write_tenants(&mut self, tenants: Vec<TenantConfig>) -> anyhow::Result<()> {
         replace_file(&self.dir.join("tenants.yaml"), &tenants_yaml(&tenants))?;
@@ -475,6 +495,46 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
     Ok(kube::Client::try_from(config)?)
+}
+
+/// The ServiceAccount churned Pods with token volumes run as, in `default`.
+pub const TOKEN_SERVICE_ACCOUNT: &str = "runner";
+
+/// What Pods with token volumes need in a virtual cluster: their ServiceAccount, and the
+/// `kube-root-ca.crt` ConfigMap the root CA publisher puts in every namespace.
+async fn create_token_prerequisites(client: &kube::Client) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": TOKEN_SERVICE_ACCOUNT}}))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &account)
+        .await?;
+    let root_ca: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kube-root-ca.crt"}, "data": {"ca.crt": "-----BEGIN CERTIFICATE-----"},
+    }))?;
+    Api::<ConfigMap>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &root_ca)
+        .await?;
+    Ok(())
+}
+
+/// HOST:PORT of the API server a kubeconfig names.
+pub fn api_server_of(kubeconfig: &Path) -> anyhow::Result<String> {
+    let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let server = config
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.server.clone())
+        .context("the kubeconfig names no server")?;
+    let authority = server
+        .split_once("://")
+        .map_or(server.as_str(), |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    anyhow::ensure!(authority.contains(':'), "the server {server:?} names no port");
+    Ok(authority.to_string())
 }
 
 async fn create_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
