@@ -44,10 +44,11 @@ pub struct ReportedPod<'a> {
 /// One stream's host events: what was sent per host event, and events waiting for their Pod.
 pub struct PodEvents {
     host_namespace: String,
-    /// Host event uid → digest of what was last sent for it.
-    sent: HashMap<String, u64>,
+    /// Digest of a host event's uid → digest of what was last sent for it (16 bytes an event,
+    /// whatever the length of uids).
+    sent: HashMap<u64, u64>,
     /// Host event uids seen since a relist began (to forget those gone meanwhile).
-    relisted: Option<HashSet<String>>,
+    relisted: Option<HashSet<u64>>,
     parked: VecDeque<CoreEvent>,
 }
 
@@ -81,7 +82,7 @@ impl PodEvents {
             }
             Event::InitApply(event) | Event::Apply(event) => {
                 if let (Some(relisted), Some(uid)) = (&mut self.relisted, &event.metadata.uid) {
-                    relisted.insert(uid.clone());
+                    relisted.insert(uid_key(uid));
                 }
                 let name = event.involved_object.name.as_deref().unwrap_or_default();
                 match pod(name) {
@@ -97,7 +98,7 @@ impl PodEvents {
             }
             Event::Delete(event) => {
                 if let Some(uid) = &event.metadata.uid {
-                    self.sent.remove(uid);
+                    self.sent.remove(&uid_key(uid));
                 }
                 Vec::new()
             }
@@ -148,7 +149,7 @@ impl PodEvents {
         )
             .hash(&mut hasher);
         let digest = hasher.finish();
-        if self.sent.insert(uid.to_string(), digest) == Some(digest) {
+        if self.sent.insert(uid_key(uid), digest) == Some(digest) {
             return None;
         }
         Some(PodStatusEvent {
@@ -160,6 +161,13 @@ impl PodEvents {
             host_event: Some(host_event),
         })
     }
+}
+
+/// The key of a host event's uid in [`PodEvents`]'s maps.
+fn uid_key(uid: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    uid.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// `event` as the virtual side gets it: the host's names of the Pod replaced by the virtual ones,
