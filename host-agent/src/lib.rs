@@ -7,6 +7,7 @@
 //!  virtual agents ──gRPC (TLS, bearer/mTLS)──► grpc::auth ──► grpc::sync: Sync stream, CheckPod
 //!                                                           └─► grpc::pods: ApplyPod (re-checked,
 //!                                                               translate) / DeletePod / WatchPodStatus
+//!                                                               (host Pods' status, and their events)
 //!  operators ──HTTP──► /livez /readyz /metrics (rcsync_core::admin), /tenants (status)
 //! ```
 //!

@@ -6,6 +6,7 @@
 //!                     └─► SyncState (watch) ──► classes::run_enforcer: delete tenant-made classes
 //!                                         └──► pods::PodSyncer: CheckPod ─► ApplyPod / SyncWarning event
 //!  WatchPodStatus ──► pods::PodSyncer ──► virtual Pod status; host Pod gone ──► virtual Pod deleted
+//!                                     └──► host events ──► events about the virtual Pods
 //!  operators ──HTTP──► /livez /readyz /metrics
 //! ```
 //!
