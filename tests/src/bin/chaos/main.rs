@@ -530,6 +530,7 @@ fn schedule(rng: &mut StdRng, duration: Duration) -> Vec<(Duration, Fault)> {
 /// Waits until the quiescence checks pass or the deadline; returns the time taken or what is unmet.
 async fn converge(world: &World, within: Duration) -> Result<Duration, Vec<(String, String)>> {
     let started = Instant::now();
+    let mut told = false;
     loop {
         let unmet = checks::quiescence(world).await;
         if unmet.is_empty() {
@@ -537,6 +538,13 @@ async fn converge(world: &World, within: Duration) -> Result<Duration, Vec<(Stri
         }
         if started.elapsed() > within {
             return Err(unmet);
+        }
+        // A slow convergence says what it waits for (a fast one is the norm).
+        if !told && started.elapsed() > Duration::from_secs(5) {
+            told = true;
+            for (invariant, detail) in unmet.iter().take(3) {
+                println!("chaos:   still waiting after 5 s: {invariant}: {detail}");
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
