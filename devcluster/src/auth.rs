@@ -259,10 +259,22 @@ pub struct TokenIssuer {
 
 impl Default for TokenIssuer {
     fn default() -> Self {
+        Self::with_secret(&Self::new_secret())
+    }
+}
+
+impl TokenIssuer {
+    /// A new random signing secret.
+    pub fn new_secret() -> [u8; 32] {
         use rand::Rng as _;
-        let secret: [u8; 32] = rand::rng().random();
+        rand::rng().random()
+    }
+
+    /// An issuer signing with `secret` (kept across restarts, as upstream keeps its
+    /// `--service-account-signing-key-file`, so tokens issued before a restart stay valid).
+    pub fn with_secret(secret: &[u8]) -> Self {
         Self {
-            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
         }
     }
 }

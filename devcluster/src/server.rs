@@ -127,6 +127,9 @@ impl DevCluster {
                 .map_err(|e| anyhow::anyhow!("the state file {}: {e}", path.display()))?;
             tracing::info!(objects = n, state = %path.display(), "restored state");
         }
+        if let Some(path) = &options.state {
+            api.issuer = crate::auth::TokenIssuer::with_secret(&signing_secret(path)?);
+        }
         api.bootstrap();
         let (tls, token, ca_pem) = if options.insecure_http {
             (None, None, None)
@@ -266,6 +269,22 @@ impl DevCluster {
     }
 }
 
+/// The service account token signing secret kept beside the state file `state` (`<state>.sa-key`,
+/// hex, owner-only), made on first use: a server restarted from its state accepts the tokens it
+/// issued before, as upstream does with its signing key file.
+fn signing_secret(state: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut name = state.as_os_str().to_owned();
+    name.push(".sa-key");
+    let path = std::path::PathBuf::from(name);
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        return hex::decode(text.trim()).with_context(|| format!("{} is not hex", path.display()));
+    }
+    let secret = crate::auth::TokenIssuer::new_secret();
+    write_private(&path, &hex::encode(secret))?;
+    Ok(secret.to_vec())
+}
+
 /// Saves the store to `path` shortly after changes (coalescing bursts) and once more at shutdown.
 async fn save_state(store: Arc<Store>, path: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
     let mut changes = store.changes();
@@ -302,7 +321,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("writing kubeconfig {}", path.display()))?;
+        .with_context(|| format!("writing {}", path.display()))?;
     file.write_all(text.as_bytes())?;
     Ok(())
 }

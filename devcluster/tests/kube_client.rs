@@ -1132,6 +1132,60 @@ async fn a_state_file_keeps_objects_and_resource_versions_across_restarts() {
     cluster.shutdown().await;
 }
 
+/// A server restarted from its state keeps its service account signing key (beside the state,
+/// as upstream keeps its key file): a token issued before the restart still authenticates.
+#[tokio::test]
+async fn a_service_account_token_issued_before_a_restart_from_state_still_authenticates() {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let options = || ServerOptions {
+        state: Some(state.clone()),
+        ..ServerOptions::default()
+    };
+    let cluster = DevCluster::start(options()).await.unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client_for(&cluster).await, "default");
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "runner"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let issued = accounts
+        .create_token_request("runner", &PostParams::default(), &TokenRequest::default())
+        .await
+        .unwrap();
+    let token = issued.status.unwrap().token.unwrap();
+    cluster.shutdown().await;
+
+    let cluster = DevCluster::start(options()).await.unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::from_yaml(&cluster.kubeconfig("test")).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    let pods: Api<Pod> = Api::namespaced(Client::try_from(config).unwrap(), "default");
+    match pods.list(&Default::default()).await {
+        // Authenticated as the ServiceAccount, which may not list Pods.
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 403, "{e:?}");
+            assert!(
+                e.message.contains("system:serviceaccount:default:runner"),
+                "{e:?}"
+            );
+        }
+        other => panic!("expected a 403 for the ServiceAccount, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
 fn widget_crd(
     scope: &str,
 ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
