@@ -852,6 +852,35 @@ async fn a_pods_service_account_token_on_the_host_is_the_virtual_clusters_and_is
         async move { token_on_host().await.filter(|t| *t != first).map(drop) }
     })
     .await;
+
+    // The Secret that carries a Pod's tokens never stands in for one of the tenant's: a Secret of
+    // the namespace under its name holds the Pod back, with a SyncError, until it goes.
+    let secrets: Api<Secret> = Api::namespaced(v.cluster.client().await, "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "clash.rcsync-token"}, "stringData": {"k": "v"}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let spec = json!({"serviceAccountName": "operator", "volumes": [access(600)],
+                      "containers": [app(json!({"volumeMounts": mount}))]});
+    v.create_pod(&pod("clash", spec)).await;
+    v.wait_event(
+        "clash",
+        "did not sync pod \"clash\" to host: the Secret \"clash.rcsync-token\" that carries the pod's service \
+         account token is taken by a Secret of namespace \"default\": rename that Secret, or run the pod without a \
+         token volume",
+    )
+    .await;
+    secrets
+        .delete("clash.rcsync-token", &Default::default())
+        .await
+        .unwrap();
+    wait_host_pod(&system, "clash", "default").await;
 }
 
 /// A queueing controller in the virtual cluster (Kueue, say) creates its Pods gated, narrows

@@ -95,6 +95,15 @@ struct ObjectStores {
     secrets: Store<Secret>,
 }
 
+impl ObjectStores {
+    /// Whether the virtual cluster holds the Secret `namespace/name`.
+    fn secret_exists(&self, namespace: &str, name: &str) -> bool {
+        self.secrets
+            .get(&ObjectRef::new(name).within(namespace))
+            .is_some()
+    }
+}
+
 /// What a Pod sends along: the JSON of each referenced object that exists, what is missing, and
 /// a fingerprint of the objects' versions.
 #[derive(Default)]

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tonic_types::StatusExt as _;
 
 use super::host_events::{HostEventCopy, HostEventQueue};
-use super::tokens::{IssuedTokens, PodApiServer, tokens_for, wants_tokens, with_tokens};
+use super::tokens::{IssuedTokens, PodApiServer, token_secret_name, tokens_for, wants_tokens, with_tokens};
 use super::{
     Failing, Key, ObjectKey, ObjectStores, POD_REFUSED_RETRY_MAX, POD_RETRY_MAX, PodBoard, Record, Records,
     ShardInput, State, StatusFeed, apply_body, changed_for_the_host, digest_of, fingerprint, key_of,
@@ -488,13 +488,25 @@ impl Shard {
                 }
             }
         }
-        let Some(spec) = self.pods.get(key).and_then(|p| p.spec.as_ref()) else {
+        let Some(pod) = self.pods.get(key) else {
             return;
         };
-        let objects: Vec<ObjectKey> = pod_refs::references(spec)
+        let Some(spec) = pod.spec.as_ref() else {
+            return;
+        };
+        let mut objects: Vec<ObjectKey> = pod_refs::references(spec)
             .into_keys()
             .map(|(kind, name)| (kind, key.0.clone(), name))
             .collect();
+        // The name its token Secret takes: a Secret of the namespace under it holds the Pod back
+        // (see `on_virtual`) until it goes.
+        if self.pod_api_server.is_some() && wants_tokens(pod) {
+            objects.push((
+                pod_refs::RefKind::Secret,
+                key.0.clone(),
+                token_secret_name(&key.1),
+            ));
+        }
         if objects.is_empty() {
             return;
         }
@@ -673,6 +685,19 @@ impl Shard {
         if let Some(api_server) = &self.pod_api_server
             && wants_tokens(pod)
         {
+            // The Secret that carries the tokens must not stand in for one of the tenant's.
+            let token_secret = token_secret_name(&key.1);
+            if self.objects.secret_exists(&key.0, &token_secret) {
+                let refusal = PodRefusal {
+                    reason: PodRefusalReason::NameInUse as i32,
+                    message: format!(
+                        "the Secret {token_secret:?} that carries the pod's service account token is taken by a \
+                         Secret of namespace {:?}: rename that Secret, or run the pod without a token volume",
+                        key.0
+                    ),
+                };
+                return self.on_refused(key, pod, &uid, refusal).await;
+            }
             let issued = match tokens_for(&self.client, pod, self.tokens.get(key)).await {
                 Ok(issued) => issued,
                 Err(e) => {
