@@ -197,7 +197,7 @@ pub type EventWatch = Pin<Box<dyn Stream<Item = Result<Event<CoreEvent>, watcher
 /// tenant removed from the config, or moved to another host namespace): then that status ends it.
 pub async fn stream_status(
     mut pods: PodWatch,
-    mut host_events: Option<(EventWatch, PodEvents)>,
+    host_events: Option<(EventWatch, PodEvents)>,
     tx: mpsc::Sender<Result<PodStatusEvent, Status>>,
     mut shutdown: watch::Receiver<bool>,
     ended: impl std::future::Future<Output = Status>,
@@ -205,6 +205,8 @@ pub async fn stream_status(
     let mut known: HashMap<String, Reported> = HashMap::new();
     let mut relisted: Option<HashMap<String, Reported>> = None;
     let mut pods_listed = false;
+    let (mut event_watch, mut feed) =
+        host_events.map_or((None, None), |(watch, feed)| (Some(watch), Some(feed)));
     let mut ended = std::pin::pin!(ended);
     loop {
         let out = tokio::select! {
@@ -223,23 +225,22 @@ pub async fn stream_status(
                 Some(Ok(event)) => {
                     let mut out = events_for(event, &mut known, &mut relisted);
                     pods_listed |= out.iter().any(|e| e.r#type() == PodStatusEventType::InitialStateComplete);
-                    if let Some((_, feed)) = &mut host_events && !out.is_empty() {
+                    if let Some(feed) = &mut feed && !out.is_empty() {
                         out.extend(feed.on_pods_reported(|name| known.get(name).map(Reported::as_reported_pod)));
                     }
                     out
                 }
             },
-            event = async { host_events.as_mut().expect("guarded").0.next().await },
-                if pods_listed && host_events.is_some() => match event {
-                None => return,
-                Some(Err(e)) => {
+            event = next_or_never(&mut event_watch), if pods_listed => match (event, &mut feed) {
+                (None, _) => return,
+                (Some(Err(e)), _) => {
                     tracing::warn!(error = %e, "watching host events failed; retrying with backoff");
                     continue;
                 }
-                Some(Ok(event)) => {
-                    let (_, feed) = host_events.as_mut().expect("guarded");
+                (Some(Ok(event)), Some(feed)) => {
                     feed.on_watch_event(event, |name| known.get(name).map(Reported::as_reported_pod))
                 }
+                (Some(Ok(_)), None) => Vec::new(),
             },
         };
         for event in out {
@@ -247,6 +248,14 @@ pub async fn stream_status(
                 return;
             }
         }
+    }
+}
+
+/// The next item of `watch`; never resolves without one.
+async fn next_or_never<S: Stream + Unpin>(watch: &mut Option<S>) -> Option<S::Item> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
     }
 }
 
