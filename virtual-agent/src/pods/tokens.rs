@@ -226,9 +226,9 @@ pub(super) fn with_tokens(pod: &Pod, issued: &IssuedTokens, api_server: &PodApiS
         for (i, (source, token)) in sources.iter().zip(&issued.tokens).enumerate() {
             let key = format!("token-{i}");
             data.insert(key.clone(), ByteString(token.clone().into_bytes()));
-            if let Some(projection) = volumes[source.volume]
-                .projected
-                .as_mut()
+            if let Some(projection) = volumes
+                .get_mut(source.volume)
+                .and_then(|v| v.projected.as_mut())
                 .and_then(|p| p.sources.as_mut())
                 .and_then(|s| s.get_mut(source.source))
             {
