@@ -478,10 +478,11 @@ Try it (in another terminal):
   kubectl $V get runtimeclass
 
   # 2. A Pod with an allowed class is synced to the host namespace vcluster-team-a, runs on the
-  #    host's (simulated) node, and the virtual Pod shows it Running.
+  #    host's (simulated) node, and the virtual Pod shows it Running, with the host's events.
   kubectl $V apply -f {d}/allowed-pod.yaml
   kubectl $H get pods -n vcluster-team-a -o wide
   kubectl $V get pod sandboxed
+  kubectl $V describe pod sandboxed
 
   # 3. A Pod with a class the selector does not allow is not synced and gets a SyncWarning event.
   kubectl $V apply -f {d}/denied-pod.yaml

@@ -852,6 +852,15 @@ async fn a_pods_service_account_token_on_the_host_is_the_virtual_clusters_and_is
         async move { token_on_host().await.filter(|t| *t != first).map(drop) }
     })
     .await;
+    let metrics = v.metrics().await;
+    let issued = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rcsync_pod_tokens_issued_total "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        issued.is_some_and(|n| n >= 2),
+        "a token and its renewal counted:\n{metrics}"
+    );
 
     // The Secret that carries a Pod's tokens never stands in for one of the tenant's: a Secret of
     // the namespace under its name holds the Pod back, with a SyncError, until it goes.

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub statuses_copied_total: Counter,
     /// Host events about synced Pods written into the virtual cluster (created or updated).
     pub host_events_copied_total: Counter,
+    /// Service account tokens issued for Pods on the host (`--pod-api-server`), renewals included.
+    pub pod_tokens_issued_total: Counter,
     /// Host events not written (refused by the virtual cluster, failed every try, or dropped
     /// from a full queue).
     pub host_events_failed_total: Counter,
@@ -87,6 +89,7 @@ impl Metrics {
             pod_errors_total: Counter::default(),
             statuses_copied_total: Counter::default(),
             host_events_copied_total: Counter::default(),
+            pod_tokens_issued_total: Counter::default(),
             host_events_failed_total: Counter::default(),
             last_sync_timestamp_seconds: Gauge::default(),
             leader: Gauge::default(),
@@ -163,6 +166,11 @@ impl Metrics {
             "host_events_copied",
             "Host events about synced Pods written into the virtual cluster",
             m.host_events_copied_total.clone(),
+        );
+        r.register(
+            "pod_tokens_issued",
+            "Service account tokens of the virtual cluster issued for Pods on the host, renewals included",
+            m.pod_tokens_issued_total.clone(),
         );
         r.register(
             "host_events_failed",

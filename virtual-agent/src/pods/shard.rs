@@ -723,6 +723,7 @@ impl Shard {
                 .is_none_or(|t| t.refresh_at != issued.refresh_at)
             {
                 self.token_refreshes.insert((issued.refresh_at, key.clone()));
+                self.metrics.pod_tokens_issued_total.inc_by(issued.count());
             }
             self.tokens.insert(key.clone(), issued);
             sent = std::borrow::Cow::Owned(with);

@@ -76,6 +76,11 @@ pub(super) struct IssuedTokens {
 }
 
 impl IssuedTokens {
+    /// How many tokens (one per token source).
+    pub(super) fn count(&self) -> u64 {
+        self.tokens.len() as u64
+    }
+
     /// A digest of the tokens: a new one on every request.
     pub(super) fn version(&self) -> u64 {
         use std::hash::{Hash as _, Hasher as _};
