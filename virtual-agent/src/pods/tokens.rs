@@ -151,7 +151,7 @@ pub(super) async fn tokens_for(
     client: &Client,
     pod: &Pod,
     cached: Option<&IssuedTokens>,
-) -> Result<IssuedTokens, kube::Error> {
+) -> Result<IssuedTokens, String> {
     let sources = token_sources(pod);
     let account = service_account(pod);
     let issued_for = format!(
@@ -189,16 +189,22 @@ pub(super) async fn tokens_for(
         };
         let issued = api
             .create_token_request(&account, &PostParams::default(), &request)
-            .await?;
+            .await
+            .map_err(|e| format!("TokenRequest for service account {account:?}: {e}"))?;
         let status = issued.status.unwrap_or_default();
-        // The lifetime granted (an API server may shorten or lengthen what was asked).
+        // The lifetime granted, when shorter than asked (an API server may shorten it; a later
+        // expiry, or one a skewed clock moves later, is not counted on).
         let lifetime = status
             .expiration_timestamp
             .map(|at| at.0.duration_since(k8s_openapi::jiff::Timestamp::now()).as_secs())
             .unwrap_or(source.lifetime)
-            .max(1);
+            .clamp(1, source.lifetime.max(1));
         shortest = shortest.min(lifetime);
-        tokens.push(status.token.unwrap_or_default());
+        let token = status
+            .token
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("TokenRequest for service account {account:?} returned no token"))?;
+        tokens.push(token);
     }
     // 80% of the lifetime, as the kubelet refreshes projected tokens.
     let refresh_in = Duration::from_secs(u64::try_from(shortest).unwrap_or(1)).mul_f64(0.8);
