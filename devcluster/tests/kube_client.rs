@@ -1075,14 +1075,18 @@ async fn scheduled_pods_terminate_for_their_grace_period() {
     cluster.shutdown().await;
 }
 
+/// Options of a server that keeps its state in `dir`.
+fn with_state(dir: &std::path::Path) -> ServerOptions {
+    ServerOptions {
+        state: Some(dir.join("state.json")),
+        ..ServerOptions::default()
+    }
+}
+
 #[tokio::test]
 async fn a_state_file_keeps_objects_and_resource_versions_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.json");
-    let options = || ServerOptions {
-        state: Some(state.clone()),
-        ..ServerOptions::default()
-    };
+    let options = || with_state(dir.path());
     let cluster = DevCluster::start(options()).await.unwrap();
     let classes: Api<RuntimeClass> = Api::all(client_for(&cluster).await);
     let created = classes
@@ -1139,11 +1143,7 @@ async fn a_service_account_token_issued_before_a_restart_from_state_still_authen
     use k8s_openapi::api::authentication::v1::TokenRequest;
     use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state.json");
-    let options = || ServerOptions {
-        state: Some(state.clone()),
-        ..ServerOptions::default()
-    };
+    let options = || with_state(dir.path());
     let cluster = DevCluster::start(options()).await.unwrap();
     let accounts: Api<ServiceAccount> = Api::namespaced(client_for(&cluster).await, "default");
     accounts
