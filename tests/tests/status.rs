@@ -103,6 +103,11 @@ async fn virtual_agent_status_shows_classes_pods_and_why_one_is_not_synced() {
     assert_eq!(doc["leading"], true);
     assert_eq!(doc["leader"], "virtual-agent-team-a");
     assert_eq!(doc["pods"]["notSynced"][0]["name"], "blocked");
+    assert_eq!(
+        doc["podExtras"],
+        serde_json::json!({"hostEvents": "all", "podApiServer": null}),
+        "what the Pod syncer copies and adds, as configured"
+    );
 
     let (code, _, stderr) = status(&["--admin", &format!("http://127.0.0.1:{}", free_port())]);
     assert_eq!(code, 2, "{stderr}");

@@ -125,6 +125,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let board = PodBoard::default();
     let status = crate::status::router(
         &settings.target.display(),
+        crate::status::PodExtras {
+            host_events: match settings.host_events {
+                rcsync_proto::v1::HostEvents::All => "all",
+                rcsync_proto::v1::HostEvents::Warnings => "warnings",
+                rcsync_proto::v1::HostEvents::Unspecified => "none",
+            },
+            pod_api_server: settings.pod_api_server.as_ref().map(ToString::to_string),
+        },
         &settings.target.tenant,
         &settings.lease.identity,
         state_rx,

@@ -22,6 +22,8 @@ use crate::pods::PodBoard;
 #[derive(Clone)]
 struct StatusState {
     host_agent: Arc<str>,
+    /// What the Pod syncer copies and adds beyond the Pod (settings, shown as they are).
+    pod_extras: Arc<Value>,
     tenant: Arc<str>,
     identity: Arc<str>,
     sync: watch::Receiver<SyncState>,
@@ -29,9 +31,20 @@ struct StatusState {
     role: watch::Receiver<Role>,
 }
 
+/// Which host events the agent copies and where Pods on the host reach the virtual API server
+/// (`--host-events`, `--pod-api-server`), as `/status` shows them.
+#[derive(Clone, Debug)]
+pub struct PodExtras {
+    /// `all`, `warnings` or `none`.
+    pub host_events: &'static str,
+    /// `HOST:PORT`, when Pods on the host get tokens of the virtual cluster.
+    pub pod_api_server: Option<String>,
+}
+
 /// The `/status` route. `identity` is this replica's holder identity in the leader Lease.
 pub fn router(
     host_agent: &str,
+    pod_extras: PodExtras,
     tenant: &str,
     identity: &str,
     sync: watch::Receiver<SyncState>,
@@ -42,6 +55,10 @@ pub fn router(
         .route("/status", get(status_json))
         .with_state(StatusState {
             host_agent: host_agent.into(),
+            pod_extras: Arc::new(json!({
+                "hostEvents": pod_extras.host_events,
+                "podApiServer": pod_extras.pod_api_server,
+            })),
             tenant: tenant.into(),
             identity: identity.into(),
             sync,
@@ -77,6 +94,7 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
             "failing": count("failing"),
             "notSynced": not_synced,
         },
+        "podExtras": &*state.pod_extras,
     }))
 }
 

@@ -39,6 +39,17 @@ pub struct PodApiServer {
     pub port: u16,
 }
 
+impl std::fmt::Display for PodApiServer {
+    /// `HOST:PORT`, `[IPv6]:PORT` for an IPv6 address (what `--pod-api-server` takes).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl std::str::FromStr for PodApiServer {
     type Err = String;
 
@@ -312,7 +323,10 @@ mod tests {
                 port: 443
             }
         );
-        assert_eq!("[fd00::1]:6443".parse::<PodApiServer>().unwrap().host, "fd00::1");
+        let v6 = "[fd00::1]:6443".parse::<PodApiServer>().unwrap();
+        assert_eq!(v6.host, "fd00::1");
+        assert_eq!(v6.to_string(), "[fd00::1]:6443");
+        assert_eq!(parsed.to_string(), "vcluster.team-a.svc:443");
         for bad in ["vcluster", ":443", "host:0", "host:http"] {
             assert!(bad.parse::<PodApiServer>().is_err(), "{bad}");
         }
