@@ -166,18 +166,14 @@ impl Written {
 
 /// What a copy holds that a repeat changes (and what it is about).
 fn digest(event: &CoreEvent) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (
+    super::digest_of(&(
         &event.involved_object.uid,
         event.count,
         event.last_timestamp.as_ref().map(|t| t.0.as_second()),
         &event.message,
         &event.type_,
         &event.reason,
-    )
-        .hash(&mut hasher);
-    hasher.finish()
+    ))
 }
 
 fn key(namespace: &str, name: &str) -> String {

@@ -94,10 +94,7 @@ impl IssuedTokens {
 
     /// A digest of the tokens: a new one on every request.
     pub(super) fn version(&self) -> u64 {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.tokens.hash(&mut hasher);
-        hasher.finish()
+        super::digest_of(&self.tokens)
     }
 }
 
