@@ -510,7 +510,7 @@ pub fn prepare_create(
     meta.remove("selfLink");
     match def.kind {
         "Pod" => {
-            obj["status"] = json!({"phase": "Pending"});
+            obj["status"] = json!({"phase": "Pending", "qosClass": crate::resize::qos_class(&obj)});
         }
         "CustomResourceDefinition" => {
             crate::crd::validate(def, &obj)?;
@@ -531,9 +531,21 @@ pub fn prepare_create(
     }
     if def.kind == "Pod" {
         admit_limit_ranges(def, &mut obj, reader)?;
-        admit_pod_quota(def, &obj, reader)?;
+        admit_pod_quota(def, &obj, None, reader)?;
     }
     Ok(obj)
+}
+
+/// ResourceQuota admission for a resize of `old` into `new` (upstream's quota evaluates Pod
+/// updates since in-place resize): what the resize adds, counted against the namespace's quotas
+/// with the Pod's current use taken out; a resize that adds nothing is never refused.
+pub fn admit_pod_resize(
+    def: &ResourceDef,
+    old: &Value,
+    new: &Value,
+    reader: &Reader<'_>,
+) -> Result<(), ApiError> {
+    admit_pod_quota(def, new, Some(old), reader)
 }
 
 /// LimitRanger admission for a Pod create (before quota, as upstream orders them): the
@@ -557,7 +569,12 @@ fn admit_limit_ranges(def: &ResourceDef, obj: &mut Value, reader: &Reader<'_>) -
 /// containers do not state the cpu and memory a quota limits is refused (`failed quota: ...`),
 /// and one whose usage, added to what the namespace's Pods use now, would pass a quota's limit on
 /// anything it uses (`exceeded quota: ...`, naming only those resources).
-fn admit_pod_quota(def: &ResourceDef, obj: &Value, reader: &Reader<'_>) -> Result<(), ApiError> {
+fn admit_pod_quota(
+    def: &ResourceDef,
+    obj: &Value,
+    replacing: Option<&Value>,
+    reader: &Reader<'_>,
+) -> Result<(), ApiError> {
     let namespace = obj
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
@@ -572,6 +589,9 @@ fn admit_pod_quota(def: &ResourceDef, obj: &Value, reader: &Reader<'_>) -> Resul
     }
     quotas.sort_by(|a, b| a.0.cmp(&b.0));
     let requested = crate::quota::pod_usage(obj);
+    // A resize is checked on what it adds: the resources whose use grows.
+    let before = replacing.map(crate::quota::pod_usage).unwrap_or_default();
+    let grows = |key: &&str| requested[key] > before.get(key).copied().unwrap_or_default();
     let mut used: Option<crate::quota::Usage> = None;
     for (quota, hard) in quotas {
         if let Some(missing) = crate::quota::missing_resources(obj, &hard) {
@@ -585,6 +605,7 @@ fn admit_pod_quota(def: &ResourceDef, obj: &Value, reader: &Reader<'_>) -> Resul
             .keys()
             .copied()
             .filter(|k| hard.contains_key(k))
+            .filter(grows)
             .collect();
         if keys.is_empty() {
             continue;
@@ -593,7 +614,11 @@ fn admit_pod_quota(def: &ResourceDef, obj: &Value, reader: &Reader<'_>) -> Resul
         // status lagging by one store event never lets a Pod past it.
         let used = used.get_or_insert_with(|| {
             let mut used = crate::quota::Usage::new();
-            for pod in reader.list(def.storage, namespace) {
+            let resized = replacing.map(name_of);
+            for pod in reader
+                .list(def.storage, namespace)
+                .filter(|pod| Some(name_of(pod)) != resized)
+            {
                 for (key, amount) in crate::quota::pod_usage(pod) {
                     *used.entry(key).or_default() += amount;
                 }
@@ -627,6 +652,19 @@ pub enum Part {
     Main,
     /// The status subresource: only status.
     Status,
+    /// A Pod's `resize` subresource: only its containers' resources (see [`crate::resize`]).
+    Resize,
+}
+
+impl Part {
+    /// The subresource's name, as managed fields record it (empty for the main resource).
+    pub fn subresource(self) -> &'static str {
+        match self {
+            Part::Main => "",
+            Part::Status => "status",
+            Part::Resize => "resize",
+        }
+    }
 }
 
 fn spec_changed(old: &Value, new: &Value) -> bool {
@@ -893,6 +931,18 @@ pub fn prepare_update(def: &ResourceDef, old: &Value, mut new: Value, part: Part
         {
             m.remove("status");
         }
+        return Ok(out);
+    }
+    if part == Part::Resize {
+        let mut out = crate::resize::prepare(def, old, &new)?;
+        if spec_changed(old, &out) {
+            let generation = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            out["metadata"]["generation"] = json!(generation + 1);
+        }
+        validate(def, &out)?;
         return Ok(out);
     }
     {

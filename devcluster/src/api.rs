@@ -486,6 +486,7 @@ impl Api {
         let part = match sub.as_deref() {
             None => Part::Main,
             Some("status") if def.has_status => Part::Status,
+            Some("resize") if def.kind == "Pod" && def.group.is_empty() => Part::Resize,
             Some(_) => return Err(ApiError::not_found_path(&req.path)),
         };
         let ns = namespace.clone().unwrap_or_default();
@@ -545,7 +546,7 @@ impl Api {
                     |reader, current| {
                         let Some(current) = current else {
                             // PUT creates when the object does not exist (main resource only), as upstream.
-                            if part == Part::Status {
+                            if part != Part::Main {
                                 return Err(ApiError::not_found(def, &name));
                             }
                             let mut body = body.clone();
@@ -559,8 +560,10 @@ impl Api {
                         if same_content(&obj, current) {
                             return Ok(Outcome::Unchanged);
                         }
-                        let subresource = if part == Part::Status { "status" } else { "" };
-                        managed::record_update(Some(current), &mut obj, &manager, subresource);
+                        if part == Part::Resize {
+                            crate::admission::admit_pod_resize(def, current, &obj, reader)?;
+                        }
+                        managed::record_update(Some(current), &mut obj, &manager, part.subresource());
                         Ok(deletion::finalized(obj))
                     },
                 )?;
@@ -998,7 +1001,7 @@ impl Api {
         }
         let manager = field_manager(req);
         let force = query_flag(&req.query, "force");
-        let subresource = if part == Part::Status { "status" } else { "" };
+        let subresource = part.subresource();
         let mut warnings = Vec::new();
         let mut created = false;
         let (obj, change) = self.store.transact_with(
@@ -1065,6 +1068,9 @@ impl Api {
                 let mut obj = prepare_update(storage_def(def), current, doc, part)?;
                 if same_content(&obj, current) {
                     return Ok(Outcome::Unchanged);
+                }
+                if part == Part::Resize {
+                    crate::admission::admit_pod_resize(def, current, &obj, reader)?;
                 }
                 if !is_apply {
                     managed::record_update(Some(current), &mut obj, &manager, subresource);

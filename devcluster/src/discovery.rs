@@ -54,6 +54,12 @@ pub(crate) fn discovery_resources(registry: &Registry, group: &str, version: &st
                 "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"],
             }));
         }
+        if d.kind == "Pod" && d.group.is_empty() {
+            list.push(json!({
+                "name": "pods/resize", "singularName": "", "namespaced": true,
+                "kind": "Pod", "verbs": ["get", "patch", "update"],
+            }));
+        }
         if d.has_status {
             list.push(json!({
                 "name": format!("{}/status", d.plural), "singularName": "", "namespaced": d.namespaced,

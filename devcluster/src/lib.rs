@@ -45,6 +45,7 @@ pub mod protobuf;
 pub mod quantity;
 mod query;
 pub mod quota;
+pub mod resize;
 pub mod resources;
 pub mod server;
 pub mod status;

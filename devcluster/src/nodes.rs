@@ -367,17 +367,22 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             condition("PodScheduled"),
                         ],
                     );
+                    let qos = crate::resize::qos_class(&p);
                     p["status"] = json!({
                         "phase": "Running",
                         "conditions": conditions,
                         "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
                         "podIP": ip, "podIPs": [{"ip": ip}],
-                        "startTime": now, "qosClass": "BestEffort",
-                        "containerStatuses": containers.iter().map(|c| json!({
-                            "name": c["name"], "image": c["image"], "imageID": format!("{}@sha256:devcluster", c["image"].as_str().unwrap_or_default()),
-                            "containerID": format!("devcluster://{}", uuid::Uuid::new_v4().simple()),
-                            "ready": true, "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}},
-                        })).collect::<Vec<_>>(),
+                        "startTime": now, "qosClass": qos,
+                        "containerStatuses": containers.iter().map(|c| {
+                            let mut status = json!({
+                                "name": c["name"], "image": c["image"], "imageID": format!("{}@sha256:devcluster", c["image"].as_str().unwrap_or_default()),
+                                "containerID": format!("devcluster://{}", uuid::Uuid::new_v4().simple()),
+                                "ready": true, "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}},
+                            });
+                            crate::resize::started(c, &mut status);
+                            status
+                        }).collect::<Vec<_>>(),
                     });
                     started = Some(p.clone());
                     Some(p)
@@ -415,6 +420,49 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                         );
                     }
                     continue;
+                }
+                // A resize (`pods/resize`) the containers do not run with yet.
+                if crate::resize::pending(&pod) {
+                    let allocatable = ours
+                        .iter()
+                        .find(|n| n["metadata"]["name"] == node)
+                        .map(|n| n["status"]["allocatable"].clone())
+                        .unwrap_or_default();
+                    let mut infeasible = None;
+                    put(store, "pods", &ns, &name, |current| {
+                        let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                        if !crate::resize::pending(&p) {
+                            return None;
+                        }
+                        let message = crate::resize::actuate(&mut p, &allocatable, &now());
+                        // An infeasible resize is reported once, not at every pass.
+                        let reported = message.as_deref().is_some_and(|message| {
+                            current.is_some_and(|c| {
+                                c["status"]["conditions"].as_array().is_some_and(|l| {
+                                    l.iter().any(|c| {
+                                        c["type"] == "PodResizePending"
+                                            && c["message"].as_str() == Some(message)
+                                    })
+                                })
+                            })
+                        });
+                        if reported {
+                            return None;
+                        }
+                        infeasible = message.map(|m| (p.clone(), m));
+                        Some(p)
+                    });
+                    if let Some((p, message)) = infeasible {
+                        event(
+                            store,
+                            &p,
+                            "Warning",
+                            "ResizeInfeasible",
+                            &message,
+                            "kubelet",
+                            Some(node),
+                        );
+                    }
                 }
                 // Most Pods have no readiness gate: their Ready condition is the kubelet's own.
                 if pod["spec"]["readinessGates"].as_array().is_none_or(Vec::is_empty) {

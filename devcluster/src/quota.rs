@@ -137,7 +137,7 @@ fn container_resources(container: &Value) -> (Resources, Resources) {
 /// A Pod's requests and limits (upstream's `PodRequests` and `PodLimits`): the containers' sum,
 /// or more when an init container needs more (a restartable init container, a sidecar, runs
 /// beside what follows it, so it adds to both), plus the Pod's overhead.
-fn pod_resources(pod: &Value) -> (Resources, Resources) {
+pub(crate) fn pod_resources(pod: &Value) -> (Resources, Resources) {
     let add = |to: &mut Resources, from: &Resources| {
         for (resource, amount) in from {
             *to.entry(resource).or_default() += amount;

@@ -598,6 +598,11 @@ pub fn namespaces() -> &'static ResourceDef {
     find("", "v1", "namespaces").expect("namespaces are served")
 }
 
+/// The resource definition of Pods.
+pub fn pods() -> &'static ResourceDef {
+    find("", "v1", "pods").expect("pods are served")
+}
+
 /// The resource definition of RuntimeClasses.
 pub fn runtime_classes() -> &'static ResourceDef {
     find("node.k8s.io", "v1", "runtimeclasses").expect("runtimeclasses are served")

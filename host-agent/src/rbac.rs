@@ -15,6 +15,8 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
     ),
     // grpc::pods: the conditions of a Pod's readiness gates, set by the tenant's controllers.
     ("", "pods/status", &["patch"], "tenant-namespace"),
+    // grpc::pods: a running Pod's containers resized in place, as the tenant resized them.
+    ("", "pods/resize", &["patch"], "tenant-namespace"),
     // grpc::pod_events: the events the host records about the tenant's Pods, for WatchPodStatus.
     ("", "events", &["list", "watch"], "tenant-namespace"),
     // grpc::pods: copies of the ConfigMaps and Secrets a Pod references (get, create, replace;

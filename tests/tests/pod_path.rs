@@ -1051,6 +1051,118 @@ async fn a_deadline_set_on_a_running_pod_ends_it_on_the_host() {
     assert_eq!(on_host.spec.unwrap().active_deadline_seconds, Some(1));
 }
 
+/// A Pod resized in place in the virtual cluster (`pods/resize`: its containers' cpu and memory)
+/// is resized on the host, where its containers then run with the new resources, which the
+/// virtual Pod's status shows.
+#[tokio::test]
+async fn a_pod_resized_in_the_virtual_cluster_is_resized_on_the_host() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    let resources =
+        json!({"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}});
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({"resources": resources}))]}),
+    ))
+    .await;
+    let host = system.host_pods(&v.tenant).await;
+    let pods = v.pods().await;
+    let host_name = host_name("web", "default");
+    let running_cpu = |p: &Pod| -> Option<String> {
+        let status = p.status.as_ref()?.container_statuses.as_ref()?.first()?;
+        Some(
+            status
+                .resources
+                .as_ref()?
+                .requests
+                .as_ref()?
+                .get("cpu")?
+                .0
+                .clone(),
+        )
+    };
+    eventually("the host Pod running with 100m", || {
+        let (host, name) = (host.clone(), host_name.clone());
+        async move { (running_cpu(&host.get(&name).await.ok()?).as_deref() == Some("100m")).then_some(()) }
+    })
+    .await;
+    let resize = json!({"spec": {"containers": [{"name": "app", "resources": {
+        "requests": {"cpu": "150m"}, "limits": {"cpu": "300m"}}}]}});
+    pods.patch_subresource(
+        "resize",
+        "web",
+        &PatchParams::default(),
+        &Patch::Strategic(&resize),
+    )
+    .await
+    .unwrap();
+    eventually("the virtual Pod's containers running with 150m", || {
+        let pods = pods.clone();
+        async move { (running_cpu(&pods.get("web").await.ok()?).as_deref() == Some("150m")).then_some(()) }
+    })
+    .await;
+    let on_host = host.get(&host_name).await.unwrap();
+    let spec = &on_host.spec.unwrap().containers[0];
+    let limits = spec.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits.get("cpu").map(|q| q.0.as_str()), Some("300m"));
+    assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("128Mi"));
+    assert_eq!(
+        on_host.metadata.uid,
+        system
+            .host_pods(&v.tenant)
+            .await
+            .get(&host_name)
+            .await
+            .unwrap()
+            .metadata
+            .uid
+    );
+}
+
+/// A resize the host's node cannot hold is not applied there, and the virtual Pod says why: the
+/// host kubelet's `PodResizePending` condition (`Infeasible`) is copied back with the status.
+#[tokio::test]
+async fn a_resize_the_hosts_node_cannot_hold_shows_as_pending_on_the_virtual_pod() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    let resources = json!({"requests": {"cpu": "100m"}, "limits": {"cpu": "200m"}});
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({"resources": resources}))]}),
+    ))
+    .await;
+    let pods = v.pods().await;
+    let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
+    eventually("the virtual Pod Running", || {
+        let pods = pods.clone();
+        async move { (phase(&pods.get("web").await.ok()?).as_deref() == Some("Running")).then_some(()) }
+    })
+    .await;
+    let resize = json!({"spec": {"containers": [{"name": "app", "resources": {
+        "requests": {"cpu": "16"}, "limits": {"cpu": "32"}}}]}});
+    pods.patch_subresource(
+        "resize",
+        "web",
+        &PatchParams::default(),
+        &Patch::Strategic(&resize),
+    )
+    .await
+    .unwrap();
+    let pending = eventually("PodResizePending on the virtual Pod", || {
+        let pods = pods.clone();
+        async move {
+            let conditions = pods.get("web").await.ok()?.status?.conditions?;
+            conditions.into_iter().find(|c| c.type_ == "PodResizePending")
+        }
+    })
+    .await;
+    assert_eq!(pending.reason.as_deref(), Some("Infeasible"));
+    assert_eq!(
+        pending.message.as_deref(),
+        Some("Node didn't have enough capacity: cpu, requested: 16000, capacity: 8000")
+    );
+}
+
 /// A host status the virtual cluster refuses to store (the agent's role lacks `pods/status` for a
 /// while) is not lost: it is written once the role allows it, although the host Pod no longer
 /// changes.

@@ -11,7 +11,7 @@
 //!     (asked for: and the host events about them, pod_events)
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Event as CoreEvent, Pod, PodCondition, PodSchedulingGate, Secret,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::watcher;
@@ -301,18 +302,30 @@ impl<V: ViewSource> PodSyncService<V> {
                 "host pod {host_name} belonged to an earlier virtual pod of the same name; it is being deleted: retry"
             )));
         }
+        let mut placed = PlacedPod::of(&current);
         if let Some(patch) = update_patch(&current, desired) {
             let pod = api
                 .patch(&host_name, &PatchParams::default(), &Patch::Strategic(patch))
                 .await
                 .map_err(|e| kube_status(&e, tenant))?;
-            return Ok(Placement::Placed {
-                pod: PlacedPod::of(&pod),
-                created: false,
-            });
+            placed = PlacedPod::of(&pod);
+        }
+        // Resources change through their own subresource, which the host checks against its
+        // quotas and the Pod's QoS class.
+        if let Some(patch) = resize_patch(&current, desired) {
+            let pod = api
+                .patch_subresource(
+                    "resize",
+                    &host_name,
+                    &PatchParams::default(),
+                    &Patch::Strategic(patch),
+                )
+                .await
+                .map_err(|e| kube_status(&e, tenant))?;
+            placed = PlacedPod::of(&pod);
         }
         Ok(Placement::Placed {
-            pod: PlacedPod::of(&current),
+            pod: placed,
             created: false,
         })
     }
@@ -808,6 +821,62 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
     changed.then_some(patch)
 }
 
+/// The in-place resize (`pods/resize`, strategic merge) that gives a host Pod's containers the cpu
+/// and memory the tenant's ask for now: for each of the tenant's containers (and sidecar init
+/// containers, the only init containers a resize may change) whose cpu or memory request or limit
+/// differs, those the tenant states; `None` when none differs. What the host's admission added (a
+/// LimitRange's defaults, a webhook's sidecar) is neither a difference nor touched.
+fn resize_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
+    use k8s_openapi::api::core::v1::Container;
+    const RESIZABLE: [&str; 2] = ["cpu", "memory"];
+    let stated = |c: &Container, what: &str| -> BTreeMap<&'static str, Quantity> {
+        let resources = c.resources.as_ref();
+        let map = match what {
+            "requests" => resources.and_then(|r| r.requests.as_ref()),
+            _ => resources.and_then(|r| r.limits.as_ref()),
+        };
+        RESIZABLE
+            .into_iter()
+            .filter_map(|name| Some((name, map?.get(name)?.clone())))
+            .collect()
+    };
+    let mut patch = json!({});
+    for (field, sidecars_only) in [("containers", false), ("initContainers", true)] {
+        let list = |pod: &'_ Pod| -> Vec<Container> {
+            let spec = pod.spec.as_ref();
+            match field {
+                "containers" => spec.map(|s| s.containers.clone()),
+                _ => spec.and_then(|s| s.init_containers.clone()),
+            }
+            .unwrap_or_default()
+        };
+        let have = list(current);
+        let items: Vec<serde_json::Value> = list(desired)
+            .iter()
+            .filter(|c| !sidecars_only || c.restart_policy.as_deref() == Some("Always"))
+            .filter_map(|want| {
+                let running = have.iter().find(|c| c.name == want.name)?;
+                let differs = ["requests", "limits"].into_iter().any(|what| {
+                    let had = stated(running, what);
+                    stated(want, what)
+                        .iter()
+                        .any(|(name, q)| had.get(name) != Some(q))
+                });
+                differs.then(|| {
+                    json!({"name": want.name, "resources": {
+                        "requests": stated(want, "requests"),
+                        "limits": stated(want, "limits"),
+                    }})
+                })
+            })
+            .collect();
+        if !items.is_empty() {
+            patch["spec"][field] = json!(items);
+        }
+    }
+    (patch != json!({})).then_some(patch)
+}
+
 /// What a gated host Pod takes from its virtual Pod: the placement a queueing controller narrowed
 /// while the virtual Pod was gated (node selector entries, node affinity: the only placement an
 /// API server lets a gated Pod change, by additions), and the removal of rcsync's gate once the
@@ -1301,6 +1370,40 @@ mod tests {
         assert_eq!(
             patch["spec"]["containers"],
             json!([{"name": "app", "image": "app:2"}])
+        );
+    }
+
+    #[test]
+    fn a_resize_sends_the_cpu_and_memory_the_tenant_changed_and_leaves_the_hosts_defaults_alone() {
+        let pod = |containers: serde_json::Value, init: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"},
+                "spec": {"containers": containers, "initContainers": init}}))
+            .unwrap()
+        };
+        // On the host, a LimitRange added a memory limit and a webhook a sidecar.
+        let current = pod(
+            json!([{"name": "app", "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "200m", "memory": "1Gi"}}},
+                   {"name": "proxy", "resources": {"requests": {"cpu": "50m"}}}]),
+            json!([{"name": "setup", "resources": {"requests": {"cpu": "1"}}},
+                   {"name": "log", "restartPolicy": "Always", "resources": {"requests": {"cpu": "10m"}}}]),
+        );
+        let unchanged = pod(
+            json!([{"name": "app", "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "200m"}}}]),
+            json!([{"name": "setup", "resources": {"requests": {"cpu": "1"}}},
+                   {"name": "log", "restartPolicy": "Always", "resources": {"requests": {"cpu": "10m"}}}]),
+        );
+        assert_eq!(resize_patch(&current, &unchanged), None);
+        let resized = pod(
+            json!([{"name": "app", "resources": {"requests": {"cpu": "150m", "ephemeral-storage": "1Gi"}, "limits": {"cpu": "300m"}}}]),
+            json!([{"name": "setup", "resources": {"requests": {"cpu": "2"}}},
+                   {"name": "log", "restartPolicy": "Always", "resources": {"requests": {"cpu": "20m"}}}]),
+        );
+        assert_eq!(
+            resize_patch(&current, &resized),
+            Some(json!({"spec": {
+                "containers": [{"name": "app", "resources": {"requests": {"cpu": "150m"}, "limits": {"cpu": "300m"}}}],
+                "initContainers": [{"name": "log", "resources": {"requests": {"cpu": "20m"}, "limits": {}}}],
+            }}))
         );
     }
 }
