@@ -537,8 +537,8 @@ pub fn prepare_create(
 }
 
 /// ResourceQuota admission for a resize of `old` into `new` (upstream's quota evaluates Pod
-/// updates since in-place resize): what the resize adds, counted against the namespace's quotas
-/// with the Pod's current use taken out; a resize that adds nothing is never refused.
+/// updates since in-place resize): what the resize adds, on top of what the namespace uses now
+/// (the Pod as it was included); a resize that adds nothing is never refused.
 pub fn admit_pod_resize(
     def: &ResourceDef,
     old: &Value,
@@ -588,10 +588,19 @@ fn admit_pod_quota(
         return Ok(());
     }
     quotas.sort_by(|a, b| a.0.cmp(&b.0));
-    let requested = crate::quota::pod_usage(obj);
-    // A resize is checked on what it adds: the resources whose use grows.
-    let before = replacing.map(crate::quota::pod_usage).unwrap_or_default();
-    let grows = |key: &&str| requested[key] > before.get(key).copied().unwrap_or_default();
+    // A resize is checked on what it adds (upstream's delta usage): the resources whose use grows,
+    // by how much; the namespace's use still counts the Pod as it was.
+    let requested: crate::quota::Usage = match replacing {
+        None => crate::quota::pod_usage(obj),
+        Some(old) => {
+            let before = crate::quota::pod_usage(old);
+            crate::quota::pod_usage(obj)
+                .into_iter()
+                .map(|(key, amount)| (key, amount - before.get(key).copied().unwrap_or_default()))
+                .filter(|(_, added)| *added > 0)
+                .collect()
+        }
+    };
     let mut used: Option<crate::quota::Usage> = None;
     for (quota, hard) in quotas {
         if let Some(missing) = crate::quota::missing_resources(obj, &hard) {
@@ -605,7 +614,6 @@ fn admit_pod_quota(
             .keys()
             .copied()
             .filter(|k| hard.contains_key(k))
-            .filter(grows)
             .collect();
         if keys.is_empty() {
             continue;
@@ -614,11 +622,7 @@ fn admit_pod_quota(
         // status lagging by one store event never lets a Pod past it.
         let used = used.get_or_insert_with(|| {
             let mut used = crate::quota::Usage::new();
-            let resized = replacing.map(name_of);
-            for pod in reader
-                .list(def.storage, namespace)
-                .filter(|pod| Some(name_of(pod)) != resized)
-            {
+            for pod in reader.list(def.storage, namespace) {
                 for (key, amount) in crate::quota::pod_usage(pod) {
                     *used.entry(key).or_default() += amount;
                 }

@@ -1765,6 +1765,54 @@ async fn a_host_limit_range_fills_in_what_its_quota_asks_and_updates_leave_it_al
     no_host_pod(&system, "greedy").await;
 }
 
+/// A resize is checked against the host namespace's quota like a create: one that would pass it
+/// is refused with the host's reason (a `SyncError` on the virtual Pod), and the host Pod keeps
+/// what it had.
+#[tokio::test]
+async fn a_resize_past_the_host_namespace_s_quota_is_refused_with_its_reason() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    compute_quota(&system).await;
+    let requesting = |cpu: &str| json!({"requests": {"cpu": cpu}});
+    v.create_pod(&pod(
+        "web",
+        json!({"containers": [app(json!({"resources": requesting("600m")}))]}),
+    ))
+    .await;
+    wait_host_pod(&system, "web", "default").await;
+    let resize = json!({"spec": {"containers": [{"name": "app", "resources": requesting("1200m")}]}});
+    v.pods()
+        .await
+        .patch_subresource(
+            "resize",
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(&resize),
+        )
+        .await
+        .unwrap();
+    let message = first_event(v, "web", "SyncError").await;
+    assert!(
+        message.contains(
+            "exceeded quota: compute, requested: requests.cpu=600m, used: requests.cpu=600m, limited: requests.cpu=1"
+        ),
+        "{message}"
+    );
+    let on_host = system
+        .host_pods(&v.tenant)
+        .await
+        .get(&host_name("web", "default"))
+        .await
+        .unwrap();
+    let requests = on_host.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .requests
+        .unwrap();
+    assert_eq!(requests["cpu"].0, "600m");
+}
+
 /// Creates the ResourceQuota `compute` (`requests.cpu: 1`) in the tenant's host namespace; the
 /// namespace's quotas.
 async fn compute_quota(system: &System) -> Api<ResourceQuota> {
