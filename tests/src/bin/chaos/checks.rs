@@ -90,11 +90,28 @@ fn check_allowed_later(
     });
 }
 
-/// How a host Pod's gating, readiness gate condition and node selector differ from its virtual
-/// Pod's, if they do: gated (by rcsync's gate, and no other the harness knows) exactly while the
-/// virtual Pod is, carrying the readiness gate condition the tenant's controller set, and holding
-/// every node selector entry the virtual Pod has (a released Pod's flavor).
+/// How a host Pod's gating, readiness gate condition, node selector and container resources
+/// differ from its virtual Pod's, if they do: gated (by rcsync's gate, and no other the harness
+/// knows) exactly while the virtual Pod is, carrying the readiness gate condition the tenant's
+/// controller set, holding every node selector entry the virtual Pod has (a released Pod's
+/// flavor), and asking for the cpu the virtual Pod was last resized to.
 fn placement_differs(pod: &Pod, host: &Pod) -> Option<String> {
+    let cpu = |p: &Pod| {
+        let container = p.spec.as_ref()?.containers.iter().find(|c| c.name == "app")?;
+        Some(
+            container
+                .resources
+                .as_ref()?
+                .requests
+                .as_ref()?
+                .get("cpu")?
+                .0
+                .clone(),
+        )
+    };
+    if cpu(pod) != cpu(host) {
+        return Some(format!("requests cpu {:?}, not {:?}", cpu(host), cpu(pod)));
+    }
     use rcsync_core::gates::scheduling_gates as gates;
     let want: Vec<&str> = if gates(pod).is_empty() {
         vec![]

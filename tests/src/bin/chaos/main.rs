@@ -239,22 +239,24 @@ async fn host_event_step(rng: &mut StdRng, client: &kube::Client) {
     }
 }
 
-/// One virtual-side churn step: a Pod created (with an allowed, a disallowed, a missing or no
-/// class), relabelled or deleted; now and then a tenant-made RuntimeClass.
 /// The readiness gate every churned Pod has, which the churn's "controller" sets.
 pub const READINESS_GATE: &str = "example.com/lb-ready";
 
+/// One virtual-side churn step: a Pod created (with an allowed, a disallowed, a missing or no
+/// class), relabelled, released from its gate, resized in place, its readiness gate marked or
+/// deleted; now and then a tenant-made RuntimeClass.
 async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &mut u64) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let name = format!("p{}", rng.random_range(0..10));
-    let result = match rng.random_range(0..11) {
+    let result = match rng.random_range(0..12) {
         0..=3 => {
             let class = match rng.random_range(0..8) {
                 0 => None,
                 1 => Some("missing".to_string()),
                 n => Some(CLASSES[(n as usize) % CLASSES.len()].to_string()),
             };
-            let mut spec = json!({"containers": [{"name": "app", "image": "registry.example/app:1"}],
+            let mut spec = json!({"containers": [{"name": "app", "image": "registry.example/app:1",
+                                                  "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "1"}}}],
                                   "readinessGates": [{"conditionType": READINESS_GATE}]});
             // A third talk to their API: a token volume as the ServiceAccount admission adds it
             // (a 20 s token, renewed within the run; upstream asks for 600 s at least).
@@ -307,6 +309,18 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
                     grace_period_seconds: Some(0),
                     ..Default::default()
                 },
+            )
+            .await
+            .map(|_| ()),
+        // A vertical autoscaler resizes the Pod in place (within its limit: the QoS class stays).
+        11 => pods
+            .patch_subresource(
+                "resize",
+                &name,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"containers": [{"name": "app", "resources": {
+                    "requests": {"cpu": format!("{}m", 100 * rng.random_range(1..10))},
+                }}]}})),
             )
             .await
             .map(|_| ()),
