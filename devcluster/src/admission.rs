@@ -939,13 +939,7 @@ pub fn prepare_update(def: &ResourceDef, old: &Value, mut new: Value, part: Part
     }
     if part == Part::Resize {
         let mut out = crate::resize::prepare(def, old, &new)?;
-        if spec_changed(old, &out) {
-            let generation = old
-                .pointer("/metadata/generation")
-                .and_then(Value::as_i64)
-                .unwrap_or(1);
-            out["metadata"]["generation"] = json!(generation + 1);
-        }
+        bump_generation(old, &mut out);
         validate(def, &out)?;
         return Ok(out);
     }
@@ -997,15 +991,20 @@ pub fn prepare_update(def: &ResourceDef, old: &Value, mut new: Value, part: Part
         "Pod" => check_pod_update(def, old, &new)?,
         _ => {}
     }
-    if spec_changed(old, &new) {
+    bump_generation(old, &mut new);
+    validate(def, &new)?;
+    Ok(new)
+}
+
+/// `new` one generation past `old` when its spec (anything but metadata and status) changed.
+fn bump_generation(old: &Value, new: &mut Value) {
+    if spec_changed(old, new) {
         let generation = old
             .pointer("/metadata/generation")
             .and_then(Value::as_i64)
             .unwrap_or(1);
         new["metadata"]["generation"] = json!(generation + 1);
     }
-    validate(def, &new)?;
-    Ok(new)
 }
 
 /// Labels of an object as a map (non-string values are ignored).

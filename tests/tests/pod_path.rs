@@ -1081,21 +1081,20 @@ async fn a_pod_resized_in_the_virtual_cluster_is_resized_on_the_host() {
                 .clone(),
         )
     };
-    eventually("the host Pod running with 100m", || {
+    let before = eventually("the host Pod running with 100m", || {
         let (host, name) = (host.clone(), host_name.clone());
-        async move { (running_cpu(&host.get(&name).await.ok()?).as_deref() == Some("100m")).then_some(()) }
+        async move {
+            let p = host.get(&name).await.ok()?;
+            (running_cpu(&p).as_deref() == Some("100m")).then_some(p)
+        }
     })
     .await;
-    let resize = json!({"spec": {"containers": [{"name": "app", "resources": {
-        "requests": {"cpu": "150m"}, "limits": {"cpu": "300m"}}}]}});
-    pods.patch_subresource(
-        "resize",
+    resize(
+        &pods,
         "web",
-        &PatchParams::default(),
-        &Patch::Strategic(&resize),
+        json!({"requests": {"cpu": "150m"}, "limits": {"cpu": "300m"}}),
     )
-    .await
-    .unwrap();
+    .await;
     eventually("the virtual Pod's containers running with 150m", || {
         let pods = pods.clone();
         async move { (running_cpu(&pods.get("web").await.ok()?).as_deref() == Some("150m")).then_some(()) }
@@ -1106,17 +1105,10 @@ async fn a_pod_resized_in_the_virtual_cluster_is_resized_on_the_host() {
     let limits = spec.resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits.get("cpu").map(|q| q.0.as_str()), Some("300m"));
     assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("128Mi"));
-    assert_eq!(
-        on_host.metadata.uid,
-        system
-            .host_pods(&v.tenant)
-            .await
-            .get(&host_name)
-            .await
-            .unwrap()
-            .metadata
-            .uid
-    );
+    // Resized in place: the same host Pod, its containers not restarted.
+    assert_eq!(on_host.metadata.uid, before.metadata.uid);
+    let restarts = on_host.status.unwrap().container_statuses.unwrap()[0].restart_count;
+    assert_eq!(restarts, 0);
 }
 
 /// A resize the host's node cannot hold is not applied there, and the virtual Pod says why: the
@@ -1138,16 +1130,12 @@ async fn a_resize_the_hosts_node_cannot_hold_shows_as_pending_on_the_virtual_pod
         async move { (phase(&pods.get("web").await.ok()?).as_deref() == Some("Running")).then_some(()) }
     })
     .await;
-    let resize = json!({"spec": {"containers": [{"name": "app", "resources": {
-        "requests": {"cpu": "16"}, "limits": {"cpu": "32"}}}]}});
-    pods.patch_subresource(
-        "resize",
+    resize(
+        &pods,
         "web",
-        &PatchParams::default(),
-        &Patch::Strategic(&resize),
+        json!({"requests": {"cpu": "16"}, "limits": {"cpu": "32"}}),
     )
-    .await
-    .unwrap();
+    .await;
     let pending = eventually("PodResizePending on the virtual Pod", || {
         let pods = pods.clone();
         async move {
@@ -1780,17 +1768,7 @@ async fn a_resize_past_the_host_namespace_s_quota_is_refused_with_its_reason() {
     ))
     .await;
     wait_host_pod(&system, "web", "default").await;
-    let resize = json!({"spec": {"containers": [{"name": "app", "resources": requesting("1200m")}]}});
-    v.pods()
-        .await
-        .patch_subresource(
-            "resize",
-            "web",
-            &PatchParams::default(),
-            &Patch::Strategic(&resize),
-        )
-        .await
-        .unwrap();
+    resize(&v.pods().await, "web", requesting("1200m")).await;
     let message = first_event(v, "web", "SyncError").await;
     assert!(
         message.contains(
@@ -1811,6 +1789,14 @@ async fn a_resize_past_the_host_namespace_s_quota_is_refused_with_its_reason() {
         .requests
         .unwrap();
     assert_eq!(requests["cpu"].0, "600m");
+}
+
+/// Resizes the container `app` of Pod `name` in place (`pods/resize`) to `resources`.
+async fn resize(pods: &Api<Pod>, name: &str, resources: Value) {
+    let patch = json!({"spec": {"containers": [{"name": "app", "resources": resources}]}});
+    pods.patch_subresource("resize", name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap();
 }
 
 /// Creates the ResourceQuota `compute` (`requests.cpu: 1`) in the tenant's host namespace; the
