@@ -59,6 +59,18 @@ pub fn host_object_name(name: &str, namespace: &str, vcluster: &str) -> String {
     host_pod_name(name, namespace, vcluster)
 }
 
+/// The prefix of the host label keys that carry a virtual Pod's labels (see [`host_label_key`]).
+pub const HOST_LABEL_PREFIX: &str = "rcsync.io/label-";
+
+/// The key under which a host Pod carries its virtual Pod's label `key`: `rcsync.io/label-` and
+/// the first 16 hex digits of the key's SHA-256. The tenant's labels never reach the host under
+/// their own keys (a host Service, NetworkPolicy or controller selecting `app=db` would select
+/// them); under these keys only selectors rcsync rewrote from the tenant's own (its Pods'
+/// affinity and topology spread) match them.
+pub fn host_label_key(key: &str) -> String {
+    format!("{HOST_LABEL_PREFIX}{}", hex::encode(&Sha256::digest(key.as_bytes())[..8]))
+}
+
 /// The id of a host event as the virtual side sees it: the first 16 hex digits of the SHA-256 of
 /// its uid (stable across the event's repeats and the agents' restarts; the uid stays on the host).
 pub fn host_event_id(host_uid: &str) -> String {

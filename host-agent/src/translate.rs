@@ -4,7 +4,8 @@
 //! | virtual                               | host                                                     |
 //! |---------------------------------------|----------------------------------------------------------|
 //! | name, namespace                       | `<name>-x-<namespace>-x-<tenant>` in the tenant's hostNamespace |
-//! | labels                                | not copied (they could match host selectors); kept as JSON in `vcluster.loft.sh/labels` |
+//! | labels                                | not copied under their keys (they could match host selectors); kept as JSON in `vcluster.loft.sh/labels` and under hashed keys `rcsync.io/label-<hash of key>` |
+//! | pod (anti-)affinity terms, topologySpreadConstraints | label selectors rewritten to the hashed keys and scoped to the tenant's Pods of the namespaces they select in the virtual cluster (`vcluster.loft.sh/namespace`); the host term's own namespace scope is the tenant's host namespace |
 //! | annotations                           | only those the tenant's `sync.toHost.pods.copyAnnotations` names (listed in `rcsync.io/copied-annotations`); never rcsync's or vCluster's own |
 //! | —                                     | labels `vcluster.loft.sh/managed-by`, `vcluster.loft.sh/namespace` |
 //! | —                                     | annotations `vcluster.loft.sh/object-{name,namespace,uid}` |
@@ -24,11 +25,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSchedulingGate, PodSpec, Secret, Toleration};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Pod, PodAffinityTerm, PodSchedulingGate, PodSpec, Secret, Toleration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::ObjectMeta;
 use rcsync_core::naming::{
     ANNOTATION_OBJECT_NAME, ANNOTATION_OBJECT_NAMESPACE, ANNOTATION_OBJECT_UID, LABEL_MANAGED_BY,
-    LABEL_NAMESPACE, host_object_name, host_pod_name,
+    LABEL_NAMESPACE, host_label_key, host_object_name, host_pod_name,
 };
 use rcsync_core::pod_refs;
 use rcsync_core::{AnnotationPattern, EnforcedToleration, PodPolicy, Tenant};
@@ -118,6 +122,7 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     annotations.extend(identity_annotations(&id.name, &id.namespace, Some(&id.uid)));
     rewrite_downward_api(&mut spec, &virtual_pod.metadata, &mut annotations);
     apply_scheduling_policy(&mut spec, &tenant.pods);
+    scope_pod_selectors(&mut spec, &id.namespace, tenant_name);
     // Set by the host's own admission (priority from the class, overhead from the RuntimeClass);
     // values computed in the virtual cluster would be rejected or wrong there.
     spec.priority_class_name = None;
@@ -134,10 +139,14 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
                 name: VIRTUAL_GATES.to_string(),
             }]
         });
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), tenant.name.to_string()),
         (LABEL_NAMESPACE.to_string(), id.namespace.clone()),
     ]);
+    // Under hashed keys, for the selectors rewritten by `scope_pod_selectors`.
+    for (key, value) in virtual_pod.metadata.labels.iter().flatten() {
+        labels.insert(host_label_key(key), value.clone());
+    }
     if let Some(virtual_labels) = virtual_pod.metadata.labels.as_ref().filter(|l| !l.is_empty()) {
         annotations.insert(
             ANNOTATION_VIRTUAL_LABELS.to_string(),
@@ -362,6 +371,120 @@ fn apply_scheduling_policy(spec: &mut PodSpec, policy: &PodPolicy) {
     }
 }
 
+/// Rewrites the label selectors of a Pod's pod affinity and anti-affinity terms and topology
+/// spread constraints so they select on the host what they select in the virtual cluster, and
+/// nothing else: their keys become the hashed keys the host Pods carry the tenant's labels under
+/// ([`host_label_key`]), and they are narrowed to the tenant's Pods (`vcluster.loft.sh/managed-by`)
+/// of the virtual namespaces they select (`vcluster.loft.sh/namespace`: the Pod's own by default,
+/// those of `namespaces`, all of the tenant's for an empty `namespaceSelector`). The host term
+/// names no namespace, so it selects in the tenant's host namespace only: a tenant can neither
+/// place its Pods by another tenant's Pods nor learn where those run. A term selecting namespaces
+/// by their labels keeps its `namespaceSelector`, which [`unsupported`] refuses (the host cannot
+/// see the virtual namespaces' labels). A null label selector selects no Pod and stays null.
+fn scope_pod_selectors(spec: &mut PodSpec, namespace: &str, tenant: &str) {
+    if let Some(affinity) = spec.affinity.as_mut() {
+        let mut terms: Vec<&mut PodAffinityTerm> = Vec::new();
+        if let Some(a) = affinity.pod_affinity.as_mut() {
+            terms.extend(a.required_during_scheduling_ignored_during_execution.iter_mut().flatten());
+            terms.extend(
+                a.preferred_during_scheduling_ignored_during_execution
+                    .iter_mut()
+                    .flatten()
+                    .map(|w| &mut w.pod_affinity_term),
+            );
+        }
+        if let Some(a) = affinity.pod_anti_affinity.as_mut() {
+            terms.extend(a.required_during_scheduling_ignored_during_execution.iter_mut().flatten());
+            terms.extend(
+                a.preferred_during_scheduling_ignored_during_execution
+                    .iter_mut()
+                    .flatten()
+                    .map(|w| &mut w.pod_affinity_term),
+            );
+        }
+        for term in terms {
+            let by_labels = term
+                .namespace_selector
+                .as_ref()
+                .is_some_and(|s| !selects_everything(s));
+            if by_labels {
+                continue;
+            }
+            let namespaces = if term.namespace_selector.take().is_some() {
+                None
+            } else {
+                match term.namespaces.take().unwrap_or_default() {
+                    listed if listed.is_empty() => Some(vec![namespace.to_string()]),
+                    listed => Some(listed),
+                }
+            };
+            term.namespaces = None;
+            if let Some(selector) = term.label_selector.as_mut() {
+                scope_selector(selector, tenant, namespaces);
+            }
+            term.match_label_keys = host_label_keys(term.match_label_keys.take(), term.label_selector.as_ref());
+            term.mismatch_label_keys =
+                host_label_keys(term.mismatch_label_keys.take(), term.label_selector.as_ref());
+        }
+    }
+    for constraint in spec.topology_spread_constraints.iter_mut().flatten() {
+        // Skew is counted over the Pod's own namespace, as upstream counts it.
+        if let Some(selector) = constraint.label_selector.as_mut() {
+            scope_selector(selector, tenant, Some(vec![namespace.to_string()]));
+        }
+        constraint.match_label_keys =
+            host_label_keys(constraint.match_label_keys.take(), constraint.label_selector.as_ref());
+    }
+}
+
+/// Whether a label selector selects everything (no requirement at all).
+fn selects_everything(selector: &LabelSelector) -> bool {
+    selector.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
+        && selector.match_expressions.as_ref().is_none_or(Vec::is_empty)
+}
+
+/// A tenant's selector with its keys hashed, narrowed to the tenant's Pods of `namespaces`
+/// (virtual names; `None`: all of them).
+fn scope_selector(selector: &mut LabelSelector, tenant: &str, namespaces: Option<Vec<String>>) {
+    let labels = selector.match_labels.take().unwrap_or_default();
+    let mut labels: BTreeMap<String, String> = labels
+        .into_iter()
+        .map(|(key, value)| (host_label_key(&key), value))
+        .collect();
+    labels.insert(LABEL_MANAGED_BY.to_string(), tenant.to_string());
+    selector.match_labels = Some(labels);
+    let mut expressions = selector.match_expressions.take().unwrap_or_default();
+    for expression in expressions.iter_mut() {
+        expression.key = host_label_key(&expression.key);
+    }
+    if let Some(namespaces) = namespaces {
+        expressions.push(LabelSelectorRequirement {
+            key: LABEL_NAMESPACE.to_string(),
+            operator: "In".to_string(),
+            values: Some(namespaces),
+        });
+    }
+    selector.match_expressions = (!expressions.is_empty()).then_some(expressions);
+}
+
+/// `matchLabelKeys` / `mismatchLabelKeys` as the host Pod carries those labels; keys the virtual
+/// API server already merged into `selector` (as it does on create) are left out, so the host's
+/// does not merge them twice.
+fn host_label_keys(keys: Option<Vec<String>>, selector: Option<&LabelSelector>) -> Option<Vec<String>> {
+    let merged: BTreeSet<&str> = selector
+        .and_then(|s| s.match_expressions.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|e| e.key.as_str())
+        .collect();
+    let keys: Vec<String> = keys?
+        .iter()
+        .map(|k| host_label_key(k))
+        .filter(|k| !merged.contains(k.as_str()))
+        .collect();
+    (!keys.is_empty()).then_some(keys)
+}
+
 fn enforced_toleration(t: &EnforcedToleration) -> Toleration {
     Toleration {
         key: Some(t.key.clone()),
@@ -448,6 +571,39 @@ pub fn unsupported(spec: &PodSpec) -> Vec<String> {
     }
     if spec.scheduling_group.is_some() {
         problems.push("schedulingGroup: scheduling groups are not synced to the host".to_string());
+    }
+    // What `scope_pod_selectors` left as it was: a term selecting namespaces by their labels.
+    let affinity = spec.affinity.as_ref();
+    let kinds = [
+        ("podAffinity", affinity.and_then(|a| a.pod_affinity.as_ref()).map(|a| {
+            (&a.required_during_scheduling_ignored_during_execution, &a.preferred_during_scheduling_ignored_during_execution)
+        })),
+        ("podAntiAffinity", affinity.and_then(|a| a.pod_anti_affinity.as_ref()).map(|a| {
+            (&a.required_during_scheduling_ignored_during_execution, &a.preferred_during_scheduling_ignored_during_execution)
+        })),
+    ];
+    for (kind, terms) in kinds {
+        let Some((required, preferred)) = terms else {
+            continue;
+        };
+        let named = required
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, t)| (format!("requiredDuringSchedulingIgnoredDuringExecution[{i}]"), t))
+            .chain(preferred.iter().flatten().enumerate().map(|(i, w)| {
+                (
+                    format!("preferredDuringSchedulingIgnoredDuringExecution[{i}].podAffinityTerm"),
+                    &w.pod_affinity_term,
+                )
+            }));
+        for (field, term) in named {
+            if term.namespace_selector.is_some() {
+                problems.push(format!(
+                    "affinity.{kind}.{field}.namespaceSelector: namespaces selected by their labels cannot be resolved on the host (list them in namespaces, or select all with an empty namespaceSelector)"
+                ));
+            }
+        }
     }
     problems
 }
@@ -565,6 +721,78 @@ mod tests {
         .unwrap()
     }
 
+    fn with_spec(extra: serde_json::Value) -> Pod {
+        let mut pod = serde_json::to_value(pod()).unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            pod["spec"][k] = v.clone();
+        }
+        serde_json::from_value(pod).unwrap()
+    }
+
+    #[test]
+    fn affinity_and_spread_selectors_select_the_tenants_pods_of_the_namespaces_they_name_only() {
+        let web = |extra: serde_json::Value| {
+            let mut term = serde_json::json!({"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"});
+            for (k, v) in extra.as_object().unwrap() {
+                term[k] = v.clone();
+            }
+            term
+        };
+        let pod = with_spec(serde_json::json!({
+            "affinity": {
+                "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                    web(serde_json::json!({})),
+                    web(serde_json::json!({"namespaces": ["shop", "db"]})),
+                    web(serde_json::json!({"namespaceSelector": {}})),
+                    {"topologyKey": "zone"},
+                ]},
+                "podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "podAffinityTerm": {
+                    "labelSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["cache"]}]},
+                    "matchLabelKeys": ["version", "app"], "topologyKey": "zone"}}]},
+            },
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+                "labelSelector": {"matchLabels": {"app": "web"}}}],
+        }));
+        let spec = host_pod(&pod, &tenant(), "").unwrap().spec.unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        let scoped = |namespaces: Option<serde_json::Value>| {
+            let mut selector = serde_json::json!({"matchLabels": {
+                host_label_key("app"): "web", LABEL_MANAGED_BY: "team-a"}});
+            if let Some(namespaces) = namespaces {
+                selector["matchExpressions"] =
+                    serde_json::json!([{"key": LABEL_NAMESPACE, "operator": "In", "values": namespaces}]);
+            }
+            serde_json::json!({"labelSelector": selector, "topologyKey": "kubernetes.io/hostname"})
+        };
+        let required = &json["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"];
+        // The Pod's own namespace by default, the listed ones, all of the tenant's: never a host
+        // namespace of anybody else (the host terms name none).
+        assert_eq!(required[0], scoped(Some(serde_json::json!(["default"]))));
+        assert_eq!(required[1], scoped(Some(serde_json::json!(["shop", "db"]))));
+        assert_eq!(required[2], scoped(None));
+        assert_eq!(required[3], serde_json::json!({"topologyKey": "zone"}), "a null selector selects nothing");
+        let preferred =
+            &json["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+        assert_eq!(preferred["labelSelector"]["matchExpressions"][0]["key"], host_label_key("tier"));
+        assert_eq!(
+            preferred["matchLabelKeys"],
+            serde_json::json!([host_label_key("version"), host_label_key("app")])
+        );
+        let spread = &json["topologySpreadConstraints"][0]["labelSelector"];
+        assert_eq!(spread, &scoped(Some(serde_json::json!(["default"])))["labelSelector"]);
+        assert!(unsupported(&spec).is_empty());
+
+        // Namespaces selected by their labels: the host cannot see them.
+        let by_labels = with_spec(serde_json::json!({"affinity": {"podAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                web(serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "x"}}}))]}}}));
+        let spec = host_pod(&by_labels, &tenant(), "").unwrap().spec.unwrap();
+        assert_eq!(
+            unsupported(&spec),
+            ["affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].namespaceSelector: namespaces selected by their labels cannot be resolved on the host (list them in namespaces, or select all with an empty namespaceSelector)"]
+        );
+    }
+
     #[test]
     fn translates_names_metadata_and_safe_defaults() {
         let host = host_pod(&pod(), &tenant(), "gvisor").unwrap();
@@ -577,6 +805,8 @@ mod tests {
         );
         assert_eq!(labels[LABEL_NAMESPACE], "default");
         assert!(!labels.contains_key("app"), "virtual labels are not copied");
+        assert_eq!(labels[&host_label_key("app")], "web", "they are carried under hashed keys");
+        assert_eq!(labels[&host_label_key(LABEL_MANAGED_BY)], "team-b");
         let annotations = host.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations[ANNOTATION_OBJECT_UID], "u-1");
         assert!(annotations[ANNOTATION_VIRTUAL_LABELS].contains("\"app\":\"web\""));

@@ -28,7 +28,7 @@ use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::Tenant;
 use rcsync_core::gates;
 use rcsync_core::kube_client::RetryWithBackoff as _;
-use rcsync_core::naming::LABEL_MANAGED_BY;
+use rcsync_core::naming::{HOST_LABEL_PREFIX, LABEL_MANAGED_BY};
 use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
@@ -758,6 +758,21 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
             }
             changed = true;
         }
+    }
+    // A label the tenant removed goes from under its hashed key too, so the tenant's affinity and
+    // spread selectors no longer match it; the host's own labels stay.
+    let stale: Vec<&String> = current
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(HOST_LABEL_PREFIX))
+        .filter(|k| desired.metadata.labels.as_ref().is_none_or(|l| !l.contains_key(*k)))
+        .collect();
+    for key in stale {
+        patch["metadata"]["labels"][key] = serde_json::Value::Null;
+        changed = true;
     }
     let images = |pod: &Pod, init: bool| -> Vec<(String, Option<String>)> {
         let spec = pod.spec.as_ref();

@@ -326,11 +326,12 @@ proptest! {
         prop_assert!(!has_key(&host["spec"], "serviceAccountToken"), "a token volume on the host");
         prop_assert_eq!(&host["spec"]["automountServiceAccountToken"], &json!(false));
         prop_assert_eq!(&host["spec"]["runtimeClassName"], &json!("runsc"));
-        // Only rcsync's labels, and rcsync's identity of this virtual Pod, whatever the tenant set.
-        prop_assert_eq!(
-            &host["metadata"]["labels"],
-            &json!({LABEL_MANAGED_BY: "t", LABEL_NAMESPACE: NAMESPACE})
-        );
+        // rcsync's labels, whatever the tenant set, and the tenant's own only under hashed keys.
+        let mut labels = json!({LABEL_MANAGED_BY: "t", LABEL_NAMESPACE: NAMESPACE});
+        for (key, value) in virtual_json["metadata"]["labels"].as_object().into_iter().flatten() {
+            labels[rcsync_core::naming::host_label_key(key)] = value.clone();
+        }
+        prop_assert_eq!(&host["metadata"]["labels"], &labels);
         let annotations = &host["metadata"]["annotations"];
         prop_assert_eq!(&annotations[ANNOTATION_OBJECT_NAME], &json!("web"));
         prop_assert_eq!(&annotations[ANNOTATION_OBJECT_NAMESPACE], &json!(NAMESPACE));
