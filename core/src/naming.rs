@@ -68,7 +68,10 @@ pub const HOST_LABEL_PREFIX: &str = "rcsync.io/label-";
 /// them); under these keys only selectors rcsync rewrote from the tenant's own (its Pods'
 /// affinity and topology spread) match them.
 pub fn host_label_key(key: &str) -> String {
-    format!("{HOST_LABEL_PREFIX}{}", hex::encode(&Sha256::digest(key.as_bytes())[..8]))
+    format!(
+        "{HOST_LABEL_PREFIX}{}",
+        hex::encode(&Sha256::digest(key.as_bytes())[..8])
+    )
 }
 
 /// The id of a host event as the virtual side sees it: the first 16 hex digits of the SHA-256 of

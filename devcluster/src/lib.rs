@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod affinity;
 pub mod api;
 pub mod auth;
 pub mod crd;

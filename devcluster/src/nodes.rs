@@ -183,6 +183,24 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
         })
         .collect();
     let (pods, _) = store.list("pods", None);
+    let node_labels = |name: &str| {
+        ours.iter()
+            .find(|n| n["metadata"]["name"] == name)
+            .map(|n| strings(&n["metadata"]["labels"]))
+    };
+    // The Pods on the nodes, for inter-pod affinity; each binding of this pass joins them.
+    let mut placed: Vec<crate::affinity::Placed> = pods
+        .iter()
+        .filter(|p| p.pointer("/metadata/deletionTimestamp").is_none())
+        .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+        .filter_map(|p| {
+            Some(crate::affinity::Placed {
+                namespace: p["metadata"]["namespace"].as_str()?.to_string(),
+                labels: strings(&p["metadata"]["labels"]),
+                node_labels: node_labels(p.pointer("/spec/nodeName")?.as_str()?)?,
+            })
+        })
+        .collect();
     for pod in pods {
         if pod.pointer("/metadata/deletionTimestamp").is_some() {
             continue;
@@ -217,9 +235,10 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             .unwrap_or_default(),
                     );
                 }
-                let fits = |node: &Value| {
+                // Why a node does not take the Pod (upstream's words), `None` when it does.
+                let misfit = |node: &Value| -> Option<&'static str> {
                     let labels = strings(&node["metadata"]["labels"]);
-                    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                    let placeable = selector.iter().all(|(k, v)| labels.get(k) == Some(v))
                         && node["spec"]["taints"]
                             .as_array()
                             .into_iter()
@@ -227,9 +246,19 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             .all(|taint| {
                                 !matches!(taint["effect"].as_str(), Some("NoSchedule" | "NoExecute"))
                                     || tolerates(&tolerations, taint)
-                            })
+                            });
+                    if !placeable {
+                        return Some("node(s) didn't match Pod's node affinity/selector");
+                    }
+                    crate::affinity::mismatch(store, &pod, &labels, &placed)
                 };
-                match ours.iter().find(|n| fits(n)) {
+                let misfits: Vec<Option<&'static str>> = ours.iter().map(|n| misfit(n)).collect();
+                match ours
+                    .iter()
+                    .zip(&misfits)
+                    .find(|(_, why)| why.is_none())
+                    .map(|(n, _)| n)
+                {
                     Some(node) => {
                         let node_name = node["metadata"]["name"].as_str().unwrap_or_default().to_string();
                         let mut bound = None;
@@ -246,6 +275,11 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             Some(p)
                         });
                         if let Some(p) = bound {
+                            placed.push(crate::affinity::Placed {
+                                namespace: ns.clone(),
+                                labels: strings(&p["metadata"]["labels"]),
+                                node_labels: strings(&node["metadata"]["labels"]),
+                            });
                             let message = format!("Successfully assigned {ns}/{name} to {node_name}");
                             event(
                                 store,
@@ -260,8 +294,18 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                     }
                     None => {
                         let n = ours.len();
+                        // Upstream counts the nodes per reason and lists the reasons sorted.
+                        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+                        for why in misfits.iter().flatten() {
+                            *reasons.entry(why).or_default() += 1;
+                        }
+                        let reasons: Vec<String> = reasons
+                            .iter()
+                            .map(|(why, count)| format!("{count} {why}"))
+                            .collect();
                         let message = format!(
-                            "0/{n} nodes are available: {n} node(s) didn't match Pod's node affinity/selector. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling."
+                            "0/{n} nodes are available: {}. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling.",
+                            reasons.join(", ")
                         );
                         let already = pod["status"]["conditions"].as_array().is_some_and(|c| {
                             c.iter()

@@ -385,7 +385,11 @@ fn scope_pod_selectors(spec: &mut PodSpec, namespace: &str, tenant: &str) {
     if let Some(affinity) = spec.affinity.as_mut() {
         let mut terms: Vec<&mut PodAffinityTerm> = Vec::new();
         if let Some(a) = affinity.pod_affinity.as_mut() {
-            terms.extend(a.required_during_scheduling_ignored_during_execution.iter_mut().flatten());
+            terms.extend(
+                a.required_during_scheduling_ignored_during_execution
+                    .iter_mut()
+                    .flatten(),
+            );
             terms.extend(
                 a.preferred_during_scheduling_ignored_during_execution
                     .iter_mut()
@@ -394,7 +398,11 @@ fn scope_pod_selectors(spec: &mut PodSpec, namespace: &str, tenant: &str) {
             );
         }
         if let Some(a) = affinity.pod_anti_affinity.as_mut() {
-            terms.extend(a.required_during_scheduling_ignored_during_execution.iter_mut().flatten());
+            terms.extend(
+                a.required_during_scheduling_ignored_during_execution
+                    .iter_mut()
+                    .flatten(),
+            );
             terms.extend(
                 a.preferred_during_scheduling_ignored_during_execution
                     .iter_mut()
@@ -422,7 +430,8 @@ fn scope_pod_selectors(spec: &mut PodSpec, namespace: &str, tenant: &str) {
             if let Some(selector) = term.label_selector.as_mut() {
                 scope_selector(selector, tenant, namespaces);
             }
-            term.match_label_keys = host_label_keys(term.match_label_keys.take(), term.label_selector.as_ref());
+            term.match_label_keys =
+                host_label_keys(term.match_label_keys.take(), term.label_selector.as_ref());
             term.mismatch_label_keys =
                 host_label_keys(term.mismatch_label_keys.take(), term.label_selector.as_ref());
         }
@@ -432,8 +441,10 @@ fn scope_pod_selectors(spec: &mut PodSpec, namespace: &str, tenant: &str) {
         if let Some(selector) = constraint.label_selector.as_mut() {
             scope_selector(selector, tenant, Some(vec![namespace.to_string()]));
         }
-        constraint.match_label_keys =
-            host_label_keys(constraint.match_label_keys.take(), constraint.label_selector.as_ref());
+        constraint.match_label_keys = host_label_keys(
+            constraint.match_label_keys.take(),
+            constraint.label_selector.as_ref(),
+        );
     }
 }
 
@@ -575,12 +586,24 @@ pub fn unsupported(spec: &PodSpec) -> Vec<String> {
     // What `scope_pod_selectors` left as it was: a term selecting namespaces by their labels.
     let affinity = spec.affinity.as_ref();
     let kinds = [
-        ("podAffinity", affinity.and_then(|a| a.pod_affinity.as_ref()).map(|a| {
-            (&a.required_during_scheduling_ignored_during_execution, &a.preferred_during_scheduling_ignored_during_execution)
-        })),
-        ("podAntiAffinity", affinity.and_then(|a| a.pod_anti_affinity.as_ref()).map(|a| {
-            (&a.required_during_scheduling_ignored_during_execution, &a.preferred_during_scheduling_ignored_during_execution)
-        })),
+        (
+            "podAffinity",
+            affinity.and_then(|a| a.pod_affinity.as_ref()).map(|a| {
+                (
+                    &a.required_during_scheduling_ignored_during_execution,
+                    &a.preferred_during_scheduling_ignored_during_execution,
+                )
+            }),
+        ),
+        (
+            "podAntiAffinity",
+            affinity.and_then(|a| a.pod_anti_affinity.as_ref()).map(|a| {
+                (
+                    &a.required_during_scheduling_ignored_during_execution,
+                    &a.preferred_during_scheduling_ignored_during_execution,
+                )
+            }),
+        ),
     ];
     for (kind, terms) in kinds {
         let Some((required, preferred)) = terms else {
@@ -770,16 +793,26 @@ mod tests {
         assert_eq!(required[0], scoped(Some(serde_json::json!(["default"]))));
         assert_eq!(required[1], scoped(Some(serde_json::json!(["shop", "db"]))));
         assert_eq!(required[2], scoped(None));
-        assert_eq!(required[3], serde_json::json!({"topologyKey": "zone"}), "a null selector selects nothing");
-        let preferred =
-            &json["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
-        assert_eq!(preferred["labelSelector"]["matchExpressions"][0]["key"], host_label_key("tier"));
+        assert_eq!(
+            required[3],
+            serde_json::json!({"topologyKey": "zone"}),
+            "a null selector selects nothing"
+        );
+        let preferred = &json["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            [0]["podAffinityTerm"];
+        assert_eq!(
+            preferred["labelSelector"]["matchExpressions"][0]["key"],
+            host_label_key("tier")
+        );
         assert_eq!(
             preferred["matchLabelKeys"],
             serde_json::json!([host_label_key("version"), host_label_key("app")])
         );
         let spread = &json["topologySpreadConstraints"][0]["labelSelector"];
-        assert_eq!(spread, &scoped(Some(serde_json::json!(["default"])))["labelSelector"]);
+        assert_eq!(
+            spread,
+            &scoped(Some(serde_json::json!(["default"])))["labelSelector"]
+        );
         assert!(unsupported(&spec).is_empty());
 
         // Namespaces selected by their labels: the host cannot see them.
@@ -789,7 +822,9 @@ mod tests {
         let spec = host_pod(&by_labels, &tenant(), "").unwrap().spec.unwrap();
         assert_eq!(
             unsupported(&spec),
-            ["affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].namespaceSelector: namespaces selected by their labels cannot be resolved on the host (list them in namespaces, or select all with an empty namespaceSelector)"]
+            [
+                "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].namespaceSelector: namespaces selected by their labels cannot be resolved on the host (list them in namespaces, or select all with an empty namespaceSelector)"
+            ]
         );
     }
 
@@ -805,7 +840,11 @@ mod tests {
         );
         assert_eq!(labels[LABEL_NAMESPACE], "default");
         assert!(!labels.contains_key("app"), "virtual labels are not copied");
-        assert_eq!(labels[&host_label_key("app")], "web", "they are carried under hashed keys");
+        assert_eq!(
+            labels[&host_label_key("app")],
+            "web",
+            "they are carried under hashed keys"
+        );
         assert_eq!(labels[&host_label_key(LABEL_MANAGED_BY)], "team-b");
         let annotations = host.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations[ANNOTATION_OBJECT_UID], "u-1");

@@ -577,6 +577,116 @@ async fn system_with_a_host_node() -> System {
     system
 }
 
+/// A system whose host has `nodes` nodes.
+async fn system_with_host_nodes(nodes: usize) -> System {
+    use rcsync_tests::system::{Transport, runtime_class};
+    let system = System::start_with_nodes(
+        &[tenant()],
+        &[runtime_class("gvisor", "runsc", &[])],
+        Transport::Plaintext,
+        nodes,
+    )
+    .await;
+    system.virtual_side().wait_classes(&["gvisor"]).await;
+    system
+}
+
+/// The host node a synced Pod runs on.
+async fn host_node_of(system: &System, name: &str) -> String {
+    let host = system.host_pods(&system.virtual_side().tenant).await;
+    let host_name = host_name(name, "default");
+    eventually(&format!("{name} bound to a host node"), || {
+        let (host, host_name) = (host.clone(), host_name.clone());
+        async move { host.get(&host_name).await.ok()?.spec?.node_name }
+    })
+    .await
+}
+
+/// A tenant's Pods that repel each other (required pod anti-affinity on their own labels, one per
+/// node) run on different host nodes: the host scheduler sees their labels and selector as the
+/// virtual cluster's would.
+#[tokio::test]
+async fn pods_that_repel_each_other_run_on_different_host_nodes() {
+    let system = system_with_host_nodes(2).await;
+    let v = system.virtual_side();
+    let replica = |name: &str| {
+        let mut p = pod(
+            name,
+            json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))],
+                   "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                       {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}}}),
+        );
+        p.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+        p
+    };
+    v.create_pod(&replica("web-0")).await;
+    let first = host_node_of(&system, "web-0").await;
+    v.create_pod(&replica("web-1")).await;
+    let second = host_node_of(&system, "web-1").await;
+    assert_ne!(first, second, "both replicas on {first}");
+}
+
+/// A tenant's affinity selects only its own Pods on the host: a term reaching for Pods of every
+/// namespace (`namespaceSelector: {}`) with a host label (`vcluster.loft.sh/managed-by`) or the
+/// labels of another team's Pod finds none there, so the Pod is not placed next to them (nor
+/// learns where they run): it stays unschedulable with the host scheduler's reason.
+#[tokio::test]
+async fn a_tenants_pod_affinity_never_selects_pods_outside_its_own() {
+    let system = system_with_host_nodes(2).await;
+    let v = system.virtual_side();
+    // Another team's Pod on the host, outside the tenant's host namespace.
+    let host_client = system.host.client().await;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(host_client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "other-team"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let db: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "db", "labels": {"app": "db", "vcluster.loft.sh/managed-by": "other"}},
+        "spec": {"containers": [app(json!({}))]}}))
+    .unwrap();
+    Api::<Pod>::namespaced(host_client, "other-team")
+        .create(&PostParams::default(), &db)
+        .await
+        .unwrap();
+    let near = |labels: Value| {
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))],
+               "affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                   {"labelSelector": {"matchLabels": labels}, "namespaceSelector": {},
+                    "topologyKey": "kubernetes.io/hostname"}]}}})
+    };
+    v.create_pod(&pod("spy", near(json!({"app": "db"})))).await;
+    v.create_pod(&pod(
+        "spy-2",
+        near(json!({"vcluster.loft.sh/managed-by": "other"})),
+    ))
+    .await;
+    let host = system.host_pods(&v.tenant).await;
+    for name in ["spy", "spy-2"] {
+        let host_name = host_name(name, "default");
+        let condition = eventually(&format!("{name} unschedulable on the host"), || {
+            let (host, host_name) = (host.clone(), host_name.clone());
+            async move {
+                let p = host.get(&host_name).await.ok()?;
+                p.status?
+                    .conditions?
+                    .into_iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            }
+        })
+        .await;
+        let message = condition.message.unwrap_or_default();
+        assert!(
+            message.contains("2 node(s) didn't match pod affinity rules"),
+            "{message}"
+        );
+        let spec = host.get(&host_name).await.unwrap().spec.unwrap();
+        assert_eq!(spec.node_name, None);
+    }
+}
+
 /// With a node on the host (devcluster `--nodes 1`), a synced Pod runs there and the virtual Pod
 /// shows it Running through the status copied back; deleting it takes its grace period on the
 /// host, then it is gone from both clusters.

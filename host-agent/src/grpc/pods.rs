@@ -768,7 +768,13 @@ fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
         .flatten()
         .map(|(k, _)| k)
         .filter(|k| k.starts_with(HOST_LABEL_PREFIX))
-        .filter(|k| desired.metadata.labels.as_ref().is_none_or(|l| !l.contains_key(*k)))
+        .filter(|k| {
+            desired
+                .metadata
+                .labels
+                .as_ref()
+                .is_none_or(|l| !l.contains_key(*k))
+        })
         .collect();
     for key in stale {
         patch["metadata"]["labels"][key] = serde_json::Value::Null;
