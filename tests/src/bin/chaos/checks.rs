@@ -255,6 +255,12 @@ pub fn watch_host_pods(client: kube::Client, timeline: Timeline, violations: Vio
                     ),
                 );
             }
+            if let Some(term) = selects_beyond(&pod, tenant) {
+                violations.add(
+                    TENANT_ISOLATION,
+                    format!("host Pod {ns}/{name} of tenant {tenant} has a term that may select beyond its Pods: {term}"),
+                );
+            }
             let class = pod
                 .spec
                 .as_ref()
@@ -273,6 +279,44 @@ pub fn watch_host_pods(client: kube::Client, timeline: Timeline, violations: Vio
             );
         }
     });
+}
+
+/// A pod (anti-)affinity term or topology spread constraint of a host Pod that could select Pods
+/// other than its tenant's (it names namespaces, or its selector does not require the tenant's
+/// `managed-by` label), as JSON; `None` when every one is scoped.
+fn selects_beyond(pod: &Pod, tenant: &str) -> Option<String> {
+    let spec = serde_json::to_value(pod.spec.as_ref()?).ok()?;
+    let mut terms: Vec<serde_json::Value> = Vec::new();
+    for kind in ["podAffinity", "podAntiAffinity"] {
+        let of = &spec["affinity"][kind];
+        terms.extend(
+            of["requiredDuringSchedulingIgnoredDuringExecution"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        terms.extend(
+            of["preferredDuringSchedulingIgnoredDuringExecution"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|w| w["podAffinityTerm"].clone()),
+        );
+    }
+    terms.extend(
+        spec["topologySpreadConstraints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    terms
+        .into_iter()
+        .find(|term| {
+            let scoped = term["labelSelector"].is_null()
+                || term["labelSelector"]["matchLabels"][LABEL_MANAGED_BY] == tenant;
+            !scoped || !term["namespaces"].is_null() || !term["namespaceSelector"].is_null()
+        })
+        .map(|term| term.to_string())
 }
 
 /// Checks every managed class that appears in a virtual cluster: its tenant was offered it.

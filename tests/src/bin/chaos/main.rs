@@ -271,6 +271,16 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
             if let Some(class) = class {
                 spec["runtimeClassName"] = json!(class);
             }
+            // A third spread from their kind, some over every namespace: on the host, their terms
+            // must select the tenant's own Pods only.
+            if rng.random_bool(0.33) {
+                let mut term = json!({"labelSelector": {"matchLabels": {"rev": "0"}}, "topologyKey": "kubernetes.io/hostname"});
+                if rng.random_bool(0.5) {
+                    term["namespaceSelector"] = json!({});
+                }
+                spec["affinity"] = json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 50, "podAffinityTerm": term}]}});
+            }
             // Half wait for a queueing controller (see the release below).
             if rng.random_bool(0.5) {
                 spec["schedulingGates"] = json!([{"name": "example.com/queue"}]);
@@ -814,7 +824,9 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
     let rogue: Pod = serde_json::from_value(json!({
         "metadata": {"name": "rogue-x-default-x-a", "labels": {rcsync_core::naming::LABEL_MANAGED_BY: "b"},
                      "annotations": {rcsync_core::naming::ANNOTATION_OBJECT_UID: "no-such-uid"}},
-        "spec": {"runtimeClassName": "prod-class", "containers": [{"name": "app", "image": "x"}]},
+        "spec": {"runtimeClassName": "prod-class", "containers": [{"name": "app", "image": "x"}],
+                 "affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                     {"labelSelector": {"matchLabels": {"app": "db"}}, "namespaceSelector": {}, "topologyKey": "kubernetes.io/hostname"}]}}},
     }))?;
     host_pods.create(&PostParams::default(), &rogue).await?;
     // virtual-classes-match-host: a class the selector offers appears while nobody syncs it.
