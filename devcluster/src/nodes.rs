@@ -4,10 +4,12 @@
 //!
 //! ```text
 //!  store changes (Pods, Nodes, RuntimeClasses) ─┬─► scheduler: nodeSelector, taints/tolerations,
-//!  1 s ticker (and 10 s heartbeats) ────────────┘   the RuntimeClass's scheduling ─► spec.nodeName,
+//!  1 s ticker (and 10 s heartbeats) ────────────┘   the RuntimeClass's scheduling, inter-pod
+//!                                                   affinity (crate::affinity) ─► spec.nodeName,
 //!                                                   PodScheduled, or Unschedulable + FailedScheduling
 //!                  bound Pods ─► kubelet: handler served? ─► Running (IP, start time, ready)
 //!                                                   or ContainerCreating + FailedCreatePodSandBox
+//!                running Pods ─► kubelet: deadline, readiness gates, resizes (crate::resize)
 //!  deleted Pods: terminated within their grace period and removed (api::schedule_pod_removal)
 //! ```
 
