@@ -336,6 +336,9 @@ pub struct PodPolicy {
     pub pod_security: PodSecurityLevel,
     /// `sync.toHost.pods.enforceTolerations`: added to every host Pod.
     pub enforce_tolerations: Vec<EnforcedToleration>,
+    /// `sync.toHost.pods.enforceNodeSelector`: node labels every host Pod's node selector requires
+    /// (a tenant's own pool of nodes); a Pod selecting another value of one of them is refused.
+    pub enforce_node_selector: BTreeMap<String, String>,
     /// `sync.toHost.pods.hybridScheduling.hostSchedulers` (when `enabled`): scheduler names a Pod
     /// may keep on the host. Any other `schedulerName` is dropped.
     pub host_schedulers: Vec<String>,
@@ -942,7 +945,12 @@ impl Walker {
         let Some(pods) = self.mapping(
             pods,
             &pods_path,
-            Some(&["enforceTolerations", "hybridScheduling", "copyAnnotations"]),
+            Some(&[
+                "enforceTolerations",
+                "enforceNodeSelector",
+                "hybridScheduling",
+                "copyAnnotations",
+            ]),
         ) else {
             return policy;
         };
@@ -968,6 +976,24 @@ impl Walker {
                 };
                 match EnforcedToleration::parse(&text) {
                     Ok(t) => policy.enforce_tolerations.push(t),
+                    Err(e) => self.problem(&item_path, e),
+                }
+            }
+        }
+        if let Some(selector) = pods.get("enforceNodeSelector") {
+            let selector_path = join(&pods_path, "enforceNodeSelector");
+            for (key, value) in self.string_map(selector, &selector_path) {
+                let item_path = join(&selector_path, &key);
+                let valid = crate::labels::validate_label_key(&key)
+                    .map_err(|e| format!("invalid node label key {key:?}: {e}"))
+                    .and_then(|()| {
+                        crate::labels::validate_label_value(&value)
+                            .map_err(|e| format!("invalid node label value {value:?}: {e}"))
+                    });
+                match valid {
+                    Ok(()) => {
+                        policy.enforce_node_selector.insert(key, value);
+                    }
                     Err(e) => self.problem(&item_path, e),
                 }
             }
@@ -1423,6 +1449,7 @@ tenants:
         services: {enabled: true}
         pods:
           enforceTolerations: ["bad key!:NoSchedule", "k=v:Sometimes", 3]
+          enforceNodeSelector: {"bad key!": x, pool: "bad value!", zone: 3}
           hybridScheduling: {enabled: yes, hostSchedulers: [""]}
           copyAnnotations: ["ok/*", "a*b*", "bad key", "vcluster.loft.sh/*", "rcsync.io/label-x"]
 "#,
@@ -1439,6 +1466,9 @@ tenants:
                 "tenants[0].sync.toHost.pods.enforceTolerations[0]",
                 "tenants[0].sync.toHost.pods.enforceTolerations[1]",
                 "tenants[0].sync.toHost.pods.enforceTolerations[2]",
+                "tenants[0].sync.toHost.pods.enforceNodeSelector.zone",
+                "tenants[0].sync.toHost.pods.enforceNodeSelector.bad key!",
+                "tenants[0].sync.toHost.pods.enforceNodeSelector.pool",
                 "tenants[0].sync.toHost.pods.hybridScheduling.enabled",
                 "tenants[0].sync.toHost.pods.hybridScheduling.hostSchedulers[0]",
                 "tenants[0].policies.podSecurity",
@@ -1447,7 +1477,7 @@ tenants:
             "{got:#?}"
         );
         assert!(got[6].1.contains("invalid effect \"Sometimes\""), "{got:#?}");
-        assert!(got[11].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(got[14].1.contains("unknown level \"strict\""), "{got:#?}");
         assert!(got[1].1.contains("`*` may only end it"), "{got:#?}");
         assert!(
             got[2].1.contains("invalid annotation key \"bad key\""),

@@ -362,6 +362,14 @@ fn apply_scheduling_policy(spec: &mut PodSpec, policy: &PodPolicy) {
         }
     }
     spec.tolerations = Some(tolerations).filter(|t| !t.is_empty());
+    // The tenant's pool of nodes: a different value the tenant chose stays, for
+    // `node_selector_conflicts` to refuse (never silently moved to another node).
+    if !policy.enforce_node_selector.is_empty() {
+        let selector = spec.node_selector.get_or_insert_with(BTreeMap::new);
+        for (key, value) in &policy.enforce_node_selector {
+            selector.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
     if spec
         .scheduler_name
         .as_ref()
@@ -494,6 +502,21 @@ fn host_label_keys(keys: Option<Vec<String>>, selector: Option<&LabelSelector>) 
         .filter(|k| !merged.contains(k.as_str()))
         .collect();
     (!keys.is_empty()).then_some(keys)
+}
+
+/// The entries of a host Pod's node selector that contradict the node selector the host enforces
+/// for its tenant (`sync.toHost.pods.enforceNodeSelector`), each as `key=tenant's value (the host
+/// enforces key=value)`.
+pub fn node_selector_conflicts(spec: &PodSpec, policy: &PodPolicy) -> Vec<String> {
+    let selector = spec.node_selector.as_ref();
+    policy
+        .enforce_node_selector
+        .iter()
+        .filter_map(|(key, value)| {
+            let chosen = selector?.get(key)?;
+            (chosen != value).then(|| format!("nodeSelector {key}={chosen} (the host enforces {key}={value})"))
+        })
+        .collect()
 }
 
 fn enforced_toleration(t: &EnforcedToleration) -> Toleration {
@@ -825,6 +848,21 @@ mod tests {
             [
                 "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].namespaceSelector: namespaces selected by their labels cannot be resolved on the host (list them in namespaces, or select all with an empty namespaceSelector)"
             ]
+        );
+    }
+
+    #[test]
+    fn the_enforced_node_selector_is_required_and_a_pod_choosing_otherwise_conflicts() {
+        let tenant = tenant_with("    sync: {toHost: {pods: {enforceNodeSelector: {pool: team-a}}}}\n");
+        let spec = host_pod(&pod(), &tenant, "").unwrap().spec.unwrap();
+        assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "team-a");
+        assert!(node_selector_conflicts(&spec, &tenant.pods).is_empty());
+        let elsewhere = with_spec(serde_json::json!({"nodeSelector": {"pool": "team-b", "zone": "a"}}));
+        let spec = host_pod(&elsewhere, &tenant, "").unwrap().spec.unwrap();
+        assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "team-b", "never silently moved");
+        assert_eq!(
+            node_selector_conflicts(&spec, &tenant.pods),
+            ["nodeSelector pool=team-b (the host enforces pool=team-a)"]
         );
     }
 

@@ -222,6 +222,7 @@ pub fn pod_policy_version(policy: &rcsync_core::PodPolicy) -> String {
         tolerations,
         &policy.host_schedulers,
         copied,
+        &policy.enforce_node_selector,
     ))
 }
 

@@ -602,6 +602,44 @@ async fn host_node_of(system: &System, name: &str) -> String {
     .await
 }
 
+/// A tenant given its own pool of host nodes (`sync.toHost.pods.enforceNodeSelector`) has its
+/// Pods placed there only: the host Pod's node selector requires the pool, and a Pod choosing
+/// another value of the pool's label is refused with a `SyncError` naming both, never moved.
+#[tokio::test]
+async fn a_tenants_pods_run_on_its_own_pool_of_host_nodes_only() {
+    use rcsync_tests::system::{Transport, runtime_class};
+    let pool = "{enforceNodeSelector: {kubernetes.io/hostname: devcluster-node-1}}";
+    let system = System::start_with_nodes(
+        &[tenant().host_pods(pool)],
+        &[runtime_class("gvisor", "runsc", &[])],
+        Transport::Plaintext,
+        2,
+    )
+    .await;
+    let v = system.virtual_side();
+    v.wait_classes(&["gvisor"]).await;
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))]}),
+    ))
+    .await;
+    assert_eq!(host_node_of(&system, "web").await, "devcluster-node-1");
+    v.create_pod(&pod(
+        "escape",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))],
+               "nodeSelector": {"kubernetes.io/hostname": "devcluster-node-0"}}),
+    ))
+    .await;
+    let message = first_event(v, "escape", "SyncError").await;
+    assert!(
+        message.contains(
+            "nodeSelector kubernetes.io/hostname=devcluster-node-0 (the host enforces kubernetes.io/hostname=devcluster-node-1)"
+        ),
+        "{message}"
+    );
+    no_host_pod(&system, "escape").await;
+}
+
 /// A tenant's Pods that repel each other (required pod anti-affinity on their own labels, one per
 /// node) run on different host nodes: the host scheduler sees their labels and selector as the
 /// virtual cluster's would.

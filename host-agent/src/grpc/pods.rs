@@ -474,7 +474,8 @@ fn name_in_use(host_name: &str, holder: String) -> PodRefusal {
 /// first, then Pod Security.
 fn policy_refusal(desired: &Pod, tenant: &Tenant) -> Option<PodRefusal> {
     let spec = desired.spec.as_ref()?;
-    let problems = unsupported(spec);
+    let mut problems = unsupported(spec);
+    problems.extend(crate::translate::node_selector_conflicts(spec, &tenant.pods));
     if !problems.is_empty() {
         return Some(PodRefusal {
             reason: PodRefusalReason::Unsupported as i32,
