@@ -514,7 +514,8 @@ pub fn node_selector_conflicts(spec: &PodSpec, policy: &PodPolicy) -> Vec<String
         .iter()
         .filter_map(|(key, value)| {
             let chosen = selector?.get(key)?;
-            (chosen != value).then(|| format!("nodeSelector {key}={chosen} (the host enforces {key}={value})"))
+            (chosen != value)
+                .then(|| format!("nodeSelector {key}={chosen} (the host enforces {key}={value})"))
         })
         .collect()
 }
@@ -859,7 +860,11 @@ mod tests {
         assert!(node_selector_conflicts(&spec, &tenant.pods).is_empty());
         let elsewhere = with_spec(serde_json::json!({"nodeSelector": {"pool": "team-b", "zone": "a"}}));
         let spec = host_pod(&elsewhere, &tenant, "").unwrap().spec.unwrap();
-        assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "team-b", "never silently moved");
+        assert_eq!(
+            spec.node_selector.as_ref().unwrap()["pool"],
+            "team-b",
+            "never silently moved"
+        );
         assert_eq!(
             node_selector_conflicts(&spec, &tenant.pods),
             ["nodeSelector pool=team-b (the host enforces pool=team-a)"]
