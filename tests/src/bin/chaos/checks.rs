@@ -568,6 +568,25 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                             format!("{tenant}: the host Pod of {ns}/{name} has labels {got:?}, not {want:?}"),
                         ));
                     }
+                    // The same labels under the hashed keys its affinity and spread select on.
+                    let hashed: BTreeMap<String, String> = hp
+                        .metadata
+                        .labels
+                        .iter()
+                        .flatten()
+                        .filter(|(k, _)| k.starts_with(rcsync_core::naming::HOST_LABEL_PREFIX))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    let want_hashed: BTreeMap<String, String> = want
+                        .iter()
+                        .map(|(k, v)| (rcsync_core::naming::host_label_key(k), v.clone()))
+                        .collect();
+                    if hashed != want_hashed {
+                        unmet.push((
+                            ALLOWED_PODS_ON_HOST.into(),
+                            format!("{tenant}: the host Pod of {ns}/{name} has hashed labels {hashed:?}, not {want_hashed:?}"),
+                        ));
+                    }
                     if let Some(why) = placement_differs(pod, hp) {
                         unmet.push((
                             ALLOWED_PODS_ON_HOST.into(),
