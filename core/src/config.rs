@@ -334,6 +334,11 @@ pub fn is_reserved_annotation(key: &str) -> bool {
 pub struct PodPolicy {
     /// `policies.podSecurityStandard` (default `baseline`), enforced by the host agent.
     pub pod_security: PodSecurityLevel,
+    /// `policies.alwaysPullImages` (default false): every container of the tenant's host Pods pulls
+    /// its image (`imagePullPolicy: Always`, with the Pod's pull secrets), as upstream's
+    /// AlwaysPullImages admission does, so an image another tenant pulled onto a node with its
+    /// credentials does not run for this one from the node's cache.
+    pub always_pull_images: bool,
     /// `sync.toHost.pods.enforceTolerations`: added to every host Pod.
     pub enforce_tolerations: Vec<EnforcedToleration>,
     /// `sync.toHost.pods.enforceNodeSelector`: node labels every host Pod's node selector requires
@@ -816,7 +821,7 @@ impl Walker {
             None => PodPolicy::default(),
         };
         if let Some(policies) = fields.get("policies") {
-            pods.pod_security = self.policies(policies, &join(path, "policies"));
+            (pods.pod_security, pods.always_pull_images) = self.policies(policies, &join(path, "policies"));
         }
         let limits = match fields.get("limits") {
             Some(limits) => self.limits(limits, &join(path, "limits")),
@@ -902,19 +907,23 @@ impl Walker {
         limits
     }
 
-    /// The `policies` block of a tenant: `podSecurityStandard`.
-    fn policies(&mut self, v: &Value, path: &str) -> PodSecurityLevel {
-        let Some(fields) = self.mapping(v, path, Some(&["podSecurityStandard"])) else {
-            return PodSecurityLevel::default();
+    /// The `policies` block of a tenant: `podSecurityStandard` and `alwaysPullImages`.
+    fn policies(&mut self, v: &Value, path: &str) -> (PodSecurityLevel, bool) {
+        let Some(fields) = self.mapping(v, path, Some(&["podSecurityStandard", "alwaysPullImages"])) else {
+            return (PodSecurityLevel::default(), false);
         };
+        let always_pull = fields
+            .get("alwaysPullImages")
+            .and_then(|v| self.bool(v, &join(path, "alwaysPullImages")))
+            .unwrap_or(false);
         let Some(level) = fields.get("podSecurityStandard") else {
-            return PodSecurityLevel::default();
+            return (PodSecurityLevel::default(), always_pull);
         };
         let at = join(path, "podSecurityStandard");
         let Some(name) = self.string(level, &at) else {
-            return PodSecurityLevel::default();
+            return (PodSecurityLevel::default(), always_pull);
         };
-        PodSecurityLevel::parse(&name).unwrap_or_else(|| {
+        let level = PodSecurityLevel::parse(&name).unwrap_or_else(|| {
             self.problem(
                 &at,
                 format!(
@@ -922,7 +931,8 @@ impl Walker {
                 ),
             );
             PodSecurityLevel::default()
-        })
+        });
+        (level, always_pull)
     }
 
     /// `sync.toHost.pods` of a tenant (the sync block's shape was checked by `sync_block`).
@@ -1443,7 +1453,7 @@ tenants:
 tenants:
   - name: team-a
     hostNamespace: vc-a
-    policies: {podSecurityStandard: strict, podSecurity: x}
+    policies: {podSecurityStandard: strict, podSecurity: x, alwaysPullImages: sometimes}
     sync:
       toHost:
         services: {enabled: true}
@@ -1472,12 +1482,13 @@ tenants:
                 "tenants[0].sync.toHost.pods.hybridScheduling.enabled",
                 "tenants[0].sync.toHost.pods.hybridScheduling.hostSchedulers[0]",
                 "tenants[0].policies.podSecurity",
+                "tenants[0].policies.alwaysPullImages",
                 "tenants[0].policies.podSecurityStandard",
             ],
             "{got:#?}"
         );
         assert!(got[6].1.contains("invalid effect \"Sometimes\""), "{got:#?}");
-        assert!(got[14].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(got[15].1.contains("unknown level \"strict\""), "{got:#?}");
         assert!(got[1].1.contains("`*` may only end it"), "{got:#?}");
         assert!(
             got[2].1.contains("invalid annotation key \"bad key\""),

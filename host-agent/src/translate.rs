@@ -370,6 +370,15 @@ fn apply_scheduling_policy(spec: &mut PodSpec, policy: &PodPolicy) {
             selector.entry(key.clone()).or_insert_with(|| value.clone());
         }
     }
+    if policy.always_pull_images {
+        for container in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            container.image_pull_policy = Some("Always".to_string());
+        }
+    }
     if spec
         .scheduler_name
         .as_ref()
@@ -849,6 +858,36 @@ mod tests {
             [
                 "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].namespaceSelector: namespaces selected by their labels cannot be resolved on the host (list them in namespaces, or select all with an empty namespaceSelector)"
             ]
+        );
+    }
+
+    #[test]
+    fn with_always_pull_images_every_container_pulls_its_image() {
+        let pod = with_spec(serde_json::json!({
+            "containers": [{"name": "c", "image": "private.example/app:1", "imagePullPolicy": "IfNotPresent"}],
+            "initContainers": [{"name": "i", "image": "private.example/init:1", "imagePullPolicy": "Never"}],
+        }));
+        let policies = |pull: bool| {
+            let spec = host_pod(
+                &pod,
+                &tenant_with(&format!("    policies: {{alwaysPullImages: {pull}}}\n")),
+                "",
+            )
+            .unwrap()
+            .spec
+            .unwrap();
+            [
+                spec.containers[0].image_pull_policy.clone(),
+                spec.init_containers.unwrap()[0].image_pull_policy.clone(),
+            ]
+        };
+        assert_eq!(
+            policies(true),
+            [Some("Always".to_string()), Some("Always".to_string())]
+        );
+        assert_eq!(
+            policies(false),
+            [Some("IfNotPresent".to_string()), Some("Never".to_string())]
         );
     }
 

@@ -223,6 +223,7 @@ pub fn pod_policy_version(policy: &rcsync_core::PodPolicy) -> String {
         &policy.host_schedulers,
         copied,
         &policy.enforce_node_selector,
+        policy.always_pull_images,
     ))
 }
 
