@@ -196,10 +196,11 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
         .filter(|p| p.pointer("/metadata/deletionTimestamp").is_none())
         .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
         .filter_map(|p| {
+            let node_labels = node_labels(p.pointer("/spec/nodeName")?.as_str()?)?;
             Some(crate::affinity::Placed {
                 namespace: p["metadata"]["namespace"].as_str()?.to_string(),
                 labels: strings(&p["metadata"]["labels"]),
-                node_labels: node_labels(p.pointer("/spec/nodeName")?.as_str()?)?,
+                node_labels,
             })
         })
         .collect();
