@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Pod, PodAffinityTerm, PodSchedulingGate, PodSpec, Secret, Toleration,
+    ConfigMap, Pod, PodAffinityTerm, PodSchedulingGate, PodSpec, Secret, Toleration, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::ObjectMeta;
@@ -402,30 +402,16 @@ fn scope_pod_selectors(spec: &mut PodSpec, namespace: &str, tenant: &str) {
     if let Some(affinity) = spec.affinity.as_mut() {
         let mut terms: Vec<&mut PodAffinityTerm> = Vec::new();
         if let Some(a) = affinity.pod_affinity.as_mut() {
-            terms.extend(
-                a.required_during_scheduling_ignored_during_execution
-                    .iter_mut()
-                    .flatten(),
-            );
-            terms.extend(
-                a.preferred_during_scheduling_ignored_during_execution
-                    .iter_mut()
-                    .flatten()
-                    .map(|w| &mut w.pod_affinity_term),
-            );
+            terms.extend(terms_mut(
+                &mut a.required_during_scheduling_ignored_during_execution,
+                &mut a.preferred_during_scheduling_ignored_during_execution,
+            ));
         }
         if let Some(a) = affinity.pod_anti_affinity.as_mut() {
-            terms.extend(
-                a.required_during_scheduling_ignored_during_execution
-                    .iter_mut()
-                    .flatten(),
-            );
-            terms.extend(
-                a.preferred_during_scheduling_ignored_during_execution
-                    .iter_mut()
-                    .flatten()
-                    .map(|w| &mut w.pod_affinity_term),
-            );
+            terms.extend(terms_mut(
+                &mut a.required_during_scheduling_ignored_during_execution,
+                &mut a.preferred_during_scheduling_ignored_during_execution,
+            ));
         }
         for term in terms {
             let by_labels = term
@@ -463,6 +449,17 @@ fn scope_pod_selectors(spec: &mut PodSpec, namespace: &str, tenant: &str) {
             constraint.label_selector.as_ref(),
         );
     }
+}
+
+/// The terms of a pod affinity or anti-affinity: the required ones, then those of the preferred.
+fn terms_mut<'a>(
+    required: &'a mut Option<Vec<PodAffinityTerm>>,
+    preferred: &'a mut Option<Vec<WeightedPodAffinityTerm>>,
+) -> impl Iterator<Item = &'a mut PodAffinityTerm> {
+    required
+        .iter_mut()
+        .flatten()
+        .chain(preferred.iter_mut().flatten().map(|w| &mut w.pod_affinity_term))
 }
 
 /// Whether a label selector selects everything (no requirement at all).
