@@ -10,8 +10,9 @@
 //!           own term: the first of a group); anti-affinity: none in the node's domain
 //! ```
 //!
-//! Not simulated: preferred terms (scoring), and existing Pods' anti-affinity against the incoming
-//! Pod (upstream's symmetry).
+//! Upstream's symmetry holds too: a node in the domain of a placed Pod whose required
+//! anti-affinity selects the incoming Pod does not take it. Not simulated: preferred terms
+//! (scoring).
 
 use std::collections::BTreeMap;
 
@@ -20,7 +21,7 @@ use serde_json::Value;
 
 use crate::store::Store;
 
-/// A Pod already placed: its namespace, labels and node's labels.
+/// A Pod already placed: its namespace, labels, node's labels and required anti-affinity.
 pub struct Placed {
     /// Its namespace.
     pub namespace: String,
@@ -28,12 +29,34 @@ pub struct Placed {
     pub labels: BTreeMap<String, String>,
     /// The labels of the node it is on.
     pub node_labels: BTreeMap<String, String>,
+    /// Its required pod anti-affinity terms, which keep matching Pods out of its domain.
+    anti: Vec<Term>,
+}
+
+impl Placed {
+    /// `pod` (a Pod object) on a node with `node_labels`.
+    pub fn new(pod: &Value, node_labels: BTreeMap<String, String>) -> Self {
+        let namespace = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        Self {
+            anti: required(pod, "podAntiAffinity")
+                .map(|t| Term::of(t, &namespace))
+                .collect(),
+            labels: strings(&pod["metadata"]["labels"]),
+            namespace,
+            node_labels,
+        }
+    }
 }
 
 /// Why a node does not take a Pod, in upstream's words.
 pub const AFFINITY_MISMATCH: &str = "node(s) didn't match pod affinity rules";
 /// Why a node does not take a Pod, in upstream's words.
 pub const ANTI_AFFINITY_MISMATCH: &str = "node(s) didn't match pod anti-affinity rules";
+/// Why a node does not take a Pod, in upstream's words.
+pub const EXISTING_ANTI_AFFINITY: &str = "node(s) didn't satisfy existing pods anti-affinity rules";
 
 fn strings(v: &Value) -> BTreeMap<String, String> {
     v.as_object()
@@ -128,11 +151,19 @@ pub fn mismatch(
     placed: &[Placed],
 ) -> Option<&'static str> {
     let own = pod["metadata"]["namespace"].as_str().unwrap_or_default();
-    let me = Placed {
-        namespace: own.to_string(),
-        labels: strings(&pod["metadata"]["labels"]),
-        node_labels: node.clone(),
-    };
+    let me = Placed::new(pod, node.clone());
+    // Placed Pods that keep Pods like this one out of their domain.
+    let repelled = placed.iter().any(|p| {
+        p.anti.iter().any(|term| {
+            p.node_labels
+                .get(&term.topology_key)
+                .is_some_and(|domain| node.get(&term.topology_key) == Some(domain))
+                && term.selects(store, &me)
+        })
+    });
+    if repelled {
+        return Some(EXISTING_ANTI_AFFINITY);
+    }
     for term in required(pod, "podAffinity").map(|t| Term::of(t, own)) {
         let Some(domain) = node.get(&term.topology_key) else {
             return Some(AFFINITY_MISMATCH);
@@ -167,11 +198,10 @@ mod tests {
     use serde_json::json;
 
     fn placed(namespace: &str, app: &str, node: &str) -> Placed {
-        Placed {
-            namespace: namespace.into(),
-            labels: BTreeMap::from([("app".into(), app.into())]),
-            node_labels: BTreeMap::from([("kubernetes.io/hostname".into(), node.into())]),
-        }
+        Placed::new(
+            &json!({"metadata": {"namespace": namespace, "labels": {"app": app}}}),
+            BTreeMap::from([("kubernetes.io/hostname".into(), node.into())]),
+        )
     }
 
     fn node(name: &str) -> BTreeMap<String, String> {
@@ -225,6 +255,26 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn a_placed_pods_anti_affinity_keeps_the_pods_it_selects_out_of_its_domain() {
+        let store = Store::new(10);
+        let mut loner = pod(
+            "podAntiAffinity",
+            json!({"labelSelector": {"matchLabels": {"app": "web"}}}),
+        );
+        loner["metadata"]["labels"] = json!({"app": "loner"});
+        let placed = [Placed::new(&loner, node("n1"))];
+        let web = json!({"metadata": {"namespace": "shop", "labels": {"app": "web"}}});
+        assert_eq!(
+            mismatch(&store, &web, &node("n1"), &placed),
+            Some(EXISTING_ANTI_AFFINITY)
+        );
+        assert_eq!(mismatch(&store, &web, &node("n2"), &placed), None);
+        // Its term looks in its own namespace only.
+        let elsewhere = json!({"metadata": {"namespace": "billing", "labels": {"app": "web"}}});
+        assert_eq!(mismatch(&store, &elsewhere, &node("n1"), &placed), None);
     }
 
     #[test]

@@ -197,11 +197,7 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
         .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
         .filter_map(|p| {
             let node_labels = node_labels(p.pointer("/spec/nodeName")?.as_str()?)?;
-            Some(crate::affinity::Placed {
-                namespace: p["metadata"]["namespace"].as_str()?.to_string(),
-                labels: strings(&p["metadata"]["labels"]),
-                node_labels,
-            })
+            Some(crate::affinity::Placed::new(p, node_labels))
         })
         .collect();
     for pod in pods {
@@ -278,11 +274,10 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             Some(p)
                         });
                         if let Some(p) = bound {
-                            placed.push(crate::affinity::Placed {
-                                namespace: ns.clone(),
-                                labels: strings(&p["metadata"]["labels"]),
-                                node_labels: strings(&node["metadata"]["labels"]),
-                            });
+                            placed.push(crate::affinity::Placed::new(
+                                &p,
+                                strings(&node["metadata"]["labels"]),
+                            ));
                             let message = format!("Successfully assigned {ns}/{name} to {node_name}");
                             event(
                                 store,

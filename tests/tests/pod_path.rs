@@ -602,6 +602,43 @@ async fn host_node_of(system: &System, name: &str) -> String {
     .await
 }
 
+/// Nor can a tenant's anti-affinity keep anybody else's Pods away: on a host of one node, a Pod
+/// of the tenant repelling `app=db` in every namespace does not stop another team's `app=db` Pod
+/// from running there (the host scheduler honours a placed Pod's anti-affinity for new Pods).
+#[tokio::test]
+async fn a_tenants_pod_anti_affinity_never_repels_pods_outside_its_own() {
+    let system = system_with_host_nodes(1).await;
+    let v = system.virtual_side();
+    v.create_pod(&pod(
+        "hog",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))],
+               "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                   {"labelSelector": {"matchLabels": {"app": "db"}}, "namespaceSelector": {},
+                    "topologyKey": "kubernetes.io/hostname"}]}}}),
+    ))
+    .await;
+    host_node_of(&system, "hog").await;
+    let host_client = system.host.client().await;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(host_client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "other-team"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let db: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "db", "labels": {"app": "db"}},
+        "spec": {"containers": [app(json!({}))]}}))
+    .unwrap();
+    let others = Api::<Pod>::namespaced(host_client, "other-team");
+    others.create(&PostParams::default(), &db).await.unwrap();
+    eventually("the other team's db placed on the host's node", || {
+        let others = others.clone();
+        async move { others.get("db").await.ok()?.spec?.node_name }
+    })
+    .await;
+}
+
 /// A tenant given its own pool of host nodes (`sync.toHost.pods.enforceNodeSelector`) has its
 /// Pods placed there only: the host Pod's node selector requires the pool, and a Pod choosing
 /// another value of the pool's label is refused with a `SyncError` naming both, never moved.
