@@ -602,6 +602,30 @@ async fn host_node_of(system: &System, name: &str) -> String {
     .await
 }
 
+/// An affinity term selecting namespaces by their labels cannot be resolved on the host (it does
+/// not see the virtual namespaces' labels): the Pod is refused with a `SyncError` naming the field.
+#[tokio::test]
+async fn a_pod_affinity_selecting_namespaces_by_their_labels_is_refused_naming_the_field() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    v.create_pod(&pod(
+        "picky",
+        json!({"containers": [app(json!({}))],
+               "affinity": {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "podAffinityTerm":
+                   {"labelSelector": {"matchLabels": {"app": "db"}}, "namespaceSelector": {"matchLabels": {"team": "data"}},
+                    "topologyKey": "kubernetes.io/hostname"}}]}}}),
+    ))
+    .await;
+    let message = first_event(v, "picky", "SyncError").await;
+    assert!(
+        message.contains(
+            "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.namespaceSelector: namespaces selected by their labels cannot be resolved on the host"
+        ),
+        "{message}"
+    );
+    no_host_pod(&system, "picky").await;
+}
+
 /// Nor can a tenant's anti-affinity keep anybody else's Pods away: on a host of one node, a Pod
 /// of the tenant repelling `app=db` in every namespace does not stop another team's `app=db` Pod
 /// from running there (the host scheduler honours a placed Pod's anti-affinity for new Pods).
