@@ -66,6 +66,15 @@ fn strings(v: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The strings of a JSON list (none when it is not one).
+fn string_list(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(String::from))
+        .collect()
+}
+
 /// A `metav1.LabelSelector` as JSON; `None` for null or an invalid one (which selects nothing).
 fn selector(v: &Value) -> Option<LabelSelector> {
     if !v.is_object() {
@@ -78,12 +87,7 @@ fn selector(v: &Value) -> Option<LabelSelector> {
         .map(|e| MatchExpression {
             key: e["key"].as_str().unwrap_or_default().to_string(),
             operator: e["operator"].as_str().unwrap_or_default().to_string(),
-            values: e["values"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect(),
+            values: string_list(&e["values"]),
         })
         .collect();
     LabelSelector::from_parts(&strings(&v["matchLabels"]), &expressions).ok()
@@ -103,12 +107,7 @@ impl Term {
         Self {
             selector: selector(&term["labelSelector"]),
             topology_key: term["topologyKey"].as_str().unwrap_or_default().to_string(),
-            namespaces: term["namespaces"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|n| n.as_str().map(String::from))
-                .collect(),
+            namespaces: string_list(&term["namespaces"]),
             // `{}` selects every namespace; validation refused an invalid one at the Pod's create.
             namespace_selector: selector(&term["namespaceSelector"]),
             own: own.to_string(),

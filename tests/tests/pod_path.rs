@@ -616,14 +616,7 @@ async fn a_pod_affinity_selecting_namespaces_by_their_labels_is_refused_naming_t
                     "topologyKey": "kubernetes.io/hostname"}}]}}}),
     ))
     .await;
-    let message = first_event(v, "picky", "SyncError").await;
-    assert!(
-        message.contains(
-            "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.namespaceSelector: namespaces selected by their labels cannot be resolved on the host"
-        ),
-        "{message}"
-    );
-    no_host_pod(&system, "picky").await;
+    refused_with(&system, "picky", "affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].podAffinityTerm.namespaceSelector: namespaces selected by their labels cannot be resolved on the host").await;
 }
 
 /// Nor can a tenant's anti-affinity keep anybody else's Pods away: on a host of one node, a Pod
@@ -642,6 +635,25 @@ async fn a_tenants_pod_anti_affinity_never_repels_pods_outside_its_own() {
     ))
     .await;
     host_node_of(&system, "hog").await;
+    let others = another_teams_db(&system, json!({"app": "db"})).await;
+    eventually("the other team's db placed on the host's node", || {
+        let others = others.clone();
+        async move { others.get("db").await.ok()?.spec?.node_name }
+    })
+    .await;
+}
+
+/// Waits for the `SyncError` on virtual Pod `name` and checks it says `why`, and that no host Pod
+/// was made for it.
+async fn refused_with(system: &System, name: &str, why: &str) {
+    let message = first_event(system.virtual_side(), name, "SyncError").await;
+    assert!(message.contains(why), "{message}");
+    no_host_pod(system, name).await;
+}
+
+/// Another team's Pod `db` labelled `labels`, on the host in a namespace of its own
+/// (`other-team`), outside the tenant's; the Pods of that namespace.
+async fn another_teams_db(system: &System, labels: Value) -> Api<Pod> {
     let host_client = system.host.client().await;
     Api::<k8s_openapi::api::core::v1::Namespace>::all(host_client.clone())
         .create(
@@ -651,16 +663,12 @@ async fn a_tenants_pod_anti_affinity_never_repels_pods_outside_its_own() {
         .await
         .unwrap();
     let db: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "db", "labels": {"app": "db"}},
+        "metadata": {"name": "db", "labels": labels},
         "spec": {"containers": [app(json!({}))]}}))
     .unwrap();
     let others = Api::<Pod>::namespaced(host_client, "other-team");
     others.create(&PostParams::default(), &db).await.unwrap();
-    eventually("the other team's db placed on the host's node", || {
-        let others = others.clone();
-        async move { others.get("db").await.ok()?.spec?.node_name }
-    })
-    .await;
+    others
 }
 
 /// A tenant given its own pool of host nodes (`sync.toHost.pods.enforceNodeSelector`) has its
@@ -691,14 +699,7 @@ async fn a_tenants_pods_run_on_its_own_pool_of_host_nodes_only() {
                "nodeSelector": {"kubernetes.io/hostname": "devcluster-node-0"}}),
     ))
     .await;
-    let message = first_event(v, "escape", "SyncError").await;
-    assert!(
-        message.contains(
-            "nodeSelector kubernetes.io/hostname=devcluster-node-0 (the host enforces kubernetes.io/hostname=devcluster-node-1)"
-        ),
-        "{message}"
-    );
-    no_host_pod(&system, "escape").await;
+    refused_with(&system, "escape", "nodeSelector kubernetes.io/hostname=devcluster-node-0 (the host enforces kubernetes.io/hostname=devcluster-node-1)").await;
 }
 
 /// A tenant's Pods that repel each other (required pod anti-affinity on their own labels, one per
@@ -733,23 +734,11 @@ async fn pods_that_repel_each_other_run_on_different_host_nodes() {
 async fn a_tenants_pod_affinity_never_selects_pods_outside_its_own() {
     let system = system_with_host_nodes(2).await;
     let v = system.virtual_side();
-    // Another team's Pod on the host, outside the tenant's host namespace.
-    let host_client = system.host.client().await;
-    Api::<k8s_openapi::api::core::v1::Namespace>::all(host_client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "other-team"}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let db: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "db", "labels": {"app": "db", "vcluster.loft.sh/managed-by": "other"}},
-        "spec": {"containers": [app(json!({}))]}}))
-    .unwrap();
-    Api::<Pod>::namespaced(host_client, "other-team")
-        .create(&PostParams::default(), &db)
-        .await
-        .unwrap();
+    another_teams_db(
+        &system,
+        json!({"app": "db", "vcluster.loft.sh/managed-by": "other"}),
+    )
+    .await;
     let near = |labels: Value| {
         json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))],
                "affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
