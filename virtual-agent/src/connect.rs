@@ -26,6 +26,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::leader::Fence;
+use crate::whole_request::WholeRequests;
 
 /// How long a unary call to the host agent may take unless told otherwise.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,7 +85,8 @@ impl Interceptor for Credentials {
 /// A RuntimeClassSync client with credentials.
 pub type ClassClient = RuntimeClassSyncClient<InterceptedService<Channel, Credentials>>;
 /// A PodSync client with credentials.
-pub type PodClient = PodSyncClient<InterceptedService<Channel, Credentials>>;
+/// Its requests each go out whole (every PodSync method takes one message).
+pub type PodClient = PodSyncClient<InterceptedService<WholeRequests<Channel>, Credentials>>;
 
 impl HostAgentTarget {
     /// A target with these URLs and tenant, no token and no TLS files.
@@ -242,7 +244,7 @@ impl HostAgentTarget {
                     return Ok((
                         RuntimeClassSyncClient::with_interceptor(channel.clone(), credentials.clone())
                             .max_decoding_message_size(rcsync_proto::MAX_SYNC_RESPONSE_BYTES),
-                        PodSyncClient::with_interceptor(channel, credentials),
+                        PodSyncClient::with_interceptor(WholeRequests::new(channel), credentials),
                     ));
                 }
                 Err(e) => errors.push(format!("{url} ({addr}): {}", error_chain(&e))),

@@ -23,3 +23,4 @@ pub mod pods;
 pub mod rbac;
 pub mod run;
 pub mod status;
+pub mod whole_request;
