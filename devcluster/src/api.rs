@@ -98,6 +98,9 @@ pub struct Api {
     pub bookmark_interval: Duration,
     /// Admission plugins in effect.
     pub admission: AdmissionPlugins,
+    /// Whether Pods have the `resize` subresource (Kubernetes 1.33 and later); without it the
+    /// route is not found, as on older API servers.
+    pub pod_resize: bool,
 }
 
 enum Route {
@@ -297,6 +300,7 @@ impl Api {
             issuer: TokenIssuer::default(),
             bookmark_interval: Duration::from_secs(10),
             admission: AdmissionPlugins::default(),
+            pod_resize: true,
         }
     }
 
@@ -443,7 +447,7 @@ impl Api {
                 get_only(Reply::ok(group))
             }
             Route::ResourceList(g, v) => get_only(Reply::ok(
-                discovery_resources(&self.registry, &g, &v)
+                discovery_resources(&self.registry, &g, &v, self.pod_resize)
                     .ok_or_else(|| ApiError::not_found_path(&req.path))?,
             )),
             Route::OpenApiIndex => get_only(Reply::ok(crate::openapi::index(&self.registry))),
@@ -486,7 +490,7 @@ impl Api {
         let part = match sub.as_deref() {
             None => Part::Main,
             Some("status") if def.has_status => Part::Status,
-            Some("resize") if def.kind == "Pod" && def.group.is_empty() => Part::Resize,
+            Some("resize") if self.pod_resize && def.kind == "Pod" && def.group.is_empty() => Part::Resize,
             Some(_) => return Err(ApiError::not_found_path(&req.path)),
         };
         let ns = namespace.clone().unwrap_or_default();

@@ -17,7 +17,14 @@ pub(crate) fn discovery_groups(registry: &Registry) -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-pub(crate) fn discovery_resources(registry: &Registry, group: &str, version: &str) -> Option<Value> {
+/// The resource list of `group/version`; `pod_resize`: whether Pods list their `resize`
+/// subresource.
+pub(crate) fn discovery_resources(
+    registry: &Registry,
+    group: &str,
+    version: &str,
+    pod_resize: bool,
+) -> Option<Value> {
     let defs: Vec<&ResourceDef> = registry
         .all()
         .into_iter()
@@ -54,7 +61,7 @@ pub(crate) fn discovery_resources(registry: &Registry, group: &str, version: &st
                 "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"],
             }));
         }
-        if d.kind == "Pod" && d.group.is_empty() {
+        if pod_resize && d.kind == "Pod" && d.group.is_empty() {
             list.push(json!({
                 "name": "pods/resize", "singularName": "", "namespaced": true,
                 "kind": "Pod", "verbs": ["get", "patch", "update"],

@@ -66,6 +66,10 @@ enum Command {
         /// whose class names another stays ContainerCreating, with the kubelet's event.
         #[arg(long, env = "DEVCLUSTER_HANDLERS", value_delimiter = ',')]
         handlers: Option<Vec<String>>,
+        /// Serve Pods without their `resize` subresource, as API servers before Kubernetes 1.33
+        /// do (a resize there is a 404).
+        #[arg(long, env = "DEVCLUSTER_NO_POD_RESIZE")]
+        no_pod_resize: bool,
     },
     /// Run the whole rcsync system on loopback: a host and a virtual API server, host-agent and
     /// virtual-agent (found next to this executable, else on PATH), and a guide to try it with
@@ -104,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             disable_admission_plugins,
             nodes,
             handlers,
+            no_pod_resize,
         } => {
             let admission = devcluster::admission::AdmissionPlugins::disabling(&disable_admission_plugins)
                 .map_err(|e| anyhow::anyhow!("--disable-admission-plugins: {e}"))?;
@@ -118,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
                     count: nodes,
                     handlers,
                 },
+                pod_resize: !no_pod_resize,
                 ..ServerOptions::default()
             };
             let signal = termination_signal();

@@ -56,6 +56,8 @@ pub struct ServerOptions {
     pub state: Option<std::path::PathBuf>,
     /// Simulated nodes, scheduler and kubelet (none by default: Pods stay Pending).
     pub nodes: crate::nodes::NodeOptions,
+    /// Whether Pods have the `resize` subresource (Kubernetes 1.33 and later; on by default).
+    pub pod_resize: bool,
 }
 
 impl Default for ServerOptions {
@@ -69,6 +71,7 @@ impl Default for ServerOptions {
             admission: Default::default(),
             state: None,
             nodes: Default::default(),
+            pod_resize: true,
         }
     }
 }
@@ -100,6 +103,7 @@ impl DevCluster {
         let mut api = Api::new(store);
         api.bookmark_interval = options.bookmark_interval;
         api.admission = options.admission;
+        api.pod_resize = options.pod_resize;
         if let Some(path) = &options.state
             && path.exists()
         {

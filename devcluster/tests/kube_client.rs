@@ -1430,3 +1430,59 @@ async fn simulated_nodes_schedule_run_refuse_and_terminate_pods() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Without `pod_resize` (`--no-pod-resize`) the API is that of servers before Kubernetes 1.33:
+/// discovery lists no `pods/resize` and a resize is a 404 for the route, not for the Pod.
+#[tokio::test]
+async fn without_pod_resize_a_resize_is_not_found_as_on_older_api_servers() {
+    for pod_resize in [true, false] {
+        let cluster = DevCluster::start(ServerOptions {
+            pod_resize,
+            ..ServerOptions::default()
+        })
+        .await
+        .unwrap();
+        let client = client_for(&cluster).await;
+        let core = client.list_core_api_resources("v1").await.unwrap();
+        let listed = core.resources.iter().any(|r| r.name == "pods/resize");
+        assert_eq!(listed, pod_resize, "discovery lists pods/resize: {listed}");
+        let pods: Api<Pod> = Api::namespaced(client, "default");
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {"containers": [
+            {"name": "app", "image": "registry.example/app:1",
+             "resources": {"requests": {"cpu": "100m"}}}]}}))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        let patch =
+            json!({"spec": {"containers": [{"name": "app", "resources": {"requests": {"cpu": "200m"}}}]}});
+        let resized = pods
+            .patch_subresource(
+                "resize",
+                "web",
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await;
+        match (pod_resize, resized) {
+            (true, Ok(pod)) => {
+                let requests = pod.spec.unwrap().containers[0]
+                    .resources
+                    .clone()
+                    .unwrap()
+                    .requests
+                    .unwrap();
+                assert_eq!(requests["cpu"].0, "200m");
+            }
+            (false, Err(kube::Error::Api(e))) => {
+                assert_eq!(e.code, 404);
+                assert!(
+                    e.message
+                        .contains("the server could not find the requested resource"),
+                    "{}",
+                    e.message
+                );
+            }
+            (_, other) => panic!("pod_resize {pod_resize}: {other:?}"),
+        }
+        cluster.shutdown().await;
+    }
+}

@@ -200,7 +200,6 @@ impl System {
         transport: Transport,
         host_nodes: usize,
     ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let options = devcluster::ServerOptions {
             nodes: devcluster::nodes::NodeOptions {
                 count: host_nodes,
@@ -208,6 +207,18 @@ impl System {
             },
             ..Default::default()
         };
+        Self::start_with_host(tenants, host_classes, transport, options).await
+    }
+
+    /// Starts everything with a host devcluster run with `options` (e.g. one that serves the API
+    /// of an older Kubernetes).
+    pub async fn start_with_host(
+        tenants: &[TenantSpec],
+        host_classes: &[RuntimeClass],
+        transport: Transport,
+        options: devcluster::ServerOptions,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
         let host = Cluster::start_with("host", "RCSYNC_HOST_KUBECONFIG", dir.path(), options).await;
         let host_client = host.client().await;
         let classes: Api<RuntimeClass> = Api::all(host_client.clone());

@@ -1989,6 +1989,46 @@ async fn a_resize_past_the_host_namespace_s_quota_is_refused_with_its_reason() {
     assert_eq!(requests["cpu"].0, "600m");
 }
 
+/// On a host whose API server predates in-place resize (no `pods/resize`, before Kubernetes
+/// 1.33), a Pod resized in the virtual cluster keeps its resources on the host, and the virtual
+/// Pod says why, rather than the agents retrying as if the host were down.
+#[tokio::test]
+async fn a_resize_a_host_without_in_place_resize_cannot_make_is_reported_on_the_virtual_pod() {
+    use rcsync_tests::system::Transport;
+    let older_host = devcluster::ServerOptions {
+        pod_resize: false,
+        ..Default::default()
+    };
+    let system = System::start_with_host(&[tenant()], &[], Transport::Plaintext, older_host).await;
+    let v = system.virtual_side();
+    let requesting = |cpu: &str| json!({"requests": {"cpu": cpu}});
+    v.create_pod(&pod(
+        "web",
+        json!({"containers": [app(json!({"resources": requesting("100m")}))]}),
+    ))
+    .await;
+    wait_host_pod(&system, "web", "default").await;
+    resize(&v.pods().await, "web", requesting("200m")).await;
+    let message = first_event(v, "web", "SyncError").await;
+    assert!(
+        message.contains("cannot resize a running pod in place (no pods/resize subresource"),
+        "{message}"
+    );
+    let on_host = system
+        .host_pods(&v.tenant)
+        .await
+        .get(&host_name("web", "default"))
+        .await
+        .unwrap();
+    let requests = on_host.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .requests
+        .unwrap();
+    assert_eq!(requests["cpu"].0, "100m");
+}
+
 /// Resizes the container `app` of Pod `name` in place (`pods/resize`) to `resources`.
 async fn resize(pods: &Api<Pod>, name: &str, resources: Value) {
     let patch = json!({"spec": {"containers": [{"name": "app", "resources": resources}]}});

@@ -323,7 +323,7 @@ impl<V: ViewSource> PodSyncService<V> {
                     &Patch::Strategic(patch),
                 )
                 .await
-                .map_err(|e| kube_status(&e, tenant))?;
+                .map_err(|e| resize_status(&e, tenant))?;
             placed = PlacedPod::of(&pod);
         }
         Ok(Placement::Placed {
@@ -748,6 +748,25 @@ fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
             refused(&e.message, Some(rcsync_proto::HOST_POD_REFUSED))
         }
         other => Status::unavailable(format!("the host API server failed: {other}")),
+    }
+}
+
+/// What a failed resize of a host Pod tells the caller: as [`kube_status`], except that a host API
+/// server without `pods/resize` (before Kubernetes 1.33: the route itself is not found, where a
+/// Pod gone since it was read would be named) refuses the Pod as it stands, saying so, rather than
+/// failing as if it were down: the tenant sees why its Pod keeps its resources on the host.
+fn resize_status(error: &kube::Error, tenant: &Tenant) -> Status {
+    match error {
+        kube::Error::Api(e)
+            if e.code == 404 && e.message.contains("could not find the requested resource") =>
+        {
+            refused(
+                "it cannot resize a running pod in place (no pods/resize subresource: Kubernetes 1.33 \
+                 and later serve it); the host pod keeps its cpu and memory until the pod is recreated",
+                Some(rcsync_proto::HOST_POD_REFUSED),
+            )
+        }
+        other => kube_status(other, tenant),
     }
 }
 
