@@ -510,6 +510,22 @@ pub fn prepare_create(
     meta.remove("selfLink");
     match def.kind {
         "Pod" => {
+            // Ephemeral containers join a running Pod through their subresource only.
+            if obj
+                .pointer("/spec/ephemeralContainers")
+                .and_then(Value::as_array)
+                .is_some_and(|l| !l.is_empty())
+            {
+                return Err(ApiError::invalid(
+                    def,
+                    name_of(&obj),
+                    vec![Cause {
+                        reason: "FieldValueForbidden",
+                        field: "spec.ephemeralContainers".into(),
+                        message: "Forbidden: cannot be set on create".into(),
+                    }],
+                ));
+            }
             obj["status"] = json!({"phase": "Pending", "qosClass": crate::resize::qos_class(&obj)});
         }
         "CustomResourceDefinition" => {
@@ -658,6 +674,9 @@ pub enum Part {
     Status,
     /// A Pod's `resize` subresource: only its containers' resources (see [`crate::resize`]).
     Resize,
+    /// A Pod's `ephemeralcontainers` subresource: only its ephemeral containers, added (see
+    /// [`crate::ephemeral`]).
+    EphemeralContainers,
 }
 
 impl Part {
@@ -667,6 +686,7 @@ impl Part {
             Part::Main => "",
             Part::Status => "status",
             Part::Resize => "resize",
+            Part::EphemeralContainers => "ephemeralcontainers",
         }
     }
 }
@@ -939,6 +959,12 @@ pub fn prepare_update(def: &ResourceDef, old: &Value, mut new: Value, part: Part
     }
     if part == Part::Resize {
         let mut out = crate::resize::prepare(def, old, &new)?;
+        bump_generation(old, &mut out);
+        validate(def, &out)?;
+        return Ok(out);
+    }
+    if part == Part::EphemeralContainers {
+        let mut out = crate::ephemeral::prepare(def, old, &new)?;
         bump_generation(old, &mut out);
         validate(def, &out)?;
         return Ok(out);

@@ -491,6 +491,9 @@ impl Api {
             None => Part::Main,
             Some("status") if def.has_status => Part::Status,
             Some("resize") if self.pod_resize && def.kind == "Pod" && def.group.is_empty() => Part::Resize,
+            Some("ephemeralcontainers") if def.kind == "Pod" && def.group.is_empty() => {
+                Part::EphemeralContainers
+            }
             Some(_) => return Err(ApiError::not_found_path(&req.path)),
         };
         let ns = namespace.clone().unwrap_or_default();

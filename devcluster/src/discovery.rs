@@ -61,6 +61,12 @@ pub(crate) fn discovery_resources(
                 "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"],
             }));
         }
+        if d.kind == "Pod" && d.group.is_empty() {
+            list.push(json!({
+                "name": "pods/ephemeralcontainers", "singularName": "", "namespaced": true,
+                "kind": "Pod", "verbs": ["get", "patch", "update"],
+            }));
+        }
         if pod_resize && d.kind == "Pod" && d.group.is_empty() {
             list.push(json!({
                 "name": "pods/resize", "singularName": "", "namespaced": true,

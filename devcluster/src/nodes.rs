@@ -9,7 +9,8 @@
 //!                                                   PodScheduled, or Unschedulable + FailedScheduling
 //!                  bound Pods ─► kubelet: handler served? ─► Running (IP, start time, ready)
 //!                                                   or ContainerCreating + FailedCreatePodSandBox
-//!                running Pods ─► kubelet: deadline, readiness gates, resizes (crate::resize)
+//!                running Pods ─► kubelet: deadline, ephemeral containers (crate::ephemeral),
+//!                                readiness gates, resizes (crate::resize)
 //!  deleted Pods: terminated within their grace period and removed (api::schedule_pod_removal)
 //! ```
 
@@ -462,6 +463,25 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                         );
                     }
                     continue;
+                }
+                // Ephemeral containers (`kubectl debug`) added since the last pass start.
+                if crate::ephemeral::unstarted(&pod) {
+                    let mut started = None;
+                    put(store, "pods", &ns, &name, |current| {
+                        let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
+                        let names = crate::ephemeral::start(&mut p, &now());
+                        (!names.is_empty()).then(|| {
+                            started = Some((p.clone(), names));
+                            p
+                        })
+                    });
+                    for (p, name) in started
+                        .iter()
+                        .flat_map(|(p, names)| names.iter().map(move |n| (p, n)))
+                    {
+                        let message = format!("Started container {name}");
+                        event(store, p, "Normal", "Started", &message, "kubelet", Some(node));
+                    }
                 }
                 // A resize (`pods/resize`) the containers do not run with yet.
                 if crate::resize::pending(&pod) {

@@ -17,6 +17,8 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
     ("", "pods/status", &["patch"], "tenant-namespace"),
     // grpc::pods: a running Pod's containers resized in place, as the tenant resized them.
     ("", "pods/resize", &["patch"], "tenant-namespace"),
+    // grpc::pods: debug containers (`kubectl debug`) added to a running Pod, as the tenant added them.
+    ("", "pods/ephemeralcontainers", &["patch"], "tenant-namespace"),
     // grpc::pod_events: the events the host records about the tenant's Pods, for WatchPodStatus.
     ("", "events", &["list", "watch"], "tenant-namespace"),
     // grpc::pods: copies of the ConfigMaps and Secrets a Pod references (get, create, replace;

@@ -20,7 +20,7 @@
 //! | tolerations                           | control-plane / master ones dropped; `enforceTolerations` added |
 //! | schedulerName                         | kept only when in `hybridScheduling.hostSchedulers`       |
 //! | schedulingGates                       | one gate of rcsync's, `rcsync.io/virtual-gates`, while the virtual Pod has any; the tenant's names never reach the host (a tenant could otherwise lift a gate the host's own admission set) |
-//! | ephemeralContainers                   | not created (they are added through their own subresource) |
+//! | ephemeralContainers (`kubectl debug`) | never on create (the API forbids it): those the host Pod lacks are added through its `ephemeralcontainers` subresource, references translated and checked by Pod Security like every container |
 //! | status                                | not copied (the host owns it)                            |
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -129,7 +129,6 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     spec.priority = None;
     spec.preemption_policy = None;
     spec.overhead = None;
-    spec.ephemeral_containers = None;
     spec.scheduling_gates = spec
         .scheduling_gates
         .as_ref()
@@ -376,6 +375,9 @@ fn apply_scheduling_policy(spec: &mut PodSpec, policy: &PodPolicy) {
             .iter_mut()
             .chain(spec.init_containers.iter_mut().flatten())
         {
+            container.image_pull_policy = Some("Always".to_string());
+        }
+        for container in spec.ephemeral_containers.iter_mut().flatten() {
             container.image_pull_policy = Some("Always".to_string());
         }
     }
@@ -863,6 +865,7 @@ mod tests {
         let pod = with_spec(serde_json::json!({
             "containers": [{"name": "c", "image": "private.example/app:1", "imagePullPolicy": "IfNotPresent"}],
             "initContainers": [{"name": "i", "image": "private.example/init:1", "imagePullPolicy": "Never"}],
+            "ephemeralContainers": [{"name": "e", "image": "private.example/debug:1", "imagePullPolicy": "IfNotPresent"}],
         }));
         let policies = |pull: bool| {
             let spec = host_pod(
@@ -876,15 +879,14 @@ mod tests {
             [
                 spec.containers[0].image_pull_policy.clone(),
                 spec.init_containers.unwrap()[0].image_pull_policy.clone(),
+                spec.ephemeral_containers.unwrap()[0].image_pull_policy.clone(),
             ]
         };
-        assert_eq!(
-            policies(true),
-            [Some("Always".to_string()), Some("Always".to_string())]
-        );
+        let all = |policy: &str| Some(policy.to_string());
+        assert_eq!(policies(true), [all("Always"), all("Always"), all("Always")]);
         assert_eq!(
             policies(false),
-            [Some("IfNotPresent".to_string()), Some("Never".to_string())]
+            [all("IfNotPresent"), all("Never"), all("IfNotPresent")]
         );
     }
 

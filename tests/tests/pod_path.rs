@@ -1309,6 +1309,116 @@ async fn a_pod_resized_in_the_virtual_cluster_is_resized_on_the_host() {
     assert_eq!(restarts, 0);
 }
 
+/// `kubectl debug`: an ephemeral container added to a running virtual Pod is added to its host
+/// Pod (its references translated to the tenant's copies, as every container's) and runs there;
+/// the virtual Pod shows it running.
+#[tokio::test]
+async fn a_debug_container_added_in_the_virtual_cluster_runs_in_the_host_pod() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    create_config_map(v, "debug-conf", &[("level", "trace")]).await;
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({}))]}),
+    ))
+    .await;
+    let host = system.host_pods(&v.tenant).await;
+    let host_name = host_name("web", "default");
+    eventually("the host Pod running", || {
+        let (host, name) = (host.clone(), host_name.clone());
+        async move {
+            let p = host.get(&name).await.ok()?;
+            (p.status?.phase.as_deref() == Some("Running")).then_some(())
+        }
+    })
+    .await;
+    let debugger = json!({"name": "debugger", "image": "busybox:1.36", "targetContainerName": "app",
+        "env": [{"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "debug-conf", "key": "level"}}}]});
+    v.pods()
+        .await
+        .patch_subresource(
+            "ephemeralcontainers",
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [debugger]}})),
+        )
+        .await
+        .unwrap();
+    let running = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.ephemeral_container_statuses.as_ref())
+            .is_some_and(|l| {
+                l.iter()
+                    .any(|c| c.name == "debugger" && c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            })
+    };
+    let pods = v.pods().await;
+    eventually("the virtual Pod's debug container running", || {
+        let pods = pods.clone();
+        async move { running(&pods.get("web").await.ok()?).then_some(()) }
+    })
+    .await;
+    let on_host = host.get(&host_name).await.unwrap();
+    assert!(running(&on_host));
+    let added = &on_host.spec.unwrap().ephemeral_containers.unwrap()[0];
+    assert_eq!(
+        (added.name.as_str(), added.target_container_name.as_deref()),
+        ("debugger", Some("app"))
+    );
+    let reference = added.env.as_ref().unwrap()[0]
+        .value_from
+        .as_ref()
+        .unwrap()
+        .config_map_key_ref
+        .as_ref()
+        .unwrap();
+    let copy = host_config_maps(&system)
+        .await
+        .get(&reference.name)
+        .await
+        .unwrap();
+    assert_eq!(reference.name, "debug-conf-x-default-x-team-a");
+    assert_eq!(copy.data.unwrap()["level"], "trace");
+}
+
+/// A debug container the tenant's Pod Security level forbids never reaches the host: the Pod runs
+/// on as it was, and the virtual Pod says why.
+#[tokio::test]
+async fn a_debug_container_the_tenants_pod_security_forbids_is_refused_and_the_pod_runs_on() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    v.create_pod(&pod("web", json!({"containers": [app(json!({}))]})))
+        .await;
+    wait_host_pod(&system, "web", "default").await;
+    let debugger = json!({"name": "debugger", "image": "busybox:1.36",
+        "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}});
+    v.pods()
+        .await
+        .patch_subresource(
+            "ephemeralcontainers",
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [debugger]}})),
+        )
+        .await
+        .unwrap();
+    let message = first_event(v, "web", "SyncError").await;
+    assert!(
+        message.contains(r#"pod "web" keeps running on the host, but its changes are not synced"#)
+            && message
+                .contains(r#"non-default capabilities (container "debugger" must not include "SYS_ADMIN""#),
+        "{message}"
+    );
+    let on_host = system
+        .host_pods(&v.tenant)
+        .await
+        .get(&host_name("web", "default"))
+        .await
+        .unwrap();
+    assert_eq!(on_host.spec.unwrap().ephemeral_containers, None);
+}
+
 /// A resize the host's node cannot hold is not applied there, and the virtual Pod says why: the
 /// host kubelet's `PodResizePending` condition (`Infeasible`) is copied back with the status.
 #[tokio::test]

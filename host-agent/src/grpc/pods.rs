@@ -54,7 +54,7 @@ use crate::translate::{
 use rcsync_core::naming::host_pod_name;
 
 mod updates;
-use updates::{resize_patch, update_patch};
+use updates::{ephemeral_patch, resize_patch, update_patch};
 
 /// The PodSync service.
 pub struct PodSyncService<V> {
@@ -244,12 +244,16 @@ impl<V: ViewSource> PodSyncService<V> {
     ) -> Result<Placement, Status> {
         let host_name = desired.name_any();
         let mut create = desired.clone();
-        if gated && let Some(spec) = &mut create.spec {
-            spec.scheduling_gates
-                .get_or_insert_with(Vec::new)
-                .push(PodSchedulingGate {
-                    name: COPIES_GATE.to_string(),
-                });
+        if let Some(spec) = &mut create.spec {
+            // Added once the Pod exists (below): the API refuses them on create.
+            spec.ephemeral_containers = None;
+            if gated {
+                spec.scheduling_gates
+                    .get_or_insert_with(Vec::new)
+                    .push(PodSchedulingGate {
+                        name: COPIES_GATE.to_string(),
+                    });
+            }
         }
         let name = host_name.as_str();
         let read = move || async move { api.get_opt(name).await.map_err(|e| kube_status(&e, tenant)) };
@@ -257,7 +261,15 @@ impl<V: ViewSource> PodSyncService<V> {
         let current = match existing {
             Some(current) => current,
             None => match create_pod(&self.client, api, &create).await {
-                Ok(pod) => return Ok(Placement::Placed { pod, created: true }),
+                // A Pod debugged in the virtual cluster while it could not sync (or recreated on
+                // the host) gets its ephemeral containers at once.
+                Ok(pod) => match ephemeral_patch(&create, desired) {
+                    None => return Ok(Placement::Placed { pod, created: true }),
+                    Some(patch) => {
+                        let pod = add_ephemeral_containers(api, &host_name, patch, tenant).await?;
+                        return Ok(Placement::Placed { pod, created: true });
+                    }
+                },
                 // The name is taken (409), or the host's admission refused the create (403): it
                 // runs before a taken name shows, so a namespace at its Pod quota refuses even a
                 // create of a Pod that exists. Either way the Pod may be there to update.
@@ -325,6 +337,9 @@ impl<V: ViewSource> PodSyncService<V> {
                 .await
                 .map_err(|e| resize_status(&e, tenant))?;
             placed = PlacedPod::of(&pod);
+        }
+        if let Some(patch) = ephemeral_patch(&current, desired) {
+            placed = add_ephemeral_containers(api, &host_name, patch, tenant).await?;
         }
         Ok(Placement::Placed {
             pod: placed,
@@ -749,6 +764,24 @@ fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
         }
         other => Status::unavailable(format!("the host API server failed: {other}")),
     }
+}
+
+/// Adds ephemeral containers to the host Pod `name` (its `ephemeralcontainers` subresource).
+async fn add_ephemeral_containers(
+    api: &Api<Pod>,
+    name: &str,
+    patch: serde_json::Value,
+    tenant: &Tenant,
+) -> Result<PlacedPod, Status> {
+    api.patch_subresource(
+        "ephemeralcontainers",
+        name,
+        &PatchParams::default(),
+        &Patch::Strategic(patch),
+    )
+    .await
+    .map(|pod| PlacedPod::of(&pod))
+    .map_err(|e| kube_status(&e, tenant))
 }
 
 /// What a failed resize of a host Pod tells the caller: as [`kube_status`], except that a host API

@@ -6,6 +6,7 @@
 //!  current host Pod + desired host Pod ──► update_patch: labels, copied annotations, images,
 //!                                          tolerations added, deadline, (gated) placement, gate lifted
 //!                                     ──► resize_patch: containers' cpu and memory (pods/resize)
+//!                                     ──► ephemeral_patch: debug containers added (pods/ephemeralcontainers)
 //! ```
 
 use std::collections::BTreeMap;
@@ -196,6 +197,26 @@ pub(super) fn resize_patch(current: &Pod, desired: &Pod) -> Option<serde_json::V
     (patch != json!({})).then_some(patch)
 }
 
+/// The ephemeral containers (`kubectl debug`) of the desired Pod that the host Pod lacks, as a
+/// strategic merge patch of its `ephemeralcontainers` subresource; `None` when it has them all.
+/// They can only be added: one the host Pod has stays as it is, even if the virtual Pod's
+/// container of that name differs (the virtual API server does not let it change either).
+pub(super) fn ephemeral_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
+    let have: Vec<&str> = current
+        .spec
+        .iter()
+        .flat_map(|s| s.ephemeral_containers.iter().flatten())
+        .map(|c| c.name.as_str())
+        .collect();
+    let added: Vec<_> = desired
+        .spec
+        .iter()
+        .flat_map(|s| s.ephemeral_containers.iter().flatten())
+        .filter(|c| !have.contains(&c.name.as_str()))
+        .collect();
+    (!added.is_empty()).then(|| json!({"spec": {"ephemeralContainers": added}}))
+}
+
 /// What a gated host Pod takes from its virtual Pod: the placement a queueing controller narrowed
 /// while the virtual Pod was gated (node selector entries, node affinity: the only placement an
 /// API server lets a gated Pod change, by additions), and the removal of rcsync's gate once the
@@ -237,6 +258,24 @@ fn gated_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_containers_the_host_pod_lacks_are_added_and_those_it_has_stay() {
+        let pod = |ephemeral: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {
+                "containers": [{"name": "app", "image": "app:1"}], "ephemeralContainers": ephemeral}}))
+            .unwrap()
+        };
+        let first = json!({"name": "debugger", "image": "busybox:1.36"});
+        let second = json!({"name": "tracer", "image": "tracer:2", "targetContainerName": "app"});
+        let current = pod(json!([first]));
+        // `debugger` differs in the virtual Pod: it stays as the host has it (it cannot change).
+        let desired = pod(json!([{"name": "debugger", "image": "busybox:1.37"}, second]));
+        let patch = ephemeral_patch(&current, &desired).expect("tracer is added");
+        assert_eq!(patch, json!({"spec": {"ephemeralContainers": [second]}}));
+        assert_eq!(ephemeral_patch(&desired, &desired), None);
+        assert_eq!(ephemeral_patch(&pod(json!(null)), &pod(json!(null))), None);
+    }
 
     #[test]
     fn an_update_removes_only_the_copied_annotations_the_tenant_removed() {
