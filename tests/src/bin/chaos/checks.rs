@@ -90,11 +90,12 @@ fn check_allowed_later(
     });
 }
 
-/// How a host Pod's gating, readiness gate condition, node selector and container resources
-/// differ from its virtual Pod's, if they do: gated (by rcsync's gate, and no other the harness
-/// knows) exactly while the virtual Pod is, carrying the readiness gate condition the tenant's
-/// controller set, holding every node selector entry the virtual Pod has (a released Pod's
-/// flavor), and asking for the cpu the virtual Pod was last resized to.
+/// How a host Pod's gating, readiness gate condition, node selector, container resources and
+/// debug containers differ from its virtual Pod's, if they do: gated (by rcsync's gate, and no
+/// other the harness knows) exactly while the virtual Pod is, carrying the readiness gate
+/// condition the tenant's controller set, holding every node selector entry the virtual Pod has
+/// (a released Pod's flavor), asking for the cpu the virtual Pod was last resized to, and
+/// running the ephemeral containers it was debugged with.
 fn placement_differs(pod: &Pod, host: &Pod) -> Option<String> {
     let cpu = |p: &Pod| {
         let container = p.spec.as_ref()?.containers.iter().find(|c| c.name == "app")?;
@@ -111,6 +112,23 @@ fn placement_differs(pod: &Pod, host: &Pod) -> Option<String> {
     };
     if cpu(pod) != cpu(host) {
         return Some(format!("requests cpu {:?}, not {:?}", cpu(host), cpu(pod)));
+    }
+    let debuggers = |p: &Pod| -> Vec<String> {
+        let mut names: Vec<String> = p
+            .spec
+            .iter()
+            .flat_map(|s| s.ephemeral_containers.iter().flatten())
+            .map(|c| c.name.clone())
+            .collect();
+        names.sort();
+        names
+    };
+    if debuggers(pod) != debuggers(host) {
+        return Some(format!(
+            "has the ephemeral containers {:?}, not {:?}",
+            debuggers(host),
+            debuggers(pod)
+        ));
     }
     use rcsync_core::gates::scheduling_gates as gates;
     let want: Vec<&str> = if gates(pod).is_empty() {

@@ -243,12 +243,12 @@ async fn host_event_step(rng: &mut StdRng, client: &kube::Client) {
 pub const READINESS_GATE: &str = "example.com/lb-ready";
 
 /// One virtual-side churn step: a Pod created (with an allowed, a disallowed, a missing or no
-/// class), relabelled, released from its gate, resized in place, its readiness gate marked or
-/// deleted; now and then a tenant-made RuntimeClass.
+/// class), relabelled, released from its gate, resized in place, debugged (an ephemeral
+/// container added), its readiness gate marked or deleted; now and then a tenant-made RuntimeClass.
 async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &mut u64) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let name = format!("p{}", rng.random_range(0..10));
-    let result = match rng.random_range(0..12) {
+    let result = match rng.random_range(0..13) {
         0..=3 => {
             let class = match rng.random_range(0..8) {
                 0 => None,
@@ -331,6 +331,21 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
                 &Patch::Strategic(json!({"spec": {"containers": [{"name": "app", "resources": {
                     "requests": {"cpu": format!("{}m", 100 * rng.random_range(1..10))},
                 }}]}})),
+            )
+            .await
+            .map(|_| ()),
+        // An operator debugs the Pod (`kubectl debug`): an ephemeral container added; adding one
+        // it has again changes nothing.
+        12 => pods
+            .patch_subresource(
+                "ephemeralcontainers",
+                &name,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({"spec": {"ephemeralContainers": [{
+                    "name": format!("debug-{}", rng.random_range(0..2)),
+                    "image": "registry.example/debug:1",
+                    "targetContainerName": "app",
+                }]}})),
             )
             .await
             .map(|_| ()),
