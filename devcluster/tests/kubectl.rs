@@ -764,3 +764,76 @@ async fn kubectl_apply_reads_strategic_merge_metadata_from_openapi_v3() {
         .await;
     assert_eq!(image, "nginx:2");
 }
+
+/// `kubectl debug` adds an ephemeral container to a running Pod through its subresource, and
+/// the kubelet stand-in starts it; `kubectl debug` of a Pod's existing ephemeral container name
+/// is refused in upstream's words.
+#[tokio::test]
+async fn kubectl_debug_adds_a_running_ephemeral_container() {
+    let cluster = DevCluster::start(ServerOptions {
+        nodes: devcluster::nodes::NodeOptions {
+            count: 1,
+            handlers: None,
+        },
+        ..ServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    k.run(&["run", "web", "--image=registry.example/app:1"]).await;
+    k.run(&["wait", "--for=condition=Ready", "pod/web", "--timeout=20s"])
+        .await;
+    k.run(&[
+        "debug",
+        "web",
+        "--image=busybox:1.36",
+        "-c",
+        "debugger",
+        "--profile=general",
+    ])
+    .await;
+    let state = eventually_output(
+        &k,
+        &[
+            "get",
+            "pod",
+            "web",
+            "-o",
+            "jsonpath={.status.ephemeralContainerStatuses[0].state}",
+        ],
+        |out| out.contains("running"),
+    )
+    .await;
+    assert!(state.contains("startedAt"), "{state}");
+    let again = k
+        .fail(
+            &[
+                "debug",
+                "web",
+                "--image=busybox:1.37",
+                "-c",
+                "debugger",
+                "--profile=general",
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        again.contains(r#"existing ephemeral containers "debugger" may not be changed"#),
+        "{again}"
+    );
+}
+
+/// Runs `args` until its output satisfies `done` (20 s at most); the last output.
+async fn eventually_output(k: &Kubectl, args: &[&str], done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = k.run(args).await;
+        if done(&out) {
+            return out;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "kubectl {args:?}: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
