@@ -261,15 +261,15 @@ impl<V: ViewSource> PodSyncService<V> {
         let current = match existing {
             Some(current) => current,
             None => match create_pod(&self.client, api, &create).await {
-                // A Pod debugged in the virtual cluster while it could not sync (or recreated on
-                // the host) gets its ephemeral containers at once.
-                Ok(pod) => match ephemeral_patch(&create, desired) {
-                    None => return Ok(Placement::Placed { pod, created: true }),
-                    Some(patch) => {
-                        let pod = add_ephemeral_containers(api, &host_name, patch, tenant).await?;
-                        return Ok(Placement::Placed { pod, created: true });
-                    }
-                },
+                Ok(pod) => {
+                    // A Pod debugged in the virtual cluster before it reached the host (or
+                    // recreated there) gets its ephemeral containers at once.
+                    let pod = match ephemeral_patch(&create, desired) {
+                        Some(patch) => add_ephemeral_containers(api, &host_name, patch, tenant).await?,
+                        None => pod,
+                    };
+                    return Ok(Placement::Placed { pod, created: true });
+                }
                 // The name is taken (409), or the host's admission refused the create (403): it
                 // runs before a taken name shows, so a namespace at its Pod quota refuses even a
                 // create of a Pod that exists. Either way the Pod may be there to update.
