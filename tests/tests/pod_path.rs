@@ -1382,6 +1382,62 @@ async fn a_debug_container_added_in_the_virtual_cluster_runs_in_the_host_pod() {
     assert_eq!(copy.data.unwrap()["level"], "trace");
 }
 
+/// A Pod debugged before it reached the host (it waited for a ConfigMap) runs its debug container
+/// there from the start: the host Pod is created, then given its ephemeral containers at once.
+#[tokio::test]
+async fn a_pod_debugged_before_it_reached_the_host_runs_its_debug_container_there() {
+    let system = system_with_a_host_node().await;
+    let v = system.virtual_side();
+    let env =
+        json!([{"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "late-conf", "key": "level"}}}]);
+    v.create_pod(&pod(
+        "web",
+        json!({"runtimeClassName": "gvisor", "containers": [app(json!({"env": env}))]}),
+    ))
+    .await;
+    let waiting = first_event(v, "web", "SyncWarning").await;
+    assert!(waiting.contains("late-conf"), "{waiting}");
+    v.pods()
+        .await
+        .patch_subresource(
+            "ephemeralcontainers",
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [
+                {"name": "debugger", "image": "busybox:1.36", "targetContainerName": "app"}]}})),
+        )
+        .await
+        .unwrap();
+    create_config_map(v, "late-conf", &[("level", "trace")]).await;
+    let pods = v.pods().await;
+    eventually("the virtual Pod's debug container running", || {
+        let pods = pods.clone();
+        async move {
+            let statuses = pods.get("web").await.ok()?.status?.ephemeral_container_statuses?;
+            statuses
+                .iter()
+                .any(|c| c.name == "debugger" && c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                .then_some(())
+        }
+    })
+    .await;
+    let on_host = system
+        .host_pods(&v.tenant)
+        .await
+        .get(&host_name("web", "default"))
+        .await
+        .unwrap();
+    let names: Vec<String> = on_host
+        .spec
+        .unwrap()
+        .ephemeral_containers
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["debugger"]);
+}
+
 /// A debug container the tenant's Pod Security level forbids never reaches the host: the Pod runs
 /// on as it was, and the virtual Pod says why.
 #[tokio::test]
