@@ -335,7 +335,7 @@ impl<V: ViewSource> PodSyncService<V> {
                     &Patch::Strategic(patch),
                 )
                 .await
-                .map_err(|e| resize_status(&e, tenant))?;
+                .map_err(|e| subresource_status(&e, tenant, RESIZE))?;
             placed = PlacedPod::of(&pod);
         }
         if let Some(patch) = ephemeral_patch(&current, desired) {
@@ -781,21 +781,53 @@ async fn add_ephemeral_containers(
     )
     .await
     .map(|pod| PlacedPod::of(&pod))
-    .map_err(|e| kube_status(&e, tenant))
+    .map_err(|e| subresource_status(&e, tenant, EPHEMERAL_CONTAINERS))
 }
 
-/// What a failed resize of a host Pod tells the caller: as [`kube_status`], except that a host API
-/// server without `pods/resize` (before Kubernetes 1.33: the route itself is not found, where a
-/// Pod gone since it was read would be named) refuses the Pod as it stands, saying so, rather than
-/// failing as if it were down: the tenant sees why its Pod keeps its resources on the host.
-fn resize_status(error: &kube::Error, tenant: &Tenant) -> Status {
+/// A Pod subresource the host agent writes that older API servers lack: what the host Pod cannot
+/// do without it, and the Kubernetes release that serves it.
+struct Subresource {
+    name: &'static str,
+    what: &'static str,
+    since: &'static str,
+    otherwise: &'static str,
+}
+
+/// `pods/resize`: resources changed in place.
+const RESIZE: Subresource = Subresource {
+    name: "pods/resize",
+    what: "resize a running pod in place",
+    since: "1.33",
+    otherwise: "the host pod keeps its cpu and memory until the pod is recreated",
+};
+
+/// `pods/ephemeralcontainers`: debug containers added.
+const EPHEMERAL_CONTAINERS: Subresource = Subresource {
+    name: "pods/ephemeralcontainers",
+    what: "add debug containers to a running pod",
+    since: "1.25",
+    otherwise: "the host pod runs without them",
+};
+
+/// What a failed write of a host Pod's `subresource` tells the caller: as [`kube_status`], except
+/// that a host API server without the subresource (the route itself is not found, where a Pod
+/// gone since it was read would be named) refuses the Pod as it stands, saying so, rather than
+/// failing as if it were down: the tenant sees why the host Pod does not follow.
+fn subresource_status(error: &kube::Error, tenant: &Tenant, subresource: Subresource) -> Status {
     match error {
         kube::Error::Api(e)
             if e.code == 404 && e.message.contains("could not find the requested resource") =>
         {
+            let Subresource {
+                name,
+                what,
+                since,
+                otherwise,
+            } = subresource;
             refused(
-                "it cannot resize a running pod in place (no pods/resize subresource: Kubernetes 1.33 \
-                 and later serve it); the host pod keeps its cpu and memory until the pod is recreated",
+                &format!(
+                    "it cannot {what} (no {name} subresource: Kubernetes {since} and later serve it); {otherwise}"
+                ),
                 Some(rcsync_proto::HOST_POD_REFUSED),
             )
         }
@@ -948,6 +980,44 @@ mod policy_properties;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subresource_the_host_api_server_lacks_refuses_the_pod_saying_which_and_since_when() {
+        let tenant = rcsync_core::TenantsFile::parse(
+            std::path::Path::new("t.yaml"),
+            "tenants:\n  - name: team-a\n    hostNamespace: team-a\n",
+        )
+        .unwrap()
+        .tenant("team-a")
+        .cloned()
+        .unwrap();
+        let not_found = |message: &str| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code: 404,
+                message: message.into(),
+                reason: "NotFound".into(),
+                ..Default::default()
+            }))
+        };
+        let route = not_found("the server could not find the requested resource");
+        let status = subresource_status(&route, &tenant, EPHEMERAL_CONTAINERS);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "the host API server refused the pod: it cannot add debug containers to a running pod \
+             (no pods/ephemeralcontainers subresource: Kubernetes 1.25 and later serve it); the host pod runs without them"
+        );
+        assert_eq!(
+            status.get_error_details().error_info().map(|i| i.reason.as_str()),
+            Some(rcsync_proto::HOST_POD_REFUSED)
+        );
+        // The Pod itself gone since it was read: retried, as any other failure of the host.
+        let pod_gone = not_found(r#"pods "web-x-default-x-team-a" not found"#);
+        assert_eq!(
+            subresource_status(&pod_gone, &tenant, RESIZE).code(),
+            tonic::Code::Unavailable
+        );
+    }
 
     fn tenants_state(yaml: &str) -> Arc<TenantsState> {
         Arc::new(TenantsState {
