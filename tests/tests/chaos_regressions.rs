@@ -159,3 +159,35 @@ async fn a_refused_pod_is_retried_within_seconds_and_a_new_pod_starts_afresh() {
         "the new Pod inherited the old backoff: {after:?}"
     );
 }
+
+/// A Pod denied while the tenant's class sync offered no class at all, then the sync turned off:
+/// the virtual agent looked at denied Pods again only when the set of synced classes changed, and
+/// here it stayed empty, so the Pod stayed denied although every Pod may sync once the sync is
+/// off (a restarted agent synced it at once). Turning the sync on or off re-evaluates them too.
+#[tokio::test]
+async fn a_denied_pod_syncs_once_class_sync_is_turned_off_while_no_class_was_synced() {
+    let mut system = System::start(
+        &[TenantSpec::new(
+            TENANT,
+            "{enabled: true, selector: {matchLabels: {env: dev}}}",
+        )],
+        &[runtime_class("gvisor", "runsc", &[("env", "prod")])],
+    )
+    .await;
+    // The virtual API server admits Pods only with existing classes: one made by the tenant while
+    // the agent is away, which the agent deletes when it is back.
+    let v = &mut system.virtuals[0];
+    v.stop_agent().await;
+    v.create_class(&runtime_class("gvisor", "runsc", &[])).await;
+    v.create_pod(&pod("web", Some("gvisor"))).await;
+    v.start_agent().await;
+    system
+        .virtual_side()
+        .wait_event(
+            "web",
+            "did not sync pod \"web\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'",
+        )
+        .await;
+    system.rewrite_tenants(&[TenantSpec::new(TENANT, "{enabled: false}")]);
+    system.wait_host_pod_count(1).await;
+}

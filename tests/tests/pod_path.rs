@@ -2140,19 +2140,7 @@ async fn a_resize_past_the_host_namespace_s_quota_is_refused_with_its_reason() {
         ),
         "{message}"
     );
-    let on_host = system
-        .host_pods(&v.tenant)
-        .await
-        .get(&host_name("web", "default"))
-        .await
-        .unwrap();
-    let requests = on_host.spec.unwrap().containers[0]
-        .resources
-        .clone()
-        .unwrap()
-        .requests
-        .unwrap();
-    assert_eq!(requests["cpu"].0, "600m");
+    assert_eq!(host_cpu_request(&system, "web").await, "600m");
 }
 
 /// On a host whose API server predates in-place resize (no `pods/resize`, before Kubernetes
@@ -2180,19 +2168,19 @@ async fn a_resize_a_host_without_in_place_resize_cannot_make_is_reported_on_the_
         message.contains("cannot resize a running pod in place (no pods/resize subresource"),
         "{message}"
     );
+    assert_eq!(host_cpu_request(&system, "web").await, "100m");
+}
+
+/// The cpu the container `app` of the host Pod of `default/name` requests.
+async fn host_cpu_request(system: &System, name: &str) -> String {
     let on_host = system
-        .host_pods(&v.tenant)
+        .host_pods(&system.virtual_side().tenant)
         .await
-        .get(&host_name("web", "default"))
+        .get(&host_name(name, "default"))
         .await
         .unwrap();
-    let requests = on_host.spec.unwrap().containers[0]
-        .resources
-        .clone()
-        .unwrap()
-        .requests
-        .unwrap();
-    assert_eq!(requests["cpu"].0, "100m");
+    let resources = on_host.spec.unwrap().containers[0].resources.clone().unwrap();
+    resources.requests.unwrap()["cpu"].0.clone()
 }
 
 /// Resizes the container `app` of Pod `name` in place (`pods/resize`) to `resources`.

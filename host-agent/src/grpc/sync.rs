@@ -307,8 +307,9 @@ struct Session<V> {
     base: Arc<TenantView>,
     exceptions: HashMap<String, Option<String>>,
     pending: Option<Pending>,
-    /// The Pod policy version last sent.
-    sent_policy: Option<String>,
+    /// The sync switch and the Pod policy version last sent: a change of either is sent even
+    /// when no class changes (turned off, the tenant's Pods are no longer gated).
+    sent_policy: Option<(bool, String)>,
     nonce: u64,
     retry: RetryPolicy,
     backoff: Duration,
@@ -529,14 +530,16 @@ impl<V: ViewSource> Session<V> {
     async fn send_diff(&mut self, first: bool) -> bool {
         let view = self.view.borrow_and_update().clone();
         let diff = self.diff(&view, first);
-        let policy_changed = self.sent_policy.as_deref() != Some(view.pod_policy_version.as_str());
+        let policy_changed = self.sent_policy.as_ref().is_none_or(|(enabled, version)| {
+            (*enabled, version.as_str()) != (view.sync_enabled, view.pod_policy_version.as_str())
+        });
         if !first && diff.is_empty() && !policy_changed {
             // The client already holds this view.
             self.base = view;
             self.exceptions.clear();
             return true;
         }
-        self.sent_policy = Some(view.pod_policy_version.clone());
+        self.sent_policy = Some((view.sync_enabled, view.pod_policy_version.clone()));
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let response = SharedSyncResponse {

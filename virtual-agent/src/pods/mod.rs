@@ -10,7 +10,7 @@
 //!     no ──► CheckPod ──allowed──► Waiting + event (re-queued when an object appears)
 //!                     └─denied─────────────────────────────────────────────┴► host Pod of this uid exists?
 //!                                                   yes ─► Orphaned (left alone)   no ─► Blocked + SyncWarning event
-//!  SyncState.synced changes ──► re-queue Blocked, Waiting and Orphaned Pods
+//!  SyncState.synced or the sync switch changes ──► re-queue Blocked, Waiting and Orphaned Pods
 //!  SyncState.pod_policy changes ──► re-queue every Pod: what the host writes (copied annotations,
 //!     tolerations) follows the policy, so synced Pods are applied again too
 //!  watch ConfigMaps, Secrets ──► change ──► re-queue the Pods referencing it (copies stay current)
@@ -360,7 +360,7 @@ enum ShardInput {
     Removed(Key),
     /// Host Pod status (events of the shard's Pods, and every Reset / initial-state marker).
     Status(StatusFeed),
-    /// The set of synced RuntimeClasses changed.
+    /// The set of synced RuntimeClasses changed, or the sync was turned on or off.
     ClassesChanged,
     /// The tenant's Pod policy changed (not its first value).
     PodPolicyChanged,
@@ -506,9 +506,11 @@ impl PodSyncer {
             children.spawn(writer);
             queue
         });
-        let (mut synced_classes, mut pod_policy) = {
+        // What the host offers: the sync's switch and the classes it holds. A change of either
+        // changes which Pods may sync.
+        let (mut offered, mut pod_policy) = {
             let state = self.sync_state.borrow();
-            (state.synced.clone(), state.pod_policy.clone())
+            ((state.enabled, state.synced.clone()), state.pod_policy.clone())
         };
         let mut inboxes = Vec::new();
         let (room_tx, mut room_rx) = mpsc::unbounded_channel();
@@ -590,8 +592,10 @@ impl PodSyncer {
                         return;
                     }
                     let state = self.sync_state.borrow_and_update().clone();
-                    if state.synced != synced_classes {
-                        synced_classes = state.synced;
+                    // The switch alone counts: turned off with no class held (or on with none
+                    // offered yet), the denied Pods may now sync (or not).
+                    if (state.enabled, &state.synced) != (offered.0, &offered.1) {
+                        offered = (state.enabled, state.synced);
                         sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::ClassesChanged)));
                     }
                     if state.pod_policy != pod_policy {
