@@ -1334,33 +1334,15 @@ async fn a_debug_container_added_in_the_virtual_cluster_runs_in_the_host_pod() {
     .await;
     let debugger = json!({"name": "debugger", "image": "busybox:1.36", "targetContainerName": "app",
         "env": [{"name": "LEVEL", "valueFrom": {"configMapKeyRef": {"name": "debug-conf", "key": "level"}}}]});
-    v.pods()
-        .await
-        .patch_subresource(
-            "ephemeralcontainers",
-            "web",
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [debugger]}})),
-        )
-        .await
-        .unwrap();
-    let running = |p: &Pod| {
-        p.status
-            .as_ref()
-            .and_then(|s| s.ephemeral_container_statuses.as_ref())
-            .is_some_and(|l| {
-                l.iter()
-                    .any(|c| c.name == "debugger" && c.state.as_ref().is_some_and(|s| s.running.is_some()))
-            })
-    };
+    debug(v, "web", debugger).await;
     let pods = v.pods().await;
     eventually("the virtual Pod's debug container running", || {
         let pods = pods.clone();
-        async move { running(&pods.get("web").await.ok()?).then_some(()) }
+        async move { debugger_running(&pods.get("web").await.ok()?).then_some(()) }
     })
     .await;
     let on_host = host.get(&host_name).await.unwrap();
-    assert!(running(&on_host));
+    assert!(debugger_running(&on_host));
     let added = &on_host.spec.unwrap().ephemeral_containers.unwrap()[0];
     assert_eq!(
         (added.name.as_str(), added.target_container_name.as_deref()),
@@ -1397,28 +1379,17 @@ async fn a_pod_debugged_before_it_reached_the_host_runs_its_debug_container_ther
     .await;
     let waiting = first_event(v, "web", "SyncWarning").await;
     assert!(waiting.contains("late-conf"), "{waiting}");
-    v.pods()
-        .await
-        .patch_subresource(
-            "ephemeralcontainers",
-            "web",
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [
-                {"name": "debugger", "image": "busybox:1.36", "targetContainerName": "app"}]}})),
-        )
-        .await
-        .unwrap();
+    debug(
+        v,
+        "web",
+        json!({"name": "debugger", "image": "busybox:1.36", "targetContainerName": "app"}),
+    )
+    .await;
     create_config_map(v, "late-conf", &[("level", "trace")]).await;
     let pods = v.pods().await;
     eventually("the virtual Pod's debug container running", || {
         let pods = pods.clone();
-        async move {
-            let statuses = pods.get("web").await.ok()?.status?.ephemeral_container_statuses?;
-            statuses
-                .iter()
-                .any(|c| c.name == "debugger" && c.state.as_ref().is_some_and(|s| s.running.is_some()))
-                .then_some(())
-        }
+        async move { debugger_running(&pods.get("web").await.ok()?).then_some(()) }
     })
     .await;
     let on_host = system
@@ -1449,16 +1420,7 @@ async fn a_debug_container_the_tenants_pod_security_forbids_is_refused_and_the_p
     wait_host_pod(&system, "web", "default").await;
     let debugger = json!({"name": "debugger", "image": "busybox:1.36",
         "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}});
-    v.pods()
-        .await
-        .patch_subresource(
-            "ephemeralcontainers",
-            "web",
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [debugger]}})),
-        )
-        .await
-        .unwrap();
+    debug(v, "web", debugger).await;
     let message = first_event(v, "web", "SyncError").await;
     assert!(
         message.contains(r#"pod "web" keeps running on the host, but its changes are not synced"#)
@@ -2169,6 +2131,32 @@ async fn a_resize_a_host_without_in_place_resize_cannot_make_is_reported_on_the_
         "{message}"
     );
     assert_eq!(host_cpu_request(&system, "web").await, "100m");
+}
+
+/// Adds the ephemeral container `container` to the virtual Pod `default/name`, as `kubectl debug`
+/// does (its `ephemeralcontainers` subresource).
+async fn debug(v: &VirtualSide, name: &str, container: Value) {
+    v.pods()
+        .await
+        .patch_subresource(
+            "ephemeralcontainers",
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"ephemeralContainers": [container]}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// Whether the Pod's ephemeral container `debugger` is running.
+fn debugger_running(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.ephemeral_container_statuses.as_ref())
+        .is_some_and(|l| {
+            l.iter()
+                .any(|c| c.name == "debugger" && c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        })
 }
 
 /// The cpu the container `app` of the host Pod of `default/name` requests.
