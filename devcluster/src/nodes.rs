@@ -475,12 +475,11 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             p
                         })
                     });
-                    for (p, name) in started
-                        .iter()
-                        .flat_map(|(p, names)| names.iter().map(move |n| (p, n)))
-                    {
-                        let message = format!("Started container {name}");
-                        event(store, p, "Normal", "Started", &message, "kubelet", Some(node));
+                    if let Some((p, names)) = started {
+                        for name in names {
+                            let message = format!("Started container {name}");
+                            event(store, &p, "Normal", "Started", &message, "kubelet", Some(node));
+                        }
                     }
                 }
                 // A resize (`pods/resize`) the containers do not run with yet.

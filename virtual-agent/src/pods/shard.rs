@@ -357,7 +357,7 @@ impl Shard {
                             .filter(|(_, r)| !matches!(r.state, State::Synced(_)))
                             .map(|(k, _)| k.clone())
                             .collect();
-                        tracing::debug!(pods = waiting.len(), "synced RuntimeClasses changed: re-evaluating blocked and orphaned Pods");
+                        tracing::debug!(pods = waiting.len(), "synced RuntimeClasses or the sync switch changed: re-evaluating blocked and orphaned Pods");
                         for key in waiting {
                             self.enqueue(key);
                         }
