@@ -221,6 +221,7 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
             }
         }
         "LimitRange" => crate::limit_range::validate_limit_range(obj, causes),
+        "PodDisruptionBudget" => crate::disruption::validate_budget(obj, causes),
         "ResourceQuota" => {
             for field in ["scopes", "scopeSelector"] {
                 if let Some(value) = obj.pointer(&format!("/spec/{field}"))

@@ -76,7 +76,7 @@ fn string_list(v: &Value) -> Vec<String> {
 }
 
 /// A `metav1.LabelSelector` as JSON; `None` for null or an invalid one (which selects nothing).
-fn selector(v: &Value) -> Option<LabelSelector> {
+pub(crate) fn selector(v: &Value) -> Option<LabelSelector> {
     if !v.is_object() {
         return None;
     }

@@ -101,6 +101,9 @@ pub struct Api {
     /// Whether Pods have the `resize` subresource (Kubernetes 1.33 and later); without it the
     /// route is not found, as on older API servers.
     pub pod_resize: bool,
+    /// Held while an eviction decides and deletes, so two never take the same allowed
+    /// disruption of a PodDisruptionBudget.
+    evictions: std::sync::Mutex<()>,
 }
 
 enum Route {
@@ -301,6 +304,7 @@ impl Api {
             bookmark_interval: Duration::from_secs(10),
             admission: AdmissionPlugins::default(),
             pod_resize: true,
+            evictions: std::sync::Mutex::new(()),
         }
     }
 
@@ -486,6 +490,9 @@ impl Api {
         if def.plural == "serviceaccounts" && sub.as_deref() == Some("token") {
             return self.token_request(req, namespace.unwrap_or_default(), name.unwrap_or_default());
         }
+        if def.kind == "Pod" && def.group.is_empty() && sub.as_deref() == Some("eviction") {
+            return self.evict(req, namespace.unwrap_or_default(), name.unwrap_or_default());
+        }
         let q = &req.query;
         let part = match sub.as_deref() {
             None => Part::Main,
@@ -587,6 +594,44 @@ impl Api {
             (&Method::DELETE, None) => self.delete_collection(def, namespace, q, dry_run),
             (method, _) => Err(ApiError::method_not_allowed(method.as_str(), &req.path)),
         }
+    }
+
+    /// `POST pods/<name>/eviction`: the Pod is deleted (with the eviction's delete options) when
+    /// the PodDisruptionBudget selecting it allows (see [`crate::disruption`]), else 429.
+    fn evict(&self, req: &ApiRequest, ns: String, name: String) -> Result<Reply, ApiError> {
+        if req.method != Method::POST {
+            return Err(ApiError::method_not_allowed(req.method.as_str(), &req.path));
+        }
+        let body = parse_body(req.content_type.as_deref(), &req.body)?;
+        // The kind and version may be left out (the route says them), as upstream decodes it.
+        let kind = body["kind"].as_str().unwrap_or("Eviction");
+        let api_version = body["apiVersion"].as_str().unwrap_or("policy/v1");
+        if kind != "Eviction" || !matches!(api_version, "policy/v1" | "policy/v1beta1") {
+            return Err(ApiError::bad_request(format!(
+                "expected an Eviction of policy/v1 (or policy/v1beta1), got {kind} of {api_version}"
+            )));
+        }
+        if body.pointer("/metadata/name").and_then(Value::as_str) != Some(name.as_str()) {
+            return Err(ApiError::bad_request(
+                "name in URL does not match name in Eviction object",
+            ));
+        }
+        let dry_run = req.query.get("dryRun").is_some_and(|v| v == "All");
+        let options = DeleteOptions::parse(&body["deleteOptions"], &req.query, dry_run)?;
+        let _one_at_a_time = self.evictions.lock().unwrap_or_else(|e| e.into_inner());
+        let pod = self
+            .store
+            .get("pods", &ns, &name)
+            .ok_or_else(|| ApiError::not_found(resources::pods(), &name))?;
+        let (pods, _) = self.store.list("pods", Some(&ns));
+        let (budgets, _) = self.store.list("poddisruptionbudgets", Some(&ns));
+        crate::disruption::eviction_allowed(&pod, &pods, &budgets)?;
+        self.delete_object(storage_def(resources::pods()), &ns, &name, &options, 0)?;
+        Ok(Reply::Json {
+            code: 201,
+            body: json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            warnings: Vec::new(),
+        })
     }
 
     /// Reviews: computed from the request and returned, never stored.

@@ -63,6 +63,10 @@ pub(crate) fn discovery_resources(
         }
         if d.kind == "Pod" && d.group.is_empty() {
             list.push(json!({
+                "name": "pods/eviction", "singularName": "", "namespaced": true,
+                "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"],
+            }));
+            list.push(json!({
                 "name": "pods/ephemeralcontainers", "singularName": "", "namespaced": true,
                 "kind": "Pod", "verbs": ["get", "patch", "update"],
             }));

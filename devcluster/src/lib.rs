@@ -35,6 +35,7 @@ pub mod auth;
 pub mod crd;
 pub mod deletion;
 mod discovery;
+pub mod disruption;
 pub mod ephemeral;
 pub mod events;
 pub mod limit_range;

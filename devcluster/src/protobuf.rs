@@ -43,6 +43,37 @@ fn metadata(meta: Option<ObjectMeta>) -> Value {
     Value::Object(out)
 }
 
+/// An `intstr.IntOrString` as JSON: a number (type 0) or a string (type 1).
+fn int_or_string(value: k8s_pb::apimachinery::pkg::util::intstr::IntOrString) -> Value {
+    match value.r#type {
+        Some(1) => json!(value.str_val.unwrap_or_default()),
+        _ => json!(value.int_val.unwrap_or_default()),
+    }
+}
+
+/// A `metav1.LabelSelector` as JSON.
+fn label_selector(selector: k8s_pb::apimachinery::pkg::apis::meta::v1::LabelSelector) -> Value {
+    let mut out = json!({});
+    if !selector.match_labels.is_empty() {
+        out["matchLabels"] = json!(selector.match_labels);
+    }
+    if !selector.match_expressions.is_empty() {
+        out["matchExpressions"] = selector
+            .match_expressions
+            .into_iter()
+            .map(|e| {
+                let mut requirement =
+                    json!({"key": e.key.unwrap_or_default(), "operator": e.operator.unwrap_or_default()});
+                if !e.values.is_empty() {
+                    requirement["values"] = json!(e.values);
+                }
+                requirement
+            })
+            .collect();
+    }
+    out
+}
+
 fn b64(map: &std::collections::BTreeMap<String, Vec<u8>>) -> Value {
     map.iter()
         .map(|(k, v)| {
@@ -196,6 +227,27 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
             }
             json!({"metadata": metadata(quota.metadata), "spec": spec_json})
         }
+        ("policy/v1", "PodDisruptionBudget") => {
+            let budget = k8s_pb::api::policy::v1::PodDisruptionBudget::decode(raw.as_slice())
+                .map_err(|e| bad("PodDisruptionBudget", e))?;
+            let spec = budget.spec.unwrap_or_default();
+            let mut spec_json = json!({});
+            for (key, value) in [
+                ("minAvailable", spec.min_available),
+                ("maxUnavailable", spec.max_unavailable),
+            ] {
+                if let Some(value) = value {
+                    spec_json[key] = int_or_string(value);
+                }
+            }
+            if let Some(selector) = spec.selector {
+                spec_json["selector"] = label_selector(selector);
+            }
+            if let Some(policy) = spec.unhealthy_pod_eviction_policy.filter(|p| !p.is_empty()) {
+                spec_json["unhealthyPodEvictionPolicy"] = json!(policy);
+            }
+            json!({"metadata": metadata(budget.metadata), "spec": spec_json})
+        }
         ("rbac.authorization.k8s.io/v1", "Role") => {
             let r = k8s_pb::api::rbac::v1::Role::decode(raw.as_slice()).map_err(|e| bad("Role", e))?;
             json!({"metadata": metadata(r.metadata), "rules": rules(r.rules)})
@@ -255,7 +307,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
         }
         _ => {
             return Err(ApiError::unsupported_media_type(&format!(
-                "{PROTOBUF} for {api_version}/{kind} (devcluster decodes protobuf only for Namespace, ConfigMap, Secret, ServiceAccount, RBAC objects, TokenRequest and the access reviews)"
+                "{PROTOBUF} for {api_version}/{kind} (devcluster decodes protobuf only for Namespace, ConfigMap, Secret, ServiceAccount, ResourceQuota, PodDisruptionBudget, RBAC objects, TokenRequest and the access reviews)"
             )));
         }
     };

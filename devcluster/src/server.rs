@@ -158,6 +158,7 @@ impl DevCluster {
             .clone()
             .map(|path| tokio::spawn(save_state(app.api.store().clone(), path, stop.subscribe())));
         tokio::spawn(crate::quota::run(app.api.store().clone(), stop.subscribe()));
+        tokio::spawn(crate::disruption::run(app.api.store().clone(), stop.subscribe()));
         if options.nodes.count > 0 {
             tokio::spawn(crate::nodes::run(
                 app.api.store().clone(),

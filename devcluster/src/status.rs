@@ -279,6 +279,26 @@ impl ApiError {
         )
     }
 
+    /// 429 for an eviction a PodDisruptionBudget does not allow, with upstream's cause.
+    pub fn disruption_budget(pod: &str, budget: &str, desired_healthy: i64, current_healthy: i64) -> Self {
+        Self {
+            details: Some(json!({
+                "name": pod, "group": "", "kind": "pods",
+                "causes": [{
+                    "reason": "DisruptionBudget",
+                    "message": format!(
+                        "The disruption budget {budget} needs {desired_healthy} healthy pods and has {current_healthy} currently"
+                    ),
+                }],
+            })),
+            ..Self::new(
+                429,
+                "TooManyRequests",
+                "Cannot evict pod as it would violate the pod's disruption budget.",
+            )
+        }
+    }
+
     /// 500.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "InternalError", message)

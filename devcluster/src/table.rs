@@ -172,6 +172,28 @@ pub fn columns(def: &ResourceDef) -> Vec<Value> {
             column("Holder", "string", 0, "The holder of the lease."),
             age,
         ],
+        "PodDisruptionBudget" => vec![
+            name,
+            column(
+                "Min Available",
+                "string",
+                0,
+                "The minimum number of pods that must be available.",
+            ),
+            column(
+                "Max Unavailable",
+                "string",
+                0,
+                "The maximum number of pods that may be unavailable.",
+            ),
+            column(
+                "Allowed Disruptions",
+                "integer",
+                0,
+                "Calculated number of pods that may be disrupted at this time.",
+            ),
+            age,
+        ],
         "ResourceQuota" => vec![
             name,
             age,
@@ -300,6 +322,24 @@ pub fn cells(def: &ResourceDef, obj: &Value) -> Vec<Value> {
             vec![name, created, json!(request), json!(limit)]
         }
         "Event" => event_cells(obj),
+        "PodDisruptionBudget" => {
+            let stated = |path: &str| match obj.pointer(path) {
+                Some(Value::Number(n)) => json!(n.to_string()),
+                Some(Value::String(p)) => json!(p),
+                _ => json!("N/A"),
+            };
+            vec![
+                name,
+                stated("/spec/minAvailable"),
+                stated("/spec/maxUnavailable"),
+                json!(
+                    obj.pointer("/status/disruptionsAllowed")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0)
+                ),
+                created,
+            ]
+        }
         _ => vec![name, created],
     }
 }
