@@ -350,6 +350,10 @@ pub struct PodPolicy {
     /// `sync.toHost.pods.copyAnnotations`: the virtual annotations its host Pods carry (none by
     /// default: an annotation can mean something to the host's controllers).
     pub copy_annotations: Vec<AnnotationPattern>,
+    /// `sync.toHost.podDisruptionBudgets.enabled` (default false, as in vCluster): the tenant's
+    /// PodDisruptionBudgets are held on the host too, so host node drains (evictions) respect
+    /// them. Off unless the host's operator allows it: a budget can hold a drain up.
+    pub disruption_budgets: bool,
 }
 
 /// One tenant of the host agent: a virtual cluster and where its Pods live on the host.
@@ -945,9 +949,19 @@ impl Walker {
             return policy;
         };
         let to_host_path = join(path, "toHost");
-        let Some(to_host) = self.mapping(to_host, &to_host_path, Some(&["pods"])) else {
+        let Some(to_host) = self.mapping(to_host, &to_host_path, Some(&["pods", "podDisruptionBudgets"]))
+        else {
             return policy;
         };
+        if let Some(budgets) = to_host.get("podDisruptionBudgets") {
+            let budgets_path = join(&to_host_path, "podDisruptionBudgets");
+            if let Some(fields) = self.mapping(budgets, &budgets_path, Some(&["enabled"])) {
+                policy.disruption_budgets = fields
+                    .get("enabled")
+                    .and_then(|v| self.bool(v, &join(&budgets_path, "enabled")))
+                    .unwrap_or(false);
+            }
+        }
         let Some(pods) = to_host.get("pods") else {
             return policy;
         };
@@ -1345,10 +1359,27 @@ tenants:
           enforceTolerations: ["dedicated=tenants:NoSchedule", "spot:NoExecute", "gpu"]
           hybridScheduling: {enabled: true, hostSchedulers: [batch]}
           copyAnnotations: ["prometheus.io/*", "cluster-autoscaler.kubernetes.io/safe-to-evict"]
+        podDisruptionBudgets: {enabled: true}
 "#,
         )
         .unwrap();
         let pods = &file.tenants[0].pods;
+        assert!(pods.disruption_budgets);
+        assert!(
+            !PodPolicy::default().disruption_budgets,
+            "off unless the host allows it"
+        );
+        let got = problems(
+            "tenants:\n  - name: a\n    hostNamespace: ns-a\n    sync: {toHost: {podDisruptionBudgets: {enabled: yes-please, max: 3}}}\n",
+        );
+        assert_eq!(
+            got.iter().map(|(at, _)| at.as_str()).collect::<Vec<_>>(),
+            [
+                "tenants[0].sync.toHost.podDisruptionBudgets.max",
+                "tenants[0].sync.toHost.podDisruptionBudgets.enabled"
+            ],
+            "{got:?}"
+        );
         assert_eq!(
             pods.copy_annotations,
             [

@@ -36,4 +36,12 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
         &["create", "delete", "get", "update"],
         "tenant-namespace",
     ),
+    // grpc::pods::budgets: the tenant's PodDisruptionBudgets held on the host (get, create,
+    // replace and delete in Apply/DeleteDisruptionBudget; list in ListDisruptionBudgets).
+    (
+        "policy",
+        "poddisruptionbudgets",
+        &["create", "delete", "get", "list", "update"],
+        "tenant-namespace",
+    ),
 ];

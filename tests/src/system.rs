@@ -26,6 +26,8 @@ pub struct TenantSpec {
     pub limits: Option<String>,
     /// Its `sync.toHost.pods` block as YAML flow, when set.
     pub host_pods: Option<String>,
+    /// Its `sync.toHost.podDisruptionBudgets.enabled`.
+    pub disruption_budgets: bool,
 }
 
 impl TenantSpec {
@@ -37,7 +39,14 @@ impl TenantSpec {
             pod_security: None,
             limits: None,
             host_pods: None,
+            disruption_budgets: false,
         }
+    }
+
+    /// The same tenant with `sync.toHost.podDisruptionBudgets.enabled` set to `enabled`.
+    pub fn disruption_budgets(mut self, enabled: bool) -> Self {
+        self.disruption_budgets = enabled;
+        self
     }
 
     /// The same tenant with a `limits` block (YAML flow, e.g. `{podSyncQps: 5}`).
@@ -149,15 +158,24 @@ pub fn pod(name: &str, runtime_class: Option<&str>) -> Pod {
 fn tenants_yaml(tenants: &[TenantSpec]) -> String {
     let mut config = String::from("tenants:\n");
     for t in tenants {
+        let mut to_host = Vec::new();
+        if let Some(pods) = &t.host_pods {
+            to_host.push(format!("pods: {pods}"));
+        }
+        if t.disruption_budgets {
+            to_host.push("podDisruptionBudgets: {enabled: true}".to_string());
+        }
         config.push_str(&format!(
             "  - name: {}\n    hostNamespace: {}\n    tokenFile: {}.token\n    sync: {{fromHost: {{runtimeClasses: {}}}{}}}\n",
             t.name,
             t.host_namespace(),
             t.name,
             t.runtime_classes,
-            t.host_pods
-                .as_ref()
-                .map_or_else(String::new, |pods| format!(", toHost: {{pods: {pods}}}"))
+            if to_host.is_empty() {
+                String::new()
+            } else {
+                format!(", toHost: {{{}}}", to_host.join(", "))
+            }
         ));
         if let Some(level) = &t.pod_security {
             config.push_str(&format!("    policies: {{podSecurityStandard: {level}}}\n"));

@@ -298,6 +298,11 @@ impl SharedClients {
         }
     }
 
+    /// The host agent these clients call.
+    pub fn target(&self) -> &HostAgentTarget {
+        &self.target
+    }
+
     /// Whether the shards' calls reach the host (see [`HostPath`]).
     pub fn host_path(&self) -> &HostPath {
         &self.host_path

@@ -7,6 +7,7 @@
 //!                                         └──► pods::PodSyncer: CheckPod ─► ApplyPod / SyncWarning event
 //!  WatchPodStatus ──► pods::PodSyncer ──► virtual Pod status; host Pod gone ──► virtual Pod deleted
 //!                                     └──► host events ──► events about the virtual Pods
+//!  virtual PodDisruptionBudgets ──► budgets::BudgetSyncer ──► Apply/DeleteDisruptionBudget (host drains respect them)
 //!  operators ──HTTP──► /livez /readyz /metrics
 //! ```
 //!
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod budgets;
 pub mod classes;
 pub mod connect;
 pub mod leader;

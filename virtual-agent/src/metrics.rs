@@ -51,6 +51,12 @@ pub struct Metrics {
     /// Host events not written (refused by the virtual cluster, failed every try, or dropped
     /// from a full queue).
     pub host_events_failed_total: Counter,
+    /// PodDisruptionBudgets held on the host as this replica last applied them (0 on a standby).
+    pub budgets_synced: Gauge,
+    /// PodDisruptionBudgets the host agent refused to hold (SyncError on the budget).
+    pub budgets_refused: Gauge,
+    /// PodDisruptionBudget operations that failed and are retried.
+    pub budget_errors_total: Counter,
     /// Unix time of the last Sync response applied.
     pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
     /// 1 while this replica holds the leader Lease (and writes), 0 on standby.
@@ -94,6 +100,9 @@ impl Metrics {
             last_sync_timestamp_seconds: Gauge::default(),
             leader: Gauge::default(),
             leader_terms_total: Counter::default(),
+            budgets_synced: Gauge::default(),
+            budgets_refused: Gauge::default(),
+            budget_errors_total: Counter::default(),
             tls_reloads: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("rcsync");
@@ -166,6 +175,21 @@ impl Metrics {
             "host_events_copied",
             "Host events about synced Pods written into the virtual cluster",
             m.host_events_copied_total.clone(),
+        );
+        r.register(
+            "disruption_budgets_synced",
+            "PodDisruptionBudgets held on the host as this replica applied them while leading",
+            m.budgets_synced.clone(),
+        );
+        r.register(
+            "disruption_budgets_refused",
+            "PodDisruptionBudgets the host agent refused to hold (SyncError on the budget)",
+            m.budgets_refused.clone(),
+        );
+        r.register(
+            "disruption_budget_errors",
+            "PodDisruptionBudget operations that failed and are retried",
+            m.budget_errors_total.clone(),
         );
         r.register(
             "pod_tokens_issued",

@@ -14,6 +14,8 @@ pub const REQUIRED: &[(&str, &str, &[&str])] = &[
     // pods::PodSyncer: watch the ConfigMaps and Secrets Pods reference, to copy them to the host.
     ("", "configmaps", &["list", "watch"]),
     ("", "secrets", &["list", "watch"]),
+    // budgets::BudgetSyncer: watch the PodDisruptionBudgets to hold on the host.
+    ("policy", "poddisruptionbudgets", &["list", "watch"]),
     // pods::tokens: service account tokens for Pods on the host (--pod-api-server).
     ("", "serviceaccounts/token", &["create"]),
     // pods::PodSyncer: copy host status.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::Api;
+use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use rcsync_core::admin::{AdminAccess, AdminServing, Readiness, serve_admin};
 use rcsync_core::telemetry::termination_signal;
@@ -18,8 +19,9 @@ use tokio::sync::watch;
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::task::JoinSet;
 
+use crate::budgets::{BUDGET_REPORTER, BudgetSyncer};
 use crate::classes::{Applier, CLASSES_LISTED, INITIAL_STATE_APPLIED, SyncState, run_enforcer, run_sync};
-use crate::connect::HostAgentTarget;
+use crate::connect::{HostAgentTarget, SharedClients};
 use crate::leader::{Elector, Fence, LEASE_NAME, LeaseSettings, Role};
 use crate::metrics::Metrics;
 use crate::pods::{PODS_LISTED, PodBoard, PodSyncer};
@@ -250,9 +252,27 @@ impl Shared {
             resync,
             stop_rx.clone(),
         ));
+        // One connection for the Pods' and the budgets' calls.
+        let connection = Arc::new(SharedClients::new(self.settings.target.clone()));
+        tasks.spawn(
+            BudgetSyncer::new(
+                self.client.clone(),
+                connection.clone(),
+                Recorder::new(
+                    self.client.clone(),
+                    Reporter {
+                        controller: BUDGET_REPORTER.into(),
+                        instance: Some(format!("{BUDGET_REPORTER}-{}", self.settings.target.tenant)),
+                    },
+                ),
+                self.metrics.clone(),
+                self.state.subscribe(),
+            )
+            .run(stop_rx.clone()),
+        );
         let syncer = PodSyncer::new(
             self.client.clone(),
-            self.settings.target.clone(),
+            connection,
             self.metrics.clone(),
             self.readiness.clone(),
             self.state.subscribe(),

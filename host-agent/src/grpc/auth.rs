@@ -50,7 +50,7 @@ use tonic::{Request, Status};
 use crate::grpc::METHODS;
 use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
 use crate::grpc::peer::{CertificateChecks, PeerCertificate};
-use crate::grpc::pods::{APPLY_POD, DELETE_POD};
+use crate::grpc::pods::POD_SYNC_CALLS;
 use crate::grpc::serve::{PeerCheck, Revoked};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::Metrics;
@@ -447,7 +447,7 @@ where
             Err(status) => return refuse(status),
         };
         let slot = match &self.pod_syncs {
-            Some(limiter) if [APPLY_POD, DELETE_POD].contains(&method) => {
+            Some(limiter) if POD_SYNC_CALLS.contains(&method) => {
                 match limiter.open(&tenant, StreamKind::PodSyncCall) {
                     Ok(slot) => Some(slot),
                     Err(status) => return refuse(status),
@@ -458,7 +458,7 @@ where
         // PodSync's budget names the caller in its metrics without identifying it again (other
         // calls, CheckPod among them, skip the copy).
         let mut request = request;
-        if [APPLY_POD, DELETE_POD].contains(&method) {
+        if POD_SYNC_CALLS.contains(&method) {
             request.extensions_mut().insert(tenant);
         }
         Either::Right(Holding {

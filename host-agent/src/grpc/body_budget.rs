@@ -35,7 +35,7 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::grpc::pods::{APPLY_POD, DELETE_POD};
+use crate::grpc::pods::POD_SYNC_CALLS;
 use crate::index::TenantsState;
 use crate::metrics::{Metrics, PodSyncBudget};
 
@@ -320,7 +320,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let charge = [APPLY_POD, DELETE_POD].contains(&request.uri().path()).then(|| {
+        let charge = POD_SYNC_CALLS.contains(&request.uri().path()).then(|| {
             Arc::new(Charge {
                 budget: self.budget.clone(),
                 tenant: request.extensions().get::<TenantName>().cloned(),

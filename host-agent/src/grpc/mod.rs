@@ -19,12 +19,15 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 /// The rcsync methods' paths, as `rcsync_grpc_requests_total` labels them.
-pub(crate) const METHODS: [&str; 5] = [
+pub(crate) const METHODS: [&str; 8] = [
     sync::SYNC,
     sync::CHECK_POD,
     pods::APPLY_POD,
     pods::DELETE_POD,
     pods::WATCH,
+    pods::APPLY_BUDGET,
+    pods::DELETE_BUDGET,
+    pods::LIST_BUDGETS,
 ];
 
 /// TLS files of the gRPC server.

@@ -31,8 +31,10 @@ use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
-    ApplyPodRequest, ApplyPodResponse, DeletePodRequest, DeletePodResponse, HostEvents, PodRefusal,
-    PodRefusalReason, PodStatusEvent, WatchPodStatusRequest,
+    ApplyDisruptionBudgetRequest, ApplyDisruptionBudgetResponse, ApplyPodRequest, ApplyPodResponse,
+    DeleteDisruptionBudgetRequest, DeleteDisruptionBudgetResponse, DeletePodRequest, DeletePodResponse,
+    HostEvents, ListDisruptionBudgetsRequest, ListDisruptionBudgetsResponse, PodRefusal, PodRefusalReason,
+    PodStatusEvent, WatchPodStatusRequest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -53,6 +55,7 @@ use crate::translate::{
 };
 use rcsync_core::naming::host_pod_name;
 
+mod budgets;
 mod updates;
 use updates::{ephemeral_patch, resize_patch, update_patch};
 
@@ -865,6 +868,15 @@ pub const APPLY_POD: &str = "/rcsync.v1.PodSync/ApplyPod";
 /// The path of `PodSync.DeletePod`.
 pub const DELETE_POD: &str = "/rcsync.v1.PodSync/DeletePod";
 pub(crate) const WATCH: &str = "/rcsync.v1.PodSync/WatchPodStatus";
+/// The path of `PodSync.ApplyDisruptionBudget`.
+pub const APPLY_BUDGET: &str = "/rcsync.v1.PodSync/ApplyDisruptionBudget";
+/// The path of `PodSync.DeleteDisruptionBudget`.
+pub const DELETE_BUDGET: &str = "/rcsync.v1.PodSync/DeleteDisruptionBudget";
+/// The path of `PodSync.ListDisruptionBudgets`.
+pub const LIST_BUDGETS: &str = "/rcsync.v1.PodSync/ListDisruptionBudgets";
+/// PodSync's unary calls, which write to (or read from) the host API server: each is rate-limited
+/// (`podSyncQps`), counted in `podSyncInFlight` and charged to `--max-pod-sync-bytes` while open.
+pub const POD_SYNC_CALLS: [&str; 5] = [APPLY_POD, DELETE_POD, APPLY_BUDGET, DELETE_BUDGET, LIST_BUDGETS];
 
 #[tonic::async_trait]
 impl<V: ViewSource> PodSync for PodSyncService<V> {
@@ -885,6 +897,36 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         let started = Instant::now();
         let result = self.bounded(self.delete(request)).await;
         self.metrics.record(DELETE_POD, started, &result);
+        result.map(Response::new)
+    }
+
+    async fn apply_disruption_budget(
+        &self,
+        request: Request<ApplyDisruptionBudgetRequest>,
+    ) -> Result<Response<ApplyDisruptionBudgetResponse>, Status> {
+        let started = Instant::now();
+        let result = self.bounded(self.apply_budget(request)).await;
+        self.metrics.record(APPLY_BUDGET, started, &result);
+        result.map(Response::new)
+    }
+
+    async fn delete_disruption_budget(
+        &self,
+        request: Request<DeleteDisruptionBudgetRequest>,
+    ) -> Result<Response<DeleteDisruptionBudgetResponse>, Status> {
+        let started = Instant::now();
+        let result = self.bounded(self.delete_budget(request)).await;
+        self.metrics.record(DELETE_BUDGET, started, &result);
+        result.map(Response::new)
+    }
+
+    async fn list_disruption_budgets(
+        &self,
+        request: Request<ListDisruptionBudgetsRequest>,
+    ) -> Result<Response<ListDisruptionBudgetsResponse>, Status> {
+        let started = Instant::now();
+        let result = self.bounded(self.list_budgets(request)).await;
+        self.metrics.record(LIST_BUDGETS, started, &result);
         result.map(Response::new)
     }
 

@@ -394,17 +394,18 @@ pub struct PodSyncer {
 }
 
 impl PodSyncer {
-    /// A syncer for the virtual cluster behind `client`, with `workers` shards (at least one),
-    /// publishing where each Pod stands to `board`.
+    /// A syncer for the virtual cluster behind `client`, with `workers` shards (at least one)
+    /// calling the host agent over `connection`, publishing where each Pod stands to `board`.
     pub fn new(
         client: Client,
-        target: HostAgentTarget,
+        connection: Arc<SharedClients>,
         metrics: Metrics,
         readiness: Readiness,
         sync_state: watch::Receiver<SyncState>,
         workers: usize,
         board: PodBoard,
     ) -> Self {
+        let target = connection.target().clone();
         let reporter = Reporter {
             controller: REPORTER.into(),
             instance: Some(format!("{REPORTER}-{}", target.tenant)),
@@ -413,7 +414,6 @@ impl PodSyncer {
         let (config_maps, config_map_writer) = reflector::store();
         let (secrets, secret_writer) = reflector::store();
         let objects = ObjectStores { config_maps, secrets };
-        let connection = Arc::new(SharedClients::new(target.clone()));
         let shards = (0..workers.max(1))
             .map(|_| {
                 Shard::new(

@@ -1,0 +1,343 @@
+//! A tenant's PodDisruptionBudgets hold the host's evictions (node drains) of its Pods, when the
+//! host's tenants file allows (`sync.toHost.podDisruptionBudgets.enabled`). One test per rule,
+//! against the real agents; the host evicts through `pods/eviction`, as `kubectl drain` does.
+
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt as _};
+use rcsync_tests::eventually;
+use rcsync_tests::system::{System, TenantSpec, Transport, VirtualSide, runtime_class};
+use serde_json::{Value, json};
+
+const TENANT: &str = "team-a";
+
+fn tenant(budgets: bool) -> TenantSpec {
+    TenantSpec::new(TENANT, "{enabled: true}").disruption_budgets(budgets)
+}
+
+/// A system whose host has a node, so host Pods run and turn Ready.
+async fn system(tenants: &[TenantSpec]) -> System {
+    let system = System::start_with_nodes(
+        tenants,
+        &[runtime_class("gvisor", "runsc", &[])],
+        Transport::Plaintext,
+        1,
+    )
+    .await;
+    for side in &system.virtuals {
+        side.wait_classes(&["gvisor"]).await;
+    }
+    system
+}
+
+fn host_name(name: &str, namespace: &str) -> String {
+    format!("{name}-x-{namespace}-x-{TENANT}")
+}
+
+fn web_pod(name: &str, app: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {"runtimeClassName": "gvisor",
+                 "containers": [{"name": "app", "image": "registry.example/app:1.0"}]},
+    }))
+    .unwrap()
+}
+
+fn budget(name: &str, spec: Value) -> PodDisruptionBudget {
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+async fn virtual_budgets(side: &VirtualSide) -> Api<PodDisruptionBudget> {
+    Api::namespaced(side.cluster.client().await, "default")
+}
+
+async fn host_budgets(system: &System) -> Api<PodDisruptionBudget> {
+    Api::namespaced(
+        system.host.client().await,
+        &system.virtual_side().tenant.host_namespace(),
+    )
+}
+
+/// Creates the Pods in the virtual cluster and waits until each host Pod is Ready.
+async fn running(system: &System, pods: &[(&str, &str)]) {
+    let side = system.virtual_side();
+    for (name, app) in pods {
+        side.create_pod(&web_pod(name, app)).await;
+    }
+    let host = system.host_pods(&side.tenant).await;
+    for (name, _) in pods {
+        let host_pod = host_name(name, "default");
+        eventually(&format!("host pod {host_pod} Ready"), || async {
+            let pod = host.get_opt(&host_pod).await.ok().flatten()?;
+            let ready = pod
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(())
+        })
+        .await;
+    }
+}
+
+/// The host's eviction of the host Pod of virtual Pod `name`: Ok, or the API server's refusal.
+/// Asked once, as a drain's each try: kube-rs's client would retry a 429 on its own, for minutes.
+async fn evict(system: &System, name: &str) -> Result<(), kube::core::Status> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(&system.host.kubeconfig).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.default_retry = false;
+    let host: Api<Pod> = Api::namespaced(
+        kube::Client::try_from(config).unwrap(),
+        &system.virtual_side().tenant.host_namespace(),
+    );
+    match host
+        .evict(&host_name(name, "default"), &EvictParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) => Err(*e),
+        Err(e) => panic!("evicting {name}: {e}"),
+    }
+}
+
+/// The host budget of virtual budget `name` once it asks for `min_available` healthy Pods.
+async fn wait_host_budget(system: &System, name: &str, min_available: i32) -> PodDisruptionBudget {
+    let api = host_budgets(system).await;
+    let host = host_name(name, "default");
+    eventually(
+        &format!("host budget {host} asking for {min_available} healthy Pods"),
+        || async {
+            let budget = api.get_opt(&host).await.ok().flatten()?;
+            let spec = budget.spec.as_ref()?;
+            (spec.min_available == Some(IntOrString::Int(min_available))).then_some(budget)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_disruption_budget_in_the_virtual_cluster_holds_a_host_eviction_of_its_pods() {
+    let system = system(&[tenant(true)]).await;
+    let side = system.virtual_side();
+    running(&system, &[("web-0", "web"), ("web-1", "web"), ("db", "db")]).await;
+    virtual_budgets(side)
+        .await
+        .create(
+            &PostParams::default(),
+            &budget(
+                "web",
+                json!({"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let held = wait_host_budget(&system, "web", 2).await;
+    eventually("the host budget counting the two web Pods", || async {
+        let budget = host_budgets(&system).await.get(&held.name_any()).await.ok()?;
+        let status = budget.status?;
+        (status.expected_pods == Some(2) && status.current_healthy == Some(2)).then_some(())
+    })
+    .await;
+
+    // A drain of the host node may not take a web Pod: both must stay up.
+    let refused = evict(&system, "web-0").await.unwrap_err();
+    assert_eq!(refused.code, 429, "{refused:?}");
+    assert_eq!(
+        refused.message,
+        "Cannot evict pod as it would violate the pod's disruption budget."
+    );
+    // Another app's Pod goes: the budget selects web only.
+    evict(&system, "db").await.unwrap();
+
+    // The tenant loosens its budget: one web Pod may go, not the second.
+    virtual_budgets(side)
+        .await
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"minAvailable": 1}})),
+        )
+        .await
+        .unwrap();
+    wait_host_budget(&system, "web", 1).await;
+    evict(&system, "web-0").await.unwrap();
+    let refused = evict(&system, "web-1").await.unwrap_err();
+    assert_eq!(refused.code, 429, "{refused:?}");
+
+    // Deleted in the virtual cluster, it is gone from the host.
+    virtual_budgets(side)
+        .await
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = host_budgets(&system).await;
+    eventually("the host budget gone", || async {
+        api.get_opt(&held.name_any()).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    evict(&system, "web-1").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_budget_stated_as_max_unavailable_asks_the_host_for_the_healthy_pods_the_virtual_cluster_counts() {
+    let system = system(&[tenant(true)]).await;
+    let side = system.virtual_side();
+    running(&system, &[("web-0", "web"), ("web-1", "web"), ("web-2", "web")]).await;
+    virtual_budgets(side)
+        .await
+        .create(
+            &PostParams::default(),
+            &budget(
+                "web",
+                json!({"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    // Three web Pods, one of which may be unavailable: two healthy, as a whole number the host's
+    // disruption controller can hold host Pods (which have no controller there) to.
+    let held = wait_host_budget(&system, "web", 2).await;
+    let spec = held.spec.unwrap();
+    assert_eq!(spec.max_unavailable, None);
+    let selector = spec.selector.unwrap();
+    assert_eq!(
+        selector
+            .match_labels
+            .unwrap()
+            .get("vcluster.loft.sh/managed-by")
+            .map(String::as_str),
+        Some(TENANT),
+        "only the tenant's Pods"
+    );
+    evict(&system, "web-0").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_budget_selects_only_its_own_namespaces_pods_on_the_host() {
+    let system = system(&[tenant(true)]).await;
+    let side = system.virtual_side();
+    running(&system, &[("web-0", "web")]).await;
+    rcsync_tests::system::create_namespace(&side.cluster, "other").await;
+    let other: Api<PodDisruptionBudget> = Api::namespaced(side.cluster.client().await, "other");
+    other
+        .create(
+            &PostParams::default(),
+            &budget("web", json!({"minAvailable": 5, "selector": {}})),
+        )
+        .await
+        .unwrap();
+    let api = host_budgets(&system).await;
+    let host = host_name("web", "other");
+    let held = eventually("the other namespace's budget on the host", || async {
+        api.get_opt(&host).await.ok().flatten()
+    })
+    .await;
+    eventually(
+        "the host budget computed, selecting no Pod of default",
+        || async {
+            let status = api.get(&held.name_any()).await.ok()?.status?;
+            (status.observed_generation.is_some() && status.expected_pods == Some(0)).then_some(())
+        },
+    )
+    .await;
+    evict(&system, "web-0").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_is_held_once_allowed() {
+    let system = system(&[tenant(false)]).await;
+    let side = system.virtual_side();
+    running(&system, &[("web-0", "web")]).await;
+    virtual_budgets(side)
+        .await
+        .create(
+            &PostParams::default(),
+            &budget(
+                "web",
+                json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let events: Api<CoreEvent> = Api::namespaced(side.cluster.client().await, "default");
+    let selector = "involvedObject.name=web,involvedObject.kind=PodDisruptionBudget";
+    let event = eventually("a SyncError event on the budget", || async {
+        events
+            .list(&ListParams::default().fields(selector))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SyncError"))
+    })
+    .await;
+    assert_eq!(
+        event.message.as_deref(),
+        Some(
+            "the host does not hold PodDisruptionBudgets of tenant team-a (sync.toHost.podDisruptionBudgets.enabled \
+             is not true in the host agent's tenants file), so host node drains do not respect this one"
+        )
+    );
+    assert!(
+        host_budgets(&system)
+            .await
+            .get_opt(&host_name("web", "default"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    evict(&system, "web-0").await.unwrap();
+
+    // The host's operator allows it: the budget is held without being touched again.
+    system.rewrite_tenants(&[tenant(true)]);
+    wait_host_budget(&system, "web", 1).await;
+    // And switched off again, the host lets it go.
+    system.rewrite_tenants(&[tenant(false)]);
+    let api = host_budgets(&system).await;
+    eventually("the host budget gone once the switch is off", || async {
+        api.get_opt(&host_name("web", "default"))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_budget_deleted_while_the_virtual_agent_was_down_is_deleted_on_the_host_when_it_returns() {
+    let mut system = system(&[tenant(true)]).await;
+    virtual_budgets(system.virtual_side())
+        .await
+        .create(
+            &PostParams::default(),
+            &budget(
+                "web",
+                json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_host_budget(&system, "web", 1).await;
+    let side = &mut system.virtuals[0];
+    side.stop_agent().await;
+    virtual_budgets(side)
+        .await
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    side.start_agent().await;
+    let api = host_budgets(&system).await;
+    eventually("the host budget gone", || async {
+        api.get_opt(&host_name("web", "default"))
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,518 @@
+//! The budget syncer: holds the virtual cluster's PodDisruptionBudgets on the host too, so the
+//! host's evictions (node drains, the cluster autoscaler) respect them.
+//!
+//! ```text
+//!  watch virtual PodDisruptionBudgets ──► due queue (by namespace/name)
+//!     ──► stated as maxUnavailable or a percentage, and the virtual disruption controller has not
+//!         computed status.desiredHealthy for this spec yet? ──► wait for its status write
+//!     ──► ApplyDisruptionBudget ──applied──► synced
+//!                               └─refused─► SyncError event on the budget (once per change);
+//!                                           tried again when the tenant's policy version changes
+//!     deleted ──► DeleteDisruptionBudget (UID-checked by the host agent)
+//!  each relist ──► ListDisruptionBudgets ──► host budgets whose virtual budget is gone ──► deleted
+//!  failures ──► retried per budget with backoff; over the tenant's rate ──► after the delay asked
+//! ```
+//!
+//! Whether the host holds a tenant's budgets is the host's call
+//! (`sync.toHost.podDisruptionBudgets.enabled` in the host agent's tenants file): where it does
+//! not, each budget carries a `SyncError` event saying so.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource as _, ResourceExt as _};
+use rcsync_core::kube_client::RetryWithBackoff as _;
+use rcsync_proto::v1::{
+    ApplyDisruptionBudgetRequest, DeleteDisruptionBudgetRequest, ListDisruptionBudgetsRequest,
+    PodRefusalReason,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic_types::StatusExt as _;
+
+use crate::classes::SyncState;
+use crate::connect::{Backoff, SharedClients};
+use crate::metrics::Metrics;
+
+/// The component that reports budget sync events.
+pub const BUDGET_REPORTER: &str = "pdb-syncer";
+
+/// `(namespace, name)` of a virtual budget.
+type Key = (String, String);
+
+/// The longest a failed budget operation waits before its next attempt.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What the host holds for a virtual budget, as this syncer last applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Held {
+    uid: String,
+    /// A digest of what was sent.
+    sent: u64,
+    /// `Some(message)` when the host agent refused it (an event was recorded).
+    refused: Option<String>,
+}
+
+/// Syncs PodDisruptionBudgets while this replica leads (see the module docs).
+pub struct BudgetSyncer {
+    client: Client,
+    connection: Arc<SharedClients>,
+    recorder: Recorder,
+    metrics: Metrics,
+    sync_state: watch::Receiver<SyncState>,
+}
+
+/// The syncer's state between events.
+#[derive(Default)]
+struct Books {
+    /// The virtual budgets, as last watched.
+    budgets: HashMap<Key, Arc<PodDisruptionBudget>>,
+    /// What the host holds (or refused), by virtual budget.
+    held: HashMap<Key, Held>,
+    /// Budgets to look at, and when.
+    due: BTreeMap<Key, Instant>,
+    /// Each failing budget's backoff.
+    backoffs: HashMap<Key, Backoff>,
+    /// When to compare the host's budgets with the virtual ones (after each relist).
+    collect_at: Option<Instant>,
+    collect_backoff: Option<Backoff>,
+    /// Nothing is sent over the tenant's rate limit before this.
+    paused_until: Option<Instant>,
+}
+
+impl BudgetSyncer {
+    /// A syncer for the virtual cluster behind `client`, calling the host agent over `connection`.
+    pub fn new(
+        client: Client,
+        connection: Arc<SharedClients>,
+        recorder: Recorder,
+        metrics: Metrics,
+        sync_state: watch::Receiver<SyncState>,
+    ) -> Self {
+        Self {
+            client,
+            connection,
+            recorder,
+            metrics,
+            sync_state,
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let api: Api<PodDisruptionBudget> = Api::all(self.client.clone());
+        let mut events = self
+            .metrics
+            .watches
+            .follow(
+                "poddisruptionbudgets".into(),
+                watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
+            )
+            .boxed();
+        let mut books = Books::default();
+        let mut relist: Option<HashMap<Key, Arc<PodDisruptionBudget>>> = None;
+        let mut listed = false;
+        let mut policy = self.sync_state.borrow().pod_policy.clone();
+        loop {
+            let wake = books.next_wake();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                event = events.next() => match event {
+                    None => break,
+                    Some(Err(e)) => tracing::warn!(error = %e, "watching PodDisruptionBudgets failed; retrying with backoff"),
+                    Some(Ok(Event::Init)) => relist = Some(HashMap::new()),
+                    Some(Ok(Event::InitApply(budget))) => {
+                        if let Some(r) = &mut relist {
+                            r.insert(key_of(&budget), Arc::new(budget));
+                        }
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        let budgets = relist.take().unwrap_or_default();
+                        let now = Instant::now();
+                        for key in books.budgets.keys().chain(budgets.keys()) {
+                            books.due.insert(key.clone(), now);
+                        }
+                        books.budgets = budgets;
+                        books.collect_at = Some(now);
+                        listed = true;
+                    }
+                    Some(Ok(Event::Apply(budget))) => {
+                        let key = key_of(&budget);
+                        books.budgets.insert(key.clone(), Arc::new(budget));
+                        books.due.insert(key, Instant::now());
+                    }
+                    Some(Ok(Event::Delete(budget))) => {
+                        let key = key_of(&budget);
+                        books.budgets.remove(&key);
+                        // A budget this process never applied is the collection's to delete.
+                        if let Some(held) = books.held.get_mut(&key) {
+                            held.uid = budget.uid().unwrap_or_default();
+                        }
+                        books.due.insert(key, Instant::now());
+                    }
+                },
+                () = sleep_until(wake) => {}
+                changed = self.sync_state.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = self.sync_state.borrow_and_update().pod_policy.clone();
+                    // The tenant's policy changed on the host (the switch among it): every
+                    // budget is worth applying again.
+                    if now != policy {
+                        policy = now;
+                        let at = Instant::now();
+                        for key in books.budgets.keys() {
+                            books.due.insert(key.clone(), at);
+                        }
+                        for held in books.held.values_mut() {
+                            held.sent = 0;
+                        }
+                    }
+                }
+            }
+            if listed {
+                self.work(&mut books).await;
+            }
+        }
+        self.metrics.budgets_synced.set(0);
+        self.metrics.budgets_refused.set(0);
+    }
+
+    /// Does what is due: the collection after a relist, then each due budget.
+    async fn work(&mut self, books: &mut Books) {
+        let now = Instant::now();
+        if books.paused_until.is_some_and(|until| now < until) {
+            return;
+        }
+        if books.collect_at.is_some_and(|at| at <= now) {
+            match self.collect(books).await {
+                Ok(()) => {
+                    books.collect_at = None;
+                    books.collect_backoff = None;
+                }
+                Err(status) => {
+                    let delay = books
+                        .collect_backoff
+                        .get_or_insert_with(|| Backoff::new(Duration::from_millis(200), RETRY_MAX))
+                        .next_delay();
+                    self.call_failed(books, &status, "list the host's PodDisruptionBudgets")
+                        .await;
+                    books.collect_at = Some(now + delay);
+                }
+            }
+        }
+        let due: Vec<Key> = books
+            .due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            if books.paused_until.is_some_and(|until| Instant::now() < until) {
+                break;
+            }
+            books.due.remove(&key);
+            match self.reconcile(books, &key).await {
+                Ok(()) => {
+                    books.backoffs.remove(&key);
+                }
+                Err(status) => {
+                    let delay = books
+                        .backoffs
+                        .entry(key.clone())
+                        .or_insert_with(|| Backoff::new(Duration::from_millis(200), RETRY_MAX))
+                        .next_delay();
+                    self.call_failed(books, &status, "sync the PodDisruptionBudget")
+                        .await;
+                    tracing::warn!(namespace = %key.0, budget = %key.1, error = %status.message(), ?delay, "syncing a PodDisruptionBudget failed; retrying");
+                    books.due.insert(key, Instant::now() + delay);
+                }
+            }
+        }
+        self.metrics
+            .budgets_synced
+            .set(books.held.values().filter(|h| h.refused.is_none()).count() as i64);
+        self.metrics
+            .budgets_refused
+            .set(books.held.values().filter(|h| h.refused.is_some()).count() as i64);
+    }
+
+    /// Brings the host's copy of one budget in line with the virtual cluster.
+    async fn reconcile(&mut self, books: &mut Books, key: &Key) -> Result<(), tonic::Status> {
+        let Some(budget) = books.budgets.get(key).cloned() else {
+            let Some(held) = books.held.get(key).cloned() else {
+                return Ok(());
+            };
+            let request = DeleteDisruptionBudgetRequest {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                uid: held.uid,
+            };
+            let connection = self
+                .connection
+                .get()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut pods = connection.pods.clone();
+            self.connection
+                .bounded(request, |r| pods.delete_disruption_budget(r))
+                .await?;
+            tracing::info!(namespace = %key.0, budget = %key.1, "deleted the host's copy of a deleted PodDisruptionBudget");
+            books.held.remove(key);
+            return Ok(());
+        };
+        if awaits_status(&budget) {
+            // The virtual disruption controller's status write brings it back.
+            return Ok(());
+        }
+        let uid = budget.uid().unwrap_or_default();
+        let body = apply_body(&budget);
+        let sent = digest(&body);
+        if books
+            .held
+            .get(key)
+            .is_some_and(|h| h.uid == uid && h.sent == sent)
+        {
+            return Ok(());
+        }
+        let connection = self
+            .connection
+            .get()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut pods = connection.pods.clone();
+        let answer = self
+            .connection
+            .bounded(ApplyDisruptionBudgetRequest { budget_json: body }, |r| {
+                pods.apply_disruption_budget(r)
+            })
+            .await?
+            .into_inner();
+        let refused = answer.refusal.map(|refusal| {
+            let reason = PodRefusalReason::try_from(refusal.reason).unwrap_or(PodRefusalReason::Unspecified);
+            (reason, refusal.message)
+        });
+        let before = books.held.insert(
+            key.clone(),
+            Held {
+                uid: uid.clone(),
+                sent,
+                refused: refused.as_ref().map(|(_, message)| message.clone()),
+            },
+        );
+        match refused {
+            None => {
+                tracing::info!(namespace = %key.0, budget = %key.1, host = %answer.host_name, "PodDisruptionBudget held on the host")
+            }
+            Some((reason, message)) => {
+                let said =
+                    before.is_some_and(|b| b.uid == uid && b.refused.as_deref() == Some(message.as_str()));
+                if !said {
+                    tracing::info!(namespace = %key.0, budget = %key.1, reason = reason.as_str_name(), "the host agent refused a PodDisruptionBudget: {message}");
+                    let event = KubeEvent {
+                        type_: EventType::Warning,
+                        reason: "SyncError".into(),
+                        note: Some(message),
+                        action: format!(
+                            "Sync/{}",
+                            reason
+                                .as_str_name()
+                                .trim_start_matches("POD_REFUSAL_REASON_")
+                                .to_lowercase()
+                        ),
+                        secondary: None,
+                    };
+                    if let Err(e) = self.recorder.publish(&event, &budget.object_ref(&())).await {
+                        // Recorded at the next attempt.
+                        books.held.remove(key);
+                        return Err(tonic::Status::unavailable(format!(
+                            "recording an event about the budget failed: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the host budgets whose virtual budget is gone (deleted while no leader watched).
+    async fn collect(&mut self, books: &mut Books) -> Result<(), tonic::Status> {
+        let connection = self
+            .connection
+            .get()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut pods = connection.pods.clone();
+        let listed = self
+            .connection
+            .bounded(ListDisruptionBudgetsRequest {}, |r| {
+                pods.list_disruption_budgets(r)
+            })
+            .await?
+            .into_inner();
+        let now = Instant::now();
+        for host in listed.budgets {
+            let key = (host.namespace.clone(), host.name.clone());
+            if books.budgets.contains_key(&key) {
+                continue;
+            }
+            // Deleted by the next pass over the due budgets (with its retries).
+            books.held.insert(
+                key.clone(),
+                Held {
+                    uid: host.uid,
+                    sent: 0,
+                    refused: None,
+                },
+            );
+            books.due.insert(key, now);
+        }
+        Ok(())
+    }
+
+    /// Notes a failed call; over the tenant's rate limit, pauses every call for the delay asked.
+    async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
+        if status.code() == tonic::Code::ResourceExhausted {
+            let delay = status
+                .get_details_retry_info()
+                .and_then(|info| info.retry_delay)
+                .unwrap_or(Duration::from_secs(1));
+            books.paused_until = Some(Instant::now() + delay);
+            return;
+        }
+        self.metrics.budget_errors_total.inc();
+        tracing::debug!(code = ?status.code(), "the host agent did not {attempt}: {}", status.message());
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Unauthenticated
+        ) && let Ok(connection) = self.connection.get().await
+        {
+            self.connection.drop_connection(connection.generation).await;
+        }
+    }
+}
+
+impl Books {
+    /// When the loop has work next: the earliest due budget or collection, not before a pause ends.
+    fn next_wake(&self) -> Option<Instant> {
+        let next = self.due.values().copied().chain(self.collect_at).min()?;
+        Some(self.paused_until.map_or(next, |until| next.max(until)))
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn key_of(budget: &PodDisruptionBudget) -> Key {
+    (budget.namespace().unwrap_or_default(), budget.name_any())
+}
+
+/// Whether the budget is stated as `maxUnavailable` or a percentage and its status does not yet
+/// say how many healthy Pods that is for this spec (the host agent needs that number).
+fn awaits_status(budget: &PodDisruptionBudget) -> bool {
+    let Some(spec) = budget.spec.as_ref() else {
+        return false;
+    };
+    let whole =
+        matches!(spec.min_available, Some(IntOrString::Int(_)) | None) && spec.max_unavailable.is_none();
+    if whole {
+        return false;
+    }
+    let computed = budget.status.as_ref().is_some_and(|s| {
+        s.desired_healthy.is_some()
+            && s.observed_generation.is_some()
+            && s.observed_generation >= budget.metadata.generation
+    });
+    !computed
+}
+
+/// What ApplyDisruptionBudget carries: identity, spec, and of the status what the host agent
+/// uses (the Pods' health changing sends nothing).
+fn apply_body(budget: &PodDisruptionBudget) -> Vec<u8> {
+    let status = budget.status.as_ref();
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": budget.metadata.name,
+            "namespace": budget.metadata.namespace,
+            "uid": budget.metadata.uid,
+            "generation": budget.metadata.generation,
+        },
+        "spec": budget.spec,
+        // What the host agent reads of it; the counts of healthy Pods stay home, so their
+        // comings and goings do not send the budget again.
+        "status": {
+            "observedGeneration": status.and_then(|s| s.observed_generation),
+            "desiredHealthy": status.and_then(|s| s.desired_healthy),
+        },
+    }))
+    .expect("a budget serializes")
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(spec: serde_json::Value, status: serde_json::Value) -> PodDisruptionBudget {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u", "generation": 2},
+            "spec": spec, "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_budget_not_stated_in_whole_pods_waits_for_its_status_of_this_spec() {
+        let computed = serde_json::json!({"observedGeneration": 2, "desiredHealthy": 2, "currentHealthy": 3,
+                                          "disruptionsAllowed": 1, "expectedPods": 3});
+        let stale = serde_json::json!({"observedGeneration": 1, "desiredHealthy": 2, "currentHealthy": 3,
+                                       "disruptionsAllowed": 1, "expectedPods": 3});
+        assert!(!awaits_status(&budget(
+            serde_json::json!({"minAvailable": 2}),
+            serde_json::Value::Null
+        )));
+        assert!(awaits_status(&budget(
+            serde_json::json!({"maxUnavailable": 1}),
+            serde_json::Value::Null
+        )));
+        assert!(awaits_status(&budget(
+            serde_json::json!({"minAvailable": "50%"}),
+            stale.clone()
+        )));
+        assert!(!awaits_status(&budget(
+            serde_json::json!({"maxUnavailable": 1}),
+            computed.clone()
+        )));
+        // The Pods' health moving sends nothing new.
+        let mut moved = computed.clone();
+        moved["currentHealthy"] = serde_json::json!(2);
+        moved["disruptionsAllowed"] = serde_json::json!(0);
+        let spec = serde_json::json!({"maxUnavailable": 1});
+        assert_eq!(
+            apply_body(&budget(spec.clone(), computed)),
+            apply_body(&budget(spec, moved))
+        );
+    }
+}
