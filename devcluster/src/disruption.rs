@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::status::{ApiError, Cause};
 use crate::store::{Outcome, Store};
@@ -187,39 +187,8 @@ fn status_of(budget: &Value, numbers: &Disruptions) -> Value {
 }
 
 /// Keeps every budget's status current until `stop`.
-pub async fn run(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
-    let mut changes = store.changes();
-    reconcile_all(&store);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            change = changes.recv() => match change {
-                Ok(change) if matches!(change.storage, "pods" | BUDGETS) => {
-                    let namespace = change
-                        .new
-                        .pointer("/metadata/namespace")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    reconcile(&store, namespace);
-                }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => reconcile_all(&store),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-        }
-    }
-}
-
-fn reconcile_all(store: &Store) {
-    let (budgets, _) = store.list(BUDGETS, None);
-    let namespaces: std::collections::BTreeSet<String> = budgets
-        .iter()
-        .filter_map(|b| b.pointer("/metadata/namespace").and_then(Value::as_str))
-        .map(str::to_string)
-        .collect();
-    for namespace in namespaces {
-        reconcile(store, &namespace);
-    }
+pub async fn run(store: Arc<Store>, stop: watch::Receiver<bool>) {
+    crate::store::reconcile_namespaces(store, &["pods", BUDGETS], BUDGETS, reconcile, stop).await;
 }
 
 /// Brings the status of `namespace`'s budgets up to date with its Pods.

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::admission::name_of;
 use crate::quantity::{format_millis, parse_millis};
@@ -278,42 +278,15 @@ pub fn print_amounts(amounts: &BTreeMap<&'static str, i128>, keys: &[&str]) -> S
 }
 
 /// Keeps every quota's status until `stop`.
-pub async fn run(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
-    let mut changes = store.changes();
-    // Quotas restored from a state file, or created before this task subscribed.
-    reconcile_all(&store);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            change = changes.recv() => match change {
-                Ok(change) if matches!(change.storage, "pods" | "resourcequotas") => {
-                    let namespace = change
-                        .new
-                        .pointer("/metadata/namespace")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default();
-                    reconcile(&store, namespace);
-                }
-                Ok(_) => {}
-                // Missed changes: any namespace may be off.
-                Err(broadcast::error::RecvError::Lagged(_)) => reconcile_all(&store),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-        }
-    }
-}
-
-/// Every namespace that has a quota.
-fn reconcile_all(store: &Store) {
-    let (quotas, _) = store.list("resourcequotas", None);
-    let namespaces: BTreeSet<String> = quotas
-        .iter()
-        .filter_map(|q| q.pointer("/metadata/namespace").and_then(Value::as_str))
-        .map(str::to_string)
-        .collect();
-    for namespace in namespaces {
-        reconcile(store, &namespace);
-    }
+pub async fn run(store: Arc<Store>, stop: watch::Receiver<bool>) {
+    crate::store::reconcile_namespaces(
+        store,
+        &["pods", "resourcequotas"],
+        "resourcequotas",
+        reconcile,
+        stop,
+    )
+    .await;
 }
 
 /// Brings the status of `namespace`'s quotas up to date with its Pods.

@@ -454,6 +454,50 @@ impl Store {
     }
 }
 
+/// Keeps a namespaced status up to date, as devcluster's status-keeping controllers (quota,
+/// disruption) do: `reconcile(store, namespace)` for the namespace of every change to one of
+/// `watched`, and for every namespace holding an object of `kept` at start (objects restored from
+/// a state file, or made before this subscribed) and after missed changes, until `stop`.
+pub async fn reconcile_namespaces(
+    store: Arc<Store>,
+    watched: &[&str],
+    kept: &str,
+    reconcile: fn(&Store, &str),
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut changes = store.changes();
+    let reconcile_all = |store: &Store| {
+        let (objects, _) = store.list(kept, None);
+        let namespaces: std::collections::BTreeSet<&str> = objects
+            .iter()
+            .filter_map(|o| o.pointer("/metadata/namespace").and_then(Value::as_str))
+            .collect();
+        for namespace in namespaces {
+            reconcile(store, namespace);
+        }
+    };
+    reconcile_all(&store);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            change = changes.recv() => match change {
+                Ok(change) if watched.contains(&change.storage) => {
+                    let namespace = change
+                        .new
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    reconcile(&store, namespace);
+                }
+                Ok(_) => {}
+                // Missed changes: any namespace may be off.
+                Err(broadcast::error::RecvError::Lagged(_)) => reconcile_all(&store),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,14 @@ fn budget(name: &str, spec: Value) -> PodDisruptionBudget {
     serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
 }
 
+/// Creates the virtual budget `web` in `namespace` with `spec`.
+async fn create_budget(side: &VirtualSide, namespace: &str, spec: Value) {
+    let api: Api<PodDisruptionBudget> = Api::namespaced(side.cluster.client().await, namespace);
+    api.create(&PostParams::default(), &budget("web", spec))
+        .await
+        .unwrap();
+}
+
 async fn virtual_budgets(side: &VirtualSide) -> Api<PodDisruptionBudget> {
     Api::namespaced(side.cluster.client().await, "default")
 }
@@ -124,17 +132,12 @@ async fn a_disruption_budget_in_the_virtual_cluster_holds_a_host_eviction_of_its
     let system = system(&[tenant(true)]).await;
     let side = system.virtual_side();
     running(&system, &[("web-0", "web"), ("web-1", "web"), ("db", "db")]).await;
-    virtual_budgets(side)
-        .await
-        .create(
-            &PostParams::default(),
-            &budget(
-                "web",
-                json!({"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    create_budget(
+        side,
+        "default",
+        json!({"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .await;
     let held = wait_host_budget(&system, "web", 2).await;
     eventually("the host budget counting the two web Pods", || async {
         let budget = host_budgets(&system).await.get(&held.name_any()).await.ok()?;
@@ -187,17 +190,12 @@ async fn a_budget_stated_as_max_unavailable_asks_the_host_for_the_healthy_pods_t
     let system = system(&[tenant(true)]).await;
     let side = system.virtual_side();
     running(&system, &[("web-0", "web"), ("web-1", "web"), ("web-2", "web")]).await;
-    virtual_budgets(side)
-        .await
-        .create(
-            &PostParams::default(),
-            &budget(
-                "web",
-                json!({"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    create_budget(
+        side,
+        "default",
+        json!({"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .await;
     // Three web Pods, one of which may be unavailable: two healthy, as a whole number the host's
     // disruption controller can hold host Pods (which have no controller there) to.
     let held = wait_host_budget(&system, "web", 2).await;
@@ -222,14 +220,7 @@ async fn a_budget_selects_only_its_own_namespaces_pods_on_the_host() {
     let side = system.virtual_side();
     running(&system, &[("web-0", "web")]).await;
     rcsync_tests::system::create_namespace(&side.cluster, "other").await;
-    let other: Api<PodDisruptionBudget> = Api::namespaced(side.cluster.client().await, "other");
-    other
-        .create(
-            &PostParams::default(),
-            &budget("web", json!({"minAvailable": 5, "selector": {}})),
-        )
-        .await
-        .unwrap();
+    create_budget(side, "other", json!({"minAvailable": 5, "selector": {}})).await;
     let api = host_budgets(&system).await;
     let host = host_name("web", "other");
     let held = eventually("the other namespace's budget on the host", || async {
@@ -252,17 +243,12 @@ async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_i
     let system = system(&[tenant(false)]).await;
     let side = system.virtual_side();
     running(&system, &[("web-0", "web")]).await;
-    virtual_budgets(side)
-        .await
-        .create(
-            &PostParams::default(),
-            &budget(
-                "web",
-                json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    create_budget(
+        side,
+        "default",
+        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .await;
     let events: Api<CoreEvent> = Api::namespaced(side.cluster.client().await, "default");
     let selector = "involvedObject.name=web,involvedObject.kind=PodDisruptionBudget";
     let event = eventually("a SyncError event on the budget", || async {
@@ -311,17 +297,12 @@ async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_i
 #[tokio::test]
 async fn a_budget_deleted_while_the_virtual_agent_was_down_is_deleted_on_the_host_when_it_returns() {
     let mut system = system(&[tenant(true)]).await;
-    virtual_budgets(system.virtual_side())
-        .await
-        .create(
-            &PostParams::default(),
-            &budget(
-                "web",
-                json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    create_budget(
+        system.virtual_side(),
+        "default",
+        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .await;
     wait_host_budget(&system, "web", 1).await;
     let side = &mut system.virtuals[0];
     side.stop_agent().await;

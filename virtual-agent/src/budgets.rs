@@ -255,12 +255,7 @@ impl BudgetSyncer {
                 name: key.1.clone(),
                 uid: held.uid,
             };
-            let connection = self
-                .connection
-                .get()
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let mut pods = connection.pods.clone();
+            let mut pods = self.pods().await?;
             self.connection
                 .bounded(request, |r| pods.delete_disruption_budget(r))
                 .await?;
@@ -282,12 +277,7 @@ impl BudgetSyncer {
         {
             return Ok(());
         }
-        let connection = self
-            .connection
-            .get()
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut pods = connection.pods.clone();
+        let mut pods = self.pods().await?;
         let answer = self
             .connection
             .bounded(ApplyDisruptionBudgetRequest { budget_json: body }, |r| {
@@ -344,12 +334,7 @@ impl BudgetSyncer {
 
     /// Deletes the host budgets whose virtual budget is gone (deleted while no leader watched).
     async fn collect(&mut self, books: &mut Books) -> Result<(), tonic::Status> {
-        let connection = self
-            .connection
-            .get()
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut pods = connection.pods.clone();
+        let mut pods = self.pods().await?;
         let listed = self
             .connection
             .bounded(ListDisruptionBudgetsRequest {}, |r| {
@@ -377,6 +362,16 @@ impl BudgetSyncer {
         Ok(())
     }
 
+    /// The PodSync client of the current connection (made now if there is none).
+    async fn pods(&self) -> Result<crate::connect::PodClient, tonic::Status> {
+        let connection = self
+            .connection
+            .get()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Ok(connection.pods)
+    }
+
     /// Notes a failed call; over the tenant's rate limit, pauses every call for the delay asked.
     async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
         if status.code() == tonic::Code::ResourceExhausted {
@@ -389,13 +384,8 @@ impl BudgetSyncer {
         }
         self.metrics.budget_errors_total.inc();
         tracing::debug!(code = ?status.code(), "the host agent did not {attempt}: {}", status.message());
-        if matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Internal
-                | tonic::Code::Unauthenticated
-        ) && let Ok(connection) = self.connection.get().await
+        if crate::connect::a_new_connection_may_cure(status.code())
+            && let Ok(connection) = self.connection.get().await
         {
             self.connection.drop_connection(connection.generation).await;
         }

@@ -421,6 +421,18 @@ impl HostPath {
     }
 }
 
+/// Whether a call's error is one a new connection may cure: the host agent gone or restarted, or
+/// a refused token (the token file is re-read at every connect, so a rotated token is picked up).
+pub fn a_new_connection_may_cure(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Unauthenticated
+    )
+}
+
 /// The longest wait between reconnects to the host agent: short enough that the system is back
 /// within seconds of the host agent (the chaos harness checks convergence within 10 s), long
 /// enough not to hammer it (jittered).

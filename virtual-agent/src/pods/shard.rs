@@ -568,13 +568,8 @@ impl Shard {
             self.host_failed = true;
             self.connection.host_path().failed();
         }
-        if matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Internal
-                | tonic::Code::Unauthenticated
-        ) && let Some(generation) = self.generation.take()
+        if crate::connect::a_new_connection_may_cure(status.code())
+            && let Some(generation) = self.generation.take()
         {
             self.connection.drop_connection(generation).await;
         }

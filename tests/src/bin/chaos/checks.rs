@@ -46,8 +46,12 @@ pub const HOST_EVENTS_COPIED: &str = "host-events-copied";
 /// cluster as its ServiceAccount.
 pub const POD_TOKENS_VALID: &str = "pod-tokens-valid";
 
+/// Every virtual PodDisruptionBudget is held on the host (its uid, asking for the healthy Pods the
+/// virtual cluster counts) and no other budget of the tenant's is.
+pub const BUDGETS_HELD: &str = "budgets-held-on-host";
+
 /// Every invariant.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     CLASS_ALLOWED_AT_PLACEMENT,
     TENANT_ISOLATION,
     NO_PANIC,
@@ -59,6 +63,7 @@ pub const ALL: [&str; 11] = [
     BLOCKED_PODS_WARNED,
     HOST_EVENTS_COPIED,
     POD_TOKENS_VALID,
+    BUDGETS_HELD,
 ];
 
 /// How far back a placement may rely on an allowance: the longest a correct agent may act on a
@@ -637,6 +642,7 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
             }
         }
         unmet.extend(host_events_differ(&host, tenant, &host_pods, &live_uids, &events).await);
+        unmet.extend(budgets_differ(&host, &virt, tenant).await);
         for (name, hp) in &host_pods {
             let uid = hp
                 .metadata
@@ -652,6 +658,78 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                 ));
             }
         }
+    }
+    unmet
+}
+
+/// How tenant `tenant`'s budgets on the host differ from its virtual budgets (see [`BUDGETS_HELD`]).
+/// A budget stated as `maxUnavailable` or a percentage whose status the virtual cluster has not
+/// computed for its spec yet is not asked for.
+async fn budgets_differ(host: &kube::Client, virt: &kube::Client, tenant: &str) -> Vec<(String, String)> {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let failed = |what: String| vec![(BUDGETS_HELD.to_string(), what)];
+    let virtual_budgets = match Api::<PodDisruptionBudget>::namespaced(virt.clone(), "default")
+        .list(&Default::default())
+        .await
+    {
+        Ok(list) => list.items,
+        Err(e) => return failed(format!("listing {tenant}'s budgets: {e}")),
+    };
+    let selector = format!("{LABEL_MANAGED_BY}={tenant}");
+    let mut host_budgets: BTreeMap<String, PodDisruptionBudget> =
+        match Api::<PodDisruptionBudget>::namespaced(host.clone(), &host_namespace(tenant))
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+        {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .map(|b| (b.metadata.name.clone().unwrap_or_default(), b))
+                .collect(),
+            Err(e) => return failed(format!("listing {tenant}'s host budgets: {e}")),
+        };
+    let mut unmet = Vec::new();
+    for budget in &virtual_budgets {
+        let name = budget.metadata.name.clone().unwrap_or_default();
+        let held = host_budgets.remove(&rcsync_core::naming::host_object_name(&name, "default", tenant));
+        let spec = budget.spec.clone().unwrap_or_default();
+        let want = match (&spec.min_available, &spec.max_unavailable) {
+            (Some(IntOrString::Int(n)), None) => Some(*n),
+            _ => budget
+                .status
+                .as_ref()
+                .filter(|s| {
+                    s.observed_generation.is_some() && s.observed_generation >= budget.metadata.generation
+                })
+                .and_then(|s| s.desired_healthy),
+        };
+        let Some(want) = want else { continue };
+        let Some(held) = held else {
+            unmet.push((
+                BUDGETS_HELD.into(),
+                format!("{tenant}: budget default/{name} is not held on the host"),
+            ));
+            continue;
+        };
+        let uid = held
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_OBJECT_UID));
+        let asks = held.spec.as_ref().and_then(|s| s.min_available.clone());
+        if uid != budget.metadata.uid.as_ref() || asks != Some(IntOrString::Int(want)) {
+            unmet.push((
+                BUDGETS_HELD.into(),
+                format!("{tenant}: the host budget of default/{name} asks {asks:?} for uid {uid:?}, not {want} for {:?}", budget.metadata.uid),
+            ));
+        }
+    }
+    for stray in host_budgets.keys() {
+        unmet.push((
+            BUDGETS_HELD.into(),
+            format!("{tenant}: host budget {stray} has no virtual budget"),
+        ));
     }
     unmet
 }

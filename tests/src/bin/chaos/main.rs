@@ -29,6 +29,7 @@ use std::time::Duration;
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use rand::rngs::StdRng;
@@ -248,7 +249,7 @@ pub const READINESS_GATE: &str = "example.com/lb-ready";
 async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &mut u64) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let name = format!("p{}", rng.random_range(0..10));
-    let result = match rng.random_range(0..13) {
+    let result = match rng.random_range(0..14) {
         0..=3 => {
             let class = match rng.random_range(0..8) {
                 0 => None,
@@ -349,6 +350,31 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
             )
             .await
             .map(|_| ()),
+        // The tenant sets, changes or deletes a PodDisruptionBudget over its Pods (whole
+        // numbers, maxUnavailable or percentages; the host must hold each as the virtual
+        // cluster counts it).
+        13 => {
+            let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), "default");
+            let name = format!("b{}", rng.random_range(0..3));
+            let spec = match rng.random_range(0..4) {
+                0 => json!({"minAvailable": rng.random_range(0..3)}),
+                1 => json!({"maxUnavailable": rng.random_range(0..3)}),
+                2 => json!({"minAvailable": format!("{}%", 25 * rng.random_range(0..5))}),
+                _ => json!(null),
+            };
+            if spec.is_null() {
+                budgets.delete(&name, &DeleteParams::default()).await.map(|_| ())
+            } else {
+                let mut spec = spec;
+                spec["selector"] = json!({"matchLabels": {"rev": "0"}});
+                let budget = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                                    "metadata": {"name": name}, "spec": spec});
+                budgets
+                    .patch(&name, &PatchParams::apply("chaos").force(), &Patch::Apply(budget))
+                    .await
+                    .map(|_| ())
+            }
+        }
         // The tenant's load balancer controller marks the Pod's readiness gate.
         10 => pods
             .patch_status(
