@@ -837,3 +837,96 @@ async fn eventually_output(k: &Kubectl, args: &[&str], done: impl Fn(&str) -> bo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `kubectl create pdb` (a protobuf body) makes a budget whose status `kubectl get pdb` shows,
+/// and `kubectl drain` evicts what the budget allows and is refused the rest with upstream's
+/// words, retrying until its timeout; an invalid budget is refused as upstream refuses it.
+#[tokio::test]
+async fn kubectl_drain_evicts_only_what_a_disruption_budget_allows() {
+    let cluster = DevCluster::start(ServerOptions {
+        nodes: devcluster::nodes::NodeOptions {
+            count: 1,
+            handlers: None,
+        },
+        ..ServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    for name in ["web-0", "web-1"] {
+        k.run(&["run", name, "--image=registry.example/app:1", "--labels=app=web"])
+            .await;
+        k.run(&[
+            "wait",
+            "--for=condition=Ready",
+            &format!("pod/{name}"),
+            "--timeout=20s",
+        ])
+        .await;
+    }
+    k.run(&[
+        "create",
+        "pdb",
+        "web",
+        "--selector=app=web",
+        "--max-unavailable=50%",
+    ])
+    .await;
+    let table = eventually_output(&k, &["get", "pdb", "web"], |out| {
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.split_whitespace().nth(3) == Some("1"))
+    })
+    .await;
+    assert!(
+        table.starts_with("NAME   MIN AVAILABLE   MAX UNAVAILABLE   ALLOWED DISRUPTIONS"),
+        "{table}"
+    );
+    let refused = k
+        .fail(
+            &[
+                "create",
+                "pdb",
+                "bad",
+                "--selector=app=web",
+                "--min-available=120%",
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        refused.contains("spec.minAvailable: Invalid value: \"120%\": must not be greater than 100%"),
+        "{refused}"
+    );
+
+    let drained = k
+        .fail(
+            &[
+                "drain",
+                "devcluster-node-0",
+                "--force",
+                "--pod-selector=app=web",
+                "--timeout=4s",
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        drained.contains("Cannot evict pod as it would violate the pod's disruption budget."),
+        "{drained}"
+    );
+    let terminating = k
+        .run(&[
+            "get",
+            "pods",
+            "-o",
+            "jsonpath={.items[*].metadata.deletionTimestamp}",
+        ])
+        .await;
+    assert_eq!(
+        terminating.split_whitespace().count(),
+        1,
+        "one Pod evicted: {terminating}"
+    );
+}
