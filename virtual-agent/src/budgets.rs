@@ -148,12 +148,10 @@ impl BudgetSyncer {
                         books.due.insert(key, Instant::now());
                     }
                     Some(Ok(Event::Delete(budget))) => {
+                        // What the host holds for it (of the uid this process applied) goes; a
+                        // budget this process never applied is the collection's to delete.
                         let key = key_of(&budget);
                         books.budgets.remove(&key);
-                        // A budget this process never applied is the collection's to delete.
-                        if let Some(held) = books.held.get_mut(&key) {
-                            held.uid = budget.uid().unwrap_or_default();
-                        }
                         books.due.insert(key, Instant::now());
                     }
                 },
