@@ -9,6 +9,7 @@
 //!  DeletePod(ns, name, uid) ──► host Pod of that uid only ──► delete (grace, UID precondition)
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
 //!     (asked for: and the host events about them, pod_events)
+//!  Apply/Delete/ListDisruptionBudgets ──► the tenant's PodDisruptionBudgets held on the host (budgets)
 //! ```
 
 use std::collections::HashMap;

@@ -893,6 +893,13 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
         )?;
         pods.create(&PostParams::default(), &pod).await?;
     }
+    // budgets-held-on-host: a budget nobody holds on the host.
+    let budget: PodDisruptionBudget = serde_json::from_value(json!({
+        "metadata": {"name": "unheld"}, "spec": {"minAvailable": 1, "selector": {"matchLabels": {"rev": "0"}}},
+    }))?;
+    Api::<PodDisruptionBudget>::namespaced(virt.clone(), "default")
+        .create(&PostParams::default(), &budget)
+        .await?;
     // host-events-copied: the host records an event about the witness's host Pod while nobody
     // copies it.
     let witness_host = host_pods
