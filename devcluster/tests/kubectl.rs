@@ -770,15 +770,7 @@ async fn kubectl_apply_reads_strategic_merge_metadata_from_openapi_v3() {
 /// is refused in upstream's words.
 #[tokio::test]
 async fn kubectl_debug_adds_a_running_ephemeral_container() {
-    let cluster = DevCluster::start(ServerOptions {
-        nodes: devcluster::nodes::NodeOptions {
-            count: 1,
-            handlers: None,
-        },
-        ..ServerOptions::default()
-    })
-    .await
-    .unwrap();
+    let cluster = with_a_node().await;
     let dir = tempfile::tempdir().unwrap();
     let k = Kubectl::new(&cluster, dir.path());
     k.run(&["run", "web", "--image=registry.example/app:1"]).await;
@@ -843,15 +835,7 @@ async fn eventually_output(k: &Kubectl, args: &[&str], done: impl Fn(&str) -> bo
 /// words, retrying until its timeout; an invalid budget is refused as upstream refuses it.
 #[tokio::test]
 async fn kubectl_drain_evicts_only_what_a_disruption_budget_allows() {
-    let cluster = DevCluster::start(ServerOptions {
-        nodes: devcluster::nodes::NodeOptions {
-            count: 1,
-            handlers: None,
-        },
-        ..ServerOptions::default()
-    })
-    .await
-    .unwrap();
+    let cluster = with_a_node().await;
     let dir = tempfile::tempdir().unwrap();
     let k = Kubectl::new(&cluster, dir.path());
     for name in ["web-0", "web-1"] {
@@ -929,4 +913,17 @@ async fn kubectl_drain_evicts_only_what_a_disruption_budget_allows() {
         1,
         "one Pod evicted: {terminating}"
     );
+}
+
+/// A devcluster with one simulated node (its scheduler and kubelet run Pods).
+async fn with_a_node() -> DevCluster {
+    DevCluster::start(ServerOptions {
+        nodes: devcluster::nodes::NodeOptions {
+            count: 1,
+            handlers: None,
+        },
+        ..ServerOptions::default()
+    })
+    .await
+    .unwrap()
 }
