@@ -58,7 +58,8 @@ pub const ANTI_AFFINITY_MISMATCH: &str = "node(s) didn't match pod anti-affinity
 /// Why a node does not take a Pod, in upstream's words.
 pub const EXISTING_ANTI_AFFINITY: &str = "node(s) didn't satisfy existing pods anti-affinity rules";
 
-fn strings(v: &Value) -> BTreeMap<String, String> {
+/// The string entries of a JSON object (labels, a selector's `matchLabels`).
+pub(crate) fn strings(v: &Value) -> BTreeMap<String, String> {
     v.as_object()
         .into_iter()
         .flatten()

@@ -49,13 +49,7 @@ pub fn selects(budget: &Value, pod: &Value) -> bool {
     let Some(selector) = crate::affinity::selector(&budget["spec"]["selector"]) else {
         return false;
     };
-    let labels = pod["metadata"]["labels"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-        .collect();
-    selector.matches(&labels)
+    selector.matches(&crate::affinity::strings(&pod["metadata"]["labels"]))
 }
 
 /// Whether `pod` counts as healthy: Ready and not being deleted.

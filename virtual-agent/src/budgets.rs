@@ -39,24 +39,22 @@ use tonic_types::StatusExt as _;
 use crate::classes::SyncState;
 use crate::connect::{Backoff, SharedClients};
 use crate::metrics::Metrics;
+use crate::pods::{GaugedMap, Key, digest_of};
 
 /// The component that reports budget sync events.
 pub const BUDGET_REPORTER: &str = "pdb-syncer";
 
-/// `(namespace, name)` of a virtual budget.
-type Key = (String, String);
-
 /// The longest a failed budget operation waits before its next attempt.
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// What the host holds for a virtual budget, as this syncer last applied it.
+/// What the host holds for a virtual budget (or refused to), as this syncer last applied it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Held {
     uid: String,
     /// A digest of what was sent.
     sent: u64,
-    /// `Some(message)` when the host agent refused it (an event was recorded).
-    refused: Option<String>,
+    /// Whether the host agent refused it (the refusal's message is in [`Books::refusals`]).
+    refused: bool,
 }
 
 /// Syncs PodDisruptionBudgets while this replica leads (see the module docs).
@@ -69,12 +67,15 @@ pub struct BudgetSyncer {
 }
 
 /// The syncer's state between events.
-#[derive(Default)]
 struct Books {
     /// The virtual budgets, as last watched.
     budgets: HashMap<Key, Arc<PodDisruptionBudget>>,
-    /// What the host holds (or refused), by virtual budget.
-    held: HashMap<Key, Held>,
+    /// What the host holds (or refused), by virtual budget; those held are
+    /// `rcsync_disruption_budgets_synced`.
+    held: GaugedMap<Held>,
+    /// The host agent's refusals (an event was recorded for each), by virtual budget:
+    /// `rcsync_disruption_budgets_refused`.
+    refusals: GaugedMap<String>,
     /// Budgets to look at, and when.
     due: BTreeMap<Key, Instant>,
     /// Each failing budget's backoff.
@@ -84,6 +85,27 @@ struct Books {
     collect_backoff: Option<Backoff>,
     /// Nothing is sent over the tenant's rate limit before this.
     paused_until: Option<Instant>,
+}
+
+impl Books {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            budgets: HashMap::new(),
+            held: GaugedMap::new(metrics.budgets_synced.clone(), |h| !h.refused),
+            refusals: GaugedMap::new(metrics.budgets_refused.clone(), |_| true),
+            due: BTreeMap::new(),
+            backoffs: HashMap::new(),
+            collect_at: None,
+            collect_backoff: None,
+            paused_until: None,
+        }
+    }
+
+    /// Forgets what the host holds for `key`.
+    fn forget(&mut self, key: &Key) {
+        self.held.remove(key);
+        self.refusals.remove(key);
+    }
 }
 
 impl BudgetSyncer {
@@ -115,7 +137,7 @@ impl BudgetSyncer {
                 watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
             )
             .boxed();
-        let mut books = Books::default();
+        let mut books = Books::new(&self.metrics);
         let mut relist: Option<HashMap<Key, Arc<PodDisruptionBudget>>> = None;
         let mut listed = false;
         let mut policy = self.sync_state.borrow().pod_policy.clone();
@@ -169,8 +191,10 @@ impl BudgetSyncer {
                         for key in books.budgets.keys() {
                             books.due.insert(key.clone(), at);
                         }
-                        for held in books.held.values_mut() {
-                            held.sent = 0;
+                        let held: Vec<(Key, Held)> =
+                            books.held.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
+                        for (key, held) in held {
+                            books.held.insert(key, Held { sent: 0, ..held });
                         }
                     }
                 }
@@ -179,8 +203,6 @@ impl BudgetSyncer {
                 self.work(&mut books).await;
             }
         }
-        self.metrics.budgets_synced.set(0);
-        self.metrics.budgets_refused.set(0);
     }
 
     /// Does what is due: the collection after a relist, then each due budget.
@@ -234,12 +256,6 @@ impl BudgetSyncer {
                 }
             }
         }
-        self.metrics
-            .budgets_synced
-            .set(books.held.values().filter(|h| h.refused.is_none()).count() as i64);
-        self.metrics
-            .budgets_refused
-            .set(books.held.values().filter(|h| h.refused.is_some()).count() as i64);
     }
 
     /// Brings the host's copy of one budget in line with the virtual cluster.
@@ -258,7 +274,7 @@ impl BudgetSyncer {
                 .bounded(request, |r| pods.delete_disruption_budget(r))
                 .await?;
             tracing::info!(namespace = %key.0, budget = %key.1, "deleted the host's copy of a deleted PodDisruptionBudget");
-            books.held.remove(key);
+            books.forget(key);
             return Ok(());
         };
         if awaits_status(&budget) {
@@ -267,7 +283,7 @@ impl BudgetSyncer {
         }
         let uid = budget.uid().unwrap_or_default();
         let body = apply_body(&budget);
-        let sent = digest(&body);
+        let sent = digest_of(&body);
         if books
             .held
             .get(key)
@@ -278,30 +294,35 @@ impl BudgetSyncer {
         let mut pods = self.pods().await?;
         let answer = self
             .connection
-            .bounded(ApplyDisruptionBudgetRequest { budget_json: body }, |r| {
-                pods.apply_disruption_budget(r)
-            })
+            .bounded(
+                ApplyDisruptionBudgetRequest {
+                    budget_json: serde_json::to_vec(&body).expect("JSON values serialize"),
+                },
+                |r| pods.apply_disruption_budget(r),
+            )
             .await?
             .into_inner();
         let refused = answer.refusal.map(|refusal| {
             let reason = PodRefusalReason::try_from(refusal.reason).unwrap_or(PodRefusalReason::Unspecified);
             (reason, refusal.message)
         });
-        let before = books.held.insert(
+        let said = books.held.get(key).is_some_and(|h| h.uid == uid)
+            && books.refusals.get(key).map(String::as_str) == refused.as_ref().map(|(_, m)| m.as_str());
+        books.held.insert(
             key.clone(),
             Held {
-                uid: uid.clone(),
+                uid,
                 sent,
-                refused: refused.as_ref().map(|(_, message)| message.clone()),
+                refused: refused.is_some(),
             },
         );
         match refused {
             None => {
+                books.refusals.remove(key);
                 tracing::info!(namespace = %key.0, budget = %key.1, host = %answer.host_name, "PodDisruptionBudget held on the host")
             }
             Some((reason, message)) => {
-                let said =
-                    before.is_some_and(|b| b.uid == uid && b.refused.as_deref() == Some(message.as_str()));
+                books.refusals.insert(key.clone(), message.clone());
                 if !said {
                     tracing::info!(namespace = %key.0, budget = %key.1, reason = reason.as_str_name(), "the host agent refused a PodDisruptionBudget: {message}");
                     let event = KubeEvent {
@@ -319,7 +340,7 @@ impl BudgetSyncer {
                     };
                     if let Err(e) = self.recorder.publish(&event, &budget.object_ref(&())).await {
                         // Recorded at the next attempt.
-                        books.held.remove(key);
+                        books.forget(key);
                         return Err(tonic::Status::unavailable(format!(
                             "recording an event about the budget failed: {e}"
                         )));
@@ -352,7 +373,7 @@ impl BudgetSyncer {
                 Held {
                     uid: host.uid,
                     sent: 0,
-                    refused: None,
+                    refused: false,
                 },
             );
             books.due.insert(key, now);
@@ -430,9 +451,9 @@ fn awaits_status(budget: &PodDisruptionBudget) -> bool {
 
 /// What ApplyDisruptionBudget carries: identity, spec, and of the status what the host agent
 /// uses (the Pods' health changing sends nothing).
-fn apply_body(budget: &PodDisruptionBudget) -> Vec<u8> {
+fn apply_body(budget: &PodDisruptionBudget) -> serde_json::Value {
     let status = budget.status.as_ref();
-    serde_json::to_vec(&serde_json::json!({
+    serde_json::json!({
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": {
@@ -448,15 +469,7 @@ fn apply_body(budget: &PodDisruptionBudget) -> Vec<u8> {
             "observedGeneration": status.and_then(|s| s.observed_generation),
             "desiredHealthy": status.and_then(|s| s.desired_healthy),
         },
-    }))
-    .expect("a budget serializes")
-}
-
-fn digest(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut hasher);
-    hasher.finish()
+    })
 }
 
 #[cfg(test)]

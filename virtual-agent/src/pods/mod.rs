@@ -67,7 +67,7 @@ pub const PODS_LISTED: &str = "virtual-pods-listed";
 /// The component that reports Pod sync events, as vCluster's syncer names it.
 pub const REPORTER: &str = "pod-syncer";
 
-/// `(namespace, name)` of a virtual Pod.
+/// `(namespace, name)` of a virtual object (a Pod, a PodDisruptionBudget).
 pub type Key = (String, String);
 
 /// Where each virtual Pod stands, for `/status`: `(state, why)` by Pod, kept by the shards.
@@ -160,18 +160,18 @@ struct Record {
     state: State,
 }
 
-/// A shard's map from Pod to `V` whose entries that `counts` are the shard's share of a gauge,
-/// kept in step with every change (constant work per change, not a count over all Pods) and
-/// given back when the map goes: a term ends by dropping its shards, and a replica that leads
-/// again counts anew.
-struct GaugedMap<V> {
+/// A map from object (a shard's Pods, the budget syncer's budgets) to `V` whose entries that
+/// `counts` are its share of a gauge, kept in step with every change (constant work per change,
+/// not a count over all objects) and given back when the map goes: a term ends by dropping its
+/// tasks, and a replica that leads again counts anew.
+pub(crate) struct GaugedMap<V> {
     by_key: HashMap<Key, V>,
     gauge: Gauge,
     counts: fn(&V) -> bool,
 }
 
 impl<V> GaugedMap<V> {
-    fn new(gauge: Gauge, counts: fn(&V) -> bool) -> Self {
+    pub(crate) fn new(gauge: Gauge, counts: fn(&V) -> bool) -> Self {
         Self {
             by_key: HashMap::new(),
             gauge,
@@ -179,15 +179,15 @@ impl<V> GaugedMap<V> {
         }
     }
 
-    fn get(&self, key: &Key) -> Option<&V> {
+    pub(crate) fn get(&self, key: &Key) -> Option<&V> {
         self.by_key.get(key)
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
         self.by_key.iter()
     }
 
-    fn insert(&mut self, key: Key, value: V) {
+    pub(crate) fn insert(&mut self, key: Key, value: V) {
         let now = (self.counts)(&value);
         let was = self
             .by_key
@@ -196,7 +196,7 @@ impl<V> GaugedMap<V> {
         self.gauge.inc_by(i64::from(now) - i64::from(was));
     }
 
-    fn remove(&mut self, key: &Key) -> Option<V> {
+    pub(crate) fn remove(&mut self, key: &Key) -> Option<V> {
         let old = self.by_key.remove(key);
         if old.as_ref().is_some_and(self.counts) {
             self.gauge.dec();
@@ -257,7 +257,7 @@ fn fingerprint(pod: &Pod) -> u64 {
 /// A hash of `value`'s JSON, taken as it is written: nothing is copied or allocated. Kept in this
 /// process only; k8s-openapi types serialize deterministically (struct fields in order, maps
 /// sorted), so equal values hash equal.
-fn digest_of<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
+pub(crate) fn digest_of<T: serde::Serialize + ?Sized>(value: &T) -> u64 {
     use std::hash::Hasher as _;
     struct Hashing(std::collections::hash_map::DefaultHasher);
     impl std::io::Write for Hashing {
