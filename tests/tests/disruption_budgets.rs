@@ -57,6 +57,22 @@ async fn create_budget(side: &VirtualSide, namespace: &str, spec: Value) {
         .unwrap();
 }
 
+/// The `SyncError` event on the virtual budget `web` in `default`, once there is one.
+async fn sync_error(side: &VirtualSide) -> CoreEvent {
+    let events: Api<CoreEvent> = Api::namespaced(side.cluster.client().await, "default");
+    let selector = "involvedObject.name=web,involvedObject.kind=PodDisruptionBudget";
+    eventually("a SyncError event on the budget", || async {
+        events
+            .list(&ListParams::default().fields(selector))
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SyncError"))
+    })
+    .await
+}
+
 async fn virtual_budgets(side: &VirtualSide) -> Api<PodDisruptionBudget> {
     Api::namespaced(side.cluster.client().await, "default")
 }
@@ -249,18 +265,7 @@ async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_i
         json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
     )
     .await;
-    let events: Api<CoreEvent> = Api::namespaced(side.cluster.client().await, "default");
-    let selector = "involvedObject.name=web,involvedObject.kind=PodDisruptionBudget";
-    let event = eventually("a SyncError event on the budget", || async {
-        events
-            .list(&ListParams::default().fields(selector))
-            .await
-            .ok()?
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("SyncError"))
-    })
-    .await;
+    let event = sync_error(side).await;
     assert_eq!(
         event.message.as_deref(),
         Some(
@@ -321,4 +326,34 @@ async fn a_budget_deleted_while_the_virtual_agent_was_down_is_deleted_on_the_hos
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_host_budget_rcsync_does_not_manage_is_never_taken_over() {
+    let system = system(&[tenant(true)]).await;
+    let host_name = host_name("web", "default");
+    let theirs = budget(
+        &host_name,
+        json!({"minAvailable": 0, "selector": {"matchLabels": {"app": "host"}}}),
+    );
+    host_budgets(&system)
+        .await
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    let side = system.virtual_side();
+    create_budget(side, "default", json!({"minAvailable": 1, "selector": {}})).await;
+    let event = sync_error(side).await;
+    assert_eq!(
+        event.message.as_deref(),
+        Some(
+            "the host name \"web-x-default-x-team-a\" is held by a PodDisruptionBudget rcsync does not manage"
+        )
+    );
+    let kept = host_budgets(&system).await.get(&host_name).await.unwrap();
+    assert_eq!(
+        kept.spec.unwrap().min_available,
+        Some(IntOrString::Int(0)),
+        "the host's budget stays as it was"
+    );
 }
