@@ -454,6 +454,13 @@ impl Shard {
                 key.clone(),
                 ("orphaned", "its runtime class is no longer synced".to_string()),
             ),
+            Some(State::HostGone) => board.insert(
+                key.clone(),
+                (
+                    "waiting",
+                    "its host pod was deleted; deleting the virtual pod".to_string(),
+                ),
+            ),
             // Not tried yet: nothing is synced before the shard knows what is on the host.
             None if self.pods.contains_key(key) && self.unlisted().is_some() => {
                 let why = self.unlisted().unwrap_or_default();
@@ -665,6 +672,12 @@ impl Shard {
             return false;
         }
         let host_has_it = self.host.get(key) == Some(&uid);
+        if pod.metadata.deletion_timestamp.is_none()
+            && self.records.get(key).is_some_and(|r| r.state == State::HostGone)
+        {
+            // Never applied again (which would bring the host Pod back): the delete is retried.
+            return self.delete_virtual(key, pod).await;
+        }
         if pod.metadata.deletion_timestamp.is_some() {
             if host_has_it {
                 return self
@@ -1203,7 +1216,31 @@ impl Shard {
         tracing::warn!(namespace = %key.0, pod = %key.1, "{note}");
         self.publish(&pod, EventType::Warning, "SyncWarning", "Delete", note)
             .await;
-        self.records.remove(key);
+        self.records.insert(
+            key.clone(),
+            Record {
+                uid: uid.to_string(),
+                state: State::HostGone,
+            },
+        );
+        // The status feed is not a retry of its own: a delete that fails is retried with the
+        // Pod's backoff (and reported as failing until it succeeds).
+        self.failure = None;
+        self.host_refused = false;
+        if self.delete_virtual(key, &pod).await {
+            self.failing.remove(key);
+        } else {
+            if let Some(why) = self.failure.take() {
+                self.failing.insert(key.clone(), why);
+            }
+            self.retry_later(key.clone());
+        }
+        self.report(key);
+    }
+
+    /// Deletes a virtual Pod whose host Pod went (its uid as a precondition: a new Pod of the
+    /// name stays); false when the virtual API server did not take the delete.
+    async fn delete_virtual(&mut self, key: &Key, pod: &Pod) -> bool {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
         let params = DeleteParams {
             preconditions: Some(Preconditions {
@@ -1212,8 +1249,16 @@ impl Shard {
             }),
             ..Default::default()
         };
-        if let Err(e) = api.delete(&key.1, &params).await {
-            tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not delete the virtual Pod of a deleted host Pod");
+        match api.delete(&key.1, &params).await {
+            Ok(_) => true,
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => true,
+            Err(e) => {
+                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not delete the virtual Pod of a deleted host Pod; retrying");
+                self.failed(format!(
+                    "deleting the pod, whose host pod was deleted, failed: {e}"
+                ));
+                false
+            }
         }
     }
 }
