@@ -57,6 +57,10 @@ struct Held {
     refused: bool,
 }
 
+/// Where each virtual budget stands, for `/status`: `held`, `refused`, `waiting` or `failing`,
+/// and why (empty while this replica does not lead).
+pub type BudgetBoard = Arc<std::sync::Mutex<BTreeMap<Key, (&'static str, String)>>>;
+
 /// Syncs PodDisruptionBudgets while this replica leads (see the module docs).
 pub struct BudgetSyncer {
     client: Client,
@@ -64,6 +68,7 @@ pub struct BudgetSyncer {
     recorder: Recorder,
     metrics: Metrics,
     sync_state: watch::Receiver<SyncState>,
+    board: BudgetBoard,
 }
 
 /// The syncer's state between events.
@@ -85,10 +90,12 @@ struct Books {
     collect_backoff: Option<Backoff>,
     /// Nothing is sent over the tenant's rate limit before this.
     paused_until: Option<Instant>,
+    /// Where each budget stands, as `/status` shows it (cleared when the books go).
+    board: BudgetBoard,
 }
 
 impl Books {
-    fn new(metrics: &Metrics) -> Self {
+    fn new(metrics: &Metrics, board: BudgetBoard) -> Self {
         Self {
             budgets: HashMap::new(),
             held: GaugedMap::new(metrics.budgets_synced.clone(), |h| !h.refused),
@@ -98,6 +105,7 @@ impl Books {
             collect_at: None,
             collect_backoff: None,
             paused_until: None,
+            board,
         }
     }
 
@@ -105,6 +113,34 @@ impl Books {
     fn forget(&mut self, key: &Key) {
         self.held.remove(key);
         self.refusals.remove(key);
+    }
+
+    /// Shows where budget `key` stands after an attempt (`failed`: why that attempt failed).
+    fn post(&self, key: &Key, failed: Option<&str>) {
+        let standing = match (self.budgets.get(key), failed, self.refusals.get(key)) {
+            (None, ..) => None,
+            (Some(_), Some(why), _) => Some(("failing", why.to_string())),
+            (Some(_), None, Some(why)) => Some(("refused", why.clone())),
+            (Some(budget), None, None) if awaits_status(budget) => Some((
+                "waiting",
+                "the virtual cluster's disruption controller has not yet counted the healthy pods this \
+                 budget asks for (status.desiredHealthy)"
+                    .to_string(),
+            )),
+            (Some(_), None, None) => Some(("held", String::new())),
+        };
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        match standing {
+            Some(standing) => board.insert(key.clone(), standing),
+            None => board.remove(key),
+        };
+    }
+}
+
+impl Drop for Books {
+    /// A standby shows no budgets: what it would hold is the leader's to say.
+    fn drop(&mut self) {
+        self.board.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -116,6 +152,7 @@ impl BudgetSyncer {
         recorder: Recorder,
         metrics: Metrics,
         sync_state: watch::Receiver<SyncState>,
+        board: BudgetBoard,
     ) -> Self {
         Self {
             client,
@@ -123,6 +160,7 @@ impl BudgetSyncer {
             recorder,
             metrics,
             sync_state,
+            board,
         }
     }
 
@@ -137,7 +175,7 @@ impl BudgetSyncer {
                 watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
             )
             .boxed();
-        let mut books = Books::new(&self.metrics);
+        let mut books = Books::new(&self.metrics, self.board.clone());
         let mut relist: Option<HashMap<Key, Arc<PodDisruptionBudget>>> = None;
         let mut listed = false;
         let mut policy = self.sync_state.borrow().pod_policy.clone();
@@ -239,7 +277,14 @@ impl BudgetSyncer {
                 break;
             }
             books.due.remove(&key);
-            match self.reconcile(books, &key).await {
+            let result = self.reconcile(books, &key).await;
+            match &result {
+                // Over the tenant's rate: it stands as it stood until its turn comes.
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {}
+                Err(status) => books.post(&key, Some(status.message())),
+                Ok(()) => books.post(&key, None),
+            }
+            match result {
                 Ok(()) => {
                     books.backoffs.remove(&key);
                 }

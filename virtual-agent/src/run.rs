@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::task::JoinSet;
 
-use crate::budgets::{BUDGET_REPORTER, BudgetSyncer};
+use crate::budgets::{BUDGET_REPORTER, BudgetBoard, BudgetSyncer};
 use crate::classes::{Applier, CLASSES_LISTED, INITIAL_STATE_APPLIED, SyncState, run_enforcer, run_sync};
 use crate::connect::{HostAgentTarget, SharedClients};
 use crate::leader::{Elector, Fence, LEASE_NAME, LeaseSettings, Role};
@@ -68,6 +68,7 @@ struct Shared {
     readiness: Readiness,
     state: watch::Sender<SyncState>,
     board: PodBoard,
+    budgets: BudgetBoard,
 }
 
 /// Runs the virtual agent until SIGTERM or SIGINT.
@@ -125,6 +126,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let leases: Api<Lease> = Api::namespaced(lease_client, &settings.lease.namespace);
     let elector = tokio::spawn(Elector::new(leases, settings.lease.clone(), role_tx, fence).run(release_rx));
     let board = PodBoard::default();
+    let budgets = BudgetBoard::default();
     let status = crate::status::router(
         &settings.target.display(),
         crate::status::PodExtras {
@@ -138,7 +140,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         &settings.target.tenant,
         &settings.lease.identity,
         state_rx,
-        board.clone(),
+        crate::status::Boards {
+            pods: board.clone(),
+            budgets: budgets.clone(),
+        },
         role_rx.clone(),
     );
     let admin_shutdown = {
@@ -169,6 +174,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         state: state_tx,
         board,
+        budgets,
     };
 
     tokio::pin!(signal);
@@ -267,6 +273,7 @@ impl Shared {
                 ),
                 self.metrics.clone(),
                 self.state.subscribe(),
+                self.budgets.clone(),
             )
             .run(stop_rx.clone()),
         );

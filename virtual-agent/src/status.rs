@@ -2,8 +2,9 @@
 //! the `virtual-agent status` command that prints it as tables.
 //!
 //! ```text
-//!  SyncState (classes) ─┐
-//!  PodBoard (shards) ───┴─► GET /status ──► virtual-agent status [--admin URL] [-o table|json|yaml]
+//!  SyncState (classes) ──────┐
+//!  PodBoard (shards) ────────┤
+//!  BudgetBoard (pdb syncer) ─┴─► GET /status ──► virtual-agent status [--admin URL] [-o table|json|yaml]
 //! ```
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use rcsync_core::status_client::{Output, Report, fetch, finish, render, table, t
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::budgets::BudgetBoard;
 use crate::classes::SyncState;
 use crate::leader::Role;
 use crate::pods::PodBoard;
@@ -28,6 +30,7 @@ struct StatusState {
     identity: Arc<str>,
     sync: watch::Receiver<SyncState>,
     pods: PodBoard,
+    budgets: BudgetBoard,
     role: watch::Receiver<Role>,
 }
 
@@ -41,6 +44,15 @@ pub struct PodExtras {
     pub pod_api_server: Option<String>,
 }
 
+/// What the agent's tasks publish for `/status` while this replica leads.
+#[derive(Clone, Default)]
+pub struct Boards {
+    /// Where each Pod stands (the Pod syncer's shards).
+    pub pods: PodBoard,
+    /// Where each PodDisruptionBudget stands (the budget syncer).
+    pub budgets: BudgetBoard,
+}
+
 /// The `/status` route. `identity` is this replica's holder identity in the leader Lease.
 pub fn router(
     host_agent: &str,
@@ -48,7 +60,7 @@ pub fn router(
     tenant: &str,
     identity: &str,
     sync: watch::Receiver<SyncState>,
-    pods: PodBoard,
+    boards: Boards,
     role: watch::Receiver<Role>,
 ) -> Router {
     Router::new()
@@ -62,7 +74,8 @@ pub fn router(
             tenant: tenant.into(),
             identity: identity.into(),
             sync,
-            pods,
+            pods: boards.pods,
+            budgets: boards.budgets,
             role,
         })
 }
@@ -75,6 +88,12 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
     let not_synced: Vec<Value> = board
         .iter()
         .filter(|(_, (s, _))| *s != "synced")
+        .map(|((ns, name), (s, why))| json!({"namespace": ns, "name": name, "state": s, "reason": why}))
+        .collect();
+    let budgets = state.budgets.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let not_held: Vec<Value> = budgets
+        .iter()
+        .filter(|(_, (s, _))| *s != "held")
         .map(|((ns, name), (s, why))| json!({"namespace": ns, "name": name, "state": s, "reason": why}))
         .collect();
     axum::Json(json!({
@@ -95,6 +114,10 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
             "notSynced": not_synced,
         },
         "podExtras": &*state.pod_extras,
+        "disruptionBudgets": {
+            "held": budgets.values().filter(|(s, _)| *s == "held").count(),
+            "notHeld": not_held,
+        },
     }))
 }
 
@@ -154,6 +177,30 @@ pub fn status(admin: &rcsync_core::status_client::AdminTarget<'_>, output: Outpu
                     ]);
                 }
                 out.push('\n');
+                out.push_str(&table(&rows));
+            }
+            let budgets = &doc["disruptionBudgets"];
+            let not_held = budgets["notHeld"].as_array().cloned().unwrap_or_default();
+            if budgets["held"].as_u64().unwrap_or(0) > 0 || !not_held.is_empty() {
+                out.push_str(&format!(
+                    "\ndisruption budgets held on the host: {}\n",
+                    text(&budgets["held"])
+                ));
+            }
+            if !not_held.is_empty() {
+                let mut rows = vec![
+                    ["NAMESPACE", "DISRUPTION-BUDGET", "STATE", "REASON"]
+                        .map(String::from)
+                        .to_vec(),
+                ];
+                for b in &not_held {
+                    rows.push(vec![
+                        text(&b["namespace"]),
+                        text(&b["name"]),
+                        text(&b["state"]),
+                        text(&b["reason"]),
+                    ]);
+                }
                 out.push_str(&table(&rows));
             }
             out
