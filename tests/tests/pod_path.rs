@@ -820,47 +820,53 @@ async fn a_synced_pod_runs_on_a_host_node_and_its_deletion_takes_its_grace_perio
     .await;
 }
 
-/// A host Pod evicted (a drain of its host node) takes its virtual Pod with it, as vCluster does,
-/// and the virtual Pod's events say why: the tenant's controller then makes a new Pod, which runs
-/// on the host again. Left in place, the virtual Pod would show its last status forever.
+/// A host Pod evicted (a drain of its host node) takes its virtual Pod with it as it starts to
+/// terminate, as vCluster does, and the virtual Pod's events say why: the tenant's controller
+/// makes its replacement at once, not after the host Pod's grace period, and the replacement runs
+/// on the host while the evicted Pod stops. Left in place, the virtual Pod would show its last
+/// status forever.
 #[tokio::test]
 async fn a_pod_whose_host_pod_is_evicted_is_deleted_in_the_virtual_cluster_and_says_why() {
     let system = system_with_a_host_node().await;
     let v = system.virtual_side();
-    let spec = json!({"runtimeClassName": "gvisor", "terminationGracePeriodSeconds": 1, "containers": [app(json!({}))]});
-    v.create_pod(&pod("web", spec.clone())).await;
+    let spec = json!({"runtimeClassName": "gvisor", "terminationGracePeriodSeconds": 600, "containers": [app(json!({}))]});
+    v.create_pod(&pod("web-1", spec.clone())).await;
     let host = system.host_pods(&v.tenant).await;
     let pods = v.pods().await;
-    let running = |host: Api<Pod>| async move {
-        let host_pod = host.get_opt(&host_name("web", "default")).await.ok()??;
-        let phase = host_pod.status.as_ref()?.phase.clone();
-        (phase.as_deref() == Some("Running")).then_some(host_pod)
+    let running = |name: &'static str| {
+        let host = host.clone();
+        async move {
+            let host_pod = host.get_opt(&host_name(name, "default")).await.ok()??;
+            let phase = host_pod.status.as_ref()?.phase.clone();
+            (phase.as_deref() == Some("Running")).then_some(host_pod)
+        }
     };
-    eventually("the Pod Running on the host", || running(host.clone())).await;
-    let first = pods.get("web").await.unwrap().uid().unwrap();
+    eventually("the Pod Running on the host", || running("web-1")).await;
 
-    host.evict(&host_name("web", "default"), &Default::default())
+    host.evict(&host_name("web-1", "default"), &Default::default())
         .await
         .unwrap();
     eventually("the virtual Pod gone", || async {
-        pods.get_opt("web").await.ok()?.is_none().then_some(())
+        pods.get_opt("web-1").await.ok()?.is_none().then_some(())
     })
     .await;
     v.wait_event(
-        "web",
-        "the host pod of \"web\" was deleted; deleting the virtual pod",
+        "web-1",
+        "the host pod of \"web-1\" is being deleted (evicted, preempted or deleted on the host); deleting the virtual pod",
     )
     .await;
 
-    // What a ReplicaSet does next: a new Pod of the name runs on the host again.
-    v.create_pod(&pod("web", spec)).await;
-    let second = pods.get("web").await.unwrap().uid().unwrap();
-    assert_ne!(first, second);
-    let host_pod = eventually("the new Pod Running on the host", || running(host.clone())).await;
+    // What a ReplicaSet does next: its new Pod runs on the host while the evicted one, given ten
+    // minutes to stop, still terminates.
+    v.create_pod(&pod("web-2", spec)).await;
+    let uid = pods.get("web-2").await.unwrap().uid().unwrap();
+    let replacement = eventually("the replacement Running on the host", || running("web-2")).await;
     assert_eq!(
-        host_pod.annotations().get("vcluster.loft.sh/object-uid"),
-        Some(&second)
+        replacement.annotations().get("vcluster.loft.sh/object-uid"),
+        Some(&uid)
     );
+    let evicted = host.get(&host_name("web-1", "default")).await.unwrap();
+    assert!(evicted.metadata.deletion_timestamp.is_some());
 }
 
 /// What the host records about a synced Pod shows on the virtual Pod, in the virtual cluster's

@@ -157,8 +157,8 @@ impl PodEvents {
             pod_namespace: namespace.to_string(),
             pod_name: name.to_string(),
             pod_uid: virtual_uid.to_string(),
-            status_json: Vec::new(),
             host_event: Some(host_event),
+            ..Default::default()
         })
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  watch host Pods labelled managed-by=<tenant> ──decoded as metadata + status (the spec is skipped)──►
-//!     ├─ new Pod, new uid, or a status other than the last one sent ──► Updated
+//!     ├─ new Pod, new uid, a status other than the last one sent, or terminating ──► Updated
 //!     ├─ deleted, or missing from a relist ──────────────────────────► Deleted
 //!     └─ relist complete ────────────────────────────────────────────► InitialStateComplete
 //!  then, when asked for: watch host events about Pods ──► HostEvent (see `pod_events`)
@@ -99,13 +99,20 @@ impl Reported {
 fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, Reported)> {
     let id = recorded_ref(&pod.metadata)?;
     let status_json = serde_json::to_vec(&pod.status).unwrap_or_default();
+    let terminating = pod
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|_| pod.metadata.deletion_grace_period_seconds.unwrap_or(0));
     let mut hasher = DefaultHasher::new();
     id.uid.hash(&mut hasher);
     status_json.hash(&mut hasher);
+    terminating.hash(&mut hasher);
     let deleted = deleted(id);
     let event = PodStatusEvent {
         r#type: PodStatusEventType::Updated as i32,
         status_json,
+        deletion_grace_period_seconds: terminating,
         ..deleted.clone()
     };
     let reported = Reported {
@@ -125,6 +132,7 @@ fn deleted(id: VirtualPodRef) -> PodStatusEvent {
         pod_uid: id.uid,
         status_json: Vec::new(),
         host_event: None,
+        deletion_grace_period_seconds: None,
     }
 }
 
@@ -316,6 +324,28 @@ mod tests {
             1,
             "a new Pod under the name is reported even with the same status"
         );
+    }
+
+    #[test]
+    fn a_host_pod_that_starts_terminating_is_reported_with_its_grace_period_once() {
+        let mut known = HashMap::new();
+        let mut relisted = None;
+        let mut feed = |pod| events_for(Event::Apply(pod), &mut known, &mut relisted);
+        let running = feed(host_pod("web", "u1", "Running"));
+        assert_eq!(running[0].deletion_grace_period_seconds, None);
+        let mut evicted = host_pod("web", "u1", "Running");
+        evicted.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        evicted.metadata.deletion_grace_period_seconds = Some(30);
+        let out = feed(evicted.clone());
+        assert_eq!(
+            kinds(&out),
+            [(PodStatusEventType::Updated, "web".to_string())],
+            "the same status, terminating now"
+        );
+        assert_eq!(out[0].deletion_grace_period_seconds, Some(30));
+        assert!(feed(evicted).is_empty(), "said once");
     }
 
     #[test]

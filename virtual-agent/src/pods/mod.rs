@@ -83,8 +83,9 @@ enum State {
     Orphaned,
     /// Allowed, but an object it needs is missing in the virtual cluster (event recorded).
     Waiting(String),
-    /// Was synced; its host Pod went (evicted by a drain, deleted on the host): the virtual Pod
-    /// is deleted too, as vCluster does, so its controller makes a new one. Never applied again.
+    /// Was synced; its host Pod terminates or went (evicted by a drain, deleted on the host): the
+    /// virtual Pod is deleted too, as vCluster does, so its controller makes a new one. Never
+    /// applied again.
     HostGone,
 }
 

@@ -1080,19 +1080,24 @@ impl Shard {
                 if let Some(staging) = &mut self.host_staging {
                     staging.insert(key.clone(), event.pod_uid.clone());
                 }
+                let terminating = event.deletion_grace_period_seconds.is_some();
+                let uid = event.pod_uid.clone();
                 if self.copy_status(&key, &event).await {
                     self.unsent_status.remove(&key);
                 } else {
                     // Nothing is lost: the Pod is retried with backoff, and the retry writes the
                     // latest status the host sent.
                     self.unsent_status.insert(key.clone(), event);
-                    self.retry_later(key);
+                    self.retry_later(key.clone());
+                }
+                if terminating {
+                    self.on_host_gone(&key, &uid, HostLoss::Terminating).await;
                 }
             }
             PodStatusEventType::Deleted => {
                 self.unsent_status.remove(&key);
                 self.host.remove(&key);
-                self.on_host_gone(&key, &event.pod_uid).await;
+                self.on_host_gone(&key, &event.pod_uid, HostLoss::Gone).await;
             }
             PodStatusEventType::InitialStateComplete => {
                 // The host agent just listed the host Pods: the host API server answers.
@@ -1106,7 +1111,7 @@ impl Shard {
                         .collect();
                     self.host = staging;
                     for (key, uid) in vanished {
-                        self.on_host_gone(&key, &uid).await;
+                        self.on_host_gone(&key, &uid, HostLoss::Gone).await;
                     }
                 }
                 if !self.host_listed {
@@ -1191,7 +1196,11 @@ impl Shard {
         }
     }
 
-    async fn on_host_gone(&mut self, key: &Key, uid: &str) {
+    /// A synced Pod's host Pod terminates or is gone (evicted by a drain, preempted, deleted on
+    /// the host): the virtual Pod is deleted too, as vCluster does, so its controller replaces it
+    /// (at once, not after the host Pod's grace period). Orphans stay, as the spec wants. A
+    /// virtual Pod already deleting is finished once its host Pod is gone.
+    async fn on_host_gone(&mut self, key: &Key, uid: &str, loss: HostLoss) {
         let Some(pod) = self.pods.get(key).cloned() else {
             return;
         };
@@ -1199,7 +1208,9 @@ impl Shard {
             return;
         }
         if pod.metadata.deletion_timestamp.is_some() {
-            self.finalize_virtual(key, &pod).await;
+            if loss == HostLoss::Gone {
+                self.finalize_virtual(key, &pod).await;
+            }
             return;
         }
         if !self
@@ -1209,10 +1220,16 @@ impl Shard {
         {
             return;
         }
-        let note = format!(
-            "the host pod of {:?} was deleted; deleting the virtual pod",
-            key.1
-        );
+        let note = match loss {
+            HostLoss::Terminating => format!(
+                "the host pod of {:?} is being deleted (evicted, preempted or deleted on the host); deleting the virtual pod",
+                key.1
+            ),
+            HostLoss::Gone => format!(
+                "the host pod of {:?} was deleted; deleting the virtual pod",
+                key.1
+            ),
+        };
         tracing::warn!(namespace = %key.0, pod = %key.1, "{note}");
         self.publish(&pod, EventType::Warning, "SyncWarning", "Delete", note)
             .await;
@@ -1261,6 +1278,15 @@ impl Shard {
             }
         }
     }
+}
+
+/// How a synced Pod's host Pod is lost (see [`Shard::on_host_gone`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HostLoss {
+    /// It terminates: it has a deletionTimestamp.
+    Terminating,
+    /// It is gone from the host.
+    Gone,
 }
 
 /// Keeps in a host status about to be copied the virtual Pod's own readiness gate conditions: the

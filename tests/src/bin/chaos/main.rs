@@ -1,8 +1,8 @@
 //! `chaos`: a seeded, repeatable chaos run of the whole rcsync system.
 //!
 //! ```text
-//!  churn (host classes, host events about host Pods, tenants file, virtual ─┐
-//!         Pods and tenant-made classes)                                     │
+//!  churn (host classes, host events about host Pods, drains evicting them, ─┐
+//!         tenants file, virtual Pods and budgets, tenant-made classes)       │
 //!  faults (kills, SIGTERMs, API server restarts, cut/stalled connections,    ├─► real processes
 //!          token and client CA rotation, config edits) at seeded moments     ┘
 //!  invariants: continuously (harness watches, logs, memory) and at every quiet window
@@ -240,6 +240,27 @@ async fn host_event_step(rng: &mut StdRng, client: &kube::Client) {
     }
 }
 
+/// One host-side drain step: a random host Pod of a random tenant evicted through
+/// `pods/eviction`, as `kubectl drain` does (asked once: a budget's 429 is the drain's answer).
+/// A Pod that goes takes its virtual Pod with it; the churn makes Pods of its names again.
+async fn host_drain_step(rng: &mut StdRng, evictor: &kube::Client) {
+    let namespace = world::host_namespace(TENANTS[rng.random_range(0..TENANTS.len())]);
+    let api: Api<Pod> = Api::namespaced(evictor.clone(), &namespace);
+    let Ok(pods) = api.list(&ListParams::default()).await else {
+        return;
+    };
+    if pods.items.is_empty() {
+        return;
+    }
+    let pod = &pods.items[rng.random_range(0..pods.items.len())];
+    let Some(name) = pod.metadata.name.as_deref() else {
+        return;
+    };
+    if api.evict(name, &Default::default()).await.is_ok() {
+        OPERATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The readiness gate every churned Pod has, which the churn's "controller" sets.
 pub const READINESS_GATE: &str = "example.com/lb-ready";
 
@@ -420,6 +441,7 @@ fn spawn_churn(
         tokio::spawn(async move {
             let mut counter = 0;
             let mut client = None;
+            let mut evictor = None;
             while !*stop.borrow() {
                 if *paused.borrow() {
                     let _ = paused.changed().await;
@@ -428,9 +450,14 @@ fn spawn_churn(
                 if client.is_none() {
                     client = world::client(&kubeconfig).await.ok();
                 }
+                if host && evictor.is_none() {
+                    evictor = world::client_asking_once(&kubeconfig).await.ok();
+                }
                 if let Some(c) = &client {
                     if host && rng.random_bool(0.3) {
                         host_event_step(&mut rng, c).await;
+                    } else if let Some(evictor) = evictor.as_ref().filter(|_| host && rng.random_bool(0.1)) {
+                        host_drain_step(&mut rng, evictor).await;
                     } else if host {
                         host_churn_step(&mut rng, c, &timeline).await;
                     } else {

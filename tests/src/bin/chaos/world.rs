@@ -497,6 +497,15 @@ pub async fn client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+/// A client whose requests are each asked once: kube's default client retries a 429 (an
+/// eviction a budget refuses) by itself for minutes, where a drain takes the answer.
+pub async fn client_asking_once(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    config.default_retry = false;
+    Ok(kube::Client::try_from(config)?)
+}
+
 /// The ServiceAccount churned Pods with token volumes run as, in `default`.
 pub const TOKEN_SERVICE_ACCOUNT: &str = "runner";
 
