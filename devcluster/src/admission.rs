@@ -222,6 +222,7 @@ fn validate_kind(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
         }
         "LimitRange" => crate::limit_range::validate_limit_range(obj, causes),
         "PodDisruptionBudget" => crate::disruption::validate_budget(obj, causes),
+        "PersistentVolumeClaim" => crate::claims::validate_claim(obj, causes),
         "ResourceQuota" => {
             for field in ["scopes", "scopeSelector"] {
                 if let Some(value) = obj.pointer(&format!("/spec/{field}"))
@@ -532,6 +533,10 @@ pub fn prepare_create(
         "CustomResourceDefinition" => {
             crate::crd::validate(def, &obj)?;
             obj["status"] = crate::crd::established_status(&obj);
+        }
+        "PersistentVolumeClaim" => {
+            crate::claims::admit_claim(&mut obj, reader);
+            obj["status"] = json!({"phase": "Pending"});
         }
         "Namespace" => {
             obj["status"] = json!({"phase": "Active"});
@@ -1016,6 +1021,11 @@ pub fn prepare_update(def: &ResourceDef, old: &Value, mut new: Value, part: Part
             ));
         }
         "Pod" => check_pod_update(def, old, &new)?,
+        "PersistentVolumeClaim" => {
+            if let Some(cause) = crate::claims::update_forbidden(old, &new) {
+                return Err(ApiError::invalid(def, &name, vec![cause]));
+            }
+        }
         _ => {}
     }
     bump_generation(old, &mut new);

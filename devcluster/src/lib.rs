@@ -11,7 +11,8 @@
 //! (`kubectl explain`), protobuf request bodies for kubectl's imperative creates, an optional
 //! state file, the admission the spec relies on (RuntimeClass for Pods, immutable `handler`;
 //! LimitRange for containers, `limit_range`; ResourceQuota for Pods: their count and compute
-//! resources, `quota`), and
+//! resources, `quota`; DefaultStorageClass for PersistentVolumeClaims, and with simulated nodes a
+//! provisioner binding them, `claims`), and
 //! CustomResourceDefinitions whose kinds are then served like the built-in ones (`crd`).
 //!
 //! ```text
@@ -32,6 +33,7 @@ pub mod admission;
 pub mod affinity;
 pub mod api;
 pub mod auth;
+pub mod claims;
 pub mod crd;
 pub mod deletion;
 mod discovery;

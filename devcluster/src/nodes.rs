@@ -3,7 +3,8 @@
 //! kubelet stand-in that runs them. Without `--nodes` none of this runs and Pods stay Pending.
 //!
 //! ```text
-//!  store changes (Pods, Nodes, RuntimeClasses) ─┬─► scheduler: nodeSelector, taints/tolerations,
+//!  store changes (Pods, Nodes, RuntimeClasses, ─┬─► scheduler: bound claims (crate::claims),
+//!                 PersistentVolumeClaims)       │   nodeSelector, taints/tolerations,
 //!  1 s ticker (and 10 s heartbeats) ────────────┘   the RuntimeClass's scheduling, inter-pod
 //!                                                   affinity (crate::affinity) ─► spec.nodeName,
 //!                                                   PodScheduled, or Unschedulable + FailedScheduling
@@ -115,8 +116,51 @@ fn heartbeat(store: &Store, options: &NodeOptions, with_status: bool) {
     }
 }
 
-/// Records an Event about a Pod, as the scheduler or kubelet would.
-fn event(
+/// Marks `pod` unschedulable on the `n` nodes for `why` (upstream's words), with its
+/// `FailedScheduling` event, unless it says so already.
+fn mark_unschedulable(store: &Store, pod: &Value, why: &str, n: usize) {
+    let message = format!(
+        "0/{n} nodes are available: {why}. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling."
+    );
+    let already = pod["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "PodScheduled" && c["message"] == message.as_str())
+    });
+    if already {
+        return;
+    }
+    let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let uid = &pod["metadata"]["uid"];
+    let mut marked = None;
+    put(store, "pods", ns, name, |current| {
+        let mut p = current.filter(|c| c["metadata"]["uid"] == *uid)?.clone();
+        p["status"]["conditions"] = merged_conditions(
+            &p["status"]["conditions"],
+            vec![json!({
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": message, "lastTransitionTime": now(),
+            })],
+        );
+        marked = Some(p.clone());
+        Some(p)
+    });
+    if let Some(p) = marked {
+        event(
+            store,
+            &p,
+            "Warning",
+            "FailedScheduling",
+            &message,
+            "default-scheduler",
+            None,
+        );
+    }
+}
+
+/// Records an Event about a Pod, as the scheduler or kubelet would (or about any namespaced
+/// object, its kind and apiVersion named in the event).
+pub(crate) fn event(
     store: &Store,
     pod: &Value,
     kind: &str,
@@ -139,7 +183,8 @@ fn event(
     let obj = json!({
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"name": name, "namespace": ns, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now},
-        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": pod_name,
+        "involvedObject": {"apiVersion": pod.get("apiVersion").cloned().unwrap_or(json!("v1")),
+                           "kind": pod.get("kind").cloned().unwrap_or(json!("Pod")), "namespace": ns, "name": pod_name,
                            "uid": pod["metadata"]["uid"], "resourceVersion": pod["metadata"]["resourceVersion"]},
         "reason": reason, "message": message, "type": kind, "source": source,
         "firstTimestamp": now, "lastTimestamp": now, "count": 1,
@@ -224,6 +269,13 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                 {
                     continue;
                 }
+                // The Pod's claims first, as upstream's VolumeBinding prefilter: no node helps.
+                if let Some(why) = crate::claims::unschedulable(store, &pod) {
+                    if !ours.is_empty() {
+                        mark_unschedulable(store, &pod, &why, ours.len());
+                    }
+                    continue;
+                }
                 let mut selector = strings(&pod["spec"]["nodeSelector"]);
                 let mut tolerations = pod["spec"]["tolerations"].as_array().cloned().unwrap_or_default();
                 if let Some(rc) = &class {
@@ -302,40 +354,8 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             .iter()
                             .map(|(why, count)| format!("{count} {why}"))
                             .collect();
-                        let message = format!(
-                            "0/{n} nodes are available: {}. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling.",
-                            reasons.join(", ")
-                        );
-                        let already = pod["status"]["conditions"].as_array().is_some_and(|c| {
-                            c.iter()
-                                .any(|c| c["type"] == "PodScheduled" && c["message"] == message.as_str())
-                        });
-                        if already || n == 0 {
-                            continue;
-                        }
-                        let mut marked = None;
-                        put(store, "pods", &ns, &name, |current| {
-                            let mut p = current.filter(|c| c["metadata"]["uid"] == uid.as_str())?.clone();
-                            p["status"]["conditions"] = merged_conditions(
-                                &p["status"]["conditions"],
-                                vec![json!({
-                                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                    "message": message, "lastTransitionTime": now(),
-                                })],
-                            );
-                            marked = Some(p.clone());
-                            Some(p)
-                        });
-                        if let Some(p) = marked {
-                            event(
-                                store,
-                                &p,
-                                "Warning",
-                                "FailedScheduling",
-                                &message,
-                                "default-scheduler",
-                                None,
-                            );
+                        if n > 0 {
+                            mark_unschedulable(store, &pod, &reasons.join(", "), n);
                         }
                     }
                 }
@@ -654,7 +674,7 @@ pub async fn run(store: Arc<Store>, options: NodeOptions, mut stop: watch::Recei
             _ = stop.changed() => return,
             change = changes.recv() => {
                 let relevant = match &change {
-                    Ok(c) => matches!(c.storage, "pods" | "nodes" | "runtimeclasses"),
+                    Ok(c) => matches!(c.storage, "pods" | "nodes" | "runtimeclasses" | crate::claims::CLAIMS),
                     Err(_) => true,
                 };
                 if !relevant {

@@ -160,6 +160,8 @@ impl DevCluster {
         tokio::spawn(crate::quota::run(app.api.store().clone(), stop.subscribe()));
         tokio::spawn(crate::disruption::run(app.api.store().clone(), stop.subscribe()));
         if options.nodes.count > 0 {
+            crate::claims::make_default_class(app.api.store());
+            tokio::spawn(crate::claims::run(app.api.store().clone(), stop.subscribe()));
             tokio::spawn(crate::nodes::run(
                 app.api.store().clone(),
                 options.nodes.clone(),

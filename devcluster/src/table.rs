@@ -172,6 +172,26 @@ pub fn columns(def: &ResourceDef) -> Vec<Value> {
             column("Holder", "string", 0, "The holder of the lease."),
             age,
         ],
+        "PersistentVolumeClaim" => vec![
+            name,
+            column("Status", "string", 0, "Phase of the claim."),
+            column("Volume", "string", 0, "The volume bound to the claim."),
+            column("Capacity", "string", 0, "The capacity the claim has."),
+            column("Access Modes", "string", 0, "The access modes the claim has."),
+            column(
+                "StorageClass",
+                "string",
+                0,
+                "The storage class the claim asks for.",
+            ),
+            column(
+                "VolumeAttributesClass",
+                "string",
+                0,
+                "The volume attributes class.",
+            ),
+            age,
+        ],
         "PodDisruptionBudget" => vec![
             name,
             column(
@@ -322,6 +342,32 @@ pub fn cells(def: &ResourceDef, obj: &Value) -> Vec<Value> {
             vec![name, created, json!(request), json!(limit)]
         }
         "Event" => event_cells(obj),
+        "PersistentVolumeClaim" => {
+            let modes: Vec<&str> = obj
+                .pointer("/status/accessModes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|m| match m.as_str()? {
+                    "ReadWriteOnce" => Some("RWO"),
+                    "ReadOnlyMany" => Some("ROX"),
+                    "ReadWriteMany" => Some("RWX"),
+                    "ReadWriteOncePod" => Some("RWOP"),
+                    _ => None,
+                })
+                .collect();
+            let or_unset = |path: &str| json!(obj.pointer(path).and_then(Value::as_str).unwrap_or("<unset>"));
+            vec![
+                name,
+                s(obj, "/status/phase"),
+                s(obj, "/spec/volumeName"),
+                s(obj, "/status/capacity/storage"),
+                json!(modes.join(",")),
+                or_unset("/spec/storageClassName"),
+                or_unset("/spec/volumeAttributesClassName"),
+                created,
+            ]
+        }
         "PodDisruptionBudget" => {
             let stated = |path: &str| match obj.pointer(path) {
                 Some(Value::Number(n)) => json!(n.to_string()),

@@ -915,6 +915,109 @@ async fn kubectl_drain_evicts_only_what_a_disruption_budget_allows() {
     );
 }
 
+/// With simulated nodes, a claim gets the default StorageClass and is bound to a volume made for
+/// it; a Pod naming a claim that is not there is not scheduled, in the scheduler's words, and
+/// runs once the claim is bound; a claim's spec is immutable but for growing.
+#[tokio::test]
+async fn kubectl_claims_are_provisioned_and_hold_back_the_pods_that_need_them() {
+    let cluster = with_a_node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: db\nspec:\n  containers:\n  - name: db\n    image: registry.example/db:1\n  volumes:\n  - name: data\n    persistentVolumeClaim:\n      claimName: data\n";
+    k.run_with_input(&["apply", "-f", "-"], Some(pod)).await;
+    let waiting = eventually_output(
+        &k,
+        &["get", "events", "--field-selector=reason=FailedScheduling"],
+        |out| out.contains("persistentvolumeclaim \"data\" not found"),
+    )
+    .await;
+    assert!(
+        waiting.contains("0/1 nodes are available: persistentvolumeclaim \"data\" not found."),
+        "{waiting}"
+    );
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n";
+    k.run_with_input(&["apply", "-f", "-"], Some(claim)).await;
+    let table = eventually_output(&k, &["get", "pvc", "data"], |out| out.contains("Bound")).await;
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "STATUS",
+            "VOLUME",
+            "CAPACITY",
+            "ACCESS",
+            "MODES",
+            "STORAGECLASS",
+            "VOLUMEATTRIBUTESCLASS",
+            "AGE"
+        ],
+        "{table}"
+    );
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..2], ["data", "Bound"], "{table}");
+    assert!(row[2].starts_with("pvc-"), "{table}");
+    assert_eq!(&row[3..6], ["1Gi", "RWO", "standard"], "{table}");
+    k.run(&["wait", "--for=condition=Ready", "pod/db", "--timeout=20s"])
+        .await;
+
+    // Grown in place; moved to another class: refused.
+    k.run(&[
+        "patch",
+        "pvc",
+        "data",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}"#,
+    ])
+    .await;
+    eventually_output(&k, &["get", "pvc", "data"], |out| out.contains("2Gi")).await;
+    let refused = k
+        .fail(
+            &[
+                "patch",
+                "pvc",
+                "data",
+                "-p",
+                r#"{"spec":{"storageClassName":"fast"}}"#,
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        refused.contains("spec is immutable after creation except resources.requests"),
+        "{refused}"
+    );
+    let refused = k
+        .fail(
+            &[
+                "patch",
+                "pvc",
+                "data",
+                "-p",
+                r#"{"spec":{"resources":{"requests":{"storage":"1Gi"}}}}"#,
+            ],
+            None,
+        )
+        .await;
+    assert!(
+        refused.contains("field can not be less than previous value"),
+        "{refused}"
+    );
+
+    // Its volume goes with it.
+    let volume = k
+        .run(&["get", "pvc", "data", "-o", "jsonpath={.spec.volumeName}"])
+        .await;
+    k.run(&["delete", "pod", "db", "--wait=false"]).await;
+    k.run(&["delete", "pvc", "data"]).await;
+    eventually_output(
+        &k,
+        &["get", "pv", "-o", "jsonpath={.items[*].metadata.name}"],
+        |out| !out.contains(volume.trim()),
+    )
+    .await;
+}
+
 /// A devcluster with one simulated node (its scheduler and kubelet run Pods).
 async fn with_a_node() -> DevCluster {
     DevCluster::start(ServerOptions {
