@@ -354,6 +354,10 @@ pub struct PodPolicy {
     /// PodDisruptionBudgets are held on the host too, so host node drains (evictions) respect
     /// them. Off unless the host's operator allows it: a budget can hold a drain up.
     pub disruption_budgets: bool,
+    /// `sync.toHost.persistentVolumeClaims.enabled` (default false; vCluster's is true): the
+    /// tenant's PersistentVolumeClaims are made on the host, and its Pods may mount them. Off
+    /// unless the host's operator allows it: a claim provisions host storage.
+    pub claims: bool,
 }
 
 /// One tenant of the host agent: a virtual cluster and where its Pods live on the host.
@@ -939,6 +943,21 @@ impl Walker {
         (level, always_pull)
     }
 
+    /// `<key>.enabled` of a `{enabled: bool}` block among `fields` (false when absent).
+    fn enabled(&mut self, fields: &Fields<'_>, path: &str, key: &str) -> bool {
+        let Some(block) = fields.get(key) else {
+            return false;
+        };
+        let block_path = join(path, key);
+        let Some(block) = self.mapping(block, &block_path, Some(&["enabled"])) else {
+            return false;
+        };
+        block
+            .get("enabled")
+            .and_then(|v| self.bool(v, &join(&block_path, "enabled")))
+            .unwrap_or(false)
+    }
+
     /// `sync.toHost.pods` of a tenant (the sync block's shape was checked by `sync_block`).
     fn host_pod_policy(&mut self, v: &Value, path: &str) -> PodPolicy {
         let mut policy = PodPolicy::default();
@@ -949,19 +968,15 @@ impl Walker {
             return policy;
         };
         let to_host_path = join(path, "toHost");
-        let Some(to_host) = self.mapping(to_host, &to_host_path, Some(&["pods", "podDisruptionBudgets"]))
-        else {
+        let Some(to_host) = self.mapping(
+            to_host,
+            &to_host_path,
+            Some(&["pods", "podDisruptionBudgets", "persistentVolumeClaims"]),
+        ) else {
             return policy;
         };
-        if let Some(budgets) = to_host.get("podDisruptionBudgets") {
-            let budgets_path = join(&to_host_path, "podDisruptionBudgets");
-            if let Some(fields) = self.mapping(budgets, &budgets_path, Some(&["enabled"])) {
-                policy.disruption_budgets = fields
-                    .get("enabled")
-                    .and_then(|v| self.bool(v, &join(&budgets_path, "enabled")))
-                    .unwrap_or(false);
-            }
-        }
+        policy.disruption_budgets = self.enabled(&to_host, &to_host_path, "podDisruptionBudgets");
+        policy.claims = self.enabled(&to_host, &to_host_path, "persistentVolumeClaims");
         let Some(pods) = to_host.get("pods") else {
             return policy;
         };
@@ -1360,13 +1375,15 @@ tenants:
           hybridScheduling: {enabled: true, hostSchedulers: [batch]}
           copyAnnotations: ["prometheus.io/*", "cluster-autoscaler.kubernetes.io/safe-to-evict"]
         podDisruptionBudgets: {enabled: true}
+        persistentVolumeClaims: {enabled: true}
 "#,
         )
         .unwrap();
         let pods = &file.tenants[0].pods;
         assert!(pods.disruption_budgets);
+        assert!(pods.claims);
         assert!(
-            !PodPolicy::default().disruption_budgets,
+            !PodPolicy::default().disruption_budgets && !PodPolicy::default().claims,
             "off unless the host allows it"
         );
         let got = problems(

@@ -44,4 +44,13 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
         &["create", "delete", "get", "list", "update"],
         "tenant-namespace",
     ),
+    // The tenant's PersistentVolumeClaims made on the host (create, get, patch to grow and delete
+    // in Apply/DeleteClaim and ApplyPod's check of a Pod's claims; list and watch in ListClaims and
+    // WatchClaimStatus).
+    (
+        "",
+        "persistentvolumeclaims",
+        &["create", "delete", "get", "list", "patch", "watch"],
+        "tenant-namespace",
+    ),
 ];

@@ -26,7 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Pod, PodAffinityTerm, PodSchedulingGate, PodSpec, Secret, Toleration, WeightedPodAffinityTerm,
+    ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod, PodAffinityTerm, PodSchedulingGate,
+    PodSpec, Secret, Toleration, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
@@ -118,6 +119,12 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     pod_refs::rewrite(&mut spec, |_, name| {
         host_object_name(name, &id.namespace, tenant_name)
     });
+    // So do claims, where the tenant's claims are made on the host (else they are refused below).
+    if tenant.pods.claims {
+        for claim in claim_volumes(&mut spec) {
+            claim.claim_name = host_object_name(&claim.claim_name, &id.namespace, tenant_name);
+        }
+    }
     // The tenant's annotations the host allows first: rcsync's own (identity, fieldRef values)
     // are written over them, and the patterns never match those keys anyway.
     let mut annotations = copied_annotations(&virtual_pod.metadata, &tenant.pods.copy_annotations);
@@ -540,14 +547,29 @@ fn enforced_toleration(t: &EnforcedToleration) -> Toleration {
     }
 }
 
-/// What in a host Pod the host cannot honour; each entry names the field and why. Checked on the
-/// host form (service-account token volumes already dropped), before Pod Security.
-pub fn unsupported(spec: &PodSpec) -> Vec<String> {
+/// The `persistentVolumeClaim` sources of a Pod's volumes.
+pub fn claim_volumes(
+    spec: &mut PodSpec,
+) -> impl Iterator<Item = &mut k8s_openapi::api::core::v1::PersistentVolumeClaimVolumeSource> {
+    spec.volumes
+        .iter_mut()
+        .flatten()
+        .filter_map(|v| v.persistent_volume_claim.as_mut())
+}
+
+/// What in a host Pod the host cannot honour under the tenant's `policy`; each entry names the
+/// field and why. Checked on the host form (service-account token volumes already dropped),
+/// before Pod Security.
+pub fn unsupported(spec: &PodSpec, policy: &PodPolicy) -> Vec<String> {
     let mut problems = Vec::new();
     for v in spec.volumes.iter().flatten() {
         let name = &v.name;
         let why = if v.persistent_volume_claim.is_some() {
-            Some("persistentVolumeClaim volumes are not synced to the host".to_string())
+            (!policy.claims).then(|| {
+                "persistentVolumeClaim volumes are not synced to the host (sync.toHost.persistentVolumeClaims.enabled \
+                 is not true in the host agent's tenants file)"
+                    .to_string()
+            })
         } else if let Some(e) = &v.ephemeral {
             let template = e.volume_claim_template.as_ref().map(|t| &t.spec);
             (template.is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some()))
@@ -799,6 +821,95 @@ pub fn host_disruption_budget(
     })
 }
 
+/// Why a virtual PersistentVolumeClaim has no host claim.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClaimProblem {
+    /// The request is malformed (no name, namespace or uid): the caller's bug.
+    Invalid(String),
+    /// The claim cannot be made on the host as it stands: a refusal the tenant sees.
+    Unsupported(String),
+}
+
+/// The host PersistentVolumeClaim of a virtual one of `tenant`: named, labelled and annotated as
+/// the tenant's other host objects, with the access modes, storage request, class, volume mode
+/// and volume attributes class it asks for. A claim binding host storage the tenant does not own
+/// is refused: one naming a volume (`volumeName`), selecting volumes by their labels
+/// (`selector`), or cloned from anything but another claim of its own namespace, whose host
+/// claim (the tenant's own copy) is the host clone's source. Returns the host claim and the
+/// virtual name of the claim it clones, if any (the caller checks that host claim is the
+/// tenant's).
+pub fn host_claim(
+    virtual_claim: &PersistentVolumeClaim,
+    tenant: &Tenant,
+) -> Result<(PersistentVolumeClaim, Option<String>), ClaimProblem> {
+    let meta = &virtual_claim.metadata;
+    let (name, namespace) = object_identity(meta)
+        .map_err(|e| ClaimProblem::Invalid(format!("the PersistentVolumeClaim has no {}", missing(&e))))?;
+    let uid = meta
+        .uid
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| ClaimProblem::Invalid("the PersistentVolumeClaim has no metadata.uid".into()))?;
+    let spec = virtual_claim.spec.clone().unwrap_or_default();
+    if spec.volume_name.as_deref().is_some_and(|v| !v.is_empty()) {
+        return Err(ClaimProblem::Unsupported(
+            "spec.volumeName names a host PersistentVolume, which the tenant does not own: the host provisions the \
+             claim's volume"
+                .into(),
+        ));
+    }
+    if spec.selector.is_some() {
+        return Err(ClaimProblem::Unsupported(
+            "spec.selector selects host PersistentVolumes by their labels, which the tenant does not own: the host \
+             provisions the claim's volume"
+                .into(),
+        ));
+    }
+    // A clone of another claim of the same namespace only (dataSource, or dataSourceRef without a
+    // namespace): its source becomes that claim's host copy.
+    let mut source = None;
+    let data_source = match (&spec.data_source, &spec.data_source_ref) {
+        (None, None) => None,
+        (from, from_ref) => {
+            let (kind, group, source_name, source_namespace) = match (from, from_ref) {
+                (_, Some(r)) => (&r.kind, &r.api_group, &r.name, r.namespace.as_deref()),
+                (Some(d), None) => (&d.kind, &d.api_group, &d.name, None),
+                (None, None) => unreachable!("matched above"),
+            };
+            let core = group.as_deref().is_none_or(str::is_empty);
+            if kind != "PersistentVolumeClaim" || !core || source_namespace.is_some_and(|ns| ns != namespace)
+            {
+                return Err(ClaimProblem::Unsupported(format!(
+                    "its data source ({kind} {source_name}) would name a host object: only a clone of another \
+                     PersistentVolumeClaim of its namespace is synced"
+                )));
+            }
+            source = Some(source_name.clone());
+            Some(k8s_openapi::api::core::v1::TypedLocalObjectReference {
+                api_group: None,
+                kind: kind.clone(),
+                name: host_object_name(source_name, &namespace, tenant.name.as_str()),
+            })
+        }
+    };
+    let mut metadata = copy_metadata(&name, &namespace, tenant);
+    metadata.annotations = Some(identity_annotations(&name, &namespace, Some(uid)));
+    let claim = PersistentVolumeClaim {
+        metadata,
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: spec.access_modes,
+            resources: spec.resources,
+            storage_class_name: spec.storage_class_name,
+            volume_mode: spec.volume_mode,
+            volume_attributes_class_name: spec.volume_attributes_class_name,
+            data_source,
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Ok((claim, source))
+}
+
 fn missing(error: &TranslateError) -> &'static str {
     match error {
         TranslateError::Missing(field) => field,
@@ -1033,7 +1144,7 @@ mod tests {
             spread,
             &scoped(Some(serde_json::json!(["default"])))["labelSelector"]
         );
-        assert!(unsupported(&spec).is_empty());
+        assert!(unsupported(&spec, &PodPolicy::default()).is_empty());
 
         // Namespaces selected by their labels: the host cannot see them.
         let by_labels = with_spec(serde_json::json!({"affinity": {"podAffinity": {
@@ -1041,7 +1152,7 @@ mod tests {
                 web(serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "x"}}}))]}}}));
         let spec = host_pod(&by_labels, &tenant(), "").unwrap().spec.unwrap();
         assert_eq!(
-            unsupported(&spec),
+            unsupported(&spec, &PodPolicy::default()),
             [
                 "affinity.podAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].namespaceSelector: namespaces selected by their labels cannot be resolved on the host (list them in namespaces, or select all with an empty namespaceSelector)"
             ]
@@ -1257,7 +1368,7 @@ mod tests {
             annotations.keys().filter(|k| k.starts_with("rcsync.io/")).count() == 2,
             "{annotations:?}"
         );
-        assert!(unsupported(host.spec.as_ref().unwrap()).is_empty());
+        assert!(unsupported(host.spec.as_ref().unwrap(), &PodPolicy::default()).is_empty());
     }
 
     #[test]
@@ -1271,7 +1382,7 @@ mod tests {
         }));
         let host = host_pod(&pod, &tenant(), "").unwrap();
         assert_eq!(
-            unsupported(host.spec.as_ref().unwrap()),
+            unsupported(host.spec.as_ref().unwrap(), &PodPolicy::default()),
             [
                 "volume \"info\": downwardAPI item \"labels\" reads all of metadata.labels, which the host Pod does not carry (single keys, metadata.labels['key'], are mapped)",
                 "volume \"p\": downwardAPI item \"annotations\" reads all of metadata.annotations, which the host Pod does not carry (single keys, metadata.annotations['key'], are mapped)",
@@ -1374,7 +1485,7 @@ mod tests {
             "resourceClaims": [{"name": "gpu", "resourceClaimName": "host-claim"}]
         }));
         let host = host_pod(&pod, &tenant(), "").unwrap();
-        let problems = unsupported(host.spec.as_ref().unwrap());
+        let problems = unsupported(host.spec.as_ref().unwrap(), &PodPolicy::default());
         let named: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
         assert_eq!(
             named,
@@ -1391,6 +1502,99 @@ mod tests {
         );
         assert!(problems[0].contains("persistentVolumeClaim volumes are not synced"));
         assert!(problems[1].contains("cephfs volumes name a Secret"));
+    }
+
+    #[test]
+    fn a_pods_claims_are_the_tenants_host_copies_where_claims_are_made_on_the_host() {
+        let pod = pod_with(serde_json::json!({
+            "containers": [{"name": "c"}],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data", "readOnly": true}}]
+        }));
+        let tenant = tenant_with("    sync: {toHost: {persistentVolumeClaims: {enabled: true}}}\n");
+        let host = host_pod(&pod, &tenant, "").unwrap();
+        let spec = host.spec.as_ref().unwrap();
+        let claim = spec.volumes.as_ref().unwrap()[0]
+            .persistent_volume_claim
+            .as_ref()
+            .unwrap();
+        assert_eq!(claim.claim_name, "data-x-shop-x-team-a");
+        assert_eq!(claim.read_only, Some(true));
+        assert!(unsupported(spec, &tenant.pods).is_empty());
+    }
+
+    fn claim(spec: serde_json::Value) -> PersistentVolumeClaim {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "data", "namespace": "shop", "uid": "c-1", "labels": {"app": "db"}},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_host_claim_asks_for_what_the_virtual_one_does_under_the_tenants_name() {
+        let spec = serde_json::json!({
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+            "storageClassName": "fast", "volumeMode": "Filesystem",
+        });
+        let (host, source) = host_claim(&claim(spec), &tenant()).unwrap();
+        assert_eq!(source, None);
+        assert_eq!(host.metadata.name.as_deref(), Some("data-x-shop-x-team-a"));
+        assert_eq!(host.metadata.namespace.as_deref(), Some("vc-team-a"));
+        assert_eq!(host.metadata.labels.as_ref().unwrap()[LABEL_MANAGED_BY], "team-a");
+        assert!(
+            !host.metadata.labels.as_ref().unwrap().contains_key("app"),
+            "virtual labels stay"
+        );
+        assert_eq!(
+            host.metadata.annotations.as_ref().unwrap()[ANNOTATION_OBJECT_UID],
+            "c-1"
+        );
+        let host_spec = host.spec.unwrap();
+        assert_eq!(host_spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(host_spec.access_modes, Some(vec!["ReadWriteOnce".to_string()]));
+
+        // A clone of another claim of its namespace: the source is that claim's host copy.
+        let clone = serde_json::json!({
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+            "dataSourceRef": {"kind": "PersistentVolumeClaim", "name": "seed"},
+        });
+        let (host, source) = host_claim(&claim(clone), &tenant()).unwrap();
+        assert_eq!(source.as_deref(), Some("seed"));
+        let from = host.spec.unwrap().data_source.unwrap();
+        assert_eq!(
+            (from.kind.as_str(), from.name.as_str()),
+            ("PersistentVolumeClaim", "seed-x-shop-x-team-a")
+        );
+    }
+
+    #[test]
+    fn a_claim_that_would_bind_host_storage_the_tenant_does_not_own_is_refused_naming_why() {
+        let refused = |spec: serde_json::Value| match host_claim(&claim(spec), &tenant()) {
+            Err(ClaimProblem::Unsupported(message)) => message,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert!(
+            refused(serde_json::json!({"volumeName": "pv-of-team-b"}))
+                .starts_with("spec.volumeName names a host")
+        );
+        assert!(
+            refused(serde_json::json!({"selector": {"matchLabels": {"team": "b"}}}))
+                .starts_with("spec.selector")
+        );
+        assert!(
+            refused(serde_json::json!({"dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap"}}))
+                .contains("(VolumeSnapshot snap) would name a host object")
+        );
+        assert!(
+            refused(serde_json::json!({"dataSourceRef": {"kind": "PersistentVolumeClaim", "name": "db", "namespace": "other"}}))
+                .contains("only a clone of another PersistentVolumeClaim of its namespace")
+        );
+        let mut nameless = claim(serde_json::json!({}));
+        nameless.metadata.uid = None;
+        assert!(matches!(
+            host_claim(&nameless, &tenant()),
+            Err(ClaimProblem::Invalid(_))
+        ));
     }
 
     #[test]

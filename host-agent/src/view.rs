@@ -225,6 +225,7 @@ pub fn pod_policy_version(policy: &rcsync_core::PodPolicy) -> String {
         &policy.enforce_node_selector,
         policy.always_pull_images,
         policy.disruption_budgets,
+        policy.claims,
     ))
 }
 

@@ -28,6 +28,8 @@ pub struct TenantSpec {
     pub host_pods: Option<String>,
     /// Its `sync.toHost.podDisruptionBudgets.enabled`.
     pub disruption_budgets: bool,
+    /// Its `sync.toHost.persistentVolumeClaims.enabled`.
+    pub claims: bool,
 }
 
 impl TenantSpec {
@@ -40,7 +42,14 @@ impl TenantSpec {
             limits: None,
             host_pods: None,
             disruption_budgets: false,
+            claims: false,
         }
+    }
+
+    /// The same tenant with `sync.toHost.persistentVolumeClaims.enabled` set to `enabled`.
+    pub fn claims(mut self, enabled: bool) -> Self {
+        self.claims = enabled;
+        self
     }
 
     /// The same tenant with `sync.toHost.podDisruptionBudgets.enabled` set to `enabled`.
@@ -164,6 +173,9 @@ fn tenants_yaml(tenants: &[TenantSpec]) -> String {
         }
         if t.disruption_budgets {
             to_host.push("podDisruptionBudgets: {enabled: true}".to_string());
+        }
+        if t.claims {
+            to_host.push("persistentVolumeClaims: {enabled: true}".to_string());
         }
         config.push_str(&format!(
             "  - name: {}\n    hostNamespace: {}\n    tokenFile: {}.token\n    sync: {{fromHost: {{runtimeClasses: {}}}{}}}\n",

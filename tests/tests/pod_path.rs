@@ -411,13 +411,13 @@ async fn run_as_non_root_is_required_by_restricted() {
 }
 
 #[tokio::test]
-async fn a_persistent_volume_claim_is_refused_with_a_reason() {
+async fn a_persistent_volume_claim_is_refused_where_the_host_does_not_make_the_tenants_claims() {
     let system = system(tenant()).await;
     refused(
         &system,
         "stateful",
         json!({"containers": [app(json!({}))], "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]}),
-        r#"the host cannot honour volume "data": persistentVolumeClaim volumes are not synced to the host"#,
+        r#"the host cannot honour volume "data": persistentVolumeClaim volumes are not synced to the host (sync.toHost.persistentVolumeClaims.enabled is not true in the host agent's tenants file)"#,
     )
     .await;
 }
@@ -1725,7 +1725,8 @@ async fn a_virtual_agent_syncs_its_pods_over_one_connection_whatever_its_shards(
         .unwrap();
     }
     system.wait_host_pod_count(40).await;
-    // One connection for the Sync stream, one for the status feed, one for every Pod call.
+    // One connection for the Sync stream, one for the status feed, one for every Pod call (and
+    // the budgets' and claims' calls and claim status stream).
     let (_, metrics) = http_get(&system.host_admin, "/metrics").await.unwrap();
     let open: f64 = metrics
         .lines()

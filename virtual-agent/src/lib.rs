@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod budgets;
+pub mod claims;
 pub mod classes;
 pub mod connect;
 pub mod leader;

@@ -57,6 +57,12 @@ pub struct Metrics {
     pub budgets_refused: Gauge,
     /// PodDisruptionBudget operations that failed and are retried.
     pub budget_errors_total: Counter,
+    /// PersistentVolumeClaims made on the host as this replica last applied them (0 on a standby).
+    pub claims_synced: Gauge,
+    /// PersistentVolumeClaims the host agent refused to make (SyncError on the claim).
+    pub claims_refused: Gauge,
+    /// PersistentVolumeClaim operations (and status copies) that failed and are retried.
+    pub claim_errors_total: Counter,
     /// Unix time of the last Sync response applied.
     pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
     /// 1 while this replica holds the leader Lease (and writes), 0 on standby.
@@ -103,6 +109,9 @@ impl Metrics {
             budgets_synced: Gauge::default(),
             budgets_refused: Gauge::default(),
             budget_errors_total: Counter::default(),
+            claims_synced: Gauge::default(),
+            claims_refused: Gauge::default(),
+            claim_errors_total: Counter::default(),
             tls_reloads: Default::default(),
         };
         let r = registry.sub_registry_with_prefix("rcsync");
@@ -190,6 +199,21 @@ impl Metrics {
             "disruption_budget_errors",
             "PodDisruptionBudget operations that failed and are retried",
             m.budget_errors_total.clone(),
+        );
+        r.register(
+            "persistent_volume_claims_synced",
+            "PersistentVolumeClaims made on the host as this replica applied them while leading",
+            m.claims_synced.clone(),
+        );
+        r.register(
+            "persistent_volume_claims_refused",
+            "PersistentVolumeClaims the host agent refused to make (SyncError on the claim)",
+            m.claims_refused.clone(),
+        );
+        r.register(
+            "persistent_volume_claim_errors",
+            "PersistentVolumeClaim operations and status copies that failed and are retried",
+            m.claim_errors_total.clone(),
         );
         r.register(
             "pod_tokens_issued",

@@ -16,6 +16,9 @@ pub const REQUIRED: &[(&str, &str, &[&str])] = &[
     ("", "secrets", &["list", "watch"]),
     // budgets::BudgetSyncer: watch the PodDisruptionBudgets to hold on the host.
     ("policy", "poddisruptionbudgets", &["list", "watch"]),
+    // claims::ClaimSyncer: watch the PersistentVolumeClaims to make on the host, write their status.
+    ("", "persistentvolumeclaims", &["list", "watch"]),
+    ("", "persistentvolumeclaims/status", &["patch"]),
     // pods::tokens: service account tokens for Pods on the host (--pod-api-server).
     ("", "serviceaccounts/token", &["create"]),
     // pods::PodSyncer: copy host status.

@@ -20,6 +20,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use tokio::task::JoinSet;
 
 use crate::budgets::{BUDGET_REPORTER, BudgetBoard, BudgetSyncer};
+use crate::claims::{CLAIM_REPORTER, ClaimSyncer};
 use crate::classes::{Applier, CLASSES_LISTED, INITIAL_STATE_APPLIED, SyncState, run_enforcer, run_sync};
 use crate::connect::{HostAgentTarget, SharedClients};
 use crate::leader::{Elector, Fence, LEASE_NAME, LeaseSettings, Role};
@@ -258,8 +259,24 @@ impl Shared {
             resync,
             stop_rx.clone(),
         ));
-        // One connection for the Pods' and the budgets' calls.
+        // One connection for the Pods', the budgets' and the claims' calls.
         let connection = Arc::new(SharedClients::new(self.settings.target.clone()));
+        tasks.spawn(
+            ClaimSyncer::new(
+                self.client.clone(),
+                connection.clone(),
+                Recorder::new(
+                    self.client.clone(),
+                    Reporter {
+                        controller: CLAIM_REPORTER.into(),
+                        instance: Some(format!("{CLAIM_REPORTER}-{}", self.settings.target.tenant)),
+                    },
+                ),
+                self.metrics.clone(),
+                self.state.subscribe(),
+            )
+            .run(stop_rx.clone()),
+        );
         tasks.spawn(
             BudgetSyncer::new(
                 self.client.clone(),

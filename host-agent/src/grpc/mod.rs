@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod body_budget;
+pub mod claim_status;
 pub mod connection_limit;
 pub mod framing;
 pub mod limits;
@@ -19,7 +20,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 /// The rcsync methods' paths, as `rcsync_grpc_requests_total` labels them.
-pub(crate) const METHODS: [&str; 8] = [
+pub(crate) const METHODS: [&str; 12] = [
     sync::SYNC,
     sync::CHECK_POD,
     pods::APPLY_POD,
@@ -28,6 +29,10 @@ pub(crate) const METHODS: [&str; 8] = [
     pods::APPLY_BUDGET,
     pods::DELETE_BUDGET,
     pods::LIST_BUDGETS,
+    pods::APPLY_CLAIM,
+    pods::DELETE_CLAIM,
+    pods::LIST_CLAIMS,
+    pods::WATCH_CLAIMS,
 ];
 
 /// TLS files of the gRPC server.

@@ -10,6 +10,8 @@
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
 //!     (asked for: and the host events about them, pod_events)
 //!  Apply/Delete/ListDisruptionBudgets ──► the tenant's PodDisruptionBudgets held on the host (budgets)
+//!  Apply/Delete/ListClaims ──► the tenant's PersistentVolumeClaims made on the host (claims)
+//!  WatchClaimStatus ──► watch host claims labelled managed-by=<tenant> ──► events (claim_status)
 //! ```
 
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Event as CoreEvent, Pod, PodCondition, PodSchedulingGate, Secret,
+    ConfigMap, Event as CoreEvent, PersistentVolumeClaim, Pod, PodCondition, PodSchedulingGate, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
@@ -32,10 +34,12 @@ use rcsync_core::naming::LABEL_MANAGED_BY;
 use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
-    ApplyDisruptionBudgetRequest, ApplyDisruptionBudgetResponse, ApplyPodRequest, ApplyPodResponse,
+    ApplyClaimRequest, ApplyClaimResponse, ApplyDisruptionBudgetRequest, ApplyDisruptionBudgetResponse,
+    ApplyPodRequest, ApplyPodResponse, ClaimStatusEvent, DeleteClaimRequest, DeleteClaimResponse,
     DeleteDisruptionBudgetRequest, DeleteDisruptionBudgetResponse, DeletePodRequest, DeletePodResponse,
-    HostEvents, ListDisruptionBudgetsRequest, ListDisruptionBudgetsResponse, PodRefusal, PodRefusalReason,
-    PodStatusEvent, WatchPodStatusRequest,
+    HostEvents, ListClaimsRequest, ListClaimsResponse, ListDisruptionBudgetsRequest,
+    ListDisruptionBudgetsResponse, PodRefusal, PodRefusalReason, PodStatusEvent, WatchClaimStatusRequest,
+    WatchPodStatusRequest,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -45,6 +49,7 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::auth::{Authenticator, Caller};
+use crate::grpc::claim_status::stream_claim_status;
 use crate::grpc::limits::{StreamKind, TenantLimiter};
 use crate::grpc::pod_events::{self, PodEvents};
 use crate::grpc::pod_status::{HostPodStatus, stream_status};
@@ -57,6 +62,7 @@ use crate::translate::{
 use rcsync_core::naming::host_pod_name;
 
 mod budgets;
+mod claims;
 mod updates;
 use updates::{ephemeral_patch, resize_patch, update_patch};
 
@@ -170,7 +176,10 @@ impl<V: ViewSource> PodSyncService<V> {
         let copies = accepted_copies(&pod, &id, &tenant, &request)?;
         let refusal = match policy_refusal(&desired, &tenant) {
             Some(refusal) => Some(refusal),
-            None => self.names_in_use(&tenant, &id, &copies).await?,
+            None => match self.names_in_use(&tenant, &id, &copies).await? {
+                Some(refusal) => Some(refusal),
+                None => self.claims_refusal(&tenant, &id, &pod).await?,
+            },
         };
         if let Some(refusal) = refusal {
             let reason = PodRefusalReason::try_from(refusal.reason).unwrap_or(PodRefusalReason::Unspecified);
@@ -493,7 +502,7 @@ fn name_in_use(host_name: &str, holder: String) -> PodRefusal {
 /// first, then Pod Security.
 fn policy_refusal(desired: &Pod, tenant: &Tenant) -> Option<PodRefusal> {
     let spec = desired.spec.as_ref()?;
-    let mut problems = unsupported(spec);
+    let mut problems = unsupported(spec, &tenant.pods);
     problems.extend(crate::translate::node_selector_conflicts(spec, &tenant.pods));
     if !problems.is_empty() {
         return Some(PodRefusal {
@@ -875,9 +884,25 @@ pub const APPLY_BUDGET: &str = "/rcsync.v1.PodSync/ApplyDisruptionBudget";
 pub const DELETE_BUDGET: &str = "/rcsync.v1.PodSync/DeleteDisruptionBudget";
 /// The path of `PodSync.ListDisruptionBudgets`.
 pub const LIST_BUDGETS: &str = "/rcsync.v1.PodSync/ListDisruptionBudgets";
+/// The path of `PodSync.ApplyClaim`.
+pub const APPLY_CLAIM: &str = "/rcsync.v1.PodSync/ApplyClaim";
+/// The path of `PodSync.DeleteClaim`.
+pub const DELETE_CLAIM: &str = "/rcsync.v1.PodSync/DeleteClaim";
+/// The path of `PodSync.ListClaims`.
+pub const LIST_CLAIMS: &str = "/rcsync.v1.PodSync/ListClaims";
+pub(crate) const WATCH_CLAIMS: &str = "/rcsync.v1.PodSync/WatchClaimStatus";
 /// PodSync's unary calls, which write to (or read from) the host API server: each is rate-limited
 /// (`podSyncQps`), counted in `podSyncInFlight` and charged to `--max-pod-sync-bytes` while open.
-pub const POD_SYNC_CALLS: [&str; 5] = [APPLY_POD, DELETE_POD, APPLY_BUDGET, DELETE_BUDGET, LIST_BUDGETS];
+pub const POD_SYNC_CALLS: [&str; 8] = [
+    APPLY_POD,
+    DELETE_POD,
+    APPLY_BUDGET,
+    DELETE_BUDGET,
+    LIST_BUDGETS,
+    APPLY_CLAIM,
+    DELETE_CLAIM,
+    LIST_CLAIMS,
+];
 
 #[tonic::async_trait]
 impl<V: ViewSource> PodSync for PodSyncService<V> {
@@ -929,6 +954,76 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         let result = self.bounded(self.list_budgets(request)).await;
         self.metrics.record(LIST_BUDGETS, started, &result);
         result.map(Response::new)
+    }
+
+    async fn apply_claim(
+        &self,
+        request: Request<ApplyClaimRequest>,
+    ) -> Result<Response<ApplyClaimResponse>, Status> {
+        let started = Instant::now();
+        let result = self.bounded(self.apply_host_claim(request)).await;
+        self.metrics.record(APPLY_CLAIM, started, &result);
+        result.map(Response::new)
+    }
+
+    async fn delete_claim(
+        &self,
+        request: Request<DeleteClaimRequest>,
+    ) -> Result<Response<DeleteClaimResponse>, Status> {
+        let started = Instant::now();
+        let result = self.bounded(self.delete_host_claim(request)).await;
+        self.metrics.record(DELETE_CLAIM, started, &result);
+        result.map(Response::new)
+    }
+
+    async fn list_claims(
+        &self,
+        request: Request<ListClaimsRequest>,
+    ) -> Result<Response<ListClaimsResponse>, Status> {
+        let started = Instant::now();
+        let result = self.bounded(self.list_host_claims(request)).await;
+        self.metrics.record(LIST_CLAIMS, started, &result);
+        result.map(Response::new)
+    }
+
+    type WatchClaimStatusStream = Pin<Box<dyn Stream<Item = Result<ClaimStatusEvent, Status>> + Send>>;
+
+    async fn watch_claim_status(
+        &self,
+        request: Request<WatchClaimStatusRequest>,
+    ) -> Result<Response<Self::WatchClaimStatusStream>, Status> {
+        let started = Instant::now();
+        let opened = self.caller(&request).and_then(|(caller, tenant)| {
+            let slot = self.limiter.open(&caller.tenant, StreamKind::PodStatus)?;
+            Ok((caller, tenant, slot))
+        });
+        self.metrics.record(WATCH_CLAIMS, started, &opened);
+        let (caller, tenant, slot) = opened?;
+        let config = watcher::Config::default().labels(&managed_selector(&tenant));
+        let claims = self
+            .metrics
+            .watches
+            .follow(
+                "persistentvolumeclaims".into(),
+                watcher::watcher(
+                    Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &tenant.host_namespace),
+                    config,
+                )
+                .retry_with_backoff(),
+            )
+            .boxed();
+        let (tx, rx) = mpsc::channel(64);
+        let span = tracing::info_span!("claim_status", tenant = %caller.tenant);
+        let shutdown = self.shutdown.clone();
+        let ended = tenant_left(&self.auth, caller, tenant.host_namespace.clone());
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                stream_claim_status(claims, tx, shutdown, ended).await;
+                drop(slot);
+            },
+            span,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type WatchPodStatusStream = Pin<Box<dyn Stream<Item = Result<PodStatusEvent, Status>> + Send>>;

@@ -69,8 +69,15 @@ impl<V: ViewSource> PodSyncService<V> {
             };
         if !tenant.pods.disruption_budgets {
             // Switched off: what the host held for this budget goes too.
-            self.delete_held(&tenant, &host_name, &namespace, &name, None)
-                .await?;
+            delete_held(
+                &self.budgets(&tenant),
+                &tenant,
+                &host_name,
+                &namespace,
+                &name,
+                None,
+            )
+            .await?;
             let message = format!(
                 "the host does not hold PodDisruptionBudgets of tenant {} (sync.toHost.podDisruptionBudgets.enabled \
                  is not true in the host agent's tenants file), so host node drains do not respect this one",
@@ -148,51 +155,16 @@ impl<V: ViewSource> PodSyncService<V> {
         self.limiter.take(&caller.tenant)?;
         let req = request.into_inner();
         let host_name = host_object_name(&req.name, &req.namespace, tenant.name.as_str());
-        let deleted = self
-            .delete_held(&tenant, &host_name, &req.namespace, &req.name, Some(&req.uid))
-            .await?;
+        let deleted = delete_held(
+            &self.budgets(&tenant),
+            &tenant,
+            &host_name,
+            &req.namespace,
+            &req.name,
+            Some(&req.uid),
+        )
+        .await?;
         Ok(DeleteDisruptionBudgetResponse { deleted })
-    }
-
-    /// Deletes the host budget `host_name` when it is the tenant's copy of the virtual budget
-    /// `namespace/name` (of `uid`, when given); whether it did.
-    async fn delete_held(
-        &self,
-        tenant: &Tenant,
-        host_name: &str,
-        namespace: &str,
-        name: &str,
-        uid: Option<&str>,
-    ) -> Result<bool, Status> {
-        let api = self.budgets(tenant);
-        let Some(current) = api
-            .get_opt(host_name)
-            .await
-            .map_err(|e| kube_status(&e, tenant))?
-        else {
-            return Ok(false);
-        };
-        let recorded = recorded_ref(&current.metadata);
-        let ours = recorded_holder(&current.metadata, tenant).is_some()
-            && recorded.is_some_and(|r| {
-                r.namespace == namespace && r.name == name && uid.is_none_or(|uid| r.uid == uid)
-            });
-        if !ours {
-            return Ok(false);
-        }
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: current.metadata.uid.clone(),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match api.delete(host_name, &params).await {
-            Ok(_) => Ok(true),
-            // Gone, or another object under the name now (the precondition held).
-            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => Ok(false),
-            Err(e) => Err(kube_status(&e, tenant)),
-        }
     }
 
     /// ListDisruptionBudgets: see `pod_sync.proto`.
@@ -202,30 +174,80 @@ impl<V: ViewSource> PodSyncService<V> {
     ) -> Result<ListDisruptionBudgetsResponse, Status> {
         let (caller, tenant) = self.caller(&request)?;
         self.limiter.take(&caller.tenant)?;
-        let listed = self
-            .budgets(&tenant)
-            .list(&ListParams::default().labels(&managed_selector(&tenant)))
-            .await
-            .map_err(|e| kube_status(&e, &tenant))?;
-        let budgets = listed
-            .items
-            .iter()
-            .filter(|b| recorded_holder(&b.metadata, &tenant).is_some())
-            .filter_map(|b| recorded_ref(&b.metadata))
-            .map(|r| VirtualObject {
-                namespace: r.namespace,
-                name: r.name,
-                uid: r.uid,
-            })
-            .collect();
+        let budgets = list_held(&self.budgets(&tenant), &tenant).await?;
         Ok(ListDisruptionBudgetsResponse { budgets })
     }
+}
+
+/// Deletes the host object `host_name` of `api` when it is the tenant's copy of the virtual
+/// object `namespace/name` (of `uid`, when given); whether it did.
+pub(super) async fn delete_held<K>(
+    api: &Api<K>,
+    tenant: &Tenant,
+    host_name: &str,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<bool, Status>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let Some(current) = api
+        .get_metadata_opt(host_name)
+        .await
+        .map_err(|e| kube_status(&e, tenant))?
+    else {
+        return Ok(false);
+    };
+    let recorded = recorded_ref(&current.metadata);
+    let ours = recorded_holder(&current.metadata, tenant).is_some()
+        && recorded.is_some_and(|r| {
+            r.namespace == namespace && r.name == name && uid.is_none_or(|uid| r.uid == uid)
+        });
+    if !ours {
+        return Ok(false);
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: current.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(host_name, &params).await {
+        Ok(_) => Ok(true),
+        // Gone, or another object under the name now (the precondition held).
+        Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => Ok(false),
+        Err(e) => Err(kube_status(&e, tenant)),
+    }
+}
+
+/// The virtual identities of the tenant's host objects of `api` (those rcsync wrote for it).
+pub(super) async fn list_held<K>(api: &Api<K>, tenant: &Tenant) -> Result<Vec<VirtualObject>, Status>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let listed = api
+        .list_metadata(&ListParams::default().labels(&managed_selector(tenant)))
+        .await
+        .map_err(|e| kube_status(&e, tenant))?;
+    Ok(listed
+        .items
+        .iter()
+        .filter(|o| recorded_holder(&o.metadata, tenant).is_some())
+        .filter_map(|o| recorded_ref(&o.metadata))
+        .map(|r| VirtualObject {
+            namespace: r.namespace,
+            name: r.name,
+            uid: r.uid,
+        })
+        .collect())
 }
 
 /// Whether the host API server refused a write for the object as it stands (validation, an
 /// admission webhook), rather than for something of the host's (its RBAC, a namespace being
 /// deleted) that may change any moment.
-fn refused_as_it_stands(code: u16, message: &str) -> bool {
+pub(super) fn refused_as_it_stands(code: u16, message: &str) -> bool {
     matches!(code, 400 | 422)
         || (code == 403 && !follows_the_host(message) && !message.contains("exceeded quota"))
 }

@@ -1,0 +1,650 @@
+//! The claim syncer: makes the virtual cluster's PersistentVolumeClaims on the host, so the Pods
+//! that mount them (a StatefulSet's, say) run there with host storage, and writes each host
+//! claim's status (`Bound`, its capacity) back on the virtual claim.
+//!
+//! ```text
+//!  watch virtual PersistentVolumeClaims ──► due queue (by namespace/name)
+//!     ──► ApplyClaim ──applied──► made (grown when the virtual claim asks for more)
+//!                    └─refused─► SyncError event on the claim (once per message); tried again
+//!                                later, and at once when the tenant's policy version changes
+//!     deleted ──► DeleteClaim (UID-checked by the host agent)
+//!  each relist ──► ListClaims ──► host claims whose virtual claim is gone ──► deleted
+//!  WatchClaimStatus ──► UPDATED ──► status patched on the virtual claim of that uid
+//!                   └─► DELETED while the virtual claim stays (deleted on the host by hand)
+//!                        ──► made again
+//!  failures ──► retried per claim with backoff; over the tenant's rate ──► after the delay asked
+//!  (nothing is sent before the status stream's first INITIAL_STATE_COMPLETE: the host agent is
+//!   ready and reachable then)
+//! ```
+//!
+//! Whether the host makes a tenant's claims is the host's call
+//! (`sync.toHost.persistentVolumeClaims.enabled` in the host agent's tenants file): where it does
+//! not, each claim carries a `SyncError` event saying so, and Pods mounting one are refused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource as _, ResourceExt as _};
+use rcsync_core::kube_client::RetryWithBackoff as _;
+use rcsync_proto::v1::{
+    ApplyClaimRequest, ClaimStatusEvent, ClaimStatusEventType, DeleteClaimRequest, ListClaimsRequest,
+    PodRefusalReason, WatchClaimStatusRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tonic_types::StatusExt as _;
+
+use crate::classes::SyncState;
+use crate::connect::{Backoff, SharedClients};
+use crate::metrics::Metrics;
+use crate::pods::{GaugedMap, Key, digest_of};
+
+/// The component that reports claim sync events.
+pub const CLAIM_REPORTER: &str = "pvc-syncer";
+
+/// The longest a failed claim operation waits before its next attempt.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The longest a refused claim waits before it is tried again (the host's quota may have room by
+/// then, or the name in use be free).
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// What the host holds for a virtual claim (or refused to make), as this syncer last applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Held {
+    uid: String,
+    /// A digest of what was sent.
+    sent: u64,
+    /// Whether the host agent refused it (the refusal's message is in [`Books::refusals`]).
+    refused: bool,
+}
+
+/// Syncs PersistentVolumeClaims while this replica leads (see the module docs).
+pub struct ClaimSyncer {
+    client: Client,
+    connection: Arc<SharedClients>,
+    recorder: Recorder,
+    metrics: Metrics,
+    sync_state: watch::Receiver<SyncState>,
+}
+
+/// The syncer's state between events.
+struct Books {
+    /// The virtual claims, as last watched.
+    claims: HashMap<Key, Arc<PersistentVolumeClaim>>,
+    /// What the host holds (or refused), by virtual claim; those held are
+    /// `rcsync_persistent_volume_claims_synced`.
+    held: GaugedMap<Held>,
+    /// The host agent's refusals (an event was recorded for each), by virtual claim:
+    /// `rcsync_persistent_volume_claims_refused`.
+    refusals: GaugedMap<String>,
+    /// Host statuses not yet written on their virtual claim (by virtual claim: its uid, the status).
+    statuses: HashMap<Key, (String, serde_json::Value)>,
+    /// Claims to look at, and when.
+    due: BTreeMap<Key, Instant>,
+    /// Each failing or refused claim's backoff.
+    backoffs: HashMap<Key, Backoff>,
+    /// When to compare the host's claims with the virtual ones (after each relist).
+    collect_at: Option<Instant>,
+    collect_backoff: Option<Backoff>,
+    /// Nothing is sent over the tenant's rate limit before this.
+    paused_until: Option<Instant>,
+}
+
+impl Books {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            claims: HashMap::new(),
+            held: GaugedMap::new(metrics.claims_synced.clone(), |h| !h.refused),
+            refusals: GaugedMap::new(metrics.claims_refused.clone(), |_| true),
+            statuses: HashMap::new(),
+            due: BTreeMap::new(),
+            backoffs: HashMap::new(),
+            collect_at: None,
+            collect_backoff: None,
+            paused_until: None,
+        }
+    }
+
+    /// Forgets what the host holds for `key`.
+    fn forget(&mut self, key: &Key) {
+        self.held.remove(key);
+        self.refusals.remove(key);
+    }
+
+    /// Looks at `key` again after `cap`-bounded backoff.
+    fn later(&mut self, key: Key, cap: Duration) -> Duration {
+        let delay = self
+            .backoffs
+            .entry(key.clone())
+            .or_insert_with(|| Backoff::new(Duration::from_millis(200), cap))
+            .up_to(cap)
+            .next_delay();
+        self.due.insert(key, Instant::now() + delay);
+        delay
+    }
+
+    /// When the loop has work next: the earliest due claim or collection, not before a pause ends.
+    fn next_wake(&self) -> Option<Instant> {
+        let next = self.due.values().copied().chain(self.collect_at).min()?;
+        Some(self.paused_until.map_or(next, |until| next.max(until)))
+    }
+}
+
+impl ClaimSyncer {
+    /// A syncer for the virtual cluster behind `client`, calling the host agent over `connection`.
+    pub fn new(
+        client: Client,
+        connection: Arc<SharedClients>,
+        recorder: Recorder,
+        metrics: Metrics,
+        sync_state: watch::Receiver<SyncState>,
+    ) -> Self {
+        Self {
+            client,
+            connection,
+            recorder,
+            metrics,
+            sync_state,
+        }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let api: Api<PersistentVolumeClaim> = Api::all(self.client.clone());
+        let mut events = self
+            .metrics
+            .watches
+            .follow(
+                "persistentvolumeclaims".into(),
+                watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
+            )
+            .boxed();
+        // The status stream runs inside this task, so a lost term's abort ends it too.
+        let (status_tx, mut statuses) = mpsc::channel(64);
+        let feed = claim_status_feed(self.connection.clone(), status_tx, shutdown.clone());
+        tokio::pin!(feed);
+        let mut feed_ended = false;
+        let mut books = Books::new(&self.metrics);
+        let mut relist: Option<HashMap<Key, Arc<PersistentVolumeClaim>>> = None;
+        let mut listed = false;
+        // Nothing is sent before the host agent listed the host claims once: it answers then.
+        let mut host_listed = false;
+        let mut policy = self.sync_state.borrow().pod_policy.clone();
+        loop {
+            let wake = books.next_wake();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                event = events.next() => match event {
+                    None => break,
+                    Some(Err(e)) => tracing::warn!(error = %e, "watching PersistentVolumeClaims failed; retrying with backoff"),
+                    Some(Ok(Event::Init)) => relist = Some(HashMap::new()),
+                    Some(Ok(Event::InitApply(claim))) => {
+                        if let Some(r) = &mut relist {
+                            r.insert(key_of(&claim), Arc::new(claim));
+                        }
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        let claims = relist.take().unwrap_or_default();
+                        let now = Instant::now();
+                        for key in books.claims.keys().chain(claims.keys()) {
+                            books.due.insert(key.clone(), now);
+                        }
+                        books.claims = claims;
+                        books.collect_at = Some(now);
+                        listed = true;
+                    }
+                    Some(Ok(Event::Apply(claim))) => {
+                        let key = key_of(&claim);
+                        books.claims.insert(key.clone(), Arc::new(claim));
+                        books.due.insert(key, Instant::now());
+                    }
+                    Some(Ok(Event::Delete(claim))) => {
+                        let key = key_of(&claim);
+                        books.claims.remove(&key);
+                        books.due.insert(key, Instant::now());
+                    }
+                },
+                () = &mut feed, if !feed_ended => feed_ended = true,
+                Some(event) = statuses.recv() => host_listed |= on_status(&mut books, event),
+                () = sleep_until(wake) => {}
+                changed = self.sync_state.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let now = self.sync_state.borrow_and_update().pod_policy.clone();
+                    // The tenant's policy changed on the host (the switch among it): every claim
+                    // is worth applying again.
+                    if now != policy {
+                        policy = now;
+                        let at = Instant::now();
+                        for key in books.claims.keys() {
+                            books.due.insert(key.clone(), at);
+                        }
+                        let held: Vec<(Key, Held)> =
+                            books.held.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
+                        for (key, held) in held {
+                            books.held.insert(key, Held { sent: 0, ..held });
+                        }
+                    }
+                }
+            }
+            if listed && host_listed {
+                self.work(&mut books).await;
+            }
+        }
+    }
+
+    /// Does what is due: the collection after a relist, then each due claim.
+    async fn work(&mut self, books: &mut Books) {
+        let now = Instant::now();
+        if books.paused_until.is_some_and(|until| now < until) {
+            return;
+        }
+        if books.collect_at.is_some_and(|at| at <= now) {
+            match self.collect(books).await {
+                Ok(()) => {
+                    books.collect_at = None;
+                    books.collect_backoff = None;
+                }
+                Err(status) => {
+                    let delay = books
+                        .collect_backoff
+                        .get_or_insert_with(|| Backoff::new(Duration::from_millis(200), RETRY_MAX))
+                        .next_delay();
+                    self.call_failed(books, &status, "list the host's PersistentVolumeClaims")
+                        .await;
+                    books.collect_at = Some(now + delay);
+                }
+            }
+        }
+        let due: Vec<Key> = books
+            .due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            if books.paused_until.is_some_and(|until| Instant::now() < until) {
+                break;
+            }
+            books.due.remove(&key);
+            match self.reconcile(books, &key).await {
+                Ok(Outcome::Done) => {
+                    books.backoffs.remove(&key);
+                }
+                Ok(Outcome::Refused) => {
+                    books.later(key, REFUSED_RETRY_MAX);
+                }
+                Err(status) => {
+                    self.call_failed(books, &status, "sync the PersistentVolumeClaim")
+                        .await;
+                    let delay = books.later(key.clone(), RETRY_MAX);
+                    tracing::warn!(namespace = %key.0, claim = %key.1, error = %status.message(), ?delay, "syncing a PersistentVolumeClaim failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// Brings the host's copy of one claim, and the virtual claim's status, in line.
+    async fn reconcile(&mut self, books: &mut Books, key: &Key) -> Result<Outcome, tonic::Status> {
+        let Some(claim) = books.claims.get(key).cloned() else {
+            books.statuses.remove(key);
+            let Some(held) = books.held.get(key).cloned() else {
+                return Ok(Outcome::Done);
+            };
+            let request = DeleteClaimRequest {
+                namespace: key.0.clone(),
+                name: key.1.clone(),
+                uid: held.uid,
+            };
+            let mut pods = self.pods().await?;
+            self.connection.bounded(request, |r| pods.delete_claim(r)).await?;
+            tracing::info!(namespace = %key.0, claim = %key.1, "deleted the host's copy of a deleted PersistentVolumeClaim");
+            books.forget(key);
+            return Ok(Outcome::Done);
+        };
+        let uid = claim.uid().unwrap_or_default();
+        self.write_status(books, key, &claim).await?;
+        let body = apply_body(&claim);
+        let sent = digest_of(&body);
+        if let Some(held) = books.held.get(key).filter(|h| h.uid == uid && h.sent == sent) {
+            return Ok(if held.refused {
+                Outcome::Refused
+            } else {
+                Outcome::Done
+            });
+        }
+        let mut pods = self.pods().await?;
+        let answer = self
+            .connection
+            .bounded(
+                ApplyClaimRequest {
+                    claim_json: serde_json::to_vec(&body).expect("JSON values serialize"),
+                },
+                |r| pods.apply_claim(r),
+            )
+            .await?
+            .into_inner();
+        let refused = answer.refusal.map(|refusal| {
+            let reason = PodRefusalReason::try_from(refusal.reason).unwrap_or(PodRefusalReason::Unspecified);
+            (reason, refusal.message)
+        });
+        let said = books.held.get(key).is_some_and(|h| h.uid == uid)
+            && books.refusals.get(key).map(String::as_str) == refused.as_ref().map(|(_, m)| m.as_str());
+        books.held.insert(
+            key.clone(),
+            Held {
+                uid,
+                sent,
+                refused: refused.is_some(),
+            },
+        );
+        let Some((reason, message)) = refused else {
+            books.refusals.remove(key);
+            tracing::info!(namespace = %key.0, claim = %key.1, host = %answer.host_name, "PersistentVolumeClaim made on the host");
+            return Ok(Outcome::Done);
+        };
+        books.refusals.insert(key.clone(), message.clone());
+        if !said {
+            tracing::info!(namespace = %key.0, claim = %key.1, reason = reason.as_str_name(), "the host agent refused a PersistentVolumeClaim: {message}");
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: "SyncError".into(),
+                note: Some(message),
+                action: format!(
+                    "Sync/{}",
+                    reason
+                        .as_str_name()
+                        .trim_start_matches("POD_REFUSAL_REASON_")
+                        .to_lowercase()
+                ),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &claim.object_ref(&())).await {
+                // Recorded at the next attempt.
+                books.forget(key);
+                return Err(tonic::Status::unavailable(format!(
+                    "recording an event about the claim failed: {e}"
+                )));
+            }
+        }
+        // A refusal the tenant cannot cure by editing (the spec is immutable) may still clear on
+        // the host (quota room, a name freed): tried again later, and a policy change tries it
+        // at once.
+        Ok(match reason {
+            PodRefusalReason::Unsupported | PodRefusalReason::Disabled => Outcome::Done,
+            _ => Outcome::Refused,
+        })
+    }
+
+    /// Writes the host status waiting for the virtual claim `claim` (of the uid it was made for).
+    async fn write_status(
+        &mut self,
+        books: &mut Books,
+        key: &Key,
+        claim: &PersistentVolumeClaim,
+    ) -> Result<(), tonic::Status> {
+        let Some((uid, status)) = books.statuses.get(key) else {
+            return Ok(());
+        };
+        if claim.uid().as_deref() != Some(uid.as_str()) {
+            books.statuses.remove(key);
+            return Ok(());
+        }
+        let current = serde_json::to_value(&claim.status).unwrap_or_default();
+        if current == *status {
+            books.statuses.remove(key);
+            return Ok(());
+        }
+        // Fields the host status no longer has go too.
+        let mut patch = status.clone();
+        if let (Some(now), Some(was)) = (patch.as_object_mut(), current.as_object()) {
+            for field in was.keys() {
+                now.entry(field.clone()).or_insert(serde_json::Value::Null);
+            }
+        }
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &key.0);
+        api.patch_status(
+            &key.1,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"uid": uid}, "status": patch})),
+        )
+        .await
+        .map_err(|e| {
+            tonic::Status::unavailable(format!("writing the host status on the claim failed: {e}"))
+        })?;
+        books.statuses.remove(key);
+        Ok(())
+    }
+
+    /// Deletes the host claims whose virtual claim is gone (deleted while no leader watched).
+    async fn collect(&mut self, books: &mut Books) -> Result<(), tonic::Status> {
+        let mut pods = self.pods().await?;
+        let listed = self
+            .connection
+            .bounded(ListClaimsRequest {}, |r| pods.list_claims(r))
+            .await?
+            .into_inner();
+        let now = Instant::now();
+        for host in listed.claims {
+            let key = (host.namespace.clone(), host.name.clone());
+            if books.claims.contains_key(&key) {
+                continue;
+            }
+            // Deleted by the next pass over the due claims (with its retries).
+            books.held.insert(
+                key.clone(),
+                Held {
+                    uid: host.uid,
+                    sent: 0,
+                    refused: false,
+                },
+            );
+            books.due.insert(key, now);
+        }
+        Ok(())
+    }
+
+    /// The PodSync client of the current connection (made now if there is none).
+    async fn pods(&self) -> Result<crate::connect::PodClient, tonic::Status> {
+        let connection = self
+            .connection
+            .get()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Ok(connection.pods)
+    }
+
+    /// Notes a failed call; over the tenant's rate limit, pauses every call for the delay asked.
+    async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
+        if status.code() == tonic::Code::ResourceExhausted {
+            let delay = status
+                .get_details_retry_info()
+                .and_then(|info| info.retry_delay)
+                .unwrap_or(Duration::from_secs(1));
+            books.paused_until = Some(Instant::now() + delay);
+            return;
+        }
+        self.metrics.claim_errors_total.inc();
+        tracing::debug!(code = ?status.code(), "the host agent did not {attempt}: {}", status.message());
+        if crate::connect::a_new_connection_may_cure(status.code())
+            && let Ok(connection) = self.connection.get().await
+        {
+            self.connection.drop_connection(connection.generation).await;
+        }
+    }
+}
+
+/// What one look at a claim came to.
+enum Outcome {
+    /// Nothing left to do until the claim or the tenant's policy changes.
+    Done,
+    /// Refused in a way the host may cure: tried again later.
+    Refused,
+}
+
+/// Takes in one event of the host claims' status stream; true when it says the host agent listed
+/// the host claims.
+fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
+    if event.r#type() == ClaimStatusEventType::InitialStateComplete {
+        return true;
+    }
+    let Some(claim) = event.claim.clone() else {
+        return false;
+    };
+    let key = (claim.namespace, claim.name);
+    match event.r#type() {
+        ClaimStatusEventType::Updated => {
+            let Ok(status) = serde_json::from_slice(&event.status_json) else {
+                return false;
+            };
+            books.statuses.insert(key.clone(), (claim.uid, status));
+            books.due.insert(key, Instant::now());
+        }
+        // Deleted on the host while its virtual claim stays: made again.
+        ClaimStatusEventType::Deleted => {
+            if books.held.get(&key).is_some_and(|h| h.uid == claim.uid) {
+                books.forget(&key);
+                books.due.insert(key, Instant::now());
+            }
+        }
+        ClaimStatusEventType::InitialStateComplete | ClaimStatusEventType::Unspecified => {}
+    }
+    false
+}
+
+/// Keeps a WatchClaimStatus stream open on the connection the claims' calls use, reconnecting
+/// with backoff, and forwards its events.
+async fn claim_status_feed(
+    connection: Arc<SharedClients>,
+    tx: mpsc::Sender<ClaimStatusEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), crate::connect::RECONNECT_MAX);
+    loop {
+        let session = async {
+            let mut pods = connection.get().await?.pods;
+            let mut stream = pods
+                .watch_claim_status(WatchClaimStatusRequest {})
+                .await?
+                .into_inner();
+            while let Some(event) = stream.message().await? {
+                backoff.reset();
+                tx.send(event).await?;
+            }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            result = session => {
+                if let Err(e) = result {
+                    tracing::warn!(error = format!("{e:#}"), "WatchClaimStatus stream failed");
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn key_of(claim: &PersistentVolumeClaim) -> Key {
+    (claim.namespace().unwrap_or_default(), claim.name_any())
+}
+
+/// What ApplyClaim carries: identity and spec (its status changing sends nothing).
+fn apply_body(claim: &PersistentVolumeClaim) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": claim.metadata.name,
+            "namespace": claim.metadata.namespace,
+            "uid": claim.metadata.uid,
+        },
+        "spec": claim.spec,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_sent_follows_the_spec_not_the_status() {
+        let claim = |phase: &str| -> PersistentVolumeClaim {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "data", "namespace": "shop", "uid": "u", "labels": {"app": "db"}},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        assert_eq!(apply_body(&claim("Pending")), apply_body(&claim("Bound")));
+        assert_eq!(apply_body(&claim("Bound"))["metadata"]["uid"], "u");
+        assert!(apply_body(&claim("Bound"))["metadata"].get("labels").is_none());
+    }
+
+    #[test]
+    fn a_host_claim_deleted_under_a_virtual_one_is_made_again_and_a_status_waits_to_be_written() {
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let mut books = Books::new(&metrics);
+        let key: Key = ("shop".into(), "data".into());
+        books.held.insert(
+            key.clone(),
+            Held {
+                uid: "u".into(),
+                sent: 7,
+                refused: false,
+            },
+        );
+        let event = |kind: ClaimStatusEventType, uid: &str, status: &str| ClaimStatusEvent {
+            r#type: kind as i32,
+            claim: Some(rcsync_proto::v1::VirtualObject {
+                namespace: "shop".into(),
+                name: "data".into(),
+                uid: uid.into(),
+            }),
+            status_json: status.as_bytes().to_vec(),
+        };
+        on_status(
+            &mut books,
+            event(ClaimStatusEventType::Updated, "u", r#"{"phase":"Bound"}"#),
+        );
+        assert_eq!(
+            books.statuses[&key],
+            ("u".to_string(), serde_json::json!({"phase": "Bound"}))
+        );
+        assert!(books.due.contains_key(&key));
+        books.due.clear();
+        on_status(&mut books, event(ClaimStatusEventType::Deleted, "other", ""));
+        assert!(
+            books.held.get(&key).is_some(),
+            "another uid's host claim: nothing to redo"
+        );
+        on_status(&mut books, event(ClaimStatusEventType::Deleted, "u", ""));
+        assert!(
+            books.held.get(&key).is_none(),
+            "forgotten: the next look makes it again"
+        );
+        assert!(books.due.contains_key(&key));
+    }
+}
