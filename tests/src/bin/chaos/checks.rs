@@ -50,8 +50,12 @@ pub const POD_TOKENS_VALID: &str = "pod-tokens-valid";
 /// virtual cluster counts) and no other budget of the tenant's is.
 pub const BUDGETS_HELD: &str = "budgets-held-on-host";
 
+/// Every virtual PersistentVolumeClaim is made on the host (its uid, its storage request) and
+/// shows the host claim's phase; no other claim of the tenant's is on the host.
+pub const CLAIMS_MADE: &str = "claims-made-on-host";
+
 /// Every invariant.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 13] = [
     CLASS_ALLOWED_AT_PLACEMENT,
     TENANT_ISOLATION,
     NO_PANIC,
@@ -64,6 +68,7 @@ pub const ALL: [&str; 12] = [
     HOST_EVENTS_COPIED,
     POD_TOKENS_VALID,
     BUDGETS_HELD,
+    CLAIMS_MADE,
 ];
 
 /// How far back a placement may rely on an allowance: the longest a correct agent may act on a
@@ -643,6 +648,7 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
         }
         unmet.extend(host_events_differ(&host, tenant, &host_pods, &live_uids, &events).await);
         unmet.extend(budgets_differ(&host, &virt, tenant).await);
+        unmet.extend(claims_differ(&host, &virt, tenant).await);
         for (name, hp) in &host_pods {
             let uid = hp
                 .metadata
@@ -729,6 +735,86 @@ async fn budgets_differ(host: &kube::Client, virt: &kube::Client, tenant: &str) 
         unmet.push((
             BUDGETS_HELD.into(),
             format!("{tenant}: host budget {stray} has no virtual budget"),
+        ));
+    }
+    unmet
+}
+
+/// How tenant `tenant`'s claims on the host differ from its virtual claims (see [`CLAIMS_MADE`]).
+async fn claims_differ(host: &kube::Client, virt: &kube::Client, tenant: &str) -> Vec<(String, String)> {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let failed = |what: String| vec![(CLAIMS_MADE.to_string(), what)];
+    let virtual_claims = match Api::<PersistentVolumeClaim>::namespaced(virt.clone(), "default")
+        .list(&Default::default())
+        .await
+    {
+        Ok(list) => list.items,
+        Err(e) => return failed(format!("listing {tenant}'s claims: {e}")),
+    };
+    let selector = format!("{LABEL_MANAGED_BY}={tenant}");
+    let mut host_claims: BTreeMap<String, PersistentVolumeClaim> =
+        match Api::<PersistentVolumeClaim>::namespaced(host.clone(), &host_namespace(tenant))
+            .list(&kube::api::ListParams::default().labels(&selector))
+            .await
+        {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .map(|c| (c.metadata.name.clone().unwrap_or_default(), c))
+                .collect(),
+            Err(e) => return failed(format!("listing {tenant}'s host claims: {e}")),
+        };
+    let storage = |claim: &PersistentVolumeClaim| {
+        claim
+            .spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref()?.requests.as_ref()?.get("storage").cloned())
+    };
+    let phase = |claim: &PersistentVolumeClaim| claim.status.as_ref().and_then(|s| s.phase.clone());
+    let mut unmet = Vec::new();
+    for claim in virtual_claims
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+    {
+        let name = claim.metadata.name.clone().unwrap_or_default();
+        let Some(made) = host_claims.remove(&rcsync_core::naming::host_object_name(&name, "default", tenant))
+        else {
+            unmet.push((
+                CLAIMS_MADE.into(),
+                format!("{tenant}: claim default/{name} is not made on the host"),
+            ));
+            continue;
+        };
+        let uid = made
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_OBJECT_UID));
+        if uid != claim.metadata.uid.as_ref() || storage(&made) != storage(claim) {
+            unmet.push((
+                CLAIMS_MADE.into(),
+                format!(
+                    "{tenant}: the host claim of default/{name} asks {:?} for uid {uid:?}, not {:?} for {:?}",
+                    storage(&made),
+                    storage(claim),
+                    claim.metadata.uid
+                ),
+            ));
+        } else if phase(&made) != phase(claim) {
+            unmet.push((
+                CLAIMS_MADE.into(),
+                format!(
+                    "{tenant}: claim default/{name} shows {:?}, its host claim {:?}",
+                    phase(claim),
+                    phase(&made)
+                ),
+            ));
+        }
+    }
+    for stray in host_claims.keys() {
+        unmet.push((
+            CLAIMS_MADE.into(),
+            format!("{tenant}: host claim {stray} has no virtual claim"),
         ));
     }
     unmet

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  churn (host classes, host events about host Pods, drains evicting them, ─┐
-//!         tenants file, virtual Pods and budgets, tenant-made classes)       │
+//!         tenants file, virtual Pods, budgets and claims, tenant-made       │
+//!         classes)                                                          │
 //!  faults (kills, SIGTERMs, API server restarts, cut/stalled connections,    ├─► real processes
 //!          token and client CA rotation, config edits) at seeded moments     ┘
 //!  invariants: continuously (harness watches, logs, memory) and at every quiet window
@@ -27,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
@@ -270,7 +271,7 @@ pub const READINESS_GATE: &str = "example.com/lb-ready";
 async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &mut u64) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let name = format!("p{}", rng.random_range(0..10));
-    let result = match rng.random_range(0..14) {
+    let result = match rng.random_range(0..15) {
         0..=3 => {
             let class = match rng.random_range(0..8) {
                 0 => None,
@@ -394,6 +395,23 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
                     .patch(&name, &PatchParams::apply("chaos").force(), &Patch::Apply(budget))
                     .await
                     .map(|_| ())
+            }
+        }
+        // The tenant makes or deletes a PersistentVolumeClaim (the host must make each, with its
+        // uid, and show its status on it).
+        14 => {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+            let name = format!("c{}", rng.random_range(0..3));
+            if rng.random_bool(0.4) {
+                claims.delete(&name, &DeleteParams::default()).await.map(|_| ())
+            } else {
+                let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {"accessModes": ["ReadWriteOnce"],
+                             "resources": {"requests": {"storage": format!("{}Gi", rng.random_range(1..4))}}},
+                }))
+                .expect("a valid PersistentVolumeClaim");
+                claims.create(&PostParams::default(), &claim).await.map(|_| ())
             }
         }
         // The tenant's load balancer controller marks the Pod's readiness gate.
@@ -926,6 +944,14 @@ async fn self_test(world: &mut World, violations: &Violations) -> anyhow::Result
     }))?;
     Api::<PodDisruptionBudget>::namespaced(virt.clone(), "default")
         .create(&PostParams::default(), &budget)
+        .await?;
+    // claims-made-on-host: a claim nobody makes on the host.
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "unmade"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }))?;
+    Api::<PersistentVolumeClaim>::namespaced(virt.clone(), "default")
+        .create(&PostParams::default(), &claim)
         .await?;
     // host-events-copied: the host records an event about the witness's host Pod while nobody
     // copies it.

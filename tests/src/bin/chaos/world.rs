@@ -185,7 +185,7 @@ pub fn tenants_yaml(tenants: &[TenantConfig]) -> String {
             String::new()
         };
         out.push_str(&format!(
-            "  - name: {name}\n    hostNamespace: {ns}\n{token_file}    sync: {{fromHost: {{runtimeClasses: {{enabled: {enabled}, selector: {{matchLabels: {{{selector}}}}}}}}}, toHost: {{podDisruptionBudgets: {{enabled: true}}}}}}\n    limits: {{podSyncQps: 1000, podSyncBurst: 2000}}\n",
+            "  - name: {name}\n    hostNamespace: {ns}\n{token_file}    sync: {{fromHost: {{runtimeClasses: {{enabled: {enabled}, selector: {{matchLabels: {{{selector}}}}}}}}}, toHost: {{podDisruptionBudgets: {{enabled: true}}, persistentVolumeClaims: {{enabled: true}}}}}}\n    limits: {{podSyncQps: 1000, podSyncBurst: 2000}}\n",
             name = t.name,
             ns = host_namespace(&t.name),
             enabled = t.enabled,
