@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use rcsync_core::kube_client::RetryWithBackoff as _;
@@ -34,10 +34,10 @@ use rcsync_proto::v1::{
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic_types::StatusExt as _;
 
 use crate::classes::SyncState;
 use crate::connect::{Backoff, SharedClients};
+use crate::host_calls;
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -215,7 +215,7 @@ impl BudgetSyncer {
                         books.due.insert(key, Instant::now());
                     }
                 },
-                () = sleep_until(wake) => {}
+                () = host_calls::sleep_until(wake) => {}
                 changed = self.sync_state.changed() => {
                     if changed.is_err() {
                         break;
@@ -370,19 +370,7 @@ impl BudgetSyncer {
                 books.refusals.insert(key.clone(), message.clone());
                 if !said {
                     tracing::info!(namespace = %key.0, budget = %key.1, reason = reason.as_str_name(), "the host agent refused a PodDisruptionBudget: {message}");
-                    let event = KubeEvent {
-                        type_: EventType::Warning,
-                        reason: "SyncError".into(),
-                        note: Some(message),
-                        action: format!(
-                            "Sync/{}",
-                            reason
-                                .as_str_name()
-                                .trim_start_matches("POD_REFUSAL_REASON_")
-                                .to_lowercase()
-                        ),
-                        secondary: None,
-                    };
+                    let event = host_calls::refusal_event(reason, message);
                     if let Err(e) = self.recorder.publish(&event, &budget.object_ref(&())).await {
                         // Recorded at the next attempt.
                         books.forget(key);
@@ -428,30 +416,14 @@ impl BudgetSyncer {
 
     /// The PodSync client of the current connection (made now if there is none).
     async fn pods(&self) -> Result<crate::connect::PodClient, tonic::Status> {
-        let connection = self
-            .connection
-            .get()
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        Ok(connection.pods)
+        host_calls::pod_client(&self.connection).await
     }
 
     /// Notes a failed call; over the tenant's rate limit, pauses every call for the delay asked.
     async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
-        if status.code() == tonic::Code::ResourceExhausted {
-            let delay = status
-                .get_details_retry_info()
-                .and_then(|info| info.retry_delay)
-                .unwrap_or(Duration::from_secs(1));
-            books.paused_until = Some(Instant::now() + delay);
-            return;
-        }
-        self.metrics.budget_errors_total.inc();
-        tracing::debug!(code = ?status.code(), "the host agent did not {attempt}: {}", status.message());
-        if crate::connect::a_new_connection_may_cure(status.code())
-            && let Ok(connection) = self.connection.get().await
-        {
-            self.connection.drop_connection(connection.generation).await;
+        let errors = &self.metrics.budget_errors_total;
+        if let Some(until) = host_calls::call_failed(&self.connection, errors, status, attempt).await {
+            books.paused_until = Some(until);
         }
     }
 }
@@ -461,13 +433,6 @@ impl Books {
     fn next_wake(&self) -> Option<Instant> {
         let next = self.due.values().copied().chain(self.collect_at).min()?;
         Some(self.paused_until.map_or(next, |until| next.max(until)))
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -101,16 +101,10 @@ impl<V: ViewSource> PodSyncService<V> {
             let written = match current {
                 None => api.create(&PostParams::default(), &desired).await,
                 Some(current) => {
-                    match recorded_holder(&current.metadata, &tenant) {
-                        Some((ns, n)) if ns == namespace && n == name => {}
-                        holder => {
-                            let holder = holder.map_or_else(
-                                || "a PodDisruptionBudget rcsync does not manage".to_string(),
-                                |(ns, n)| format!("PodDisruptionBudget {ns}/{n}"),
-                            );
-                            let message = format!("the host name {host_name:?} is held by {holder}");
-                            return refuse(response, PodRefusalReason::NameInUse, message);
-                        }
+                    let kind = "PodDisruptionBudget";
+                    if let Some(holder) = other_holder(&current.metadata, &tenant, &namespace, &name, kind) {
+                        let message = format!("the host name {host_name:?} is held by {holder}");
+                        return refuse(response, PodRefusalReason::NameInUse, message);
                     }
                     let same = current.spec == desired.spec
                         && current.metadata.annotations == desired.metadata.annotations
@@ -176,6 +170,22 @@ impl<V: ViewSource> PodSyncService<V> {
         self.limiter.take(&caller.tenant)?;
         let budgets = list_held(&self.budgets(&tenant), &tenant).await?;
         Ok(ListDisruptionBudgetsResponse { budgets })
+    }
+}
+
+/// Who, other than the tenant's copy of the virtual `kind` `namespace/name`, holds the host object
+/// of `meta`, in words; `None` when that copy does.
+pub(super) fn other_holder(
+    meta: &kube::api::ObjectMeta,
+    tenant: &Tenant,
+    namespace: &str,
+    name: &str,
+    kind: &str,
+) -> Option<String> {
+    match recorded_holder(meta, tenant) {
+        Some((ns, n)) if ns == namespace && n == name => None,
+        Some((ns, n)) => Some(format!("{kind} {ns}/{n}")),
+        None => Some(format!("a {kind} rcsync does not manage")),
     }
 }
 

@@ -26,10 +26,13 @@ use rcsync_proto::v1::{
 use serde_json::json;
 use tonic::{Request, Status};
 
-use super::budgets::{delete_held, list_held, refused_as_it_stands};
+use super::budgets::{delete_held, list_held, other_holder, refused_as_it_stands};
 use super::{PodSyncService, kube_status, name_in_use};
 use crate::index::ViewSource;
-use crate::translate::{ClaimProblem, VirtualPodRef, host_claim, recorded_holder, recorded_ref};
+use crate::translate::{ClaimProblem, VirtualPodRef, host_claim, recorded_ref};
+
+/// The kind, as refusals name it.
+const CLAIM: &str = "PersistentVolumeClaim";
 
 /// How often an apply reads and writes again when the host claim changes under it.
 const APPLY_ATTEMPTS: usize = 3;
@@ -57,11 +60,12 @@ impl<V: ViewSource> PodSyncService<V> {
             .get_metadata_opt(&host_name)
             .await
             .map_err(|e| kube_status(&e, tenant))?;
-        Ok(match meta.map(|m| recorded_holder(&m.metadata, tenant)) {
+        Ok(match meta {
             None => Held::Missing,
-            Some(Some((ns, n))) if ns == namespace && n == name => Held::Ours,
-            Some(Some((ns, n))) => Held::Other(format!("PersistentVolumeClaim {ns}/{n}")),
-            Some(None) => Held::Other("a PersistentVolumeClaim rcsync does not manage".into()),
+            Some(meta) => match other_holder(&meta.metadata, tenant, namespace, name, CLAIM) {
+                None => Held::Ours,
+                Some(holder) => Held::Other(holder),
+            },
         })
     }
 
@@ -167,16 +171,9 @@ impl<V: ViewSource> PodSyncService<V> {
             let written = match current {
                 None => api.create(&PostParams::default(), &desired).await.map(|_| ()),
                 Some(current) => {
-                    match recorded_holder(&current.metadata, &tenant) {
-                        Some((ns, n)) if ns == namespace && n == name => {}
-                        holder => {
-                            let holder = holder.map_or_else(
-                                || "a PersistentVolumeClaim rcsync does not manage".to_string(),
-                                |(ns, n)| format!("PersistentVolumeClaim {ns}/{n}"),
-                            );
-                            let message = format!("the host name {host_name:?} is held by {holder}");
-                            return refuse(response, PodRefusalReason::NameInUse, message);
-                        }
+                    if let Some(holder) = other_holder(&current.metadata, &tenant, &namespace, &name, CLAIM) {
+                        let message = format!("the host name {host_name:?} is held by {holder}");
+                        return refuse(response, PodRefusalReason::NameInUse, message);
                     }
                     if recorded_ref(&current.metadata).is_some_and(|r| r.uid != uid) {
                         // The copy of an earlier virtual claim of this name, deleted since: its
