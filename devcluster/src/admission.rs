@@ -553,7 +553,9 @@ pub fn prepare_create(
     }
     if def.kind == "Pod" {
         admit_limit_ranges(def, &mut obj, reader)?;
-        admit_pod_quota(def, &obj, None, reader)?;
+    }
+    if matches!(def.kind, "Pod" | "PersistentVolumeClaim") {
+        admit_quota(def, &obj, None, reader)?;
     }
     Ok(obj)
 }
@@ -567,7 +569,7 @@ pub fn admit_pod_resize(
     new: &Value,
     reader: &Reader<'_>,
 ) -> Result<(), ApiError> {
-    admit_pod_quota(def, new, Some(old), reader)
+    admit_quota(def, new, Some(old), reader)
 }
 
 /// LimitRanger admission for a Pod create (before quota, as upstream orders them): the
@@ -587,11 +589,12 @@ fn admit_limit_ranges(def: &ResourceDef, obj: &mut Value, reader: &Reader<'_>) -
     crate::limit_range::admit_pod(obj, &ranges).map_err(|why| ApiError::forbidden(def, name_of(obj), &why))
 }
 
-/// ResourceQuota admission for a Pod create, quota by quota (by name), as upstream: a Pod whose
+/// ResourceQuota admission for a Pod (or PersistentVolumeClaim) create, quota by quota (by name),
+/// as upstream: a Pod whose
 /// containers do not state the cpu and memory a quota limits is refused (`failed quota: ...`),
 /// and one whose usage, added to what the namespace's Pods use now, would pass a quota's limit on
 /// anything it uses (`exceeded quota: ...`, naming only those resources).
-fn admit_pod_quota(
+fn admit_quota(
     def: &ResourceDef,
     obj: &Value,
     replacing: Option<&Value>,
@@ -612,11 +615,12 @@ fn admit_pod_quota(
     quotas.sort_by(|a, b| a.0.cmp(&b.0));
     // A resize is checked on what it adds (upstream's delta usage): the resources whose use grows,
     // by how much; the namespace's use still counts the Pod as it was.
+    let usage = |obj: &Value| crate::quota::usage_of(def.kind, obj).unwrap_or_default();
     let requested: crate::quota::Usage = match replacing {
-        None => crate::quota::pod_usage(obj),
+        None => usage(obj),
         Some(old) => {
-            let before = crate::quota::pod_usage(old);
-            crate::quota::pod_usage(obj)
+            let before = usage(old);
+            usage(obj)
                 .into_iter()
                 .map(|(key, amount)| (key, amount - before.get(key).copied().unwrap_or_default()))
                 .filter(|(_, added)| *added > 0)
@@ -625,7 +629,7 @@ fn admit_pod_quota(
     };
     let mut used: Option<crate::quota::Usage> = None;
     for (quota, hard) in quotas {
-        if let Some(missing) = crate::quota::missing_resources(obj, &hard) {
+        if let Some(missing) = crate::quota::missing_resources(obj, &hard).filter(|_| def.kind == "Pod") {
             return Err(ApiError::forbidden(
                 def,
                 name_of(obj),
@@ -644,8 +648,8 @@ fn admit_pod_quota(
         // status lagging by one store event never lets a Pod past it.
         let used = used.get_or_insert_with(|| {
             let mut used = crate::quota::Usage::new();
-            for pod in reader.list(def.storage, namespace) {
-                for (key, amount) in crate::quota::pod_usage(pod) {
+            for existing in reader.list(def.storage, namespace) {
+                for (key, amount) in usage(existing) {
                     *used.entry(key).or_default() += amount;
                 }
             }

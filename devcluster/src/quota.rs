@@ -1,4 +1,6 @@
-//! ResourceQuota for Pods, as upstream's Pod evaluator counts it ([`pod_usage`]): `count/pods`
+//! ResourceQuota for Pods and PersistentVolumeClaims, as upstream's evaluators count them
+//! ([`pod_usage`], [`claim_usage`]: `persistentvolumeclaims`, `count/persistentvolumeclaims`,
+//! `requests.storage`; not the per-StorageClass keys, nor a claim's growth). For Pods: `count/pods`
 //! (every Pod in storage), `pods` (those that have not ended) and, for those, the `cpu`, `memory`
 //! and `ephemeral-storage` requests (also under their bare names) and limits, summed over the
 //! containers, the larger of that and each init container (sidecars add up), plus the Pod's
@@ -11,7 +13,7 @@
 //! `kubectl describe quota` show how full a namespace is.
 //!
 //! ```text
-//!  store changes (Pods, ResourceQuotas) ─► their namespace ─► each quota there:
+//!  store changes (Pods, claims, ResourceQuotas) ─► their namespace ─► each quota there:
 //!                                                             status {hard, used} written when it differs
 //! ```
 //!
@@ -42,6 +44,19 @@ pub const POD_QUOTA_KEYS: [&str; 11] = [
     "limits.memory",
     "limits.ephemeral-storage",
 ];
+
+/// The quota resources devcluster counts for PersistentVolumeClaims (upstream's claim evaluator,
+/// without the per-StorageClass keys).
+pub const CLAIM_QUOTA_KEYS: [&str; 3] = [
+    "count/persistentvolumeclaims",
+    "persistentvolumeclaims",
+    "requests.storage",
+];
+
+/// Every quota resource devcluster counts.
+fn counted() -> impl Iterator<Item = &'static str> {
+    POD_QUOTA_KEYS.into_iter().chain(CLAIM_QUOTA_KEYS)
+}
 
 /// The compute resources a Pod's containers request and limit.
 const COMPUTE: [&str; 3] = ["cpu", "memory", "ephemeral-storage"];
@@ -74,7 +89,30 @@ pub fn is_running(pod: &Value) -> bool {
 
 /// Whether a quota resource's amounts are bytes (printed with binary suffixes).
 pub fn is_bytes(key: &str) -> bool {
-    key.ends_with("memory") || key.ends_with("ephemeral-storage")
+    key.ends_with("memory") || key.ends_with("storage")
+}
+
+/// What a PersistentVolumeClaim uses of each quota resource: one claim, and its storage request.
+pub fn claim_usage(claim: &Value) -> Usage {
+    let storage = claim
+        .pointer("/spec/resources/requests/storage")
+        .and_then(Value::as_str)
+        .and_then(|q| parse_millis(q).ok())
+        .unwrap_or_default();
+    Usage::from([
+        ("count/persistentvolumeclaims", 1000),
+        ("persistentvolumeclaims", 1000),
+        ("requests.storage", storage),
+    ])
+}
+
+/// What `obj` uses of the quota resources, by its kind (`None`: a kind no quota counts).
+pub fn usage_of(kind: &str, obj: &Value) -> Option<Usage> {
+    match kind {
+        "Pod" => Some(pod_usage(obj)),
+        "PersistentVolumeClaim" => Some(claim_usage(obj)),
+        _ => None,
+    }
 }
 
 /// What `pod` uses of each quota resource it counts against.
@@ -194,8 +232,7 @@ pub fn hard_of(quota: &Value) -> BTreeMap<&'static str, i128> {
     let Some(hard) = quota.pointer("/spec/hard").and_then(Value::as_object) else {
         return BTreeMap::new();
     };
-    POD_QUOTA_KEYS
-        .into_iter()
+    counted()
         .filter_map(|key| {
             let amount = match hard.get(key)? {
                 Value::String(s) => parse_millis(s).ok()?,
@@ -208,10 +245,12 @@ pub fn hard_of(quota: &Value) -> BTreeMap<&'static str, i128> {
 
 /// What is wrong with a quota's `spec.hard` entry `key` (`None`: nothing).
 pub fn validate_hard(key: &str, value: &Value) -> Option<String> {
-    if !POD_QUOTA_KEYS.contains(&key) {
+    if !counted().any(|k| k == key) {
         return Some(format!(
-            "devcluster counts only {} (of Pods): a quota on {key} would not be enforced",
-            POD_QUOTA_KEYS.join(", ")
+            "devcluster counts only {} (of Pods) and {} (of PersistentVolumeClaims): a quota on {key} would not \
+             be enforced",
+            POD_QUOTA_KEYS.join(", "),
+            CLAIM_QUOTA_KEYS.join(", ")
         ));
     }
     let millis = match value {
@@ -281,7 +320,7 @@ pub fn print_amounts(amounts: &BTreeMap<&'static str, i128>, keys: &[&str]) -> S
 pub async fn run(store: Arc<Store>, stop: watch::Receiver<bool>) {
     crate::store::reconcile_namespaces(
         store,
-        &["pods", "resourcequotas"],
+        &["pods", "persistentvolumeclaims", "resourcequotas"],
         "resourcequotas",
         reconcile,
         stop,
@@ -296,9 +335,14 @@ fn reconcile(store: &Store, namespace: &str) {
         return;
     }
     let (pods, _) = store.list("pods", Some(namespace));
+    let (claims, _) = store.list("persistentvolumeclaims", Some(namespace));
     let mut used = Usage::new();
-    for pod in &pods {
-        for (key, amount) in pod_usage(pod) {
+    let usages = pods
+        .iter()
+        .map(|p| pod_usage(p))
+        .chain(claims.iter().map(|c| claim_usage(c)));
+    for usage in usages {
+        for (key, amount) in usage {
             *used.entry(key).or_default() += amount;
         }
     }
@@ -327,8 +371,7 @@ fn status_of(quota: &Value, used: &Usage) -> Value {
         .and_then(Value::as_object)
         .cloned()
         .unwrap_or_default();
-    let used: Map<String, Value> = POD_QUOTA_KEYS
-        .into_iter()
+    let used: Map<String, Value> = counted()
         .filter(|key| hard.contains_key(*key))
         .map(|key| {
             let amount = used.get(key).copied().unwrap_or_default();

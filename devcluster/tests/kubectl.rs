@@ -1016,6 +1016,28 @@ async fn kubectl_claims_are_provisioned_and_hold_back_the_pods_that_need_them() 
         |out| !out.contains(volume.trim()),
     )
     .await;
+
+    // A namespace's quota counts claims and the storage they request.
+    k.run(&[
+        "create",
+        "quota",
+        "storage",
+        "--hard=persistentvolumeclaims=1,requests.storage=1Gi",
+    ])
+    .await;
+    let big = claim.replace("name: data", "name: big").replace("1Gi", "2Gi");
+    let refused = k.fail(&["apply", "-f", "-"], Some(&big)).await;
+    assert!(
+        refused.contains("exceeded quota: storage, requested: requests.storage=2Gi, used: requests.storage=0, limited: requests.storage=1Gi"),
+        "{refused}"
+    );
+    k.run_with_input(&["apply", "-f", "-"], Some(claim)).await;
+    eventually_output(
+        &k,
+        &["get", "quota", "storage", "-o", "jsonpath={.status.used}"],
+        |out| out.contains(r#""persistentvolumeclaims":"1""#) && out.contains(r#""requests.storage":"1Gi""#),
+    )
+    .await;
 }
 
 /// A devcluster with one simulated node (its scheduler and kubelet run Pods).

@@ -3,7 +3,7 @@
 //! on the virtual claims. One test per rule, against the real agents; the host provisions claims
 //! as a default StorageClass does.
 
-use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod, ResourceQuota};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt as _};
 use rcsync_tests::eventually;
@@ -290,4 +290,41 @@ async fn a_claim_deleted_in_the_virtual_cluster_is_deleted_on_the_host_and_one_d
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_claim_past_the_host_namespaces_storage_quota_shows_its_reason_and_is_made_once_there_is_room() {
+    let system = system(&[tenant(true)]).await;
+    let side = system.virtual_side();
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "storage"}, "spec": {"hard": {"requests.storage": "2Gi"}}}),
+    )
+    .unwrap();
+    Api::<ResourceQuota>::namespaced(system.host.client().await, &side.tenant.host_namespace())
+        .create(&PostParams::default(), &quota)
+        .await
+        .unwrap();
+    create_claim(side, &claim("first", json!({}))).await;
+    bound(side, "first").await;
+    create_claim(
+        side,
+        &claim(
+            "second",
+            json!({"resources": {"requests": {"storage": "1536Mi"}}}),
+        ),
+    )
+    .await;
+    let message = sync_error(side, "PersistentVolumeClaim", "second").await;
+    assert!(
+        message.starts_with("the host API server refused the PersistentVolumeClaim:")
+            && message.contains("exceeded quota: storage, requested: requests.storage=1536Mi, used: requests.storage=1Gi, limited: requests.storage=2Gi"),
+        "{message}"
+    );
+    // Room made on the host: the refused claim is tried again and made, nothing lost.
+    virtual_claims(side)
+        .await
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    bound(side, "second").await;
 }

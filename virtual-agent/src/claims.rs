@@ -11,7 +11,8 @@
 //!  each relist ──► ListClaims ──► host claims whose virtual claim is gone ──► deleted
 //!  WatchClaimStatus ──► UPDATED ──► status patched on the virtual claim of that uid
 //!                   └─► DELETED while the virtual claim stays (deleted on the host by hand)
-//!                        ──► made again
+//!                        ──► made again; and every refused claim asked again at once (the
+//!                        host's quota may have room now)
 //!  failures ──► retried per claim with backoff; over the tenant's rate ──► after the delay asked
 //!  (nothing is sent before the status stream's first INITIAL_STATE_COMPLETE: the host agent is
 //!   ready and reachable then)
@@ -314,12 +315,14 @@ impl ClaimSyncer {
         self.write_status(books, key, &claim).await?;
         let body = apply_body(&claim);
         let sent = digest_of(&body);
-        if let Some(held) = books.held.get(key).filter(|h| h.uid == uid && h.sent == sent) {
-            return Ok(if held.refused {
-                Outcome::Refused
-            } else {
-                Outcome::Done
-            });
+        // Sent as it stands and made: nothing to do. A refusal is asked again (its retry, or a
+        // change of the tenant's policy brought it here).
+        if books
+            .held
+            .get(key)
+            .is_some_and(|h| h.uid == uid && h.sent == sent && !h.refused)
+        {
+            return Ok(Outcome::Done);
         }
         let mut pods = self.pods().await?;
         let answer = self
@@ -480,11 +483,18 @@ fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
             books.statuses.insert(key.clone(), (claim.uid, status));
             books.due.insert(key, Instant::now());
         }
-        // Deleted on the host while its virtual claim stays: made again.
         ClaimStatusEventType::Deleted => {
+            let now = Instant::now();
+            // Deleted on the host while its virtual claim stays: made again.
             if books.held.get(&key).is_some_and(|h| h.uid == claim.uid) {
                 books.forget(&key);
-                books.due.insert(key, Instant::now());
+                books.due.insert(key, now);
+            }
+            // Room made under the host namespace's quota (or a name freed): the refused claims
+            // are asked again now, not at the end of their backoff.
+            let refused: Vec<Key> = books.refusals.iter().map(|(k, _)| k.clone()).collect();
+            for key in refused {
+                books.due.insert(key, now);
             }
         }
         ClaimStatusEventType::InitialStateComplete | ClaimStatusEventType::Unspecified => {}
