@@ -708,6 +708,20 @@ impl VirtualSide {
             .items
     }
 
+    /// What `virtual-agent status` prints (its tables) once `wanted` holds of it.
+    pub async fn status_table(&self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let admin = format!("http://{}", self.admin);
+        eventually(what, || async {
+            let out = std::process::Command::new(binary("virtual-agent"))
+                .args(["status", "--admin", &admin])
+                .output()
+                .ok()?;
+            let table = String::from_utf8_lossy(&out.stdout).to_string();
+            wanted(&table).then_some(table)
+        })
+        .await
+    }
+
     /// Waits for a Warning event on a Pod whose message is exactly `message`.
     pub async fn wait_event(&self, pod: &str, message: &str) -> CoreEvent {
         eventually(&format!("an event on pod {pod:?} saying {message:?}"), || async {

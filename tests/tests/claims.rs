@@ -320,6 +320,18 @@ async fn a_claim_past_the_host_namespaces_storage_quota_shows_its_reason_and_is_
             && message.contains("exceeded quota: storage, requested: requests.storage=1536Mi, used: requests.storage=1Gi, limited: requests.storage=2Gi"),
         "{message}"
     );
+    // The virtual agent's status says which claim is not made, and why.
+    let table = side
+        .status_table("the claim refused in the status", |t| {
+            t.lines()
+                .any(|l| l.starts_with("default ") && l.contains(" second ") && l.contains(" refused "))
+        })
+        .await;
+    assert!(
+        table.contains("persistent volume claims made on the host: 1"),
+        "{table}"
+    );
+    assert!(table.contains("exceeded quota: storage"), "{table}");
     // Room made on the host: the refused claim is tried again and made, nothing lost.
     virtual_claims(side)
         .await
@@ -327,4 +339,8 @@ async fn a_claim_past_the_host_namespaces_storage_quota_shows_its_reason_and_is_
         .await
         .unwrap();
     bound(side, "second").await;
+    side.status_table("only the second claim, made, in the status", |t| {
+        t.contains("persistent volume claims made on the host: 1") && !t.contains(" refused ")
+    })
+    .await;
 }

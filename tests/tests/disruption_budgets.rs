@@ -7,8 +7,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt as _};
+use rcsync_tests::eventually;
 use rcsync_tests::system::{System, TenantSpec, Transport, VirtualSide, runtime_class};
-use rcsync_tests::{binary, eventually};
 use serde_json::{Value, json};
 
 const TENANT: &str = "team-a";
@@ -104,20 +104,6 @@ async fn running(system: &System, pods: &[(&str, &str)]) {
         })
         .await;
     }
-}
-
-/// What `virtual-agent status` prints (its tables) once `wanted` holds of it.
-async fn status_table(side: &VirtualSide, what: &str, wanted: impl Fn(&str) -> bool) -> String {
-    let admin = format!("http://{}", side.admin);
-    eventually(what, || async {
-        let out = std::process::Command::new(binary("virtual-agent"))
-            .args(["status", "--admin", &admin])
-            .output()
-            .ok()?;
-        let table = String::from_utf8_lossy(&out.stdout).to_string();
-        wanted(&table).then_some(table)
-    })
-    .await
 }
 
 /// The host's eviction of the host Pod of virtual Pod `name`: Ok, or the API server's refusal.
@@ -297,11 +283,12 @@ async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_i
     );
     evict(&system, "web-0").await.unwrap();
     // The virtual agent's status lists it as refused, with the reason.
-    let table = status_table(side, "the budget refused in the status", |t| {
-        t.lines()
-            .any(|l| l.starts_with("default ") && l.contains(" refused "))
-    })
-    .await;
+    let table = side
+        .status_table("the budget refused in the status", |t| {
+            t.lines()
+                .any(|l| l.starts_with("default ") && l.contains(" refused "))
+        })
+        .await;
     let row = table.lines().find(|l| l.contains(" refused ")).unwrap();
     assert!(row.contains(" web "), "{table}");
     assert!(
@@ -312,7 +299,7 @@ async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_i
     // The host's operator allows it: the budget is held without being touched again.
     system.rewrite_tenants(&[tenant(true)]);
     wait_host_budget(&system, "web", 1).await;
-    status_table(side, "the budget held in the status", |t| {
+    side.status_table("the budget held in the status", |t| {
         t.contains("disruption budgets held on the host: 1") && !t.contains(" refused ")
     })
     .await;

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::{Backoff, SharedClients};
-use crate::host_calls;
+use crate::host_calls::{self, ObjectBoard};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -57,10 +57,6 @@ struct Held {
     refused: bool,
 }
 
-/// Where each virtual budget stands, for `/status`: `held`, `refused`, `waiting` or `failing`,
-/// and why (empty while this replica does not lead).
-pub type BudgetBoard = Arc<std::sync::Mutex<BTreeMap<Key, (&'static str, String)>>>;
-
 /// Syncs PodDisruptionBudgets while this replica leads (see the module docs).
 pub struct BudgetSyncer {
     client: Client,
@@ -68,7 +64,7 @@ pub struct BudgetSyncer {
     recorder: Recorder,
     metrics: Metrics,
     sync_state: watch::Receiver<SyncState>,
-    board: BudgetBoard,
+    board: ObjectBoard,
 }
 
 /// The syncer's state between events.
@@ -91,11 +87,11 @@ struct Books {
     /// Nothing is sent over the tenant's rate limit before this.
     paused_until: Option<Instant>,
     /// Where each budget stands, as `/status` shows it (cleared when the books go).
-    board: BudgetBoard,
+    board: ObjectBoard,
 }
 
 impl Books {
-    fn new(metrics: &Metrics, board: BudgetBoard) -> Self {
+    fn new(metrics: &Metrics, board: ObjectBoard) -> Self {
         Self {
             budgets: HashMap::new(),
             held: GaugedMap::new(metrics.budgets_synced.clone(), |h| !h.refused),
@@ -129,18 +125,14 @@ impl Books {
             )),
             (Some(_), None, None) => Some(("held", String::new())),
         };
-        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
-        match standing {
-            Some(standing) => board.insert(key.clone(), standing),
-            None => board.remove(key),
-        };
+        host_calls::post(&self.board, key, standing);
     }
 }
 
 impl Drop for Books {
     /// A standby shows no budgets: what it would hold is the leader's to say.
     fn drop(&mut self) {
-        self.board.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        host_calls::clear(&self.board);
     }
 }
 
@@ -152,7 +144,7 @@ impl BudgetSyncer {
         recorder: Recorder,
         metrics: Metrics,
         sync_state: watch::Receiver<SyncState>,
-        board: BudgetBoard,
+        board: ObjectBoard,
     ) -> Self {
         Self {
             client,

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::{Backoff, SharedClients};
-use crate::host_calls;
+use crate::host_calls::{self, ObjectBoard};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -73,6 +73,7 @@ pub struct ClaimSyncer {
     recorder: Recorder,
     metrics: Metrics,
     sync_state: watch::Receiver<SyncState>,
+    board: ObjectBoard,
 }
 
 /// The syncer's state between events.
@@ -96,10 +97,12 @@ struct Books {
     collect_backoff: Option<Backoff>,
     /// Nothing is sent over the tenant's rate limit before this.
     paused_until: Option<Instant>,
+    /// Where each claim stands, as `/status` shows it (cleared when the books go).
+    board: ObjectBoard,
 }
 
 impl Books {
-    fn new(metrics: &Metrics) -> Self {
+    fn new(metrics: &Metrics, board: ObjectBoard) -> Self {
         Self {
             claims: HashMap::new(),
             held: GaugedMap::new(metrics.claims_synced.clone(), |h| !h.refused),
@@ -110,7 +113,19 @@ impl Books {
             collect_at: None,
             collect_backoff: None,
             paused_until: None,
+            board,
         }
+    }
+
+    /// Shows where claim `key` stands after an attempt (`failed`: why that attempt failed).
+    fn post(&self, key: &Key, failed: Option<&str>) {
+        let standing = match (self.claims.contains_key(key), failed, self.refusals.get(key)) {
+            (false, ..) => None,
+            (true, Some(why), _) => Some(("failing", why.to_string())),
+            (true, None, Some(why)) => Some(("refused", why.clone())),
+            (true, None, None) => Some(("made", String::new())),
+        };
+        host_calls::post(&self.board, key, standing);
     }
 
     /// Forgets what the host holds for `key`.
@@ -138,6 +153,13 @@ impl Books {
     }
 }
 
+impl Drop for Books {
+    /// A standby shows no claims: what it would make is the leader's to say.
+    fn drop(&mut self) {
+        host_calls::clear(&self.board);
+    }
+}
+
 impl ClaimSyncer {
     /// A syncer for the virtual cluster behind `client`, calling the host agent over `connection`.
     pub fn new(
@@ -146,6 +168,7 @@ impl ClaimSyncer {
         recorder: Recorder,
         metrics: Metrics,
         sync_state: watch::Receiver<SyncState>,
+        board: ObjectBoard,
     ) -> Self {
         Self {
             client,
@@ -153,6 +176,7 @@ impl ClaimSyncer {
             recorder,
             metrics,
             sync_state,
+            board,
         }
     }
 
@@ -172,7 +196,7 @@ impl ClaimSyncer {
         let feed = claim_status_feed(self.connection.clone(), status_tx, shutdown.clone());
         tokio::pin!(feed);
         let mut feed_ended = false;
-        let mut books = Books::new(&self.metrics);
+        let mut books = Books::new(&self.metrics, self.board.clone());
         let mut relist: Option<HashMap<Key, Arc<PersistentVolumeClaim>>> = None;
         let mut listed = false;
         // Nothing is sent before the host agent listed the host claims once: it answers then.
@@ -276,7 +300,14 @@ impl ClaimSyncer {
                 break;
             }
             books.due.remove(&key);
-            match self.reconcile(books, &key).await {
+            let result = self.reconcile(books, &key).await;
+            match &result {
+                // Over the tenant's rate: it stands as it stood until its turn comes.
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {}
+                Err(status) => books.post(&key, Some(status.message())),
+                Ok(_) => books.post(&key, None),
+            }
+            match result {
                 Ok(Outcome::Done) => {
                     books.backoffs.remove(&key);
                 }
@@ -581,7 +612,7 @@ mod tests {
     #[test]
     fn a_host_claim_deleted_under_a_virtual_one_is_made_again_and_a_status_waits_to_be_written() {
         let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
-        let mut books = Books::new(&metrics);
+        let mut books = Books::new(&metrics, ObjectBoard::default());
         let key: Key = ("shop".into(), "data".into());
         books.held.insert(
             key.clone(),

@@ -2,6 +2,8 @@
 //! share in calling the host agent: the client, what a failed call means, the event a refusal
 //! records, and the wait for the next due object.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::runtime::events::{Event as KubeEvent, EventType};
@@ -11,6 +13,26 @@ use tokio::time::Instant;
 use tonic_types::StatusExt as _;
 
 use crate::connect::{PodClient, SharedClients};
+use crate::pods::Key;
+
+/// Where each virtual object a syncer takes to the host stands, for `/status`: a state word
+/// (`held`, `made`, `refused`, `waiting`, `failing`) and why (empty while this replica does not
+/// lead).
+pub type ObjectBoard = Arc<Mutex<BTreeMap<Key, (&'static str, String)>>>;
+
+/// Shows `standing` for `key` on `board` (`None`: the object is gone).
+pub(crate) fn post(board: &ObjectBoard, key: &Key, standing: Option<(&'static str, String)>) {
+    let mut board = board.lock().unwrap_or_else(|e| e.into_inner());
+    match standing {
+        Some(standing) => board.insert(key.clone(), standing),
+        None => board.remove(key),
+    };
+}
+
+/// Clears `board` (a term ends: what it would hold is the next leader's to say).
+pub(crate) fn clear(board: &ObjectBoard) {
+    board.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
 
 /// The PodSync client of `connection`'s current connection (made now if there is none).
 pub(crate) async fn pod_client(connection: &SharedClients) -> Result<PodClient, tonic::Status> {

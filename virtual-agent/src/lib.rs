@@ -20,7 +20,7 @@ pub mod budgets;
 pub mod claims;
 pub mod classes;
 pub mod connect;
-mod host_calls;
+pub mod host_calls;
 pub mod leader;
 pub mod metrics;
 pub mod pods;

@@ -19,10 +19,11 @@ use tokio::sync::watch;
 use k8s_openapi::api::coordination::v1::Lease;
 use tokio::task::JoinSet;
 
-use crate::budgets::{BUDGET_REPORTER, BudgetBoard, BudgetSyncer};
+use crate::budgets::{BUDGET_REPORTER, BudgetSyncer};
 use crate::claims::{CLAIM_REPORTER, ClaimSyncer};
 use crate::classes::{Applier, CLASSES_LISTED, INITIAL_STATE_APPLIED, SyncState, run_enforcer, run_sync};
 use crate::connect::{HostAgentTarget, SharedClients};
+use crate::host_calls::ObjectBoard;
 use crate::leader::{Elector, Fence, LEASE_NAME, LeaseSettings, Role};
 use crate::metrics::Metrics;
 use crate::pods::{PODS_LISTED, PodBoard, PodSyncer};
@@ -69,7 +70,8 @@ struct Shared {
     readiness: Readiness,
     state: watch::Sender<SyncState>,
     board: PodBoard,
-    budgets: BudgetBoard,
+    budgets: ObjectBoard,
+    claims: ObjectBoard,
 }
 
 /// Runs the virtual agent until SIGTERM or SIGINT.
@@ -127,7 +129,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let leases: Api<Lease> = Api::namespaced(lease_client, &settings.lease.namespace);
     let elector = tokio::spawn(Elector::new(leases, settings.lease.clone(), role_tx, fence).run(release_rx));
     let board = PodBoard::default();
-    let budgets = BudgetBoard::default();
+    let budgets = ObjectBoard::default();
+    let claims = ObjectBoard::default();
     let status = crate::status::router(
         &settings.target.display(),
         crate::status::PodExtras {
@@ -144,6 +147,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         crate::status::Boards {
             pods: board.clone(),
             budgets: budgets.clone(),
+            claims: claims.clone(),
         },
         role_rx.clone(),
     );
@@ -176,6 +180,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         state: state_tx,
         board,
         budgets,
+        claims,
     };
 
     tokio::pin!(signal);
@@ -274,6 +279,7 @@ impl Shared {
                 ),
                 self.metrics.clone(),
                 self.state.subscribe(),
+                self.claims.clone(),
             )
             .run(stop_rx.clone()),
         );

@@ -2,9 +2,9 @@
 //! the `virtual-agent status` command that prints it as tables.
 //!
 //! ```text
-//!  SyncState (classes) ──────┐
-//!  PodBoard (shards) ────────┤
-//!  BudgetBoard (pdb syncer) ─┴─► GET /status ──► virtual-agent status [--admin URL] [-o table|json|yaml]
+//!  SyncState (classes) ───────────┐
+//!  PodBoard (shards) ─────────────┤
+//!  ObjectBoards (pdb, pvc syncers) ┴─► GET /status ──► virtual-agent status [--admin URL] [-o table|json|yaml]
 //! ```
 
 use std::sync::Arc;
@@ -16,8 +16,8 @@ use rcsync_core::status_client::{Output, Report, fetch, finish, render, table, t
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::budgets::BudgetBoard;
 use crate::classes::SyncState;
+use crate::host_calls::ObjectBoard;
 use crate::leader::Role;
 use crate::pods::PodBoard;
 
@@ -30,7 +30,8 @@ struct StatusState {
     identity: Arc<str>,
     sync: watch::Receiver<SyncState>,
     pods: PodBoard,
-    budgets: BudgetBoard,
+    budgets: ObjectBoard,
+    claims: ObjectBoard,
     role: watch::Receiver<Role>,
 }
 
@@ -50,7 +51,9 @@ pub struct Boards {
     /// Where each Pod stands (the Pod syncer's shards).
     pub pods: PodBoard,
     /// Where each PodDisruptionBudget stands (the budget syncer).
-    pub budgets: BudgetBoard,
+    pub budgets: ObjectBoard,
+    /// Where each PersistentVolumeClaim stands (the claim syncer).
+    pub claims: ObjectBoard,
 }
 
 /// The `/status` route. `identity` is this replica's holder identity in the leader Lease.
@@ -76,6 +79,7 @@ pub fn router(
             sync,
             pods: boards.pods,
             budgets: boards.budgets,
+            claims: boards.claims,
             role,
         })
 }
@@ -88,12 +92,6 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
     let not_synced: Vec<Value> = board
         .iter()
         .filter(|(_, (s, _))| *s != "synced")
-        .map(|((ns, name), (s, why))| json!({"namespace": ns, "name": name, "state": s, "reason": why}))
-        .collect();
-    let budgets = state.budgets.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let not_held: Vec<Value> = budgets
-        .iter()
-        .filter(|(_, (s, _))| *s != "held")
         .map(|((ns, name), (s, why))| json!({"namespace": ns, "name": name, "state": s, "reason": why}))
         .collect();
     axum::Json(json!({
@@ -114,11 +112,48 @@ async fn status_json(State(state): State<StatusState>) -> axum::Json<Value> {
             "notSynced": not_synced,
         },
         "podExtras": &*state.pod_extras,
-        "disruptionBudgets": {
-            "held": budgets.values().filter(|(s, _)| *s == "held").count(),
-            "notHeld": not_held,
-        },
+        "disruptionBudgets": standings(&state.budgets, "held", "notHeld"),
+        "persistentVolumeClaims": standings(&state.claims, "made", "notMade"),
     }))
+}
+
+/// A board's objects as `/status` shows them: how many are `done`, and each other one (its state
+/// and why) under `others`.
+fn standings(board: &ObjectBoard, done: &str, others: &str) -> Value {
+    let board = board.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let not_done: Vec<Value> = board
+        .iter()
+        .filter(|(_, (s, _))| *s != done)
+        .map(|((ns, name), (s, why))| json!({"namespace": ns, "name": name, "state": s, "reason": why}))
+        .collect();
+    json!({done: board.values().filter(|(s, _)| *s == done).count(), others: not_done})
+}
+
+/// The table of a board's objects (`standings`) as `virtual-agent status` prints it: how many
+/// are `done` (`what` they are), then the others, when there are any.
+fn standings_table(doc: &Value, what: &str, kind_column: &str, done: &str, others: &str) -> String {
+    let not_done = doc[others].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    if doc[done].as_u64().unwrap_or(0) > 0 || !not_done.is_empty() {
+        out.push_str(&format!("\n{what}: {}\n", text(&doc[done])));
+    }
+    if !not_done.is_empty() {
+        let mut rows = vec![
+            ["NAMESPACE", kind_column, "STATE", "REASON"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for o in &not_done {
+            rows.push(vec![
+                text(&o["namespace"]),
+                text(&o["name"]),
+                text(&o["state"]),
+                text(&o["reason"]),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    out
 }
 
 /// Reads the agent at `admin` and reports its state; exit 1 when not ready, 2 unreachable.
@@ -179,30 +214,20 @@ pub fn status(admin: &rcsync_core::status_client::AdminTarget<'_>, output: Outpu
                 out.push('\n');
                 out.push_str(&table(&rows));
             }
-            let budgets = &doc["disruptionBudgets"];
-            let not_held = budgets["notHeld"].as_array().cloned().unwrap_or_default();
-            if budgets["held"].as_u64().unwrap_or(0) > 0 || !not_held.is_empty() {
-                out.push_str(&format!(
-                    "\ndisruption budgets held on the host: {}\n",
-                    text(&budgets["held"])
-                ));
-            }
-            if !not_held.is_empty() {
-                let mut rows = vec![
-                    ["NAMESPACE", "DISRUPTION-BUDGET", "STATE", "REASON"]
-                        .map(String::from)
-                        .to_vec(),
-                ];
-                for b in &not_held {
-                    rows.push(vec![
-                        text(&b["namespace"]),
-                        text(&b["name"]),
-                        text(&b["state"]),
-                        text(&b["reason"]),
-                    ]);
-                }
-                out.push_str(&table(&rows));
-            }
+            out.push_str(&standings_table(
+                &doc["disruptionBudgets"],
+                "disruption budgets held on the host",
+                "DISRUPTION-BUDGET",
+                "held",
+                "notHeld",
+            ));
+            out.push_str(&standings_table(
+                &doc["persistentVolumeClaims"],
+                "persistent volume claims made on the host",
+                "PERSISTENT-VOLUME-CLAIM",
+                "made",
+                "notMade",
+            ));
             out
         }
         other => render(&doc, other),
