@@ -670,7 +670,8 @@ async fn check_pod_answers_every_reason() {
 async fn readiness_health_and_metrics_follow_the_host_list() {
     // Start the agent against an API server that is not there yet.
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    // Known before its API server starts, so no other test's port or connection may take it.
+    let port = rcsync_tests::reserved_port();
     let kubeconfig = dir.path().join("host.kubeconfig");
     std::fs::write(
         &kubeconfig,

@@ -62,6 +62,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free TCP port on loopback that stays free for a later bind: below the kernel's ephemeral
+/// range (`net.ipv4.ip_local_port_range`), which `free_port` and every outgoing connection draw
+/// from, so no other test's port or connection takes it meanwhile. For an address that must be
+/// known before its server starts (an agent pointed at an API server that comes later, a server
+/// restarted on its port).
+pub fn reserved_port() -> u16 {
+    use rand::Rng as _;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000.min(low.saturating_sub(1_000));
+    for _ in 0..1_000 {
+        let port = rand::rng().random_range(floor..low);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {floor} and {low}");
+}
+
 /// A `cargo` command run from a process that cargo started (a test, a bench, `cargo run`),
 /// without the variables cargo set for that process: they would change build fingerprints (ring's
 /// build script tracks `CARGO_MANIFEST_DIR`), so this build and the next one from a shell would
@@ -252,7 +273,10 @@ pub async fn spawn_listening(
     args: impl Fn(&[String]) -> Vec<String>,
 ) -> (Process, Vec<String>, Vec<String>) {
     for _ in 0..5 {
-        let addrs: Vec<String> = (0..ports).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        // Below the ephemeral range: a process restarted on its ports finds them free.
+        let addrs: Vec<String> = (0..ports)
+            .map(|_| format!("127.0.0.1:{}", reserved_port()))
+            .collect();
         let argv = args(&addrs);
         let mut process = Process::spawn(name, program, &argv, dir);
         let outcome = eventually(&format!("{name} to listen or exit"), || {

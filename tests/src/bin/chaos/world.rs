@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::api::PostParams;
-use rcsync_tests::{Process, free_port, http_get};
+use rcsync_tests::{Process, http_get, reserved_port};
 
 use crate::timeline::TenantConfig;
 use rcsync_tests::proxy::FaultyProxy;
@@ -140,8 +140,9 @@ pub struct World {
     virtual_kubeconfigs: Vec<PathBuf>,
 }
 
+/// An address for a server that is restarted on it: its port stays free while it is down.
 fn loopback() -> String {
-    format!("127.0.0.1:{}", free_port())
+    format!("127.0.0.1:{}", reserved_port())
 }
 
 fn server(name: &str, dir: &Path, bin: &Path, kubeconfig: &Path, extra: &[&str]) -> Restartable {
