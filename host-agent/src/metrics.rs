@@ -198,8 +198,10 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them under the `rcsync` prefix.
     pub fn register(registry: &mut Registry) -> Self {
-        let watches =
-            rcsync_core::admin::WatchHealth::register(registry, &["runtimeclasses", "pods", "events"]);
+        let watches = rcsync_core::admin::WatchHealth::register(
+            registry,
+            &["runtimeclasses", "pods", "events", "persistentvolumeclaims"],
+        );
         let mut m = Self {
             watches,
             host_classes: Gauge::default(),

@@ -81,7 +81,14 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let watches = rcsync_core::admin::WatchHealth::register(
             registry,
-            &["pods", "runtimeclasses", "configmaps", "secrets"],
+            &[
+                "pods",
+                "runtimeclasses",
+                "configmaps",
+                "secrets",
+                "poddisruptionbudgets",
+                "persistentvolumeclaims",
+            ],
         );
         let mut m = Self {
             watches,

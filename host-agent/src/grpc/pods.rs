@@ -49,7 +49,7 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::auth::{Authenticator, Caller};
-use crate::grpc::claim_status::stream_claim_status;
+use crate::grpc::claim_status::{ClaimWatch, stream_claim_status};
 use crate::grpc::limits::{StreamKind, TenantLimiter};
 use crate::grpc::pod_events::{self, PodEvents};
 use crate::grpc::pod_status::{HostPodStatus, stream_status};
@@ -999,23 +999,35 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         });
         self.metrics.record(WATCH_CLAIMS, started, &opened);
         let (caller, tenant, slot) = opened?;
-        let config = watcher::Config::default().labels(&managed_selector(&tenant));
-        let claims = self
-            .metrics
-            .watches
-            .follow(
-                "persistentvolumeclaims".into(),
-                watcher::watcher(
-                    Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &tenant.host_namespace),
-                    config,
+        // A tenant whose claims the host does not make costs no watch: its stream says it has
+        // listed (nothing) and ends when the switch turns, so the caller opens it again.
+        let claims: ClaimWatch = if tenant.pods.claims {
+            let config = watcher::Config::default().labels(&managed_selector(&tenant));
+            self.metrics
+                .watches
+                .follow(
+                    "persistentvolumeclaims".into(),
+                    watcher::watcher(
+                        Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &tenant.host_namespace),
+                        config,
+                    )
+                    .retry_with_backoff(),
                 )
-                .retry_with_backoff(),
-            )
-            .boxed();
+                .boxed()
+        } else {
+            futures::stream::iter([Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)])
+                .chain(futures::stream::pending())
+                .boxed()
+        };
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("claim_status", tenant = %caller.tenant);
         let shutdown = self.shutdown.clone();
-        let ended = tenant_left(&self.auth, caller, tenant.host_namespace.clone());
+        let ended = claims_switched(
+            &self.auth,
+            caller,
+            tenant.host_namespace.clone(),
+            tenant.pods.claims,
+        );
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 stream_claim_status(claims, tx, shutdown, ended).await;
@@ -1101,13 +1113,46 @@ fn tenant_left(
     caller: Caller,
     host_namespace: String,
 ) -> impl std::future::Future<Output = Status> + Send + use<> {
+    tenant_changed(auth, caller, host_namespace, |_| None)
+}
+
+/// [`tenant_left`] for a WatchClaimStatus stream, which also ends (ABORTED: open it again) when the
+/// tenants file turns the tenant's `sync.toHost.persistentVolumeClaims.enabled` away from `claims`,
+/// what the stream was opened with.
+fn claims_switched(
+    auth: &Authenticator,
+    caller: Caller,
+    host_namespace: String,
+    claims: bool,
+) -> impl std::future::Future<Output = Status> + Send + use<> {
+    tenant_changed(auth, caller, host_namespace, move |now| {
+        (now.pods.claims != claims).then(|| {
+            Status::aborted(
+                "the tenant's sync.toHost.persistentVolumeClaims.enabled changed: open the stream again",
+            )
+        })
+    })
+}
+
+/// Resolves once `caller` is no longer accepted, its tenant moves away from `host_namespace`, or
+/// `also` finds a reason in the tenant's new config.
+fn tenant_changed<A>(
+    auth: &Authenticator,
+    caller: Caller,
+    host_namespace: String,
+    also: A,
+) -> impl std::future::Future<Output = Status> + Send + use<A>
+where
+    A: Fn(&Tenant) -> Option<Status> + Send + 'static,
+{
     auth.stream_ended(caller, move |state, caller| {
         match state.file.tenant(caller.tenant.as_str()) {
             Some(now) if now.host_namespace != host_namespace => Err(Status::aborted(format!(
                 "the tenant's host namespace changed from {host_namespace:?} to {:?}: open the stream again",
                 now.host_namespace
             ))),
-            _ => Ok(()),
+            Some(now) => also(now).map_or(Ok(()), Err),
+            None => Ok(()),
         }
     })
 }
