@@ -191,3 +191,82 @@ async fn a_denied_pod_syncs_once_class_sync_is_turned_off_while_no_class_was_syn
     system.rewrite_tenants(&[TenantSpec::new(TENANT, "{enabled: false}")]);
     system.wait_host_pod_count(1).await;
 }
+
+/// An orphan (a Pod whose class stopped being synced) whose host Pod the host then deleted (a
+/// drain's eviction, seed 77 of the chaos run with drains) runs nowhere: it stayed an orphan in
+/// the virtual cluster with no word of why it has no host Pod. It is a Pod that may not sync now,
+/// and says so with a SyncWarning, as any other; the spec's orphan rule (both copies stay) holds
+/// while the host copy is there.
+#[tokio::test]
+async fn an_orphan_whose_host_pod_is_deleted_says_it_may_not_sync() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::Api;
+    use kube::api::{DeleteParams, Patch, PatchParams};
+    use serde_json::json;
+    let system = System::start(
+        &[TenantSpec::new(
+            TENANT,
+            "{enabled: true, selector: {matchLabels: {env: dev}}}",
+        )],
+        &[
+            runtime_class("gvisor", "runsc", &[("env", "dev")]),
+            runtime_class("kata", "kata", &[("env", "dev")]),
+        ],
+    )
+    .await;
+    let v = system.virtual_side();
+    v.wait_classes(&["gvisor", "kata"]).await;
+    v.create_pod(&pod("web", Some("kata"))).await;
+    let host: Api<Pod> = system.host_pods(&v.tenant).await;
+    let host_name = rcsync_core::naming::host_pod_name("web", "default", TENANT);
+    eventually("the host Pod", || async { host.get_opt(&host_name).await.ok()? }).await;
+    // The class stops matching the tenant's selector: the Pod is an orphan, kept in both clusters.
+    system
+        .host_classes()
+        .await
+        .patch(
+            "kata",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"env": "prod"}}})),
+        )
+        .await
+        .unwrap();
+    v.wait_classes(&["gvisor"]).await;
+    // A change of the Pod finds it an orphan (it does not reach the host).
+    v.pods()
+        .await
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"rev": "2"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("the Pod counted as orphaned", || async {
+        v.metrics()
+            .await
+            .lines()
+            .any(|l| l == "rcsync_pods_orphaned 1")
+            .then_some(())
+    })
+    .await;
+    // The host deletes its host Pod.
+    host.delete(&host_name, &DeleteParams::default()).await.unwrap();
+    v.wait_event(
+        "web",
+        "did not sync pod \"web\" to host because it does not match the selector under 'sync.fromHost.runtimeClasses.selector'",
+    )
+    .await;
+    assert!(
+        v.pods().await.get_opt("web").await.unwrap().is_some(),
+        "the virtual Pod stays"
+    );
+    eventually("no orphan counted any more", || async {
+        v.metrics()
+            .await
+            .lines()
+            .any(|l| l == "rcsync_pods_orphaned 0")
+            .then_some(())
+    })
+    .await;
+}

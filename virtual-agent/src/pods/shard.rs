@@ -1198,8 +1198,9 @@ impl Shard {
 
     /// A synced Pod's host Pod terminates or is gone (evicted by a drain, preempted, deleted on
     /// the host): the virtual Pod is deleted too, as vCluster does, so its controller replaces it
-    /// (at once, not after the host Pod's grace period). Orphans stay, as the spec wants. A
-    /// virtual Pod already deleting is finished once its host Pod is gone.
+    /// (at once, not after the host Pod's grace period). Orphans stay, as the spec wants, and one
+    /// whose host Pod is gone is looked at again. A virtual Pod already deleting is finished once
+    /// its host Pod is gone.
     async fn on_host_gone(&mut self, key: &Key, uid: &str, loss: HostLoss) {
         let Some(pod) = self.pods.get(key).cloned() else {
             return;
@@ -1211,6 +1212,14 @@ impl Shard {
             if loss == HostLoss::Gone {
                 self.finalize_virtual(key, &pod).await;
             }
+            return;
+        }
+        // An orphan stays in both clusters while both copies are there (the spec); once the host
+        // deleted its copy, it runs nowhere: a Pod that may not sync, looked at again as any
+        // other, so its SyncWarning says why.
+        if loss == HostLoss::Gone && self.records.get(key).is_some_and(|r| r.state == State::Orphaned) {
+            self.records.remove(key);
+            self.enqueue(key.clone());
             return;
         }
         if !self
