@@ -23,10 +23,10 @@ use crate::budgets::{BUDGET_REPORTER, BudgetSyncer};
 use crate::claims::{CLAIM_REPORTER, ClaimSyncer};
 use crate::classes::{Applier, CLASSES_LISTED, INITIAL_STATE_APPLIED, SyncState, run_enforcer, run_sync};
 use crate::connect::{HostAgentTarget, SharedClients};
-use crate::host_calls::ObjectBoard;
 use crate::leader::{Elector, Fence, LEASE_NAME, LeaseSettings, Role};
 use crate::metrics::Metrics;
-use crate::pods::{PODS_LISTED, PodBoard, PodSyncer};
+use crate::pods::{PODS_LISTED, PodSyncer};
+use crate::status::Boards;
 
 /// Everything `virtual-agent` needs to run.
 #[derive(Clone, Debug)]
@@ -69,9 +69,8 @@ struct Shared {
     metrics: Metrics,
     readiness: Readiness,
     state: watch::Sender<SyncState>,
-    board: PodBoard,
-    budgets: ObjectBoard,
-    claims: ObjectBoard,
+    /// What the term's tasks publish for `/status`.
+    boards: Boards,
 }
 
 /// Runs the virtual agent until SIGTERM or SIGINT.
@@ -128,9 +127,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let leases: Api<Lease> = Api::namespaced(lease_client, &settings.lease.namespace);
     let elector = tokio::spawn(Elector::new(leases, settings.lease.clone(), role_tx, fence).run(release_rx));
-    let board = PodBoard::default();
-    let budgets = ObjectBoard::default();
-    let claims = ObjectBoard::default();
+    let boards = Boards::default();
     let status = crate::status::router(
         &settings.target.display(),
         crate::status::PodExtras {
@@ -144,11 +141,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         &settings.target.tenant,
         &settings.lease.identity,
         state_rx,
-        crate::status::Boards {
-            pods: board.clone(),
-            budgets: budgets.clone(),
-            claims: claims.clone(),
-        },
+        boards.clone(),
         role_rx.clone(),
     );
     let admin_shutdown = {
@@ -178,9 +171,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics,
         readiness: readiness.clone(),
         state: state_tx,
-        board,
-        budgets,
-        claims,
+        boards,
     };
 
     tokio::pin!(signal);
@@ -279,7 +270,7 @@ impl Shared {
                 ),
                 self.metrics.clone(),
                 self.state.subscribe(),
-                self.claims.clone(),
+                self.boards.claims.clone(),
             )
             .run(stop_rx.clone()),
         );
@@ -296,7 +287,7 @@ impl Shared {
                 ),
                 self.metrics.clone(),
                 self.state.subscribe(),
-                self.budgets.clone(),
+                self.boards.budgets.clone(),
             )
             .run(stop_rx.clone()),
         );
@@ -307,7 +298,7 @@ impl Shared {
             self.readiness.clone(),
             self.state.subscribe(),
             self.settings.pod_workers,
-            self.board.clone(),
+            self.boards.pods.clone(),
         )
         .with_host_events(self.settings.host_events)
         .with_pod_api_server(self.settings.pod_api_server.clone());
@@ -326,7 +317,7 @@ impl Shared {
         self.metrics.synced_classes.set(0);
         self.readiness.remove(LEADER_CHECKS);
         self.state.send_replace(SyncState::default());
-        self.board.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.boards.pods.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Shows the role in `/readyz` and the gauge. A standby behind a leader is ready (rollouts
