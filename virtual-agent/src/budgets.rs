@@ -17,7 +17,7 @@
 //! (`sync.toHost.podDisruptionBudgets.enabled` in the host agent's tenants file): where it does
 //! not, each budget carries a `SyncError` event saying so.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +36,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::classes::SyncState;
-use crate::connect::{Backoff, SharedClients};
-use crate::host_calls::{self, ObjectBoard};
+use crate::connect::SharedClients;
+use crate::host_calls::{self, ObjectBoard, Schedule};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -77,15 +77,8 @@ struct Books {
     /// The host agent's refusals (an event was recorded for each), by virtual budget:
     /// `rcsync_disruption_budgets_refused`.
     refusals: GaugedMap<String>,
-    /// Budgets to look at, and when.
-    due: BTreeMap<Key, Instant>,
-    /// Each failing budget's backoff.
-    backoffs: HashMap<Key, Backoff>,
-    /// When to compare the host's budgets with the virtual ones (after each relist).
-    collect_at: Option<Instant>,
-    collect_backoff: Option<Backoff>,
-    /// Nothing is sent over the tenant's rate limit before this.
-    paused_until: Option<Instant>,
+    /// When each budget (and the collection) is looked at next.
+    schedule: Schedule,
     /// Where each budget stands, as `/status` shows it (cleared when the books go).
     board: ObjectBoard,
 }
@@ -96,11 +89,7 @@ impl Books {
             budgets: HashMap::new(),
             held: GaugedMap::new(metrics.budgets_synced.clone(), |h| !h.refused),
             refusals: GaugedMap::new(metrics.budgets_refused.clone(), |_| true),
-            due: BTreeMap::new(),
-            backoffs: HashMap::new(),
-            collect_at: None,
-            collect_backoff: None,
-            paused_until: None,
+            schedule: Schedule::default(),
             board,
         }
     }
@@ -172,7 +161,7 @@ impl BudgetSyncer {
         let mut listed = false;
         let mut policy = self.sync_state.borrow().pod_policy.clone();
         loop {
-            let wake = books.next_wake();
+            let wake = books.schedule.next_wake();
             tokio::select! {
                 _ = shutdown.changed() => break,
                 event = events.next() => match event {
@@ -188,23 +177,23 @@ impl BudgetSyncer {
                         let budgets = relist.take().unwrap_or_default();
                         let now = Instant::now();
                         for key in books.budgets.keys().chain(budgets.keys()) {
-                            books.due.insert(key.clone(), now);
+                            books.schedule.due.insert(key.clone(), now);
                         }
                         books.budgets = budgets;
-                        books.collect_at = Some(now);
+                        books.schedule.collect_now();
                         listed = true;
                     }
                     Some(Ok(Event::Apply(budget))) => {
                         let key = key_of(&budget);
                         books.budgets.insert(key.clone(), Arc::new(budget));
-                        books.due.insert(key, Instant::now());
+                        books.schedule.now(key);
                     }
                     Some(Ok(Event::Delete(budget))) => {
                         // What the host holds for it (of the uid this process applied) goes; a
                         // budget this process never applied is the collection's to delete.
                         let key = key_of(&budget);
                         books.budgets.remove(&key);
-                        books.due.insert(key, Instant::now());
+                        books.schedule.now(key);
                     }
                 },
                 () = host_calls::sleep_until(wake) => {}
@@ -219,7 +208,7 @@ impl BudgetSyncer {
                         policy = now;
                         let at = Instant::now();
                         for key in books.budgets.keys() {
-                            books.due.insert(key.clone(), at);
+                            books.schedule.due.insert(key.clone(), at);
                         }
                         let held: Vec<(Key, Held)> =
                             books.held.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
@@ -238,37 +227,22 @@ impl BudgetSyncer {
     /// Does what is due: the collection after a relist, then each due budget.
     async fn work(&mut self, books: &mut Books) {
         let now = Instant::now();
-        if books.paused_until.is_some_and(|until| now < until) {
+        if books.schedule.paused() {
             return;
         }
-        if books.collect_at.is_some_and(|at| at <= now) {
-            match self.collect(books).await {
-                Ok(()) => {
-                    books.collect_at = None;
-                    books.collect_backoff = None;
-                }
-                Err(status) => {
-                    let delay = books
-                        .collect_backoff
-                        .get_or_insert_with(|| Backoff::new(Duration::from_millis(200), RETRY_MAX))
-                        .next_delay();
-                    self.call_failed(books, &status, "list the host's PodDisruptionBudgets")
-                        .await;
-                    books.collect_at = Some(now + delay);
-                }
+        if books.schedule.collect_due(now) {
+            let collected = self.collect(books).await;
+            if let Err(status) = &collected {
+                self.call_failed(books, status, "list the host's PodDisruptionBudgets")
+                    .await;
             }
+            books.schedule.collected(collected.is_ok(), RETRY_MAX);
         }
-        let due: Vec<Key> = books
-            .due
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in due {
-            if books.paused_until.is_some_and(|until| Instant::now() < until) {
+        for key in books.schedule.due_at(now) {
+            if books.schedule.paused() {
                 break;
             }
-            books.due.remove(&key);
+            books.schedule.take(&key);
             let result = self.reconcile(books, &key).await;
             match &result {
                 // Over the tenant's rate: it stands as it stood until its turn comes.
@@ -277,19 +251,12 @@ impl BudgetSyncer {
                 Ok(()) => books.post(&key, None),
             }
             match result {
-                Ok(()) => {
-                    books.backoffs.remove(&key);
-                }
+                Ok(()) => books.schedule.settled(&key),
                 Err(status) => {
-                    let delay = books
-                        .backoffs
-                        .entry(key.clone())
-                        .or_insert_with(|| Backoff::new(Duration::from_millis(200), RETRY_MAX))
-                        .next_delay();
                     self.call_failed(books, &status, "sync the PodDisruptionBudget")
                         .await;
+                    let delay = books.schedule.later(key.clone(), RETRY_MAX);
                     tracing::warn!(namespace = %key.0, budget = %key.1, error = %status.message(), ?delay, "syncing a PodDisruptionBudget failed; retrying");
-                    books.due.insert(key, Instant::now() + delay);
                 }
             }
         }
@@ -401,7 +368,7 @@ impl BudgetSyncer {
                     refused: false,
                 },
             );
-            books.due.insert(key, now);
+            books.schedule.due.insert(key, now);
         }
         Ok(())
     }
@@ -415,16 +382,8 @@ impl BudgetSyncer {
     async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
         let errors = &self.metrics.budget_errors_total;
         if let Some(until) = host_calls::call_failed(&self.connection, errors, status, attempt).await {
-            books.paused_until = Some(until);
+            books.schedule.pause_until(until);
         }
-    }
-}
-
-impl Books {
-    /// When the loop has work next: the earliest due budget or collection, not before a pause ends.
-    fn next_wake(&self) -> Option<Instant> {
-        let next = self.due.values().copied().chain(self.collect_at).min()?;
-        Some(self.paused_until.map_or(next, |until| next.max(until)))
     }
 }
 

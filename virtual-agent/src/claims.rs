@@ -22,7 +22,7 @@
 //! (`sync.toHost.persistentVolumeClaims.enabled` in the host agent's tenants file): where it does
 //! not, each claim carries a `SyncError` event saying so, and Pods mounting one are refused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::{Backoff, SharedClients};
-use crate::host_calls::{self, ObjectBoard};
+use crate::host_calls::{self, ObjectBoard, Schedule};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -88,15 +88,8 @@ struct Books {
     refusals: GaugedMap<String>,
     /// Host statuses not yet written on their virtual claim (by virtual claim: its uid, the status).
     statuses: HashMap<Key, (String, serde_json::Value)>,
-    /// Claims to look at, and when.
-    due: BTreeMap<Key, Instant>,
-    /// Each failing or refused claim's backoff.
-    backoffs: HashMap<Key, Backoff>,
-    /// When to compare the host's claims with the virtual ones (after each relist).
-    collect_at: Option<Instant>,
-    collect_backoff: Option<Backoff>,
-    /// Nothing is sent over the tenant's rate limit before this.
-    paused_until: Option<Instant>,
+    /// When each claim (and the collection) is looked at next.
+    schedule: Schedule,
     /// Where each claim stands, as `/status` shows it (cleared when the books go).
     board: ObjectBoard,
 }
@@ -108,11 +101,7 @@ impl Books {
             held: GaugedMap::new(metrics.claims_synced.clone(), |h| !h.refused),
             refusals: GaugedMap::new(metrics.claims_refused.clone(), |_| true),
             statuses: HashMap::new(),
-            due: BTreeMap::new(),
-            backoffs: HashMap::new(),
-            collect_at: None,
-            collect_backoff: None,
-            paused_until: None,
+            schedule: Schedule::default(),
             board,
         }
     }
@@ -132,24 +121,6 @@ impl Books {
     fn forget(&mut self, key: &Key) {
         self.held.remove(key);
         self.refusals.remove(key);
-    }
-
-    /// Looks at `key` again after `cap`-bounded backoff.
-    fn later(&mut self, key: Key, cap: Duration) -> Duration {
-        let delay = self
-            .backoffs
-            .entry(key.clone())
-            .or_insert_with(|| Backoff::new(Duration::from_millis(200), cap))
-            .up_to(cap)
-            .next_delay();
-        self.due.insert(key, Instant::now() + delay);
-        delay
-    }
-
-    /// When the loop has work next: the earliest due claim or collection, not before a pause ends.
-    fn next_wake(&self) -> Option<Instant> {
-        let next = self.due.values().copied().chain(self.collect_at).min()?;
-        Some(self.paused_until.map_or(next, |until| next.max(until)))
     }
 }
 
@@ -203,7 +174,7 @@ impl ClaimSyncer {
         let mut host_listed = false;
         let mut policy = self.sync_state.borrow().pod_policy.clone();
         loop {
-            let wake = books.next_wake();
+            let wake = books.schedule.next_wake();
             tokio::select! {
                 _ = shutdown.changed() => break,
                 event = events.next() => match event {
@@ -219,21 +190,21 @@ impl ClaimSyncer {
                         let claims = relist.take().unwrap_or_default();
                         let now = Instant::now();
                         for key in books.claims.keys().chain(claims.keys()) {
-                            books.due.insert(key.clone(), now);
+                            books.schedule.due.insert(key.clone(), now);
                         }
                         books.claims = claims;
-                        books.collect_at = Some(now);
+                        books.schedule.collect_now();
                         listed = true;
                     }
                     Some(Ok(Event::Apply(claim))) => {
                         let key = key_of(&claim);
                         books.claims.insert(key.clone(), Arc::new(claim));
-                        books.due.insert(key, Instant::now());
+                        books.schedule.now(key);
                     }
                     Some(Ok(Event::Delete(claim))) => {
                         let key = key_of(&claim);
                         books.claims.remove(&key);
-                        books.due.insert(key, Instant::now());
+                        books.schedule.now(key);
                     }
                 },
                 () = &mut feed, if !feed_ended => feed_ended = true,
@@ -250,7 +221,7 @@ impl ClaimSyncer {
                         policy = now;
                         let at = Instant::now();
                         for key in books.claims.keys() {
-                            books.due.insert(key.clone(), at);
+                            books.schedule.due.insert(key.clone(), at);
                         }
                         let held: Vec<(Key, Held)> =
                             books.held.iter().map(|(k, h)| (k.clone(), h.clone())).collect();
@@ -269,37 +240,22 @@ impl ClaimSyncer {
     /// Does what is due: the collection after a relist, then each due claim.
     async fn work(&mut self, books: &mut Books) {
         let now = Instant::now();
-        if books.paused_until.is_some_and(|until| now < until) {
+        if books.schedule.paused() {
             return;
         }
-        if books.collect_at.is_some_and(|at| at <= now) {
-            match self.collect(books).await {
-                Ok(()) => {
-                    books.collect_at = None;
-                    books.collect_backoff = None;
-                }
-                Err(status) => {
-                    let delay = books
-                        .collect_backoff
-                        .get_or_insert_with(|| Backoff::new(Duration::from_millis(200), RETRY_MAX))
-                        .next_delay();
-                    self.call_failed(books, &status, "list the host's PersistentVolumeClaims")
-                        .await;
-                    books.collect_at = Some(now + delay);
-                }
+        if books.schedule.collect_due(now) {
+            let collected = self.collect(books).await;
+            if let Err(status) = &collected {
+                self.call_failed(books, status, "list the host's PersistentVolumeClaims")
+                    .await;
             }
+            books.schedule.collected(collected.is_ok(), RETRY_MAX);
         }
-        let due: Vec<Key> = books
-            .due
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in due {
-            if books.paused_until.is_some_and(|until| Instant::now() < until) {
+        for key in books.schedule.due_at(now) {
+            if books.schedule.paused() {
                 break;
             }
-            books.due.remove(&key);
+            books.schedule.take(&key);
             let result = self.reconcile(books, &key).await;
             match &result {
                 // Over the tenant's rate: it stands as it stood until its turn comes.
@@ -308,16 +264,14 @@ impl ClaimSyncer {
                 Ok(_) => books.post(&key, None),
             }
             match result {
-                Ok(Outcome::Done) => {
-                    books.backoffs.remove(&key);
-                }
+                Ok(Outcome::Done) => books.schedule.settled(&key),
                 Ok(Outcome::Refused) => {
-                    books.later(key, REFUSED_RETRY_MAX);
+                    books.schedule.later(key, REFUSED_RETRY_MAX);
                 }
                 Err(status) => {
                     self.call_failed(books, &status, "sync the PersistentVolumeClaim")
                         .await;
-                    let delay = books.later(key.clone(), RETRY_MAX);
+                    let delay = books.schedule.later(key.clone(), RETRY_MAX);
                     tracing::warn!(namespace = %key.0, claim = %key.1, error = %status.message(), ?delay, "syncing a PersistentVolumeClaim failed; retrying");
                 }
             }
@@ -469,7 +423,7 @@ impl ClaimSyncer {
                     refused: false,
                 },
             );
-            books.due.insert(key, now);
+            books.schedule.due.insert(key, now);
         }
         Ok(())
     }
@@ -483,7 +437,7 @@ impl ClaimSyncer {
     async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
         let errors = &self.metrics.claim_errors_total;
         if let Some(until) = host_calls::call_failed(&self.connection, errors, status, attempt).await {
-            books.paused_until = Some(until);
+            books.schedule.pause_until(until);
         }
     }
 }
@@ -512,20 +466,20 @@ fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
                 return false;
             };
             books.statuses.insert(key.clone(), (claim.uid, status));
-            books.due.insert(key, Instant::now());
+            books.schedule.now(key);
         }
         ClaimStatusEventType::Deleted => {
             let now = Instant::now();
             // Deleted on the host while its virtual claim stays: made again.
             if books.held.get(&key).is_some_and(|h| h.uid == claim.uid) {
                 books.forget(&key);
-                books.due.insert(key, now);
+                books.schedule.due.insert(key, now);
             }
             // Room made under the host namespace's quota (or a name freed): the refused claims
             // are asked again now, not at the end of their backoff.
             let refused: Vec<Key> = books.refusals.iter().map(|(k, _)| k.clone()).collect();
             for key in refused {
-                books.due.insert(key, now);
+                books.schedule.due.insert(key, now);
             }
         }
         ClaimStatusEventType::InitialStateComplete | ClaimStatusEventType::Unspecified => {}
@@ -639,8 +593,8 @@ mod tests {
             books.statuses[&key],
             ("u".to_string(), serde_json::json!({"phase": "Bound"}))
         );
-        assert!(books.due.contains_key(&key));
-        books.due.clear();
+        assert!(books.schedule.due.contains_key(&key));
+        books.schedule.due.clear();
         on_status(&mut books, event(ClaimStatusEventType::Deleted, "other", ""));
         assert!(
             books.held.get(&key).is_some(),
@@ -651,6 +605,6 @@ mod tests {
             books.held.get(&key).is_none(),
             "forgotten: the next look makes it again"
         );
-        assert!(books.due.contains_key(&key));
+        assert!(books.schedule.due.contains_key(&key));
     }
 }

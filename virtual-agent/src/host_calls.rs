@@ -2,7 +2,7 @@
 //! share in calling the host agent: the client, what a failed call means, the event a refusal
 //! records, and the wait for the next due object.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use rcsync_proto::v1::PodRefusalReason;
 use tokio::time::Instant;
 use tonic_types::StatusExt as _;
 
-use crate::connect::{PodClient, SharedClients};
+use crate::connect::{Backoff, PodClient, SharedClients};
 use crate::pods::Key;
 
 /// Where each virtual object a syncer takes to the host stands, for `/status`: a state word
@@ -92,5 +92,100 @@ pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// When a syncer looks at each virtual object next, when it compares the host's list with the
+/// virtual objects (after each relist), and the backoffs and the rate-limit pause that set both.
+#[derive(Default)]
+pub(crate) struct Schedule {
+    /// Objects to look at, and when.
+    pub(crate) due: BTreeMap<Key, Instant>,
+    /// Each failing (or refused) object's backoff.
+    backoffs: HashMap<Key, Backoff>,
+    /// When to compare the host's objects with the virtual ones.
+    collect_at: Option<Instant>,
+    collect_backoff: Option<Backoff>,
+    /// Nothing is sent over the tenant's rate limit before this.
+    paused_until: Option<Instant>,
+}
+
+impl Schedule {
+    /// Looks at `key` at the next pass.
+    pub(crate) fn now(&mut self, key: Key) {
+        self.due.insert(key, Instant::now());
+    }
+
+    /// Compares the host's list with the virtual objects at the next pass.
+    pub(crate) fn collect_now(&mut self) {
+        self.collect_at = Some(Instant::now());
+    }
+
+    /// Sends nothing before `until` (the tenant's rate limit).
+    pub(crate) fn pause_until(&mut self, until: Instant) {
+        self.paused_until = Some(until);
+    }
+
+    /// Whether the tenant's rate limit holds every call back now.
+    pub(crate) fn paused(&self) -> bool {
+        self.paused_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Whether the collection is due at `now`.
+    pub(crate) fn collect_due(&self, now: Instant) -> bool {
+        self.collect_at.is_some_and(|at| at <= now)
+    }
+
+    /// Records how the collection went: done, or tried again after its backoff (up to `cap`).
+    pub(crate) fn collected(&mut self, ok: bool, cap: Duration) {
+        if ok {
+            self.collect_at = None;
+            self.collect_backoff = None;
+        } else {
+            let delay = self
+                .collect_backoff
+                .get_or_insert_with(|| Backoff::new(Duration::from_millis(200), cap))
+                .next_delay();
+            self.collect_at = Some(Instant::now() + delay);
+        }
+    }
+
+    /// The objects due at `now` (each taken off the schedule with [`Schedule::take`] as it is
+    /// looked at, so a pause leaves the rest due).
+    pub(crate) fn due_at(&self, now: Instant) -> Vec<Key> {
+        self.due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Takes `key` off the schedule: it is being looked at.
+    pub(crate) fn take(&mut self, key: &Key) {
+        self.due.remove(key);
+    }
+
+    /// `key` is as it should be: its backoff starts afresh next time.
+    pub(crate) fn settled(&mut self, key: &Key) {
+        self.backoffs.remove(key);
+    }
+
+    /// Looks at `key` again after its backoff (up to `cap`); the delay.
+    pub(crate) fn later(&mut self, key: Key, cap: Duration) -> Duration {
+        let delay = self
+            .backoffs
+            .entry(key.clone())
+            .or_insert_with(|| Backoff::new(Duration::from_millis(200), cap))
+            .up_to(cap)
+            .next_delay();
+        self.due.insert(key, Instant::now() + delay);
+        delay
+    }
+
+    /// When the syncer has work next: the earliest due object or collection, not before a pause
+    /// ends.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        let next = self.due.values().copied().chain(self.collect_at).min()?;
+        Some(self.paused_until.map_or(next, |until| next.max(until)))
     }
 }
