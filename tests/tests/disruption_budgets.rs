@@ -7,8 +7,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt as _};
-use rcsync_tests::eventually;
 use rcsync_tests::system::{System, TenantSpec, Transport, VirtualSide, runtime_class};
+use rcsync_tests::{eventually, http_get};
 use serde_json::{Value, json};
 
 const TENANT: &str = "team-a";
@@ -373,4 +373,48 @@ async fn a_host_budget_rcsync_does_not_manage_is_never_taken_over() {
         Some(IntOrString::Int(0)),
         "the host's budget stays as it was"
     );
+}
+
+#[tokio::test]
+async fn a_budget_refused_because_its_host_name_was_taken_is_held_once_the_name_is_free() {
+    let system = system(&[tenant(true)]).await;
+    let host_name = host_name("web", "default");
+    let theirs = budget(
+        &host_name,
+        json!({"minAvailable": 0, "selector": {"matchLabels": {"app": "host"}}}),
+    );
+    let host = host_budgets(&system).await;
+    host.create(&PostParams::default(), &theirs).await.unwrap();
+    let side = system.virtual_side();
+    create_budget(side, "default", json!({"minAvailable": 1, "selector": {}})).await;
+    let event = sync_error(side).await;
+    assert_eq!(
+        event.message.as_deref(),
+        Some(
+            "the host name \"web-x-default-x-team-a\" is held by a PodDisruptionBudget rcsync does not manage"
+        )
+    );
+    // Asked again once the virtual disruption controller wrote its status (what the host agent
+    // reads of the budget changed), and refused again: from here on nothing in the virtual
+    // cluster changes, the host's budget going is all.
+    let applied =
+        r#"rcsync_grpc_requests_total{method="/rcsync.v1.PodSync/ApplyDisruptionBudget",code="Ok"} "#;
+    eventually("the budget asked for again after its status", || async {
+        let metrics = http_get(&system.host_admin, "/metrics").await?.1;
+        let calls: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(applied))?
+            .parse()
+            .ok()?;
+        (calls >= 2).then_some(())
+    })
+    .await;
+    let observed = virtual_budgets(side).await.get("web").await.unwrap();
+    assert_eq!(observed.status.unwrap().observed_generation, Some(1));
+    host.delete(&host_name, &DeleteParams::default()).await.unwrap();
+    wait_host_budget(&system, "web", 1).await;
+    side.status_table("the budget held in the status", |t| {
+        t.contains("disruption budgets held on the host: 1") && !t.contains(" refused ")
+    })
+    .await;
 }

@@ -7,7 +7,9 @@
 //!         computed status.desiredHealthy for this spec yet? ──► wait for its status write
 //!     ──► ApplyDisruptionBudget ──applied──► synced
 //!                               └─refused─► SyncError event on the budget (once per change);
-//!                                           tried again when the tenant's policy version changes
+//!                                           tried again when the tenant's policy version changes,
+//!                                           and, when the host may cure it (the name held by
+//!                                           another budget), after a backoff of up to a minute
 //!     deleted ──► DeleteDisruptionBudget (UID-checked by the host agent)
 //!  each relist ──► ListDisruptionBudgets ──► host budgets whose virtual budget is gone ──► deleted
 //!  failures ──► retried per budget with backoff; over the tenant's rate ──► after the delay asked
@@ -37,7 +39,7 @@ use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::SharedClients;
-use crate::host_calls::{self, ObjectBoard, Schedule};
+use crate::host_calls::{self, Held, ObjectBoard, Outcome, Schedule};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -47,15 +49,9 @@ pub const BUDGET_REPORTER: &str = "pdb-syncer";
 /// The longest a failed budget operation waits before its next attempt.
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// What the host holds for a virtual budget (or refused to), as this syncer last applied it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Held {
-    uid: String,
-    /// A digest of what was sent.
-    sent: u64,
-    /// Whether the host agent refused it (the refusal's message is in [`Books::refusals`]).
-    refused: bool,
-}
+/// The longest a budget refused for a reason the host may cure (its name held by another
+/// object) waits before it is asked again.
+const REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Syncs PodDisruptionBudgets while this replica leads (see the module docs).
 pub struct BudgetSyncer {
@@ -87,7 +83,7 @@ impl Books {
     fn new(metrics: &Metrics, board: ObjectBoard) -> Self {
         Self {
             budgets: HashMap::new(),
-            held: GaugedMap::new(metrics.budgets_synced.clone(), |h| !h.refused),
+            held: GaugedMap::new(metrics.budgets_synced.clone(), |h| h.refused.is_none()),
             refusals: GaugedMap::new(metrics.budgets_refused.clone(), |_| true),
             schedule: Schedule::default(),
             board,
@@ -248,10 +244,13 @@ impl BudgetSyncer {
                 // Over the tenant's rate: it stands as it stood until its turn comes.
                 Err(status) if status.code() == tonic::Code::ResourceExhausted => {}
                 Err(status) => books.post(&key, Some(status.message())),
-                Ok(()) => books.post(&key, None),
+                Ok(_) => books.post(&key, None),
             }
             match result {
-                Ok(()) => books.schedule.settled(&key),
+                Ok(Outcome::Done) => books.schedule.settled(&key),
+                Ok(Outcome::Refused) => {
+                    books.schedule.later(key, REFUSED_RETRY_MAX);
+                }
                 Err(status) => {
                     self.call_failed(books, &status, "sync the PodDisruptionBudget")
                         .await;
@@ -263,10 +262,10 @@ impl BudgetSyncer {
     }
 
     /// Brings the host's copy of one budget in line with the virtual cluster.
-    async fn reconcile(&mut self, books: &mut Books, key: &Key) -> Result<(), tonic::Status> {
+    async fn reconcile(&mut self, books: &mut Books, key: &Key) -> Result<Outcome, tonic::Status> {
         let Some(budget) = books.budgets.get(key).cloned() else {
             let Some(held) = books.held.get(key).cloned() else {
-                return Ok(());
+                return Ok(Outcome::Done);
             };
             let request = DeleteDisruptionBudgetRequest {
                 namespace: key.0.clone(),
@@ -279,21 +278,17 @@ impl BudgetSyncer {
                 .await?;
             tracing::info!(namespace = %key.0, budget = %key.1, "deleted the host's copy of a deleted PodDisruptionBudget");
             books.forget(key);
-            return Ok(());
+            return Ok(Outcome::Done);
         };
         if awaits_status(&budget) {
             // The virtual disruption controller's status write brings it back.
-            return Ok(());
+            return Ok(Outcome::Done);
         }
         let uid = budget.uid().unwrap_or_default();
         let body = apply_body(&budget);
         let sent = digest_of(&body);
-        if books
-            .held
-            .get(key)
-            .is_some_and(|h| h.uid == uid && h.sent == sent)
-        {
-            return Ok(());
+        if books.held.get(key).is_some_and(|h| h.stands(&uid, sent)) {
+            return Ok(Outcome::Done);
         }
         let mut pods = self.pods().await?;
         let answer = self
@@ -317,7 +312,7 @@ impl BudgetSyncer {
             Held {
                 uid,
                 sent,
-                refused: refused.is_some(),
+                refused: refused.as_ref().map(|(reason, _)| *reason),
             },
         );
         match refused {
@@ -338,9 +333,10 @@ impl BudgetSyncer {
                         )));
                     }
                 }
+                return Ok(Outcome::after_refusal(reason));
             }
         }
-        Ok(())
+        Ok(Outcome::Done)
     }
 
     /// Deletes the host budgets whose virtual budget is gone (deleted while no leader watched).
@@ -365,7 +361,7 @@ impl BudgetSyncer {
                 Held {
                     uid: host.uid,
                     sent: 0,
-                    refused: false,
+                    refused: None,
                 },
             );
             books.schedule.due.insert(key, now);

@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::{Backoff, SharedClients};
-use crate::host_calls::{self, ObjectBoard, Schedule};
+use crate::host_calls::{self, Held, ObjectBoard, Outcome, Schedule};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -55,16 +55,6 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// The longest a refused claim waits before it is tried again (the host's quota may have room by
 /// then, or the name in use be free).
 const REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// What the host holds for a virtual claim (or refused to make), as this syncer last applied it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Held {
-    uid: String,
-    /// A digest of what was sent.
-    sent: u64,
-    /// Whether the host agent refused it (the refusal's message is in [`Books::refusals`]).
-    refused: bool,
-}
 
 /// Syncs PersistentVolumeClaims while this replica leads (see the module docs).
 pub struct ClaimSyncer {
@@ -98,7 +88,7 @@ impl Books {
     fn new(metrics: &Metrics, board: ObjectBoard) -> Self {
         Self {
             claims: HashMap::new(),
-            held: GaugedMap::new(metrics.claims_synced.clone(), |h| !h.refused),
+            held: GaugedMap::new(metrics.claims_synced.clone(), |h| h.refused.is_none()),
             refusals: GaugedMap::new(metrics.claims_refused.clone(), |_| true),
             statuses: HashMap::new(),
             schedule: Schedule::default(),
@@ -300,13 +290,9 @@ impl ClaimSyncer {
         self.write_status(books, key, &claim).await?;
         let body = apply_body(&claim);
         let sent = digest_of(&body);
-        // Sent as it stands and made: nothing to do. A refusal is asked again (its retry, or a
-        // change of the tenant's policy brought it here).
-        if books
-            .held
-            .get(key)
-            .is_some_and(|h| h.uid == uid && h.sent == sent && !h.refused)
-        {
+        // Sent as it stands and made, or refused until it or the policy changes: nothing to do. A
+        // refusal the host may cure is asked again (its retry brought it here).
+        if books.held.get(key).is_some_and(|h| h.stands(&uid, sent)) {
             return Ok(Outcome::Done);
         }
         let mut pods = self.pods().await?;
@@ -331,7 +317,7 @@ impl ClaimSyncer {
             Held {
                 uid,
                 sent,
-                refused: refused.is_some(),
+                refused: refused.as_ref().map(|(reason, _)| *reason),
             },
         );
         let Some((reason, message)) = refused else {
@@ -351,13 +337,9 @@ impl ClaimSyncer {
                 )));
             }
         }
-        // A refusal the tenant cannot cure by editing (the spec is immutable) may still clear on
-        // the host (quota room, a name freed): tried again later, and a policy change tries it
-        // at once.
-        Ok(match reason {
-            PodRefusalReason::Unsupported | PodRefusalReason::Disabled => Outcome::Done,
-            _ => Outcome::Refused,
-        })
+        // The spec is immutable: a refusal the host may cure (quota room, a name freed) is tried
+        // again later, and a policy change tries it at once.
+        Ok(Outcome::after_refusal(reason))
     }
 
     /// Writes the host status waiting for the virtual claim `claim` (of the uid it was made for).
@@ -420,7 +402,7 @@ impl ClaimSyncer {
                 Held {
                     uid: host.uid,
                     sent: 0,
-                    refused: false,
+                    refused: None,
                 },
             );
             books.schedule.due.insert(key, now);
@@ -440,14 +422,6 @@ impl ClaimSyncer {
             books.schedule.pause_until(until);
         }
     }
-}
-
-/// What one look at a claim came to.
-enum Outcome {
-    /// Nothing left to do until the claim or the tenant's policy changes.
-    Done,
-    /// Refused in a way the host may cure: tried again later.
-    Refused,
 }
 
 /// Takes in one event of the host claims' status stream; true when it says the host agent listed
@@ -573,7 +547,7 @@ mod tests {
             Held {
                 uid: "u".into(),
                 sent: 7,
-                refused: false,
+                refused: None,
             },
         );
         let event = |kind: ClaimStatusEventType, uid: &str, status: &str| ClaimStatusEvent {

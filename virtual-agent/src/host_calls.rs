@@ -95,6 +95,51 @@ pub(crate) async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// What the host holds for a virtual object (or refused to), as its syncer last applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Held {
+    /// The virtual object's uid.
+    pub(crate) uid: String,
+    /// A digest of what was sent (0: nothing that stands, send it again).
+    pub(crate) sent: u64,
+    /// Why the host agent refused it, if it did (the message is in the syncer's refusals).
+    pub(crate) refused: Option<PodRefusalReason>,
+}
+
+impl Held {
+    /// Whether what was sent for the object of `uid` whose body digests to `sent` stands: held,
+    /// or refused for a reason only a change of the object or of the tenant's policy cures.
+    pub(crate) fn stands(&self, uid: &str, sent: u64) -> bool {
+        self.uid == uid
+            && self.sent == sent
+            && self
+                .refused
+                .is_none_or(|reason| Outcome::after_refusal(reason) == Outcome::Done)
+    }
+}
+
+/// What one look at an object came to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Nothing left to do until the object or the tenant's policy changes.
+    Done,
+    /// Refused in a way the host may cure (a name another object holds, the host API server's
+    /// quota): tried again later.
+    Refused,
+}
+
+impl Outcome {
+    /// What a refusal for `reason` leaves to do: one only the tenant's policy (`DISABLED`) or an
+    /// edit of the object (`UNSUPPORTED`) cures waits for that change; any other depends on the
+    /// host's objects, and is asked again.
+    pub(crate) fn after_refusal(reason: PodRefusalReason) -> Self {
+        match reason {
+            PodRefusalReason::Unsupported | PodRefusalReason::Disabled => Outcome::Done,
+            _ => Outcome::Refused,
+        }
+    }
+}
+
 /// When a syncer looks at each virtual object next, when it compares the host's list with the
 /// virtual objects (after each relist), and the backoffs and the rate-limit pause that set both.
 #[derive(Default)]
@@ -187,5 +232,36 @@ impl Schedule {
     pub(crate) fn next_wake(&self) -> Option<Instant> {
         let next = self.due.values().copied().chain(self.collect_at).min()?;
         Some(self.paused_until.map_or(next, |until| next.max(until)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(refused: Option<PodRefusalReason>) -> Held {
+        Held {
+            uid: "u".into(),
+            sent: 7,
+            refused,
+        }
+    }
+
+    #[test]
+    fn a_refusal_the_host_may_cure_is_asked_again_and_one_only_an_edit_cures_is_not() {
+        assert!(held(None).stands("u", 7));
+        assert!(!held(None).stands("u", 8), "an edit is sent");
+        assert!(!held(None).stands("v", 7), "a new object of the name is sent");
+        for reason in [PodRefusalReason::Unsupported, PodRefusalReason::Disabled] {
+            assert!(
+                held(Some(reason)).stands("u", 7),
+                "{reason:?} waits for an edit or the policy"
+            );
+            assert_eq!(Outcome::after_refusal(reason), Outcome::Done);
+        }
+        for reason in [PodRefusalReason::NameInUse, PodRefusalReason::HostRefused] {
+            assert!(!held(Some(reason)).stands("u", 7), "{reason:?} is asked again");
+            assert_eq!(Outcome::after_refusal(reason), Outcome::Refused);
+        }
     }
 }
