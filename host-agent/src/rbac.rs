@@ -19,7 +19,8 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
     ("", "pods/resize", &["patch"], "tenant-namespace"),
     // grpc::pods: debug containers (`kubectl debug`) added to a running Pod, as the tenant added them.
     ("", "pods/ephemeralcontainers", &["patch"], "tenant-namespace"),
-    // grpc::pod_events: the events the host records about the tenant's Pods, for WatchPodStatus.
+    // grpc::host_events: the events the host records about the tenant's Pods and claims, for
+    // WatchPodStatus and WatchClaimStatus.
     ("", "events", &["list", "watch"], "tenant-namespace"),
     // grpc::pods: copies of the ConfigMaps and Secrets a Pod references (get, create, replace;
     // delete only to replace a Secret whose type changed). The host's garbage collector removes

@@ -75,17 +75,24 @@ async fn create_claim(side: &VirtualSide, claim: &PersistentVolumeClaim) {
 
 /// The message of the `SyncError` event about `kind` `name`, once there is one.
 async fn sync_error(side: &VirtualSide, kind: &str, name: &str) -> String {
+    event(side, kind, name, "SyncError")
+        .await
+        .message
+        .unwrap_or_default()
+}
+
+/// The event for `reason` about `kind` `name` in the virtual cluster, once there is one.
+async fn event(side: &VirtualSide, kind: &str, name: &str, reason: &str) -> CoreEvent {
     let events: Api<CoreEvent> = Api::namespaced(side.cluster.client().await, "default");
     let selector = format!("involvedObject.name={name},involvedObject.kind={kind}");
-    eventually(&format!("a SyncError event on {kind} {name}"), || async {
+    eventually(&format!("a {reason} event on {kind} {name}"), || async {
         events
             .list(&ListParams::default().fields(&selector))
             .await
             .ok()?
             .items
             .into_iter()
-            .find(|e| e.reason.as_deref() == Some("SyncError"))?
-            .message
+            .find(|e| e.reason.as_deref() == Some(reason))
     })
     .await
 }
@@ -343,4 +350,28 @@ async fn a_claim_past_the_host_namespaces_storage_quota_shows_its_reason_and_is_
         t.contains("persistent volume claims made on the host: 1") && !t.contains(" refused ")
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_claim_the_host_cannot_provision_shows_the_hosts_event_saying_why() {
+    let system = system(&[tenant(true)]).await;
+    let side = system.virtual_side();
+    create_claim(side, &claim("data", json!({"storageClassName": "fast"}))).await;
+    // The host's volume controller knows no class "fast": its event reaches the virtual claim,
+    // where `kubectl describe pvc` shows it.
+    let failed = event(side, "PersistentVolumeClaim", "data", "ProvisioningFailed").await;
+    assert_eq!(failed.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        failed.message.as_deref(),
+        Some("storageclass.storage.k8s.io \"fast\" not found")
+    );
+    let about = failed.involved_object;
+    let virtual_claim = virtual_claims(side).await.get("data").await.unwrap();
+    assert_eq!(about.uid, virtual_claim.metadata.uid, "about the virtual claim");
+    assert_eq!(
+        failed.source.and_then(|s| s.component).as_deref(),
+        Some("persistentvolume-controller")
+    );
+    let host = host_claims(&system).await.get(&host_name("data")).await.unwrap();
+    assert_eq!(host.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
 }

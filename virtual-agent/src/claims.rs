@@ -10,9 +10,11 @@
 //!     deleted ──► DeleteClaim (UID-checked by the host agent)
 //!  each relist ──► ListClaims ──► host claims whose virtual claim is gone ──► deleted
 //!  WatchClaimStatus ──► UPDATED ──► status patched on the virtual claim of that uid
-//!                   └─► DELETED while the virtual claim stays (deleted on the host by hand)
-//!                        ──► made again; and every refused claim asked again at once (the
-//!                        host's quota may have room now)
+//!                   ├─► DELETED while the virtual claim stays (deleted on the host by hand)
+//!                   │    ──► made again; and every refused claim asked again at once (the
+//!                   │    host's quota may have room now)
+//!                   └─► HOST_EVENT (ProvisioningFailed, ...) ──► event about the virtual claim
+//!                        of that uid (`host_events`, as for Pods; `--host-events` says which)
 //!  failures ──► retried per claim with backoff; over the tenant's rate ──► after the delay asked
 //!  (nothing is sent before the status stream's first INITIAL_STATE_COMPLETE: the host agent is
 //!   ready and reachable then)
@@ -34,15 +36,17 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_proto::v1::{
-    ApplyClaimRequest, ClaimStatusEvent, ClaimStatusEventType, DeleteClaimRequest, ListClaimsRequest,
-    PodRefusalReason, WatchClaimStatusRequest,
+    ApplyClaimRequest, ClaimStatusEvent, ClaimStatusEventType, DeleteClaimRequest, HostEvents,
+    ListClaimsRequest, PodRefusalReason, WatchClaimStatusRequest,
 };
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::{Backoff, SharedClients};
 use crate::host_calls::{self, Held, ObjectBoard, Outcome, Schedule};
+use crate::host_events::{HostEventCopy, HostEventQueue, host_event_writer};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -64,7 +68,12 @@ pub struct ClaimSyncer {
     metrics: Metrics,
     sync_state: watch::Receiver<SyncState>,
     board: ObjectBoard,
+    /// Which host events about the host claims are copied onto the virtual claims.
+    host_events: HostEvents,
 }
+
+/// Host events about claims that came before the virtual claims were listed, at most this many.
+const EARLY_HOST_EVENTS_MAX: usize = 256;
 
 /// The syncer's state between events.
 struct Books {
@@ -138,7 +147,14 @@ impl ClaimSyncer {
             metrics,
             sync_state,
             board,
+            host_events: HostEvents::All,
         }
+    }
+
+    /// Copies the host events `host_events` says onto the virtual claims (all by default).
+    pub fn with_host_events(mut self, host_events: HostEvents) -> Self {
+        self.host_events = host_events;
+        self
     }
 
     /// Runs until `shutdown`.
@@ -154,7 +170,13 @@ impl ClaimSyncer {
             .boxed();
         // The status stream runs inside this task, so a lost term's abort ends it too.
         let (status_tx, mut statuses) = mpsc::channel(64);
-        let feed = claim_status_feed(self.connection.clone(), status_tx, shutdown.clone());
+        let feed = claim_status_feed(
+            self.connection.clone(),
+            self.host_events,
+            status_tx,
+            shutdown.clone(),
+        );
+        let mut copier = HostEventCopier::new(shutdown.clone());
         tokio::pin!(feed);
         let mut feed_ended = false;
         let mut books = Books::new(&self.metrics, self.board.clone());
@@ -185,6 +207,9 @@ impl ClaimSyncer {
                         books.claims = claims;
                         books.schedule.collect_now();
                         listed = true;
+                        for event in std::mem::take(&mut copier.early) {
+                            copier.copy(&self.client, &self.metrics, &books, event);
+                        }
                     }
                     Some(Ok(Event::Apply(claim))) => {
                         let key = key_of(&claim);
@@ -198,7 +223,19 @@ impl ClaimSyncer {
                     }
                 },
                 () = &mut feed, if !feed_ended => feed_ended = true,
-                Some(event) = statuses.recv() => host_listed |= on_status(&mut books, event),
+                Some(event) = statuses.recv() => match event.r#type() {
+                    ClaimStatusEventType::HostEvent if !listed => {
+                        if copier.early.len() < EARLY_HOST_EVENTS_MAX {
+                            copier.early.push(event);
+                        } else {
+                            self.metrics.host_events_failed_total.inc();
+                        }
+                    }
+                    ClaimStatusEventType::HostEvent => {
+                        copier.copy(&self.client, &self.metrics, &books, event);
+                    }
+                    _ => host_listed |= on_status(&mut books, event),
+                },
                 () = host_calls::sleep_until(wake) => {}
                 changed = self.sync_state.changed() => {
                     if changed.is_err() {
@@ -424,6 +461,51 @@ impl ClaimSyncer {
     }
 }
 
+/// Copies host events about claims onto the virtual claims, through a writer started at the first
+/// one (it ends with the syncer's task, which owns it).
+struct HostEventCopier {
+    writer: Option<HostEventQueue>,
+    children: JoinSet<()>,
+    shutdown: watch::Receiver<bool>,
+    /// Host events that came before the virtual claims were listed.
+    early: Vec<ClaimStatusEvent>,
+}
+
+impl HostEventCopier {
+    fn new(shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            writer: None,
+            children: JoinSet::new(),
+            shutdown,
+            early: Vec::new(),
+        }
+    }
+
+    /// Queues the host event `event` for the virtual claim it is about, if that claim (that uid)
+    /// is in `books`.
+    fn copy(&mut self, client: &Client, metrics: &Metrics, books: &Books, event: ClaimStatusEvent) {
+        let (Some(claim), Some(host_event)) = (event.claim, event.host_event) else {
+            return;
+        };
+        let key = (claim.namespace, claim.name);
+        if books.claims.get(&key).and_then(|c| c.uid()).as_deref() != Some(claim.uid.as_str()) {
+            return;
+        }
+        let queue = self.writer.get_or_insert_with(|| {
+            let (queue, write) = host_event_writer(client.clone(), metrics.clone(), self.shutdown.clone());
+            self.children.spawn(write);
+            queue
+        });
+        queue.send(HostEventCopy {
+            kind: "PersistentVolumeClaim",
+            namespace: key.0,
+            name: key.1,
+            uid: claim.uid,
+            event: host_event,
+        });
+    }
+}
+
 /// Takes in one event of the host claims' status stream; true when it says the host agent listed
 /// the host claims.
 fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
@@ -456,7 +538,10 @@ fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
                 books.schedule.due.insert(key, now);
             }
         }
-        ClaimStatusEventType::InitialStateComplete | ClaimStatusEventType::Unspecified => {}
+        // Host events are the syncer's to copy (they need the writer).
+        ClaimStatusEventType::InitialStateComplete
+        | ClaimStatusEventType::HostEvent
+        | ClaimStatusEventType::Unspecified => {}
     }
     false
 }
@@ -465,6 +550,7 @@ fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
 /// with backoff, and forwards its events.
 async fn claim_status_feed(
     connection: Arc<SharedClients>,
+    host_events: HostEvents,
     tx: mpsc::Sender<ClaimStatusEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -473,7 +559,9 @@ async fn claim_status_feed(
         let session = async {
             let mut pods = connection.get().await?.pods;
             let mut stream = pods
-                .watch_claim_status(WatchClaimStatusRequest {})
+                .watch_claim_status(WatchClaimStatusRequest {
+                    host_events: host_events as i32,
+                })
                 .await?
                 .into_inner();
             while let Some(event) = stream.message().await? {
@@ -558,6 +646,7 @@ mod tests {
                 uid: uid.into(),
             }),
             status_json: status.as_bytes().to_vec(),
+            host_event: None,
         };
         on_status(
             &mut books,

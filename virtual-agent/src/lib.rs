@@ -21,6 +21,7 @@ pub mod claims;
 pub mod classes;
 pub mod connect;
 pub mod host_calls;
+pub mod host_events;
 pub mod leader;
 pub mod metrics;
 pub mod pods;

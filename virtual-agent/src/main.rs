@@ -79,7 +79,8 @@ struct Cli {
     #[arg(long, env = "VIRTUAL_AGENT_POD_API_SERVER")]
     pod_api_server: Option<virtual_agent::pods::tokens::PodApiServer>,
     /// Which events the host records about a synced Pod's host Pod (FailedScheduling, BackOff,
-    /// Started, ...) to copy to the virtual Pod, where `kubectl describe pod` shows them.
+    /// Started, ...) or a claim's host claim (ProvisioningFailed, ...) to copy to the virtual
+    /// object, where `kubectl describe` shows them.
     #[arg(long, env = "VIRTUAL_AGENT_HOST_EVENTS", value_enum, default_value = "all")]
     host_events: HostEventsArg,
     /// Namespace of the leader Lease `rcsync-virtual-agent` (default: the agent's own namespace

@@ -272,6 +272,7 @@ impl Shared {
                 self.state.subscribe(),
                 self.boards.claims.clone(),
             )
+            .with_host_events(self.settings.host_events)
             .run(stop_rx.clone()),
         );
         tasks.spawn(

@@ -6,35 +6,76 @@
 //!     ├─ new claim, or a status other than the last one sent ──► UPDATED
 //!     ├─ deleted, or missing from a relist ───────────────────► DELETED
 //!     └─ relist complete ─────────────────────────────────────► INITIAL_STATE_COMPLETE
+//!  then, when asked for: watch host events about claims ──► HOST_EVENT (see `host_events`)
 //! ```
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
-use std::pin::Pin;
 
-use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::Event;
 use rcsync_proto::v1::{ClaimStatusEvent, ClaimStatusEventType, VirtualObject};
-use tokio::sync::{mpsc, watch};
-use tonic::Status;
 
+use crate::grpc::host_events::{Addressed, ReportedObject};
+use crate::grpc::status_stream::Reporting;
 use crate::translate::recorded_ref;
 
-/// A watch of host claims.
-pub type ClaimWatch =
-    Pin<Box<dyn Stream<Item = Result<Event<PersistentVolumeClaim>, watcher::Error>> + Send>>;
-
-/// What the feed remembers of a host claim it reported: the virtual claim and a digest of its uid
-/// and the status last sent.
-struct Reported {
+/// What the feed remembers of a host claim it reported.
+pub struct ReportedClaim {
+    /// The virtual claim it was made for.
     claim: VirtualObject,
+    /// Digest of the virtual uid and the status last sent.
     digest: u64,
+    /// The host claim's uid (host events name their claim by it).
+    host_uid: String,
+}
+
+/// What `WatchClaimStatus` reports: the tenant's host claims (see the module docs).
+pub struct ClaimReporting;
+
+impl Reporting for ClaimReporting {
+    type Object = PersistentVolumeClaim;
+    type Reported = ReportedClaim;
+    type Message = ClaimStatusEvent;
+    const WATCHED: &'static str = "host claims";
+
+    fn events_for(
+        event: Event<PersistentVolumeClaim>,
+        known: &mut HashMap<String, ReportedClaim>,
+        relisted: &mut Option<HashMap<String, ReportedClaim>>,
+    ) -> Vec<ClaimStatusEvent> {
+        events_for(event, known, relisted)
+    }
+
+    fn listed(message: &ClaimStatusEvent) -> bool {
+        message.r#type() == ClaimStatusEventType::InitialStateComplete
+    }
+
+    fn reported(reported: &ReportedClaim) -> ReportedObject<'_> {
+        let claim = &reported.claim;
+        ReportedObject {
+            host_uid: &reported.host_uid,
+            virtual_object: (&claim.namespace, &claim.name, &claim.uid),
+        }
+    }
+
+    fn host_event(addressed: Addressed) -> ClaimStatusEvent {
+        ClaimStatusEvent {
+            r#type: ClaimStatusEventType::HostEvent as i32,
+            claim: Some(VirtualObject {
+                namespace: addressed.namespace,
+                name: addressed.name,
+                uid: addressed.uid,
+            }),
+            host_event: Some(addressed.event),
+            ..Default::default()
+        }
+    }
 }
 
 /// The `UPDATED` event for a host claim and what to remember of it; `None` for a claim without a
 /// recorded virtual identity (not one rcsync wrote).
-fn updated(claim: &PersistentVolumeClaim) -> Option<(ClaimStatusEvent, Reported)> {
+fn updated(claim: &PersistentVolumeClaim) -> Option<(ClaimStatusEvent, ReportedClaim)> {
     let id = recorded_ref(&claim.metadata)?;
     let status_json = serde_json::to_vec(&claim.status).unwrap_or_default();
     let mut hasher = DefaultHasher::new();
@@ -49,12 +90,14 @@ fn updated(claim: &PersistentVolumeClaim) -> Option<(ClaimStatusEvent, Reported)
         r#type: ClaimStatusEventType::Updated as i32,
         claim: Some(virtual_claim.clone()),
         status_json,
+        host_event: None,
     };
     Some((
         event,
-        Reported {
+        ReportedClaim {
             claim: virtual_claim,
             digest: hasher.finish(),
+            host_uid: claim.metadata.uid.clone().unwrap_or_default(),
         },
     ))
 }
@@ -64,6 +107,7 @@ fn deleted(claim: VirtualObject) -> ClaimStatusEvent {
         r#type: ClaimStatusEventType::Deleted as i32,
         claim: Some(claim),
         status_json: Vec::new(),
+        host_event: None,
     }
 }
 
@@ -71,14 +115,14 @@ fn deleted(claim: VirtualObject) -> ClaimStatusEvent {
 /// a relist, what it found (`relisted`).
 fn events_for(
     event: Event<PersistentVolumeClaim>,
-    known: &mut HashMap<String, Reported>,
-    relisted: &mut Option<HashMap<String, Reported>>,
+    known: &mut HashMap<String, ReportedClaim>,
+    relisted: &mut Option<HashMap<String, ReportedClaim>>,
 ) -> Vec<ClaimStatusEvent> {
     // The claim's event when it is new or changed since it was last sent; remembered in `into`.
     fn seen(
         claim: &PersistentVolumeClaim,
-        known: &HashMap<String, Reported>,
-        into: &mut HashMap<String, Reported>,
+        known: &HashMap<String, ReportedClaim>,
+        into: &mut HashMap<String, ReportedClaim>,
     ) -> Option<ClaimStatusEvent> {
         let name = claim.metadata.name.clone().unwrap_or_default();
         let (event, reported) = updated(claim)?;
@@ -126,42 +170,6 @@ fn events_for(
     }
 }
 
-/// Feeds `tx` from the watch of the tenant's host claims until the client goes, the watch ends,
-/// `shutdown`, or `ended` says why the stream may not go on (then that status ends it).
-pub async fn stream_claim_status(
-    mut claims: ClaimWatch,
-    tx: mpsc::Sender<Result<ClaimStatusEvent, Status>>,
-    mut shutdown: watch::Receiver<bool>,
-    ended: impl std::future::Future<Output = Status>,
-) {
-    let mut known = HashMap::new();
-    let mut relisted = None;
-    let mut ended = std::pin::pin!(ended);
-    loop {
-        let out = tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tx.closed() => return,
-            status = &mut ended => {
-                let _ = tx.send(Err(status)).await;
-                return;
-            }
-            event = claims.next() => match event {
-                None => return,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "watching host claims failed; retrying with backoff");
-                    continue;
-                }
-                Some(Ok(event)) => events_for(event, &mut known, &mut relisted),
-            },
-        };
-        for event in out {
-            if tx.send(Ok(event)).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,7 +177,7 @@ mod tests {
 
     fn host_claim(name: &str, uid: &str, phase: &str) -> PersistentVolumeClaim {
         serde_json::from_value(json!({
-            "metadata": {"name": format!("{name}-x-default-x-team-a"), "annotations": {
+            "metadata": {"name": format!("{name}-x-default-x-team-a"), "uid": format!("host-{uid}"), "annotations": {
                 "vcluster.loft.sh/object-namespace": "default",
                 "vcluster.loft.sh/object-name": name,
                 "vcluster.loft.sh/object-uid": uid,
@@ -231,5 +239,44 @@ mod tests {
                 (ClaimStatusEventType::InitialStateComplete, String::new())
             ]
         );
+    }
+
+    #[test]
+    fn a_host_event_about_a_reported_claim_goes_to_its_virtual_claim() {
+        let (mut known, mut relisted) = (HashMap::new(), None);
+        ClaimReporting::events_for(
+            Event::Apply(host_claim("data", "u1", "Pending")),
+            &mut known,
+            &mut relisted,
+        );
+        let mut feed = crate::grpc::host_events::HostEventFeed::new("vc-team-a".into());
+        let event = |uid: &str, about_uid: &str| {
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("e.{uid}"), "namespace": "vc-team-a", "uid": uid},
+                "involvedObject": {"kind": "PersistentVolumeClaim", "namespace": "vc-team-a",
+                                   "name": "data-x-default-x-team-a", "uid": about_uid},
+                "reason": "ProvisioningFailed", "type": "Warning",
+                "message": "storageclass.storage.k8s.io \"fast\" not found",
+                "source": {"component": "persistentvolume-controller"}, "count": 1,
+            }))
+            .unwrap()
+        };
+        let out = feed.on_watch_event(Event::Apply(event("e1", "host-u1")), |name| {
+            known.get(name).map(ClaimReporting::reported)
+        });
+        let messages: Vec<ClaimStatusEvent> = out.into_iter().map(ClaimReporting::host_event).collect();
+        assert_eq!(
+            kinds(&messages),
+            [(ClaimStatusEventType::HostEvent, "data".to_string())]
+        );
+        assert_eq!(messages[0].claim.as_ref().unwrap().uid, "u1");
+        let host_event = messages[0].host_event.as_ref().unwrap();
+        assert_eq!(host_event.reason, "ProvisioningFailed");
+        // An event about an earlier claim of the name (another host uid) is not the virtual
+        // claim's.
+        let out = feed.on_watch_event(Event::Apply(event("e2", "host-u0")), |name| {
+            known.get(name).map(ClaimReporting::reported)
+        });
+        assert!(out.is_empty());
     }
 }

@@ -6,12 +6,13 @@ pub mod body_budget;
 pub mod claim_status;
 pub mod connection_limit;
 pub mod framing;
+pub mod host_events;
 pub mod limits;
 pub mod peer;
-pub mod pod_events;
 pub mod pod_status;
 pub mod pods;
 pub mod serve;
+pub mod status_stream;
 pub mod sync;
 pub mod tls;
 

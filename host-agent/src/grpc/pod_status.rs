@@ -6,7 +6,7 @@
 //!     ├─ new Pod, new uid, a status other than the last one sent, or terminating ──► Updated
 //!     ├─ deleted, or missing from a relist ──────────────────────────► Deleted
 //!     └─ relist complete ────────────────────────────────────────────► InitialStateComplete
-//!  then, when asked for: watch host events about Pods ──► HostEvent (see `pod_events`)
+//!  then, when asked for: watch host events about Pods ──► HostEvent (see `host_events`)
 //! ```
 //!
 //! Per host Pod the stream keeps what a later `Deleted` needs (the virtual identity) and a digest of
@@ -16,19 +16,16 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
-use std::pin::Pin;
 
-use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::Event;
 use rcsync_proto::v1::{PodStatusEvent, PodStatusEventType};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch};
-use tonic::Status;
 
-use crate::grpc::pod_events::{PodEvents, ReportedPod};
+use crate::grpc::host_events::{Addressed, ReportedObject};
+use crate::grpc::status_stream::Reporting;
 use crate::translate::{VirtualPodRef, recorded_ref};
 
 /// A host Pod as the status feed reads it: metadata and status. Decoding skips the spec, the
@@ -72,7 +69,7 @@ impl Resource for HostPodStatus {
 }
 
 /// What the feed remembers of a host Pod it reported.
-struct Reported {
+pub struct ReportedPod {
     /// The event that reports the Pod gone.
     deleted: PodStatusEvent,
     /// Digest of the uid and status JSON last sent.
@@ -81,22 +78,9 @@ struct Reported {
     host_uid: String,
 }
 
-impl Reported {
-    fn as_reported_pod(&self) -> ReportedPod<'_> {
-        ReportedPod {
-            host_uid: &self.host_uid,
-            virtual_pod: (
-                &self.deleted.pod_namespace,
-                &self.deleted.pod_name,
-                &self.deleted.pod_uid,
-            ),
-        }
-    }
-}
-
 /// The `Updated` event for a host Pod and what to remember of it; `None` for a Pod without a
 /// recorded virtual identity (not one rcsync wrote).
-fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, Reported)> {
+fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, ReportedPod)> {
     let id = recorded_ref(&pod.metadata)?;
     let status_json = serde_json::to_vec(&pod.status).unwrap_or_default();
     let terminating = pod
@@ -115,7 +99,7 @@ fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, Reported)> {
         deletion_grace_period_seconds: terminating,
         ..deleted.clone()
     };
-    let reported = Reported {
+    let reported = ReportedPod {
         deleted,
         digest: hasher.finish(),
         host_uid: pod.metadata.uid.clone().unwrap_or_default(),
@@ -140,8 +124,8 @@ fn deleted(id: VirtualPodRef) -> PodStatusEvent {
 /// knows about; `relisted` the Pods seen since a relist began (to report those it no longer has).
 fn events_for(
     event: Event<HostPodStatus>,
-    known: &mut HashMap<String, Reported>,
-    relisted: &mut Option<HashMap<String, Reported>>,
+    known: &mut HashMap<String, ReportedPod>,
+    relisted: &mut Option<HashMap<String, ReportedPod>>,
 ) -> Vec<PodStatusEvent> {
     let mut out = Vec::new();
     match event {
@@ -193,77 +177,47 @@ fn events_for(
     out
 }
 
-/// A watch of host Pods (metadata and status).
-pub type PodWatch = Pin<Box<dyn Stream<Item = Result<Event<HostPodStatus>, watcher::Error>> + Send>>;
+/// What `WatchPodStatus` reports: the tenant's host Pods (see the module docs).
+pub struct PodReporting;
 
-/// A watch of the host events about Pods in the tenant's host namespace.
-pub type EventWatch = Pin<Box<dyn Stream<Item = Result<Event<CoreEvent>, watcher::Error>> + Send>>;
+impl Reporting for PodReporting {
+    type Object = HostPodStatus;
+    type Reported = ReportedPod;
+    type Message = PodStatusEvent;
+    const WATCHED: &'static str = "host pods";
 
-/// Feeds `tx` from the watch of host Pods `pods` and, when asked for, the watch of host events
-/// `host_events` (read once the Pods' initial state was sent, so events find their Pods), until
-/// the client goes, a watch ends, `shutdown`, or `ended` says why the stream may not go on (its
-/// tenant removed from the config, or moved to another host namespace): then that status ends it.
-pub async fn stream_status(
-    mut pods: PodWatch,
-    host_events: Option<(EventWatch, PodEvents)>,
-    tx: mpsc::Sender<Result<PodStatusEvent, Status>>,
-    mut shutdown: watch::Receiver<bool>,
-    ended: impl std::future::Future<Output = Status>,
-) {
-    let mut known: HashMap<String, Reported> = HashMap::new();
-    let mut relisted: Option<HashMap<String, Reported>> = None;
-    let mut pods_listed = false;
-    let (mut event_watch, mut feed) =
-        host_events.map_or((None, None), |(watch, feed)| (Some(watch), Some(feed)));
-    let mut ended = std::pin::pin!(ended);
-    loop {
-        let out = tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tx.closed() => return,
-            status = &mut ended => {
-                let _ = tx.send(Err(status)).await;
-                return;
-            }
-            event = pods.next() => match event {
-                None => return,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "watching host pods failed; retrying with backoff");
-                    continue;
-                }
-                Some(Ok(event)) => {
-                    let mut out = events_for(event, &mut known, &mut relisted);
-                    pods_listed |= out.iter().any(|e| e.r#type() == PodStatusEventType::InitialStateComplete);
-                    if let Some(feed) = &mut feed && !out.is_empty() {
-                        out.extend(feed.on_pods_reported(|name| known.get(name).map(Reported::as_reported_pod)));
-                    }
-                    out
-                }
-            },
-            event = next_or_never(&mut event_watch), if pods_listed => match (event, &mut feed) {
-                (None, _) => return,
-                (Some(Err(e)), _) => {
-                    tracing::warn!(error = %e, "watching host events failed; retrying with backoff");
-                    continue;
-                }
-                (Some(Ok(event)), Some(feed)) => {
-                    feed.on_watch_event(event, |name| known.get(name).map(Reported::as_reported_pod))
-                }
-                (Some(Ok(_)), None) => Vec::new(),
-            },
-        };
-        for event in out {
-            if tx.send(Ok(event)).await.is_err() {
-                return;
-            }
+    fn events_for(
+        event: Event<HostPodStatus>,
+        known: &mut HashMap<String, ReportedPod>,
+        relisted: &mut Option<HashMap<String, ReportedPod>>,
+    ) -> Vec<PodStatusEvent> {
+        events_for(event, known, relisted)
+    }
+
+    fn listed(message: &PodStatusEvent) -> bool {
+        message.r#type() == PodStatusEventType::InitialStateComplete
+    }
+
+    fn reported(reported: &ReportedPod) -> ReportedObject<'_> {
+        ReportedObject {
+            host_uid: &reported.host_uid,
+            virtual_object: (
+                &reported.deleted.pod_namespace,
+                &reported.deleted.pod_name,
+                &reported.deleted.pod_uid,
+            ),
         }
     }
-}
 
-/// The next item of `watch`; never resolves without one.
-async fn next_or_never<S: Stream + Unpin>(watch: &mut Option<S>) -> Option<S::Item> {
-    match watch {
-        Some(watch) => watch.next().await,
-        None => std::future::pending().await,
+    fn host_event(addressed: Addressed) -> PodStatusEvent {
+        PodStatusEvent {
+            r#type: PodStatusEventType::HostEvent as i32,
+            pod_namespace: addressed.namespace,
+            pod_name: addressed.name,
+            pod_uid: addressed.uid,
+            host_event: Some(addressed.event),
+            ..Default::default()
+        }
     }
 }
 

@@ -8,10 +8,11 @@
 //!     ──► copies owned by the host Pod (garbage-collected with their last Pod) ──► ungate
 //!  DeletePod(ns, name, uid) ──► host Pod of that uid only ──► delete (grace, UID precondition)
 //!  WatchPodStatus ──► watch host Pods labelled managed-by=<tenant> in <hostNamespace> ──► events (pod_status)
-//!     (asked for: and the host events about them, pod_events)
+//!     (asked for: and the host events about them, host_events; both run by status_stream)
 //!  Apply/Delete/ListDisruptionBudgets ──► the tenant's PodDisruptionBudgets held on the host (budgets)
 //!  Apply/Delete/ListClaims ──► the tenant's PersistentVolumeClaims made on the host (claims)
 //!  WatchClaimStatus ──► watch host claims labelled managed-by=<tenant> ──► events (claim_status)
+//!     (asked for: and the host events about them, host_events)
 //! ```
 
 use std::collections::HashMap;
@@ -49,10 +50,11 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::auth::{Authenticator, Caller};
-use crate::grpc::claim_status::{ClaimWatch, stream_claim_status};
+use crate::grpc::claim_status::ClaimReporting;
+use crate::grpc::host_events::{self, HostEventFeed};
 use crate::grpc::limits::{StreamKind, TenantLimiter};
-use crate::grpc::pod_events::{self, PodEvents};
-use crate::grpc::pod_status::{HostPodStatus, stream_status};
+use crate::grpc::pod_status::{HostPodStatus, PodReporting};
+use crate::grpc::status_stream::{self, EventWatch, ObjectWatch};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::translate::{
@@ -136,6 +138,27 @@ impl<V: ViewSource> PodSyncService<V> {
             caller,
             tenant.ok_or_else(|| Status::permission_denied("unknown tenant"))?,
         ))
+    }
+
+    /// The watch of the host events about `tenant`'s host objects of `kind` that a status stream's
+    /// client asked for (`asked`, a [`HostEvents`]), and the feed that addresses them; `None`
+    /// when it asked for none.
+    fn host_events(&self, tenant: &Tenant, kind: &str, asked: i32) -> Option<(EventWatch, HostEventFeed)> {
+        let asked = HostEvents::try_from(asked).unwrap_or(HostEvents::Unspecified);
+        let fields = host_events::field_selector(kind, asked)?;
+        let watch = self
+            .metrics
+            .watches
+            .follow(
+                "events".into(),
+                watcher::watcher(
+                    Api::<CoreEvent>::namespaced(self.client.clone(), &tenant.host_namespace),
+                    watcher::Config::default().fields(&fields),
+                )
+                .retry_with_backoff(),
+            )
+            .boxed();
+        Some((watch, HostEventFeed::new(tenant.host_namespace.clone())))
     }
 
     fn pods(&self, tenant: &Tenant) -> Api<Pod> {
@@ -1001,7 +1024,12 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         let (caller, tenant, slot) = opened?;
         // A tenant whose claims the host does not make costs no watch: its stream says it has
         // listed (nothing) and ends when the switch turns, so the caller opens it again.
-        let claims: ClaimWatch = if tenant.pods.claims {
+        let host_events = tenant
+            .pods
+            .claims
+            .then(|| self.host_events(&tenant, "PersistentVolumeClaim", request.get_ref().host_events))
+            .flatten();
+        let claims: ObjectWatch<PersistentVolumeClaim> = if tenant.pods.claims {
             let config = watcher::Config::default().labels(&managed_selector(&tenant));
             self.metrics
                 .watches
@@ -1030,7 +1058,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         );
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                stream_claim_status(claims, tx, shutdown, ended).await;
+                status_stream::stream::<ClaimReporting>(claims, host_events, tx, shutdown, ended).await;
                 drop(slot);
             },
             span,
@@ -1065,22 +1093,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
                 .retry_with_backoff(),
             )
             .boxed();
-        let asked = HostEvents::try_from(request.get_ref().host_events).unwrap_or(HostEvents::Unspecified);
-        let host_events = pod_events::field_selector(asked).map(|fields| {
-            let watch = self
-                .metrics
-                .watches
-                .follow(
-                    "events".into(),
-                    watcher::watcher(
-                        Api::<CoreEvent>::namespaced(self.client.clone(), &tenant.host_namespace),
-                        watcher::Config::default().fields(fields),
-                    )
-                    .retry_with_backoff(),
-                )
-                .boxed();
-            (watch, PodEvents::new(tenant.host_namespace.clone()))
-        });
+        let host_events = self.host_events(&tenant, "Pod", request.get_ref().host_events);
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("pod_status", tenant = %name);
         let gauge = self
@@ -1093,7 +1106,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 gauge.inc();
-                stream_status(pods, host_events, tx, shutdown, ended).await;
+                status_stream::stream::<PodReporting>(pods, host_events, tx, shutdown, ended).await;
                 gauge.dec();
                 drop(slot);
             },

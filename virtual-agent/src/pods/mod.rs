@@ -53,12 +53,11 @@ use crate::classes::SyncState;
 use crate::connect::{HostAgentTarget, SharedClients};
 use crate::metrics::Metrics;
 
-mod host_events;
 mod shard;
 mod status_feed;
 pub mod tokens;
 
-use host_events::host_event_writer;
+use crate::host_events::host_event_writer;
 use shard::Shard;
 use status_feed::status_feed;
 

@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic_types::StatusExt as _;
 
-use super::host_events::{HostEventCopy, HostEventQueue};
 use super::tokens::{IssuedTokens, PodApiServer, token_secret_name, tokens_for, wants_tokens, with_tokens};
 use super::{
     Failing, Key, ObjectKey, ObjectStores, POD_REFUSED_RETRY_MAX, POD_RETRY_MAX, PodBoard, Record, Records,
@@ -29,6 +28,7 @@ use super::{
 };
 use crate::classes::SyncState;
 use crate::connect::{Backoff, ClassClient, PodClient, SharedClients};
+use crate::host_events::{HostEventCopy, HostEventQueue};
 use crate::metrics::Metrics;
 
 /// Host events a shard keeps while its virtual Pods are not listed yet, at most (past it they are
@@ -1143,9 +1143,10 @@ impl Shard {
             return;
         }
         queue.send(HostEventCopy {
+            kind: "Pod",
             namespace: key.0,
-            pod_name: key.1,
-            pod_uid: event.pod_uid,
+            name: key.1,
+            uid: event.pod_uid,
             event: host_event,
         });
     }

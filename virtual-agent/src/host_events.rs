@@ -1,11 +1,13 @@
 //! Host events in the virtual cluster: what the host's scheduler, kubelet and controllers record
-//! about a synced Pod's host Pod (FailedScheduling, BackOff, Started, ...), written as core/v1
-//! Events about the virtual Pod, where `kubectl describe pod` and `kubectl get events` show them.
+//! about a synced Pod's host Pod (FailedScheduling, BackOff, Started, ...), and its provisioner
+//! about a claim's host claim (ProvisioningFailed, ...), written as core/v1 Events about the
+//! virtual object, where `kubectl describe` and `kubectl get events` show them.
 //!
 //! ```text
-//!  WatchPodStatus HOST_EVENT ──► shard: the virtual Pod of that uid? ──► queue (a repeat of a queued
-//!     event replaces it) ──► writer, one at a time: create <pod>.<id>, or patch its count, last
-//!     time and message when it exists ──► transient failures retried (5 tries), others reported
+//!  WatchPodStatus / WatchClaimStatus HOST_EVENT ──► syncer: the virtual object of that uid?
+//!     ──► queue (a repeat of a queued event replaces it) ──► writer, one at a time: create
+//!     <name>.<id>, or patch its count, last time and message when it exists ──► transient
+//!     failures retried (5 tries), others reported
 //! ```
 //!
 //! The copy is named after the host event's id, so a repeat updates it instead of adding a second
@@ -37,18 +39,20 @@ const TRIES: u32 = 5;
 /// (`--event-ttl`, one hour by default).
 const REMEMBERED_FOR: Duration = Duration::from_secs(3600);
 
-/// A host event to write about the virtual Pod `namespace/pod_name` of uid `pod_uid`.
+/// A host event to write about the virtual object of `kind` `namespace/name` of uid `uid`.
 #[derive(Clone, Debug)]
-pub(super) struct HostEventCopy {
-    pub(super) namespace: String,
-    pub(super) pod_name: String,
-    pub(super) pod_uid: String,
-    pub(super) event: HostEvent,
+pub(crate) struct HostEventCopy {
+    /// The virtual object's kind (`Pod`, `PersistentVolumeClaim`; both core/v1).
+    pub(crate) kind: &'static str,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) uid: String,
+    pub(crate) event: HostEvent,
 }
 
 impl HostEventCopy {
     fn name(&self) -> String {
-        virtual_event_name(&self.pod_name, &self.event.id)
+        virtual_event_name(&self.name, &self.event.id)
     }
 
     /// The core/v1 Event the virtual cluster gets.
@@ -56,8 +60,8 @@ impl HostEventCopy {
         let e = &self.event;
         let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
         let mut involved = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "namespace": self.namespace, "name": self.pod_name, "uid": self.pod_uid,
+            "apiVersion": "v1", "kind": self.kind,
+            "namespace": self.namespace, "name": self.name, "uid": self.uid,
         });
         if let Some(path) = text(&e.field_path) {
             involved["fieldPath"] = json!(path);
@@ -81,14 +85,14 @@ impl HostEventCopy {
 
 /// Where shards hand host events to the writer.
 #[derive(Clone)]
-pub(super) struct HostEventQueue {
+pub(crate) struct HostEventQueue {
     tx: mpsc::UnboundedSender<HostEventCopy>,
     metrics: Metrics,
 }
 
 impl HostEventQueue {
     /// Queues `copy` for the writer.
-    pub(super) fn send(&self, copy: HostEventCopy) {
+    pub(crate) fn send(&self, copy: HostEventCopy) {
         if self.tx.send(copy).is_err() {
             // The writer stopped: the agent is shutting down.
             self.metrics.host_events_failed_total.inc();
@@ -98,7 +102,7 @@ impl HostEventQueue {
 
 /// A queue and the writer that empties it into the virtual cluster behind `client` (run it as a
 /// task; it ends at `shutdown` or when every queue handle is gone).
-pub(super) fn host_event_writer(
+pub(crate) fn host_event_writer(
     client: Client,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
@@ -166,7 +170,7 @@ impl Written {
 
 /// What a copy holds that a repeat changes (and what it is about).
 fn digest(event: &CoreEvent) -> u64 {
-    super::digest_of(&(
+    crate::pods::digest_of(&(
         &event.involved_object.uid,
         event.count,
         event.last_timestamp.as_ref().map(|t| t.0.as_second()),
@@ -249,7 +253,7 @@ async fn write(client: &Client, copy: &HostEventCopy, metrics: &Metrics, written
         Ok(object) => object,
         Err(e) => {
             metrics.host_events_failed_total.inc();
-            tracing::warn!(namespace = %copy.namespace, pod = %copy.pod_name, error = %e, "a host event the host agent sent is not a valid event; not written");
+            tracing::warn!(namespace = %copy.namespace, kind = copy.kind, name = %copy.name, error = %e, "a host event the host agent sent is not a valid event; not written");
             return;
         }
     };
@@ -292,7 +296,7 @@ async fn write(client: &Client, copy: &HostEventCopy, metrics: &Metrics, written
         }
     }
     metrics.host_events_failed_total.inc();
-    tracing::warn!(namespace = %copy.namespace, pod = %copy.pod_name, event = %name, error = %last_error, "writing a host event failed");
+    tracing::warn!(namespace = %copy.namespace, kind = copy.kind, name = %copy.name, event = %name, error = %last_error, "writing a host event failed");
 }
 
 #[cfg(test)]
@@ -301,9 +305,10 @@ mod tests {
 
     fn copy(id: &str, count: i32) -> HostEventCopy {
         HostEventCopy {
+            kind: "Pod",
             namespace: "default".into(),
-            pod_name: "web".into(),
-            pod_uid: "virtual-uid".into(),
+            name: "web".into(),
+            uid: "virtual-uid".into(),
             event: HostEvent {
                 id: id.into(),
                 r#type: "Warning".into(),

@@ -1,16 +1,18 @@
-//! `WatchPodStatus`'s host events: what the host's scheduler, kubelet and controllers record about
-//! a tenant's host Pods, addressed to the virtual Pods they were made for.
+//! The host events `WatchPodStatus` and `WatchClaimStatus` carry: what the host's scheduler,
+//! kubelet and controllers record about a tenant's host Pods (and its provisioner about its host
+//! claims), addressed to the virtual objects they were made for.
 //!
 //! ```text
-//!  watch core/v1 Events in <hostNamespace>, involvedObject.kind=Pod (and type=Warning if asked)
-//!     ├─ about a host Pod the stream reported (name and uid) ──► HOST_EVENT, host names rewritten
-//!     │     (unless its count, message and times are what was last sent for it)
-//!     ├─ about a Pod not reported yet (the two watches race) ──► parked, sent once it is
-//!     └─ about anything else in the namespace ─────────────────► dropped when parked ones overflow
+//!  watch core/v1 Events in <hostNamespace>, involvedObject.kind=<kind> (and type=Warning if asked)
+//!     ├─ about a host object the stream reported (name and uid) ──► addressed to its virtual
+//!     │     object, host names rewritten (unless its count, message and times are what was last
+//!     │     sent for it)
+//!     ├─ about an object not reported yet (the two watches race) ──► parked, sent once it is
+//!     └─ about anything else in the namespace ───────────────────► dropped when parked ones overflow
 //! ```
 //!
-//! Only Pods of the stream's own tenant are ever reported (the Pod watch selects them by label), so
-//! an event reaches a tenant only when it names one of its Pods by name and uid.
+//! Only objects of the stream's own tenant are ever reported (their watch selects them by label),
+//! so an event reaches a tenant only when it names one of its objects by name and uid.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -19,30 +21,43 @@ use std::hash::{Hash as _, Hasher as _};
 use k8s_openapi::api::core::v1::Event as CoreEvent;
 use kube::runtime::watcher::Event;
 use rcsync_core::naming::host_event_id;
-use rcsync_proto::v1::{HostEvent, HostEvents, PodStatusEvent, PodStatusEventType};
+use rcsync_proto::v1::{HostEvent, HostEvents};
 
-/// Events about Pods not reported yet, at most this many (the oldest go first).
+/// Events about objects not reported yet, at most this many (the oldest go first).
 const PARKED_MAX: usize = 256;
 
-/// The field selector of the host events a stream asks for; `None`: none.
-pub fn field_selector(asked: HostEvents) -> Option<&'static str> {
+/// The field selector of the host events about objects of `kind` a stream asks for; `None`: none.
+pub fn field_selector(kind: &str, asked: HostEvents) -> Option<String> {
     match asked {
         HostEvents::Unspecified => None,
-        HostEvents::Warnings => Some("involvedObject.kind=Pod,type=Warning"),
-        HostEvents::All => Some("involvedObject.kind=Pod"),
+        HostEvents::Warnings => Some(format!("involvedObject.kind={kind},type=Warning")),
+        HostEvents::All => Some(format!("involvedObject.kind={kind}")),
     }
 }
 
-/// A host Pod the stream reported, as the events about it need it.
-pub struct ReportedPod<'a> {
-    /// The host Pod's uid.
+/// A host object the stream reported, as the events about it need it.
+pub struct ReportedObject<'a> {
+    /// The host object's uid.
     pub host_uid: &'a str,
-    /// The virtual Pod it was made for: namespace, name, uid.
-    pub virtual_pod: (&'a str, &'a str, &'a str),
+    /// The virtual object it was made for: namespace, name, uid.
+    pub virtual_object: (&'a str, &'a str, &'a str),
 }
 
-/// One stream's host events: what was sent per host event, and events waiting for their Pod.
-pub struct PodEvents {
+/// A host event, as the virtual object it is about gets it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Addressed {
+    /// The virtual object's namespace.
+    pub namespace: String,
+    /// The virtual object's name.
+    pub name: String,
+    /// The virtual object's uid.
+    pub uid: String,
+    /// The event, in the virtual object's names.
+    pub event: HostEvent,
+}
+
+/// One stream's host events: what was sent per host event, and events waiting for their object.
+pub struct HostEventFeed {
     host_namespace: String,
     /// Digest of a host event's uid → digest of what was last sent for it (16 bytes an event,
     /// whatever the length of uids).
@@ -52,8 +67,8 @@ pub struct PodEvents {
     parked: VecDeque<CoreEvent>,
 }
 
-impl PodEvents {
-    /// Host events of the Pods in `host_namespace`.
+impl HostEventFeed {
+    /// Host events of the objects in `host_namespace`.
     pub fn new(host_namespace: String) -> Self {
         Self {
             host_namespace,
@@ -63,12 +78,13 @@ impl PodEvents {
         }
     }
 
-    /// The messages for one event of the host events' watch; `pod` finds a reported host Pod by name.
+    /// The events to send for one event of the host events' watch; `object` finds a reported
+    /// host object by name.
     pub fn on_watch_event<'a>(
         &mut self,
         event: Event<CoreEvent>,
-        pod: impl Fn(&str) -> Option<ReportedPod<'a>>,
-    ) -> Vec<PodStatusEvent> {
+        object: impl Fn(&str) -> Option<ReportedObject<'a>>,
+    ) -> Vec<Addressed> {
         match event {
             Event::Init => {
                 self.relisted = Some(HashSet::new());
@@ -85,7 +101,7 @@ impl PodEvents {
                     relisted.insert(uid_key(uid));
                 }
                 let name = event.involved_object.name.as_deref().unwrap_or_default();
-                match pod(name) {
+                match object(name) {
                     Some(reported) => self.message(&event, &reported).into_iter().collect(),
                     None => {
                         if self.parked.len() == PARKED_MAX {
@@ -105,18 +121,16 @@ impl PodEvents {
         }
     }
 
-    /// The messages for parked events whose Pod `pod` now finds (call after a Pod was reported).
-    pub fn on_pods_reported<'a>(
-        &mut self,
-        pod: impl Fn(&str) -> Option<ReportedPod<'a>>,
-    ) -> Vec<PodStatusEvent> {
+    /// The events to send of the parked ones whose object `object` now finds (call after an
+    /// object was reported).
+    pub fn on_reported<'a>(&mut self, object: impl Fn(&str) -> Option<ReportedObject<'a>>) -> Vec<Addressed> {
         if self.parked.is_empty() {
             return Vec::new();
         }
         let mut out = Vec::new();
         let mut waiting = VecDeque::with_capacity(self.parked.len());
         for event in std::mem::take(&mut self.parked) {
-            match pod(event.involved_object.name.as_deref().unwrap_or_default()) {
+            match object(event.involved_object.name.as_deref().unwrap_or_default()) {
                 Some(reported) => out.extend(self.message(&event, &reported)),
                 None => waiting.push_back(event),
             }
@@ -125,19 +139,19 @@ impl PodEvents {
         out
     }
 
-    /// The HOST_EVENT message for `event` about `pod`; `None` when it names another Pod under the
-    /// name (another uid), or was sent as it stands.
-    fn message(&mut self, event: &CoreEvent, pod: &ReportedPod<'_>) -> Option<PodStatusEvent> {
+    /// `event` about `object`, addressed; `None` when it names another object under the name
+    /// (another uid), or was sent as it stands.
+    fn message(&mut self, event: &CoreEvent, object: &ReportedObject<'_>) -> Option<Addressed> {
         let uid = event.metadata.uid.as_deref()?;
         if event
             .involved_object
             .uid
             .as_deref()
-            .is_some_and(|u| !u.is_empty() && u != pod.host_uid)
+            .is_some_and(|u| !u.is_empty() && u != object.host_uid)
         {
             return None;
         }
-        let (namespace, name, virtual_uid) = pod.virtual_pod;
+        let (namespace, name, virtual_uid) = object.virtual_object;
         let host_name = event.involved_object.name.as_deref().unwrap_or_default();
         let host_event = host_event(event, &self.host_namespace, host_name, namespace, name);
         let mut hasher = DefaultHasher::new();
@@ -152,25 +166,23 @@ impl PodEvents {
         if self.sent.insert(uid_key(uid), digest) == Some(digest) {
             return None;
         }
-        Some(PodStatusEvent {
-            r#type: PodStatusEventType::HostEvent as i32,
-            pod_namespace: namespace.to_string(),
-            pod_name: name.to_string(),
-            pod_uid: virtual_uid.to_string(),
-            host_event: Some(host_event),
-            ..Default::default()
+        Some(Addressed {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid: virtual_uid.to_string(),
+            event: host_event,
         })
     }
 }
 
-/// The key of a host event's uid in [`PodEvents`]'s maps.
+/// The key of a host event's uid in [`HostEventFeed`]'s maps.
 fn uid_key(uid: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
     uid.hash(&mut hasher);
     hasher.finish()
 }
 
-/// `event` as the virtual side gets it: the host's names of the Pod replaced by the virtual ones,
+/// `event` as the virtual side gets it: the host's names of the object replaced by the virtual ones,
 /// the fields core/v1 and events.k8s.io/v1 writers fill in differently read either way.
 fn host_event(
     event: &CoreEvent,
@@ -232,8 +244,8 @@ fn host_event(
     }
 }
 
-/// `message` with the host Pod's `namespace/name` and then its name alone replaced by the virtual
-/// Pod's: the scheduler's "Successfully assigned vc-team-a/web-x-default-x-team-a to node-1"
+/// `message` with the host object's `namespace/name` and then its name alone replaced by the
+/// virtual object's: the scheduler's "Successfully assigned vc-team-a/web-x-default-x-team-a to node-1"
 /// reads "Successfully assigned default/web to node-1".
 fn virtual_message(
     message: &str,
@@ -273,16 +285,16 @@ mod tests {
         .unwrap()
     }
 
-    fn reported(name: &str) -> Option<ReportedPod<'static>> {
-        (name == HOST_POD).then_some(ReportedPod {
+    fn reported(name: &str) -> Option<ReportedObject<'static>> {
+        (name == HOST_POD).then_some(ReportedObject {
             host_uid: "host-uid",
-            virtual_pod: ("default", "web", "virtual-uid"),
+            virtual_object: ("default", "web", "virtual-uid"),
         })
     }
 
     #[test]
     fn an_event_about_a_reported_pod_goes_to_its_virtual_pod_with_the_virtual_names() {
-        let mut events = PodEvents::new("vc-team-a".into());
+        let mut events = HostEventFeed::new("vc-team-a".into());
         let message =
             format!("Back-off restarting failed container app in pod vc-team-a/{HOST_POD} ({HOST_POD})");
         let out = events.on_watch_event(
@@ -290,16 +302,15 @@ mod tests {
             reported,
         );
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].r#type(), PodStatusEventType::HostEvent);
         assert_eq!(
             (
-                out[0].pod_namespace.as_str(),
-                out[0].pod_name.as_str(),
-                out[0].pod_uid.as_str()
+                out[0].namespace.as_str(),
+                out[0].name.as_str(),
+                out[0].uid.as_str()
             ),
             ("default", "web", "virtual-uid")
         );
-        let event = out[0].host_event.as_ref().unwrap();
+        let event = &out[0].event;
         assert_eq!(
             event.message,
             "Back-off restarting failed container app in pod default/web (web)"
@@ -326,7 +337,7 @@ mod tests {
 
     #[test]
     fn a_repeat_is_sent_once_per_change_and_again_after_a_relist_only_if_it_changed() {
-        let mut events = PodEvents::new("vc-team-a".into());
+        let mut events = HostEventFeed::new("vc-team-a".into());
         let mut feed = |event| events.on_watch_event(event, reported);
         assert_eq!(
             feed(Event::Apply(host_event_object(
@@ -360,7 +371,7 @@ mod tests {
 
     #[test]
     fn an_event_about_another_pod_or_another_uid_under_the_name_is_not_sent() {
-        let mut events = PodEvents::new("vc-team-a".into());
+        let mut events = HostEventFeed::new("vc-team-a".into());
         assert!(
             events
                 .on_watch_event(
@@ -378,7 +389,7 @@ mod tests {
                 .is_empty()
         );
         assert!(
-            events.on_pods_reported(reported).is_empty(),
+            events.on_reported(reported).is_empty(),
             "the other Pod's event stays parked"
         );
         for i in 0..PARKED_MAX + 10 {
@@ -392,7 +403,7 @@ mod tests {
 
     #[test]
     fn an_event_that_comes_before_its_pod_is_sent_once_the_pod_is_reported() {
-        let mut events = PodEvents::new("vc-team-a".into());
+        let mut events = HostEventFeed::new("vc-team-a".into());
         let nobody = |_: &str| None;
         assert!(
             events
@@ -402,19 +413,22 @@ mod tests {
                 )
                 .is_empty()
         );
-        let out = events.on_pods_reported(reported);
+        let out = events.on_reported(reported);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].pod_name, "web");
-        assert!(events.on_pods_reported(reported).is_empty());
+        assert_eq!(out[0].name, "web");
+        assert!(events.on_reported(reported).is_empty());
     }
 
     #[test]
     fn warnings_only_or_all_or_none() {
-        assert_eq!(field_selector(HostEvents::Unspecified), None);
+        assert_eq!(field_selector("Pod", HostEvents::Unspecified), None);
         assert_eq!(
-            field_selector(HostEvents::Warnings),
+            field_selector("Pod", HostEvents::Warnings).as_deref(),
             Some("involvedObject.kind=Pod,type=Warning")
         );
-        assert_eq!(field_selector(HostEvents::All), Some("involvedObject.kind=Pod"));
+        assert_eq!(
+            field_selector("PersistentVolumeClaim", HostEvents::All).as_deref(),
+            Some("involvedObject.kind=PersistentVolumeClaim")
+        );
     }
 }

@@ -1,0 +1,132 @@
+//! The loop both status streams run (`WatchPodStatus`, `WatchClaimStatus`): a watch of the
+//! tenant's host objects turned into messages by a [`Reporting`], and, when the client asked for
+//! them, the host events about those objects ([`HostEventFeed`]).
+//!
+//! ```text
+//!  watch of the tenant's host objects ──► Reporting::events_for ──► messages ──► client
+//!                                                        │ (once the initial state was sent)
+//!  watch of host events about them ──► HostEventFeed ──► Reporting::host_event ──┘
+//! ```
+//!
+//! The events watch is read only once the objects' initial state was sent, so an event finds the
+//! object it is about; an event that comes before its object is parked until the object is
+//! reported.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::Event as CoreEvent;
+use kube::runtime::watcher::{self, Event};
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use crate::grpc::host_events::{Addressed, HostEventFeed, ReportedObject};
+
+/// A watch of host objects of kind `K`.
+pub type ObjectWatch<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
+
+/// A watch of the host events about objects of the tenant's host namespace.
+pub type EventWatch = ObjectWatch<CoreEvent>;
+
+/// What one status stream reports: how a watch event of its host objects becomes messages, and how
+/// a host event about one is sent.
+pub trait Reporting {
+    /// The host object watched.
+    type Object: Send;
+    /// What the stream remembers of a host object it reported (by host name).
+    type Reported: Send;
+    /// The stream's message.
+    type Message: Send;
+    /// The objects watched, as logs name them (`host pods`).
+    const WATCHED: &'static str;
+
+    /// The messages for one watch event, updating what was reported: `known` holds the objects
+    /// the client knows about; `relisted` those seen since a relist began (to report the ones it
+    /// no longer has).
+    fn events_for(
+        event: Event<Self::Object>,
+        known: &mut HashMap<String, Self::Reported>,
+        relisted: &mut Option<HashMap<String, Self::Reported>>,
+    ) -> Vec<Self::Message>;
+
+    /// Whether `message` says every host object was reported.
+    fn listed(message: &Self::Message) -> bool;
+
+    /// A reported object, as the host events about it need it.
+    fn reported(reported: &Self::Reported) -> ReportedObject<'_>;
+
+    /// The message that carries a host event.
+    fn host_event(addressed: Addressed) -> Self::Message;
+}
+
+/// Feeds `tx` from the watch `objects` and, when asked for, the watch of host events
+/// `host_events`, until the client goes, a watch ends, `shutdown`, or `ended` says why the stream
+/// may not go on (its tenant removed from the config, moved to another host namespace, a switch
+/// turned): then that status ends it.
+pub async fn stream<R: Reporting>(
+    mut objects: ObjectWatch<R::Object>,
+    host_events: Option<(EventWatch, HostEventFeed)>,
+    tx: mpsc::Sender<Result<R::Message, Status>>,
+    mut shutdown: watch::Receiver<bool>,
+    ended: impl std::future::Future<Output = Status>,
+) {
+    let mut known: HashMap<String, R::Reported> = HashMap::new();
+    let mut relisted: Option<HashMap<String, R::Reported>> = None;
+    let mut listed = false;
+    let (mut event_watch, mut feed) =
+        host_events.map_or((None, None), |(watch, feed)| (Some(watch), Some(feed)));
+    let mut ended = std::pin::pin!(ended);
+    loop {
+        let out = tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tx.closed() => return,
+            status = &mut ended => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+            event = objects.next() => match event {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watching {} failed; retrying with backoff", R::WATCHED);
+                    continue;
+                }
+                Some(Ok(event)) => {
+                    let mut out = R::events_for(event, &mut known, &mut relisted);
+                    listed |= out.iter().any(R::listed);
+                    if let Some(feed) = &mut feed && !out.is_empty() {
+                        let parked = feed.on_reported(|name| known.get(name).map(R::reported));
+                        out.extend(parked.into_iter().map(R::host_event));
+                    }
+                    out
+                }
+            },
+            event = next_or_never(&mut event_watch), if listed => match (event, &mut feed) {
+                (None, _) => return,
+                (Some(Err(e)), _) => {
+                    tracing::warn!(error = %e, "watching host events failed; retrying with backoff");
+                    continue;
+                }
+                (Some(Ok(event)), Some(feed)) => feed
+                    .on_watch_event(event, |name| known.get(name).map(R::reported))
+                    .into_iter()
+                    .map(R::host_event)
+                    .collect(),
+                (Some(Ok(_)), None) => Vec::new(),
+            },
+        };
+        for message in out {
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The next item of `watch`; never resolves without one.
+async fn next_or_never<S: Stream + Unpin>(watch: &mut Option<S>) -> Option<S::Item> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
