@@ -346,37 +346,7 @@ async fn a_budget_deleted_while_the_virtual_agent_was_down_is_deleted_on_the_hos
 }
 
 #[tokio::test]
-async fn a_host_budget_rcsync_does_not_manage_is_never_taken_over() {
-    let system = system(&[tenant(true)]).await;
-    let host_name = host_name("web", "default");
-    let theirs = budget(
-        &host_name,
-        json!({"minAvailable": 0, "selector": {"matchLabels": {"app": "host"}}}),
-    );
-    host_budgets(&system)
-        .await
-        .create(&PostParams::default(), &theirs)
-        .await
-        .unwrap();
-    let side = system.virtual_side();
-    create_budget(side, "default", json!({"minAvailable": 1, "selector": {}})).await;
-    let event = sync_error(side).await;
-    assert_eq!(
-        event.message.as_deref(),
-        Some(
-            "the host name \"web-x-default-x-team-a\" is held by a PodDisruptionBudget rcsync does not manage"
-        )
-    );
-    let kept = host_budgets(&system).await.get(&host_name).await.unwrap();
-    assert_eq!(
-        kept.spec.unwrap().min_available,
-        Some(IntOrString::Int(0)),
-        "the host's budget stays as it was"
-    );
-}
-
-#[tokio::test]
-async fn a_budget_refused_because_its_host_name_was_taken_is_held_once_the_name_is_free() {
+async fn a_host_budget_rcsync_does_not_manage_is_never_taken_over_and_the_budget_is_held_once_it_goes() {
     let system = system(&[tenant(true)]).await;
     let host_name = host_name("web", "default");
     let theirs = budget(
@@ -411,6 +381,12 @@ async fn a_budget_refused_because_its_host_name_was_taken_is_held_once_the_name_
     .await;
     let observed = virtual_budgets(side).await.get("web").await.unwrap();
     assert_eq!(observed.status.unwrap().observed_generation, Some(1));
+    let kept = host.get(&host_name).await.unwrap();
+    assert_eq!(
+        kept.spec.unwrap().min_available,
+        Some(IntOrString::Int(0)),
+        "the host's budget stays as it was"
+    );
     host.delete(&host_name, &DeleteParams::default()).await.unwrap();
     wait_host_budget(&system, "web", 1).await;
     side.status_table("the budget held in the status", |t| {

@@ -44,7 +44,56 @@ impl Reporting for ClaimReporting {
         known: &mut HashMap<String, ReportedClaim>,
         relisted: &mut Option<HashMap<String, ReportedClaim>>,
     ) -> Vec<ClaimStatusEvent> {
-        events_for(event, known, relisted)
+        // The claim's event when it is new or changed since it was last sent; remembered in `into`.
+        fn seen(
+            claim: &PersistentVolumeClaim,
+            known: &HashMap<String, ReportedClaim>,
+            into: &mut HashMap<String, ReportedClaim>,
+        ) -> Option<ClaimStatusEvent> {
+            let name = claim.metadata.name.clone().unwrap_or_default();
+            let (event, reported) = updated(claim)?;
+            let changed = known.get(&name).is_none_or(|k| k.digest != reported.digest);
+            into.insert(name, reported);
+            changed.then_some(event)
+        }
+        match event {
+            Event::Init => {
+                *relisted = Some(HashMap::new());
+                Vec::new()
+            }
+            Event::InitApply(claim) => match relisted {
+                Some(r) => seen(&claim, known, r).into_iter().collect(),
+                None => Vec::new(),
+            },
+            Event::Apply(claim) => {
+                let mut into = HashMap::new();
+                let out = seen(&claim, known, &mut into).into_iter().collect();
+                known.extend(into);
+                out
+            }
+            Event::Delete(claim) => {
+                let name = claim.metadata.name.clone().unwrap_or_default();
+                known
+                    .remove(&name)
+                    .map(|r| deleted(r.claim))
+                    .into_iter()
+                    .collect()
+            }
+            Event::InitDone => {
+                let fresh = relisted.take().unwrap_or_default();
+                let mut out: Vec<ClaimStatusEvent> = known
+                    .drain()
+                    .filter(|(name, _)| !fresh.contains_key(name))
+                    .map(|(_, reported)| deleted(reported.claim))
+                    .collect();
+                *known = fresh;
+                out.push(ClaimStatusEvent {
+                    r#type: ClaimStatusEventType::InitialStateComplete as i32,
+                    ..Default::default()
+                });
+                out
+            }
+        }
     }
 
     fn listed(message: &ClaimStatusEvent) -> bool {
@@ -111,65 +160,6 @@ fn deleted(claim: VirtualObject) -> ClaimStatusEvent {
     }
 }
 
-/// The events for one watch event, updating what was reported (`known`, by host name) and, during
-/// a relist, what it found (`relisted`).
-fn events_for(
-    event: Event<PersistentVolumeClaim>,
-    known: &mut HashMap<String, ReportedClaim>,
-    relisted: &mut Option<HashMap<String, ReportedClaim>>,
-) -> Vec<ClaimStatusEvent> {
-    // The claim's event when it is new or changed since it was last sent; remembered in `into`.
-    fn seen(
-        claim: &PersistentVolumeClaim,
-        known: &HashMap<String, ReportedClaim>,
-        into: &mut HashMap<String, ReportedClaim>,
-    ) -> Option<ClaimStatusEvent> {
-        let name = claim.metadata.name.clone().unwrap_or_default();
-        let (event, reported) = updated(claim)?;
-        let changed = known.get(&name).is_none_or(|k| k.digest != reported.digest);
-        into.insert(name, reported);
-        changed.then_some(event)
-    }
-    match event {
-        Event::Init => {
-            *relisted = Some(HashMap::new());
-            Vec::new()
-        }
-        Event::InitApply(claim) => match relisted {
-            Some(r) => seen(&claim, known, r).into_iter().collect(),
-            None => Vec::new(),
-        },
-        Event::Apply(claim) => {
-            let mut into = HashMap::new();
-            let out = seen(&claim, known, &mut into).into_iter().collect();
-            known.extend(into);
-            out
-        }
-        Event::Delete(claim) => {
-            let name = claim.metadata.name.clone().unwrap_or_default();
-            known
-                .remove(&name)
-                .map(|r| deleted(r.claim))
-                .into_iter()
-                .collect()
-        }
-        Event::InitDone => {
-            let fresh = relisted.take().unwrap_or_default();
-            let mut out: Vec<ClaimStatusEvent> = known
-                .drain()
-                .filter(|(name, _)| !fresh.contains_key(name))
-                .map(|(_, reported)| deleted(reported.claim))
-                .collect();
-            *known = fresh;
-            out.push(ClaimStatusEvent {
-                r#type: ClaimStatusEventType::InitialStateComplete as i32,
-                ..Default::default()
-            });
-            out
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,7 +193,7 @@ mod tests {
     #[test]
     fn a_claims_status_is_sent_when_it_changes_and_its_deletion_when_it_goes() {
         let (mut known, mut relisted) = (HashMap::new(), None);
-        let mut feed = |event| events_for(event, &mut known, &mut relisted);
+        let mut feed = |event| ClaimReporting::events_for(event, &mut known, &mut relisted);
         let out = feed(Event::Apply(host_claim("data", "u1", "Pending")));
         assert_eq!(kinds(&out), [(ClaimStatusEventType::Updated, "data".to_string())]);
         assert_eq!(out[0].claim.as_ref().unwrap().uid, "u1");
@@ -226,7 +216,7 @@ mod tests {
     #[test]
     fn a_relist_reports_claims_gone_meanwhile_and_only_changed_statuses() {
         let (mut known, mut relisted) = (HashMap::new(), None);
-        let mut feed = |event| events_for(event, &mut known, &mut relisted);
+        let mut feed = |event| ClaimReporting::events_for(event, &mut known, &mut relisted);
         feed(Event::Apply(host_claim("a", "u1", "Bound")));
         feed(Event::Apply(host_claim("b", "u2", "Bound")));
         assert!(feed(Event::Init).is_empty());

@@ -120,63 +120,6 @@ fn deleted(id: VirtualPodRef) -> PodStatusEvent {
     }
 }
 
-/// The events for one watch event, updating what was reported: `known` holds the Pods the client
-/// knows about; `relisted` the Pods seen since a relist began (to report those it no longer has).
-fn events_for(
-    event: Event<HostPodStatus>,
-    known: &mut HashMap<String, ReportedPod>,
-    relisted: &mut Option<HashMap<String, ReportedPod>>,
-) -> Vec<PodStatusEvent> {
-    let mut out = Vec::new();
-    match event {
-        Event::Init => *relisted = Some(HashMap::new()),
-        Event::InitApply(pod) => {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            if let Some((event, reported)) = updated(&pod) {
-                if known.get(&name).is_none_or(|k| k.digest != reported.digest) {
-                    out.push(event);
-                }
-                if let Some(r) = relisted {
-                    r.insert(name, reported);
-                }
-            }
-        }
-        Event::InitDone => {
-            let fresh = relisted.take().unwrap_or_default();
-            for (name, reported) in known.drain() {
-                if !fresh.contains_key(&name) {
-                    out.push(reported.deleted);
-                }
-            }
-            *known = fresh;
-            out.push(PodStatusEvent {
-                r#type: PodStatusEventType::InitialStateComplete as i32,
-                ..Default::default()
-            });
-        }
-        Event::Apply(pod) => {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            match updated(&pod) {
-                Some((event, reported)) => {
-                    if known.get(&name).is_none_or(|k| k.digest != reported.digest) {
-                        out.push(event);
-                    }
-                    known.insert(name, reported);
-                }
-                None => {
-                    known.remove(&name);
-                }
-            }
-        }
-        Event::Delete(pod) => {
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            known.remove(&name);
-            out.extend(recorded_ref(&pod.metadata).map(deleted));
-        }
-    }
-    out
-}
-
 /// What `WatchPodStatus` reports: the tenant's host Pods (see the module docs).
 pub struct PodReporting;
 
@@ -191,7 +134,54 @@ impl Reporting for PodReporting {
         known: &mut HashMap<String, ReportedPod>,
         relisted: &mut Option<HashMap<String, ReportedPod>>,
     ) -> Vec<PodStatusEvent> {
-        events_for(event, known, relisted)
+        let mut out = Vec::new();
+        match event {
+            Event::Init => *relisted = Some(HashMap::new()),
+            Event::InitApply(pod) => {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                if let Some((event, reported)) = updated(&pod) {
+                    if known.get(&name).is_none_or(|k| k.digest != reported.digest) {
+                        out.push(event);
+                    }
+                    if let Some(r) = relisted {
+                        r.insert(name, reported);
+                    }
+                }
+            }
+            Event::InitDone => {
+                let fresh = relisted.take().unwrap_or_default();
+                for (name, reported) in known.drain() {
+                    if !fresh.contains_key(&name) {
+                        out.push(reported.deleted);
+                    }
+                }
+                *known = fresh;
+                out.push(PodStatusEvent {
+                    r#type: PodStatusEventType::InitialStateComplete as i32,
+                    ..Default::default()
+                });
+            }
+            Event::Apply(pod) => {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                match updated(&pod) {
+                    Some((event, reported)) => {
+                        if known.get(&name).is_none_or(|k| k.digest != reported.digest) {
+                            out.push(event);
+                        }
+                        known.insert(name, reported);
+                    }
+                    None => {
+                        known.remove(&name);
+                    }
+                }
+            }
+            Event::Delete(pod) => {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                known.remove(&name);
+                out.extend(recorded_ref(&pod.metadata).map(deleted));
+            }
+        }
+        out
     }
 
     fn listed(message: &PodStatusEvent) -> bool {
@@ -249,7 +239,7 @@ mod tests {
     fn a_host_pod_decodes_without_its_spec_and_reports_its_status() {
         let mut known = HashMap::new();
         let mut relisted = None;
-        let out = events_for(
+        let out = PodReporting::events_for(
             Event::Apply(host_pod("web", "u1", "Running")),
             &mut known,
             &mut relisted,
@@ -264,7 +254,7 @@ mod tests {
     fn an_unchanged_status_is_not_sent_again_but_a_new_status_or_uid_is() {
         let mut known = HashMap::new();
         let mut relisted = None;
-        let mut feed = |pod| events_for(Event::Apply(pod), &mut known, &mut relisted);
+        let mut feed = |pod| PodReporting::events_for(Event::Apply(pod), &mut known, &mut relisted);
         assert_eq!(feed(host_pod("web", "u1", "Pending")).len(), 1);
         let mut relabelled = host_pod("web", "u1", "Pending");
         relabelled.metadata.labels = Some([("tier".to_string(), "a".to_string())].into());
@@ -284,7 +274,7 @@ mod tests {
     fn a_host_pod_that_starts_terminating_is_reported_with_its_grace_period_once() {
         let mut known = HashMap::new();
         let mut relisted = None;
-        let mut feed = |pod| events_for(Event::Apply(pod), &mut known, &mut relisted);
+        let mut feed = |pod| PodReporting::events_for(Event::Apply(pod), &mut known, &mut relisted);
         let running = feed(host_pod("web", "u1", "Running"));
         assert_eq!(running[0].deletion_grace_period_seconds, None);
         let mut evicted = host_pod("web", "u1", "Running");
@@ -307,20 +297,24 @@ mod tests {
         let mut known = HashMap::new();
         let mut relisted = None;
         for pod in [host_pod("a", "ua", "Running"), host_pod("b", "ub", "Running")] {
-            events_for(Event::Apply(pod), &mut known, &mut relisted);
+            PodReporting::events_for(Event::Apply(pod), &mut known, &mut relisted);
         }
-        let mut out = events_for(Event::Init, &mut known, &mut relisted);
-        out.extend(events_for(
+        let mut out = PodReporting::events_for(Event::Init, &mut known, &mut relisted);
+        out.extend(PodReporting::events_for(
             Event::InitApply(host_pod("a", "ua", "Running")),
             &mut known,
             &mut relisted,
         ));
-        out.extend(events_for(
+        out.extend(PodReporting::events_for(
             Event::InitApply(host_pod("c", "uc", "Pending")),
             &mut known,
             &mut relisted,
         ));
-        out.extend(events_for(Event::InitDone, &mut known, &mut relisted));
+        out.extend(PodReporting::events_for(
+            Event::InitDone,
+            &mut known,
+            &mut relisted,
+        ));
         assert_eq!(
             kinds(&out),
             [
@@ -330,7 +324,7 @@ mod tests {
             ]
         );
         assert_eq!(out[1].pod_uid, "ub");
-        let gone = events_for(
+        let gone = PodReporting::events_for(
             Event::Delete(host_pod("a", "ua", "Running")),
             &mut known,
             &mut relisted,
@@ -345,7 +339,7 @@ mod tests {
         let mut relisted = None;
         let mut pod = host_pod("x", "ux", "Running");
         pod.metadata.annotations = None;
-        assert!(events_for(Event::Apply(pod.clone()), &mut known, &mut relisted).is_empty());
-        assert!(events_for(Event::Delete(pod), &mut known, &mut relisted).is_empty());
+        assert!(PodReporting::events_for(Event::Apply(pod.clone()), &mut known, &mut relisted).is_empty());
+        assert!(PodReporting::events_for(Event::Delete(pod), &mut known, &mut relisted).is_empty());
     }
 }
