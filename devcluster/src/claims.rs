@@ -8,6 +8,8 @@
 //!  store changes (claims, StorageClasses) ─► each Pending claim of the namespace:
 //!      its class served by devcluster's provisioner? ─► PersistentVolume pvc-<uid> made,
 //!          claim bound: spec.volumeName, status {phase: Bound, accessModes, capacity}
+//!        (a WaitForFirstConsumer class: only once the scheduler placed a Pod that mounts it,
+//!         `volume.kubernetes.io/selected-node`; until then a WaitForFirstConsumer event, once)
 //!      class missing ─► ProvisioningFailed event (once)
 //!      bound claim asking for more (class allows expansion) ─► volume and claim grown
 //!  claim deleted ─► its dynamically provisioned volume deleted (reclaimPolicy Delete)
@@ -16,8 +18,8 @@
 //! With `serve --nodes N` (the simulated data plane) devcluster runs the provisioner and makes
 //! the default StorageClass `standard`; without, claims stay Pending, as in a cluster without
 //! storage (a virtual cluster's claims are bound by the host, and their status copied back).
-//! Not simulated: the `kubernetes.io/pvc-protection` finalizer (a claim in use goes at once),
-//! `WaitForFirstConsumer`, and volumes made by hand binding to claims.
+//! Not simulated: the `kubernetes.io/pvc-protection` finalizer (a claim in use goes at once), and
+//! volumes made by hand binding to claims.
 
 use std::sync::Arc;
 
@@ -37,6 +39,20 @@ pub const CLASSES: &str = "storageclasses";
 pub const PROVISIONER: &str = "devcluster.local/hostpath";
 /// The annotation that makes a StorageClass the default.
 const DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
+/// The annotation the scheduler sets on a claim of a WaitForFirstConsumer class: the node of the
+/// first Pod placed that mounts it, where its volume is to be made.
+pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+
+/// Whether `class` binds its claims only once a Pod that mounts one is placed.
+fn waits_for_consumer(class: &Value) -> bool {
+    class["volumeBindingMode"] == "WaitForFirstConsumer"
+}
+
+/// The StorageClass of `claim`, if there is one.
+fn class_of(store: &Store, claim: &Value) -> Option<Arc<Value>> {
+    let name = claim["spec"]["storageClassName"].as_str().unwrap_or_default();
+    store.get(CLASSES, "", name)
+}
 
 const ACCESS_MODES: [&str; 4] = [
     "ReadWriteOnce",
@@ -226,6 +242,19 @@ fn reconcile(store: &Store, namespace: &str) {
         match claim["status"]["phase"].as_str() {
             Some("Bound") => grow(store, claim, class.as_deref()),
             _ => match class {
+                Some(class)
+                    if waits_for_consumer(&class)
+                        && claim["metadata"]["annotations"][SELECTED_NODE].as_str().is_none() =>
+                {
+                    event_once(
+                        store,
+                        claim,
+                        "Normal",
+                        "WaitForFirstConsumer",
+                        "waiting for first consumer to be created before binding",
+                        "persistentvolume-controller",
+                    );
+                }
                 Some(class) if class["provisioner"] == PROVISIONER => provision(store, claim),
                 Some(_) => {}
                 None if class_name.is_empty() => {}
@@ -392,17 +421,12 @@ fn grow(store: &Store, claim: &Value, class: Option<&Value>) {
 }
 
 /// Why the scheduler cannot place `pod` for its claims (upstream's words), if it cannot: a claim
-/// it names is missing, being deleted, or not bound yet.
+/// it names is missing, being deleted, or not bound yet (but one of a WaitForFirstConsumer class,
+/// which waits for this Pod).
 pub fn unschedulable(store: &Store, pod: &Value) -> Option<String> {
     let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
     let mut unbound = false;
-    for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
-        let Some(claim_name) = volume
-            .pointer("/persistentVolumeClaim/claimName")
-            .and_then(Value::as_str)
-        else {
-            continue;
-        };
+    for claim_name in claims_of(pod) {
         match store.get(CLAIMS, namespace, claim_name) {
             None => return Some(format!("persistentvolumeclaim {claim_name:?} not found")),
             Some(claim)
@@ -412,11 +436,72 @@ pub fn unschedulable(store: &Store, pod: &Value) -> Option<String> {
             {
                 return Some(format!("persistentvolumeclaim {claim_name:?} is being deleted"));
             }
-            Some(claim) if claim["status"]["phase"] != "Bound" => unbound = true,
+            Some(claim)
+                if claim["status"]["phase"] != "Bound"
+                    && !class_of(store, &claim).is_some_and(|c| waits_for_consumer(&c)) =>
+            {
+                unbound = true;
+            }
             Some(_) => {}
         }
     }
     unbound.then(|| "pod has unbound immediate PersistentVolumeClaims".to_string())
+}
+
+/// The claims `pod` mounts.
+fn claims_of(pod: &Value) -> impl Iterator<Item = &str> {
+    pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            v.pointer("/persistentVolumeClaim/claimName")
+                .and_then(Value::as_str)
+        })
+}
+
+/// The scheduler placed `pod` on `node`: each claim it mounts of a WaitForFirstConsumer class
+/// that has no node yet is to be provisioned there.
+pub fn select_node(store: &Store, pod: &Value, node: &str) {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    for claim_name in claims_of(pod) {
+        let waits = store
+            .get(CLAIMS, namespace, claim_name)
+            .and_then(|claim| class_of(store, &claim))
+            .is_some_and(|class| waits_for_consumer(&class));
+        if !waits {
+            continue;
+        }
+        let _ = store.transact(
+            CLAIMS,
+            (namespace.to_string(), claim_name.to_string()),
+            |_, current| {
+                let Some(current) = current else {
+                    return Ok(Outcome::Unchanged);
+                };
+                if current["status"]["phase"] == "Bound"
+                    || current["metadata"]["annotations"][SELECTED_NODE]
+                        .as_str()
+                        .is_some()
+                {
+                    return Ok(Outcome::Unchanged);
+                }
+                let mut next = current.clone();
+                next["metadata"]["annotations"][SELECTED_NODE] = json!(node);
+                Ok(Outcome::Put(next))
+            },
+        );
+    }
+}
+
+/// Whether every claim `pod` mounts is bound (the kubelet mounts them before it starts the Pod).
+pub fn mounted(store: &Store, pod: &Value) -> bool {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    claims_of(pod).all(|name| {
+        store
+            .get(CLAIMS, namespace, name)
+            .is_some_and(|c| c["status"]["phase"] == "Bound")
+    })
 }
 
 #[cfg(test)]

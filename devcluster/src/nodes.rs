@@ -8,7 +8,7 @@
 //!  1 s ticker (and 10 s heartbeats) ────────────┘   the RuntimeClass's scheduling, inter-pod
 //!                                                   affinity (crate::affinity) ─► spec.nodeName,
 //!                                                   PodScheduled, or Unschedulable + FailedScheduling
-//!                  bound Pods ─► kubelet: handler served? ─► Running (IP, start time, ready)
+//!                  bound Pods ─► kubelet: claims bound? handler served? ─► Running (IP, start time, ready)
 //!                                                   or ContainerCreating + FailedCreatePodSandBox
 //!                running Pods ─► kubelet: deadline, ephemeral containers (crate::ephemeral),
 //!                                readiness gates, resizes (crate::resize)
@@ -327,6 +327,7 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                             Some(p)
                         });
                         if let Some(p) = bound {
+                            crate::claims::select_node(store, &p, &node_name);
                             placed.push(crate::affinity::Placed::new(
                                 &p,
                                 strings(&node["metadata"]["labels"]),
@@ -361,6 +362,11 @@ fn reconcile(store: &Store, options: &NodeOptions, next_ip: &mut u32) {
                 }
             }
             Some(node) if node.starts_with("devcluster-node-") && pod["status"]["phase"] == "Pending" => {
+                // The kubelet mounts the Pod's claims before it starts it: one of a
+                // WaitForFirstConsumer class is provisioned once the Pod was placed.
+                if !crate::claims::mounted(store, &pod) {
+                    continue;
+                }
                 let node = node.to_string();
                 let handler = class
                     .as_ref()

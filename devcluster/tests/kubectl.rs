@@ -1040,6 +1040,52 @@ async fn kubectl_claims_are_provisioned_and_hold_back_the_pods_that_need_them() 
     .await;
 }
 
+#[tokio::test]
+async fn kubectl_a_wait_for_first_consumer_claim_is_provisioned_where_its_first_pod_is_placed() {
+    let cluster = with_a_node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    let class = "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata:\n  name: local\nprovisioner: devcluster.local/hostpath\nvolumeBindingMode: WaitForFirstConsumer\n";
+    let claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  storageClassName: local\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n";
+    k.run_with_input(&["apply", "-f", "-"], Some(class)).await;
+    k.run_with_input(&["apply", "-f", "-"], Some(claim)).await;
+    // No Pod mounts it yet: it waits, and says so, as upstream's volume controller does.
+    let waiting = eventually_output(
+        &k,
+        &[
+            "get",
+            "events",
+            "--field-selector=involvedObject.kind=PersistentVolumeClaim",
+        ],
+        |out| out.contains("WaitForFirstConsumer"),
+    )
+    .await;
+    assert!(
+        waiting.contains("waiting for first consumer to be created before binding"),
+        "{waiting}"
+    );
+    let phase = k
+        .run(&["get", "pvc", "data", "-o", "jsonpath={.status.phase}"])
+        .await;
+    assert_eq!(phase.trim(), "Pending");
+    // The first Pod that mounts it is placed (the unbound claim does not hold it back), its node
+    // selected for the claim, the claim provisioned there, and the Pod started once it is bound.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: db\nspec:\n  containers:\n  - name: db\n    image: registry.example/db:1\n  volumes:\n  - name: data\n    persistentVolumeClaim:\n      claimName: data\n";
+    k.run_with_input(&["apply", "-f", "-"], Some(pod)).await;
+    k.run(&["wait", "--for=condition=Ready", "pod/db", "--timeout=20s"])
+        .await;
+    let claim = k
+        .run(&[
+            "get",
+            "pvc",
+            "data",
+            "-o",
+            r#"jsonpath={.status.phase} {.metadata.annotations.volume\.kubernetes\.io/selected-node}"#,
+        ])
+        .await;
+    assert_eq!(claim.trim(), "Bound devcluster-node-0");
+}
+
 /// A devcluster with one simulated node (its scheduler and kubelet run Pods).
 async fn with_a_node() -> DevCluster {
     DevCluster::start(ServerOptions {

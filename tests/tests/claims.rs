@@ -4,6 +4,7 @@
 //! as a default StorageClass does.
 
 use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod, ResourceQuota};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt as _};
 use rcsync_tests::eventually;
@@ -162,6 +163,40 @@ async fn a_pod_mounting_a_claim_runs_on_the_host_against_the_tenants_host_claim(
         volume.persistent_volume_claim.as_ref().unwrap().claim_name,
         host_name("data-db-0")
     );
+}
+
+#[tokio::test]
+async fn a_claim_of_a_host_class_that_waits_for_its_first_consumer_is_bound_once_its_pod_runs_on_the_host() {
+    let system = system(&[tenant(true)]).await;
+    // As on most clouds' and kind's default classes: a volume is made where its first Pod runs.
+    let class: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": "local"},
+        "provisioner": "devcluster.local/hostpath",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    }))
+    .unwrap();
+    Api::<StorageClass>::all(system.host.client().await)
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
+    let side = system.virtual_side();
+    create_claim(side, &claim("data-db-0", json!({"storageClassName": "local"}))).await;
+    // Made on the host, where it waits for a Pod; the virtual claim says so (the host's event).
+    let waiting = event(side, "PersistentVolumeClaim", "data-db-0", "WaitForFirstConsumer").await;
+    assert_eq!(
+        waiting.message.as_deref(),
+        Some("waiting for first consumer to be created before binding")
+    );
+    // Its Pod is synced while the claim is unbound (waiting for it would wait forever), runs on
+    // the host, and the claim is bound there, and so in the virtual cluster.
+    side.create_pod(&db_pod("db-0", "data-db-0")).await;
+    let host = system.host_pods(&side.tenant).await;
+    eventually("the Pod Running on the host", || async {
+        let pod = host.get_opt(&host_name("db-0")).await.ok()??;
+        (pod.status?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    bound(side, "data-db-0").await;
 }
 
 #[tokio::test]
