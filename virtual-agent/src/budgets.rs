@@ -49,10 +49,6 @@ pub const BUDGET_REPORTER: &str = "pdb-syncer";
 /// The longest a failed budget operation waits before its next attempt.
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// The longest a budget refused for a reason the host may cure (its name held by another
-/// object) waits before it is asked again.
-const REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
-
 /// Syncs PodDisruptionBudgets while this replica leads (see the module docs).
 pub struct BudgetSyncer {
     client: Client,
@@ -249,7 +245,7 @@ impl BudgetSyncer {
             match result {
                 Ok(Outcome::Done) => books.schedule.settled(&key),
                 Ok(Outcome::Refused) => {
-                    books.schedule.later(key, REFUSED_RETRY_MAX);
+                    books.schedule.later(key, host_calls::REFUSED_RETRY_MAX);
                 }
                 Err(status) => {
                     self.call_failed(books, &status, "sync the PodDisruptionBudget")

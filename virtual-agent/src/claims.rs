@@ -56,10 +56,6 @@ pub const CLAIM_REPORTER: &str = "pvc-syncer";
 /// The longest a failed claim operation waits before its next attempt.
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// The longest a refused claim waits before it is tried again (the host's quota may have room by
-/// then, or the name in use be free).
-const REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
-
 /// Syncs PersistentVolumeClaims while this replica leads (see the module docs).
 pub struct ClaimSyncer {
     client: Client,
@@ -224,13 +220,7 @@ impl ClaimSyncer {
                 },
                 () = &mut feed, if !feed_ended => feed_ended = true,
                 Some(event) = statuses.recv() => match event.r#type() {
-                    ClaimStatusEventType::HostEvent if !listed => {
-                        if copier.early.len() < EARLY_HOST_EVENTS_MAX {
-                            copier.early.push(event);
-                        } else {
-                            self.metrics.host_events_failed_total.inc();
-                        }
-                    }
+                    ClaimStatusEventType::HostEvent if !listed => copier.park(&self.metrics, event),
                     ClaimStatusEventType::HostEvent => {
                         copier.copy(&self.client, &self.metrics, &books, event);
                     }
@@ -293,7 +283,7 @@ impl ClaimSyncer {
             match result {
                 Ok(Outcome::Done) => books.schedule.settled(&key),
                 Ok(Outcome::Refused) => {
-                    books.schedule.later(key, REFUSED_RETRY_MAX);
+                    books.schedule.later(key, host_calls::REFUSED_RETRY_MAX);
                 }
                 Err(status) => {
                     self.call_failed(books, &status, "sync the PersistentVolumeClaim")
@@ -478,6 +468,16 @@ impl HostEventCopier {
             children: JoinSet::new(),
             shutdown,
             early: Vec::new(),
+        }
+    }
+
+    /// Keeps `event`, which came before the virtual claims were listed, for then (past
+    /// [`EARLY_HOST_EVENTS_MAX`] it is dropped and counted).
+    fn park(&mut self, metrics: &Metrics, event: ClaimStatusEvent) {
+        if self.early.len() < EARLY_HOST_EVENTS_MAX {
+            self.early.push(event);
+        } else {
+            metrics.host_events_failed_total.inc();
         }
     }
 

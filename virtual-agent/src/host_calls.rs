@@ -118,6 +118,10 @@ impl Held {
     }
 }
 
+/// The longest an object refused for a reason the host may cure (its host name held by another
+/// object, the host namespace's quota full) waits before it is asked again.
+pub(crate) const REFUSED_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// What one look at an object came to.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
