@@ -150,6 +150,28 @@ fn writes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Context switches of a process so far (voluntary and not, summed over its live threads): each
+/// is a thread parked and woken again, what a Pod's trip costs beyond its own work.
+fn switches(pid: u32) -> u64 {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    threads
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -912,6 +934,7 @@ async fn pods(n: usize, in_flight: usize, trials: usize) {
             cpu_time(Some(agents[1])),
         ];
         let writes_before = agents.map(writes);
+        let switches_before = agents.map(switches);
         let started = Instant::now();
         create_pods(&virtual_pods, &prefix, n, in_flight).await;
         let created = started.elapsed();
@@ -923,18 +946,22 @@ async fn pods(n: usize, in_flight: usize, trials: usize) {
         ];
         // Counted once the agents are done with the round (its last status events included).
         settle(&agents).await;
-        let written: Vec<String> = agents
-            .iter()
-            .zip(writes_before)
-            .map(|(pid, before)| format!("{:.1}", (writes(*pid) - before) as f64 / n as f64))
-            .collect();
+        let per_pod_count = |count: fn(u32) -> u64, before: [u64; 2]| -> Vec<String> {
+            agents
+                .iter()
+                .zip(before)
+                .map(|(pid, before)| format!("{:.1}", count(*pid).saturating_sub(before) as f64 / n as f64))
+                .collect()
+        };
+        let written = per_pod_count(writes, writes_before);
+        let switched = per_pod_count(switches, switches_before);
         let ratio = through.as_secs_f64() / floor.as_secs_f64();
         ratios.push(ratio);
         let per_pod = |d: Duration| format!("{:.0}", d.as_secs_f64() * 1e6 / n as f64);
         println!(
             "trial {trial}: {:.3} s through rcsync vs {:.3} s created directly ({ratio:.2}×; the virtual creates alone {:.3} s); \
              CPU µs per Pod: direct {} (API server + bench), through rcsync {} (API servers + bench) + host agent {} + virtual agent {}; \
-             system call writes per Pod: host agent {}, virtual agent {}",
+             system call writes per Pod: host agent {}, virtual agent {}; context switches per Pod: host agent {}, virtual agent {}",
             through.as_secs_f64(),
             floor.as_secs_f64(),
             created.as_secs_f64(),
@@ -944,6 +971,8 @@ async fn pods(n: usize, in_flight: usize, trials: usize) {
             per_pod(cpu[2]),
             written[0],
             written[1],
+            switched[0],
+            switched[1],
         );
     }
     ratios.sort_by(f64::total_cmp);
