@@ -295,9 +295,9 @@ fn signing_secret(state: &Path) -> anyhow::Result<Vec<u8>> {
 /// Saves the store to `path` shortly after changes (coalescing bursts) and once more at shutdown.
 async fn save_state(store: Arc<Store>, path: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
     let mut changes = store.changes();
-    let save = |store: &Store| {
+    let write = |snapshot: serde_json::Value| {
         let tmp = path.with_extension("tmp");
-        let text = serde_json::to_vec(&store.snapshot()).expect("JSON values serialize");
+        let text = serde_json::to_vec(&snapshot).expect("JSON values serialize");
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
             tracing::error!(state = %path.display(), error = %e, "saving the state failed");
         }
@@ -311,11 +311,12 @@ async fn save_state(store: Arc<Store>, path: std::path::PathBuf, mut stop: watch
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while changes.try_recv().is_ok() {}
-                save(&store);
+                write(store.snapshot());
             }
         }
     }
-    save(&store);
+    // Requests still being answered get a 503 from here on, not an answer the file lacks.
+    write(store.seal());
 }
 
 /// Writes a kubeconfig readable only by its owner (it holds a credential).

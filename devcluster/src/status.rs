@@ -299,6 +299,11 @@ impl ApiError {
         }
     }
 
+    /// 503: the server is shutting down and takes no more writes.
+    pub fn shutting_down() -> Self {
+        Self::new(503, "ServiceUnavailable", "apiserver is shutting down")
+    }
+
     /// 500.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "InternalError", message)

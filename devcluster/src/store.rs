@@ -88,6 +88,9 @@ struct Inner {
     history: VecDeque<Arc<Change>>,
     /// Watches must start at or after this resourceVersion; older ones get 410 Gone.
     compacted: u64,
+    /// Shutting down: the state was saved for the last time, and no write is taken after it (one
+    /// taken would be answered and then lost).
+    sealed: bool,
 }
 
 /// The store. Cheap to share behind an `Arc`.
@@ -129,6 +132,7 @@ impl Store {
                 objects: HashMap::new(),
                 history: VecDeque::new(),
                 compacted: 0,
+                sealed: false,
             }),
             tx,
             epoch: tokio::sync::watch::channel(0).0,
@@ -201,6 +205,9 @@ impl Store {
         F: FnOnce(&Reader<'_>, Option<&Value>) -> Result<Outcome, ApiError>,
     {
         let mut inner = self.lock();
+        if inner.sealed && !dry_run {
+            return Err(ApiError::shutting_down());
+        }
         let current = inner.objects.get(storage).and_then(|m| m.get(&key)).cloned();
         let outcome = f(&Reader { inner: &inner }, current.as_deref())?;
         if dry_run {
@@ -256,6 +263,9 @@ impl Store {
 
     /// Removes an object under the lock, recording the deletion; returns its last state.
     fn remove_locked(&self, inner: &mut Inner, storage: &'static str, key: &ObjectKey) -> Option<Arc<Value>> {
+        if inner.sealed {
+            return None;
+        }
         let old = inner.objects.get_mut(storage)?.remove(key)?;
         inner.rv += 1;
         let rv = inner.rv;
@@ -339,7 +349,18 @@ impl Store {
 
     /// Every object and the current resourceVersion, for a state file.
     pub fn snapshot(&self) -> Value {
-        let inner = self.lock();
+        Self::snapshot_of(&self.lock())
+    }
+
+    /// [`Store::snapshot`] for the last time: from now on every write is refused (503, as an API
+    /// server shutting down answers), so none is answered that the snapshot does not hold.
+    pub fn seal(&self) -> Value {
+        let mut inner = self.lock();
+        inner.sealed = true;
+        Self::snapshot_of(&inner)
+    }
+
+    fn snapshot_of(inner: &Inner) -> Value {
         let objects: Vec<Value> = inner
             .objects
             .iter()
@@ -548,5 +569,18 @@ mod tests {
         });
         assert!(err.is_err());
         assert_eq!(store.current_rv(), rv);
+    }
+
+    #[test]
+    fn a_sealed_store_takes_no_write_its_last_snapshot_lacks() {
+        let store = Store::new(10);
+        put(&store, "a", 1);
+        let last = store.seal();
+        let refused = store.transact("things", (String::new(), "b".into()), |_, _| {
+            Ok(Outcome::Put(json!({"metadata": {"name": "b"}})))
+        });
+        assert!(matches!(refused, Err(e) if e.code == 503));
+        store.delete_all("things");
+        assert_eq!(store.snapshot(), last, "nothing changed after the last snapshot");
     }
 }

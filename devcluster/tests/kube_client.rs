@@ -1136,6 +1136,70 @@ async fn a_state_file_keeps_objects_and_resource_versions_across_restarts() {
     cluster.shutdown().await;
 }
 
+#[tokio::test]
+async fn every_write_answered_before_a_shutdown_is_there_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = DevCluster::start(with_state(dir.path())).await.unwrap();
+    let client = client_for(&cluster).await;
+    // Writers keep creating while the server shuts down: each create answered with success must
+    // be in the state the next server starts from (the rest fail, as against any API server
+    // going away).
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (first, mut created) = tokio::sync::mpsc::channel::<()>(64);
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (api, answered, first) = (
+                Api::<ConfigMap>::namespaced(client.clone(), "default"),
+                answered.clone(),
+                first.clone(),
+            );
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let name = format!("w{w}-{i}");
+                    let map: ConfigMap = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+                    match api.create(&PostParams::default(), &map).await {
+                        Ok(_) => {
+                            answered.lock().unwrap().push(name);
+                            let _ = first.try_send(());
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(first);
+    for _ in 0..32 {
+        created.recv().await.expect("the writers create");
+    }
+    cluster.shutdown().await;
+    for writer in writers {
+        timeout(DEADLINE, writer)
+            .await
+            .expect("a writer stops once the server is gone")
+            .unwrap();
+    }
+
+    let cluster = DevCluster::start(with_state(dir.path())).await.unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(client_for(&cluster).await, "default");
+    let kept: std::collections::BTreeSet<String> = maps
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|m| m.metadata.name)
+        .collect();
+    let answered = answered.lock().unwrap().clone();
+    let lost: Vec<&String> = answered.iter().filter(|n| !kept.contains(*n)).collect();
+    assert!(
+        lost.is_empty(),
+        "answered but lost in the restart: {lost:?} (of {})",
+        answered.len()
+    );
+    cluster.shutdown().await;
+}
+
 /// A server restarted from its state keeps its service account signing key (beside the state,
 /// as upstream keeps its key file): a token issued before the restart still authenticates.
 #[tokio::test]
