@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use k8s_openapi::api::node::v1::RuntimeClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::runtime::watcher::{self, Event};
 use rcsync_core::kube_client::RetryWithBackoff as _;
@@ -40,7 +41,8 @@ pub const ALLOWED_PODS_ON_HOST: &str = "allowed-pods-on-host";
 pub const NO_STRAY_HOST_PODS: &str = "no-stray-host-pods";
 /// A blocked Pod has no SyncWarning.
 pub const BLOCKED_PODS_WARNED: &str = "blocked-pods-warned";
-/// A host event about a live Pod's host Pod is missing from the virtual Pod, or differs.
+/// A host event about a live Pod's host Pod (or a live claim's host claim) is missing from the
+/// virtual object, or differs.
 pub const HOST_EVENTS_COPIED: &str = "host-events-copied";
 /// A synced Pod with a token volume lacks a token on the host that authenticates to its virtual
 /// cluster as its ServiceAccount.
@@ -646,9 +648,13 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                 (false, None) => {}
             }
         }
-        unmet.extend(host_events_differ(&host, tenant, &host_pods, &live_uids, &events).await);
+        let pod_metas: BTreeMap<String, &ObjectMeta> = host_pods
+            .iter()
+            .map(|(name, p)| (name.clone(), &p.metadata))
+            .collect();
+        unmet.extend(host_events_differ(&host, tenant, "Pod", &pod_metas, &live_uids, &events).await);
         unmet.extend(budgets_differ(&host, &virt, tenant).await);
-        unmet.extend(claims_differ(&host, &virt, tenant).await);
+        unmet.extend(claims_differ(&host, &virt, tenant, &events).await);
         for (name, hp) in &host_pods {
             let uid = hp
                 .metadata
@@ -741,7 +747,12 @@ async fn budgets_differ(host: &kube::Client, virt: &kube::Client, tenant: &str) 
 }
 
 /// How tenant `tenant`'s claims on the host differ from its virtual claims (see [`CLAIMS_MADE`]).
-async fn claims_differ(host: &kube::Client, virt: &kube::Client, tenant: &str) -> Vec<(String, String)> {
+async fn claims_differ(
+    host: &kube::Client,
+    virt: &kube::Client,
+    tenant: &str,
+    events: &[CoreEvent],
+) -> Vec<(String, String)> {
     use k8s_openapi::api::core::v1::PersistentVolumeClaim;
     let failed = |what: String| vec![(CLAIMS_MADE.to_string(), what)];
     let virtual_claims = match Api::<PersistentVolumeClaim>::namespaced(virt.clone(), "default")
@@ -771,7 +782,26 @@ async fn claims_differ(host: &kube::Client, virt: &kube::Client, tenant: &str) -
             .and_then(|s| s.resources.as_ref()?.requests.as_ref()?.get("storage").cloned())
     };
     let phase = |claim: &PersistentVolumeClaim| claim.status.as_ref().and_then(|s| s.phase.clone());
-    let mut unmet = Vec::new();
+    // The host's events about the claims are on the virtual claims, as about Pods.
+    let live_uids: BTreeSet<String> = virtual_claims
+        .iter()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .filter_map(|c| c.metadata.uid.clone())
+        .collect();
+    let claim_metas: BTreeMap<String, &ObjectMeta> = host_claims
+        .iter()
+        .map(|(name, c)| (name.clone(), &c.metadata))
+        .collect();
+    let mut unmet = host_events_differ(
+        host,
+        tenant,
+        "PersistentVolumeClaim",
+        &claim_metas,
+        &live_uids,
+        events,
+    )
+    .await;
+    drop(claim_metas);
     for claim in virtual_claims
         .iter()
         .filter(|c| c.metadata.deletion_timestamp.is_none())
@@ -888,13 +918,16 @@ async fn token_differs(
     }
 }
 
-/// How the host events about `tenant`'s live host Pods differ from their copies among the virtual
-/// cluster's `events`: each must be there, named after the host event, about the virtual Pod's
-/// uid, with the host's count and the message in the virtual Pod's names.
+/// How the host events about `tenant`'s live host objects of `kind` (`host_objects`, their
+/// metadata by host name; `live_uids`, the uids of their virtual objects still there) differ
+/// from their copies among the virtual cluster's `events`: each must be there, named after the
+/// host event, about the virtual object's uid, with the host's count and the message in the
+/// virtual object's names.
 async fn host_events_differ(
     host: &kube::Client,
     tenant: &str,
-    host_pods: &BTreeMap<String, Pod>,
+    kind: &str,
+    host_objects: &BTreeMap<String, &ObjectMeta>,
     live_uids: &BTreeSet<String>,
     events: &[CoreEvent],
 ) -> Vec<(String, String)> {
@@ -902,9 +935,9 @@ async fn host_events_differ(
         ANNOTATION_OBJECT_NAME, ANNOTATION_OBJECT_NAMESPACE, host_event_id, virtual_event_name,
     };
     let host_namespace = host_namespace(tenant);
-    let about_pods = kube::api::ListParams::default().fields("involvedObject.kind=Pod");
+    let about = kube::api::ListParams::default().fields(&format!("involvedObject.kind={kind}"));
     let host_events = match Api::<CoreEvent>::namespaced(host.clone(), &host_namespace)
-        .list(&about_pods)
+        .list(&about)
         .await
     {
         Ok(list) => list.items,
@@ -918,12 +951,11 @@ async fn host_events_differ(
     let mut unmet = Vec::new();
     for event in host_events {
         let host_name = event.involved_object.name.clone().unwrap_or_default();
-        let Some(host_pod) = host_pods.get(&host_name) else {
+        let Some(host_object) = host_objects.get(&host_name) else {
             continue;
         };
         let annotation = |key: &str| {
-            host_pod
-                .metadata
+            host_object
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(key))
@@ -935,8 +967,8 @@ async fn host_events_differ(
             annotation(ANNOTATION_OBJECT_NAME),
             annotation(ANNOTATION_OBJECT_UID),
         );
-        if host_pod.metadata.uid != event.involved_object.uid
-            || host_pod.metadata.deletion_timestamp.is_some()
+        if host_object.uid != event.involved_object.uid
+            || host_object.deletion_timestamp.is_some()
             || !live_uids.contains(&uid)
         {
             continue;
