@@ -26,9 +26,9 @@
 //! while the host agent is unreachable (fail closed); failed work is retried with backoff.
 //!
 //! Here: the [`PodSyncer`], which watches and dispatches by Pod to its shards, and what they share.
-//! `shard`: one shard's Pods and the decisions above; `status_feed`: the WatchPodStatus stream;
-//! `host_events`: the writer of the host's events about synced Pods; `tokens`: service account
-//! tokens for Pods on the host.
+//! `shard`: one shard's Pods and the decisions above (`shard/host_status`: what the host says
+//! about them); `status_feed`: the WatchPodStatus stream; `tokens`: service account tokens for
+//! Pods on the host. The host's events about synced Pods are written by `crate::host_events`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
