@@ -303,6 +303,10 @@ impl BudgetSyncer {
         });
         let said = books.held.get(key).is_some_and(|h| h.uid == uid)
             && books.refusals.get(key).map(String::as_str) == refused.as_ref().map(|(_, m)| m.as_str());
+        let was_held = books
+            .held
+            .get(key)
+            .is_some_and(|h| h.uid == uid && h.refused.is_none());
         books.held.insert(
             key.clone(),
             Held {
@@ -314,7 +318,12 @@ impl BudgetSyncer {
         match refused {
             None => {
                 books.refusals.remove(key);
-                tracing::info!(namespace = %key.0, budget = %key.1, host = %answer.host_name, "PodDisruptionBudget held on the host")
+                // Held again after a change (a new count of healthy Pods): a line for debugging.
+                if was_held {
+                    tracing::debug!(namespace = %key.0, budget = %key.1, host = %answer.host_name, "PodDisruptionBudget held on the host");
+                } else {
+                    tracing::info!(namespace = %key.0, budget = %key.1, host = %answer.host_name, "PodDisruptionBudget held on the host");
+                }
             }
             Some((reason, message)) => {
                 books.refusals.insert(key.clone(), message.clone());

@@ -339,6 +339,10 @@ impl ClaimSyncer {
         });
         let said = books.held.get(key).is_some_and(|h| h.uid == uid)
             && books.refusals.get(key).map(String::as_str) == refused.as_ref().map(|(_, m)| m.as_str());
+        let was_made = books
+            .held
+            .get(key)
+            .is_some_and(|h| h.uid == uid && h.refused.is_none());
         books.held.insert(
             key.clone(),
             Held {
@@ -349,7 +353,12 @@ impl ClaimSyncer {
         );
         let Some((reason, message)) = refused else {
             books.refusals.remove(key);
-            tracing::info!(namespace = %key.0, claim = %key.1, host = %answer.host_name, "PersistentVolumeClaim made on the host");
+            // Made and then grown: a line for debugging.
+            if was_made {
+                tracing::debug!(namespace = %key.0, claim = %key.1, host = %answer.host_name, "PersistentVolumeClaim made on the host");
+            } else {
+                tracing::info!(namespace = %key.0, claim = %key.1, host = %answer.host_name, "PersistentVolumeClaim made on the host");
+            }
             return Ok(Outcome::Done);
         };
         books.refusals.insert(key.clone(), message.clone());

@@ -825,6 +825,10 @@ impl Shard {
                     if answer.applied {
                         self.connection.host_path().reached();
                         let was_orphan = self.records.get(key).is_some_and(|r| r.state == State::Orphaned);
+                        let was_synced = self
+                            .records
+                            .get(key)
+                            .is_some_and(|r| r.uid == uid && matches!(r.state, State::Synced(_)));
                         self.records.insert(
                             key.clone(),
                             Record {
@@ -835,10 +839,16 @@ impl Shard {
                         self.refusals.remove(key);
                         self.name_waiters.remove(key);
                         self.metrics.pods_synced_total.inc();
-                        tracing::info!(
-                            namespace = %key.0, pod = %key.1, host = %answer.host_name, created = answer.created,
-                            resumed = was_orphan, "synced Pod to the host"
-                        );
+                        // A Pod that was synced and is again (an update) is a line for debugging, not
+                        // for every fleet's log.
+                        if was_synced {
+                            tracing::debug!(namespace = %key.0, pod = %key.1, host = %answer.host_name, "synced Pod to the host");
+                        } else {
+                            tracing::info!(
+                                namespace = %key.0, pod = %key.1, host = %answer.host_name, created = answer.created,
+                                resumed = was_orphan, "synced Pod to the host"
+                            );
+                        }
                         return true;
                     }
                     match answer.decision {
