@@ -7,7 +7,8 @@
 //!     ├─ about a host object the stream reported (name and uid) ──► addressed to its virtual
 //!     │     object, host names rewritten (unless its count, message and times are what was last
 //!     │     sent for it)
-//!     ├─ about an object not reported yet (the two watches race) ──► parked, sent once it is
+//!     ├─ about an object not reported yet (the two watches race; or a new object under a
+//!     │     reported name, its report not here yet) ──► parked, sent once it is
 //!     └─ about anything else in the namespace ───────────────────► dropped when parked ones overflow
 //! ```
 //!
@@ -101,7 +102,10 @@ impl HostEventFeed {
                     relisted.insert(uid_key(uid));
                 }
                 let name = event.involved_object.name.as_deref().unwrap_or_default();
-                match object(name) {
+                // An event about another uid under a reported name is parked too: it may be
+                // about the object that comes back under the name (a StatefulSet's Pod), whose
+                // report the two watches' race has not brought yet.
+                match object(name).filter(|reported| is_about(&event, reported)) {
                     Some(reported) => self.message(&event, &reported).into_iter().collect(),
                     None => {
                         if self.parked.len() == PARKED_MAX {
@@ -130,7 +134,9 @@ impl HostEventFeed {
         let mut out = Vec::new();
         let mut waiting = VecDeque::with_capacity(self.parked.len());
         for event in std::mem::take(&mut self.parked) {
-            match object(event.involved_object.name.as_deref().unwrap_or_default()) {
+            match object(event.involved_object.name.as_deref().unwrap_or_default())
+                .filter(|reported| is_about(&event, reported))
+            {
                 Some(reported) => out.extend(self.message(&event, &reported)),
                 None => waiting.push_back(event),
             }
@@ -139,18 +145,9 @@ impl HostEventFeed {
         out
     }
 
-    /// `event` about `object`, addressed; `None` when it names another object under the name
-    /// (another uid), or was sent as it stands.
+    /// `event` about `object` (see [`is_about`]), addressed; `None` when it was sent as it stands.
     fn message(&mut self, event: &CoreEvent, object: &ReportedObject<'_>) -> Option<Addressed> {
         let uid = event.metadata.uid.as_deref()?;
-        if event
-            .involved_object
-            .uid
-            .as_deref()
-            .is_some_and(|u| !u.is_empty() && u != object.host_uid)
-        {
-            return None;
-        }
         let (namespace, name, virtual_uid) = object.virtual_object;
         let host_name = event.involved_object.name.as_deref().unwrap_or_default();
         let host_event = host_event(event, &self.host_namespace, host_name, namespace, name);
@@ -173,6 +170,16 @@ impl HostEventFeed {
             event: host_event,
         })
     }
+}
+
+/// Whether `event` is about `object`: it names the object's uid (or none, as some writers leave
+/// it out), not an earlier or later object under the name.
+fn is_about(event: &CoreEvent, object: &ReportedObject<'_>) -> bool {
+    event
+        .involved_object
+        .uid
+        .as_deref()
+        .is_none_or(|u| u.is_empty() || u == object.host_uid)
 }
 
 /// The key of a host event's uid in [`HostEventFeed`]'s maps.
@@ -417,6 +424,27 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].name, "web");
         assert!(events.on_reported(reported).is_empty());
+    }
+
+    #[test]
+    fn an_event_about_a_pod_back_under_its_name_is_sent_once_the_new_pod_is_reported() {
+        let mut events = HostEventFeed::new("vc-team-a".into());
+        // The host Pod came back under its name (uid "host-uid-2"): its event is here before the
+        // Pod watch reported it, while the earlier Pod is still the one reported.
+        let out = events.on_watch_event(
+            Event::Apply(host_event_object("e1", HOST_POD, "host-uid-2", "m", 1)),
+            reported,
+        );
+        assert!(out.is_empty(), "not the reported Pod's");
+        let back = |name: &str| {
+            (name == HOST_POD).then_some(ReportedObject {
+                host_uid: "host-uid-2",
+                virtual_object: ("default", "web", "virtual-uid-2"),
+            })
+        };
+        let out = events.on_reported(back);
+        assert_eq!(out.len(), 1, "sent once the new Pod is reported");
+        assert_eq!(out[0].uid, "virtual-uid-2");
     }
 
     #[test]
