@@ -44,9 +44,13 @@ const REMEMBERED_FOR: Duration = Duration::from_secs(3600);
 pub(crate) struct HostEventCopy {
     /// The virtual object's kind (`Pod`, `PersistentVolumeClaim`; both core/v1).
     pub(crate) kind: &'static str,
+    /// The virtual object's namespace.
     pub(crate) namespace: String,
+    /// The virtual object's name.
     pub(crate) name: String,
+    /// The virtual object's uid (the copy is about this one, not a later object of the name).
     pub(crate) uid: String,
+    /// The event, in the virtual object's names.
     pub(crate) event: HostEvent,
 }
 
@@ -83,7 +87,7 @@ impl HostEventCopy {
     }
 }
 
-/// Where shards hand host events to the writer.
+/// Where the Pod shards and the claim syncer hand host events to the writer.
 #[derive(Clone)]
 pub(crate) struct HostEventQueue {
     tx: mpsc::UnboundedSender<HostEventCopy>,
