@@ -65,7 +65,81 @@ pub struct HostEventFeed {
     sent: HashMap<u64, u64>,
     /// Host event uids seen since a relist began (to forget those gone meanwhile).
     relisted: Option<HashSet<u64>>,
-    parked: VecDeque<CoreEvent>,
+    parked: Parked,
+}
+
+/// Host events waiting for the object they are about, by its host name (a report looks at its
+/// object's only); past [`PARKED_MAX`] the oldest go first.
+#[derive(Default)]
+struct Parked {
+    /// Host name → its events, each with the sequence number it was parked under.
+    by_name: HashMap<String, Vec<(u64, CoreEvent)>>,
+    /// The order events were parked in (entries of events taken since are skipped, and dropped
+    /// when the order grows past twice the bound).
+    order: VecDeque<(u64, String)>,
+    next: u64,
+    len: usize,
+}
+
+impl Parked {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Parks `event` (the oldest parked one goes when the bound is reached).
+    fn push(&mut self, event: CoreEvent) {
+        if self.len == PARKED_MAX {
+            self.drop_oldest();
+        }
+        let name = event.involved_object.name.clone().unwrap_or_default();
+        let seq = self.next;
+        self.next += 1;
+        self.order.push_back((seq, name.clone()));
+        self.by_name.entry(name).or_default().push((seq, event));
+        self.len += 1;
+        if self.order.len() > 2 * PARKED_MAX {
+            // Forget the entries of events taken since.
+            let by_name = &self.by_name;
+            self.order.retain(|(seq, name)| {
+                by_name
+                    .get(name)
+                    .is_some_and(|events| events.iter().any(|(s, _)| s == seq))
+            });
+        }
+    }
+
+    fn drop_oldest(&mut self) {
+        while let Some((seq, name)) = self.order.pop_front() {
+            let Some(events) = self.by_name.get_mut(&name) else {
+                continue;
+            };
+            let Some(i) = events.iter().position(|(s, _)| *s == seq) else {
+                continue;
+            };
+            events.remove(i);
+            if events.is_empty() {
+                self.by_name.remove(&name);
+            }
+            self.len -= 1;
+            return;
+        }
+    }
+
+    /// Takes the events parked for the object named `name`.
+    fn take(&mut self, name: &str) -> Vec<(u64, CoreEvent)> {
+        let taken = self.by_name.remove(name).unwrap_or_default();
+        self.len -= taken.len();
+        taken
+    }
+
+    /// Puts back events [`Parked::take`] took (in their place in the order).
+    fn put_back(&mut self, name: String, events: Vec<(u64, CoreEvent)>) {
+        if !events.is_empty() {
+            self.len += events.len();
+            self.by_name.insert(name, events);
+        }
+    }
 }
 
 impl HostEventFeed {
@@ -75,7 +149,7 @@ impl HostEventFeed {
             host_namespace,
             sent: HashMap::new(),
             relisted: None,
-            parked: VecDeque::new(),
+            parked: Parked::default(),
         }
     }
 
@@ -108,10 +182,7 @@ impl HostEventFeed {
                 match object(name).filter(|reported| is_about(&event, reported)) {
                     Some(reported) => self.message(&event, &reported).into_iter().collect(),
                     None => {
-                        if self.parked.len() == PARKED_MAX {
-                            self.parked.pop_front();
-                        }
-                        self.parked.push_back(event);
+                        self.parked.push(event);
                         Vec::new()
                     }
                 }
@@ -126,22 +197,32 @@ impl HostEventFeed {
     }
 
     /// The events to send of the parked ones whose object `object` now finds (call after an
-    /// object was reported).
-    pub fn on_reported<'a>(&mut self, object: impl Fn(&str) -> Option<ReportedObject<'a>>) -> Vec<Addressed> {
-        if self.parked.is_empty() {
-            return Vec::new();
-        }
+    /// object was reported): those about the object named `name`, or, with `None` (a relist
+    /// complete), about any.
+    pub fn on_reported<'a>(
+        &mut self,
+        name: Option<&str>,
+        object: impl Fn(&str) -> Option<ReportedObject<'a>>,
+    ) -> Vec<Addressed> {
+        let names: Vec<String> = match name {
+            Some(name) => vec![name.to_string()],
+            None => self.parked.by_name.keys().cloned().collect(),
+        };
         let mut out = Vec::new();
-        let mut waiting = VecDeque::with_capacity(self.parked.len());
-        for event in std::mem::take(&mut self.parked) {
-            match object(event.involved_object.name.as_deref().unwrap_or_default())
-                .filter(|reported| is_about(&event, reported))
-            {
-                Some(reported) => out.extend(self.message(&event, &reported)),
-                None => waiting.push_back(event),
+        for name in names {
+            let Some(reported) = object(&name) else {
+                continue;
+            };
+            let mut waiting = Vec::new();
+            for (seq, event) in self.parked.take(&name) {
+                if is_about(&event, &reported) {
+                    out.extend(self.message(&event, &reported));
+                } else {
+                    waiting.push((seq, event));
+                }
             }
+            self.parked.put_back(name, waiting);
         }
-        self.parked = waiting;
         out
     }
 
@@ -396,7 +477,7 @@ mod tests {
                 .is_empty()
         );
         assert!(
-            events.on_reported(reported).is_empty(),
+            events.on_reported(None, reported).is_empty(),
             "the other Pod's event stays parked"
         );
         for i in 0..PARKED_MAX + 10 {
@@ -420,10 +501,10 @@ mod tests {
                 )
                 .is_empty()
         );
-        let out = events.on_reported(reported);
+        let out = events.on_reported(None, reported);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].name, "web");
-        assert!(events.on_reported(reported).is_empty());
+        assert!(events.on_reported(None, reported).is_empty());
     }
 
     #[test]
@@ -442,9 +523,42 @@ mod tests {
                 virtual_object: ("default", "web", "virtual-uid-2"),
             })
         };
-        let out = events.on_reported(back);
+        let out = events.on_reported(Some(HOST_POD), back);
         assert_eq!(out.len(), 1, "sent once the new Pod is reported");
         assert_eq!(out[0].uid, "virtual-uid-2");
+    }
+
+    #[test]
+    fn a_report_looks_at_its_own_objects_parked_events_and_the_parked_ones_stay_bounded() {
+        let mut events = HostEventFeed::new("vc-team-a".into());
+        let nobody = |_: &str| None;
+        for (uid, about) in [("e1", HOST_POD), ("e2", "other-x-default-x-team-a")] {
+            events.on_watch_event(
+                Event::Apply(host_event_object(uid, about, "host-uid", "m", 1)),
+                nobody,
+            );
+        }
+        // Reported: the Pod named, not the other, whose event stays parked.
+        let everyone = |_: &str| {
+            Some(ReportedObject {
+                host_uid: "host-uid",
+                virtual_object: ("default", "web", "virtual-uid"),
+            })
+        };
+        let out = events.on_reported(Some(HOST_POD), everyone);
+        assert_eq!(out.len(), 1);
+        assert_eq!(events.parked.len(), 1);
+        // Parked and taken over and over: the order kept does not grow without bound.
+        for i in 0..3 * PARKED_MAX {
+            let uid = format!("r{i}");
+            events.on_watch_event(
+                Event::Apply(host_event_object(&uid, HOST_POD, "host-uid", "m", 1)),
+                nobody,
+            );
+            assert_eq!(events.on_reported(Some(HOST_POD), everyone).len(), 1);
+        }
+        assert!(events.parked.order.len() <= 2 * PARKED_MAX + 1);
+        assert_eq!(events.parked.len(), 1, "the other Pod's event is still there");
     }
 
     #[test]

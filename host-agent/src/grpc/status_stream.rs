@@ -10,13 +10,14 @@
 //!
 //! The events watch is read only once the objects' initial state was sent, so an event finds the
 //! object it is about; an event that comes before its object is parked until the object is
-//! reported.
+//! reported (a report looks at its own object's parked events only; a relist's end at all).
 
 use std::collections::HashMap;
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::Event as CoreEvent;
+use kube::ResourceExt as _;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
@@ -33,7 +34,7 @@ pub type EventWatch = ObjectWatch<CoreEvent>;
 /// a host event about one is sent.
 pub trait Reporting {
     /// The host object watched.
-    type Object: Send;
+    type Object: kube::Resource + Send;
     /// What the stream remembers of a host object it reported (by host name).
     type Reported: Send;
     /// The stream's message.
@@ -92,10 +93,17 @@ pub async fn stream<R: Reporting>(
                     continue;
                 }
                 Some(Ok(event)) => {
+                    // Whose parked host events may now find their object: the one this event
+                    // reports, or, once a relist is complete, any.
+                    let reported = match &event {
+                        Event::Apply(object) => Some(Some(object.name_any())),
+                        Event::InitDone => Some(None),
+                        _ => None,
+                    };
                     let mut out = R::events_for(event, &mut known, &mut relisted);
                     listed |= out.iter().any(R::listed);
-                    if let Some(feed) = &mut feed && !out.is_empty() {
-                        let parked = feed.on_reported(|name| known.get(name).map(R::reported));
+                    if let (Some(feed), Some(name)) = (&mut feed, reported) && !out.is_empty() {
+                        let parked = feed.on_reported(name.as_deref(), |name| known.get(name).map(R::reported));
                         out.extend(parked.into_iter().map(R::host_event));
                     }
                     out
