@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, Preconditions};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
-use kube::{Api, Client, Resource as _, ResourceExt as _};
+use kube::{Client, Resource as _, ResourceExt as _};
 use prost::Message as _;
 use rcsync_core::pod_refs;
 use rcsync_proto::v1::{
@@ -32,6 +31,8 @@ use crate::host_events::HostEventQueue;
 use crate::metrics::Metrics;
 
 mod host_status;
+
+use host_status::VirtualDelete;
 
 #[cfg(test)]
 pub(super) use host_status::keep_gate_conditions;
@@ -681,7 +682,7 @@ impl Shard {
             && self.records.get(key).is_some_and(|r| r.state == State::HostGone)
         {
             // Never applied again (which would bring the host Pod back): the delete is retried.
-            return self.delete_virtual(key, pod).await;
+            return self.delete_virtual(key, pod, VirtualDelete::HostGone).await;
         }
         if pod.metadata.deletion_timestamp.is_some() {
             if host_has_it {
@@ -689,7 +690,7 @@ impl Shard {
                     .delete_on_host(key, &uid, pod.metadata.deletion_grace_period_seconds)
                     .await;
             }
-            return self.finalize_virtual(key, pod).await;
+            return self.delete_virtual(key, pod, VirtualDelete::Finish).await;
         }
         let references = pod.spec.as_ref().map(pod_refs::references).unwrap_or_default();
         let mut referenced = self.objects.collect(&key.0, &references);
@@ -1038,28 +1039,6 @@ impl Shard {
                 self.failed(format!("recording an event about the pod failed: {e}"));
                 // Forget the Blocked state so the retry records the event again.
                 self.records.remove(&key_of(pod));
-                false
-            }
-        }
-    }
-
-    /// Completes the deletion of a virtual Pod whose host Pod is gone.
-    async fn finalize_virtual(&mut self, key: &Key, pod: &Pod) -> bool {
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
-        let params = DeleteParams {
-            grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: pod.uid(),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match api.delete(&key.1, &params).await {
-            Ok(_) => true,
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => true,
-            Err(e) => {
-                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not finish deleting the virtual Pod");
-                self.failed(format!("finishing the pod's deletion failed: {e}"));
                 false
             }
         }

@@ -152,7 +152,7 @@ impl Shard {
         }
         if pod.metadata.deletion_timestamp.is_some() {
             if loss == HostLoss::Gone {
-                self.finalize_virtual(key, &pod).await;
+                self.delete_virtual(key, &pod, VirtualDelete::Finish).await;
             }
             return;
         }
@@ -195,7 +195,7 @@ impl Shard {
         // Pod's backoff (and reported as failing until it succeeds).
         self.failure = None;
         self.host_refused = false;
-        if self.delete_virtual(key, &pod).await {
+        if self.delete_virtual(key, &pod, VirtualDelete::HostGone).await {
             self.failing.remove(key);
         } else {
             if let Some(why) = self.failure.take() {
@@ -206,11 +206,12 @@ impl Shard {
         self.report(key);
     }
 
-    /// Deletes a virtual Pod whose host Pod went (its uid as a precondition: a new Pod of the
-    /// name stays); false when the virtual API server did not take the delete.
-    pub(super) async fn delete_virtual(&mut self, key: &Key, pod: &Pod) -> bool {
+    /// Deletes virtual Pod `pod` (its uid as a precondition: a new Pod of the name stays), for
+    /// `why`; false when the virtual API server did not take the delete (the Pod is retried).
+    pub(super) async fn delete_virtual(&mut self, key: &Key, pod: &Pod, why: VirtualDelete) -> bool {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.0);
         let params = DeleteParams {
+            grace_period_seconds: (why == VirtualDelete::Finish).then_some(0),
             preconditions: Some(Preconditions {
                 uid: pod.uid(),
                 resource_version: None,
@@ -221,14 +222,25 @@ impl Shard {
             Ok(_) => true,
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => true,
             Err(e) => {
-                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "could not delete the virtual Pod of a deleted host Pod; retrying");
-                self.failed(format!(
-                    "deleting the pod, whose host pod was deleted, failed: {e}"
-                ));
+                let attempt = match why {
+                    VirtualDelete::HostGone => "deleting the pod, whose host pod was deleted,",
+                    VirtualDelete::Finish => "finishing the pod's deletion",
+                };
+                tracing::warn!(namespace = %key.0, pod = %key.1, error = %e, "{attempt} failed; retrying");
+                self.failed(format!("{attempt} failed: {e}"));
                 false
             }
         }
     }
+}
+
+/// Why a virtual Pod is deleted (see [`Shard::delete_virtual`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum VirtualDelete {
+    /// Its host Pod terminates or went (evicted, preempted, deleted on the host).
+    HostGone,
+    /// It is being deleted and its host Pod is gone: the deletion is completed (no grace left).
+    Finish,
 }
 
 /// How a synced Pod's host Pod is lost (see [`Shard::on_host_gone`]).
