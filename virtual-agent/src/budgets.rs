@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -46,9 +45,6 @@ use crate::pods::{GaugedMap, Key, digest_of};
 /// The component that reports budget sync events.
 pub const BUDGET_REPORTER: &str = "pdb-syncer";
 
-/// The longest a failed budget operation waits before its next attempt.
-const RETRY_MAX: Duration = Duration::from_secs(30);
-
 /// Syncs PodDisruptionBudgets while this replica leads (see the module docs).
 pub struct BudgetSyncer {
     client: Client,
@@ -60,7 +56,7 @@ pub struct BudgetSyncer {
 }
 
 /// The syncer's state between events.
-struct Books {
+pub(crate) struct Books {
     /// The virtual budgets, as last watched.
     budgets: HashMap<Key, Arc<PodDisruptionBudget>>,
     /// What the host holds (or refused), by virtual budget; those held are
@@ -211,50 +207,35 @@ impl BudgetSyncer {
                 }
             }
             if listed {
-                self.work(&mut books).await;
+                host_calls::work(&mut self, &mut books).await;
             }
         }
     }
 
-    /// Does what is due: the collection after a relist, then each due budget.
-    async fn work(&mut self, books: &mut Books) {
-        let now = Instant::now();
-        if books.schedule.paused() {
-            return;
-        }
-        if books.schedule.collect_due(now) {
-            let collected = self.collect(books).await;
-            if let Err(status) = &collected {
-                self.call_failed(books, status, "list the host's PodDisruptionBudgets")
-                    .await;
-            }
-            books.schedule.collected(collected.is_ok(), RETRY_MAX);
-        }
-        for key in books.schedule.due_at(now) {
-            if books.schedule.paused() {
-                break;
-            }
-            books.schedule.take(&key);
-            let result = self.reconcile(books, &key).await;
-            match &result {
-                // Over the tenant's rate: it stands as it stood until its turn comes.
-                Err(status) if status.code() == tonic::Code::ResourceExhausted => {}
-                Err(status) => books.post(&key, Some(status.message())),
-                Ok(_) => books.post(&key, None),
-            }
-            match result {
-                Ok(Outcome::Done) => books.schedule.settled(&key),
-                Ok(Outcome::Refused) => {
-                    books.schedule.later(key, host_calls::REFUSED_RETRY_MAX);
-                }
-                Err(status) => {
-                    self.call_failed(books, &status, "sync the PodDisruptionBudget")
-                        .await;
-                    let delay = books.schedule.later(key.clone(), RETRY_MAX);
-                    tracing::warn!(namespace = %key.0, budget = %key.1, error = %status.message(), ?delay, "syncing a PodDisruptionBudget failed; retrying");
-                }
-            }
-        }
+    /// The PodSync client of the current connection (made now if there is none).
+    async fn pods(&self) -> Result<crate::connect::PodClient, tonic::Status> {
+        host_calls::pod_client(&self.connection).await
+    }
+}
+
+impl host_calls::ObjectSync for BudgetSyncer {
+    type Books = Books;
+    const KIND: &'static str = "PodDisruptionBudget";
+
+    fn connection(&self) -> &SharedClients {
+        &self.connection
+    }
+
+    fn errors(&self) -> &prometheus_client::metrics::counter::Counter {
+        &self.metrics.budget_errors_total
+    }
+
+    fn schedule(books: &mut Books) -> &mut Schedule {
+        &mut books.schedule
+    }
+
+    fn post(books: &Books, key: &Key, failed: Option<&str>) {
+        books.post(key, failed);
     }
 
     /// Brings the host's copy of one budget in line with the virtual cluster.
@@ -372,19 +353,6 @@ impl BudgetSyncer {
             books.schedule.due.insert(key, now);
         }
         Ok(())
-    }
-
-    /// The PodSync client of the current connection (made now if there is none).
-    async fn pods(&self) -> Result<crate::connect::PodClient, tonic::Status> {
-        host_calls::pod_client(&self.connection).await
-    }
-
-    /// Notes a failed call; over the tenant's rate limit, pauses every call for the delay asked.
-    async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
-        let errors = &self.metrics.budget_errors_total;
-        if let Some(until) = host_calls::call_failed(&self.connection, errors, status, attempt).await {
-            books.schedule.pause_until(until);
-        }
     }
 }
 

@@ -53,9 +53,6 @@ use crate::pods::{GaugedMap, Key, digest_of};
 /// The component that reports claim sync events.
 pub const CLAIM_REPORTER: &str = "pvc-syncer";
 
-/// The longest a failed claim operation waits before its next attempt.
-const RETRY_MAX: Duration = Duration::from_secs(30);
-
 /// Syncs PersistentVolumeClaims while this replica leads (see the module docs).
 pub struct ClaimSyncer {
     client: Client,
@@ -72,7 +69,7 @@ pub struct ClaimSyncer {
 const EARLY_HOST_EVENTS_MAX: usize = 256;
 
 /// The syncer's state between events.
-struct Books {
+pub(crate) struct Books {
     /// The virtual claims, as last watched.
     claims: HashMap<Key, Arc<PersistentVolumeClaim>>,
     /// What the host holds (or refused), by virtual claim; those held are
@@ -249,50 +246,75 @@ impl ClaimSyncer {
                 }
             }
             if listed && host_listed {
-                self.work(&mut books).await;
+                host_calls::work(&mut self, &mut books).await;
             }
         }
     }
 
-    /// Does what is due: the collection after a relist, then each due claim.
-    async fn work(&mut self, books: &mut Books) {
-        let now = Instant::now();
-        if books.schedule.paused() {
-            return;
+    /// Writes the host status waiting for the virtual claim `claim` (of the uid it was made for).
+    async fn write_status(
+        &mut self,
+        books: &mut Books,
+        key: &Key,
+        claim: &PersistentVolumeClaim,
+    ) -> Result<(), tonic::Status> {
+        let Some((uid, status)) = books.statuses.get(key) else {
+            return Ok(());
+        };
+        if claim.uid().as_deref() != Some(uid.as_str()) {
+            books.statuses.remove(key);
+            return Ok(());
         }
-        if books.schedule.collect_due(now) {
-            let collected = self.collect(books).await;
-            if let Err(status) = &collected {
-                self.call_failed(books, status, "list the host's PersistentVolumeClaims")
-                    .await;
-            }
-            books.schedule.collected(collected.is_ok(), RETRY_MAX);
+        let current = serde_json::to_value(&claim.status).unwrap_or_default();
+        if current == *status {
+            books.statuses.remove(key);
+            return Ok(());
         }
-        for key in books.schedule.due_at(now) {
-            if books.schedule.paused() {
-                break;
-            }
-            books.schedule.take(&key);
-            let result = self.reconcile(books, &key).await;
-            match &result {
-                // Over the tenant's rate: it stands as it stood until its turn comes.
-                Err(status) if status.code() == tonic::Code::ResourceExhausted => {}
-                Err(status) => books.post(&key, Some(status.message())),
-                Ok(_) => books.post(&key, None),
-            }
-            match result {
-                Ok(Outcome::Done) => books.schedule.settled(&key),
-                Ok(Outcome::Refused) => {
-                    books.schedule.later(key, host_calls::REFUSED_RETRY_MAX);
-                }
-                Err(status) => {
-                    self.call_failed(books, &status, "sync the PersistentVolumeClaim")
-                        .await;
-                    let delay = books.schedule.later(key.clone(), RETRY_MAX);
-                    tracing::warn!(namespace = %key.0, claim = %key.1, error = %status.message(), ?delay, "syncing a PersistentVolumeClaim failed; retrying");
-                }
+        // Fields the host status no longer has go too.
+        let mut patch = status.clone();
+        if let (Some(now), Some(was)) = (patch.as_object_mut(), current.as_object()) {
+            for field in was.keys() {
+                now.entry(field.clone()).or_insert(serde_json::Value::Null);
             }
         }
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &key.0);
+        api.patch_status(
+            &key.1,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"uid": uid}, "status": patch})),
+        )
+        .await
+        .map_err(|e| {
+            tonic::Status::unavailable(format!("writing the host status on the claim failed: {e}"))
+        })?;
+        books.statuses.remove(key);
+        Ok(())
+    }
+
+    /// The PodSync client of the current connection (made now if there is none).
+    async fn pods(&self) -> Result<crate::connect::PodClient, tonic::Status> {
+        host_calls::pod_client(&self.connection).await
+    }
+}
+
+impl host_calls::ObjectSync for ClaimSyncer {
+    type Books = Books;
+    const KIND: &'static str = "PersistentVolumeClaim";
+
+    fn connection(&self) -> &SharedClients {
+        &self.connection
+    }
+
+    fn errors(&self) -> &prometheus_client::metrics::counter::Counter {
+        &self.metrics.claim_errors_total
+    }
+
+    fn schedule(books: &mut Books) -> &mut Schedule {
+        &mut books.schedule
+    }
+
+    fn post(books: &Books, key: &Key, failed: Option<&str>) {
+        books.post(key, failed);
     }
 
     /// Brings the host's copy of one claim, and the virtual claim's status, in line.
@@ -378,46 +400,6 @@ impl ClaimSyncer {
         Ok(Outcome::after_refusal(reason))
     }
 
-    /// Writes the host status waiting for the virtual claim `claim` (of the uid it was made for).
-    async fn write_status(
-        &mut self,
-        books: &mut Books,
-        key: &Key,
-        claim: &PersistentVolumeClaim,
-    ) -> Result<(), tonic::Status> {
-        let Some((uid, status)) = books.statuses.get(key) else {
-            return Ok(());
-        };
-        if claim.uid().as_deref() != Some(uid.as_str()) {
-            books.statuses.remove(key);
-            return Ok(());
-        }
-        let current = serde_json::to_value(&claim.status).unwrap_or_default();
-        if current == *status {
-            books.statuses.remove(key);
-            return Ok(());
-        }
-        // Fields the host status no longer has go too.
-        let mut patch = status.clone();
-        if let (Some(now), Some(was)) = (patch.as_object_mut(), current.as_object()) {
-            for field in was.keys() {
-                now.entry(field.clone()).or_insert(serde_json::Value::Null);
-            }
-        }
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &key.0);
-        api.patch_status(
-            &key.1,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"metadata": {"uid": uid}, "status": patch})),
-        )
-        .await
-        .map_err(|e| {
-            tonic::Status::unavailable(format!("writing the host status on the claim failed: {e}"))
-        })?;
-        books.statuses.remove(key);
-        Ok(())
-    }
-
     /// Deletes the host claims whose virtual claim is gone (deleted while no leader watched).
     async fn collect(&mut self, books: &mut Books) -> Result<(), tonic::Status> {
         let mut pods = self.pods().await?;
@@ -444,19 +426,6 @@ impl ClaimSyncer {
             books.schedule.due.insert(key, now);
         }
         Ok(())
-    }
-
-    /// The PodSync client of the current connection (made now if there is none).
-    async fn pods(&self) -> Result<crate::connect::PodClient, tonic::Status> {
-        host_calls::pod_client(&self.connection).await
-    }
-
-    /// Notes a failed call; over the tenant's rate limit, pauses every call for the delay asked.
-    async fn call_failed(&mut self, books: &mut Books, status: &tonic::Status, attempt: &str) {
-        let errors = &self.metrics.claim_errors_total;
-        if let Some(until) = host_calls::call_failed(&self.connection, errors, status, attempt).await {
-            books.schedule.pause_until(until);
-        }
     }
 }
 

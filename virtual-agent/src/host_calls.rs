@@ -1,6 +1,7 @@
 //! What the object syncers (PodDisruptionBudgets, `budgets`; PersistentVolumeClaims, `claims`)
 //! share in calling the host agent: the client, what a failed call means, the event a refusal
-//! records, and the wait for the next due object.
+//! records, what the host holds for each object, the schedule of due objects, and the work loop
+//! over it ([`work`], each syncer an [`ObjectSync`]: its kind's collection and reconcile).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -117,6 +118,9 @@ impl Held {
                 .is_none_or(|reason| Outcome::after_refusal(reason) == Outcome::Done)
     }
 }
+
+/// The longest a failed operation on an object (or the collection) waits before its next try.
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The longest an object refused for a reason the host may cure (its host name held by another
 /// object, the host namespace's quota full) waits before it is asked again.
@@ -236,6 +240,80 @@ impl Schedule {
     pub(crate) fn next_wake(&self) -> Option<Instant> {
         let next = self.due.values().copied().chain(self.collect_at).min()?;
         Some(self.paused_until.map_or(next, |until| next.max(until)))
+    }
+}
+
+/// What an object syncer (budgets, claims) does for [`work`]: its calls to the host agent, and
+/// its books (the schedule and the board).
+pub(crate) trait ObjectSync {
+    /// The syncer's state between events.
+    type Books;
+    /// The kind synced, as messages name it (`PodDisruptionBudget`).
+    const KIND: &'static str;
+
+    /// The connection the calls go over.
+    fn connection(&self) -> &SharedClients;
+    /// The counter of failed calls (`rcsync_…_errors_total`).
+    fn errors(&self) -> &Counter;
+    /// The books' schedule.
+    fn schedule(books: &mut Self::Books) -> &mut Schedule;
+    /// Shows where object `key` stands after an attempt (`failed`: why it failed).
+    fn post(books: &Self::Books, key: &Key, failed: Option<&str>);
+    /// Deletes the host's objects whose virtual object is gone (after a relist).
+    async fn collect(&mut self, books: &mut Self::Books) -> Result<(), tonic::Status>;
+    /// Brings the host's copy of object `key` in line with the virtual cluster.
+    async fn reconcile(&mut self, books: &mut Self::Books, key: &Key) -> Result<Outcome, tonic::Status>;
+}
+
+/// Does what is due for `syncer`: the collection after a relist, then each due object; a failure
+/// is tried again after its backoff, a refusal the host may cure after [`REFUSED_RETRY_MAX`] at
+/// most, and over the tenant's rate nothing is sent before the delay the host agent asked for.
+pub(crate) async fn work<S: ObjectSync>(syncer: &mut S, books: &mut S::Books) {
+    let now = Instant::now();
+    if S::schedule(books).paused() {
+        return;
+    }
+    if S::schedule(books).collect_due(now) {
+        let collected = syncer.collect(books).await;
+        if let Err(status) = &collected {
+            failed(syncer, books, status, &format!("list the host's {}s", S::KIND)).await;
+        }
+        S::schedule(books).collected(collected.is_ok(), RETRY_MAX);
+    }
+    for key in S::schedule(books).due_at(now) {
+        if S::schedule(books).paused() {
+            break;
+        }
+        S::schedule(books).take(&key);
+        let result = syncer.reconcile(books, &key).await;
+        match &result {
+            // Over the tenant's rate: it stands as it stood until its turn comes.
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {}
+            Err(status) => S::post(books, &key, Some(status.message())),
+            Ok(_) => S::post(books, &key, None),
+        }
+        match result {
+            Ok(Outcome::Done) => S::schedule(books).settled(&key),
+            Ok(Outcome::Refused) => {
+                S::schedule(books).later(key, REFUSED_RETRY_MAX);
+            }
+            Err(status) => {
+                failed(syncer, books, &status, &format!("sync the {}", S::KIND)).await;
+                let delay = S::schedule(books).later(key.clone(), RETRY_MAX);
+                tracing::warn!(
+                    namespace = %key.0, name = %key.1, error = %status.message(), ?delay,
+                    "syncing a {} failed; retrying", S::KIND
+                );
+            }
+        }
+    }
+}
+
+/// Notes a failed call of `syncer` (see [`call_failed`]); over the tenant's rate limit, pauses
+/// every call for the delay asked.
+async fn failed<S: ObjectSync>(syncer: &S, books: &mut S::Books, status: &tonic::Status, attempt: &str) {
+    if let Some(until) = call_failed(syncer.connection(), syncer.errors(), status, attempt).await {
+        S::schedule(books).pause_until(until);
     }
 }
 
