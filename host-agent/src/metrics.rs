@@ -1,5 +1,7 @@
 //! The host agent's Prometheus metrics (served on the admin port's `/metrics`).
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -131,9 +133,21 @@ fn latency_histogram() -> Histogram {
     ])
 }
 
-/// Every metric of the host agent. Cheap to clone (handles share their values).
+/// Every metric of the host agent, shared: a clone is one reference count, so services tower
+/// clones per request (each gRPC call) copy a pointer, not a handle per family.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<MetricFamilies>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricFamilies;
+
+    fn deref(&self) -> &MetricFamilies {
+        &self.0
+    }
+}
+
+/// Every metric of the host agent (through [`Metrics`]).
+pub struct MetricFamilies {
     /// RuntimeClasses on the host.
     pub host_classes: Gauge,
     /// Open connections on the gRPC port.
@@ -195,9 +209,8 @@ pub struct Metrics {
     pub watches: rcsync_core::admin::WatchHealth,
 }
 
-impl Metrics {
-    /// Creates the metrics and registers them under the `rcsync` prefix.
-    pub fn register(registry: &mut Registry) -> Self {
+impl MetricFamilies {
+    fn register(registry: &mut Registry) -> Self {
         let watches = rcsync_core::admin::WatchHealth::register(
             registry,
             &["runtimeclasses", "pods", "events", "persistentvolumeclaims"],
@@ -356,6 +369,13 @@ impl Metrics {
             m.grpc_latency_seconds.clone(),
         );
         m
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `rcsync` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        Self(Arc::new(MetricFamilies::register(registry)))
     }
 
     /// Records one finished gRPC call.
