@@ -422,6 +422,54 @@ async fn a_persistent_volume_claim_is_refused_where_the_host_does_not_make_the_t
     .await;
 }
 
+/// An ephemeral volume's claim is made by the host from the Pod's template, so the host
+/// provisions its storage: a template naming a host PersistentVolume (`volumeName`) would bind
+/// storage the tenant does not own, and the Pod is refused naming the field; a template's labels
+/// and annotations (which host selectors could match, or which set what host controllers set)
+/// stay in the virtual cluster.
+#[tokio::test]
+async fn an_ephemeral_volume_is_provisioned_by_the_host_never_bound_to_a_host_volume_the_tenant_names() {
+    let system = system(tenant()).await;
+    let with_scratch = |template: Value| {
+        json!({"containers": [app(json!({"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}))],
+               "volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": template}}]})
+    };
+    let claim = json!({"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}});
+    let mut bound = claim.clone();
+    bound["volumeName"] = json!("pv-of-team-b");
+    refused(
+        &system,
+        "bound",
+        with_scratch(json!({"spec": bound})),
+        r#"the host cannot honour volume "scratch": its claim template's volumeName names host PersistentVolume "pv-of-team-b", which the tenant does not own: the host provisions an ephemeral volume"#,
+    )
+    .await;
+
+    let v = system.virtual_side();
+    v.create_pod(&pod(
+        "scratch",
+        with_scratch(json!({
+            "metadata": {"labels": {"backup": "nightly"},
+                         "annotations": {"volume.kubernetes.io/selected-node": "node-of-team-b"}},
+            "spec": claim,
+        })),
+    ))
+    .await;
+    let on_host = wait_host_pod(&system, "scratch", "default").await;
+    let volumes = on_host.spec.unwrap().volumes.unwrap();
+    let template = volumes[0]
+        .ephemeral
+        .as_ref()
+        .and_then(|e| e.volume_claim_template.as_ref())
+        .expect("the ephemeral volume reaches the host");
+    assert_eq!(template.metadata, None, "the template's metadata stays virtual");
+    assert_eq!(
+        serde_json::to_value(&template.spec).unwrap(),
+        claim,
+        "the claim asks for what the tenant asked"
+    );
+}
+
 #[tokio::test]
 async fn a_refused_pod_syncs_once_the_tenant_policy_allows_it() {
     let system = system(tenant()).await;

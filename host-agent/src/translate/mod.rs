@@ -14,6 +14,7 @@
 //! | fieldRef metadata.name/namespace/uid  | `metadata.annotations['vcluster.loft.sh/object-…']`      |
 //! | fieldRef metadata.labels['k'] / metadata.annotations['k'] | `metadata.annotations['rcsync.io/label-<hash of k>']` (`annotation-…`), holding the virtual value |
 //! | downwardAPI of all metadata.labels / annotations | refused: the host Pod does not carry them       |
+//! | ephemeral volumes' claim templates    | the spec as it is (one binding host storage, by `volumeName`, `selector` or a data source, is refused); the template's metadata stays virtual |
 //! | spec.nodeName                         | dropped: the host scheduler places Pods                  |
 //! | spec.serviceAccountName / token mounts| dropped; `automountServiceAccountToken: false` (virtual credentials mean nothing on the host, and host ones must not leak in) |
 //! | priorityClassName, priority, preemptionPolicy, overhead | dropped (host admission sets them)     |

@@ -38,6 +38,7 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     spec.automount_service_account_token = Some(false);
     spec.runtime_class_name = Some(host_runtime_class.to_string()).filter(|s| !s.is_empty());
     drop_token_volumes(&mut spec);
+    keep_claim_template_metadata_virtual(&mut spec);
     // References resolve to the tenant's own translated copies, never to host objects.
     let tenant_name = tenant.name.as_str();
     pod_refs::rewrite(&mut spec, |_, name| {
@@ -157,6 +158,23 @@ fn drop_token_volumes(spec: &mut PodSpec) {
         if let Some(mounts) = &mut container.volume_mounts {
             mounts.retain(|m| !dropped.contains(&m.name));
         }
+    }
+}
+
+/// Clears the metadata of the Pod's ephemeral volumes' claim templates. The host makes those
+/// claims in the tenant's host namespace from the template: its labels could match host selectors
+/// (a backup's, a policy's exemption) and its annotations set what host controllers set (the
+/// selected node, the provisioner), as the virtual Pod's own labels and annotations could, which
+/// reach the host only as rcsync writes them. The tenant never sees the host claims, so nothing it
+/// can observe is lost.
+fn keep_claim_template_metadata_virtual(spec: &mut PodSpec) {
+    let templates = spec
+        .volumes
+        .iter_mut()
+        .flatten()
+        .filter_map(|v| v.ephemeral.as_mut()?.volume_claim_template.as_mut());
+    for template in templates {
+        template.metadata = None;
     }
 }
 

@@ -18,9 +18,27 @@ pub fn unsupported(spec: &PodSpec, policy: &PodPolicy) -> Vec<String> {
                     .to_string()
             })
         } else if let Some(e) = &v.ephemeral {
+            // The host makes the claim: as for the tenant's own claims, one binding host storage
+            // the tenant does not own is refused (`translate::claim`).
             let template = e.volume_claim_template.as_ref().map(|t| &t.spec);
-            (template.is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some()))
-                .then(|| "an ephemeral volume's dataSource would name a host object".to_string())
+            template.and_then(|s| {
+                if let Some(volume) = s.volume_name.as_deref().filter(|v| !v.is_empty()) {
+                    Some(format!(
+                        "its claim template's volumeName names host PersistentVolume {volume:?}, which the tenant does \
+                         not own: the host provisions an ephemeral volume"
+                    ))
+                } else if s.selector.is_some() {
+                    Some(
+                        "its claim template's selector selects host PersistentVolumes by their labels, which the \
+                         tenant does not own: the host provisions an ephemeral volume"
+                            .to_string(),
+                    )
+                } else if s.data_source.is_some() || s.data_source_ref.is_some() {
+                    Some("an ephemeral volume's dataSource would name a host object".to_string())
+                } else {
+                    None
+                }
+            })
         } else if v
             .csi
             .as_ref()
@@ -168,6 +186,8 @@ mod tests {
                 {"name": "ceph", "cephfs": {"monitors": ["m"], "secretRef": {"name": "host-secret"}}},
                 {"name": "csi", "csi": {"driver": "d", "nodePublishSecretRef": {"name": "s"}}},
                 {"name": "clone", "ephemeral": {"volumeClaimTemplate": {"spec": {"dataSource": {"kind": "PersistentVolumeClaim", "name": "x"}}}}},
+                {"name": "bound", "ephemeral": {"volumeClaimTemplate": {"spec": {"volumeName": "pv-of-team-b"}}}},
+                {"name": "picked", "ephemeral": {"volumeClaimTemplate": {"spec": {"selector": {"matchLabels": {"team": "b"}}}}}},
                 {"name": "bundle", "projected": {"sources": [{"clusterTrustBundle": {"name": "b", "path": "p"}}]}},
                 {"name": "fine", "emptyDir": {}},
                 {"name": "mystery"}
@@ -184,6 +204,8 @@ mod tests {
                 "volume \"ceph\"",
                 "volume \"csi\"",
                 "volume \"clone\"",
+                "volume \"bound\"",
+                "volume \"picked\"",
                 "volume \"bundle\"",
                 "volume \"mystery\"",
                 "resourceClaims"
@@ -192,5 +214,11 @@ mod tests {
         );
         assert!(problems[0].contains("persistentVolumeClaim volumes are not synced"));
         assert!(problems[1].contains("cephfs volumes name a Secret"));
+        assert_eq!(
+            problems[4],
+            "volume \"bound\": its claim template's volumeName names host PersistentVolume \"pv-of-team-b\", which the \
+             tenant does not own: the host provisions an ephemeral volume"
+        );
+        assert!(problems[5].starts_with("volume \"picked\": its claim template's selector selects host"));
     }
 }

@@ -30,8 +30,10 @@ const NAME_HOLDERS: [&str; 7] = [
 
 /// Keys that, in an admitted host Pod, would name a host object the tenant does not own, or
 /// give the Pod host identity or placement.
-const NEVER_ON_HOST: [&str; 9] = [
+const NEVER_ON_HOST: [&str; 11] = [
     "claimName",
+    "volumeName",
+    "selector",
     "dataSource",
     "dataSourceRef",
     "clusterTrustBundle",
@@ -134,6 +136,15 @@ fn volume() -> impl Strategy<Value = Value> {
         1 => n().prop_map(|c| json!({"ephemeral": {"volumeClaimTemplate": {"spec": {
             "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
             "dataSource": {"kind": "PersistentVolumeClaim", "name": c}}}}})),
+        1 => n().prop_map(|pv| json!({"ephemeral": {"volumeClaimTemplate": {"spec": {
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+            "volumeName": pv}}}})),
+        1 => n().prop_map(|team| json!({"ephemeral": {"volumeClaimTemplate": {"spec": {
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}},
+            "selector": {"matchLabels": {"team": team}}}}}})),
+        2 => n().prop_map(|key| json!({"ephemeral": {"volumeClaimTemplate": {
+            "metadata": {"labels": {key.clone(): "x"}, "annotations": {"volume.kubernetes.io/selected-node": key}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}})),
         1 => n().prop_map(|s| json!({"cephfs": {"monitors": ["m"], "secretRef": {"name": s}}})),
         1 => n().prop_map(|s| json!({"rbd": {"monitors": ["m"], "image": "i", "secretRef": {"name": s}}})),
         1 => n().prop_map(|s| json!({"iscsi": {"targetPortal": "p", "iqn": "q", "lun": 0, "secretRef": {"name": s}}})),
@@ -324,6 +335,12 @@ proptest! {
             prop_assert!(!has_key(&host["spec"], key), "{} on the host: {}", key, host);
         }
         prop_assert!(!has_key(&host["spec"], "serviceAccountToken"), "a token volume on the host");
+        // An ephemeral volume's claim is made by the host: the template's labels and annotations
+        // (which host selectors could match, or which set what host controllers set) stay virtual.
+        for volume in host["spec"]["volumes"].as_array().into_iter().flatten() {
+            let template = &volume["ephemeral"]["volumeClaimTemplate"];
+            prop_assert!(template["metadata"].is_null(), "a claim template's metadata on the host: {}", volume);
+        }
         prop_assert_eq!(&host["spec"]["automountServiceAccountToken"], &json!(false));
         prop_assert_eq!(&host["spec"]["runtimeClassName"], &json!("runsc"));
         // rcsync's labels, whatever the tenant set, and the tenant's own only under hashed keys.
