@@ -14,7 +14,7 @@
 //! vcluster.yaml are accepted and ignored, but only under the names vCluster knows, so a typo such as
 //! `fromhost` is reported rather than silently ignored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -137,7 +137,8 @@ pub struct ReferenceSpec {
 }
 
 /// A Pod Security Standards level (`policies.podSecurityStandard`, vcluster.yaml's key).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PodSecurityLevel {
     /// No restrictions.
     Privileged,
@@ -175,8 +176,55 @@ impl fmt::Display for PodSecurityLevel {
     }
 }
 
+/// An in-tree volume type that names its storage directly in the Pod (a cloud disk by its id, an
+/// NFS export by its address, an iSCSI or Fibre Channel target, a Ceph image) and reaches it with
+/// the host node's or cluster's access, not through a claim the tenant owns. A tenant's Pods may
+/// use one only where `policies.inlineVolumes` lists it (or at `podSecurityStandard: privileged`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct InlineVolumeType(&'static str);
+
+impl InlineVolumeType {
+    /// Every such type, as the Pod API names its field. (`azureFile` and `scaleIO` always name a
+    /// Secret and are refused for that.)
+    pub const ALL: [&'static str; 17] = [
+        "awsElasticBlockStore",
+        "azureDisk",
+        "cephfs",
+        "cinder",
+        "fc",
+        "flexVolume",
+        "flocker",
+        "gcePersistentDisk",
+        "glusterfs",
+        "iscsi",
+        "nfs",
+        "photonPersistentDisk",
+        "portworxVolume",
+        "quobyte",
+        "rbd",
+        "storageos",
+        "vsphereVolume",
+    ];
+
+    /// The type of that name, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| *t == name).map(Self)
+    }
+
+    /// The type's name, as the Pod API spells its field.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl fmt::Display for InlineVolumeType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// The effect of a taint a toleration matches (absent: every effect).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum TaintEffect {
     /// `NoSchedule`.
     NoSchedule,
@@ -200,7 +248,7 @@ impl TaintEffect {
 /// One toleration added to every host Pod of a tenant (`sync.toHost.pods.enforceTolerations`),
 /// written as vCluster does: `key=value:Effect`, `key:Effect` (operator Exists), `key=value` or
 /// `key` (every effect).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct EnforcedToleration {
     /// The taint key.
     pub key: String,
@@ -250,7 +298,7 @@ impl EnforcedToleration {
 /// one key (`cluster-autoscaler.kubernetes.io/safe-to-evict`), or every key with a prefix,
 /// written with a trailing `*` (`prometheus.io/*`; `*` alone: every key). rcsync's and vCluster's
 /// own annotations are never copied, whatever the pattern (see [`is_reserved_annotation`]).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum AnnotationPattern {
     /// Exactly this key.
     Key(String),
@@ -330,7 +378,7 @@ pub fn is_reserved_annotation(key: &str) -> bool {
 }
 
 /// What a tenant's Pods may carry to the host besides their runtime class.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct PodPolicy {
     /// `policies.podSecurityStandard` (default `baseline`), enforced by the host agent.
     pub pod_security: PodSecurityLevel,
@@ -339,6 +387,8 @@ pub struct PodPolicy {
     /// AlwaysPullImages admission does, so an image another tenant pulled onto a node with its
     /// credentials does not run for this one from the node's cache.
     pub always_pull_images: bool,
+    /// `policies.inlineVolumes` (default none): the [`InlineVolumeType`]s the tenant's Pods may use.
+    pub inline_volumes: BTreeSet<InlineVolumeType>,
     /// `sync.toHost.pods.enforceTolerations`: added to every host Pod.
     pub enforce_tolerations: Vec<EnforcedToleration>,
     /// `sync.toHost.pods.enforceNodeSelector`: node labels every host Pod's node selector requires
@@ -358,6 +408,17 @@ pub struct PodPolicy {
     /// tenant's PersistentVolumeClaims are made on the host, and its Pods may mount them. Off
     /// unless the host's operator allows it: a claim provisions host storage.
     pub claims: bool,
+}
+
+impl PodPolicy {
+    /// Whether the tenant's Pods may use a volume of `volume_type` (the Pod API's name of its
+    /// field) that names its storage directly: where `policies.inlineVolumes` lists it, or at
+    /// `podSecurityStandard: privileged` (which allows `hostPath` too). Other types pass.
+    pub fn allows_inline_volume(&self, volume_type: &str) -> bool {
+        InlineVolumeType::parse(volume_type).is_none_or(|kind| {
+            self.pod_security == PodSecurityLevel::Privileged || self.inline_volumes.contains(&kind)
+        })
+    }
 }
 
 /// One tenant of the host agent: a virtual cluster and where its Pods live on the host.
@@ -829,7 +890,7 @@ impl Walker {
             None => PodPolicy::default(),
         };
         if let Some(policies) = fields.get("policies") {
-            (pods.pod_security, pods.always_pull_images) = self.policies(policies, &join(path, "policies"));
+            self.policies(policies, &join(path, "policies"), &mut pods);
         }
         let limits = match fields.get("limits") {
             Some(limits) => self.limits(limits, &join(path, "limits")),
@@ -915,32 +976,56 @@ impl Walker {
         limits
     }
 
-    /// The `policies` block of a tenant: `podSecurityStandard` and `alwaysPullImages`.
-    fn policies(&mut self, v: &Value, path: &str) -> (PodSecurityLevel, bool) {
-        let Some(fields) = self.mapping(v, path, Some(&["podSecurityStandard", "alwaysPullImages"])) else {
-            return (PodSecurityLevel::default(), false);
+    /// The `policies` block of a tenant: `podSecurityStandard`, `alwaysPullImages` and
+    /// `inlineVolumes`, into `pods`.
+    fn policies(&mut self, v: &Value, path: &str, pods: &mut PodPolicy) {
+        let known = ["podSecurityStandard", "alwaysPullImages", "inlineVolumes"];
+        let Some(fields) = self.mapping(v, path, Some(&known)) else {
+            return;
         };
-        let always_pull = fields
+        if let Some(always_pull) = fields
             .get("alwaysPullImages")
             .and_then(|v| self.bool(v, &join(path, "alwaysPullImages")))
-            .unwrap_or(false);
+        {
+            pods.always_pull_images = always_pull;
+        }
+        if let Some(list) = fields.get("inlineVolumes") {
+            let list_path = join(path, "inlineVolumes");
+            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
+                let item_path = format!("{list_path}[{i}]");
+                let Some(name) = self.string(item, &item_path) else {
+                    continue;
+                };
+                match InlineVolumeType::parse(&name) {
+                    Some(kind) => {
+                        pods.inline_volumes.insert(kind);
+                    }
+                    None => self.problem(
+                        &item_path,
+                        format!(
+                            "{name:?} is not a volume type that names its storage directly, expected one of {}",
+                            InlineVolumeType::ALL.join(", ")
+                        ),
+                    ),
+                }
+            }
+        }
         let Some(level) = fields.get("podSecurityStandard") else {
-            return (PodSecurityLevel::default(), always_pull);
+            return;
         };
         let at = join(path, "podSecurityStandard");
         let Some(name) = self.string(level, &at) else {
-            return (PodSecurityLevel::default(), always_pull);
+            return;
         };
-        let level = PodSecurityLevel::parse(&name).unwrap_or_else(|| {
-            self.problem(
+        match PodSecurityLevel::parse(&name) {
+            Some(level) => pods.pod_security = level,
+            None => self.problem(
                 &at,
                 format!(
                     "unknown level {name:?}, expected one of \"privileged\", \"baseline\", \"restricted\""
                 ),
-            );
-            PodSecurityLevel::default()
-        });
-        (level, always_pull)
+            ),
+        }
     }
 
     /// `<key>.enabled` of a `{enabled: bool}` block among `fields` (false when absent).
@@ -1367,7 +1452,7 @@ tenants:
 tenants:
   - name: team-a
     hostNamespace: vc-a
-    policies: {podSecurityStandard: restricted}
+    policies: {podSecurityStandard: restricted, inlineVolumes: [nfs, iscsi, nfs]}
     sync:
       toHost:
         pods:
@@ -1405,6 +1490,23 @@ tenants:
             ]
         );
         assert_eq!(pods.pod_security, PodSecurityLevel::Restricted);
+        assert_eq!(
+            pods.inline_volumes.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            ["iscsi", "nfs"]
+        );
+        assert!(pods.allows_inline_volume("nfs") && !pods.allows_inline_volume("gcePersistentDisk"));
+        assert!(
+            pods.allows_inline_volume("emptyDir"),
+            "only types naming storage directly are listed"
+        );
+        assert!(
+            PodPolicy {
+                pod_security: PodSecurityLevel::Privileged,
+                ..PodPolicy::default()
+            }
+            .allows_inline_volume("gcePersistentDisk"),
+            "privileged allows every type"
+        );
         assert_eq!(
             pods.enforce_tolerations,
             [
@@ -1501,7 +1603,7 @@ tenants:
 tenants:
   - name: team-a
     hostNamespace: vc-a
-    policies: {podSecurityStandard: strict, podSecurity: x, alwaysPullImages: sometimes}
+    policies: {podSecurityStandard: strict, podSecurity: x, alwaysPullImages: sometimes, inlineVolumes: [nfs, hostPath, 3]}
     sync:
       toHost:
         services: {enabled: true}
@@ -1531,12 +1633,20 @@ tenants:
                 "tenants[0].sync.toHost.pods.hybridScheduling.hostSchedulers[0]",
                 "tenants[0].policies.podSecurity",
                 "tenants[0].policies.alwaysPullImages",
+                "tenants[0].policies.inlineVolumes[1]",
+                "tenants[0].policies.inlineVolumes[2]",
                 "tenants[0].policies.podSecurityStandard",
             ],
             "{got:#?}"
         );
         assert!(got[6].1.contains("invalid effect \"Sometimes\""), "{got:#?}");
-        assert!(got[15].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(got[17].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(
+            got[15]
+                .1
+                .starts_with("\"hostPath\" is not a volume type that names its storage directly, expected one of awsElasticBlockStore, azureDisk,"),
+            "{got:#?}"
+        );
         assert!(got[1].1.contains("`*` may only end it"), "{got:#?}");
         assert!(
             got[2].1.contains("invalid annotation key \"bad key\""),

@@ -40,9 +40,15 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
                 let patterns: Vec<String> = t.pods.copy_annotations.iter().map(ToString::to_string).collect();
                 format!(", copies annotations {}", patterns.join(" "))
             };
+            let inline = if t.pods.inline_volumes.is_empty() {
+                String::new()
+            } else {
+                let types: Vec<&str> = t.pods.inline_volumes.iter().map(|t| t.as_str()).collect();
+                format!(", inline volumes {}", types.join(" "))
+            };
             let _ = writeln!(
                 out,
-                "  - {} → namespace {}, {}, pod security {}{copies}, {}{}",
+                "  - {} → namespace {}, {}, pod security {}{inline}{copies}, {}{}",
                 t.name,
                 t.host_namespace,
                 describe(&t.runtime_classes),

@@ -209,24 +209,10 @@ pub struct TenantView {
     digest: u64,
 }
 
-/// The content version of a tenant's Pod policy.
+/// The content version of a tenant's Pod policy: of every field of it, so a field added to the
+/// policy changes the version too (the virtual agent re-applies its Pods when it changes).
 pub fn pod_policy_version(policy: &rcsync_core::PodPolicy) -> String {
-    let tolerations: Vec<(&str, Option<&str>, Option<&str>)> = policy
-        .enforce_tolerations
-        .iter()
-        .map(|t| (t.key.as_str(), t.value.as_deref(), t.effect.map(|e| e.as_str())))
-        .collect();
-    let copied: Vec<String> = policy.copy_annotations.iter().map(ToString::to_string).collect();
-    content_version(&(
-        policy.pod_security.as_str(),
-        tolerations,
-        &policy.host_schedulers,
-        copied,
-        &policy.enforce_node_selector,
-        policy.always_pull_images,
-        policy.disruption_budgets,
-        policy.claims,
-    ))
+    content_version(policy)
 }
 
 /// A stable 64-bit hash of an offered (name, version), for the order-independent view digest.
@@ -564,6 +550,37 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::path::Path;
+
+    #[test]
+    fn the_pod_policy_version_follows_every_field_of_the_policy() {
+        use rcsync_core::{AnnotationPattern, InlineVolumeType, PodPolicy, PodSecurityLevel};
+        let base = PodPolicy::default();
+        let changes: Vec<fn(&mut PodPolicy)> = vec![
+            |p| p.pod_security = PodSecurityLevel::Restricted,
+            |p| p.always_pull_images = true,
+            |p| {
+                p.inline_volumes.insert(InlineVolumeType::parse("nfs").unwrap());
+            },
+            |p| p.enforce_node_selector = BTreeMap::from([("pool".into(), "a".into())]),
+            |p| p.host_schedulers = vec!["batch".into()],
+            |p| p.copy_annotations = vec![AnnotationPattern::parse("prometheus.io/*").unwrap()],
+            |p| p.disruption_budgets = true,
+            |p| p.claims = true,
+        ];
+        let mut versions = std::collections::BTreeSet::from([pod_policy_version(&base)]);
+        for change in changes {
+            let mut policy = base.clone();
+            change(&mut policy);
+            assert!(
+                versions.insert(pod_policy_version(&policy)),
+                "{policy:?} has a version of its own"
+            );
+        }
+        assert_eq!(
+            pod_policy_version(&base),
+            pod_policy_version(&PodPolicy::default())
+        );
+    }
 
     fn class(name: &str, handler: &str, labels: &[(&str, &str)]) -> RuntimeClass {
         serde_json::from_value(serde_json::json!({

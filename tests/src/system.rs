@@ -22,6 +22,8 @@ pub struct TenantSpec {
     pub runtime_classes: String,
     /// Its `policies.podSecurityStandard`, when set.
     pub pod_security: Option<String>,
+    /// Its `policies.inlineVolumes` as YAML flow (e.g. `[nfs]`), when set.
+    pub inline_volumes: Option<String>,
     /// Its `limits` block as YAML flow, when set.
     pub limits: Option<String>,
     /// Its `sync.toHost.pods` block as YAML flow, when set.
@@ -39,6 +41,7 @@ impl TenantSpec {
             name: name.into(),
             runtime_classes: runtime_classes.into(),
             pod_security: None,
+            inline_volumes: None,
             limits: None,
             host_pods: None,
             disruption_budgets: false,
@@ -74,6 +77,12 @@ impl TenantSpec {
     /// The same tenant with `policies.podSecurityStandard: level`.
     pub fn pod_security(mut self, level: &str) -> Self {
         self.pod_security = Some(level.into());
+        self
+    }
+
+    /// The same tenant with `policies.inlineVolumes: types` (YAML flow, e.g. `[nfs]`).
+    pub fn inline_volumes(mut self, types: &str) -> Self {
+        self.inline_volumes = Some(types.into());
         self
     }
 
@@ -189,8 +198,19 @@ fn tenants_yaml(tenants: &[TenantSpec]) -> String {
                 format!(", toHost: {{{}}}", to_host.join(", "))
             }
         ));
-        if let Some(level) = &t.pod_security {
-            config.push_str(&format!("    policies: {{podSecurityStandard: {level}}}\n"));
+        let policies: Vec<String> = [
+            t.pod_security
+                .as_ref()
+                .map(|level| format!("podSecurityStandard: {level}")),
+            t.inline_volumes
+                .as_ref()
+                .map(|types| format!("inlineVolumes: {types}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !policies.is_empty() {
+            config.push_str(&format!("    policies: {{{}}}\n", policies.join(", ")));
         }
         if let Some(limits) = &t.limits {
             config.push_str(&format!("    limits: {limits}\n"));

@@ -470,6 +470,30 @@ async fn an_ephemeral_volume_is_provisioned_by_the_host_never_bound_to_a_host_vo
     );
 }
 
+/// A volume that names its storage directly (an NFS export by its address, a cloud disk by its
+/// id, an iSCSI target, ...) reaches it with the host node's access, not through a claim of the
+/// tenant's: it is refused, naming the volume, unless the host's operator lists its type in the
+/// tenant's `policies.inlineVolumes`.
+#[tokio::test]
+async fn a_volume_naming_host_storage_directly_is_refused_unless_the_tenants_policy_lists_its_type() {
+    let system = system(tenant()).await;
+    refused(
+        &system,
+        "datasets",
+        json!({"containers": [app(json!({"volumeMounts": [{"name": "data", "mountPath": "/data"}]}))],
+               "volumes": [{"name": "data", "nfs": {"server": "nfs.example", "path": "/exports/team-b"}}]}),
+        r#"the host cannot honour volume "data": nfs volumes name their storage directly and reach it with the host node's access, not through a claim of the tenant's (policies.inlineVolumes in the host agent's tenants file does not list nfs)"#,
+    )
+    .await;
+    system.rewrite_tenants(&[tenant().inline_volumes("[nfs]")]);
+    let on_host = wait_host_pod(&system, "datasets", "default").await;
+    let volumes = on_host.spec.unwrap().volumes.unwrap();
+    assert_eq!(
+        volumes[0].nfs.as_ref().map(|n| n.path.as_str()),
+        Some("/exports/team-b")
+    );
+}
+
 #[tokio::test]
 async fn a_refused_pod_syncs_once_the_tenant_policy_allows_it() {
     let system = system(tenant()).await;

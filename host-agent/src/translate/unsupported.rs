@@ -1,5 +1,8 @@
 //! What in a host Pod the host cannot honour: each problem names the field and why, for the
-//! caller to refuse the Pod with (never a silent drop).
+//! caller to refuse the Pod with (never a silent drop). Among them, whatever would reach a host
+//! object or storage the tenant does not own: volumes naming a Secret the host would resolve,
+//! claims or claim templates binding host storage, and volumes naming storage directly (an NFS
+//! export, a cloud disk by its id) unless the tenant's `policies.inlineVolumes` lists the type.
 
 use k8s_openapi::api::core::v1::PodSpec;
 use rcsync_core::PodPolicy;
@@ -55,6 +58,12 @@ pub fn unsupported(spec: &PodSpec, policy: &PodPolicy) -> Vec<String> {
             Some(format!(
                 "{} volumes name a Secret that would resolve on the host",
                 crate::pod_security::volume_type(v)
+            ))
+        } else if !policy.allows_inline_volume(crate::pod_security::volume_type(v)) {
+            let kind = crate::pod_security::volume_type(v);
+            Some(format!(
+                "{kind} volumes name their storage directly and reach it with the host node's access, not through a \
+                 claim of the tenant's (policies.inlineVolumes in the host agent's tenants file does not list {kind})"
             ))
         } else if v.git_repo.is_some() {
             Some("gitRepo volumes are deprecated and disabled upstream".to_string())

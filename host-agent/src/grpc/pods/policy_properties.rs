@@ -44,6 +44,22 @@ const NEVER_ON_HOST: [&str; 11] = [
     "priorityClassName",
 ];
 
+/// The volume sources (and `name`) a host Pod below the privileged level may have: those holding
+/// the tenant's own data, or storage the host provisions for it. Written out here, not taken from
+/// the code under test.
+const OWNED_VOLUME_SOURCES: [&str; 10] = [
+    "name",
+    "configMap",
+    "secret",
+    "projected",
+    "downwardAPI",
+    "emptyDir",
+    "csi",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "image",
+];
+
 /// The capabilities the baseline level lets a container add, as upstream lists them (written out
 /// here, not taken from `pod_security`, so the oracle is independent of the code under test).
 const BASELINE_CAPABILITIES: [&str; 13] = [
@@ -155,6 +171,8 @@ fn volume() -> impl Strategy<Value = Value> {
         1 => n().prop_map(|s| json!({"cinder": {"volumeID": "v", "secretRef": {"name": s}}})),
         1 => Just(json!({"gitRepo": {"repository": "r"}})),
         1 => Just(json!({"nfs": {"server": "s", "path": "/p"}})),
+        1 => n().prop_map(|disk| json!({"gcePersistentDisk": {"pdName": disk}})),
+        1 => Just(json!({"iscsi": {"targetPortal": "p", "iqn": "q", "lun": 0}})),
     ]
 }
 
@@ -366,6 +384,13 @@ proptest! {
             .collect();
         if level != "privileged" {
             prop_assert!(!has_key(spec, "hostPath"), "a hostPath volume: {}", spec);
+            // No storage named directly (a disk by its id, an export by its address): only
+            // sources holding the tenant's own data or storage the host provisions for it.
+            for volume in spec["volumes"].as_array().into_iter().flatten() {
+                for source in volume.as_object().into_iter().flatten().map(|(k, _)| k.as_str()) {
+                    prop_assert!(OWNED_VOLUME_SOURCES.contains(&source), "a {} volume at {}: {}", source, level, volume);
+                }
+            }
             for namespace in ["hostNetwork", "hostPID", "hostIPC"] {
                 prop_assert_ne!(&spec[namespace], &json!(true), "{}", namespace);
             }
