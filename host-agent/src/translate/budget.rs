@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use rcsync_core::Tenant;
 
 use super::scheduling::scope_selector;
-use super::{copy_metadata, identity_annotations, missing, object_identity};
+use super::{copy_metadata, held_identity, identity_annotations};
 
 /// Why a virtual PodDisruptionBudget has no host budget.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,13 +31,8 @@ pub fn host_disruption_budget(
     tenant: &Tenant,
 ) -> Result<PodDisruptionBudget, BudgetProblem> {
     let meta = &virtual_budget.metadata;
-    let (name, namespace) = object_identity(meta)
-        .map_err(|e| BudgetProblem::Invalid(format!("the PodDisruptionBudget has no {}", missing(&e))))?;
-    let uid = meta
-        .uid
-        .as_deref()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| BudgetProblem::Invalid("the PodDisruptionBudget has no metadata.uid".into()))?;
+    let (name, namespace, uid) =
+        held_identity(meta, "PodDisruptionBudget").map_err(BudgetProblem::Invalid)?;
     let spec = virtual_budget.spec.clone().unwrap_or_default();
     let whole = |v: &IntOrString| matches!(v, IntOrString::Int(_));
     let (min_available, max_unavailable) = match (&spec.min_available, &spec.max_unavailable) {
@@ -71,7 +66,7 @@ pub fn host_disruption_budget(
         selector
     });
     let mut metadata = copy_metadata(&name, &namespace, tenant);
-    metadata.annotations = Some(identity_annotations(&name, &namespace, Some(uid)));
+    metadata.annotations = Some(identity_annotations(&name, &namespace, Some(&uid)));
     Ok(PodDisruptionBudget {
         metadata,
         spec: Some(PodDisruptionBudgetSpec {

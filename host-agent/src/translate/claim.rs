@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::{
 use rcsync_core::Tenant;
 use rcsync_core::naming::host_object_name;
 
-use super::{copy_metadata, identity_annotations, missing, object_identity};
+use super::{copy_metadata, held_identity, identity_annotations};
 
 /// Why a virtual PersistentVolumeClaim has no host claim.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,13 +31,8 @@ pub fn host_claim(
     tenant: &Tenant,
 ) -> Result<(PersistentVolumeClaim, Option<String>), ClaimProblem> {
     let meta = &virtual_claim.metadata;
-    let (name, namespace) = object_identity(meta)
-        .map_err(|e| ClaimProblem::Invalid(format!("the PersistentVolumeClaim has no {}", missing(&e))))?;
-    let uid = meta
-        .uid
-        .as_deref()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| ClaimProblem::Invalid("the PersistentVolumeClaim has no metadata.uid".into()))?;
+    let (name, namespace, uid) =
+        held_identity(meta, "PersistentVolumeClaim").map_err(ClaimProblem::Invalid)?;
     let spec = virtual_claim.spec.clone().unwrap_or_default();
     if spec.volume_name.as_deref().is_some_and(|v| !v.is_empty()) {
         return Err(ClaimProblem::Unsupported(
@@ -81,7 +76,7 @@ pub fn host_claim(
         }
     };
     let mut metadata = copy_metadata(&name, &namespace, tenant);
-    metadata.annotations = Some(identity_annotations(&name, &namespace, Some(uid)));
+    metadata.annotations = Some(identity_annotations(&name, &namespace, Some(&uid)));
     let claim = PersistentVolumeClaim {
         metadata,
         spec: Some(PersistentVolumeClaimSpec {

@@ -153,10 +153,18 @@ fn copy_metadata(name: &str, namespace: &str, tenant: &Tenant) -> ObjectMeta {
     }
 }
 
-fn missing(error: &TranslateError) -> &'static str {
-    match error {
-        TranslateError::Missing(field) => field,
-    }
+/// The virtual name, namespace and uid of an object of `kind` the tenant asks the host to hold
+/// (a budget, a claim), or why the request is malformed (`the PersistentVolumeClaim has no
+/// metadata.uid`).
+fn held_identity(meta: &ObjectMeta, kind: &str) -> Result<(String, String, String), String> {
+    let (name, namespace) = object_identity(meta)
+        .map_err(|TranslateError::Missing(field)| format!("the {kind} has no {field}"))?;
+    let uid = meta
+        .uid
+        .clone()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| format!("the {kind} has no metadata.uid"))?;
+    Ok((name, namespace, uid))
 }
 
 /// Who holds a host object's name: the virtual `namespace/name` recorded on it, when it is a copy
