@@ -18,8 +18,16 @@
 //! With `serve --nodes N` (the simulated data plane) devcluster runs the provisioner and makes
 //! the default StorageClass `standard`; without, claims stay Pending, as in a cluster without
 //! storage (a virtual cluster's claims are bound by the host, and their status copied back).
-//! Not simulated: the `kubernetes.io/pvc-protection` finalizer (a claim in use goes at once), and
-//! volumes made by hand binding to claims.
+//!
+//! Always, as upstream's StorageObjectInUseProtection admission and pvc-protection controller:
+//!
+//! ```text
+//!  create claim ─► finalizer kubernetes.io/pvc-protection
+//!  claim deleted ─► Terminating while a Pod of its namespace that has not ended mounts it
+//!  (changes of claims and Pods) ─► a Terminating claim no such Pod mounts ─► finalizer removed, gone
+//! ```
+//!
+//! Not simulated: volumes made by hand binding to claims.
 
 use std::sync::Arc;
 
@@ -37,6 +45,10 @@ pub const VOLUMES: &str = "persistentvolumes";
 pub const CLASSES: &str = "storageclasses";
 /// The provisioner devcluster serves.
 pub const PROVISIONER: &str = "devcluster.local/hostpath";
+/// The storage of Pods (which mount claims).
+const PODS: &str = "pods";
+/// The finalizer that keeps a claim a Pod mounts until no Pod does (upstream's name).
+pub const PROTECTION: &str = "kubernetes.io/pvc-protection";
 /// The annotation that makes a StorageClass the default.
 const DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
 /// The annotation the scheduler sets on a claim of a WaitForFirstConsumer class: the node of the
@@ -88,9 +100,16 @@ pub fn make_default_class(store: &Store) {
     });
 }
 
-/// Upstream's DefaultStorageClass admission: a claim that names no class gets the default one
-/// (the newest, when several say they are), if there is one.
+/// Upstream's admission of a new claim: StorageObjectInUseProtection's finalizer, and
+/// DefaultStorageClass's class for a claim that names none (the newest default, when several say
+/// they are), if there is one.
 pub fn admit_claim(obj: &mut Value, reader: &Reader<'_>) {
+    if !crate::deletion::has_finalizer(obj, PROTECTION) {
+        match obj["metadata"]["finalizers"].as_array_mut() {
+            Some(finalizers) => finalizers.push(json!(PROTECTION)),
+            None => obj["metadata"]["finalizers"] = json!([PROTECTION]),
+        }
+    }
     if obj
         .pointer("/spec/storageClassName")
         .is_some_and(|c| !c.is_null())
@@ -220,6 +239,66 @@ fn storage_bytes(quantity: &Value) -> Option<i128> {
 /// Keeps claims bound and volumes provisioned until `stop` (see the module docs).
 pub async fn run(store: Arc<Store>, stop: watch::Receiver<bool>) {
     crate::store::reconcile_namespaces(store, &[CLAIMS, CLASSES], CLAIMS, reconcile, stop).await;
+}
+
+/// Lets claims go once no Pod mounts them, until `stop` (see the module docs).
+pub async fn protect(store: Arc<Store>, stop: watch::Receiver<bool>) {
+    crate::store::reconcile_namespaces(store, &[CLAIMS, PODS], CLAIMS, release_unused, stop).await;
+}
+
+/// Removes [`PROTECTION`] from each Terminating claim of `namespace` that no Pod of it mounts,
+/// but Pods that ended (Succeeded or Failed), as upstream's pvc-protection controller does.
+fn release_unused(store: &Store, namespace: &str) {
+    if namespace.is_empty() {
+        return;
+    }
+    let (claims, _) = store.list(CLAIMS, Some(namespace));
+    let terminating: Vec<&Arc<Value>> = claims
+        .iter()
+        .filter(|c| {
+            c.pointer("/metadata/deletionTimestamp")
+                .is_some_and(|t| !t.is_null())
+        })
+        .filter(|c| crate::deletion::has_finalizer(c, PROTECTION))
+        .collect();
+    if terminating.is_empty() {
+        return;
+    }
+    let (pods, _) = store.list(PODS, Some(namespace));
+    let mounted: std::collections::BTreeSet<String> = pods
+        .iter()
+        .filter(|p| !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+        .flat_map(|p| mounted_claims(p))
+        .collect();
+    for claim in terminating {
+        let name = claim["metadata"]["name"].as_str().unwrap_or_default();
+        if mounted.contains(name) {
+            continue;
+        }
+        let uid = claim["metadata"]["uid"].clone();
+        let _ = store.transact(CLAIMS, (namespace.to_string(), name.to_string()), |_, current| {
+            Ok(match current {
+                Some(current) if current["metadata"]["uid"] == uid => {
+                    crate::deletion::without_finalizer(current, PROTECTION)
+                }
+                _ => Outcome::Unchanged,
+            })
+        });
+    }
+}
+
+/// The names of the claims `pod` mounts: those it names, and those its ephemeral volumes make
+/// (`<pod>-<volume>`).
+fn mounted_claims(pod: &Value) -> Vec<String> {
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default();
+    let ephemeral = pod["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get("ephemeral").is_some())
+        .filter_map(|v| v["name"].as_str())
+        .map(|volume| format!("{pod_name}-{volume}"));
+    claims_of(pod).map(str::to_string).chain(ephemeral).collect()
 }
 
 /// Binds, grows and cleans up after the claims of `namespace` (a StorageClass change, whose

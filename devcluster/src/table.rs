@@ -357,9 +357,19 @@ pub fn cells(def: &ResourceDef, obj: &Value) -> Vec<Value> {
                 })
                 .collect();
             let or_unset = |path: &str| json!(obj.pointer(path).and_then(Value::as_str).unwrap_or("<unset>"));
+            // Upstream's printer: a claim being deleted (held by its protection finalizer while a
+            // Pod mounts it) shows as Terminating.
+            let status = if obj
+                .pointer("/metadata/deletionTimestamp")
+                .is_some_and(|t| !t.is_null())
+            {
+                json!("Terminating")
+            } else {
+                s(obj, "/status/phase")
+            };
             vec![
                 name,
-                s(obj, "/status/phase"),
+                status,
                 s(obj, "/spec/volumeName"),
                 s(obj, "/status/capacity/storage"),
                 json!(modes.join(",")),

@@ -1086,6 +1086,46 @@ async fn kubectl_a_wait_for_first_consumer_claim_is_provisioned_where_its_first_
     assert_eq!(claim.trim(), "Bound devcluster-node-0");
 }
 
+#[tokio::test]
+async fn kubectl_a_claim_a_pod_mounts_is_terminating_until_no_pod_mounts_it() {
+    let cluster = with_a_node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    let claim = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n"
+        )
+    };
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: db\nspec:\n  containers:\n  - name: db\n    image: registry.example/db:1\n  volumes:\n  - name: data\n    persistentVolumeClaim:\n      claimName: data\n";
+    k.run_with_input(&["apply", "-f", "-"], Some(&claim("data")))
+        .await;
+    k.run_with_input(&["apply", "-f", "-"], Some(&claim("spare")))
+        .await;
+    k.run_with_input(&["apply", "-f", "-"], Some(pod)).await;
+    k.run(&["wait", "--for=condition=Ready", "pod/db", "--timeout=20s"])
+        .await;
+    let finalizers = k
+        .run(&["get", "pvc", "data", "-o", "jsonpath={.metadata.finalizers}"])
+        .await;
+    assert_eq!(finalizers.trim(), r#"["kubernetes.io/pvc-protection"]"#);
+
+    // Deleted while the Pod mounts it: Terminating. A claim no Pod mounts goes at once; the
+    // controller takes changes in order, so once that one is gone it has seen the first.
+    k.run(&["delete", "pvc", "data", "--wait=false"]).await;
+    k.run(&["delete", "pvc", "spare"]).await;
+    let table = k.run(&["get", "pvc", "data", "--no-headers"]).await;
+    assert_eq!(table.split_whitespace().nth(1), Some("Terminating"), "{table}");
+    // The Pod gone, so is the claim (and its volume).
+    k.run(&["delete", "pod", "db", "--wait=false", "--grace-period=1"])
+        .await;
+    eventually_output(
+        &k,
+        &["get", "pvc", "-o", "jsonpath={.items[*].metadata.name}"],
+        |out| out.trim().is_empty(),
+    )
+    .await;
+}
+
 /// A devcluster with one simulated node (its scheduler and kubelet run Pods).
 async fn with_a_node() -> DevCluster {
     DevCluster::start(ServerOptions {

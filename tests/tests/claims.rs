@@ -334,6 +334,57 @@ async fn a_claim_deleted_in_the_virtual_cluster_is_deleted_on_the_host_and_one_d
     .await;
 }
 
+/// A claim deleted while a Pod mounts it is held (`kubernetes.io/pvc-protection`) until no Pod
+/// does, in the virtual cluster and on the host alike: the Pod runs on against its host claim, and
+/// once it is deleted both claims go, nothing left behind.
+#[tokio::test]
+async fn a_claim_deleted_while_its_pod_runs_is_kept_until_the_pod_is_gone_and_then_goes_on_both_sides() {
+    let system = system(&[tenant(true)]).await;
+    let side = system.virtual_side();
+    create_claim(side, &claim("data", json!({}))).await;
+    let mut pod = db_pod("db", "data");
+    // Ends within a second of its deletion on the host (the simulated kubelet takes the whole grace).
+    pod.spec.as_mut().unwrap().termination_grace_period_seconds = Some(1);
+    side.create_pod(&pod).await;
+    let host_pods = system.host_pods(&side.tenant).await;
+    let running = || async {
+        let pod = host_pods.get_opt(&host_name("db")).await.ok()??;
+        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(())
+    };
+    eventually("the Pod Running on the host", running).await;
+
+    virtual_claims(side)
+        .await
+        .delete("data", &DeleteParams::default())
+        .await
+        .unwrap();
+    let claims = virtual_claims(side).await;
+    eventually("the virtual claim Terminating", || async {
+        claims
+            .get_opt("data")
+            .await
+            .ok()??
+            .metadata
+            .deletion_timestamp
+            .map(|_| ())
+    })
+    .await;
+    let host = host_claims(&system).await;
+    assert!(
+        host.get_opt(&host_name("data")).await.unwrap().is_some(),
+        "the host claim stays while the Pod mounts it"
+    );
+    eventually("the Pod still Running on the host", running).await;
+
+    side.delete_pod_now("db").await;
+    eventually("both claims gone", || async {
+        let virtual_gone = claims.get_opt("data").await.ok()?.is_none();
+        let host_gone = host.get_opt(&host_name("data")).await.ok()?.is_none();
+        (virtual_gone && host_gone).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_claim_past_the_host_namespaces_storage_quota_shows_its_reason_and_is_made_once_there_is_room() {
     let system = system(&[tenant(true)]).await;
