@@ -223,6 +223,26 @@ impl fmt::Display for InlineVolumeType {
     }
 }
 
+/// The name of a CSI driver whose inline volumes (`csi` in a Pod's volumes) a tenant's Pods may
+/// use (`policies.inlineCsiDrivers`): a valid DNS subdomain, as upstream's CSIDriver names are.
+/// What an inline volume reaches is the driver's to resolve from its attributes (an NFS export by
+/// its address, a certificate from a host issuer), so none is allowed unless listed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct CsiDriverName(String);
+
+impl CsiDriverName {
+    /// The name, if it is a valid driver name.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        crate::labels::validate_dns1123_subdomain(name)?;
+        Ok(Self(name.to_string()))
+    }
+
+    /// The driver's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The effect of a taint a toleration matches (absent: every effect).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum TaintEffect {
@@ -389,6 +409,9 @@ pub struct PodPolicy {
     pub always_pull_images: bool,
     /// `policies.inlineVolumes` (default none): the [`InlineVolumeType`]s the tenant's Pods may use.
     pub inline_volumes: BTreeSet<InlineVolumeType>,
+    /// `policies.inlineCsiDrivers` (default none): the CSI drivers whose inline volumes the
+    /// tenant's Pods may use.
+    pub inline_csi_drivers: BTreeSet<CsiDriverName>,
     /// `sync.toHost.pods.enforceTolerations`: added to every host Pod.
     pub enforce_tolerations: Vec<EnforcedToleration>,
     /// `sync.toHost.pods.enforceNodeSelector`: node labels every host Pod's node selector requires
@@ -418,6 +441,13 @@ impl PodPolicy {
         InlineVolumeType::parse(volume_type).is_none_or(|kind| {
             self.pod_security == PodSecurityLevel::Privileged || self.inline_volumes.contains(&kind)
         })
+    }
+
+    /// Whether the tenant's Pods may use inline volumes of CSI driver `driver`: where
+    /// `policies.inlineCsiDrivers` lists it, or at `podSecurityStandard: privileged`.
+    pub fn allows_inline_csi_driver(&self, driver: &str) -> bool {
+        self.pod_security == PodSecurityLevel::Privileged
+            || self.inline_csi_drivers.iter().any(|d| d.as_str() == driver)
     }
 }
 
@@ -976,10 +1006,15 @@ impl Walker {
         limits
     }
 
-    /// The `policies` block of a tenant: `podSecurityStandard`, `alwaysPullImages` and
-    /// `inlineVolumes`, into `pods`.
+    /// The `policies` block of a tenant: `podSecurityStandard`, `alwaysPullImages`,
+    /// `inlineVolumes` and `inlineCsiDrivers`, into `pods`.
     fn policies(&mut self, v: &Value, path: &str, pods: &mut PodPolicy) {
-        let known = ["podSecurityStandard", "alwaysPullImages", "inlineVolumes"];
+        let known = [
+            "podSecurityStandard",
+            "alwaysPullImages",
+            "inlineVolumes",
+            "inlineCsiDrivers",
+        ];
         let Some(fields) = self.mapping(v, path, Some(&known)) else {
             return;
         };
@@ -1007,6 +1042,21 @@ impl Walker {
                             InlineVolumeType::ALL.join(", ")
                         ),
                     ),
+                }
+            }
+        }
+        if let Some(list) = fields.get("inlineCsiDrivers") {
+            let list_path = join(path, "inlineCsiDrivers");
+            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
+                let item_path = format!("{list_path}[{i}]");
+                let Some(name) = self.string(item, &item_path) else {
+                    continue;
+                };
+                match CsiDriverName::parse(&name) {
+                    Ok(driver) => {
+                        pods.inline_csi_drivers.insert(driver);
+                    }
+                    Err(why) => self.problem(&item_path, format!("invalid CSI driver name {name:?}: {why}")),
                 }
             }
         }
@@ -1452,7 +1502,7 @@ tenants:
 tenants:
   - name: team-a
     hostNamespace: vc-a
-    policies: {podSecurityStandard: restricted, inlineVolumes: [nfs, iscsi, nfs]}
+    policies: {podSecurityStandard: restricted, inlineVolumes: [nfs, iscsi, nfs], inlineCsiDrivers: [secrets-store.csi.k8s.io]}
     sync:
       toHost:
         pods:
@@ -1495,6 +1545,8 @@ tenants:
             ["iscsi", "nfs"]
         );
         assert!(pods.allows_inline_volume("nfs") && !pods.allows_inline_volume("gcePersistentDisk"));
+        assert!(pods.allows_inline_csi_driver("secrets-store.csi.k8s.io"));
+        assert!(!pods.allows_inline_csi_driver("csi.cert-manager.io"));
         assert!(
             pods.allows_inline_volume("emptyDir"),
             "only types naming storage directly are listed"
@@ -1603,7 +1655,7 @@ tenants:
 tenants:
   - name: team-a
     hostNamespace: vc-a
-    policies: {podSecurityStandard: strict, podSecurity: x, alwaysPullImages: sometimes, inlineVolumes: [nfs, hostPath, 3]}
+    policies: {podSecurityStandard: strict, podSecurity: x, alwaysPullImages: sometimes, inlineVolumes: [nfs, hostPath, 3], inlineCsiDrivers: [Bad_Driver]}
     sync:
       toHost:
         services: {enabled: true}
@@ -1635,12 +1687,17 @@ tenants:
                 "tenants[0].policies.alwaysPullImages",
                 "tenants[0].policies.inlineVolumes[1]",
                 "tenants[0].policies.inlineVolumes[2]",
+                "tenants[0].policies.inlineCsiDrivers[0]",
                 "tenants[0].policies.podSecurityStandard",
             ],
             "{got:#?}"
         );
         assert!(got[6].1.contains("invalid effect \"Sometimes\""), "{got:#?}");
-        assert!(got[17].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(got[18].1.contains("unknown level \"strict\""), "{got:#?}");
+        assert!(
+            got[17].1.starts_with("invalid CSI driver name \"Bad_Driver\""),
+            "{got:#?}"
+        );
         assert!(
             got[15]
                 .1

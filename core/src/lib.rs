@@ -32,7 +32,7 @@ pub mod token_file;
 pub mod version;
 
 pub use config::{
-    AnnotationPattern, ConfigError, EnforcedToleration, InlineVolumeType, PodPolicy, PodSecurityLevel,
-    RuntimeClassSync, TaintEffect, Tenant, TenantLimits, TenantName, TenantsFile,
+    AnnotationPattern, ConfigError, CsiDriverName, EnforcedToleration, InlineVolumeType, PodPolicy,
+    PodSecurityLevel, RuntimeClassSync, TaintEffect, Tenant, TenantLimits, TenantName, TenantsFile,
 };
 pub use selector::LabelSelector;

@@ -46,6 +46,12 @@ pub fn check_config(path: &Path) -> Result<String, ConfigError> {
                 let types: Vec<&str> = t.pods.inline_volumes.iter().map(|t| t.as_str()).collect();
                 format!(", inline volumes {}", types.join(" "))
             };
+            let inline = if t.pods.inline_csi_drivers.is_empty() {
+                inline
+            } else {
+                let drivers: Vec<&str> = t.pods.inline_csi_drivers.iter().map(|d| d.as_str()).collect();
+                format!("{inline}, inline CSI drivers {}", drivers.join(" "))
+            };
             let _ = writeln!(
                 out,
                 "  - {} → namespace {}, {}, pod security {}{inline}{copies}, {}{}",

@@ -135,11 +135,11 @@ fn the_example_tenants_file_is_valid() {
 #[test]
 fn the_limits_and_inline_volumes_a_tenant_sets_are_printed() {
     let dir = tempfile::tempdir().unwrap();
-    let text = "tenants:\n  - {name: a, hostNamespace: ns-a, limits: {podSyncQps: 50, podSyncBytes: 64Mi}, policies: {inlineVolumes: [nfs, iscsi]}}\n  - {name: b, hostNamespace: ns-b}\n";
+    let text = "tenants:\n  - {name: a, hostNamespace: ns-a, limits: {podSyncQps: 50, podSyncBytes: 64Mi}, policies: {inlineVolumes: [nfs, iscsi], inlineCsiDrivers: [secrets-store.csi.k8s.io]}}\n  - {name: b, hostNamespace: ns-b}\n";
     let (ok, output) = check(dir.path(), "t.yaml", Some(text));
     assert!(ok, "{output}");
     assert!(
-        output.contains("pod security baseline, inline volumes iscsi nfs, no token"),
+        output.contains("pod security baseline, inline volumes iscsi nfs, inline CSI drivers secrets-store.csi.k8s.io, no token"),
         "{output}"
     );
     assert!(

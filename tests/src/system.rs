@@ -22,8 +22,8 @@ pub struct TenantSpec {
     pub runtime_classes: String,
     /// Its `policies.podSecurityStandard`, when set.
     pub pod_security: Option<String>,
-    /// Its `policies.inlineVolumes` as YAML flow (e.g. `[nfs]`), when set.
-    pub inline_volumes: Option<String>,
+    /// More `policies` entries as YAML flow (e.g. `inlineVolumes: [nfs]`).
+    pub policies: Vec<String>,
     /// Its `limits` block as YAML flow, when set.
     pub limits: Option<String>,
     /// Its `sync.toHost.pods` block as YAML flow, when set.
@@ -41,7 +41,7 @@ impl TenantSpec {
             name: name.into(),
             runtime_classes: runtime_classes.into(),
             pod_security: None,
-            inline_volumes: None,
+            policies: Vec::new(),
             limits: None,
             host_pods: None,
             disruption_budgets: false,
@@ -80,9 +80,9 @@ impl TenantSpec {
         self
     }
 
-    /// The same tenant with `policies.inlineVolumes: types` (YAML flow, e.g. `[nfs]`).
-    pub fn inline_volumes(mut self, types: &str) -> Self {
-        self.inline_volumes = Some(types.into());
+    /// The same tenant with the `policies` entry `entry` (YAML flow, e.g. `inlineVolumes: [nfs]`).
+    pub fn policy(mut self, entry: &str) -> Self {
+        self.policies.push(entry.into());
         self
     }
 
@@ -198,17 +198,13 @@ fn tenants_yaml(tenants: &[TenantSpec]) -> String {
                 format!(", toHost: {{{}}}", to_host.join(", "))
             }
         ));
-        let policies: Vec<String> = [
-            t.pod_security
-                .as_ref()
-                .map(|level| format!("podSecurityStandard: {level}")),
-            t.inline_volumes
-                .as_ref()
-                .map(|types| format!("inlineVolumes: {types}")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let policies: Vec<String> = t
+            .pod_security
+            .as_ref()
+            .map(|level| format!("podSecurityStandard: {level}"))
+            .into_iter()
+            .chain(t.policies.iter().cloned())
+            .collect();
         if !policies.is_empty() {
             config.push_str(&format!("    policies: {{{}}}\n", policies.join(", ")));
         }

@@ -485,12 +485,38 @@ async fn a_volume_naming_host_storage_directly_is_refused_unless_the_tenants_pol
         r#"the host cannot honour volume "data": nfs volumes name their storage directly and reach it with the host node's access, not through a claim of the tenant's (policies.inlineVolumes in the host agent's tenants file does not list nfs)"#,
     )
     .await;
-    system.rewrite_tenants(&[tenant().inline_volumes("[nfs]")]);
+    system.rewrite_tenants(&[tenant().policy("inlineVolumes: [nfs]")]);
     let on_host = wait_host_pod(&system, "datasets", "default").await;
     let volumes = on_host.spec.unwrap().volumes.unwrap();
     assert_eq!(
         volumes[0].nfs.as_ref().map(|n| n.path.as_str()),
         Some("/exports/team-b")
+    );
+}
+
+/// An inline CSI volume reaches what its driver resolves from its attributes (an NFS export by its
+/// address, a certificate from a host issuer): it is refused, naming the driver, unless the host's
+/// operator lists the driver in the tenant's `policies.inlineCsiDrivers`.
+#[tokio::test]
+async fn an_inline_csi_volume_is_refused_unless_the_tenants_policy_lists_its_driver() {
+    let system = system(tenant()).await;
+    let certs = json!({"containers": [app(json!({"volumeMounts": [{"name": "tls", "mountPath": "/tls"}]}))],
+                       "volumes": [{"name": "tls", "csi": {"driver": "csi.cert-manager.io", "readOnly": true,
+                           "volumeAttributes": {"csi.cert-manager.io/issuer-name": "host-ca",
+                                                "csi.cert-manager.io/issuer-kind": "ClusterIssuer"}}}]});
+    refused(
+        &system,
+        "web",
+        certs,
+        r#"the host cannot honour volume "tls": csi volumes of driver "csi.cert-manager.io" reach what the driver resolves from their attributes (storage by its address, a host issuer), not what the tenant owns (policies.inlineCsiDrivers in the host agent's tenants file does not list it)"#,
+    )
+    .await;
+    system.rewrite_tenants(&[tenant().policy("inlineCsiDrivers: [csi.cert-manager.io]")]);
+    let on_host = wait_host_pod(&system, "web", "default").await;
+    let volumes = on_host.spec.unwrap().volumes.unwrap();
+    assert_eq!(
+        volumes[0].csi.as_ref().map(|c| c.driver.as_str()),
+        Some("csi.cert-manager.io")
     );
 }
 

@@ -2,7 +2,8 @@
 //! caller to refuse the Pod with (never a silent drop). Among them, whatever would reach a host
 //! object or storage the tenant does not own: volumes naming a Secret the host would resolve,
 //! claims or claim templates binding host storage, and volumes naming storage directly (an NFS
-//! export, a cloud disk by its id) unless the tenant's `policies.inlineVolumes` lists the type.
+//! export, a cloud disk by its id) or inline CSI volumes unless the tenant's `policies.inlineVolumes`
+//! lists the type, or `policies.inlineCsiDrivers` the driver.
 
 use k8s_openapi::api::core::v1::PodSpec;
 use rcsync_core::PodPolicy;
@@ -58,6 +59,17 @@ pub fn unsupported(spec: &PodSpec, policy: &PodPolicy) -> Vec<String> {
             Some(format!(
                 "{} volumes name a Secret that would resolve on the host",
                 crate::pod_security::volume_type(v)
+            ))
+        } else if let Some(csi) = v
+            .csi
+            .as_ref()
+            .filter(|c| !policy.allows_inline_csi_driver(&c.driver))
+        {
+            Some(format!(
+                "csi volumes of driver {:?} reach what the driver resolves from their attributes (storage by its \
+                 address, a host issuer), not what the tenant owns (policies.inlineCsiDrivers in the host agent's \
+                 tenants file does not list it)",
+                csi.driver
             ))
         } else if !policy.allows_inline_volume(crate::pod_security::volume_type(v)) {
             let kind = crate::pod_security::volume_type(v);

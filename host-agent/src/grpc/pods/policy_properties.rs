@@ -44,17 +44,16 @@ const NEVER_ON_HOST: [&str; 11] = [
     "priorityClassName",
 ];
 
-/// The volume sources (and `name`) a host Pod below the privileged level may have: those holding
-/// the tenant's own data, or storage the host provisions for it. Written out here, not taken from
-/// the code under test.
-const OWNED_VOLUME_SOURCES: [&str; 10] = [
+/// The volume sources (and `name`) a host Pod below the privileged level may have when the
+/// tenant's policy grants no inline volumes or CSI drivers: those holding the tenant's own data,
+/// or storage the host provisions for it. Written out here, not taken from the code under test.
+const OWNED_VOLUME_SOURCES: [&str; 9] = [
     "name",
     "configMap",
     "secret",
     "projected",
     "downwardAPI",
     "emptyDir",
-    "csi",
     "ephemeral",
     "persistentVolumeClaim",
     "image",
