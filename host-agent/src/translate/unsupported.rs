@@ -179,6 +179,54 @@ mod tests {
     use super::super::host_pod;
     use super::*;
 
+    /// Each type `policies.inlineVolumes` may list is a volume source the host agent tells apart,
+    /// refused at baseline and allowed once listed: a misspelt entry would grant nothing.
+    #[test]
+    fn every_inline_volume_type_is_refused_until_listed() {
+        for kind in rcsync_core::InlineVolumeType::ALL {
+            // The fields each source requires, as the API does.
+            let source = match kind {
+                "awsElasticBlockStore" | "cinder" | "portworxVolume" => serde_json::json!({"volumeID": "v"}),
+                "azureDisk" => serde_json::json!({"diskName": "d", "diskURI": "u"}),
+                "cephfs" => serde_json::json!({"monitors": ["m"]}),
+                "flexVolume" => serde_json::json!({"driver": "d"}),
+                "gcePersistentDisk" => serde_json::json!({"pdName": "p"}),
+                "glusterfs" => serde_json::json!({"endpoints": "e", "path": "p"}),
+                "iscsi" => serde_json::json!({"targetPortal": "t", "iqn": "q", "lun": 0}),
+                "nfs" => serde_json::json!({"server": "s", "path": "/p"}),
+                "photonPersistentDisk" => serde_json::json!({"pdID": "p"}),
+                "quobyte" => serde_json::json!({"registry": "r", "volume": "v"}),
+                "rbd" => serde_json::json!({"monitors": ["m"], "image": "i"}),
+                "vsphereVolume" => serde_json::json!({"volumePath": "p"}),
+                _ => serde_json::json!({}),
+            };
+            let volume: k8s_openapi::api::core::v1::Volume =
+                serde_json::from_value(serde_json::json!({"name": "v", kind: source})).unwrap();
+            assert_eq!(crate::pod_security::volume_type(&volume), kind);
+            let spec = PodSpec {
+                volumes: Some(vec![volume]),
+                ..PodSpec::default()
+            };
+            let problems = unsupported(&spec, &PodPolicy::default());
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains("policies.inlineVolumes") || p.contains("name a Secret")),
+                "{kind}: {problems:?}"
+            );
+            let mut granted = PodPolicy::default();
+            granted
+                .inline_volumes
+                .insert(rcsync_core::InlineVolumeType::parse(kind).unwrap());
+            assert!(
+                !unsupported(&spec, &granted)
+                    .iter()
+                    .any(|p| p.contains("policies.inlineVolumes")),
+                "{kind} once listed"
+            );
+        }
+    }
+
     #[test]
     fn a_downward_api_volume_of_all_labels_or_annotations_is_refused_with_the_item_named() {
         let pod = pod_with(serde_json::json!({
