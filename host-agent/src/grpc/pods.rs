@@ -14,25 +14,24 @@
 //!  WatchClaimStatus ──► watch host claims labelled managed-by=<tenant> ──► events (claim_status)
 //!     (asked for: and the host events about them, host_events)
 //! ```
+//!
+//! Here: the service and ApplyPod's steps. `copies`: the referenced objects checked and written;
+//! `placed`: the host Pod as a create answers it; `updates`: the patches of a Pod already on the
+//! host; `host_errors`: what the host API server's answers mean to the caller; `budgets`,
+//! `claims`: the other objects the host holds for a tenant.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Event as CoreEvent, PersistentVolumeClaim, Pod, PodCondition, PodSchedulingGate, Secret,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, PersistentVolumeClaim, Pod, PodSchedulingGate};
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt as _};
 use rcsync_core::Tenant;
-use rcsync_core::gates;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::naming::LABEL_MANAGED_BY;
-use rcsync_core::pod_refs::{self, RefKind};
 use rcsync_proto::v1::pod_sync_server::PodSync;
 use rcsync_proto::v1::{
     ApplyClaimRequest, ApplyClaimResponse, ApplyDisruptionBudgetRequest, ApplyDisruptionBudgetResponse,
@@ -42,12 +41,10 @@ use rcsync_proto::v1::{
     ListDisruptionBudgetsResponse, PodRefusal, PodRefusalReason, PodStatusEvent, WatchClaimStatusRequest,
     WatchPodStatusRequest,
 };
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::grpc::auth::{Authenticator, Caller};
 use crate::grpc::claim_status::ClaimReporting;
@@ -57,15 +54,19 @@ use crate::grpc::pod_status::{HostPodStatus, PodReporting};
 use crate::grpc::status_stream::{self, EventWatch, ObjectWatch};
 use crate::index::{TenantsState, ViewSource};
 use crate::metrics::{DecisionLabels, Metrics};
-use crate::translate::{
-    VirtualPodRef, host_config_map, host_pod, host_secret, managed_selector, recorded_holder, recorded_ref,
-    unsupported, virtual_ref,
-};
+use crate::translate::{VirtualPodRef, host_pod, managed_selector, recorded_ref, unsupported, virtual_ref};
 use rcsync_core::naming::host_pod_name;
 
 mod budgets;
 mod claims;
+mod copies;
+mod host_errors;
+mod placed;
 mod updates;
+
+use copies::accepted_copies;
+use host_errors::{EPHEMERAL_CONTAINERS, RESIZE, follows_the_host, kube_status, subresource_status};
+use placed::{PlacedPod, create_pod, has_copies_gate, owner_reference};
 use updates::{ephemeral_patch, resize_patch, update_patch};
 
 /// The PodSync service.
@@ -383,72 +384,6 @@ impl<V: ViewSource> PodSyncService<V> {
         })
     }
 
-    /// A refusal when the host name of a copy is held by another virtual object or by a host
-    /// object rcsync did not write for this tenant.
-    async fn names_in_use(
-        &self,
-        tenant: &Tenant,
-        id: &VirtualPodRef,
-        copies: &[HostCopy],
-    ) -> Result<Option<PodRefusal>, Status> {
-        for copy in copies {
-            let meta = match copy {
-                HostCopy::ConfigMap { host, .. } => self
-                    .config_maps(tenant)
-                    .get_metadata_opt(&host.name_any())
-                    .await
-                    .map_err(|e| kube_status(&e, tenant))?
-                    .map(|m| m.metadata),
-                HostCopy::Secret { host, .. } => self
-                    .secrets(tenant)
-                    .get_metadata_opt(&host.name_any())
-                    .await
-                    .map_err(|e| kube_status(&e, tenant))?
-                    .map(|m| m.metadata),
-            };
-            let Some(meta) = meta else { continue };
-            let kind = copy.kind();
-            let holder = match recorded_holder(&meta, tenant) {
-                Some((ns, name)) if ns == id.namespace && name == copy.virtual_name() => continue,
-                Some((ns, name)) => format!("{kind} {ns}/{name}"),
-                None => format!("a {kind} rcsync does not manage"),
-            };
-            return Ok(Some(name_in_use(&meta.name.unwrap_or_default(), holder)));
-        }
-        Ok(None)
-    }
-
-    /// Creates or updates one copy so it holds the virtual data and lists `owner` among its owners.
-    async fn write_copy(
-        &self,
-        tenant: &Tenant,
-        copy: &HostCopy,
-        owner: &OwnerReference,
-    ) -> Result<(), Status> {
-        match copy {
-            HostCopy::ConfigMap { host, .. } => {
-                write_owned(&self.config_maps(tenant), host.clone(), owner, tenant, |a, b| {
-                    a.data == b.data && a.binary_data == b.binary_data
-                })
-                .await
-            }
-            HostCopy::Secret { host, .. } => {
-                write_owned(&self.secrets(tenant), host.clone(), owner, tenant, |a, b| {
-                    a.data == b.data && a.type_ == b.type_
-                })
-                .await
-            }
-        }
-    }
-
-    fn config_maps(&self, tenant: &Tenant) -> Api<ConfigMap> {
-        Api::namespaced(self.client.clone(), &tenant.host_namespace)
-    }
-
-    fn secrets(&self, tenant: &Tenant) -> Api<Secret> {
-        Api::namespaced(self.client.clone(), &tenant.host_namespace)
-    }
-
     async fn delete(&self, request: Request<DeletePodRequest>) -> Result<DeletePodResponse, Status> {
         let (caller, tenant) = self.caller(&request)?;
         let name = caller.tenant;
@@ -493,27 +428,6 @@ enum Placement {
     NameInUse(PodRefusal),
 }
 
-/// A referenced object to copy: its virtual name and its host form.
-enum HostCopy {
-    ConfigMap { virtual_name: String, host: ConfigMap },
-    Secret { virtual_name: String, host: Secret },
-}
-
-impl HostCopy {
-    fn kind(&self) -> RefKind {
-        match self {
-            Self::ConfigMap { .. } => RefKind::ConfigMap,
-            Self::Secret { .. } => RefKind::Secret,
-        }
-    }
-
-    fn virtual_name(&self) -> &str {
-        match self {
-            Self::ConfigMap { virtual_name, .. } | Self::Secret { virtual_name, .. } => virtual_name,
-        }
-    }
-}
-
 fn name_in_use(host_name: &str, holder: String) -> PodRefusal {
     PodRefusal {
         reason: PodRefusalReason::NameInUse as i32,
@@ -545,263 +459,6 @@ fn policy_refusal(desired: &Pod, tenant: &Tenant) -> Option<PodRefusal> {
     })
 }
 
-/// The objects sent with a Pod, each checked to be one the Pod references, from its namespace.
-fn accepted_copies(
-    pod: &Pod,
-    id: &VirtualPodRef,
-    tenant: &Tenant,
-    request: &ApplyPodRequest,
-) -> Result<Vec<HostCopy>, Status> {
-    let references = pod.spec.as_ref().map(pod_refs::references).unwrap_or_default();
-    let mut copies = Vec::new();
-    let check = |kind: RefKind, meta: &kube::api::ObjectMeta| -> Result<String, Status> {
-        let name = meta.name.clone().unwrap_or_default();
-        let namespace = meta.namespace.clone().unwrap_or_default();
-        if namespace != id.namespace {
-            return Err(Status::invalid_argument(format!(
-                "{kind} {namespace}/{name} is not in the pod's namespace {:?}",
-                id.namespace
-            )));
-        }
-        if !references.contains_key(&(kind, name.clone())) {
-            return Err(Status::invalid_argument(format!(
-                "{kind} {namespace}/{name} is not referenced by pod {}/{}",
-                id.namespace, id.name
-            )));
-        }
-        Ok(name)
-    };
-    let invalid = |kind: RefKind, e: &dyn std::fmt::Display| {
-        Status::invalid_argument(format!("a sent {kind} is not valid: {e}"))
-    };
-    for json in &request.config_maps_json {
-        let cm: ConfigMap = serde_json::from_slice(json).map_err(|e| invalid(RefKind::ConfigMap, &e))?;
-        let virtual_name = check(RefKind::ConfigMap, &cm.metadata)?;
-        let host = host_config_map(&cm, tenant).map_err(|e| invalid(RefKind::ConfigMap, &e))?;
-        copies.push(HostCopy::ConfigMap { virtual_name, host });
-    }
-    for json in &request.secrets_json {
-        let secret: Secret = serde_json::from_slice(json).map_err(|e| invalid(RefKind::Secret, &e))?;
-        let virtual_name = check(RefKind::Secret, &secret.metadata)?;
-        let host = host_secret(&secret, tenant).map_err(|e| invalid(RefKind::Secret, &e))?;
-        copies.push(HostCopy::Secret { virtual_name, host });
-    }
-    Ok(copies)
-}
-
-/// What ApplyPod uses of the host Pod it wrote: the API server's answer to a create is decoded only
-/// this far (a Pod's spec is most of its bytes, and all of it is what was just sent).
-#[derive(Debug, Default, Deserialize)]
-struct PlacedPod {
-    #[serde(default)]
-    metadata: PlacedMeta,
-    #[serde(default)]
-    spec: Option<PlacedSpec>,
-    #[serde(default)]
-    status: Option<PlacedStatus>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct PlacedStatus {
-    #[serde(default)]
-    conditions: Option<Vec<PodCondition>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct PlacedMeta {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    uid: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PlacedSpec {
-    #[serde(default)]
-    scheduling_gates: Option<Vec<PodSchedulingGate>>,
-}
-
-impl PlacedPod {
-    /// The same view of a Pod already decoded whole.
-    fn of(pod: &Pod) -> Self {
-        Self {
-            metadata: PlacedMeta {
-                name: pod.name_any(),
-                uid: pod.metadata.uid.clone(),
-            },
-            spec: pod.spec.as_ref().map(|s| PlacedSpec {
-                scheduling_gates: s.scheduling_gates.clone(),
-            }),
-            status: pod.status.as_ref().map(|s| PlacedStatus {
-                conditions: s.conditions.clone(),
-            }),
-        }
-    }
-
-    /// The status patch that gives this host Pod the conditions of `virtual_pod`'s readiness
-    /// gates as the tenant's controllers set them (type, status, reason and message), and removes
-    /// those they removed; `None` when it carries them already.
-    fn readiness_patch(&self, virtual_pod: &Pod) -> Option<serde_json::Value> {
-        let types = gates::readiness_types(virtual_pod);
-        if types.is_empty() {
-            return None;
-        }
-        let wanted = gates::readiness_conditions(virtual_pod);
-        let have = self
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_deref())
-            .unwrap_or_default();
-        let carried = |want: &PodCondition| {
-            have.iter().any(|c| {
-                c.type_ == want.type_
-                    && c.status == want.status
-                    && c.reason == want.reason
-                    && c.message == want.message
-            })
-        };
-        let removed: Vec<serde_json::Value> = have
-            .iter()
-            .filter(|c| types.contains(&c.type_.as_str()) && !wanted.iter().any(|w| w.type_ == c.type_))
-            .map(|c| json!({"type": c.type_, "$patch": "delete"}))
-            .collect();
-        if wanted.iter().all(carried) && removed.is_empty() {
-            return None;
-        }
-        let mut conditions: Vec<serde_json::Value> = wanted
-            .into_iter()
-            .map(|c| serde_json::to_value(c).expect("a condition serializes"))
-            .collect();
-        conditions.extend(removed);
-        Some(json!({"status": {"conditions": conditions}}))
-    }
-}
-
-/// `POST` of a Pod into `api`'s namespace, its answer decoded as a [`PlacedPod`].
-async fn create_pod(client: &Client, api: &Api<Pod>, pod: &Pod) -> kube::Result<PlacedPod> {
-    let body = serde_json::to_vec(pod).map_err(kube::Error::SerdeError)?;
-    let mut request = kube::core::Request::new(api.resource_url())
-        .create(&PostParams::default(), body)
-        .map_err(kube::Error::BuildRequest)?;
-    request.extensions_mut().insert("create");
-    client.request::<PlacedPod>(request).await
-}
-
-fn owner_reference(pod: &PlacedPod) -> Result<OwnerReference, Status> {
-    Ok(OwnerReference {
-        api_version: "v1".into(),
-        kind: "Pod".into(),
-        name: pod.metadata.name.clone(),
-        uid: pod
-            .metadata
-            .uid
-            .clone()
-            .ok_or_else(|| Status::internal("the host API server returned a pod without a uid"))?,
-        controller: None,
-        block_owner_deletion: None,
-    })
-}
-
-fn has_copies_gate(pod: &PlacedPod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.scheduling_gates.as_ref())
-        .is_some_and(|g| g.iter().any(|g| g.name == COPIES_GATE))
-}
-
-/// Creates `desired` owned by `owner`, or updates the existing copy: its data and its owners
-/// (the host Pods using it; the host's garbage collector removes it with the last of them).
-/// Optimistic concurrency: a conflict is returned as ABORTED and the caller retries.
-async fn write_owned<K>(
-    api: &Api<K>,
-    mut desired: K,
-    owner: &OwnerReference,
-    tenant: &Tenant,
-    same_content: impl Fn(&K, &K) -> bool,
-) -> Result<(), Status>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    let name = desired.name_any();
-    let Some(current) = api.get_opt(&name).await.map_err(|e| kube_status(&e, tenant))? else {
-        desired.meta_mut().owner_references = Some(vec![owner.clone()]);
-        return match api.create(&PostParams::default(), &desired).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => Err(Status::aborted(format!(
-                "copy {name} was created concurrently: retry"
-            ))),
-            Err(e) => Err(kube_status(&e, tenant)),
-        };
-    };
-    let mut owners = current.meta().owner_references.clone().unwrap_or_default();
-    let owned = owners.iter().any(|o| o.uid == owner.uid);
-    if owned && same_content(&current, &desired) {
-        return Ok(());
-    }
-    if !owned {
-        owners.push(owner.clone());
-    }
-    let meta = desired.meta_mut();
-    meta.owner_references = Some(owners);
-    meta.resource_version = current.meta().resource_version.clone();
-    match api.replace(&name, &PostParams::default(), &desired).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Err(Status::aborted(format!(
-            "copy {name} changed concurrently: retry"
-        ))),
-        // A Secret's type cannot change: replace the copy (its owners come back on the retry).
-        Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("type") => {
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: current.meta().uid.clone(),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            api.delete(&name, &params)
-                .await
-                .map_err(|e| kube_status(&e, tenant))?;
-            Err(Status::aborted(format!(
-                "copy {name} changed its type and is being replaced: retry"
-            )))
-        }
-        Err(e) => Err(kube_status(&e, tenant)),
-    }
-}
-
-/// Maps a host API error to the gRPC status the virtual side acts on: configuration problems are
-/// FAILED_PRECONDITION (not retried blindly), the rest UNAVAILABLE (retried).
-fn kube_status(error: &kube::Error, tenant: &Tenant) -> Status {
-    match error {
-        kube::Error::Api(e) if e.code == 404 && e.message.contains("namespaces") => {
-            Status::failed_precondition(format!(
-                "the host namespace {:?} of tenant {} does not exist: {}",
-                tenant.host_namespace, tenant.name, e.message
-            ))
-        }
-        // Upstream's quota admission says so only in its message (`... is forbidden: exceeded
-        // quota: <name>, requested: ..., used: ..., limited: ...`): a reason the caller can act on.
-        kube::Error::Api(e) if e.code == 403 && e.message.contains("exceeded quota") => {
-            refused(&e.message, Some(rcsync_proto::HOST_QUOTA_EXCEEDED))
-        }
-        // What the host may change any moment (a RuntimeClass created or fixed, the host agent's
-        // RBAC granted): retried on the caller's usual backoff.
-        kube::Error::Api(e) if e.code == 403 && follows_the_host(&e.message) => refused(&e.message, None),
-        // The host refuses the Pod as it stands (validation, an admission webhook, a quota that
-        // wants requests set, the host's own Pod Security): the same Pod gets the same answer
-        // until it or the host's policy changes.
-        kube::Error::Api(e) if matches!(e.code, 400 | 403 | 422) => {
-            refused(&e.message, Some(rcsync_proto::HOST_POD_REFUSED))
-        }
-        other => Status::unavailable(format!("the host API server failed: {other}")),
-    }
-}
-
 /// Adds ephemeral containers to the host Pod `name` (its `ephemeralcontainers` subresource).
 async fn add_ephemeral_containers(
     api: &Api<Pod>,
@@ -818,82 +475,6 @@ async fn add_ephemeral_containers(
     .await
     .map(|pod| PlacedPod::of(&pod))
     .map_err(|e| subresource_status(&e, tenant, EPHEMERAL_CONTAINERS))
-}
-
-/// A Pod subresource the host agent writes that older API servers lack: what the host Pod cannot
-/// do without it, and the Kubernetes release that serves it.
-struct Subresource {
-    name: &'static str,
-    what: &'static str,
-    since: &'static str,
-    otherwise: &'static str,
-}
-
-/// `pods/resize`: resources changed in place.
-const RESIZE: Subresource = Subresource {
-    name: "pods/resize",
-    what: "resize a running pod in place",
-    since: "1.33",
-    otherwise: "the host pod keeps its cpu and memory until the pod is recreated",
-};
-
-/// `pods/ephemeralcontainers`: debug containers added.
-const EPHEMERAL_CONTAINERS: Subresource = Subresource {
-    name: "pods/ephemeralcontainers",
-    what: "add debug containers to a running pod",
-    since: "1.25",
-    otherwise: "the host pod runs without them",
-};
-
-/// What a failed write of a host Pod's `subresource` tells the caller: as [`kube_status`], except
-/// that a host API server without the subresource (the route itself is not found, where a Pod
-/// gone since it was read would be named) refuses the Pod as it stands, saying so, rather than
-/// failing as if it were down: the tenant sees why the host Pod does not follow.
-fn subresource_status(error: &kube::Error, tenant: &Tenant, subresource: Subresource) -> Status {
-    match error {
-        kube::Error::Api(e)
-            if e.code == 404 && e.message.contains("could not find the requested resource") =>
-        {
-            let Subresource {
-                name,
-                what,
-                since,
-                otherwise,
-            } = subresource;
-            refused(
-                &format!(
-                    "it cannot {what} (no {name} subresource: Kubernetes {since} and later serve it); {otherwise}"
-                ),
-                Some(rcsync_proto::HOST_POD_REFUSED),
-            )
-        }
-        other => kube_status(other, tenant),
-    }
-}
-
-/// The host API server's refusal as FAILED_PRECONDITION, with a `google.rpc.ErrorInfo` of
-/// `reason` (domain `rcsync.io`) when it has one.
-fn refused(message: &str, reason: Option<&str>) -> Status {
-    let message = format!("the host API server refused the pod: {message}");
-    match reason {
-        Some(reason) => Status::with_error_details(
-            tonic::Code::FailedPrecondition,
-            message,
-            ErrorDetails::with_error_info(reason, rcsync_proto::ERROR_DOMAIN, HashMap::new()),
-        ),
-        None => Status::failed_precondition(message),
-    }
-}
-
-/// Whether a 403 of the host API server is about something of the host's rather than the Pod:
-/// the host agent's own RBAC (`... cannot create resource "pods" ...`), the host namespace being
-/// deleted, or the Pod's RuntimeClass (upstream's RuntimeClass admission: `pod rejected:
-/// RuntimeClass "x" not found`, an overhead or node selector at odds with the class), which an
-/// operator or a class change cures.
-fn follows_the_host(message: &str) -> bool {
-    (message.contains(" cannot ") && message.contains(" resource "))
-        || message.contains("because it is being terminated")
-        || (message.contains("pod rejected:") && message.to_ascii_lowercase().contains("runtimeclass"))
 }
 
 /// The path of `PodSync.ApplyPod`.
@@ -1177,44 +758,6 @@ mod policy_properties;
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_subresource_the_host_api_server_lacks_refuses_the_pod_saying_which_and_since_when() {
-        let tenant = rcsync_core::TenantsFile::parse(
-            std::path::Path::new("t.yaml"),
-            "tenants:\n  - name: team-a\n    hostNamespace: team-a\n",
-        )
-        .unwrap()
-        .tenant("team-a")
-        .cloned()
-        .unwrap();
-        let not_found = |message: &str| {
-            kube::Error::Api(Box::new(kube::core::Status {
-                code: 404,
-                message: message.into(),
-                reason: "NotFound".into(),
-                ..Default::default()
-            }))
-        };
-        let route = not_found("the server could not find the requested resource");
-        let status = subresource_status(&route, &tenant, EPHEMERAL_CONTAINERS);
-        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-        assert_eq!(
-            status.message(),
-            "the host API server refused the pod: it cannot add debug containers to a running pod \
-             (no pods/ephemeralcontainers subresource: Kubernetes 1.25 and later serve it); the host pod runs without them"
-        );
-        assert_eq!(
-            status.get_error_details().error_info().map(|i| i.reason.as_str()),
-            Some(rcsync_proto::HOST_POD_REFUSED)
-        );
-        // The Pod itself gone since it was read: retried, as any other failure of the host.
-        let pod_gone = not_found(r#"pods "web-x-default-x-team-a" not found"#);
-        assert_eq!(
-            subresource_status(&pod_gone, &tenant, RESIZE).code(),
-            tonic::Code::Unavailable
-        );
-    }
-
     fn tenants_state(yaml: &str) -> Arc<TenantsState> {
         Arc::new(TenantsState {
             file: rcsync_core::TenantsFile::parse(std::path::Path::new("t.yaml"), yaml).unwrap(),
@@ -1257,127 +800,5 @@ mod tests {
         ));
         let removed = tenant_left(&auth, a, "ns-a2".into()).await;
         assert_eq!(removed.code(), tonic::Code::PermissionDenied);
-    }
-
-    #[test]
-    fn a_host_refusal_says_whether_room_a_change_of_the_pod_or_nothing_of_the_pod_cures_it() {
-        let state = tenants_state("tenants:\n  - {name: a, hostNamespace: ns-a}\n");
-        let tenant = state.file.tenant("a").unwrap();
-        let refused = |message: &str| {
-            let status: kube::core::Status =
-                serde_json::from_value(json!({"code": 403, "reason": "Forbidden", "message": message}))
-                    .unwrap();
-            kube_status(&kube::Error::Api(Box::new(status)), tenant)
-        };
-        let full = refused(
-            "pods \"web-x-default-x-a\" is forbidden: exceeded quota: pods, requested: pods=1, used: pods=1, limited: pods=1",
-        );
-        assert_eq!(full.code(), tonic::Code::FailedPrecondition);
-        assert!(full.message().contains("exceeded quota: pods"), "{full:?}");
-        let info = full.get_details_error_info().expect("an ErrorInfo");
-        assert_eq!(
-            (info.reason.as_str(), info.domain.as_str()),
-            (rcsync_proto::HOST_QUOTA_EXCEEDED, rcsync_proto::ERROR_DOMAIN)
-        );
-        let reason = |status: &Status| {
-            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
-            status.get_details_error_info().map(|info| {
-                assert_eq!(info.domain, rcsync_proto::ERROR_DOMAIN);
-                info.reason
-            })
-        };
-        // The Pod as it stands is refused: a webhook, a quota that wants requests, validation.
-        for message in [
-            "admission webhook \"policy.example\" denied the request: no",
-            "pods \"web-x-default-x-a\" is forbidden: failed quota: compute: must specify requests.cpu for: app",
-            "pods \"web-x-default-x-a\" is forbidden: violates PodSecurity \"restricted:latest\": runAsNonRoot != true",
-        ] {
-            assert_eq!(
-                reason(&refused(message)).as_deref(),
-                Some(rcsync_proto::HOST_POD_REFUSED),
-                "{message}"
-            );
-        }
-        let invalid: kube::core::Status = serde_json::from_value(json!({
-            "code": 422, "reason": "Invalid",
-            "message": "Pod \"web-x-default-x-a\" is invalid: spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit of 1",
-        }))
-        .unwrap();
-        let invalid = kube_status(&kube::Error::Api(Box::new(invalid)), tenant);
-        assert_eq!(reason(&invalid).as_deref(), Some(rcsync_proto::HOST_POD_REFUSED));
-        // What the host may cure any moment carries no reason: retried on the usual backoff.
-        for message in [
-            "pod rejected: RuntimeClass \"kata\" not found",
-            "pod rejected: conflict: runtimeClass.scheduling.nodeSelector[pool] = kata; pod.spec.nodeSelector[pool] = gvisor",
-            "pods \"web-x-default-x-a\" is forbidden: User \"system:serviceaccount:rcsync:host-agent\" cannot create resource \"pods\" in API group \"\" in the namespace \"ns-a\"",
-            "pods \"web-x-default-x-a\" is forbidden: unable to create new content in namespace ns-a because it is being terminated",
-        ] {
-            assert_eq!(reason(&refused(message)), None, "{message}");
-        }
-    }
-
-    #[test]
-    fn a_created_pod_is_read_as_its_name_uid_and_scheduling_gates_only() {
-        let answer = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "web-x-default-x-team-a", "namespace": "team-a", "uid": "u-1",
-                         "labels": {"rcsync.io/managed-by": "team-a"}},
-            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1.0"}],
-                     "schedulingGates": [{"name": COPIES_GATE}]},
-            "status": {"phase": "Pending"},
-        });
-        let placed: PlacedPod = serde_json::from_value(answer.clone()).unwrap();
-        assert_eq!(placed.metadata.name, "web-x-default-x-team-a");
-        assert!(has_copies_gate(&placed));
-        assert_eq!(owner_reference(&placed).unwrap().uid, "u-1");
-        // The same as reading the whole Pod.
-        let whole: Pod = serde_json::from_value(answer).unwrap();
-        let of = PlacedPod::of(&whole);
-        assert_eq!(of.metadata.name, placed.metadata.name);
-        assert_eq!(of.metadata.uid, placed.metadata.uid);
-        assert!(has_copies_gate(&of));
-        // Without gates, or without a uid (an API server bug), it says so.
-        let plain: PlacedPod =
-            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {}})).unwrap();
-        assert!(!has_copies_gate(&plain));
-        assert!(owner_reference(&plain).is_err());
-    }
-
-    #[test]
-    fn a_host_pod_takes_its_readiness_gates_conditions_as_the_tenant_sets_and_removes_them() {
-        let virtual_pod = |conditions: serde_json::Value| -> Pod {
-            serde_json::from_value(json!({
-                "metadata": {"name": "web"},
-                "spec": {"containers": [], "readinessGates": [
-                    {"conditionType": "example.com/lb-ready"}, {"conditionType": "example.com/dns"}]},
-                "status": {"conditions": conditions},
-            }))
-            .unwrap()
-        };
-        let placed = |conditions: serde_json::Value| -> PlacedPod {
-            serde_json::from_value(json!({"metadata": {"name": "h"}, "status": {"conditions": conditions}}))
-                .unwrap()
-        };
-        let lb = json!({"type": "example.com/lb-ready", "status": "True"});
-        let dns = json!({"type": "example.com/dns", "status": "True"});
-        let ready = json!({"type": "Ready", "status": "False"});
-        // Set on the virtual Pod, missing on the host: written.
-        let patch = placed(json!([ready]))
-            .readiness_patch(&virtual_pod(json!([lb, ready])))
-            .unwrap();
-        assert_eq!(patch, json!({"status": {"conditions": [lb]}}));
-        // Carried already: nothing to write.
-        assert_eq!(
-            placed(json!([lb, ready])).readiness_patch(&virtual_pod(json!([lb]))),
-            None
-        );
-        // Removed by the tenant's controller: removed on the host; the kubelet's own stay.
-        let patch = placed(json!([lb, dns, ready]))
-            .readiness_patch(&virtual_pod(json!([lb])))
-            .unwrap();
-        assert_eq!(
-            patch,
-            json!({"status": {"conditions": [lb, {"type": "example.com/dns", "$patch": "delete"}]}})
-        );
     }
 }
