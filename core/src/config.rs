@@ -1025,40 +1025,19 @@ impl Walker {
             pods.always_pull_images = always_pull;
         }
         if let Some(list) = fields.get("inlineVolumes") {
-            let list_path = join(path, "inlineVolumes");
-            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
-                let item_path = format!("{list_path}[{i}]");
-                let Some(name) = self.string(item, &item_path) else {
-                    continue;
-                };
-                match InlineVolumeType::parse(&name) {
-                    Some(kind) => {
-                        pods.inline_volumes.insert(kind);
-                    }
-                    None => self.problem(
-                        &item_path,
-                        format!(
-                            "{name:?} is not a volume type that names its storage directly, expected one of {}",
-                            InlineVolumeType::ALL.join(", ")
-                        ),
-                    ),
-                }
-            }
+            pods.inline_volumes = self.parsed_list(list, &join(path, "inlineVolumes"), |name| {
+                InlineVolumeType::parse(name).ok_or_else(|| {
+                    format!(
+                        "{name:?} is not a volume type that names its storage directly, expected one of {}",
+                        InlineVolumeType::ALL.join(", ")
+                    )
+                })
+            });
         }
         if let Some(list) = fields.get("inlineCsiDrivers") {
-            let list_path = join(path, "inlineCsiDrivers");
-            for (i, item) in self.list(list, &list_path).unwrap_or_default().iter().enumerate() {
-                let item_path = format!("{list_path}[{i}]");
-                let Some(name) = self.string(item, &item_path) else {
-                    continue;
-                };
-                match CsiDriverName::parse(&name) {
-                    Ok(driver) => {
-                        pods.inline_csi_drivers.insert(driver);
-                    }
-                    Err(why) => self.problem(&item_path, format!("invalid CSI driver name {name:?}: {why}")),
-                }
-            }
+            pods.inline_csi_drivers = self.parsed_list(list, &join(path, "inlineCsiDrivers"), |name| {
+                CsiDriverName::parse(name).map_err(|why| format!("invalid CSI driver name {name:?}: {why}"))
+            });
         }
         let Some(level) = fields.get("podSecurityStandard") else {
             return;
@@ -1076,6 +1055,29 @@ impl Walker {
                 ),
             ),
         }
+    }
+
+    /// A list of strings at `path`, each parsed by `parse` (a problem at its index when it fails).
+    fn parsed_list<T: Ord>(
+        &mut self,
+        list: &Value,
+        path: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> BTreeSet<T> {
+        let mut parsed = BTreeSet::new();
+        for (i, item) in self.list(list, path).unwrap_or_default().iter().enumerate() {
+            let item_path = format!("{path}[{i}]");
+            let Some(name) = self.string(item, &item_path) else {
+                continue;
+            };
+            match parse(&name) {
+                Ok(value) => {
+                    parsed.insert(value);
+                }
+                Err(why) => self.problem(&item_path, why),
+            }
+        }
+        parsed
     }
 
     /// `<key>.enabled` of a `{enabled: bool}` block among `fields` (false when absent).
