@@ -25,6 +25,8 @@
 //!  create claim ─► finalizer kubernetes.io/pvc-protection
 //!  claim deleted ─► Terminating while a Pod of its namespace that has not ended mounts it
 //!  (changes of claims and Pods) ─► a Terminating claim no such Pod mounts ─► finalizer removed, gone
+//!  Pod with an ephemeral volume ─► claim <pod>-<volume> from its template, owned by the Pod
+//!      (admitted as a claim created through the API is, quota aside; it goes with the Pod)
 //! ```
 //!
 //! Not simulated: volumes made by hand binding to claims.
@@ -241,9 +243,85 @@ pub async fn run(store: Arc<Store>, stop: watch::Receiver<bool>) {
     crate::store::reconcile_namespaces(store, &[CLAIMS, CLASSES], CLAIMS, reconcile, stop).await;
 }
 
-/// Lets claims go once no Pod mounts them, until `stop` (see the module docs).
+/// Lets claims go once no Pod mounts them, and makes the claims of Pods' ephemeral volumes, until
+/// `stop` (see the module docs).
 pub async fn protect(store: Arc<Store>, stop: watch::Receiver<bool>) {
+    let ephemeral = tokio::spawn(make_ephemeral_claims(store.clone(), stop.clone()));
     crate::store::reconcile_namespaces(store, &[CLAIMS, PODS], CLAIMS, release_unused, stop).await;
+    ephemeral.abort();
+}
+
+/// Upstream's ephemeral-volume controller: each Pod's ephemeral volume gets its claim
+/// `<pod>-<volume>` from the volume's template, owned by the Pod (the garbage collector removes it
+/// with the Pod). A claim of that name that exists already is left as it is. Each Pod change is
+/// looked at alone (its own volumes); after missed changes, every Pod.
+async fn make_ephemeral_claims(store: Arc<Store>, mut stop: watch::Receiver<bool>) {
+    let mut changes = store.changes();
+    let all = |store: &Store| {
+        for pod in store.list(PODS, None).0 {
+            ephemeral_claims_of(store, &pod);
+        }
+    };
+    all(&store);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            change = changes.recv() => match change {
+                Ok(change) if change.storage == PODS && change.old.is_none() => {
+                    ephemeral_claims_of(&store, &change.new);
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => all(&store),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// Makes the missing claims of `pod`'s ephemeral volumes.
+fn ephemeral_claims_of(store: &Store, pod: &Value) {
+    let meta = &pod["metadata"];
+    if meta.get("deletionTimestamp").is_some_and(|t| !t.is_null()) {
+        return;
+    }
+    let (Some(namespace), Some(pod_name), Some(pod_uid)) = (
+        meta["namespace"].as_str(),
+        meta["name"].as_str(),
+        meta["uid"].as_str(),
+    ) else {
+        return;
+    };
+    for volume in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+        let template = &volume["ephemeral"]["volumeClaimTemplate"];
+        let Some(volume_name) = volume["name"].as_str().filter(|_| template.is_object()) else {
+            continue;
+        };
+        let name = format!("{pod_name}-{volume_name}");
+        let _ = store.transact(CLAIMS, (namespace.to_string(), name.clone()), |reader, current| {
+            if current.is_some() {
+                return Ok(Outcome::Unchanged);
+            }
+            let mut claim = json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {
+                    "name": name, "namespace": namespace,
+                    "uid": uuid::Uuid::new_v4().to_string(),
+                    "creationTimestamp": crate::admission::now(),
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid,
+                                         "controller": true, "blockOwnerDeletion": true}],
+                },
+                "spec": template["spec"],
+                "status": {"phase": "Pending"},
+            });
+            for field in ["labels", "annotations"] {
+                if let Some(map) = template["metadata"].get(field).filter(|m| m.is_object()) {
+                    claim["metadata"][field] = map.clone();
+                }
+            }
+            admit_claim(&mut claim, reader);
+            Ok(Outcome::Put(claim))
+        });
+    }
 }
 
 /// Removes [`PROTECTION`] from each Terminating claim of `namespace` that no Pod of it mounts,

@@ -1126,6 +1126,36 @@ async fn kubectl_a_claim_a_pod_mounts_is_terminating_until_no_pod_mounts_it() {
     .await;
 }
 
+#[tokio::test]
+async fn kubectl_an_ephemeral_volume_gets_a_claim_of_its_pod_that_goes_with_the_pod() {
+    let cluster = with_a_node().await;
+    let dir = tempfile::tempdir().unwrap();
+    let k = Kubectl::new(&cluster, dir.path());
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: job\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: job\n    image: registry.example/job:1\n  volumes:\n  - name: scratch\n    ephemeral:\n      volumeClaimTemplate:\n        metadata:\n          labels: {type: scratch}\n        spec:\n          accessModes: [ReadWriteOnce]\n          resources:\n            requests:\n              storage: 1Gi\n";
+    k.run_with_input(&["apply", "-f", "-"], Some(pod)).await;
+    let claim = eventually_output(
+        &k,
+        &[
+            "get",
+            "pvc",
+            "-o",
+            "jsonpath={.items[*].metadata.name} {.items[*].metadata.ownerReferences[0].name} {.items[*].metadata.labels.type} {.items[*].status.phase}",
+        ],
+        |out| out.contains("Bound"),
+    )
+    .await;
+    assert_eq!(claim.trim(), "job-scratch job scratch Bound");
+    k.run(&["wait", "--for=condition=Ready", "pod/job", "--timeout=20s"])
+        .await;
+    k.run(&["delete", "pod", "job"]).await;
+    eventually_output(
+        &k,
+        &["get", "pvc", "-o", "jsonpath={.items[*].metadata.name}"],
+        |out| out.trim().is_empty(),
+    )
+    .await;
+}
+
 /// A devcluster with one simulated node (its scheduler and kubelet run Pods).
 async fn with_a_node() -> DevCluster {
     DevCluster::start(ServerOptions {

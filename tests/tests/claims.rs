@@ -334,6 +334,51 @@ async fn a_claim_deleted_in_the_virtual_cluster_is_deleted_on_the_host_and_one_d
     .await;
 }
 
+/// An ephemeral volume's claim is made in the virtual cluster from the Pod's template (as its
+/// controller manager does) and, like every claim of a tenant whose claims the host makes, on the
+/// host as its copy: the host Pod mounts that copy, and the host provisions the volume once (left
+/// ephemeral on the host, its own controller would make a second claim).
+#[tokio::test]
+async fn an_ephemeral_volume_mounts_the_host_copy_of_its_virtual_claim_and_is_provisioned_once() {
+    let system = system(&[tenant(true)]).await;
+    let side = system.virtual_side();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "job"},
+        "spec": {"runtimeClassName": "gvisor",
+                 "containers": [{"name": "job", "image": "registry.example/job:1.0",
+                                 "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+                 "volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec":
+                     {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]},
+    }))
+    .unwrap();
+    side.create_pod(&pod).await;
+    bound(side, "job-scratch").await;
+    let host_pods = system.host_pods(&side.tenant).await;
+    let running = eventually("the Pod Running on the host", || async {
+        let pod = host_pods.get_opt(&host_name("job")).await.ok()??;
+        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
+    })
+    .await;
+    let volume = &running.spec.unwrap().volumes.unwrap()[0];
+    assert_eq!(
+        volume
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.clone()),
+        Some(host_name("job-scratch"))
+    );
+    let made: Vec<String> = host_claims(&system)
+        .await
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    assert_eq!(made, [host_name("job-scratch")], "one claim, one volume");
+}
+
 /// A claim deleted while a Pod mounts it is held (`kubernetes.io/pvc-protection`) until no Pod
 /// does, in the virtual cluster and on the host alike: the Pod runs on against its host claim, and
 /// once it is deleted both claims go, nothing left behind.

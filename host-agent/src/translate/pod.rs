@@ -44,8 +44,10 @@ pub fn host_pod(virtual_pod: &Pod, tenant: &Tenant, host_runtime_class: &str) ->
     pod_refs::rewrite(&mut spec, |_, name| {
         host_object_name(name, &id.namespace, tenant_name)
     });
-    // So do claims, where the tenant's claims are made on the host (else they are refused below).
+    // So do claims, where the tenant's claims are made on the host (else they are refused below);
+    // there an ephemeral volume's claim is the virtual cluster's too, and is mounted as one.
     if tenant.pods.claims {
+        ephemeral_as_claims(&mut spec, &id.name);
         for claim in claim_volumes(&mut spec) {
             claim.claim_name = host_object_name(&claim.claim_name, &id.namespace, tenant_name);
         }
@@ -178,6 +180,22 @@ fn keep_claim_template_metadata_virtual(spec: &mut PodSpec) {
     }
 }
 
+/// Turns the Pod's ephemeral volumes into mounts of their claims, `<pod>-<volume>`, as a virtual
+/// cluster's ephemeral-volume controller names the claim it makes from the template. Where the
+/// tenant's claims are made on the host, that claim is copied to the host like any other, so the
+/// host Pod mounts the copy; left ephemeral, the host's own controller would make a second claim,
+/// and the host would provision the volume twice.
+fn ephemeral_as_claims(spec: &mut PodSpec, pod_name: &str) {
+    for volume in spec.volumes.iter_mut().flatten() {
+        if volume.ephemeral.take().is_some() {
+            volume.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
+                claim_name: format!("{pod_name}-{}", volume.name),
+                read_only: None,
+            });
+        }
+    }
+}
+
 /// The `persistentVolumeClaim` sources of a Pod's volumes.
 pub fn claim_volumes(spec: &mut PodSpec) -> impl Iterator<Item = &mut PersistentVolumeClaimVolumeSource> {
     spec.volumes
@@ -304,6 +322,23 @@ mod tests {
         assert_eq!(claim.claim_name, "data-x-shop-x-team-a");
         assert_eq!(claim.read_only, Some(true));
         assert!(unsupported(spec, &tenant.pods).is_empty());
+
+        // An ephemeral volume mounts the host copy of the claim the virtual cluster made for it.
+        let scratch = pod_with(serde_json::json!({
+            "containers": [{"name": "c"}],
+            "volumes": [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {
+                "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}}}]
+        }));
+        let host = host_pod(&scratch, &tenant, "").unwrap();
+        let volume = &host.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0];
+        assert_eq!(volume.ephemeral, None);
+        assert_eq!(
+            volume
+                .persistent_volume_claim
+                .as_ref()
+                .map(|c| c.claim_name.as_str()),
+            Some("web-scratch-x-shop-x-team-a")
+        );
     }
 
     #[test]
