@@ -245,7 +245,7 @@ pub async fn run(store: Arc<Store>, stop: watch::Receiver<bool>) {
 
 /// Lets claims go once no Pod mounts them, and makes the claims of Pods' ephemeral volumes, until
 /// `stop` (see the module docs).
-pub async fn protect(store: Arc<Store>, stop: watch::Receiver<bool>) {
+pub async fn claim_controllers(store: Arc<Store>, stop: watch::Receiver<bool>) {
     let ephemeral = tokio::spawn(make_ephemeral_claims(store.clone(), stop.clone()));
     crate::store::reconcile_namespaces(store, &[CLAIMS, PODS], CLAIMS, release_unused, stop).await;
     ephemeral.abort();

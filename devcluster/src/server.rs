@@ -159,7 +159,10 @@ impl DevCluster {
             .map(|path| tokio::spawn(save_state(app.api.store().clone(), path, stop.subscribe())));
         tokio::spawn(crate::quota::run(app.api.store().clone(), stop.subscribe()));
         tokio::spawn(crate::disruption::run(app.api.store().clone(), stop.subscribe()));
-        tokio::spawn(crate::claims::protect(app.api.store().clone(), stop.subscribe()));
+        tokio::spawn(crate::claims::claim_controllers(
+            app.api.store().clone(),
+            stop.subscribe(),
+        ));
         if options.nodes.count > 0 {
             crate::claims::make_default_class(app.api.store());
             tokio::spawn(crate::claims::run(app.api.store().clone(), stop.subscribe()));

@@ -98,6 +98,16 @@ async fn event(side: &VirtualSide, kind: &str, name: &str, reason: &str) -> Core
     .await
 }
 
+/// The host Pod of virtual Pod `name` once it runs.
+async fn running_on_host(system: &System, name: &str) -> Pod {
+    let host = system.host_pods(&system.virtual_side().tenant).await;
+    eventually(&format!("Pod {name} Running on the host"), || async {
+        let pod = host.get_opt(&host_name(name)).await.ok()??;
+        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
+    })
+    .await
+}
+
 /// The virtual claim `name` once the host's status shows on it as Bound.
 async fn bound(side: &VirtualSide, name: &str) -> PersistentVolumeClaim {
     let api = virtual_claims(side).await;
@@ -152,12 +162,7 @@ async fn a_pod_mounting_a_claim_runs_on_the_host_against_the_tenants_host_claim(
     // The Pod first, as a StatefulSet's Pod may come before its claim reached the host: it waits.
     side.create_pod(&db_pod("db-0", "data-db-0")).await;
     create_claim(side, &claim("data-db-0", json!({}))).await;
-    let host = system.host_pods(&side.tenant).await;
-    let pod = eventually("the Pod Running on the host", || async {
-        let pod = host.get_opt(&host_name("db-0")).await.ok()??;
-        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
-    })
-    .await;
+    let pod = running_on_host(&system, "db-0").await;
     let volume = &pod.spec.unwrap().volumes.unwrap()[0];
     assert_eq!(
         volume.persistent_volume_claim.as_ref().unwrap().claim_name,
@@ -190,12 +195,7 @@ async fn a_claim_of_a_host_class_that_waits_for_its_first_consumer_is_bound_once
     // Its Pod is synced while the claim is unbound (waiting for it would wait forever), runs on
     // the host, and the claim is bound there, and so in the virtual cluster.
     side.create_pod(&db_pod("db-0", "data-db-0")).await;
-    let host = system.host_pods(&side.tenant).await;
-    eventually("the Pod Running on the host", || async {
-        let pod = host.get_opt(&host_name("db-0")).await.ok()??;
-        (pod.status?.phase.as_deref() == Some("Running")).then_some(())
-    })
-    .await;
+    running_on_host(&system, "db-0").await;
     bound(side, "data-db-0").await;
 }
 
@@ -353,12 +353,7 @@ async fn an_ephemeral_volume_mounts_the_host_copy_of_its_virtual_claim_and_is_pr
     .unwrap();
     side.create_pod(&pod).await;
     bound(side, "job-scratch").await;
-    let host_pods = system.host_pods(&side.tenant).await;
-    let running = eventually("the Pod Running on the host", || async {
-        let pod = host_pods.get_opt(&host_name("job")).await.ok()??;
-        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
-    })
-    .await;
+    let running = running_on_host(&system, "job").await;
     let volume = &running.spec.unwrap().volumes.unwrap()[0];
     assert_eq!(
         volume
@@ -391,12 +386,7 @@ async fn a_claim_deleted_while_its_pod_runs_is_kept_until_the_pod_is_gone_and_th
     // Ends within a second of its deletion on the host (the simulated kubelet takes the whole grace).
     pod.spec.as_mut().unwrap().termination_grace_period_seconds = Some(1);
     side.create_pod(&pod).await;
-    let host_pods = system.host_pods(&side.tenant).await;
-    let running = || async {
-        let pod = host_pods.get_opt(&host_name("db")).await.ok()??;
-        (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(())
-    };
-    eventually("the Pod Running on the host", running).await;
+    running_on_host(&system, "db").await;
 
     virtual_claims(side)
         .await
@@ -419,7 +409,7 @@ async fn a_claim_deleted_while_its_pod_runs_is_kept_until_the_pod_is_gone_and_th
         host.get_opt(&host_name("data")).await.unwrap().is_some(),
         "the host claim stays while the Pod mounts it"
     );
-    eventually("the Pod still Running on the host", running).await;
+    running_on_host(&system, "db").await;
 
     side.delete_pod_now("db").await;
     eventually("both claims gone", || async {
