@@ -24,17 +24,18 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
     ("", "events", &["list", "watch"], "tenant-namespace"),
     // grpc::pods: copies of the ConfigMaps and Secrets a Pod references (get, create, replace;
     // delete only to replace a Secret whose type changed). The host's garbage collector removes
-    // them with their last owning Pod.
+    // them with their last owning Pod. grpc::lost_copies: list + watch of their metadata in
+    // WatchPodStatus, so a copy deleted under its Pod is written again.
     (
         "",
         "configmaps",
-        &["create", "delete", "get", "update"],
+        &["create", "delete", "get", "list", "update", "watch"],
         "tenant-namespace",
     ),
     (
         "",
         "secrets",
-        &["create", "delete", "get", "update"],
+        &["create", "delete", "get", "list", "update", "watch"],
         "tenant-namespace",
     ),
     // grpc::pods::budgets: the tenant's PodDisruptionBudgets held on the host (get, create,

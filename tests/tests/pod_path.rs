@@ -660,6 +660,49 @@ async fn a_running_pod_keeps_its_copy_when_the_virtual_object_is_deleted() {
     );
 }
 
+#[tokio::test]
+async fn a_copy_deleted_on_the_host_under_its_running_pod_is_written_again() {
+    let system = system(tenant()).await;
+    let v = system.virtual_side();
+    create_config_map(v, "settings", &[("mode", "a")]).await;
+    Api::<Secret>::namespaced(v.cluster.client().await, "default")
+        .create(&PostParams::default(), &secret("creds", &[("token", "t0")]))
+        .await
+        .unwrap();
+    let uses = json!({
+        "containers": [app(json!({"envFrom": [{"configMapRef": {"name": "settings"}}]}))],
+        "volumes": [{"name": "creds", "secret": {"secretName": "creds"}}],
+    });
+    v.create_pod(&pod("runs", uses)).await;
+    let host_pod = wait_host_pod(&system, "runs", "default").await;
+    let (config_maps, secrets) = (host_config_maps(&system).await, host_secrets(&system).await);
+    let (settings, creds) = (host_name("settings", "default"), host_name("creds", "default"));
+    // Someone on the host (a cleanup job, an operator) deletes both copies under the running Pod.
+    config_maps
+        .delete(&settings, &DeleteParams::default())
+        .await
+        .unwrap();
+    secrets.delete(&creds, &DeleteParams::default()).await.unwrap();
+    let owned_by_the_pod = |meta: &kube::api::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "Pod" && Some(&o.uid) == host_pod.metadata.uid.as_ref())
+    };
+    let copy = eventually("the ConfigMap copy written again", || async {
+        config_maps.get_opt(&settings).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(copy.data, Some(data(&[("mode", "a")])));
+    assert!(owned_by_the_pod(&copy.metadata), "{copy:?}");
+    let copy = eventually("the Secret copy written again", || async {
+        secrets.get_opt(&creds).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(copy.data, Some(secret_data(&[("token", "t0")])));
+    assert!(owned_by_the_pod(&copy.metadata), "{copy:?}");
+}
+
 /// The tenant's system with one simulated node on the host (devcluster `--nodes 1`), so host
 /// Pods are scheduled and run, and the class `gvisor` synced to the virtual cluster.
 async fn system_with_a_host_node() -> System {

@@ -8,6 +8,7 @@ pub mod connection_limit;
 pub mod framing;
 pub mod host_events;
 pub mod limits;
+pub mod lost_copies;
 pub mod peer;
 pub mod pod_status;
 pub mod pods;

@@ -25,6 +25,7 @@ use rcsync_proto::v1::{PodStatusEvent, PodStatusEventType};
 use serde::Deserialize;
 
 use crate::grpc::host_events::{Addressed, ReportedObject};
+use crate::grpc::lost_copies::LostCopy;
 use crate::grpc::status_stream::Reporting;
 use crate::translate::{VirtualPodRef, recorded_ref};
 
@@ -117,6 +118,7 @@ fn deleted(id: VirtualPodRef) -> PodStatusEvent {
         status_json: Vec::new(),
         host_event: None,
         deletion_grace_period_seconds: None,
+        lost_copy: String::new(),
     }
 }
 
@@ -186,6 +188,14 @@ impl Reporting for PodReporting {
 
     fn listed(message: &PodStatusEvent) -> bool {
         message.r#type() == PodStatusEventType::InitialStateComplete
+    }
+
+    fn copy_lost(reported: &ReportedPod, copy: &LostCopy) -> Option<PodStatusEvent> {
+        Some(PodStatusEvent {
+            r#type: PodStatusEventType::CopyLost as i32,
+            lost_copy: copy.describe(),
+            ..reported.deleted.clone()
+        })
     }
 
     fn reported(reported: &ReportedPod) -> ReportedObject<'_> {

@@ -50,6 +50,7 @@ use crate::grpc::auth::{Authenticator, Caller};
 use crate::grpc::claim_status::ClaimReporting;
 use crate::grpc::host_events::{self, HostEventFeed};
 use crate::grpc::limits::{StreamKind, TenantLimiter};
+use crate::grpc::lost_copies;
 use crate::grpc::pod_status::{HostPodStatus, PodReporting};
 use crate::grpc::status_stream::{self, EventWatch, ObjectWatch};
 use crate::index::{TenantsState, ViewSource};
@@ -639,7 +640,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         );
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                status_stream::stream::<ClaimReporting>(claims, host_events, tx, shutdown, ended).await;
+                status_stream::stream::<ClaimReporting>(claims, host_events, None, tx, shutdown, ended).await;
                 drop(slot);
             },
             span,
@@ -675,6 +676,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             )
             .boxed();
         let host_events = self.host_events(&tenant, "Pod", request.get_ref().host_events);
+        let copies = lost_copies::watch(&self.client, &tenant, &self.metrics);
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("pod_status", tenant = %name);
         let gauge = self
@@ -687,7 +689,8 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 gauge.inc();
-                status_stream::stream::<PodReporting>(pods, host_events, tx, shutdown, ended).await;
+                status_stream::stream::<PodReporting>(pods, host_events, Some(copies), tx, shutdown, ended)
+                    .await;
                 gauge.dec();
                 drop(slot);
             },

@@ -1,11 +1,13 @@
 //! The loop both status streams run (`WatchPodStatus`, `WatchClaimStatus`): a watch of the
 //! tenant's host objects turned into messages by a [`Reporting`], and, when the client asked for
-//! them, the host events about those objects ([`HostEventFeed`]).
+//! them, the host events about those objects ([`HostEventFeed`]); for Pods, the copies written for
+//! them that are deleted under them ([`LostCopies`]).
 //!
 //! ```text
 //!  watch of the tenant's host objects ──► Reporting::events_for ──► messages ──► client
 //!                                                        │ (once the initial state was sent)
-//!  watch of host events about them ──► HostEventFeed ──► Reporting::host_event ──┘
+//!  watch of host events about them ──► HostEventFeed ──► Reporting::host_event ──┤
+//!  watch of their copies ──► LostCopies ──► Reporting::copy_lost ────────────────┘
 //! ```
 //!
 //! The events watch is read only once the objects' initial state was sent, so an event finds the
@@ -23,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::grpc::host_events::{Addressed, HostEventFeed, ReportedObject};
+use crate::grpc::lost_copies::{CopyWatch, LostCopies, LostCopy};
 
 /// A watch of host objects of kind `K`.
 pub type ObjectWatch<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
@@ -59,15 +62,22 @@ pub trait Reporting {
 
     /// The message that carries a host event.
     fn host_event(addressed: Addressed) -> Self::Message;
+
+    /// The message that tells the client `copy`, written for the reported object, was deleted;
+    /// `None` where the stream's objects own no copies.
+    fn copy_lost(_reported: &Self::Reported, _copy: &LostCopy) -> Option<Self::Message> {
+        None
+    }
 }
 
 /// Feeds `tx` from the watch `objects` and, when asked for, the watch of host events
-/// `host_events`, until the client goes, a watch ends, `shutdown`, or `ended` says why the stream
-/// may not go on (its tenant removed from the config, moved to another host namespace, a switch
-/// turned): then that status ends it.
+/// `host_events` and the watch of the objects' `copies`, until the client goes, a watch ends,
+/// `shutdown`, or `ended` says why the stream may not go on (its tenant removed from the config,
+/// moved to another host namespace, a switch turned): then that status ends it.
 pub async fn stream<R: Reporting>(
     mut objects: ObjectWatch<R::Object>,
     host_events: Option<(EventWatch, HostEventFeed)>,
+    mut copies: Option<CopyWatch>,
     tx: mpsc::Sender<Result<R::Message, Status>>,
     mut shutdown: watch::Receiver<bool>,
     ended: impl std::future::Future<Output = Status>,
@@ -77,6 +87,7 @@ pub async fn stream<R: Reporting>(
     let mut listed = false;
     let (mut event_watch, mut feed) =
         host_events.map_or((None, None), |(watch, feed)| (Some(watch), Some(feed)));
+    let mut lost = LostCopies::default();
     let mut ended = std::pin::pin!(ended);
     loop {
         let out = tokio::select! {
@@ -121,6 +132,24 @@ pub async fn stream<R: Reporting>(
                     .map(R::host_event)
                     .collect(),
                 (Some(Ok(_)), None) => Vec::new(),
+            },
+            copy = next_or_never(&mut copies), if listed => match copy {
+                None => return,
+                Some((kind, Err(e))) => {
+                    tracing::warn!(error = %e, "watching the {kind} copies failed; retrying with backoff");
+                    continue;
+                }
+                Some((kind, Ok(event))) => lost
+                    .on_event(kind, event)
+                    .iter()
+                    .flat_map(|copy| {
+                        copy.owners
+                            .iter()
+                            .filter_map(|(name, uid)| known.get(name).filter(|r| R::reported(r).host_uid == uid))
+                            .filter_map(|reported| R::copy_lost(reported, copy))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect(),
             },
         };
         for message in out {

@@ -114,6 +114,9 @@ pub(super) struct Shard {
     tokens: HashMap<Key, IssuedTokens>,
     /// When each Pod's tokens are due to be requested again (and the Pod applied with them).
     token_refreshes: BTreeSet<(Instant, Key)>,
+    /// Synced Pods a copy of whose ConfigMaps or Secrets was deleted on the host: applied again
+    /// even though nothing of theirs changed, which writes the copy anew.
+    copies_lost: HashSet<Key>,
 }
 
 impl Shard {
@@ -145,6 +148,7 @@ impl Shard {
             pod_api_server: None,
             tokens: HashMap::new(),
             token_refreshes: BTreeSet::new(),
+            copies_lost: HashSet::new(),
             objects_listed: [false; 2],
             objects,
             referrers: HashMap::new(),
@@ -317,6 +321,7 @@ impl Shard {
                     Some(ShardInput::Removed(key)) => {
                         self.pods.remove(&key);
                         self.tokens.remove(&key);
+                        self.copies_lost.remove(&key);
                         self.index_references(&key);
                         self.enqueue(key);
                     }
@@ -752,6 +757,7 @@ impl Shard {
         if let Some(record) = self.records.get(key)
             && record.state == State::Synced(fingerprint)
             && host_has_it
+            && !self.copies_lost.contains(key)
         {
             return true;
         }
@@ -839,6 +845,7 @@ impl Shard {
                         );
                         self.refusals.remove(key);
                         self.name_waiters.remove(key);
+                        self.copies_lost.remove(key);
                         self.metrics.pods_synced_total.inc();
                         // A Pod that was synced and is again (an update) is a line for debugging, not
                         // for every fleet's log.

@@ -62,6 +62,7 @@ impl Shard {
                 self.collect_garbage();
             }
             PodStatusEventType::HostEvent => self.copy_host_event(key, event),
+            PodStatusEventType::CopyLost => self.on_copy_lost(key, &event),
             PodStatusEventType::Unspecified => {}
         }
     }
@@ -90,6 +91,25 @@ impl Shard {
             uid: event.pod_uid,
             event: host_event,
         });
+    }
+
+    /// A copy of a ConfigMap or Secret written for a synced Pod was deleted on the host (by hand,
+    /// by a cleanup job): the Pod is applied again, which writes the copy anew, so its containers
+    /// keep finding it when they restart.
+    pub(super) fn on_copy_lost(&mut self, key: Key, event: &PodStatusEvent) {
+        let synced = self
+            .records
+            .get(&key)
+            .is_some_and(|r| r.uid == event.pod_uid && matches!(r.state, State::Synced(_)));
+        if !synced {
+            return;
+        }
+        tracing::info!(
+            namespace = %key.0, pod = %key.1, copy = %event.lost_copy,
+            "the host copy of an object the Pod references was deleted; applying the Pod again"
+        );
+        self.copies_lost.insert(key.clone());
+        self.enqueue(key);
     }
 
     /// Writes a host status into the virtual Pod it was made for; false when that write failed
