@@ -623,6 +623,12 @@ pub async fn quiescence(world: &World) -> Vec<(String, String)> {
                             format!("{tenant}: the host Pod of {ns}/{name} {why}"),
                         ));
                     }
+                    if let Some(why) = copy_missing(&host, TENANTS[i], hp).await {
+                        unmet.push((
+                            ALLOWED_PODS_ON_HOST.into(),
+                            format!("{tenant}: the host Pod of {ns}/{name} {why}"),
+                        ));
+                    }
                     if let Some(why) = token_differs(world, i, &host, pod, hp).await {
                         unmet.push((
                             POD_TOKENS_VALID.into(),
@@ -848,6 +854,36 @@ async fn claims_differ(
         ));
     }
     unmet
+}
+
+/// The first ConfigMap or Secret host Pod `host_pod` of `tenant` needs (references without
+/// `optional: true`) that its host namespace lacks: every copy a running Pod uses stays there, and
+/// one deleted under it (the churn's cleanup step) is written again.
+async fn copy_missing(host: &kube::Client, tenant: &str, host_pod: &Pod) -> Option<String> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use rcsync_core::pod_refs::{RefKind, references};
+    let namespace = host_namespace(tenant);
+    for ((kind, name), required) in references(host_pod.spec.as_ref()?) {
+        if !required {
+            continue;
+        }
+        let found = match kind {
+            RefKind::ConfigMap => Api::<ConfigMap>::namespaced(host.clone(), &namespace)
+                .get_metadata_opt(&name)
+                .await
+                .map(|m| m.is_some()),
+            RefKind::Secret => Api::<Secret>::namespaced(host.clone(), &namespace)
+                .get_metadata_opt(&name)
+                .await
+                .map(|m| m.is_some()),
+        };
+        match found {
+            Ok(true) => {}
+            Ok(false) => return Some(format!("uses {kind} {name}, which is not on the host")),
+            Err(e) => return Some(format!("uses {kind} {name}, unreadable: {e}")),
+        }
+    }
+    None
 }
 
 /// How the host Pod `host_pod` of tenant `tenant`'s (index) `pod` falls short of a Pod with a token

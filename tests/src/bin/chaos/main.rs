@@ -262,6 +262,55 @@ async fn host_drain_step(rng: &mut StdRng, evictor: &kube::Client) {
     }
 }
 
+/// One host-side cleanup step: a random copy (a ConfigMap or Secret rcsync wrote for a tenant's
+/// Pods, such as a Pod's token Secret) deleted under the Pods using it, as a cleanup job or an
+/// operator might. The host agent sees it go and the virtual agent writes it again.
+async fn host_copy_delete_step(rng: &mut StdRng, client: &kube::Client) {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let tenant = TENANTS[rng.random_range(0..TENANTS.len())];
+    let namespace = world::host_namespace(tenant);
+    let managed =
+        ListParams::default().labels(&format!("{}={tenant}", rcsync_core::naming::LABEL_MANAGED_BY));
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let names = |list: Option<Vec<String>>| list.unwrap_or_default();
+    let (cms, scs) = (
+        names(
+            config_maps
+                .list_metadata(&managed)
+                .await
+                .ok()
+                .map(|l| l.items.into_iter().filter_map(|m| m.metadata.name).collect()),
+        ),
+        names(
+            secrets
+                .list_metadata(&managed)
+                .await
+                .ok()
+                .map(|l| l.items.into_iter().filter_map(|m| m.metadata.name).collect()),
+        ),
+    );
+    let total = cms.len() + scs.len();
+    if total == 0 {
+        return;
+    }
+    let pick = rng.random_range(0..total);
+    let deleted = if pick < cms.len() {
+        config_maps
+            .delete(&cms[pick], &DeleteParams::default())
+            .await
+            .is_ok()
+    } else {
+        secrets
+            .delete(&scs[pick - cms.len()], &DeleteParams::default())
+            .await
+            .is_ok()
+    };
+    if deleted {
+        OPERATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The readiness gate every churned Pod has, which the churn's "controller" sets.
 pub const READINESS_GATE: &str = "example.com/lb-ready";
 
@@ -290,6 +339,10 @@ async fn virtual_churn_step(rng: &mut StdRng, client: &kube::Client, counter: &m
                     {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
                 ]}}]);
                 spec["containers"][0]["volumeMounts"] = json!([{"name": "kube-api-access-x", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}]);
+            } else if rng.random_bool(0.5) {
+                // Half the others read a ConfigMap: its host copy stays while they run (the host
+                // churn deletes copies now and then; no token renewal brings this one back).
+                spec["containers"][0]["envFrom"] = json!([{"configMapRef": {"name": "kube-root-ca.crt"}}]);
             }
             if let Some(class) = class {
                 spec["runtimeClassName"] = json!(class);
@@ -476,6 +529,8 @@ fn spawn_churn(
                         host_event_step(&mut rng, c).await;
                     } else if let Some(evictor) = evictor.as_ref().filter(|_| host && rng.random_bool(0.1)) {
                         host_drain_step(&mut rng, evictor).await;
+                    } else if host && rng.random_bool(0.1) {
+                        host_copy_delete_step(&mut rng, c).await;
                     } else if host {
                         host_churn_step(&mut rng, c, &timeline).await;
                     } else {
