@@ -189,6 +189,26 @@ fn wants_table(accept: &str) -> bool {
         .is_some_and(|first| first.contains("as=Table"))
 }
 
+/// Whether the client asks for metadata only (`as=PartialObjectMetadata` for an object or a watch,
+/// `as=PartialObjectMetadataList` for a list), as kube-rs's metadata calls and the garbage
+/// collector do: upstream then answers `meta.k8s.io/v1` PartialObjectMetadata, which carries no
+/// `data`, `spec` or `status`.
+fn wants_metadata(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=PartialObjectMetadata"))
+}
+
+/// An object as a metadata-only request gets it.
+fn metadata_only(obj: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata").cloned().unwrap_or(Value::Null),
+    })
+}
+
 fn check_accept(accept: &str) -> Result<(), ApiError> {
     if accept.is_empty() {
         return Ok(());
@@ -534,6 +554,9 @@ impl Api {
                         &rv,
                         IncludeObject::parse(q.get("includeObject").map(String::as_str)),
                     )));
+                }
+                if wants_metadata(&req.accept) {
+                    return Ok(Reply::ok(metadata_only(&obj)));
                 }
                 Ok(Reply::ok(obj))
             }
@@ -912,6 +935,14 @@ impl Api {
             t["metadata"] = metadata;
             return Ok(Reply::ok(t));
         }
+        if wants_metadata(accept) {
+            return Ok(Reply::ok(json!({
+                "kind": "PartialObjectMetadataList",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": metadata,
+                "items": items.iter().map(metadata_only).collect::<Vec<_>>(),
+            })));
+        }
         Ok(Reply::ok(json!({
             "kind": format!("{}List", def.kind),
             "apiVersion": def.api_version(),
@@ -962,6 +993,7 @@ impl Api {
         };
         let as_table =
             wants_table(accept).then(|| IncludeObject::parse(q.get("includeObject").map(String::as_str)));
+        let as_metadata = wants_metadata(accept);
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let feed = match self.store.watch(def.storage, start) {
             Ok(feed) => feed,
@@ -977,6 +1009,7 @@ impl Api {
                 def,
                 filter,
                 as_table,
+                as_metadata,
                 sent_columns: false,
                 last_rv: feed.rv,
                 tx,
@@ -1447,6 +1480,8 @@ struct WatchStream {
     def: &'static ResourceDef,
     filter: Filter,
     as_table: Option<IncludeObject>,
+    /// Objects sent as PartialObjectMetadata (see [`wants_metadata`]).
+    as_metadata: bool,
     sent_columns: bool,
     last_rv: u64,
     tx: mpsc::Sender<Bytes>,
@@ -1481,6 +1516,7 @@ impl WatchStream {
                 self.sent_columns = true;
                 t
             }
+            None if self.as_metadata => metadata_only(&obj),
             None => obj,
         };
         self.tx.send(event_line(kind, &object)).await.is_ok()

@@ -777,6 +777,86 @@ fn config_map(name: &str, extra: serde_json::Value) -> ConfigMap {
 }
 
 #[tokio::test]
+async fn metadata_requests_get_partial_object_metadata_without_the_data() {
+    let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
+    let client = client_for(&cluster).await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm = config_map("settings", json!({"metadata": {"labels": {"app": "web"}}}));
+    config_maps.create(&PostParams::default(), &cm).await.unwrap();
+    // Raw, so the answer is checked as the API server sent it (kube-rs would drop unknown fields).
+    let metadata_of = |url: &str, accept: &str| {
+        http::Request::get(url)
+            .header(http::header::ACCEPT, accept)
+            .body(Vec::new())
+            .unwrap()
+    };
+    let one: serde_json::Value = client
+        .request(metadata_of(
+            "/api/v1/namespaces/default/configmaps/settings",
+            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(one["kind"], "PartialObjectMetadata");
+    assert_eq!(one["apiVersion"], "meta.k8s.io/v1");
+    assert_eq!(one["metadata"]["labels"]["app"], "web");
+    assert!(one.get("data").is_none(), "{one}");
+    let list: serde_json::Value = client
+        .request(metadata_of(
+            "/api/v1/namespaces/default/configmaps",
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(list["kind"], "PartialObjectMetadataList");
+    assert!(list["metadata"]["resourceVersion"].is_string(), "{list}");
+    let items = list["items"].as_array().unwrap();
+    assert!(
+        items
+            .iter()
+            .all(|i| i["kind"] == "PartialObjectMetadata" && i.get("data").is_none()),
+        "{list}"
+    );
+    // A metadata watch (kube-rs's watcher over PartialObjectMeta) sees changes without the data.
+    let metadata_api: Api<kube::core::PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(client.clone(), "default");
+    let mut watch = watcher::watcher(metadata_api, watcher::Config::default().labels("app=web")).boxed();
+    loop {
+        if let Event::InitDone = next_meta(&mut watch).await {
+            break;
+        }
+    }
+    config_maps
+        .patch(
+            "settings",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"seen": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    let Event::Apply(changed) = next_meta(&mut watch).await else {
+        panic!("the change is an Apply");
+    };
+    assert_eq!(changed.metadata.annotations.unwrap()["seen"], "yes");
+    assert_eq!(
+        changed.types.map(|t| t.kind).as_deref(),
+        Some("PartialObjectMetadata")
+    );
+}
+
+async fn next_meta<S>(watch: &mut S) -> Event<kube::core::PartialObjectMeta<ConfigMap>>
+where
+    S: futures::Stream<Item = Result<Event<kube::core::PartialObjectMeta<ConfigMap>>, watcher::Error>>
+        + Unpin,
+{
+    timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("a watch event within 10 s")
+        .expect("the watch goes on")
+        .expect("no watch error")
+}
+
+#[tokio::test]
 async fn a_finalizer_holds_a_deletion_until_it_is_removed() {
     let cluster = DevCluster::start(ServerOptions::default()).await.unwrap();
     let client = client_for(&cluster).await;
