@@ -474,7 +474,8 @@ pub struct Tenant {
 pub struct TenantLimits {
     /// `syncStreams`: concurrent RuntimeClassSync.Sync streams.
     pub sync_streams: u32,
-    /// `podStatusStreams`: concurrent PodSync.WatchPodStatus streams.
+    /// `podStatusStreams`: concurrent PodSync status streams (WatchPodStatus, WatchClaimStatus,
+    /// WatchDisruptionBudgets; a virtual agent opens one of each).
     pub pod_status_streams: u32,
     /// `podSyncQps`: sustained ApplyPod/DeletePod calls per second (a token bucket's rate).
     pub pod_sync_qps: u32,

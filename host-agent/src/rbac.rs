@@ -39,11 +39,12 @@ pub const REQUIRED: &[(&str, &str, &[&str], &str)] = &[
         "tenant-namespace",
     ),
     // grpc::pods::budgets: the tenant's PodDisruptionBudgets held on the host (get, create,
-    // replace and delete in Apply/DeleteDisruptionBudget; list in ListDisruptionBudgets).
+    // replace and delete in Apply/DeleteDisruptionBudget; list in ListDisruptionBudgets; list and
+    // watch of their metadata in WatchDisruptionBudgets).
     (
         "policy",
         "poddisruptionbudgets",
-        &["create", "delete", "get", "list", "update"],
+        &["create", "delete", "get", "list", "update", "watch"],
         "tenant-namespace",
     ),
     // The tenant's PersistentVolumeClaims made on the host (create, get, patch to grow and delete

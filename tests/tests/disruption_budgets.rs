@@ -317,6 +317,45 @@ async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_i
 }
 
 #[tokio::test]
+async fn a_host_budget_deleted_on_the_host_is_made_again_while_its_virtual_budget_stays() {
+    let system = system(&[tenant(true)]).await;
+    create_budget(
+        system.virtual_side(),
+        "default",
+        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .await;
+    let first = wait_host_budget(&system, "web", 1).await;
+    // Someone on the host (an operator clearing what blocks a drain, a cleanup tool) deletes it.
+    host_budgets(&system)
+        .await
+        .delete(&host_name("web", "default"), &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = host_budgets(&system).await;
+    let again = eventually("the host budget made again", || async {
+        let budget = api.get_opt(&host_name("web", "default")).await.ok().flatten()?;
+        (budget.uid() != first.uid()).then_some(budget)
+    })
+    .await;
+    assert_eq!(
+        again.spec.as_ref().and_then(|s| s.min_available.clone()),
+        Some(IntOrString::Int(1))
+    );
+    assert_eq!(
+        again.annotations().get("vcluster.loft.sh/object-uid"),
+        virtual_budgets(system.virtual_side())
+            .await
+            .get("web")
+            .await
+            .unwrap()
+            .uid()
+            .as_ref(),
+        "made again for the same virtual budget"
+    );
+}
+
+#[tokio::test]
 async fn a_budget_deleted_while_the_virtual_agent_was_down_is_deleted_on_the_host_when_it_returns() {
     let mut system = system(&[tenant(true)]).await;
     create_budget(

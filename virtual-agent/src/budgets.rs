@@ -12,6 +12,7 @@
 //!                                           another budget), after a backoff of up to a minute
 //!     deleted ──► DeleteDisruptionBudget (UID-checked by the host agent)
 //!  each relist ──► ListDisruptionBudgets ──► host budgets whose virtual budget is gone ──► deleted
+//!  WatchDisruptionBudgets ──► a held budget's host budget deleted on the host ──► applied again
 //!  failures ──► retried per budget with backoff; over the tenant's rate ──► after the delay asked
 //! ```
 //!
@@ -30,10 +31,10 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource as _, ResourceExt as _};
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_proto::v1::{
-    ApplyDisruptionBudgetRequest, DeleteDisruptionBudgetRequest, ListDisruptionBudgetsRequest,
-    PodRefusalReason,
+    ApplyDisruptionBudgetRequest, DeleteDisruptionBudgetRequest, DisruptionBudgetEvent,
+    DisruptionBudgetEventType, ListDisruptionBudgetsRequest, PodRefusalReason, WatchDisruptionBudgetsRequest,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::classes::SyncState;
@@ -144,6 +145,21 @@ impl BudgetSyncer {
                 watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
             )
             .boxed();
+        // Which host budgets exist, so one deleted on the host is made again. The stream runs
+        // inside this task, so a lost term's abort ends it too.
+        let (host_tx, mut host_budgets) = mpsc::channel(64);
+        let feed = host_calls::stream_feed(
+            self.connection.clone(),
+            "WatchDisruptionBudgets",
+            |mut pods| async move {
+                pods.watch_disruption_budgets(WatchDisruptionBudgetsRequest {})
+                    .await
+            },
+            host_tx,
+            shutdown.clone(),
+        );
+        tokio::pin!(feed);
+        let mut feed_ended = false;
         let mut books = Books::new(&self.metrics, self.board.clone());
         let mut relist: Option<HashMap<Key, Arc<PodDisruptionBudget>>> = None;
         let mut listed = false;
@@ -152,6 +168,8 @@ impl BudgetSyncer {
             let wake = books.schedule.next_wake();
             tokio::select! {
                 _ = shutdown.changed() => break,
+                () = &mut feed, if !feed_ended => feed_ended = true,
+                Some(event) = host_budgets.recv() => on_host_budget(&mut books, &event),
                 event = events.next() => match event {
                     None => break,
                     Some(Err(e)) => tracing::warn!(error = %e, "watching PodDisruptionBudgets failed; retrying with backoff"),
@@ -353,6 +371,31 @@ impl host_calls::ObjectSync for BudgetSyncer {
             books.schedule.due.insert(key, now);
         }
         Ok(())
+    }
+}
+
+/// Takes in one event of the host budgets' stream: a host budget gone while the virtual budget it
+/// was made for (that uid) stays and is held is made again at once.
+fn on_host_budget(books: &mut Books, event: &DisruptionBudgetEvent) {
+    if event.r#type() != DisruptionBudgetEventType::Deleted {
+        return;
+    }
+    let Some(budget) = &event.budget else {
+        return;
+    };
+    let key = (budget.namespace.clone(), budget.name.clone());
+    let still_wanted = books
+        .budgets
+        .get(&key)
+        .is_some_and(|b| b.metadata.uid.as_deref() == Some(budget.uid.as_str()));
+    let held = books
+        .held
+        .get(&key)
+        .is_some_and(|h| h.uid == budget.uid && h.refused.is_none());
+    if still_wanted && held {
+        tracing::info!(namespace = %key.0, budget = %key.1, "the host budget of a PodDisruptionBudget was deleted on the host; making it again");
+        books.forget(&key);
+        books.schedule.due.insert(key, Instant::now());
     }
 }
 

@@ -26,7 +26,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
@@ -44,7 +43,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::classes::SyncState;
-use crate::connect::{Backoff, SharedClients};
+use crate::connect::SharedClients;
 use crate::host_calls::{self, Held, ObjectBoard, Outcome, Schedule};
 use crate::host_events::{HostEventCopy, HostEventQueue, host_event_writer};
 use crate::metrics::Metrics;
@@ -163,9 +162,14 @@ impl ClaimSyncer {
             .boxed();
         // The status stream runs inside this task, so a lost term's abort ends it too.
         let (status_tx, mut statuses) = mpsc::channel(64);
-        let feed = claim_status_feed(
+        let host_events = self.host_events as i32;
+        let feed = host_calls::stream_feed(
             self.connection.clone(),
-            self.host_events,
+            "WatchClaimStatus",
+            move |mut pods| async move {
+                pods.watch_claim_status(WatchClaimStatusRequest { host_events })
+                    .await
+            },
             status_tx,
             shutdown.clone(),
         );
@@ -522,48 +526,6 @@ fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
         | ClaimStatusEventType::Unspecified => {}
     }
     false
-}
-
-/// Keeps a WatchClaimStatus stream open on the connection the claims' calls use, reconnecting
-/// with backoff, and forwards its events.
-async fn claim_status_feed(
-    connection: Arc<SharedClients>,
-    host_events: HostEvents,
-    tx: mpsc::Sender<ClaimStatusEvent>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(250), crate::connect::RECONNECT_MAX);
-    loop {
-        let session = async {
-            let mut pods = connection.get().await?.pods;
-            let mut stream = pods
-                .watch_claim_status(WatchClaimStatusRequest {
-                    host_events: host_events as i32,
-                })
-                .await?
-                .into_inner();
-            while let Some(event) = stream.message().await? {
-                backoff.reset();
-                tx.send(event).await?;
-            }
-            anyhow::Ok(())
-        };
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            result = session => {
-                if let Err(e) = result {
-                    tracing::warn!(error = format!("{e:#}"), "WatchClaimStatus stream failed");
-                }
-            }
-        }
-        if tx.is_closed() {
-            return;
-        }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
-        }
-    }
 }
 
 fn key_of(claim: &PersistentVolumeClaim) -> Key {

@@ -317,6 +317,50 @@ async fn failed<S: ObjectSync>(syncer: &S, books: &mut S::Books, status: &tonic:
     }
 }
 
+/// Keeps a server stream of the host agent (`what`, for logs) open on the connection the
+/// syncers' calls use, reconnecting with backoff, and forwards its messages to `tx` until
+/// `shutdown` or the receiver goes; `open` starts it on a PodSync client.
+pub(crate) async fn stream_feed<T, F, Fut>(
+    connection: Arc<SharedClients>,
+    what: &'static str,
+    open: F,
+    tx: tokio::sync::mpsc::Sender<T>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) where
+    F: Fn(PodClient) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(250), crate::connect::RECONNECT_MAX);
+    loop {
+        let session = async {
+            let pods = connection.get().await?.pods;
+            let mut stream = open(pods).await?.into_inner();
+            while let Some(message) = stream.message().await? {
+                backoff.reset();
+                if tx.send(message).await.is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            result = session => {
+                if let Err(e) = result {
+                    tracing::warn!(error = format!("{e:#}"), "{what} stream failed");
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -108,8 +108,8 @@ impl Reporting for ClaimReporting {
         }
     }
 
-    fn host_event(addressed: Addressed) -> ClaimStatusEvent {
-        ClaimStatusEvent {
+    fn host_event(addressed: Addressed) -> Option<ClaimStatusEvent> {
+        Some(ClaimStatusEvent {
             r#type: ClaimStatusEventType::HostEvent as i32,
             claim: Some(VirtualObject {
                 namespace: addressed.namespace,
@@ -118,7 +118,7 @@ impl Reporting for ClaimReporting {
             }),
             host_event: Some(addressed.event),
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -254,7 +254,8 @@ mod tests {
         let out = feed.on_watch_event(Event::Apply(event("e1", "host-u1")), |name| {
             known.get(name).map(ClaimReporting::reported)
         });
-        let messages: Vec<ClaimStatusEvent> = out.into_iter().map(ClaimReporting::host_event).collect();
+        let messages: Vec<ClaimStatusEvent> =
+            out.into_iter().filter_map(ClaimReporting::host_event).collect();
         assert_eq!(
             kinds(&messages),
             [(ClaimStatusEventType::HostEvent, "data".to_string())]

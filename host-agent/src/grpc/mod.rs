@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod body_budget;
+pub mod budget_status;
 pub mod claim_status;
 pub mod connection_limit;
 pub mod framing;
@@ -22,7 +23,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 /// The rcsync methods' paths, as `rcsync_grpc_requests_total` labels them.
-pub(crate) const METHODS: [&str; 12] = [
+pub(crate) const METHODS: [&str; 13] = [
     sync::SYNC,
     sync::CHECK_POD,
     pods::APPLY_POD,
@@ -35,6 +36,7 @@ pub(crate) const METHODS: [&str; 12] = [
     pods::DELETE_CLAIM,
     pods::LIST_CLAIMS,
     pods::WATCH_CLAIMS,
+    pods::WATCH_BUDGETS,
 ];
 
 /// TLS files of the gRPC server.

@@ -209,15 +209,15 @@ impl Reporting for PodReporting {
         }
     }
 
-    fn host_event(addressed: Addressed) -> PodStatusEvent {
-        PodStatusEvent {
+    fn host_event(addressed: Addressed) -> Option<PodStatusEvent> {
+        Some(PodStatusEvent {
             r#type: PodStatusEventType::HostEvent as i32,
             pod_namespace: addressed.namespace,
             pod_name: addressed.name,
             pod_uid: addressed.uid,
             host_event: Some(addressed.event),
             ..Default::default()
-        }
+        })
     }
 }
 

@@ -37,9 +37,9 @@ use rcsync_proto::v1::{
     ApplyClaimRequest, ApplyClaimResponse, ApplyDisruptionBudgetRequest, ApplyDisruptionBudgetResponse,
     ApplyPodRequest, ApplyPodResponse, ClaimStatusEvent, DeleteClaimRequest, DeleteClaimResponse,
     DeleteDisruptionBudgetRequest, DeleteDisruptionBudgetResponse, DeletePodRequest, DeletePodResponse,
-    HostEvents, ListClaimsRequest, ListClaimsResponse, ListDisruptionBudgetsRequest,
+    DisruptionBudgetEvent, HostEvents, ListClaimsRequest, ListClaimsResponse, ListDisruptionBudgetsRequest,
     ListDisruptionBudgetsResponse, PodRefusal, PodRefusalReason, PodStatusEvent, WatchClaimStatusRequest,
-    WatchPodStatusRequest,
+    WatchDisruptionBudgetsRequest, WatchPodStatusRequest,
 };
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -47,6 +47,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::grpc::auth::{Authenticator, Caller};
+use crate::grpc::budget_status::{BudgetReporting, HostBudget};
 use crate::grpc::claim_status::ClaimReporting;
 use crate::grpc::host_events::{self, HostEventFeed};
 use crate::grpc::limits::{StreamKind, TenantLimiter};
@@ -496,6 +497,7 @@ pub const DELETE_CLAIM: &str = "/rcsync.v1.PodSync/DeleteClaim";
 /// The path of `PodSync.ListClaims`.
 pub const LIST_CLAIMS: &str = "/rcsync.v1.PodSync/ListClaims";
 pub(crate) const WATCH_CLAIMS: &str = "/rcsync.v1.PodSync/WatchClaimStatus";
+pub(crate) const WATCH_BUDGETS: &str = "/rcsync.v1.PodSync/WatchDisruptionBudgets";
 /// PodSync's unary calls, which write to (or read from) the host API server: each is rate-limited
 /// (`podSyncQps`), counted in `podSyncInFlight` and charged to `--max-pod-sync-bytes` while open.
 pub const POD_SYNC_CALLS: [&str; 8] = [
@@ -591,6 +593,60 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         result.map(Response::new)
     }
 
+    type WatchDisruptionBudgetsStream =
+        Pin<Box<dyn Stream<Item = Result<DisruptionBudgetEvent, Status>> + Send>>;
+
+    async fn watch_disruption_budgets(
+        &self,
+        request: Request<WatchDisruptionBudgetsRequest>,
+    ) -> Result<Response<Self::WatchDisruptionBudgetsStream>, Status> {
+        let started = Instant::now();
+        let opened = self.caller(&request).and_then(|(caller, tenant)| {
+            let slot = self.limiter.open(&caller.tenant, StreamKind::PodStatus)?;
+            Ok((caller, tenant, slot))
+        });
+        self.metrics.record(WATCH_BUDGETS, started, &opened);
+        let (caller, tenant, slot) = opened?;
+        // A tenant whose budgets the host does not hold costs no watch (as for claims).
+        let budgets: ObjectWatch<HostBudget> = if tenant.pods.disruption_budgets {
+            let config = watcher::Config::default().labels(&managed_selector(&tenant));
+            self.metrics
+                .watches
+                .follow(
+                    "poddisruptionbudgets".into(),
+                    watcher::watcher(
+                        Api::<HostBudget>::namespaced(self.client.clone(), &tenant.host_namespace),
+                        config,
+                    )
+                    .retry_with_backoff(),
+                )
+                .boxed()
+        } else {
+            futures::stream::iter([Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)])
+                .chain(futures::stream::pending())
+                .boxed()
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let span = tracing::info_span!("budget_status", tenant = %caller.tenant);
+        let shutdown = self.shutdown.clone();
+        let ended = switch_turned(
+            &self.auth,
+            caller,
+            tenant.host_namespace.clone(),
+            tenant.pods.disruption_budgets,
+            |t| t.pods.disruption_budgets,
+            "sync.toHost.podDisruptionBudgets.enabled",
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                status_stream::stream::<BudgetReporting>(budgets, None, None, tx, shutdown, ended).await;
+                drop(slot);
+            },
+            span,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     type WatchClaimStatusStream = Pin<Box<dyn Stream<Item = Result<ClaimStatusEvent, Status>> + Send>>;
 
     async fn watch_claim_status(
@@ -632,11 +688,13 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("claim_status", tenant = %caller.tenant);
         let shutdown = self.shutdown.clone();
-        let ended = claims_switched(
+        let ended = switch_turned(
             &self.auth,
             caller,
             tenant.host_namespace.clone(),
             tenant.pods.claims,
+            |t| t.pods.claims,
+            "sync.toHost.persistentVolumeClaims.enabled",
         );
         tokio::spawn(tracing::Instrument::instrument(
             async move {
@@ -713,21 +771,20 @@ fn tenant_left(
     tenant_changed(auth, caller, host_namespace, |_| None)
 }
 
-/// [`tenant_left`] for a WatchClaimStatus stream, which also ends (ABORTED: open it again) when the
-/// tenants file turns the tenant's `sync.toHost.persistentVolumeClaims.enabled` away from `claims`,
-/// what the stream was opened with.
-fn claims_switched(
+/// [`tenant_left`] for a stream opened under a switch of the tenant's (WatchClaimStatus,
+/// WatchDisruptionBudgets), which also ends (ABORTED: open it again) when the tenants file turns
+/// the switch (`read` from the tenant, named `field`) away from `opened_with`.
+fn switch_turned(
     auth: &Authenticator,
     caller: Caller,
     host_namespace: String,
-    claims: bool,
+    opened_with: bool,
+    read: fn(&Tenant) -> bool,
+    field: &'static str,
 ) -> impl std::future::Future<Output = Status> + Send + use<> {
     tenant_changed(auth, caller, host_namespace, move |now| {
-        (now.pods.claims != claims).then(|| {
-            Status::aborted(
-                "the tenant's sync.toHost.persistentVolumeClaims.enabled changed: open the stream again",
-            )
-        })
+        (read(now) != opened_with)
+            .then(|| Status::aborted(format!("the tenant's {field} changed: open the stream again")))
     })
 }
 

@@ -60,8 +60,10 @@ pub trait Reporting {
     /// A reported object, as the host events about it need it.
     fn reported(reported: &Self::Reported) -> ReportedObject<'_>;
 
-    /// The message that carries a host event.
-    fn host_event(addressed: Addressed) -> Self::Message;
+    /// The message that carries a host event; `None` where the stream carries none.
+    fn host_event(_addressed: Addressed) -> Option<Self::Message> {
+        None
+    }
 
     /// The message that tells the client `copy`, written for the reported object, was deleted;
     /// `None` where the stream's objects own no copies.
@@ -115,7 +117,7 @@ pub async fn stream<R: Reporting>(
                     listed |= out.iter().any(R::listed);
                     if let (Some(feed), Some(name)) = (&mut feed, reported) && !out.is_empty() {
                         let parked = feed.on_reported(name.as_deref(), |name| known.get(name).map(R::reported));
-                        out.extend(parked.into_iter().map(R::host_event));
+                        out.extend(parked.into_iter().filter_map(R::host_event));
                     }
                     out
                 }
@@ -129,7 +131,7 @@ pub async fn stream<R: Reporting>(
                 (Some(Ok(event)), Some(feed)) => feed
                     .on_watch_event(event, |name| known.get(name).map(R::reported))
                     .into_iter()
-                    .map(R::host_event)
+                    .filter_map(R::host_event)
                     .collect(),
                 (Some(Ok(_)), None) => Vec::new(),
             },
