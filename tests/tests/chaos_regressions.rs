@@ -270,3 +270,64 @@ async fn an_orphan_whose_host_pod_is_deleted_says_it_may_not_sync() {
     })
     .await;
 }
+
+/// A virtual agent that starts while its connection to the host agent is slow: the budget and
+/// claim syncers polled their status stream inside their own loop, and the stream, connecting,
+/// held the shared connection's lock while its loop awaited a call that waited for that lock. Every
+/// call over the shared connection (Pods, budgets, claims) then waited for ever, with nothing in
+/// the logs (chaos seed 1128). Budgets, claims and Pods created while the agent was down must all
+/// reach the host.
+#[tokio::test]
+async fn an_agent_starting_over_a_slow_connection_to_the_host_agent_syncs_budgets_claims_and_pods() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::Api;
+    use kube::api::PostParams;
+    use rcsync_tests::proxy::{FaultyProxy, Mode};
+    use rcsync_tests::system::Transport;
+
+    let tenant = TenantSpec::new(TENANT, "{enabled: false}")
+        .disruption_budgets(true)
+        .claims(true);
+    // Over TLS, as in the chaos run: connecting takes round trips, each delayed by the proxy.
+    let mut system = System::start_with(&[tenant], &[], Transport::MutualTls).await;
+    let proxy = FaultyProxy::start(system.grpc.parse().unwrap()).await.unwrap();
+    proxy.set(Mode::Delay(std::time::Duration::from_millis(300)));
+    let side = &mut system.virtuals[0];
+    side.stop_agent().await;
+    side.set_agent_flag("--host-agent", &format!("https://{}", proxy.addr));
+    let client = side.cluster.client().await;
+    Api::<PodDisruptionBudget>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "web"}, "spec": {"minAvailable": 1, "selector": {}}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({"metadata": {"name": "data"}, "spec": {
+                "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    side.create_pod(&pod("web", None)).await;
+    side.start_agent().await;
+    let host = system.host.client().await;
+    let namespace = system.virtual_side().tenant.host_namespace();
+    let host_name = |name: &str| format!("{name}-x-default-x-{TENANT}");
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(host.clone(), &namespace);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(host.clone(), &namespace);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(host, &namespace);
+    eventually("the budget, the claim and the Pod on the host", || async {
+        budgets.get_opt(&host_name("web")).await.ok().flatten()?;
+        claims.get_opt(&host_name("data")).await.ok().flatten()?;
+        pods.get_opt(&host_name("web")).await.ok().flatten()
+    })
+    .await;
+}

@@ -145,10 +145,10 @@ impl BudgetSyncer {
                 watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
             )
             .boxed();
-        // Which host budgets exist, so one deleted on the host is made again. The stream runs
-        // inside this task, so a lost term's abort ends it too.
+        // Which host budgets exist, so one deleted on the host is made again: a task of its own
+        // (see FeedTask), ended with this one.
         let (host_tx, mut host_budgets) = mpsc::channel(64);
-        let feed = host_calls::stream_feed(
+        let _feed = host_calls::FeedTask::spawn(
             self.connection.clone(),
             "WatchDisruptionBudgets",
             |mut pods| async move {
@@ -158,8 +158,6 @@ impl BudgetSyncer {
             host_tx,
             shutdown.clone(),
         );
-        tokio::pin!(feed);
-        let mut feed_ended = false;
         let mut books = Books::new(&self.metrics, self.board.clone());
         let mut relist: Option<HashMap<Key, Arc<PodDisruptionBudget>>> = None;
         let mut listed = false;
@@ -168,7 +166,6 @@ impl BudgetSyncer {
             let wake = books.schedule.next_wake();
             tokio::select! {
                 _ = shutdown.changed() => break,
-                () = &mut feed, if !feed_ended => feed_ended = true,
                 Some(event) = host_budgets.recv() => on_host_budget(&mut books, &event),
                 event = events.next() => match event {
                     None => break,

@@ -160,10 +160,10 @@ impl ClaimSyncer {
                 watcher::watcher(api, watcher::Config::default()).retry_with_backoff(),
             )
             .boxed();
-        // The status stream runs inside this task, so a lost term's abort ends it too.
+        // The status stream: a task of its own (see FeedTask), ended with this one.
         let (status_tx, mut statuses) = mpsc::channel(64);
         let host_events = self.host_events as i32;
-        let feed = host_calls::stream_feed(
+        let _feed = host_calls::FeedTask::spawn(
             self.connection.clone(),
             "WatchClaimStatus",
             move |mut pods| async move {
@@ -174,8 +174,6 @@ impl ClaimSyncer {
             shutdown.clone(),
         );
         let mut copier = HostEventCopier::new(shutdown.clone());
-        tokio::pin!(feed);
-        let mut feed_ended = false;
         let mut books = Books::new(&self.metrics, self.board.clone());
         let mut relist: Option<HashMap<Key, Arc<PersistentVolumeClaim>>> = None;
         let mut listed = false;
@@ -219,7 +217,6 @@ impl ClaimSyncer {
                         books.schedule.now(key);
                     }
                 },
-                () = &mut feed, if !feed_ended => feed_ended = true,
                 Some(event) = statuses.recv() => match event.r#type() {
                     ClaimStatusEventType::HostEvent if !listed => copier.park(&self.metrics, event),
                     ClaimStatusEventType::HostEvent => {

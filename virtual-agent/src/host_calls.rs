@@ -317,10 +317,46 @@ async fn failed<S: ObjectSync>(syncer: &S, books: &mut S::Books, status: &tonic:
     }
 }
 
+/// A [`stream_feed`] running as a task of its own, aborted when this handle is dropped (with the
+/// syncer that holds it, when a term is lost).
+///
+/// Its own task, not a future the syncer polls in its loop: connecting, the feed holds the shared
+/// connection's lock ([`SharedClients::get`]) across an await; polled in the loop, it was not
+/// polled while the loop awaited a call, and that call waited for the lock: every call of every
+/// syncer and Pod shard over the shared connection then waited for ever (found by the chaos run of
+/// seed 1128).
+pub(crate) struct FeedTask(tokio::task::JoinHandle<()>);
+
+impl FeedTask {
+    /// Spawns [`stream_feed`] with these arguments.
+    pub(crate) fn spawn<T, F, Fut>(
+        connection: Arc<SharedClients>,
+        what: &'static str,
+        open: F,
+        tx: tokio::sync::mpsc::Sender<T>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self
+    where
+        T: Send + 'static,
+        F: Fn(PodClient) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>
+            + Send
+            + 'static,
+    {
+        Self(tokio::spawn(stream_feed(connection, what, open, tx, shutdown)))
+    }
+}
+
+impl Drop for FeedTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Keeps a server stream of the host agent (`what`, for logs) open on the connection the
 /// syncers' calls use, reconnecting with backoff, and forwards its messages to `tx` until
 /// `shutdown` or the receiver goes; `open` starts it on a PodSync client.
-pub(crate) async fn stream_feed<T, F, Fut>(
+async fn stream_feed<T, F, Fut>(
     connection: Arc<SharedClients>,
     what: &'static str,
     open: F,

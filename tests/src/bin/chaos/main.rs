@@ -262,49 +262,48 @@ async fn host_drain_step(rng: &mut StdRng, evictor: &kube::Client) {
     }
 }
 
-/// One host-side cleanup step: a random copy (a ConfigMap or Secret rcsync wrote for a tenant's
-/// Pods, such as a Pod's token Secret) deleted under the Pods using it, as a cleanup job or an
-/// operator might. The host agent sees it go and the virtual agent writes it again.
-async fn host_copy_delete_step(rng: &mut StdRng, client: &kube::Client) {
+/// One host-side cleanup step: a random object rcsync holds for a tenant deleted under it, as a
+/// cleanup job or an operator might: a copy (a ConfigMap or Secret a tenant's Pods use, such as a
+/// Pod's token Secret) or a host PodDisruptionBudget. The host agent sees it go and the virtual
+/// agent makes it again.
+async fn host_cleanup_step(rng: &mut StdRng, client: &kube::Client) {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     let tenant = TENANTS[rng.random_range(0..TENANTS.len())];
     let namespace = world::host_namespace(tenant);
     let managed =
         ListParams::default().labels(&format!("{}={tenant}", rcsync_core::naming::LABEL_MANAGED_BY));
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let names = |list: Option<Vec<String>>| list.unwrap_or_default();
-    let (cms, scs) = (
-        names(
-            config_maps
-                .list_metadata(&managed)
-                .await
-                .ok()
-                .map(|l| l.items.into_iter().filter_map(|m| m.metadata.name).collect()),
-        ),
-        names(
-            secrets
-                .list_metadata(&managed)
-                .await
-                .ok()
-                .map(|l| l.items.into_iter().filter_map(|m| m.metadata.name).collect()),
-        ),
-    );
-    let total = cms.len() + scs.len();
-    if total == 0 {
-        return;
+    async fn names<K>(api: &Api<K>, managed: &ListParams) -> Vec<String>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        api.list_metadata(managed)
+            .await
+            .map(|l| l.items.into_iter().filter_map(|m| m.metadata.name).collect())
+            .unwrap_or_default()
     }
-    let pick = rng.random_range(0..total);
-    let deleted = if pick < cms.len() {
-        config_maps
-            .delete(&cms[pick], &DeleteParams::default())
-            .await
-            .is_ok()
-    } else {
-        secrets
-            .delete(&scs[pick - cms.len()], &DeleteParams::default())
-            .await
-            .is_ok()
+    async fn delete_one<K>(rng: &mut StdRng, api: &Api<K>, names: &[String]) -> bool
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        if names.is_empty() {
+            return false;
+        }
+        let name = &names[rng.random_range(0..names.len())];
+        api.delete(name, &DeleteParams::default()).await.is_ok()
+    }
+    let deleted = match rng.random_range(0..3) {
+        0 => {
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+            delete_one(rng, &api, &names(&api, &managed).await).await
+        }
+        1 => {
+            let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+            delete_one(rng, &api, &names(&api, &managed).await).await
+        }
+        _ => {
+            let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &namespace);
+            delete_one(rng, &api, &names(&api, &managed).await).await
+        }
     };
     if deleted {
         OPERATIONS.fetch_add(1, Ordering::Relaxed);
@@ -530,7 +529,7 @@ fn spawn_churn(
                     } else if let Some(evictor) = evictor.as_ref().filter(|_| host && rng.random_bool(0.1)) {
                         host_drain_step(&mut rng, evictor).await;
                     } else if host && rng.random_bool(0.1) {
-                        host_copy_delete_step(&mut rng, c).await;
+                        host_cleanup_step(&mut rng, c).await;
                     } else if host {
                         host_churn_step(&mut rng, c, &timeline).await;
                     } else {
