@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::SharedClients;
-use crate::host_calls::{self, Held, ObjectBoard, Outcome, Schedule};
+use crate::host_calls::{self, Feed, Held, HostListing, ObjectBoard, Outcome, Schedule};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
 
@@ -158,6 +158,7 @@ impl BudgetSyncer {
             host_tx,
             shutdown.clone(),
         );
+        let mut host_listing = HostListing::default();
         let mut books = Books::new(&self.metrics, self.board.clone());
         let mut relist: Option<HashMap<Key, Arc<PodDisruptionBudget>>> = None;
         let mut listed = false;
@@ -166,7 +167,10 @@ impl BudgetSyncer {
             let wake = books.schedule.next_wake();
             tokio::select! {
                 _ = shutdown.changed() => break,
-                Some(event) = host_budgets.recv() => on_host_budget(&mut books, &event),
+                Some(feed) = host_budgets.recv() => match feed {
+                    Feed::Opened => host_listing.opened(),
+                    Feed::Message(event) => on_host_budget(&mut books, &mut host_listing, &event),
+                },
                 event = events.next() => match event {
                     None => break,
                     Some(Err(e)) => tracing::warn!(error = %e, "watching PodDisruptionBudgets failed; retrying with backoff"),
@@ -371,28 +375,46 @@ impl host_calls::ObjectSync for BudgetSyncer {
     }
 }
 
-/// Takes in one event of the host budgets' stream: a host budget gone while the virtual budget it
-/// was made for (that uid) stays and is held is made again at once.
-fn on_host_budget(books: &mut Books, event: &DisruptionBudgetEvent) {
-    if event.r#type() != DisruptionBudgetEventType::Deleted {
-        return;
-    }
-    let Some(budget) = &event.budget else {
-        return;
+/// Takes in one event of the host budgets' stream: a host budget gone (reported deleted, or not
+/// listed when the stream opened again) while the virtual budget it was made for (that uid) stays
+/// and is held is made again at once.
+fn on_host_budget(books: &mut Books, listing: &mut HostListing, event: &DisruptionBudgetEvent) {
+    let gone: Vec<(Key, String)> = match (event.r#type(), &event.budget) {
+        (DisruptionBudgetEventType::Present, Some(budget)) => {
+            listing.present((budget.namespace.clone(), budget.name.clone()));
+            Vec::new()
+        }
+        (DisruptionBudgetEventType::Deleted, Some(budget)) => {
+            vec![(
+                (budget.namespace.clone(), budget.name.clone()),
+                budget.uid.clone(),
+            )]
+        }
+        (DisruptionBudgetEventType::InitialStateComplete, _) => {
+            let held: Vec<(Key, String)> = books
+                .held
+                .iter()
+                .map(|(k, h)| (k.clone(), h.uid.clone()))
+                .collect();
+            let missing = listing.missing(held.iter().map(|(k, _)| k));
+            held.into_iter().filter(|(k, _)| missing.contains(k)).collect()
+        }
+        _ => Vec::new(),
     };
-    let key = (budget.namespace.clone(), budget.name.clone());
-    let still_wanted = books
-        .budgets
-        .get(&key)
-        .is_some_and(|b| b.metadata.uid.as_deref() == Some(budget.uid.as_str()));
-    let held = books
-        .held
-        .get(&key)
-        .is_some_and(|h| h.uid == budget.uid && h.refused.is_none());
-    if still_wanted && held {
-        tracing::info!(namespace = %key.0, budget = %key.1, "the host budget of a PodDisruptionBudget was deleted on the host; making it again");
-        books.forget(&key);
-        books.schedule.due.insert(key, Instant::now());
+    for (key, uid) in gone {
+        let still_wanted = books
+            .budgets
+            .get(&key)
+            .is_some_and(|b| b.metadata.uid.as_deref() == Some(uid.as_str()));
+        let held = books
+            .held
+            .get(&key)
+            .is_some_and(|h| h.uid == uid && h.refused.is_none());
+        if still_wanted && held {
+            tracing::info!(namespace = %key.0, budget = %key.1, "the host budget of a PodDisruptionBudget is gone from the host; making it again");
+            books.forget(&key);
+            books.schedule.due.insert(key, Instant::now());
+        }
     }
 }
 
@@ -452,6 +474,64 @@ mod tests {
             "spec": spec, "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_held_budget_gone_from_the_host_is_made_again_whether_deleted_or_missing_at_a_reopening() {
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let mut books = Books::new(&metrics, ObjectBoard::default());
+        let key = |name: &str| -> Key { ("shop".into(), name.into()) };
+        for name in ["deleted", "missing", "listed", "refused"] {
+            let mut virtual_budget = budget(serde_json::json!({"minAvailable": 1}), serde_json::Value::Null);
+            virtual_budget.metadata.name = Some(name.into());
+            virtual_budget.metadata.uid = Some(format!("uid-{name}"));
+            books.budgets.insert(key(name), Arc::new(virtual_budget));
+            books.held.insert(
+                key(name),
+                Held {
+                    uid: format!("uid-{name}"),
+                    sent: 7,
+                    refused: (name == "refused").then_some(PodRefusalReason::NameInUse),
+                },
+            );
+        }
+        let event = |kind: DisruptionBudgetEventType, name: &str| DisruptionBudgetEvent {
+            r#type: kind as i32,
+            budget: (!name.is_empty()).then(|| rcsync_proto::v1::VirtualObject {
+                namespace: "shop".into(),
+                name: name.into(),
+                uid: format!("uid-{name}"),
+            }),
+        };
+        let mut listing = HostListing::default();
+        on_host_budget(
+            &mut books,
+            &mut listing,
+            &event(DisruptionBudgetEventType::Deleted, "deleted"),
+        );
+        assert!(books.held.get(&key("deleted")).is_none(), "forgotten: made again");
+        assert!(books.schedule.due.contains_key(&key("deleted")));
+        // The stream reopens; the host lists one of the others.
+        listing.opened();
+        on_host_budget(
+            &mut books,
+            &mut listing,
+            &event(DisruptionBudgetEventType::Present, "listed"),
+        );
+        on_host_budget(
+            &mut books,
+            &mut listing,
+            &event(DisruptionBudgetEventType::InitialStateComplete, ""),
+        );
+        assert!(
+            books.held.get(&key("missing")).is_none(),
+            "not listed: made again"
+        );
+        assert!(books.held.get(&key("listed")).is_some());
+        assert!(
+            books.held.get(&key("refused")).is_some(),
+            "a refused budget is the refusal's to retry"
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tokio::time::Instant;
 
 use crate::classes::SyncState;
 use crate::connect::SharedClients;
-use crate::host_calls::{self, Held, ObjectBoard, Outcome, Schedule};
+use crate::host_calls::{self, Feed, Held, HostListing, ObjectBoard, Outcome, Schedule};
 use crate::host_events::{HostEventCopy, HostEventQueue, host_event_writer};
 use crate::metrics::Metrics;
 use crate::pods::{GaugedMap, Key, digest_of};
@@ -174,6 +174,7 @@ impl ClaimSyncer {
             shutdown.clone(),
         );
         let mut copier = HostEventCopier::new(shutdown.clone());
+        let mut host_listing = HostListing::default();
         let mut books = Books::new(&self.metrics, self.board.clone());
         let mut relist: Option<HashMap<Key, Arc<PersistentVolumeClaim>>> = None;
         let mut listed = false;
@@ -217,12 +218,15 @@ impl ClaimSyncer {
                         books.schedule.now(key);
                     }
                 },
-                Some(event) = statuses.recv() => match event.r#type() {
-                    ClaimStatusEventType::HostEvent if !listed => copier.park(&self.metrics, event),
-                    ClaimStatusEventType::HostEvent => {
-                        copier.copy(&self.client, &self.metrics, &books, event);
-                    }
-                    _ => host_listed |= on_status(&mut books, event),
+                Some(feed) = statuses.recv() => match feed {
+                    Feed::Opened => host_listing.opened(),
+                    Feed::Message(event) => match event.r#type() {
+                        ClaimStatusEventType::HostEvent if !listed => copier.park(&self.metrics, event),
+                        ClaimStatusEventType::HostEvent => {
+                            copier.copy(&self.client, &self.metrics, &books, event);
+                        }
+                        _ => host_listed |= on_status(&mut books, &mut host_listing, event),
+                    },
                 },
                 () = host_calls::sleep_until(wake) => {}
                 changed = self.sync_state.changed() => {
@@ -487,8 +491,16 @@ impl HostEventCopier {
 
 /// Takes in one event of the host claims' status stream; true when it says the host agent listed
 /// the host claims.
-fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
+fn on_status(books: &mut Books, listing: &mut HostListing, event: ClaimStatusEvent) -> bool {
     if event.r#type() == ClaimStatusEventType::InitialStateComplete {
+        // Held claims the host did not list when the stream opened again went meanwhile: made
+        // again.
+        let held: Vec<Key> = books.held.iter().map(|(k, _)| k.clone()).collect();
+        let now = Instant::now();
+        for key in listing.missing(held.iter()) {
+            books.forget(&key);
+            books.schedule.due.insert(key, now);
+        }
         return true;
     }
     let Some(claim) = event.claim.clone() else {
@@ -500,6 +512,7 @@ fn on_status(books: &mut Books, event: ClaimStatusEvent) -> bool {
             let Ok(status) = serde_json::from_slice(&event.status_json) else {
                 return false;
             };
+            listing.present(key.clone());
             books.statuses.insert(key.clone(), (claim.uid, status));
             books.schedule.now(key);
         }
@@ -585,8 +598,10 @@ mod tests {
             status_json: status.as_bytes().to_vec(),
             host_event: None,
         };
+        let mut listing = HostListing::default();
         on_status(
             &mut books,
+            &mut listing,
             event(ClaimStatusEventType::Updated, "u", r#"{"phase":"Bound"}"#),
         );
         assert_eq!(
@@ -595,16 +610,83 @@ mod tests {
         );
         assert!(books.schedule.due.contains_key(&key));
         books.schedule.due.clear();
-        on_status(&mut books, event(ClaimStatusEventType::Deleted, "other", ""));
+        on_status(
+            &mut books,
+            &mut listing,
+            event(ClaimStatusEventType::Deleted, "other", ""),
+        );
         assert!(
             books.held.get(&key).is_some(),
             "another uid's host claim: nothing to redo"
         );
-        on_status(&mut books, event(ClaimStatusEventType::Deleted, "u", ""));
+        on_status(
+            &mut books,
+            &mut listing,
+            event(ClaimStatusEventType::Deleted, "u", ""),
+        );
         assert!(
             books.held.get(&key).is_none(),
             "forgotten: the next look makes it again"
         );
         assert!(books.schedule.due.contains_key(&key));
+    }
+
+    #[test]
+    fn a_held_claim_the_host_no_longer_lists_when_the_stream_reopens_is_made_again() {
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let mut books = Books::new(&metrics, ObjectBoard::default());
+        let held = |books: &mut Books, name: &str| {
+            books.held.insert(
+                ("shop".into(), name.into()),
+                Held {
+                    uid: format!("uid-{name}"),
+                    sent: 7,
+                    refused: None,
+                },
+            );
+        };
+        held(&mut books, "listed");
+        held(&mut books, "gone");
+        let event = |kind: ClaimStatusEventType, name: &str| ClaimStatusEvent {
+            r#type: kind as i32,
+            claim: (!name.is_empty()).then(|| rcsync_proto::v1::VirtualObject {
+                namespace: "shop".into(),
+                name: name.into(),
+                uid: format!("uid-{name}"),
+            }),
+            status_json: br#"{"phase":"Bound"}"#.to_vec(),
+            host_event: None,
+        };
+        let mut listing = HostListing::default();
+        // A relist within the stream says what went itself: nothing is looked for.
+        on_status(
+            &mut books,
+            &mut listing,
+            event(ClaimStatusEventType::InitialStateComplete, ""),
+        );
+        assert!(books.held.get(&("shop".into(), "gone".into())).is_some());
+        // Reopened: the host lists one of the two.
+        listing.opened();
+        on_status(
+            &mut books,
+            &mut listing,
+            event(ClaimStatusEventType::Updated, "listed"),
+        );
+        on_status(
+            &mut books,
+            &mut listing,
+            event(ClaimStatusEventType::InitialStateComplete, ""),
+        );
+        assert!(books.held.get(&("shop".into(), "listed".into())).is_some());
+        assert!(
+            books.held.get(&("shop".into(), "gone".into())).is_none(),
+            "forgotten: the next look makes it again"
+        );
+        assert!(
+            books
+                .schedule
+                .due
+                .contains_key(&("shop".to_string(), "gone".to_string()))
+        );
     }
 }

@@ -317,6 +317,44 @@ async fn failed<S: ObjectSync>(syncer: &S, books: &mut S::Books, status: &tonic:
     }
 }
 
+/// The host objects a status stream reported since it last (re)opened, until its listing is
+/// complete: a held object it did not list went while no stream was open (deleted on the host
+/// meanwhile, or while the host agent restarted), which no `DELETED` will say.
+#[derive(Default)]
+pub(crate) struct HostListing(Option<std::collections::HashSet<Key>>);
+
+impl HostListing {
+    /// The stream (re)opened: a listing begins.
+    pub(crate) fn opened(&mut self) {
+        self.0 = Some(std::collections::HashSet::new());
+    }
+
+    /// The host holds `key`.
+    pub(crate) fn present(&mut self, key: Key) {
+        if let Some(listed) = &mut self.0 {
+            listed.insert(key);
+        }
+    }
+
+    /// The listing is complete: of `held`, those it did not report (none when no listing since an
+    /// opening was under way, as after a relist within the stream, which reports what went).
+    pub(crate) fn missing<'a>(&mut self, held: impl Iterator<Item = &'a Key>) -> Vec<Key> {
+        match self.0.take() {
+            Some(listed) => held.filter(|key| !listed.contains(*key)).cloned().collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// What a [`FeedTask`] passes on: each (re)opening of its stream, then the stream's messages.
+#[derive(Debug)]
+pub(crate) enum Feed<T> {
+    /// The stream was opened (again): what follows is the host agent's state anew.
+    Opened,
+    /// One message of the stream.
+    Message(T),
+}
+
 /// A [`stream_feed`] running as a task of its own, aborted when this handle is dropped (with the
 /// syncer that holds it, when a term is lost).
 ///
@@ -333,7 +371,7 @@ impl FeedTask {
         connection: Arc<SharedClients>,
         what: &'static str,
         open: F,
-        tx: tokio::sync::mpsc::Sender<T>,
+        tx: tokio::sync::mpsc::Sender<Feed<T>>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self
     where
@@ -354,13 +392,13 @@ impl Drop for FeedTask {
 }
 
 /// Keeps a server stream of the host agent (`what`, for logs) open on the connection the
-/// syncers' calls use, reconnecting with backoff, and forwards its messages to `tx` until
-/// `shutdown` or the receiver goes; `open` starts it on a PodSync client.
+/// syncers' calls use, reconnecting with backoff, and forwards each opening and its messages to
+/// `tx` until `shutdown` or the receiver goes; `open` starts it on a PodSync client.
 async fn stream_feed<T, F, Fut>(
     connection: Arc<SharedClients>,
     what: &'static str,
     open: F,
-    tx: tokio::sync::mpsc::Sender<T>,
+    tx: tokio::sync::mpsc::Sender<Feed<T>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) where
     F: Fn(PodClient) -> Fut,
@@ -371,9 +409,12 @@ async fn stream_feed<T, F, Fut>(
         let session = async {
             let pods = connection.get().await?.pods;
             let mut stream = open(pods).await?.into_inner();
+            if tx.send(Feed::Opened).await.is_err() {
+                return anyhow::Ok(());
+            }
             while let Some(message) = stream.message().await? {
                 backoff.reset();
-                if tx.send(message).await.is_err() {
+                if tx.send(Feed::Message(message)).await.is_err() {
                     break;
                 }
             }
