@@ -50,7 +50,7 @@ use crate::grpc::auth::{Authenticator, Caller};
 use crate::grpc::budget_status::{BudgetReporting, HostBudget};
 use crate::grpc::claim_status::ClaimReporting;
 use crate::grpc::host_events::{self, HostEventFeed};
-use crate::grpc::limits::{StreamKind, TenantLimiter};
+use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
 use crate::grpc::lost_copies;
 use crate::grpc::pod_status::{HostPodStatus, PodReporting};
 use crate::grpc::status_stream::{self, EventWatch, ObjectWatch};
@@ -162,6 +162,55 @@ impl<V: ViewSource> PodSyncService<V> {
             )
             .boxed();
         Some((watch, HostEventFeed::new(tenant.host_namespace.clone())))
+    }
+
+    /// The caller of a status stream (WatchPodStatus, WatchClaimStatus, WatchDisruptionBudgets),
+    /// its tenant's config and its place under the tenant's `podStatusStreams`; the opening is
+    /// recorded under `method`.
+    fn open_status_stream<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<(Caller, Tenant, StreamSlot), Status> {
+        let started = Instant::now();
+        let opened = self.caller(request).and_then(|(caller, tenant)| {
+            let slot = self.limiter.open(&caller.tenant, StreamKind::PodStatus)?;
+            Ok((caller, tenant, slot))
+        });
+        self.metrics.record(method, started, &opened);
+        opened
+    }
+
+    /// The watch (`watch` in metrics) of `tenant`'s host objects of kind `K` (labelled as
+    /// rcsync's) under a switch of the tenant's: where it is off (`on` false), no watch at all,
+    /// but a stream that has listed nothing, so the feature costs the host nothing where it is
+    /// off (the stream ends when the switch turns, and the caller opens it again).
+    fn switched_watch<K>(&self, tenant: &Tenant, on: bool, watch: &str) -> ObjectWatch<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+    {
+        if !on {
+            return futures::stream::iter([Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)])
+                .chain(futures::stream::pending())
+                .boxed();
+        }
+        let config = watcher::Config::default().labels(&managed_selector(tenant));
+        self.metrics
+            .watches
+            .follow(
+                watch.into(),
+                watcher::watcher(
+                    Api::<K>::namespaced(self.client.clone(), &tenant.host_namespace),
+                    config,
+                )
+                .retry_with_backoff(),
+            )
+            .boxed()
     }
 
     fn pods(&self, tenant: &Tenant) -> Api<Pod> {
@@ -600,32 +649,9 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         &self,
         request: Request<WatchDisruptionBudgetsRequest>,
     ) -> Result<Response<Self::WatchDisruptionBudgetsStream>, Status> {
-        let started = Instant::now();
-        let opened = self.caller(&request).and_then(|(caller, tenant)| {
-            let slot = self.limiter.open(&caller.tenant, StreamKind::PodStatus)?;
-            Ok((caller, tenant, slot))
-        });
-        self.metrics.record(WATCH_BUDGETS, started, &opened);
-        let (caller, tenant, slot) = opened?;
-        // A tenant whose budgets the host does not hold costs no watch (as for claims).
-        let budgets: ObjectWatch<HostBudget> = if tenant.pods.disruption_budgets {
-            let config = watcher::Config::default().labels(&managed_selector(&tenant));
-            self.metrics
-                .watches
-                .follow(
-                    "poddisruptionbudgets".into(),
-                    watcher::watcher(
-                        Api::<HostBudget>::namespaced(self.client.clone(), &tenant.host_namespace),
-                        config,
-                    )
-                    .retry_with_backoff(),
-                )
-                .boxed()
-        } else {
-            futures::stream::iter([Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)])
-                .chain(futures::stream::pending())
-                .boxed()
-        };
+        let (caller, tenant, slot) = self.open_status_stream(&request, WATCH_BUDGETS)?;
+        let budgets: ObjectWatch<HostBudget> =
+            self.switched_watch(&tenant, tenant.pods.disruption_budgets, "poddisruptionbudgets");
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("budget_status", tenant = %caller.tenant);
         let shutdown = self.shutdown.clone();
@@ -653,38 +679,14 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         &self,
         request: Request<WatchClaimStatusRequest>,
     ) -> Result<Response<Self::WatchClaimStatusStream>, Status> {
-        let started = Instant::now();
-        let opened = self.caller(&request).and_then(|(caller, tenant)| {
-            let slot = self.limiter.open(&caller.tenant, StreamKind::PodStatus)?;
-            Ok((caller, tenant, slot))
-        });
-        self.metrics.record(WATCH_CLAIMS, started, &opened);
-        let (caller, tenant, slot) = opened?;
-        // A tenant whose claims the host does not make costs no watch: its stream says it has
-        // listed (nothing) and ends when the switch turns, so the caller opens it again.
+        let (caller, tenant, slot) = self.open_status_stream(&request, WATCH_CLAIMS)?;
         let host_events = tenant
             .pods
             .claims
             .then(|| self.host_events(&tenant, "PersistentVolumeClaim", request.get_ref().host_events))
             .flatten();
-        let claims: ObjectWatch<PersistentVolumeClaim> = if tenant.pods.claims {
-            let config = watcher::Config::default().labels(&managed_selector(&tenant));
-            self.metrics
-                .watches
-                .follow(
-                    "persistentvolumeclaims".into(),
-                    watcher::watcher(
-                        Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), &tenant.host_namespace),
-                        config,
-                    )
-                    .retry_with_backoff(),
-                )
-                .boxed()
-        } else {
-            futures::stream::iter([Ok(watcher::Event::Init), Ok(watcher::Event::InitDone)])
-                .chain(futures::stream::pending())
-                .boxed()
-        };
+        let claims: ObjectWatch<PersistentVolumeClaim> =
+            self.switched_watch(&tenant, tenant.pods.claims, "persistentvolumeclaims");
         let (tx, rx) = mpsc::channel(64);
         let span = tracing::info_span!("claim_status", tenant = %caller.tenant);
         let shutdown = self.shutdown.clone();
@@ -712,13 +714,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         &self,
         request: Request<WatchPodStatusRequest>,
     ) -> Result<Response<Self::WatchPodStatusStream>, Status> {
-        let started = Instant::now();
-        let opened = self.caller(&request).and_then(|(caller, tenant)| {
-            let slot = self.limiter.open(&caller.tenant, StreamKind::PodStatus)?;
-            Ok((caller, tenant, slot))
-        });
-        self.metrics.record(WATCH, started, &opened);
-        let (caller, tenant, slot) = opened?;
+        let (caller, tenant, slot) = self.open_status_stream(&request, WATCH)?;
         let name = caller.tenant.clone();
         let config = watcher::Config::default().labels(&managed_selector(&tenant));
         let pods = self
