@@ -494,8 +494,13 @@ impl HostEventCopier {
 fn on_status(books: &mut Books, listing: &mut HostListing, event: ClaimStatusEvent) -> bool {
     if event.r#type() == ClaimStatusEventType::InitialStateComplete {
         // Held claims the host did not list when the stream opened again went meanwhile: made
-        // again.
-        let held: Vec<Key> = books.held.iter().map(|(k, _)| k.clone()).collect();
+        // again (a refused one is its refusal's to retry).
+        let held: Vec<Key> = books
+            .held
+            .iter()
+            .filter(|(_, h)| h.refused.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
         let now = Instant::now();
         for key in listing.missing(held.iter()) {
             books.forget(&key);

@@ -1,7 +1,8 @@
-//! The loop both status streams run (`WatchPodStatus`, `WatchClaimStatus`): a watch of the
-//! tenant's host objects turned into messages by a [`Reporting`], and, when the client asked for
-//! them, the host events about those objects ([`HostEventFeed`]); for Pods, the copies written for
-//! them that are deleted under them ([`LostCopies`]).
+//! The loop the status streams run (`WatchPodStatus`, `WatchClaimStatus`,
+//! `WatchDisruptionBudgets`): a watch of the tenant's host objects turned into messages by a
+//! [`Reporting`], and, when the client asked for them, the host events about those objects
+//! ([`HostEventFeed`]); for Pods, the copies written for them that are deleted under them
+//! ([`LostCopies`]).
 //!
 //! ```text
 //!  watch of the tenant's host objects ──► Reporting::events_for ──► messages ──► client
