@@ -356,6 +356,33 @@ async fn a_host_budget_deleted_on_the_host_is_made_again_while_its_virtual_budge
 }
 
 #[tokio::test]
+async fn a_host_budget_deleted_while_the_host_agent_was_down_is_made_again_once_it_is_back() {
+    let mut system = system(&[tenant(true)]).await;
+    create_budget(
+        system.virtual_side(),
+        "default",
+        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .await;
+    let first = wait_host_budget(&system, "web", 1).await;
+    // No stream is open while it goes: nothing reports it deleted.
+    system.host_agent.signal("KILL");
+    system.host_agent.wait_exit().await;
+    host_budgets(&system)
+        .await
+        .delete(&host_name("web", "default"), &DeleteParams::default())
+        .await
+        .unwrap();
+    system.restart_host_agent().await;
+    let api = host_budgets(&system).await;
+    eventually("the host budget made again", || async {
+        let budget = api.get_opt(&host_name("web", "default")).await.ok().flatten()?;
+        (budget.uid() != first.uid()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_budget_deleted_while_the_virtual_agent_was_down_is_deleted_on_the_host_when_it_returns() {
     let mut system = system(&[tenant(true)]).await;
     create_budget(
