@@ -143,6 +143,28 @@ async fn wait_host_budget(system: &System, name: &str, min_available: i32) -> Po
     .await
 }
 
+/// Creates the virtual budget `web` (one healthy Pod of `app: web`) in `default` and returns its
+/// host budget once held.
+async fn held_web_budget(system: &System) -> PodDisruptionBudget {
+    create_budget(
+        system.virtual_side(),
+        "default",
+        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+    )
+    .await;
+    wait_host_budget(system, "web", 1).await
+}
+
+/// The host budget of `web` once it is another object than `before` (made again).
+async fn made_again(system: &System, before: &PodDisruptionBudget) -> PodDisruptionBudget {
+    let api = host_budgets(system).await;
+    eventually("the host budget made again", || async {
+        let budget = api.get_opt(&host_name("web", "default")).await.ok().flatten()?;
+        (budget.uid() != before.uid()).then_some(budget)
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_disruption_budget_in_the_virtual_cluster_holds_a_host_eviction_of_its_pods() {
     let system = system(&[tenant(true)]).await;
@@ -319,25 +341,14 @@ async fn a_budget_the_host_does_not_hold_for_the_tenant_shows_a_sync_error_and_i
 #[tokio::test]
 async fn a_host_budget_deleted_on_the_host_is_made_again_while_its_virtual_budget_stays() {
     let system = system(&[tenant(true)]).await;
-    create_budget(
-        system.virtual_side(),
-        "default",
-        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
-    )
-    .await;
-    let first = wait_host_budget(&system, "web", 1).await;
+    let first = held_web_budget(&system).await;
     // Someone on the host (an operator clearing what blocks a drain, a cleanup tool) deletes it.
     host_budgets(&system)
         .await
         .delete(&host_name("web", "default"), &DeleteParams::default())
         .await
         .unwrap();
-    let api = host_budgets(&system).await;
-    let again = eventually("the host budget made again", || async {
-        let budget = api.get_opt(&host_name("web", "default")).await.ok().flatten()?;
-        (budget.uid() != first.uid()).then_some(budget)
-    })
-    .await;
+    let again = made_again(&system, &first).await;
     assert_eq!(
         again.spec.as_ref().and_then(|s| s.min_available.clone()),
         Some(IntOrString::Int(1))
@@ -358,13 +369,7 @@ async fn a_host_budget_deleted_on_the_host_is_made_again_while_its_virtual_budge
 #[tokio::test]
 async fn a_host_budget_deleted_while_the_host_agent_was_down_is_made_again_once_it_is_back() {
     let mut system = system(&[tenant(true)]).await;
-    create_budget(
-        system.virtual_side(),
-        "default",
-        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
-    )
-    .await;
-    let first = wait_host_budget(&system, "web", 1).await;
+    let first = held_web_budget(&system).await;
     // No stream is open while it goes: nothing reports it deleted.
     system.host_agent.signal("KILL");
     system.host_agent.wait_exit().await;
@@ -374,24 +379,13 @@ async fn a_host_budget_deleted_while_the_host_agent_was_down_is_made_again_once_
         .await
         .unwrap();
     system.restart_host_agent().await;
-    let api = host_budgets(&system).await;
-    eventually("the host budget made again", || async {
-        let budget = api.get_opt(&host_name("web", "default")).await.ok().flatten()?;
-        (budget.uid() != first.uid()).then_some(())
-    })
-    .await;
+    made_again(&system, &first).await;
 }
 
 #[tokio::test]
 async fn a_budget_deleted_while_the_virtual_agent_was_down_is_deleted_on_the_host_when_it_returns() {
     let mut system = system(&[tenant(true)]).await;
-    create_budget(
-        system.virtual_side(),
-        "default",
-        json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
-    )
-    .await;
-    wait_host_budget(&system, "web", 1).await;
+    held_web_budget(&system).await;
     let side = &mut system.virtuals[0];
     side.stop_agent().await;
     virtual_budgets(side)
