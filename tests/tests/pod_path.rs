@@ -703,6 +703,43 @@ async fn a_copy_deleted_on_the_host_under_its_running_pod_is_written_again() {
     assert!(owned_by_the_pod(&copy.metadata), "{copy:?}");
 }
 
+#[tokio::test]
+async fn a_copy_deleted_on_the_host_while_the_host_agent_was_down_is_written_again_once_it_is_back() {
+    let mut system = system(tenant()).await;
+    let v = system.virtual_side();
+    create_config_map(v, "settings", &[("mode", "a")]).await;
+    let uses = json!({"containers": [app(json!({"envFrom": [{"configMapRef": {"name": "settings"}}]}))]});
+    v.create_pod(&pod("runs", uses)).await;
+    let host_pod = wait_host_pod(&system, "runs", "default").await;
+    let config_maps = host_config_maps(&system).await;
+    let settings = host_name("settings", "default");
+    eventually("the ConfigMap copy on the host", || async {
+        config_maps.get_opt(&settings).await.ok().flatten()
+    })
+    .await;
+    // No status stream is open while it goes: no watch reports it deleted.
+    system.host_agent.signal("KILL");
+    system.host_agent.wait_exit().await;
+    config_maps
+        .delete(&settings, &DeleteParams::default())
+        .await
+        .unwrap();
+    system.restart_host_agent().await;
+    let copy = eventually("the ConfigMap copy written again", || async {
+        config_maps.get_opt(&settings).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(copy.data, Some(data(&[("mode", "a")])));
+    assert!(
+        copy.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "Pod" && Some(&o.uid) == host_pod.metadata.uid.as_ref()),
+        "owned by the running host Pod: {copy:?}"
+    );
+}
+
 /// The tenant's system with one simulated node on the host (devcluster `--nodes 1`), so host
 /// Pods are scheduled and run, and the class `gvisor` synced to the virtual cluster.
 async fn system_with_a_host_node() -> System {

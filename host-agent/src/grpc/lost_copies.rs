@@ -11,8 +11,14 @@
 //!
 //! The host's garbage collector deletes a copy only once its last owning Pod is gone from the API,
 //! so a copy it removes names no Pod the status stream still reports: only copies deleted under a
-//! running Pod (by hand, by a cleanup job, by a namespace tool) bring anything back. A copy deleted
-//! while no status stream was open is written again when its Pod next changes.
+//! running Pod (by hand, by a cleanup job, by a namespace tool) bring anything back.
+//!
+//! A copy deleted while no status stream was open (the host agent down, the virtual agent away)
+//! left no watch event behind: ApplyPod records the copies it writes for a host Pod in the Pod's
+//! `rcsync.io/copies` annotation ([`RecordedCopy`]), and once a listing of copies completes, a
+//! copy a reported Pod records but the listing lacks counts as lost too
+//! ([`LostCopies::missing`]). A Pod listed between its create and its copies' writes may see its
+//! copies reported lost once; applying it again writes what it already has.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -69,6 +75,59 @@ fn metadata_of<K>(event: Event<PartialObjectMeta<K>>) -> Event<ObjectMeta> {
         Event::Init => Event::Init,
         Event::InitApply(object) => Event::InitApply(object.metadata),
         Event::InitDone => Event::InitDone,
+    }
+}
+
+/// The annotation on a host Pod that lists the copies ApplyPod wrote for it (see
+/// [`RecordedCopy::annotation`]); rcsync's own, never copied from a tenant's Pod.
+pub const ANNOTATION_COPIES: &str = "rcsync.io/copies";
+
+/// A copy as a host Pod's [`ANNOTATION_COPIES`] records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedCopy {
+    /// ConfigMap or Secret.
+    pub kind: RefKind,
+    /// The virtual object's name.
+    pub virtual_name: String,
+    /// The copy's name in the host namespace.
+    pub host_name: String,
+}
+
+impl RecordedCopy {
+    /// The annotation's value for `copies`: `configmap/<virtual name>=<host name>,secret/…`
+    /// (object names hold none of `,`, `/` or `=`), readable with `kubectl get -o yaml`.
+    pub fn annotation(copies: &[RecordedCopy]) -> String {
+        copies
+            .iter()
+            .map(|c| format!("{}/{}={}", c.kind, c.virtual_name, c.host_name))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The copies an annotation value lists; an error names the first entry that is not
+    /// `<kind>/<virtual name>=<host name>`.
+    pub fn parse(value: &str) -> Result<Vec<RecordedCopy>, String> {
+        value
+            .split(',')
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                let parsed = entry.split_once('/').and_then(|(kind, rest)| {
+                    let kind = match kind {
+                        "configmap" => RefKind::ConfigMap,
+                        "secret" => RefKind::Secret,
+                        _ => return None,
+                    };
+                    let (virtual_name, host_name) = rest.split_once('=')?;
+                    (!virtual_name.is_empty() && !host_name.is_empty()).then(|| RecordedCopy {
+                        kind,
+                        virtual_name: virtual_name.to_string(),
+                        host_name: host_name.to_string(),
+                    })
+                });
+                parsed
+                    .ok_or_else(|| format!("{entry:?} is not <configmap|secret>/<virtual name>=<host name>"))
+            })
+            .collect()
     }
 }
 
@@ -169,6 +228,36 @@ impl LostCopies {
             }
         }
     }
+
+    /// Once a listing of `kind` completed: the copies of that kind `pods` (each its host name,
+    /// uid and recorded copies) record that the listing lacks, but for those `gone` (what the
+    /// listing's end reported) already names for the same Pod.
+    pub fn missing<'a>(
+        &self,
+        kind: RefKind,
+        pods: impl IntoIterator<Item = (&'a str, &'a str, &'a [RecordedCopy])>,
+        gone: &[LostCopy],
+    ) -> Vec<LostCopy> {
+        let mut missing = Vec::new();
+        for (pod, uid, recorded) in pods {
+            for copy in recorded.iter().filter(|c| c.kind == kind) {
+                let listed = self.known.contains_key(&(kind, copy.host_name.clone()));
+                let reported = gone.iter().any(|g| {
+                    g.kind == kind
+                        && g.virtual_name == copy.virtual_name
+                        && g.owners.iter().any(|(p, _)| p == pod)
+                });
+                if !listed && !reported {
+                    missing.push(LostCopy {
+                        kind,
+                        virtual_name: copy.virtual_name.clone(),
+                        owners: vec![(pod.to_string(), uid.to_string())],
+                    });
+                }
+            }
+        }
+        missing
+    }
 }
 
 #[cfg(test)]
@@ -253,5 +342,63 @@ mod tests {
         copies.on_event(RefKind::Secret, Event::Init);
         copies.on_event(RefKind::Secret, Event::InitApply(copy("a", "a", &[])));
         assert!(copies.on_event(RefKind::Secret, Event::InitDone).is_empty());
+    }
+
+    fn recorded(kind: RefKind, virtual_name: &str, host_name: &str) -> RecordedCopy {
+        RecordedCopy {
+            kind,
+            virtual_name: virtual_name.into(),
+            host_name: host_name.into(),
+        }
+    }
+
+    #[test]
+    fn a_recorded_copy_the_first_list_lacks_is_lost_for_its_pod_once() {
+        let mut copies = LostCopies::default();
+        copies.on_event(RefKind::ConfigMap, Event::Init);
+        copies.on_event(
+            RefKind::ConfigMap,
+            Event::InitApply(copy("kept-h", "kept", &[("p", "u1")])),
+        );
+        let gone = copies.on_event(RefKind::ConfigMap, Event::InitDone);
+        let records = [
+            recorded(RefKind::ConfigMap, "kept", "kept-h"),
+            recorded(RefKind::ConfigMap, "gone", "gone-h"),
+            recorded(RefKind::Secret, "token", "token-h"),
+        ];
+        let missing = copies.missing(RefKind::ConfigMap, [("p", "u1", &records[..])], &gone);
+        assert_eq!(
+            missing,
+            vec![LostCopy {
+                kind: RefKind::ConfigMap,
+                virtual_name: "gone".into(),
+                owners: vec![("p".into(), "u1".into())],
+            }],
+            "the Secret waits for its own listing"
+        );
+        // A relist's end that already reports a copy gone does not report it twice.
+        copies.on_event(RefKind::ConfigMap, Event::Init);
+        let gone = copies.on_event(RefKind::ConfigMap, Event::InitDone);
+        assert_eq!(gone.len(), 1);
+        let missing = copies.missing(RefKind::ConfigMap, [("p", "u1", &records[..])], &gone);
+        assert_eq!(missing.len(), 1);
+        assert_eq!(missing[0].virtual_name, "gone");
+    }
+
+    #[test]
+    fn recorded_copies_read_back_from_their_annotation_and_a_bad_entry_is_named() {
+        let records = vec![
+            recorded(RefKind::ConfigMap, "settings", "settings-x-default-x-team-a"),
+            recorded(RefKind::Secret, "creds", "creds-x-default-x-team-a"),
+        ];
+        let value = RecordedCopy::annotation(&records);
+        assert_eq!(
+            value,
+            "configmap/settings=settings-x-default-x-team-a,secret/creds=creds-x-default-x-team-a"
+        );
+        assert_eq!(RecordedCopy::parse(&value), Ok(records));
+        assert_eq!(RecordedCopy::parse(""), Ok(Vec::new()));
+        let error = RecordedCopy::parse("configmap/a=b,service/c=d").unwrap_err();
+        assert!(error.contains("\"service/c=d\""), "{error}");
     }
 }

@@ -25,7 +25,7 @@ use rcsync_proto::v1::{PodStatusEvent, PodStatusEventType};
 use serde::Deserialize;
 
 use crate::grpc::host_events::{Addressed, ReportedObject};
-use crate::grpc::lost_copies::LostCopy;
+use crate::grpc::lost_copies::{ANNOTATION_COPIES, LostCopy, RecordedCopy};
 use crate::grpc::status_stream::Reporting;
 use crate::translate::{VirtualPodRef, recorded_ref};
 
@@ -77,6 +77,8 @@ pub struct ReportedPod {
     digest: u64,
     /// The host Pod's uid (host events name their Pod by it).
     host_uid: String,
+    /// The copies ApplyPod wrote for it (its `rcsync.io/copies`).
+    copies: Vec<RecordedCopy>,
 }
 
 /// The `Updated` event for a host Pod and what to remember of it; `None` for a Pod without a
@@ -104,8 +106,23 @@ fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, ReportedPod)> {
         deleted,
         digest: hasher.finish(),
         host_uid: pod.metadata.uid.clone().unwrap_or_default(),
+        copies: recorded_copies(&pod.metadata),
     };
     Some((event, reported))
+}
+
+/// The copies a host Pod records; a value someone on the host garbled is logged and read as none.
+fn recorded_copies(meta: &ObjectMeta) -> Vec<RecordedCopy> {
+    let Some(value) = meta.annotations.as_ref().and_then(|a| a.get(ANNOTATION_COPIES)) else {
+        return Vec::new();
+    };
+    RecordedCopy::parse(value).unwrap_or_else(|error| {
+        tracing::warn!(
+            pod = meta.name.as_deref().unwrap_or_default(),
+            "annotation {ANNOTATION_COPIES} of host pod: {error}; its copies are checked only when deleted"
+        );
+        Vec::new()
+    })
 }
 
 /// The event that reports the host Pod made for virtual Pod `id` gone.
@@ -196,6 +213,10 @@ impl Reporting for PodReporting {
             lost_copy: copy.describe(),
             ..reported.deleted.clone()
         })
+    }
+
+    fn recorded_copies(reported: &ReportedPod) -> &[RecordedCopy] {
+        &reported.copies
     }
 
     fn reported(reported: &ReportedPod) -> ReportedObject<'_> {

@@ -51,7 +51,7 @@ use crate::grpc::budget_status::{BudgetReporting, HostBudget};
 use crate::grpc::claim_status::ClaimReporting;
 use crate::grpc::host_events::{self, HostEventFeed};
 use crate::grpc::limits::{StreamKind, StreamSlot, TenantLimiter};
-use crate::grpc::lost_copies;
+use crate::grpc::lost_copies::{self, ANNOTATION_COPIES, RecordedCopy};
 use crate::grpc::pod_status::{HostPodStatus, PodReporting};
 use crate::grpc::status_stream::{self, EventWatch, ObjectWatch};
 use crate::index::{TenantsState, ViewSource};
@@ -66,7 +66,7 @@ mod host_errors;
 mod placed;
 mod updates;
 
-use copies::accepted_copies;
+use copies::{HostCopy, accepted_copies};
 use host_errors::{EPHEMERAL_CONTAINERS, RESIZE, follows_the_host, kube_status, subresource_status};
 use placed::{PlacedPod, create_pod, has_copies_gate, owner_reference};
 use updates::{ephemeral_patch, resize_patch, update_patch};
@@ -246,9 +246,16 @@ impl<V: ViewSource> PodSyncService<V> {
         if !decision.allowed {
             return Ok(response);
         }
-        let desired = host_pod(&pod, &tenant, &decision.host_runtime_class_name)
+        let mut desired = host_pod(&pod, &tenant, &decision.host_runtime_class_name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let copies = accepted_copies(&pod, &id, &tenant, &request)?;
+        if !copies.is_empty() {
+            // What a status stream opened later checks against the copies it lists.
+            let recorded: Vec<_> = copies.iter().map(HostCopy::recorded).collect();
+            desired
+                .annotations_mut()
+                .insert(ANNOTATION_COPIES.to_string(), RecordedCopy::annotation(&recorded));
+        }
         let refusal = match policy_refusal(&desired, &tenant) {
             Some(refusal) => Some(refusal),
             None => match self.names_in_use(&tenant, &id, &copies).await? {

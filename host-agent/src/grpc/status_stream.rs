@@ -1,8 +1,8 @@
 //! The loop the status streams run (`WatchPodStatus`, `WatchClaimStatus`,
 //! `WatchDisruptionBudgets`): a watch of the tenant's host objects turned into messages by a
 //! [`Reporting`], and, when the client asked for them, the host events about those objects
-//! ([`HostEventFeed`]); for Pods, the copies written for them that are deleted under them
-//! ([`LostCopies`]).
+//! ([`HostEventFeed`]); for Pods, the copies written for them that are deleted under them, or
+//! missing from a listing while a Pod records them ([`LostCopies`]).
 //!
 //! ```text
 //!  watch of the tenant's host objects ──► Reporting::events_for ──► messages ──► client
@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::grpc::host_events::{Addressed, HostEventFeed, ReportedObject};
-use crate::grpc::lost_copies::{CopyWatch, LostCopies, LostCopy};
+use crate::grpc::lost_copies::{CopyWatch, LostCopies, LostCopy, RecordedCopy};
 
 /// A watch of host objects of kind `K`.
 pub type ObjectWatch<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
@@ -70,6 +70,12 @@ pub trait Reporting {
     /// `None` where the stream's objects own no copies.
     fn copy_lost(_reported: &Self::Reported, _copy: &LostCopy) -> Option<Self::Message> {
         None
+    }
+
+    /// The copies written for a reported object, as it records them; a listing of copies that
+    /// lacks one reports it lost.
+    fn recorded_copies(_reported: &Self::Reported) -> &[RecordedCopy] {
+        &[]
     }
 }
 
@@ -142,9 +148,17 @@ pub async fn stream<R: Reporting>(
                     tracing::warn!(error = %e, "watching the {kind} copies failed; retrying with backoff");
                     continue;
                 }
-                Some((kind, Ok(event))) => lost
-                    .on_event(kind, event)
-                    .iter()
+                Some((kind, Ok(event))) => {
+                    let listing_done = matches!(event, Event::InitDone);
+                    let mut gone = lost.on_event(kind, event);
+                    if listing_done {
+                        let pods = known
+                            .iter()
+                            .map(|(name, r)| (name.as_str(), R::reported(r).host_uid, R::recorded_copies(r)));
+                        let missing = lost.missing(kind, pods, &gone);
+                        gone.extend(missing);
+                    }
+                    gone.iter()
                     .flat_map(|copy| {
                         copy.owners
                             .iter()
@@ -152,7 +166,8 @@ pub async fn stream<R: Reporting>(
                             .filter_map(|reported| R::copy_lost(reported, copy))
                             .collect::<Vec<_>>()
                     })
-                    .collect(),
+                    .collect()
+                }
             },
         };
         for message in out {

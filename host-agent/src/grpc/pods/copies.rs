@@ -13,6 +13,7 @@ use rcsync_proto::v1::{ApplyPodRequest, PodRefusal};
 use tonic::Status;
 
 use super::{PodSyncService, kube_status, name_in_use};
+use crate::grpc::lost_copies::RecordedCopy;
 use crate::index::ViewSource;
 use crate::translate::{VirtualPodRef, host_config_map, host_secret, recorded_holder};
 
@@ -33,6 +34,19 @@ impl HostCopy {
     fn virtual_name(&self) -> &str {
         match self {
             Self::ConfigMap { virtual_name, .. } | Self::Secret { virtual_name, .. } => virtual_name,
+        }
+    }
+
+    /// The copy as its host Pod records it (`rcsync.io/copies`).
+    pub(super) fn recorded(&self) -> RecordedCopy {
+        let host_name = match self {
+            Self::ConfigMap { host, .. } => host.metadata.name.clone(),
+            Self::Secret { host, .. } => host.metadata.name.clone(),
+        };
+        RecordedCopy {
+            kind: self.kind(),
+            virtual_name: self.virtual_name().to_string(),
+            host_name: host_name.unwrap_or_default(),
         }
     }
 }

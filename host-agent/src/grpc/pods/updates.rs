@@ -13,17 +13,20 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt as _;
 use rcsync_core::gates;
 use rcsync_core::naming::HOST_LABEL_PREFIX;
 use serde_json::json;
 
+use crate::grpc::lost_copies::ANNOTATION_COPIES;
 use crate::translate::VIRTUAL_GATES;
 
 /// The strategic merge patch that brings a host Pod's mutable parts (labels, annotations,
 /// container images, added tolerations, a deadline set or lowered; while it is gated, its node selector and node affinity,
 /// and rcsync's gate once the virtual Pod has none) to the desired state; `None` when nothing
 /// differs. Of the annotations already there, only copies of virtual ones the tenant has since
-/// removed are removed: host controllers' own annotations stay.
+/// removed, and a record of copies the Pod no longer has, are removed: host controllers' own
+/// annotations stay.
 pub(super) fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::Value> {
     let mut changed = false;
     let mut patch = json!({"metadata": {}});
@@ -36,6 +39,12 @@ pub(super) fn update_patch(current: &Pod, desired: &Pod) -> Option<serde_json::V
         for key in uncopied {
             patch["metadata"]["annotations"][key] = serde_json::Value::Null;
         }
+        changed = true;
+    }
+    // The copies recorded for the Pod are those of its latest apply.
+    let recorded = |pod: &Pod| pod.annotations().contains_key(ANNOTATION_COPIES);
+    if recorded(current) && !recorded(desired) {
+        patch["metadata"]["annotations"][ANNOTATION_COPIES] = serde_json::Value::Null;
         changed = true;
     }
     for (field, want, have) in [
@@ -304,6 +313,29 @@ mod tests {
             "the host controller's annotation is left alone"
         );
         assert_eq!(update_patch(&current, &current), None);
+    }
+
+    #[test]
+    fn the_recorded_copies_follow_the_latest_apply() {
+        let pod = |annotations: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p", "annotations": annotations},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]}}))
+            .unwrap()
+        };
+        let two = pod(json!({"rcsync.io/copies": "configmap/a=a-h,secret/b=b-h"}));
+        let one = pod(json!({"rcsync.io/copies": "configmap/a=a-h"}));
+        let none = pod(json!({}));
+        let patch = update_patch(&two, &one).expect("the record changes");
+        assert_eq!(
+            patch["metadata"]["annotations"],
+            json!({"rcsync.io/copies": "configmap/a=a-h"})
+        );
+        let patch = update_patch(&one, &none).expect("a record of copies the Pod no longer has goes");
+        assert_eq!(
+            patch["metadata"]["annotations"],
+            json!({"rcsync.io/copies": null})
+        );
+        assert_eq!(update_patch(&one, &one), None);
     }
 
     #[test]
