@@ -286,13 +286,16 @@ mod tests {
         assert_eq!(ephemeral_patch(&pod(json!(null)), &pod(json!(null))), None);
     }
 
+    /// A host Pod with `annotations`.
+    fn annotated(annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p", "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]}}))
+        .unwrap()
+    }
+
     #[test]
     fn an_update_removes_only_the_copied_annotations_the_tenant_removed() {
-        let pod = |annotations: serde_json::Value| -> Pod {
-            serde_json::from_value(json!({"metadata": {"name": "p", "annotations": annotations},
-                "spec": {"containers": [{"name": "app", "image": "app:1"}]}}))
-            .unwrap()
-        };
+        let pod = annotated;
         let current = pod(json!({
             "prometheus.io/scrape": "true", "prometheus.io/port": "8080",
             "rcsync.io/copied-annotations": "prometheus.io/port,prometheus.io/scrape",
@@ -317,11 +320,7 @@ mod tests {
 
     #[test]
     fn the_recorded_copies_follow_the_latest_apply() {
-        let pod = |annotations: serde_json::Value| -> Pod {
-            serde_json::from_value(json!({"metadata": {"name": "p", "annotations": annotations},
-                "spec": {"containers": [{"name": "app", "image": "app:1"}]}}))
-            .unwrap()
-        };
+        let pod = annotated;
         let two = pod(json!({"rcsync.io/copies": "configmap/a=a-h,secret/b=b-h"}));
         let one = pod(json!({"rcsync.io/copies": "configmap/a=a-h"}));
         let none = pod(json!({}));
