@@ -11,7 +11,8 @@
 //!
 //! The host's garbage collector deletes a copy only once its last owning Pod is gone from the API,
 //! so a copy it removes names no Pod the status stream still reports: only copies deleted under a
-//! running Pod (by hand, by a cleanup job, by a namespace tool) bring anything back.
+//! running Pod (by hand, by a cleanup job, by a namespace tool) bring anything back; one of a
+//! Pod that ended (`Succeeded`, `Failed`: its containers never start again) is left deleted.
 //!
 //! A copy deleted while no status stream was open (the host agent down, the virtual agent away)
 //! left no watch event behind: ApplyPod records the copies it writes for a host Pod in the Pod's

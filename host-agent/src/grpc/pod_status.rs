@@ -79,6 +79,9 @@ pub struct ReportedPod {
     host_uid: String,
     /// The copies ApplyPod wrote for it (its `rcsync.io/copies`).
     copies: Vec<RecordedCopy>,
+    /// Whether it ended (`Succeeded` or `Failed`): its containers never start again, so a copy
+    /// deleted under it (a cleanup of finished Jobs' objects) is left deleted.
+    ended: bool,
 }
 
 /// The `Updated` event for a host Pod and what to remember of it; `None` for a Pod without a
@@ -107,6 +110,11 @@ fn updated(pod: &HostPodStatus) -> Option<(PodStatusEvent, ReportedPod)> {
         digest: hasher.finish(),
         host_uid: pod.metadata.uid.clone().unwrap_or_default(),
         copies: recorded_copies(&pod.metadata),
+        ended: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|phase| phase == "Succeeded" || phase == "Failed"),
     };
     Some((event, reported))
 }
@@ -208,6 +216,9 @@ impl Reporting for PodReporting {
     }
 
     fn copy_lost(reported: &ReportedPod, copy: &LostCopy) -> Option<PodStatusEvent> {
+        if reported.ended {
+            return None;
+        }
         Some(PodStatusEvent {
             r#type: PodStatusEventType::CopyLost as i32,
             lost_copy: copy.describe(),
@@ -264,6 +275,32 @@ mod tests {
 
     fn kinds(events: &[PodStatusEvent]) -> Vec<(PodStatusEventType, String)> {
         events.iter().map(|e| (e.r#type(), e.pod_name.clone())).collect()
+    }
+
+    #[test]
+    fn a_copy_lost_under_a_running_pod_is_reported_and_under_an_ended_one_is_not() {
+        let lost = LostCopy {
+            kind: rcsync_core::pod_refs::RefKind::ConfigMap,
+            virtual_name: "settings".into(),
+            owners: vec![("web".into(), String::new())],
+        };
+        for (phase, reported) in [
+            ("Running", true),
+            ("Pending", true),
+            ("Succeeded", false),
+            ("Failed", false),
+        ] {
+            let (_, pod) = updated(&host_pod("web", "u1", phase)).unwrap();
+            let event = PodReporting::copy_lost(&pod, &lost);
+            assert_eq!(event.is_some(), reported, "{phase}");
+            if let Some(event) = event {
+                assert_eq!(event.r#type(), PodStatusEventType::CopyLost);
+                assert_eq!(
+                    (event.pod_name.as_str(), event.lost_copy.as_str()),
+                    ("web", "configmap settings")
+                );
+            }
+        }
     }
 
     #[test]

@@ -857,11 +857,16 @@ async fn claims_differ(
 }
 
 /// The first ConfigMap or Secret host Pod `host_pod` of `tenant` needs (references without
-/// `optional: true`) that its host namespace lacks: every copy a running Pod uses stays there, and
-/// one deleted under it (the churn's cleanup step) is written again.
+/// `optional: true`) that its host namespace lacks: every copy a Pod that has not ended uses stays
+/// there, and one deleted under it (the churn's cleanup step) is written again. A Pod that ended
+/// (`Succeeded`, `Failed`) never starts a container again: its copies may stay deleted.
 async fn copy_missing(host: &kube::Client, tenant: &str, host_pod: &Pod) -> Option<String> {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     use rcsync_core::pod_refs::{RefKind, references};
+    let phase = host_pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
     let namespace = host_namespace(tenant);
     for ((kind, name), required) in references(host_pod.spec.as_ref()?) {
         if !required {
