@@ -366,7 +366,7 @@ pub(crate) enum Feed<T> {
 pub(crate) struct FeedTask(tokio::task::JoinHandle<()>);
 
 impl FeedTask {
-    /// Spawns [`stream_feed`] with these arguments.
+    /// Spawns [`stream_feed`] with these arguments, on the connection the syncers' calls use.
     pub(crate) fn spawn<T, F, Fut>(
         connection: Arc<SharedClients>,
         what: &'static str,
@@ -381,7 +381,11 @@ impl FeedTask {
             + Send
             + 'static,
     {
-        Self(tokio::spawn(stream_feed(connection, what, open, tx, shutdown)))
+        let connect = move || {
+            let connection = connection.clone();
+            async move { Ok(connection.get().await?.pods) }
+        };
+        Self(tokio::spawn(stream_feed(connect, what, open, tx, shutdown)))
     }
 }
 
@@ -391,23 +395,26 @@ impl Drop for FeedTask {
     }
 }
 
-/// Keeps a server stream of the host agent (`what`, for logs) open on the connection the
-/// syncers' calls use, reconnecting with backoff, and forwards each opening and its messages to
-/// `tx` until `shutdown` or the receiver goes; `open` starts it on a PodSync client.
-async fn stream_feed<T, F, Fut>(
-    connection: Arc<SharedClients>,
+/// Keeps a server stream of the host agent (`what`, for logs) open, reconnecting with backoff, and
+/// forwards each opening and its messages to `tx` until `shutdown` or the receiver goes: `connect`
+/// gives the PodSync client to open it on (the connection the syncers' calls use, or one of its
+/// own), `open` starts it there.
+pub(crate) async fn stream_feed<T, C, CFut, F, Fut>(
+    connect: C,
     what: &'static str,
     open: F,
     tx: tokio::sync::mpsc::Sender<Feed<T>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) where
+    C: Fn() -> CFut,
+    CFut: std::future::Future<Output = anyhow::Result<PodClient>>,
     F: Fn(PodClient) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>,
 {
     let mut backoff = Backoff::new(Duration::from_millis(250), crate::connect::RECONNECT_MAX);
     loop {
         let session = async {
-            let pods = connection.get().await?.pods;
+            let pods = connect().await?;
             let mut stream = open(pods).await?.into_inner();
             if tx.send(Feed::Opened).await.is_err() {
                 return anyhow::Ok(());

@@ -27,8 +27,8 @@
 //!
 //! Here: the [`PodSyncer`], which watches and dispatches by Pod to its shards, and what they share.
 //! `shard`: one shard's Pods and the decisions above (`shard/host_status`: what the host says
-//! about them); `status_feed`: the WatchPodStatus stream; `tokens`: service account tokens for
-//! Pods on the host. The host's events about synced Pods are written by `crate::host_events`.
+//! about them); `tokens`: service account tokens for Pods on the host. The WatchPodStatus stream
+//! is kept open by `crate::host_calls::stream_feed`, on a connection of its own. The host's events about synced Pods are written by `crate::host_events`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,7 +46,9 @@ use rcsync_core::admin::Readiness;
 use rcsync_core::gates;
 use rcsync_core::kube_client::RetryWithBackoff as _;
 use rcsync_core::pod_refs::{self, RefKind};
-use rcsync_proto::v1::{CheckPodReason, CheckPodResponse, HostEvents, PodStatusEvent, PodStatusEventType};
+use rcsync_proto::v1::{
+    CheckPodReason, CheckPodResponse, HostEvents, PodStatusEvent, PodStatusEventType, WatchPodStatusRequest,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::classes::SyncState;
@@ -54,12 +56,11 @@ use crate::connect::{HostAgentTarget, SharedClients};
 use crate::metrics::Metrics;
 
 mod shard;
-mod status_feed;
 pub mod tokens;
 
+use crate::host_calls::{self, Feed};
 use crate::host_events::host_event_writer;
 use shard::Shard;
-use status_feed::status_feed;
 
 /// Readiness check: the virtual cluster's Pods were listed.
 pub const PODS_LISTED: &str = "virtual-pods-listed";
@@ -233,7 +234,8 @@ impl Failing {
     }
 }
 
-/// What the status feed reports.
+/// What the status feed (the WatchPodStatus stream, a [`host_calls::stream_feed`]) reports, as the
+/// shards take it.
 #[derive(Clone)]
 enum StatusFeed {
     /// A new stream opened: a full initial state follows.
@@ -497,9 +499,16 @@ impl PodSyncer {
         let mut secret_events = object_events(&self.client, self.secret_writer, watches);
 
         let (status_tx, mut status_rx) = mpsc::channel(256);
-        children.spawn(status_feed(
-            self.target.clone(),
-            self.host_events,
+        let (target, host_events) = (self.target.clone(), self.host_events as i32);
+        children.spawn(host_calls::stream_feed(
+            // A connection of its own: statuses read slowly (the shards busy) then hold back no
+            // call's response within the shared connection's HTTP/2 window.
+            move || {
+                let target = target.clone();
+                async move { Ok(target.connect().await?.1) }
+            },
+            "WatchPodStatus",
+            move |mut pods| async move { pods.watch_pod_status(WatchPodStatusRequest { host_events }).await },
             status_tx,
             shutdown.clone(),
         ));
@@ -577,7 +586,10 @@ impl PodSyncer {
                 Some(()) = room_rx.recv() => {
                     sends.extend((0..inboxes.len()).map(|i| (i, ShardInput::QuotaRoomMade)));
                 }
-                feed = status_rx.recv() => match feed {
+                feed = status_rx.recv() => match feed.map(|feed| match feed {
+                    Feed::Opened => StatusFeed::Reset,
+                    Feed::Message(event) => StatusFeed::Event(Box::new(event)),
+                }) {
                     None => return,
                     Some(StatusFeed::Event(event))
                         if PodStatusEventType::try_from(event.r#type) != Ok(PodStatusEventType::InitialStateComplete) =>

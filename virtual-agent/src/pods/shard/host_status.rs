@@ -1,4 +1,4 @@
-//! What the host says about a shard's Pods (the `WatchPodStatus` feed, `status_feed`): each host
+//! What the host says about a shard's Pods (the `WatchPodStatus` feed): each host
 //! status copied onto its virtual Pod, host events queued for the writer (`crate::host_events`),
 //! and a host Pod that terminates or goes taking its virtual Pod with it.
 
