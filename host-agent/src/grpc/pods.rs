@@ -42,8 +42,7 @@ use rcsync_proto::v1::{
     WatchDisruptionBudgetsRequest, WatchPodStatusRequest,
 };
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::grpc::auth::{Authenticator, Caller};
@@ -659,7 +658,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
         let (caller, tenant, slot) = self.open_status_stream(&request, WATCH_BUDGETS)?;
         let budgets: ObjectWatch<HostBudget> =
             self.switched_watch(&tenant, tenant.pods.disruption_budgets, "poddisruptionbudgets");
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = status_stream::outbox();
         let span = tracing::info_span!("budget_status", tenant = %caller.tenant);
         let shutdown = self.shutdown.clone();
         let ended = switch_turned(
@@ -677,7 +676,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             },
             span,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     type WatchClaimStatusStream = Pin<Box<dyn Stream<Item = Result<ClaimStatusEvent, Status>> + Send>>;
@@ -694,7 +693,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             .flatten();
         let claims: ObjectWatch<PersistentVolumeClaim> =
             self.switched_watch(&tenant, tenant.pods.claims, "persistentvolumeclaims");
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = status_stream::outbox();
         let span = tracing::info_span!("claim_status", tenant = %caller.tenant);
         let shutdown = self.shutdown.clone();
         let ended = switch_turned(
@@ -712,7 +711,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             },
             span,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     type WatchPodStatusStream = Pin<Box<dyn Stream<Item = Result<PodStatusEvent, Status>> + Send>>;
@@ -738,7 +737,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             .boxed();
         let host_events = self.host_events(&tenant, "Pod", request.get_ref().host_events);
         let copies = lost_copies::watch(&self.client, &tenant, &self.metrics);
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = status_stream::outbox();
         let span = tracing::info_span!("pod_status", tenant = %name);
         let gauge = self
             .metrics
@@ -757,7 +756,7 @@ impl<V: ViewSource> PodSync for PodSyncService<V> {
             },
             span,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 }
 

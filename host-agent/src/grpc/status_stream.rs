@@ -79,6 +79,23 @@ pub trait Reporting {
     }
 }
 
+/// Where a status stream's loop puts the messages its client reads.
+pub type Outbox<M> = mpsc::Sender<Box<Result<M, Status>>>;
+
+/// The messages a status stream's client reads.
+pub type Inbox<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// A status stream's [`Outbox`] and the response stream it feeds. Messages travel boxed: a
+/// channel allocates its slots 32 at a time, and 32 unboxed `PodStatusEvent` results took 12 KiB
+/// per open stream (12 MiB at 1,000 tenants) before the first message.
+pub fn outbox<M: Send + 'static>() -> (Outbox<M>, Inbox<M>) {
+    let (tx, rx) = mpsc::channel(64);
+    (
+        tx,
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(|message| *message)),
+    )
+}
+
 /// Feeds `tx` from the watch `objects` and, when asked for, the watch of host events
 /// `host_events` and the watch of the objects' `copies`, until the client goes, a watch ends,
 /// `shutdown`, or `ended` says why the stream may not go on (its tenant removed from the config,
@@ -87,7 +104,7 @@ pub async fn stream<R: Reporting>(
     mut objects: ObjectWatch<R::Object>,
     host_events: Option<(EventWatch, HostEventFeed)>,
     mut copies: Option<CopyWatch>,
-    tx: mpsc::Sender<Result<R::Message, Status>>,
+    tx: Outbox<R::Message>,
     mut shutdown: watch::Receiver<bool>,
     ended: impl std::future::Future<Output = Status>,
 ) {
@@ -103,7 +120,7 @@ pub async fn stream<R: Reporting>(
             _ = shutdown.changed() => return,
             _ = tx.closed() => return,
             status = &mut ended => {
-                let _ = tx.send(Err(status)).await;
+                let _ = tx.send(Box::new(Err(status))).await;
                 return;
             }
             event = objects.next() => match event {
@@ -171,7 +188,7 @@ pub async fn stream<R: Reporting>(
             },
         };
         for message in out {
-            if tx.send(Ok(message)).await.is_err() {
+            if tx.send(Box::new(Ok(message))).await.is_err() {
                 return;
             }
         }
