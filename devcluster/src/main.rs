@@ -70,6 +70,16 @@ enum Command {
         /// do (a resize there is a 404).
         #[arg(long, env = "DEVCLUSTER_NO_POD_RESIZE")]
         no_pod_resize: bool,
+        /// Offer HTTP/1.1 only over TLS (no ALPN `h2`), as behind a proxy without HTTP/2.
+        #[arg(long, env = "DEVCLUSTER_NO_HTTP2")]
+        no_http2: bool,
+        /// Concurrent streams one HTTP/2 connection may carry, as kube-apiserver's flag.
+        #[arg(
+            long,
+            env = "DEVCLUSTER_HTTP2_MAX_STREAMS_PER_CONNECTION",
+            default_value_t = 100
+        )]
+        http2_max_streams_per_connection: u32,
     },
     /// Run the whole rcsync system on loopback: a host and a virtual API server, host-agent and
     /// virtual-agent (found next to this executable, else on PATH), and a guide to try it with
@@ -109,6 +119,8 @@ async fn main() -> anyhow::Result<()> {
             nodes,
             handlers,
             no_pod_resize,
+            no_http2,
+            http2_max_streams_per_connection,
         } => {
             let admission = devcluster::admission::AdmissionPlugins::disabling(&disable_admission_plugins)
                 .map_err(|e| anyhow::anyhow!("--disable-admission-plugins: {e}"))?;
@@ -124,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
                     handlers,
                 },
                 pod_resize: !no_pod_resize,
+                http2: !no_http2,
+                http2_max_streams: http2_max_streams_per_connection,
                 ..ServerOptions::default()
             };
             let signal = termination_signal();

@@ -58,6 +58,13 @@ pub struct ServerOptions {
     pub nodes: crate::nodes::NodeOptions,
     /// Whether Pods have the `resize` subresource (Kubernetes 1.33 and later; on by default).
     pub pod_resize: bool,
+    /// Whether TLS offers HTTP/2 (ALPN `h2`), as kube-apiserver does; off: HTTP/1.1 only, as
+    /// behind a proxy that does not speak HTTP/2.
+    pub http2: bool,
+    /// Concurrent streams one HTTP/2 connection may carry (kube-apiserver's
+    /// `--http2-max-streams-per-connection`, 100 by default there and here). A request past it
+    /// waits for a stream to end.
+    pub http2_max_streams: u32,
 }
 
 impl Default for ServerOptions {
@@ -72,6 +79,8 @@ impl Default for ServerOptions {
             state: None,
             nodes: Default::default(),
             pod_resize: true,
+            http2: true,
+            http2_max_streams: 100,
         }
     }
 }
@@ -143,7 +152,7 @@ impl DevCluster {
             let serving = pki.server(&[&host, "localhost"])?;
             let token = options.token.clone().unwrap_or_else(random_token);
             (
-                Some(tls_acceptor(&serving.cert_pem, &serving.key_pem)?),
+                Some(tls_acceptor(&serving.cert_pem, &serving.key_pem, options.http2)?),
                 Some(token),
                 Some(pki.ca_pem()),
             )
@@ -172,7 +181,13 @@ impl DevCluster {
                 stop.subscribe(),
             ));
         }
-        let serving = tokio::spawn(accept_loop(listener, tls, app.clone(), stopped));
+        let serving = tokio::spawn(accept_loop(
+            listener,
+            tls,
+            options.http2_max_streams,
+            app.clone(),
+            stopped,
+        ));
         let task = tokio::spawn(async move {
             let _ = serving.await;
             if let Some(saver) = saver {
@@ -348,7 +363,7 @@ fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn tls_acceptor(cert_pem: &str, key_pem: &str) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+fn tls_acceptor(cert_pem: &str, key_pem: &str, http2: bool) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use rustls::pki_types::pem::PemObject as _;
     let certs = rustls_pemfile_certs(cert_pem)?;
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
@@ -358,7 +373,11 @@ fn tls_acceptor(cert_pem: &str, key_pem: &str) -> anyhow::Result<tokio_rustls::T
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -372,6 +391,7 @@ fn rustls_pemfile_certs(pem: &str) -> anyhow::Result<Vec<rustls::pki_types::Cert
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    http2_max_streams: u32,
     app: Arc<App>,
     mut stopped: watch::Receiver<bool>,
 ) {
@@ -394,7 +414,8 @@ async fn accept_loop(
         let app = app.clone();
         let tls = tls.clone();
         let service = hyper::service::service_fn(move |req| serve(app.clone(), req));
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http2().max_concurrent_streams(http2_max_streams);
         match tls {
             Some(acceptor) => {
                 let watcher = graceful.watcher();
