@@ -47,28 +47,77 @@ async fn load_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> 
     Ok(config)
 }
 
-/// A client for `config` whose connections set TCP_NODELAY: watch events and small requests go
-/// out at once instead of waiting on Nagle's algorithm. Otherwise as kube-rs builds it: the
-/// config's TLS (rustls), timeouts, retries, authentication and extra headers.
+/// A client for `config` over [`ApiTransport`](crate::api_transport::ApiTransport): HTTP/2 where
+/// the API server offers it (watches share connections), HTTP/1.1 otherwise; its connections set
+/// TCP_NODELAY, so watch events and small requests go out at once instead of waiting on Nagle's
+/// algorithm. Otherwise as kube-rs builds it: the config's TLS (rustls), timeouts, retries,
+/// authentication and extra headers.
 pub fn client_for(config: kube::Config) -> anyhow::Result<kube::Client> {
     build(config, None)
 }
 
-fn build(config: kube::Config, fence: Option<WriteFence>) -> anyhow::Result<kube::Client> {
+/// kube-rs's TLS for `config` (its CA, client certificate, server name and CA reloading), offering
+/// HTTP/2 as well as HTTP/1.1.
+fn https_connector<H>(config: &kube::Config, http: H) -> anyhow::Result<hyper_rustls::HttpsConnector<H>> {
     use kube::client::ConfigExt as _;
+    let tls = config
+        .rustls_client_config()
+        .context("configuring TLS for the Kubernetes API")?;
+    let mut builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    if let Some(name) = &config.tls_server_name {
+        let name = rustls::pki_types::ServerName::try_from(name.clone())
+            .with_context(|| format!("the kubeconfig's tls-server-name {name:?} is not a server name"))?;
+        builder = builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name));
+    }
+    Ok(builder.enable_all_versions().wrap_connector(http))
+}
+
+/// How the agents dial an API server: TCP (no Nagle), TLS offering HTTP/2 and HTTP/1.1, the
+/// config's connect, read and write timeouts.
+pub type ApiConnector = hyper_timeout::TimeoutConnector<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+>;
+
+/// Like [`client_for`], also returning the client's transport, which says how it is connected
+/// (for tests and diagnostics).
+pub fn client_and_transport(
+    config: kube::Config,
+) -> anyhow::Result<(kube::Client, crate::api_transport::ApiTransport<ApiConnector>)> {
+    let transport = transport_for(&config)?;
+    Ok((over(config, transport.clone(), None)?, transport))
+}
+
+fn build(config: kube::Config, fence: Option<WriteFence>) -> anyhow::Result<kube::Client> {
+    let transport = transport_for(&config)?;
+    over(config, transport, fence)
+}
+
+fn transport_for(config: &kube::Config) -> anyhow::Result<crate::api_transport::ApiTransport<ApiConnector>> {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    let https = config
-        .rustls_https_connector_with_connector(http)
-        .context("configuring TLS for the Kubernetes API")?;
+    let https = https_connector(config, http)?;
     let mut connector = hyper_timeout::TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
     connector.set_reset_reader_on_write(config.reset_reader_on_write);
-    let http_client = hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .build::<_, kube::client::Body>(connector);
+    Ok(crate::api_transport::ApiTransport::new(
+        connector,
+        config.read_timeout,
+    ))
+}
+
+/// A client for `config` sending its requests over `transport`, writes held back while `fence`
+/// says no.
+fn over(
+    config: kube::Config,
+    transport: crate::api_transport::ApiTransport<ApiConnector>,
+    fence: Option<WriteFence>,
+) -> anyhow::Result<kube::Client> {
+    use kube::client::ConfigExt as _;
     let retry = config
         .default_retry
         .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
@@ -101,7 +150,7 @@ fn build(config: kube::Config, fence: Option<WriteFence>) -> anyhow::Result<kube
                 .context("configuring extra headers")?,
         )
         .map_err(tower::BoxError::from)
-        .service(http_client);
+        .service(transport);
     Ok(kube::Client::new(service, config.default_namespace))
 }
 

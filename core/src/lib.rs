@@ -13,6 +13,8 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+#[cfg(feature = "kube")]
+pub mod api_transport;
 pub mod config;
 #[cfg(feature = "kube")]
 pub mod gates;

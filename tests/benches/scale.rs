@@ -14,11 +14,13 @@
 //! same probes as long without one), view
 //! rebuilds on an unchanged reload, CheckPod against a gRPC health check (closed loop, 4
 //! connections × 16 streams), and Pods reaching the host against creating them there directly
-//! (with the CPU every process spent per Pod, and the agents' write system calls per Pod).
+//! (with the CPU every process spent per Pod, and the agents' write system calls per Pod), and the
+//! host agent's RSS and sockets with every tenant's WatchPodStatus stream open (host events
+//! included, so each holds four watches of the API server).
 //!
 //! Run: `cargo bench -p rcsync-tests --bench scale` (every shape), or with
 //! `-- --shape 10000x100 --intake 9000` / `-- --shape 50x1000 [--connections 1000]` /
-//! `-- --only pods`, and
+//! `-- --only pods` / `-- --only status [--tenants N]` (1,000), and
 //! `--host-agent PATH` to measure another build of the agent, `--pods N` for another Pod count,
 //! `--trials N` for another number of Pod rounds (5).
 
@@ -100,11 +102,16 @@ fn main() {
                 Shape::new(50, 1_000, 0, 1_000),
             ],
         };
-        if only.as_deref() != Some("pods") {
-            let agent = arg("--host-agent").map_or_else(|| binary("host-agent"), std::path::PathBuf::from);
+        let agent = arg("--host-agent").map_or_else(|| binary("host-agent"), std::path::PathBuf::from);
+        if only.is_none() {
             for shape in &shapes {
                 fleet(shape, &agent).await;
             }
+        }
+        if only.is_none() || only.as_deref() == Some("status") {
+            let tenants = arg("--tenants").map_or(1_000, |n| n.parse().expect("--tenants N"));
+            status_streams(tenants, &agent, true).await;
+            status_streams(tenants, &agent, false).await;
         }
         if only.is_none() || only.as_deref() == Some("pods") {
             let n = arg("--pods").map_or(300, |n| n.parse().expect("--pods N"));
@@ -113,6 +120,18 @@ fn main() {
             pods(n, 16, trials).await;
         }
     });
+}
+
+/// Sockets a process holds open (listening ones included).
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(Result::ok)
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -888,6 +907,107 @@ async fn closed_loop(grpc: &str, tenants: usize) {
         check_rate,
         health_rate,
     );
+}
+
+/// `tenants` virtual agents' WatchPodStatus streams (host events included, as virtual agents ask
+/// by default) open on one host agent: its RSS and sockets once every stream listed, against the
+/// same agent before the streams; with an API server offering HTTP/2 (`http2`), or HTTP/1.1
+/// only, where each watch holds a connection of its own.
+async fn status_streams(tenants: usize, agent_binary: &Path, http2: bool) {
+    use rcsync_proto::v1::pod_sync_client::PodSyncClient;
+    use rcsync_proto::v1::{HostEvents, PodStatusEventType, WatchPodStatusRequest};
+    println!(
+        "\n== {tenants} tenants, a WatchPodStatus stream each (host events: all) over 8 connections; the API server offers {} ==",
+        if http2 { "HTTP/2" } else { "HTTP/1.1 only" }
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let options = devcluster::server::ServerOptions {
+        http2,
+        ..Default::default()
+    };
+    let cluster = Cluster::start_with("host", "RCSYNC_BENCH_UNUSED", dir.path(), options).await;
+    std::fs::write(
+        dir.path().join("tenants.yaml"),
+        tenants_yaml(tenants, dir.path(), false),
+    )
+    .unwrap();
+    let (agent, addrs, _) = spawn_listening("host-agent", agent_binary, dir.path(), 2, "listening", |a| {
+        vec![
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+            "--config".into(),
+            dir.path().join("tenants.yaml").display().to_string(),
+            "--grpc-listen".into(),
+            a[0].clone(),
+            "--admin-listen".into(),
+            a[1].clone(),
+            "--log-level".into(),
+            "warn,host_agent::run=info".into(),
+        ]
+    })
+    .await;
+    let (grpc, admin) = (addrs[0].clone(), addrs[1].clone());
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while http_get(&admin, "/readyz").await.is_none_or(|(c, _)| c != 200) {
+        assert!(Instant::now() < deadline, "not ready after 300 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss_before, sockets_before) = (rss_mib(agent.pid()), sockets(agent.pid()));
+    let fleet = SimulatedFleet::start();
+    let (listed_tx, mut listed) = mpsc::unbounded_channel::<usize>();
+    let opened = Instant::now();
+    fleet
+        .spawn(async move {
+            let mut channels = Vec::new();
+            for _ in 0..8 {
+                channels.push(
+                    Channel::from_shared(format!("http://{grpc}"))
+                        .unwrap()
+                        .connect()
+                        .await
+                        .unwrap(),
+                );
+            }
+            for tenant in 0..tenants {
+                let mut client = PodSyncClient::new(channels[tenant % channels.len()].clone());
+                let request = WatchPodStatusRequest {
+                    host_events: HostEvents::All as i32,
+                };
+                let mut events = client
+                    .watch_pod_status(with_token(request, tenant))
+                    .await
+                    .expect("opening a WatchPodStatus stream")
+                    .into_inner();
+                let listed_tx = listed_tx.clone();
+                tokio::spawn(async move {
+                    while let Ok(Some(event)) = events.message().await {
+                        if event.r#type == PodStatusEventType::InitialStateComplete as i32 {
+                            let _ = listed_tx.send(tenant);
+                        }
+                    }
+                });
+            }
+        })
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    while seen.len() < tenants {
+        seen.insert(listed.recv().await.unwrap());
+    }
+    println!(
+        "every stream listed its host Pods: {:.2} s after the first opened",
+        opened.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss, open) = (rss_mib(agent.pid()), sockets(agent.pid()));
+    println!(
+        "host-agent RSS: {rss:.1} MiB ({rss_before:.1} MiB before the streams, {:.1} KiB per stream); \
+         sockets: {open} ({sockets_before} before, {:.1} per stream)",
+        (rss - rss_before) * 1024.0 / tenants as f64,
+        (open - sockets_before) as f64 / tenants as f64,
+    );
+    drop(fleet);
 }
 
 /// `n` Pods created in the virtual cluster (`in_flight` creates at a time) reach the host,
