@@ -40,6 +40,8 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::client::Body;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Requests one HTTP/2 connection carries at a time: under kube-apiserver's limit of 100
 /// concurrent streams (with room for streams the server has not yet seen end).
@@ -76,6 +78,38 @@ where
     type Io = T;
 }
 
+/// How an agent is connected to its API servers, on `/metrics` (shared by every client the
+/// metrics are given to; counting whether registered or not).
+#[derive(Clone, Debug, Default)]
+pub struct ApiTransportMetrics {
+    connections: Gauge,
+    requests: Gauge,
+    http1_only: Gauge,
+}
+
+impl ApiTransportMetrics {
+    /// Registers `rcsync_api_http2_connections`, `rcsync_api_http2_requests` and
+    /// `rcsync_api_http1_only`.
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("rcsync_api");
+        registry.register(
+            "http2_connections",
+            "HTTP/2 connections open to the Kubernetes API server",
+            self.connections.clone(),
+        );
+        registry.register(
+            "http2_requests",
+            "Requests in flight over HTTP/2 connections to the Kubernetes API server, watches included (at most 64 per connection)",
+            self.requests.clone(),
+        );
+        registry.register(
+            "http1_only",
+            "1 when the Kubernetes API server offered no HTTP/2, so every request, every watch included, holds a connection of its own",
+            self.http1_only.clone(),
+        );
+    }
+}
+
 /// A tower service sending requests to an API server (see the module docs). Cheap to clone:
 /// clones share the connections.
 pub struct ApiTransport<C> {
@@ -100,6 +134,7 @@ struct Shared<C> {
     /// The API server did not offer HTTP/2 (ALPN): every request goes over HTTP/1.1.
     http1_only: AtomicBool,
     head_timeout: Option<Duration>,
+    metrics: ApiTransportMetrics,
 }
 
 /// One HTTP/2 connection and the requests it carries.
@@ -114,8 +149,8 @@ where
     C: Dial,
 {
     /// A transport dialling with `connector` (whose TLS offers `h2` where HTTP/2 is wanted); a
-    /// response head must come within `head_timeout` (none: no limit).
-    pub fn new(connector: C, head_timeout: Option<Duration>) -> Self {
+    /// response head must come within `head_timeout` (none: no limit); counted in `metrics`.
+    pub fn new(connector: C, head_timeout: Option<Duration>, metrics: ApiTransportMetrics) -> Self {
         let http1 = hyper_util::client::legacy::Builder::new(TokioExecutor::new())
             .build::<_, Body>(connector.clone());
         Self {
@@ -126,6 +161,7 @@ where
                 dialing: tokio::sync::Mutex::new(()),
                 http1_only: AtomicBool::new(false),
                 head_timeout,
+                metrics,
             }),
         }
     }
@@ -227,6 +263,7 @@ where
         if !io.connected().is_negotiated_h2() {
             tracing::info!(api_server = %origin, "the API server does not offer HTTP/2: one connection per request in flight (every watch holds one)");
             self.http1_only.store(true, Ordering::Relaxed);
+            self.metrics.http1_only.set(1);
             return Ok(None);
         }
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -239,10 +276,13 @@ where
             .handshake(io)
             .await?;
         let label = origin.to_string();
+        let open = self.metrics.connections.clone();
+        open.inc();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(api_server = %label, error = %e, "an HTTP/2 connection to the API server ended");
             }
+            open.dec();
         });
         let mut connections = self.connections.lock().expect("not poisoned");
         connections.push(Multiplexed {
@@ -250,7 +290,7 @@ where
             sender,
             streams: Arc::new(AtomicUsize::new(0)),
         });
-        Ok(Some(take_room(connections.last().expect("just pushed"))))
+        Ok(Some(self.take_room(connections.last().expect("just pushed"))))
     }
 
     /// The first open connection to `origin` with room for a request (forgetting closed ones).
@@ -260,13 +300,19 @@ where
         connections
             .iter()
             .find(|c| c.origin == origin && c.streams.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION)
-            .map(take_room)
+            .map(|c| self.take_room(c))
     }
-}
 
-fn take_room(connection: &Multiplexed) -> (SendRequest<Body>, StreamSlot) {
-    connection.streams.fetch_add(1, Ordering::Relaxed);
-    (connection.sender.clone(), StreamSlot(connection.streams.clone()))
+    /// A place for one request on `connection`.
+    fn take_room(&self, connection: &Multiplexed) -> (SendRequest<Body>, StreamSlot) {
+        connection.streams.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests.inc();
+        let slot = StreamSlot {
+            on_connection: connection.streams.clone(),
+            in_flight: self.metrics.requests.clone(),
+        };
+        (connection.sender.clone(), slot)
+    }
 }
 
 /// `scheme://authority` of `uri`.
@@ -279,11 +325,15 @@ fn origin(uri: &Uri) -> String {
 }
 
 /// A request's place on an HTTP/2 connection, given back when its response ends or is dropped.
-struct StreamSlot(Arc<AtomicUsize>);
+struct StreamSlot {
+    on_connection: Arc<AtomicUsize>,
+    in_flight: Gauge,
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.on_connection.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.dec();
     }
 }
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use crate::api_transport::ApiTransportMetrics;
+
 /// Says whether this process may write now (leader fencing). Reads are never held back.
 pub type WriteFence = Arc<dyn Fn() -> bool + Send + Sync>;
 
@@ -17,9 +19,13 @@ pub struct Fenced {
 }
 
 /// A client from `kubeconfig`, or, when absent, from the environment: in-cluster config (or
-/// `$KUBECONFIG` / `~/.kube/config` when run outside a cluster).
-pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
-    client_for(load_config(kubeconfig).await?)
+/// `$KUBECONFIG` / `~/.kube/config` when run outside a cluster); its connections counted in
+/// `metrics`.
+pub async fn kube_client(
+    kubeconfig: Option<&Path>,
+    metrics: &ApiTransportMetrics,
+) -> anyhow::Result<kube::Client> {
+    build(load_config(kubeconfig).await?, None, metrics)
 }
 
 /// Like [`kube_client`], but every write (anything but GET, HEAD and OPTIONS) is refused with
@@ -27,8 +33,9 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Clie
 pub async fn fenced_kube_client(
     kubeconfig: Option<&Path>,
     fence: WriteFence,
+    metrics: &ApiTransportMetrics,
 ) -> anyhow::Result<kube::Client> {
-    build(load_config(kubeconfig).await?, Some(fence))
+    build(load_config(kubeconfig).await?, Some(fence), metrics)
 }
 
 async fn load_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
@@ -53,7 +60,7 @@ async fn load_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> 
 /// algorithm. Otherwise as kube-rs builds it: the config's TLS (rustls), timeouts, retries,
 /// authentication and extra headers.
 pub fn client_for(config: kube::Config) -> anyhow::Result<kube::Client> {
-    build(config, None)
+    build(config, None, &ApiTransportMetrics::default())
 }
 
 /// kube-rs's TLS for `config` (its CA, client certificate, server name and CA reloading), offering
@@ -84,17 +91,25 @@ pub type ApiConnector = hyper_timeout::TimeoutConnector<
 /// (for tests and diagnostics).
 pub fn client_and_transport(
     config: kube::Config,
+    metrics: &ApiTransportMetrics,
 ) -> anyhow::Result<(kube::Client, crate::api_transport::ApiTransport<ApiConnector>)> {
-    let transport = transport_for(&config)?;
+    let transport = transport_for(&config, metrics)?;
     Ok((over(config, transport.clone(), None)?, transport))
 }
 
-fn build(config: kube::Config, fence: Option<WriteFence>) -> anyhow::Result<kube::Client> {
-    let transport = transport_for(&config)?;
+fn build(
+    config: kube::Config,
+    fence: Option<WriteFence>,
+    metrics: &ApiTransportMetrics,
+) -> anyhow::Result<kube::Client> {
+    let transport = transport_for(&config, metrics)?;
     over(config, transport, fence)
 }
 
-fn transport_for(config: &kube::Config) -> anyhow::Result<crate::api_transport::ApiTransport<ApiConnector>> {
+fn transport_for(
+    config: &kube::Config,
+    metrics: &ApiTransportMetrics,
+) -> anyhow::Result<crate::api_transport::ApiTransport<ApiConnector>> {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -107,6 +122,7 @@ fn transport_for(config: &kube::Config) -> anyhow::Result<crate::api_transport::
     Ok(crate::api_transport::ApiTransport::new(
         connector,
         config.read_timeout,
+        metrics.clone(),
     ))
 }
 
@@ -262,7 +278,7 @@ mod tests {
     async fn a_closed_fence_refuses_writes_and_lets_reads_through() {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
-        let client = build(config, Some(Arc::new(|| false))).unwrap();
+        let client = build(config, Some(Arc::new(|| false)), &ApiTransportMetrics::default()).unwrap();
         let write = http::Request::post("/api/v1/namespaces/default/pods")
             .body(Vec::new())
             .unwrap();

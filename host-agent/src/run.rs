@@ -157,10 +157,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(path) => AdminAccess::token_file(path.clone())?,
         None => AdminAccess::open(),
     };
-    let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
+    let api_metrics = rcsync_core::api_transport::ApiTransportMetrics::default();
+    let client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref(), &api_metrics).await?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    api_metrics.register(&mut registry);
     let readiness = Readiness::new(&[LISTED]);
     rcsync_core::admin::register_ready_gauge(&mut registry, &readiness);
     let registry = Arc::new(registry);

@@ -9,23 +9,40 @@ use futures::TryStreamExt as _;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{ListParams, PostParams, WatchEvent, WatchParams};
+use prometheus_client::registry::Registry;
+use rcsync_core::api_transport::{ApiTransport, ApiTransportMetrics};
+use rcsync_core::kube_client::ApiConnector;
 use rcsync_tests::Cluster;
 use serde_json::json;
 
 /// Watches opened at once: more than the API server lets one connection carry (100).
 const WATCHES: usize = 150;
 
-async fn client_and_transport(
-    cluster: &Cluster,
-) -> (
-    kube::Client,
-    rcsync_core::api_transport::ApiTransport<rcsync_core::kube_client::ApiConnector>,
-) {
+/// A client of `cluster` as the agents build theirs, its transport, and the transport's metrics.
+async fn client_and_transport(cluster: &Cluster) -> (kube::Client, ApiTransport<ApiConnector>, Metrics) {
     let kubeconfig = kube::config::Kubeconfig::read_from(&cluster.kubeconfig).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .unwrap();
-    rcsync_core::kube_client::client_and_transport(config).unwrap()
+    let metrics = ApiTransportMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let (client, transport) = rcsync_core::kube_client::client_and_transport(config, &metrics).unwrap();
+    (client, transport, Metrics(registry))
+}
+
+/// The transport's metrics as `/metrics` shows them.
+struct Metrics(Registry);
+
+impl Metrics {
+    /// The value of the series `name`.
+    fn value(&self, name: &str) -> i64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.0).unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
+    }
 }
 
 /// Opens `n` watches of ConfigMaps in `default`, each once the API server answered it.
@@ -80,7 +97,7 @@ async fn watches_share_http2_connections_within_the_api_servers_stream_limit() {
     // devcluster allows 100 concurrent streams per connection, as kube-apiserver does.
     let cluster =
         Cluster::start_with("host", "RCSYNC_TEST_UNUSED", dir.path(), ServerOptions::default()).await;
-    let (client, transport) = client_and_transport(&cluster).await;
+    let (client, transport, metrics) = client_and_transport(&cluster).await;
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
     let mut watches = open_watches(&api, WATCHES).await;
     let connections = transport.multiplexed_connections();
@@ -90,12 +107,16 @@ async fn watches_share_http2_connections_within_the_api_servers_stream_limit() {
         WATCHES.div_ceil(rcsync_core::api_transport::STREAMS_PER_CONNECTION),
         "{WATCHES} watches over as few connections as the per-connection limit allows"
     );
+    assert_eq!(metrics.value("rcsync_api_http2_connections"), connections as i64);
+    assert_eq!(metrics.value("rcsync_api_http2_requests"), WATCHES as i64);
+    assert_eq!(metrics.value("rcsync_api_http1_only"), 0);
     // Every watch works, and requests still go through beside them.
     create_config_map(&api, "first").await;
     all_see(&mut watches, "first").await;
     assert_eq!(api.list(&ListParams::default()).await.unwrap().items.len(), 1);
     // A watch that ends gives its place back: as many watches again need no new connection.
     drop(watches);
+    assert_eq!(metrics.value("rcsync_api_http2_requests"), 0);
     let mut watches = open_watches(&api, WATCHES).await;
     assert_eq!(transport.multiplexed_connections(), connections);
     create_config_map(&api, "second").await;
@@ -110,13 +131,15 @@ async fn an_api_server_without_http2_is_served_over_http1() {
         ..ServerOptions::default()
     };
     let cluster = Cluster::start_with("host", "RCSYNC_TEST_UNUSED", dir.path(), options).await;
-    let (client, transport) = client_and_transport(&cluster).await;
+    let (client, transport, metrics) = client_and_transport(&cluster).await;
     let api: Api<ConfigMap> = Api::namespaced(client, "default");
     let mut watches = open_watches(&api, 3).await;
     create_config_map(&api, "first").await;
     all_see(&mut watches, "first").await;
     assert!(transport.http1_only());
     assert_eq!(transport.multiplexed_connections(), 0);
+    assert_eq!(metrics.value("rcsync_api_http1_only"), 1);
+    assert_eq!(metrics.value("rcsync_api_http2_connections"), 0);
     let names: Vec<_> = api
         .list(&ListParams::default())
         .await

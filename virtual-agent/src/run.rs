@@ -99,14 +99,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // Two clients: the elector's, which must write the Lease while standing by, and the work's,
     // which writes only while the fence (the leader's renew deadline) allows.
     let fence = Fence::default();
-    let lease_client = rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref()).await?;
-    let client =
-        rcsync_core::kube_client::fenced_kube_client(settings.kubeconfig.as_deref(), fence.write_fence())
-            .await?;
+    let api_metrics = rcsync_core::api_transport::ApiTransportMetrics::default();
+    let lease_client =
+        rcsync_core::kube_client::kube_client(settings.kubeconfig.as_deref(), &api_metrics).await?;
+    let client = rcsync_core::kube_client::fenced_kube_client(
+        settings.kubeconfig.as_deref(),
+        fence.write_fence(),
+        &api_metrics,
+    )
+    .await?;
     let mut settings = settings;
     settings.target = settings.target.fenced(fence.clone());
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
+    api_metrics.register(&mut registry);
     let readiness = Readiness::new(&[LEADER_ELECTION]);
     rcsync_core::admin::register_ready_gauge(&mut registry, &readiness);
     let registry = Arc::new(registry);
