@@ -39,7 +39,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use rcsync_proto::v1::runtime_class_sync_client::RuntimeClassSyncClient;
 use rcsync_proto::v1::{CheckPodRequest, SyncRequest, SyncResponse};
 use rcsync_tests::system::{System, TenantSpec};
-use rcsync_tests::{Cluster, binary, http_get, spawn_listening};
+use rcsync_tests::{Cluster, Process, binary, http_get, spawn_listening};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tonic::Request;
@@ -545,6 +545,36 @@ impl CheckPodProbe {
     }
 }
 
+/// Starts the host agent `agent_binary` against `cluster` with the tenants file in `dir`: its
+/// process, gRPC address and admin address.
+async fn spawn_host_agent(agent_binary: &Path, cluster: &Cluster, dir: &Path) -> (Process, String, String) {
+    let (agent, addrs, _) = spawn_listening("host-agent", agent_binary, dir, 2, "listening", |a| {
+        vec![
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+            "--config".into(),
+            dir.join("tenants.yaml").display().to_string(),
+            "--grpc-listen".into(),
+            a[0].clone(),
+            "--admin-listen".into(),
+            a[1].clone(),
+            "--log-level".into(),
+            "warn,host_agent::run=info".into(),
+        ]
+    })
+    .await;
+    (agent, addrs[0].clone(), addrs[1].clone())
+}
+
+/// Waits until the agent with the admin port `admin` is ready (at most 300 s).
+async fn until_ready(admin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while http_get(admin, "/readyz").await.is_none_or(|(c, _)| c != 200) {
+        assert!(Instant::now() < deadline, "not ready after 300 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn names_of(response: &SyncResponse) -> Vec<String> {
     response
         .resources
@@ -578,32 +608,8 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
 
     // Start to ready.
     let spawned = Instant::now();
-    let (agent, addrs, _) = spawn_listening("host-agent", agent_binary, dir.path(), 2, "listening", |a| {
-        vec![
-            "--kubeconfig".into(),
-            cluster.kubeconfig.display().to_string(),
-            "--config".into(),
-            dir.path().join("tenants.yaml").display().to_string(),
-            "--grpc-listen".into(),
-            a[0].clone(),
-            "--admin-listen".into(),
-            a[1].clone(),
-            "--log-level".into(),
-            "warn,host_agent::run=info".into(),
-        ]
-    })
-    .await;
-    let (grpc, admin) = (addrs[0].clone(), addrs[1].clone());
-    loop {
-        if http_get(&admin, "/readyz").await.is_some_and(|(c, _)| c == 200) {
-            break;
-        }
-        assert!(
-            spawned.elapsed() < Duration::from_secs(300),
-            "not ready after 300 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (agent, grpc, admin) = spawn_host_agent(agent_binary, &cluster, dir.path()).await;
+    until_ready(&admin).await;
     let ready = spawned.elapsed();
     println!(
         "start to ready: {:.2} s (RSS then {:.1} MiB)",
@@ -931,27 +937,8 @@ async fn status_streams(tenants: usize, agent_binary: &Path, http2: bool) {
         tenants_yaml(tenants, dir.path(), false),
     )
     .unwrap();
-    let (agent, addrs, _) = spawn_listening("host-agent", agent_binary, dir.path(), 2, "listening", |a| {
-        vec![
-            "--kubeconfig".into(),
-            cluster.kubeconfig.display().to_string(),
-            "--config".into(),
-            dir.path().join("tenants.yaml").display().to_string(),
-            "--grpc-listen".into(),
-            a[0].clone(),
-            "--admin-listen".into(),
-            a[1].clone(),
-            "--log-level".into(),
-            "warn,host_agent::run=info".into(),
-        ]
-    })
-    .await;
-    let (grpc, admin) = (addrs[0].clone(), addrs[1].clone());
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while http_get(&admin, "/readyz").await.is_none_or(|(c, _)| c != 200) {
-        assert!(Instant::now() < deadline, "not ready after 300 s");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (agent, grpc, admin) = spawn_host_agent(agent_binary, &cluster, dir.path()).await;
+    until_ready(&admin).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss_before, sockets_before) = (rss_mib(agent.pid()), sockets(agent.pid()));
     let fleet = SimulatedFleet::start();
