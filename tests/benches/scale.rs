@@ -566,6 +566,16 @@ async fn spawn_host_agent(agent_binary: &Path, cluster: &Cluster, dir: &Path) ->
     (agent, addrs[0].clone(), addrs[1].clone())
 }
 
+/// `n` (at least one) gRPC connections to `grpc`.
+async fn connect(grpc: &str, n: usize) -> Vec<Channel> {
+    let mut channels = Vec::new();
+    for _ in 0..n.max(1) {
+        let channel = Channel::from_shared(format!("http://{grpc}")).unwrap();
+        channels.push(channel.connect().await.unwrap());
+    }
+    channels
+}
+
 /// Waits until the agent with the admin port `admin` is ready (at most 300 s).
 async fn until_ready(admin: &str) {
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -627,16 +637,7 @@ async fn fleet(shape: &Shape, agent_binary: &Path) {
             let (grpc, streams, tenants, connections) =
                 (grpc.clone(), shape.streams, shape.tenants, shape.connections);
             async move {
-                let mut channels = Vec::new();
-                for _ in 0..connections.max(1) {
-                    channels.push(
-                        Channel::from_shared(format!("http://{grpc}"))
-                            .unwrap()
-                            .connect()
-                            .await
-                            .unwrap(),
-                    );
-                }
+                let channels = connect(&grpc, connections).await;
                 for id in 0..streams {
                     open_stream(
                         channels[id % channels.len()].clone(),
@@ -946,16 +947,7 @@ async fn status_streams(tenants: usize, agent_binary: &Path, http2: bool) {
     let opened = Instant::now();
     fleet
         .spawn(async move {
-            let mut channels = Vec::new();
-            for _ in 0..8 {
-                channels.push(
-                    Channel::from_shared(format!("http://{grpc}"))
-                        .unwrap()
-                        .connect()
-                        .await
-                        .unwrap(),
-                );
-            }
+            let channels = connect(&grpc, 8).await;
             for tenant in 0..tenants {
                 let mut client = PodSyncClient::new(channels[tenant % channels.len()].clone());
                 let request = WatchPodStatusRequest {
