@@ -19,8 +19,12 @@ pub struct Fenced {
 }
 
 /// A client from `kubeconfig`, or, when absent, from the environment: in-cluster config (or
-/// `$KUBECONFIG` / `~/.kube/config` when run outside a cluster); its connections counted in
-/// `metrics`.
+/// `$KUBECONFIG` / `~/.kube/config` when run outside a cluster), over
+/// [`ApiTransport`](crate::api_transport::ApiTransport): HTTP/2 where the API server offers it
+/// (watches share connections), HTTP/1.1 otherwise, its connections counted in `metrics` and
+/// setting TCP_NODELAY (watch events and small requests go out at once instead of waiting on
+/// Nagle's algorithm). Otherwise as kube-rs builds it: the config's TLS (rustls), timeouts,
+/// retries, authentication and extra headers.
 pub async fn kube_client(
     kubeconfig: Option<&Path>,
     metrics: &ApiTransportMetrics,
@@ -54,15 +58,6 @@ async fn load_config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> 
     Ok(config)
 }
 
-/// A client for `config` over [`ApiTransport`](crate::api_transport::ApiTransport): HTTP/2 where
-/// the API server offers it (watches share connections), HTTP/1.1 otherwise; its connections set
-/// TCP_NODELAY, so watch events and small requests go out at once instead of waiting on Nagle's
-/// algorithm. Otherwise as kube-rs builds it: the config's TLS (rustls), timeouts, retries,
-/// authentication and extra headers.
-pub fn client_for(config: kube::Config) -> anyhow::Result<kube::Client> {
-    build(config, None, &ApiTransportMetrics::default())
-}
-
 /// kube-rs's TLS for `config` (its CA, client certificate, server name and CA reloading), offering
 /// HTTP/2 as well as HTTP/1.1.
 fn https_connector<H>(config: &kube::Config, http: H) -> anyhow::Result<hyper_rustls::HttpsConnector<H>> {
@@ -87,8 +82,8 @@ pub type ApiConnector = hyper_timeout::TimeoutConnector<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
 >;
 
-/// Like [`client_for`], also returning the client's transport, which says how it is connected
-/// (for tests and diagnostics).
+/// A client for `config` as [`kube_client`] builds one, and its transport, which says how it is
+/// connected (for tests and diagnostics).
 pub fn client_and_transport(
     config: kube::Config,
     metrics: &ApiTransportMetrics,

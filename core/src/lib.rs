@@ -6,6 +6,7 @@
 //!   host RuntimeClass labels ─────────────────────────────┴──► selected? ──► content version (version)
 //!   virtual Pod (name, ns) ──naming──► host Pod name + vcluster.loft.sh labels/annotations
 //!   agents ──admin──► /livez /readyz /metrics (tls: HTTPS, rotating files)   telemetry: logging, signals
+//!   agents ──kube_client──► api_transport ──► API server (HTTP/2, watches sharing connections)
 //! ```
 //!
 //! Everything here is pure and unit-tested; the agents wire it to kube-rs and tonic.

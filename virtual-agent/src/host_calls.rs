@@ -1,7 +1,7 @@
 //! What the object syncers (PodDisruptionBudgets, `budgets`; PersistentVolumeClaims, `claims`)
 //! share in calling the host agent: the client, what a failed call means, the event a refusal
 //! records, what the host holds for each object, the schedule of due objects, and the work loop
-//! over it ([`work`], each syncer an [`ObjectSync`]: its kind's collection and reconcile).
+//! over it (`work`, each syncer an `ObjectSync`: its kind's collection and reconcile).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

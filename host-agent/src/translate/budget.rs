@@ -19,7 +19,7 @@ pub enum BudgetProblem {
 
 /// The host PodDisruptionBudget of a virtual one of `tenant`: named, labelled and annotated as
 /// the tenant's other host objects; its selector rewritten to the keys the host Pods carry the
-/// virtual labels under ([`host_label_key`]) and narrowed to the tenant's host Pods of the
+/// virtual labels under ([`host_label_key`](rcsync_core::naming::host_label_key)) and narrowed to the tenant's host Pods of the
 /// budget's own virtual namespace (an empty selector, all of that namespace's Pods; a null one,
 /// none, as upstream). The host's disruption controller counts the replicas a `maxUnavailable` or
 /// a percentage is taken of from the Pods' controllers, which live in the virtual cluster (host
